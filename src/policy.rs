@@ -1,0 +1,139 @@
+//! Who may use which network: `allowed_users` / `allowed_groups` against the peer's
+//! credentials (SO_PEERCRED). Pure logic over a [`Directory`] of users and groups.
+
+use crate::config::{NetworkConfig, Principal};
+
+/// The credentials of a connected client, read by the kernel when it connected.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Peer {
+    pub pid: i32,
+    pub uid: u32,
+    pub gid: u32,
+}
+
+/// Name lookups, so tests can use a fake user database.
+pub trait Directory: Send + Sync {
+    fn user_name(&self, uid: u32) -> Option<String>;
+    fn group_id(&self, name: &str) -> Option<u32>;
+    /// Every group the user belongs to, primary group included.
+    fn groups_of(&self, uid: u32, primary_gid: u32) -> Vec<u32>;
+}
+
+/// Decides whether `peer` may use the network. Root is always allowed; a network that
+/// names no users and no groups is open to everyone who can reach the socket.
+pub fn check(config: &NetworkConfig, peer: &Peer, dir: &dyn Directory) -> Result<(), String> {
+    if peer.uid == 0 || (config.allowed_users.is_empty() && config.allowed_groups.is_empty()) {
+        return Ok(());
+    }
+    let name = dir.user_name(peer.uid);
+    let user_ok = config.allowed_users.iter().any(|p| match p {
+        Principal::Id(id) => *id == peer.uid,
+        Principal::Name(n) => name.as_deref() == Some(n.as_str()),
+    });
+    if user_ok {
+        return Ok(());
+    }
+    if !config.allowed_groups.is_empty() {
+        let groups = dir.groups_of(peer.uid, peer.gid);
+        let group_ok = config.allowed_groups.iter().any(|p| {
+            let gid = match p {
+                Principal::Id(id) => Some(*id),
+                Principal::Name(n) => dir.group_id(n),
+            };
+            gid.is_some_and(|g| groups.contains(&g))
+        });
+        if group_ok {
+            return Ok(());
+        }
+    }
+    Err(format!(
+        "uid {} ({}) is not in allowed_users or allowed_groups of network {:?}",
+        peer.uid,
+        name.as_deref().unwrap_or("no name"),
+        config.name
+    ))
+}
+
+/// The system's user database (NSS).
+pub struct SystemDirectory;
+
+impl Directory for SystemDirectory {
+    fn user_name(&self, uid: u32) -> Option<String> {
+        nix::unistd::User::from_uid(uid.into())
+            .ok()
+            .flatten()
+            .map(|u| u.name)
+    }
+
+    fn group_id(&self, name: &str) -> Option<u32> {
+        nix::unistd::Group::from_name(name)
+            .ok()
+            .flatten()
+            .map(|g| g.gid.as_raw())
+    }
+
+    fn groups_of(&self, uid: u32, primary_gid: u32) -> Vec<u32> {
+        let mut out = vec![primary_gid];
+        let Some(user) = nix::unistd::User::from_uid(uid.into()).ok().flatten() else {
+            return out;
+        };
+        #[cfg(target_os = "linux")]
+        if let Ok(name) = std::ffi::CString::new(user.name.clone())
+            && let Ok(groups) = nix::unistd::getgrouplist(&name, user.gid)
+        {
+            out.extend(groups.into_iter().map(|g| g.as_raw()));
+        }
+        out.push(user.gid.as_raw());
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::builtin;
+
+    struct Fake;
+    impl Directory for Fake {
+        fn user_name(&self, uid: u32) -> Option<String> {
+            match uid {
+                1000 => Some("alice".into()),
+                1001 => Some("bob".into()),
+                _ => None,
+            }
+        }
+        fn group_id(&self, name: &str) -> Option<u32> {
+            (name == "kvm").then_some(105)
+        }
+        fn groups_of(&self, uid: u32, gid: u32) -> Vec<u32> {
+            if uid == 1001 { vec![gid, 105] } else { vec![gid] }
+        }
+    }
+
+    fn peer(uid: u32) -> Peer {
+        Peer { pid: 1, uid, gid: uid }
+    }
+
+    #[test]
+    fn open_network_allows_everyone() {
+        let c = builtin("shared").unwrap();
+        assert!(check(&c, &peer(4242), &Fake).is_ok());
+    }
+
+    #[test]
+    fn users_groups_and_root() {
+        let mut c = builtin("shared").unwrap();
+        c.allowed_users = vec![Principal::Name("alice".into())];
+        assert!(check(&c, &peer(1000), &Fake).is_ok());
+        assert!(check(&c, &peer(0), &Fake).is_ok(), "root is always allowed");
+        let e = check(&c, &peer(1001), &Fake).unwrap_err();
+        assert!(e.contains("uid 1001 (bob)"), "{e}");
+        c.allowed_groups = vec![Principal::Name("kvm".into())];
+        assert!(check(&c, &peer(1001), &Fake).is_ok(), "bob is in kvm");
+        assert!(check(&c, &peer(2000), &Fake).is_err());
+        c.allowed_users = vec![Principal::Id(2000)];
+        assert!(check(&c, &peer(2000), &Fake).is_ok());
+        c.allowed_groups = vec![Principal::Name("nosuchgroup".into())];
+        assert!(check(&c, &peer(1001), &Fake).is_err());
+    }
+}

@@ -1,0 +1,467 @@
+//! The wire protocol between the broker and its clients (docs/protocol.md, version 1).
+//!
+//! One UTF-8 JSON object per SOCK_SEQPACKET message, at most [`MAX_MESSAGE`] bytes.
+//! This module is pure: it turns bytes into requests and replies into bytes, and owns
+//! the error codes shared with the original macOS broker and every client library.
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value};
+use std::fmt;
+
+/// Version of the protocol described in docs/protocol.md.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest message either side may send, in bytes.
+pub const MAX_MESSAGE: usize = 64 * 1024;
+
+/// Status codes. The numbers are the original broker's and must never change:
+/// clients in several languages compare against them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ErrorCode {
+    /// Client side only: the broker could not be reached or the connection broke.
+    BrokerUnreachable,
+    /// Client side only: the broker's reply was malformed.
+    InvalidReply,
+    NotAllowed,
+    InvalidRequest,
+    NotFound,
+    CreateFailure,
+    InternalError,
+    /// A code this version does not know (a newer broker); kept so it can be reported.
+    Unknown(i64),
+}
+
+impl ErrorCode {
+    pub fn from_code(code: i64) -> Self {
+        match code {
+            1 => Self::BrokerUnreachable,
+            2 => Self::InvalidReply,
+            3 => Self::NotAllowed,
+            4 => Self::InvalidRequest,
+            5 => Self::NotFound,
+            6 => Self::CreateFailure,
+            7 => Self::InternalError,
+            other => Self::Unknown(other),
+        }
+    }
+
+    pub fn code(self) -> i64 {
+        match self {
+            Self::BrokerUnreachable => 1,
+            Self::InvalidReply => 2,
+            Self::NotAllowed => 3,
+            Self::InvalidRequest => 4,
+            Self::NotFound => 5,
+            Self::CreateFailure => 6,
+            Self::InternalError => 7,
+            Self::Unknown(code) => code,
+        }
+    }
+
+    /// The original client library's message for this code.
+    pub fn strerror(self) -> &'static str {
+        strerror(self.code())
+    }
+}
+
+/// Message for any status number, including unknown ones ("(unknown status)").
+pub fn strerror(code: i64) -> &'static str {
+    match code {
+        0 => "Success",
+        1 => "Failed to communicate with the broker",
+        2 => "Invalid reply from the broker",
+        3 => "You are not allowed to create a network",
+        4 => "Invalid broker request",
+        5 => "Network name not found",
+        6 => "Failed to create network",
+        7 => "Internal or unknown error",
+        _ => "(unknown status)",
+    }
+}
+
+/// An error as it travels on the wire: a code and a human-readable detail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BrokerError {
+    pub code: ErrorCode,
+    pub message: String,
+}
+
+impl BrokerError {
+    pub fn new(code: ErrorCode, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+        }
+    }
+    pub fn invalid(message: impl Into<String>) -> Self {
+        Self::new(ErrorCode::InvalidRequest, message)
+    }
+}
+
+impl fmt::Display for BrokerError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "error {}: {}", self.code.code(), self.message)
+    }
+}
+
+impl std::error::Error for BrokerError {}
+
+/// A client's request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Request {
+    /// `mac` is optional: a launcher that wants its VM to keep the MAC (and so the DHCP
+    /// lease) it had before asks for it; otherwise the broker suggests one.
+    Acquire {
+        network_name: String,
+        mac: Option<[u8; 6]>,
+    },
+    Status,
+}
+
+/// Longest network name; it must fit a file name and an interface alias with room to spare.
+pub const MAX_NETWORK_NAME: usize = 64;
+
+/// Network names are file stems in the config dir, so they are restricted to a safe set:
+/// an ASCII letter or digit first, then letters, digits, `-`, `_` or `.`.
+pub fn validate_network_name(name: &str) -> Result<(), String> {
+    if name.is_empty() {
+        return Err("network_name is empty".into());
+    }
+    if name.len() > MAX_NETWORK_NAME {
+        return Err(format!(
+            "network_name is longer than {MAX_NETWORK_NAME} bytes"
+        ));
+    }
+    let mut chars = name.chars();
+    let first = chars.next().unwrap_or(' ');
+    if !first.is_ascii_alphanumeric()
+        || !chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(format!(
+            "network_name {name:?} may contain only ASCII letters, digits, '-', '_' and '.', and must start with a letter or digit"
+        ));
+    }
+    Ok(())
+}
+
+impl Request {
+    /// Parses one message. Unknown extra fields are ignored so that newer clients can add
+    /// optional fields; everything the broker needs is checked strictly.
+    pub fn parse(bytes: &[u8]) -> Result<Self, BrokerError> {
+        if bytes.len() > MAX_MESSAGE {
+            return Err(BrokerError::invalid(format!(
+                "message is larger than {MAX_MESSAGE} bytes"
+            )));
+        }
+        let text = std::str::from_utf8(bytes)
+            .map_err(|_| BrokerError::invalid("message is not valid UTF-8"))?;
+        let value: Value = serde_json::from_str(text)
+            .map_err(|e| BrokerError::invalid(format!("message is not valid JSON: {e}")))?;
+        let Value::Object(obj) = value else {
+            return Err(BrokerError::invalid("message is not a JSON object"));
+        };
+        let command = match obj.get("command") {
+            None => return Err(BrokerError::invalid("missing \"command\"")),
+            Some(Value::String(s)) => s.as_str(),
+            Some(_) => return Err(BrokerError::invalid("\"command\" is not a string")),
+        };
+        match command {
+            "acquire" => {
+                let name = match obj.get("network_name") {
+                    None => return Err(BrokerError::invalid("missing \"network_name\"")),
+                    Some(Value::String(s)) => s.clone(),
+                    Some(_) => {
+                        return Err(BrokerError::invalid("\"network_name\" is not a string"));
+                    }
+                };
+                validate_network_name(&name).map_err(BrokerError::invalid)?;
+                let mac = match obj.get("mac") {
+                    None | Some(Value::Null) => None,
+                    Some(Value::String(s)) => Some(parse_guest_mac(s)?),
+                    Some(_) => return Err(BrokerError::invalid("\"mac\" is not a string")),
+                };
+                Ok(Request::Acquire {
+                    network_name: name,
+                    mac,
+                })
+            }
+            "status" => Ok(Request::Status),
+            other => Err(BrokerError::invalid(format!(
+                "unknown command {:?}",
+                truncate(other, 64)
+            ))),
+        }
+    }
+
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let v = match self {
+            Request::Acquire { network_name, mac } => {
+                let mut v = serde_json::json!({"command": "acquire", "network_name": network_name});
+                if let Some(mac) = mac {
+                    v["mac"] = Value::String(crate::config::format_mac(mac));
+                }
+                v
+            }
+            Request::Status => serde_json::json!({"command": "status"}),
+        };
+        serde_json::to_vec(&v).expect("a JSON value always serializes")
+    }
+}
+
+/// A MAC a guest may use: well-formed, unicast and not all zeros.
+pub fn parse_guest_mac(s: &str) -> Result<[u8; 6], BrokerError> {
+    let mac = crate::config::parse_mac(s).map_err(BrokerError::invalid)?;
+    if mac[0] & 0x01 != 0 || mac == [0; 6] {
+        return Err(BrokerError::invalid(format!(
+            "mac {s:?} is not a unicast address"
+        )));
+    }
+    Ok(mac)
+}
+
+fn truncate(s: &str, max: usize) -> &str {
+    match s.char_indices().nth(max) {
+        Some((i, _)) => &s[..i],
+        None => s,
+    }
+}
+
+/// What an acquire returns besides the TAP fd.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetworkInfo {
+    pub name: String,
+    pub mode: String,
+    /// The network in CIDR notation, e.g. "192.168.64.0/24".
+    pub subnet: String,
+    pub gateway: String,
+    pub mask: String,
+    pub mtu: u32,
+    pub bridge: String,
+    /// The TAP interface handed out with this reply.
+    pub interface: String,
+    /// Suggested guest MAC address for this TAP: unique on the network, stable for the TAP.
+    pub mac: String,
+}
+
+/// A network as `status` reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NetworkStatus {
+    pub name: String,
+    pub mode: String,
+    pub subnet: String,
+    pub gateway: String,
+    pub bridge: String,
+    pub mtu: u32,
+    /// Number of clients holding a reference.
+    pub clients: usize,
+    /// TAP interfaces currently attached to the network's bridge.
+    pub taps: Vec<String>,
+    /// Seconds until the idle network is removed; absent while clients hold it.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub removal_in_seconds: Option<f64>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientStatus {
+    pub id: u64,
+    pub pid: i32,
+    pub uid: u32,
+    pub gid: u32,
+    pub networks: Vec<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Status {
+    pub version: String,
+    pub protocol: u32,
+    pub pid: u32,
+    pub idle_timeout_seconds: f64,
+    pub networks: Vec<NetworkStatus>,
+    pub clients: Vec<ClientStatus>,
+}
+
+/// A broker reply.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Reply {
+    Network(NetworkInfo),
+    Status(Status),
+    Error(BrokerError),
+}
+
+impl Reply {
+    pub fn to_bytes(&self) -> Vec<u8> {
+        let v = match self {
+            Reply::Network(n) => serde_json::json!({ "network": n }),
+            Reply::Status(s) => serde_json::json!({ "status": s }),
+            Reply::Error(e) => serde_json::json!({"error": e.code.code(), "message": e.message}),
+        };
+        serde_json::to_vec(&v).expect("a JSON value always serializes")
+    }
+
+    /// Parses a broker reply on the client side. A reply that is not one of the three
+    /// shapes is an [`ErrorCode::InvalidReply`].
+    pub fn parse(bytes: &[u8]) -> Result<Self, BrokerError> {
+        let bad = |why: String| BrokerError::new(ErrorCode::InvalidReply, why);
+        let value: Value = serde_json::from_slice(bytes)
+            .map_err(|e| bad(format!("reply is not valid JSON: {e}")))?;
+        let Value::Object(mut obj) = value else {
+            return Err(bad("reply is not a JSON object".into()));
+        };
+        if let Some(code) = obj.get("error") {
+            let code = code
+                .as_i64()
+                .ok_or_else(|| bad("\"error\" is not an integer".into()))?;
+            let message = message_of(&obj).unwrap_or_else(|| strerror(code).to_string());
+            let code = ErrorCode::from_code(code);
+            return Ok(Reply::Error(BrokerError { code, message }));
+        }
+        if let Some(n) = obj.remove("network") {
+            return serde_json::from_value(n)
+                .map(Reply::Network)
+                .map_err(|e| bad(format!("malformed \"network\": {e}")));
+        }
+        if let Some(s) = obj.remove("status") {
+            return serde_json::from_value(s)
+                .map(Reply::Status)
+                .map_err(|e| bad(format!("malformed \"status\": {e}")));
+        }
+        Err(bad("reply has neither \"network\", \"status\" nor \"error\"".into()))
+    }
+}
+
+fn message_of(obj: &Map<String, Value>) -> Option<String> {
+    obj.get("message")?.as_str().map(str::to_string)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn code(bytes: &[u8]) -> ErrorCode {
+        Request::parse(bytes).unwrap_err().code
+    }
+
+    #[test]
+    fn parses_acquire_and_status() {
+        assert_eq!(
+            Request::parse(br#"{"command":"acquire","network_name":"shared"}"#).unwrap(),
+            Request::Acquire {
+                network_name: "shared".into(),
+                mac: None
+            }
+        );
+        assert_eq!(
+            Request::parse(br#"{"command":"acquire","network_name":"a","mac":"52:54:00:AB:cd:01"}"#)
+                .unwrap(),
+            Request::Acquire {
+                network_name: "a".into(),
+                mac: Some([0x52, 0x54, 0, 0xab, 0xcd, 1])
+            }
+        );
+        assert_eq!(
+            Request::parse(br#"{"command":"status","extra":1}"#).unwrap(),
+            Request::Status
+        );
+    }
+
+    #[test]
+    fn every_bad_request_is_invalid_request() {
+        for bad in [
+            &b"not json"[..],
+            b"\xff\xfe",
+            b"[1,2]",
+            b"\"acquire\"",
+            b"{}",
+            br#"{"command":7}"#,
+            br#"{"command":"release"}"#,
+            br#"{"command":"acquire"}"#,
+            br#"{"command":"acquire","network_name":3}"#,
+            br#"{"command":"acquire","network_name":""}"#,
+            br#"{"command":"acquire","network_name":"../etc/passwd"}"#,
+            br#"{"command":"acquire","network_name":"a b"}"#,
+            br#"{"command":"acquire","network_name":"a","mac":"01:00:5e:00:00:01"}"#,
+            br#"{"command":"acquire","network_name":"a","mac":"00:00:00:00:00:00"}"#,
+            br#"{"command":"acquire","network_name":"a","mac":"52:54"}"#,
+            br#"{"command":"acquire","network_name":"a","mac":5}"#,
+        ] {
+            assert_eq!(
+                code(bad),
+                ErrorCode::InvalidRequest,
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let big = vec![b' '; MAX_MESSAGE + 1];
+        assert_eq!(code(&big), ErrorCode::InvalidRequest);
+    }
+
+    #[test]
+    fn name_rules() {
+        assert!(validate_network_name("shared").is_ok());
+        assert!(validate_network_name("lab-1.net_2").is_ok());
+        assert!(validate_network_name(".hidden").is_err());
+        assert!(validate_network_name(&"a".repeat(MAX_NETWORK_NAME)).is_ok());
+        assert!(validate_network_name(&"a".repeat(MAX_NETWORK_NAME + 1)).is_err());
+    }
+
+    #[test]
+    fn strerror_matches_original_and_keeps_unknown_codes() {
+        assert_eq!(ErrorCode::NotFound.strerror(), "Network name not found");
+        assert_eq!(ErrorCode::InvalidRequest.strerror(), "Invalid broker request");
+        assert_eq!(
+            ErrorCode::NotAllowed.strerror(),
+            "You are not allowed to create a network"
+        );
+        assert_eq!(ErrorCode::CreateFailure.strerror(), "Failed to create network");
+        assert_eq!(ErrorCode::InternalError.strerror(), "Internal or unknown error");
+        assert_eq!(strerror(42), "(unknown status)");
+        assert_eq!(strerror(-1), "(unknown status)");
+        for c in 1..=9 {
+            assert_eq!(ErrorCode::from_code(c).code(), c);
+        }
+        assert_eq!(ErrorCode::from_code(8), ErrorCode::Unknown(8));
+    }
+
+    #[test]
+    fn replies_round_trip() {
+        let err = Reply::Error(BrokerError::new(ErrorCode::NotFound, "no network \"x\""));
+        assert_eq!(Reply::parse(&err.to_bytes()).unwrap(), err);
+        let net = Reply::Network(NetworkInfo {
+            name: "shared".into(),
+            mode: "shared".into(),
+            subnet: "192.168.64.0/24".into(),
+            gateway: "192.168.64.1".into(),
+            mask: "255.255.255.0".into(),
+            mtu: 1500,
+            bridge: "vmnb-shared".into(),
+            interface: "vmnt-shared-0".into(),
+            mac: "52:54:00:00:00:01".into(),
+        });
+        assert_eq!(Reply::parse(&net.to_bytes()).unwrap(), net);
+        for mac in [None, Some([0x52, 0x54, 0, 1, 2, 3])] {
+            let req = Request::Acquire {
+                network_name: "host".into(),
+                mac,
+            };
+            assert_eq!(Request::parse(&req.to_bytes()).unwrap(), req);
+        }
+    }
+
+    #[test]
+    fn malformed_replies_are_invalid_reply() {
+        for bad in [&b"nope"[..], b"[]", b"{}", br#"{"network":{"name":1}}"#] {
+            assert_eq!(
+                Reply::parse(bad).unwrap_err().code,
+                ErrorCode::InvalidReply
+            );
+        }
+        // An unknown error code from a newer broker is preserved as a message.
+        match Reply::parse(br#"{"error":99}"#).unwrap() {
+            Reply::Error(e) => {
+                assert_eq!(e.code, ErrorCode::Unknown(99));
+                assert_eq!(e.message, "(unknown status)");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
