@@ -5,7 +5,9 @@
 //! system; `backend` adapts it to one (Linux: bridges, TAPs, nftables, DHCP and DNS).
 
 pub mod backend;
+pub mod client;
 pub mod config;
 pub mod policy;
 pub mod protocol;
 pub mod registry;
+pub mod server;

@@ -1,0 +1,205 @@
+//! The Rust client: connect to the broker, acquire networks, read its status.
+//!
+//! Blocking and dependency-light on purpose, so that it also backs the C library and
+//! can be used from any VMM's start-up code without an async runtime.
+//!
+//! ```no_run
+//! let client = vmnet_broker::client::Client::connect_default()?;
+//! let net = client.acquire("shared")?;
+//! println!("TAP {} on {}, guest MAC {}", net.info.interface, net.info.bridge, net.info.mac);
+//! // Hand `net.fd` to the VMM; keep `client` alive while the VM runs: it is the lease.
+//! # Ok::<(), vmnet_broker::protocol::BrokerError>(())
+//! ```
+
+use crate::protocol::{
+    BrokerError, DEFAULT_SOCKET, ErrorCode, MAX_MESSAGE, NetworkInfo, Reply, Request, SOCKET_ENV,
+    Status,
+};
+use nix::sys::socket::{
+    AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr, connect, recvmsg,
+    send, socket,
+};
+use std::io::IoSliceMut;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+/// The socket path: `VMNET_BROKER_SOCKET` if set, else the default.
+pub fn socket_path() -> PathBuf {
+    std::env::var_os(SOCKET_ENV)
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(DEFAULT_SOCKET))
+}
+
+/// A network acquired on a connection: the broker's reply and the TAP fd.
+#[derive(Debug)]
+pub struct Acquired {
+    pub info: NetworkInfo,
+    pub fd: OwnedFd,
+}
+
+/// One connection to the broker. Everything acquired on it is released when it drops.
+#[derive(Debug)]
+pub struct Client {
+    sock: OwnedFd,
+    path: PathBuf,
+}
+
+fn unreachable_error(message: String) -> BrokerError {
+    BrokerError::new(ErrorCode::BrokerUnreachable, message)
+}
+
+impl Client {
+    pub fn connect_default() -> Result<Self, BrokerError> {
+        Self::connect(socket_path())
+    }
+
+    pub fn connect(path: impl AsRef<Path>) -> Result<Self, BrokerError> {
+        let path = path.as_ref().to_path_buf();
+        let sock = socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .map_err(|e| unreachable_error(format!("cannot create socket: {e}")))?;
+        let addr = UnixAddr::new(&path)
+            .map_err(|e| unreachable_error(format!("bad socket path {}: {e}", path.display())))?;
+        connect(sock.as_raw_fd(), &addr).map_err(|e| {
+            let why = match e {
+                nix::errno::Errno::ENOENT | nix::errno::Errno::ECONNREFUSED => {
+                    format!("broker not running at {}", path.display())
+                }
+                nix::errno::Errno::EACCES => format!(
+                    "permission denied connecting to {} (is your user in the vmnet-broker group?)",
+                    path.display()
+                ),
+                _ => format!("cannot connect to broker at {}", path.display()),
+            };
+            unreachable_error(format!("{why}: {}", e.desc()))
+        })?;
+        Ok(Self { sock, path })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Acquires `name`; the broker suggests the guest MAC.
+    pub fn acquire(&self, name: &str) -> Result<Acquired, BrokerError> {
+        self.acquire_with_mac(name, None)
+    }
+
+    /// Acquires `name` asking for a specific guest MAC (e.g. the one the VM had before,
+    /// so its DHCP lease and anti-spoofing binding follow it).
+    pub fn acquire_with_mac(
+        &self,
+        name: &str,
+        mac: Option<[u8; 6]>,
+    ) -> Result<Acquired, BrokerError> {
+        let request = Request::Acquire {
+            network_name: name.to_string(),
+            mac,
+        };
+        let (reply, fds) = self.call(&request)?;
+        match reply {
+            Reply::Network(info) => {
+                let mut fds = fds.into_iter();
+                let fd = fds.next().ok_or_else(|| {
+                    BrokerError::new(ErrorCode::InvalidReply, "reply carried no TAP fd")
+                })?;
+                Ok(Acquired { info, fd })
+            }
+            Reply::Error(e) => Err(e),
+            Reply::Status(_) => Err(BrokerError::new(
+                ErrorCode::InvalidReply,
+                "status reply to an acquire",
+            )),
+        }
+    }
+
+    pub fn status(&self) -> Result<Status, BrokerError> {
+        match self.call(&Request::Status)?.0 {
+            Reply::Status(s) => Ok(s),
+            Reply::Error(e) => Err(e),
+            Reply::Network(_) => Err(BrokerError::new(
+                ErrorCode::InvalidReply,
+                "network reply to a status request",
+            )),
+        }
+    }
+
+    /// Sends raw bytes and returns the raw reply (for tests of malformed requests).
+    pub fn call_raw(&self, bytes: &[u8]) -> Result<(Vec<u8>, Vec<OwnedFd>), BrokerError> {
+        let lost = |e: nix::errno::Errno| {
+            unreachable_error(format!(
+                "connection to broker at {} failed: {}",
+                self.path.display(),
+                e.desc()
+            ))
+        };
+        send(self.sock.as_raw_fd(), bytes, MsgFlags::MSG_NOSIGNAL).map_err(lost)?;
+        let mut buf = vec![0u8; MAX_MESSAGE + 1];
+        let mut cmsg = nix::cmsg_space!([RawFd; 4]);
+        let (n, fds) = loop {
+            let mut iov = [IoSliceMut::new(&mut buf)];
+            match recvmsg::<()>(
+                self.sock.as_raw_fd(),
+                &mut iov,
+                Some(&mut cmsg),
+                MsgFlags::MSG_CMSG_CLOEXEC,
+            ) {
+                Ok(msg) => {
+                    let mut fds = Vec::new();
+                    for c in msg.cmsgs().map_err(lost)? {
+                        if let ControlMessageOwned::ScmRights(raw) = c {
+                            // SAFETY: the kernel just installed these fds in our table and
+                            // nothing else refers to them.
+                            fds.extend(
+                                raw.into_iter()
+                                    .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),
+                            );
+                        }
+                    }
+                    break (msg.bytes, fds);
+                }
+                Err(nix::errno::Errno::EINTR) => continue,
+                Err(e) => return Err(lost(e)),
+            }
+        };
+        if n == 0 {
+            return Err(unreachable_error(format!(
+                "broker at {} closed the connection",
+                self.path.display()
+            )));
+        }
+        buf.truncate(n);
+        Ok((buf, fds))
+    }
+
+    fn call(&self, request: &Request) -> Result<(Reply, Vec<OwnedFd>), BrokerError> {
+        let (bytes, fds) = self.call_raw(&request.to_bytes())?;
+        Ok((Reply::parse(&bytes)?, fds))
+    }
+}
+
+/// A network held for as long as this value lives: the one-call API.
+#[derive(Debug)]
+pub struct Network {
+    pub info: NetworkInfo,
+    pub fd: OwnedFd,
+    _lease: Arc<Client>,
+}
+
+/// Connects to the broker (`VMNET_BROKER_SOCKET` or the default path) and acquires
+/// `name`. The connection lives inside the returned [`Network`].
+pub fn acquire_network(name: &str) -> Result<Network, BrokerError> {
+    let client = Arc::new(Client::connect_default()?);
+    let Acquired { info, fd } = client.acquire(name)?;
+    Ok(Network {
+        info,
+        fd,
+        _lease: client,
+    })
+}

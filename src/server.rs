@@ -1,0 +1,253 @@
+//! The daemon's socket side: accepts clients on the SOCK_SEQPACKET socket, reads their
+//! credentials, turns messages into registry calls and sends TAP fds back.
+//!
+//! One task per connection; a connection's end (close, crash, SIGKILL of the client) is
+//! its release. Bad requests get an error reply and the connection stays up, so a client
+//! that already holds networks never loses them through a mistake.
+
+use crate::backend::Backend;
+use crate::policy::Peer;
+use crate::protocol::{BrokerError, MAX_MESSAGE, Reply, Request};
+use crate::registry::{ClientId, Registry};
+use anyhow::{Context, bail};
+use std::io::IoSlice;
+use std::os::fd::AsFd;
+use std::os::unix::fs::PermissionsExt;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::Notify;
+use tokio_seqpacket::ancillary::AncillaryMessageWriter;
+use tokio_seqpacket::{UnixSeqpacket, UnixSeqpacketListener};
+use tracing::{debug, error, info, warn};
+
+/// The group whose members may connect, when it exists (docs/security.md).
+pub const SOCKET_GROUP: &str = "vmnet-broker";
+
+pub struct ServerOptions {
+    pub socket: PathBuf,
+    /// Exit after no client has been connected for this long (socket activation).
+    pub exit_on_idle: Option<Duration>,
+}
+
+/// Counts live connections so the idle-exit timer needs no lock on the registry.
+struct Connections {
+    live: AtomicUsize,
+    changed: Notify,
+}
+
+/// Serves until a signal arrives while no client is connected, or the idle exit fires.
+/// Every network is removed before it returns.
+pub async fn serve<B: Backend>(
+    registry: Arc<Registry<B>>,
+    options: ServerOptions,
+) -> anyhow::Result<()> {
+    let mut listener = bind(&options.socket)?;
+    info!(
+        socket = %options.socket.display(),
+        version = env!("CARGO_PKG_VERSION"),
+        pid = std::process::id(),
+        "broker serving"
+    );
+    let conns = Arc::new(Connections {
+        live: AtomicUsize::new(0),
+        changed: Notify::new(),
+    });
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let result = loop {
+        let idle = idle_exit(&conns, options.exit_on_idle);
+        tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(socket) => {
+                    conns.live.fetch_add(1, Ordering::SeqCst);
+                    conns.changed.notify_waiters();
+                    let (registry, conns) = (Arc::clone(&registry), Arc::clone(&conns));
+                    tokio::spawn(async move {
+                        handle_connection(registry, socket).await;
+                        conns.live.fetch_sub(1, Ordering::SeqCst);
+                        conns.changed.notify_waiters();
+                    });
+                }
+                // EMFILE and friends: keep serving the clients we have.
+                Err(e) => {
+                    error!("accept failed: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            },
+            _ = sigterm.recv() => if stop_requested(&registry, "SIGTERM").await { break Ok(()) },
+            _ = sigint.recv() => if stop_requested(&registry, "SIGINT").await { break Ok(()) },
+            _ = idle => {
+                if registry.shutdown_if_idle().await {
+                    info!("no client for the idle-exit period: exiting");
+                    break Ok(());
+                }
+            }
+        }
+    };
+    drop(listener);
+    if let Err(e) = std::fs::remove_file(&options.socket) {
+        warn!("cannot remove socket {}: {e}", options.socket.display());
+    }
+    info!("broker stopped");
+    result
+}
+
+/// Waits until no connection has been open for `period`; never resolves without one.
+async fn idle_exit(conns: &Connections, period: Option<Duration>) {
+    let Some(period) = period else {
+        return std::future::pending().await;
+    };
+    loop {
+        let changed = conns.changed.notified();
+        if conns.live.load(Ordering::SeqCst) == 0 {
+            if tokio::time::timeout(period, changed).await.is_err() {
+                return;
+            }
+        } else {
+            changed.await;
+        }
+    }
+}
+
+async fn stop_requested<B: Backend>(registry: &Registry<B>, signal: &str) -> bool {
+    if registry.shutdown_if_idle().await {
+        info!("{signal}: no clients, networks removed, exiting");
+        true
+    } else {
+        let n = registry.client_count().await;
+        warn!(
+            "{signal} ignored: {n} client(s) connected; stopping would pull networks from under running VMs"
+        );
+        false
+    }
+}
+
+fn bind(path: &Path) -> anyhow::Result<UnixSeqpacketListener> {
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
+        && !dir.exists()
+    {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("cannot create socket directory {}", dir.display()))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+    }
+    if path.exists() {
+        // A live broker answers a connect; a stale socket from a crash refuses it.
+        if UnixSeqpacket::connect_blocking(path).is_ok() {
+            bail!(
+                "another broker is already serving at {}; stop it first",
+                path.display()
+            );
+        }
+        std::fs::remove_file(path)
+            .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+    }
+    let listener = UnixSeqpacketListener::bind_with_backlog(path, 1024)
+        .with_context(|| format!("cannot listen on {}", path.display()))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    match nix::unistd::Group::from_name(SOCKET_GROUP) {
+        Ok(Some(group)) => {
+            nix::unistd::chown(path, None, Some(group.gid)).with_context(|| {
+                format!("cannot give {} to group {SOCKET_GROUP}", path.display())
+            })?;
+            info!("socket mode 0660, group {SOCKET_GROUP}");
+        }
+        _ => info!(
+            "socket mode 0660; group {SOCKET_GROUP} does not exist, so only root can connect (docs/security.md)"
+        ),
+    }
+    Ok(listener)
+}
+
+async fn handle_connection<B: Backend>(registry: Arc<Registry<B>>, socket: UnixSeqpacket) {
+    let peer = match socket.peer_cred() {
+        Ok(c) => Peer {
+            pid: c.pid().unwrap_or(0),
+            uid: c.uid(),
+            gid: c.gid(),
+        },
+        Err(e) => {
+            warn!("cannot read peer credentials, closing: {e}");
+            return;
+        }
+    };
+    let client = match registry.connect(peer).await {
+        Ok(id) => id,
+        Err(e) => {
+            let _ = socket.send(&Reply::Error(e).to_bytes()).await;
+            return;
+        }
+    };
+    // One byte more than allowed, so an oversized message is seen as such.
+    let mut buf = vec![0u8; MAX_MESSAGE + 1];
+    loop {
+        let info = match socket.recv(&mut buf).await {
+            Ok(info) => info,
+            Err(e) => {
+                debug!(client, "receive failed: {e}");
+                break;
+            }
+        };
+        let n = info.bytes_read();
+        // SEQPACKET has no zero-length messages in our protocol: 0 bytes is end of stream.
+        if n == 0 {
+            break;
+        }
+        let request = if info.truncated() || n > MAX_MESSAGE {
+            Err(BrokerError::invalid(format!(
+                "message is larger than {MAX_MESSAGE} bytes"
+            )))
+        } else {
+            Request::parse(&buf[..n])
+        };
+        if let Err(e) = respond(&registry, &socket, client, &peer, request).await {
+            debug!(client, "send failed, closing: {e}");
+            break;
+        }
+    }
+    registry.disconnect(client).await;
+}
+
+async fn respond<B: Backend>(
+    registry: &Arc<Registry<B>>,
+    socket: &UnixSeqpacket,
+    client: ClientId,
+    peer: &Peer,
+    request: Result<Request, BrokerError>,
+) -> std::io::Result<()> {
+    let reply = match request {
+        Err(e) => {
+            warn!(
+                client,
+                pid = peer.pid,
+                uid = peer.uid,
+                "bad request: {}",
+                e.message
+            );
+            Reply::Error(e)
+        }
+        Ok(Request::Status) => Reply::Status(registry.status().await),
+        Ok(Request::Acquire { network_name, mac }) => {
+            match registry.acquire(client, &network_name, mac).await {
+                Ok((info, attachment)) => {
+                    let bytes = Reply::Network(info).to_bytes();
+                    let mut space = [0u8; 64];
+                    let fds = [attachment.fd.as_fd()];
+                    let mut ancillary = AncillaryMessageWriter::new(&mut space);
+                    ancillary
+                        .add_fds(&fds)
+                        .map_err(|_| std::io::Error::other("ancillary buffer too small"))?;
+                    socket
+                        .send_vectored_with_ancillary(&[IoSlice::new(&bytes)], &mut ancillary)
+                        .await?;
+                    // `attachment.fd` drops here: the client now holds the only copy.
+                    return Ok(());
+                }
+                Err(e) => Reply::Error(e),
+            }
+        }
+    };
+    socket.send(&reply.to_bytes()).await.map(drop)
+}
