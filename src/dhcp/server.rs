@@ -20,6 +20,7 @@ use dhcproto::{Decodable, Encodable};
 use nix::sys::socket::{
     AddressFamily, SockFlag, SockType, SockaddrIn, bind, setsockopt, socket, sockopt,
 };
+use std::collections::HashMap;
 use std::ffi::OsString;
 use std::io;
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
@@ -87,7 +88,13 @@ pub(super) struct State {
     store: LeaseStore,
     saved: LeaseFile,
     tx: watch::Sender<Arc<Vec<Lease>>>,
+    /// When each MAC was last told about pool exhaustion, so a client retrying every
+    /// few seconds does not flood the log.
+    exhausted_warned: HashMap<[u8; 6], SystemTime>,
 }
+
+/// How often pool exhaustion is logged at warning level per client.
+const EXHAUSTED_WARN_EVERY: Duration = Duration::from_secs(60);
 
 impl State {
     /// Builds the store and loads the lease file (never fails: a bad file is logged and
@@ -117,6 +124,7 @@ impl State {
                 store,
                 saved,
                 tx,
+                exhausted_warned: HashMap::new(),
             },
             rx,
         )
@@ -231,11 +239,23 @@ impl State {
                 ))
             }
             Err(AllocError::Exhausted(n)) => {
-                warn!(
+                let line = format!(
                     "network {}: DHCP pool exhausted ({n} addresses), no offer for {}",
                     self.cfg.network,
                     format_mac(&mac)
                 );
+                let recently = self.exhausted_warned.get(&mac).is_some_and(|t| {
+                    now.duration_since(*t).unwrap_or_default() < EXHAUSTED_WARN_EVERY
+                });
+                if recently {
+                    debug!("{line}");
+                } else {
+                    warn!("{line}");
+                    self.exhausted_warned.retain(|_, t| {
+                        now.duration_since(*t).unwrap_or_default() < EXHAUSTED_WARN_EVERY
+                    });
+                    self.exhausted_warned.insert(mac, now);
+                }
                 None
             }
         }
@@ -254,14 +274,14 @@ impl State {
             Some(DhcpOption::ServerIdentifier(ip)) => Some(*ip),
             _ => None,
         };
-        let ip = match (server_id, requested) {
+        let (ip, client_state) = match (server_id, requested) {
             // SELECTING, but the client chose another server's offer.
             (Some(sid), _) if sid != self.cfg.gateway => {
                 self.store.cancel_offer(mac);
                 return None;
             }
-            // SELECTING (our offer) or INIT-REBOOT.
-            (_, Some(ip)) => ip,
+            (Some(_), Some(ip)) => (ip, "SELECTING"),
+            (None, Some(ip)) => (ip, "INIT-REBOOT"),
             (Some(_), None) => {
                 debug!(
                     network = self.cfg.network,
@@ -271,7 +291,7 @@ impl State {
                 return None;
             }
             // RENEWING (unicast) or REBINDING (broadcast).
-            (None, None) if !msg.ciaddr().is_unspecified() => msg.ciaddr(),
+            (None, None) if !msg.ciaddr().is_unspecified() => (msg.ciaddr(), "RENEWING/REBINDING"),
             (None, None) => {
                 debug!(
                     network = self.cfg.network,
@@ -297,7 +317,7 @@ impl State {
                 if was == Some(ip) {
                     debug!(
                         network = self.cfg.network,
-                        "DHCP: renewed {ip} for {}",
+                        "DHCP: renewed {ip} for {} ({client_state})",
                         format_mac(&mac)
                     );
                 } else {
@@ -320,7 +340,7 @@ impl State {
                 };
                 info!(
                     network = self.cfg.network,
-                    "DHCP: NAK {ip} for {}: {text}",
+                    "DHCP: NAK {ip} for {} ({client_state}): {text}",
                     format_mac(&mac)
                 );
                 let mut nak = self.base_reply(msg, MessageType::Nak);
