@@ -160,9 +160,10 @@ impl LeaseStore {
         }
     }
 
-    /// Picks the address to offer `mac`: its reservation; else the requested address if
-    /// free; else its previous address; else the lowest never-used address; else the
-    /// oldest expired lease of another MAC.
+    /// Picks the address to offer `mac`, in the order of RFC 2131 §4.3.1: its
+    /// reservation; else its current or previous address (kept even after expiry, for
+    /// stability); else the requested address if free; else the lowest never-used
+    /// address; else the oldest expired lease of another MAC.
     pub fn select(
         &self,
         mac: [u8; 6],
@@ -172,15 +173,15 @@ impl LeaseStore {
         if let Some(&ip) = self.reservations.get(&mac) {
             return Ok(ip);
         }
-        if let Some(ip) = requested
-            && self.check(mac, ip, now).is_ok()
-        {
-            return Ok(ip);
-        }
         if let Some(rec) = self.records.get(&mac)
             && self.check(mac, rec.ip, now).is_ok()
         {
             return Ok(rec.ip);
+        }
+        if let Some(ip) = requested
+            && self.check(mac, ip, now).is_ok()
+        {
+            return Ok(ip);
         }
         if self.start <= self.end {
             for n in self.start..=self.end {
@@ -524,6 +525,11 @@ mod tests {
         assert_eq!(
             s.select(B, Some(ip("10.0.0.5")), t(0)),
             Ok(ip("10.0.0.100"))
+        );
+        // A's own (even expired) address comes before what it asks for.
+        assert_eq!(
+            s.select(A, Some(ip("10.0.0.115")), t(100_000)),
+            Ok(ip("10.0.0.110"))
         );
         assert_eq!(s.check(B, ip("10.0.0.5"), t(0)), Err(Refusal::NotInPool));
         assert_eq!(

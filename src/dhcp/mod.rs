@@ -1,11 +1,11 @@
 //! The broker's built-in DHCP server (RFC 2131), one per network, bound to the network's
 //! bridge.
 //!
-//! Messages are parsed and built with `dhcproto`; the socket loop ([`server`]) and the
-//! address pool and lease store ([`leases`]) are ours. Leases persist in a small JSON file
+//! Messages are parsed and built with `dhcproto`; the socket loop (`server.rs`) and the
+//! address pool and lease store (`leases.rs`) are ours. Leases persist in a small JSON file
 //! so that a VM keeps its address across broker restarts.
 
-pub mod leases;
+mod leases;
 mod server;
 
 use crate::config::{DhcpRange, Reservation};
