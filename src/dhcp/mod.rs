@@ -1,0 +1,92 @@
+//! The broker's built-in DHCP server (RFC 2131), one per network, bound to the network's
+//! bridge.
+//!
+//! Messages are parsed and built with `dhcproto`; the socket loop (`server.rs`) and the
+//! address pool and lease store (`leases.rs`) are ours. Leases persist in a small JSON file
+//! so that a VM keeps its address across broker restarts.
+
+mod leases;
+mod server;
+
+use crate::config::{DhcpRange, Reservation};
+use ipnet::Ipv4Net;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::SystemTime;
+use tokio::sync::{oneshot, watch};
+use tokio::task::JoinHandle;
+
+/// What one network's DHCP server serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct DhcpConfig {
+    /// Network name, for logs.
+    pub network: String,
+    /// The bridge to serve on; the socket only sees this interface (SO_BINDTODEVICE).
+    pub interface: String,
+    pub subnet: Ipv4Net,
+    /// The bridge's address: server identifier and router option.
+    pub gateway: Ipv4Addr,
+    /// Narrows the dynamic pool.
+    pub range: Option<DhcpRange>,
+    pub reservations: Vec<Reservation>,
+    pub lease_seconds: u32,
+    /// Interface MTU option (26).
+    pub mtu: u32,
+    /// DNS server option (6), when the network has DNS.
+    pub dns_server: Option<Ipv4Addr>,
+    /// Domain name option (15), e.g. "shared.vmnet".
+    pub domain: Option<String>,
+    /// Where leases persist (written atomically: temporary file + rename).
+    pub lease_file: PathBuf,
+}
+
+/// An active lease.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Lease {
+    pub mac: [u8; 6],
+    pub ip: Ipv4Addr,
+    /// The client's host name (option 12), reduced to one DNS label.
+    pub hostname: Option<String>,
+    pub expires: SystemTime,
+}
+
+/// A running DHCP server. Dropping it without [`DhcpServer::stop`] also stops the task
+/// (it notices the closed stop channel and saves the leases), but only `stop` waits.
+pub struct DhcpServer {
+    leases: watch::Receiver<Arc<Vec<Lease>>>,
+    stop: Option<oneshot::Sender<()>>,
+    task: Option<JoinHandle<()>>,
+}
+
+impl DhcpServer {
+    /// Binds UDP port 67 on `config.interface`, loads the lease file and spawns the
+    /// server task on the current tokio runtime. The socket is created in the calling
+    /// thread's network namespace.
+    pub async fn start(config: DhcpConfig) -> std::io::Result<DhcpServer> {
+        let socket = server::bind_socket(&config)?;
+        let (stop_tx, stop_rx) = oneshot::channel();
+        let (state, leases) = server::State::new(config);
+        let task = tokio::spawn(server::run(state, socket, stop_rx));
+        Ok(DhcpServer {
+            leases,
+            stop: Some(stop_tx),
+            task: Some(task),
+        })
+    }
+
+    /// Active leases, republished on every change and whenever a lease expires.
+    pub fn leases(&self) -> watch::Receiver<Arc<Vec<Lease>>> {
+        self.leases.clone()
+    }
+
+    /// Stops the task, saves the leases and closes the socket.
+    pub async fn stop(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
+    }
+}
