@@ -6,6 +6,7 @@
 
 pub mod backend;
 pub mod config;
+pub mod dns;
 pub mod policy;
 pub mod protocol;
 pub mod registry;

@@ -106,12 +106,20 @@ mod tests {
             (name == "kvm").then_some(105)
         }
         fn groups_of(&self, uid: u32, gid: u32) -> Vec<u32> {
-            if uid == 1001 { vec![gid, 105] } else { vec![gid] }
+            if uid == 1001 {
+                vec![gid, 105]
+            } else {
+                vec![gid]
+            }
         }
     }
 
     fn peer(uid: u32) -> Peer {
-        Peer { pid: 1, uid, gid: uid }
+        Peer {
+            pid: 1,
+            uid,
+            gid: uid,
+        }
     }
 
     #[test]

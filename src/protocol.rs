@@ -325,7 +325,9 @@ impl Reply {
                 .map(Reply::Status)
                 .map_err(|e| bad(format!("malformed \"status\": {e}")));
         }
-        Err(bad("reply has neither \"network\", \"status\" nor \"error\"".into()))
+        Err(bad(
+            "reply has neither \"network\", \"status\" nor \"error\"".into(),
+        ))
     }
 }
 
@@ -351,8 +353,10 @@ mod tests {
             }
         );
         assert_eq!(
-            Request::parse(br#"{"command":"acquire","network_name":"a","mac":"52:54:00:AB:cd:01"}"#)
-                .unwrap(),
+            Request::parse(
+                br#"{"command":"acquire","network_name":"a","mac":"52:54:00:AB:cd:01"}"#
+            )
+            .unwrap(),
             Request::Acquire {
                 network_name: "a".into(),
                 mac: Some([0x52, 0x54, 0, 0xab, 0xcd, 1])
@@ -407,13 +411,22 @@ mod tests {
     #[test]
     fn strerror_matches_original_and_keeps_unknown_codes() {
         assert_eq!(ErrorCode::NotFound.strerror(), "Network name not found");
-        assert_eq!(ErrorCode::InvalidRequest.strerror(), "Invalid broker request");
+        assert_eq!(
+            ErrorCode::InvalidRequest.strerror(),
+            "Invalid broker request"
+        );
         assert_eq!(
             ErrorCode::NotAllowed.strerror(),
             "You are not allowed to create a network"
         );
-        assert_eq!(ErrorCode::CreateFailure.strerror(), "Failed to create network");
-        assert_eq!(ErrorCode::InternalError.strerror(), "Internal or unknown error");
+        assert_eq!(
+            ErrorCode::CreateFailure.strerror(),
+            "Failed to create network"
+        );
+        assert_eq!(
+            ErrorCode::InternalError.strerror(),
+            "Internal or unknown error"
+        );
         assert_eq!(strerror(42), "(unknown status)");
         assert_eq!(strerror(-1), "(unknown status)");
         for c in 1..=9 {
@@ -450,10 +463,7 @@ mod tests {
     #[test]
     fn malformed_replies_are_invalid_reply() {
         for bad in [&b"nope"[..], b"[]", b"{}", br#"{"network":{"name":1}}"#] {
-            assert_eq!(
-                Reply::parse(bad).unwrap_err().code,
-                ErrorCode::InvalidReply
-            );
+            assert_eq!(Reply::parse(bad).unwrap_err().code, ErrorCode::InvalidReply);
         }
         // An unknown error code from a newer broker is preserved as a message.
         match Reply::parse(br#"{"error":99}"#).unwrap() {

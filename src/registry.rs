@@ -146,15 +146,20 @@ impl<B: Backend> Registry<B> {
         };
         let peer = c.peer;
         let refuse = |code: ErrorCode, message: String| {
-            warn!(client, pid = peer.pid, uid = peer.uid, network = name, code = code.code(), "acquire refused: {message}");
+            warn!(
+                client,
+                pid = peer.pid,
+                uid = peer.uid,
+                network = name,
+                code = code.code(),
+                "acquire refused: {message}"
+            );
             BrokerError::new(code, message)
         };
         if !c.networks.contains(name) && c.networks.len() >= MAX_NETWORKS_PER_CLIENT {
             return Err(refuse(
                 ErrorCode::InternalError,
-                format!(
-                    "a client may hold at most {MAX_NETWORKS_PER_CLIENT} distinct networks"
-                ),
+                format!("a client may hold at most {MAX_NETWORKS_PER_CLIENT} distinct networks"),
             ));
         }
         if st.closed {
@@ -532,7 +537,12 @@ mod tests {
         assert_eq!(macs.len(), 3, "each TAP gets its own MAC");
         assert_eq!(
             r.backend().log(),
-            ["create shared", "attach shared 0", "attach shared 1", "attach shared 2"]
+            [
+                "create shared",
+                "attach shared 0",
+                "attach shared 1",
+                "attach shared 2"
+            ]
         );
         let s = r.status().await;
         assert_eq!(s.networks[0].clients, 2, "client a counts once");
@@ -559,7 +569,11 @@ mod tests {
         assert!(r.status().await.networks.is_empty());
         assert_eq!(r.backend().log().last().unwrap(), "destroy host");
         assert_eq!(
-            r.backend().log().iter().filter(|l| l.starts_with("create")).count(),
+            r.backend()
+                .log()
+                .iter()
+                .filter(|l| l.starts_with("create"))
+                .count(),
             1
         );
     }
