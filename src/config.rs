@@ -124,11 +124,8 @@ impl NetworkConfig {
 
     /// The fixed subnet, when the file names one.
     pub fn fixed_subnet(&self) -> Option<Ipv4Net> {
-        self.gateway.map(|gw| {
-            Ipv4Net::new(gw, self.prefix_len)
-                .expect("prefix validated")
-                .trunc()
-        })
+        self.gateway
+            .map(|gw| Ipv4Net::new(gw, self.prefix_len).expect("prefix validated").trunc())
     }
 }
 
@@ -242,11 +239,7 @@ pub fn mask_to_prefix(mask: Ipv4Addr) -> Result<u8, String> {
 }
 
 pub fn prefix_to_mask(prefix_len: u8) -> Ipv4Addr {
-    Ipv4Addr::from(
-        u32::MAX
-            .checked_shl(32 - u32::from(prefix_len))
-            .unwrap_or(0),
-    )
+    Ipv4Addr::from(u32::MAX.checked_shl(32 - u32::from(prefix_len)).unwrap_or(0))
 }
 
 /// Parses and validates one network file's text.
@@ -272,18 +265,12 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<NetworkConfig, Confi
     }
     if let Some(subnet) = &raw.subnet {
         let gw = parse_ip("subnet", subnet).map_err(err)?;
-        let net = Ipv4Net::new(gw, c.prefix_len)
-            .expect("prefix checked")
-            .trunc();
+        let net = Ipv4Net::new(gw, c.prefix_len).expect("prefix checked").trunc();
         if gw == net.network() || gw == net.broadcast() {
             return Err(err(format!(
                 "subnet {gw} does not fit mask {}: it is the {} address of {net}; give the gateway address, e.g. {}",
                 prefix_to_mask(c.prefix_len),
-                if gw == net.network() {
-                    "network"
-                } else {
-                    "broadcast"
-                },
+                if gw == net.network() { "network" } else { "broadcast" },
                 Ipv4Addr::from(u32::from(net.network()) + 1)
             )));
         }
@@ -313,9 +300,7 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<NetworkConfig, Confi
     c.isolation = raw.isolation.unwrap_or(false);
     if let Some(lease) = raw.lease_time {
         if lease < 60 {
-            return Err(err(format!(
-                "lease_time {lease} must be at least 60 seconds"
-            )));
+            return Err(err(format!("lease_time {lease} must be at least 60 seconds")));
         }
         c.lease_seconds = lease;
     }
@@ -356,15 +341,10 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<NetworkConfig, Confi
         let ip = parse_ip("dhcp_reservations", &r.ip).map_err(err)?;
         host_address(ip, "dhcp_reservations")?;
         if Some(ip) == gateway {
-            return Err(err(format!(
-                "dhcp_reservations: {ip} is the gateway address"
-            )));
+            return Err(err(format!("dhcp_reservations: {ip} is the gateway address")));
         }
         if !macs.insert(mac) {
-            return Err(err(format!(
-                "dhcp_reservations: MAC {} is reserved twice",
-                r.mac
-            )));
+            return Err(err(format!("dhcp_reservations: MAC {} is reserved twice", r.mac)));
         }
         if !ips.insert(ip) {
             return Err(err(format!("dhcp_reservations: {ip} is reserved twice")));
@@ -496,10 +476,7 @@ mod tests {
                 "broadcast address",
             ),
             (r#"{"mtu": 20}"#, "mtu 20"),
-            (
-                r#"{"dhcp_range": {"start": "10.0.0.2", "end": "10.0.0.3"}}"#,
-                "fixed \"subnet\"",
-            ),
+            (r#"{"dhcp_range": {"start": "10.0.0.2", "end": "10.0.0.3"}}"#, "fixed \"subnet\""),
             (
                 r#"{"subnet": "10.0.0.1", "dhcp_range": {"start": "10.0.0.9", "end": "10.0.0.3"}}"#,
                 "after end",
@@ -538,11 +515,7 @@ mod tests {
     #[test]
     fn directory_overrides_builtins_and_reports_invalid_files() {
         let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("host.json"),
-            r#"{"mode": "host", "mtu": 1400}"#,
-        )
-        .unwrap();
+        std::fs::write(dir.path().join("host.json"), r#"{"mode": "host", "mtu": 1400}"#).unwrap();
         std::fs::write(dir.path().join("broken.json"), r#"{"mode": 1}"#).unwrap();
         std::fs::write(dir.path().join("notes.txt"), "ignored").unwrap();
         let cd = ConfigDir::new(dir.path());
