@@ -25,8 +25,9 @@ use tokio::task::{JoinHandle, JoinSet};
 
 /// DNS port, on the gateway address only.
 pub const DNS_PORT: u16 = 53;
-/// Queries handled at once (UDP queries and TCP connections together); beyond that UDP
-/// queries are dropped (the client retries) so that a flood cannot exhaust memory.
+/// Forwarded queries in flight at once (UDP and TCP together); beyond that UDP queries are
+/// dropped (the client retries) so that a flood cannot exhaust memory. Local answers are
+/// computed inline and never wait for a slot.
 pub const MAX_IN_FLIGHT: usize = 256;
 /// TCP connections open at once; more are closed at accept.
 const MAX_TCP_CONNECTIONS: usize = 64;
@@ -167,6 +168,16 @@ async fn udp_loop(sock: Arc<UdpSocket>, shared: Arc<Shared>, mut shutdown: watch
             }
             r = sock.recv_from(&mut buf) => match r {
                 Ok((n, peer)) => {
+                    let req = match shared.prepare(&buf[..n], false, peer) {
+                        Action::Ignore => continue,
+                        Action::Reply(resp) => {
+                            if let Err(e) = sock.send_to(&resp, peer).await {
+                                tracing::debug!(network = %shared.network, %peer, "cannot send DNS answer: {e}");
+                            }
+                            continue;
+                        }
+                        Action::Forward(req) => req,
+                    };
                     let Ok(permit) = shared.permits.clone().try_acquire_owned() else {
                         tracing::debug!(network = %shared.network, %peer, "too many DNS queries in flight, dropping one");
                         continue;
@@ -176,7 +187,7 @@ async fn udp_loop(sock: Arc<UdpSocket>, shared: Arc<Shared>, mut shutdown: watch
                     let shared = shared.clone();
                     children.spawn(async move {
                         let _permit = permit;
-                        if let Some(resp) = shared.handle(&pkt, false, peer).await
+                        if let Some(resp) = shared.forward(&req, &pkt, false, peer).await
                             && let Err(e) = sock.send_to(&resp, peer).await
                         {
                             tracing::debug!(network = %shared.network, %peer, "cannot send DNS answer: {e}");
@@ -242,13 +253,20 @@ async fn serve_tcp(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
             Ok(Ok(_)) => {}
             _ => return,
         }
-        let Ok(permit) = shared.permits.acquire().await else {
-            return;
+        let resp = match shared.prepare(&pkt, true, peer) {
+            // A malformed query ends the connection: framing can no longer be trusted.
+            Action::Ignore => return,
+            Action::Reply(resp) => resp,
+            Action::Forward(req) => {
+                let Ok(_permit) = shared.permits.acquire().await else {
+                    return;
+                };
+                match shared.forward(&req, &pkt, true, peer).await {
+                    Some(resp) => resp,
+                    None => return,
+                }
+            }
         };
-        let resp = shared.handle(&pkt, true, peer).await;
-        drop(permit);
-        // A malformed query ends the connection: framing can no longer be trusted.
-        let Some(resp) = resp else { return };
         let Ok(n) = u16::try_from(resp.len()) else {
             return;
         };
@@ -262,40 +280,69 @@ async fn serve_tcp(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
     }
 }
 
+/// What to do with one raw query.
+enum Action {
+    /// Ignore it (malformed, or not a query).
+    Ignore,
+    /// Send this answer, computed locally.
+    Reply(Vec<u8>),
+    /// Ask the upstreams.
+    Forward(Message),
+}
+
 impl Shared {
-    /// The answer to one raw query, or None to ignore it.
-    async fn handle(&self, pkt: &[u8], tcp: bool, peer: SocketAddr) -> Option<Vec<u8>> {
+    /// Decides about one raw query without waiting for anything: local answers are
+    /// immediate, so they never queue behind slow upstreams.
+    fn prepare(&self, pkt: &[u8], tcp: bool, peer: SocketAddr) -> Action {
         let req = match Message::from_vec(pkt) {
             Ok(m) => m,
             Err(e) => {
                 tracing::debug!(network = %self.network, %peer, "ignoring malformed DNS packet: {e}");
-                return None;
+                return Action::Ignore;
             }
         };
         if req.message_type != MessageType::Query {
             // Never answer answers: that is how reflection loops start.
             tracing::debug!(network = %self.network, %peer, "ignoring a DNS response sent to us");
-            return None;
+            return Action::Ignore;
         }
         if req.op_code != OpCode::Query {
-            return encode(local::error_to(&req, ResponseCode::NotImp), &req, tcp);
+            return reply(local::error_to(&req, ResponseCode::NotImp), &req, tcp);
         }
         let names = self.names.borrow().clone();
         let zone = local::Zone {
             domain: &self.domain,
             names: &names,
         };
-        if let Some(resp) = zone.answer(&req) {
-            return encode(resp, &req, tcp);
+        match zone.answer(&req) {
+            Some(resp) => reply(resp, &req, tcp),
+            None => Action::Forward(req),
         }
+    }
+
+    /// The upstreams' answer to `req` (whose raw form is `pkt`), or SERVFAIL.
+    async fn forward(
+        &self,
+        req: &Message,
+        pkt: &[u8],
+        tcp: bool,
+        peer: SocketAddr,
+    ) -> Option<Vec<u8>> {
         let ups = self.resolv.current();
         match forward::forward(pkt, &ups, tcp, &self.network).await {
             Some(answer) => Some(answer),
             None => {
                 tracing::debug!(network = %self.network, %peer, "no upstream DNS answered, SERVFAIL");
-                encode(local::error_to(&req, ResponseCode::ServFail), &req, tcp)
+                encode(local::error_to(req, ResponseCode::ServFail), req, tcp)
             }
         }
+    }
+}
+
+fn reply(resp: Message, req: &Message, tcp: bool) -> Action {
+    match encode(resp, req, tcp) {
+        Some(bytes) => Action::Reply(bytes),
+        None => Action::Ignore,
     }
 }
 
