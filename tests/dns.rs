@@ -33,11 +33,10 @@ const FORWARDED_IP: &str = "10.98.0.77";
 type NameList = Arc<Vec<(String, Ipv4Addr)>>;
 
 fn run(cmd: &str, args: &[&str]) -> std::process::Output {
-    let out = Command::new(cmd)
+    Command::new(cmd)
         .args(args)
         .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"));
-    out
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"))
 }
 
 fn must(cmd: &str, args: &[&str]) {
