@@ -29,6 +29,8 @@ const SILENT: &str = "10.98.0.3";
 /// Nothing listens there: queries to it are refused at once (ICMP port unreachable).
 const REFUSING: &str = "10.98.0.4";
 const FORWARDED_IP: &str = "10.98.0.77";
+/// dnsmasq in U over IPv6.
+const UPSTREAM6: &str = "fd98::2";
 
 type NameList = Arc<Vec<(String, Ipv4Addr)>>;
 
@@ -156,6 +158,30 @@ impl Drop for ServerThread {
 /// dnsmasq killed (by its pid) on drop.
 struct Dnsmasq(Child);
 
+impl Dnsmasq {
+    /// A dnsmasq in `ns` answering on `listen` (port 53) from its own data only.
+    fn start(ns: &Netns, dir: &std::path::Path, listen: &[&str], extra: &[&str]) -> Dnsmasq {
+        let pidfile = dir.join(format!("dnsmasq-{}.pid", ns.0));
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.0, "dnsmasq", "--no-daemon"])
+            .args(["--conf-file=/dev/null", "--no-resolv", "--no-hosts"])
+            .args([
+                "--user=root",
+                "--group=root",
+                "--bind-interfaces",
+                "--port=53",
+            ])
+            .args(listen.iter().map(|a| format!("--listen-address={a}")))
+            .args(extra)
+            .arg(format!("--pid-file={}", pidfile.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot start dnsmasq (apt-get install -y dnsmasq-base)");
+        Dnsmasq(child)
+    }
+}
+
 impl Drop for Dnsmasq {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -208,7 +234,16 @@ impl Fixture {
             "link", "add", "vu", "type", "veth", "peer", "name", "eth0", "netns", &u.0,
         ]);
         a.ip(&["addr", "add", "10.98.0.1/24", "dev", "vu"]);
+        a.ip(&["addr", "add", "fd98::1/64", "dev", "vu", "nodad"]);
         a.ip(&["link", "set", "vu", "up"]);
+        u.ip(&[
+            "addr",
+            "add",
+            &format!("{UPSTREAM6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
         for addr in [UPSTREAM, SILENT, REFUSING] {
             u.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
         }
@@ -222,32 +257,18 @@ impl Fixture {
         c.ip(&["link", "set", "eth0", "up"]);
 
         let dir = tempfile::tempdir().unwrap();
-        let pidfile = dir.path().join("dnsmasq.pid");
         let txt = format!("--txt-record=big.txt.test,{}", big_txt().join(","));
-        let child = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                &u.0,
-                "dnsmasq",
-                "--no-daemon",
-                "--conf-file=/dev/null",
-            ])
-            .args(["--no-resolv", "--no-hosts", "--user=root", "--group=root"])
-            .arg(format!("--address=/example.test/{FORWARDED_IP}"))
-            .arg(format!("--listen-address={UPSTREAM}"))
-            .args(["--bind-interfaces", "--port=53", "--log-queries"])
-            .arg(txt)
-            .arg(format!("--pid-file={}", pidfile.display()))
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("cannot start dnsmasq (apt-get install -y dnsmasq-base)");
-        let dnsmasq = Dnsmasq(child);
+        let dnsmasq = Dnsmasq::start(
+            &u,
+            dir.path(),
+            &[UPSTREAM, UPSTREAM6],
+            &[&format!("--address=/example.test/{FORWARDED_IP}"), &txt],
+        );
         let silent = in_netns(&u.0, || {
             UdpSocket::bind((SILENT, 53)).expect("bind silent upstream")
         });
         wait_listening(&u, &format!("{UPSTREAM}:53"));
+        wait_listening(&u, &format!("[{UPSTREAM6}]:53"));
 
         let resolv = dir.path().join("resolv.conf");
         let (names, names_rx) = watch::channel::<NameList>(Arc::new(vec![(
@@ -496,6 +517,24 @@ fn follows_resolv_conf_and_fails_fast() {
     );
     eprintln!("answer after refusing + silent upstreams: {:?}", d.elapsed);
 
+    // An IPv6 upstream.
+    fx.set_upstreams(&[UPSTREAM6]);
+    let d = fx.dig(&["example.test", "A"]);
+    assert_eq!(d.data("A"), vec![FORWARDED_IP], "{}", d.output);
+
+    // A loopback stub resolver (like systemd-resolved's 127.0.0.53) on the server's side.
+    let stub = Dnsmasq::start(
+        &fx.a,
+        fx.dir.path(),
+        &["127.0.0.53"],
+        &["--address=/stub.test/10.98.0.78"],
+    );
+    wait_listening(&fx.a, "127.0.0.53:53");
+    fx.set_upstreams(&["127.0.0.53"]);
+    let d = fx.dig(&["www.stub.test", "A"]);
+    assert_eq!(d.data("A"), vec!["10.98.0.78"], "{}", d.output);
+    drop(stub);
+
     // Back to the good upstream alone.
     fx.set_upstreams(&[UPSTREAM]);
     let d = fx.dig(&["example.test", "A"]);
@@ -595,4 +634,37 @@ fn survives_garbage_and_floods() {
     std::thread::sleep(Duration::from_millis(2500));
     let d = fx.dig(&["example.test", "A"]);
     assert_eq!(d.data("A"), vec![FORWARDED_IP], "{}", d.output);
+}
+
+#[test]
+fn starts_before_the_gateway_address_exists() {
+    // The backend may start DNS while the bridge address is still being set up.
+    let id = format!(
+        "vmnbt-dns{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    );
+    let a = Netns::new(format!("{id}-a"));
+    a.ip(&["link", "add", "br0", "type", "bridge"]);
+    let dir = tempfile::tempdir().unwrap();
+    let resolv = dir.path().join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 10.98.0.4\n").unwrap();
+    let (_names, names_rx) = watch::channel::<NameList>(Arc::new(vec![(
+        "vm1".to_string(),
+        Ipv4Addr::new(10, 99, 0, 10),
+    )]));
+    let config = DnsConfig {
+        network: "early".into(),
+        listen: GATEWAY.parse().unwrap(),
+        domain: "shared.vmnet".into(),
+        resolv_conf: resolv,
+    };
+    let mut server = ServerThread::start(&a.0, config, names_rx);
+    a.ip(&["addr", "add", &format!("{GATEWAY}/24"), "dev", "br0"]);
+    a.ip(&["link", "set", "br0", "up"]);
+    let d = dig_in(&a, &["vm1.shared.vmnet", "A"]);
+    assert_eq!(d.data("A"), vec!["10.99.0.10"], "{}", d.output);
+    let d = dig_in(&a, &["+tcp", "vm1", "A"]);
+    assert_eq!(d.data("A"), vec!["10.99.0.10"], "{}", d.output);
+    server.stop();
 }
