@@ -8,6 +8,7 @@ pub mod backend;
 pub mod client;
 pub mod config;
 pub mod dhcp;
+pub mod dns;
 pub mod policy;
 pub mod protocol;
 pub mod registry;

@@ -1,0 +1,356 @@
+//! The broker's per-network DNS server.
+//!
+//! It listens on the network's gateway address only (UDP and TCP port 53), answers for the
+//! VMs' DHCP hostnames (`NAME` and `NAME.<domain>`, plus their reverse names) and forwards
+//! everything else to the host's resolvers from resolv.conf. It runs in the broker's (host)
+//! network namespace, so a loopback stub such as systemd-resolved's 127.0.0.53 works as an
+//! upstream.
+
+mod forward;
+mod local;
+mod resolv;
+
+use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use nix::sys::socket::{self, sockopt};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
+use tokio::sync::{Semaphore, watch};
+use tokio::task::{JoinHandle, JoinSet};
+
+/// DNS port, on the gateway address only.
+pub const DNS_PORT: u16 = 53;
+/// Forwarded queries in flight at once (UDP and TCP together); beyond that UDP queries are
+/// dropped (the client retries) so that a flood cannot exhaust memory. Local answers are
+/// computed inline and never wait for a slot.
+pub const MAX_IN_FLIGHT: usize = 256;
+/// TCP connections open at once; more are closed at accept.
+const MAX_TCP_CONNECTIONS: usize = 64;
+/// A TCP client that sends nothing for this long is disconnected (RFC 7766 suggests seconds).
+const TCP_IDLE: Duration = Duration::from_secs(10);
+
+/// Configuration of one network's DNS server.
+#[derive(Clone, Debug)]
+pub struct DnsConfig {
+    /// Network name, for logs.
+    pub network: String,
+    /// The gateway address: UDP and TCP port 53 are bound on this address only.
+    pub listen: Ipv4Addr,
+    /// Domain of the VMs ("shared.vmnet"): they resolve NAME and NAME.<domain>.
+    pub domain: String,
+    /// Upstream resolvers (normally /etc/resolv.conf), re-read when it changes.
+    pub resolv_conf: PathBuf,
+}
+
+/// The (hostname, ip) pairs of a network's VMs, as published by DHCP.
+pub type Names = watch::Receiver<Arc<Vec<(String, Ipv4Addr)>>>;
+
+/// A running DNS server; `stop()` it (dropping it aborts its tasks without waiting).
+pub struct DnsServer {
+    network: String,
+    shutdown: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+struct Shared {
+    network: String,
+    domain: String,
+    names: Names,
+    resolv: resolv::ResolvConf,
+    permits: Arc<Semaphore>,
+}
+
+impl DnsServer {
+    /// Binds `config.listen:53` (UDP and TCP) and starts serving. `names` yields the
+    /// network's current (hostname, ip) pairs (from DHCP leases).
+    pub async fn start(config: DnsConfig, names: Names) -> std::io::Result<DnsServer> {
+        let addr = SocketAddrV4::new(config.listen, DNS_PORT);
+        let udp = bind_udp(addr).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "DNS for network {}: cannot bind UDP {addr}: {e}",
+                    config.network
+                ),
+            )
+        })?;
+        let tcp = bind_tcp(addr).map_err(|e| {
+            std::io::Error::new(
+                e.kind(),
+                format!(
+                    "DNS for network {}: cannot bind TCP {addr}: {e}",
+                    config.network
+                ),
+            )
+        })?;
+        let shared = Arc::new(Shared {
+            network: config.network.clone(),
+            domain: local::Zone::canonical_domain(&config.domain),
+            names,
+            resolv: resolv::ResolvConf::new(
+                config.resolv_conf.clone(),
+                config.listen,
+                config.network.clone(),
+            ),
+            permits: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+        });
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        let tasks = vec![
+            tokio::spawn(udp_loop(Arc::new(udp), shared.clone(), shutdown_rx.clone())),
+            tokio::spawn(tcp_loop(tcp, shared, shutdown_rx)),
+        ];
+        tracing::info!(network = %config.network, "DNS server listening on {addr} (UDP, TCP), domain {:?}", config.domain);
+        Ok(DnsServer {
+            network: config.network,
+            shutdown,
+            tasks,
+        })
+    }
+
+    /// Closes the sockets and ends all tasks, including queries in flight.
+    pub async fn stop(mut self) {
+        let _ = self.shutdown.send(true);
+        for t in std::mem::take(&mut self.tasks) {
+            let _ = t.await;
+        }
+        tracing::info!(network = %self.network, "DNS server stopped");
+    }
+}
+
+impl Drop for DnsServer {
+    fn drop(&mut self) {
+        // Not stopped: aborting the loops drops their sockets and their JoinSets, which
+        // abort the query tasks.
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+fn bind_udp(addr: SocketAddrV4) -> std::io::Result<UdpSocket> {
+    let fd = socket::socket(
+        socket::AddressFamily::Inet,
+        socket::SockType::Datagram,
+        socket::SockFlag::SOCK_CLOEXEC | socket::SockFlag::SOCK_NONBLOCK,
+        None,
+    )?;
+    // IP_FREEBIND: bind() succeeds even if the address is still being added to the bridge
+    // by another task, so start-up order does not matter.
+    socket::setsockopt(&fd, sockopt::IpFreebind, &true)?;
+    socket::bind(fd.as_raw_fd(), &socket::SockaddrIn::from(addr))?;
+    UdpSocket::from_std(std::net::UdpSocket::from(fd))
+}
+
+fn bind_tcp(addr: SocketAddrV4) -> std::io::Result<TcpListener> {
+    let sock = TcpSocket::new_v4()?;
+    // Lets a restarted server bind while old connections sit in TIME_WAIT.
+    sock.set_reuseaddr(true)?;
+    socket::setsockopt(&sock, sockopt::IpFreebind, &true)?;
+    sock.bind(SocketAddr::V4(addr))?;
+    sock.listen(128)
+}
+
+async fn udp_loop(sock: Arc<UdpSocket>, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let mut children = JoinSet::new();
+    let mut buf = vec![0u8; 65535];
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            Some(res) = children.join_next(), if !children.is_empty() => {
+                if let Err(e) = res && e.is_panic() {
+                    tracing::error!(network = %shared.network, "DNS query task panicked: {e}");
+                }
+            }
+            r = sock.recv_from(&mut buf) => match r {
+                Ok((n, peer)) => {
+                    let req = match shared.prepare(&buf[..n], false, peer) {
+                        Action::Ignore => continue,
+                        Action::Reply(resp) => {
+                            if let Err(e) = sock.send_to(&resp, peer).await {
+                                tracing::debug!(network = %shared.network, %peer, "cannot send DNS answer: {e}");
+                            }
+                            continue;
+                        }
+                        Action::Forward(req) => req,
+                    };
+                    let Ok(permit) = shared.permits.clone().try_acquire_owned() else {
+                        tracing::debug!(network = %shared.network, %peer, "too many DNS queries in flight, dropping one");
+                        continue;
+                    };
+                    let pkt = buf[..n].to_vec();
+                    let sock = sock.clone();
+                    let shared = shared.clone();
+                    children.spawn(async move {
+                        let _permit = permit;
+                        if let Some(resp) = shared.forward(&req, &pkt, false, peer).await
+                            && let Err(e) = sock.send_to(&resp, peer).await
+                        {
+                            tracing::debug!(network = %shared.network, %peer, "cannot send DNS answer: {e}");
+                        }
+                    });
+                }
+                Err(e) => {
+                    // Errors here are transient (ENOMEM, a stray ICMP error): pause a little
+                    // rather than spin.
+                    tracing::debug!(network = %shared.network, "DNS UDP receive error: {e}");
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+            }
+        }
+    }
+    children.shutdown().await;
+}
+
+async fn tcp_loop(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+    let mut children = JoinSet::new();
+    let connections = Arc::new(Semaphore::new(MAX_TCP_CONNECTIONS));
+    loop {
+        tokio::select! {
+            _ = shutdown.changed() => break,
+            Some(res) = children.join_next(), if !children.is_empty() => {
+                if let Err(e) = res && e.is_panic() {
+                    tracing::error!(network = %shared.network, "DNS TCP task panicked: {e}");
+                }
+            }
+            r = listener.accept() => match r {
+                Ok((stream, peer)) => {
+                    let Ok(permit) = connections.clone().try_acquire_owned() else {
+                        tracing::debug!(network = %shared.network, %peer, "too many DNS TCP connections, closing one");
+                        continue;
+                    };
+                    let shared = shared.clone();
+                    children.spawn(async move {
+                        let _permit = permit;
+                        serve_tcp(stream, peer, &shared).await;
+                    });
+                }
+                Err(e) => {
+                    // EMFILE and the like: wait for descriptors to free up instead of spinning.
+                    tracing::warn!(network = %shared.network, "DNS TCP accept error: {e}");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                }
+            }
+        }
+    }
+    children.shutdown().await;
+}
+
+/// One TCP client: length-prefixed queries answered in order until it goes quiet.
+async fn serve_tcp(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
+    loop {
+        let mut len = [0u8; 2];
+        match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut len)).await {
+            Ok(Ok(_)) => {}
+            _ => return,
+        }
+        let mut pkt = vec![0u8; u16::from_be_bytes(len) as usize];
+        match tokio::time::timeout(TCP_IDLE, stream.read_exact(&mut pkt)).await {
+            Ok(Ok(_)) => {}
+            _ => return,
+        }
+        let resp = match shared.prepare(&pkt, true, peer) {
+            // A malformed query ends the connection: framing can no longer be trusted.
+            Action::Ignore => return,
+            Action::Reply(resp) => resp,
+            Action::Forward(req) => {
+                let Ok(_permit) = shared.permits.acquire().await else {
+                    return;
+                };
+                match shared.forward(&req, &pkt, true, peer).await {
+                    Some(resp) => resp,
+                    None => return,
+                }
+            }
+        };
+        let Ok(n) = u16::try_from(resp.len()) else {
+            return;
+        };
+        let mut out = Vec::with_capacity(resp.len() + 2);
+        out.extend_from_slice(&n.to_be_bytes());
+        out.extend_from_slice(&resp);
+        match tokio::time::timeout(TCP_IDLE, stream.write_all(&out)).await {
+            Ok(Ok(())) => {}
+            _ => return,
+        }
+    }
+}
+
+/// What to do with one raw query.
+enum Action {
+    /// Ignore it (malformed, or not a query).
+    Ignore,
+    /// Send this answer, computed locally.
+    Reply(Vec<u8>),
+    /// Ask the upstreams.
+    Forward(Message),
+}
+
+impl Shared {
+    /// Decides about one raw query without waiting for anything: local answers are
+    /// immediate, so they never queue behind slow upstreams.
+    fn prepare(&self, pkt: &[u8], tcp: bool, peer: SocketAddr) -> Action {
+        let req = match Message::from_vec(pkt) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::debug!(network = %self.network, %peer, "ignoring malformed DNS packet: {e}");
+                return Action::Ignore;
+            }
+        };
+        if req.message_type != MessageType::Query {
+            // Never answer answers: that is how reflection loops start.
+            tracing::debug!(network = %self.network, %peer, "ignoring a DNS response sent to us");
+            return Action::Ignore;
+        }
+        if req.op_code != OpCode::Query {
+            return reply(local::error_to(&req, ResponseCode::NotImp), &req, tcp);
+        }
+        let names = self.names.borrow().clone();
+        let zone = local::Zone {
+            domain: &self.domain,
+            names: &names,
+        };
+        match zone.answer(&req) {
+            Some(resp) => reply(resp, &req, tcp),
+            None => Action::Forward(req),
+        }
+    }
+
+    /// The upstreams' answer to `req` (whose raw form is `pkt`), or SERVFAIL.
+    async fn forward(
+        &self,
+        req: &Message,
+        pkt: &[u8],
+        tcp: bool,
+        peer: SocketAddr,
+    ) -> Option<Vec<u8>> {
+        let ups = self.resolv.current();
+        match forward::forward(pkt, &ups, tcp, &self.network).await {
+            Some(answer) => Some(answer),
+            None => {
+                tracing::debug!(network = %self.network, %peer, "no upstream DNS answered, SERVFAIL");
+                encode(local::error_to(req, ResponseCode::ServFail), req, tcp)
+            }
+        }
+    }
+}
+
+fn reply(resp: Message, req: &Message, tcp: bool) -> Action {
+    match encode(resp, req, tcp) {
+        Some(bytes) => Action::Reply(bytes),
+        None => Action::Ignore,
+    }
+}
+
+/// Encodes our own response, truncated (TC) when it does not fit the client's UDP size.
+fn encode(resp: Message, req: &Message, tcp: bool) -> Option<Vec<u8>> {
+    let bytes = resp.to_vec().ok()?;
+    if tcp || bytes.len() <= usize::from(req.max_payload()) {
+        return Some(bytes);
+    }
+    resp.truncate().to_vec().ok()
+}

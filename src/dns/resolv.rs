@@ -1,0 +1,251 @@
+//! Upstream resolvers from a resolv.conf file, re-read when the file changes.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV6};
+use std::os::unix::fs::MetadataExt;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::time::Duration;
+
+/// Per-server timeout when resolv.conf says nothing. glibc's 5 s is too long for a forwarder:
+/// the VM's own resolver retries after about 5 s, so an answer must come well before that.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(2);
+/// Rounds over the server list when resolv.conf says nothing: one, the client retries itself.
+pub const DEFAULT_ATTEMPTS: u32 = 1;
+// Bounds applied to `options timeout:`/`attempts:` so a odd resolv.conf cannot make a query
+// task live for minutes (tasks are bounded, so slow ones would starve the rest).
+const MAX_TIMEOUT_SECS: u64 = 5;
+const MAX_ATTEMPTS: u32 = 3;
+
+/// What the forwarder needs from resolv.conf.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Upstreams {
+    pub servers: Vec<SocketAddr>,
+    pub timeout: Duration,
+    pub attempts: u32,
+}
+
+impl Upstreams {
+    /// Parses resolv.conf text. `exclude` is our own listening address: listing it as an
+    /// upstream would make every forwarded query loop back to us.
+    pub fn parse(text: &str, exclude: Ipv4Addr) -> Upstreams {
+        let mut servers = Vec::new();
+        let mut timeout = DEFAULT_TIMEOUT;
+        let mut attempts = DEFAULT_ATTEMPTS;
+        for line in text.lines() {
+            // Comments start with '#' or ';' anywhere on the line (resolv.conf(5)).
+            let line = line.split(['#', ';']).next().unwrap_or("");
+            let mut words = line.split_whitespace();
+            match words.next() {
+                Some("nameserver") => {
+                    if let Some(addr) = words.next().and_then(parse_nameserver)
+                        && addr.ip() != IpAddr::V4(exclude)
+                        && !servers.contains(&addr)
+                    {
+                        servers.push(addr);
+                    }
+                }
+                Some("options") => {
+                    for opt in words {
+                        if let Some(v) = opt.strip_prefix("timeout:")
+                            && let Ok(secs) = v.parse::<u64>()
+                        {
+                            timeout = Duration::from_secs(secs.clamp(1, MAX_TIMEOUT_SECS));
+                        } else if let Some(v) = opt.strip_prefix("attempts:")
+                            && let Ok(n) = v.parse::<u32>()
+                        {
+                            attempts = n.clamp(1, MAX_ATTEMPTS);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        Upstreams {
+            servers,
+            timeout,
+            attempts,
+        }
+    }
+
+    /// The list as it would appear in a log line.
+    pub fn describe(&self) -> String {
+        let list: Vec<String> = self.servers.iter().map(|s| s.to_string()).collect();
+        format!(
+            "[{}] timeout {}s attempts {}",
+            list.join(", "),
+            self.timeout.as_secs(),
+            self.attempts
+        )
+    }
+}
+
+/// `nameserver` takes an IPv4 or IPv6 address, the latter possibly with `%scope`.
+fn parse_nameserver(word: &str) -> Option<SocketAddr> {
+    if let Ok(ip) = word.parse::<IpAddr>() {
+        return Some(SocketAddr::new(ip, 53));
+    }
+    let (addr, scope) = word.split_once('%')?;
+    let ip: std::net::Ipv6Addr = addr.parse().ok()?;
+    let scope_id = match scope.parse::<u32>() {
+        Ok(n) => n,
+        Err(_) => nix::net::if_::if_nametoindex(scope).ok()?,
+    };
+    Some(SocketAddr::V6(SocketAddrV6::new(ip, 53, 0, scope_id)))
+}
+
+/// Identity of the file's current version: any rewrite (in place or by rename) changes it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct FileStamp {
+    dev: u64,
+    ino: u64,
+    mtime: i64,
+    mtime_nsec: i64,
+    len: u64,
+}
+
+fn stamp(path: &Path) -> std::io::Result<FileStamp> {
+    // metadata() follows symlinks, so a /etc/resolv.conf symlink re-pointed elsewhere counts too.
+    let m = std::fs::metadata(path)?;
+    Ok(FileStamp {
+        dev: m.dev(),
+        ino: m.ino(),
+        mtime: m.mtime(),
+        mtime_nsec: m.mtime_nsec(),
+        len: m.len(),
+    })
+}
+
+/// resolv.conf followed on change: `current()` costs one stat() when nothing changed.
+pub struct ResolvConf {
+    path: PathBuf,
+    exclude: Ipv4Addr,
+    network: String,
+    /// (stamp of the version read, its upstreams, whether a stat failure was logged)
+    state: Mutex<(Option<FileStamp>, std::sync::Arc<Upstreams>, bool)>,
+}
+
+impl ResolvConf {
+    pub fn new(path: PathBuf, exclude: Ipv4Addr, network: String) -> ResolvConf {
+        let empty = Upstreams {
+            servers: Vec::new(),
+            timeout: DEFAULT_TIMEOUT,
+            attempts: DEFAULT_ATTEMPTS,
+        };
+        let rc = ResolvConf {
+            path,
+            exclude,
+            network,
+            state: Mutex::new((None, std::sync::Arc::new(empty), false)),
+        };
+        rc.current();
+        rc
+    }
+
+    /// The upstream list, re-read if the file changed since the last call.
+    pub fn current(&self) -> std::sync::Arc<Upstreams> {
+        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        let new_stamp = stamp(&self.path);
+        match new_stamp {
+            Ok(s) if state.0 == Some(s) => return state.1.clone(),
+            Ok(s) => match std::fs::read_to_string(&self.path) {
+                Ok(text) => {
+                    let ups = Upstreams::parse(&text, self.exclude);
+                    if ups.servers.is_empty() {
+                        tracing::warn!(network = %self.network, path = %self.path.display(),
+                            "no usable nameserver in resolv.conf; forwarded queries will get SERVFAIL");
+                    } else {
+                        tracing::info!(network = %self.network, path = %self.path.display(),
+                            "DNS upstreams: {}", ups.describe());
+                    }
+                    *state = (Some(s), std::sync::Arc::new(ups), false);
+                }
+                Err(e) => {
+                    // Keep the last good list: a resolver being rewritten is briefly unreadable.
+                    tracing::warn!(network = %self.network, path = %self.path.display(),
+                        "cannot read resolv.conf, keeping the previous upstreams: {e}");
+                }
+            },
+            Err(e) => {
+                // Warn once per disappearance, not on every query.
+                if state.0.is_some() || !state.2 {
+                    tracing::warn!(network = %self.network, path = %self.path.display(),
+                        "cannot stat resolv.conf, keeping the previous upstreams: {e}");
+                }
+                // Forget the stamp so that the file is read again once it is back.
+                state.0 = None;
+                state.2 = true;
+            }
+        }
+        state.1.clone()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GW: Ipv4Addr = Ipv4Addr::new(10, 99, 0, 1);
+
+    #[test]
+    fn parses_servers_in_order_with_defaults() {
+        let u = Upstreams::parse(
+            "# comment\nsearch example.com\nnameserver 127.0.0.53\nnameserver 2001:db8::1 # v6\n\
+             nameserver 127.0.0.53\nnameserver bogus\n",
+            GW,
+        );
+        assert_eq!(
+            u.servers,
+            vec![
+                "127.0.0.53:53".parse().unwrap(),
+                "[2001:db8::1]:53".parse().unwrap()
+            ]
+        );
+        assert_eq!(u.timeout, DEFAULT_TIMEOUT);
+        assert_eq!(u.attempts, DEFAULT_ATTEMPTS);
+    }
+
+    #[test]
+    fn skips_our_own_address_and_clamps_options() {
+        let u = Upstreams::parse(
+            "nameserver 10.99.0.1\nnameserver 10.0.0.2\noptions edns0 timeout:30 attempts:9\n",
+            GW,
+        );
+        assert_eq!(u.servers, vec!["10.0.0.2:53".parse().unwrap()]);
+        assert_eq!(u.timeout, Duration::from_secs(MAX_TIMEOUT_SECS));
+        assert_eq!(u.attempts, MAX_ATTEMPTS);
+        let u = Upstreams::parse("options timeout:0 attempts:0\n", GW);
+        assert_eq!(u.timeout, Duration::from_secs(1));
+        assert_eq!(u.attempts, 1);
+    }
+
+    #[test]
+    fn ipv6_scope_by_number_and_by_name() {
+        let u = Upstreams::parse("nameserver fe80::1%7\nnameserver fe80::2%lo\n", GW);
+        assert_eq!(u.servers.len(), 2);
+        match u.servers[0] {
+            SocketAddr::V6(a) => assert_eq!(a.scope_id(), 7),
+            _ => panic!("expected IPv6"),
+        }
+        match u.servers[1] {
+            SocketAddr::V6(a) => assert_ne!(a.scope_id(), 0),
+            _ => panic!("expected IPv6"),
+        }
+    }
+
+    #[test]
+    fn follows_rewrites() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("resolv.conf");
+        std::fs::write(&path, "nameserver 10.0.0.1\n").unwrap();
+        let rc = ResolvConf::new(path.clone(), GW, "t".into());
+        assert_eq!(rc.current().servers, vec!["10.0.0.1:53".parse().unwrap()]);
+        let tmp = dir.path().join("new");
+        std::fs::write(&tmp, "nameserver 10.0.0.2\n").unwrap();
+        std::fs::rename(&tmp, &path).unwrap();
+        assert_eq!(rc.current().servers, vec!["10.0.0.2:53".parse().unwrap()]);
+        std::fs::remove_file(&path).unwrap();
+        assert_eq!(rc.current().servers, vec!["10.0.0.2:53".parse().unwrap()]);
+        std::fs::write(&path, "nameserver 10.0.0.3\n").unwrap();
+        assert_eq!(rc.current().servers, vec!["10.0.0.3:53".parse().unwrap()]);
+    }
+}

@@ -1,0 +1,670 @@
+//! The per-network DNS server against the real kernel, a real upstream resolver (dnsmasq)
+//! and a real client (dig), all in network namespaces created (and deleted) by the test:
+//!
+//! ```text
+//!   netns C (the "VM")         netns A (the broker)                 netns U (upstream)
+//!   eth0 10.99.0.50 ── vc ─ br0 10.99.0.1 [DnsServer]   vu 10.98.0.1 ── eth0 10.98.0.2 dnsmasq
+//!                                                                          10.98.0.3 silent
+//!                                                                          10.98.0.4 nothing
+//! ```
+//! Needs root, `ip`, `dig` (dnsutils) and `dnsmasq` (dnsmasq-base).
+
+use std::fs::File;
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use tokio::sync::watch;
+use vmnet_broker::dns::{DnsConfig, DnsServer};
+
+const GATEWAY: &str = "10.99.0.1";
+const UPSTREAM: &str = "10.98.0.2";
+/// Bound by the test in U but never answers: queries to it time out.
+const SILENT: &str = "10.98.0.3";
+/// Nothing listens there: queries to it are refused at once (ICMP port unreachable).
+const REFUSING: &str = "10.98.0.4";
+const FORWARDED_IP: &str = "10.98.0.77";
+/// dnsmasq in U over IPv6.
+const UPSTREAM6: &str = "fd98::2";
+
+type NameList = Arc<Vec<(String, Ipv4Addr)>>;
+
+fn run(cmd: &str, args: &[&str]) -> std::process::Output {
+    Command::new(cmd)
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"))
+}
+
+fn must(cmd: &str, args: &[&str]) {
+    let out = run(cmd, args);
+    assert!(
+        out.status.success(),
+        "{cmd} {args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// A named network namespace, deleted on drop (also when the test panics).
+struct Netns(String);
+
+impl Netns {
+    fn new(name: String) -> Netns {
+        must("ip", &["netns", "add", &name]);
+        let ns = Netns(name);
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+    fn ip(&self, args: &[&str]) {
+        let mut all = vec!["-n", &self.0];
+        all.extend_from_slice(args);
+        must("ip", &all);
+    }
+    fn exec(&self, args: &[&str]) -> std::process::Output {
+        let mut all = vec!["netns", "exec", &self.0];
+        all.extend_from_slice(args);
+        run("ip", &all)
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+/// Runs `f` in a new thread that entered netns `ns`; sockets it creates stay in `ns`.
+fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        enter_netns(&path);
+        f()
+    })
+    .join()
+    .expect("netns thread panicked")
+}
+
+fn enter_netns(path: &str) {
+    let f = File::open(path).unwrap_or_else(|e| panic!("open {path}: {e}"));
+    // SAFETY: plain syscall on a valid fd; only this thread changes namespace.
+    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+    assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
+}
+
+/// The DnsServer on its own thread and current-thread runtime, inside netns A.
+struct ServerThread {
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl ServerThread {
+    fn start(ns: &str, config: DnsConfig, names: watch::Receiver<NameList>) -> ServerThread {
+        let path = format!("/run/netns/{ns}");
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            enter_netns(&path);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(async move {
+                match DnsServer::start(config, names).await {
+                    Ok(server) => {
+                        ready_tx.send(Ok(())).unwrap();
+                        let _ = stop_rx.await;
+                        server.stop().await;
+                    }
+                    Err(e) => ready_tx.send(Err(e)).unwrap(),
+                }
+            });
+        });
+        ready_rx
+            .recv()
+            .expect("server thread died")
+            .expect("DnsServer::start failed");
+        ServerThread {
+            stop: Some(stop_tx),
+            thread: Some(thread),
+        }
+    }
+
+    fn stop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            t.join().expect("server thread panicked");
+        }
+    }
+}
+
+impl Drop for ServerThread {
+    fn drop(&mut self) {
+        if let Some(tx) = self.stop.take() {
+            let _ = tx.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// dnsmasq killed (by its pid) on drop.
+struct Dnsmasq(Child);
+
+impl Dnsmasq {
+    /// A dnsmasq in `ns` answering on `listen` (port 53) from its own data only.
+    fn start(ns: &Netns, dir: &std::path::Path, listen: &[&str], extra: &[&str]) -> Dnsmasq {
+        let pidfile = dir.join(format!("dnsmasq-{}.pid", ns.0));
+        let child = Command::new("ip")
+            .args(["netns", "exec", &ns.0, "dnsmasq", "--no-daemon"])
+            .args(["--conf-file=/dev/null", "--no-resolv", "--no-hosts"])
+            .args([
+                "--user=root",
+                "--group=root",
+                "--bind-interfaces",
+                "--port=53",
+            ])
+            .args(listen.iter().map(|a| format!("--listen-address={a}")))
+            .args(extra)
+            .arg(format!("--pid-file={}", pidfile.display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot start dnsmasq (apt-get install -y dnsmasq-base)");
+        Dnsmasq(child)
+    }
+}
+
+impl Drop for Dnsmasq {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Fixture {
+    // Field order is drop order: server first, then dnsmasq, then the namespaces.
+    server: Option<ServerThread>,
+    _dnsmasq: Dnsmasq,
+    names: watch::Sender<NameList>,
+    resolv: PathBuf,
+    dir: tempfile::TempDir,
+    /// Keeps 10.98.0.3:53 bound (and silent) in U.
+    _silent: UdpSocket,
+    c: Netns,
+    a: Netns,
+    _u: Netns,
+}
+
+static COUNTER: AtomicUsize = AtomicUsize::new(0);
+
+/// 2000+ bytes of TXT data, too big for a 512-byte or 1232-byte UDP answer.
+fn big_txt() -> Vec<String> {
+    (0..9).map(|i| format!("{i}{}", "x".repeat(240))).collect()
+}
+
+impl Fixture {
+    fn new() -> Fixture {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(
+                tracing_subscriber::EnvFilter::try_from_default_env()
+                    .unwrap_or_else(|_| "vmnet_broker=debug".into()),
+            )
+            .with_test_writer()
+            .try_init();
+        let id = format!(
+            "vmnbt-dns{}-{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        let a = Netns::new(format!("{id}-a"));
+        let u = Netns::new(format!("{id}-u"));
+        let c = Netns::new(format!("{id}-c"));
+        a.ip(&["link", "add", "br0", "type", "bridge"]);
+        a.ip(&["addr", "add", &format!("{GATEWAY}/24"), "dev", "br0"]);
+        a.ip(&["link", "set", "br0", "up"]);
+        a.ip(&[
+            "link", "add", "vu", "type", "veth", "peer", "name", "eth0", "netns", &u.0,
+        ]);
+        a.ip(&["addr", "add", "10.98.0.1/24", "dev", "vu"]);
+        a.ip(&["addr", "add", "fd98::1/64", "dev", "vu", "nodad"]);
+        a.ip(&["link", "set", "vu", "up"]);
+        u.ip(&[
+            "addr",
+            "add",
+            &format!("{UPSTREAM6}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        for addr in [UPSTREAM, SILENT, REFUSING] {
+            u.ip(&["addr", "add", &format!("{addr}/24"), "dev", "eth0"]);
+        }
+        u.ip(&["link", "set", "eth0", "up"]);
+        a.ip(&[
+            "link", "add", "vc", "type", "veth", "peer", "name", "eth0", "netns", &c.0,
+        ]);
+        a.ip(&["link", "set", "vc", "master", "br0"]);
+        a.ip(&["link", "set", "vc", "up"]);
+        c.ip(&["addr", "add", "10.99.0.50/24", "dev", "eth0"]);
+        c.ip(&["link", "set", "eth0", "up"]);
+
+        let dir = tempfile::tempdir().unwrap();
+        let txt = format!("--txt-record=big.txt.test,{}", big_txt().join(","));
+        let dnsmasq = Dnsmasq::start(
+            &u,
+            dir.path(),
+            &[UPSTREAM, UPSTREAM6],
+            &[&format!("--address=/example.test/{FORWARDED_IP}"), &txt],
+        );
+        let silent = in_netns(&u.0, || {
+            UdpSocket::bind((SILENT, 53)).expect("bind silent upstream")
+        });
+        wait_listening(&u, &format!("{UPSTREAM}:53"));
+        wait_listening(&u, &format!("[{UPSTREAM6}]:53"));
+
+        let resolv = dir.path().join("resolv.conf");
+        let (names, names_rx) = watch::channel::<NameList>(Arc::new(vec![(
+            "vm1".to_string(),
+            Ipv4Addr::new(10, 99, 0, 10),
+        )]));
+        let mut fx = Fixture {
+            server: None,
+            _dnsmasq: dnsmasq,
+            names,
+            resolv,
+            dir,
+            _silent: silent,
+            c,
+            a,
+            _u: u,
+        };
+        fx.set_upstreams(&[UPSTREAM]);
+        let config = DnsConfig {
+            network: "shared".into(),
+            listen: GATEWAY.parse().unwrap(),
+            domain: "shared.vmnet".into(),
+            resolv_conf: fx.resolv.clone(),
+        };
+        fx.server = Some(ServerThread::start(&fx.a.0, config, names_rx));
+        fx
+    }
+
+    /// Rewrites resolv.conf the way resolvers' managers do: new file, then rename.
+    fn set_upstreams(&self, servers: &[&str]) {
+        let tmp = self.dir.path().join("resolv.conf.new");
+        let mut f = File::create(&tmp).unwrap();
+        writeln!(f, "# written by the test\nsearch example.org").unwrap();
+        for s in servers {
+            writeln!(f, "nameserver {s}").unwrap();
+        }
+        drop(f);
+        std::fs::rename(&tmp, &self.resolv).unwrap();
+    }
+
+    fn dig(&self, args: &[&str]) -> Dig {
+        dig_in(&self.c, args)
+    }
+}
+
+fn wait_listening(ns: &Netns, addr: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let out = ns.exec(&["ss", "-lunH"]);
+        if String::from_utf8_lossy(&out.stdout).contains(addr) {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "nothing listening on {addr} in {}",
+            ns.0
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+#[derive(Debug)]
+struct Dig {
+    status: String,
+    flags: Vec<String>,
+    /// (name, ttl, type, data)
+    answers: Vec<(String, u32, String, String)>,
+    elapsed: Duration,
+    output: String,
+}
+
+impl Dig {
+    fn data(&self, rtype: &str) -> Vec<String> {
+        self.answers
+            .iter()
+            .filter(|a| a.2 == rtype)
+            .map(|a| a.3.clone())
+            .collect()
+    }
+}
+
+fn dig_in(ns: &Netns, args: &[&str]) -> Dig {
+    let mut all = vec![
+        "dig",
+        "@10.99.0.1",
+        "+time=5",
+        "+tries=1",
+        "+noall",
+        "+comments",
+        "+answer",
+    ];
+    all.extend_from_slice(args);
+    let start = Instant::now();
+    let out = ns.exec(&all);
+    let elapsed = start.elapsed();
+    let output = String::from_utf8_lossy(&out.stdout).into_owned();
+    let mut status = String::new();
+    let mut flags = Vec::new();
+    let mut answers = Vec::new();
+    for line in output.lines() {
+        if let Some(rest) = line.split("status: ").nth(1) {
+            status = rest.split(',').next().unwrap_or("").to_string();
+        } else if let Some(rest) = line.strip_prefix(";; flags: ") {
+            flags = rest
+                .split(';')
+                .next()
+                .unwrap_or("")
+                .split_whitespace()
+                .map(String::from)
+                .collect();
+        } else if !line.starts_with(';') && !line.trim().is_empty() {
+            let w: Vec<&str> = line.split_whitespace().collect();
+            if w.len() >= 5 {
+                answers.push((
+                    w[0].to_string(),
+                    w[1].parse().unwrap_or(u32::MAX),
+                    w[3].to_string(),
+                    w[4..].join(" "),
+                ));
+            }
+        }
+    }
+    Dig {
+        status,
+        flags,
+        answers,
+        elapsed,
+        output,
+    }
+}
+
+/// Local addresses of sockets on port 53 in `ns`, from `ss` (`-lun` or `-ltn`).
+fn port53_sockets(ns: &Netns, ss_flags: &str) -> Vec<String> {
+    let out = ns.exec(&["ss", ss_flags, "-H"]);
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(3).map(String::from))
+        .filter(|local| local.ends_with(":53"))
+        .collect()
+}
+
+#[test]
+fn answers_vm_names_and_forwards_the_rest() {
+    let fx = Fixture::new();
+
+    // Forwarded to dnsmasq in U.
+    let d = fx.dig(&["www.example.test", "A"]);
+    assert_eq!(d.status, "NOERROR", "{}", d.output);
+    assert_eq!(d.data("A"), vec![FORWARDED_IP], "{}", d.output);
+
+    // The VM's name, short and fully qualified, in any case, from `names`.
+    for name in ["vm1", "vm1.shared.vmnet", "VM1.Shared.VMnet."] {
+        let d = fx.dig(&[name, "A"]);
+        assert_eq!(d.status, "NOERROR", "{name}: {}", d.output);
+        assert_eq!(d.data("A"), vec!["10.99.0.10"], "{name}: {}", d.output);
+        assert!(d.answers[0].1 <= 60, "TTL too long: {}", d.output);
+        assert!(d.flags.contains(&"aa".to_string()), "{}", d.output);
+    }
+
+    // A known name without IPv6: NOERROR, no answer (not NXDOMAIN).
+    let d = fx.dig(&["vm1.shared.vmnet", "AAAA"]);
+    assert_eq!(d.status, "NOERROR", "{}", d.output);
+    assert!(d.answers.is_empty(), "{}", d.output);
+
+    // Reverse name of the VM.
+    let d = fx.dig(&["-x", "10.99.0.10"]);
+    assert_eq!(d.status, "NOERROR", "{}", d.output);
+    assert_eq!(d.data("PTR"), vec!["vm1.shared.vmnet."], "{}", d.output);
+
+    // Unknown names under the domain: NXDOMAIN, without asking upstream.
+    let d = fx.dig(&["vm2.shared.vmnet", "A"]);
+    assert_eq!(d.status, "NXDOMAIN", "{}", d.output);
+
+    // A new lease shows up at once.
+    fx.names.send_replace(Arc::new(vec![
+        ("vm1".to_string(), Ipv4Addr::new(10, 99, 0, 10)),
+        ("vm2".to_string(), Ipv4Addr::new(10, 99, 0, 11)),
+    ]));
+    let d = fx.dig(&["vm2.shared.vmnet", "A"]);
+    assert_eq!(d.data("A"), vec!["10.99.0.11"], "{}", d.output);
+    let d = fx.dig(&["vm2", "A"]);
+    assert_eq!(d.data("A"), vec!["10.99.0.11"], "{}", d.output);
+
+    // TCP: local and forwarded.
+    let d = fx.dig(&["+tcp", "vm2.shared.vmnet", "A"]);
+    assert_eq!(d.data("A"), vec!["10.99.0.11"], "{}", d.output);
+    let d = fx.dig(&["+tcp", "example.test", "A"]);
+    assert_eq!(d.data("A"), vec![FORWARDED_IP], "{}", d.output);
+
+    // A UDP answer too big for the client comes back truncated (TC) from upstream...
+    let d = fx.dig(&["+notcp", "+ignore", "+noedns", "big.txt.test", "TXT"]);
+    assert_eq!(d.status, "NOERROR", "{}", d.output);
+    assert!(d.flags.contains(&"tc".to_string()), "no TC: {}", d.output);
+    // ...and whole over TCP, which needs TCP to the upstream too (it exceeds any UDP size).
+    let d = fx.dig(&["+tcp", "big.txt.test", "TXT"]);
+    assert_eq!(d.status, "NOERROR", "{}", d.output);
+    let txt = d.data("TXT");
+    assert_eq!(txt.len(), 1, "{}", d.output);
+    for s in big_txt() {
+        assert!(txt[0].contains(&s), "TXT incomplete: {}", d.output);
+    }
+
+    // Listening on the gateway address only, never on 0.0.0.0 or [::].
+    for flags in ["-lun", "-ltn"] {
+        let socks = port53_sockets(&fx.a, flags);
+        assert_eq!(socks, vec![format!("{GATEWAY}:53")], "ss {flags} in A");
+    }
+}
+
+#[test]
+fn follows_resolv_conf_and_fails_fast() {
+    let mut fx = Fixture::new();
+    let d = fx.dig(&["example.test", "A"]);
+    assert_eq!(d.data("A"), vec![FORWARDED_IP], "{}", d.output);
+
+    // Nothing listens at the upstream: SERVFAIL at once.
+    fx.set_upstreams(&[REFUSING]);
+    let d = fx.dig(&["example.test", "A"]);
+    assert_eq!(d.status, "SERVFAIL", "{}", d.output);
+    assert!(d.elapsed < Duration::from_secs(1), "took {:?}", d.elapsed);
+    eprintln!("SERVFAIL, refusing upstream: {:?}", d.elapsed);
+
+    // An upstream that never answers: SERVFAIL after the per-server timeout (2 s).
+    fx.set_upstreams(&[SILENT]);
+    let d = fx.dig(&["example.test", "A"]);
+    assert_eq!(d.status, "SERVFAIL", "{}", d.output);
+    assert!(
+        d.elapsed >= Duration::from_millis(1500) && d.elapsed < Duration::from_secs(4),
+        "took {:?}",
+        d.elapsed
+    );
+    eprintln!("SERVFAIL, silent upstream: {:?}", d.elapsed);
+
+    // Local names do not depend on the upstreams.
+    let d = fx.dig(&["vm1", "A"]);
+    assert_eq!(d.data("A"), vec!["10.99.0.10"], "{}", d.output);
+
+    // Servers are tried in order: the dead ones first, then the good one answers.
+    fx.set_upstreams(&[REFUSING, SILENT, UPSTREAM]);
+    let d = fx.dig(&["example.test", "A"]);
+    assert_eq!(d.data("A"), vec![FORWARDED_IP], "{}", d.output);
+    assert!(
+        d.elapsed >= Duration::from_millis(1500),
+        "took {:?}",
+        d.elapsed
+    );
+    eprintln!("answer after refusing + silent upstreams: {:?}", d.elapsed);
+
+    // An IPv6 upstream.
+    fx.set_upstreams(&[UPSTREAM6]);
+    let d = fx.dig(&["example.test", "A"]);
+    assert_eq!(d.data("A"), vec![FORWARDED_IP], "{}", d.output);
+
+    // A loopback stub resolver (like systemd-resolved's 127.0.0.53) on the server's side.
+    let stub = Dnsmasq::start(
+        &fx.a,
+        fx.dir.path(),
+        &["127.0.0.53"],
+        &["--address=/stub.test/10.98.0.78"],
+    );
+    wait_listening(&fx.a, "127.0.0.53:53");
+    fx.set_upstreams(&["127.0.0.53"]);
+    let d = fx.dig(&["www.stub.test", "A"]);
+    assert_eq!(d.data("A"), vec!["10.98.0.78"], "{}", d.output);
+    drop(stub);
+
+    // Back to the good upstream alone.
+    fx.set_upstreams(&[UPSTREAM]);
+    let d = fx.dig(&["example.test", "A"]);
+    assert_eq!(d.data("A"), vec![FORWARDED_IP], "{}", d.output);
+    assert!(d.elapsed < Duration::from_secs(1), "took {:?}", d.elapsed);
+
+    // stop() closes the sockets.
+    fx.server.as_mut().unwrap().stop();
+    assert!(port53_sockets(&fx.a, "-lun").is_empty());
+    assert!(port53_sockets(&fx.a, "-ltn").is_empty());
+    let d = fx.dig(&["+time=1", "vm1", "A"]);
+    assert_eq!(d.status, "", "answered after stop: {}", d.output);
+}
+
+/// A query for `name` (type A) with `id`, built by hand.
+fn query_packet(id: u16, name: &str) -> Vec<u8> {
+    let mut p = Vec::new();
+    p.extend_from_slice(&id.to_be_bytes());
+    p.extend_from_slice(&[0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+    for label in name.split('.') {
+        p.push(label.len() as u8);
+        p.extend_from_slice(label.as_bytes());
+    }
+    p.extend_from_slice(&[0, 0, 1, 0, 1]);
+    p
+}
+
+#[test]
+fn survives_garbage_and_floods() {
+    let fx = Fixture::new();
+    let server: SocketAddr = (GATEWAY.parse::<Ipv4Addr>().unwrap(), 53).into();
+    let c = fx.c.0.clone();
+    // Run from C, like a VM would.
+    let (garbage_replies, good_reply) = in_netns(&c, move || {
+        let sock = UdpSocket::bind("10.99.0.50:0").unwrap();
+        sock.set_read_timeout(Some(Duration::from_millis(300)))
+            .unwrap();
+        let mut garbage: Vec<Vec<u8>> = vec![
+            vec![],
+            vec![0],
+            vec![0; 11],
+            // Header claiming 5 questions, none present.
+            vec![0, 1, 1, 0, 0, 5, 0, 0, 0, 0, 0, 0],
+            // A response (QR=1) must never be answered.
+            {
+                let mut p = query_packet(7, "vm1");
+                p[2] |= 0x80;
+                p
+            },
+            // Compression pointer loop.
+            vec![0, 2, 1, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0xc0, 12, 0, 1, 0, 1],
+            vec![0xff; 600],
+        ];
+        // Every truncation of a valid query.
+        let q = query_packet(9, "vm1.shared.vmnet");
+        for n in 1..q.len() {
+            garbage.push(q[..n].to_vec());
+        }
+        for g in &garbage {
+            sock.send_to(g, server).unwrap();
+        }
+        let mut buf = [0u8; 4096];
+        let mut replies = 0;
+        while sock.recv_from(&mut buf).is_ok() {
+            replies += 1;
+        }
+        sock.send_to(&query_packet(0x4242, "vm1.shared.vmnet"), server)
+            .unwrap();
+        let good = sock.recv_from(&mut buf).map(|(n, _)| buf[..n].to_vec());
+        (replies, good)
+    });
+    assert_eq!(garbage_replies, 0, "garbage got answers");
+    let good = good_reply.expect("no answer after garbage");
+    assert_eq!(&good[..2], &[0x42, 0x42]);
+    assert_eq!(good[3] & 0x0f, 0, "rcode");
+
+    // A flood of forwarded queries stuck on a silent upstream: bounded, and local names
+    // still answer at once.
+    fx.set_upstreams(&[SILENT]);
+    let flooded = in_netns(&c, move || {
+        let sock = UdpSocket::bind("10.99.0.50:0").unwrap();
+        let start = Instant::now();
+        for i in 0..2000u16 {
+            sock.send_to(&query_packet(i, &format!("n{i}.example.test")), server)
+                .unwrap();
+        }
+        start.elapsed()
+    });
+    eprintln!("sent 2000 forwarded queries in {flooded:?}");
+    let d = fx.dig(&["vm1", "A"]);
+    assert_eq!(d.data("A"), vec!["10.99.0.10"], "{}", d.output);
+    assert!(d.elapsed < Duration::from_secs(1), "took {:?}", d.elapsed);
+    eprintln!("local answer during flood: {:?}", d.elapsed);
+
+    // Once the stuck queries time out, forwarding works again.
+    fx.set_upstreams(&[UPSTREAM]);
+    std::thread::sleep(Duration::from_millis(2500));
+    let d = fx.dig(&["example.test", "A"]);
+    assert_eq!(d.data("A"), vec![FORWARDED_IP], "{}", d.output);
+}
+
+#[test]
+fn starts_before_the_gateway_address_exists() {
+    // The backend may start DNS while the bridge address is still being set up.
+    let id = format!(
+        "vmnbt-dns{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::SeqCst)
+    );
+    let a = Netns::new(format!("{id}-a"));
+    a.ip(&["link", "add", "br0", "type", "bridge"]);
+    let dir = tempfile::tempdir().unwrap();
+    let resolv = dir.path().join("resolv.conf");
+    std::fs::write(&resolv, "nameserver 10.98.0.4\n").unwrap();
+    let (_names, names_rx) = watch::channel::<NameList>(Arc::new(vec![(
+        "vm1".to_string(),
+        Ipv4Addr::new(10, 99, 0, 10),
+    )]));
+    let config = DnsConfig {
+        network: "early".into(),
+        listen: GATEWAY.parse().unwrap(),
+        domain: "shared.vmnet".into(),
+        resolv_conf: resolv,
+    };
+    let mut server = ServerThread::start(&a.0, config, names_rx);
+    a.ip(&["addr", "add", &format!("{GATEWAY}/24"), "dev", "br0"]);
+    a.ip(&["link", "set", "br0", "up"]);
+    let d = dig_in(&a, &["vm1.shared.vmnet", "A"]);
+    assert_eq!(d.data("A"), vec!["10.99.0.10"], "{}", d.output);
+    let d = dig_in(&a, &["+tcp", "vm1", "A"]);
+    assert_eq!(d.data("A"), vec!["10.99.0.10"], "{}", d.output);
+    server.stop();
+}
