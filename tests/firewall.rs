@@ -9,6 +9,7 @@ use std::net::Ipv4Addr;
 use std::os::fd::AsRawFd;
 use std::process::{Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vmnet_broker::backend::linux::firewall::{Firewall, FirewallError, FirewallNetwork};
@@ -167,14 +168,37 @@ impl Topo {
     }
 }
 
-/// Runs `body` on a current-thread tokio runtime in a thread that entered netns `ns`.
-fn in_netns<F, Fut>(ns: &Netns, body: F)
+/// Log lines written by the code under test, captured per thread.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Runs `body` on a current-thread tokio runtime in a thread that entered netns `ns`, and
+/// returns what the firewall logged meanwhile.
+fn in_netns<F, Fut>(ns: &Netns, body: F) -> String
 where
     F: FnOnce() -> Fut + Send,
     Fut: Future<Output = ()>,
 {
+    let logs = Logs::default();
     std::thread::scope(|scope| {
         let handle = scope.spawn(|| {
+            let writer = logs.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_writer(move || writer.clone())
+                .with_ansi(false)
+                .with_max_level(tracing::Level::DEBUG)
+                .finish();
+            let _guard = tracing::subscriber::set_default(subscriber);
             let file = std::fs::File::open(format!("/run/netns/{}", ns.0)).expect("open netns");
             // SAFETY: plain syscall on a valid fd; only this thread changes namespace.
             let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
@@ -189,6 +213,7 @@ where
             std::panic::resume_unwind(panic);
         }
     });
+    String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned()
 }
 
 fn network(nat: bool, anti_spoofing: bool, dhcp: bool) -> FirewallNetwork {
@@ -210,7 +235,7 @@ fn tables(ns: &Netns) -> String {
 #[test]
 fn shared_network_masquerades_through_the_uplink() {
     let t = Topo::new();
-    in_netns(&t.b, || async {
+    let logs = in_netns(&t.b, || async {
         // Fresh namespace: forwarding is off, so nothing gets out before the firewall.
         assert_eq!(
             t.b.exec(&["cat", "/proc/sys/net/ipv4/ip_forward"]).stdout,
@@ -231,6 +256,7 @@ fn shared_network_masquerades_through_the_uplink() {
         fw.remove_network("testnet").await.unwrap();
         assert_eq!(tables(&t.b).trim(), "", "no table left behind");
     });
+    assert!(logs.contains("enabled IPv4 forwarding"), "{logs}");
 }
 
 #[test]
@@ -278,6 +304,14 @@ fn anti_spoofing_binds_mac_and_leased_ip() {
         "control: forged IP works"
     );
     t.v.ip(&["addr", "del", "10.77.0.3/24", "dev", "eth0"]);
+    t.b.ip(&["addr", "add", "fd77::1/64", "dev", "vmnbr0", "nodad"]);
+    t.v.ip(&["addr", "add", "fd77::2/64", "dev", "eth0", "nodad"]);
+    assert!(
+        t.v.ping(&["fd77::1"]),
+        "control: IPv6 ULA works without firewall"
+    );
+    t.b.ip(&["addr", "del", "fd77::1/64", "dev", "vmnbr0"]);
+    t.v.ip(&["addr", "del", "fd77::2/64", "dev", "eth0"]);
     in_netns(&t.b, || async {
         let fw = Firewall::new();
         fw.add_network(&network(false, true, true)).await.unwrap();
@@ -329,6 +363,21 @@ fn anti_spoofing_binds_mac_and_leased_ip() {
         flush_neigh();
         assert!(t.v.ping(&["-I", "10.77.0.2", "10.77.0.1"]), "new MAC bound");
 
+        // IPv6: link-local passes (bound to the MAC only), other sources do not. Addresses
+        // are set without duplicate address detection so they are usable at once.
+        t.b.ip(&["addr", "add", "fe80::1/64", "dev", "vmnbr0", "nodad"]);
+        t.b.ip(&["addr", "add", "fd77::1/64", "dev", "vmnbr0", "nodad"]);
+        t.v.ip(&["addr", "add", "fe80::2/64", "dev", "eth0", "nodad"]);
+        t.v.ip(&["addr", "add", "fd77::2/64", "dev", "eth0", "nodad"]);
+        assert!(
+            t.v.ping(&["-I", "eth0", "fe80::1"]),
+            "IPv6 link-local passes"
+        );
+        assert!(
+            !t.v.ping(&["fd77::1"]),
+            "IPv6 non-link-local source is dropped"
+        );
+
         // An address outside the subnet is refused with a clear error.
         let err = fw
             .bind_ip("testnet", new_mac, Ipv4Addr::new(10, 78, 0, 2))
@@ -362,7 +411,7 @@ fn without_dhcp_only_the_mac_is_enforced() {
 #[test]
 fn watchdog_restores_flushed_rules() {
     let t = Topo::new();
-    in_netns(&t.b, || async {
+    let logs = in_netns(&t.b, || async {
         let fw = Firewall::new();
         let watchdog = fw.spawn_watchdog();
         fw.add_network(&network(true, true, false)).await.unwrap();
@@ -399,6 +448,10 @@ fn watchdog_restores_flushed_rules() {
             .expect("watchdog ends when the Firewall is dropped")
             .unwrap();
     });
+    assert!(
+        logs.contains("WARN") && logs.contains("firewall rules were removed (flushed?), restored"),
+        "{logs}"
+    );
 }
 
 #[test]
@@ -478,7 +531,7 @@ fn docker_forward_drop_is_worked_around_via_docker_user() {
 fn docker_forward_drop_without_docker_user_only_warns() {
     let t = Topo::new();
     fake_docker(&t.b, false);
-    in_netns(&t.b, || async {
+    let logs = in_netns(&t.b, || async {
         let fw = Firewall::new();
         fw.add_network(&network(true, false, false)).await.unwrap();
         // We do not touch a table we do not know how to edit safely; the drop wins.
@@ -487,6 +540,10 @@ fn docker_forward_drop_without_docker_user_only_warns() {
         assert!(!filter.contains("vmnet-broker"), "{filter}");
         fw.remove_network("testnet").await.unwrap();
     });
+    assert!(
+        logs.contains("WARN") && logs.contains("no outside access"),
+        "{logs}"
+    );
 }
 
 #[test]
