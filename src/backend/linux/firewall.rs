@@ -1,0 +1,1156 @@
+//! The broker's nftables layer: NAT and forwarding for shared networks, forwarding isolation
+//! for host networks, MAC/IP anti-spoofing on bridge ports, and recovery after someone
+//! flushes the ruleset.
+//!
+//! Everything lives in two broker-owned tables, `inet vmnet_broker` (forward + NAT) and
+//! `bridge vmnet_broker` (anti-spoofing), so that we never edit anybody else's rules, with
+//! one documented exception: Docker's `DOCKER-USER` chain (see [`Firewall::add_network`]).
+//! Each network gets its own *base* chains (one per hook) and its own sets, so adding and
+//! removing a network is a matter of adding and deleting named objects; no rule handles
+//! have to be tracked. Several base chains on one hook are evaluated one after the other;
+//! an `accept` in one of them lets the packet continue to the next, a `drop` is final.
+//!
+//! The desired state (networks, ports, IP bindings) is kept in memory, which is what lets
+//! the watchdog re-create everything after `nft flush ruleset` (firewalld reloads,
+//! `systemctl restart nftables`, ...), a well known cause of VMs silently losing their
+//! network with other tools.
+//!
+//! `nft` is driven with JSON through the `nftables` crate (as netavark does). `nft` runs as
+//! a child process, so it acts in the network namespace of the thread that spawns it.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::net::Ipv4Addr;
+use std::sync::{Arc, Weak};
+use std::time::Duration;
+
+use ipnet::Ipv4Net;
+use nftables::batch::Batch;
+use nftables::expr::{Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix};
+use nftables::helper::{self, NftablesError};
+use nftables::schema::{
+    Chain, Element, NfCmd, NfListObject, NfObject, Nftables, Rule, Set, SetType, SetTypeValue,
+    Table,
+};
+use nftables::stmt::{Match, Operator, Statement};
+use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
+use tokio::sync::Mutex;
+use tracing::{debug, info, warn};
+
+/// Name of both broker-owned tables (one `inet`, one `bridge`).
+pub const TABLE: &str = "vmnet_broker";
+/// Prefix of the comment tagging the rules we insert into Docker's `DOCKER-USER` chain;
+/// the network name follows.
+pub const DOCKER_COMMENT_PREFIX: &str = "vmnet-broker:";
+/// How often the watchdog checks that our tables still exist.
+pub const WATCHDOG_INTERVAL: Duration = Duration::from_secs(2);
+
+const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+// Standard nft priorities: "filter" for forward, "srcnat" for postrouting NAT, and the
+// bridge family's "filter" (-200) so spoofed frames die before anything else sees them.
+const PRIO_FILTER: i32 = 0;
+const PRIO_SRCNAT: i32 = 100;
+const PRIO_BRIDGE_FILTER: i32 = -200;
+
+/// What the firewall needs to know about one network.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FirewallNetwork {
+    pub name: String,
+    /// Kernel bridge device of the network.
+    pub bridge: String,
+    pub subnet: Ipv4Net,
+    pub gateway: Ipv4Addr,
+    /// Mode shared: masquerade and forward to the outside. Mode host: no forwarding at all.
+    pub nat: bool,
+    /// `!allow_spoofing`: bind each TAP to its guest's MAC (and IPv4 lease, see `dhcp`).
+    pub anti_spoofing: bool,
+    /// The broker runs DHCP on this network: IPv4 sources are bound to the lease given by
+    /// [`Firewall::bind_ip`], and only `0.0.0.0` is allowed before it. Without DHCP guests
+    /// use static addresses and only their MAC is enforced.
+    pub dhcp: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum FirewallError {
+    #[error("nft not found: install nftables (needed for NAT and anti-spoofing)")]
+    NftNotFound,
+    #[error("could not run nft while {context}: {source}")]
+    NftSpawn {
+        context: String,
+        source: std::io::Error,
+    },
+    #[error("nft failed while {context}: {stderr}")]
+    Nft { context: String, stderr: String },
+    #[error("could not understand nft output while {context}: {detail}")]
+    NftOutput { context: String, detail: String },
+    #[error("firewall: unknown network {0:?}")]
+    UnknownNetwork(String),
+    #[error(
+        "firewall: network {0:?} is already set up with a different definition; remove it first"
+    )]
+    Conflict(String),
+    #[error("firewall: invalid {what}: {detail}")]
+    Invalid { what: &'static str, detail: String },
+    #[error("could not enable IPv4 forwarding ({IP_FORWARD}): {0}")]
+    IpForward(std::io::Error),
+}
+
+fn nft_error(context: &str, e: NftablesError) -> FirewallError {
+    match e {
+        NftablesError::NftExecution { inner, .. }
+            if inner.kind() == std::io::ErrorKind::NotFound =>
+        {
+            FirewallError::NftNotFound
+        }
+        NftablesError::NftExecution { inner, .. } => FirewallError::NftSpawn {
+            context: context.into(),
+            source: inner,
+        },
+        NftablesError::NftFailed { stderr, .. } => FirewallError::Nft {
+            context: context.into(),
+            stderr: stderr.trim().to_string(),
+        },
+        other => FirewallError::NftOutput {
+            context: context.into(),
+            detail: other.to_string(),
+        },
+    }
+}
+
+#[derive(Debug)]
+struct NetState {
+    net: FirewallNetwork,
+    /// TAP name -> guest MAC.
+    ports: BTreeMap<String, [u8; 6]>,
+    /// Guest MAC -> leased IPv4 address.
+    leases: BTreeMap<[u8; 6], Ipv4Addr>,
+}
+
+#[derive(Debug, Default)]
+struct State {
+    networks: BTreeMap<String, NetState>,
+}
+
+struct Inner {
+    nft: OsString,
+    // A tokio mutex: it is held across `nft` runs so that the watchdog's restore and the
+    // API calls never interleave their transactions.
+    state: Mutex<State>,
+}
+
+/// The broker's firewall. One per broker process; cheap to clone (all clones share state).
+#[derive(Clone)]
+pub struct Firewall {
+    inner: Arc<Inner>,
+}
+
+impl Default for Firewall {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Firewall {
+    /// A firewall with no networks, using `nft` from `PATH`. Nothing touches the kernel
+    /// until the first [`Firewall::add_network`].
+    pub fn new() -> Firewall {
+        Self::with_nft_program("nft")
+    }
+
+    /// Same as [`Firewall::new`] with another `nft` executable.
+    pub fn with_nft_program(program: impl Into<OsString>) -> Firewall {
+        Firewall {
+            inner: Arc::new(Inner {
+                nft: program.into(),
+                state: Mutex::new(State::default()),
+            }),
+        }
+    }
+
+    /// Sets up forwarding/NAT (and anti-spoofing when asked) for a network. Adding the same
+    /// definition again does nothing; a different definition under the same name is refused.
+    ///
+    /// For NAT networks IPv4 forwarding is switched on in this network namespace and left
+    /// on when the broker stops: other software (container engines, VPNs) may rely on it,
+    /// and switching it off behind their back would break them.
+    ///
+    /// Docker sets the policy of `ip filter FORWARD` to drop, and an accept in our table
+    /// cannot override a drop in another table. When that policy is found and Docker's
+    /// `DOCKER-USER` chain exists, accept rules for our bridge are inserted there (tagged
+    /// `vmnet-broker:<network>`, removed with the network); otherwise a warning explains
+    /// the fix. This is checked when the network is added (and after a restore).
+    pub async fn add_network(&self, net: &FirewallNetwork) -> Result<(), FirewallError> {
+        validate_network(net)?;
+        let mut state = self.inner.state.lock().await;
+        if let Some(existing) = state.networks.get(&net.name) {
+            if existing.net == *net {
+                return Ok(());
+            }
+            return Err(FirewallError::Conflict(net.name.clone()));
+        }
+        if let Some(other) = state.networks.values().find(|n| n.net.bridge == net.bridge) {
+            return Err(FirewallError::Invalid {
+                what: "network",
+                detail: format!(
+                    "bridge {:?} of network {:?} is already used by network {:?}",
+                    net.bridge, net.name, other.net.name
+                ),
+            });
+        }
+        let ns = NetState {
+            net: net.clone(),
+            ports: BTreeMap::new(),
+            leases: BTreeMap::new(),
+        };
+        let mut batch = Batch::new();
+        add_tables(&mut batch);
+        network_objects(&mut batch, &ns);
+        let context = format!("adding network {:?}", net.name);
+        self.inner
+            .apply_or_restore(&mut state, batch, &context, |s| {
+                s.networks.insert(ns.net.name.clone(), ns);
+            })
+            .await?;
+        if net.nat {
+            if let Err(e) = enable_ip_forward() {
+                // Leave no half-configured network behind.
+                let _ = self.remove_locked(&mut state, &net.name).await;
+                return Err(e);
+            }
+            self.inner.docker_sync(net).await;
+        }
+        info!(network = %net.name, bridge = %net.bridge, nat = net.nat,
+              anti_spoofing = net.anti_spoofing, "firewall rules added");
+        Ok(())
+    }
+
+    /// Removes everything the network added. Removing the last network deletes both tables.
+    /// Removing an unknown network is not an error (cleanup paths may call it twice).
+    pub async fn remove_network(&self, name: &str) -> Result<(), FirewallError> {
+        let mut state = self.inner.state.lock().await;
+        self.remove_locked(&mut state, name).await
+    }
+
+    async fn remove_locked(&self, state: &mut State, name: &str) -> Result<(), FirewallError> {
+        let Some(ns) = state.networks.get(name) else {
+            debug!(
+                network = name,
+                "firewall: remove of unknown network ignored"
+            );
+            return Ok(());
+        };
+        let net = ns.net.clone();
+        let mut batch = Batch::new();
+        if state.networks.len() == 1 {
+            delete_tables(&mut batch);
+        } else {
+            delete_network_objects(&mut batch, &net);
+        }
+        let context = format!("removing network {name:?}");
+        self.inner
+            .apply_or_restore(state, batch, &context, |s| {
+                s.networks.remove(&net.name);
+            })
+            .await?;
+        if net.nat {
+            self.inner.docker_remove(&net.name).await?;
+        }
+        info!(network = name, "firewall rules removed");
+        Ok(())
+    }
+
+    /// Binds a TAP (bridge port) to the MAC of its guest: frames entering from `tap` must
+    /// carry `mac` as Ethernet (and ARP sender) source. A TAP name that is reused replaces
+    /// its previous binding, in whatever network it was. Without anti-spoofing on the
+    /// network this only records the port.
+    pub async fn add_port(
+        &self,
+        network: &str,
+        tap: &str,
+        mac: [u8; 6],
+    ) -> Result<(), FirewallError> {
+        validate_ifname(tap)?;
+        let mut state = self.inner.state.lock().await;
+        if !state.networks.contains_key(network) {
+            return Err(FirewallError::UnknownNetwork(network.into()));
+        }
+        let mut batch = Batch::new();
+        for ns in state.networks.values() {
+            if let Some(old) = ns.ports.get(tap) {
+                if ns.net.name == network && *old == mac {
+                    return Ok(());
+                }
+                if ns.net.anti_spoofing {
+                    port_elements(&mut batch, NfCmd::Delete, &ns.net.name, tap, *old);
+                }
+            }
+        }
+        let target = &state.networks[network];
+        if target.net.anti_spoofing {
+            port_elements(&mut batch, NfCmd::Add, network, tap, mac);
+        }
+        let context = format!(
+            "binding port {tap:?} of network {network:?} to {}",
+            mac_str(mac)
+        );
+        let (network, tap) = (network.to_string(), tap.to_string());
+        self.inner
+            .apply_or_restore(&mut state, batch, &context, |s| {
+                for ns in s.networks.values_mut() {
+                    ns.ports.remove(&tap);
+                }
+                if let Some(ns) = s.networks.get_mut(&network) {
+                    ns.ports.insert(tap, mac);
+                }
+            })
+            .await
+    }
+
+    /// Records the DHCP lease of a guest: from now on IPv4 packets and ARP from `mac` must
+    /// use `ip` as source. A new lease for the MAC replaces the old one, and an address
+    /// moved to another MAC is taken away from the previous one. It has an effect on the
+    /// packets only on networks with anti-spoofing and DHCP.
+    pub async fn bind_ip(
+        &self,
+        network: &str,
+        mac: [u8; 6],
+        ip: Ipv4Addr,
+    ) -> Result<(), FirewallError> {
+        let mut state = self.inner.state.lock().await;
+        let Some(ns) = state.networks.get(network) else {
+            return Err(FirewallError::UnknownNetwork(network.into()));
+        };
+        if !ns.net.subnet.contains(&ip) {
+            return Err(FirewallError::Invalid {
+                what: "IP binding",
+                detail: format!("{ip} is outside {} of network {network:?}", ns.net.subnet),
+            });
+        }
+        if ns.leases.get(&mac) == Some(&ip) {
+            return Ok(());
+        }
+        let stale: Vec<([u8; 6], Ipv4Addr)> = ns
+            .leases
+            .iter()
+            .filter(|(m, i)| **m == mac || **i == ip)
+            .map(|(m, i)| (*m, *i))
+            .collect();
+        let mut batch = Batch::new();
+        if ns.net.anti_spoofing && ns.net.dhcp {
+            for (m, i) in &stale {
+                lease_element(&mut batch, NfCmd::Delete, network, *m, *i);
+            }
+            lease_element(&mut batch, NfCmd::Add, network, mac, ip);
+        }
+        let context = format!("binding {} to {ip} on network {network:?}", mac_str(mac));
+        let network = network.to_string();
+        self.inner
+            .apply_or_restore(&mut state, batch, &context, |s| {
+                if let Some(ns) = s.networks.get_mut(&network) {
+                    for (m, _) in &stale {
+                        ns.leases.remove(m);
+                    }
+                    ns.leases.insert(mac, ip);
+                }
+            })
+            .await
+    }
+
+    /// Starts the task that puts our tables back (with a warning) when something removed
+    /// them, checking every [`WATCHDOG_INTERVAL`]. It ends once every clone of this
+    /// `Firewall` has been dropped. Must be called inside a tokio runtime.
+    pub fn spawn_watchdog(&self) -> tokio::task::JoinHandle<()> {
+        let weak: Weak<Inner> = Arc::downgrade(&self.inner);
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(WATCHDOG_INTERVAL).await;
+                let Some(inner) = weak.upgrade() else {
+                    return;
+                };
+                if let Err(e) = inner.check_and_restore().await {
+                    warn!("firewall watchdog: {e}");
+                }
+            }
+        })
+    }
+}
+
+impl Inner {
+    async fn apply(&self, batch: Batch<'_>, context: &str) -> Result<(), FirewallError> {
+        let doc = batch.to_nftables();
+        if doc.objects.is_empty() {
+            return Ok(());
+        }
+        helper::apply_ruleset_with_args_async(&doc, Some(&self.nft), helper::DEFAULT_ARGS)
+            .await
+            .map_err(|e| nft_error(context, e))
+    }
+
+    /// Applies an incremental change and commits it to `state` with `commit`. When the
+    /// change fails because our tables were removed meanwhile (a flush racing with us), the
+    /// change is committed anyway and the whole state restored, which includes it.
+    async fn apply_or_restore(
+        &self,
+        state: &mut State,
+        batch: Batch<'_>,
+        context: &str,
+        commit: impl FnOnce(&mut State),
+    ) -> Result<(), FirewallError> {
+        match self.apply(batch, context).await {
+            Ok(()) => {
+                commit(state);
+                Ok(())
+            }
+            Err(e @ FirewallError::Nft { .. }) => {
+                if self.tables_present().await? {
+                    return Err(e);
+                }
+                warn!("firewall rules were removed (flushed?) while {context}, restoring");
+                commit(state);
+                self.restore(state).await
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// True when both of our tables exist.
+    async fn tables_present(&self) -> Result<bool, FirewallError> {
+        let context = "listing tables";
+        let doc = helper::get_current_ruleset_with_args_async(Some(&self.nft), ["list", "tables"])
+            .await
+            .map_err(|e| nft_error(context, e))?;
+        let mut inet = false;
+        let mut bridge = false;
+        for obj in doc.objects.iter() {
+            if let NfObject::ListObject(NfListObject::Table(t)) = obj {
+                if t.name == TABLE {
+                    match t.family {
+                        NfFamily::INet => inet = true,
+                        NfFamily::Bridge => bridge = true,
+                        _ => {}
+                    }
+                }
+            }
+        }
+        Ok(inet && bridge)
+    }
+
+    async fn check_and_restore(&self) -> Result<(), FirewallError> {
+        let state = self.state.lock().await;
+        if state.networks.is_empty() || self.tables_present().await? {
+            return Ok(());
+        }
+        warn!("firewall rules were removed (flushed?), restored");
+        self.restore(&state).await
+    }
+
+    /// Re-creates both tables from `state` in one transaction, dropping whatever is left of
+    /// them first, then re-syncs the Docker rules.
+    async fn restore(&self, state: &State) -> Result<(), FirewallError> {
+        let mut batch = Batch::new();
+        delete_tables(&mut batch);
+        if !state.networks.is_empty() {
+            add_tables(&mut batch);
+            for ns in state.networks.values() {
+                network_objects(&mut batch, ns);
+            }
+        }
+        self.apply(batch, "restoring the firewall rules").await?;
+        for ns in state.networks.values() {
+            if ns.net.nat {
+                enable_ip_forward()?;
+                if let Err(e) = self.docker_remove(&ns.net.name).await {
+                    warn!(network = %ns.net.name, "{e}");
+                }
+                self.docker_sync(&ns.net).await;
+            }
+        }
+        Ok(())
+    }
+
+    /// Handles Docker's `FORWARD` policy drop for a NAT network (see `add_network`).
+    /// Failures here only cost outside access, so they are logged, not returned.
+    async fn docker_sync(&self, net: &FirewallNetwork) {
+        let (drop_policy, docker_user) = match self.docker_forward_status().await {
+            Ok(s) => s,
+            Err(e) => {
+                warn!(network = %net.name, "could not check for a FORWARD drop policy (Docker): {e}");
+                return;
+            }
+        };
+        if !drop_policy {
+            return;
+        }
+        if !docker_user {
+            warn!(
+                network = %net.name, bridge = %net.bridge,
+                "table ip filter has a FORWARD chain with policy drop (Docker?) but no DOCKER-USER \
+                 chain: VMs on shared network {:?} will have no outside access. Fix: allow the \
+                 bridge, e.g. `iptables -I FORWARD -i {br} -j ACCEPT; iptables -I FORWARD -o {br} \
+                 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT`, or start Docker (it creates \
+                 DOCKER-USER) before the broker.",
+                net.name, br = net.bridge
+            );
+            return;
+        }
+        let mut batch = Batch::new();
+        let comment = format!("{DOCKER_COMMENT_PREFIX}{}", net.name);
+        for expr in [
+            vec![
+                matches(meta(MetaKey::Iifname), Operator::EQ, s(&net.bridge)),
+                accept(),
+            ],
+            vec![
+                matches(meta(MetaKey::Oifname), Operator::EQ, s(&net.bridge)),
+                ct_established(),
+                accept(),
+            ],
+        ] {
+            batch.add_cmd(NfCmd::Insert(NfListObject::Rule(Rule {
+                family: NfFamily::IP,
+                table: "filter".into(),
+                chain: "DOCKER-USER".into(),
+                expr: expr.into(),
+                comment: Some(comment.clone().into()),
+                ..Rule::default()
+            })));
+        }
+        match self
+            .apply(batch, "inserting accept rules into ip filter DOCKER-USER")
+            .await
+        {
+            Ok(()) => info!(
+                network = %net.name, bridge = %net.bridge,
+                "FORWARD policy is drop (Docker): accept rules for the bridge inserted into DOCKER-USER"
+            ),
+            Err(e) => warn!(network = %net.name, "{e}: VMs will have no outside access"),
+        }
+    }
+
+    /// (FORWARD chain of `ip filter` has policy drop, `DOCKER-USER` chain exists there).
+    async fn docker_forward_status(&self) -> Result<(bool, bool), FirewallError> {
+        let doc =
+            helper::get_current_ruleset_with_args_async(Some(&self.nft), ["list", "chains", "ip"])
+                .await
+                .map_err(|e| nft_error("listing the chains of family ip", e))?;
+        let mut drop_policy = false;
+        let mut docker_user = false;
+        for obj in doc.objects.iter() {
+            if let NfObject::ListObject(NfListObject::Chain(c)) = obj {
+                if c.table != "filter" {
+                    continue;
+                }
+                if c.name == "FORWARD"
+                    && c.hook == Some(NfHook::Forward)
+                    && c.policy == Some(NfChainPolicy::Drop)
+                {
+                    drop_policy = true;
+                }
+                if c.name == "DOCKER-USER" {
+                    docker_user = true;
+                }
+            }
+        }
+        Ok((drop_policy, docker_user))
+    }
+
+    /// Deletes the rules tagged for `network` from `ip filter DOCKER-USER`, if any.
+    async fn docker_remove(&self, network: &str) -> Result<(), FirewallError> {
+        let context = "listing ip filter DOCKER-USER";
+        let raw = match helper::get_current_ruleset_raw_async(
+            Some(&self.nft),
+            ["-a", "list", "chain", "ip", "filter", "DOCKER-USER"],
+        )
+        .await
+        {
+            Ok(raw) => raw,
+            // No such table or chain: nothing of ours can be there.
+            Err(NftablesError::NftFailed { .. }) => return Ok(()),
+            Err(e) => return Err(nft_error(context, e)),
+        };
+        // Parsed as plain JSON rather than with the crate's types: Docker's rules are written
+        // by iptables-nft and may hold statements (xt matches) the crate cannot deserialize.
+        let value: serde_json::Value =
+            serde_json::from_str(&raw).map_err(|e| FirewallError::NftOutput {
+                context: context.into(),
+                detail: e.to_string(),
+            })?;
+        let tag = format!("{DOCKER_COMMENT_PREFIX}{network}");
+        let mut batch = Batch::new();
+        let mut n = 0;
+        for obj in value["nftables"].as_array().into_iter().flatten() {
+            let rule = &obj["rule"];
+            if rule["comment"].as_str() == Some(tag.as_str()) {
+                if let Some(handle) = rule["handle"].as_u64().and_then(|h| u32::try_from(h).ok()) {
+                    batch.delete(NfListObject::Rule(Rule {
+                        family: NfFamily::IP,
+                        table: "filter".into(),
+                        chain: "DOCKER-USER".into(),
+                        handle: Some(handle),
+                        ..Rule::default()
+                    }));
+                    n += 1;
+                }
+            }
+        }
+        if n > 0 {
+            self.apply(batch, "deleting our rules from ip filter DOCKER-USER")
+                .await?;
+            debug!(network, rules = n, "removed our rules from DOCKER-USER");
+        }
+        Ok(())
+    }
+}
+
+fn enable_ip_forward() -> Result<(), FirewallError> {
+    // /proc/sys/net is per network namespace: the one of the thread opening the file.
+    let current = std::fs::read_to_string(IP_FORWARD).map_err(FirewallError::IpForward)?;
+    if current.trim() == "1" {
+        return Ok(());
+    }
+    std::fs::write(IP_FORWARD, "1\n").map_err(FirewallError::IpForward)?;
+    info!("enabled IPv4 forwarding ({IP_FORWARD}=1) for shared networks; it is left on at exit");
+    Ok(())
+}
+
+fn validate_ifname(name: &str) -> Result<(), FirewallError> {
+    // IFNAMSIZ is 16 including the NUL.
+    if name.is_empty() || name.len() > 15 || name.contains(['/', ' ', '\0']) {
+        return Err(FirewallError::Invalid {
+            what: "interface name",
+            detail: format!("{name:?}"),
+        });
+    }
+    Ok(())
+}
+
+fn validate_network(net: &FirewallNetwork) -> Result<(), FirewallError> {
+    // Network names end up in nft object names (limited to 256 bytes) and comments; the
+    // protocol's rule keeps them short and made of safe characters.
+    crate::protocol::validate_network_name(&net.name).map_err(|detail| FirewallError::Invalid {
+        what: "network name",
+        detail,
+    })?;
+    validate_ifname(&net.bridge)?;
+    if !net.subnet.contains(&net.gateway) {
+        return Err(FirewallError::Invalid {
+            what: "network",
+            detail: format!(
+                "gateway {} is outside subnet {} of network {:?}",
+                net.gateway, net.subnet, net.name
+            ),
+        });
+    }
+    Ok(())
+}
+
+// ---- object names -------------------------------------------------------------------------
+
+fn fwd_chain(net: &str) -> String {
+    format!("fwd-{net}")
+}
+fn nat_chain(net: &str) -> String {
+    format!("nat-{net}")
+}
+fn spoof_chain(net: &str) -> String {
+    format!("spoof-{net}")
+}
+/// Set of the network's TAP names: the anti-spoofing rules apply to frames from these.
+fn ports_set(net: &str) -> String {
+    format!("ports-{net}")
+}
+/// Set of `ifname . ether_addr`: the MAC allowed on each TAP.
+fn portmacs_set(net: &str) -> String {
+    format!("portmacs-{net}")
+}
+/// Set of `ether_addr . ipv4_addr`: the DHCP lease of each guest MAC.
+fn leases_set(net: &str) -> String {
+    format!("leases-{net}")
+}
+
+// ---- expression helpers -------------------------------------------------------------------
+
+fn s(v: &str) -> Expression<'static> {
+    Expression::String(Cow::Owned(v.to_string()))
+}
+fn set_ref(name: &str) -> Expression<'static> {
+    s(&format!("@{name}"))
+}
+fn meta(key: MetaKey) -> Expression<'static> {
+    Expression::Named(NamedExpression::Meta(Meta { key }))
+}
+fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+        PayloadField {
+            protocol: protocol.into(),
+            field: field.into(),
+        },
+    )))
+}
+fn concat(items: Vec<Expression<'static>>) -> Expression<'static> {
+    Expression::Named(NamedExpression::Concat(items))
+}
+fn prefix(addr: &str, len: u32) -> Expression<'static> {
+    Expression::Named(NamedExpression::Prefix(Prefix {
+        addr: Box::new(s(addr)),
+        len,
+    }))
+}
+fn matches(
+    left: Expression<'static>,
+    op: Operator,
+    right: Expression<'static>,
+) -> Statement<'static> {
+    Statement::Match(Match { left, right, op })
+}
+fn ct_established() -> Statement<'static> {
+    matches(
+        Expression::Named(NamedExpression::CT(nftables::expr::CT {
+            key: "state".into(),
+            family: None,
+            dir: None,
+        })),
+        Operator::IN,
+        Expression::List(vec![s("established"), s("related")]),
+    )
+}
+fn accept() -> Statement<'static> {
+    Statement::Accept(None)
+}
+fn drop_() -> Statement<'static> {
+    Statement::Drop(None)
+}
+
+fn mac_str(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+// ---- batches ------------------------------------------------------------------------------
+
+fn table(family: NfFamily) -> NfListObject<'static> {
+    NfListObject::Table(Table {
+        family,
+        name: TABLE.into(),
+        handle: None,
+    })
+}
+
+fn add_tables(batch: &mut Batch<'static>) {
+    batch.add(table(NfFamily::INet));
+    batch.add(table(NfFamily::Bridge));
+}
+
+/// Deletes both tables whether they exist or not: `add` of an existing table is a no-op,
+/// so "add then delete" in one transaction never fails on a missing table.
+fn delete_tables(batch: &mut Batch<'static>) {
+    for family in [NfFamily::INet, NfFamily::Bridge] {
+        batch.add(table(family));
+        batch.delete(table(family));
+    }
+}
+
+fn base_chain(
+    family: NfFamily,
+    name: String,
+    hook: NfHook,
+    kind: NfChainType,
+    prio: i32,
+) -> NfListObject<'static> {
+    NfListObject::Chain(Chain {
+        family,
+        table: TABLE.into(),
+        name: name.into(),
+        _type: Some(kind),
+        hook: Some(hook),
+        prio: Some(prio),
+        policy: Some(NfChainPolicy::Accept),
+        ..Chain::default()
+    })
+}
+
+fn named_chain(family: NfFamily, name: String) -> NfListObject<'static> {
+    NfListObject::Chain(Chain {
+        family,
+        table: TABLE.into(),
+        name: name.into(),
+        ..Chain::default()
+    })
+}
+
+fn set(name: String, set_type: SetTypeValue<'static>) -> NfListObject<'static> {
+    NfListObject::Set(Box::new(Set {
+        family: NfFamily::Bridge,
+        table: TABLE.into(),
+        name: name.into(),
+        set_type,
+        ..Set::default()
+    }))
+}
+
+fn rule(family: NfFamily, chain: &str, expr: Vec<Statement<'static>>) -> NfListObject<'static> {
+    NfListObject::Rule(Rule {
+        family,
+        table: TABLE.into(),
+        chain: chain.to_string().into(),
+        expr: expr.into(),
+        ..Rule::default()
+    })
+}
+
+fn element(set: String, elem: Expression<'static>) -> NfListObject<'static> {
+    NfListObject::Element(Element {
+        family: NfFamily::Bridge,
+        table: TABLE.into(),
+        name: set.into(),
+        elem: vec![elem].into(),
+    })
+}
+
+fn port_elements(
+    batch: &mut Batch<'static>,
+    cmd: fn(NfListObject<'static>) -> NfCmd<'static>,
+    net: &str,
+    tap: &str,
+    mac: [u8; 6],
+) {
+    batch.add_cmd(cmd(element(ports_set(net), s(tap))));
+    batch.add_cmd(cmd(element(
+        portmacs_set(net),
+        concat(vec![s(tap), s(&mac_str(mac))]),
+    )));
+}
+
+fn lease_element(
+    batch: &mut Batch<'static>,
+    cmd: fn(NfListObject<'static>) -> NfCmd<'static>,
+    net: &str,
+    mac: [u8; 6],
+    ip: Ipv4Addr,
+) {
+    batch.add_cmd(cmd(element(
+        leases_set(net),
+        concat(vec![s(&mac_str(mac)), s(&ip.to_string())]),
+    )));
+}
+
+/// Adds every chain, set, rule and element of one network (the tables must exist).
+fn network_objects(batch: &mut Batch<'static>, ns: &NetState) {
+    let net = &ns.net;
+    let br = || s(&net.bridge);
+    let iif = || meta(MetaKey::Iifname);
+    let oif = || meta(MetaKey::Oifname);
+
+    // Forwarding, inet table.
+    let fwd = fwd_chain(&net.name);
+    batch.add(base_chain(
+        NfFamily::INet,
+        fwd.clone(),
+        NfHook::Forward,
+        NfChainType::Filter,
+        PRIO_FILTER,
+    ));
+    if net.nat {
+        batch.add(rule(
+            NfFamily::INet,
+            &fwd,
+            vec![matches(iif(), Operator::EQ, br()), accept()],
+        ));
+        batch.add(rule(
+            NfFamily::INet,
+            &fwd,
+            vec![
+                matches(oif(), Operator::EQ, br()),
+                ct_established(),
+                accept(),
+            ],
+        ));
+        // Nothing from outside may open connections into the NAT network.
+        batch.add(rule(
+            NfFamily::INet,
+            &fwd,
+            vec![matches(oif(), Operator::EQ, br()), drop_()],
+        ));
+
+        let nat = nat_chain(&net.name);
+        batch.add(base_chain(
+            NfFamily::INet,
+            nat.clone(),
+            NfHook::Postrouting,
+            NfChainType::NAT,
+            PRIO_SRCNAT,
+        ));
+        batch.add(rule(
+            NfFamily::INet,
+            &nat,
+            vec![
+                matches(
+                    payload("ip", "saddr"),
+                    Operator::EQ,
+                    prefix(
+                        &net.subnet.network().to_string(),
+                        u32::from(net.subnet.prefix_len()),
+                    ),
+                ),
+                matches(oif(), Operator::NEQ, br()),
+                Statement::Masquerade(None),
+            ],
+        ));
+    } else {
+        // Host mode: VMs talk to the host and to each other (bridged, not routed), never
+        // through the host to anywhere else, even when forwarding is on for other reasons.
+        batch.add(rule(
+            NfFamily::INet,
+            &fwd,
+            vec![matches(iif(), Operator::EQ, br()), drop_()],
+        ));
+        batch.add(rule(
+            NfFamily::INet,
+            &fwd,
+            vec![matches(oif(), Operator::EQ, br()), drop_()],
+        ));
+    }
+
+    if !net.anti_spoofing {
+        return;
+    }
+    // Anti-spoofing, bridge table, prerouting: every frame entering the bridge from one of
+    // our TAPs. Ports we were not told about (uplinks, other software's ports) are left alone.
+    let ports = ports_set(&net.name);
+    let portmacs = portmacs_set(&net.name);
+    let leases = leases_set(&net.name);
+    batch.add(set(ports.clone(), SetTypeValue::Single(SetType::Ifname)));
+    batch.add(set(
+        portmacs.clone(),
+        SetTypeValue::Concatenated(vec![SetType::Ifname, SetType::EtherAddr].into()),
+    ));
+    batch.add(set(
+        leases.clone(),
+        SetTypeValue::Concatenated(vec![SetType::EtherAddr, SetType::Ipv4Addr].into()),
+    ));
+    let spoof = spoof_chain(&net.name);
+    batch.add(base_chain(
+        NfFamily::Bridge,
+        spoof.clone(),
+        NfHook::Prerouting,
+        NfChainType::Filter,
+        PRIO_BRIDGE_FILTER,
+    ));
+    let from_port = || matches(iif(), Operator::EQ, set_ref(&ports));
+    let r = |batch: &mut Batch<'static>, mut stmts: Vec<Statement<'static>>| {
+        stmts.insert(0, from_port());
+        batch.add(rule(NfFamily::Bridge, &spoof, stmts));
+    };
+    // The Ethernet source and the ARP sender hardware address must be the TAP's guest MAC.
+    r(
+        batch,
+        vec![
+            matches(
+                concat(vec![iif(), payload("ether", "saddr")]),
+                Operator::NEQ,
+                set_ref(&portmacs),
+            ),
+            drop_(),
+        ],
+    );
+    r(
+        batch,
+        vec![
+            matches(
+                concat(vec![iif(), payload("arp", "saddr ether")]),
+                Operator::NEQ,
+                set_ref(&portmacs),
+            ),
+            drop_(),
+        ],
+    );
+    // VLAN-tagged frames would carry IP packets past the checks below (which only see
+    // untagged ether types), so guests on an anti-spoofing network cannot use VLANs.
+    r(
+        batch,
+        vec![
+            matches(
+                payload("ether", "type"),
+                Operator::EQ,
+                Expression::Named(NamedExpression::Set(vec![
+                    nftables::expr::SetItem::Element(s("8021q")),
+                    nftables::expr::SetItem::Element(s("8021ad")),
+                ])),
+            ),
+            drop_(),
+        ],
+    );
+    if net.dhcp {
+        // A DHCP client has no address yet (and may ask again at any time): requests from
+        // 0.0.0.0 and ARP probes (sender IP 0.0.0.0, RFC 5227) always pass.
+        r(
+            batch,
+            vec![
+                matches(payload("ip", "saddr"), Operator::EQ, s("0.0.0.0")),
+                matches(
+                    payload("udp", "sport"),
+                    Operator::EQ,
+                    Expression::Number(68),
+                ),
+                matches(
+                    payload("udp", "dport"),
+                    Operator::EQ,
+                    Expression::Number(67),
+                ),
+                Statement::Return(None),
+            ],
+        );
+        r(
+            batch,
+            vec![
+                matches(payload("arp", "saddr ip"), Operator::EQ, s("0.0.0.0")),
+                Statement::Return(None),
+            ],
+        );
+        // Otherwise the (MAC, source IP) pair must be a lease; no lease yet, no IPv4.
+        r(
+            batch,
+            vec![
+                matches(
+                    concat(vec![payload("ether", "saddr"), payload("ip", "saddr")]),
+                    Operator::NEQ,
+                    set_ref(&leases),
+                ),
+                drop_(),
+            ],
+        );
+        r(
+            batch,
+            vec![
+                matches(
+                    concat(vec![payload("ether", "saddr"), payload("arp", "saddr ip")]),
+                    Operator::NEQ,
+                    set_ref(&leases),
+                ),
+                drop_(),
+            ],
+        );
+    }
+    // IPv6: the broker hands out no IPv6 addresses, so guests only have link-local ones
+    // (and :: during duplicate address detection). Those are bound to the MAC only (rule
+    // above): binding link-local addresses would need NDP snooping for no real gain.
+    r(
+        batch,
+        vec![
+            matches(
+                payload("ip6", "saddr"),
+                Operator::NEQ,
+                Expression::Named(NamedExpression::Set(vec![
+                    nftables::expr::SetItem::Element(prefix("fe80::", 10)),
+                    nftables::expr::SetItem::Element(s("::")),
+                ])),
+            ),
+            drop_(),
+        ],
+    );
+
+    for (tap, mac) in &ns.ports {
+        port_elements(batch, NfCmd::Add, &net.name, tap, *mac);
+    }
+    if net.dhcp {
+        for (mac, ip) in &ns.leases {
+            lease_element(batch, NfCmd::Add, &net.name, *mac, *ip);
+        }
+    }
+}
+
+/// Deletes the objects of one network, leaving the tables for the other networks.
+/// Deleting a chain deletes its rules; chains go before the sets their rules use.
+fn delete_network_objects(batch: &mut Batch<'static>, net: &FirewallNetwork) {
+    batch.delete(named_chain(NfFamily::INet, fwd_chain(&net.name)));
+    if net.nat {
+        batch.delete(named_chain(NfFamily::INet, nat_chain(&net.name)));
+    }
+    if net.anti_spoofing {
+        batch.delete(named_chain(NfFamily::Bridge, spoof_chain(&net.name)));
+        for name in [
+            ports_set(&net.name),
+            portmacs_set(&net.name),
+            leases_set(&net.name),
+        ] {
+            batch.delete(set(name, SetTypeValue::Single(SetType::Ifname)));
+        }
+    }
+}
+
+/// The JSON document `add_network` would send for `net` on an empty ruleset, for tests and
+/// debugging (`nft -j -f -` accepts it).
+pub fn ruleset_for(net: &FirewallNetwork) -> Nftables<'static> {
+    let mut batch = Batch::new();
+    add_tables(&mut batch);
+    network_objects(
+        &mut batch,
+        &NetState {
+            net: net.clone(),
+            ports: BTreeMap::new(),
+            leases: BTreeMap::new(),
+        },
+    );
+    batch.to_nftables()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(nat: bool, anti_spoofing: bool, dhcp: bool) -> FirewallNetwork {
+        FirewallNetwork {
+            name: "n1".into(),
+            bridge: "vmnbr0".into(),
+            subnet: "10.77.0.0/24".parse().unwrap(),
+            gateway: "10.77.0.1".parse().unwrap(),
+            nat,
+            anti_spoofing,
+            dhcp,
+        }
+    }
+
+    fn json(net: &FirewallNetwork) -> String {
+        serde_json::to_string(&ruleset_for(net)).unwrap()
+    }
+
+    #[test]
+    fn nat_network_masquerades_and_host_network_drops() {
+        let shared = json(&net(true, false, false));
+        assert!(shared.contains("masquerade"), "{shared}");
+        assert!(shared.contains("\"nat-n1\""), "{shared}");
+        let host = json(&net(false, false, false));
+        assert!(!host.contains("masquerade"), "{host}");
+        assert!(!host.contains("\"nat-n1\""), "{host}");
+        assert!(!host.contains("spoof-n1"), "{host}");
+    }
+
+    #[test]
+    fn ip_binding_rules_only_with_dhcp() {
+        let with = json(&net(false, true, true));
+        let without = json(&net(false, true, false));
+        assert!(with.contains("saddr ip"));
+        assert!(with.contains("@leases-n1"));
+        assert!(!without.contains("@leases-n1"));
+        assert!(without.contains("@portmacs-n1"));
+    }
+
+    #[test]
+    fn invalid_definitions_are_refused() {
+        let mut n = net(true, true, true);
+        n.gateway = "10.78.0.1".parse().unwrap();
+        assert!(validate_network(&n).is_err());
+        let mut n = net(true, true, true);
+        n.bridge = "a-very-long-bridge-name".into();
+        assert!(validate_network(&n).is_err());
+        assert!(validate_network(&net(true, true, true)).is_ok());
+    }
+
+    #[test]
+    fn mac_formatting() {
+        assert_eq!(mac_str([2, 0, 0xab, 0, 0, 0xff]), "02:00:ab:00:00:ff");
+    }
+}

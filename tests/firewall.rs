@@ -1,0 +1,568 @@
+//! The nftables layer against the real kernel and the real `nft`. Every test builds its own
+//! network namespaces (deleted on drop, also on panic): B is the broker's, O an "outside"
+//! host reached through an uplink veth, V a "VM" whose veth is a port of B's bridge. The
+//! `Firewall` runs in a thread that entered B, so the `nft` it spawns acts in B.
+#![cfg(target_os = "linux")]
+
+use std::future::Future;
+use std::net::Ipv4Addr;
+use std::os::fd::AsRawFd;
+use std::process::{Command, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vmnet_broker::backend::linux::firewall::{Firewall, FirewallError, FirewallNetwork};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+const VM_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x77, 0x00, 0x02];
+const VM_MAC_STR: &str = "02:00:00:77:00:02";
+const PORT: u16 = 8080;
+
+/// A named network namespace, deleted on drop.
+struct Netns(String);
+
+impl Netns {
+    fn new(role: &str) -> Netns {
+        let name = format!(
+            "vmnbt-fw{}-{}{}",
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::Relaxed),
+            role
+        );
+        run("ip", &["netns", "add", &name]);
+        let ns = Netns(name);
+        ns.ip(&["link", "set", "lo", "up"]);
+        ns
+    }
+    fn ip(&self, args: &[&str]) {
+        let mut a = vec!["-n", &self.0];
+        a.extend_from_slice(args);
+        run("ip", &a);
+    }
+    /// Runs a command inside the namespace.
+    fn exec(&self, cmd: &[&str]) -> Output {
+        let mut a = vec!["netns", "exec", &self.0];
+        a.extend_from_slice(cmd);
+        Command::new("ip")
+            .args(&a)
+            .output()
+            .expect("run ip netns exec")
+    }
+    fn nft(&self, script: &str) {
+        let out = self.exec(&["nft", script]);
+        assert!(
+            out.status.success(),
+            "nft {script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    fn nft_list(&self, what: &str) -> String {
+        let mut cmd = vec!["nft"];
+        cmd.extend(what.split(' '));
+        let out = self.exec(&cmd);
+        assert!(
+            out.status.success(),
+            "nft {what}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+    /// Whether a ping gets an answer within three one-second tries (two cores shared by
+    /// parallel tests make a single try flaky).
+    fn ping(&self, args: &[&str]) -> bool {
+        let mut cmd = vec!["busybox", "ping", "-c", "1", "-W", "1"];
+        cmd.extend_from_slice(args);
+        (0..3).any(|_| self.exec(&cmd).status.success())
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
+    }
+}
+
+fn run(prog: &str, args: &[&str]) -> Output {
+    let out = Command::new(prog).args(args).output().expect("spawn");
+    assert!(
+        out.status.success(),
+        "{prog} {args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+/// B (bridge vmnbr0 10.77.0.1/24, uplink 198.18.0.1/24, default route via O), O (198.18.0.2)
+/// and V (10.77.0.2/24 on a port of vmnbr0, default route via 10.77.0.1).
+struct Topo {
+    b: Netns,
+    o: Netns,
+    v: Netns,
+}
+
+impl Topo {
+    fn new() -> Topo {
+        let (b, o, v) = (Netns::new("b"), Netns::new("o"), Netns::new("v"));
+        b.ip(&["link", "add", "vmnbr0", "type", "bridge"]);
+        b.ip(&["addr", "add", "10.77.0.1/24", "dev", "vmnbr0"]);
+        b.ip(&["link", "set", "vmnbr0", "up"]);
+        b.ip(&[
+            "link", "add", "up0", "type", "veth", "peer", "name", "eth0", "netns", &o.0,
+        ]);
+        b.ip(&["addr", "add", "198.18.0.1/24", "dev", "up0"]);
+        b.ip(&["link", "set", "up0", "up"]);
+        b.ip(&["route", "add", "default", "via", "198.18.0.2"]);
+        o.ip(&["addr", "add", "198.18.0.2/24", "dev", "eth0"]);
+        o.ip(&["link", "set", "eth0", "up"]);
+        b.ip(&[
+            "link", "add", "vport", "type", "veth", "peer", "name", "eth0", "netns", &v.0,
+        ]);
+        b.ip(&["link", "set", "vport", "master", "vmnbr0", "up"]);
+        v.ip(&["link", "set", "eth0", "address", VM_MAC_STR]);
+        v.ip(&["addr", "add", "10.77.0.2/24", "dev", "eth0"]);
+        v.ip(&["link", "set", "eth0", "up"]);
+        v.ip(&["route", "add", "default", "via", "10.77.0.1"]);
+        // Wait for the bridge port to forward (no STP: immediate, but the link comes up
+        // asynchronously).
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while !v.ping(&["10.77.0.1"]) {
+            assert!(
+                Instant::now() < deadline,
+                "V cannot reach the bridge at all"
+            );
+        }
+        Topo { b, o, v }
+    }
+
+    /// Connects from V to a one-shot TCP server in O and returns the source address the
+    /// server saw, or "none" when no connection arrived within 3 s.
+    fn connect_seen_as(&self) -> String {
+        use std::io::BufRead;
+        let server = format!(
+            "import socket\ns=socket.socket()\ns.setsockopt(socket.SOL_SOCKET,socket.SO_REUSEADDR,1)\n\
+             s.bind(('198.18.0.2',{PORT}))\ns.listen()\ns.settimeout(3)\n\
+             print('listening',flush=True)\n\
+             try:\n  c,a=s.accept()\n  print(a[0],flush=True)\nexcept socket.timeout:\n  print('none',flush=True)\n"
+        );
+        let mut child = Command::new("ip")
+            .args(["netns", "exec", &self.o.0, "python3", "-c", &server])
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("spawn server");
+        let mut reader = std::io::BufReader::new(child.stdout.take().unwrap());
+        let mut line = String::new();
+        // Wait for "listening" so that the client cannot race the bind.
+        reader.read_line(&mut line).unwrap();
+        assert_eq!(line.trim(), "listening");
+        let client = format!(
+            "import socket\ns=socket.socket()\ns.settimeout(2)\n\
+             try:\n  s.connect(('198.18.0.2',{PORT}))\nexcept OSError:\n  pass\n"
+        );
+        let _ = self.v.exec(&["python3", "-c", &client]);
+        line.clear();
+        reader.read_line(&mut line).unwrap();
+        assert!(child.wait().unwrap().success());
+        line.trim().to_string()
+    }
+}
+
+/// Log lines written by the code under test, captured per thread.
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// Runs `body` on a current-thread tokio runtime in a thread that entered netns `ns`, and
+/// returns what the firewall logged meanwhile.
+fn in_netns<F, Fut>(ns: &Netns, body: F) -> String
+where
+    F: FnOnce() -> Fut + Send,
+    Fut: Future<Output = ()>,
+{
+    let logs = Logs::default();
+    std::thread::scope(|scope| {
+        let handle = scope.spawn(|| {
+            let writer = logs.clone();
+            let subscriber = tracing_subscriber::fmt()
+                .with_writer(move || writer.clone())
+                .with_ansi(false)
+                .with_max_level(tracing::Level::DEBUG)
+                .finish();
+            let _guard = tracing::subscriber::set_default(subscriber);
+            let file = std::fs::File::open(format!("/run/netns/{}", ns.0)).expect("open netns");
+            // SAFETY: plain syscall on a valid fd; only this thread changes namespace.
+            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            rt.block_on(body());
+        });
+        if let Err(panic) = handle.join() {
+            std::panic::resume_unwind(panic);
+        }
+    });
+    String::from_utf8_lossy(&logs.0.lock().unwrap()).into_owned()
+}
+
+fn network(nat: bool, anti_spoofing: bool, dhcp: bool) -> FirewallNetwork {
+    FirewallNetwork {
+        name: "testnet".into(),
+        bridge: "vmnbr0".into(),
+        subnet: "10.77.0.0/24".parse().unwrap(),
+        gateway: Ipv4Addr::new(10, 77, 0, 1),
+        nat,
+        anti_spoofing,
+        dhcp,
+    }
+}
+
+fn tables(ns: &Netns) -> String {
+    ns.nft_list("list tables")
+}
+
+#[test]
+fn shared_network_masquerades_through_the_uplink() {
+    let t = Topo::new();
+    let logs = in_netns(&t.b, || async {
+        // Fresh namespace: forwarding is off, so nothing gets out before the firewall.
+        assert_eq!(
+            t.b.exec(&["cat", "/proc/sys/net/ipv4/ip_forward"]).stdout,
+            b"0\n"
+        );
+        let fw = Firewall::new();
+        fw.add_network(&network(true, false, false)).await.unwrap();
+        assert_eq!(
+            t.b.exec(&["cat", "/proc/sys/net/ipv4/ip_forward"]).stdout,
+            b"1\n",
+            "the first NAT network enables forwarding"
+        );
+        assert_eq!(
+            t.connect_seen_as(),
+            "198.18.0.1",
+            "masqueraded to the uplink address"
+        );
+        fw.remove_network("testnet").await.unwrap();
+        assert_eq!(tables(&t.b).trim(), "", "no table left behind");
+    });
+    assert!(logs.contains("enabled IPv4 forwarding"), "{logs}");
+}
+
+#[test]
+fn host_network_is_not_forwarded() {
+    let t = Topo::new();
+    // Make the outside reachable without NAT, with forwarding on (as other software on the
+    // host may have it), so that only the firewall can stop the connection.
+    t.o.ip(&["route", "add", "10.77.0.0/24", "via", "198.18.0.1"]);
+    t.b.exec(&["sh", "-c", "echo 1 > /proc/sys/net/ipv4/ip_forward"]);
+    assert_eq!(
+        t.connect_seen_as(),
+        "10.77.0.2",
+        "control: routed without the firewall"
+    );
+    in_netns(&t.b, || async {
+        let fw = Firewall::new();
+        fw.add_network(&network(false, false, false)).await.unwrap();
+        assert_eq!(t.connect_seen_as(), "none", "host mode must not forward");
+        assert!(t.v.ping(&["10.77.0.1"]), "the gateway stays reachable");
+        fw.remove_network("testnet").await.unwrap();
+        assert_eq!(
+            t.connect_seen_as(),
+            "10.77.0.2",
+            "rules gone with the network"
+        );
+        assert_eq!(tables(&t.b).trim(), "");
+    });
+}
+
+#[test]
+fn anti_spoofing_binds_mac_and_leased_ip() {
+    let t = Topo::new();
+    // Controls: without the firewall a forged MAC or source IP does get answers, so the
+    // failures below are the firewall's doing.
+    t.v.ip(&["link", "set", "eth0", "address", "02:00:00:77:00:99"]);
+    t.b.ip(&["neigh", "flush", "dev", "vmnbr0"]);
+    assert!(
+        t.v.ping(&["10.77.0.1"]),
+        "control: forged MAC works without firewall"
+    );
+    t.v.ip(&["link", "set", "eth0", "address", VM_MAC_STR]);
+    t.v.ip(&["addr", "add", "10.77.0.3/24", "dev", "eth0"]);
+    assert!(
+        t.v.ping(&["-I", "10.77.0.3", "10.77.0.1"]),
+        "control: forged IP works"
+    );
+    t.v.ip(&["addr", "del", "10.77.0.3/24", "dev", "eth0"]);
+    t.b.ip(&["addr", "add", "fd77::1/64", "dev", "vmnbr0", "nodad"]);
+    t.v.ip(&["addr", "add", "fd77::2/64", "dev", "eth0", "nodad"]);
+    assert!(
+        t.v.ping(&["fd77::1"]),
+        "control: IPv6 ULA works without firewall"
+    );
+    t.b.ip(&["addr", "del", "fd77::1/64", "dev", "vmnbr0"]);
+    t.v.ip(&["addr", "del", "fd77::2/64", "dev", "eth0"]);
+    in_netns(&t.b, || async {
+        let fw = Firewall::new();
+        fw.add_network(&network(false, true, true)).await.unwrap();
+        fw.add_port("testnet", "vport", VM_MAC).await.unwrap();
+        let flush_neigh = || {
+            t.b.ip(&["neigh", "flush", "dev", "vmnbr0"]);
+            t.v.ip(&["neigh", "flush", "dev", "eth0"]);
+        };
+        flush_neigh();
+        assert!(
+            !t.v.ping(&["10.77.0.1"]),
+            "no lease yet: only 0.0.0.0 may be used"
+        );
+
+        fw.bind_ip("testnet", VM_MAC, Ipv4Addr::new(10, 77, 0, 2))
+            .await
+            .unwrap();
+        assert!(t.v.ping(&["10.77.0.1"]), "right MAC and leased IP pass");
+
+        // Forged MAC. Neighbour caches are flushed so that, without the firewall, the
+        // gateway would simply learn the new MAC and answer.
+        t.v.ip(&["link", "set", "eth0", "address", "02:00:00:77:00:99"]);
+        flush_neigh();
+        assert!(!t.v.ping(&["10.77.0.1"]), "forged MAC must be dropped");
+        t.v.ip(&["link", "set", "eth0", "address", VM_MAC_STR]);
+        flush_neigh();
+        assert!(t.v.ping(&["10.77.0.1"]), "back to the right MAC");
+
+        // Forged source IP.
+        t.v.ip(&["addr", "add", "10.77.0.3/24", "dev", "eth0"]);
+        assert!(
+            !t.v.ping(&["-I", "10.77.0.3", "10.77.0.1"]),
+            "forged IP must be dropped"
+        );
+        assert!(t.v.ping(&["-I", "10.77.0.2", "10.77.0.1"]));
+
+        // A reused TAP name replaces its binding: the new guest MAC works, the old one not.
+        let new_mac = [0x02, 0x00, 0x00, 0x77, 0x00, 0x42];
+        fw.add_port("testnet", "vport", new_mac).await.unwrap();
+        fw.bind_ip("testnet", new_mac, Ipv4Addr::new(10, 77, 0, 2))
+            .await
+            .unwrap();
+        flush_neigh();
+        assert!(
+            !t.v.ping(&["-I", "10.77.0.2", "10.77.0.1"]),
+            "old MAC no longer bound"
+        );
+        t.v.ip(&["link", "set", "eth0", "address", "02:00:00:77:00:42"]);
+        flush_neigh();
+        assert!(t.v.ping(&["-I", "10.77.0.2", "10.77.0.1"]), "new MAC bound");
+
+        // IPv6: link-local passes (bound to the MAC only), other sources do not. Addresses
+        // are set without duplicate address detection so they are usable at once.
+        t.b.ip(&["addr", "add", "fe80::1/64", "dev", "vmnbr0", "nodad"]);
+        t.b.ip(&["addr", "add", "fd77::1/64", "dev", "vmnbr0", "nodad"]);
+        t.v.ip(&["addr", "add", "fe80::2/64", "dev", "eth0", "nodad"]);
+        t.v.ip(&["addr", "add", "fd77::2/64", "dev", "eth0", "nodad"]);
+        assert!(
+            t.v.ping(&["-I", "eth0", "fe80::1"]),
+            "IPv6 link-local passes"
+        );
+        assert!(
+            !t.v.ping(&["fd77::1"]),
+            "IPv6 non-link-local source is dropped"
+        );
+
+        // An address outside the subnet is refused with a clear error.
+        let err = fw
+            .bind_ip("testnet", new_mac, Ipv4Addr::new(10, 78, 0, 2))
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("outside"), "{err}");
+        fw.remove_network("testnet").await.unwrap();
+        assert_eq!(tables(&t.b).trim(), "");
+    });
+}
+
+#[test]
+fn without_dhcp_only_the_mac_is_enforced() {
+    let t = Topo::new();
+    in_netns(&t.b, || async {
+        let fw = Firewall::new();
+        fw.add_network(&network(false, true, false)).await.unwrap();
+        fw.add_port("testnet", "vport", VM_MAC).await.unwrap();
+        t.v.ip(&["addr", "add", "10.77.0.3/24", "dev", "eth0"]);
+        assert!(
+            t.v.ping(&["-I", "10.77.0.2", "10.77.0.1"]),
+            "static IP, no lease needed"
+        );
+        assert!(t.v.ping(&["-I", "10.77.0.3", "10.77.0.1"]), "any static IP");
+        t.v.ip(&["link", "set", "eth0", "address", "02:00:00:77:00:99"]);
+        t.b.ip(&["neigh", "flush", "dev", "vmnbr0"]);
+        assert!(!t.v.ping(&["10.77.0.1"]), "forged MAC must be dropped");
+    });
+}
+
+#[test]
+fn watchdog_restores_flushed_rules() {
+    let t = Topo::new();
+    let logs = in_netns(&t.b, || async {
+        let fw = Firewall::new();
+        let watchdog = fw.spawn_watchdog();
+        fw.add_network(&network(true, true, false)).await.unwrap();
+        fw.add_port("testnet", "vport", VM_MAC).await.unwrap();
+        assert_eq!(t.connect_seen_as(), "198.18.0.1");
+
+        t.b.nft("flush ruleset");
+        assert_eq!(tables(&t.b).trim(), "");
+        let start = Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let list = tables(&t.b);
+            if list.contains("table inet vmnet_broker")
+                && list.contains("table bridge vmnet_broker")
+            {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(6),
+                "not restored: {list}"
+            );
+        }
+        eprintln!("restored after {:?}", start.elapsed());
+        assert_eq!(t.connect_seen_as(), "198.18.0.1", "NAT works again");
+        // Port bindings came back too.
+        let set =
+            t.b.nft_list("list set bridge vmnet_broker portmacs-testnet");
+        assert!(set.contains(VM_MAC_STR), "{set}");
+
+        // Dropping the last handle ends the watchdog.
+        drop(fw);
+        tokio::time::timeout(Duration::from_secs(5), watchdog)
+            .await
+            .expect("watchdog ends when the Firewall is dropped")
+            .unwrap();
+    });
+    assert!(
+        logs.contains("WARN") && logs.contains("firewall rules were removed (flushed?), restored"),
+        "{logs}"
+    );
+}
+
+#[test]
+fn last_network_removal_leaves_no_tables() {
+    let t = Topo::new();
+    t.b.ip(&["link", "add", "vmnbr1", "type", "bridge"]);
+    in_netns(&t.b, || async {
+        let fw = Firewall::new();
+        let mut second = network(false, true, true);
+        second.name = "second".into();
+        second.bridge = "vmnbr1".into();
+        second.subnet = "10.78.0.0/24".parse().unwrap();
+        second.gateway = Ipv4Addr::new(10, 78, 0, 1);
+        fw.add_network(&network(true, true, true)).await.unwrap();
+        fw.add_network(&second).await.unwrap();
+        // Same definition again: no-op; different one: refused.
+        fw.add_network(&second).await.unwrap();
+        let mut changed = second.clone();
+        changed.nat = true;
+        assert!(matches!(
+            fw.add_network(&changed).await,
+            Err(FirewallError::Conflict(_))
+        ));
+
+        fw.remove_network("testnet").await.unwrap();
+        let rules = t.b.nft_list("list ruleset");
+        assert!(!rules.contains("testnet"), "{rules}");
+        assert!(
+            rules.contains("fwd-second") && rules.contains("spoof-second"),
+            "{rules}"
+        );
+        fw.remove_network("second").await.unwrap();
+        assert_eq!(tables(&t.b).trim(), "");
+        // Unknown names are not an error.
+        fw.remove_network("second").await.unwrap();
+    });
+}
+
+/// The tables docker (through iptables-nft) creates: FORWARD with policy drop, and when
+/// `docker_user`, a DOCKER-USER chain FORWARD jumps to first.
+fn fake_docker(b: &Netns, docker_user: bool) {
+    b.nft("add table ip filter");
+    b.nft("add chain ip filter FORWARD { type filter hook forward priority filter; policy drop; }");
+    if docker_user {
+        b.nft("add chain ip filter DOCKER-USER");
+        b.nft("add rule ip filter DOCKER-USER return");
+        b.nft("add rule ip filter FORWARD jump DOCKER-USER");
+    }
+}
+
+#[test]
+fn docker_forward_drop_is_worked_around_via_docker_user() {
+    let t = Topo::new();
+    fake_docker(&t.b, true);
+    in_netns(&t.b, || async {
+        let fw = Firewall::new();
+        fw.add_network(&network(true, false, false)).await.unwrap();
+        let chain = t.b.nft_list("list chain ip filter DOCKER-USER");
+        assert_eq!(chain.matches("vmnet-broker:testnet").count(), 2, "{chain}");
+        assert_eq!(
+            t.connect_seen_as(),
+            "198.18.0.1",
+            "outside reachable despite DROP"
+        );
+        fw.remove_network("testnet").await.unwrap();
+        let chain = t.b.nft_list("list chain ip filter DOCKER-USER");
+        assert!(!chain.contains("vmnet-broker"), "{chain}");
+        assert!(
+            chain.contains("return"),
+            "Docker's own rule is kept: {chain}"
+        );
+        assert_eq!(tables(&t.b).trim(), "table ip filter");
+    });
+}
+
+#[test]
+fn docker_forward_drop_without_docker_user_only_warns() {
+    let t = Topo::new();
+    fake_docker(&t.b, false);
+    let logs = in_netns(&t.b, || async {
+        let fw = Firewall::new();
+        fw.add_network(&network(true, false, false)).await.unwrap();
+        // We do not touch a table we do not know how to edit safely; the drop wins.
+        assert_eq!(t.connect_seen_as(), "none");
+        let filter = t.b.nft_list("list table ip filter");
+        assert!(!filter.contains("vmnet-broker"), "{filter}");
+        fw.remove_network("testnet").await.unwrap();
+    });
+    assert!(
+        logs.contains("WARN") && logs.contains("no outside access"),
+        "{logs}"
+    );
+}
+
+#[test]
+fn missing_nft_is_a_clear_error() {
+    // Fails before touching any namespace: the program does not exist.
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let fw = Firewall::with_nft_program("/nonexistent/nft");
+        let err = fw
+            .add_network(&network(true, true, true))
+            .await
+            .unwrap_err();
+        assert!(matches!(err, FirewallError::NftNotFound), "{err:?}");
+        assert!(
+            err.to_string().contains("nft not found: install nftables"),
+            "{err}"
+        );
+    });
+}
