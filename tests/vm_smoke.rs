@@ -157,3 +157,102 @@ fn two_guests_ping_each_other_and_the_gateway() {
         assert_eq!(out.result("pinged_by_peer"), "ok", "{}", out.console);
     }
 }
+
+/// Kills and reaps a child on drop (the DHCP server below), also on panic.
+struct KillOnDrop(std::process::Child);
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The `dhcp` helper against a real DHCP server (busybox udhcpd on the bridge in the test
+/// namespace): the guest configures the lease (address, route, resolv.conf) and the server
+/// learns the guest's hostname from option 12.
+#[test]
+fn dhcp_helper_configures_the_lease_and_sends_the_hostname() {
+    let ns = TestNetns::new("dhcp");
+    ns.ip(&["link", "add", "br0", "type", "bridge"]);
+    ns.ip(&["addr", "add", "10.67.0.1/24", "dev", "br0"]);
+    ns.ip(&["link", "set", "br0", "up"]);
+    let tap = ns.open_tap("tapd");
+    ns.ip(&["link", "set", "tapd", "master", "br0", "up"]);
+
+    let dir = tempfile::tempdir().unwrap();
+    let leases = dir.path().join("leases");
+    let conf = dir.path().join("udhcpd.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "start 10.67.0.100\nend 10.67.0.110\ninterface br0\nlease_file {}\n\
+             pidfile {}\nauto_time 1\noption subnet 255.255.255.0\noption router 10.67.0.1\n\
+             option dns 10.67.0.1\noption domain vmnb.test\noption lease 3600\n",
+            leases.display(),
+            dir.path().join("pid").display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(&leases, b"").unwrap();
+    let server = KillOnDrop(
+        std::process::Command::new("ip")
+            .args(["netns", "exec", &ns.name, "busybox", "udhcpd", "-f"])
+            .arg(&conf)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("cannot start busybox udhcpd"),
+    );
+
+    let script = r#"
+check dhcp dhcp eth0
+result ip "$(iface_addr eth0)"
+result route "$(ip route show default)"
+result resolv "$(grep -v '^$' /etc/resolv.conf | tr '\n' ';')"
+result lease_router "$(lease eth0 router)"
+check ping_gateway ping -c 1 -W 2 10.67.0.1
+"#;
+    let mut spec = VmSpec::new("dhcp-guest", script).nic(3, &vm::test_mac(0xd));
+    spec.timeout = Duration::from_secs(90);
+    let out = vm::boot(&spec, &[tap.as_fd()]);
+    out.assert_success();
+    let ip = out.result("ip");
+    assert!(
+        ip.starts_with("10.67.0.1"),
+        "address {ip} not from the pool"
+    );
+    assert_eq!(out.dhcp["eth0"]["ip"], format!("{ip}/24"));
+    assert!(
+        out.result("route").contains("via 10.67.0.1"),
+        "{}",
+        out.console
+    );
+    assert_eq!(
+        out.result("resolv"),
+        "search vmnb.test;nameserver 10.67.0.1;"
+    );
+    assert_eq!(out.result("lease_router"), "10.67.0.1");
+    assert_eq!(out.result("ping_gateway"), "ok");
+
+    // udhcpd writes its lease file every second (auto_time 1): wait for the guest's lease.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let dump = loop {
+        let dump = std::process::Command::new("busybox")
+            .args(["dumpleases", "-f"])
+            .arg(&leases)
+            .output()
+            .expect("cannot run busybox dumpleases");
+        let text = String::from_utf8_lossy(&dump.stdout).to_string();
+        if text.contains(ip) || std::time::Instant::now() > deadline {
+            break text;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    drop(server);
+    let line = dump
+        .lines()
+        .find(|l| l.contains(ip))
+        .unwrap_or_else(|| panic!("udhcpd has no lease for {ip}:\n{dump}"));
+    assert!(line.contains("dhcp-guest"), "hostname not sent: {line}");
+}
