@@ -256,3 +256,75 @@ check ping_gateway ping -c 1 -W 2 10.67.0.1
         .unwrap_or_else(|| panic!("udhcpd has no lease for {ip}:\n{dump}"));
     assert!(line.contains("dhcp-guest"), "hostname not sent: {line}");
 }
+
+/// scripts/qemu-from-env as `vmnet-broker run` will use it: TAPs as fds 3 and 4 and the
+/// replies in VMNET_BROKER_NETWORKS; the i-th NIC gets the i-th reply's MAC and fd 3+i.
+#[test]
+fn qemu_from_env_maps_broker_replies_to_nics_in_order() {
+    let ns = TestNetns::new("fromenv");
+    for (br, addr) in [("br0", "10.68.0.1/24"), ("br1", "10.69.0.1/24")] {
+        ns.ip(&["link", "add", br, "type", "bridge"]);
+        ns.ip(&["addr", "add", addr, "dev", br]);
+        ns.ip(&["link", "set", br, "up"]);
+    }
+    let tap0 = ns.open_tap("tapf0");
+    let tap1 = ns.open_tap("tapf1");
+    ns.ip(&["link", "set", "tapf0", "master", "br0", "up"]);
+    ns.ip(&["link", "set", "tapf1", "master", "br1", "up"]);
+    let (mac0, mac1) = (vm::test_mac(0xe0), vm::test_mac(0xe1));
+    // The shape of the broker's acquire replies (protocol.rs: {"network": NetworkInfo}).
+    let networks = format!(
+        r#"[{{"network":{{"name":"a","mode":"shared","subnet":"10.68.0.0/24","gateway":"10.68.0.1","mask":"255.255.255.0","mtu":1500,"bridge":"br0","interface":"tapf0","mac":"{mac0}"}}}},
+            {{"network":{{"name":"b","mode":"shared","subnet":"10.69.0.0/24","gateway":"10.69.0.1","mask":"255.255.255.0","mtu":1500,"bridge":"br1","interface":"tapf1","mac":"{mac1}"}}}}]"#
+    );
+    let script = r#"
+for i in 0 1; do
+    result mac$i "$(cat /sys/class/net/eth$i/address)"
+    static_ip eth$i 10.6$((8 + i)).0.2/24
+    check ping$i ping -c 1 -W 2 10.6$((8 + i)).0.1
+done
+"#;
+    let mut spec = VmSpec::new("fromenv", script);
+    spec.timeout = Duration::from_secs(90);
+    let prepared = vm::prepare(&spec);
+    let mut cmd = std::process::Command::new(vm::repo_root().join("scripts/qemu-from-env"));
+    cmd.args(vm::qemu_argv(&spec, &prepared))
+        .env("VMNET_BROKER_NETWORKS", networks);
+    vm::pass_fds(&mut cmd, &[(tap0.as_fd(), 3), (tap1.as_fd(), 4)]);
+    let out = vm::run_vm(cmd, &prepared, spec.timeout);
+    out.assert_success();
+    assert_eq!(out.result("mac0"), mac0);
+    assert_eq!(out.result("mac1"), mac1);
+    assert_eq!(out.result("ping0"), "ok");
+    assert_eq!(out.result("ping1"), "ok");
+}
+
+/// Without VMNET_BROKER_NETWORKS, or with a TAP fd missing, qemu-from-env stops with a clear
+/// message before starting QEMU.
+#[test]
+fn qemu_from_env_refuses_missing_env_or_fd() {
+    let wrapper = vm::repo_root().join("scripts/qemu-from-env");
+    let out = std::process::Command::new(&wrapper)
+        .arg("true")
+        .env_remove("VMNET_BROKER_NETWORKS")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("VMNET_BROKER_NETWORKS is not set"));
+
+    let out = std::process::Command::new(&wrapper)
+        .arg("true")
+        .env(
+            "VMNET_BROKER_NETWORKS",
+            r#"[{"network":{"mac":"52:54:00:00:00:01"}}]"#,
+        )
+        .env("VMNB_FIRST_FD", "1000")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("fd 1000 is not open"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
