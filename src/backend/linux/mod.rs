@@ -1,2 +1,447 @@
 //! Linux backend: a kernel bridge per network, a TAP per acquire, nftables for NAT and
 //! anti-spoofing, and the broker's own DHCP and DNS services.
+//!
+//! Everything the backend makes carries the interface alias `vmnet-broker:<network>`,
+//! so operators see what belongs to whom and a restarted broker finds what a crashed
+//! one left behind ([`Backend::remove_stale`]).
+
+pub mod netlink;
+pub mod subnet;
+pub mod tap;
+
+use crate::backend::{AttachRequest, Attachment, Backend, BackendError, NetworkDetails};
+use crate::config::NetworkConfig;
+use ipnet::Ipv4Net;
+use netlink::{Link, Netlink};
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use subnet::{Occupant, Occupation};
+use tracing::{info, warn};
+
+pub use netlink::bridge_of;
+pub use tap::tap_name_of;
+
+/// Prefix of the alias of every interface the broker makes.
+pub const ALIAS_PREFIX: &str = "vmnet-broker:";
+
+/// Where the network services keep state and find the host's resolvers.
+#[derive(Debug, Clone)]
+pub struct LinuxOptions {
+    /// DHCP leases and other state that must survive a broker restart.
+    pub state_dir: PathBuf,
+    /// The resolv.conf the DNS forwarder reads upstream servers from.
+    pub resolv_conf: PathBuf,
+}
+
+pub struct LinuxBackend {
+    options: LinuxOptions,
+    netlink: Netlink,
+    /// Subnets of the networks this backend holds, by bridge name. Reserved before the
+    /// bridge exists, so two creations can never pick the same subnet.
+    held: Mutex<BTreeMap<String, (String, Ipv4Net)>>,
+}
+
+/// Firewall rules, DHCP and DNS of one network. Filled in by the network-services
+/// layer, which starts them in [`LinuxBackend::create`] once the bridge is up and stops
+/// them (by dropping this value) first thing in [`LinuxBackend::destroy`].
+#[derive(Debug, Default)]
+pub struct Services {}
+
+/// One network made by [`LinuxBackend`].
+pub struct LinuxNetwork {
+    config: NetworkConfig,
+    bridge: Link,
+    subnet: Ipv4Net,
+    gateway: Ipv4Addr,
+    services: Services,
+}
+
+impl LinuxNetwork {
+    pub fn config(&self) -> &NetworkConfig {
+        &self.config
+    }
+    pub fn bridge(&self) -> &str {
+        &self.bridge.name
+    }
+    pub fn bridge_index(&self) -> u32 {
+        self.bridge.index
+    }
+    pub fn subnet(&self) -> Ipv4Net {
+        self.subnet
+    }
+    pub fn gateway(&self) -> Ipv4Addr {
+        self.gateway
+    }
+    pub fn services(&self) -> &Services {
+        &self.services
+    }
+}
+
+/// The alias of the bridge and TAPs of network `name`.
+pub fn alias_for(name: &str) -> String {
+    format!("{ALIAS_PREFIX}{name}")
+}
+
+/// `vmnb-<name>` when the name fits IFNAMSIZ, else `vmnb-<8 hex digits of its hash>`.
+pub fn bridge_name(network: &str) -> String {
+    let fits = network.len() <= 10
+        && network
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if fits {
+        return format!("vmnb-{network}");
+    }
+    // FNV-1a: stable across runs, so a restarted broker finds the same name.
+    let mut h: u32 = 0x811c_9dc5;
+    for b in network.bytes() {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    format!("vmnb-{h:08x}")
+}
+
+/// The host side of a TAP: the guest MAC with 0xFE as first byte. 0xFE is above any
+/// MAC the kernel or QEMU generate, so a TAP never becomes the bridge's address (a
+/// bridge without a set MAC takes its lowest port's), and it is still unicast and
+/// locally administered.
+fn host_mac(guest: [u8; 6]) -> [u8; 6] {
+    let mut mac = guest;
+    mac[0] = 0xfe;
+    mac
+}
+
+fn error(context: impl std::fmt::Display, e: impl std::fmt::Display) -> BackendError {
+    BackendError::new(format!("{context}: {e}"))
+}
+
+impl LinuxBackend {
+    pub async fn new(options: LinuxOptions) -> Result<Self, BackendError> {
+        let netlink = Netlink::connect()?;
+        Ok(Self {
+            options,
+            netlink,
+            held: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    pub fn options(&self) -> &LinuxOptions {
+        &self.options
+    }
+
+    /// Reserves a subnet for `config`: the fixed one if it is free, else the first free
+    /// prefix of the pool ([`subnet::pool`]).
+    async fn reserve_subnet(
+        &self,
+        config: &NetworkConfig,
+        bridge: &str,
+    ) -> Result<(Ipv4Net, Ipv4Addr), BackendError> {
+        let mut occupants = self
+            .netlink
+            .occupants()
+            .await
+            .map_err(|e| error("cannot read the host's addresses and routes", e))?;
+        let mut held = self.held.lock().expect("not poisoned");
+        occupants.extend(held.values().map(|(name, net)| Occupant {
+            net: *net,
+            what: Occupation::Network { name: name.clone() },
+        }));
+        let (net, gateway) = match (config.fixed_subnet(), config.gateway) {
+            (Some(net), Some(gateway)) => {
+                if let Some(o) = subnet::conflict(net, &occupants) {
+                    return Err(BackendError::new(format!(
+                        "subnet {net} overlaps {o} on this host; choose another subnet"
+                    )));
+                }
+                (net, gateway)
+            }
+            _ => {
+                let len = config.prefix_len;
+                let net = subnet::pick(len, &occupants).ok_or_else(|| {
+                    BackendError::new(format!(
+                        "no free /{len} subnet in 192.168.64.0/18 or 10.213.0.0/16; \
+                         set a subnet in the network's file"
+                    ))
+                })?;
+                (net, subnet::first_host(net))
+            }
+        };
+        held.insert(bridge.to_string(), (config.name.clone(), net));
+        Ok((net, gateway))
+    }
+
+    fn release_subnet(&self, bridge: &str) {
+        self.held.lock().expect("not poisoned").remove(bridge);
+    }
+
+    fn holds(&self, bridge: &str) -> bool {
+        self.held.lock().expect("not poisoned").contains_key(bridge)
+    }
+
+    /// Fails if `bridge` exists and is not a leftover of the same network; removes
+    /// such a leftover (a broker that died before `remove_stale` could run).
+    async fn claim_bridge_name(&self, bridge: &str, alias: &str) -> Result<(), BackendError> {
+        let Some(link) = self.netlink.link_by_name(bridge).await? else {
+            return Ok(());
+        };
+        if link.alias.as_deref() != Some(alias) {
+            let owner = link.alias.as_deref().unwrap_or("no alias");
+            return Err(BackendError::new(format!(
+                "interface {bridge} already exists ({owner}) and does not belong to this network"
+            )));
+        }
+        if self.holds(bridge) {
+            return Err(BackendError::new(format!(
+                "bridge {bridge} is already in use by an active network"
+            )));
+        }
+        warn!(
+            interface = bridge,
+            "removing leftover bridge of the same network"
+        );
+        self.netlink.delete(&link).await?;
+        Ok(())
+    }
+
+    /// Creates, configures and brings up the bridge. On failure the bridge is removed.
+    async fn make_bridge(
+        &self,
+        name: &str,
+        alias: &str,
+        mtu: u32,
+        address: Ipv4Net,
+    ) -> Result<Link, BackendError> {
+        self.netlink.create_bridge(name).await?;
+        let link =
+            self.netlink.link_by_name(name).await?.ok_or_else(|| {
+                BackendError::new(format!("bridge {name} vanished after creation"))
+            })?;
+        let configured = async {
+            self.netlink.configure_up(&link, mtu, alias).await?;
+            self.netlink.add_address(&link, address).await
+        };
+        if let Err(e) = configured.await {
+            if let Err(cleanup) = self.netlink.delete(&link).await {
+                warn!(
+                    interface = name,
+                    "cannot remove half-made bridge: {cleanup}"
+                );
+            }
+            return Err(e.into());
+        }
+        Ok(link)
+    }
+
+    /// Our TAPs on `bridge`.
+    async fn taps_of(&self, network: &LinuxNetwork) -> std::io::Result<Vec<Link>> {
+        let alias = alias_for(&network.config.name);
+        Ok(self
+            .netlink
+            .ports_of(network.bridge.index)
+            .await?
+            .into_iter()
+            .filter(|l| l.alias.as_deref() == Some(alias.as_str()))
+            .collect())
+    }
+
+    /// Gives the new TAP its MAC, MTU, alias and bridge, and isolates it if asked.
+    async fn plug(
+        &self,
+        network: &LinuxNetwork,
+        name: &str,
+        mac: [u8; 6],
+    ) -> Result<(), BackendError> {
+        let port = self
+            .netlink
+            .link_by_name(name)
+            .await?
+            .ok_or_else(|| BackendError::new(format!("TAP {name} vanished after creation")))?;
+        let alias = alias_for(&network.config.name);
+        self.netlink
+            .enslave(&port, mac, network.config.mtu, &alias, &network.bridge)
+            .await?;
+        if network.config.isolation {
+            self.netlink.set_isolated(&port).await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes `link` if it still exists; reports whether there was anything to delete.
+    async fn remove_link(&self, link: &Link, errors: &mut Vec<String>) -> bool {
+        match self.netlink.delete(link).await {
+            Ok(deleted) => deleted,
+            Err(e) => {
+                errors.push(e.to_string());
+                false
+            }
+        }
+    }
+}
+
+impl Backend for LinuxBackend {
+    type Network = LinuxNetwork;
+
+    async fn create(&self, config: &NetworkConfig) -> Result<LinuxNetwork, BackendError> {
+        let bridge_name = bridge_name(&config.name);
+        let alias = alias_for(&config.name);
+        self.claim_bridge_name(&bridge_name, &alias).await?;
+        let (subnet, gateway) = self
+            .reserve_subnet(config, &bridge_name)
+            .await
+            .map_err(|e| error(format_args!("network {:?}", config.name), e))?;
+        let address = Ipv4Net::new(gateway, subnet.prefix_len()).expect("prefix of a subnet");
+        let bridge = match self
+            .make_bridge(&bridge_name, &alias, config.mtu, address)
+            .await
+        {
+            Ok(link) => link,
+            Err(e) => {
+                self.release_subnet(&bridge_name);
+                return Err(e);
+            }
+        };
+        // The network-services layer starts the firewall rules, DHCP and DNS here, now
+        // that the bridge has its address.
+        let services = Services::default();
+        Ok(LinuxNetwork {
+            config: config.clone(),
+            bridge,
+            subnet,
+            gateway,
+            services,
+        })
+    }
+
+    fn details(&self, network: &LinuxNetwork) -> NetworkDetails {
+        NetworkDetails {
+            subnet: network.subnet,
+            gateway: network.gateway,
+            mtu: network.config.mtu,
+            bridge: network.bridge.name.clone(),
+        }
+    }
+
+    async fn attach(
+        &self,
+        network: &LinuxNetwork,
+        request: &AttachRequest,
+    ) -> Result<Attachment, BackendError> {
+        let name = tap::tap_name(network.bridge.index, request.serial)?;
+        let fd = tap::create_tap(&name)?;
+        // On failure `fd` is dropped, and with its only fd the TAP goes away.
+        self.plug(network, &name, host_mac(request.mac)).await?;
+        Ok(Attachment {
+            interface: name,
+            fd,
+        })
+    }
+
+    async fn endpoints(&self, network: &LinuxNetwork) -> Vec<String> {
+        match self.taps_of(network).await {
+            Ok(taps) => taps.into_iter().map(|l| l.name).collect(),
+            Err(e) => {
+                warn!(bridge = %network.bridge.name, "cannot list TAPs: {e}");
+                vec![]
+            }
+        }
+    }
+
+    async fn destroy(&self, network: LinuxNetwork) -> Result<(), BackendError> {
+        let LinuxNetwork {
+            config,
+            bridge,
+            services,
+            ..
+        } = network;
+        // Stop serving before the bridge goes away.
+        drop(services);
+        let mut errors = vec![];
+        let alias = alias_for(&config.name);
+        // A TAP a VM still holds would outlive the bridge; the network only goes away
+        // when no client holds it, so any TAP left is orphaned.
+        match self.netlink.ports_of(bridge.index).await {
+            Ok(ports) => {
+                for port in ports.iter().filter(|p| p.alias.as_deref() == Some(&alias)) {
+                    self.remove_link(port, &mut errors).await;
+                }
+            }
+            Err(e) => errors.push(e.to_string()),
+        }
+        // Delete by index only while the name still matches: never someone else's link.
+        match self.netlink.link_by_index(bridge.index).await {
+            Ok(Some(link)) if link.name == bridge.name => {
+                self.remove_link(&link, &mut errors).await;
+            }
+            Ok(_) => {}
+            Err(e) => errors.push(e.to_string()),
+        }
+        self.release_subnet(&bridge.name);
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(BackendError::new(format!(
+                "network {:?}: {}",
+                config.name,
+                errors.join("; ")
+            )))
+        }
+    }
+
+    async fn remove_stale(&self) -> Result<(), BackendError> {
+        let links = self.netlink.links().await?;
+        let mut errors = vec![];
+        // Only what no network of this broker holds: normally all of it, as this runs
+        // before the first network is made.
+        let live: Vec<u32> = links
+            .iter()
+            .filter(|l| self.holds(&l.name))
+            .map(|l| l.index)
+            .collect();
+        // TAPs first, so no bridge is deleted while still carrying our ports.
+        let (bridges, others): (Vec<Link>, Vec<Link>) = links
+            .into_iter()
+            .filter(|l| {
+                l.alias
+                    .as_deref()
+                    .is_some_and(|a| a.starts_with(ALIAS_PREFIX))
+            })
+            .filter(|l| !live.contains(&l.index))
+            .filter(|l| l.controller.is_none_or(|c| !live.contains(&c)))
+            .partition(|l| l.is_bridge);
+        for link in others.iter().chain(&bridges) {
+            if self.remove_link(link, &mut errors).await {
+                let alias = link.alias.as_deref().unwrap_or_default();
+                info!(interface = %link.name, alias, "removed stale interface");
+            }
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(BackendError::new(errors.join("; ")))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_names_show_in_the_bridge_name() {
+        assert_eq!(bridge_name("shared"), "vmnb-shared");
+        assert_eq!(bridge_name("ten-chars."), "vmnb-ten-chars.");
+    }
+
+    #[test]
+    fn long_names_are_hashed_stably_within_ifnamsiz() {
+        let a = bridge_name("eleven-char");
+        assert!(a.starts_with("vmnb-") && a.len() == 13, "{a}");
+        assert_eq!(a, bridge_name("eleven-char"));
+        assert_ne!(a, bridge_name("eleven-chaR"));
+    }
+
+    #[test]
+    fn host_side_mac_starts_with_fe() {
+        assert_eq!(host_mac([0x52, 0x54, 0, 1, 2, 3]), [0xfe, 0x54, 0, 1, 2, 3]);
+    }
+}
