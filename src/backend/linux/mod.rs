@@ -13,6 +13,7 @@ use crate::backend::{AttachRequest, Attachment, Backend, BackendError, NetworkDe
 use crate::config::NetworkConfig;
 use ipnet::Ipv4Net;
 use netlink::{Link, Netlink};
+use std::any::Any;
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
@@ -43,11 +44,29 @@ pub struct LinuxBackend {
     held: Mutex<BTreeMap<String, (String, Ipv4Net)>>,
 }
 
-/// Firewall rules, DHCP and DNS of one network. Filled in by the network-services
-/// layer, which starts them in [`LinuxBackend::create`] once the bridge is up and stops
-/// them (by dropping this value) first thing in [`LinuxBackend::destroy`].
-#[derive(Debug, Default)]
-pub struct Services {}
+/// The running network services of one network: firewall rules, DHCP and DNS. Each is
+/// held as a guard that stops its service when dropped. The network-services layer adds
+/// them in [`LinuxBackend::create`] once the bridge is up; [`LinuxBackend::destroy`]
+/// drops them first thing, before the bridge goes away.
+#[derive(Default)]
+pub struct Services {
+    guards: Vec<Box<dyn Any + Send + Sync>>,
+}
+
+impl Services {
+    /// Keeps `guard` until the network is destroyed.
+    pub fn add(&mut self, guard: impl Any + Send + Sync) {
+        self.guards.push(Box::new(guard));
+    }
+
+    pub fn len(&self) -> usize {
+        self.guards.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.guards.is_empty()
+    }
+}
 
 /// One network made by [`LinuxBackend`].
 pub struct LinuxNetwork {
@@ -93,17 +112,30 @@ pub fn bridge_name(network: &str) -> String {
     if fits {
         return format!("vmnb-{network}");
     }
-    // FNV-1a: stable across runs, so a restarted broker finds the same name.
+    // Stable, so a restarted broker finds the same name.
+    format!("vmnb-{:08x}", fnv1a(network))
+}
+
+/// The bridge's MAC, stable per network name so guests' ARP caches of the gateway stay
+/// right when a network is recreated: locally administered unicast (0x02), then 'v'
+/// and four bytes of the name's hash.
+pub fn bridge_mac(network: &str) -> [u8; 6] {
+    let h = fnv1a(network).to_be_bytes();
+    [0x02, b'v', h[0], h[1], h[2], h[3]]
+}
+
+/// FNV-1a: stable across runs and platforms, unlike std's randomized hasher.
+fn fnv1a(s: &str) -> u32 {
     let mut h: u32 = 0x811c_9dc5;
-    for b in network.bytes() {
+    for b in s.bytes() {
         h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
     }
-    format!("vmnb-{h:08x}")
+    h
 }
 
 /// The host side of a TAP: the guest MAC with 0xFE as first byte. 0xFE is above any
-/// MAC the kernel or QEMU generate, so a TAP never becomes the bridge's address (a
-/// bridge without a set MAC takes its lowest port's), and it is still unicast and
+/// MAC QEMU or the kernel generate, so even on a bridge whose MAC is not set (which
+/// takes its lowest port's) a TAP's would never be picked; it is still unicast and
 /// locally administered.
 fn host_mac(guest: [u8; 6]) -> [u8; 6] {
     let mut mac = guest;
@@ -206,18 +238,20 @@ impl LinuxBackend {
     /// Creates, configures and brings up the bridge. On failure the bridge is removed.
     async fn make_bridge(
         &self,
+        config: &NetworkConfig,
         name: &str,
-        alias: &str,
-        mtu: u32,
         address: Ipv4Net,
     ) -> Result<Link, BackendError> {
-        self.netlink.create_bridge(name).await?;
+        let alias = alias_for(&config.name);
+        self.netlink
+            .create_bridge(name, bridge_mac(&config.name))
+            .await?;
         let link =
             self.netlink.link_by_name(name).await?.ok_or_else(|| {
                 BackendError::new(format!("bridge {name} vanished after creation"))
             })?;
         let configured = async {
-            self.netlink.configure_up(&link, mtu, alias).await?;
+            self.netlink.configure_up(&link, config.mtu, &alias).await?;
             self.netlink.add_address(&link, address).await
         };
         if let Err(e) = configured.await {
@@ -290,10 +324,7 @@ impl Backend for LinuxBackend {
             .await
             .map_err(|e| error(format_args!("network {:?}", config.name), e))?;
         let address = Ipv4Net::new(gateway, subnet.prefix_len()).expect("prefix of a subnet");
-        let bridge = match self
-            .make_bridge(&bridge_name, &alias, config.mtu, address)
-            .await
-        {
+        let bridge = match self.make_bridge(config, &bridge_name, address).await {
             Ok(link) => link,
             Err(e) => {
                 self.release_subnet(&bridge_name);
@@ -358,11 +389,15 @@ impl Backend for LinuxBackend {
         let mut errors = vec![];
         let alias = alias_for(&config.name);
         // A TAP a VM still holds would outlive the bridge; the network only goes away
-        // when no client holds it, so any TAP left is orphaned.
-        match self.netlink.ports_of(bridge.index).await {
-            Ok(ports) => {
-                for port in ports.iter().filter(|p| p.alias.as_deref() == Some(&alias)) {
-                    self.remove_link(port, &mut errors).await;
+        // when no client holds it, so any TAP left is orphaned. Found by alias, not as
+        // a port, so TAPs of a bridge someone deleted under us go too.
+        match self.netlink.links().await {
+            Ok(links) => {
+                let taps = links
+                    .iter()
+                    .filter(|l| l.alias.as_deref() == Some(&alias) && l.index != bridge.index);
+                for tap in taps {
+                    self.remove_link(tap, &mut errors).await;
                 }
             }
             Err(e) => errors.push(e.to_string()),
@@ -438,6 +473,14 @@ mod tests {
         assert!(a.starts_with("vmnb-") && a.len() == 13, "{a}");
         assert_eq!(a, bridge_name("eleven-char"));
         assert_ne!(a, bridge_name("eleven-chaR"));
+    }
+
+    #[test]
+    fn bridge_macs_are_local_unicast_and_stable() {
+        let m = bridge_mac("shared");
+        assert_eq!(m[0], 0x02);
+        assert_eq!(m, bridge_mac("shared"));
+        assert_ne!(m, bridge_mac("host"));
     }
 
     #[test]

@@ -150,9 +150,12 @@ impl Netlink {
     }
 
     /// Creates bridge `name`, down, with STP off and no forward delay, so a new port
-    /// forwards at once instead of listening and learning for 30 s first.
-    pub async fn create_bridge(&self, name: &str) -> io::Result<()> {
+    /// forwards at once instead of listening and learning for 30 s first. The MAC is
+    /// set explicitly: a bridge whose MAC was not set takes its lowest port's, and
+    /// would change address whenever VMs come and go.
+    pub async fn create_bridge(&self, name: &str, mac: [u8; 6]) -> io::Result<()> {
         let message = LinkMessageBuilder::<LinkBridge>::new(name)
+            .address(mac.to_vec())
             .forward_delay(0)
             .stp_state(BridgeStpState::Disabled)
             .build();
