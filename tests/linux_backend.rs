@@ -176,6 +176,74 @@ fn cloexec(fd: &OwnedFd) -> bool {
     flags & libc::FD_CLOEXEC != 0
 }
 
+/// An ARP request from `mac`/`ip` for `target`, behind the 12-byte virtio-net header
+/// (all zero: no offloads) the TAP expects.
+fn arp_request(mac: [u8; 6], ip: [u8; 4], target: [u8; 4]) -> Vec<u8> {
+    let mut f = vec![0u8; 12];
+    f.extend([0xff; 6]);
+    f.extend(mac);
+    f.extend([0x08, 0x06]);
+    f.extend([0, 1, 8, 0, 6, 4, 0, 1]);
+    f.extend(mac);
+    f.extend(ip);
+    f.extend([0; 6]);
+    f.extend(target);
+    f
+}
+
+fn send(fd: &OwnedFd, frame: &[u8]) {
+    // SAFETY: writing an initialized buffer to an open fd.
+    let n = unsafe { libc::write(fd.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
+    assert_eq!(
+        n,
+        frame.len() as isize,
+        "{}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// The Ethernet frames (virtio-net header stripped) that arrive within `wait`.
+async fn receive(fd: &OwnedFd, wait: Duration) -> Vec<Vec<u8>> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut frames = vec![];
+    let mut buf = vec![0u8; 65536];
+    while tokio::time::Instant::now() < deadline {
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; a zero timeout never blocks the runtime's thread.
+        if unsafe { libc::poll(&mut pfd, 1, 0) } == 1 {
+            // SAFETY: reading into a buffer of the given length.
+            let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            assert!(n >= 12, "read: {}", std::io::Error::last_os_error());
+            frames.push(buf[12..n as usize].to_vec());
+        } else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    frames
+}
+
+/// Whether `frames` hold an ARP reply from `mac` for `ip`.
+fn has_arp_reply(frames: &[Vec<u8>], mac: [u8; 6], ip: [u8; 4]) -> bool {
+    frames.iter().any(|f| {
+        f.len() >= 42
+            && f[12..14] == [0x08, 0x06]
+            && f[20..22] == [0, 2]
+            && f[6..12] == mac
+            && f[28..32] == ip
+    })
+}
+
+/// Whether `frames` hold the ARP request sent from `mac`.
+fn has_arp_request_from(frames: &[Vec<u8>], mac: [u8; 6]) -> bool {
+    frames.iter().any(|f| {
+        f.len() >= 42 && f[12..14] == [0x08, 0x06] && f[20..22] == [0, 1] && f[6..12] == mac
+    })
+}
+
 #[test]
 fn bridge_taps_and_teardown() {
     in_netns(|ns| async move {
@@ -335,6 +403,16 @@ fn fixed_subnets_are_used_or_refused_clearly() {
         assert_eq!(b.details(&ok).gateway.to_string(), "10.99.0.254");
         assert_eq!(ns.ipv4_of("vmnb-fixed"), ["10.99.0.254/24"]);
 
+        // A failure after the bridge exists leaves nothing behind, subnet included.
+        let mut huge = config("huge");
+        huge.mtu = 70000;
+        let e = b.create(&huge).await.err().unwrap();
+        assert!(e.to_string().contains("vmnb-huge"), "{e}");
+        assert!(ns.link("vmnb-huge").is_none());
+        let after = b.create(&config("after")).await.unwrap();
+        assert_eq!(b.details(&after).subnet.to_string(), "192.168.64.0/24");
+        b.destroy(after).await.unwrap();
+
         let e = b
             .create(&fixed("again", [10, 99, 0, 1], 25))
             .await
@@ -342,6 +420,50 @@ fn fixed_subnets_are_used_or_refused_clearly() {
             .unwrap();
         assert!(e.to_string().contains("vmnb-fixed"), "{e}");
         b.destroy(ok).await.unwrap();
+    });
+}
+
+/// Two VMs' TAPs on one network: A asks for the gateway's MAC. Returns whether the
+/// host answered A and whether B saw A's broadcast.
+async fn broadcast_between_two(isolation: bool) -> (bool, bool) {
+    let b = backend().await;
+    let mut c = config("iso");
+    c.isolation = isolation;
+    let net = b.create(&c).await.unwrap();
+    let gw = b.details(&net).gateway.octets();
+    let a = attach(&b, &net, 1).await;
+    let other = attach(&b, &net, 2).await;
+    let a_mac = [0x52, 0x54, 0x00, 0x12, 0x34, 1];
+    let host_ip = {
+        let mut ip = gw;
+        ip[3] = 50;
+        ip
+    };
+    send(&a.fd, &arp_request(a_mac, host_ip, gw));
+    let (to_a, to_other) = tokio::join!(
+        receive(&a.fd, Duration::from_millis(500)),
+        receive(&other.fd, Duration::from_millis(500))
+    );
+    let answered = has_arp_reply(&to_a, bridge_mac("iso"), gw);
+    let seen = has_arp_request_from(&to_other, a_mac);
+    drop((a, other));
+    b.destroy(net).await.unwrap();
+    (answered, seen)
+}
+
+#[test]
+fn frames_flow_at_once_and_isolation_separates_vms() {
+    in_netns(|ns| async move {
+        // Frames flow right after attach (no STP listening/learning delay), the
+        // 12-byte header is what the TAP uses, and the bridge answers as the gateway.
+        let (answered, seen) = broadcast_between_two(false).await;
+        assert!(answered, "the host answers ARP for the gateway");
+        assert!(seen, "without isolation VMs see each other's broadcasts");
+
+        let (answered, seen) = broadcast_between_two(true).await;
+        assert!(answered, "an isolated VM still reaches the host");
+        assert!(!seen, "isolated VMs do not see each other");
+        assert_eq!(ns.link_names(), ["lo"]);
     });
 }
 

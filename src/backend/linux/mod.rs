@@ -143,10 +143,6 @@ fn host_mac(guest: [u8; 6]) -> [u8; 6] {
     mac
 }
 
-fn error(context: impl std::fmt::Display, e: impl std::fmt::Display) -> BackendError {
-    BackendError::new(format!("{context}: {e}"))
-}
-
 impl LinuxBackend {
     pub async fn new(options: LinuxOptions) -> Result<Self, BackendError> {
         let netlink = Netlink::connect()?;
@@ -168,11 +164,9 @@ impl LinuxBackend {
         config: &NetworkConfig,
         bridge: &str,
     ) -> Result<(Ipv4Net, Ipv4Addr), BackendError> {
-        let mut occupants = self
-            .netlink
-            .occupants()
-            .await
-            .map_err(|e| error("cannot read the host's addresses and routes", e))?;
+        let mut occupants = self.netlink.occupants().await.map_err(|e| {
+            BackendError::new(format!("cannot read the host's addresses and routes: {e}"))
+        })?;
         let mut held = self.held.lock().expect("not poisoned");
         occupants.extend(held.values().map(|(name, net)| Occupant {
             net: *net,
@@ -182,7 +176,7 @@ impl LinuxBackend {
             (Some(net), Some(gateway)) => {
                 if let Some(o) = subnet::conflict(net, &occupants) {
                     return Err(BackendError::new(format!(
-                        "subnet {net} overlaps {o} on this host; choose another subnet"
+                        "subnet {net} overlaps {o}; choose another subnet"
                     )));
                 }
                 (net, gateway)
@@ -319,10 +313,7 @@ impl Backend for LinuxBackend {
         let bridge_name = bridge_name(&config.name);
         let alias = alias_for(&config.name);
         self.claim_bridge_name(&bridge_name, &alias).await?;
-        let (subnet, gateway) = self
-            .reserve_subnet(config, &bridge_name)
-            .await
-            .map_err(|e| error(format_args!("network {:?}", config.name), e))?;
+        let (subnet, gateway) = self.reserve_subnet(config, &bridge_name).await?;
         let address = Ipv4Net::new(gateway, subnet.prefix_len()).expect("prefix of a subnet");
         let bridge = match self.make_bridge(config, &bridge_name, address).await {
             Ok(link) => link,
