@@ -439,12 +439,24 @@ async fn broadcast_between_two(isolation: bool) -> (bool, bool) {
         ip[3] = 50;
         ip
     };
-    send(&a.fd, &arp_request(a_mac, host_ip, gw));
-    let (to_a, to_other) = tokio::join!(
-        receive(&a.fd, Duration::from_millis(500)),
-        receive(&other.fd, Duration::from_millis(500))
-    );
-    let answered = has_arp_reply(&to_a, bridge_mac("iso"), gw);
+    // The very first frame after the first port joins can race the kernel turning
+    // the bridge's carrier on (a few ms); a guest never sends that early, so ask again
+    // every 20 ms. A forward delay (15 s by default) would fail this.
+    let mut answered = false;
+    let mut to_other = vec![];
+    for _ in 0..50 {
+        send(&a.fd, &arp_request(a_mac, host_ip, gw));
+        let (to_a, more) = tokio::join!(
+            receive(&a.fd, Duration::from_millis(20)),
+            receive(&other.fd, Duration::from_millis(20))
+        );
+        to_other.extend(more);
+        answered = has_arp_reply(&to_a, bridge_mac("iso"), gw);
+        if answered {
+            break;
+        }
+    }
+    to_other.extend(receive(&other.fd, Duration::from_millis(100)).await);
     let seen = has_arp_request_from(&to_other, a_mac);
     drop((a, other));
     b.destroy(net).await.unwrap();
