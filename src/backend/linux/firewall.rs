@@ -225,6 +225,20 @@ impl Firewall {
         Ok(())
     }
 
+    /// Deletes tables a broker that died without cleaning up left behind. Called before the
+    /// first network is added; with networks present it does nothing.
+    pub async fn remove_stale(&self) -> Result<(), FirewallError> {
+        let state = self.inner.state.lock().await;
+        if !state.networks.is_empty() || !self.inner.any_table_present().await? {
+            return Ok(());
+        }
+        let mut batch = Batch::new();
+        delete_tables(&mut batch);
+        self.inner.apply(batch, "removing stale tables").await?;
+        info!("removed stale firewall tables");
+        Ok(())
+    }
+
     /// Removes everything the network added. Removing the last network deletes both tables.
     /// Removing an unknown network is not an error (cleanup paths may call it twice).
     pub async fn remove_network(&self, name: &str) -> Result<(), FirewallError> {
@@ -416,6 +430,18 @@ impl Inner {
 
     /// True when both of our tables exist.
     async fn tables_present(&self) -> Result<bool, FirewallError> {
+        let (inet, bridge) = self.our_tables().await?;
+        Ok(inet && bridge)
+    }
+
+    /// True when either of our tables exists.
+    async fn any_table_present(&self) -> Result<bool, FirewallError> {
+        let (inet, bridge) = self.our_tables().await?;
+        Ok(inet || bridge)
+    }
+
+    /// Which of our two tables (inet, bridge) exist.
+    async fn our_tables(&self) -> Result<(bool, bool), FirewallError> {
         let context = "listing tables";
         let doc = helper::get_current_ruleset_with_args_async(Some(&self.nft), ["list", "tables"])
             .await
@@ -433,7 +459,7 @@ impl Inner {
                 }
             }
         }
-        Ok(inet && bridge)
+        Ok((inet, bridge))
     }
 
     async fn check_and_restore(&self) -> Result<(), FirewallError> {

@@ -1,3 +1,539 @@
 //! Linux backend: a kernel bridge per network, a TAP per acquire, nftables for NAT and
 //! anti-spoofing, and the broker's own DHCP and DNS services.
+//!
+//! Everything the backend makes carries the interface alias `vmnet-broker:<network>`,
+//! so operators see what belongs to whom and a restarted broker finds what a crashed
+//! one left behind ([`Backend::remove_stale`]).
+
 pub mod firewall;
+pub mod netlink;
+pub mod services;
+pub mod subnet;
+pub mod tap;
+
+use crate::backend::{AttachRequest, Attachment, Backend, BackendError, NetworkDetails};
+use crate::config::{Mode, NetworkConfig};
+use firewall::{Firewall, FirewallNetwork};
+use ipnet::Ipv4Net;
+use netlink::{Link, Netlink};
+use services::{ServiceParams, Services};
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+use std::path::PathBuf;
+use std::sync::Mutex;
+use subnet::{Occupant, Occupation};
+use tracing::{info, warn};
+
+pub use netlink::bridge_of;
+pub use tap::tap_name_of;
+
+/// Prefix of the alias of every interface the broker makes.
+pub const ALIAS_PREFIX: &str = "vmnet-broker:";
+
+/// Where the network services keep state and find the host's resolvers.
+#[derive(Debug, Clone)]
+pub struct LinuxOptions {
+    /// DHCP leases and other state that must survive a broker restart.
+    pub state_dir: PathBuf,
+    /// The resolv.conf the DNS forwarder reads upstream servers from.
+    pub resolv_conf: PathBuf,
+}
+
+pub struct LinuxBackend {
+    options: LinuxOptions,
+    netlink: Netlink,
+    /// NAT, forwarding and anti-spoofing rules of every network, in one nftables table
+    /// per family owned by the broker.
+    firewall: Firewall,
+    /// Subnets of the networks this backend holds, by bridge name. Reserved before the
+    /// bridge exists, so two creations can never pick the same subnet.
+    held: Mutex<BTreeMap<String, (String, Ipv4Net)>>,
+}
+
+/// One network made by [`LinuxBackend`].
+pub struct LinuxNetwork {
+    config: NetworkConfig,
+    bridge: Link,
+    subnet: Ipv4Net,
+    gateway: Ipv4Addr,
+    services: Services,
+}
+
+impl LinuxNetwork {
+    pub fn config(&self) -> &NetworkConfig {
+        &self.config
+    }
+    pub fn bridge(&self) -> &str {
+        &self.bridge.name
+    }
+    pub fn bridge_index(&self) -> u32 {
+        self.bridge.index
+    }
+    pub fn subnet(&self) -> Ipv4Net {
+        self.subnet
+    }
+    pub fn gateway(&self) -> Ipv4Addr {
+        self.gateway
+    }
+}
+
+/// The alias of the bridge and TAPs of network `name`.
+pub fn alias_for(name: &str) -> String {
+    format!("{ALIAS_PREFIX}{name}")
+}
+
+/// `vmnb-<name>` when the name fits IFNAMSIZ, else `vmnb-<8 hex digits of its hash>`.
+pub fn bridge_name(network: &str) -> String {
+    let fits = network.len() <= 10
+        && network
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
+    if fits {
+        return format!("vmnb-{network}");
+    }
+    // Stable, so a restarted broker finds the same name.
+    format!("vmnb-{:08x}", fnv1a(network))
+}
+
+/// The bridge's MAC, stable per network name so guests' ARP caches of the gateway stay
+/// right when a network is recreated: locally administered unicast (0x02), then 'v'
+/// and four bytes of the name's hash.
+pub fn bridge_mac(network: &str) -> [u8; 6] {
+    let h = fnv1a(network).to_be_bytes();
+    [0x02, b'v', h[0], h[1], h[2], h[3]]
+}
+
+/// FNV-1a: stable across runs and platforms, unlike std's randomized hasher.
+fn fnv1a(s: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in s.bytes() {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
+/// The host side of a TAP: the guest MAC with 0xFE as first byte. 0xFE is above any
+/// MAC QEMU or the kernel generate, so even on a bridge whose MAC is not set (which
+/// takes its lowest port's) a TAP's would never be picked; it is still unicast and
+/// locally administered.
+fn host_mac(guest: [u8; 6]) -> [u8; 6] {
+    let mut mac = guest;
+    mac[0] = 0xfe;
+    mac
+}
+
+impl LinuxBackend {
+    /// Must be called inside a tokio runtime: it starts the firewall's watchdog, which
+    /// restores the broker's rules within seconds if someone flushes the ruleset.
+    pub async fn new(options: LinuxOptions) -> Result<Self, BackendError> {
+        let netlink = Netlink::connect()?;
+        std::fs::create_dir_all(&options.state_dir).map_err(|e| {
+            BackendError::new(format!(
+                "cannot create state directory {}: {e}",
+                options.state_dir.display()
+            ))
+        })?;
+        let firewall = Firewall::new();
+        firewall.spawn_watchdog();
+        Ok(Self {
+            options,
+            netlink,
+            firewall,
+            held: Mutex::new(BTreeMap::new()),
+        })
+    }
+
+    pub fn options(&self) -> &LinuxOptions {
+        &self.options
+    }
+
+    /// Reserves a subnet for `config`: the fixed one if it is free, else the first free
+    /// prefix of the pool ([`subnet::pool`]).
+    async fn reserve_subnet(
+        &self,
+        config: &NetworkConfig,
+        bridge: &str,
+    ) -> Result<(Ipv4Net, Ipv4Addr), BackendError> {
+        let mut occupants = self.netlink.occupants().await.map_err(|e| {
+            BackendError::new(format!("cannot read the host's addresses and routes: {e}"))
+        })?;
+        let mut held = self.held.lock().expect("not poisoned");
+        occupants.extend(held.values().map(|(name, net)| Occupant {
+            net: *net,
+            what: Occupation::Network { name: name.clone() },
+        }));
+        let (net, gateway) = match (config.fixed_subnet(), config.gateway) {
+            (Some(net), Some(gateway)) => {
+                if let Some(o) = subnet::conflict(net, &occupants) {
+                    return Err(BackendError::new(format!(
+                        "subnet {net} overlaps {o}; choose another subnet"
+                    )));
+                }
+                (net, gateway)
+            }
+            _ => {
+                let len = config.prefix_len;
+                let net = subnet::pick(len, &occupants).ok_or_else(|| {
+                    BackendError::new(format!(
+                        "no free /{len} subnet in 192.168.64.0/18 or 10.213.0.0/16; \
+                         set a subnet in the network's file"
+                    ))
+                })?;
+                (net, subnet::first_host(net))
+            }
+        };
+        held.insert(bridge.to_string(), (config.name.clone(), net));
+        Ok((net, gateway))
+    }
+
+    fn release_subnet(&self, bridge: &str) {
+        self.held.lock().expect("not poisoned").remove(bridge);
+    }
+
+    fn holds(&self, bridge: &str) -> bool {
+        self.held.lock().expect("not poisoned").contains_key(bridge)
+    }
+
+    /// Fails if `bridge` exists and is not a leftover of the same network; removes
+    /// such a leftover (a broker that died before `remove_stale` could run).
+    async fn claim_bridge_name(&self, bridge: &str, alias: &str) -> Result<(), BackendError> {
+        let Some(link) = self.netlink.link_by_name(bridge).await? else {
+            return Ok(());
+        };
+        if link.alias.as_deref() != Some(alias) {
+            let owner = link.alias.as_deref().unwrap_or("no alias");
+            return Err(BackendError::new(format!(
+                "interface {bridge} already exists ({owner}) and does not belong to this network"
+            )));
+        }
+        if self.holds(bridge) {
+            return Err(BackendError::new(format!(
+                "bridge {bridge} is already in use by an active network"
+            )));
+        }
+        warn!(
+            interface = bridge,
+            "removing leftover bridge of the same network"
+        );
+        self.netlink.delete(&link).await?;
+        Ok(())
+    }
+
+    /// Creates, configures and brings up the bridge. On failure the bridge is removed.
+    async fn make_bridge(
+        &self,
+        config: &NetworkConfig,
+        name: &str,
+        address: Ipv4Net,
+    ) -> Result<Link, BackendError> {
+        let alias = alias_for(&config.name);
+        self.netlink
+            .create_bridge(name, bridge_mac(&config.name))
+            .await?;
+        let link =
+            self.netlink.link_by_name(name).await?.ok_or_else(|| {
+                BackendError::new(format!("bridge {name} vanished after creation"))
+            })?;
+        let configured = async {
+            self.netlink.configure_up(&link, config.mtu, &alias).await?;
+            self.netlink.add_address(&link, address).await
+        };
+        if let Err(e) = configured.await {
+            if let Err(cleanup) = self.netlink.delete(&link).await {
+                warn!(
+                    interface = name,
+                    "cannot remove half-made bridge: {cleanup}"
+                );
+            }
+            return Err(e.into());
+        }
+        Ok(link)
+    }
+
+    /// Firewall rules, then DHCP and DNS. On error nothing of them is left.
+    async fn start_services(
+        &self,
+        config: &NetworkConfig,
+        bridge: &Link,
+        subnet: Ipv4Net,
+        gateway: Ipv4Addr,
+    ) -> Result<Services, BackendError> {
+        self.firewall
+            .add_network(&FirewallNetwork {
+                name: config.name.clone(),
+                bridge: bridge.name.clone(),
+                subnet,
+                gateway,
+                nat: config.mode == Mode::Shared,
+                anti_spoofing: !config.allow_spoofing,
+                dhcp: config.dhcp,
+            })
+            .await
+            .map_err(|e| BackendError::new(format!("firewall: {e}")))?;
+        let started = Services::start(ServiceParams {
+            config,
+            bridge: &bridge.name,
+            subnet,
+            gateway,
+            state_dir: &self.options.state_dir,
+            resolv_conf: &self.options.resolv_conf,
+            firewall: &self.firewall,
+        })
+        .await;
+        if started.is_err()
+            && let Err(e) = self.firewall.remove_network(&config.name).await
+        {
+            warn!(network = %config.name, "cannot remove firewall rules: {e}");
+        }
+        started
+    }
+
+    /// Our TAPs on `bridge`.
+    async fn taps_of(&self, network: &LinuxNetwork) -> std::io::Result<Vec<Link>> {
+        let alias = alias_for(&network.config.name);
+        Ok(self
+            .netlink
+            .ports_of(network.bridge.index)
+            .await?
+            .into_iter()
+            .filter(|l| l.alias.as_deref() == Some(alias.as_str()))
+            .collect())
+    }
+
+    /// Gives the new TAP its MAC, MTU, alias and bridge, and isolates it if asked.
+    async fn plug(
+        &self,
+        network: &LinuxNetwork,
+        name: &str,
+        mac: [u8; 6],
+    ) -> Result<(), BackendError> {
+        let port = self
+            .netlink
+            .link_by_name(name)
+            .await?
+            .ok_or_else(|| BackendError::new(format!("TAP {name} vanished after creation")))?;
+        let alias = alias_for(&network.config.name);
+        self.netlink
+            .enslave(&port, mac, network.config.mtu, &alias, &network.bridge)
+            .await?;
+        if network.config.isolation {
+            self.netlink.set_isolated(&port).await?;
+        }
+        Ok(())
+    }
+
+    /// Deletes `links` and returns those that still existed. Each deletion takes about
+    /// 20 ms (the kernel waits for RCU grace periods), and the kernel handles one
+    /// socket's requests in order, so this is linear in the number of links.
+    async fn remove_links<'a>(
+        &self,
+        links: &[&'a Link],
+        errors: &mut Vec<String>,
+    ) -> Vec<&'a Link> {
+        let mut removed = vec![];
+        for &link in links {
+            match self.netlink.delete(link).await {
+                Ok(true) => removed.push(link),
+                Ok(false) => {}
+                Err(e) => errors.push(e.to_string()),
+            }
+        }
+        removed
+    }
+}
+
+impl Backend for LinuxBackend {
+    type Network = LinuxNetwork;
+
+    async fn create(&self, config: &NetworkConfig) -> Result<LinuxNetwork, BackendError> {
+        let bridge_name = bridge_name(&config.name);
+        let alias = alias_for(&config.name);
+        self.claim_bridge_name(&bridge_name, &alias).await?;
+        let (subnet, gateway) = self.reserve_subnet(config, &bridge_name).await?;
+        let address = Ipv4Net::new(gateway, subnet.prefix_len()).expect("prefix of a subnet");
+        let bridge = match self.make_bridge(config, &bridge_name, address).await {
+            Ok(link) => link,
+            Err(e) => {
+                self.release_subnet(&bridge_name);
+                return Err(e);
+            }
+        };
+        // Firewall first, so no frame is forwarded before its rules exist; then the
+        // services, now that the bridge has its address.
+        let services = match self.start_services(config, &bridge, subnet, gateway).await {
+            Ok(services) => services,
+            Err(e) => {
+                let mut errors = vec![];
+                self.remove_links(&[&bridge], &mut errors).await;
+                self.release_subnet(&bridge_name);
+                for cleanup in errors {
+                    warn!(interface = %bridge_name, "cannot remove half-made bridge: {cleanup}");
+                }
+                return Err(e);
+            }
+        };
+        Ok(LinuxNetwork {
+            config: config.clone(),
+            bridge,
+            subnet,
+            gateway,
+            services,
+        })
+    }
+
+    fn details(&self, network: &LinuxNetwork) -> NetworkDetails {
+        NetworkDetails {
+            subnet: network.subnet,
+            gateway: network.gateway,
+            mtu: network.config.mtu,
+            bridge: network.bridge.name.clone(),
+        }
+    }
+
+    async fn attach(
+        &self,
+        network: &LinuxNetwork,
+        request: &AttachRequest,
+    ) -> Result<Attachment, BackendError> {
+        let name = tap::tap_name(network.bridge.index, request.serial)?;
+        let fd = tap::create_tap(&name)?;
+        // On failure `fd` is dropped, and with its only fd the TAP goes away.
+        self.plug(network, &name, host_mac(request.mac)).await?;
+        if !network.config.allow_spoofing {
+            self.firewall
+                .add_port(&network.config.name, &name, request.mac)
+                .await
+                .map_err(|e| BackendError::new(format!("firewall: {e}")))?;
+        }
+        Ok(Attachment {
+            interface: name,
+            fd,
+        })
+    }
+
+    async fn endpoints(&self, network: &LinuxNetwork) -> Vec<String> {
+        match self.taps_of(network).await {
+            Ok(taps) => taps.into_iter().map(|l| l.name).collect(),
+            Err(e) => {
+                warn!(bridge = %network.bridge.name, "cannot list TAPs: {e}");
+                vec![]
+            }
+        }
+    }
+
+    async fn destroy(&self, network: LinuxNetwork) -> Result<(), BackendError> {
+        let LinuxNetwork {
+            config,
+            bridge,
+            services,
+            ..
+        } = network;
+        // Stop serving before the bridge goes away.
+        services.stop().await;
+        let mut errors = vec![];
+        if let Err(e) = self.firewall.remove_network(&config.name).await {
+            errors.push(format!("firewall: {e}"));
+        }
+        let alias = alias_for(&config.name);
+        // A TAP a VM still holds would outlive the bridge; the network only goes away
+        // when no client holds it, so any TAP left is orphaned. Found by alias, not as
+        // a port, so TAPs of a bridge someone deleted under us go too.
+        match self.netlink.links().await {
+            Ok(links) => {
+                let taps: Vec<&Link> = links
+                    .iter()
+                    .filter(|l| l.alias.as_deref() == Some(&alias) && l.index != bridge.index)
+                    .collect();
+                self.remove_links(&taps, &mut errors).await;
+            }
+            Err(e) => errors.push(e.to_string()),
+        }
+        // Delete by index only while the name still matches: never someone else's link.
+        match self.netlink.link_by_index(bridge.index).await {
+            Ok(Some(link)) if link.name == bridge.name => {
+                self.remove_links(&[&link], &mut errors).await;
+            }
+            Ok(_) => {}
+            Err(e) => errors.push(e.to_string()),
+        }
+        self.release_subnet(&bridge.name);
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(BackendError::new(format!(
+                "network {:?}: {}",
+                config.name,
+                errors.join("; ")
+            )))
+        }
+    }
+
+    async fn remove_stale(&self) -> Result<(), BackendError> {
+        let links = self.netlink.links().await?;
+        let mut errors = vec![];
+        if let Err(e) = self.firewall.remove_stale().await {
+            errors.push(format!("firewall: {e}"));
+        }
+        // Only what no network of this broker holds: normally all of it, as this runs
+        // before the first network is made.
+        let live: Vec<u32> = links
+            .iter()
+            .filter(|l| self.holds(&l.name))
+            .map(|l| l.index)
+            .collect();
+        // TAPs first, so no bridge is deleted while still carrying our ports.
+        let (bridges, others): (Vec<Link>, Vec<Link>) = links
+            .into_iter()
+            .filter(|l| {
+                l.alias
+                    .as_deref()
+                    .is_some_and(|a| a.starts_with(ALIAS_PREFIX))
+            })
+            .filter(|l| !live.contains(&l.index))
+            .filter(|l| l.controller.is_none_or(|c| !live.contains(&c)))
+            .partition(|l| l.is_bridge);
+        let ordered: Vec<&Link> = others.iter().chain(&bridges).collect();
+        let removed = self.remove_links(&ordered, &mut errors).await;
+        for link in removed {
+            let alias = link.alias.as_deref().unwrap_or_default();
+            info!(interface = %link.name, alias, "removed stale interface");
+        }
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(BackendError::new(errors.join("; ")))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn short_names_show_in_the_bridge_name() {
+        assert_eq!(bridge_name("shared"), "vmnb-shared");
+        assert_eq!(bridge_name("ten-chars."), "vmnb-ten-chars.");
+    }
+
+    #[test]
+    fn long_names_are_hashed_stably_within_ifnamsiz() {
+        let a = bridge_name("eleven-char");
+        assert!(a.starts_with("vmnb-") && a.len() == 13, "{a}");
+        assert_eq!(a, bridge_name("eleven-char"));
+        assert_ne!(a, bridge_name("eleven-chaR"));
+    }
+
+    #[test]
+    fn bridge_macs_are_local_unicast_and_stable() {
+        let m = bridge_mac("shared");
+        assert_eq!(m[0], 0x02);
+        assert_eq!(m, bridge_mac("shared"));
+        assert_ne!(m, bridge_mac("host"));
+    }
+
+    #[test]
+    fn host_side_mac_starts_with_fe() {
+        assert_eq!(host_mac([0x52, 0x54, 0, 1, 2, 3]), [0xfe, 0x54, 0, 1, 2, 3]);
+    }
+}

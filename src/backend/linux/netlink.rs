@@ -1,0 +1,358 @@
+//! The rtnetlink requests the backend makes, each one small and named for what it does.
+//!
+//! Requests go to the network namespace of the thread that opened the connection, which
+//! is what lets the integration tests run the backend in a namespace of their own.
+
+use super::subnet::{Occupant, Occupation};
+use futures::TryStreamExt;
+use ipnet::Ipv4Net;
+use netlink_packet_route::AddressFamily;
+use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::link::{BridgeStpState, InfoKind, LinkAttribute, LinkInfo, LinkMessage};
+use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage};
+use rtnetlink::{
+    Handle, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder,
+};
+use std::collections::BTreeMap;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr};
+use tokio::task::JoinHandle;
+
+/// One rtnetlink connection and the task that drives it.
+pub struct Netlink {
+    handle: Handle,
+    task: JoinHandle<()>,
+}
+
+impl Drop for Netlink {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+/// What the backend needs to know about a link.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Link {
+    pub index: u32,
+    pub name: String,
+    pub alias: Option<String>,
+    /// The index of the bridge (or other master) the link is enslaved to.
+    pub controller: Option<u32>,
+    pub is_bridge: bool,
+}
+
+impl Link {
+    fn from_message(msg: LinkMessage) -> Self {
+        let mut link = Link {
+            index: msg.header.index,
+            name: String::new(),
+            alias: None,
+            controller: None,
+            is_bridge: false,
+        };
+        for attr in msg.attributes {
+            match attr {
+                LinkAttribute::IfName(name) => link.name = name,
+                LinkAttribute::IfAlias(alias) => link.alias = Some(alias),
+                LinkAttribute::Controller(index) => link.controller = Some(index),
+                LinkAttribute::LinkInfo(infos) => {
+                    link.is_bridge = infos
+                        .iter()
+                        .any(|i| matches!(i, LinkInfo::Kind(InfoKind::Bridge)));
+                }
+                _ => {}
+            }
+        }
+        link
+    }
+}
+
+/// The errno behind a netlink failure, if the kernel sent one.
+fn errno(err: &rtnetlink::Error) -> Option<i32> {
+    match err {
+        rtnetlink::Error::NetlinkError(msg) => msg.code.map(|c| -c.get()),
+        _ => None,
+    }
+}
+
+/// Turns a netlink failure into an io::Error that says what was being done.
+fn fail(err: rtnetlink::Error, what: impl std::fmt::Display) -> io::Error {
+    match err {
+        rtnetlink::Error::NetlinkError(msg) => {
+            let io = msg.to_io();
+            io::Error::new(io.kind(), format!("{what}: {io}"))
+        }
+        other => io::Error::other(format!("{what}: {other}")),
+    }
+}
+
+impl Netlink {
+    /// Opens a connection in the calling thread's network namespace. Needs a tokio
+    /// runtime: the connection runs as a task that ends when this value is dropped.
+    pub fn connect() -> io::Result<Self> {
+        let (connection, handle, _) = rtnetlink::new_connection()
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot open rtnetlink: {e}")))?;
+        let task = tokio::spawn(connection);
+        Ok(Self { handle, task })
+    }
+
+    /// Every link in the namespace.
+    pub async fn links(&self) -> io::Result<Vec<Link>> {
+        let msgs: Vec<LinkMessage> = self
+            .handle
+            .link()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| fail(e, "cannot list links"))?;
+        Ok(msgs.into_iter().map(Link::from_message).collect())
+    }
+
+    async fn one_link(&self, request: rtnetlink::LinkGetRequest) -> io::Result<Option<Link>> {
+        match request.execute().try_next().await {
+            Ok(msg) => Ok(msg.map(Link::from_message)),
+            Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(None),
+            Err(e) => Err(fail(e, "cannot look up link")),
+        }
+    }
+
+    pub async fn link_by_name(&self, name: &str) -> io::Result<Option<Link>> {
+        self.one_link(self.handle.link().get().match_name(name))
+            .await
+            .map_err(|e| io::Error::new(e.kind(), format!("{name}: {e}")))
+    }
+
+    pub async fn link_by_index(&self, index: u32) -> io::Result<Option<Link>> {
+        self.one_link(self.handle.link().get().match_index(index))
+            .await
+    }
+
+    /// The links enslaved to bridge `bridge_index`.
+    pub async fn ports_of(&self, bridge_index: u32) -> io::Result<Vec<Link>> {
+        let mut request = self.handle.link().get();
+        // The kernel filters the dump by master; the check below keeps it correct on
+        // kernels that ignore the attribute.
+        request
+            .message_mut()
+            .attributes
+            .push(LinkAttribute::Controller(bridge_index));
+        let msgs: Vec<LinkMessage> = request
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| fail(e, format!("cannot list ports of bridge #{bridge_index}")))?;
+        Ok(msgs
+            .into_iter()
+            .map(Link::from_message)
+            .filter(|l| l.controller == Some(bridge_index))
+            .collect())
+    }
+
+    /// Creates bridge `name`, down, with STP off and no forward delay, so a new port
+    /// forwards at once instead of listening and learning for 30 s first. The MAC is
+    /// set explicitly: a bridge whose MAC was not set takes its lowest port's, and
+    /// would change address whenever VMs come and go.
+    pub async fn create_bridge(&self, name: &str, mac: [u8; 6]) -> io::Result<()> {
+        let message = LinkMessageBuilder::<LinkBridge>::new(name)
+            .address(mac.to_vec())
+            .forward_delay(0)
+            .stp_state(BridgeStpState::Disabled)
+            .build();
+        self.handle
+            .link()
+            .add(message)
+            .execute()
+            .await
+            .map_err(|e| fail(e, format!("cannot create bridge {name}")))
+    }
+
+    /// Sets MTU and alias and brings the link up. Setting the bridge MTU explicitly
+    /// (not at creation) marks it as set by the user, so the kernel keeps it instead of
+    /// falling back to 1500 whenever the last port leaves.
+    pub async fn configure_up(&self, link: &Link, mtu: u32, alias: &str) -> io::Result<()> {
+        let message = LinkUnspec::new_with_index(link.index)
+            .mtu(mtu)
+            .alias(alias)
+            .up()
+            .build();
+        self.set(message, &link.name, "configure").await
+    }
+
+    pub async fn add_address(&self, link: &Link, address: Ipv4Net) -> io::Result<()> {
+        self.handle
+            .address()
+            .add(link.index, IpAddr::V4(address.addr()), address.prefix_len())
+            .execute()
+            .await
+            .map_err(|e| fail(e, format!("cannot add address {address} to {}", link.name)))
+    }
+
+    /// Gives a port its MAC, MTU and alias, enslaves it to `bridge` and brings it up.
+    pub async fn enslave(
+        &self,
+        port: &Link,
+        mac: [u8; 6],
+        mtu: u32,
+        alias: &str,
+        bridge: &Link,
+    ) -> io::Result<()> {
+        let message = LinkUnspec::new_with_index(port.index)
+            .address(mac.to_vec())
+            .mtu(mtu)
+            .alias(alias)
+            .controller(bridge.index)
+            .up()
+            .build();
+        let what = format!("attach to bridge {}", bridge.name);
+        self.set(message, &port.name, &what).await
+    }
+
+    /// Marks a bridge port isolated: it reaches non-isolated ports (the bridge itself,
+    /// so the host) but no other isolated port.
+    pub async fn set_isolated(&self, port: &Link) -> io::Result<()> {
+        let message = LinkBridgePort::new(port.index).isolated(true).build();
+        self.handle
+            .link()
+            .set_port(message)
+            .execute()
+            .await
+            .map_err(|e| fail(e, format!("cannot isolate bridge port {}", port.name)))
+    }
+
+    async fn set(&self, message: LinkMessage, name: &str, what: &str) -> io::Result<()> {
+        self.handle
+            .link()
+            .set(message)
+            .execute()
+            .await
+            .map_err(|e| fail(e, format!("cannot {what} {name}")))
+    }
+
+    /// Deletes a link; a link that is already gone counts as deleted (returns false).
+    pub async fn delete(&self, link: &Link) -> io::Result<bool> {
+        match self.handle.link().del(link.index).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(false),
+            Err(e) => Err(fail(e, format!("cannot delete {}", link.name))),
+        }
+    }
+
+    /// Everything that occupies IPv4 address space: the addresses of all interfaces
+    /// and the routes of the main table except the default route.
+    pub async fn occupants(&self) -> io::Result<Vec<Occupant>> {
+        let names: BTreeMap<u32, String> = self
+            .links()
+            .await?
+            .into_iter()
+            .map(|l| (l.index, l.name))
+            .collect();
+        let mut occupants = self.addresses(&names).await?;
+        occupants.extend(self.routes(&names).await?);
+        Ok(occupants)
+    }
+
+    async fn addresses(&self, names: &BTreeMap<u32, String>) -> io::Result<Vec<Occupant>> {
+        let msgs: Vec<AddressMessage> = self
+            .handle
+            .address()
+            .get()
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| fail(e, "cannot list addresses"))?;
+        Ok(msgs
+            .into_iter()
+            .filter(|m| m.header.family == AddressFamily::Inet)
+            .filter_map(|m| {
+                let addr = ipv4_of_address(&m)?;
+                Some(Occupant {
+                    net: Ipv4Net::new(addr, m.header.prefix_len).ok()?,
+                    what: Occupation::Address {
+                        interface: name_of(names, m.header.index),
+                    },
+                })
+            })
+            .collect())
+    }
+
+    async fn routes(&self, names: &BTreeMap<u32, String>) -> io::Result<Vec<Occupant>> {
+        let query = RouteMessageBuilder::<Ipv4Addr>::new().build();
+        let msgs: Vec<RouteMessage> = self
+            .handle
+            .route()
+            .get(query)
+            .execute()
+            .try_collect()
+            .await
+            .map_err(|e| fail(e, "cannot list routes"))?;
+        Ok(msgs
+            .into_iter()
+            .filter(|m| m.header.address_family == AddressFamily::Inet)
+            .filter(|m| table_of(m) == u32::from(RouteHeader::RT_TABLE_MAIN))
+            .filter(|m| m.header.destination_prefix_length > 0)
+            .filter_map(|m| {
+                let dest = m.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Destination(RouteAddress::Inet(d)) => Some(*d),
+                    _ => None,
+                })?;
+                let interface = m.attributes.iter().find_map(|a| match a {
+                    RouteAttribute::Oif(i) => Some(name_of(names, *i)),
+                    _ => None,
+                });
+                Some(Occupant {
+                    net: Ipv4Net::new(dest, m.header.destination_prefix_length).ok()?,
+                    what: Occupation::Route { interface },
+                })
+            })
+            .collect())
+    }
+}
+
+fn name_of(names: &BTreeMap<u32, String>, index: u32) -> String {
+    names
+        .get(&index)
+        .cloned()
+        .unwrap_or_else(|| format!("#{index}"))
+}
+
+/// The local address of an IPv4 address message (IFA_LOCAL; IFA_ADDRESS is the peer on
+/// point-to-point links, whose prefix shows up as a route anyway).
+fn ipv4_of_address(m: &AddressMessage) -> Option<Ipv4Addr> {
+    let pick = |local: bool| {
+        m.attributes.iter().find_map(|a| match (a, local) {
+            (AddressAttribute::Local(IpAddr::V4(ip)), true) => Some(*ip),
+            (AddressAttribute::Address(IpAddr::V4(ip)), false) => Some(*ip),
+            _ => None,
+        })
+    };
+    pick(true).or_else(|| pick(false))
+}
+
+/// Tables above 255 only appear in RTA_TABLE; the header holds the low byte.
+fn table_of(m: &RouteMessage) -> u32 {
+    m.attributes
+        .iter()
+        .find_map(|a| match a {
+            RouteAttribute::Table(t) => Some(*t),
+            _ => None,
+        })
+        .unwrap_or(u32::from(m.header.table))
+}
+
+/// The name of the bridge (master) `interface` is enslaved to, in the caller's network
+/// namespace; `None` if it has no master. Clients use it to check that a TAP they
+/// received sits on the expected bridge. Needs a tokio runtime.
+pub async fn bridge_of(interface: &str) -> io::Result<Option<String>> {
+    let netlink = Netlink::connect()?;
+    let Some(link) = netlink.link_by_name(interface).await? else {
+        return Err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("no interface named {interface}"),
+        ));
+    };
+    let Some(controller) = link.controller else {
+        return Ok(None);
+    };
+    Ok(netlink.link_by_index(controller).await?.map(|l| l.name))
+}

@@ -1,0 +1,143 @@
+//! The services a Linux network runs inside the broker process: DHCP, DNS, and the glue
+//! that turns DHCP leases into DNS names and into the firewall's MAC→IP bindings.
+
+use super::firewall::Firewall;
+use crate::backend::BackendError;
+use crate::config::NetworkConfig;
+use crate::dhcp::{DhcpConfig, DhcpServer, Lease};
+use crate::dns::{DnsConfig, DnsServer};
+use ipnet::Ipv4Net;
+use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
+use std::path::Path;
+use std::sync::Arc;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tracing::warn;
+
+/// The DNS domain of a network's VMs: `<vm>.<network>.vmnet`.
+pub fn domain_of(network: &str) -> String {
+    format!("{network}.vmnet")
+}
+
+pub struct Services {
+    dhcp: Option<DhcpServer>,
+    dns: Option<DnsServer>,
+    glue: Option<JoinHandle<()>>,
+}
+
+pub struct ServiceParams<'a> {
+    pub config: &'a NetworkConfig,
+    pub bridge: &'a str,
+    pub subnet: Ipv4Net,
+    pub gateway: Ipv4Addr,
+    pub state_dir: &'a Path,
+    pub resolv_conf: &'a Path,
+    pub firewall: &'a Firewall,
+}
+
+impl Services {
+    /// Starts what the network's config asks for. On error, whatever was started is
+    /// stopped again before returning.
+    pub async fn start(p: ServiceParams<'_>) -> Result<Services, BackendError> {
+        let name = &p.config.name;
+        let domain = domain_of(name);
+        let mut services = Services {
+            dhcp: None,
+            dns: None,
+            glue: None,
+        };
+        let (names_tx, names_rx) = watch::channel(Arc::new(Vec::new()));
+        if p.config.dhcp {
+            let dhcp = DhcpServer::start(DhcpConfig {
+                network: name.clone(),
+                interface: p.bridge.to_string(),
+                subnet: p.subnet,
+                gateway: p.gateway,
+                range: p.config.dhcp_range,
+                reservations: p.config.dhcp_reservations.clone(),
+                lease_seconds: p.config.lease_seconds,
+                mtu: p.config.mtu,
+                dns_server: p.config.dns.then_some(p.gateway),
+                domain: p.config.dns.then(|| domain.clone()),
+                lease_file: p.state_dir.join(format!("{name}.leases.json")),
+            })
+            .await
+            .map_err(|e| BackendError::new(format!("DHCP: {e}")))?;
+            let leases = dhcp.leases();
+            services.dhcp = Some(dhcp);
+            let bind = (!p.config.allow_spoofing).then(|| p.firewall.clone());
+            services.glue = Some(tokio::spawn(follow_leases(
+                name.clone(),
+                leases,
+                names_tx,
+                bind,
+            )));
+        }
+        if p.config.dns {
+            match DnsServer::start(
+                DnsConfig {
+                    network: name.clone(),
+                    listen: p.gateway,
+                    domain,
+                    resolv_conf: p.resolv_conf.to_path_buf(),
+                },
+                names_rx,
+            )
+            .await
+            {
+                Ok(dns) => services.dns = Some(dns),
+                Err(e) => {
+                    services.stop().await;
+                    return Err(BackendError::new(format!("DNS: {e}")));
+                }
+            }
+        }
+        Ok(services)
+    }
+
+    pub async fn stop(self) {
+        if let Some(dns) = self.dns {
+            dns.stop().await;
+        }
+        if let Some(glue) = self.glue {
+            glue.abort();
+            let _ = glue.await;
+        }
+        if let Some(dhcp) = self.dhcp {
+            dhcp.stop().await;
+        }
+    }
+}
+
+/// Publishes every lease change as DNS names and, with anti-spoofing on, binds each newly
+/// leased MAC to its address in the firewall.
+async fn follow_leases(
+    network: String,
+    mut leases: watch::Receiver<Arc<Vec<Lease>>>,
+    names: watch::Sender<Arc<Vec<(String, Ipv4Addr)>>>,
+    firewall: Option<Firewall>,
+) {
+    let mut bound: BTreeSet<([u8; 6], Ipv4Addr)> = BTreeSet::new();
+    loop {
+        let current = leases.borrow_and_update().clone();
+        let pairs = current
+            .iter()
+            .filter_map(|l| l.hostname.clone().map(|h| (h, l.ip)))
+            .collect();
+        names.send_replace(Arc::new(pairs));
+        if let Some(fw) = &firewall {
+            for l in current.iter() {
+                if bound.insert((l.mac, l.ip))
+                    && let Err(e) = fw.bind_ip(&network, l.mac, l.ip).await
+                {
+                    warn!(network, "cannot bind {} to its lease: {e}", l.ip);
+                    bound.remove(&(l.mac, l.ip));
+                }
+            }
+        }
+        if leases.changed().await.is_err() {
+            return;
+        }
+    }
+}

@@ -1,0 +1,171 @@
+//! Choosing a network's subnet: pure logic, fed with what netlink reports.
+//!
+//! A network must not overlap anything the host already routes: an address on any
+//! interface, a route of the main table, or another network of this broker. Otherwise
+//! replies to guests would leave through the wrong interface.
+
+use ipnet::Ipv4Net;
+use std::fmt;
+use std::net::Ipv4Addr;
+
+/// The ranges dynamic subnets come from, tried in this order:
+///
+/// 1. `192.168.64.0/18`: `192.168.64.0/24` … `192.168.127.0/24` for the default /24,
+///    the range macOS vmnet uses, so guests see familiar addresses;
+/// 2. `10.213.0.0/16`: `10.213.0.0/24` … `10.213.255.0/24`, for hosts whose first range
+///    is taken (often by VPNs or home routers in 192.168.x).
+///
+/// A network of prefix length `p` takes the first free aligned /`p` of these ranges; a
+/// prefix shorter than a range (e.g. /16 in the /18) cannot come from that range.
+pub fn pool() -> [Ipv4Net; 2] {
+    [
+        Ipv4Net::new(Ipv4Addr::new(192, 168, 64, 0), 18).expect("valid prefix"),
+        Ipv4Net::new(Ipv4Addr::new(10, 213, 0, 0), 16).expect("valid prefix"),
+    ]
+}
+
+/// Something that already occupies address space on the host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Occupant {
+    pub net: Ipv4Net,
+    pub what: Occupation,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Occupation {
+    /// An address assigned to an interface.
+    Address { interface: String },
+    /// A route of the main table (not the default route).
+    Route { interface: Option<String> },
+    /// A network this broker holds.
+    Network { name: String },
+}
+
+impl fmt::Display for Occupant {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.what {
+            Occupation::Address { interface } => {
+                write!(f, "address {} on interface {interface}", self.net)
+            }
+            Occupation::Route {
+                interface: Some(interface),
+            } => write!(f, "route {} via interface {interface}", self.net),
+            Occupation::Route { interface: None } => write!(f, "route {}", self.net),
+            Occupation::Network { name } => {
+                write!(f, "subnet {} of network {name:?}", self.net)
+            }
+        }
+    }
+}
+
+/// Two prefixes overlap exactly when one contains the other's network address.
+pub fn overlaps(a: Ipv4Net, b: Ipv4Net) -> bool {
+    a.contains(&b.network()) || b.contains(&a.network())
+}
+
+/// The first occupant that `subnet` would collide with.
+pub fn conflict(subnet: Ipv4Net, occupants: &[Occupant]) -> Option<&Occupant> {
+    occupants.iter().find(|o| overlaps(subnet, o.net))
+}
+
+/// The first free subnet of `prefix_len` bits in the [`pool`].
+pub fn pick(prefix_len: u8, occupants: &[Occupant]) -> Option<Ipv4Net> {
+    pool()
+        .into_iter()
+        .filter_map(|range| range.subnets(prefix_len).ok())
+        .flatten()
+        .find(|candidate| conflict(*candidate, occupants).is_none())
+}
+
+/// The gateway of a dynamically chosen subnet: its first host address.
+pub fn first_host(subnet: Ipv4Net) -> Ipv4Addr {
+    Ipv4Addr::from(u32::from(subnet.network()) + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(s: &str) -> Ipv4Net {
+        s.parse().unwrap()
+    }
+
+    fn addr(s: &str, interface: &str) -> Occupant {
+        Occupant {
+            net: net(s),
+            what: Occupation::Address {
+                interface: interface.into(),
+            },
+        }
+    }
+
+    fn route(s: &str) -> Occupant {
+        Occupant {
+            net: net(s),
+            what: Occupation::Route {
+                interface: Some("eth0".into()),
+            },
+        }
+    }
+
+    #[test]
+    fn overlap_is_containment_either_way() {
+        assert!(overlaps(net("10.0.0.0/8"), net("10.1.2.0/24")));
+        assert!(overlaps(net("10.1.2.0/24"), net("10.0.0.0/8")));
+        assert!(overlaps(net("10.1.2.0/24"), net("10.1.2.0/24")));
+        assert!(overlaps(net("10.1.2.0/24"), net("10.1.2.77/32")));
+        assert!(!overlaps(net("10.1.2.0/24"), net("10.1.3.0/24")));
+        assert!(!overlaps(net("192.168.63.0/24"), net("192.168.64.0/18")));
+    }
+
+    #[test]
+    fn empty_host_gets_the_first_subnet() {
+        assert_eq!(pick(24, &[]), Some(net("192.168.64.0/24")));
+        assert_eq!(
+            first_host(net("192.168.64.0/24")),
+            Ipv4Addr::new(192, 168, 64, 1)
+        );
+    }
+
+    #[test]
+    fn occupied_prefixes_are_skipped() {
+        let occ = [
+            addr("192.168.64.17/24", "eth1"),
+            route("192.168.65.0/24"),
+            addr("192.168.66.1/32", "lo"),
+        ];
+        assert_eq!(pick(24, &occ), Some(net("192.168.67.0/24")));
+    }
+
+    #[test]
+    fn a_wide_route_blocks_every_prefix_inside_it() {
+        let occ = [route("192.168.0.0/16")];
+        assert_eq!(pick(24, &occ), Some(net("10.213.0.0/24")));
+    }
+
+    #[test]
+    fn an_exhausted_pool_yields_nothing() {
+        let occ = [route("192.168.0.0/16"), route("10.0.0.0/8")];
+        assert_eq!(pick(24, &occ), None);
+    }
+
+    #[test]
+    fn other_prefix_lengths_stay_aligned() {
+        let occ = [addr("192.168.64.1/24", "vmnb-a")];
+        assert_eq!(pick(22, &occ), Some(net("192.168.68.0/22")));
+        assert_eq!(pick(28, &occ), Some(net("192.168.65.0/28")));
+        // /17 fits only the second range.
+        assert_eq!(pick(17, &[]), Some(net("10.213.0.0/17")));
+        assert_eq!(pick(8, &[]), None);
+    }
+
+    #[test]
+    fn conflicts_name_the_occupant() {
+        let occ = [route("10.0.0.0/8"), addr("172.16.5.9/24", "wlan0")];
+        let c = conflict(net("172.16.5.0/24"), &occ).unwrap();
+        assert_eq!(c.to_string(), "address 172.16.5.9/24 on interface wlan0");
+        let c = conflict(net("10.20.0.0/16"), &occ).unwrap();
+        assert_eq!(c.to_string(), "route 10.0.0.0/8 via interface eth0");
+        assert!(conflict(net("172.17.0.0/16"), &occ).is_none());
+    }
+}

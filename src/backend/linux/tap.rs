@@ -1,0 +1,150 @@
+//! TAP devices through `/dev/net/tun` ioctls.
+//!
+//! A TAP made here is not persistent (no `TUNSETPERSIST`): it exists while some process
+//! holds its fd. The broker hands the only fd to the client, so the TAP disappears when
+//! the VM exits, however it exits.
+//!
+//! Offloads (`TUNSETOFFLOAD`) are deliberately left off. With them off the kernel hands
+//! the reader only complete, checksummed frames, which every consumer can take; QEMU and
+//! other virtio back ends turn offloads on themselves once the guest has negotiated them
+//! (QEMU's `tap_fd_set_offload`). Turning them on here would make the kernel pass GSO
+//! frames to a consumer that may not have asked for them.
+
+use nix::{ioctl_read_bad, ioctl_write_ptr_bad};
+use std::ffi::CStr;
+use std::fs::OpenOptions;
+use std::io;
+use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
+
+/// The size of `struct virtio_net_hdr_v1` (and of `virtio_net_hdr_mrg_rxbuf`), what
+/// virtio 1.0 devices use and what QEMU, Firecracker and cloud-hypervisor set.
+pub const VNET_HDR_LEN: libc::c_int = 12;
+
+ioctl_write_ptr_bad!(tun_set_iff, libc::TUNSETIFF, libc::ifreq);
+ioctl_read_bad!(tun_get_iff, libc::TUNGETIFF, libc::ifreq);
+ioctl_write_ptr_bad!(tun_set_vnet_hdr_sz, libc::TUNSETVNETHDRSZ, libc::c_int);
+ioctl_read_bad!(tun_get_vnet_hdr_sz, libc::TUNGETVNETHDRSZ, libc::c_int);
+
+/// Flags of every TAP the broker makes: Ethernet frames, no packet-info prefix, a
+/// virtio-net header in front of each frame.
+const TAP_FLAGS: libc::c_int = libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR;
+
+fn ifreq_named(name: &str) -> io::Result<libc::ifreq> {
+    // SAFETY: ifreq is plain old data; all zeroes is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    if name.is_empty() || name.len() >= libc::IFNAMSIZ || name.contains('\0') {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{name:?} is not a valid interface name"),
+        ));
+    }
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    Ok(req)
+}
+
+fn name_of(req: &libc::ifreq) -> String {
+    // SAFETY: the kernel NUL-terminates ifr_name (IFNAMSIZ includes the NUL).
+    let name = unsafe { CStr::from_ptr(req.ifr_name.as_ptr()) };
+    name.to_string_lossy().into_owned()
+}
+
+fn context(err: nix::Error, what: &str, name: &str) -> io::Error {
+    let err = io::Error::from(err);
+    io::Error::new(err.kind(), format!("{what} for TAP {name}: {err}"))
+}
+
+/// Creates TAP `name` in the caller's network namespace and returns its only fd
+/// (close-on-exec). Fails if a device of that name already exists (`IFF_TUN_EXCL`):
+/// the broker never takes over a device it did not make.
+pub fn create_tap(name: &str) -> io::Result<OwnedFd> {
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open("/dev/net/tun")
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot open /dev/net/tun: {e}")))?;
+    let mut req = ifreq_named(name)?;
+    req.ifr_ifru.ifru_flags = (TAP_FLAGS | libc::IFF_TUN_EXCL) as libc::c_short;
+    // SAFETY: the fd is open and req is a valid ifreq.
+    unsafe { tun_set_iff(file.as_raw_fd(), &req) }.map_err(|e| context(e, "TUNSETIFF", name))?;
+    // SAFETY: as above; the kernel reads one int.
+    unsafe { tun_set_vnet_hdr_sz(file.as_raw_fd(), &VNET_HDR_LEN) }
+        .map_err(|e| context(e, "TUNSETVNETHDRSZ", name))?;
+    Ok(file.into())
+}
+
+/// The name of the TAP behind `fd` (`TUNGETIFF`); fails for anything that is not an
+/// attached TUN/TAP fd. Clients use it to check what the broker sent them.
+pub fn tap_name_of(fd: BorrowedFd) -> io::Result<String> {
+    Ok(name_of(&tap_info(fd)?))
+}
+
+/// Whether `fd` is a TAP (not a TUN) with the flags the broker sets.
+pub fn is_broker_tap(fd: BorrowedFd) -> io::Result<bool> {
+    // SAFETY: reading the union's flags member that TUNGETIFF fills in.
+    let flags = libc::c_int::from(unsafe { tap_info(fd)?.ifr_ifru.ifru_flags });
+    Ok(flags & TAP_FLAGS == TAP_FLAGS && flags & libc::IFF_TUN == 0)
+}
+
+/// The virtio-net header length the kernel uses for this TAP (`TUNGETVNETHDRSZ`).
+pub fn vnet_hdr_len(fd: BorrowedFd) -> io::Result<libc::c_int> {
+    let mut len: libc::c_int = 0;
+    // SAFETY: the kernel writes one int.
+    unsafe { tun_get_vnet_hdr_sz(fd.as_raw_fd(), &mut len) }.map_err(io::Error::from)?;
+    Ok(len)
+}
+
+fn tap_info(fd: BorrowedFd) -> io::Result<libc::ifreq> {
+    // SAFETY: ifreq is plain old data; the kernel fills it in.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    unsafe { tun_get_iff(fd.as_raw_fd(), &mut req) }.map_err(|e| {
+        let e = io::Error::from(e);
+        io::Error::new(e.kind(), format!("not a TUN/TAP fd (TUNGETIFF: {e})"))
+    })?;
+    Ok(req)
+}
+
+/// The TAP name for endpoint `serial` of the network whose bridge has index
+/// `bridge_index`. Bridge indexes are unique among live links, so names of two live
+/// networks never collide; hex keeps both numbers within IFNAMSIZ for a long time.
+pub fn tap_name(bridge_index: u32, serial: u64) -> io::Result<String> {
+    let name = format!("vmnt{bridge_index:x}-{serial:x}");
+    if name.len() >= libc::IFNAMSIZ {
+        return Err(io::Error::other(format!(
+            "TAP name {name} for endpoint {serial} would exceed {} characters",
+            libc::IFNAMSIZ - 1
+        )));
+    }
+    Ok(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tap_names_fit_and_differ() {
+        assert_eq!(tap_name(7, 0).unwrap(), "vmnt7-0");
+        assert_eq!(tap_name(0x1234, 0xabcde).unwrap(), "vmnt1234-abcde");
+        assert_ne!(tap_name(1, 23).unwrap(), tap_name(12, 3).unwrap());
+        assert!(tap_name(u32::MAX, u64::from(u32::MAX)).is_err());
+    }
+
+    #[test]
+    fn names_are_checked() {
+        assert!(ifreq_named("").is_err());
+        assert!(ifreq_named("sixteen-chars-xx").is_err());
+        assert!(ifreq_named("fifteen-chars-x").is_ok());
+    }
+
+    #[test]
+    fn a_plain_file_is_not_a_tap() {
+        let f = std::fs::File::open("/dev/null").unwrap();
+        use std::os::fd::AsFd;
+        let e = tap_name_of(f.as_fd()).unwrap_err();
+        assert!(e.to_string().contains("not a TUN/TAP fd"), "{e}");
+    }
+}

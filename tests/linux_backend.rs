@@ -1,0 +1,564 @@
+//! The Linux backend against the real kernel. Each test runs in a network namespace of
+//! its own: a dedicated thread unshares CLONE_NEWNET and runs a current-thread tokio
+//! runtime, so the backend's netlink socket and TAPs live in that namespace, and the
+//! namespace (with everything in it) goes away when the thread ends. `ip` inspects it
+//! through nsenter, independently of the backend's own netlink code.
+#![cfg(target_os = "linux")]
+
+use serde_json::Value;
+use std::future::Future;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::process::Command;
+use std::time::Duration;
+use vmnet_broker::backend::linux::{
+    LinuxBackend, LinuxNetwork, LinuxOptions, bridge_mac, bridge_of, tap, tap_name_of,
+};
+use vmnet_broker::backend::{AttachRequest, Attachment, Backend};
+use vmnet_broker::config::{NetworkConfig, builtin};
+use vmnet_broker::policy::Peer;
+
+/// The test's network namespace, as a path `nsenter` takes.
+struct Ns {
+    path: String,
+}
+
+impl Ns {
+    fn run(&self, args: &[&str]) -> Result<String, String> {
+        let out = Command::new("nsenter")
+            .arg(format!("--net={}", self.path))
+            .args(args)
+            .output()
+            .expect("nsenter runs");
+        if out.status.success() {
+            Ok(String::from_utf8(out.stdout).unwrap())
+        } else {
+            Err(String::from_utf8_lossy(&out.stderr).into_owned())
+        }
+    }
+
+    fn ip(&self, args: &str) -> String {
+        let mut argv = vec!["ip"];
+        argv.extend(args.split_whitespace());
+        self.run(&argv)
+            .unwrap_or_else(|e| panic!("ip {args} failed: {e}"))
+    }
+
+    fn links(&self) -> Vec<Value> {
+        serde_json::from_str::<Value>(&self.ip("-d -j link show"))
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .clone()
+    }
+
+    fn link(&self, name: &str) -> Option<Value> {
+        self.links().into_iter().find(|l| l["ifname"] == name)
+    }
+
+    fn link_names(&self) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .links()
+            .iter()
+            .map(|l| l["ifname"].as_str().unwrap().to_string())
+            .collect();
+        names.sort();
+        names
+    }
+
+    fn ipv4_of(&self, name: &str) -> Vec<String> {
+        let v: Value =
+            serde_json::from_str(&self.ip(&format!("-j -4 addr show dev {name}"))).unwrap();
+        v[0]["addr_info"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|a| format!("{}/{}", a["local"].as_str().unwrap(), a["prefixlen"]))
+            .collect()
+    }
+
+    /// A veth pair (no dummy driver on every kernel) to park addresses and routes on.
+    fn veth(&self, name: &str) {
+        self.ip(&format!("link add {name} type veth peer {name}p"));
+        self.ip(&format!("link set {name} up"));
+        self.ip(&format!("link set {name}p up"));
+    }
+}
+
+/// Runs `test` in a fresh network namespace on a thread of its own.
+fn in_netns<F, Fut>(test: F)
+where
+    F: FnOnce(Ns) -> Fut + Send + 'static,
+    Fut: Future<Output = ()>,
+{
+    let thread = std::thread::spawn(move || {
+        // SAFETY: unshare only changes this thread's namespace membership.
+        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
+        assert_eq!(
+            rc,
+            0,
+            "unshare(CLONE_NEWNET) needs root: {}",
+            std::io::Error::last_os_error()
+        );
+        let tid = unsafe { libc::gettid() };
+        let ns = Ns {
+            path: format!("/proc/{}/task/{tid}/ns/net", std::process::id()),
+        };
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(test(ns));
+    });
+    if let Err(panic) = thread.join() {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+async fn backend() -> LinuxBackend {
+    let dir = std::env::temp_dir();
+    LinuxBackend::new(LinuxOptions {
+        state_dir: dir.join("vmnbt-state"),
+        resolv_conf: "/etc/resolv.conf".into(),
+    })
+    .await
+    .unwrap()
+}
+
+fn config(name: &str) -> NetworkConfig {
+    let mut c = builtin("shared").unwrap();
+    c.name = name.to_string();
+    c
+}
+
+fn fixed(name: &str, gateway: [u8; 4], prefix_len: u8) -> NetworkConfig {
+    let mut c = config(name);
+    c.gateway = Some(gateway.into());
+    c.prefix_len = prefix_len;
+    c
+}
+
+async fn attach(b: &LinuxBackend, net: &LinuxNetwork, serial: u64) -> Attachment {
+    let request = AttachRequest {
+        serial,
+        mac: [0x52, 0x54, 0x00, 0x12, 0x34, serial as u8],
+        peer: Peer {
+            pid: 1,
+            uid: 1000,
+            gid: 1000,
+        },
+    };
+    b.attach(net, &request).await.unwrap()
+}
+
+/// TAP teardown on close is synchronous in practice; allow a little slack anyway.
+async fn wait_gone(ns: &Ns, name: &str) {
+    for _ in 0..100 {
+        if ns.link(name).is_none() {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("{name} still exists");
+}
+
+fn flags(link: &Value) -> Vec<&str> {
+    link["flags"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|f| f.as_str().unwrap())
+        .collect()
+}
+
+fn cloexec(fd: &OwnedFd) -> bool {
+    // SAFETY: F_GETFD on an open fd.
+    let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) };
+    flags & libc::FD_CLOEXEC != 0
+}
+
+/// An ARP request from `mac`/`ip` for `target`, behind the 12-byte virtio-net header
+/// (all zero: no offloads) the TAP expects.
+fn arp_request(mac: [u8; 6], ip: [u8; 4], target: [u8; 4]) -> Vec<u8> {
+    let mut f = vec![0u8; 12];
+    f.extend([0xff; 6]);
+    f.extend(mac);
+    f.extend([0x08, 0x06]);
+    f.extend([0, 1, 8, 0, 6, 4, 0, 1]);
+    f.extend(mac);
+    f.extend(ip);
+    f.extend([0; 6]);
+    f.extend(target);
+    f
+}
+
+fn send(fd: &OwnedFd, frame: &[u8]) {
+    // SAFETY: writing an initialized buffer to an open fd.
+    let n = unsafe { libc::write(fd.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
+    assert_eq!(
+        n,
+        frame.len() as isize,
+        "{}",
+        std::io::Error::last_os_error()
+    );
+}
+
+/// The Ethernet frames (virtio-net header stripped) that arrive within `wait`.
+async fn receive(fd: &OwnedFd, wait: Duration) -> Vec<Vec<u8>> {
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut frames = vec![];
+    let mut buf = vec![0u8; 65536];
+    while tokio::time::Instant::now() < deadline {
+        let mut pfd = libc::pollfd {
+            fd: fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd; a zero timeout never blocks the runtime's thread.
+        if unsafe { libc::poll(&mut pfd, 1, 0) } == 1 {
+            // SAFETY: reading into a buffer of the given length.
+            let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+            assert!(n >= 12, "read: {}", std::io::Error::last_os_error());
+            frames.push(buf[12..n as usize].to_vec());
+        } else {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+    frames
+}
+
+/// Whether `frames` hold an ARP reply from `mac` for `ip`.
+fn has_arp_reply(frames: &[Vec<u8>], mac: [u8; 6], ip: [u8; 4]) -> bool {
+    frames.iter().any(|f| {
+        f.len() >= 42
+            && f[12..14] == [0x08, 0x06]
+            && f[20..22] == [0, 2]
+            && f[6..12] == mac
+            && f[28..32] == ip
+    })
+}
+
+/// Whether `frames` hold the ARP request sent from `mac`.
+fn has_arp_request_from(frames: &[Vec<u8>], mac: [u8; 6]) -> bool {
+    frames.iter().any(|f| {
+        f.len() >= 42 && f[12..14] == [0x08, 0x06] && f[20..22] == [0, 1] && f[6..12] == mac
+    })
+}
+
+#[test]
+fn bridge_taps_and_teardown() {
+    in_netns(|ns| async move {
+        let b = backend().await;
+        let mut c = config("lab");
+        c.mtu = 1400;
+        let net = b.create(&c).await.unwrap();
+        let d = b.details(&net);
+        assert_eq!(d.bridge, "vmnb-lab");
+        assert_eq!(d.subnet.to_string(), "192.168.64.0/24");
+        assert_eq!(d.gateway.to_string(), "192.168.64.1");
+        assert_eq!(d.mtu, 1400);
+
+        let br = ns.link("vmnb-lab").expect("bridge exists");
+        assert_eq!(br["mtu"], 1400);
+        assert_eq!(br["ifalias"], "vmnet-broker:lab");
+        assert_eq!(br["linkinfo"]["info_kind"], "bridge");
+        assert_eq!(br["linkinfo"]["info_data"]["stp_state"], 0);
+        assert_eq!(br["linkinfo"]["info_data"]["forward_delay"], 0);
+        assert!(flags(&br).contains(&"UP"), "{br}");
+        assert_eq!(ns.ipv4_of("vmnb-lab"), ["192.168.64.1/24"]);
+
+        let a0 = attach(&b, &net, 0).await;
+        let a1 = attach(&b, &net, 1).await;
+        assert_ne!(a0.interface, a1.interface);
+        for a in [&a0, &a1] {
+            let l = ns.link(&a.interface).expect("TAP exists");
+            assert_eq!(l["master"], "vmnb-lab");
+            assert_eq!(l["ifalias"], "vmnet-broker:lab");
+            assert_eq!(l["mtu"], 1400);
+            assert!(
+                l["address"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with("fe:54:00:12:34:"),
+                "{l}"
+            );
+            assert_eq!(l["linkinfo"]["info_data"]["type"], "tap");
+            assert_eq!(l["linkinfo"]["info_data"]["vnet_hdr"], true);
+            assert_eq!(l["linkinfo"]["info_data"]["pi"], false);
+            assert_eq!(l["linkinfo"]["info_data"]["persist"], false);
+            assert_eq!(l["linkinfo"]["info_slave_data"]["isolated"], false);
+            assert!(flags(&l).contains(&"UP"), "{l}");
+
+            assert_eq!(tap_name_of(a.fd.as_fd()).unwrap(), a.interface);
+            assert!(tap::is_broker_tap(a.fd.as_fd()).unwrap());
+            assert_eq!(tap::vnet_hdr_len(a.fd.as_fd()).unwrap(), 12);
+            assert!(cloexec(&a.fd), "TAP fd must be close-on-exec");
+            assert_eq!(
+                bridge_of(&a.interface).await.unwrap().as_deref(),
+                Some("vmnb-lab")
+            );
+        }
+        // The bridge keeps its own MAC with ports attached.
+        let mac: Vec<String> = bridge_mac("lab")
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect();
+        assert_eq!(ns.link("vmnb-lab").unwrap()["address"], mac.join(":"));
+        let mut eps = b.endpoints(&net).await;
+        eps.sort();
+        let mut want = vec![a0.interface.clone(), a1.interface.clone()];
+        want.sort();
+        assert_eq!(eps, want);
+
+        // The client closing its fd is the TAP's end.
+        let gone = a0.interface.clone();
+        drop(a0);
+        wait_gone(&ns, &gone).await;
+        assert_eq!(b.endpoints(&net).await, std::slice::from_ref(&a1.interface));
+        let last = a1.interface.clone();
+        drop(a1);
+        wait_gone(&ns, &last).await;
+        assert!(b.endpoints(&net).await.is_empty());
+        assert_eq!(
+            ns.link("vmnb-lab").unwrap()["mtu"],
+            1400,
+            "the bridge keeps its MTU without ports"
+        );
+
+        // A TAP still held when the network goes: destroy removes it all the same.
+        let held = attach(&b, &net, 2).await;
+        b.destroy(net).await.unwrap();
+        assert_eq!(ns.link_names(), ["lo"]);
+        assert!(
+            tap_name_of(held.fd.as_fd()).is_err(),
+            "the fd's TAP is gone"
+        );
+    });
+}
+
+#[test]
+fn dynamic_subnets_avoid_addresses_routes_and_each_other() {
+    in_netns(|ns| async move {
+        ns.veth("vmnbt0");
+        ns.ip("addr add 192.168.64.5/24 dev vmnbt0");
+        ns.ip("route add 192.168.65.128/25 dev vmnbt0");
+        ns.ip("route add default via 192.168.64.254");
+        let b = backend().await;
+        let one = b.create(&config("one")).await.unwrap();
+        let two = b.create(&config("two")).await.unwrap();
+        assert_eq!(b.details(&one).subnet.to_string(), "192.168.66.0/24");
+        assert_eq!(b.details(&two).subnet.to_string(), "192.168.67.0/24");
+        assert_eq!(ns.ipv4_of("vmnb-two"), ["192.168.67.1/24"]);
+
+        // A /22 must be aligned and clear of all of the above.
+        let mut wide = config("wide");
+        wide.prefix_len = 22;
+        let wide = b.create(&wide).await.unwrap();
+        assert_eq!(b.details(&wide).subnet.to_string(), "192.168.68.0/22");
+
+        // A destroyed network's subnet is free again.
+        b.destroy(one).await.unwrap();
+        let three = b.create(&config("three")).await.unwrap();
+        assert_eq!(b.details(&three).subnet.to_string(), "192.168.66.0/24");
+        for n in [two, wide, three] {
+            b.destroy(n).await.unwrap();
+        }
+        assert_eq!(ns.link_names(), ["lo", "vmnbt0", "vmnbt0p"]);
+    });
+}
+
+#[test]
+fn fixed_subnets_are_used_or_refused_clearly() {
+    in_netns(|ns| async move {
+        ns.veth("vmnbt0");
+        ns.ip("addr add 10.77.0.9/16 dev vmnbt0");
+        ns.ip("route add 10.88.0.0/16 dev vmnbt0");
+        let b = backend().await;
+
+        let e = b
+            .create(&fixed("clash", [10, 77, 3, 1], 24))
+            .await
+            .err()
+            .unwrap();
+        let msg = e.to_string();
+        assert!(msg.contains("10.77.3.0/24"), "{msg}");
+        assert!(msg.contains("10.77.0.9/16 on interface vmnbt0"), "{msg}");
+
+        let e = b
+            .create(&fixed("clash", [10, 88, 1, 1], 24))
+            .await
+            .err()
+            .unwrap();
+        assert!(
+            e.to_string()
+                .contains("route 10.88.0.0/16 via interface vmnbt0"),
+            "{e}"
+        );
+        assert!(ns.link("vmnb-clash").is_none(), "nothing left behind");
+
+        let ok = b
+            .create(&fixed("fixed", [10, 99, 0, 254], 24))
+            .await
+            .unwrap();
+        assert_eq!(b.details(&ok).subnet.to_string(), "10.99.0.0/24");
+        assert_eq!(b.details(&ok).gateway.to_string(), "10.99.0.254");
+        assert_eq!(ns.ipv4_of("vmnb-fixed"), ["10.99.0.254/24"]);
+
+        // A failure after the bridge exists leaves nothing behind, subnet included.
+        let mut huge = config("huge");
+        huge.mtu = 70000;
+        let e = b.create(&huge).await.err().unwrap();
+        assert!(e.to_string().contains("vmnb-huge"), "{e}");
+        assert!(ns.link("vmnb-huge").is_none());
+        let after = b.create(&config("after")).await.unwrap();
+        assert_eq!(b.details(&after).subnet.to_string(), "192.168.64.0/24");
+        b.destroy(after).await.unwrap();
+
+        let e = b
+            .create(&fixed("again", [10, 99, 0, 1], 25))
+            .await
+            .err()
+            .unwrap();
+        assert!(e.to_string().contains("vmnb-fixed"), "{e}");
+        b.destroy(ok).await.unwrap();
+    });
+}
+
+/// Two VMs' TAPs on one network: A asks for the gateway's MAC. Returns whether the
+/// host answered A and whether B saw A's broadcast.
+async fn broadcast_between_two(isolation: bool) -> (bool, bool) {
+    let b = backend().await;
+    let mut c = config("iso");
+    c.isolation = isolation;
+    let net = b.create(&c).await.unwrap();
+    let gw = b.details(&net).gateway.octets();
+    let a = attach(&b, &net, 1).await;
+    let other = attach(&b, &net, 2).await;
+    let a_mac = [0x52, 0x54, 0x00, 0x12, 0x34, 1];
+    let host_ip = {
+        let mut ip = gw;
+        ip[3] = 50;
+        ip
+    };
+    // The very first frame after the first port joins can race the kernel turning
+    // the bridge's carrier on (a few ms); a guest never sends that early, so ask again
+    // every 20 ms. A forward delay (15 s by default) would fail this.
+    let mut answered = false;
+    let mut to_other = vec![];
+    for _ in 0..50 {
+        send(&a.fd, &arp_request(a_mac, host_ip, gw));
+        let (to_a, more) = tokio::join!(
+            receive(&a.fd, Duration::from_millis(20)),
+            receive(&other.fd, Duration::from_millis(20))
+        );
+        to_other.extend(more);
+        answered = has_arp_reply(&to_a, bridge_mac("iso"), gw);
+        if answered {
+            break;
+        }
+    }
+    to_other.extend(receive(&other.fd, Duration::from_millis(100)).await);
+    let seen = has_arp_request_from(&to_other, a_mac);
+    drop((a, other));
+    b.destroy(net).await.unwrap();
+    (answered, seen)
+}
+
+#[test]
+fn frames_flow_at_once_and_isolation_separates_vms() {
+    in_netns(|ns| async move {
+        // Frames flow right after attach (no STP listening/learning delay), the
+        // 12-byte header is what the TAP uses, and the bridge answers as the gateway.
+        let (answered, seen) = broadcast_between_two(false).await;
+        assert!(answered, "the host answers ARP for the gateway");
+        assert!(seen, "without isolation VMs see each other's broadcasts");
+
+        let (answered, seen) = broadcast_between_two(true).await;
+        assert!(answered, "an isolated VM still reaches the host");
+        assert!(!seen, "isolated VMs do not see each other");
+        assert_eq!(ns.link_names(), ["lo"]);
+    });
+}
+
+#[test]
+fn isolation_marks_ports_isolated() {
+    in_netns(|ns| async move {
+        let b = backend().await;
+        let mut c = config("iso");
+        c.isolation = true;
+        let net = b.create(&c).await.unwrap();
+        let a = attach(&b, &net, 0).await;
+        let l = ns.link(&a.interface).unwrap();
+        assert_eq!(l["linkinfo"]["info_slave_data"]["isolated"], true, "{l}");
+        drop(a);
+        b.destroy(net).await.unwrap();
+    });
+}
+
+#[test]
+fn names_taken_by_others_are_refused_and_leftovers_replaced() {
+    in_netns(|ns| async move {
+        ns.ip("link add vmnb-taken type bridge");
+        let b = backend().await;
+        let e = b.create(&config("taken")).await.err().unwrap();
+        assert!(e.to_string().contains("vmnb-taken already exists"), "{e}");
+        assert!(
+            ns.link("vmnb-taken").is_some(),
+            "someone else's bridge is left alone"
+        );
+
+        ns.ip("link add vmnb-old type bridge");
+        ns.ip("link set vmnb-old alias vmnet-broker:old");
+        let old = b.create(&config("old")).await.unwrap();
+        assert_eq!(ns.ipv4_of("vmnb-old").len(), 1, "recreated by us");
+
+        let long = b.create(&config("a-much-longer-name")).await.unwrap();
+        let name = b.details(&long).bridge;
+        assert!(name.starts_with("vmnb-") && name.len() <= 15, "{name}");
+        assert_eq!(
+            ns.link(&name).unwrap()["ifalias"],
+            "vmnet-broker:a-much-longer-name"
+        );
+        b.destroy(old).await.unwrap();
+        b.destroy(long).await.unwrap();
+    });
+}
+
+#[test]
+fn destroy_tolerates_links_already_gone() {
+    in_netns(|ns| async move {
+        let b = backend().await;
+        let net = b.create(&config("gone")).await.unwrap();
+        let a = attach(&b, &net, 0).await;
+        ns.ip("link del vmnb-gone");
+        b.destroy(net).await.unwrap();
+        assert_eq!(ns.link_names(), ["lo"]);
+        drop(a);
+    });
+}
+
+#[test]
+fn remove_stale_removes_only_aliased_leftovers() {
+    in_netns(|ns| async move {
+        let crashed = backend().await;
+        let net = crashed.create(&config("crash")).await.unwrap();
+        let held = attach(&crashed, &net, 0).await;
+        // The broker dies without cleaning up; a VM still holds its TAP.
+        drop(net);
+        drop(crashed);
+        ns.ip("link add vmnbt-br type bridge");
+        ns.ip("link set vmnbt-br alias vmnet-broker:older");
+        ns.ip("tuntap add vmnbt-tap mode tap");
+        ns.ip("link set vmnbt-tap alias vmnet-broker:older");
+        ns.ip("link add keep-br type bridge");
+        ns.ip("link add keep-other type bridge");
+        ns.ip("link set keep-other alias someone-else:crash");
+
+        let b = backend().await;
+        b.remove_stale().await.unwrap();
+        assert_eq!(ns.link_names(), ["keep-br", "keep-other", "lo"]);
+        assert!(tap_name_of(held.fd.as_fd()).is_err());
+        // Nothing left to do the second time.
+        b.remove_stale().await.unwrap();
+        assert_eq!(ns.link_names(), ["keep-br", "keep-other", "lo"]);
+    });
+}
