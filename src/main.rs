@@ -1,1 +1,105 @@
-fn main() {}
+//! `vmnet-broker`: the daemon (`serve`) and its client commands.
+
+mod cmd;
+
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::process::ExitCode;
+use vmnet_broker::protocol::{DEFAULT_SOCKET, SOCKET_ENV};
+
+#[derive(Parser)]
+#[command(
+    name = "vmnet-broker",
+    version,
+    about = "Shared, named virtual networks for unprivileged VM launchers",
+    long_about = "Shared, named virtual networks for unprivileged VM launchers.\n\n\
+        `serve` runs the broker (as root). Clients acquire networks by name and receive a TAP \
+        file descriptor already attached to the network's bridge; the connection is the lease."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(clap::Args, Clone)]
+struct SocketArg {
+    /// The broker's socket.
+    #[arg(long, env = SOCKET_ENV, default_value = DEFAULT_SOCKET, value_name = "PATH")]
+    socket: PathBuf,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the broker in the foreground.
+    Serve(cmd::serve::Args),
+    /// Acquire networks, verify the TAPs and print one JSON object per network.
+    Acquire {
+        #[command(flatten)]
+        socket: SocketArg,
+        /// Keep the connection (the lease) open until interrupted.
+        #[arg(long)]
+        hold: bool,
+        /// Network names.
+        #[arg(required = true, value_name = "NAME")]
+        names: Vec<String>,
+    },
+    /// Acquire networks and run COMMAND with the TAPs as fds 3, 4, ...
+    #[command(
+        long_about = "Acquire networks and run COMMAND with the TAPs as fds 3, 4, ... in --network order.\n\n\
+        VMNET_BROKER_NETWORKS holds a JSON array of the acquire replies (each with its `fd` and the \
+        guest `mac`). The broker connection stays open while COMMAND runs; SIGINT and SIGTERM are \
+        forwarded to it, and its exit status becomes ours.\n\n\
+        Example: vmnet-broker run --network shared -- qemu-system-x86_64 ... \
+        -netdev tap,id=n0,fd=3,vnet_hdr=on -device virtio-net-pci,netdev=n0,mac=$MAC"
+    )]
+    Run {
+        #[command(flatten)]
+        socket: SocketArg,
+        /// A network to acquire, optionally with the guest MAC to ask for: NAME or NAME,mac=MAC.
+        #[arg(long = "network", required = true, value_name = "NAME[,mac=MAC]")]
+        networks: Vec<String>,
+        /// The command and its arguments.
+        #[arg(last = true, required = true, value_name = "COMMAND")]
+        command: Vec<String>,
+    },
+    /// Show the broker's networks and clients.
+    Status {
+        #[command(flatten)]
+        socket: SocketArg,
+        /// Print the raw JSON status.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Validate every network file in the config directory.
+    CheckConfig {
+        /// The drop-in directory.
+        #[arg(long, default_value = vmnet_broker::config::DEFAULT_CONFIG_DIR, value_name = "DIR")]
+        config_dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Serve(args) => cmd::serve::main(args),
+        Command::Acquire {
+            socket,
+            hold,
+            names,
+        } => cmd::acquire::main(&socket.socket, &names, hold),
+        Command::Run {
+            socket,
+            networks,
+            command,
+        } => cmd::run::main(&socket.socket, &networks, &command),
+        Command::Status { socket, json } => cmd::status::main(&socket.socket, json),
+        Command::CheckConfig { config_dir } => cmd::check_config::main(&config_dir),
+    };
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("{e}");
+            ExitCode::FAILURE
+        }
+    }
+}

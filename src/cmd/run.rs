@@ -1,0 +1,103 @@
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::Path;
+use std::process::ExitCode;
+use tokio::signal::unix::{SignalKind, signal};
+use vmnet_broker::client::Client;
+use vmnet_broker::protocol::{BrokerError, parse_guest_mac};
+
+/// Name and optional MAC from `NAME` or `NAME,mac=MAC`.
+fn parse_network(arg: &str) -> Result<(&str, Option<[u8; 6]>), BrokerError> {
+    match arg.split_once(',') {
+        None => Ok((arg, None)),
+        Some((name, rest)) => match rest.strip_prefix("mac=") {
+            Some(mac) => Ok((name, Some(parse_guest_mac(mac)?))),
+            None => Err(BrokerError::invalid(format!(
+                "--network {arg:?}: expected NAME or NAME,mac=MAC"
+            ))),
+        },
+    }
+}
+
+pub fn main(socket: &Path, networks: &[String], command: &[String]) -> super::Result {
+    let client = Client::connect(socket)?;
+    let first = 3 + networks.len() as i32;
+    let mut replies = Vec::new();
+    let mut staged: Vec<OwnedFd> = Vec::new();
+    for (i, arg) in networks.iter().enumerate() {
+        let (name, mac) = parse_network(arg)?;
+        let acquired = client.acquire_with_mac(name, mac)?;
+        super::acquire::verify(&acquired)?;
+        replies.push(super::acquire::describe(&acquired, 3 + i as i32));
+        // Park every TAP above the target range first, so moving them down to 3, 4, ...
+        // in the child can never overwrite one that is still to be moved.
+        staged.push(
+            nix::fcntl::fcntl(&acquired.fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(first))
+                .map(|fd| unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })?,
+        );
+    }
+    let raw: Vec<i32> = staged.iter().map(|fd| fd.as_raw_fd()).collect();
+    let mut cmd = std::process::Command::new(&command[0]);
+    cmd.args(&command[1..]).env(
+        "VMNET_BROKER_NETWORKS",
+        serde_json::Value::Array(replies).to_string(),
+    );
+    // SAFETY: between fork and exec only async-signal-safe calls (dup2).
+    unsafe {
+        cmd.pre_exec(move || {
+            for (i, fd) in raw.iter().enumerate() {
+                // dup2 onto a new number clears FD_CLOEXEC there, so exactly these survive.
+                if libc::dup2(*fd, 3 + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd
+        .spawn()
+        .map_err(|e| format!("cannot run {:?}: {e}", command[0]))?;
+    drop(staged);
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    // Forward SIGINT/SIGTERM; a second runtime thread is not needed for that.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let status = runtime.block_on(async {
+        let mut sigint = signal(SignalKind::interrupt())?;
+        let mut sigterm = signal(SignalKind::terminate())?;
+        let waiter = tokio::task::spawn_blocking(move || child.wait());
+        tokio::pin!(waiter);
+        loop {
+            tokio::select! {
+                status = &mut waiter => return status.expect("wait task"),
+                _ = sigint.recv() => { let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT); }
+                _ = sigterm.recv() => { let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM); }
+            }
+        }
+    })?;
+    // The lease ends only now that the command is gone.
+    drop(client);
+    let code = match (status.code(), status.signal()) {
+        (Some(code), _) => code,
+        (None, Some(sig)) => 128 + sig,
+        _ => 1,
+    };
+    Ok(ExitCode::from(code as u8))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_network;
+
+    #[test]
+    fn network_arguments() {
+        assert_eq!(parse_network("shared").unwrap(), ("shared", None));
+        assert_eq!(
+            parse_network("host,mac=52:54:00:00:00:01").unwrap(),
+            ("host", Some([0x52, 0x54, 0, 0, 0, 1]))
+        );
+        assert!(parse_network("host,mtu=9000").is_err());
+        assert!(parse_network("host,mac=ff:ff:ff:ff:ff:ff").is_err());
+    }
+}

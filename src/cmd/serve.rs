@@ -1,0 +1,89 @@
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+use tracing::info;
+use vmnet_broker::backend::Backend;
+use vmnet_broker::backend::linux::{LinuxBackend, LinuxOptions};
+use vmnet_broker::config::{ConfigDir, DEFAULT_CONFIG_DIR};
+use vmnet_broker::policy::SystemDirectory;
+use vmnet_broker::protocol::{DEFAULT_SOCKET, SOCKET_ENV};
+use vmnet_broker::registry::Registry;
+use vmnet_broker::server::{ServerOptions, serve};
+
+#[derive(clap::Args)]
+pub struct Args {
+    /// Where to listen.
+    #[arg(long, env = SOCKET_ENV, default_value = DEFAULT_SOCKET, value_name = "PATH")]
+    socket: PathBuf,
+    /// Drop-in network definitions (*.json).
+    #[arg(long, default_value = DEFAULT_CONFIG_DIR, value_name = "DIR")]
+    config_dir: PathBuf,
+    /// Seconds an unused network is kept before it is removed.
+    #[arg(long, default_value_t = 120.0, value_name = "SECONDS")]
+    idle_timeout: f64,
+    /// Exit when no client has been connected for this many seconds (socket activation).
+    #[arg(long, value_name = "SECONDS")]
+    exit_on_idle: Option<f64>,
+    /// Where DHCP leases are kept across restarts.
+    #[arg(long, default_value = "/var/lib/vmnet-broker", value_name = "DIR")]
+    state_dir: PathBuf,
+    /// Upstream resolvers for the networks' DNS servers.
+    #[arg(long, default_value = "/etc/resolv.conf", value_name = "FILE")]
+    resolv_conf: PathBuf,
+    /// error, warn, info, debug or trace (or a tracing filter such as `vmnet_broker=debug`).
+    #[arg(
+        long,
+        env = "VMNET_BROKER_LOG",
+        default_value = "info",
+        value_name = "LEVEL"
+    )]
+    log_level: String,
+}
+
+fn seconds(what: &str, s: f64) -> Result<Duration, String> {
+    Duration::try_from_secs_f64(s).map_err(|_| format!("--{what} {s}: not a number of seconds"))
+}
+
+pub fn main(args: Args) -> super::Result {
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
+        .map_err(|e| format!("--log-level {:?}: {e}", args.log_level))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let idle = seconds("idle-timeout", args.idle_timeout)?;
+    let exit_on_idle = args
+        .exit_on_idle
+        .map(|s| seconds("exit-on-idle", s))
+        .transpose()?;
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    runtime.block_on(async move {
+        let backend = LinuxBackend::new(LinuxOptions {
+            state_dir: args.state_dir,
+            resolv_conf: args.resolv_conf,
+        })
+        .await?;
+        backend.remove_stale().await?;
+        info!(config_dir = %args.config_dir.display(), idle_timeout = idle.as_secs_f64(), "starting");
+        let registry = Registry::new(
+            backend,
+            ConfigDir::new(args.config_dir),
+            Box::new(SystemDirectory),
+            idle,
+        );
+        serve(
+            registry,
+            ServerOptions {
+                socket: args.socket,
+                exit_on_idle,
+            },
+        )
+        .await
+        .map_err(|e| format!("{e:#}"))?;
+        Ok::<_, Box<dyn std::error::Error>>(ExitCode::SUCCESS)
+    })
+}

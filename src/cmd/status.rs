@@ -1,0 +1,47 @@
+use std::path::Path;
+use std::process::ExitCode;
+use vmnet_broker::client::Client;
+
+pub fn main(socket: &Path, json: bool) -> super::Result {
+    let status = Client::connect(socket)?.status()?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&status)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    println!(
+        "vmnet-broker {} (protocol {}), pid {}, idle timeout {}s",
+        status.version, status.protocol, status.pid, status.idle_timeout_seconds
+    );
+    println!();
+    println!(
+        "{:<16} {:<6} {:<18} {:<15} {:>7}  {:<24} REMOVAL",
+        "NETWORK", "MODE", "SUBNET", "BRIDGE", "CLIENTS", "TAPS"
+    );
+    for n in &status.networks {
+        let removal = n
+            .removal_in_seconds
+            .map(|s| format!("in {s:.0}s"))
+            .unwrap_or_else(|| "-".into());
+        let taps = if n.taps.is_empty() {
+            "-".to_string()
+        } else {
+            n.taps.join(",")
+        };
+        println!(
+            "{:<16} {:<6} {:<18} {:<15} {:>7}  {:<24} {removal}",
+            n.name, n.mode, n.subnet, n.bridge, n.clients, taps
+        );
+    }
+    println!();
+    println!("{:<6} {:>8} {:>6}  NETWORKS", "CLIENT", "PID", "UID");
+    for c in &status.clients {
+        println!(
+            "{:<6} {:>8} {:>6}  {}",
+            c.id,
+            c.pid,
+            c.uid,
+            c.networks.join(",")
+        );
+    }
+    Ok(ExitCode::SUCCESS)
+}

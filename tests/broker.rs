@@ -1,0 +1,690 @@
+//! The broker daemon end to end: the real binary, the real socket, real kernel objects,
+//! each test in a network namespace of its own. Test names starting with `original_`
+//! are the counterparts of the original macOS broker's test cases.
+
+#[path = "support/broker.rs"]
+mod support;
+
+use nix::sys::signal::Signal;
+use std::collections::BTreeSet;
+use std::os::fd::AsFd;
+use std::process::Stdio;
+use std::time::Duration;
+use support::{Broker, Options, read_line};
+use vmnet_broker::backend::linux::tap::tap_name_of;
+use vmnet_broker::client::{Acquired, Client};
+use vmnet_broker::protocol::{ErrorCode, MAX_MESSAGE, Reply};
+
+/// The TAP behind a received fd is the one the reply names, and it is on the bridge.
+fn assert_tap_on_bridge(b: &Broker, a: &Acquired) {
+    let name = tap_name_of(a.fd.as_fd()).expect("fd is a TAP");
+    assert_eq!(name, a.info.interface);
+    let master = b.ns.sh(&format!(
+        "basename $(readlink /sys/class/net/{name}/master)"
+    ));
+    assert_eq!(master.trim(), a.info.bridge);
+}
+
+fn err_code(r: Result<Acquired, vmnet_broker::protocol::BrokerError>) -> ErrorCode {
+    r.expect_err("acquire should fail").code
+}
+
+fn created(b: &Broker, name: &str) -> usize {
+    b.log()
+        .lines()
+        .filter(|l| l.contains("network created") && l.contains(&format!("network=\"{name}\"")))
+        .count()
+}
+
+#[test]
+fn original_1_acquire_shared() {
+    let b = Broker::start(Options::default());
+    let c = b.client();
+    let a = c.acquire("shared").unwrap();
+    assert_tap_on_bridge(&b, &a);
+    let i = &a.info;
+    assert_eq!((i.name.as_str(), i.mode.as_str()), ("shared", "shared"));
+    assert!(i.subnet.ends_with("/24"), "{}", i.subnet);
+    assert_eq!(i.mask, "255.255.255.0");
+    assert_eq!(i.mtu, 1500);
+    let gw = format!("{}/24", i.gateway);
+    assert!(
+        b.ns.sh(&format!("ip -br addr show {}", i.bridge))
+            .contains(&gw)
+    );
+    // The host side of the TAP has a 0xFE MAC so it never becomes the bridge's address.
+    let tap_mac =
+        b.ns.sh(&format!("cat /sys/class/net/{}/address", i.interface));
+    assert!(tap_mac.starts_with("fe:"), "{tap_mac}");
+    assert_ne!(tap_mac.trim(), i.mac);
+}
+
+#[test]
+fn original_2_acquire_host() {
+    let b = Broker::start(Options::default());
+    let a = b.client().acquire("host").unwrap();
+    assert_tap_on_bridge(&b, &a);
+    assert_eq!(a.info.mode, "host");
+}
+
+#[test]
+fn original_3_unknown_network_is_not_found() {
+    let b = Broker::start(Options::default());
+    let c = b.client();
+    let e = c.acquire("no-such-network").unwrap_err();
+    assert_eq!(e.code, ErrorCode::NotFound);
+    assert_eq!(e.code.strerror(), "Network name not found");
+    // The connection survives and still works.
+    c.acquire("shared").unwrap();
+}
+
+#[test]
+fn original_4_shared_and_host_on_one_connection() {
+    let b = Broker::start(Options::default());
+    let c = b.client();
+    let s = c.acquire("shared").unwrap();
+    let h = c.acquire("host").unwrap();
+    assert_tap_on_bridge(&b, &s);
+    assert_tap_on_bridge(&b, &h);
+    assert_ne!(s.info.bridge, h.info.bridge);
+    assert_ne!(
+        s.info.subnet, h.info.subnet,
+        "dynamic subnets never overlap"
+    );
+    let status = c.status().unwrap();
+    assert_eq!(status.clients.len(), 1);
+    assert_eq!(status.clients[0].networks, ["host", "shared"]);
+}
+
+#[test]
+fn original_5_same_network_three_times() {
+    let b = Broker::start(Options::default());
+    let c = b.client();
+    let taps: Vec<Acquired> = (0..3).map(|_| c.acquire("shared").unwrap()).collect();
+    let names: BTreeSet<_> = taps.iter().map(|a| a.info.interface.clone()).collect();
+    let macs: BTreeSet<_> = taps.iter().map(|a| a.info.mac.clone()).collect();
+    assert_eq!(
+        (names.len(), macs.len()),
+        (3, 3),
+        "a TAP and a MAC per acquire"
+    );
+    for a in &taps {
+        assert_tap_on_bridge(&b, a);
+    }
+    let net = &c.status().unwrap().networks[0];
+    assert_eq!(net.clients, 1, "one client counts once");
+    assert_eq!(net.taps.len(), 3);
+    assert_eq!(created(&b, "shared"), 1);
+}
+
+#[test]
+fn original_6_same_network_nine_times_is_not_limited() {
+    let b = Broker::start(Options::default());
+    let c = b.client();
+    let taps: Vec<Acquired> = (0..9).map(|_| c.acquire("shared").unwrap()).collect();
+    assert_eq!(taps.len(), 9);
+    assert_eq!(c.status().unwrap().networks[0].taps.len(), 9);
+}
+
+#[test]
+fn original_7_clients_one_after_another_reuse_the_network() {
+    let b = Broker::start(Options {
+        idle_timeout: 30.0,
+        ..Default::default()
+    });
+    let mut seen = BTreeSet::new();
+    for _ in 0..3 {
+        let c = b.client();
+        let a = c.acquire("shared").unwrap();
+        seen.insert((a.info.bridge.clone(), a.info.subnet.clone()));
+        drop(a);
+        drop(c);
+        b.wait_for("removal scheduled", Duration::from_secs(5), || {
+            b.client().status().unwrap().networks[0]
+                .removal_in_seconds
+                .is_some()
+        });
+    }
+    assert_eq!(seen.len(), 1, "the same bridge and subnet every time");
+    assert_eq!(created(&b, "shared"), 1);
+    assert_eq!(b.count_in_log("idle removal cancelled"), 2);
+}
+
+#[test]
+fn original_8_concurrent_clients_on_different_networks() {
+    let b = Broker::start(Options {
+        files: (0..4)
+            .map(|i| (format!("net{i}.json"), r#"{"mode":"host"}"#.to_string()))
+            .collect(),
+        ..Default::default()
+    });
+    let socket = b.socket.clone();
+    let handles: Vec<_> = (0..4)
+        .map(|i| {
+            let socket = socket.clone();
+            std::thread::spawn(move || {
+                let c = Client::connect(&socket).unwrap();
+                let a = c.acquire(&format!("net{i}")).unwrap();
+                (c, a)
+            })
+        })
+        .collect();
+    let held: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let subnets: BTreeSet<_> = held.iter().map(|(_, a)| a.info.subnet.clone()).collect();
+    assert_eq!(subnets.len(), 4);
+    for (_, a) in &held {
+        assert_tap_on_bridge(&b, a);
+    }
+    assert_eq!(b.client().status().unwrap().clients.len(), 5);
+}
+
+#[test]
+fn original_9_concurrent_clients_on_the_same_network() {
+    let b = Broker::start(Options::default());
+    let socket = b.socket.clone();
+    let handles: Vec<_> = (0..3)
+        .map(|_| {
+            let socket = socket.clone();
+            std::thread::spawn(move || {
+                let c = Client::connect(&socket).unwrap();
+                let a = c.acquire("shared").unwrap();
+                (c, a)
+            })
+        })
+        .collect();
+    let held: Vec<_> = handles.into_iter().map(|h| h.join().unwrap()).collect();
+    let bridges: BTreeSet<_> = held.iter().map(|(_, a)| a.info.bridge.clone()).collect();
+    assert_eq!(bridges.len(), 1);
+    assert_eq!(created(&b, "shared"), 1, "created once despite the race");
+    assert_eq!(b.client().status().unwrap().networks[0].clients, 3);
+}
+
+#[test]
+fn bad_requests_get_code_4_and_the_broker_keeps_serving() {
+    let b = Broker::start(Options::default());
+    let holder = b.client();
+    let held = holder.acquire("shared").unwrap();
+    let c = b.client();
+    let oversized = vec![b'x'; MAX_MESSAGE + 100];
+    let bad: [&[u8]; 10] = [
+        b"not json",
+        b"\xff\xfe\xfd",
+        b"[]",
+        b"{}",
+        br#"{"command":"frobnicate"}"#,
+        br#"{"command":42}"#,
+        br#"{"command":"acquire"}"#,
+        br#"{"command":"acquire","network_name":17}"#,
+        br#"{"command":"acquire","network_name":"../../etc"}"#,
+        &oversized,
+    ];
+    for msg in bad {
+        for client in [&c, &holder] {
+            let (reply, fds) = client.call_raw(msg).unwrap();
+            assert!(fds.is_empty());
+            match Reply::parse(&reply).unwrap() {
+                Reply::Error(e) => assert_eq!(e.code, ErrorCode::InvalidRequest, "{}", e.message),
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    // The holder kept its network and connection; everyone can still work.
+    let s = holder.status().unwrap();
+    assert_eq!(s.networks[0].clients, 1);
+    assert_tap_on_bridge(&b, &held);
+    c.acquire("shared").unwrap();
+    b.client().acquire("host").unwrap();
+    assert!(b.log().contains("bad request"));
+}
+
+#[test]
+fn ninth_distinct_network_is_internal_error() {
+    let b = Broker::start(Options {
+        files: (0..9)
+            .map(|i| (format!("n{i}.json"), r#"{"mode":"host"}"#.to_string()))
+            .collect(),
+        ..Default::default()
+    });
+    let c = b.client();
+    let held: Vec<_> = (0..8)
+        .map(|i| c.acquire(&format!("n{i}")).unwrap())
+        .collect();
+    assert_eq!(held.len(), 8);
+    assert_eq!(err_code(c.acquire("n8")), ErrorCode::InternalError);
+    // Another acquire of a held network still works.
+    c.acquire("n3").unwrap();
+    // And another client can have the 9th.
+    b.client().acquire("n8").unwrap();
+}
+
+#[test]
+fn not_allowed_for_a_uid_outside_allowed_users() {
+    let b = Broker::start(Options {
+        files: vec![(
+            "private.json".into(),
+            r#"{"mode":"host","allowed_users":["root"]}"#.into(),
+        )],
+        ..Default::default()
+    });
+    // Let any uid reach the socket for this test (the default is 0660 root:vmnet-broker).
+    b.ns.sh(&format!("chmod 0666 {}", b.socket.display()));
+    let as_nobody = |net: &str| {
+        b.ns.cmd("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                support::BIN,
+            ])
+            .args(["acquire", net])
+            .env("VMNET_BROKER_SOCKET", &b.socket)
+            .output()
+            .unwrap()
+    };
+    let out = as_nobody("private");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.starts_with("error 3: "), "{stderr}");
+    assert!(stderr.contains("uid 65534"), "{stderr}");
+    assert!(b.log().contains("acquire refused"));
+    // The same user may use an open network; root may use the private one.
+    let out = as_nobody("shared");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    b.client().acquire("private").unwrap();
+}
+
+#[test]
+fn sigkilled_client_releases_its_networks() {
+    let b = Broker::start(Options::default());
+    let mut child = b
+        .cli(&["acquire", "--hold", "shared", "host"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let first: serde_json::Value = serde_json::from_str(&read_line(&mut child)).unwrap();
+    let tap = first["interface"].as_str().unwrap().to_string();
+    read_line(&mut child);
+    let c = b.client();
+    assert_eq!(
+        c.status()
+            .unwrap()
+            .networks
+            .iter()
+            .map(|n| n.clients)
+            .sum::<usize>(),
+        2
+    );
+    assert!(b.ns.links().contains(&tap));
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    b.wait_for("release", Duration::from_secs(5), || {
+        let s = c.status().unwrap();
+        s.clients.len() == 1 && s.networks.iter().all(|n| n.clients == 0)
+    });
+    assert!(!b.ns.links().contains(&tap), "the TAP went with its holder");
+    assert!(
+        c.status()
+            .unwrap()
+            .networks
+            .iter()
+            .all(|n| n.removal_in_seconds.is_some())
+    );
+}
+
+#[test]
+fn nothing_remains_in_the_kernel_after_the_idle_timeout() {
+    let b = Broker::start(Options {
+        idle_timeout: 1.0,
+        ..Default::default()
+    });
+    {
+        let c = b.client();
+        let _s = c.acquire("shared").unwrap();
+        let _h = c.acquire("host").unwrap();
+        assert!(b.ns.links().len() >= 4, "{:?}", b.ns.links());
+    }
+    b.wait_for("idle removal", Duration::from_secs(10), || {
+        b.client().status().unwrap().networks.is_empty()
+    });
+    assert_eq!(b.ns.links(), Vec::<String>::new());
+    assert_eq!(b.ns.nft_tables().trim(), "");
+    assert_eq!(b.count_in_log("network removed"), 2);
+}
+
+#[test]
+fn invalid_config_files_are_reported_and_do_not_disturb_others() {
+    let b = Broker::start(Options {
+        files: vec![
+            ("good.json".into(), r#"{"mode":"host","mtu":1400}"#.into()),
+            ("typo.json".into(), r#"{"mode":"host","mtuu":1400}"#.into()),
+            ("badmask.json".into(), r#"{"mask":"255.0.255.0"}"#.into()),
+            (
+                "unfit.json".into(),
+                r#"{"subnet":"10.9.8.0","mask":"255.255.255.0"}"#.into(),
+            ),
+        ],
+        ..Default::default()
+    });
+    let out = b
+        .cli(&[
+            "check-config",
+            "--config-dir",
+            support::path_str(&b.config_dir),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let text = String::from_utf8_lossy(&out.stdout);
+    for (file, why) in [
+        ("typo.json", "unknown field `mtuu`"),
+        ("badmask.json", "not contiguous"),
+        ("unfit.json", "network address"),
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("error") && l.contains(file) && l.contains(why)),
+            "{file}: {text}"
+        );
+    }
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("ok") && l.contains("good")),
+        "{text}"
+    );
+    let c = b.client();
+    for bad in ["typo", "badmask", "unfit"] {
+        let e = c.acquire(bad).unwrap_err();
+        assert_eq!(e.code, ErrorCode::NotFound);
+        assert!(e.message.contains(&format!("{bad}.json")), "{}", e.message);
+    }
+    assert_eq!(c.acquire("good").unwrap().info.mtu, 1400);
+    c.acquire("shared").unwrap();
+    // A clean directory passes.
+    let clean = tempfile::tempdir().unwrap();
+    std::fs::write(clean.path().join("lab.json"), r#"{"subnet":"10.9.8.1"}"#).unwrap();
+    let out = b
+        .cli(&[
+            "check-config",
+            "--config-dir",
+            support::path_str(clean.path()),
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+}
+
+#[test]
+fn config_network_with_fixed_subnet_and_mask() {
+    let b = Broker::start(Options {
+        files: vec![(
+            "lab.json".into(),
+            r#"{"mode":"host","subnet":"192.168.42.1","mask":"255.255.255.240"}"#.into(),
+        )],
+        ..Default::default()
+    });
+    let a = b.client().acquire("lab").unwrap();
+    assert_eq!(a.info.subnet, "192.168.42.0/28");
+    assert_eq!(a.info.gateway, "192.168.42.1");
+    assert_eq!(a.info.mask, "255.255.255.240");
+    assert!(
+        b.ns.sh(&format!("ip -br addr show {}", a.info.bridge))
+            .contains("192.168.42.1/28")
+    );
+}
+
+#[test]
+fn sigterm_with_clients_is_ignored_and_without_clients_exits_cleanly() {
+    let mut b = Broker::start(Options::default());
+    let c = b.client();
+    let held = c.acquire("shared").unwrap();
+    b.signal(Signal::SIGTERM);
+    b.signal(Signal::SIGINT);
+    b.wait_for("the refusal to stop", Duration::from_secs(5), || {
+        b.count_in_log("SIGTERM ignored") == 1 && b.count_in_log("SIGINT ignored") == 1
+    });
+    assert!(
+        b.wait_exit(Duration::from_millis(300)).is_none(),
+        "still running"
+    );
+    assert_tap_on_bridge(&b, &held);
+    b.client().acquire("host").unwrap();
+    drop(held);
+    drop(c);
+    b.wait_for("release", Duration::from_secs(5), || {
+        b.client().status().unwrap().clients.len() == 1
+    });
+    b.stop();
+    assert_eq!(
+        b.ns.links(),
+        Vec::<String>::new(),
+        "networks removed on exit"
+    );
+    assert!(!b.socket.exists(), "socket removed on exit");
+}
+
+#[test]
+fn exit_on_idle_stops_the_broker_when_no_client_comes() {
+    let mut b = Broker::start(Options {
+        exit_on_idle: Some(1.0),
+        ..Default::default()
+    });
+    {
+        let c = b.client();
+        let _a = c.acquire("shared").unwrap();
+        std::thread::sleep(Duration::from_millis(1500));
+        assert!(
+            b.wait_exit(Duration::ZERO).is_none(),
+            "a client is connected"
+        );
+    }
+    let status = b
+        .wait_exit(Duration::from_secs(10))
+        .expect("exits when idle");
+    assert!(status.success());
+    assert_eq!(b.ns.links(), Vec::<String>::new());
+}
+
+#[test]
+fn a_second_broker_refuses_a_live_socket_and_replaces_a_stale_one() {
+    let mut b = Broker::start(Options::default());
+    let out = b
+        .cli(&[
+            "serve",
+            "--socket",
+            support::path_str(&b.socket),
+            "--config-dir",
+            "/nonexistent",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("already serving"));
+    // A broker killed hard leaves its socket file and kernel objects behind...
+    let a = b.client().acquire("shared").unwrap();
+    let stale_bridge = a.info.bridge.clone();
+    drop(a);
+    b.signal(Signal::SIGKILL);
+    b.wait_exit(Duration::from_secs(5)).unwrap();
+    assert!(b.socket.exists());
+    assert!(b.ns.links().contains(&stale_bridge));
+    // ...which the next one cleans up before serving.
+    b.spawn(&Options::default());
+    assert!(!b.ns.links().contains(&stale_bridge), "{:?}", b.ns.links());
+    b.client().acquire("shared").unwrap();
+}
+
+#[test]
+fn socket_is_0660() {
+    let b = Broker::start(Options::default());
+    let mode = std::fs::metadata(&b.socket).unwrap();
+    assert_eq!(
+        std::os::unix::fs::PermissionsExt::mode(&mode.permissions()) & 0o777,
+        0o660
+    );
+}
+
+#[test]
+fn status_command_shows_networks_and_clients() {
+    let b = Broker::start(Options::default());
+    let c = b.client();
+    let a = c.acquire("shared").unwrap();
+    let out = b.cli(&["status"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success());
+    assert!(
+        text.contains(&a.info.bridge) && text.contains(&a.info.interface),
+        "{text}"
+    );
+    assert!(text.contains(&a.info.subnet), "{text}");
+    let out = b.cli(&["status", "--json"]).output().unwrap();
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(v["networks"][0]["name"], "shared");
+    assert_eq!(v["networks"][0]["taps"][0], a.info.interface.as_str());
+    let me = v["clients"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["networks"][0] == "shared")
+        .unwrap();
+    assert_eq!(me["pid"], std::process::id());
+    assert_eq!(me["uid"], 0);
+}
+
+#[test]
+fn acquire_command_prints_json_and_reports_errors() {
+    let b = Broker::start(Options::default());
+    let out = b.cli(&["acquire", "shared", "host"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    assert_eq!(lines.len(), 2);
+    assert_eq!(lines[0]["name"], "shared");
+    assert_eq!(lines[1]["mode"], "host");
+    let out = b.cli(&["acquire", "missing"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.starts_with("error 5: "), "{stderr}");
+    // No broker at all: a clear message, not a panic.
+    let out = b
+        .cli(&["acquire", "shared", "--socket", "/nonexistent/broker.sock"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.starts_with("error 1: broker not running at /nonexistent/broker.sock"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn run_passes_taps_as_fds_3_and_up_and_keeps_the_lease() {
+    let b = Broker::start(Options::default());
+    let script = r#"
+        for fd in 3 4; do readlink /proc/self/fd/$fd; done
+        [ -e /proc/self/fd/5 ] && echo "unexpected fd 5"
+        echo "$VMNET_BROKER_NETWORKS"
+        exit 7"#;
+    let out = b
+        .cli(&[
+            "run",
+            "--network",
+            "shared",
+            "--network",
+            "host,mac=52:54:00:aa:bb:cc",
+            "--",
+            "sh",
+            "-c",
+            script,
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let lines: Vec<&str> = text.lines().collect();
+    assert_eq!(&lines[..2], ["/dev/net/tun", "/dev/net/tun"], "{text}");
+    let nets: serde_json::Value = serde_json::from_str(lines[2]).unwrap();
+    assert_eq!(nets[0]["name"], "shared");
+    assert_eq!(nets[0]["fd"], 3);
+    assert_eq!(nets[1]["name"], "host");
+    assert_eq!(nets[1]["fd"], 4);
+    assert_eq!(nets[1]["mac"], "52:54:00:aa:bb:cc");
+
+    // While the command runs the client holds both networks; SIGTERM reaches the command.
+    let mut child = b
+        .cli(&[
+            "run",
+            "--network",
+            "shared",
+            "--",
+            "sh",
+            "-c",
+            "trap 'exit 42' TERM; echo ready; while :; do sleep 0.05; done",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    assert_eq!(read_line(&mut child), "ready");
+    let s = b.client().status().unwrap();
+    assert_eq!(
+        s.networks
+            .iter()
+            .find(|n| n.name == "shared")
+            .unwrap()
+            .clients,
+        1
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(42));
+    b.wait_for("release", Duration::from_secs(5), || {
+        b.client()
+            .status()
+            .unwrap()
+            .networks
+            .iter()
+            .all(|n| n.clients == 0)
+    });
+}
+
+#[test]
+fn requested_mac_in_use_is_refused() {
+    let b = Broker::start(Options::default());
+    let c = b.client();
+    let a = c
+        .acquire_with_mac("shared", Some([0x52, 0x54, 0, 1, 2, 3]))
+        .unwrap();
+    assert_eq!(a.info.mac, "52:54:00:01:02:03");
+    let e = c
+        .acquire_with_mac("shared", Some([0x52, 0x54, 0, 1, 2, 3]))
+        .unwrap_err();
+    assert_eq!(e.code, ErrorCode::InvalidRequest);
+    assert!(e.message.contains("in use"), "{}", e.message);
+    // Once the TAP is closed its MAC is free again.
+    drop(a);
+    b.wait_for("TAP gone", Duration::from_secs(5), || {
+        c.status().unwrap().networks[0].taps.is_empty()
+    });
+    c.acquire_with_mac("shared", Some([0x52, 0x54, 0, 1, 2, 3]))
+        .unwrap();
+}

@@ -1,0 +1,291 @@
+//! Test harness: a real broker process in a network namespace made for one test.
+//!
+//! The broker runs as `ip netns exec <ns> vmnet-broker serve`, so every bridge, TAP and
+//! nftables rule it makes lives in that namespace and disappears with it. Its socket is
+//! a path in a temporary directory: AF_UNIX path sockets do not belong to a network
+//! namespace, so the test process (and clients it starts) connect from anywhere.
+#![allow(dead_code)]
+
+use std::io::Read;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+use vmnet_broker::client::Client;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_vmnet-broker");
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// A named network namespace, deleted on drop (which also deletes every link in it).
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Self {
+        let name = format!(
+            "vmnbt-{}-{}-{}",
+            tag,
+            std::process::id(),
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        );
+        run_ok(Command::new("ip").args(["netns", "add", &name]));
+        run_ok(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]));
+        Netns { name }
+    }
+
+    /// A command run inside the namespace.
+    pub fn cmd(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    /// Output of a command in the namespace, which must succeed.
+    pub fn sh(&self, script: &str) -> String {
+        let out = self.cmd("sh").args(["-c", script]).output().unwrap();
+        assert!(
+            out.status.success(),
+            "{script}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
+
+    /// Names of every link but `lo`.
+    pub fn links(&self) -> Vec<String> {
+        self.sh("ip -br link")
+            .lines()
+            .filter_map(|l| l.split_whitespace().next())
+            .map(|n| n.split('@').next().unwrap().to_string())
+            .filter(|n| n != "lo")
+            .collect()
+    }
+
+    pub fn nft_tables(&self) -> String {
+        self.sh("nft list tables")
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
+    }
+}
+
+pub fn run_ok(cmd: &mut Command) -> Output {
+    let out = cmd.output().expect("spawn");
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out
+}
+
+pub struct Options {
+    pub idle_timeout: f64,
+    pub exit_on_idle: Option<f64>,
+    /// (file name, contents) written into the config dir before start.
+    pub files: Vec<(String, String)>,
+    pub extra_args: Vec<String>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Options {
+            idle_timeout: 120.0,
+            exit_on_idle: None,
+            files: vec![],
+            extra_args: vec![],
+        }
+    }
+}
+
+pub struct Broker {
+    pub dir: tempfile::TempDir,
+    pub socket: PathBuf,
+    pub config_dir: PathBuf,
+    pub state_dir: PathBuf,
+    pub log_path: PathBuf,
+    pub child: Option<Child>,
+    /// Declared last: the namespace goes after the broker is stopped.
+    pub ns: Netns,
+}
+
+impl Broker {
+    pub fn start(opts: Options) -> Broker {
+        let ns = Netns::new("broker");
+        Self::start_in(ns, opts)
+    }
+
+    pub fn start_in(ns: Netns, opts: Options) -> Broker {
+        let dir = tempfile::Builder::new().prefix("vmnbt-").tempdir().unwrap();
+        let config_dir = dir.path().join("config");
+        let state_dir = dir.path().join("state");
+        std::fs::create_dir_all(&config_dir).unwrap();
+        for (name, text) in &opts.files {
+            std::fs::write(config_dir.join(name), text).unwrap();
+        }
+        let mut broker = Broker {
+            socket: dir.path().join("run/broker.sock"),
+            log_path: dir.path().join("broker.log"),
+            config_dir,
+            state_dir,
+            dir,
+            child: None,
+            ns,
+        };
+        broker.spawn(&opts);
+        broker
+    }
+
+    /// Starts (or restarts) the daemon and waits for its socket.
+    pub fn spawn(&mut self, opts: &Options) {
+        // The temp dir is private to root (0700); clients of other uids need to reach the socket.
+        std::fs::set_permissions(
+            self.dir.path(),
+            std::os::unix::fs::PermissionsExt::from_mode(0o755),
+        )
+        .unwrap();
+        let resolv = self.dir.path().join("resolv.conf");
+        if !resolv.exists() {
+            std::fs::write(&resolv, "nameserver 127.0.0.1\n").unwrap();
+        }
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .unwrap();
+        let mut cmd = self.ns.cmd(BIN);
+        cmd.arg("serve")
+            .arg("--socket")
+            .arg(&self.socket)
+            .arg("--config-dir")
+            .arg(&self.config_dir)
+            .arg("--state-dir")
+            .arg(&self.state_dir)
+            .arg("--resolv-conf")
+            .arg(&resolv)
+            .arg("--idle-timeout")
+            .arg(opts.idle_timeout.to_string())
+            .args(&opts.extra_args)
+            .arg("--log-level")
+            .arg("debug")
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+        if let Some(s) = opts.exit_on_idle {
+            cmd.arg("--exit-on-idle").arg(s.to_string());
+        }
+        let child = cmd.spawn().unwrap();
+        self.child = Some(child);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Client::connect(&self.socket).is_err() {
+            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("broker exited early ({status}): {}", self.log());
+            }
+            assert!(
+                Instant::now() < deadline,
+                "broker did not listen: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    pub fn client(&self) -> Client {
+        Client::connect(&self.socket).unwrap()
+    }
+
+    /// The vmnet-broker CLI, run inside the broker's namespace (so it can see the TAPs).
+    pub fn cli(&self, args: &[&str]) -> Command {
+        let mut c = self.ns.cmd(BIN);
+        c.args(args).env("VMNET_BROKER_SOCKET", &self.socket);
+        c
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    pub fn signal(&self, sig: nix::sys::signal::Signal) {
+        // `ip netns exec` execs the broker, so the child's pid is the broker's.
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.pid()), sig).unwrap();
+    }
+
+    /// Waits for the broker to exit on its own.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Option<ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.as_mut()?.try_wait().unwrap() {
+                self.child = None;
+                return Some(s);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Stops the broker with SIGTERM (all clients must be gone) and checks it exited 0.
+    pub fn stop(&mut self) {
+        if self.child.is_none() {
+            return;
+        }
+        self.signal(nix::sys::signal::Signal::SIGTERM);
+        let status = self
+            .wait_exit(Duration::from_secs(20))
+            .unwrap_or_else(|| panic!("broker did not stop: {}", self.log()));
+        assert!(status.success(), "broker exit {status}: {}", self.log());
+    }
+
+    /// Polls `f` until it returns true or `timeout` passes.
+    pub fn wait_for(&self, what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + timeout;
+        while !f() {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; broker log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    pub fn count_in_log(&self, needle: &str) -> usize {
+        self.log().matches(needle).count()
+    }
+}
+
+impl Drop for Broker {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Reads a child's stdout up to the first line break (for `acquire --hold`).
+pub fn read_line(child: &mut Child) -> String {
+    let out = child.stdout.as_mut().unwrap();
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while out.read(&mut byte).unwrap() == 1 && byte[0] != b'\n' {
+        line.push(byte[0]);
+    }
+    String::from_utf8(line).unwrap()
+}
+
+pub fn path_str(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
