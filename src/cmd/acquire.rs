@@ -21,9 +21,14 @@ pub fn verify(a: &Acquired) -> Result<(), BrokerError> {
             a.info.interface
         )));
     }
-    // sysfs shows the namespace this process runs in, which is the broker's for any
-    // client that can use the TAP by name.
-    let master = std::fs::read_link(format!("/sys/class/net/{name}/master"))
+    // sysfs shows this process's network namespace. A client in another namespace than
+    // the broker (a container given the socket) cannot see the TAP there; the TUNGETIFF
+    // check above is all it can verify.
+    let sys = format!("/sys/class/net/{name}");
+    if !Path::new(&sys).exists() {
+        return Ok(());
+    }
+    let master = std::fs::read_link(format!("{sys}/master"))
         .ok()
         .and_then(|p| p.file_name().map(|f| f.to_string_lossy().into_owned()));
     if master.as_deref() != Some(a.info.bridge.as_str()) {
