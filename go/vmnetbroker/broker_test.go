@@ -31,7 +31,7 @@ type realBroker struct {
 
 // brokerBinary finds the broker: $VMNET_BROKER_BIN, $CARGO_TARGET_DIR/debug or the
 // repository's target/debug. The tests skip (saying why) only when none has `serve`.
-func brokerBinary(t *testing.T) string {
+func brokerBinary(t *testing.T) (string, bool) {
 	var candidates []string
 	if p := os.Getenv("VMNET_BROKER_BIN"); p != "" {
 		candidates = append(candidates, p)
@@ -49,10 +49,10 @@ func brokerBinary(t *testing.T) string {
 			t.Skipf("broker %s has no `serve --idle-timeout` yet (%v); build the server first", c, err)
 		}
 		abs, _ := filepath.Abs(c)
-		return abs
+		return abs, strings.Contains(string(help), "--state-dir")
 	}
 	t.Skipf("no broker binary (looked at %s); run `cargo build` first", strings.Join(candidates, ", "))
-	return ""
+	return "", false
 }
 
 func run(t *testing.T, name string, args ...string) string {
@@ -65,7 +65,7 @@ func run(t *testing.T, name string, args ...string) string {
 }
 
 func startBroker(t *testing.T, idleTimeout string) *realBroker {
-	bin := brokerBinary(t)
+	bin, hasStateDir := brokerBinary(t)
 	if os.Geteuid() != 0 {
 		t.Skip("the real-broker tests need root (network namespace, bridges, TAPs)")
 	}
@@ -102,8 +102,12 @@ func startBroker(t *testing.T, idleTimeout string) *realBroker {
 		t.Fatal(err)
 	}
 	defer logf.Close()
-	b.cmd = exec.Command("ip", "netns", "exec", b.ns, bin, "serve",
-		"--socket", b.socket, "--config-dir", conf, "--idle-timeout", idleTimeout)
+	args := []string{"netns", "exec", b.ns, bin, "serve",
+		"--socket", b.socket, "--config-dir", conf, "--idle-timeout", idleTimeout}
+	if hasStateDir { // keep DHCP leases out of the host's /var/lib
+		args = append(args, "--state-dir", filepath.Join(dir, "state"))
+	}
+	b.cmd = exec.Command("ip", args...)
 	b.cmd.Stdout, b.cmd.Stderr = logf, logf
 	if err := b.cmd.Start(); err != nil {
 		t.Fatal(err)

@@ -37,15 +37,16 @@ def broker_binary():
         if not os.path.exists(c):
             continue
         help = subprocess.run([c, "serve", "--help"], capture_output=True, text=True)
-        if help.returncode != 0 or "--idle-timeout" not in help.stdout + help.stderr:
+        text = help.stdout + help.stderr
+        if help.returncode != 0 or "--idle-timeout" not in text:
             pytest.skip("broker %s has no `serve --idle-timeout` yet; build the server first" % c)
-        return os.path.abspath(c)
+        return os.path.abspath(c), "--state-dir" in text
     pytest.skip("no broker binary (looked at %s); run `cargo build` first" % ", ".join(candidates))
 
 
 class Broker:
     def __init__(self, idle_timeout):
-        self.bin = broker_binary()
+        self.bin, has_state_dir = broker_binary()
         if os.geteuid() != 0:
             pytest.skip("the real-broker tests need root (network namespace, bridges, TAPs)")
         self.ns = "vmnbt-py-%d-%d" % (os.getpid(), next(_counter))
@@ -68,7 +69,9 @@ class Broker:
             with open(self.log, "w") as log:
                 self.proc = subprocess.Popen(
                     ["ip", "netns", "exec", self.ns, self.bin, "serve", "--socket", self.socket,
-                     "--config-dir", conf, "--idle-timeout", str(idle_timeout)],
+                     "--config-dir", conf, "--idle-timeout", str(idle_timeout)]
+                    # keep DHCP leases out of the host's /var/lib
+                    + (["--state-dir", os.path.join(self.dir, "state")] if has_state_dir else []),
                     stdout=log, stderr=log)
             deadline = time.monotonic() + 15
             while not os.path.exists(self.socket):
