@@ -33,13 +33,29 @@ fn lib_dir() -> PathBuf {
     exe.parent().unwrap().parent().unwrap().to_path_buf()
 }
 
-fn scratch(tag: &str) -> PathBuf {
+/// A scratch directory, removed on drop (also when the test panics).
+struct Scratch(PathBuf);
+
+impl std::ops::Deref for Scratch {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn scratch(tag: &str) -> Scratch {
     let dir = std::env::temp_dir().join(format!("vmnbt-capi-{}-{tag}", std::process::id()));
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     // nobody runs the test program and reaches the socket in here.
     sh("chmod", &["0755", dir.to_str().unwrap()]);
-    dir
+    Scratch(dir)
 }
 
 fn sh(cmd: &str, args: &[&str]) -> String {
@@ -109,7 +125,6 @@ fn layout_matches_the_header() {
     assert_eq!(c["bridge"], offset_of!(I, bridge));
     assert_eq!(c["interface"], offset_of!(I, interface));
     assert_eq!(c["mac"], offset_of!(I, mac));
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
@@ -133,7 +148,6 @@ fn strerror_follows_the_vectors() {
             .unwrap();
         assert!(child.wait().unwrap().success(), "static: {static_link}");
     }
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
@@ -153,7 +167,6 @@ fn broker_not_running() {
         String::from_utf8_lossy(&out.stdout).trim(),
         "Failed to communicate with the broker"
     );
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 #[test]
@@ -174,7 +187,6 @@ fn example_builds_shared_and_static() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    std::fs::remove_dir_all(dir).unwrap();
 }
 
 // ---- against the real broker -------------------------------------------------------
@@ -183,9 +195,9 @@ fn example_builds_shared_and_static() {
 /// also when a test panics.
 struct Broker {
     ns: String,
-    dir: PathBuf,
     socket: PathBuf,
     child: Child,
+    dir: Scratch,
 }
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -224,9 +236,10 @@ impl Broker {
             r#"{"mode":"host","allowed_users":["root-never-matches"]}"#,
         )
         .unwrap();
-        sh("ip", &["netns", "add", &ns]);
         let socket = dir.join("broker.sock");
         let log = std::fs::File::create(dir.join("broker.log")).unwrap();
+        let log2 = log.try_clone().unwrap();
+        sh("ip", &["netns", "add", &ns]);
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &ns])
             .arg(&bin)
@@ -239,7 +252,7 @@ impl Broker {
         if help.contains("--state-dir") {
             cmd.arg("--state-dir").arg(dir.join("state"));
         }
-        let child = match cmd.stdout(log.try_clone().unwrap()).stderr(log).spawn() {
+        let child = match cmd.stdout(log2).stderr(log).spawn() {
             Ok(c) => c,
             Err(e) => {
                 let _ = Command::new("ip").args(["netns", "del", &ns]).status();
@@ -289,7 +302,6 @@ impl Drop for Broker {
             eprintln!("broker log:\n{}", self.log());
         }
         let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
