@@ -1,0 +1,3 @@
+module github.com/vmnet-broker/vmnet-broker/go
+
+go 1.19

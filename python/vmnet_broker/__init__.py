@@ -1,0 +1,368 @@
+"""Python client of vmnet-broker (docs/protocol.md, version 1). Standard library only.
+
+    with vmnet_broker.acquire_network("shared") as net:
+        print(net.interface, net.mac)
+        subprocess.run(["qemu-system-x86_64", ..., "-netdev", f"tap,id=n0,fd={net.fd}"],
+                       pass_fds=[net.fd])
+
+The broker connection is the lease: everything acquired on a Client is released when
+the Client is closed or the process exits. Keep it open while the VM runs.
+"""
+
+import array
+import json
+import os
+import re
+import socket
+import threading
+
+__all__ = [
+    "PROTOCOL_VERSION", "MAX_MESSAGE", "DEFAULT_SOCKET_PATH", "SOCKET_ENV",
+    "SUCCESS", "BROKER_UNREACHABLE", "XPC_FAILURE", "INVALID_REPLY", "NOT_ALLOWED",
+    "INVALID_REQUEST", "NOT_FOUND", "CREATE_FAILURE", "INTERNAL_ERROR",
+    "strerror", "socket_path", "BrokerError", "BrokerUnreachable", "InvalidReply",
+    "NotAllowed", "InvalidRequest", "NotFound", "CreateFailure", "InternalError",
+    "Client", "Network", "acquire_network",
+]
+
+PROTOCOL_VERSION = 1
+MAX_MESSAGE = 64 * 1024
+DEFAULT_SOCKET_PATH = "/run/vmnet-broker/vmnet-broker.sock"
+SOCKET_ENV = "VMNET_BROKER_SOCKET"
+
+# Status codes: the original macOS broker's numbers, never renumbered.
+SUCCESS = 0
+BROKER_UNREACHABLE = 1
+XPC_FAILURE = BROKER_UNREACHABLE  # the original name
+INVALID_REPLY = 2
+NOT_ALLOWED = 3
+INVALID_REQUEST = 4
+NOT_FOUND = 5
+CREATE_FAILURE = 6
+INTERNAL_ERROR = 7
+
+_STRINGS = {
+    SUCCESS: "Success",
+    BROKER_UNREACHABLE: "Failed to communicate with the broker",
+    INVALID_REPLY: "Invalid reply from the broker",
+    NOT_ALLOWED: "You are not allowed to create a network",
+    INVALID_REQUEST: "Invalid broker request",
+    NOT_FOUND: "Network name not found",
+    CREATE_FAILURE: "Failed to create network",
+    INTERNAL_ERROR: "Internal or unknown error",
+}
+
+
+def strerror(code):
+    """The original client library's message for a code; "(unknown status)" otherwise."""
+    return _STRINGS.get(code, "(unknown status)")
+
+
+def socket_path():
+    """$VMNET_BROKER_SOCKET when set and non-empty, else the default path."""
+    return os.environ.get(SOCKET_ENV) or DEFAULT_SOCKET_PATH
+
+
+class BrokerError(Exception):
+    """An error from the broker or this library. ``code`` is the status number (kept as
+    is when unknown), ``message`` the detail. Subclasses exist for the known codes."""
+
+    code = None
+
+    def __new__(cls, code=None, message=None):
+        # BrokerError(5, "...") builds the matching subclass, so callers can catch NotFound.
+        if cls is BrokerError and code in _BY_CODE:
+            cls = _BY_CODE[code]
+        return super().__new__(cls)
+
+    def __init__(self, code=None, message=None):
+        if code is None:
+            code = type(self).code
+        if message is None:
+            message = strerror(code)
+        super().__init__(code, message)
+        self.code = code
+        self.message = message
+
+    def __str__(self):
+        if self.message and self.message != strerror(self.code):
+            return "%s (%s, code %d)" % (self.message, strerror(self.code), self.code)
+        return "%s (code %d)" % (strerror(self.code), self.code)
+
+
+class BrokerUnreachable(BrokerError):
+    code = BROKER_UNREACHABLE
+
+
+class InvalidReply(BrokerError):
+    code = INVALID_REPLY
+
+
+class NotAllowed(BrokerError):
+    code = NOT_ALLOWED
+
+
+class InvalidRequest(BrokerError):
+    code = INVALID_REQUEST
+
+
+class NotFound(BrokerError):
+    code = NOT_FOUND
+
+
+class CreateFailure(BrokerError):
+    code = CREATE_FAILURE
+
+
+class InternalError(BrokerError):
+    code = INTERNAL_ERROR
+
+
+_BY_CODE = {c.code: c for c in (BrokerUnreachable, InvalidReply, NotAllowed,
+                                InvalidRequest, NotFound, CreateFailure, InternalError)}
+
+# Linux's value; some Python builds do not export the constant.
+_MSG_CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0x40000000)
+
+_MAC = re.compile(r"^[0-9A-Fa-f]{2}([:-])[0-9A-Fa-f]{2}(\1[0-9A-Fa-f]{2}){4}$")
+
+
+def _encode(obj):
+    # The canonical bytes every client library sends (tests/vectors/messages.json).
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def encode_acquire(name, mac=None):
+    """The bytes of an acquire request. A well-formed MAC is normalized to lowercase
+    with colons; anything else is sent as given, for the broker to judge."""
+    req = {"command": "acquire", "network_name": name}
+    if mac is not None:
+        if _MAC.match(mac):
+            mac = mac.replace("-", ":").lower()
+        req["mac"] = mac
+    return _encode(req)
+
+
+def encode_status():
+    return _encode({"command": "status"})
+
+
+_INFO_FIELDS = {"name": str, "mode": str, "subnet": str, "gateway": str, "mask": str,
+                "mtu": "u32", "bridge": str, "interface": str, "mac": str}
+_NETSTATUS_FIELDS = {"name": str, "mode": str, "subnet": str, "gateway": str,
+                     "bridge": str, "mtu": "u32", "clients": "u64", "taps": [str]}
+_CLIENT_FIELDS = {"id": "u64", "pid": "i32", "uid": "u32", "gid": "u32", "networks": [str]}
+_STATUS_FIELDS = {"version": str, "protocol": "u32", "pid": "u32",
+                  "idle_timeout_seconds": float, "networks": [_NETSTATUS_FIELDS],
+                  "clients": [_CLIENT_FIELDS]}
+_RANGES = {"u32": (0, 2**32 - 1), "u64": (0, 2**64 - 1), "i32": (-2**31, 2**31 - 1)}
+
+
+def _check(value, kind, where):
+    """Returns value checked against kind (a type, an integer range name, a list of one
+    kind, or a dict of required fields; unknown fields are dropped)."""
+    if isinstance(kind, dict):
+        if not isinstance(value, dict):
+            raise InvalidReply(message="%s is not an object" % where)
+        out = {}
+        for key, k in kind.items():
+            if key not in value:
+                raise InvalidReply(message="%s lacks %r" % (where, key))
+            out[key] = _check(value[key], k, "%s.%s" % (where, key))
+        return out
+    if isinstance(kind, list):
+        if not isinstance(value, list):
+            raise InvalidReply(message="%s is not an array" % where)
+        return [_check(v, kind[0], "%s[%d]" % (where, i)) for i, v in enumerate(value)]
+    if kind is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise InvalidReply(message="%s is not a number" % where)
+        return float(value)
+    if kind in _RANGES:
+        lo, hi = _RANGES[kind]
+        if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+            raise InvalidReply(message="%s is not an integer in [%d, %d]" % (where, lo, hi))
+        return value
+    if not isinstance(value, kind):
+        raise InvalidReply(message="%s is not a %s" % (where, kind.__name__))
+    return value
+
+
+def parse_reply(data):
+    """Parses a reply into ("network", dict), ("status", dict) or ("error", BrokerError).
+    Unknown fields are dropped; anything malformed raises InvalidReply."""
+    try:
+        obj = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError) as e:
+        raise InvalidReply(message="reply is not valid JSON: %s" % e) from None
+    if not isinstance(obj, dict):
+        raise InvalidReply(message="reply is not a JSON object")
+    if "error" in obj:
+        code = obj["error"]
+        if isinstance(code, bool) or not isinstance(code, int) or not -2**63 <= code < 2**63:
+            raise InvalidReply(message='"error" is not an integer')
+        message = obj.get("message")
+        if not isinstance(message, str):
+            message = strerror(code)
+        return "error", BrokerError(code, message)
+    if "network" in obj:
+        return "network", _check(obj["network"], _INFO_FIELDS, "network")
+    if "status" in obj:
+        status = obj["status"]
+        out = _check(status, _STATUS_FIELDS, "status")
+        for i, net in enumerate(status["networks"]):
+            removal = net.get("removal_in_seconds")
+            out["networks"][i]["removal_in_seconds"] = (
+                None if removal is None
+                else _check(removal, float, "status.networks[%d].removal_in_seconds" % i))
+        return "status", out
+    raise InvalidReply(message='reply has neither "network", "status" nor "error"')
+
+
+class Network:
+    """An acquired network: ``fd`` is the TAP device, ``info`` the broker's description,
+    whose fields are also attributes (``name``, ``mode``, ``subnet``, ``gateway``,
+    ``mask``, ``mtu``, ``bridge``, ``interface``, ``mac``).
+
+    ``close()`` closes the fd and, for a Network from :func:`acquire_network`, its broker
+    connection, which releases the network. Usable as a context manager."""
+
+    def __init__(self, info, fd, owner=None):
+        self.info = info
+        self.fd = fd
+        self._owner = owner
+
+    def __getattr__(self, name):
+        try:
+            return self.__dict__["info"][name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def fileno(self):
+        return self.fd
+
+    def close(self):
+        if self.fd is not None and self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        if self._owner is not None:
+            self._owner.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __repr__(self):
+        return "Network(%r, fd=%r)" % (self.info, self.fd)
+
+
+def _recv_fds(sock, max_fds):
+    """One message and its SCM_RIGHTS fds. Not socket.recv_fds: it drops its flags
+    argument (so MSG_CMSG_CLOEXEC), and received fds must not leak into children."""
+    item = array.array("i")
+    data, ancdata, flags, _ = sock.recvmsg(
+        MAX_MESSAGE, socket.CMSG_SPACE(max_fds * item.itemsize), _MSG_CMSG_CLOEXEC)
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            item.frombytes(payload[:len(payload) - len(payload) % item.itemsize])
+    return data, list(item), flags
+
+
+class Client:
+    """One connection to the broker; closing it releases everything acquired on it.
+    Usable as a context manager; safe to share between threads."""
+
+    _MAX_FDS = 4  # the protocol sends at most one; room for strays so they can be closed
+
+    def __init__(self, path=None):
+        self.path = path or socket_path()
+        self._lock = threading.Lock()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        try:
+            sock.connect(self.path)
+        except OSError as e:
+            sock.close()
+            if isinstance(e, (FileNotFoundError, ConnectionRefusedError)):
+                why = "broker not running at %s" % self.path
+            elif isinstance(e, PermissionError):
+                why = "permission denied connecting to %s" % self.path
+            else:
+                why = "cannot connect to the broker at %s" % self.path
+            raise BrokerUnreachable(message="%s: %s" % (why, e.strerror or e)) from e
+        self._sock = sock
+
+    def close(self):
+        with self._lock:
+            if self._sock is not None:
+                self._sock.close()
+                self._sock = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def acquire(self, name, mac=None):
+        """A new TAP on network ``name``; ``mac`` asks for a guest MAC to keep."""
+        kind, value, fds = self._call(encode_acquire(name, mac))
+        if kind == "network" and len(fds) == 1:
+            return Network(value, fds[0])
+        for fd in fds:
+            os.close(fd)
+        if kind == "error":
+            raise value
+        if kind == "network":
+            raise InvalidReply(message="network reply carried %d fds, want 1" % len(fds))
+        raise InvalidReply(message="unexpected %s reply to acquire" % kind)
+
+    def status(self):
+        """The broker's status as a dict (see docs/protocol.md)."""
+        kind, value, fds = self._call(encode_status())
+        for fd in fds:
+            os.close(fd)
+        if kind == "error":
+            raise value
+        if kind != "status":
+            raise InvalidReply(message="unexpected %s reply to status" % kind)
+        return value
+
+    def _call(self, request):
+        with self._lock:
+            if self._sock is None:
+                raise BrokerUnreachable(message="client is closed")
+            try:
+                self._sock.sendall(request)
+                data, fds, flags = _recv_fds(self._sock, self._MAX_FDS)
+            except OSError as e:
+                raise BrokerUnreachable(
+                    message="connection to the broker at %s failed: %s" % (self.path, e)) from e
+        try:
+            if not data:
+                raise BrokerUnreachable(
+                    message="the broker at %s closed the connection" % self.path)
+            if flags & socket.MSG_TRUNC:
+                raise InvalidReply(message="reply is larger than %d bytes" % MAX_MESSAGE)
+            if flags & socket.MSG_CTRUNC:
+                raise InvalidReply(message="reply carried more than %d fds" % self._MAX_FDS)
+            kind, value = parse_reply(data)
+        except BrokerError:
+            for fd in fds:
+                os.close(fd)
+            raise
+        return kind, value, fds
+
+
+def acquire_network(name, socket_path=None, mac=None):
+    """Connects (``socket_path``, else $VMNET_BROKER_SOCKET, else the default) and
+    acquires ``name`` on a connection of its own, closed with the returned Network."""
+    client = Client(socket_path)
+    try:
+        net = client.acquire(name, mac)
+    except BaseException:
+        client.close()
+        raise
+    net._owner = client
+    return net
