@@ -98,9 +98,22 @@ impl Client {
         name: &str,
         mac: Option<[u8; 6]>,
     ) -> Result<Acquired, BrokerError> {
+        self.acquire_with(name, mac, false)
+    }
+
+    /// The general form: `persistent` asks for a TAP that outlives its fd and belongs to
+    /// the caller's uid (for VMMs such as firecracker that open a TAP by name). It is
+    /// deleted when this connection closes.
+    pub fn acquire_with(
+        &self,
+        name: &str,
+        mac: Option<[u8; 6]>,
+        persistent: bool,
+    ) -> Result<Acquired, BrokerError> {
         let request = Request::Acquire {
             network_name: name.to_string(),
             mac,
+            persistent,
         };
         let (reply, fds) = self.call(&request)?;
         match reply {

@@ -39,6 +39,10 @@ enum Command {
         /// Keep the connection (the lease) open until interrupted.
         #[arg(long)]
         hold: bool,
+        /// Ask for persistent TAPs owned by your uid, which VMMs such as firecracker open
+        /// by name; they are deleted when this command ends (use with --hold).
+        #[arg(long)]
+        persistent: bool,
         /// Network names.
         #[arg(required = true, value_name = "NAME")]
         names: Vec<String>,
@@ -55,8 +59,14 @@ enum Command {
     Run {
         #[command(flatten)]
         socket: SocketArg,
-        /// A network to acquire, optionally with the guest MAC to ask for: NAME or NAME,mac=MAC.
-        #[arg(long = "network", required = true, value_name = "NAME[,mac=MAC]")]
+        /// A network to acquire: NAME, optionally with `,mac=MAC` (the guest MAC to ask
+        /// for) and `,persistent` (a TAP owned by your uid that VMMs such as firecracker
+        /// open by name; deleted when this command ends).
+        #[arg(
+            long = "network",
+            required = true,
+            value_name = "NAME[,mac=MAC][,persistent]"
+        )]
         networks: Vec<String>,
         /// The command and its arguments.
         #[arg(last = true, required = true, value_name = "COMMAND")]
@@ -85,8 +95,9 @@ fn main() -> ExitCode {
         Command::Acquire {
             socket,
             hold,
+            persistent,
             names,
-        } => cmd::acquire::main(&socket.socket, &names, hold),
+        } => cmd::acquire::main(&socket.socket, &names, hold, persistent),
         Command::Run {
             socket,
             networks,

@@ -117,9 +117,14 @@ impl std::error::Error for BrokerError {}
 pub enum Request {
     /// `mac` is optional: a launcher that wants its VM to keep the MAC (and so the DHCP
     /// lease) it had before asks for it; otherwise the broker suggests one.
+    ///
+    /// `persistent` asks for a TAP that outlives its fd and belongs to the caller's uid,
+    /// for VMMs that open a TAP by name (firecracker); the broker deletes it when the
+    /// caller's connection closes.
     Acquire {
         network_name: String,
         mac: Option<[u8; 6]>,
+        persistent: bool,
     },
     Status,
 }
@@ -186,9 +191,17 @@ impl Request {
                     Some(Value::String(s)) => Some(parse_guest_mac(s)?),
                     Some(_) => return Err(BrokerError::invalid("\"mac\" is not a string")),
                 };
+                let persistent = match obj.get("persistent") {
+                    None | Some(Value::Null) => false,
+                    Some(Value::Bool(b)) => *b,
+                    Some(_) => {
+                        return Err(BrokerError::invalid("\"persistent\" is not a boolean"));
+                    }
+                };
                 Ok(Request::Acquire {
                     network_name: name,
                     mac,
+                    persistent,
                 })
             }
             "status" => Ok(Request::Status),
@@ -201,10 +214,17 @@ impl Request {
 
     pub fn to_bytes(&self) -> Vec<u8> {
         let v = match self {
-            Request::Acquire { network_name, mac } => {
+            Request::Acquire {
+                network_name,
+                mac,
+                persistent,
+            } => {
                 let mut v = serde_json::json!({"command": "acquire", "network_name": network_name});
                 if let Some(mac) = mac {
                     v["mac"] = Value::String(crate::config::format_mac(mac));
+                }
+                if *persistent {
+                    v["persistent"] = Value::Bool(true);
                 }
                 v
             }
@@ -355,7 +375,8 @@ mod tests {
             Request::parse(br#"{"command":"acquire","network_name":"shared"}"#).unwrap(),
             Request::Acquire {
                 network_name: "shared".into(),
-                mac: None
+                mac: None,
+                persistent: false,
             }
         );
         assert_eq!(
@@ -365,7 +386,8 @@ mod tests {
             .unwrap(),
             Request::Acquire {
                 network_name: "a".into(),
-                mac: Some([0x52, 0x54, 0, 0xab, 0xcd, 1])
+                mac: Some([0x52, 0x54, 0, 0xab, 0xcd, 1]),
+                persistent: false,
             }
         );
         assert_eq!(
@@ -393,6 +415,7 @@ mod tests {
             br#"{"command":"acquire","network_name":"a","mac":"00:00:00:00:00:00"}"#,
             br#"{"command":"acquire","network_name":"a","mac":"52:54"}"#,
             br#"{"command":"acquire","network_name":"a","mac":5}"#,
+            br#"{"command":"acquire","network_name":"a","persistent":"yes"}"#,
         ] {
             assert_eq!(
                 code(bad),
@@ -457,10 +480,11 @@ mod tests {
             mac: "52:54:00:00:00:01".into(),
         });
         assert_eq!(Reply::parse(&net.to_bytes()).unwrap(), net);
-        for mac in [None, Some([0x52, 0x54, 0, 1, 2, 3])] {
+        for (mac, persistent) in [(None, false), (Some([0x52, 0x54, 0, 1, 2, 3]), true)] {
             let req = Request::Acquire {
                 network_name: "host".into(),
                 mac,
+                persistent,
             };
             assert_eq!(Request::parse(&req.to_bytes()).unwrap(), req);
         }

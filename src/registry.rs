@@ -40,6 +40,9 @@ struct Network<N> {
 struct Client {
     peer: Peer,
     networks: BTreeSet<String>,
+    /// Persistent endpoints made for this client, as (network, interface): they do not
+    /// go away with their fd, so they go when the client does.
+    persistent: Vec<(String, String)>,
 }
 
 struct State<N> {
@@ -119,6 +122,7 @@ impl<B: Backend> Registry<B> {
             Client {
                 peer,
                 networks: BTreeSet::new(),
+                persistent: Vec::new(),
             },
         );
         info!(
@@ -138,6 +142,7 @@ impl<B: Backend> Registry<B> {
         client: ClientId,
         name: &str,
         requested_mac: Option<[u8; 6]>,
+        persistent: bool,
     ) -> Result<(NetworkInfo, Attachment), BrokerError> {
         let mut guard = self.state.lock().await;
         let st = &mut *guard;
@@ -242,7 +247,12 @@ impl<B: Backend> Registry<B> {
             }
         };
         net.serial += 1;
-        let request = AttachRequest { serial, mac, peer };
+        let request = AttachRequest {
+            serial,
+            mac,
+            peer,
+            persistent,
+        };
         let attachment = match self.backend.attach(&net.handle, &request).await {
             Ok(a) => a,
             Err(e) => {
@@ -274,11 +284,13 @@ impl<B: Backend> Registry<B> {
             mac: format_mac(&mac),
         };
         let net_clients = net.clients.len();
-        st.clients
-            .get_mut(&client)
-            .expect("checked above")
-            .networks
-            .insert(name.to_string());
+        let entry = st.clients.get_mut(&client).expect("checked above");
+        entry.networks.insert(name.to_string());
+        if persistent {
+            entry
+                .persistent
+                .push((name.to_string(), info.interface.clone()));
+        }
         info!(
             client,
             pid = peer.pid,
@@ -299,6 +311,19 @@ impl<B: Backend> Registry<B> {
         let Some(c) = st.clients.remove(&client) else {
             return;
         };
+        for (name, interface) in &c.persistent {
+            let Some(net) = st.networks.get(name) else {
+                continue;
+            };
+            match self.backend.release(&net.handle, interface).await {
+                Ok(()) => {
+                    info!(client, network = %name, interface = %interface, "persistent TAP removed")
+                }
+                Err(e) => {
+                    warn!(client, network = %name, "cannot remove persistent TAP {interface}: {e}")
+                }
+            }
+        }
         for name in &c.networks {
             let Some(net) = st.networks.get_mut(name) else {
                 continue;
@@ -479,6 +504,13 @@ mod tests {
                 fd: std::fs::File::open("/dev/null")?.into(),
             })
         }
+        async fn release(&self, n: &Self::Network, interface: &str) -> Result<(), BackendError> {
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("release {} {interface}", n.0));
+            Ok(())
+        }
         async fn endpoints(&self, _: &Self::Network) -> Vec<String> {
             vec![]
         }
@@ -527,9 +559,9 @@ mod tests {
         let r = registry();
         let a = r.connect(peer(1000)).await.unwrap();
         let b = r.connect(peer(1001)).await.unwrap();
-        let (i1, _) = r.acquire(a, "shared", None).await.unwrap();
-        let (i2, _) = r.acquire(b, "shared", None).await.unwrap();
-        let (i3, _) = r.acquire(a, "shared", None).await.unwrap();
+        let (i1, _) = r.acquire(a, "shared", None, false).await.unwrap();
+        let (i2, _) = r.acquire(b, "shared", None, false).await.unwrap();
+        let (i3, _) = r.acquire(a, "shared", None, false).await.unwrap();
         assert_eq!(i1.bridge, i2.bridge);
         assert_eq!(i1.subnet, "10.0.1.0/24");
         assert_eq!(i1.mask, "255.255.255.0");
@@ -552,13 +584,13 @@ mod tests {
     async fn last_release_schedules_removal_and_acquire_cancels_it() {
         let r = registry();
         let a = r.connect(peer(1000)).await.unwrap();
-        let (first, _) = r.acquire(a, "host", None).await.unwrap();
+        let (first, _) = r.acquire(a, "host", None, false).await.unwrap();
         r.disconnect(a).await;
         let s = r.status().await;
         assert_eq!(s.networks[0].removal_in_seconds, Some(120.0));
         tokio::time::advance(Duration::from_secs(119)).await;
         let b = r.connect(peer(1001)).await.unwrap();
-        let (again, _) = r.acquire(b, "host", None).await.unwrap();
+        let (again, _) = r.acquire(b, "host", None, false).await.unwrap();
         assert_eq!(first.subnet, again.subnet, "the very same network");
         assert_eq!(r.status().await.networks[0].removal_in_seconds, None);
         // The cancelled timer must not remove the network when it fires.
@@ -587,11 +619,11 @@ mod tests {
         let r = registry_in(dir.path(), Fake::default());
         let a = r.connect(peer(1000)).await.unwrap();
         for i in 0..8 {
-            r.acquire(a, &format!("n{i}"), None).await.unwrap();
+            r.acquire(a, &format!("n{i}"), None, false).await.unwrap();
         }
         // Re-acquiring a held network is not a new one.
-        r.acquire(a, "n0", None).await.unwrap();
-        let e = r.acquire(a, "n8", None).await.unwrap_err();
+        r.acquire(a, "n0", None, false).await.unwrap();
+        let e = r.acquire(a, "n8", None, false).await.unwrap_err();
         assert_eq!(e.code, ErrorCode::InternalError);
         assert!(e.message.contains("at most 8"), "{}", e.message);
     }
@@ -608,21 +640,21 @@ mod tests {
         let r = registry_in(dir.path(), Fake::default());
         let a = r.connect(peer(1001)).await.unwrap();
         assert_eq!(
-            r.acquire(a, "nope", None).await.unwrap_err().code,
+            r.acquire(a, "nope", None, false).await.unwrap_err().code,
             ErrorCode::NotFound
         );
-        let bad = r.acquire(a, "bad", None).await.unwrap_err();
+        let bad = r.acquire(a, "bad", None, false).await.unwrap_err();
         assert_eq!(bad.code, ErrorCode::NotFound);
         assert!(bad.message.contains("bad.json"), "{}", bad.message);
         assert_eq!(
-            r.acquire(a, "private", None).await.unwrap_err().code,
+            r.acquire(a, "private", None, false).await.unwrap_err().code,
             ErrorCode::NotAllowed
         );
         assert!(r.backend().log().is_empty(), "nothing created for refusals");
         let owner = r.connect(peer(1000)).await.unwrap();
-        r.acquire(owner, "private", None).await.unwrap();
+        r.acquire(owner, "private", None, false).await.unwrap();
         assert_eq!(
-            r.acquire(a, "private", None).await.unwrap_err().code,
+            r.acquire(a, "private", None, false).await.unwrap_err().code,
             ErrorCode::NotAllowed,
             "an existing network is checked too"
         );
@@ -633,7 +665,7 @@ mod tests {
         };
         let r = registry_in(dir.path(), failing);
         let a = r.connect(peer(0)).await.unwrap();
-        let e = r.acquire(a, "shared", None).await.unwrap_err();
+        let e = r.acquire(a, "shared", None, false).await.unwrap_err();
         assert_eq!(e.code, ErrorCode::CreateFailure);
         assert!(e.message.contains("no bridges today"));
         assert!(r.status().await.networks.is_empty());
@@ -646,16 +678,22 @@ mod tests {
         std::fs::write(&file, r#"{"mode": "host"}"#).unwrap();
         let r = registry_in(dir.path(), Fake::default());
         let a = r.connect(peer(1000)).await.unwrap();
-        assert_eq!(r.acquire(a, "lab", None).await.unwrap().0.mode, "host");
+        assert_eq!(
+            r.acquire(a, "lab", None, false).await.unwrap().0.mode,
+            "host"
+        );
         std::fs::write(&file, r#"{"mode": "shared", "allowed_users": [1]}"#).unwrap();
         let b = r.connect(peer(1001)).await.unwrap();
-        assert_eq!(r.acquire(b, "lab", None).await.unwrap().0.mode, "host");
+        assert_eq!(
+            r.acquire(b, "lab", None, false).await.unwrap().0.mode,
+            "host"
+        );
         r.disconnect(a).await;
         r.disconnect(b).await;
         tokio::time::sleep(IDLE * 2).await;
         let c = r.connect(peer(1002)).await.unwrap();
         assert_eq!(
-            r.acquire(c, "lab", None).await.unwrap_err().code,
+            r.acquire(c, "lab", None, false).await.unwrap_err().code,
             ErrorCode::NotAllowed,
             "recreated from the edited file"
         );
@@ -665,7 +703,7 @@ mod tests {
     async fn shutdown_only_when_no_clients() {
         let r = registry();
         let a = r.connect(peer(1000)).await.unwrap();
-        r.acquire(a, "shared", None).await.unwrap();
+        r.acquire(a, "shared", None, false).await.unwrap();
         assert!(!r.shutdown_if_idle().await);
         assert_eq!(r.status().await.networks.len(), 1);
         r.disconnect(a).await;
@@ -680,11 +718,23 @@ mod tests {
         let r = registry();
         let a = r.connect(peer(1000)).await.unwrap();
         let mac = [0x52, 0x54, 0, 0, 0, 7];
-        let (info, _) = r.acquire(a, "shared", Some(mac)).await.unwrap();
+        let (info, _) = r.acquire(a, "shared", Some(mac), false).await.unwrap();
         assert_eq!(info.mac, "52:54:00:00:00:07");
         // The fake reports no live endpoints, so the first TAP counts as gone and its MAC
         // is free again; a live one is covered by the integration tests.
-        assert!(r.acquire(a, "shared", Some(mac)).await.is_ok());
+        assert!(r.acquire(a, "shared", Some(mac), false).await.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn persistent_endpoints_are_released_when_their_client_leaves() {
+        let r = registry();
+        let a = r.connect(peer(1000)).await.unwrap();
+        let (p, _) = r.acquire(a, "shared", None, true).await.unwrap();
+        r.acquire(a, "shared", None, false).await.unwrap();
+        r.disconnect(a).await;
+        let log = r.backend().log();
+        let released: Vec<_> = log.iter().filter(|l| l.starts_with("release")).collect();
+        assert_eq!(released, [&format!("release shared {}", p.interface)]);
     }
 
     #[test]

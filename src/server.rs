@@ -229,8 +229,15 @@ async fn respond<B: Backend>(
             Reply::Error(e)
         }
         Ok(Request::Status) => Reply::Status(registry.status().await),
-        Ok(Request::Acquire { network_name, mac }) => {
-            match registry.acquire(client, &network_name, mac).await {
+        Ok(Request::Acquire {
+            network_name,
+            mac,
+            persistent,
+        }) => {
+            match registry
+                .acquire(client, &network_name, mac, persistent)
+                .await
+            {
                 Ok((info, attachment)) => {
                     let bytes = Reply::Network(info).to_bytes();
                     let mut space = [0u8; 64];

@@ -688,3 +688,57 @@ fn requested_mac_in_use_is_refused() {
     c.acquire_with_mac("shared", Some([0x52, 0x54, 0, 1, 2, 3]))
         .unwrap();
 }
+
+#[test]
+fn persistent_taps_belong_to_the_caller_and_go_with_its_connection() {
+    let b = Broker::start(Options::default());
+    let c = b.client();
+    let a = c.acquire_with("shared", None, true).unwrap();
+    let tap = a.info.interface.clone();
+    assert_tap_on_bridge(&b, &a);
+    drop(a); // the fd goes; a persistent TAP stays, for a VMM to open by name
+    let flags = b.ns.sh(&format!("cat /sys/class/net/{tap}/tun_flags"));
+    let flags = u32::from_str_radix(flags.trim().trim_start_matches("0x"), 16).unwrap();
+    assert_ne!(flags & libc::IFF_PERSIST as u32, 0, "persistent");
+    assert_eq!(
+        b.ns.sh(&format!("cat /sys/class/net/{tap}/owner")).trim(),
+        "0"
+    );
+    assert!(c.status().unwrap().networks[0].taps.contains(&tap));
+    drop(c);
+    b.wait_for(
+        "the persistent TAP to go with its client",
+        Duration::from_secs(5),
+        || !b.ns.links().contains(&tap) && b.log().contains("persistent TAP removed"),
+    );
+
+    // Owned by whoever asked.
+    b.ns.sh(&format!("chmod 0666 {}", b.socket.display()));
+    let mut child =
+        b.ns.cmd("setpriv")
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                support::BIN,
+            ])
+            .args(["acquire", "--hold", "--persistent", "host"])
+            .env("VMNET_BROKER_SOCKET", &b.socket)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+    let reply: serde_json::Value = serde_json::from_str(&read_line(&mut child)).unwrap();
+    let tap = reply["interface"].as_str().unwrap().to_string();
+    assert_eq!(
+        b.ns.sh(&format!("cat /sys/class/net/{tap}/owner")).trim(),
+        "65534"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    b.wait_for(
+        "the TAP to go with its SIGKILLed client",
+        Duration::from_secs(5),
+        || !b.ns.links().contains(&tap),
+    );
+}

@@ -146,6 +146,7 @@ async fn attach(b: &LinuxBackend, net: &LinuxNetwork, serial: u64) -> Attachment
             uid: 1000,
             gid: 1000,
         },
+        persistent: false,
     };
     b.attach(net, &request).await.unwrap()
 }

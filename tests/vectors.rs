@@ -58,6 +58,7 @@ fn encodes_requests_to_the_exact_bytes() {
                 mac: r["mac"]
                     .as_str()
                     .map(|m| parse_guest_mac(m).expect("vector MAC is valid")),
+                persistent: r["persistent"].as_bool().unwrap_or(false),
             },
             "status" => Request::Status,
             other => panic!("unknown command {other}"),
@@ -81,6 +82,7 @@ fn accepts_the_accepted_requests() {
             "acquire" => Request::Acquire {
                 network_name: p["network_name"].as_str().unwrap().to_string(),
                 mac: p["mac"].as_str().map(|m| parse_guest_mac(m).unwrap()),
+                persistent: p["persistent"].as_bool().unwrap_or(false),
             },
             _ => Request::Status,
         };

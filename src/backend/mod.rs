@@ -41,6 +41,9 @@ pub struct AttachRequest {
     /// The guest MAC the core suggests for this endpoint (anti-spoofing binds it).
     pub mac: [u8; 6],
     pub peer: Peer,
+    /// The endpoint must outlive its fd and belong to `peer.uid` (a VMM that opens it by
+    /// name); the core removes it with [`Backend::release`] when the client leaves.
+    pub persistent: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -78,6 +81,13 @@ pub trait Backend: Send + Sync + 'static {
         network: &Self::Network,
         request: &AttachRequest,
     ) -> impl Future<Output = Result<Attachment, BackendError>> + Send;
+
+    /// Removes a persistent endpoint when the client it was made for leaves.
+    fn release(
+        &self,
+        network: &Self::Network,
+        interface: &str,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send;
 
     /// Endpoints currently on the network (those a client still holds open).
     fn endpoints(&self, network: &Self::Network) -> impl Future<Output = Vec<String>> + Send;

@@ -48,11 +48,11 @@ pub fn describe(a: &Acquired, fd: i32) -> serde_json::Value {
     v
 }
 
-pub fn main(socket: &Path, names: &[String], hold: bool) -> super::Result {
+pub fn main(socket: &Path, names: &[String], hold: bool, persistent: bool) -> super::Result {
     let client = Client::connect(socket)?;
     let mut held = Vec::new();
     for name in names {
-        let acquired = client.acquire(name)?;
+        let acquired = client.acquire_with(name, None, persistent)?;
         verify(&acquired)?;
         println!("{}", describe(&acquired, acquired.fd.as_raw_fd()));
         held.push(acquired);

@@ -6,17 +6,33 @@ use tokio::signal::unix::{SignalKind, signal};
 use vmnet_broker::client::Client;
 use vmnet_broker::protocol::{BrokerError, parse_guest_mac};
 
-/// Name and optional MAC from `NAME` or `NAME,mac=MAC`.
-fn parse_network(arg: &str) -> Result<(&str, Option<[u8; 6]>), BrokerError> {
-    match arg.split_once(',') {
-        None => Ok((arg, None)),
-        Some((name, rest)) => match rest.strip_prefix("mac=") {
-            Some(mac) => Ok((name, Some(parse_guest_mac(mac)?))),
-            None => Err(BrokerError::invalid(format!(
-                "--network {arg:?}: expected NAME or NAME,mac=MAC"
-            ))),
-        },
+/// One `--network` argument: `NAME[,mac=MAC][,persistent]`.
+#[derive(Debug, PartialEq)]
+struct NetworkArg<'a> {
+    name: &'a str,
+    mac: Option<[u8; 6]>,
+    persistent: bool,
+}
+
+fn parse_network(arg: &str) -> Result<NetworkArg<'_>, BrokerError> {
+    let mut parts = arg.split(',');
+    let mut n = NetworkArg {
+        name: parts.next().unwrap_or_default(),
+        mac: None,
+        persistent: false,
+    };
+    for option in parts {
+        match option.split_once('=') {
+            Some(("mac", mac)) if n.mac.is_none() => n.mac = Some(parse_guest_mac(mac)?),
+            None if option == "persistent" => n.persistent = true,
+            _ => {
+                return Err(BrokerError::invalid(format!(
+                    "--network {arg:?}: expected NAME[,mac=MAC][,persistent]"
+                )));
+            }
+        }
     }
+    Ok(n)
 }
 
 pub fn main(socket: &Path, networks: &[String], command: &[String]) -> super::Result {
@@ -25,8 +41,8 @@ pub fn main(socket: &Path, networks: &[String], command: &[String]) -> super::Re
     let mut replies = Vec::new();
     let mut staged: Vec<OwnedFd> = Vec::new();
     for (i, arg) in networks.iter().enumerate() {
-        let (name, mac) = parse_network(arg)?;
-        let acquired = client.acquire_with_mac(name, mac)?;
+        let n = parse_network(arg)?;
+        let acquired = client.acquire_with(n.name, n.mac, n.persistent)?;
         super::acquire::verify(&acquired)?;
         replies.push(super::acquire::describe(&acquired, 3 + i as i32));
         // Park every TAP above the target range first, so moving them down to 3, 4, ...
@@ -92,12 +108,15 @@ mod tests {
 
     #[test]
     fn network_arguments() {
-        assert_eq!(parse_network("shared").unwrap(), ("shared", None));
-        assert_eq!(
-            parse_network("host,mac=52:54:00:00:00:01").unwrap(),
-            ("host", Some([0x52, 0x54, 0, 0, 0, 1]))
-        );
+        let n = parse_network("shared").unwrap();
+        assert_eq!((n.name, n.mac, n.persistent), ("shared", None, false));
+        let n = parse_network("host,mac=52:54:00:00:00:01").unwrap();
+        assert_eq!((n.name, n.mac), ("host", Some([0x52, 0x54, 0, 0, 0, 1])));
+        let n = parse_network("fc,persistent,mac=52:54:00:00:00:02").unwrap();
+        assert!(n.persistent && n.mac.is_some());
         assert!(parse_network("host,mtu=9000").is_err());
+        assert!(parse_network("host,persistent=1").is_err());
+        assert!(parse_network("host,mac=52:54:00:00:00:01,mac=52:54:00:00:00:02").is_err());
         assert!(parse_network("host,mac=ff:ff:ff:ff:ff:ff").is_err());
     }
 }

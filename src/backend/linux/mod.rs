@@ -399,6 +399,15 @@ impl Backend for LinuxBackend {
         let fd = tap::create_tap(&name)?;
         // On failure `fd` is dropped, and with its only fd the TAP goes away.
         self.plug(network, &name, host_mac(request.mac)).await?;
+        if request.persistent {
+            // Made persistent only once plugged: a failure before leaves nothing behind.
+            if let Err(e) =
+                tap::make_persistent(std::os::fd::AsFd::as_fd(&fd), request.peer.uid, &name)
+            {
+                self.release(network, &name).await.ok();
+                return Err(e.into());
+            }
+        }
         if !network.config.allow_spoofing {
             self.firewall
                 .add_port(&network.config.name, &name, request.mac)
@@ -409,6 +418,18 @@ impl Backend for LinuxBackend {
             interface: name,
             fd,
         })
+    }
+
+    async fn release(&self, network: &LinuxNetwork, interface: &str) -> Result<(), BackendError> {
+        let alias = alias_for(&network.config.name);
+        match self.netlink.link_by_name(interface).await? {
+            // Only ever a TAP of this network: the name may have been reused meanwhile.
+            Some(link) if link.alias.as_deref() == Some(alias.as_str()) => {
+                self.netlink.delete(&link).await?;
+                Ok(())
+            }
+            _ => Ok(()),
+        }
     }
 
     async fn endpoints(&self, network: &LinuxNetwork) -> Vec<String> {

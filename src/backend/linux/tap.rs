@@ -2,7 +2,9 @@
 //!
 //! A TAP made here is not persistent (no `TUNSETPERSIST`): it exists while some process
 //! holds its fd. The broker hands the only fd to the client, so the TAP disappears when
-//! the VM exits, however it exits.
+//! the VM exits, however it exits. The exception is a TAP asked for as persistent, for
+//! VMMs that open a TAP by name: [`make_persistent`] gives it to the client's uid, and the
+//! broker deletes it when that client's connection closes.
 //!
 //! Offloads (`TUNSETOFFLOAD`) are deliberately left off. With them off the kernel hands
 //! the reader only complete, checksummed frames, which every consumer can take; QEMU and
@@ -25,6 +27,9 @@ ioctl_write_ptr_bad!(tun_set_iff, libc::TUNSETIFF, libc::ifreq);
 ioctl_read_bad!(tun_get_iff, libc::TUNGETIFF, libc::ifreq);
 ioctl_write_ptr_bad!(tun_set_vnet_hdr_sz, libc::TUNSETVNETHDRSZ, libc::c_int);
 ioctl_read_bad!(tun_get_vnet_hdr_sz, libc::TUNGETVNETHDRSZ, libc::c_int);
+// TUNSETOWNER and TUNSETPERSIST take their argument by value, not by pointer.
+nix::ioctl_write_int_bad!(tun_set_owner, libc::TUNSETOWNER);
+nix::ioctl_write_int_bad!(tun_set_persist, libc::TUNSETPERSIST);
 
 /// Flags of every TAP the broker makes: Ethernet frames, no packet-info prefix, a
 /// virtio-net header in front of each frame.
@@ -74,6 +79,16 @@ pub fn create_tap(name: &str) -> io::Result<OwnedFd> {
     unsafe { tun_set_vnet_hdr_sz(file.as_raw_fd(), &VNET_HDR_LEN) }
         .map_err(|e| context(e, "TUNSETVNETHDRSZ", name))?;
     Ok(file.into())
+}
+
+/// Keeps the TAP behind `fd` after its fds close and lets `uid` attach to it by name
+/// (TUNSETIFF without CAP_NET_ADMIN), as firecracker does.
+pub fn make_persistent(fd: BorrowedFd, uid: u32, name: &str) -> io::Result<()> {
+    // SAFETY: the fd is an attached TAP; both ioctls take an integer argument.
+    unsafe { tun_set_owner(fd.as_raw_fd(), uid as libc::c_int) }
+        .map_err(|e| context(e, "TUNSETOWNER", name))?;
+    unsafe { tun_set_persist(fd.as_raw_fd(), 1) }.map_err(|e| context(e, "TUNSETPERSIST", name))?;
+    Ok(())
 }
 
 /// The name of the TAP behind `fd` (`TUNGETIFF`); fails for anything that is not an
