@@ -70,18 +70,20 @@ pub fn main(socket: &Path, networks: &[String], command: &[String]) -> super::Re
             Ok(())
         });
     }
-    let mut child = cmd
-        .spawn()
-        .map_err(|e| format!("cannot run {:?}: {e}", command[0]))?;
-    drop(staged);
-    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
-    // Forward SIGINT/SIGTERM; a second runtime thread is not needed for that.
+    // Handlers go in before the command starts: a signal in between would otherwise
+    // kill us with the default action instead of reaching the command.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
     let status = runtime.block_on(async {
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sigterm = signal(SignalKind::terminate())?;
+        // Handlers are reset to the default on exec, so the command is unaffected.
+        let mut child = cmd
+            .spawn()
+            .map_err(|e| std::io::Error::new(e.kind(), format!("cannot run {:?}: {e}", command[0])))?;
+        drop(staged);
+        let pid = nix::unistd::Pid::from_raw(child.id() as i32);
         let waiter = tokio::task::spawn_blocking(move || child.wait());
         tokio::pin!(waiter);
         loop {
