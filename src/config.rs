@@ -132,6 +132,17 @@ impl NetworkConfig {
     }
 }
 
+/// A stable 32-bit hash of a network name (FNV-1a), for identifiers derived from it (MACs,
+/// interface names) that must come out the same on every run and platform, which std's
+/// randomized hasher does not.
+pub fn name_hash(name: &str) -> u32 {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in name.bytes() {
+        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
+    }
+    h
+}
+
 /// The networks served with no configuration at all.
 pub fn builtin(name: &str) -> Option<NetworkConfig> {
     match name {

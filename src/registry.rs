@@ -6,7 +6,7 @@
 //! under one lock, so backend calls for a network never overlap.
 
 use crate::backend::{AttachRequest, Attachment, Backend, NetworkDetails};
-use crate::config::{ConfigDir, NetworkConfig, format_mac, prefix_to_mask};
+use crate::config::{ConfigDir, NetworkConfig, format_mac, name_hash, prefix_to_mask};
 use crate::policy::{self, Directory, Peer};
 use crate::protocol::{BrokerError, ClientStatus, ErrorCode, NetworkInfo, NetworkStatus, Status};
 use std::collections::{BTreeMap, BTreeSet};
@@ -65,11 +65,7 @@ pub struct Registry<B: Backend> {
 /// unicast, two bytes from the network name (so one VM's NICs on different networks
 /// differ) and three from the serial (so NICs on one network never collide).
 pub fn guest_mac(name: &str, serial: u64) -> [u8; 6] {
-    // FNV-1a: stable across runs and platforms, unlike std's randomized hasher.
-    let mut h: u32 = 0x811c9dc5;
-    for b in name.bytes() {
-        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
-    }
+    let h = name_hash(name);
     let s = (serial & 0xff_ffff) as u32;
     [
         0x52,

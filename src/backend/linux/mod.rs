@@ -12,7 +12,7 @@ pub mod subnet;
 pub mod tap;
 
 use crate::backend::{AttachRequest, Attachment, Backend, BackendError, NetworkDetails};
-use crate::config::{Mode, NetworkConfig};
+use crate::config::{Mode, NetworkConfig, name_hash};
 use firewall::{Firewall, FirewallNetwork};
 use ipnet::Ipv4Net;
 use netlink::{Link, Netlink};
@@ -92,24 +92,15 @@ pub fn bridge_name(network: &str) -> String {
         return format!("vmnb-{network}");
     }
     // Stable, so a restarted broker finds the same name.
-    format!("vmnb-{:08x}", fnv1a(network))
+    format!("vmnb-{:08x}", name_hash(network))
 }
 
 /// The bridge's MAC, stable per network name so guests' ARP caches of the gateway stay
 /// right when a network is recreated: locally administered unicast (0x02), then 'v'
 /// and four bytes of the name's hash.
 pub fn bridge_mac(network: &str) -> [u8; 6] {
-    let h = fnv1a(network).to_be_bytes();
+    let h = name_hash(network).to_be_bytes();
     [0x02, b'v', h[0], h[1], h[2], h[3]]
-}
-
-/// FNV-1a: stable across runs and platforms, unlike std's randomized hasher.
-fn fnv1a(s: &str) -> u32 {
-    let mut h: u32 = 0x811c_9dc5;
-    for b in s.bytes() {
-        h = (h ^ u32::from(b)).wrapping_mul(0x0100_0193);
-    }
-    h
 }
 
 /// The host side of a TAP: the guest MAC with 0xFE as first byte. 0xFE is above any
