@@ -298,7 +298,7 @@ fn assert_pair(a: &VmOutput, b: &VmOutput, names: (&str, &str), subnet: ipnet::I
     }
 }
 
-/// 1. Two VMs on `shared`: leases in its subnet, the gateway and each other reachable, and
+/// Scenario 1: Two VMs on `shared`: leases in its subnet, the gateway and each other reachable, and
 /// each other's hostnames resolved by the broker's DNS (short name and `NAME.shared.vmnet`).
 #[test]
 fn two_vms_on_shared_lease_ping_and_resolve_each_other() {
@@ -382,7 +382,7 @@ impl Drop for Outside {
     }
 }
 
-/// 2. A VM on `shared` reaches a host outside (a second namespace standing for the
+/// Scenario 2: A VM on `shared` reaches a host outside (a second namespace standing for the
 /// internet, behind the broker namespace's uplink) and is seen there with the uplink's
 /// address (NAT); a VM on `host` reaches its gateway but not the outside.
 #[test]
@@ -457,7 +457,7 @@ check tcp_outside nc -w 2 203.0.113.1 8080 </dev/null || true
     report("outside_nat", t, &[s, h]);
 }
 
-/// 3. Two launchers of different uids share `shared`: their VMs ping each other, and
+/// Scenario 3: Two launchers of different uids share `shared`: their VMs ping each other, and
 /// `status` lists both uids while they run.
 #[test]
 fn vms_of_two_uids_share_a_network() {
@@ -515,7 +515,7 @@ fn vms_of_two_uids_share_a_network() {
     report("two_uids", t, &[&outs[0], &outs[1]]);
 }
 
-/// 4. A network from a config file with a fixed subnet: a VM's lease is inside it, and a
+/// Scenario 4: A network from a config file with a fixed subnet: a VM's lease is inside it, and a
 /// VM whose MAC has a reservation gets the reserved address.
 #[test]
 fn config_network_with_fixed_subnet_and_reservation() {
@@ -558,7 +558,7 @@ check ping_gateway ping -c 1 -W 2 192.168.77.1
     report("fixed_subnet", t, &[&outs[0], &outs[1]]);
 }
 
-/// 5. One VM with a NIC on `shared` and one on `host`: a lease on each, each in its
+/// Scenario 5: One VM with a NIC on `shared` and one on `host`: a lease on each, each in its
 /// network's subnet, both gateways reachable.
 #[test]
 fn vm_with_two_nics_on_two_networks() {
@@ -593,7 +593,7 @@ check ping_gw1 ping -c 1 -W 2 "$(lease eth1 router)"
     report("two_nics", t, &[o]);
 }
 
-/// 6. A VM restarted with the same MAC (`--network shared,mac=MAC`) gets its address back,
+/// Scenario 6: A VM restarted with the same MAC (`--network shared,mac=MAC`) gets its address back,
 /// also after a broker restart (the lease file is in the state dir). The first round boots
 /// two VMs and follows the one with the higher address, so that address is neither the
 /// lowest free one nor what a new MAC would get.
@@ -636,7 +636,7 @@ result mac "$(cat /sys/class/net/eth0/address)"
     report("restart", t, &[&first[0], &first[1], &again[0], &after[0]]);
 }
 
-/// 7. SIGKILL of one QEMU: its TAP goes at once, the network stays for the other VM (which
+/// Scenario 7: SIGKILL of one QEMU: its TAP goes at once, the network stays for the other VM (which
 /// still reaches the gateway), and once both are gone and the idle timeout has passed
 /// nothing of the broker's is left in the kernel.
 #[test]
@@ -712,7 +712,7 @@ check ping_gateway ping -c 3 -W 1 "$(gateway)"
     eprintln!("sigkill: {:.1}s wall", t.elapsed().as_secs_f64());
 }
 
-/// 8. Anti-spoofing: a VM that changes its MAC after DHCP cannot reach the other VM, while
+/// Scenario 8: Anti-spoofing: a VM that changes its MAC after DHCP cannot reach the other VM, while
 /// it could with its real MAC before and can again after restoring it.
 #[test]
 fn vm_with_a_forged_mac_cannot_reach_the_other_vm() {
