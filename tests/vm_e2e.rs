@@ -247,7 +247,14 @@ fn gateway_of(b: &Broker, network: &str) -> String {
 fn report(test: &str, started: Instant, outs: &[&VmOutput]) {
     let vms: Vec<String> = outs
         .iter()
-        .map(|o| format!("{:.1}s", o.elapsed.as_secs_f64()))
+        .map(|o| {
+            format!(
+                "{:.1}s (guest uptime {:.1}->{:.1})",
+                o.elapsed.as_secs_f64(),
+                o.booted_at.unwrap_or(f64::NAN),
+                o.done_at.unwrap_or(f64::NAN)
+            )
+        })
         .collect();
     eprintln!(
         "{test}: {:.1}s wall, QEMU runs {}",
@@ -256,8 +263,8 @@ fn report(test: &str, started: Instant, outs: &[&VmOutput]) {
     );
 }
 
-/// Each guest of a pair: lease, finds the peer by short name and by FQDN through the
-/// broker's DNS, pings the gateway and the peer, and stays up until the peer has pinged
+/// Each guest of a pair: lease, finds the peer through the broker's DNS by its bare name,
+/// through the search domain DHCP gave and by FQDN, pings the gateway and the peer, and stays up until the peer has pinged
 /// it twice (its `pings_name` and its FQDN ping) so the peer's checks can succeed.
 fn pair_script(peer: &str, network: &str) -> String {
     format!(
@@ -266,7 +273,9 @@ check dhcp dhcp eth0
 result hostname "$(hostname)"
 result dns_server "$(nslookup {peer} 2>/dev/null | awk '/^Server:/ {{ print $2 }}')"
 check peer_up wait_for 90 pings_name {peer}
-result peer_short "$(resolve {peer})"
+# With a trailing dot busybox nslookup skips the search domain: the bare name itself.
+result peer_short "$(resolve {peer}.)"
+result peer_search "$(resolve {peer})"
 result peer_fqdn "$(resolve {peer}.{network}.vmnet)"
 check ping_gateway ping -c 1 -W 2 "$(gateway)"
 check ping_peer_fqdn ping -c 1 -W 2 "$(resolve {peer}.{network}.vmnet)"
@@ -286,6 +295,7 @@ fn assert_pair(a: &VmOutput, b: &VmOutput, names: (&str, &str), subnet: ipnet::I
         assert_eq!(me.result("dns_server"), gw, "the gateway is the DNS server");
         let peer_ip = ip_of(peer, "eth0").to_string();
         assert_eq!(me.result("peer_short"), peer_ip, "{}", me.console);
+        assert_eq!(me.result("peer_search"), peer_ip, "{}", me.console);
         assert_eq!(me.result("peer_fqdn"), peer_ip, "{}", me.console);
         for k in [
             "peer_up",
@@ -423,7 +433,7 @@ check ping_outside ping -c 1 -W 2 203.0.113.1
     let host = r#"
 check dhcp dhcp eth0
 check ping_gateway ping -c 1 -W 2 "$(gateway)"
-check ping_outside ping -c 2 -W 1 203.0.113.1 || true
+check ping_outside ping -c 2 -i 0.2 -W 1 203.0.113.1 || true
 check tcp_outside nc -w 2 203.0.113.1 8080 </dev/null || true
 "#;
     let outs = boot_all(
@@ -449,10 +459,12 @@ check tcp_outside nc -w 2 203.0.113.1 8080 </dev/null || true
     assert_eq!(h.result("ping_gateway"), "ok", "{}", h.console);
     assert_eq!(h.result("ping_outside"), "fail", "{}", h.console);
     assert_eq!(h.result("tcp_outside"), "fail", "{}", h.console);
-    assert_eq!(
-        server.sources(),
-        ["203.0.113.2"],
-        "only the shared VM got through"
+    // Every connection the outside saw came from the uplink address (a retry of `fetch`
+    // may have made more than one); the host VM's never completed.
+    let sources = server.sources();
+    assert!(
+        !sources.is_empty() && sources.iter().all(|s| s == "203.0.113.2"),
+        "sources seen outside: {sources:?}"
     );
     report("outside_nat", t, &[s, h]);
 }
@@ -658,7 +670,7 @@ peer=$(resolve victim)
 # The test kills the victim's QEMU once it was pinged: wait until it stops answering.
 gone() { ! ping -c 1 -W 1 "$peer" >/dev/null; }
 check peer_gone wait_for 60 gone
-check ping_gateway ping -c 3 -W 1 "$(gateway)"
+check ping_gateway ping -c 3 -i 0.2 -W 1 "$(gateway)"
 "#;
     let v = Running::start(&b, &guest(&["shared"], spec("victim", victim)));
     let s = Running::start(&b, &guest(&["shared"], spec("survivor", survivor)));
@@ -726,7 +738,7 @@ peer=$(resolve honest)
 ip link set eth0 address 52:54:00:66:66:66
 ip neigh flush dev eth0
 result forged_mac "$(cat /sys/class/net/eth0/address)"
-check forged ping -c 2 -W 1 "$peer" || true
+check forged ping -c 2 -i 0.2 -W 1 "$peer" || true
 ip link set eth0 address "$real"
 ip neigh flush dev eth0
 check restored wait_for 10 ping -c 1 -W 1 "$peer"
