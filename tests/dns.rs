@@ -478,6 +478,9 @@ fn answers_vm_names_and_forwards_the_rest() {
     }
 }
 
+/// Less than the forwarder's 2 s per-server timeout.
+const NO_TIMEOUT_WAITED: Duration = Duration::from_millis(1900);
+
 #[test]
 fn follows_resolv_conf_and_fails_fast() {
     let mut fx = Fixture::new();
@@ -488,7 +491,9 @@ fn follows_resolv_conf_and_fails_fast() {
     fx.set_upstreams(&[REFUSING]);
     let d = fx.dig(&["example.test", "A"]);
     assert_eq!(d.status, "SERVFAIL", "{}", d.output);
-    assert!(d.elapsed < Duration::from_secs(1), "took {:?}", d.elapsed);
+    // Under the 2 s per-server timeout: proves no timeout was waited for (the bound is
+    // a behaviour, not a speed target; this machine is shared and slow at times).
+    assert!(d.elapsed < NO_TIMEOUT_WAITED, "took {:?}", d.elapsed);
     eprintln!("SERVFAIL, refusing upstream: {:?}", d.elapsed);
 
     // An upstream that never answers: SERVFAIL after the per-server timeout (2 s).
@@ -539,7 +544,9 @@ fn follows_resolv_conf_and_fails_fast() {
     fx.set_upstreams(&[UPSTREAM]);
     let d = fx.dig(&["example.test", "A"]);
     assert_eq!(d.data("A"), vec![FORWARDED_IP], "{}", d.output);
-    assert!(d.elapsed < Duration::from_secs(1), "took {:?}", d.elapsed);
+    // Under the 2 s per-server timeout: proves no timeout was waited for (the bound is
+    // a behaviour, not a speed target; this machine is shared and slow at times).
+    assert!(d.elapsed < NO_TIMEOUT_WAITED, "took {:?}", d.elapsed);
 
     // stop() closes the sockets.
     fx.server.as_mut().unwrap().stop();
@@ -626,7 +633,9 @@ fn survives_garbage_and_floods() {
     eprintln!("sent 2000 forwarded queries in {flooded:?}");
     let d = fx.dig(&["vm1", "A"]);
     assert_eq!(d.data("A"), vec!["10.99.0.10"], "{}", d.output);
-    assert!(d.elapsed < Duration::from_secs(1), "took {:?}", d.elapsed);
+    // Under the 2 s per-server timeout: proves no timeout was waited for (the bound is
+    // a behaviour, not a speed target; this machine is shared and slow at times).
+    assert!(d.elapsed < NO_TIMEOUT_WAITED, "took {:?}", d.elapsed);
     eprintln!("local answer during flood: {:?}", d.elapsed);
 
     // Once the stuck queries time out, forwarding works again.
