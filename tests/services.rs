@@ -337,6 +337,43 @@ impl Tap {
         ack.yiaddr()
     }
 
+    /// Sends a DNS query for `name` (type A) from `src_mac`/`src` to the DNS server at
+    /// `server_mac`/`server` until an answer comes or `wait` passes; returns the
+    /// answer's DNS payload, empty when none came.
+    fn dns_query(
+        &self,
+        (src_mac, src): ([u8; 6], Ipv4Addr),
+        (server_mac, server): ([u8; 6], Ipv4Addr),
+        name: &str,
+        wait: Duration,
+    ) -> Vec<u8> {
+        let id = COUNTER.fetch_add(1, Ordering::SeqCst) as u16;
+        let mut query = id.to_be_bytes().to_vec();
+        // Recursion desired; one question.
+        query.extend([0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+        for label in name.split('.') {
+            query.push(label.len() as u8);
+            query.extend(label.bytes());
+        }
+        query.extend([0, 0, 1, 0, 1]);
+        let sport = 40000 + id % 20000;
+        let frame = ethernet(
+            server_mac,
+            src_mac,
+            ETH_IPV4,
+            &ipv4_udp(src, server, sport, 53, &query),
+        );
+        let mut answer = vec![];
+        self.ask(&frame, wait, |f| match udp_payload_to(f, sport) {
+            Some(p) if p.len() > 12 && p[..2] == id.to_be_bytes() => {
+                answer = p.to_vec();
+                true
+            }
+            _ => false,
+        });
+        answer
+    }
+
     fn dhcp_exchange(
         &self,
         xid: u32,
@@ -795,6 +832,7 @@ fn anti_spoofing_binds_each_tap_to_its_mac_and_lease() {
     let c = b.client();
     let a = c.acquire("shared").unwrap();
     let (gw, net) = (ip(&a.info.gateway), subnet_of(&a));
+    let bridge = a.info.bridge.clone();
     let tap = Tap::new(a);
     let forged_mac = [0x52, 0x54, 0x00, 0xba, 0xdb, 0xad];
     assert_ne!(tap.mac, forged_mac);
@@ -827,13 +865,43 @@ fn anti_spoofing_binds_each_tap_to_its_mac_and_lease() {
     assert!(!tap.gateway_answers(forged_mac, leased, gw, NEVER));
     let set = b.ns.sh("nft list set bridge vmnet_broker leases-shared");
     assert!(set.contains(&leased.to_string()), "{set}");
+    // IPv4 itself, not only ARP: a DNS query for the VM's own DHCP name is answered from
+    // the leased address. From a forged one nothing comes back, not even the ARP request
+    // for the forged address the host would send if the query had got through.
+    let gw_mac = parse_mac(
+        b.ns.sh(&format!("cat /sys/class/net/{bridge}/address"))
+            .trim(),
+    );
+    let answer = tap.dns_query((tap.mac, leased), (gw_mac, gw), "tapvm", SOON);
+    assert!(
+        answer.windows(4).any(|w| w == leased.octets()),
+        "tapvm resolves to {leased}: {answer:?}"
+    );
+    let none = tap.dns_query((tap.mac, forged_ip), (gw_mac, gw), "tapvm", NEVER);
+    assert!(none.is_empty());
+    let mut sent_to_forged = tap.drain(NEVER).into_iter().filter(|f| {
+        f.len() >= 42 && f[12..14] == ETH_ARP.to_be_bytes() && f[38..42] == forged_ip.octets()
+    });
+    assert!(
+        sent_to_forged.next().is_none(),
+        "the host heard the forged source"
+    );
 
-    // "allow_spoofing": true: anything goes.
+    // "allow_spoofing": true: anything goes, the same checks are heard.
     let open = c.acquire("open").unwrap();
-    let ogw = ip(&open.info.gateway);
-    let onet = subnet_of(&open);
+    let (ogw, onet) = (ip(&open.info.gateway), subnet_of(&open));
+    let ogw_mac = parse_mac(
+        b.ns.sh(&format!("cat /sys/class/net/{}/address", open.info.bridge))
+            .trim(),
+    );
     let open_tap = Tap::new(open);
-    assert!(open_tap.gateway_answers(forged_mac, other_host(onet, &[ogw]), ogw, SOON));
+    let made_up = other_host(onet, &[ogw]);
+    assert!(open_tap.gateway_answers(forged_mac, made_up, ogw, SOON));
+    let reply = open_tap.dns_query((forged_mac, made_up), (ogw_mac, ogw), "x.open.vmnet", SOON);
+    assert!(
+        !reply.is_empty(),
+        "a forged source is answered without anti-spoofing"
+    );
 }
 
 /// Two TAPs on `network`: A sends a broadcast ARP probe for the gateway and a unicast
