@@ -904,6 +904,36 @@ fn anti_spoofing_binds_each_tap_to_its_mac_and_lease() {
     );
 }
 
+#[test]
+fn the_lease_binding_is_in_place_when_the_ack_arrives() {
+    // A guest may use its address the moment the ACK is in: its first ARP (or DNS query)
+    // must not fall into the gap before the firewall learns the lease, or it waits for a
+    // retransmission (1 s for ARP).
+    let b = Broker::start(Options::default());
+    let c = b.client();
+    for _ in 0..3 {
+        let a = c.acquire("shared").unwrap();
+        let gw = ip(&a.info.gateway);
+        let tap = Tap::new(a);
+        let leased = tap.dhcp("quick");
+        let req = ethernet(
+            BROADCAST,
+            tap.mac,
+            ETH_ARP,
+            &arp(1, tap.mac, leased, [0; 6], gw),
+        );
+        tap.send(&req);
+        let answered = tap
+            .drain(Duration::from_millis(500))
+            .iter()
+            .any(|f| is_arp_reply_from(f, gw, tap.mac));
+        assert!(
+            answered,
+            "first ARP from {leased} right after the ACK was dropped"
+        );
+    }
+}
+
 /// Two TAPs on `network`: A sends a broadcast ARP probe for the gateway and a unicast
 /// frame to B's MAC. Returns whether the gateway answered A and whether B saw either.
 fn two_taps(c: &Client, network: &str) -> (bool, bool) {
