@@ -497,7 +497,7 @@ fn is_from(f: &[u8], mac: [u8; 6]) -> bool {
     f.len() >= 14 && f[6..12] == mac
 }
 
-/// Another address of the subnet than `a` and `b` (for forged sources).
+/// An address of the subnet that is none of `avoid` (for forged sources).
 fn other_host(net: ipnet::Ipv4Net, avoid: &[Ipv4Addr]) -> Ipv4Addr {
     net.hosts().find(|h| !avoid.contains(h)).unwrap()
 }
