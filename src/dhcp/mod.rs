@@ -41,6 +41,16 @@ pub struct DhcpConfig {
     pub lease_file: PathBuf,
 }
 
+/// Called with (MAC, address) of every ACK before it is sent, and awaited (at most
+/// [`BIND_TIMEOUT`]): whoever must know a lease before the client uses it (the firewall's
+/// anti-spoofing) learns it in time. A client may send from its new address the moment the
+/// ACK arrives; without this, its first packets would race the firewall update.
+pub type BindHook =
+    Arc<dyn Fn([u8; 6], Ipv4Addr) -> futures::future::BoxFuture<'static, ()> + Send + Sync>;
+
+/// How long an ACK waits for the [`BindHook`]; after that it is sent anyway (logged).
+pub const BIND_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// An active lease.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Lease {
@@ -64,10 +74,18 @@ impl DhcpServer {
     /// server task on the current tokio runtime. The socket is created in the calling
     /// thread's network namespace.
     pub async fn start(config: DhcpConfig) -> std::io::Result<DhcpServer> {
+        Self::start_with_hook(config, None).await
+    }
+
+    /// [`DhcpServer::start`], awaiting `hook` before each ACK is sent.
+    pub async fn start_with_hook(
+        config: DhcpConfig,
+        hook: Option<BindHook>,
+    ) -> std::io::Result<DhcpServer> {
         let socket = server::bind_socket(&config)?;
         let (stop_tx, stop_rx) = oneshot::channel();
         let (state, leases) = server::State::new(config);
-        let task = tokio::spawn(server::run(state, socket, stop_rx));
+        let task = tokio::spawn(server::run(state, socket, stop_rx, hook));
         Ok(DhcpServer {
             leases,
             stop: Some(stop_tx),

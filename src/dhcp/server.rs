@@ -11,7 +11,7 @@
 use super::leases::{
     self, AllocError, LeaseFile, LeaseStore, Refusal, format_mac, sanitize_hostname,
 };
-use super::{DhcpConfig, Lease};
+use super::{BIND_TIMEOUT, BindHook, DhcpConfig, Lease};
 use dhcproto::v4::{
     CLIENT_PORT, DhcpOption, DhcpOptions, Flags, HType, MIN_PACKET_SIZE, Message, MessageType,
     Opcode, OptionCode, SERVER_PORT,
@@ -455,7 +455,12 @@ pub(super) fn encode(msg: &Message) -> Option<Vec<u8>> {
     Some(bytes)
 }
 
-pub(super) async fn run(mut state: State, socket: UdpSocket, mut stop: oneshot::Receiver<()>) {
+pub(super) async fn run(
+    mut state: State,
+    socket: UdpSocket,
+    mut stop: oneshot::Receiver<()>,
+    hook: Option<BindHook>,
+) {
     info!(
         network = state.cfg.network,
         "DHCP server on {} ({}, {} dynamic addresses)",
@@ -491,6 +496,17 @@ pub(super) async fn run(mut state: State, socket: UdpSocket, mut stop: oneshot::
                     let reply = state.handle(&msg, now);
                     state.commit(now);
                     if let Some((reply, dest)) = reply {
+                        if let Some(hook) = &hook
+                            && reply.opts().msg_type() == Some(MessageType::Ack)
+                            && !reply.yiaddr().is_unspecified()
+                        {
+                            let mut mac = [0u8; 6];
+                            mac.copy_from_slice(&reply.chaddr()[..6]);
+                            if tokio::time::timeout(BIND_TIMEOUT, hook(mac, reply.yiaddr())).await.is_err() {
+                                warn!(network = state.cfg.network, "DHCP: binding {} to {} took over {} s; sending the ACK anyway",
+                                    reply.yiaddr(), format_mac(&mac), BIND_TIMEOUT.as_secs());
+                            }
+                        }
                         let Some(bytes) = encode(&reply) else {
                             warn!(network = state.cfg.network, "DHCP: cannot encode reply");
                             continue;

@@ -4,7 +4,7 @@
 use super::firewall::Firewall;
 use crate::backend::BackendError;
 use crate::config::NetworkConfig;
-use crate::dhcp::{DhcpConfig, DhcpServer, Lease};
+use crate::dhcp::{BindHook, DhcpConfig, DhcpServer, Lease};
 use crate::dns::{DnsConfig, DnsServer};
 use ipnet::Ipv4Net;
 use std::collections::BTreeSet;
@@ -49,19 +49,25 @@ impl Services {
         };
         let (names_tx, names_rx) = watch::channel(Arc::new(Vec::new()));
         if p.config.dhcp {
-            let dhcp = DhcpServer::start(DhcpConfig {
-                network: name.clone(),
-                interface: p.bridge.to_string(),
-                subnet: p.subnet,
-                gateway: p.gateway,
-                range: p.config.dhcp_range,
-                reservations: p.config.dhcp_reservations.clone(),
-                lease_seconds: p.config.lease_seconds,
-                mtu: p.config.mtu,
-                dns_server: p.config.dns.then_some(p.gateway),
-                domain: p.config.dns.then(|| domain.clone()),
-                lease_file: p.state_dir.join(format!("{name}.leases.json")),
-            })
+            // With anti-spoofing, each lease is bound in the firewall before its ACK goes
+            // out, so the guest's first packets from the address are not dropped.
+            let hook = (!p.config.allow_spoofing).then(|| bind_hook(name, p.firewall));
+            let dhcp = DhcpServer::start_with_hook(
+                DhcpConfig {
+                    network: name.clone(),
+                    interface: p.bridge.to_string(),
+                    subnet: p.subnet,
+                    gateway: p.gateway,
+                    range: p.config.dhcp_range,
+                    reservations: p.config.dhcp_reservations.clone(),
+                    lease_seconds: p.config.lease_seconds,
+                    mtu: p.config.mtu,
+                    dns_server: p.config.dns.then_some(p.gateway),
+                    domain: p.config.dns.then(|| domain.clone()),
+                    lease_file: p.state_dir.join(format!("{name}.leases.json")),
+                },
+                hook,
+            )
             .await
             .map_err(|e| BackendError::new(format!("DHCP: {e}")))?;
             let leases = dhcp.leases();
@@ -110,8 +116,22 @@ impl Services {
     }
 }
 
+/// Binds a lease in the firewall for the DHCP server, before it sends the ACK.
+fn bind_hook(network: &str, firewall: &Firewall) -> BindHook {
+    let (network, firewall) = (network.to_string(), firewall.clone());
+    Arc::new(move |mac, ip| {
+        let (network, firewall) = (network.clone(), firewall.clone());
+        Box::pin(async move {
+            if let Err(e) = firewall.bind_ip(&network, mac, ip).await {
+                warn!(network, "cannot bind {ip} to its lease: {e}");
+            }
+        })
+    })
+}
+
 /// Publishes every lease change as DNS names and, with anti-spoofing on, binds each newly
-/// leased MAC to its address in the firewall.
+/// leased MAC to its address in the firewall (for leases loaded from the lease file; new
+/// ones were bound by [`bind_hook`] already, which makes this a no-op for them).
 async fn follow_leases(
     network: String,
     mut leases: watch::Receiver<Arc<Vec<Lease>>>,

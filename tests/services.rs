@@ -1,0 +1,1041 @@
+//! The network services of the assembled broker (issue 3): the real `vmnet-broker serve`
+//! in a namespace of its own, with DHCP, DNS, NAT, anti-spoofing, isolation and the
+//! firewall watchdog seen from the outside, as a VM would see them.
+//!
+//! A "VM" is one of two things:
+//! - a veth: one end in a client namespace, the other enslaved to the network's bridge in
+//!   the broker's namespace. Real clients (busybox `udhcpc`, `dig`, TCP) run on it. The
+//!   broker did not make that port, so anti-spoofing does not apply to it.
+//! - the TAP fd an acquire returns: writing a frame is the VM sending it, reading is the VM
+//!   receiving. Frames are built here (ARP; Ethernet/IPv4/UDP around DHCP messages).
+//!
+//! ```text
+//!  client ns C ── eth0 ═ vcN ── vmnb-<net> [broker: DHCP, DNS, nft]  up0 10.97.0.1 ═ eth0 10.97.0.2  outside ns O
+//!                          TAP fd ┘                                   up1 10.98.0.1 ═ eth0 10.98.0.2  upstream ns U (dnsmasq)
+//! ```
+//!
+//! Needs root, `ip`, `nft`, `ss`, busybox, `dig` (dnsutils) and `dnsmasq` (dnsmasq-base).
+
+#[path = "support/broker.rs"]
+mod support;
+
+use dhcproto::v4::{DhcpOption, Flags, Message, MessageType, OptionCode};
+use dhcproto::{Decodable, Encodable};
+use std::collections::HashMap;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+use support::{Broker, Netns, Options};
+use vmnet_broker::client::{Acquired, Client};
+
+static COUNTER: AtomicU32 = AtomicU32::new(0);
+
+/// How long a negative check waits for something that must not come.
+const NEVER: Duration = Duration::from_millis(1500);
+/// How long a positive check may take.
+const SOON: Duration = Duration::from_secs(5);
+
+fn opts(files: &[(&str, &str)]) -> Options {
+    Options {
+        files: files
+            .iter()
+            .map(|(n, t)| (n.to_string(), t.to_string()))
+            .collect(),
+        ..Default::default()
+    }
+}
+
+fn ip(s: &str) -> Ipv4Addr {
+    s.parse().unwrap_or_else(|e| panic!("{s:?}: {e}"))
+}
+
+fn parse_mac(s: &str) -> [u8; 6] {
+    let v: Vec<u8> = s
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).unwrap())
+        .collect();
+    v.try_into().unwrap()
+}
+
+fn subnet_of(a: &Acquired) -> ipnet::Ipv4Net {
+    a.info.subnet.parse().unwrap()
+}
+
+/// Runs `f` in a thread that entered namespace `ns`; sockets it creates stay there.
+fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
+    let path = format!("/run/netns/{ns}");
+    std::thread::spawn(move || {
+        let file = std::fs::File::open(&path).unwrap();
+        // SAFETY: setns on an open namespace fd; it only changes this thread.
+        let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
+        assert_eq!(r, 0, "setns {path}: {}", std::io::Error::last_os_error());
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+/// Whether a TCP connection from namespace `ns` to `to` is established within `timeout`.
+fn tcp_connects(ns: &str, to: SocketAddr, timeout: Duration) -> bool {
+    in_netns(ns, move || TcpStream::connect_timeout(&to, timeout).is_ok())
+}
+
+/// Sockets on local port `port` in the broker's namespace (`ss` flags `-lun`/`-ltn`).
+fn listening(b: &Broker, flags: &str, port: u16) -> Vec<String> {
+    b.ns.sh(&format!("ss {flags} -H"))
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(3).map(String::from))
+        .filter(|local| local.ends_with(&format!(":{port}")))
+        .collect()
+}
+
+// ---- VMs on veths ---------------------------------------------------------------------
+
+/// A client namespace whose `eth0` is a veth whose other end (`port`) is in the broker's
+/// namespace. Deleting the namespace deletes both ends.
+struct VethVm {
+    ns: Netns,
+    port: String,
+}
+
+impl VethVm {
+    fn new(b: &Broker, bridge: &str, mac: &str) -> VethVm {
+        let ns = Netns::new("vm");
+        let port = format!("vc{}", COUNTER.fetch_add(1, Ordering::SeqCst));
+        b.ns.sh(&format!(
+            "ip link add {port} type veth peer name eth0 netns {}",
+            ns.name
+        ));
+        ns.sh(&format!("ip link set eth0 address {mac} up"));
+        let vm = VethVm { ns, port };
+        vm.plug(b, bridge);
+        vm
+    }
+
+    /// Enslaves the broker-side end to `bridge` (again, after the bridge was re-created).
+    fn plug(&self, b: &Broker, bridge: &str) {
+        b.ns.sh(&format!("ip link set {} master {bridge} up", self.port));
+    }
+
+    fn set_mac(&self, mac: &str) {
+        self.ns.sh(&format!(
+            "ip addr flush dev eth0; ip link set eth0 down; \
+             ip link set eth0 address {mac}; ip link set eth0 up"
+        ));
+    }
+
+    /// Runs busybox `udhcpc` once (3 DISCOVERs, 1 s apart). On a lease the script
+    /// configures the address and default route and records what the server sent;
+    /// returns those variables, or None when no lease came.
+    fn dhcp(&self, b: &Broker, extra: &[&str]) -> Option<HashMap<String, String>> {
+        let script = b.dir.path().join("udhcpc.sh");
+        if !script.exists() {
+            std::fs::write(
+                &script,
+                r#"#!/bin/sh
+case "$1" in
+bound|renew)
+    ip addr flush dev "$interface"
+    ip addr add "$ip/${mask:-24}" dev "$interface"
+    [ -n "$router" ] && ip route replace default via "${router%% *}" dev "$interface"
+    {
+        echo "ip=$ip"
+        echo "mask=$mask"
+        echo "router=$router"
+        echo "dns=$dns"
+        echo "domain=$domain"
+        echo "mtu=$mtu"
+        echo "lease=$lease"
+        echo "serverid=$serverid"
+    } > "$OUT.tmp" && mv "$OUT.tmp" "$OUT"
+    ;;
+esac
+exit 0
+"#,
+            )
+            .unwrap();
+            support::run_ok(Command::new("chmod").arg("755").arg(&script));
+        }
+        let out = b.dir.path().join(format!(
+            "lease-{}.env",
+            COUNTER.fetch_add(1, Ordering::SeqCst)
+        ));
+        let res = self
+            .ns
+            .cmd("busybox")
+            .args([
+                "udhcpc", "-f", "-q", "-n", "-t", "3", "-T", "1", "-i", "eth0",
+            ])
+            .arg("-s")
+            .arg(&script)
+            .args(extra)
+            .env("OUT", &out)
+            .output()
+            .unwrap();
+        if !res.status.success() {
+            assert!(
+                !out.exists(),
+                "udhcpc failed but the script recorded a lease"
+            );
+            return None;
+        }
+        let vars = std::fs::read_to_string(&out)
+            .unwrap()
+            .lines()
+            .filter_map(|l| l.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect();
+        Some(vars)
+    }
+
+    fn lease(&self, b: &Broker, extra: &[&str]) -> HashMap<String, String> {
+        self.dhcp(b, extra)
+            .unwrap_or_else(|| panic!("no DHCP lease; broker log:\n{}", b.log()))
+    }
+}
+
+/// `dig @server` from `ns`: the `+short` answer lines, or None when no reply came.
+fn dig(ns: &Netns, server: Ipv4Addr, args: &[&str]) -> Option<Vec<String>> {
+    let out = ns
+        .cmd("dig")
+        .arg(format!("@{server}"))
+        .args(["+short", "+time=2", "+tries=1"])
+        .args(args)
+        .output()
+        .unwrap();
+    out.status.success().then(|| {
+        String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(String::from)
+            .collect()
+    })
+}
+
+// ---- VMs on TAP fds -------------------------------------------------------------------
+
+const VNET_HDR: usize = 12;
+const BROADCAST: [u8; 6] = [0xff; 6];
+const ETH_ARP: u16 = 0x0806;
+const ETH_IPV4: u16 = 0x0800;
+
+/// The TAP fd of an acquire, used as the VM's NIC.
+struct Tap {
+    fd: OwnedFd,
+    mac: [u8; 6],
+}
+
+impl Tap {
+    fn new(a: Acquired) -> Tap {
+        Tap {
+            mac: parse_mac(&a.info.mac),
+            fd: a.fd,
+        }
+    }
+
+    /// Sends one Ethernet frame, behind the (all-zero: no offloads) virtio-net header.
+    fn send(&self, frame: &[u8]) {
+        let mut buf = vec![0u8; VNET_HDR];
+        buf.extend_from_slice(frame);
+        // SAFETY: writing an initialized buffer to an open fd.
+        let n = unsafe { libc::write(self.fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
+        assert_eq!(n, buf.len() as isize, "{}", std::io::Error::last_os_error());
+    }
+
+    /// The next frame (header stripped) within `wait`, or None.
+    fn recv(&self, wait: Duration) -> Option<Vec<u8>> {
+        let mut pfd = libc::pollfd {
+            fd: self.fd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd.
+        let ready = unsafe { libc::poll(&mut pfd, 1, wait.as_millis() as libc::c_int) };
+        if ready != 1 {
+            return None;
+        }
+        let mut buf = vec![0u8; 65536];
+        // SAFETY: reading into a buffer of the given length.
+        let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
+        assert!(
+            n >= VNET_HDR as isize,
+            "read: {}",
+            std::io::Error::last_os_error()
+        );
+        buf.truncate(n as usize);
+        Some(buf.split_off(VNET_HDR))
+    }
+
+    /// Every frame arriving within `wait`.
+    fn drain(&self, wait: Duration) -> Vec<Vec<u8>> {
+        let deadline = Instant::now() + wait;
+        let mut frames = vec![];
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.recv(left) {
+                Some(f) => frames.push(f),
+                None => break,
+            }
+        }
+        frames
+    }
+
+    /// Sends `frame` every 200 ms until a received frame matches or `wait` passes.
+    fn ask(&self, frame: &[u8], wait: Duration, mut answer: impl FnMut(&[u8]) -> bool) -> bool {
+        let deadline = Instant::now() + wait;
+        while Instant::now() < deadline {
+            self.send(frame);
+            let round = Instant::now() + Duration::from_millis(200);
+            while let Some(left) = round.checked_duration_since(Instant::now()) {
+                match self.recv(left) {
+                    Some(f) if answer(&f) => return true,
+                    Some(_) => {}
+                    None => break,
+                }
+            }
+        }
+        false
+    }
+
+    /// Whether the gateway answers an ARP request for `gw` sent with Ethernet source and
+    /// ARP sender `mac`/`sender_ip` within `wait`.
+    fn gateway_answers(
+        &self,
+        mac: [u8; 6],
+        sender_ip: Ipv4Addr,
+        gw: Ipv4Addr,
+        wait: Duration,
+    ) -> bool {
+        let req = ethernet(BROADCAST, mac, ETH_ARP, &arp(1, mac, sender_ip, [0; 6], gw));
+        self.ask(&req, wait, |f| is_arp_reply_from(f, gw, mac))
+    }
+
+    /// A full DHCP exchange (DISCOVER, OFFER, REQUEST, ACK) with the broker's server;
+    /// returns the leased address.
+    fn dhcp(&self, hostname: &str) -> Ipv4Addr {
+        let xid = 0x5eed_0000 | COUNTER.fetch_add(1, Ordering::SeqCst);
+        let offer = self
+            .dhcp_exchange(xid, MessageType::Discover, &[], MessageType::Offer)
+            .expect("no DHCP OFFER on the TAP");
+        let server = match offer.opts().get(OptionCode::ServerIdentifier) {
+            Some(DhcpOption::ServerIdentifier(s)) => *s,
+            other => panic!("OFFER without server identifier: {other:?}"),
+        };
+        let ack = self
+            .dhcp_exchange(
+                xid,
+                MessageType::Request,
+                &[
+                    DhcpOption::RequestedIpAddress(offer.yiaddr()),
+                    DhcpOption::ServerIdentifier(server),
+                    DhcpOption::Hostname(hostname.into()),
+                ],
+                MessageType::Ack,
+            )
+            .expect("no DHCP ACK on the TAP");
+        assert_eq!(ack.yiaddr(), offer.yiaddr());
+        ack.yiaddr()
+    }
+
+    /// Sends a DNS query for `name` (type A) from `src_mac`/`src` to the DNS server at
+    /// `server_mac`/`server` until an answer comes or `wait` passes; returns the
+    /// answer's DNS payload, empty when none came.
+    fn dns_query(
+        &self,
+        (src_mac, src): ([u8; 6], Ipv4Addr),
+        (server_mac, server): ([u8; 6], Ipv4Addr),
+        name: &str,
+        wait: Duration,
+    ) -> Vec<u8> {
+        let id = COUNTER.fetch_add(1, Ordering::SeqCst) as u16;
+        let mut query = id.to_be_bytes().to_vec();
+        // Recursion desired; one question.
+        query.extend([0x01, 0x00, 0, 1, 0, 0, 0, 0, 0, 0]);
+        for label in name.split('.') {
+            query.push(label.len() as u8);
+            query.extend(label.bytes());
+        }
+        query.extend([0, 0, 1, 0, 1]);
+        let sport = 40000 + id % 20000;
+        let frame = ethernet(
+            server_mac,
+            src_mac,
+            ETH_IPV4,
+            &ipv4_udp(src, server, sport, 53, &query),
+        );
+        let mut answer = vec![];
+        self.ask(&frame, wait, |f| match udp_payload_to(f, sport) {
+            Some(p) if p.len() > 12 && p[..2] == id.to_be_bytes() => {
+                answer = p.to_vec();
+                true
+            }
+            _ => false,
+        });
+        answer
+    }
+
+    fn dhcp_exchange(
+        &self,
+        xid: u32,
+        kind: MessageType,
+        options: &[DhcpOption],
+        want: MessageType,
+    ) -> Option<Message> {
+        let mut msg = Message::new_with_id(
+            xid,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::UNSPECIFIED,
+            &self.mac,
+        );
+        msg.set_flags(Flags::default().set_broadcast());
+        msg.opts_mut().insert(DhcpOption::MessageType(kind));
+        for o in options {
+            msg.opts_mut().insert(o.clone());
+        }
+        let frame = ethernet(
+            BROADCAST,
+            self.mac,
+            ETH_IPV4,
+            &ipv4_udp(
+                Ipv4Addr::UNSPECIFIED,
+                Ipv4Addr::BROADCAST,
+                68,
+                67,
+                &msg.to_vec().unwrap(),
+            ),
+        );
+        let mut reply = None;
+        self.ask(&frame, SOON, |f| {
+            let Some(payload) = udp_payload_to(f, 68) else {
+                return false;
+            };
+            let Ok(m) = Message::from_bytes(payload) else {
+                return false;
+            };
+            if m.xid() == xid && m.opts().msg_type() == Some(want) {
+                reply = Some(m);
+                return true;
+            }
+            false
+        });
+        reply
+    }
+}
+
+fn ethernet(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(14 + payload.len());
+    f.extend(dst);
+    f.extend(src);
+    f.extend(ethertype.to_be_bytes());
+    f.extend_from_slice(payload);
+    f
+}
+
+/// An Ethernet/IPv4 ARP packet (RFC 826).
+fn arp(op: u16, sha: [u8; 6], spa: Ipv4Addr, tha: [u8; 6], tpa: Ipv4Addr) -> Vec<u8> {
+    let mut p = vec![0, 1, 0x08, 0x00, 6, 4];
+    p.extend(op.to_be_bytes());
+    p.extend(sha);
+    p.extend(spa.octets());
+    p.extend(tha);
+    p.extend(tpa.octets());
+    p
+}
+
+/// The Internet checksum (RFC 1071).
+fn checksum(data: &[u8]) -> u16 {
+    let mut sum: u32 = data
+        .chunks(2)
+        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
+        .sum();
+    while sum > 0xffff {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    !(sum as u16)
+}
+
+/// An IPv4 packet carrying one UDP datagram (UDP checksum 0: "none", allowed over IPv4).
+fn ipv4_udp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
+    let udp_len = 8 + payload.len() as u16;
+    let mut p = vec![0x45, 0];
+    p.extend((20 + udp_len).to_be_bytes());
+    p.extend([0, 0, 0, 0, 64, 17, 0, 0]);
+    p.extend(src.octets());
+    p.extend(dst.octets());
+    let sum = checksum(&p);
+    p[10..12].copy_from_slice(&sum.to_be_bytes());
+    p.extend(sport.to_be_bytes());
+    p.extend(dport.to_be_bytes());
+    p.extend(udp_len.to_be_bytes());
+    p.extend([0, 0]);
+    p.extend_from_slice(payload);
+    p
+}
+
+/// The UDP payload of an Ethernet/IPv4 frame to UDP port `port`.
+fn udp_payload_to(f: &[u8], port: u16) -> Option<&[u8]> {
+    if f.len() < 14 + 20 || f[12..14] != ETH_IPV4.to_be_bytes() || f[14 + 9] != 17 {
+        return None;
+    }
+    let udp = 14 + usize::from(f[14] & 0x0f) * 4;
+    let hdr = f.get(udp..udp + 8)?;
+    (hdr[2..4] == port.to_be_bytes()).then(|| &f[udp + 8..])
+}
+
+/// Whether `f` is an ARP reply from `ip` to `to`.
+fn is_arp_reply_from(f: &[u8], ip: Ipv4Addr, to: [u8; 6]) -> bool {
+    f.len() >= 42
+        && f[12..14] == ETH_ARP.to_be_bytes()
+        && f[20..22] == [0, 2]
+        && f[28..32] == ip.octets()
+        && f[32..38] == to
+}
+
+fn is_from(f: &[u8], mac: [u8; 6]) -> bool {
+    f.len() >= 14 && f[6..12] == mac
+}
+
+/// An address of the subnet that is none of `avoid` (for forged sources).
+fn other_host(net: ipnet::Ipv4Net, avoid: &[Ipv4Addr]) -> Ipv4Addr {
+    net.hosts().find(|h| !avoid.contains(h)).unwrap()
+}
+
+// ---- DHCP -----------------------------------------------------------------------------
+
+#[test]
+fn dhcp_gives_address_router_dns_mtu_and_keeps_leases_across_a_restart() {
+    let mut b = Broker::start(Options::default());
+    let (first, second) = ("52:54:00:5e:00:01", "52:54:00:5e:00:02");
+    let (subnet, gw, ip1, ip2, vm) = {
+        let c = b.client();
+        let a = c.acquire("shared").unwrap();
+        let subnet = subnet_of(&a);
+        let gw = ip(&a.info.gateway);
+        let vm = VethVm::new(&b, &a.info.bridge, first);
+        let l = vm.lease(&b, &[]);
+        let ip1 = ip(&l["ip"]);
+        assert!(subnet.contains(&ip1) && ip1 != gw, "{ip1} in {subnet}");
+        assert_eq!(l["mask"], subnet.prefix_len().to_string());
+        assert_eq!(ip(&l["router"]), gw);
+        assert_eq!(ip(&l["dns"]), gw);
+        assert_eq!(ip(&l["serverid"]), gw);
+        assert_eq!(l["domain"], "shared.vmnet");
+        assert_eq!(l["mtu"], a.info.mtu.to_string());
+        assert_eq!(l["lease"], "3600");
+        // The address really works: the VM reaches its gateway.
+        vm.ns.sh(&format!("busybox ping -c1 -W2 {gw}"));
+        vm.set_mac(second);
+        let ip2 = ip(&vm.lease(&b, &[])["ip"]);
+        assert_ne!(ip1, ip2, "the first lease is still held");
+        (subnet, gw, ip1, ip2, vm)
+    };
+    // Asked through the log: a status query would itself be a client when SIGTERM comes.
+    b.wait_for("every client gone", SOON, || {
+        b.log()
+            .lines()
+            .rfind(|l| l.contains("client connected") || l.contains("client disconnected"))
+            .is_some_and(|l| l.ends_with("clients=0"))
+    });
+    b.stop();
+    let file = std::fs::read_to_string(b.state_dir.join("shared.leases.json")).unwrap();
+    for text in [first, second, &ip1.to_string(), &ip2.to_string()] {
+        assert!(file.contains(text), "{text} missing in {file}");
+    }
+
+    b.spawn(&Options::default());
+    let c = b.client();
+    let a = c.acquire("shared").unwrap();
+    assert_eq!((subnet_of(&a), ip(&a.info.gateway)), (subnet, gw));
+    vm.plug(&b, &a.info.bridge);
+    // The second MAC asks first: a server that forgot would give it the first free
+    // address, which is the first MAC's.
+    assert_eq!(ip(&vm.lease(&b, &[])["ip"]), ip2);
+    vm.set_mac(first);
+    assert_eq!(ip(&vm.lease(&b, &[])["ip"]), ip1);
+}
+
+#[test]
+fn dhcp_reservations_and_mtu_of_a_config_network() {
+    let b = Broker::start(opts(&[(
+        "lab.json",
+        r#"{"mode":"host","subnet":"10.77.0.1","mtu":1400,
+            "dhcp_reservations":[{"mac":"52:54:00:77:00:10","ip":"10.77.0.10"}]}"#,
+    )]));
+    let a = b.client().acquire("lab").unwrap();
+    // Another MAC first: it must not get the reserved address although it is free.
+    let other = VethVm::new(&b, &a.info.bridge, "52:54:00:77:00:99");
+    let l = other.lease(&b, &[]);
+    assert_ne!(l["ip"], "10.77.0.10");
+    assert_eq!(l["mtu"], "1400");
+    assert_eq!(l["domain"], "lab.vmnet");
+    let reserved = VethVm::new(&b, &a.info.bridge, "52:54:00:77:00:10");
+    let l = reserved.lease(&b, &[]);
+    assert_eq!(l["ip"], "10.77.0.10");
+    assert_eq!(l["router"], "10.77.0.1");
+}
+
+#[test]
+fn dhcp_pool_exhaustion_is_logged_clearly() {
+    let b = Broker::start(opts(&[(
+        "tiny.json",
+        r#"{"subnet":"10.78.0.1","dhcp_range":{"start":"10.78.0.50","end":"10.78.0.50"}}"#,
+    )]));
+    let a = b.client().acquire("tiny").unwrap();
+    let one = VethVm::new(&b, &a.info.bridge, "52:54:00:78:00:01");
+    assert_eq!(one.lease(&b, &[])["ip"], "10.78.0.50");
+    let two = VethVm::new(&b, &a.info.bridge, "52:54:00:78:00:02");
+    assert!(two.dhcp(&b, &[]).is_none(), "the pool has one address");
+    let line = "network tiny: DHCP pool exhausted (1 addresses), no offer for 52:54:00:78:00:02";
+    let log = b.log();
+    let hits: Vec<&str> = log.lines().filter(|l| l.contains(line)).collect();
+    // udhcpc sent three DISCOVERs; the warning is given once, the rest at debug level.
+    assert_eq!(hits.len(), 3, "{log}");
+    assert!(hits[0].contains(" WARN "), "{}", hits[0]);
+    assert!(hits[1..].iter().all(|l| l.contains(" DEBUG ")), "{log}");
+}
+
+#[test]
+fn dhcp_false_means_no_server_and_no_offer() {
+    let b = Broker::start(opts(&[("static.json", r#"{"dhcp":false}"#)]));
+    let c = b.client();
+    let a = c.acquire("static").unwrap();
+    let vm = VethVm::new(&b, &a.info.bridge, "52:54:00:79:00:01");
+    assert!(vm.dhcp(&b, &[]).is_none());
+    assert!(
+        listening(&b, "-lun", 67).is_empty(),
+        "{}",
+        b.ns.sh("ss -lun")
+    );
+    // The control: the same VM on a network with DHCP gets a lease, and the server shows.
+    let s = c.acquire("shared").unwrap();
+    vm.plug(&b, &s.info.bridge);
+    vm.lease(&b, &[]);
+    let sockets = listening(&b, "-lun", 67);
+    assert_eq!(sockets, [format!("0.0.0.0%{}:67", s.info.bridge)]);
+}
+
+// ---- DNS ------------------------------------------------------------------------------
+
+/// dnsmasq in its own namespace, reached from the broker's at 10.98.0.2; killed on drop.
+struct Upstream {
+    child: Child,
+    _ns: Netns,
+}
+
+impl Upstream {
+    fn start(b: &Broker) -> Upstream {
+        let ns = Netns::new("up");
+        b.ns.sh(&format!(
+            "ip link add up1 type veth peer name eth0 netns {}; \
+             ip addr add 10.98.0.1/24 dev up1; ip link set up1 up",
+            ns.name
+        ));
+        ns.sh("ip addr add 10.98.0.2/24 dev eth0; ip link set eth0 up");
+        let child = ns
+            .cmd("dnsmasq")
+            .args([
+                "--no-daemon",
+                "--conf-file=/dev/null",
+                "--no-resolv",
+                "--no-hosts",
+            ])
+            .args(["--user=root", "--group=root", "--bind-interfaces"])
+            .args([
+                "--listen-address=10.98.0.2",
+                "--address=/example.test/10.98.0.77",
+            ])
+            .arg(format!(
+                "--pid-file={}",
+                b.dir.path().join("dnsmasq.pid").display()
+            ))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("cannot start dnsmasq (apt-get install -y dnsmasq-base)");
+        Upstream { child, _ns: ns }
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn dns_forwards_to_resolv_conf_and_answers_vm_names() {
+    let b = Broker::start(opts(&[("nodns.json", r#"{"dns":false}"#)]));
+    let _upstream = Upstream::start(&b);
+    // Read when the network's DNS server starts, i.e. at the first acquire.
+    std::fs::write(b.dir.path().join("resolv.conf"), "nameserver 10.98.0.2\n").unwrap();
+    let c = b.client();
+    let a = c.acquire("shared").unwrap();
+    let gw = ip(&a.info.gateway);
+    let vm = VethVm::new(&b, &a.info.bridge, "52:54:00:d5:00:01");
+    let leased = vm.lease(&b, &["-x", "hostname:vm1"])["ip"].clone();
+
+    // Forwarded: dnsmasq may take a moment to listen.
+    b.wait_for("example.test via the upstream", SOON, || {
+        dig(&vm.ns, gw, &["example.test", "A"]) == Some(vec!["10.98.0.77".into()])
+    });
+    for name in ["vm1", "vm1.shared.vmnet", "VM1.Shared.Vmnet."] {
+        assert_eq!(
+            dig(&vm.ns, gw, &[name, "A"]),
+            Some(vec![leased.clone()]),
+            "{name}"
+        );
+    }
+    assert_eq!(
+        dig(&vm.ns, gw, &["-x", &leased]),
+        Some(vec!["vm1.shared.vmnet.".to_string()])
+    );
+    // Over TCP as well.
+    assert_eq!(
+        dig(&vm.ns, gw, &["+tcp", "vm1.shared.vmnet", "A"]),
+        Some(vec![leased.clone()])
+    );
+    assert_eq!(
+        listening(&b, "-lun", 53),
+        [format!("{gw}:53")],
+        "only on the gateway"
+    );
+
+    // "dns": false: no server on the gateway, and DHCP announces none.
+    let n = c.acquire("nodns").unwrap();
+    let ngw = ip(&n.info.gateway);
+    vm.plug(&b, &n.info.bridge);
+    let l = vm.lease(&b, &["-x", "hostname:vm1"]);
+    assert_eq!(l["dns"], "");
+    assert_eq!(l["domain"], "");
+    let udp = listening(&b, "-lun", 53);
+    let tcp = listening(&b, "-ltn", 53);
+    assert!(
+        !udp.iter()
+            .chain(&tcp)
+            .any(|s| s.starts_with(&format!("{ngw}:"))),
+        "{udp:?} {tcp:?}"
+    );
+    assert_eq!(dig(&vm.ns, ngw, &["example.test", "A"]), None);
+}
+
+// ---- NAT and host mode ----------------------------------------------------------------
+
+/// The world outside the broker's namespace: namespace O, at 10.97.0.2 from the broker's
+/// uplink 10.97.0.1, which is the broker namespace's default route. A TCP listener on
+/// 10.97.0.2:8080 tells who connected.
+struct Outside {
+    listener: TcpListener,
+    ns: Netns,
+}
+
+const OUTSIDE: &str = "10.97.0.2:8080";
+const UPLINK: Ipv4Addr = Ipv4Addr::new(10, 97, 0, 1);
+
+impl Outside {
+    fn new(b: &Broker) -> Outside {
+        let ns = Netns::new("out");
+        b.ns.sh(&format!(
+            "ip link add up0 type veth peer name eth0 netns {}; \
+             ip addr add {UPLINK}/24 dev up0; ip link set up0 up; \
+             ip route add default via 10.97.0.2",
+            ns.name
+        ));
+        ns.sh("ip addr add 10.97.0.2/24 dev eth0; ip link set eth0 up");
+        let listener = in_netns(&ns.name, || TcpListener::bind(OUTSIDE).unwrap());
+        listener.set_nonblocking(true).unwrap();
+        Outside { listener, ns }
+    }
+
+    /// The source of the next connection accepted within `wait`.
+    fn accepted(&self, wait: Duration) -> Option<SocketAddr> {
+        let deadline = Instant::now() + wait;
+        loop {
+            match self.listener.accept() {
+                Ok((_, from)) => return Some(from),
+                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                Err(e) => panic!("accept: {e}"),
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// Whether a connection from `vm` reaches the outside, and from where it comes.
+    fn reached_from(&self, vm: &VethVm, wait: Duration) -> Option<SocketAddr> {
+        if !tcp_connects(&vm.ns.name, OUTSIDE.parse().unwrap(), wait) {
+            assert_eq!(self.accepted(Duration::ZERO), None);
+            return None;
+        }
+        self.accepted(SOON)
+    }
+}
+
+#[test]
+fn shared_mode_is_masqueraded_and_host_mode_never_leaves() {
+    let b = Broker::start(Options::default());
+    let outside = Outside::new(&b);
+    let c = b.client();
+    let s = c.acquire("shared").unwrap();
+    let h = c.acquire("host").unwrap();
+    let shared_vm = VethVm::new(&b, &s.info.bridge, "52:54:00:0a:00:01");
+    let host_vm = VethVm::new(&b, &h.info.bridge, "52:54:00:0a:00:02");
+    let vm_ip = shared_vm.lease(&b, &[])["ip"].clone();
+    host_vm.lease(&b, &[]);
+    // The shared network switched forwarding on; host mode must hold regardless.
+    assert_eq!(b.ns.sh("cat /proc/sys/net/ipv4/ip_forward").trim(), "1");
+
+    let from = outside
+        .reached_from(&shared_vm, SOON)
+        .expect("shared VM reaches the outside");
+    assert_eq!(from.ip(), UPLINK, "masqueraded to the uplink address");
+
+    assert_eq!(
+        outside.reached_from(&host_vm, NEVER),
+        None,
+        "host mode is routed out"
+    );
+    assert_eq!(outside.accepted(NEVER), None);
+    // Host mode still reaches its gateway (the broker's DNS over TCP).
+    let hgw: SocketAddr = format!("{}:53", h.info.gateway).parse().unwrap();
+    assert!(tcp_connects(&host_vm.ns.name, hgw, SOON));
+
+    // Nothing outside may open a connection into the NAT network, even with a route to it.
+    let inside = in_netns(&shared_vm.ns.name, || {
+        TcpListener::bind("0.0.0.0:9090").unwrap()
+    });
+    outside
+        .ns
+        .sh(&format!("ip route add {} via {UPLINK}", s.info.subnet));
+    let to_vm: SocketAddr = format!("{vm_ip}:9090").parse().unwrap();
+    assert!(!tcp_connects(&outside.ns.name, to_vm, NEVER));
+    inside.set_nonblocking(true).unwrap();
+    assert!(inside.accept().is_err());
+    // The control: the VM's own gateway does reach it.
+    assert!(
+        b.ns.sh(&format!(
+            "busybox ping -c1 -W2 {vm_ip} >/dev/null && echo ok"
+        ))
+        .contains("ok")
+    );
+}
+
+// ---- anti-spoofing and isolation on TAP fds -------------------------------------------
+
+#[test]
+fn anti_spoofing_binds_each_tap_to_its_mac_and_lease() {
+    let b = Broker::start(opts(&[("open.json", r#"{"allow_spoofing":true}"#)]));
+    let c = b.client();
+    let a = c.acquire("shared").unwrap();
+    let (gw, net) = (ip(&a.info.gateway), subnet_of(&a));
+    let bridge = a.info.bridge.clone();
+    let tap = Tap::new(a);
+    let forged_mac = [0x52, 0x54, 0x00, 0xba, 0xdb, 0xad];
+    assert_ne!(tap.mac, forged_mac);
+    let unspecified = Ipv4Addr::UNSPECIFIED;
+
+    // Before any lease: an ARP probe (sender 0.0.0.0, RFC 5227) with the TAP's MAC is
+    // answered; the same with a forged MAC is not, nor an address the VM was not given.
+    assert!(
+        tap.gateway_answers(tap.mac, unspecified, gw, SOON),
+        "{}",
+        b.log()
+    );
+    assert!(!tap.gateway_answers(forged_mac, unspecified, gw, NEVER));
+    let guess = other_host(net, &[gw]);
+    assert!(
+        !tap.gateway_answers(tap.mac, guess, gw, NEVER),
+        "no lease, no IPv4"
+    );
+
+    // A real DHCP exchange over the fd binds the MAC to its lease.
+    let leased = tap.dhcp("tapvm");
+    assert!(net.contains(&leased));
+    assert!(
+        tap.gateway_answers(tap.mac, leased, gw, SOON),
+        "{}",
+        b.log()
+    );
+    let forged_ip = other_host(net, &[gw, leased]);
+    assert!(!tap.gateway_answers(tap.mac, forged_ip, gw, NEVER));
+    assert!(!tap.gateway_answers(forged_mac, leased, gw, NEVER));
+    let set = b.ns.sh("nft list set bridge vmnet_broker leases-shared");
+    assert!(set.contains(&leased.to_string()), "{set}");
+    // IPv4 itself, not only ARP: a DNS query for the VM's own DHCP name is answered from
+    // the leased address. From a forged one nothing comes back, not even the ARP request
+    // for the forged address the host would send if the query had got through.
+    let gw_mac = parse_mac(
+        b.ns.sh(&format!("cat /sys/class/net/{bridge}/address"))
+            .trim(),
+    );
+    let answer = tap.dns_query((tap.mac, leased), (gw_mac, gw), "tapvm", SOON);
+    assert!(
+        answer.windows(4).any(|w| w == leased.octets()),
+        "tapvm resolves to {leased}: {answer:?}"
+    );
+    let none = tap.dns_query((tap.mac, forged_ip), (gw_mac, gw), "tapvm", NEVER);
+    assert!(none.is_empty());
+    let mut sent_to_forged = tap.drain(NEVER).into_iter().filter(|f| {
+        f.len() >= 42 && f[12..14] == ETH_ARP.to_be_bytes() && f[38..42] == forged_ip.octets()
+    });
+    assert!(
+        sent_to_forged.next().is_none(),
+        "the host heard the forged source"
+    );
+
+    // "allow_spoofing": true: anything goes, the same checks are heard.
+    let open = c.acquire("open").unwrap();
+    let (ogw, onet) = (ip(&open.info.gateway), subnet_of(&open));
+    let ogw_mac = parse_mac(
+        b.ns.sh(&format!("cat /sys/class/net/{}/address", open.info.bridge))
+            .trim(),
+    );
+    let open_tap = Tap::new(open);
+    let made_up = other_host(onet, &[ogw]);
+    assert!(open_tap.gateway_answers(forged_mac, made_up, ogw, SOON));
+    let reply = open_tap.dns_query((forged_mac, made_up), (ogw_mac, ogw), "x.open.vmnet", SOON);
+    assert!(
+        !reply.is_empty(),
+        "a forged source is answered without anti-spoofing"
+    );
+}
+
+#[test]
+fn the_lease_binding_is_in_place_when_the_ack_arrives() {
+    // A guest may use its address the moment the ACK is in: its first ARP (or DNS query)
+    // must not fall into the gap before the firewall learns the lease, or it waits for a
+    // retransmission (1 s for ARP).
+    let b = Broker::start(Options::default());
+    let c = b.client();
+    for _ in 0..3 {
+        let a = c.acquire("shared").unwrap();
+        let gw = ip(&a.info.gateway);
+        let tap = Tap::new(a);
+        let leased = tap.dhcp("quick");
+        let req = ethernet(
+            BROADCAST,
+            tap.mac,
+            ETH_ARP,
+            &arp(1, tap.mac, leased, [0; 6], gw),
+        );
+        tap.send(&req);
+        let answered = tap
+            .drain(Duration::from_millis(500))
+            .iter()
+            .any(|f| is_arp_reply_from(f, gw, tap.mac));
+        assert!(
+            answered,
+            "first ARP from {leased} right after the ACK was dropped"
+        );
+    }
+}
+
+/// Two TAPs on `network`: A sends a broadcast ARP probe for the gateway and a unicast
+/// frame to B's MAC. Returns whether the gateway answered A and whether B saw either.
+fn two_taps(c: &Client, network: &str) -> (bool, bool) {
+    let a = c.acquire(network).unwrap();
+    let gw = ip(&a.info.gateway);
+    let a = Tap::new(a);
+    let b = Tap::new(c.acquire(network).unwrap());
+    let unspecified = Ipv4Addr::UNSPECIFIED;
+    let answered = a.gateway_answers(a.mac, unspecified, gw, SOON);
+    let unicast = ethernet(
+        b.mac,
+        a.mac,
+        ETH_ARP,
+        &arp(1, a.mac, unspecified, [0; 6], gw),
+    );
+    a.send(&unicast);
+    let seen = b.drain(NEVER).iter().any(|f| is_from(f, a.mac));
+    (answered, seen)
+}
+
+#[test]
+fn isolation_keeps_vms_apart_but_not_from_the_gateway() {
+    let b = Broker::start(opts(&[("iso.json", r#"{"isolation":true}"#)]));
+    let c = b.client();
+    assert_eq!(two_taps(&c, "iso"), (true, false), "isolated");
+    assert_eq!(two_taps(&c, "shared"), (true, true), "not isolated");
+}
+
+// ---- the firewall watchdog ------------------------------------------------------------
+
+#[test]
+fn flushed_ruleset_is_restored_with_nat_and_anti_spoofing() {
+    let b = Broker::start(Options::default());
+    let outside = Outside::new(&b);
+    let c = b.client();
+    let a = c.acquire("shared").unwrap();
+    let (gw, net) = (ip(&a.info.gateway), subnet_of(&a));
+    let vm = VethVm::new(&b, &a.info.bridge, "52:54:00:f1:00:01");
+    vm.lease(&b, &[]);
+    let tap = Tap::new(c.acquire("shared").unwrap());
+    let leased = tap.dhcp("tapvm");
+    assert!(tap.gateway_answers(tap.mac, leased, gw, SOON));
+    assert_eq!(
+        outside.reached_from(&vm, SOON).map(|a| a.ip() == UPLINK),
+        Some(true)
+    );
+
+    b.ns.sh("nft flush ruleset");
+    assert_eq!(b.ns.nft_tables().trim(), "");
+    b.wait_for("the watchdog's restore", Duration::from_secs(6), || {
+        let t = b.ns.nft_tables();
+        t.contains("table inet vmnet_broker") && t.contains("table bridge vmnet_broker")
+    });
+    b.wait_for("the warning", SOON, || {
+        b.log()
+            .contains("firewall rules were removed (flushed?), restored")
+    });
+    assert_eq!(
+        outside.reached_from(&vm, SOON).map(|a| a.ip() == UPLINK),
+        Some(true)
+    );
+    // The port and lease bindings came back too.
+    let forged_mac = [0x52, 0x54, 0x00, 0xba, 0xdb, 0xad];
+    assert!(!tap.gateway_answers(forged_mac, leased, gw, NEVER));
+    assert!(!tap.gateway_answers(tap.mac, other_host(net, &[gw, leased]), gw, NEVER));
+    assert!(tap.gateway_answers(tap.mac, leased, gw, SOON));
+}
+
+// ---- cleanup --------------------------------------------------------------------------
+
+#[test]
+fn nothing_remains_after_the_idle_timeout_once_services_were_used() {
+    let b = Broker::start(Options {
+        idle_timeout: 1.0,
+        ..Default::default()
+    });
+    {
+        let c = b.client();
+        let a = c.acquire("shared").unwrap();
+        let h = c.acquire("host").unwrap();
+        let gw = ip(&a.info.gateway);
+        let vm = VethVm::new(&b, &a.info.bridge, "52:54:00:1d:00:01");
+        vm.lease(&b, &["-x", "hostname:idle"]);
+        assert!(dig(&vm.ns, gw, &["idle", "A"]).is_some_and(|a| a.len() == 1));
+        let tap = Tap::new(h);
+        tap.dhcp("taphost");
+        assert!(!listening(&b, "-lun", 67).is_empty());
+        // The VM's namespace goes, and its veth with it: the broker's ports remain.
+        drop(vm);
+        drop(tap);
+    }
+    b.wait_for("idle removal", Duration::from_secs(10), || {
+        b.client().status().unwrap().networks.is_empty()
+    });
+    assert_eq!(b.ns.links(), Vec::<String>::new());
+    assert_eq!(b.ns.nft_tables().trim(), "");
+    for (flags, port) in [("-lun", 67), ("-lun", 53), ("-ltn", 53)] {
+        assert!(listening(&b, flags, port).is_empty(), "{flags} {port}");
+    }
+    // Leases outlive the network; forwarding stays on (other software may rely on it).
+    assert!(b.state_dir.join("shared.leases.json").exists());
+    assert!(b.state_dir.join("host.leases.json").exists());
+    assert_eq!(b.ns.sh("cat /proc/sys/net/ipv4/ip_forward").trim(), "1");
+    assert_eq!(b.count_in_log("network removed"), 2);
+}
