@@ -236,11 +236,27 @@ impl Broker {
         }
     }
 
-    /// Stops the broker with SIGTERM (all clients must be gone) and checks it exited 0.
+    /// Waits until the broker has seen every client it accepted disconnect. A query made
+    /// to check (`status`) is a client too, and its disconnect is processed
+    /// asynchronously, so the log is the only race-free witness.
+    pub fn wait_no_clients(&self) {
+        self.wait_for(
+            "every client to disconnect",
+            Duration::from_secs(10),
+            || {
+                let log = self.log();
+                log.matches("client connected").count()
+                    == log.matches("client disconnected").count()
+            },
+        );
+    }
+
+    /// Stops the broker with SIGTERM once all clients are gone, and checks it exited 0.
     pub fn stop(&mut self) {
         if self.child.is_none() {
             return;
         }
+        self.wait_no_clients();
         self.signal(nix::sys::signal::Signal::SIGTERM);
         let status = self
             .wait_exit(Duration::from_secs(20))
