@@ -225,6 +225,7 @@ fn network(nat: bool, anti_spoofing: bool, dhcp: bool) -> FirewallNetwork {
         nat,
         anti_spoofing,
         dhcp,
+        tap_prefix: "vport".into(),
     }
 }
 

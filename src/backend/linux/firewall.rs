@@ -69,6 +69,12 @@ pub struct FirewallNetwork {
     /// [`Firewall::bind_ip`], and only `0.0.0.0` is allowed before it. Without DHCP guests
     /// use static addresses and only their MAC is enforced.
     pub dhcp: bool,
+    /// Every TAP the broker makes for this network has a name starting with this. With
+    /// anti-spoofing, frames from such a TAP are dropped until [`Firewall::add_port`] has
+    /// bound it: a TAP is protected from the moment it exists, so binding it need not
+    /// delay the acquire. Ports without the prefix (uplinks, other software's) are left
+    /// alone.
+    pub tap_prefix: String,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -659,6 +665,14 @@ fn validate_network(net: &FirewallNetwork) -> Result<(), FirewallError> {
         detail,
     })?;
     validate_ifname(&net.bridge)?;
+    // A prefix, so shorter than a whole name, and no nft wildcard or escape of its own.
+    validate_ifname(&net.tap_prefix)?;
+    if net.tap_prefix.contains(['*', '\\']) {
+        return Err(FirewallError::Invalid {
+            what: "TAP prefix",
+            detail: format!("{:?}", net.tap_prefix),
+        });
+    }
     if !net.subnet.contains(&net.gateway) {
         return Err(FirewallError::Invalid {
             what: "network",
@@ -683,9 +697,6 @@ fn spoof_chain(net: &str) -> String {
     format!("spoof-{net}")
 }
 /// Set of the network's TAP names: the anti-spoofing rules apply to frames from these.
-fn ports_set(net: &str) -> String {
-    format!("ports-{net}")
-}
 /// Set of `ifname . ether_addr`: the MAC allowed on each TAP.
 fn portmacs_set(net: &str) -> String {
     format!("portmacs-{net}")
@@ -843,7 +854,6 @@ fn port_elements(
     tap: &str,
     mac: [u8; 6],
 ) {
-    batch.add_cmd(cmd(element(ports_set(net), s(tap))));
     batch.add_cmd(cmd(element(
         portmacs_set(net),
         concat(vec![s(tap), s(&mac_str(mac))]),
@@ -944,11 +954,10 @@ fn network_objects(batch: &mut Batch<'static>, ns: &NetState) {
         return;
     }
     // Anti-spoofing, bridge table, prerouting: every frame entering the bridge from one of
-    // our TAPs. Ports we were not told about (uplinks, other software's ports) are left alone.
-    let ports = ports_set(&net.name);
+    // our TAPs, bound or not (an unbound one matches no element of portmacs: all dropped).
+    // Other ports (uplinks, other software's) are left alone.
     let portmacs = portmacs_set(&net.name);
     let leases = leases_set(&net.name);
-    batch.add(set(ports.clone(), SetTypeValue::Single(SetType::Ifname)));
     batch.add(set(
         portmacs.clone(),
         SetTypeValue::Concatenated(vec![SetType::Ifname, SetType::EtherAddr].into()),
@@ -965,7 +974,8 @@ fn network_objects(batch: &mut Batch<'static>, ns: &NetState) {
         NfChainType::Filter,
         PRIO_BRIDGE_FILTER,
     ));
-    let from_port = || matches(iif(), Operator::EQ, set_ref(&ports));
+    let taps = format!("{}*", net.tap_prefix);
+    let from_port = || matches(iif(), Operator::EQ, s(&taps));
     let r = |batch: &mut Batch<'static>, mut stmts: Vec<Statement<'static>>| {
         stmts.insert(0, from_port());
         batch.add(rule(NfFamily::Bridge, &spoof, stmts));
@@ -1097,11 +1107,7 @@ fn delete_network_objects(batch: &mut Batch<'static>, net: &FirewallNetwork) {
     }
     if net.anti_spoofing {
         batch.delete(named_chain(NfFamily::Bridge, spoof_chain(&net.name)));
-        for name in [
-            ports_set(&net.name),
-            portmacs_set(&net.name),
-            leases_set(&net.name),
-        ] {
+        for name in [portmacs_set(&net.name), leases_set(&net.name)] {
             batch.delete(set(name, SetTypeValue::Single(SetType::Ifname)));
         }
     }
@@ -1136,6 +1142,7 @@ mod tests {
             nat,
             anti_spoofing,
             dhcp,
+            tap_prefix: "vmnt9-".into(),
         }
     }
 

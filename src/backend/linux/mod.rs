@@ -258,6 +258,7 @@ impl LinuxBackend {
                 nat: config.mode == Mode::Shared,
                 anti_spoofing: !config.allow_spoofing,
                 dhcp: config.dhcp,
+                tap_prefix: tap::tap_prefix(bridge.index),
             })
             .await
             .map_err(|e| BackendError::new(format!("firewall: {e}")))?;
@@ -400,10 +401,24 @@ impl Backend for LinuxBackend {
             }
         }
         if !network.config.allow_spoofing {
-            self.firewall
-                .add_port(&network.config.name, &name, request.mac)
-                .await
-                .map_err(|e| BackendError::new(format!("firewall: {e}")))?;
+            // The TAP is already protected: the firewall drops every frame of an unbound
+            // TAP of this network. Binding it spawns `nft` (milliseconds), far less than a
+            // VMM needs to start a guest, so it is done after the reply instead of
+            // delaying every acquire by it.
+            let (firewall, network, tap, mac) = (
+                self.firewall.clone(),
+                network.config.name.clone(),
+                name.clone(),
+                request.mac,
+            );
+            tokio::spawn(async move {
+                if let Err(e) = firewall.add_port(&network, &tap, mac).await {
+                    warn!(
+                        network,
+                        tap, "cannot bind TAP to its MAC, its frames stay dropped: {e}"
+                    );
+                }
+            });
         }
         Ok(Attachment {
             interface: name,

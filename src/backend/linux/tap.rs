@@ -97,6 +97,12 @@ pub fn tap_name_of(fd: BorrowedFd) -> io::Result<String> {
     Ok(name_of(&tap_info(fd)?))
 }
 
+/// The start of the name of every TAP on the bridge with index `bridge_index`; the
+/// firewall recognizes the network's TAPs by it.
+pub fn tap_prefix(bridge_index: u32) -> String {
+    format!("vmnt{bridge_index:x}-")
+}
+
 /// Whether `fd` is a TAP (not a TUN) with the flags the broker sets.
 pub fn is_broker_tap(fd: BorrowedFd) -> io::Result<bool> {
     // SAFETY: reading the union's flags member that TUNGETIFF fills in.
@@ -126,7 +132,7 @@ fn tap_info(fd: BorrowedFd) -> io::Result<libc::ifreq> {
 /// `bridge_index`. Bridge indexes are unique among live links, so names of two live
 /// networks never collide; hex keeps both numbers within IFNAMSIZ for a long time.
 pub fn tap_name(bridge_index: u32, serial: u64) -> io::Result<String> {
-    let name = format!("vmnt{bridge_index:x}-{serial:x}");
+    let name = format!("{}{serial:x}", tap_prefix(bridge_index));
     if name.len() >= libc::IFNAMSIZ {
         return Err(io::Error::other(format!(
             "TAP name {name} for endpoint {serial} would exceed {} characters",
