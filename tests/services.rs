@@ -1039,3 +1039,58 @@ fn nothing_remains_after_the_idle_timeout_once_services_were_used() {
     assert_eq!(b.ns.sh("cat /proc/sys/net/ipv4/ip_forward").trim(), "1");
     assert_eq!(b.count_in_log("network removed"), 2);
 }
+
+/// Elements of the network's MAC binding set, one line each.
+fn bound_taps(b: &Broker, network: &str) -> Vec<String> {
+    let out = b.ns.sh(&format!(
+        "nft -j list set bridge vmnet_broker portmacs-{network}"
+    ));
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    let set = v["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|o| o.get("set"))
+        .unwrap()
+        .clone();
+    set["elem"]
+        .as_array()
+        .map(|elems| {
+            elems
+                .iter()
+                .map(|e| e["concat"][0].as_str().unwrap().to_string())
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn bindings_of_closed_taps_are_forgotten() {
+    let b = Broker::start(Options::default());
+    let c = b.client();
+    let first: Vec<Acquired> = (0..3).map(|_| c.acquire("shared").unwrap()).collect();
+    let names: Vec<String> = first.iter().map(|a| a.info.interface.clone()).collect();
+    b.wait_for("three bindings", Duration::from_secs(10), || {
+        bound_taps(&b, "shared").len() == 3
+    });
+    // Two VMs go; the next acquire forgets their bindings and adds its own.
+    let mut first = first.into_iter();
+    let kept = first.next().unwrap();
+    drop(first);
+    b.wait_for("the closed TAPs to go", Duration::from_secs(10), || {
+        c.status().unwrap().networks[0].taps.len() == 1
+    });
+    let new = c.acquire("shared").unwrap();
+    b.wait_for(
+        "the bindings of the live TAPs only",
+        Duration::from_secs(10),
+        || {
+            let mut bound = bound_taps(&b, "shared");
+            bound.sort();
+            let mut want = vec![kept.info.interface.clone(), new.info.interface.clone()];
+            want.sort();
+            bound == want
+        },
+    );
+    assert!(!bound_taps(&b, "shared").contains(&names[1]));
+}

@@ -81,6 +81,8 @@ pub struct FirewallNetwork {
 pub enum FirewallError {
     #[error("nft not found: install nftables (needed for NAT and anti-spoofing)")]
     NftNotFound,
+    #[error("cannot list the network's TAPs: {0}")]
+    ListTaps(std::io::Error),
     #[error("could not run nft while {context}: {source}")]
     NftSpawn {
         context: String,
@@ -278,6 +280,54 @@ impl Firewall {
         }
         info!(network = name, "firewall rules removed");
         Ok(())
+    }
+
+    /// Forgets the bindings of TAPs of `network` that are not among the `live` ones (their
+    /// VMs closed them), so a long-lived network does not accumulate set elements. Runs no
+    /// `nft` when there is nothing to forget.
+    ///
+    /// `live` lists the TAPs that exist; it is awaited under the firewall's lock, so every
+    /// binding already recorded belongs to a TAP that existed before the listing, and one
+    /// missing from it is really gone (a TAP made meanwhile is never pruned).
+    pub async fn prune_ports(
+        &self,
+        network: &str,
+        live: impl Future<Output = std::io::Result<Vec<String>>>,
+    ) -> Result<(), FirewallError> {
+        let mut state = self.inner.state.lock().await;
+        let Some(ns) = state.networks.get(network) else {
+            return Ok(());
+        };
+        let live = live.await.map_err(FirewallError::ListTaps)?;
+        let gone: Vec<(String, [u8; 6])> = ns
+            .ports
+            .iter()
+            .filter(|(tap, _)| !live.contains(tap))
+            .map(|(tap, mac)| (tap.clone(), *mac))
+            .collect();
+        if gone.is_empty() {
+            return Ok(());
+        }
+        let mut batch = Batch::new();
+        if ns.net.anti_spoofing {
+            for (tap, mac) in &gone {
+                port_elements(&mut batch, NfCmd::Delete, network, tap, *mac);
+            }
+        }
+        let context = format!(
+            "forgetting {} closed TAP(s) of network {network:?}",
+            gone.len()
+        );
+        let network = network.to_string();
+        self.inner
+            .apply_or_restore(&mut state, batch, &context, |s| {
+                if let Some(ns) = s.networks.get_mut(&network) {
+                    for (tap, _) in &gone {
+                        ns.ports.remove(tap);
+                    }
+                }
+            })
+            .await
     }
 
     /// Binds a TAP (bridge port) to the MAC of its guest: frames entering from `tap` must

@@ -20,7 +20,7 @@ use services::{ServiceParams, Services};
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use subnet::{Occupant, Occupation};
 use tracing::{info, warn};
 
@@ -41,7 +41,7 @@ pub struct LinuxOptions {
 
 pub struct LinuxBackend {
     options: LinuxOptions,
-    netlink: Netlink,
+    netlink: Arc<Netlink>,
     /// NAT, forwarding and anti-spoofing rules of every network, in one nftables table
     /// per family owned by the broker.
     firewall: Firewall,
@@ -128,7 +128,7 @@ impl LinuxBackend {
         firewall.spawn_watchdog();
         Ok(Self {
             options,
-            netlink,
+            netlink: Arc::new(netlink),
             firewall,
             held: Mutex::new(BTreeMap::new()),
         })
@@ -405,13 +405,22 @@ impl Backend for LinuxBackend {
             // TAP of this network. Binding it spawns `nft` (milliseconds), far less than a
             // VMM needs to start a guest, so it is done after the reply instead of
             // delaying every acquire by it.
-            let (firewall, network, tap, mac) = (
+            // TAPs that are gone are forgotten on the way, so the bindings of a long-lived
+            // network stay as many as its live TAPs.
+            let (firewall, netlink, bridge_index) = (
                 self.firewall.clone(),
-                network.config.name.clone(),
-                name.clone(),
-                request.mac,
+                Arc::clone(&self.netlink),
+                network.bridge.index,
             );
+            let (network, tap, mac) = (network.config.name.clone(), name.clone(), request.mac);
             tokio::spawn(async move {
+                let live = async {
+                    let ports = netlink.ports_of(bridge_index).await?;
+                    Ok(ports.into_iter().map(|l| l.name).collect())
+                };
+                if let Err(e) = firewall.prune_ports(&network, live).await {
+                    warn!(network, "cannot forget closed TAPs: {e}");
+                }
                 if let Err(e) = firewall.add_port(&network, &tap, mac).await {
                     warn!(
                         network,
