@@ -742,3 +742,20 @@ fn persistent_taps_belong_to_the_caller_and_go_with_its_connection() {
         || !b.ns.links().contains(&tap),
     );
 }
+
+#[test]
+fn socket_belongs_to_the_vmnet_broker_group_when_it_exists() {
+    let mut group = std::fs::read_to_string("/etc/group").unwrap();
+    group.push_str("vmnet-broker:x:4242:alice\n");
+    let b = Broker::start(Options {
+        group_file: Some(group),
+        ..Default::default()
+    });
+    let meta = std::fs::metadata(&b.socket).unwrap();
+    assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), 4242);
+    assert!(b.log().contains("group vmnet-broker"), "{}", b.log());
+    // Without the group, root's group keeps it (only root may connect).
+    let plain = Broker::start(Options::default());
+    let meta = std::fs::metadata(&plain.socket).unwrap();
+    assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), 0);
+}

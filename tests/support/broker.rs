@@ -92,6 +92,9 @@ pub struct Options {
     /// (file name, contents) written into the config dir before start.
     pub files: Vec<(String, String)>,
     pub extra_args: Vec<String>,
+    /// The /etc/group the broker sees (bind-mounted in a mount namespace of its own), to
+    /// test group handling without touching this machine's user database.
+    pub group_file: Option<String>,
 }
 
 impl Default for Options {
@@ -101,6 +104,7 @@ impl Default for Options {
             exit_on_idle: None,
             files: vec![],
             extra_args: vec![],
+            group_file: None,
         }
     }
 }
@@ -160,7 +164,20 @@ impl Broker {
             .append(true)
             .open(&self.log_path)
             .unwrap();
-        let mut cmd = self.ns.cmd(BIN);
+        let mut cmd = match &opts.group_file {
+            None => self.ns.cmd(BIN),
+            Some(text) => {
+                let group = self.dir.path().join("group");
+                std::fs::write(&group, text).unwrap();
+                // unshare and sh exec, so the child's pid stays the broker's.
+                let mut c = Command::new("unshare");
+                c.args(["--mount", "--propagation", "private", "sh", "-c"])
+                    .arg(r#"mount --bind "$0" /etc/group && exec "$@""#)
+                    .arg(&group)
+                    .args(["ip", "netns", "exec", &self.ns.name, BIN]);
+                c
+            }
+        };
         cmd.arg("serve")
             .arg("--socket")
             .arg(&self.socket)
