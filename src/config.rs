@@ -167,6 +167,9 @@ pub const BUILTIN_NAMES: [&str; 2] = ["shared", "host"];
 pub struct ConfigError {
     pub path: PathBuf,
     pub message: String,
+    /// The file exists but could not be read (permissions, too many open files): a
+    /// problem of the host, not of the file's contents.
+    pub unreadable: bool,
 }
 
 impl fmt::Display for ConfigError {
@@ -265,6 +268,7 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<NetworkConfig, Confi
     let err = |message: String| ConfigError {
         path: path.to_path_buf(),
         message,
+        unreadable: false,
     };
     validate_network_name(name).map_err(|e| err(format!("file name: {e}")))?;
     let raw: RawFile = serde_json::from_str(text).map_err(|e| err(e.to_string()))?;
@@ -407,6 +411,7 @@ impl ConfigDir {
             Err(e) => Err(ConfigError {
                 path,
                 message: format!("cannot read: {e}"),
+                unreadable: true,
             }),
         }
     }
@@ -423,6 +428,7 @@ impl ConfigDir {
                 out.push(Err(ConfigError {
                     path: self.path.clone(),
                     message: format!("cannot read directory: {e}"),
+                    unreadable: true,
                 }));
                 Vec::new()
             }
@@ -442,6 +448,7 @@ impl ConfigDir {
                 .map_err(|e| ConfigError {
                     path: path.clone(),
                     message: format!("cannot read: {e}"),
+                    unreadable: true,
                 })
                 .and_then(|text| parse(&name, &path, &text));
             out.push(result);

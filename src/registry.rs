@@ -19,7 +19,18 @@ use tracing::{info, warn};
 /// The original broker's limit: the 9th distinct network of one client fails.
 pub const MAX_NETWORKS_PER_CLIENT: usize = 8;
 
+/// Live TAPs one connection may hold (across its networks). A bridge takes at most 1024
+/// ports; without a limit one client could take them all from everyone else.
+pub const MAX_TAPS_PER_CLIENT: usize = 64;
+
+/// Connections one non-root uid may have open at once, so one user cannot exhaust the
+/// broker's file descriptors for everyone.
+pub const MAX_CONNECTIONS_PER_UID: usize = 256;
+
 pub type ClientId = u64;
+
+/// Size of a network's MAC map at which it is first pruned to the live endpoints.
+const PRUNE_MACS_FROM: usize = 64;
 
 struct Network<N> {
     handle: N,
@@ -28,9 +39,11 @@ struct Network<N> {
     clients: BTreeSet<ClientId>,
     /// Endpoints attached so far; names and MACs derive from it.
     serial: u64,
-    /// The guest MAC of each endpoint handed out, so a requested MAC is never given to two
-    /// live endpoints at once.
+    /// The guest MAC of each endpoint handed out, so no MAC (requested or suggested) is
+    /// given to two live endpoints at once. Pruned to the live endpoints whenever it has
+    /// doubled since the last pruning, so it follows them at an amortized constant cost.
     macs: BTreeMap<String, [u8; 6]>,
+    prune_macs_at: usize,
     /// When the idle removal is due, while no client holds the network.
     removal_at: Option<Instant>,
     /// Bumped whenever the network is acquired again, so a stale timer does nothing.
@@ -40,6 +53,9 @@ struct Network<N> {
 struct Client {
     peer: Peer,
     networks: BTreeSet<String>,
+    /// TAPs handed to this client, as (network, interface), pruned to the live ones when
+    /// the client reaches [`MAX_TAPS_PER_CLIENT`].
+    taps: Vec<(String, String)>,
     /// Persistent endpoints made for this client, as (network, interface): they do not
     /// go away with their fd, so they go when the client does.
     persistent: Vec<(String, String)>,
@@ -111,6 +127,27 @@ impl<B: Backend> Registry<B> {
                 "the broker is shutting down",
             ));
         }
+        if peer.uid != 0 {
+            let open = st
+                .clients
+                .values()
+                .filter(|c| c.peer.uid == peer.uid)
+                .count();
+            if open >= MAX_CONNECTIONS_PER_UID {
+                warn!(
+                    pid = peer.pid,
+                    uid = peer.uid,
+                    "connection refused: {open} open"
+                );
+                return Err(BrokerError::new(
+                    ErrorCode::InternalError,
+                    format!(
+                        "uid {} already has {open} connections open (at most {MAX_CONNECTIONS_PER_UID})",
+                        peer.uid
+                    ),
+                ));
+            }
+        }
         let id = st.next_client;
         st.next_client += 1;
         st.clients.insert(
@@ -118,6 +155,7 @@ impl<B: Backend> Registry<B> {
             Client {
                 peer,
                 networks: BTreeSet::new(),
+                taps: Vec::new(),
                 persistent: Vec::new(),
             },
         );
@@ -169,6 +207,15 @@ impl<B: Backend> Registry<B> {
                 "the broker is shutting down".into(),
             ));
         }
+        if c.taps.len() >= MAX_TAPS_PER_CLIENT {
+            self.prune_client_taps(st, client).await;
+            if st.clients[&client].taps.len() >= MAX_TAPS_PER_CLIENT {
+                return Err(refuse(
+                    ErrorCode::InternalError,
+                    format!("a client may hold at most {MAX_TAPS_PER_CLIENT} TAPs at once"),
+                ));
+            }
+        }
 
         if let Some(net) = st.networks.get(name) {
             policy::check(&net.config, &peer, self.directory.as_ref())
@@ -180,6 +227,14 @@ impl<B: Backend> Registry<B> {
                     return Err(refuse(
                         ErrorCode::NotFound,
                         format!("no network named {name:?}"),
+                    ));
+                }
+                // The host failed us (permissions, out of fds): not the client's fault,
+                // and not a verdict on the file.
+                Err(e) if e.unreadable => {
+                    return Err(refuse(
+                        ErrorCode::InternalError,
+                        format!("cannot read the definition of network {name:?}: {e}"),
                     ));
                 }
                 Err(e) => {
@@ -216,6 +271,7 @@ impl<B: Backend> Registry<B> {
                     clients: BTreeSet::new(),
                     serial: 0,
                     macs: BTreeMap::new(),
+                    prune_macs_at: PRUNE_MACS_FROM,
                     removal_at: None,
                     generation: 0,
                 },
@@ -223,12 +279,24 @@ impl<B: Backend> Registry<B> {
         }
 
         let net = st.networks.get_mut(name).expect("present");
-        let serial = net.serial;
+        if requested_mac.is_some() || net.macs.len() >= net.prune_macs_at {
+            let live = self.backend.endpoints(&net.handle).await;
+            net.macs.retain(|iface, _| live.contains(iface));
+            net.prune_macs_at = (2 * net.macs.len()).max(PRUNE_MACS_FROM);
+        }
+        let in_use =
+            |macs: &BTreeMap<String, [u8; 6]>, mac: [u8; 6]| macs.values().any(|m| *m == mac);
+        let mut serial = net.serial;
         let mac = match requested_mac {
-            None => guest_mac(name, serial),
+            // Suggestions are predictable, so another client may have asked for one
+            // already: skip those in use.
+            None => {
+                while in_use(&net.macs, guest_mac(name, serial)) {
+                    serial += 1;
+                }
+                guest_mac(name, serial)
+            }
             Some(mac) => {
-                let live = self.backend.endpoints(&net.handle).await;
-                net.macs.retain(|iface, _| live.contains(iface));
                 if let Some((iface, _)) = net.macs.iter().find(|(_, m)| **m == mac) {
                     let message = format!(
                         "mac {} is in use on network {name:?} by {iface}",
@@ -242,7 +310,7 @@ impl<B: Backend> Registry<B> {
                 mac
             }
         };
-        net.serial += 1;
+        net.serial = serial + 1;
         let request = AttachRequest {
             serial,
             mac,
@@ -282,6 +350,7 @@ impl<B: Backend> Registry<B> {
         let net_clients = net.clients.len();
         let entry = st.clients.get_mut(&client).expect("checked above");
         entry.networks.insert(name.to_string());
+        entry.taps.push((name.to_string(), info.interface.clone()));
         if persistent {
             entry
                 .persistent
@@ -385,16 +454,36 @@ impl<B: Backend> Registry<B> {
         }
     }
 
-    pub async fn client_count(&self) -> usize {
-        self.state.lock().await.clients.len()
+    /// Forgets the TAPs of `client` that are gone (their VM closed them).
+    async fn prune_client_taps(&self, st: &mut State<B::Network>, client: ClientId) {
+        let Some(c) = st.clients.get_mut(&client) else {
+            return;
+        };
+        let mut live = BTreeSet::new();
+        for name in &c.networks {
+            if let Some(net) = st.networks.get(name) {
+                live.extend(self.backend.endpoints(&net.handle).await);
+            }
+        }
+        c.taps.retain(|(_, iface)| live.contains(iface));
     }
 
-    /// If no client is connected, stops admitting new ones, removes every network and
-    /// returns true. With clients connected it changes nothing and returns false: stopping
-    /// would pull the network from under running VMs.
+    /// Clients that hold at least one network. Connections that hold none (a `status`
+    /// query, a monitor) do not keep the broker from stopping.
+    pub async fn holders(&self) -> usize {
+        let st = self.state.lock().await;
+        st.clients
+            .values()
+            .filter(|c| !c.networks.is_empty())
+            .count()
+    }
+
+    /// If no client holds a network, stops admitting new ones, removes every network and
+    /// returns true. Otherwise it changes nothing and returns false: stopping would pull
+    /// the network from under running VMs.
     pub async fn shutdown_if_idle(&self) -> bool {
         let mut st = self.state.lock().await;
-        if !st.clients.is_empty() {
+        if st.clients.values().any(|c| !c.networks.is_empty()) {
             return false;
         }
         st.closed = true;
@@ -458,11 +547,16 @@ mod tests {
     struct Fake {
         log: StdMutex<Vec<String>>,
         fail_create: bool,
+        /// Endpoints attached and not closed yet (a VM closing its TAP: `close`).
+        live: StdMutex<BTreeSet<String>>,
     }
 
     impl Fake {
         fn log(&self) -> Vec<String> {
             self.log.lock().unwrap().clone()
+        }
+        fn close(&self, interface: &str) {
+            assert!(self.live.lock().unwrap().remove(interface), "{interface}");
         }
     }
 
@@ -495,8 +589,10 @@ mod tests {
                 .lock()
                 .unwrap()
                 .push(format!("attach {} {}", n.0, r.serial));
+            let interface = format!("tap-{}-{}", n.0, r.serial);
+            self.live.lock().unwrap().insert(interface.clone());
             Ok(Attachment {
-                interface: format!("tap-{}-{}", n.0, r.serial),
+                interface,
                 fd: std::fs::File::open("/dev/null")?.into(),
             })
         }
@@ -507,8 +603,13 @@ mod tests {
                 .push(format!("release {} {interface}", n.0));
             Ok(())
         }
-        async fn endpoints(&self, _: &Self::Network) -> Vec<String> {
-            vec![]
+        async fn endpoints(&self, n: &Self::Network) -> Vec<String> {
+            let prefix = format!("tap-{}-", n.0);
+            let live = self.live.lock().unwrap();
+            live.iter()
+                .filter(|i| i.starts_with(&prefix))
+                .cloned()
+                .collect()
         }
         async fn destroy(&self, n: Self::Network) -> Result<(), BackendError> {
             self.log.lock().unwrap().push(format!("destroy {}", n.0));
@@ -716,9 +817,84 @@ mod tests {
         let mac = [0x52, 0x54, 0, 0, 0, 7];
         let (info, _) = r.acquire(a, "shared", Some(mac), false).await.unwrap();
         assert_eq!(info.mac, "52:54:00:00:00:07");
-        // The fake reports no live endpoints, so the first TAP counts as gone and its MAC
-        // is free again; a live one is covered by the integration tests.
+        let e = r.acquire(a, "shared", Some(mac), false).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidRequest);
+        assert!(e.message.contains("in use"), "{}", e.message);
+        r.backend().close(&info.interface);
         assert!(r.acquire(a, "shared", Some(mac), false).await.is_ok());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_suggested_mac_is_never_one_a_live_tap_asked_for() {
+        let r = registry();
+        let a = r.connect(peer(1000)).await.unwrap();
+        r.acquire(a, "shared", None, false).await.unwrap();
+        // Suggestions are predictable: ask for the one the next acquire would get.
+        let taken = guest_mac("shared", 2);
+        let b = r.connect(peer(1001)).await.unwrap();
+        r.acquire(b, "shared", Some(taken), false).await.unwrap();
+        let (c, _) = r.acquire(a, "shared", None, false).await.unwrap();
+        assert_ne!(c.mac, format_mac(&taken));
+        assert_eq!(c.mac, format_mac(&guest_mac("shared", 3)));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_holds_a_bounded_number_of_live_taps() {
+        let r = registry();
+        let a = r.connect(peer(1000)).await.unwrap();
+        let mut held = vec![];
+        for _ in 0..MAX_TAPS_PER_CLIENT {
+            held.push(r.acquire(a, "shared", None, false).await.unwrap().0);
+        }
+        let e = r.acquire(a, "shared", None, false).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::InternalError);
+        assert!(e.message.contains("at most 64 TAPs"), "{}", e.message);
+        // Other clients are not affected; and once a VM closes a TAP there is room again.
+        let b = r.connect(peer(1001)).await.unwrap();
+        r.acquire(b, "shared", None, false).await.unwrap();
+        r.backend().close(&held[0].interface);
+        r.acquire(a, "shared", None, false).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connections_per_uid_are_bounded_but_not_for_root() {
+        let r = registry();
+        for _ in 0..MAX_CONNECTIONS_PER_UID {
+            r.connect(peer(1000)).await.unwrap();
+        }
+        let e = r.connect(peer(1000)).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::InternalError);
+        r.connect(peer(1001)).await.unwrap();
+        for _ in 0..=MAX_CONNECTIONS_PER_UID {
+            r.connect(peer(0)).await.unwrap();
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_unreadable_definition_is_an_internal_error_not_not_found() {
+        let dir = tempfile::tempdir().unwrap();
+        // A directory where the file should be: reading it fails, parsing never happens.
+        std::fs::create_dir(dir.path().join("odd.json")).unwrap();
+        let r = registry_in(dir.path(), Fake::default());
+        let a = r.connect(peer(1000)).await.unwrap();
+        let e = r.acquire(a, "odd", None, false).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::InternalError, "{}", e.message);
+        assert!(e.message.contains("cannot read"), "{}", e.message);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn connections_holding_nothing_do_not_block_shutdown() {
+        let r = registry();
+        let _watcher = r.connect(peer(1000)).await.unwrap();
+        let holder = r.connect(peer(1001)).await.unwrap();
+        r.acquire(holder, "shared", None, false).await.unwrap();
+        assert_eq!(r.holders().await, 1);
+        assert!(!r.shutdown_if_idle().await);
+        r.disconnect(holder).await;
+        assert!(
+            r.shutdown_if_idle().await,
+            "a status-only connection does not count"
+        );
     }
 
     #[tokio::test(start_paused = true)]

@@ -117,9 +117,9 @@ async fn stop_requested<B: Backend>(registry: &Registry<B>, signal: &str) -> boo
         info!("{signal}: no clients, networks removed, exiting");
         true
     } else {
-        let n = registry.client_count().await;
+        let n = registry.holders().await;
         warn!(
-            "{signal} ignored: {n} client(s) connected; stopping would pull networks from under running VMs"
+            "{signal} ignored: {n} client(s) hold networks; stopping would pull networks from under running VMs"
         );
         false
     }
