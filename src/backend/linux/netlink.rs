@@ -75,6 +75,25 @@ fn errno(err: &rtnetlink::Error) -> Option<i32> {
     }
 }
 
+/// Runs a dump again when the kernel flags it interrupted (the table changed while it
+/// was being read: another TAP came or went), which rtnetlink reports as EBUSY. iproute2
+/// only warns ("Dump was interrupted"); a subnet choice made from an inconsistent view
+/// could overlap, so the dump is taken again.
+async fn dump<T, F, Fut>(mut run: F) -> Result<Vec<T>, rtnetlink::Error>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Result<Vec<T>, rtnetlink::Error>>,
+{
+    const ATTEMPTS: usize = 10;
+    let mut attempt = 1;
+    loop {
+        match run().await {
+            Err(e) if errno(&e) == Some(libc::EBUSY) && attempt < ATTEMPTS => attempt += 1,
+            other => return other,
+        }
+    }
+}
+
 /// Turns a netlink failure into an io::Error that says what was being done.
 fn fail(err: rtnetlink::Error, what: impl std::fmt::Display) -> io::Error {
     match err {
@@ -98,12 +117,7 @@ impl Netlink {
 
     /// Every link in the namespace.
     pub async fn links(&self) -> io::Result<Vec<Link>> {
-        let msgs: Vec<LinkMessage> = self
-            .handle
-            .link()
-            .get()
-            .execute()
-            .try_collect()
+        let msgs: Vec<LinkMessage> = dump(|| self.handle.link().get().execute().try_collect())
             .await
             .map_err(|e| fail(e, "cannot list links"))?;
         Ok(msgs.into_iter().map(Link::from_message).collect())
@@ -130,18 +144,18 @@ impl Netlink {
 
     /// The links enslaved to bridge `bridge_index`.
     pub async fn ports_of(&self, bridge_index: u32) -> io::Result<Vec<Link>> {
-        let mut request = self.handle.link().get();
-        // The kernel filters the dump by master; the check below keeps it correct on
-        // kernels that ignore the attribute.
-        request
-            .message_mut()
-            .attributes
-            .push(LinkAttribute::Controller(bridge_index));
-        let msgs: Vec<LinkMessage> = request
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| fail(e, format!("cannot list ports of bridge #{bridge_index}")))?;
+        let msgs: Vec<LinkMessage> = dump(|| {
+            let mut request = self.handle.link().get();
+            // The kernel filters the dump by master; the check below keeps it correct on
+            // kernels that ignore the attribute.
+            request
+                .message_mut()
+                .attributes
+                .push(LinkAttribute::Controller(bridge_index));
+            request.execute().try_collect()
+        })
+        .await
+        .map_err(|e| fail(e, format!("cannot list ports of bridge #{bridge_index}")))?;
         Ok(msgs
             .into_iter()
             .map(Link::from_message)
@@ -253,14 +267,10 @@ impl Netlink {
     }
 
     async fn addresses(&self, names: &BTreeMap<u32, String>) -> io::Result<Vec<Occupant>> {
-        let msgs: Vec<AddressMessage> = self
-            .handle
-            .address()
-            .get()
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| fail(e, "cannot list addresses"))?;
+        let msgs: Vec<AddressMessage> =
+            dump(|| self.handle.address().get().execute().try_collect())
+                .await
+                .map_err(|e| fail(e, "cannot list addresses"))?;
         Ok(msgs
             .into_iter()
             .filter(|m| m.header.family == AddressFamily::Inet)
@@ -277,15 +287,12 @@ impl Netlink {
     }
 
     async fn routes(&self, names: &BTreeMap<u32, String>) -> io::Result<Vec<Occupant>> {
-        let query = RouteMessageBuilder::<Ipv4Addr>::new().build();
-        let msgs: Vec<RouteMessage> = self
-            .handle
-            .route()
-            .get(query)
-            .execute()
-            .try_collect()
-            .await
-            .map_err(|e| fail(e, "cannot list routes"))?;
+        let msgs: Vec<RouteMessage> = dump(|| {
+            let query = RouteMessageBuilder::<Ipv4Addr>::new().build();
+            self.handle.route().get(query).execute().try_collect()
+        })
+        .await
+        .map_err(|e| fail(e, "cannot list routes"))?;
         Ok(msgs
             .into_iter()
             .filter(|m| m.header.address_family == AddressFamily::Inet)
