@@ -22,7 +22,7 @@ use nix::sys::socket::{
 use std::io::IoSliceMut;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 /// The socket path: `VMNET_BROKER_SOCKET` if set, else the default.
 pub fn socket_path() -> PathBuf {
@@ -44,6 +44,9 @@ pub struct Acquired {
 pub struct Client {
     sock: OwnedFd,
     path: PathBuf,
+    /// One request and its reply at a time: replies carry no request id, so two threads
+    /// sharing a client must not interleave their exchanges.
+    exchange: Mutex<()>,
 }
 
 fn unreachable_error(message: String) -> BrokerError {
@@ -79,7 +82,11 @@ impl Client {
             };
             unreachable_error(format!("{why}: {}", e.desc()))
         })?;
-        Ok(Self { sock, path })
+        Ok(Self {
+            sock,
+            path,
+            exchange: Mutex::new(()),
+        })
     }
 
     pub fn path(&self) -> &Path {
@@ -118,10 +125,14 @@ impl Client {
         let (reply, fds) = self.call(&request)?;
         match reply {
             Reply::Network(info) => {
-                let mut fds = fds.into_iter();
-                let fd = fds.next().ok_or_else(|| {
-                    BrokerError::new(ErrorCode::InvalidReply, "reply carried no TAP fd")
-                })?;
+                // The protocol promises exactly one; the others are closed as they drop.
+                let n = fds.len();
+                let Ok([fd]) = <[OwnedFd; 1]>::try_from(fds) else {
+                    return Err(BrokerError::new(
+                        ErrorCode::InvalidReply,
+                        format!("network reply carried {n} file descriptors, not one"),
+                    ));
+                };
                 Ok(Acquired { info, fd })
             }
             Reply::Error(e) => Err(e),
@@ -152,6 +163,7 @@ impl Client {
                 e.desc()
             ))
         };
+        let _exchange = self.exchange.lock().unwrap_or_else(|p| p.into_inner());
         send(self.sock.as_raw_fd(), bytes, MsgFlags::MSG_NOSIGNAL).map_err(lost)?;
         let mut buf = vec![0u8; MAX_MESSAGE + 1];
         let mut cmsg = nix::cmsg_space!([RawFd; 4]);

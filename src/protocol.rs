@@ -304,6 +304,40 @@ pub struct Status {
     pub idle_timeout_seconds: f64,
     pub networks: Vec<NetworkStatus>,
     pub clients: Vec<ClientStatus>,
+    /// Set when lists were cut so that the reply fits in [`MAX_MESSAGE`] (thousands of
+    /// clients); the per-network `clients` counts stay exact.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
+}
+
+impl Status {
+    /// Cuts the client list, then the longest TAP lists, then the network list, until the
+    /// `status` reply fits in `max` bytes; marks the result truncated if anything was cut.
+    pub fn fit(mut self, max: usize) -> Status {
+        let len = |s: &Status| {
+            serde_json::to_vec(&serde_json::json!({ "status": s }))
+                .map(|v| v.len())
+                .unwrap_or(usize::MAX)
+        };
+        while len(&self) > max {
+            self.truncated = true;
+            if !self.clients.is_empty() {
+                self.clients.truncate(self.clients.len() / 2);
+            } else if let Some(n) = self
+                .networks
+                .iter_mut()
+                .filter(|n| !n.taps.is_empty())
+                .max_by_key(|n| n.taps.len())
+            {
+                n.taps.truncate(n.taps.len() / 2);
+            } else if !self.networks.is_empty() {
+                self.networks.truncate(self.networks.len() / 2);
+            } else {
+                break;
+            }
+        }
+        self
+    }
 }
 
 /// A broker reply.
@@ -488,6 +522,48 @@ mod tests {
             };
             assert_eq!(Request::parse(&req.to_bytes()).unwrap(), req);
         }
+    }
+
+    #[test]
+    fn a_huge_status_is_cut_to_fit_a_message() {
+        let client = |id| ClientStatus {
+            id,
+            pid: 4_000_000,
+            uid: 4_000_000,
+            gid: 4_000_000,
+            networks: vec!["shared".into(), "host".into()],
+        };
+        let status = Status {
+            version: "0.1.0".into(),
+            protocol: PROTOCOL_VERSION,
+            pid: 1,
+            idle_timeout_seconds: 120.0,
+            networks: vec![NetworkStatus {
+                name: "shared".into(),
+                mode: "shared".into(),
+                subnet: "192.168.64.0/24".into(),
+                gateway: "192.168.64.1".into(),
+                bridge: "vmnb-shared".into(),
+                mtu: 1500,
+                clients: 5000,
+                taps: (0..1000).map(|i| format!("vmnt9-{i:x}")).collect(),
+                removal_in_seconds: None,
+            }],
+            clients: (0..5000).map(client).collect(),
+            truncated: false,
+        };
+        let small = status.clone().fit(MAX_MESSAGE);
+        assert!(small.truncated);
+        assert!(Reply::Status(small.clone()).to_bytes().len() <= MAX_MESSAGE);
+        assert_eq!(small.networks[0].clients, 5000, "counts stay exact");
+        assert!(!small.clients.is_empty());
+        let mut untouched = Status {
+            clients: vec![client(1)],
+            ..status
+        };
+        untouched.networks[0].taps.truncate(3);
+        assert!(!untouched.clone().fit(MAX_MESSAGE).truncated);
+        assert_eq!(untouched.clone().fit(MAX_MESSAGE), untouched);
     }
 
     #[test]

@@ -531,6 +531,7 @@ impl<B: Backend> Registry<B> {
             idle_timeout_seconds: self.idle_timeout.as_secs_f64(),
             networks,
             clients,
+            truncated: false,
         }
     }
 }

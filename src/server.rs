@@ -144,8 +144,12 @@ fn bind(path: &Path) -> anyhow::Result<UnixSeqpacketListener> {
         std::fs::remove_file(path)
             .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
     }
-    let listener = UnixSeqpacketListener::bind_with_backlog(path, 1024)
-        .with_context(|| format!("cannot listen on {}", path.display()))?;
+    // Created owner-only and opened up to the group below: with a lax umask it would
+    // otherwise be world-connectable for a moment, and such a connection would last.
+    let umask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
+    let bound = UnixSeqpacketListener::bind_with_backlog(path, 1024);
+    nix::sys::stat::umask(umask);
+    let listener = bound.with_context(|| format!("cannot listen on {}", path.display()))?;
     std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
     match nix::unistd::Group::from_name(SOCKET_GROUP) {
         Ok(Some(group)) => {
@@ -228,7 +232,7 @@ async fn respond<B: Backend>(
             );
             Reply::Error(e)
         }
-        Ok(Request::Status) => Reply::Status(registry.status().await),
+        Ok(Request::Status) => Reply::Status(registry.status().await.fit(MAX_MESSAGE)),
         Ok(Request::Acquire {
             network_name,
             mac,

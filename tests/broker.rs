@@ -759,3 +759,31 @@ fn socket_belongs_to_the_vmnet_broker_group_when_it_exists() {
     let meta = std::fs::metadata(&plain.socket).unwrap();
     assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), 0);
 }
+
+#[test]
+fn one_client_shared_by_threads_never_mixes_up_replies() {
+    let b = Broker::start(Options::default());
+    let c = std::sync::Arc::new(b.client());
+    let threads: Vec<_> = ["shared", "host"]
+        .into_iter()
+        .map(|net| {
+            let c = std::sync::Arc::clone(&c);
+            std::thread::spawn(move || {
+                (0..25)
+                    .map(|_| {
+                        let a = c.acquire(net).unwrap();
+                        // Each reply must describe the TAP that came with it.
+                        assert_eq!(a.info.name, net);
+                        assert_eq!(tap_name_of(a.fd.as_fd()).unwrap(), a.info.interface);
+                        a
+                    })
+                    .collect::<Vec<_>>()
+            })
+        })
+        .collect();
+    let held: Vec<Acquired> = threads
+        .into_iter()
+        .flat_map(|t| t.join().unwrap())
+        .collect();
+    assert_eq!(held.len(), 50);
+}

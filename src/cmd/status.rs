@@ -34,6 +34,9 @@ pub fn main(socket: &Path, json: bool) -> super::Result {
     }
     println!();
     println!("{:<6} {:>8} {:>6}  NETWORKS", "CLIENT", "PID", "UID");
+    if status.truncated {
+        println!("(lists cut to fit one message: there are more clients or TAPs than shown)");
+    }
     for c in &status.clients {
         println!(
             "{:<6} {:>8} {:>6}  {}",
