@@ -1,0 +1,142 @@
+//! vmnet-broker benchmarks (issue 6): `cargo bench --bench broker [-- --quick]`.
+//!
+//! Runs the data-plane setups side by side (interleaved rounds, medians), the control-plane
+//! measurements and the VM iperf3 runs; prints a table; writes docs/benchmarks.md and PNG
+//! plots in docs/benchmarks/ (full mode) or target/bench/ (quick mode, or --out DIR).
+//! Everything runs in network namespaces it creates and removes. Needs root.
+
+#[path = "broker/control.rs"]
+mod control;
+#[path = "broker/fabric.rs"]
+mod fabric;
+#[path = "broker/report.rs"]
+mod report;
+#[path = "broker/util.rs"]
+mod util;
+#[path = "../tests/support/vm.rs"]
+mod vm;
+#[path = "broker/vms.rs"]
+mod vms;
+
+use fabric::{FabricCtx, Kind, Sample};
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+pub struct Options {
+    pub quick: bool,
+    pub out: PathBuf,
+    pub skip_vms: bool,
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    // Helper processes the bench starts from its own binary.
+    match args.get(1).map(String::as_str) {
+        Some("__stream_hub") => return fabric::stream_hub(&args[2], args[3].parse().unwrap()),
+        Some("__helper_loop") => return control::helper_loop(&args[2], args[3].parse().unwrap()),
+        _ => {}
+    }
+    let quick = args.iter().any(|a| a == "--quick");
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let out = args
+        .iter()
+        .position(|a| a == "--out")
+        .map(|i| PathBuf::from(&args[i + 1]))
+        .unwrap_or_else(|| {
+            if quick {
+                root.join("target/bench")
+            } else {
+                root.join("docs")
+            }
+        });
+    let opts = Options {
+        quick,
+        out,
+        skip_vms: args.iter().any(|a| a == "--no-vms"),
+    };
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        eprintln!("bench: needs root (network namespaces, TAPs, bridges)");
+        std::process::exit(1);
+    }
+    let started = Instant::now();
+    let (rounds, dur) = if quick {
+        (1, Duration::from_millis(800))
+    } else {
+        (5, Duration::from_secs(2))
+    };
+
+    eprintln!(
+        "bench: data plane ({rounds} round(s), {} s per sample)",
+        dur.as_secs_f64()
+    );
+    let ctx = FabricCtx::new();
+    let mut samples: Vec<Sample> = Vec::new();
+    let fabric_rounds = if args.iter().any(|a| a == "--no-fabric") {
+        0
+    } else {
+        rounds
+    };
+    for r in 0..fabric_rounds {
+        for frame in [60, 1514] {
+            // Rotate the order each round so no setup always runs first or last.
+            for k in 0..4 {
+                let kind = Kind::ALL[(k + r) % 4];
+                let s = fabric::measure(&ctx, kind, frame, 1, dur);
+                eprintln!(
+                    "  r{r} {:>6} {frame:>4} B: {:7.3} Gbit/s {:6.3} Mpps",
+                    kind.short(),
+                    s.gbps,
+                    s.mpps
+                );
+                samples.push(s);
+            }
+        }
+        for n in [2, 4, 8] {
+            for k in 0..4 {
+                let kind = Kind::ALL[(k + r) % 4];
+                let s = fabric::measure(&ctx, kind, 1514, n, dur);
+                eprintln!(
+                    "  r{r} {:>6} x{n} 1514 B: {:7.3} Gbit/s",
+                    kind.short(),
+                    s.gbps
+                );
+                samples.push(s);
+            }
+        }
+    }
+    ctx.broker.stop();
+
+    eprintln!("bench: control plane");
+    let ctl = if args.iter().any(|a| a == "--no-control") {
+        control::Control::default()
+    } else {
+        let clients = args.iter().position(|a| a == "--clients").map(|i| args[i + 1].parse().expect("--clients N"));
+        control::run(quick, clients)
+    };
+
+    let vm = if opts.skip_vms {
+        None
+    } else {
+        eprintln!("bench: VMs with iperf3 (TCG)");
+        Some(vms::run(quick))
+    };
+
+    let rep = report::Report {
+        quick,
+        rounds,
+        dur,
+        samples,
+        ctl,
+        vm,
+        elapsed: started.elapsed(),
+    };
+    let text = rep.table();
+    println!("{text}");
+    rep.write(&opts.out, &root);
+    eprintln!(
+        "bench: done in {:.0} s; report in {}",
+        started.elapsed().as_secs_f64(),
+        opts.out.display()
+    );
+}

@@ -1,0 +1,338 @@
+//! Control plane: acquire latency (cold and warm), qemu-bridge-helper side by side,
+//! 1000 clients at once, DHCP DISCOVER to OFFER.
+
+use crate::util::*;
+use crate::vm::TestNetns;
+use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use vmnet_broker::client::Client;
+
+#[derive(Default, Debug, Clone)]
+pub struct Control {
+    pub cold_ms: Vec<f64>,
+    pub warm_ms: Vec<f64>,
+    /// Warm acquires with 10 ms between samples (no release work queued ahead).
+    pub warm_spaced_ms: Vec<f64>,
+    /// Warm acquires on a network with `allow_spoofing: true` (no nftables update per TAP).
+    pub warm_nospoof_ms: Vec<f64>,
+    pub helper_ms: Vec<f64>,
+    /// Broker acquires timed in the same alternation as `helper_ms`.
+    pub helper_broker_ms: Vec<f64>,
+    pub many: Many,
+    pub dhcp_ms: Vec<f64>,
+    pub dhcp_lost: usize,
+}
+
+#[derive(Default, Debug, Clone)]
+pub struct Many {
+    pub clients: usize,
+    pub acquire_ms: Vec<f64>,
+    pub errors: usize,
+    pub first_error: String,
+    pub rss_kib: u64,
+    pub hwm_kib: u64,
+    pub rss_idle_kib: u64,
+    pub broker_fds: usize,
+    pub taps: usize,
+    pub release_s: f64,
+    pub taps_after: usize,
+    pub nofile_soft: String,
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+pub fn run(quick: bool, clients: Option<usize>) -> Control {
+    let cold_n = if quick { 8 } else { 40 };
+    let warm_n = if quick { 300 } else { 2000 };
+    let mut files: Vec<(String, String)> = (0..cold_n)
+        .map(|i| (format!("cold{i}"), "{}".to_string()))
+        .collect();
+    files.push(("warm".into(), "{}".into()));
+    files.push(("nospoof".into(), r#"{"allow_spoofing": true}"#.into()));
+    let broker = BrokerProc::start("bench-ctl", &files, None);
+    let mut out = Control::default();
+
+    // Cold: each acquire creates a network (bridge, addresses, nftables, DHCP, DNS). The
+    // networks stay (idle timeout 600 s) so no removal runs during later samples.
+    let mut held = Vec::new();
+    for i in 0..cold_n {
+        let c = broker.client();
+        let t = Instant::now();
+        let a = c.acquire(&format!("cold{i}")).expect("cold acquire");
+        out.cold_ms.push(ms(t.elapsed()));
+        drop(a);
+        held.push(c);
+    }
+    drop(held);
+
+    // Warm: a holder keeps the network; each sample is a new connection acquiring it (one
+    // TAP), then disconnecting (the release runs in the broker while the next sample goes).
+    let holder = broker.client();
+    let _tap = holder.acquire("warm").expect("warm holder");
+    for _ in 0..warm_n {
+        let c = broker.client();
+        let t = Instant::now();
+        let a = c.acquire("warm").expect("warm acquire");
+        out.warm_ms.push(ms(t.elapsed()));
+        drop(a);
+        drop(c);
+    }
+
+    for _ in 0..warm_n / 4 {
+        std::thread::sleep(Duration::from_millis(10));
+        let c = broker.client();
+        let t = Instant::now();
+        let a = c.acquire("warm").expect("warm acquire");
+        out.warm_spaced_ms.push(ms(t.elapsed()));
+        drop(a);
+    }
+    let holder2 = broker.client();
+    let _tap2 = holder2.acquire("nospoof").expect("nospoof holder");
+    for _ in 0..warm_n / 4 {
+        std::thread::sleep(Duration::from_millis(10));
+        let c = broker.client();
+        let t = Instant::now();
+        let a = c.acquire("nospoof").expect("nospoof acquire");
+        out.warm_nospoof_ms.push(ms(t.elapsed()));
+        drop(a);
+    }
+    drop(_tap2);
+    drop(holder2);
+
+    // DHCP: a new TAP (new MAC) per sample; DISCOVER written into the TAP, OFFER read back.
+    let dhcp_n = if quick { 30 } else { 200 };
+    for i in 0..dhcp_n {
+        let c = broker.client();
+        let a = c.acquire("warm").expect("acquire for DHCP");
+        let mac = parse_mac(&a.info.mac);
+        match dhcp_discover(a.fd.as_fd(), mac, 0x5000 + i) {
+            Some((_, _, d)) => out.dhcp_ms.push(ms(d)),
+            None => out.dhcp_lost += 1,
+        }
+    }
+    drop(_tap);
+    drop(holder);
+    broker.stop();
+
+    out.helper_ms = Vec::new();
+    bridge_helper(quick, &mut out);
+    out.many = many(clients.unwrap_or(if quick { 300 } else { 1000 }));
+    out
+}
+
+/// qemu-bridge-helper (as QEMU runs it for `-netdev bridge`) against a broker acquire,
+/// alternating, on bridges in two namespaces.
+fn bridge_helper(quick: bool, out: &mut Control) {
+    let helper = "/usr/lib/qemu/qemu-bridge-helper";
+    if !std::path::Path::new(helper).exists() {
+        eprintln!("bench: {helper} missing (package qemu-system-common): skipped");
+        return;
+    }
+    let n = if quick { 30 } else { 200 };
+    let ns = TestNetns::new("bench-qbh");
+    ns.ip(&["link", "add", "br0", "type", "bridge"]);
+    ns.ip(&["link", "set", "br0", "up"]);
+    let dir = tempfile::Builder::new()
+        .prefix("vmnbt-qbh-")
+        .tempdir()
+        .unwrap();
+    std::fs::write(dir.path().join("bridge.conf"), "allow br0\n").unwrap();
+    // The helper reads only /etc/qemu/bridge.conf. The timing loop runs in a child under
+    // `ip netns exec` (its own mount namespace), which bind-mounts our file there: the
+    // host's /etc/qemu is never written (an empty directory is made as mount point if
+    // missing, and removed again).
+    let made = !std::path::Path::new("/etc/qemu").exists();
+    if made {
+        std::fs::create_dir("/etc/qemu").unwrap();
+    }
+    let o = Command::new("ip")
+        .args(["netns", "exec", &ns.name])
+        .arg(std::env::current_exe().unwrap())
+        .arg("__helper_loop")
+        .arg(dir.path())
+        .arg(n.to_string())
+        .stderr(Stdio::inherit())
+        .output();
+    if made {
+        let _ = std::fs::remove_dir("/etc/qemu");
+    }
+    let o = o.expect("helper loop");
+    for l in String::from_utf8_lossy(&o.stdout).lines() {
+        if let Ok(v) = l.trim().parse::<f64>() {
+            out.helper_ms.push(v);
+        }
+    }
+    // The broker side: warm acquires on a running network, same count, same machine state.
+    let broker = BrokerProc::start("bench-qbh", &[("br".into(), "{}".into())], None);
+    let holder = broker.client();
+    let _t = holder.acquire("br").unwrap();
+    for _ in 0..n {
+        let t = Instant::now();
+        let c = Client::connect(&broker.socket).unwrap();
+        let a = c.acquire("br").unwrap();
+        out.helper_broker_ms.push(ms(t.elapsed()));
+        drop(a);
+    }
+    drop(_t);
+    drop(holder);
+    broker.stop();
+}
+
+/// Child side of [`bridge_helper`]: runs inside the namespace; prints one time (ms) per
+/// line: spawn of the helper until the TAP fd arrived (what QEMU waits for).
+pub fn helper_loop(dir: &str, n: usize) {
+    // SAFETY: mount syscalls on paths we own, in the mount namespace `ip netns exec` made.
+    unsafe {
+        let src = std::ffi::CString::new(dir).unwrap();
+        let dst = c"/etc/qemu";
+        let rc = libc::mount(
+            src.as_ptr(),
+            dst.as_ptr(),
+            std::ptr::null(),
+            libc::MS_BIND,
+            std::ptr::null(),
+        );
+        assert_eq!(rc, 0, "bind mount: {}", std::io::Error::last_os_error());
+    }
+    for _ in 0..n {
+        let (ours, theirs) = std::os::unix::net::UnixStream::pair().unwrap();
+        let theirs_fd = theirs.as_raw_fd();
+        let t = Instant::now();
+        let mut cmd = Command::new("/usr/lib/qemu/qemu-bridge-helper");
+        cmd.args(["--use-vnet", "--br=br0", "--fd=3"]);
+        use std::os::unix::process::CommandExt;
+        // SAFETY: dup2 only between fork and exec.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::dup2(theirs_fd, 3) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                Ok(())
+            })
+        };
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .spawn()
+            .expect("qemu-bridge-helper");
+        let fd = recv_fd(&ours);
+        let dt = t.elapsed();
+        let st = child.wait().unwrap();
+        assert!(
+            st.success() && fd.is_some(),
+            "qemu-bridge-helper failed ({st})"
+        );
+        println!("{}", ms(dt));
+        drop(fd);
+        drop(theirs);
+    }
+    // SAFETY: undo our mount (the namespace goes away with us anyway).
+    unsafe { libc::umount(c"/etc/qemu".as_ptr()) };
+}
+
+fn recv_fd(s: &std::os::unix::net::UnixStream) -> Option<OwnedFd> {
+    use nix::sys::socket::*;
+    let mut buf = [0u8; 16];
+    let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+    let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+    let msg = recvmsg::<()>(s.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::empty()).ok()?;
+    for c in msg.cmsgs().ok()? {
+        if let ControlMessageOwned::ScmRights(fds) = c {
+            // SAFETY: a fd the kernel just gave us.
+            return fds.first().map(|&f| unsafe { OwnedFd::from_raw_fd(f) });
+        }
+    }
+    None
+}
+
+/// `n` clients connected at once, each acquiring (from 4 threads) and holding a TAP on one
+/// network; then all disconnect and the TAPs must go. The broker starts with the soft
+/// RLIMIT_NOFILE systemd gives services (1024).
+fn many(n: usize) -> Many {
+    // Our own fds: a socket and a TAP per client.
+    // SAFETY: plain rlimit calls.
+    unsafe {
+        let mut r: libc::rlimit = std::mem::zeroed();
+        libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
+        r.rlim_cur = r.rlim_max;
+        libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+    }
+    let broker = BrokerProc::start("bench-many", &[("many".into(), "{}".into())], Some(1024));
+    let mut m = Many {
+        clients: n,
+        ..Default::default()
+    };
+    let first = broker.client();
+    let _keep = first.acquire("many").expect("first acquire");
+    let (rss0, _) = rss_kib(broker.pid());
+    m.rss_idle_kib = rss0;
+    let clients: Vec<Result<Client, String>> = (0..n)
+        .map(|_| Client::connect(&broker.socket).map_err(|e| e.to_string()))
+        .collect();
+    let results: Vec<(
+        Option<f64>,
+        Option<String>,
+        Option<vmnet_broker::client::Acquired>,
+    )> = std::thread::scope(|s| {
+        let hs: Vec<_> = clients
+            .chunks(n.div_ceil(4))
+            .map(|chunk| {
+                s.spawn(move || {
+                    chunk
+                        .iter()
+                        .map(|c| match c {
+                            Err(e) => (None, Some(format!("connect: {e}")), None),
+                            Ok(c) => {
+                                let t = Instant::now();
+                                match c.acquire("many") {
+                                    Ok(a) => (Some(ms(t.elapsed())), None, Some(a)),
+                                    Err(e) => (None, Some(e.to_string()), None),
+                                }
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                })
+            })
+            .collect();
+        hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+    });
+    let mut taps = Vec::new();
+    for (t, e, a) in results {
+        if let Some(t) = t {
+            m.acquire_ms.push(t);
+        }
+        if let Some(e) = e {
+            if m.errors == 0 {
+                m.first_error = e;
+            }
+            m.errors += 1;
+        }
+        taps.extend(a);
+    }
+    let pid = broker.pid();
+    (m.rss_kib, m.hwm_kib) = rss_kib(pid);
+    m.broker_fds = fd_count(pid);
+    m.nofile_soft = std::fs::read_to_string(format!("/proc/{pid}/limits"))
+        .unwrap_or_default()
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .map(|l| l.split_whitespace().nth(3).unwrap_or("?").to_string())
+        .unwrap_or_default();
+    m.taps = broker.link_count().saturating_sub(2); // minus lo and the bridge
+    let t = Instant::now();
+    drop(taps);
+    drop(clients);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    // Until only lo, the bridge and the first client's TAP remain.
+    while broker.link_count() > 3 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    m.release_s = t.elapsed().as_secs_f64();
+    m.taps_after = broker.link_count().saturating_sub(3);
+    drop(_keep);
+    drop(first);
+    broker.stop();
+    m
+}
