@@ -52,6 +52,7 @@ pub fn main(args: Args) -> super::Result {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    raise_nofile_limit();
     let idle = seconds("idle-timeout", args.idle_timeout)?;
     let exit_on_idle = args
         .exit_on_idle
@@ -86,4 +87,39 @@ pub fn main(args: Args) -> super::Result {
         .map_err(|e| format!("{e:#}"))?;
         Ok::<_, Box<dyn std::error::Error>>(ExitCode::SUCCESS)
     })
+}
+
+/// Every connected client holds one fd in the broker, and an acquire briefly needs a few
+/// more (the TAP, `nft`'s pipes). Services start with a soft RLIMIT_NOFILE of 1024
+/// (systemd's default), which about 1000 clients exhaust; the hard limit is there to be
+/// used, so the soft limit is raised to it at start.
+fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit read and write the one struct given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
+        tracing::warn!(
+            "cannot read the open-file limit: {}",
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+    let soft = lim.rlim_cur;
+    if soft >= lim.rlim_max {
+        info!(limit = soft, "open-file limit");
+        return;
+    }
+    lim.rlim_cur = lim.rlim_max;
+    // SAFETY: as above.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
+        info!(from = soft, to = lim.rlim_max, "raised the open-file limit");
+    } else {
+        tracing::warn!(
+            "cannot raise the open-file limit from {soft} to {}: {}",
+            lim.rlim_max,
+            std::io::Error::last_os_error()
+        );
+    }
 }
