@@ -36,6 +36,12 @@ fn main() {
         Some("__helper_loop") => return control::helper_loop(&args[2], args[3].parse().unwrap()),
         _ => {}
     }
+    // `cargo test --all-targets` runs bench targets too, without `--bench`: nothing to do
+    // then (the measurements take minutes and need root).
+    if !args.iter().any(|a| a == "--bench") {
+        eprintln!("bench: run with `cargo bench --bench broker [-- --quick]`");
+        return;
+    }
     let quick = args.iter().any(|a| a == "--quick");
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let out = args
@@ -63,7 +69,7 @@ fn main() {
     let (rounds, dur) = if quick {
         (1, Duration::from_millis(800))
     } else {
-        (5, Duration::from_secs(2))
+        (3, Duration::from_secs(2))
     };
 
     eprintln!(
@@ -111,7 +117,10 @@ fn main() {
     let ctl = if args.iter().any(|a| a == "--no-control") {
         control::Control::default()
     } else {
-        let clients = args.iter().position(|a| a == "--clients").map(|i| args[i + 1].parse().expect("--clients N"));
+        let clients = args
+            .iter()
+            .position(|a| a == "--clients")
+            .map(|i| args[i + 1].parse().expect("--clients N"));
         control::run(quick, clients)
     };
 

@@ -271,11 +271,28 @@ fn many(n: usize) -> Many {
     let clients: Vec<Result<Client, String>> = (0..n)
         .map(|_| Client::connect(&broker.socket).map_err(|e| e.to_string()))
         .collect();
+    // A broker that stops accepting (e.g. out of fds) leaves clients waiting for a reply
+    // forever: after 60 s the watchdog kills it, so those acquires fail and are counted.
+    let done = std::sync::atomic::AtomicBool::new(false);
+    let bpid = broker.pid();
     let results: Vec<(
         Option<f64>,
         Option<String>,
         Option<vmnet_broker::client::Acquired>,
     )> = std::thread::scope(|s| {
+        let done = &done;
+        s.spawn(move || {
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                if Instant::now() > deadline {
+                    eprintln!("bench: {n} clients: no progress for 60 s, killing the broker");
+                    // SAFETY: our child.
+                    unsafe { libc::kill(bpid, libc::SIGKILL) };
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        });
         let hs: Vec<_> = clients
             .chunks(n.div_ceil(4))
             .map(|chunk| {
@@ -296,7 +313,9 @@ fn many(n: usize) -> Many {
                 })
             })
             .collect();
-        hs.into_iter().flat_map(|h| h.join().unwrap()).collect()
+        let r = hs.into_iter().flat_map(|h| h.join().unwrap()).collect();
+        done.store(true, std::sync::atomic::Ordering::Relaxed);
+        r
     });
     let mut taps = Vec::new();
     for (t, e, a) in results {

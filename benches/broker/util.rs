@@ -5,7 +5,7 @@ use crate::vm::TestNetns;
 use dhcproto::v4::{DhcpOption, Message, MessageType, Opcode, OptionCode};
 use dhcproto::{Decodable, Encodable};
 use std::net::Ipv4Addr;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
@@ -80,7 +80,6 @@ pub fn fd_count(pid: i32) -> usize {
 /// A child process (in its own process group) killed with its group on drop.
 pub struct Guarded {
     pub child: Child,
-    pub what: String,
 }
 
 impl Guarded {
@@ -90,10 +89,7 @@ impl Guarded {
         let child = cmd
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {what}: {e}"));
-        Guarded {
-            child,
-            what: what.to_string(),
-        }
+        Guarded { child }
     }
 
     pub fn pid(&self) -> i32 {
@@ -406,6 +402,3 @@ pub fn dhcp_lease(fd: BorrowedFd, mac: [u8; 6], xid: u32) -> Option<Ipv4Addr> {
     }
     None
 }
-
-/// Keeps the fd type in one place for the endpoints.
-pub type Fd = OwnedFd;
