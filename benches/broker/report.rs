@@ -363,7 +363,7 @@ impl Report {
             a(Kind::Vde, 60, 1),
             a(Kind::Stream, 60, 1),
         );
-        writeln!(d, "- **Against userspace switches.** One pair, 1518 B: the broker's network carries {:.1}× vde_switch and {:.1}× the stream hub; 64 B: {:.1}× and {:.1}× the packet rate. CPU per GB: broker {:.2} s, vde_switch {:.2} s, stream hub {:.2} s (1518 B). Every frame through a userspace switch is copied into and out of a process and costs two context switches; through the bridge it stays in the kernel.",
+        writeln!(d, "- **Against userspace switches.** One pair, 1518 B: the broker's network carries {:.1}× vde_switch and {:.1}× the stream hub; 64 B: {:.1}× and {:.1}× the packet rate. CPU per GB: broker {:.2} s, vde_switch {:.2} s, stream hub {:.2} s (1518 B). Every frame through a userspace switch is copied into and out of a process and costs two context switches; through the bridge it stays in the kernel. Where the stream hub matches or beats the TAP paths with one pair, that is pipelining on 2 CPUs: sender, hub and receiver run on different CPUs with blocking writes (no frame is lost), while a TAP write does the whole bridge path in the sender's system call and frames the receiver cannot take in time are dropped after being paid for. The hub's cost shows as soon as a second pair shares the network (scaling below).",
             b1.gbps / v1.gbps, b1.gbps / s1.gbps, b0.mpps / v0.mpps, b0.mpps / s0.mpps, b1.cpu, v1.cpu, s1.cpu).unwrap();
         writeln!(d, "- **Against the bare bridge** (the kernel's limit) the broker's network reaches {} at 1518 B and {} at 64 B (target: within 3%). The data path is the same bridge; the difference is the broker's nftables `bridge` table (anti-spoofing: per frame from a TAP, a set lookup of the port and source MAC and one of source MAC and IP against the DHCP leases) plus, because `br_netfilter` is active on this kernel (`bridge-nf-call-iptables` = 1 in every namespace), the broker's `inet` forward chain, which bridged IPv4 frames traverse too (the hand-made bridge's namespace has no rules, so its hooks are empty). It costs CPU per frame, so it shows most with small frames and when the CPU is the limit, as on this 2-CPU machine. A network with `allow_spoofing: true` has no such rules. Single samples vary by tens of percent here (min–max columns), so differences of a few percent are below the noise.",
             pct(b1.gbps, r1.gbps), pct(b0.mpps, r0.mpps)).unwrap();
@@ -375,7 +375,7 @@ impl Report {
             median(&c.warm_ms), median(&c.warm_nospoof_ms), percentile(&c.warm_ms, 99.0)).unwrap();
         writeln!(d, "- **Cold acquire** p50 {:.1} ms (target 20 ms; the original 0.75 s including daemon start). Most of it is `nft` runs (tables, chains, sets and rules of the network, about 5 ms each as a process) and starting the DHCP and DNS services.",
             median(&c.cold_ms)).unwrap();
-        writeln!(d, "- **qemu-bridge-helper** hands QEMU a TAP in {:.2} ms p50 (fork + exec of a setuid-capable helper, ACL file, TAP, bridge); the broker's connect + acquire {:.2} ms in the same round. The helper does less (no MAC assignment, no anti-spoofing, no DHCP/DNS) and needs root or setuid; the broker is comparable in latency without either.",
+        writeln!(d, "- **qemu-bridge-helper** hands QEMU a TAP in {:.2} ms p50 (fork + exec of a setuid-capable helper, ACL file, TAP, bridge); the broker's connect + acquire {:.2} ms in the same round. The helper does less (no MAC assignment, no anti-spoofing, no DHCP/DNS) but starts a process per TAP; the broker answers from a running daemon, needs neither root nor a setuid helper in the client, and does more per TAP.",
             median(&c.helper_ms), median(&c.helper_broker_ms)).unwrap();
         writeln!(d, "- **DHCP**: DISCOVER to OFFER p50 {:.3} ms, p99 {:.3} ms, measured at the guest's side of the TAP.",
             median(&c.dhcp_ms), percentile(&c.dhcp_ms, 99.0)).unwrap();
@@ -391,7 +391,7 @@ impl Report {
                         .collect::<Vec<_>>(),
                 )
             };
-            writeln!(d, "- **VMs (TCG)**: VM→VM on the broker's network {:.1}× vde_switch and {:.1}× QEMU's `-netdev stream`; host→VM {:.1}× vde_switch. Under TCG the emulated CPU limits everything, so these ratios understate the gap a KVM guest would see (the fabric numbers above show the transport alone). Stream is the slowest here because QEMU's stream netdev moves frames through its main loop with a per-frame length prefix over a socket, in the same emulator thread that runs the TCG guest.",
+            writeln!(d, "- **VMs (TCG)**: VM→VM on the broker's network {:.1}× vde_switch and {:.1}× QEMU's `-netdev stream`; host→VM {:.1}× vde_switch. Under TCG the emulated CPU limits everything, so these ratios understate the gap a KVM guest would see (the fabric numbers above show the transport alone). With `-netdev stream` and `-netdev vde` QEMU moves every frame through a socket in its main loop, in the same emulator process that runs the TCG guest, instead of the TAP path.",
                 med("broker", "vm→vm") / med("vde", "vm→vm"), med("broker", "vm→vm") / med("stream", "vm→vm"), med("broker", "host→vm") / med("vde", "host→vm")).unwrap();
         }
         d

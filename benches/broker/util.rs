@@ -231,6 +231,7 @@ fn csum(data: &[u8]) -> u16 {
 }
 
 /// An Ethernet frame carrying IPv4/UDP, padded to `len` bytes (at least 60; no FCS).
+#[allow(clippy::too_many_arguments)]
 pub fn udp_frame(
     dst: [u8; 6],
     src: [u8; 6],
