@@ -21,14 +21,25 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use subnet::{Occupant, Occupation};
-use tracing::{info, warn};
+use tracing::{debug, error, info, warn};
 
 pub use netlink::bridge_of;
 pub use tap::tap_name_of;
 
 /// Prefix of the alias of every interface the broker makes.
 pub const ALIAS_PREFIX: &str = "vmnet-broker:";
+
+/// Pauses between the attempts to bind a new TAP to its guest's MAC in the firewall. Until
+/// it is bound every frame of the TAP is dropped, so a transient `nft` failure (a racing
+/// ruleset reload, a fork failing under memory pressure) must not cut the VM off for good.
+const BIND_RETRY_DELAYS: [Duration; 4] = [
+    Duration::from_millis(50),
+    Duration::from_millis(200),
+    Duration::from_secs(1),
+    Duration::from_secs(3),
+];
 
 /// Where the network services keep state and find the host's resolvers.
 #[derive(Debug, Clone)]
@@ -334,6 +345,34 @@ impl LinuxBackend {
     }
 }
 
+/// Binds `tap` to `mac` in the firewall, retrying after [`BIND_RETRY_DELAYS`].
+async fn bind_port(firewall: &Firewall, network: &str, tap: &str, mac: [u8; 6]) {
+    let mut delays = BIND_RETRY_DELAYS.iter();
+    loop {
+        let e = match firewall.add_port(network, tap, mac).await {
+            Ok(()) => return,
+            // The network was removed meanwhile, and the TAP with it.
+            Err(e @ firewall::FirewallError::UnknownNetwork(_)) => {
+                debug!(network, tap, "not binding TAP: {e}");
+                return;
+            }
+            Err(e) => e,
+        };
+        let Some(delay) = delays.next() else {
+            error!(
+                network,
+                tap, "cannot bind TAP to its MAC, giving up; its frames stay dropped: {e}"
+            );
+            return;
+        };
+        warn!(
+            network,
+            tap, "cannot bind TAP to its MAC, retrying in {delay:?}: {e}"
+        );
+        tokio::time::sleep(*delay).await;
+    }
+}
+
 impl Backend for LinuxBackend {
     type Network = LinuxNetwork;
 
@@ -421,12 +460,7 @@ impl Backend for LinuxBackend {
                 if let Err(e) = firewall.prune_ports(&network, live).await {
                     warn!(network, "cannot forget closed TAPs: {e}");
                 }
-                if let Err(e) = firewall.add_port(&network, &tap, mac).await {
-                    warn!(
-                        network,
-                        tap, "cannot bind TAP to its MAC, its frames stay dropped: {e}"
-                    );
-                }
+                bind_port(&firewall, &network, &tap, mac).await;
             });
         }
         Ok(Attachment {
