@@ -607,3 +607,17 @@ fn tap_binding_is_retried_after_a_failure() {
         b.destroy(net).await.unwrap();
     });
 }
+
+#[test]
+fn netlink_deletes_links_by_name() {
+    in_netns(|ns| async move {
+        let nl = vmnet_broker::backend::linux::netlink::Netlink::connect().unwrap();
+        ns.ip("link add vmnbt-byname type bridge");
+        assert!(nl.delete_by_name("vmnbt-byname").await.unwrap());
+        assert!(ns.link("vmnbt-byname").is_none());
+        // Gone already: not an error, and nothing else is touched.
+        ns.ip("link add vmnbt-other type bridge");
+        assert!(!nl.delete_by_name("vmnbt-byname").await.unwrap());
+        assert!(ns.link("vmnbt-other").is_some());
+    });
+}

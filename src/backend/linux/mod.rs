@@ -232,10 +232,23 @@ impl LinuxBackend {
         self.netlink
             .create_bridge(name, bridge_mac(&config.name))
             .await?;
-        let link =
-            self.netlink.link_by_name(name).await?.ok_or_else(|| {
-                BackendError::new(format!("bridge {name} vanished after creation"))
-            })?;
+        let link = match self.netlink.link_by_name(name).await {
+            Ok(Some(link)) => link,
+            looked_up => {
+                // The bridge has no alias yet, so nothing (not even `remove_stale`) would
+                // ever recognise it as ours: delete it by the name it was just given.
+                if let Err(cleanup) = self.netlink.delete_by_name(name).await {
+                    warn!(
+                        interface = name,
+                        "cannot remove half-made bridge: {cleanup}"
+                    );
+                }
+                return Err(match looked_up {
+                    Err(e) => e.into(),
+                    _ => BackendError::new(format!("bridge {name} vanished after creation")),
+                });
+            }
+        };
         let configured = async {
             self.netlink.configure_up(&link, config.mtu, &alias).await?;
             self.netlink.add_address(&link, address).await
