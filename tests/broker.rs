@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::os::fd::AsFd;
 use std::process::Stdio;
 use std::time::Duration;
-use support::{Broker, Options, read_line};
+use support::{Broker, Options, path_str, read_line};
 use vmnet_broker::backend::linux::tap::tap_name_of;
 use vmnet_broker::client::{Acquired, Client};
 use vmnet_broker::protocol::{ErrorCode, MAX_MESSAGE, Reply};
@@ -758,4 +758,60 @@ fn socket_belongs_to_the_vmnet_broker_group_when_it_exists() {
     let plain = Broker::start(Options::default());
     let meta = std::fs::metadata(&plain.socket).unwrap();
     assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), 0);
+}
+
+/// Whether process `pid` is gone (or a zombie nobody reaped yet).
+fn gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z')),
+    }
+}
+
+#[test]
+fn sigkilled_run_terminates_its_command_and_ends_the_lease() {
+    let b = Broker::start(Options::default());
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("got-term");
+    let script = format!(
+        "echo $$; trap 'echo got-term >> {}; exit 0' TERM; while :; do sleep 0.05; done",
+        path_str(&file)
+    );
+    let mut run = b
+        .cli(&["run", "--network", "shared", "--", "sh", "-c", &script])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let command: i32 = read_line(&mut run).parse().unwrap();
+    // Should the test fail, the orphaned command must not outlive it.
+    struct KillOnDrop(i32);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            if !gone(self.0) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0), Signal::SIGKILL);
+            }
+        }
+    }
+    let _guard = KillOnDrop(command);
+    let clients = || {
+        b.client()
+            .status()
+            .unwrap()
+            .networks
+            .iter()
+            .find(|n| n.name == "shared")
+            .map_or(0, |n| n.clients)
+    };
+    assert_eq!(clients(), 1);
+    run.kill().unwrap(); // SIGKILL: no chance to forward anything
+    run.wait().unwrap();
+    b.wait_for("the command to get SIGTERM", Duration::from_secs(5), || {
+        std::fs::read_to_string(&file).is_ok_and(|s| s.contains("got-term"))
+    });
+    b.wait_for("the command to exit", Duration::from_secs(5), || {
+        gone(command)
+    });
+    b.wait_for("release", Duration::from_secs(5), || clients() == 0);
 }
