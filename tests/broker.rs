@@ -815,3 +815,21 @@ fn sigkilled_run_terminates_its_command_and_ends_the_lease() {
     });
     b.wait_for("release", Duration::from_secs(5), || clients() == 0);
 }
+
+#[test]
+fn run_forwards_hup_and_quit_to_its_command() {
+    let b = Broker::start(Options::default());
+    for (sig, code) in [(Signal::SIGHUP, 43), (Signal::SIGQUIT, 44)] {
+        let script =
+            "trap 'exit 43' HUP; trap 'exit 44' QUIT; echo ready; while :; do sleep 0.05; done";
+        let mut run = b
+            .cli(&["run", "--network", "shared", "--", "sh", "-c", script])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        assert_eq!(read_line(&mut run), "ready");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(run.id() as i32), sig).unwrap();
+        // run survives the signal and exits with its command's status.
+        assert_eq!(run.wait().unwrap().code(), Some(code), "{sig}");
+    }
+}

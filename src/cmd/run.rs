@@ -36,9 +36,11 @@ fn parse_network(arg: &str) -> Result<NetworkArg<'_>, BrokerError> {
 }
 
 /// The signals `run` passes on to its command instead of dying of them.
-const FORWARDED: [nix::sys::signal::Signal; 2] = [
+const FORWARDED: [nix::sys::signal::Signal; 4] = [
     nix::sys::signal::Signal::SIGINT,
     nix::sys::signal::Signal::SIGTERM,
+    nix::sys::signal::Signal::SIGHUP,
+    nix::sys::signal::Signal::SIGQUIT,
 ];
 
 pub fn main(socket: &Path, networks: &[String], command: &[String]) -> super::Result {
@@ -110,6 +112,8 @@ pub fn main(socket: &Path, networks: &[String], command: &[String]) -> super::Re
     let status = runtime.block_on(async {
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sigterm = signal(SignalKind::terminate())?;
+        let mut sighup = signal(SignalKind::hangup())?;
+        let mut sigquit = signal(SignalKind::quit())?;
         // Handlers are reset to the default on exec, so the command is unaffected.
         let mut child = cmd
             .spawn()
@@ -123,6 +127,8 @@ pub fn main(socket: &Path, networks: &[String], command: &[String]) -> super::Re
                 status = &mut waiter => return status.expect("wait task"),
                 _ = sigint.recv() => { let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT); }
                 _ = sigterm.recv() => { let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM); }
+                _ = sighup.recv() => { let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP); }
+                _ = sigquit.recv() => { let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGQUIT); }
             }
         }
     })?;
