@@ -833,3 +833,48 @@ fn run_forwards_hup_and_quit_to_its_command() {
         assert_eq!(run.wait().unwrap().code(), Some(code), "{sig}");
     }
 }
+
+/// Waits up to `timeout` for `child` to exit; kills it (and fails) if it does not.
+fn exit_within(child: &mut std::process::Child, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("still running after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn timeouts_longer_than_a_year_are_refused() {
+    let ns = support::Netns::new("serveargs");
+    let dir = tempfile::tempdir().unwrap();
+    for option in ["--idle-timeout", "--exit-on-idle"] {
+        // Such a value used to be accepted, and the broker panicked adding it to a time.
+        let mut serve = ns
+            .cmd(support::BIN)
+            .arg("serve")
+            .arg("--socket")
+            .arg(dir.path().join("broker.sock"))
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .args([option, "1e19"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let status = exit_within(&mut serve, Duration::from_secs(10));
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(serve.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+        assert!(!status.success(), "{option}: {stderr}");
+        assert!(
+            stderr.contains(option) && stderr.contains("at most 31536000 seconds"),
+            "{option}: {stderr}"
+        );
+    }
+}

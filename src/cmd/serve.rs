@@ -40,7 +40,16 @@ pub struct Args {
     log_level: String,
 }
 
+/// The longest timeout accepted: a year. Much longer ones would overflow when added to
+/// the current time (a panic in the middle of serving), and mean "never" anyway.
+const MAX_SECONDS: f64 = 31_536_000.0;
+
 fn seconds(what: &str, s: f64) -> Result<Duration, String> {
+    if s > MAX_SECONDS {
+        return Err(format!(
+            "--{what} {s}: too long, at most {MAX_SECONDS} seconds (a year)"
+        ));
+    }
     Duration::try_from_secs_f64(s).map_err(|_| format!("--{what} {s}: not a number of seconds"))
 }
 
