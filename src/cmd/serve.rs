@@ -21,7 +21,8 @@ pub struct Args {
     /// Seconds an unused network is kept before it is removed.
     #[arg(long, default_value_t = 120.0, value_name = "SECONDS")]
     idle_timeout: f64,
-    /// Exit when no client has been connected for this many seconds (socket activation).
+    /// Exit when no client has been connected for this many seconds, for a supervisor that
+    /// starts the broker on demand. The networks are removed on that exit.
     #[arg(long, value_name = "SECONDS")]
     exit_on_idle: Option<f64>,
     /// Where DHCP leases are kept across restarts.
