@@ -878,3 +878,55 @@ fn timeouts_longer_than_a_year_are_refused() {
         );
     }
 }
+
+#[test]
+fn failed_cleanup_of_leftovers_is_only_a_warning() {
+    let ns = support::Netns::new("nonft");
+    let dir = tempfile::tempdir().unwrap();
+    // A PATH with `ip` (to enter the namespace) but without `nft`: the check for stale
+    // firewall tables fails.
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let out = std::process::Command::new("sh")
+        .args(["-c", "command -v ip"])
+        .output()
+        .unwrap();
+    let ip = String::from_utf8(out.stdout).unwrap();
+    std::os::unix::fs::symlink(ip.trim(), bin.join("ip")).unwrap();
+    let socket = dir.path().join("broker.sock");
+    let log_path = dir.path().join("broker.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut serve = ns
+        .cmd(support::BIN)
+        .env("PATH", &bin)
+        .arg("serve")
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while Client::connect(&socket).is_err() {
+        let log = std::fs::read_to_string(&log_path).unwrap();
+        if let Some(status) = serve.try_wait().unwrap() {
+            panic!("broker did not start ({status}): {log}");
+        }
+        assert!(std::time::Instant::now() < deadline, "not listening: {log}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        log.contains("cannot remove what a previous broker left behind")
+            && log.contains("nft not found"),
+        "{log}"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(serve.id() as i32),
+        Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(exit_within(&mut serve, Duration::from_secs(10)).success());
+}

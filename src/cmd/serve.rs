@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use tracing::info;
+use tracing::{info, warn};
 use vmnet_broker::backend::Backend;
 use vmnet_broker::backend::linux::{LinuxBackend, LinuxOptions};
 use vmnet_broker::config::{ConfigDir, DEFAULT_CONFIG_DIR};
@@ -77,7 +77,11 @@ pub fn main(args: Args) -> super::Result {
             resolv_conf: args.resolv_conf,
         })
         .await?;
-        backend.remove_stale().await?;
+        // Leftovers of a crashed broker only get in the way of the networks they
+        // belonged to (and those are reported when created): not a reason not to serve.
+        if let Err(e) = backend.remove_stale().await {
+            warn!("cannot remove what a previous broker left behind: {e}");
+        }
         info!(config_dir = %args.config_dir.display(), idle_timeout = idle.as_secs_f64(), "starting");
         let registry = Registry::new(
             backend,
