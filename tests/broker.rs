@@ -930,3 +930,63 @@ fn failed_cleanup_of_leftovers_is_only_a_warning() {
     .unwrap();
     assert!(exit_within(&mut serve, Duration::from_secs(10)).success());
 }
+
+#[test]
+fn open_file_limit_is_raised_to_the_hard_limit() {
+    // A broker started with a soft limit of 256 below a hard one of 4096.
+    let ns = support::Netns::new("nofile");
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("broker.sock");
+    let log_path = dir.path().join("broker.log");
+    let mut serve = ns.cmd(support::BIN);
+    serve
+        .arg("serve")
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap());
+    // SAFETY: setrlimit is async-signal-safe. `ip netns exec` execs the broker, so the
+    // child's pid is the broker's and it inherits these limits.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut serve, || {
+            let limit = libc::rlimit {
+                rlim_cur: 256,
+                rlim_max: 4096,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut serve = serve.spawn().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while Client::connect(&socket).is_err() {
+        let log = std::fs::read_to_string(&log_path).unwrap();
+        if let Some(status) = serve.try_wait().unwrap() {
+            panic!("broker did not start ({status}): {log}");
+        }
+        assert!(std::time::Instant::now() < deadline, "not listening: {log}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", serve.id())).unwrap();
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    assert_eq!(
+        open_files.split_whitespace().collect::<Vec<_>>()[3..5],
+        ["4096", "4096"],
+        "{open_files}"
+    );
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("raised the open file limit"), "{log}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(serve.id() as i32),
+        Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(exit_within(&mut serve, Duration::from_secs(10)).success());
+}

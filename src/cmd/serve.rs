@@ -54,6 +54,45 @@ fn seconds(what: &str, s: f64) -> Result<Duration, String> {
     Duration::try_from_secs_f64(s).map_err(|_| format!("--{what} {s}: not a number of seconds"))
 }
 
+/// Raises the soft limit of open files to the hard one. The broker holds a socket per
+/// client, plus a few descriptors per network: a thousand clients exceed the usual soft
+/// limit of 1024, while the hard limit is what the administrator allows.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read/write the struct passed.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        warn!(
+            "cannot read the open file limit: {}",
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+    let soft = limit.rlim_cur;
+    if soft >= limit.rlim_max {
+        info!(limit = soft, "open file limit");
+        return;
+    }
+    limit.rlim_cur = limit.rlim_max;
+    // SAFETY: as above.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        warn!(
+            limit = soft,
+            "cannot raise the open file limit to {}: {}",
+            limit.rlim_max,
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+    info!(
+        from = soft,
+        to = limit.rlim_max,
+        "raised the open file limit (a socket per client)"
+    );
+}
+
 pub fn main(args: Args) -> super::Result {
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
         .map_err(|e| format!("--log-level {:?}: {e}", args.log_level))?;
@@ -62,6 +101,7 @@ pub fn main(args: Args) -> super::Result {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
+    raise_open_file_limit();
     let idle = seconds("idle-timeout", args.idle_timeout)?;
     let exit_on_idle = args
         .exit_on_idle
