@@ -10,7 +10,7 @@ use std::collections::BTreeSet;
 use std::os::fd::AsFd;
 use std::process::Stdio;
 use std::time::Duration;
-use support::{Broker, Options, read_line};
+use support::{Broker, Options, path_str, read_line};
 use vmnet_broker::backend::linux::tap::tap_name_of;
 use vmnet_broker::client::{Acquired, Client};
 use vmnet_broker::protocol::{ErrorCode, MAX_MESSAGE, Reply};
@@ -786,4 +786,235 @@ fn one_client_shared_by_threads_never_mixes_up_replies() {
         .flat_map(|t| t.join().unwrap())
         .collect();
     assert_eq!(held.len(), 50);
+}
+
+/// Whether process `pid` is gone (or a zombie nobody reaped yet).
+fn gone(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        Ok(stat) => stat
+            .rsplit_once(") ")
+            .is_some_and(|(_, rest)| rest.starts_with('Z')),
+    }
+}
+
+#[test]
+fn sigkilled_run_terminates_its_command_and_ends_the_lease() {
+    let b = Broker::start(Options::default());
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("got-term");
+    let script = format!(
+        "echo $$; trap 'echo got-term >> {}; exit 0' TERM; while :; do sleep 0.05; done",
+        path_str(&file)
+    );
+    let mut run = b
+        .cli(&["run", "--network", "shared", "--", "sh", "-c", &script])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let command: i32 = read_line(&mut run).parse().unwrap();
+    // Should the test fail, the orphaned command must not outlive it.
+    struct KillOnDrop(i32);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            if !gone(self.0) {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(self.0), Signal::SIGKILL);
+            }
+        }
+    }
+    let _guard = KillOnDrop(command);
+    let clients = || {
+        b.client()
+            .status()
+            .unwrap()
+            .networks
+            .iter()
+            .find(|n| n.name == "shared")
+            .map_or(0, |n| n.clients)
+    };
+    assert_eq!(clients(), 1);
+    run.kill().unwrap(); // SIGKILL: no chance to forward anything
+    run.wait().unwrap();
+    b.wait_for("the command to get SIGTERM", Duration::from_secs(5), || {
+        std::fs::read_to_string(&file).is_ok_and(|s| s.contains("got-term"))
+    });
+    b.wait_for("the command to exit", Duration::from_secs(5), || {
+        gone(command)
+    });
+    b.wait_for("release", Duration::from_secs(5), || clients() == 0);
+}
+
+#[test]
+fn run_forwards_hup_and_quit_to_its_command() {
+    let b = Broker::start(Options::default());
+    for (sig, code) in [(Signal::SIGHUP, 43), (Signal::SIGQUIT, 44)] {
+        let script =
+            "trap 'exit 43' HUP; trap 'exit 44' QUIT; echo ready; while :; do sleep 0.05; done";
+        let mut run = b
+            .cli(&["run", "--network", "shared", "--", "sh", "-c", script])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        assert_eq!(read_line(&mut run), "ready");
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(run.id() as i32), sig).unwrap();
+        // run survives the signal and exits with its command's status.
+        assert_eq!(run.wait().unwrap().code(), Some(code), "{sig}");
+    }
+}
+
+/// Waits up to `timeout` for `child` to exit; kills it (and fails) if it does not.
+fn exit_within(child: &mut std::process::Child, timeout: Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + timeout;
+    loop {
+        if let Some(status) = child.try_wait().unwrap() {
+            return status;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("still running after {timeout:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn timeouts_longer_than_a_year_are_refused() {
+    let ns = support::Netns::new("serveargs");
+    let dir = tempfile::tempdir().unwrap();
+    for option in ["--idle-timeout", "--exit-on-idle"] {
+        // Such a value used to be accepted, and the broker panicked adding it to a time.
+        let mut serve = ns
+            .cmd(support::BIN)
+            .arg("serve")
+            .arg("--socket")
+            .arg(dir.path().join("broker.sock"))
+            .arg("--state-dir")
+            .arg(dir.path().join("state"))
+            .args([option, "1e19"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let status = exit_within(&mut serve, Duration::from_secs(10));
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(serve.stderr.as_mut().unwrap(), &mut stderr).unwrap();
+        assert!(!status.success(), "{option}: {stderr}");
+        assert!(
+            stderr.contains(option) && stderr.contains("at most 31536000 seconds"),
+            "{option}: {stderr}"
+        );
+    }
+}
+
+#[test]
+fn failed_cleanup_of_leftovers_is_only_a_warning() {
+    let ns = support::Netns::new("nonft");
+    let dir = tempfile::tempdir().unwrap();
+    // A PATH with `ip` (to enter the namespace) but without `nft`: the check for stale
+    // firewall tables fails.
+    let bin = dir.path().join("bin");
+    std::fs::create_dir(&bin).unwrap();
+    let out = std::process::Command::new("sh")
+        .args(["-c", "command -v ip"])
+        .output()
+        .unwrap();
+    let ip = String::from_utf8(out.stdout).unwrap();
+    std::os::unix::fs::symlink(ip.trim(), bin.join("ip")).unwrap();
+    let socket = dir.path().join("broker.sock");
+    let log_path = dir.path().join("broker.log");
+    let log = std::fs::File::create(&log_path).unwrap();
+    let mut serve = ns
+        .cmd(support::BIN)
+        .env("PATH", &bin)
+        .arg("serve")
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while Client::connect(&socket).is_err() {
+        let log = std::fs::read_to_string(&log_path).unwrap();
+        if let Some(status) = serve.try_wait().unwrap() {
+            panic!("broker did not start ({status}): {log}");
+        }
+        assert!(std::time::Instant::now() < deadline, "not listening: {log}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(
+        log.contains("cannot remove what a previous broker left behind")
+            && log.contains("nft not found"),
+        "{log}"
+    );
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(serve.id() as i32),
+        Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(exit_within(&mut serve, Duration::from_secs(10)).success());
+}
+
+#[test]
+fn open_file_limit_is_raised_to_the_hard_limit() {
+    // A broker started with a soft limit of 256 below a hard one of 4096.
+    let ns = support::Netns::new("nofile");
+    let dir = tempfile::tempdir().unwrap();
+    let socket = dir.path().join("broker.sock");
+    let log_path = dir.path().join("broker.log");
+    let mut serve = ns.cmd(support::BIN);
+    serve
+        .arg("serve")
+        .arg("--socket")
+        .arg(&socket)
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path).unwrap());
+    // SAFETY: setrlimit is async-signal-safe. `ip netns exec` execs the broker, so the
+    // child's pid is the broker's and it inherits these limits.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut serve, || {
+            let limit = libc::rlimit {
+                rlim_cur: 256,
+                rlim_max: 4096,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &limit) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut serve = serve.spawn().unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while Client::connect(&socket).is_err() {
+        let log = std::fs::read_to_string(&log_path).unwrap();
+        if let Some(status) = serve.try_wait().unwrap() {
+            panic!("broker did not start ({status}): {log}");
+        }
+        assert!(std::time::Instant::now() < deadline, "not listening: {log}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", serve.id())).unwrap();
+    let open_files = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    assert_eq!(
+        open_files.split_whitespace().collect::<Vec<_>>()[3..5],
+        ["4096", "4096"],
+        "{open_files}"
+    );
+    let log = std::fs::read_to_string(&log_path).unwrap();
+    assert!(log.contains("raised the open file limit"), "{log}");
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(serve.id() as i32),
+        Signal::SIGTERM,
+    )
+    .unwrap();
+    assert!(exit_within(&mut serve, Duration::from_secs(10)).success());
 }

@@ -200,7 +200,7 @@ struct Fixture {
     _silent: UdpSocket,
     c: Netns,
     a: Netns,
-    _u: Netns,
+    u: Netns,
 }
 
 static COUNTER: AtomicUsize = AtomicUsize::new(0);
@@ -284,12 +284,13 @@ impl Fixture {
             _silent: silent,
             c,
             a,
-            _u: u,
+            u,
         };
         fx.set_upstreams(&[UPSTREAM]);
         let config = DnsConfig {
             network: "shared".into(),
             listen: GATEWAY.parse().unwrap(),
+            subnet: "10.99.0.0/24".parse().unwrap(),
             domain: "shared.vmnet".into(),
             resolv_conf: fx.resolv.clone(),
         };
@@ -665,6 +666,7 @@ fn starts_before_the_gateway_address_exists() {
     let config = DnsConfig {
         network: "early".into(),
         listen: GATEWAY.parse().unwrap(),
+        subnet: "10.99.0.0/24".parse().unwrap(),
         domain: "shared.vmnet".into(),
         resolv_conf: resolv,
     };
@@ -676,4 +678,39 @@ fn starts_before_the_gateway_address_exists() {
     let d = dig_in(&a, &["+tcp", "vm1", "A"]);
     assert_eq!(d.data("A"), vec!["10.99.0.10"], "{}", d.output);
     server.stop();
+}
+
+#[test]
+fn serves_only_clients_of_its_subnet() {
+    let fx = Fixture::new();
+    // U plays a VM of another network, routed to this network's gateway through A.
+    fx.u.ip(&["route", "add", "10.99.0.0/24", "via", "10.98.0.1"]);
+    let ping =
+        fx.u.exec(&["busybox", "ping", "-c", "1", "-W", "2", GATEWAY]);
+    assert!(ping.status.success(), "U cannot reach the gateway at all");
+    for tcp in ["+notcp", "+tcp"] {
+        // From outside the subnet: another network's VM, and a host process using one of
+        // the host's other addresses.
+        let outsiders = [
+            dig_in(&fx.u, &["+time=1", tcp, "vm1.shared.vmnet", "A"]),
+            dig_in(
+                &fx.a,
+                &["+time=1", "-b", "10.98.0.1", tcp, "vm1.shared.vmnet", "A"],
+            ),
+            dig_in(
+                &fx.a,
+                &["+time=1", "-b", "10.98.0.1", tcp, "example.test", "A"],
+            ),
+        ];
+        for d in outsiders {
+            assert_eq!(d.status, "", "{tcp}: answered an outsider: {}", d.output);
+            assert!(d.answers.is_empty(), "{}", d.output);
+        }
+        // From inside: the VM, and the host through the gateway address itself (its
+        // default source for the gateway).
+        let d = dig_in(&fx.c, &[tcp, "vm1.shared.vmnet", "A"]);
+        assert_eq!(d.data("A"), vec!["10.99.0.10"], "{tcp}: {}", d.output);
+        let d = dig_in(&fx.a, &[tcp, "vm1.shared.vmnet", "A"]);
+        assert_eq!(d.data("A"), vec!["10.99.0.10"], "{tcp}: {}", d.output);
+    }
 }

@@ -468,14 +468,14 @@ fn last_network_removal_leaves_no_tables() {
         second.gateway = Ipv4Addr::new(10, 78, 0, 1);
         fw.add_network(&network(true, true, true)).await.unwrap();
         fw.add_network(&second).await.unwrap();
-        // Same definition again: no-op; different one: refused.
+        // Same definition again: no-op; a different one replaces it.
         fw.add_network(&second).await.unwrap();
         let mut changed = second.clone();
         changed.nat = true;
-        assert!(matches!(
-            fw.add_network(&changed).await,
-            Err(FirewallError::Conflict(_))
-        ));
+        fw.add_network(&changed).await.unwrap();
+        let rules = t.b.nft_list("list ruleset");
+        assert!(rules.contains("nat-second"), "{rules}");
+        assert_eq!(rules.matches("chain fwd-second").count(), 1, "{rules}");
 
         fw.remove_network("testnet").await.unwrap();
         let rules = t.b.nft_list("list ruleset");
@@ -566,4 +566,73 @@ fn missing_nft_is_a_clear_error() {
             "{err}"
         );
     });
+}
+
+/// An `nft` that fails every transaction (`-f`) while `fail` exists, and otherwise runs the
+/// real one: a removal that fails with the tables still present.
+fn failing_nft(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let fail = dir.join("fail");
+    let script = dir.join("nft");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nif [ -e {} ]; then\n  case \"$*\" in *-f*) cat >/dev/null; \
+             echo injected failure >&2; exit 1;; esac\nfi\nexec nft \"$@\"\n",
+            fail.display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    (script, fail)
+}
+
+#[test]
+fn failed_removal_forgets_the_network_and_allows_recreating_it() {
+    let t = Topo::new();
+    t.b.ip(&["link", "add", "vmnbr1", "type", "bridge"]);
+    let dir = std::env::temp_dir().join(format!(
+        "vmnbt-fwnft-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (nft, fail) = failing_nft(&dir);
+    let logs = in_netns(&t.b, || async {
+        let fw = Firewall::with_nft_program(nft.as_os_str());
+        fw.add_network(&network(true, true, true)).await.unwrap();
+        fw.add_port("testnet", "vport", VM_MAC).await.unwrap();
+
+        std::fs::write(&fail, "").unwrap();
+        let err = fw.remove_network("testnet").await.unwrap_err();
+        assert!(matches!(err, FirewallError::Nft { .. }), "{err:?}");
+        std::fs::remove_file(&fail).unwrap();
+        let rules = t.b.nft_list("list ruleset");
+        assert!(rules.contains("fwd-testnet"), "left behind: {rules}");
+
+        // Re-created on another bridge, as the backend does (the TAP prefix changes too).
+        let mut again = network(true, true, true);
+        again.bridge = "vmnbr1".into();
+        again.tap_prefix = "vmnt5-".into();
+        fw.add_network(&again).await.unwrap();
+        let rules = t.b.nft_list("list ruleset");
+        assert!(!rules.contains("vmnbr0"), "old rules deleted: {rules}");
+        assert!(!rules.contains("vport"), "old rules deleted: {rules}");
+        assert!(
+            rules.contains("vmnbr1") && rules.contains("vmnt5-"),
+            "{rules}"
+        );
+        assert_eq!(rules.matches("chain fwd-testnet").count(), 1, "{rules}");
+        assert_eq!(rules.matches("chain spoof-testnet").count(), 1, "{rules}");
+        // The old port binding is not carried over to the new bridge.
+        let set =
+            t.b.nft_list("list set bridge vmnet_broker portmacs-testnet");
+        assert!(!set.contains(VM_MAC_STR), "{set}");
+
+        // Only the new definition is known: removing it deletes both tables.
+        fw.remove_network("testnet").await.unwrap();
+        assert_eq!(tables(&t.b).trim(), "");
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    assert!(logs.contains("network forgotten"), "{logs}");
 }

@@ -567,3 +567,57 @@ fn remove_stale_removes_only_aliased_leftovers() {
         assert_eq!(ns.link_names(), ["keep-br", "keep-other", "lo"]);
     });
 }
+
+#[test]
+fn tap_binding_is_retried_after_a_failure() {
+    in_netns(|ns| async move {
+        let b = backend().await;
+        let mut c = config("retry");
+        c.allow_spoofing = false;
+        let net = b.create(&c).await.unwrap();
+        // Make binding fail while the tables stay (so the watchdog sees nothing to
+        // restore): without the set, adding its element fails.
+        ns.run(&["nft", "delete chain bridge vmnet_broker spoof-retry"])
+            .unwrap();
+        ns.run(&["nft", "delete set bridge vmnet_broker portmacs-retry"])
+            .unwrap();
+        let a = attach(&b, &net, 1).await;
+        // The first attempts fail; the set comes back before the later ones.
+        tokio::time::sleep(Duration::from_millis(150)).await;
+        ns.run(&[
+            "nft",
+            "add set bridge vmnet_broker portmacs-retry { type ifname . ether_addr; }",
+        ])
+        .unwrap();
+        let start = std::time::Instant::now();
+        loop {
+            let set = ns
+                .run(&["nft", "list set bridge vmnet_broker portmacs-retry"])
+                .unwrap();
+            if set.contains(&a.interface) {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(6),
+                "TAP never bound: {set}"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        drop(a);
+        b.destroy(net).await.unwrap();
+    });
+}
+
+#[test]
+fn netlink_deletes_links_by_name() {
+    in_netns(|ns| async move {
+        let nl = vmnet_broker::backend::linux::netlink::Netlink::connect().unwrap();
+        ns.ip("link add vmnbt-byname type bridge");
+        assert!(nl.delete_by_name("vmnbt-byname").await.unwrap());
+        assert!(ns.link("vmnbt-byname").is_none());
+        // Gone already: not an error, and nothing else is touched.
+        ns.ip("link add vmnbt-other type bridge");
+        assert!(!nl.delete_by_name("vmnbt-byname").await.unwrap());
+        assert!(ns.link("vmnbt-other").is_some());
+    });
+}

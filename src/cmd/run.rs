@@ -35,6 +35,14 @@ fn parse_network(arg: &str) -> Result<NetworkArg<'_>, BrokerError> {
     Ok(n)
 }
 
+/// The signals `run` passes on to its command instead of dying of them.
+const FORWARDED: [nix::sys::signal::Signal; 4] = [
+    nix::sys::signal::Signal::SIGINT,
+    nix::sys::signal::Signal::SIGTERM,
+    nix::sys::signal::Signal::SIGHUP,
+    nix::sys::signal::Signal::SIGQUIT,
+];
+
 pub fn main(socket: &Path, networks: &[String], command: &[String]) -> super::Result {
     let client = Client::connect(socket)?;
     let first = 3 + networks.len() as i32;
@@ -58,7 +66,9 @@ pub fn main(socket: &Path, networks: &[String], command: &[String]) -> super::Re
         "VMNET_BROKER_NETWORKS",
         serde_json::Value::Array(replies).to_string(),
     );
-    // SAFETY: between fork and exec only async-signal-safe calls (dup2).
+    let parent = nix::unistd::getpid().as_raw();
+    // SAFETY: between fork and exec only async-signal-safe calls (dup2, signal, prctl,
+    // getppid, _exit).
     unsafe {
         cmd.pre_exec(move || {
             for (i, fd) in raw.iter().enumerate() {
@@ -66,6 +76,30 @@ pub fn main(socket: &Path, networks: &[String], command: &[String]) -> super::Re
                 if libc::dup2(*fd, 3 + i as i32) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
+            }
+            // Until exec the child still has our (tokio's) handlers, which would swallow
+            // the death signal below; exec resets them to the default anyway.
+            for sig in FORWARDED {
+                libc::signal(sig as libc::c_int, libc::SIG_DFL);
+            }
+            // If we die without forwarding (SIGKILL, OOM killer), our connection and with
+            // it the lease end while the command would keep using the TAPs: have the
+            // kernel send it SIGTERM. The signal is sent when the *thread* that forked
+            // exits, not the process: the spawn below runs on the main thread (in
+            // block_on of a current-thread runtime), which lives until we exit. Keep it so.
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                libc::SIGTERM as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) < 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            // We may have died before the prctl: then no signal will ever come.
+            if libc::getppid() != parent {
+                libc::_exit(128 + libc::SIGTERM);
             }
             Ok(())
         });
@@ -78,6 +112,8 @@ pub fn main(socket: &Path, networks: &[String], command: &[String]) -> super::Re
     let status = runtime.block_on(async {
         let mut sigint = signal(SignalKind::interrupt())?;
         let mut sigterm = signal(SignalKind::terminate())?;
+        let mut sighup = signal(SignalKind::hangup())?;
+        let mut sigquit = signal(SignalKind::quit())?;
         // Handlers are reset to the default on exec, so the command is unaffected.
         let mut child = cmd
             .spawn()
@@ -91,6 +127,8 @@ pub fn main(socket: &Path, networks: &[String], command: &[String]) -> super::Re
                 status = &mut waiter => return status.expect("wait task"),
                 _ = sigint.recv() => { let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGINT); }
                 _ = sigterm.recv() => { let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM); }
+                _ = sighup.recv() => { let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGHUP); }
+                _ = sigquit.recv() => { let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGQUIT); }
             }
         }
     })?;

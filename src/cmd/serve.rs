@@ -1,7 +1,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
-use tracing::info;
+use tracing::{info, warn};
 use vmnet_broker::backend::Backend;
 use vmnet_broker::backend::linux::{LinuxBackend, LinuxOptions};
 use vmnet_broker::config::{ConfigDir, DEFAULT_CONFIG_DIR};
@@ -21,7 +21,8 @@ pub struct Args {
     /// Seconds an unused network is kept before it is removed.
     #[arg(long, default_value_t = 120.0, value_name = "SECONDS")]
     idle_timeout: f64,
-    /// Exit when no client has been connected for this many seconds (socket activation).
+    /// Exit when no client has been connected for this many seconds, for a supervisor that
+    /// starts the broker on demand. The networks are removed on that exit.
     #[arg(long, value_name = "SECONDS")]
     exit_on_idle: Option<f64>,
     /// Where DHCP leases are kept across restarts.
@@ -40,8 +41,56 @@ pub struct Args {
     log_level: String,
 }
 
+/// The longest timeout accepted: a year. Much longer ones would overflow when added to
+/// the current time (a panic in the middle of serving), and mean "never" anyway.
+const MAX_SECONDS: f64 = 31_536_000.0;
+
 fn seconds(what: &str, s: f64) -> Result<Duration, String> {
+    if s > MAX_SECONDS {
+        return Err(format!(
+            "--{what} {s}: too long, at most {MAX_SECONDS} seconds (a year)"
+        ));
+    }
     Duration::try_from_secs_f64(s).map_err(|_| format!("--{what} {s}: not a number of seconds"))
+}
+
+/// Raises the soft limit of open files to the hard one. The broker holds a socket per
+/// client, plus a few descriptors per network: a thousand clients exceed the usual soft
+/// limit of 1024, while the hard limit is what the administrator allows.
+fn raise_open_file_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read/write the struct passed.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+        warn!(
+            "cannot read the open file limit: {}",
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+    let soft = limit.rlim_cur;
+    if soft >= limit.rlim_max {
+        info!(limit = soft, "open file limit");
+        return;
+    }
+    limit.rlim_cur = limit.rlim_max;
+    // SAFETY: as above.
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
+        warn!(
+            limit = soft,
+            "cannot raise the open file limit to {}: {}",
+            limit.rlim_max,
+            std::io::Error::last_os_error()
+        );
+        return;
+    }
+    info!(
+        from = soft,
+        to = limit.rlim_max,
+        "raised the open file limit (a socket per client)"
+    );
 }
 
 pub fn main(args: Args) -> super::Result {
@@ -52,7 +101,7 @@ pub fn main(args: Args) -> super::Result {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    raise_nofile_limit();
+    raise_open_file_limit();
     let idle = seconds("idle-timeout", args.idle_timeout)?;
     let exit_on_idle = args
         .exit_on_idle
@@ -68,7 +117,11 @@ pub fn main(args: Args) -> super::Result {
             resolv_conf: args.resolv_conf,
         })
         .await?;
-        backend.remove_stale().await?;
+        // Leftovers of a crashed broker only get in the way of the networks they
+        // belonged to (and those are reported when created): not a reason not to serve.
+        if let Err(e) = backend.remove_stale().await {
+            warn!("cannot remove what a previous broker left behind: {e}");
+        }
         info!(config_dir = %args.config_dir.display(), idle_timeout = idle.as_secs_f64(), "starting");
         let registry = Registry::new(
             backend,
@@ -87,39 +140,4 @@ pub fn main(args: Args) -> super::Result {
         .map_err(|e| format!("{e:#}"))?;
         Ok::<_, Box<dyn std::error::Error>>(ExitCode::SUCCESS)
     })
-}
-
-/// Every connected client holds one fd in the broker, and an acquire briefly needs a few
-/// more (the TAP, `nft`'s pipes). Services start with a soft RLIMIT_NOFILE of 1024
-/// (systemd's default), which about 1000 clients exhaust; the hard limit is there to be
-/// used, so the soft limit is raised to it at start.
-fn raise_nofile_limit() {
-    let mut lim = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit/setrlimit read and write the one struct given.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0 {
-        tracing::warn!(
-            "cannot read the open-file limit: {}",
-            std::io::Error::last_os_error()
-        );
-        return;
-    }
-    let soft = lim.rlim_cur;
-    if soft >= lim.rlim_max {
-        info!(limit = soft, "open-file limit");
-        return;
-    }
-    lim.rlim_cur = lim.rlim_max;
-    // SAFETY: as above.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &lim) } == 0 {
-        info!(from = soft, to = lim.rlim_max, "raised the open-file limit");
-    } else {
-        tracing::warn!(
-            "cannot raise the open-file limit from {soft} to {}: {}",
-            lim.rlim_max,
-            std::io::Error::last_os_error()
-        );
-    }
 }

@@ -1,6 +1,8 @@
 //! The broker's per-network DNS server.
 //!
-//! It listens on the network's gateway address only (UDP and TCP port 53), answers for the
+//! It listens on the network's gateway address only (UDP and TCP port 53), serves only
+//! clients whose source address is in the network's subnet (see [`DnsConfig::subnet`]),
+//! answers for the
 //! VMs' DHCP hostnames (`NAME` and `NAME.<domain>`, plus their reverse names) and forwards
 //! everything else to the host's resolvers from resolv.conf. It runs in the broker's (host)
 //! network namespace, so a loopback stub such as systemd-resolved's 127.0.0.53 works as an
@@ -17,6 +19,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
+use ipnet::Ipv4Net;
 use nix::sys::socket::{self, sockopt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
@@ -41,6 +44,12 @@ pub struct DnsConfig {
     pub network: String,
     /// The gateway address: UDP and TCP port 53 are bound on this address only.
     pub listen: Ipv4Addr,
+    /// The network's subnet. Queries (UDP) and connections (TCP) from any other source are
+    /// dropped: the gateway address is reachable from other networks' VMs (routed through
+    /// the host) and from host processes, and a network's VM names are for that network
+    /// only. Host processes using the gateway address as source (the default when they
+    /// query it) are in the subnet and served.
+    pub subnet: Ipv4Net,
     /// Domain of the VMs ("shared.vmnet"): they resolve NAME and NAME.<domain>.
     pub domain: String,
     /// Upstream resolvers (normally /etc/resolv.conf), re-read when it changes.
@@ -59,6 +68,7 @@ pub struct DnsServer {
 
 struct Shared {
     network: String,
+    subnet: Ipv4Net,
     domain: String,
     names: Names,
     resolv: resolv::ResolvConf,
@@ -90,6 +100,7 @@ impl DnsServer {
         })?;
         let shared = Arc::new(Shared {
             network: config.network.clone(),
+            subnet: config.subnet,
             domain: local::Zone::canonical_domain(&config.domain),
             names,
             resolv: resolv::ResolvConf::new(
@@ -104,7 +115,7 @@ impl DnsServer {
             tokio::spawn(udp_loop(Arc::new(udp), shared.clone(), shutdown_rx.clone())),
             tokio::spawn(tcp_loop(tcp, shared, shutdown_rx)),
         ];
-        tracing::info!(network = %config.network, "DNS server listening on {addr} (UDP, TCP), domain {:?}", config.domain);
+        tracing::info!(network = %config.network, "DNS server listening on {addr} (UDP, TCP) for {}, domain {:?}", config.subnet, config.domain);
         Ok(DnsServer {
             network: config.network,
             shutdown,
@@ -168,6 +179,9 @@ async fn udp_loop(sock: Arc<UdpSocket>, shared: Arc<Shared>, mut shutdown: watch
             }
             r = sock.recv_from(&mut buf) => match r {
                 Ok((n, peer)) => {
+                    if !shared.admits(peer) {
+                        continue;
+                    }
                     let req = match shared.prepare(&buf[..n], false, peer) {
                         Action::Ignore => continue,
                         Action::Reply(resp) => {
@@ -219,6 +233,10 @@ async fn tcp_loop(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watc
             }
             r = listener.accept() => match r {
                 Ok((stream, peer)) => {
+                    if !shared.admits(peer) {
+                        // Dropping the stream closes the connection before any query.
+                        continue;
+                    }
                     let Ok(permit) = connections.clone().try_acquire_owned() else {
                         tracing::debug!(network = %shared.network, %peer, "too many DNS TCP connections, closing one");
                         continue;
@@ -291,6 +309,19 @@ enum Action {
 }
 
 impl Shared {
+    /// Whether `peer` may use this server: only addresses of the network's subnet.
+    fn admits(&self, peer: SocketAddr) -> bool {
+        let ok = match peer {
+            SocketAddr::V4(v4) => self.subnet.contains(v4.ip()),
+            SocketAddr::V6(_) => false,
+        };
+        if !ok {
+            tracing::debug!(network = %self.network, %peer, subnet = %self.subnet,
+                            "ignoring DNS client from outside the network's subnet");
+        }
+        ok
+    }
+
     /// Decides about one raw query without waiting for anything: local answers are
     /// immediate, so they never queue behind slow upstreams.
     fn prepare(&self, pkt: &[u8], tcp: bool, peer: SocketAddr) -> Action {

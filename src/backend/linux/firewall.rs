@@ -94,10 +94,6 @@ pub enum FirewallError {
     NftOutput { context: String, detail: String },
     #[error("firewall: unknown network {0:?}")]
     UnknownNetwork(String),
-    #[error(
-        "firewall: network {0:?} is already set up with a different definition; remove it first"
-    )]
-    Conflict(String),
     #[error("firewall: invalid {what}: {detail}")]
     Invalid { what: &'static str, detail: String },
     #[error("could not enable IPv4 forwarding ({IP_FORWARD}): {0}")]
@@ -177,7 +173,9 @@ impl Firewall {
     }
 
     /// Sets up forwarding/NAT (and anti-spoofing when asked) for a network. Adding the same
-    /// definition again does nothing; a different definition under the same name is refused.
+    /// definition again does nothing; a different definition under the same name replaces
+    /// the old one (a network re-created on a new bridge has a new TAP prefix), keeping only
+    /// the port bindings and leases that still fit the new definition.
     ///
     /// For NAT networks IPv4 forwarding is switched on in this network namespace and left
     /// on when the broker stops: other software (container engines, VPNs) may rely on it,
@@ -191,13 +189,33 @@ impl Firewall {
     pub async fn add_network(&self, net: &FirewallNetwork) -> Result<(), FirewallError> {
         validate_network(net)?;
         let mut state = self.inner.state.lock().await;
+        let mut ports = BTreeMap::new();
+        let mut leases = BTreeMap::new();
         if let Some(existing) = state.networks.get(&net.name) {
             if existing.net == *net {
                 return Ok(());
             }
-            return Err(FirewallError::Conflict(net.name.clone()));
+            info!(network = %net.name, old_bridge = %existing.net.bridge, new_bridge = %net.bridge,
+                  "firewall: replacing the rules of a network with a new definition");
+            // Bindings of TAPs of the old bridge are meaningless on the new one.
+            ports = existing
+                .ports
+                .iter()
+                .filter(|(tap, _)| tap.starts_with(&net.tap_prefix))
+                .map(|(tap, mac)| (tap.clone(), *mac))
+                .collect();
+            leases = existing
+                .leases
+                .iter()
+                .filter(|(_, ip)| net.subnet.contains(*ip))
+                .map(|(mac, ip)| (*mac, *ip))
+                .collect();
         }
-        if let Some(other) = state.networks.values().find(|n| n.net.bridge == net.bridge) {
+        if let Some(other) = state
+            .networks
+            .values()
+            .find(|n| n.net.bridge == net.bridge && n.net.name != net.name)
+        {
             return Err(FirewallError::Invalid {
                 what: "network",
                 detail: format!(
@@ -208,11 +226,14 @@ impl Firewall {
         }
         let ns = NetState {
             net: net.clone(),
-            ports: BTreeMap::new(),
-            leases: BTreeMap::new(),
+            ports,
+            leases,
         };
         let mut batch = Batch::new();
         add_tables(&mut batch);
+        // Whatever objects of this name exist go first: the old definition's, or those a
+        // failed removal left behind (it forgets the network anyway, see `remove_network`).
+        purge_network_objects(&mut batch, &net.name);
         network_objects(&mut batch, &ns);
         let context = format!("adding network {:?}", net.name);
         self.inner
@@ -249,6 +270,11 @@ impl Firewall {
 
     /// Removes everything the network added. Removing the last network deletes both tables.
     /// Removing an unknown network is not an error (cleanup paths may call it twice).
+    ///
+    /// The network is forgotten even when `nft` fails (the error is still returned): the
+    /// caller goes on to delete the bridge, so keeping it would make the watchdog restore
+    /// rules for a dead bridge. What the failure left in the kernel is deleted by the next
+    /// `add_network` of the same name, by a restore, or with the tables.
     pub async fn remove_network(&self, name: &str) -> Result<(), FirewallError> {
         let mut state = self.inner.state.lock().await;
         self.remove_locked(&mut state, name).await
@@ -270,14 +296,27 @@ impl Firewall {
             delete_network_objects(&mut batch, &net);
         }
         let context = format!("removing network {name:?}");
-        self.inner
+        let applied = self
+            .inner
             .apply_or_restore(state, batch, &context, |s| {
                 s.networks.remove(&net.name);
             })
-            .await?;
-        if net.nat {
-            self.inner.docker_remove(&net.name).await?;
+            .await;
+        // The commit above only runs on success (or before a restore).
+        state.networks.remove(&net.name);
+        let docker = if net.nat {
+            self.inner.docker_remove(&net.name).await
+        } else {
+            Ok(())
+        };
+        if let Err(e) = applied {
+            warn!(
+                network = name,
+                "firewall: network forgotten, but its rules may remain: {e}"
+            );
+            return Err(e);
         }
+        docker?;
         info!(network = name, "firewall rules removed");
         Ok(())
     }
@@ -1160,6 +1199,51 @@ fn delete_network_objects(batch: &mut Batch<'static>, net: &FirewallNetwork) {
         for name in [portmacs_set(&net.name), leases_set(&net.name)] {
             batch.delete(set(name, SetTypeValue::Single(SetType::Ifname)));
         }
+    }
+}
+
+/// Deletes every object a network named `name` may own, whichever of them exist and
+/// whatever definition made them: each is added (a no-op when it exists, its definition
+/// is the same for every network definition) and then deleted, like [`delete_tables`].
+/// The tables must be added earlier in the batch.
+fn purge_network_objects(batch: &mut Batch<'static>, name: &str) {
+    let chains = [
+        base_chain(
+            NfFamily::INet,
+            fwd_chain(name),
+            NfHook::Forward,
+            NfChainType::Filter,
+            PRIO_FILTER,
+        ),
+        base_chain(
+            NfFamily::INet,
+            nat_chain(name),
+            NfHook::Postrouting,
+            NfChainType::NAT,
+            PRIO_SRCNAT,
+        ),
+        base_chain(
+            NfFamily::Bridge,
+            spoof_chain(name),
+            NfHook::Prerouting,
+            NfChainType::Filter,
+            PRIO_BRIDGE_FILTER,
+        ),
+    ];
+    let sets = [
+        set(
+            portmacs_set(name),
+            SetTypeValue::Concatenated(vec![SetType::Ifname, SetType::EtherAddr].into()),
+        ),
+        set(
+            leases_set(name),
+            SetTypeValue::Concatenated(vec![SetType::EtherAddr, SetType::Ipv4Addr].into()),
+        ),
+    ];
+    // Chains (and their rules) before the sets those rules use.
+    for obj in chains.into_iter().chain(sets) {
+        batch.add(obj.clone());
+        batch.delete(obj);
     }
 }
 

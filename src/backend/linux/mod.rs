@@ -21,14 +21,25 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use subnet::{Occupant, Occupation};
-use tracing::{info, warn};
+use tracing::{debug, error, info, warn};
 
 pub use netlink::bridge_of;
 pub use tap::tap_name_of;
 
 /// Prefix of the alias of every interface the broker makes.
 pub const ALIAS_PREFIX: &str = "vmnet-broker:";
+
+/// Pauses between the attempts to bind a new TAP to its guest's MAC in the firewall. Until
+/// it is bound every frame of the TAP is dropped, so a transient `nft` failure (a racing
+/// ruleset reload, a fork failing under memory pressure) must not cut the VM off for good.
+const BIND_RETRY_DELAYS: [Duration; 4] = [
+    Duration::from_millis(50),
+    Duration::from_millis(200),
+    Duration::from_secs(1),
+    Duration::from_secs(3),
+];
 
 /// Where the network services keep state and find the host's resolvers.
 #[derive(Debug, Clone)]
@@ -221,10 +232,23 @@ impl LinuxBackend {
         self.netlink
             .create_bridge(name, bridge_mac(&config.name))
             .await?;
-        let link =
-            self.netlink.link_by_name(name).await?.ok_or_else(|| {
-                BackendError::new(format!("bridge {name} vanished after creation"))
-            })?;
+        let link = match self.netlink.link_by_name(name).await {
+            Ok(Some(link)) => link,
+            looked_up => {
+                // The bridge has no alias yet, so nothing (not even `remove_stale`) would
+                // ever recognise it as ours: delete it by the name it was just given.
+                if let Err(cleanup) = self.netlink.delete_by_name(name).await {
+                    warn!(
+                        interface = name,
+                        "cannot remove half-made bridge: {cleanup}"
+                    );
+                }
+                return Err(match looked_up {
+                    Err(e) => e.into(),
+                    _ => BackendError::new(format!("bridge {name} vanished after creation")),
+                });
+            }
+        };
         let configured = async {
             self.netlink.configure_up(&link, config.mtu, &alias).await?;
             self.netlink.add_address(&link, address).await
@@ -334,6 +358,34 @@ impl LinuxBackend {
     }
 }
 
+/// Binds `tap` to `mac` in the firewall, retrying after [`BIND_RETRY_DELAYS`].
+async fn bind_port(firewall: &Firewall, network: &str, tap: &str, mac: [u8; 6]) {
+    let mut delays = BIND_RETRY_DELAYS.iter();
+    loop {
+        let e = match firewall.add_port(network, tap, mac).await {
+            Ok(()) => return,
+            // The network was removed meanwhile, and the TAP with it.
+            Err(e @ firewall::FirewallError::UnknownNetwork(_)) => {
+                debug!(network, tap, "not binding TAP: {e}");
+                return;
+            }
+            Err(e) => e,
+        };
+        let Some(delay) = delays.next() else {
+            error!(
+                network,
+                tap, "cannot bind TAP to its MAC, giving up; its frames stay dropped: {e}"
+            );
+            return;
+        };
+        warn!(
+            network,
+            tap, "cannot bind TAP to its MAC, retrying in {delay:?}: {e}"
+        );
+        tokio::time::sleep(*delay).await;
+    }
+}
+
 impl Backend for LinuxBackend {
     type Network = LinuxNetwork;
 
@@ -421,12 +473,7 @@ impl Backend for LinuxBackend {
                 if let Err(e) = firewall.prune_ports(&network, live).await {
                     warn!(network, "cannot forget closed TAPs: {e}");
                 }
-                if let Err(e) = firewall.add_port(&network, &tap, mac).await {
-                    warn!(
-                        network,
-                        tap, "cannot bind TAP to its MAC, its frames stay dropped: {e}"
-                    );
-                }
+                bind_port(&firewall, &network, &tap, mac).await;
             });
         }
         Ok(Attachment {

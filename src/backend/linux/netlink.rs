@@ -252,6 +252,23 @@ impl Netlink {
         }
     }
 
+    /// Deletes the link called `name`; false when there is none. Only for a link just made
+    /// whose index could not be learnt: anything else is deleted by index ([`Self::delete`])
+    /// after checking what it is.
+    pub async fn delete_by_name(&self, name: &str) -> io::Result<bool> {
+        // Index 0 and IFLA_IFNAME: the kernel looks the link up by name.
+        let mut request = self.handle.link().del(0);
+        request
+            .message_mut()
+            .attributes
+            .push(LinkAttribute::IfName(name.to_string()));
+        match request.execute().await {
+            Ok(()) => Ok(true),
+            Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(false),
+            Err(e) => Err(fail(e, format!("cannot delete {name}"))),
+        }
+    }
+
     /// Everything that occupies IPv4 address space: the addresses of all interfaces
     /// and the routes of the main table except the default route.
     pub async fn occupants(&self) -> io::Result<Vec<Occupant>> {

@@ -85,6 +85,7 @@ impl Services {
                 DnsConfig {
                     network: name.clone(),
                     listen: p.gateway,
+                    subnet: p.subnet,
                     domain,
                     resolv_conf: p.resolv_conf.to_path_buf(),
                 },
