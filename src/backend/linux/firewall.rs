@@ -379,38 +379,65 @@ impl Firewall {
         tap: &str,
         mac: [u8; 6],
     ) -> Result<(), FirewallError> {
-        validate_ifname(tap)?;
+        self.add_ports(network, &[(tap.to_string(), mac)]).await
+    }
+
+    /// [`Firewall::add_port`] for several TAPs of one network in one `nft` transaction:
+    /// a burst of acquires costs one `nft` run instead of one each.
+    pub async fn add_ports(
+        &self,
+        network: &str,
+        ports: &[(String, [u8; 6])],
+    ) -> Result<(), FirewallError> {
+        for (tap, _) in ports {
+            validate_ifname(tap)?;
+        }
         let mut state = self.inner.state.lock().await;
         if !state.networks.contains_key(network) {
             return Err(FirewallError::UnknownNetwork(network.into()));
         }
         let mut batch = Batch::new();
-        for ns in state.networks.values() {
-            if let Some(old) = ns.ports.get(tap) {
-                if ns.net.name == network && *old == mac {
-                    return Ok(());
-                }
-                if ns.net.anti_spoofing {
-                    port_elements(&mut batch, NfCmd::Delete, &ns.net.name, tap, *old);
+        let mut new = Vec::with_capacity(ports.len());
+        for (tap, mac) in ports {
+            let mut bound = false;
+            for ns in state.networks.values() {
+                if let Some(old) = ns.ports.get(tap) {
+                    if ns.net.name == network && old == mac {
+                        bound = true;
+                    } else if ns.net.anti_spoofing {
+                        port_elements(&mut batch, NfCmd::Delete, &ns.net.name, tap, *old);
+                    }
                 }
             }
+            if !bound {
+                new.push((tap.clone(), *mac));
+            }
         }
-        let target = &state.networks[network];
-        if target.net.anti_spoofing {
-            port_elements(&mut batch, NfCmd::Add, network, tap, mac);
+        if new.is_empty() {
+            return Ok(());
         }
-        let context = format!(
-            "binding port {tap:?} of network {network:?} to {}",
-            mac_str(mac)
-        );
-        let (network, tap) = (network.to_string(), tap.to_string());
+        if state.networks[network].net.anti_spoofing {
+            for (tap, mac) in &new {
+                port_elements(&mut batch, NfCmd::Add, network, tap, *mac);
+            }
+        }
+        let context = match new.as_slice() {
+            [(tap, mac)] => format!(
+                "binding port {tap:?} of network {network:?} to {}",
+                mac_str(*mac)
+            ),
+            many => format!("binding {} ports of network {network:?}", many.len()),
+        };
+        let network = network.to_string();
         self.inner
             .apply_or_restore(&mut state, batch, &context, |s| {
-                for ns in s.networks.values_mut() {
-                    ns.ports.remove(&tap);
-                }
-                if let Some(ns) = s.networks.get_mut(&network) {
-                    ns.ports.insert(tap, mac);
+                for (tap, mac) in new {
+                    for ns in s.networks.values_mut() {
+                        ns.ports.remove(&tap);
+                    }
+                    if let Some(ns) = s.networks.get_mut(&network) {
+                        ns.ports.insert(tap, mac);
+                    }
                 }
             })
             .await

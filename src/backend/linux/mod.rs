@@ -53,6 +53,8 @@ pub struct LinuxOptions {
 pub struct LinuxBackend {
     options: LinuxOptions,
     netlink: Arc<Netlink>,
+    /// Queue of the background task that binds new TAPs ([`bind_ports`]).
+    binder: tokio::sync::mpsc::UnboundedSender<BindJob>,
     /// NAT, forwarding and anti-spoofing rules of every network, in one nftables table
     /// per family owned by the broker.
     firewall: Firewall,
@@ -137,9 +139,13 @@ impl LinuxBackend {
         })?;
         let firewall = Firewall::new();
         firewall.spawn_watchdog();
+        let netlink = Arc::new(netlink);
+        let (binder, jobs) = tokio::sync::mpsc::unbounded_channel();
+        tokio::spawn(bind_ports(firewall.clone(), Arc::clone(&netlink), jobs));
         Ok(Self {
             options,
-            netlink: Arc::new(netlink),
+            netlink,
+            binder,
             firewall,
             held: Mutex::new(BTreeMap::new()),
         })
@@ -358,15 +364,68 @@ impl LinuxBackend {
     }
 }
 
-/// Binds `tap` to `mac` in the firewall, retrying after [`BIND_RETRY_DELAYS`].
-async fn bind_port(firewall: &Firewall, network: &str, tap: &str, mac: [u8; 6]) {
+/// TAP names and their guest MACs.
+type Ports = Vec<(String, [u8; 6])>;
+
+/// A TAP waiting for its anti-spoofing binding.
+struct BindJob {
+    network: String,
+    bridge_index: u32,
+    tap: String,
+    mac: [u8; 6],
+}
+
+/// Binds new TAPs to their MACs, in the background, for as long as the backend lives.
+/// Whatever is queued when it wakes is done together, per network: one dump of the
+/// bridge's ports to forget TAPs that are gone, one `nft` transaction for all the new
+/// ones. A burst of a thousand acquires thus costs a handful of `nft` runs, not a
+/// thousand processes competing with the acquires for the CPU.
+async fn bind_ports(
+    firewall: Firewall,
+    netlink: Arc<Netlink>,
+    mut jobs: tokio::sync::mpsc::UnboundedReceiver<BindJob>,
+) {
+    while let Some(first) = jobs.recv().await {
+        let mut by_network: BTreeMap<String, (u32, Ports)> = BTreeMap::new();
+        let mut job = Some(first);
+        while let Some(j) = job {
+            let entry = by_network
+                .entry(j.network)
+                .or_insert_with(|| (j.bridge_index, Vec::new()));
+            entry.1.push((j.tap, j.mac));
+            job = jobs.try_recv().ok();
+        }
+        for (network, (bridge_index, ports)) in by_network {
+            // TAPs that are gone are forgotten on the way, so the bindings of a
+            // long-lived network stay as many as its live TAPs.
+            let live = async {
+                let ports = netlink.ports_of(bridge_index).await?;
+                Ok(ports.into_iter().map(|l| l.name).collect())
+            };
+            if let Err(e) = firewall.prune_ports(&network, live).await {
+                warn!(network, "cannot forget closed TAPs: {e}");
+            }
+            bind_with_retries(&firewall, &network, &ports).await;
+        }
+    }
+}
+
+/// Binds `ports` in the firewall, retrying after [`BIND_RETRY_DELAYS`].
+async fn bind_with_retries(firewall: &Firewall, network: &str, ports: &[(String, [u8; 6])]) {
     let mut delays = BIND_RETRY_DELAYS.iter();
+    let taps = || {
+        ports
+            .iter()
+            .map(|(t, _)| t.as_str())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
     loop {
-        let e = match firewall.add_port(network, tap, mac).await {
+        let e = match firewall.add_ports(network, ports).await {
             Ok(()) => return,
-            // The network was removed meanwhile, and the TAP with it.
+            // The network was removed meanwhile, and its TAPs with it.
             Err(e @ firewall::FirewallError::UnknownNetwork(_)) => {
-                debug!(network, tap, "not binding TAP: {e}");
+                debug!(network, taps = taps(), "not binding TAPs: {e}");
                 return;
             }
             Err(e) => e,
@@ -374,13 +433,15 @@ async fn bind_port(firewall: &Firewall, network: &str, tap: &str, mac: [u8; 6]) 
         let Some(delay) = delays.next() else {
             error!(
                 network,
-                tap, "cannot bind TAP to its MAC, giving up; its frames stay dropped: {e}"
+                taps = taps(),
+                "cannot bind TAPs to their MACs, giving up; their frames stay dropped: {e}"
             );
             return;
         };
         warn!(
             network,
-            tap, "cannot bind TAP to its MAC, retrying in {delay:?}: {e}"
+            taps = taps(),
+            "cannot bind TAPs to their MACs, retrying in {delay:?}: {e}"
         );
         tokio::time::sleep(*delay).await;
     }
@@ -454,27 +515,17 @@ impl Backend for LinuxBackend {
         }
         if !network.config.allow_spoofing {
             // The TAP is already protected: the firewall drops every frame of an unbound
-            // TAP of this network. Binding it spawns `nft` (milliseconds), far less than a
-            // VMM needs to start a guest, so it is done after the reply instead of
-            // delaying every acquire by it.
-            // TAPs that are gone are forgotten on the way, so the bindings of a long-lived
-            // network stay as many as its live TAPs.
-            let (firewall, netlink, bridge_index) = (
-                self.firewall.clone(),
-                Arc::clone(&self.netlink),
-                network.bridge.index,
-            );
-            let (network, tap, mac) = (network.config.name.clone(), name.clone(), request.mac);
-            tokio::spawn(async move {
-                let live = async {
-                    let ports = netlink.ports_of(bridge_index).await?;
-                    Ok(ports.into_iter().map(|l| l.name).collect())
-                };
-                if let Err(e) = firewall.prune_ports(&network, live).await {
-                    warn!(network, "cannot forget closed TAPs: {e}");
-                }
-                bind_port(&firewall, &network, &tap, mac).await;
-            });
+            // TAP of this network. Binding it runs `nft` (milliseconds), far less than a
+            // VMM needs to start a guest, so the binder does it after the reply instead
+            // of every acquire waiting for it.
+            let job = BindJob {
+                network: network.config.name.clone(),
+                bridge_index: network.bridge.index,
+                tap: name.clone(),
+                mac: request.mac,
+            };
+            // The binder lives as long as the backend, so the queue is always open.
+            let _ = self.binder.send(job);
         }
         Ok(Attachment {
             interface: name,
