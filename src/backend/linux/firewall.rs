@@ -323,7 +323,7 @@ impl Firewall {
 
     /// Forgets the bindings of TAPs of `network` that are not among the `live` ones (their
     /// VMs closed them), so a long-lived network does not accumulate set elements. Runs no
-    /// `nft` when there is nothing to forget.
+    /// `nft` when there is nothing to forget. Returns how many TAPs are live.
     ///
     /// `live` lists the TAPs that exist; it is awaited under the firewall's lock, so every
     /// binding already recorded belongs to a TAP that existed before the listing, and one
@@ -332,12 +332,13 @@ impl Firewall {
         &self,
         network: &str,
         live: impl Future<Output = std::io::Result<Vec<String>>>,
-    ) -> Result<(), FirewallError> {
+    ) -> Result<usize, FirewallError> {
         let mut state = self.inner.state.lock().await;
         let Some(ns) = state.networks.get(network) else {
-            return Ok(());
+            return Ok(0);
         };
         let live = live.await.map_err(FirewallError::ListTaps)?;
+        let live_count = live.len();
         let gone: Vec<(String, [u8; 6])> = ns
             .ports
             .iter()
@@ -345,7 +346,7 @@ impl Firewall {
             .map(|(tap, mac)| (tap.clone(), *mac))
             .collect();
         if gone.is_empty() {
-            return Ok(());
+            return Ok(live_count);
         }
         let mut batch = Batch::new();
         if ns.net.anti_spoofing {
@@ -367,6 +368,7 @@ impl Firewall {
                 }
             })
             .await
+            .map(|()| live_count)
     }
 
     /// Binds a TAP (bridge port) to the MAC of its guest: frames entering from `tap` must
