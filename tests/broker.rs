@@ -936,15 +936,7 @@ fn failed_cleanup_of_leftovers_is_only_a_warning() {
         .stderr(log)
         .spawn()
         .unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while Client::connect(&socket).is_err() {
-        let log = std::fs::read_to_string(&log_path).unwrap();
-        if let Some(status) = serve.try_wait().unwrap() {
-            panic!("broker did not start ({status}): {log}");
-        }
-        assert!(std::time::Instant::now() < deadline, "not listening: {log}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    support::wait_listening(&socket, &mut serve, &log_path);
     let log = std::fs::read_to_string(&log_path).unwrap();
     assert!(
         log.contains("cannot remove what a previous broker left behind")
@@ -990,15 +982,7 @@ fn open_file_limit_is_raised_to_the_hard_limit() {
         });
     }
     let mut serve = serve.spawn().unwrap();
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while Client::connect(&socket).is_err() {
-        let log = std::fs::read_to_string(&log_path).unwrap();
-        if let Some(status) = serve.try_wait().unwrap() {
-            panic!("broker did not start ({status}): {log}");
-        }
-        assert!(std::time::Instant::now() < deadline, "not listening: {log}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    support::wait_listening(&socket, &mut serve, &log_path);
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", serve.id())).unwrap();
     let open_files = limits
         .lines()

@@ -200,18 +200,7 @@ impl Broker {
         }
         let child = cmd.spawn().unwrap();
         self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(20);
-        while Client::connect(&self.socket).is_err() {
-            if let Some(status) = self.child.as_mut().unwrap().try_wait().unwrap() {
-                panic!("broker exited early ({status}): {}", self.log());
-            }
-            assert!(
-                Instant::now() < deadline,
-                "broker did not listen: {}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(20));
-        }
+        wait_listening(&self.socket, self.child.as_mut().unwrap(), &self.log_path);
     }
 
     pub fn client(&self) -> Client {
@@ -305,6 +294,24 @@ impl Drop for Broker {
             let _ = child.kill();
             let _ = child.wait();
         }
+    }
+}
+
+/// Waits until a broker started as `child` (logging to `log`) accepts connections on
+/// `socket`; panics with its log if it exits first or takes more than 20 s.
+pub fn wait_listening(socket: &Path, child: &mut Child, log: &Path) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while Client::connect(socket).is_err() {
+        let log = || std::fs::read_to_string(log).unwrap_or_default();
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("broker exited early ({status}): {}", log());
+        }
+        assert!(
+            Instant::now() < deadline,
+            "broker did not listen: {}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(20));
     }
 }
 
