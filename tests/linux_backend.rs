@@ -114,14 +114,34 @@ where
     }
 }
 
-async fn backend() -> LinuxBackend {
-    let dir = std::env::temp_dir();
-    LinuxBackend::new(LinuxOptions {
-        state_dir: dir.join("vmnbt-state"),
+/// A backend with a state directory of its own, removed with it.
+struct TestBackend {
+    backend: LinuxBackend,
+    _state: tempfile::TempDir,
+}
+
+impl std::ops::Deref for TestBackend {
+    type Target = LinuxBackend;
+    fn deref(&self) -> &LinuxBackend {
+        &self.backend
+    }
+}
+
+async fn backend() -> TestBackend {
+    let state = tempfile::Builder::new()
+        .prefix("vmnbt-state-")
+        .tempdir()
+        .unwrap();
+    let backend = LinuxBackend::new(LinuxOptions {
+        state_dir: state.path().to_path_buf(),
         resolv_conf: "/etc/resolv.conf".into(),
     })
     .await
-    .unwrap()
+    .unwrap();
+    TestBackend {
+        backend,
+        _state: state,
+    }
 }
 
 /// A `shared` network without anti-spoofing: these tests are about bridges and TAPs and
