@@ -106,6 +106,18 @@ impl State {
             cfg.range.as_ref(),
             &cfg.reservations,
         );
+        // The directory is made once, here: a save after someone removed it (a network
+        // torn down with its state) fails and is logged rather than recreating it.
+        if let Some(dir) = cfg.lease_file.parent()
+            && !dir.as_os_str().is_empty()
+            && let Err(e) = std::fs::create_dir_all(dir)
+        {
+            warn!(
+                network = cfg.network,
+                "cannot create {}: {e}",
+                dir.display()
+            );
+        }
         if let Some(file) = read_lease_file(&cfg.network, &cfg.lease_file) {
             let skipped = store.load(file);
             if skipped > 0 {
@@ -575,11 +587,6 @@ fn read_lease_file(network: &str, path: &Path) -> Option<LeaseFile> {
 fn write_lease_file(path: &Path, file: &LeaseFile) -> io::Result<()> {
     use std::io::Write;
     let json = serde_json::to_vec_pretty(file).map_err(io::Error::other)?;
-    if let Some(dir) = path.parent()
-        && !dir.as_os_str().is_empty()
-    {
-        std::fs::create_dir_all(dir)?;
-    }
     let mut tmp = path.as_os_str().to_owned();
     tmp.push(".tmp");
     let tmp = std::path::PathBuf::from(tmp);
