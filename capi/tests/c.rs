@@ -397,3 +397,55 @@ fn real_broker() {
     assert!(run(true, "private", "3").contains("You are not allowed to create a network"));
     assert!(run(true, "shared", "0").contains("\"interface\""));
 }
+
+#[test]
+fn install_script_gives_a_working_pkg_config_file() {
+    let dir = scratch("install");
+    let prefix = dir.join("prefix");
+    let out = Command::new(crate_dir().join("install.sh"))
+        .args(["--prefix", prefix.to_str().unwrap(), "--from"])
+        .arg(lib_dir())
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let pkgconfig = prefix.join("lib/pkgconfig");
+    let flags = Command::new("pkg-config")
+        .args(["--cflags", "--libs", "vmnet-broker"])
+        .env("PKG_CONFIG_PATH", &pkgconfig)
+        .output()
+        .unwrap();
+    assert!(
+        flags.status.success(),
+        "{}",
+        String::from_utf8_lossy(&flags.stderr)
+    );
+    let flags = String::from_utf8(flags.stdout).unwrap();
+    assert!(
+        flags.contains(&format!("-I{}/include", prefix.display())),
+        "{flags}"
+    );
+    let exe = dir.join("acquire");
+    let status = Command::new("gcc")
+        .arg(crate_dir().join("examples/acquire.c"))
+        .arg("-o")
+        .arg(&exe)
+        .args(flags.split_whitespace())
+        .status()
+        .unwrap();
+    assert!(status.success(), "gcc with pkg-config flags {flags}");
+    let out = Command::new(&exe)
+        .arg("shared")
+        .env("LD_LIBRARY_PATH", prefix.join("lib"))
+        .env("VMNET_BROKER_SOCKET", dir.join("missing.sock"))
+        .output()
+        .unwrap();
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("Failed to communicate with the broker"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
