@@ -9,6 +9,8 @@
 mod control;
 #[path = "broker/fabric.rs"]
 mod fabric;
+#[path = "../tests/support/netns.rs"]
+mod netns;
 #[path = "broker/report.rs"]
 mod report;
 #[path = "broker/util.rs"]
@@ -60,7 +62,7 @@ fn main() {
         out,
         skip_vms: args.iter().any(|a| a == "--no-vms"),
     };
-    // SAFETY: geteuid has no preconditions.
+    // SAFETY: geteuid(2) takes no arguments, touches no memory and cannot fail.
     if unsafe { libc::geteuid() } != 0 {
         eprintln!("bench: needs root (network namespaces, TAPs, bridges)");
         std::process::exit(1);

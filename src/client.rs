@@ -179,8 +179,9 @@ impl Client {
                     let mut fds = Vec::new();
                     for c in msg.cmsgs().map_err(lost)? {
                         if let ControlMessageOwned::ScmRights(raw) = c {
-                            // SAFETY: the kernel just installed these fds in our table and
-                            // nothing else refers to them.
+                            // SAFETY: SCM_RIGHTS fds were just installed in our fd table
+                            // by this recvmsg and nothing else refers to them, so each
+                            // OwnedFd is its fd's only owner.
                             fds.extend(
                                 raw.into_iter()
                                     .map(|fd| unsafe { OwnedFd::from_raw_fd(fd) }),

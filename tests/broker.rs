@@ -2,6 +2,8 @@
 //! each test in a network namespace of its own. Test names starting with `original_`
 //! are the counterparts of the original macOS broker's test cases.
 
+#[path = "support/netns.rs"]
+mod netns;
 #[path = "support/broker.rs"]
 mod support;
 

@@ -5,11 +5,14 @@
 //! and the host ends of veth pairs; a "client" namespace with the other ends, where
 //! udhcpc runs. The DhcpServer runs in a thread that entered the server namespace.
 
+#[path = "support/netns.rs"]
+mod netns;
+
+use netns::Netns;
 use std::collections::HashMap;
 use std::fs;
 use std::io::Write;
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -34,40 +37,6 @@ fn run(args: &[&str]) -> Output {
     out
 }
 
-/// A named network namespace, deleted on drop (also when the test panics).
-struct Netns {
-    name: String,
-}
-
-impl Netns {
-    fn new(role: &str) -> Netns {
-        let name = format!(
-            "vmnbt-dhcp-{}-{}-{role}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed)
-        );
-        run(&["ip", "netns", "add", &name]);
-        let ns = Netns { name };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-
-    /// `ip -n <ns> ...`
-    fn ip(&self, args: &[&str]) -> Output {
-        let mut v = vec!["ip", "-n", &self.name];
-        v.extend_from_slice(args);
-        run(&v)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
 struct Lab {
     // Field order = drop order: the servers stop before the namespaces go.
     servers: Option<Servers>,
@@ -81,8 +50,8 @@ impl Lab {
         Lab {
             servers: None,
             dir: tempfile::tempdir().unwrap(),
-            client: Netns::new("cli"),
-            server: Netns::new("srv"),
+            client: Netns::new("dhcp-cli"),
+            server: Netns::new("dhcp-srv"),
         }
     }
 
@@ -136,7 +105,7 @@ impl Lab {
 
     fn start(&mut self, configs: Vec<DhcpConfig>) -> Vec<watch::Receiver<Arc<Vec<Lease>>>> {
         assert!(self.servers.is_none());
-        let s = Servers::start(&self.server.name, configs);
+        let s = Servers::start(&self.server, configs);
         let leases = s.leases.clone();
         self.servers = Some(s);
         leases
@@ -260,20 +229,19 @@ struct Servers {
 }
 
 impl Servers {
-    fn start(netns: &str, configs: Vec<DhcpConfig>) -> Servers {
-        Self::try_start(netns, configs).unwrap()
+    fn start(ns: &Netns, configs: Vec<DhcpConfig>) -> Servers {
+        Self::try_start(ns, configs).unwrap()
     }
 
-    fn try_start(netns: &str, configs: Vec<DhcpConfig>) -> Result<Servers, String> {
+    fn try_start(ns: &Netns, configs: Vec<DhcpConfig>) -> Result<Servers, String> {
         let log = Arc::new(Mutex::new(Vec::new()));
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
-        let path = format!("/run/netns/{netns}");
+        let path = ns.path();
         let buf = LogBuf(log.clone());
         let thread = std::thread::spawn(move || {
-            let f = fs::File::open(&path).unwrap();
             // Only this thread moves into the namespace.
-            assert_eq!(unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) }, 0);
+            netns::enter(&path);
             let subscriber = tracing_subscriber::fmt()
                 .with_writer(move || buf.clone())
                 .with_ansi(false)
@@ -529,6 +497,8 @@ fn renewal_is_acked_by_unicast_and_extends_the_lease() {
         let first = lease_of(&rx, MAC_A).expect("bound lease").expires;
         std::thread::sleep(Duration::from_millis(1100));
         // SIGUSR1: udhcpc renews now, unicasting a REQUEST with ciaddr from its address.
+        // SAFETY: kill(2) takes only integers and touches no memory of this process; the
+        // pid is our child's and not yet reaped (it is waited for below).
         assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGUSR1) }, 0);
         let text = wait_for("renew");
         let renewed = lease_of(&rx, MAC_A).expect("renewed lease");
@@ -552,7 +522,7 @@ fn renewal_is_acked_by_unicast_and_extends_the_lease() {
 fn start_fails_cleanly_without_the_interface_and_with_corrupt_lease_file() {
     let mut lab = Lab::new();
     let cfg = lab.config("nobr", "br-missing", "10.83.0.0/24", "10.83.0.1");
-    let err = Servers::try_start(&lab.server.name, vec![cfg])
+    let err = Servers::try_start(&lab.server, vec![cfg])
         .err()
         .expect("no bridge, no server");
     assert!(

@@ -9,16 +9,18 @@
 //! ```
 //! Needs root, `ip`, `dig` (dnsutils) and `dnsmasq` (dnsmasq-base).
 
+#[path = "support/netns.rs"]
+mod netns;
+
 use std::fs::File;
 use std::io::Write;
 use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
-use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use netns::Netns;
 use tokio::sync::watch;
 use vmnet_broker::dns::{DnsConfig, DnsServer};
 
@@ -34,68 +36,6 @@ const UPSTREAM6: &str = "fd98::2";
 
 type NameList = Arc<Vec<(String, Ipv4Addr)>>;
 
-fn run(cmd: &str, args: &[&str]) -> std::process::Output {
-    Command::new(cmd)
-        .args(args)
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd}: {e}"))
-}
-
-fn must(cmd: &str, args: &[&str]) {
-    let out = run(cmd, args);
-    assert!(
-        out.status.success(),
-        "{cmd} {args:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// A named network namespace, deleted on drop (also when the test panics).
-struct Netns(String);
-
-impl Netns {
-    fn new(name: String) -> Netns {
-        must("ip", &["netns", "add", &name]);
-        let ns = Netns(name);
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-    fn ip(&self, args: &[&str]) {
-        let mut all = vec!["-n", &self.0];
-        all.extend_from_slice(args);
-        must("ip", &all);
-    }
-    fn exec(&self, args: &[&str]) -> std::process::Output {
-        let mut all = vec!["netns", "exec", &self.0];
-        all.extend_from_slice(args);
-        run("ip", &all)
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-/// Runs `f` in a new thread that entered netns `ns`; sockets it creates stay in `ns`.
-fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || {
-        enter_netns(&path);
-        f()
-    })
-    .join()
-    .expect("netns thread panicked")
-}
-
-fn enter_netns(path: &str) {
-    let f = File::open(path).unwrap_or_else(|e| panic!("open {path}: {e}"));
-    // SAFETY: plain syscall on a valid fd; only this thread changes namespace.
-    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-    assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-}
-
 /// The DnsServer on its own thread and current-thread runtime, inside netns A.
 struct ServerThread {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -103,12 +43,12 @@ struct ServerThread {
 }
 
 impl ServerThread {
-    fn start(ns: &str, config: DnsConfig, names: watch::Receiver<NameList>) -> ServerThread {
-        let path = format!("/run/netns/{ns}");
+    fn start(ns: &Netns, config: DnsConfig, names: watch::Receiver<NameList>) -> ServerThread {
+        let path = ns.path();
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let thread = std::thread::spawn(move || {
-            enter_netns(&path);
+            netns::enter(&path);
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -161,9 +101,9 @@ struct Dnsmasq(Child);
 impl Dnsmasq {
     /// A dnsmasq in `ns` answering on `listen` (port 53) from its own data only.
     fn start(ns: &Netns, dir: &std::path::Path, listen: &[&str], extra: &[&str]) -> Dnsmasq {
-        let pidfile = dir.join(format!("dnsmasq-{}.pid", ns.0));
+        let pidfile = dir.join(format!("dnsmasq-{}.pid", ns.name));
         let child = Command::new("ip")
-            .args(["netns", "exec", &ns.0, "dnsmasq", "--no-daemon"])
+            .args(["netns", "exec", &ns.name, "dnsmasq", "--no-daemon"])
             .args(["--conf-file=/dev/null", "--no-resolv", "--no-hosts"])
             .args([
                 "--user=root",
@@ -203,8 +143,6 @@ struct Fixture {
     u: Netns,
 }
 
-static COUNTER: AtomicUsize = AtomicUsize::new(0);
-
 /// 2000+ bytes of TXT data, too big for a 512-byte or 1232-byte UDP answer.
 fn big_txt() -> Vec<String> {
     (0..9).map(|i| format!("{i}{}", "x".repeat(240))).collect()
@@ -219,19 +157,14 @@ impl Fixture {
             )
             .with_test_writer()
             .try_init();
-        let id = format!(
-            "vmnbt-dns{}-{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::SeqCst)
-        );
-        let a = Netns::new(format!("{id}-a"));
-        let u = Netns::new(format!("{id}-u"));
-        let c = Netns::new(format!("{id}-c"));
+        let a = Netns::new("dns-a");
+        let u = Netns::new("dns-u");
+        let c = Netns::new("dns-c");
         a.ip(&["link", "add", "br0", "type", "bridge"]);
         a.ip(&["addr", "add", &format!("{GATEWAY}/24"), "dev", "br0"]);
         a.ip(&["link", "set", "br0", "up"]);
         a.ip(&[
-            "link", "add", "vu", "type", "veth", "peer", "name", "eth0", "netns", &u.0,
+            "link", "add", "vu", "type", "veth", "peer", "name", "eth0", "netns", &u.name,
         ]);
         a.ip(&["addr", "add", "10.98.0.1/24", "dev", "vu"]);
         a.ip(&["addr", "add", "fd98::1/64", "dev", "vu", "nodad"]);
@@ -249,7 +182,7 @@ impl Fixture {
         }
         u.ip(&["link", "set", "eth0", "up"]);
         a.ip(&[
-            "link", "add", "vc", "type", "veth", "peer", "name", "eth0", "netns", &c.0,
+            "link", "add", "vc", "type", "veth", "peer", "name", "eth0", "netns", &c.name,
         ]);
         a.ip(&["link", "set", "vc", "master", "br0"]);
         a.ip(&["link", "set", "vc", "up"]);
@@ -264,9 +197,7 @@ impl Fixture {
             &[UPSTREAM, UPSTREAM6],
             &[&format!("--address=/example.test/{FORWARDED_IP}"), &txt],
         );
-        let silent = in_netns(&u.0, || {
-            UdpSocket::bind((SILENT, 53)).expect("bind silent upstream")
-        });
+        let silent = u.run(|| UdpSocket::bind((SILENT, 53)).expect("bind silent upstream"));
         wait_listening(&u, &format!("{UPSTREAM}:53"));
         wait_listening(&u, &format!("[{UPSTREAM6}]:53"));
 
@@ -294,7 +225,7 @@ impl Fixture {
             domain: "shared.vmnet".into(),
             resolv_conf: fx.resolv.clone(),
         };
-        fx.server = Some(ServerThread::start(&fx.a.0, config, names_rx));
+        fx.server = Some(ServerThread::start(&fx.a, config, names_rx));
         fx
     }
 
@@ -325,7 +256,7 @@ fn wait_listening(ns: &Netns, addr: &str) {
         assert!(
             Instant::now() < deadline,
             "nothing listening on {addr} in {}",
-            ns.0
+            ns.name
         );
         std::thread::sleep(Duration::from_millis(50));
     }
@@ -574,9 +505,8 @@ fn query_packet(id: u16, name: &str) -> Vec<u8> {
 fn survives_garbage_and_floods() {
     let fx = Fixture::new();
     let server: SocketAddr = (GATEWAY.parse::<Ipv4Addr>().unwrap(), 53).into();
-    let c = fx.c.0.clone();
     // Run from C, like a VM would.
-    let (garbage_replies, good_reply) = in_netns(&c, move || {
+    let (garbage_replies, good_reply) = fx.c.run(move || {
         let sock = UdpSocket::bind("10.99.0.50:0").unwrap();
         sock.set_read_timeout(Some(Duration::from_millis(300)))
             .unwrap();
@@ -622,7 +552,7 @@ fn survives_garbage_and_floods() {
     // A flood of forwarded queries stuck on a silent upstream: bounded, and local names
     // still answer at once.
     fx.set_upstreams(&[SILENT]);
-    let flooded = in_netns(&c, move || {
+    let flooded = fx.c.run(move || {
         let sock = UdpSocket::bind("10.99.0.50:0").unwrap();
         let start = Instant::now();
         for i in 0..2000u16 {
@@ -649,12 +579,7 @@ fn survives_garbage_and_floods() {
 #[test]
 fn starts_before_the_gateway_address_exists() {
     // The backend may start DNS while the bridge address is still being set up.
-    let id = format!(
-        "vmnbt-dns{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::SeqCst)
-    );
-    let a = Netns::new(format!("{id}-a"));
+    let a = Netns::new("dns-a");
     a.ip(&["link", "add", "br0", "type", "bridge"]);
     let dir = tempfile::tempdir().unwrap();
     let resolv = dir.path().join("resolv.conf");
@@ -670,7 +595,7 @@ fn starts_before_the_gateway_address_exists() {
         domain: "shared.vmnet".into(),
         resolv_conf: resolv,
     };
-    let mut server = ServerThread::start(&a.0, config, names_rx);
+    let mut server = ServerThread::start(&a, config, names_rx);
     a.ip(&["addr", "add", &format!("{GATEWAY}/24"), "dev", "br0"]);
     a.ip(&["link", "set", "br0", "up"]);
     let d = dig_in(&a, &["vm1.shared.vmnet", "A"]);

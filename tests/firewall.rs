@@ -4,52 +4,30 @@
 //! `Firewall` runs in a thread that entered B, so the `nft` it spawns acts in B.
 #![cfg(target_os = "linux")]
 
+#[path = "support/netns.rs"]
+mod netns;
+
 use std::future::Future;
 use std::net::Ipv4Addr;
-use std::os::fd::AsRawFd;
-use std::process::{Command, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::process::{Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use netns::Netns;
 use vmnet_broker::backend::linux::firewall::{Firewall, FirewallError, FirewallNetwork};
-
-static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 const VM_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x77, 0x00, 0x02];
 const VM_MAC_STR: &str = "02:00:00:77:00:02";
 const PORT: u16 = 8080;
 
-/// A named network namespace, deleted on drop.
-struct Netns(String);
+/// What these tests do in a namespace besides the shared helper's.
+trait FirewallNs {
+    fn nft(&self, script: &str);
+    fn nft_list(&self, what: &str) -> String;
+    fn ping(&self, args: &[&str]) -> bool;
+}
 
-impl Netns {
-    fn new(role: &str) -> Netns {
-        let name = format!(
-            "vmnbt-fw{}-{}{}",
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::Relaxed),
-            role
-        );
-        run("ip", &["netns", "add", &name]);
-        let ns = Netns(name);
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-    fn ip(&self, args: &[&str]) {
-        let mut a = vec!["-n", &self.0];
-        a.extend_from_slice(args);
-        run("ip", &a);
-    }
-    /// Runs a command inside the namespace.
-    fn exec(&self, cmd: &[&str]) -> Output {
-        let mut a = vec!["netns", "exec", &self.0];
-        a.extend_from_slice(cmd);
-        Command::new("ip")
-            .args(&a)
-            .output()
-            .expect("run ip netns exec")
-    }
+impl FirewallNs for Netns {
     fn nft(&self, script: &str) {
         let out = self.exec(&["nft", script]);
         assert!(
@@ -78,22 +56,6 @@ impl Netns {
     }
 }
 
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.0]).status();
-    }
-}
-
-fn run(prog: &str, args: &[&str]) -> Output {
-    let out = Command::new(prog).args(args).output().expect("spawn");
-    assert!(
-        out.status.success(),
-        "{prog} {args:?}: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
-
 /// B (bridge vmnbr0 10.77.0.1/24, uplink 198.18.0.1/24, default route via O), O (198.18.0.2)
 /// and V (10.77.0.2/24 on a port of vmnbr0, default route via 10.77.0.1).
 struct Topo {
@@ -109,7 +71,7 @@ impl Topo {
         b.ip(&["addr", "add", "10.77.0.1/24", "dev", "vmnbr0"]);
         b.ip(&["link", "set", "vmnbr0", "up"]);
         b.ip(&[
-            "link", "add", "up0", "type", "veth", "peer", "name", "eth0", "netns", &o.0,
+            "link", "add", "up0", "type", "veth", "peer", "name", "eth0", "netns", &o.name,
         ]);
         b.ip(&["addr", "add", "198.18.0.1/24", "dev", "up0"]);
         b.ip(&["link", "set", "up0", "up"]);
@@ -117,7 +79,7 @@ impl Topo {
         o.ip(&["addr", "add", "198.18.0.2/24", "dev", "eth0"]);
         o.ip(&["link", "set", "eth0", "up"]);
         b.ip(&[
-            "link", "add", "vport", "type", "veth", "peer", "name", "eth0", "netns", &v.0,
+            "link", "add", "vport", "type", "veth", "peer", "name", "eth0", "netns", &v.name,
         ]);
         b.ip(&["link", "set", "vport", "master", "vmnbr0", "up"]);
         v.ip(&["link", "set", "eth0", "address", VM_MAC_STR]);
@@ -147,7 +109,7 @@ impl Topo {
              try:\n  c,a=s.accept()\n  print(a[0],flush=True)\nexcept socket.timeout:\n  print('none',flush=True)\n"
         );
         let mut child = Command::new("ip")
-            .args(["netns", "exec", &self.o.0, "python3", "-c", &server])
+            .args(["netns", "exec", &self.o.name, "python3", "-c", &server])
             .stdout(Stdio::piped())
             .spawn()
             .expect("spawn server");
@@ -199,10 +161,7 @@ where
                 .with_max_level(tracing::Level::DEBUG)
                 .finish();
             let _guard = tracing::subscriber::set_default(subscriber);
-            let file = std::fs::File::open(format!("/run/netns/{}", ns.0)).expect("open netns");
-            // SAFETY: plain syscall on a valid fd; only this thread changes namespace.
-            let rc = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-            assert_eq!(rc, 0, "setns: {}", std::io::Error::last_os_error());
+            ns.enter_current_thread();
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()
@@ -591,12 +550,12 @@ fn failing_nft(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf
 fn failed_removal_forgets_the_network_and_allows_recreating_it() {
     let t = Topo::new();
     t.b.ip(&["link", "add", "vmnbr1", "type", "bridge"]);
-    let dir = std::env::temp_dir().join(format!(
-        "vmnbt-fwnft-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
+    // Removed on drop, also when the test panics.
+    let tmp = tempfile::Builder::new()
+        .prefix("vmnbt-fwnft-")
+        .tempdir()
+        .unwrap();
+    let dir = tmp.path().to_path_buf();
     let (nft, fail) = failing_nft(&dir);
     let logs = in_netns(&t.b, || async {
         let fw = Firewall::with_nft_program(nft.as_os_str());
@@ -633,6 +592,5 @@ fn failed_removal_forgets_the_network_and_allows_recreating_it() {
         fw.remove_network("testnet").await.unwrap();
         assert_eq!(tables(&t.b).trim(), "");
     });
-    let _ = std::fs::remove_dir_all(&dir);
     assert!(logs.contains("network forgotten"), "{logs}");
 }

@@ -1,14 +1,17 @@
 //! The Linux backend against the real kernel. Each test runs in a network namespace of
-//! its own: a dedicated thread unshares CLONE_NEWNET and runs a current-thread tokio
-//! runtime, so the backend's netlink socket and TAPs live in that namespace, and the
-//! namespace (with everything in it) goes away when the thread ends. `ip` inspects it
-//! through nsenter, independently of the backend's own netlink code.
+//! its own (tests/support/netns.rs): a dedicated thread enters it and runs a
+//! current-thread tokio runtime, so the backend's netlink socket and TAPs live in that
+//! namespace, which is deleted (with everything in it) when the test ends. `ip` inspects
+//! it through `ip netns exec`, independently of the backend's own netlink code.
 #![cfg(target_os = "linux")]
 
+#[path = "support/netns.rs"]
+mod netns;
+
+use netns::Netns;
 use serde_json::Value;
 use std::future::Future;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
-use std::process::Command;
 use std::time::Duration;
 use vmnet_broker::backend::linux::{
     LinuxBackend, LinuxNetwork, LinuxOptions, bridge_mac, bridge_of, tap, tap_name_of,
@@ -17,18 +20,14 @@ use vmnet_broker::backend::{AttachRequest, Attachment, Backend};
 use vmnet_broker::config::{NetworkConfig, builtin};
 use vmnet_broker::policy::Peer;
 
-/// The test's network namespace, as a path `nsenter` takes.
+/// The test's network namespace, with what these tests inspect in it.
 struct Ns {
-    path: String,
+    netns: Netns,
 }
 
 impl Ns {
     fn run(&self, args: &[&str]) -> Result<String, String> {
-        let out = Command::new("nsenter")
-            .arg(format!("--net={}", self.path))
-            .args(args)
-            .output()
-            .expect("nsenter runs");
+        let out = self.netns.exec(args);
         if out.status.success() {
             Ok(String::from_utf8(out.stdout).unwrap())
         } else {
@@ -90,19 +89,10 @@ where
     F: FnOnce(Ns) -> Fut + Send + 'static,
     Fut: Future<Output = ()>,
 {
+    let netns = Netns::new("backend");
     let thread = std::thread::spawn(move || {
-        // SAFETY: unshare only changes this thread's namespace membership.
-        let rc = unsafe { libc::unshare(libc::CLONE_NEWNET) };
-        assert_eq!(
-            rc,
-            0,
-            "unshare(CLONE_NEWNET) needs root: {}",
-            std::io::Error::last_os_error()
-        );
-        let tid = unsafe { libc::gettid() };
-        let ns = Ns {
-            path: format!("/proc/{}/task/{tid}/ns/net", std::process::id()),
-        };
+        netns.enter_current_thread();
+        let ns = Ns { netns };
         let rt = tokio::runtime::Builder::new_current_thread()
             .enable_all()
             .build()

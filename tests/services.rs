@@ -16,6 +16,8 @@
 //!
 //! Needs root, `ip`, `nft`, `ss`, busybox, `dig` (dnsutils) and `dnsmasq` (dnsmasq-base).
 
+#[path = "support/netns.rs"]
+mod netns;
 #[path = "support/broker.rs"]
 mod support;
 
@@ -63,23 +65,9 @@ fn subnet_of(a: &Acquired) -> ipnet::Ipv4Net {
     a.info.subnet.parse().unwrap()
 }
 
-/// Runs `f` in a thread that entered namespace `ns`; sockets it creates stay there.
-fn in_netns<T: Send + 'static>(ns: &str, f: impl FnOnce() -> T + Send + 'static) -> T {
-    let path = format!("/run/netns/{ns}");
-    std::thread::spawn(move || {
-        let file = std::fs::File::open(&path).unwrap();
-        // SAFETY: setns on an open namespace fd; it only changes this thread.
-        let r = unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) };
-        assert_eq!(r, 0, "setns {path}: {}", std::io::Error::last_os_error());
-        f()
-    })
-    .join()
-    .unwrap()
-}
-
 /// Whether a TCP connection from namespace `ns` to `to` is established within `timeout`.
-fn tcp_connects(ns: &str, to: SocketAddr, timeout: Duration) -> bool {
-    in_netns(ns, move || TcpStream::connect_timeout(&to, timeout).is_ok())
+fn tcp_connects(ns: &Netns, to: SocketAddr, timeout: Duration) -> bool {
+    ns.run(move || TcpStream::connect_timeout(&to, timeout).is_ok())
 }
 
 /// Sockets on local port `port` in the broker's namespace (`ss` flags `-lun`/`-ltn`).
@@ -156,7 +144,7 @@ exit 0
 "#,
             )
             .unwrap();
-            support::run_ok(Command::new("chmod").arg("755").arg(&script));
+            netns::run_ok(Command::new("chmod").arg("755").arg(&script));
         }
         let out = b.dir.path().join(format!(
             "lease-{}.env",
@@ -744,7 +732,7 @@ impl Outside {
             ns.name
         ));
         ns.sh("ip addr add 10.97.0.2/24 dev eth0; ip link set eth0 up");
-        let listener = in_netns(&ns.name, || TcpListener::bind(OUTSIDE).unwrap());
+        let listener = ns.run(|| TcpListener::bind(OUTSIDE).unwrap());
         listener.set_nonblocking(true).unwrap();
         Outside { listener, ns }
     }
@@ -767,7 +755,7 @@ impl Outside {
 
     /// Whether a connection from `vm` reaches the outside, and from where it comes.
     fn reached_from(&self, vm: &VethVm, wait: Duration) -> Option<SocketAddr> {
-        if !tcp_connects(&vm.ns.name, OUTSIDE.parse().unwrap(), wait) {
+        if !tcp_connects(&vm.ns, OUTSIDE.parse().unwrap(), wait) {
             assert_eq!(self.accepted(Duration::ZERO), None);
             return None;
         }
@@ -802,17 +790,17 @@ fn shared_mode_is_masqueraded_and_host_mode_never_leaves() {
     assert_eq!(outside.accepted(NEVER), None);
     // Host mode still reaches its gateway (the broker's DNS over TCP).
     let hgw: SocketAddr = format!("{}:53", h.info.gateway).parse().unwrap();
-    assert!(tcp_connects(&host_vm.ns.name, hgw, SOON));
+    assert!(tcp_connects(&host_vm.ns, hgw, SOON));
 
     // Nothing outside may open a connection into the NAT network, even with a route to it.
-    let inside = in_netns(&shared_vm.ns.name, || {
-        TcpListener::bind("0.0.0.0:9090").unwrap()
-    });
+    let inside = shared_vm
+        .ns
+        .run(|| TcpListener::bind("0.0.0.0:9090").unwrap());
     outside
         .ns
         .sh(&format!("ip route add {} via {UPLINK}", s.info.subnet));
     let to_vm: SocketAddr = format!("{vm_ip}:9090").parse().unwrap();
-    assert!(!tcp_connects(&outside.ns.name, to_vm, NEVER));
+    assert!(!tcp_connects(&outside.ns, to_vm, NEVER));
     inside.set_nonblocking(true).unwrap();
     assert!(inside.accept().is_err());
     // The control: the VM's own gateway does reach it.

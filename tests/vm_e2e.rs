@@ -10,6 +10,8 @@
 //! has pinged it before powering off. A TCG boot takes 3–4 s, so each test boots as few
 //! guests as its point needs.
 
+#[path = "support/netns.rs"]
+mod netns;
 #[path = "support/broker.rs"]
 mod support;
 #[path = "support/vm.rs"]
@@ -401,7 +403,7 @@ fn shared_vm_reaches_the_outside_through_nat_and_host_vm_does_not() {
     let b = Broker::start(Options::default());
     let outside = Netns::new("outside");
     // The broker namespace's uplink: 203.0.113.2 (TEST-NET-3), default route via the outside.
-    support::run_ok(Command::new("ip").args([
+    netns::run_ok(Command::new("ip").args([
         "-n",
         &b.ns.name,
         "link",

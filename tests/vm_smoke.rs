@@ -3,12 +3,15 @@
 //! broker yet: the test opens the TAPs itself and hands them to QEMU as fd 3, exactly as
 //! `vmnet-broker run` will. Each boot takes a few seconds under TCG.
 
+#[path = "support/netns.rs"]
+mod netns;
 #[path = "support/vm.rs"]
 mod vm;
 
+use netns::Netns;
 use std::os::fd::AsFd;
 use std::time::Duration;
-use vm::{TestNetns, VmSpec};
+use vm::VmSpec;
 
 #[test]
 fn parse_output_reads_markers_anywhere_in_a_line() {
@@ -121,12 +124,12 @@ sleep 0.3
 /// with vnet_hdr: static addresses, they ping the gateway and each other.
 #[test]
 fn two_guests_ping_each_other_and_the_gateway() {
-    let ns = TestNetns::new("smoke");
+    let ns = Netns::new("smoke");
     ns.ip(&["link", "add", "br0", "type", "bridge"]);
     ns.ip(&["addr", "add", "10.66.0.1/24", "dev", "br0"]);
     ns.ip(&["link", "set", "br0", "up"]);
-    let tap_a = ns.open_tap("tapa");
-    let tap_b = ns.open_tap("tapb");
+    let tap_a = vm::open_tap_in(&ns, "tapa");
+    let tap_b = vm::open_tap_in(&ns, "tapb");
     for tap in ["tapa", "tapb"] {
         ns.ip(&["link", "set", tap, "master", "br0", "up"]);
     }
@@ -173,11 +176,11 @@ impl Drop for KillOnDrop {
 /// learns the guest's hostname from option 12.
 #[test]
 fn dhcp_helper_configures_the_lease_and_sends_the_hostname() {
-    let ns = TestNetns::new("dhcp");
+    let ns = Netns::new("dhcp");
     ns.ip(&["link", "add", "br0", "type", "bridge"]);
     ns.ip(&["addr", "add", "10.67.0.1/24", "dev", "br0"]);
     ns.ip(&["link", "set", "br0", "up"]);
-    let tap = ns.open_tap("tapd");
+    let tap = vm::open_tap_in(&ns, "tapd");
     ns.ip(&["link", "set", "tapd", "master", "br0", "up"]);
 
     let dir = tempfile::tempdir().unwrap();
@@ -261,14 +264,14 @@ check ping_gateway ping -c 1 -W 2 10.67.0.1
 /// replies in VMNET_BROKER_NETWORKS; the i-th NIC gets the i-th reply's MAC and fd 3+i.
 #[test]
 fn qemu_from_env_maps_broker_replies_to_nics_in_order() {
-    let ns = TestNetns::new("fromenv");
+    let ns = Netns::new("fromenv");
     for (br, addr) in [("br0", "10.68.0.1/24"), ("br1", "10.69.0.1/24")] {
         ns.ip(&["link", "add", br, "type", "bridge"]);
         ns.ip(&["addr", "add", addr, "dev", br]);
         ns.ip(&["link", "set", br, "up"]);
     }
-    let tap0 = ns.open_tap("tapf0");
-    let tap1 = ns.open_tap("tapf1");
+    let tap0 = vm::open_tap_in(&ns, "tapf0");
+    let tap1 = vm::open_tap_in(&ns, "tapf1");
     ns.ip(&["link", "set", "tapf0", "master", "br0", "up"]);
     ns.ip(&["link", "set", "tapf1", "master", "br1", "up"]);
     let (mac0, mac1) = (vm::test_mac(0xe0), vm::test_mac(0xe1));

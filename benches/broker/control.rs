@@ -1,8 +1,8 @@
 //! Control plane: acquire latency (cold and warm), qemu-bridge-helper side by side,
 //! 1000 clients at once, DHCP DISCOVER to OFFER.
 
+use crate::netns::Netns;
 use crate::util::*;
-use crate::vm::TestNetns;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -127,12 +127,12 @@ pub fn run(quick: bool, clients: Option<usize>) -> Control {
 /// alternating, on bridges in two namespaces.
 fn bridge_helper(quick: bool, out: &mut Control) {
     let helper = "/usr/lib/qemu/qemu-bridge-helper";
-    if !std::path::Path::new(helper).exists() {
-        eprintln!("bench: {helper} missing (package qemu-system-common): skipped");
-        return;
-    }
+    assert!(
+        std::path::Path::new(helper).exists(),
+        "{helper} is missing: install package qemu-system-common (`scripts/deps test` does)"
+    );
     let n = if quick { 30 } else { 200 };
-    let ns = TestNetns::new("bench-qbh");
+    let ns = Netns::new("bench-qbh");
     ns.ip(&["link", "add", "br0", "type", "bridge"]);
     ns.ip(&["link", "set", "br0", "up"]);
     let dir = tempfile::Builder::new()
@@ -184,10 +184,12 @@ fn bridge_helper(quick: bool, out: &mut Control) {
 /// Child side of [`bridge_helper`]: runs inside the namespace; prints one time (ms) per
 /// line: spawn of the helper until the TAP fd arrived (what QEMU waits for).
 pub fn helper_loop(dir: &str, n: usize) {
-    // SAFETY: mount syscalls on paths we own, in the mount namespace `ip netns exec` made.
+    let src = std::ffi::CString::new(dir).unwrap();
+    let dst = c"/etc/qemu";
+    // SAFETY: mount(2) only reads the two NUL-terminated strings, valid for the call, and
+    // the null pointers it allows for fstype and data with MS_BIND. It bind-mounts a
+    // directory we own, in the private mount namespace `ip netns exec` made for us.
     unsafe {
-        let src = std::ffi::CString::new(dir).unwrap();
-        let dst = c"/etc/qemu";
         let rc = libc::mount(
             src.as_ptr(),
             dst.as_ptr(),
@@ -204,7 +206,9 @@ pub fn helper_loop(dir: &str, n: usize) {
         let mut cmd = Command::new("/usr/lib/qemu/qemu-bridge-helper");
         cmd.args(["--use-vnet", "--br=br0", "--fd=3"]);
         use std::os::unix::process::CommandExt;
-        // SAFETY: dup2 only between fork and exec.
+        // SAFETY: between fork and exec the closure makes only async-signal-safe calls
+        // (dup2) and allocates nothing; `theirs_fd` is a plain integer copied in, open in
+        // the parent (and so in the child) until after the spawn.
         unsafe {
             cmd.pre_exec(move || {
                 if libc::dup2(theirs_fd, 3) < 0 {
@@ -228,7 +232,8 @@ pub fn helper_loop(dir: &str, n: usize) {
         drop(fd);
         drop(theirs);
     }
-    // SAFETY: undo our mount (the namespace goes away with us anyway).
+    // SAFETY: umount(2) only reads the NUL-terminated C string literal; it undoes our own
+    // bind mount in our private mount namespace (which goes away with us anyway).
     unsafe { libc::umount(c"/etc/qemu".as_ptr()) };
 }
 
@@ -240,7 +245,8 @@ fn recv_fd(s: &std::os::unix::net::UnixStream) -> Option<OwnedFd> {
     let msg = recvmsg::<()>(s.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::empty()).ok()?;
     for c in msg.cmsgs().ok()? {
         if let ControlMessageOwned::ScmRights(fds) = c {
-            // SAFETY: a fd the kernel just gave us.
+            // SAFETY: SCM_RIGHTS fds were just installed in our fd table by this recvmsg
+            // and nothing else refers to them, so the OwnedFd is the only owner.
             return fds.first().map(|&f| unsafe { OwnedFd::from_raw_fd(f) });
         }
     }
@@ -252,7 +258,8 @@ fn recv_fd(s: &std::os::unix::net::UnixStream) -> Option<OwnedFd> {
 /// RLIMIT_NOFILE systemd gives services (1024).
 fn many(n: usize) -> Many {
     // Our own fds: a socket and a TAP per client.
-    // SAFETY: plain rlimit calls.
+    // SAFETY: rlimit is plain integers, so all zeroes is a valid value; getrlimit writes
+    // and setrlimit reads one rlimit through a pointer to `r`, exclusively borrowed.
     unsafe {
         let mut r: libc::rlimit = std::mem::zeroed();
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
@@ -286,7 +293,8 @@ fn many(n: usize) -> Many {
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
                 if Instant::now() > deadline {
                     eprintln!("bench: {n} clients: no progress for 60 s, killing the broker");
-                    // SAFETY: our child.
+                    // SAFETY: kill(2) takes only integers and touches no memory of ours; `bpid`
+                    // is our child broker, not reaped before `broker` is dropped after this.
                     unsafe { libc::kill(bpid, libc::SIGKILL) };
                     return;
                 }

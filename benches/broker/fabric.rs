@@ -2,8 +2,8 @@
 //! (a) the broker's bridge, (b) a bridge made by hand with `ip`, (c) `vde_switch`,
 //! (d) a QEMU `-netdev stream` style hub. See docs/benchmarks.md for what each stands for.
 
+use crate::netns::Netns;
 use crate::util::*;
-use crate::vm::TestNetns;
 use std::io::{Read, Write};
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -106,13 +106,15 @@ impl Port {
                 events: libc::POLLIN,
                 revents: 0,
             };
-            // SAFETY: one valid pollfd.
+            // SAFETY: poll(2) reads and writes exactly one pollfd (nfds = 1) through the
+            // pointer, which points to `p`, exclusively borrowed for the call.
             if unsafe { libc::poll(&mut p, 1, 50) } <= 0 {
                 continue;
             }
             match self {
                 Port::Tap(_) | Port::Vde { .. } => {
-                    // SAFETY: reading into our buffer.
+                    // SAFETY: read(2) writes at most buf.len() bytes into `buf`, which is
+                    // exclusively borrowed and that long.
                     let n = unsafe { libc::read(fd, buf.as_mut_ptr().cast(), buf.len()) };
                     if n <= 0 {
                         continue;
@@ -210,13 +212,13 @@ fn broker_setup(broker: &BrokerProc, network: &str, n: usize) -> Setup {
 
 /// (b): the kernel's limit: a bridge and TAPs made with `ip`, nothing else.
 fn bridge_setup(n: usize) -> Setup {
-    let ns = TestNetns::new("fab");
+    let ns = Netns::new("fab");
     ns.ip(&["link", "add", "br0", "type", "bridge"]);
     ns.ip(&["link", "set", "br0", "up"]);
     let mut eps = Vec::new();
     for i in 0..2 * n {
         let name = format!("t{i}");
-        let fd = ns.enter(|| {
+        let fd = ns.run(|| {
             let fd = crate::vm::open_tap(&name);
             set_vnet_hdr_sz(&fd);
             fd
@@ -241,7 +243,8 @@ fn bridge_setup(n: usize) -> Setup {
 fn set_vnet_hdr_sz(fd: &OwnedFd) {
     const TUNSETVNETHDRSZ: libc::c_ulong = 0x4004_54d8;
     let sz: libc::c_int = VNET_HDR as libc::c_int;
-    // SAFETY: the kernel reads one int.
+    // SAFETY: TUNSETVNETHDRSZ reads one c_int through the pointer, which points to `sz`,
+    // a c_int that outlives the call; `fd` is open (borrowed).
     let rc = unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETVNETHDRSZ as _, &sz) };
     assert_eq!(
         rc,

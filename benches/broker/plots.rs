@@ -144,10 +144,10 @@ fn scaling(rep: &Report, path: &Path) -> R {
 
 /// Writes every plot it can; returns (file name, title) of those written.
 pub fn all(rep: &Report, dir: &Path) -> Vec<(String, String)> {
-    if !font_ready() {
-        eprintln!("bench: no DejaVuSans.ttf found (package fonts-dejavu-core): plots skipped");
-        return vec![];
-    }
+    assert!(
+        font_ready(),
+        "no DejaVuSans.ttf found: install package fonts-dejavu-core (`scripts/deps test` does)"
+    );
     let mut made = Vec::new();
     let mut one = |file: &str, title: &str, r: R| match r {
         Ok(()) => made.push((file.to_string(), title.to_string())),

@@ -1,7 +1,7 @@
 //! Small shared pieces: statistics, CPU accounting, child processes killed on drop, the
 //! broker daemon in its own namespace, raw Ethernet/IPv4/UDP frames and a DHCP client.
 
-use crate::vm::TestNetns;
+use crate::netns::Netns;
 use dhcproto::v4::{DhcpOption, Message, MessageType, Opcode, OptionCode};
 use dhcproto::{Decodable, Encodable};
 use std::net::Ipv4Addr;
@@ -27,14 +27,17 @@ pub fn percentile(v: &[f64], p: f64) -> f64 {
 }
 
 fn clk_tck() -> f64 {
-    // SAFETY: sysconf has no preconditions.
+    // SAFETY: sysconf(3) takes an integer, touches no memory of ours and has no
+    // preconditions.
     (unsafe { libc::sysconf(libc::_SC_CLK_TCK) }) as f64
 }
 
 /// User+system CPU seconds of this process (all threads).
 pub fn cpu_self() -> f64 {
-    // SAFETY: getrusage fills the struct.
+    // SAFETY: rusage is plain integers and timevals, for which all zeroes is valid.
     let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: getrusage(2) writes one rusage through the pointer, which points to `ru`,
+    // exclusively borrowed for the call.
     unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
     let t = |tv: libc::timeval| tv.tv_sec as f64 + tv.tv_usec as f64 / 1e6;
     t(ru.ru_utime) + t(ru.ru_stime)
@@ -100,7 +103,8 @@ impl Guarded {
 impl Drop for Guarded {
     fn drop(&mut self) {
         if let Ok(None) = self.child.try_wait() {
-            // SAFETY: signalling our own child's process group.
+            // SAFETY: kill(2) takes only integers and touches no memory of ours; the group
+            // is our unreaped child's (try_wait just said it still runs).
             unsafe { libc::kill(-self.pid(), libc::SIGKILL) };
         }
         let _ = self.child.wait();
@@ -115,14 +119,14 @@ pub struct BrokerProc {
     pub proc: Guarded,
     pub socket: PathBuf,
     pub dir: tempfile::TempDir,
-    pub ns: TestNetns,
+    pub ns: Netns,
 }
 
 impl BrokerProc {
     /// `files`: (network name, JSON) config files. `nofile`: soft RLIMIT_NOFILE to start
     /// the daemon with (systemd's default is 1024), to see how it copes.
     pub fn start(tag: &str, files: &[(String, String)], nofile: Option<u64>) -> BrokerProc {
-        let ns = TestNetns::new(tag);
+        let ns = Netns::new(tag);
         let dir = tempfile::Builder::new().prefix("vmnbt-").tempdir().unwrap();
         let config = dir.path().join("config");
         std::fs::create_dir_all(&config).unwrap();
@@ -150,7 +154,9 @@ impl BrokerProc {
             .stderr(log);
         if let Some(n) = nofile {
             use std::os::unix::process::CommandExt;
-            // SAFETY: only setrlimit between fork and exec.
+            // SAFETY: between fork and exec the closure makes only async-signal-safe calls
+            // (getrlimit, setrlimit, on an all-integer rlimit on its stack, for which all
+            // zeroes is valid) and allocates nothing.
             unsafe {
                 cmd.pre_exec(move || {
                     let mut r: libc::rlimit = std::mem::zeroed();
@@ -195,7 +201,8 @@ impl BrokerProc {
 
     /// Stops it with SIGTERM (every network removed) and waits.
     pub fn stop(mut self) {
-        // SAFETY: signalling our child.
+        // SAFETY: kill(2) takes only integers and touches no memory of ours; the pid is
+        // our child's, reaped only by the wait below.
         unsafe { libc::kill(self.pid(), libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(20);
         while Instant::now() < deadline {
@@ -295,7 +302,8 @@ pub fn tap_read(fd: BorrowedFd, buf: &mut [u8], timeout: Duration) -> Option<usi
         events: libc::POLLIN,
         revents: 0,
     };
-    // SAFETY: one valid pollfd.
+    // SAFETY: poll(2) reads and writes exactly one pollfd (nfds = 1) through the pointer,
+    // which points to `p`, exclusively borrowed for the call.
     let r = unsafe { libc::poll(&mut p, 1, timeout.as_millis() as i32) };
     if r <= 0 {
         return None;

@@ -2,8 +2,9 @@
 //! vde_switch network (QEMU `-netdev vde`) and over QEMU's `-netdev stream` link. TCG
 //! guests are slow, so these are compared as ratios, not as absolute speeds.
 
+use crate::netns::Netns;
 use crate::util::*;
-use crate::vm::{self, TestNetns, VmSpec};
+use crate::vm::{self, VmSpec};
 use std::os::fd::AsFd;
 use std::path::Path;
 use std::process::{Command, Stdio};
@@ -236,8 +237,8 @@ fn broker_net() -> BrokerProc {
 }
 
 /// A vde_switch with a TAP (`vtap0`, 10.78.0.1/24) in a fresh namespace as the host side.
-fn vde_net() -> (TestNetns, std::path::PathBuf, Guarded, tempfile::TempDir) {
-    let ns = TestNetns::new("bench-vde");
+fn vde_net() -> (Netns, std::path::PathBuf, Guarded, tempfile::TempDir) {
+    let ns = Netns::new("bench-vde");
     let dir = tempfile::Builder::new()
         .prefix("vmnbt-vdevm-")
         .tempdir()

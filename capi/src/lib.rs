@@ -81,7 +81,8 @@ fn copy_str<const N: usize>(
 }
 
 fn to_c(info: &NetworkInfo) -> Result<VmnetBrokerNetworkInfo, BrokerError> {
-    // SAFETY: the structure is plain old data; all zeros is a valid value.
+    // SAFETY: VmnetBrokerNetworkInfo is #[repr(C)] plain old data (char arrays and
+    // integers), for which all zeroes is a valid value.
     let mut c: VmnetBrokerNetworkInfo = unsafe { std::mem::zeroed() };
     copy_str(&mut c.name, &info.name, "name")?;
     copy_str(&mut c.mode, &info.mode, "mode")?;
@@ -100,20 +101,26 @@ fn c_code(code: ErrorCode) -> VmnetBrokerReturn {
     c_int::try_from(code.code()).unwrap_or(ErrorCode::InternalError.code() as c_int)
 }
 
-fn acquire(
+/// # Safety
+/// `name` must be NULL or a NUL-terminated string, and `mac` likewise; both must stay valid
+/// and unchanged during the call (the contract of the exported acquire functions).
+unsafe fn acquire(
     name: *const c_char,
     mac: *const c_char,
 ) -> Result<(RawFd, VmnetBrokerNetworkInfo), BrokerError> {
     if name.is_null() {
         return Err(BrokerError::invalid("network name is NULL"));
     }
-    // SAFETY: the caller passes NUL-terminated strings (documented in the header).
+    // SAFETY: `name` is not NULL (checked above) and, by this function's contract, a
+    // NUL-terminated string that stays valid and unchanged while `name` is borrowed here.
     let name = unsafe { CStr::from_ptr(name) }
         .to_str()
         .map_err(|_| BrokerError::invalid("network name is not UTF-8"))?;
     let mac = if mac.is_null() {
         None
     } else {
+        // SAFETY: `mac` is not NULL (checked above) and, by this function's contract, a
+        // NUL-terminated string that stays valid and unchanged during the call.
         let s = unsafe { CStr::from_ptr(mac) }
             .to_str()
             .map_err(|_| BrokerError::invalid("mac is not UTF-8"))?;
@@ -131,22 +138,29 @@ fn acquire(
     Ok((fd, info))
 }
 
-fn acquire_c(
+/// # Safety
+/// As [`acquire`] for `name` and `mac`; `info` and `status` must each be NULL or valid for
+/// writing one value of their type (the contract of the exported acquire functions).
+unsafe fn acquire_c(
     name: *const c_char,
     mac: *const c_char,
     info: *mut VmnetBrokerNetworkInfo,
     status: *mut VmnetBrokerReturn,
 ) -> c_int {
-    let result = catch_unwind(AssertUnwindSafe(|| acquire(name, mac))).unwrap_or_else(|_| {
-        Err(BrokerError::new(
-            ErrorCode::InternalError,
-            "panic in vmnet-broker client",
-        ))
-    });
+    // SAFETY: `name` and `mac` are as `acquire` needs them, by this function's contract.
+    let result =
+        catch_unwind(AssertUnwindSafe(|| unsafe { acquire(name, mac) })).unwrap_or_else(|_| {
+            Err(BrokerError::new(
+                ErrorCode::InternalError,
+                "panic in vmnet-broker client",
+            ))
+        });
     let (fd, code) = match result {
         Ok((fd, c_info)) => {
             if !info.is_null() {
-                // SAFETY: the caller passes a writable structure or NULL.
+                // SAFETY: not NULL (checked above), so by this function's contract valid
+                // for writing one VmnetBrokerNetworkInfo; `write` does not read or drop the
+                // old contents, which may be uninitialized.
                 unsafe { info.write(c_info) };
             }
             (fd, VMNET_BROKER_SUCCESS)
@@ -154,7 +168,8 @@ fn acquire_c(
         Err(e) => (-1, c_code(e.code)),
     };
     if !status.is_null() {
-        // SAFETY: the caller passes a writable status or NULL.
+        // SAFETY: not NULL (checked above), so by this function's contract valid for
+        // writing one VmnetBrokerReturn (an int); `write` does not read the old value.
         unsafe { status.write(code) };
     }
     fd
@@ -170,7 +185,9 @@ pub unsafe extern "C" fn vmnet_broker_acquire_network(
     info: *mut VmnetBrokerNetworkInfo,
     status: *mut VmnetBrokerReturn,
 ) -> c_int {
-    acquire_c(name, std::ptr::null(), info, status)
+    // SAFETY: our caller promises what acquire_c needs (see # Safety above); NULL for
+    // `mac` is allowed.
+    unsafe { acquire_c(name, std::ptr::null(), info, status) }
 }
 
 /// See vmnet-broker.h.
@@ -185,7 +202,8 @@ pub unsafe extern "C" fn vmnet_broker_acquire_network_with_mac(
     info: *mut VmnetBrokerNetworkInfo,
     status: *mut VmnetBrokerReturn,
 ) -> c_int {
-    acquire_c(name, mac, info, status)
+    // SAFETY: our caller promises exactly what acquire_c needs (see # Safety above).
+    unsafe { acquire_c(name, mac, info, status) }
 }
 
 /// See vmnet-broker.h: closes `fd` and the connection it was acquired with.
@@ -193,14 +211,17 @@ pub unsafe extern "C" fn vmnet_broker_acquire_network_with_mac(
 pub extern "C" fn vmnet_broker_release(fd: c_int) -> c_int {
     match with_leases(|l| l.by_fd.remove(&fd)) {
         Some(client) => {
-            // SAFETY: fd was returned by an acquire and, by the header's contract, is
-            // still owned by the caller, who hands it back here.
+            // SAFETY: `fd` was in the lease table, so an acquire returned it and it has not
+            // been released since (removing it from the table above makes this the only
+            // release); by the header's contract the caller still owns it and hands it back
+            // here, so nothing else closes or uses it after we take ownership.
             drop(unsafe { OwnedFd::from_raw_fd(fd) });
             drop(client);
             0
         }
         None => {
-            // SAFETY: errno is thread-local and always writable.
+            // SAFETY: __errno_location() returns a valid, aligned pointer to this thread's
+            // errno, which only this thread reads or writes.
             unsafe { *libc::__errno_location() = libc::EBADF };
             -1
         }
@@ -231,7 +252,8 @@ mod tests {
     #[test]
     fn strerror_is_the_protocol_table() {
         for code in -2..12 {
-            // SAFETY: vmnet_broker_strerror returns static NUL-terminated strings.
+            // SAFETY: vmnet_broker_strerror returns a pointer to a `'static` C string
+            // literal: valid, NUL-terminated and never mutated.
             let s = unsafe { CStr::from_ptr(vmnet_broker_strerror(code)) };
             assert_eq!(
                 s.to_str().unwrap(),
@@ -255,6 +277,8 @@ mod tests {
         };
         let c = to_c(&info).unwrap();
         assert_eq!(
+            // SAFETY: to_c() succeeded, so copy_str() left `interface` NUL-terminated
+            // within its length; `c` outlives the borrow.
             unsafe { CStr::from_ptr(c.interface.as_ptr()) },
             c"vmnt-shared-0"
         );

@@ -2,11 +2,14 @@
 //! and static) and runs them: ABI layout, strerror table (the shared vectors), broker
 //! not running, and against the real broker in a network namespace as root and nobody.
 
+#[path = "../../tests/support/netns.rs"]
+mod netns;
+
+use netns::Netns;
 use serde_json::Value;
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 use vmnet_broker::client::Client;
 use vmnetbroker::VmnetBrokerNetworkInfo;
@@ -200,13 +203,11 @@ fn example_builds_shared_and_static() {
 /// The broker in its own network namespace; Drop stops it and deletes the namespace,
 /// also when a test panics.
 struct Broker {
-    ns: String,
+    ns: Netns,
     socket: PathBuf,
     child: Child,
     dir: Scratch,
 }
-
-static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 impl Broker {
     /// None (with the reason printed) when no broker with `serve` has been built.
@@ -228,13 +229,13 @@ impl Broker {
             return None;
         }
         assert_eq!(
+            // SAFETY: geteuid(2) takes no arguments, touches no memory and cannot fail.
             unsafe { libc::geteuid() },
             0,
             "the real-broker test needs root"
         );
-        let n = COUNTER.fetch_add(1, Ordering::SeqCst);
-        let ns = format!("vmnbt-capi-{}-{n}", std::process::id());
-        let dir = scratch(&format!("broker{n}"));
+        let ns = Netns::new("capi");
+        let dir = scratch(&format!("broker-{}", ns.name));
         let conf = dir.join("conf");
         std::fs::create_dir(&conf).unwrap();
         std::fs::write(
@@ -245,9 +246,8 @@ impl Broker {
         let socket = dir.join("broker.sock");
         let log = std::fs::File::create(dir.join("broker.log")).unwrap();
         let log2 = log.try_clone().unwrap();
-        sh("ip", &["netns", "add", &ns]);
         let mut cmd = Command::new("ip");
-        cmd.args(["netns", "exec", &ns])
+        cmd.args(["netns", "exec", &ns.name])
             .arg(&bin)
             .arg("serve")
             .arg("--socket")
@@ -260,10 +260,8 @@ impl Broker {
         }
         let child = match cmd.stdout(log2).stderr(log).spawn() {
             Ok(c) => c,
-            Err(e) => {
-                let _ = Command::new("ip").args(["netns", "del", &ns]).status();
-                panic!("cannot start the broker: {e}");
-            }
+            // Unwinding drops `ns`, which deletes the namespace.
+            Err(e) => panic!("cannot start the broker: {e}"),
         };
         let mut b = Broker {
             ns,
@@ -294,6 +292,8 @@ impl Broker {
 
 impl Drop for Broker {
     fn drop(&mut self) {
+        // SAFETY: kill(2) takes only integers and touches no memory of this process, so it
+        // is memory-safe whatever the pid (here our child's: `ip netns exec` execs the broker).
         unsafe { libc::kill(self.child.id() as i32, libc::SIGTERM) };
         let deadline = Instant::now() + Duration::from_secs(10);
         while self.child.try_wait().ok().flatten().is_none() {
@@ -307,7 +307,7 @@ impl Drop for Broker {
         if std::thread::panicking() {
             eprintln!("broker log:\n{}", self.log());
         }
-        let _ = Command::new("ip").args(["netns", "del", &self.ns]).status();
+        // The namespace (field `ns`) is deleted after this, once the broker is gone.
     }
 }
 
@@ -347,7 +347,10 @@ fn real_broker() {
     assert!(subnet.contains(&gateway));
     assert_eq!(info["mask"], subnet.netmask().to_string());
     let iface = info["interface"].as_str().unwrap();
-    let link = sh("ip", &["-n", &b.ns, "-o", "link", "show", "dev", iface]);
+    let link = sh(
+        "ip",
+        &["-n", &b.ns.name, "-o", "link", "show", "dev", iface],
+    );
     assert!(
         link.contains(&format!("master {} ", info["bridge"].as_str().unwrap())),
         "{link}"

@@ -57,6 +57,8 @@ pub fn main(socket: &Path, networks: &[String], command: &[String]) -> super::Re
         // in the child can never overwrite one that is still to be moved.
         staged.push(
             nix::fcntl::fcntl(&acquired.fd, nix::fcntl::FcntlArg::F_DUPFD_CLOEXEC(first))
+                // SAFETY: F_DUPFD_CLOEXEC just returned a new descriptor that nothing else
+                // refers to, so the OwnedFd is its only owner.
                 .map(|fd| unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })?,
         );
     }
@@ -67,8 +69,11 @@ pub fn main(socket: &Path, networks: &[String], command: &[String]) -> super::Re
         serde_json::Value::Array(replies).to_string(),
     );
     let parent = nix::unistd::getpid().as_raw();
-    // SAFETY: between fork and exec only async-signal-safe calls (dup2, signal, prctl,
-    // getppid, _exit).
+    // SAFETY: pre_exec's closure runs between fork and exec in a child that may have
+    // inherited locks held by other threads, so it must only make async-signal-safe calls
+    // and not allocate: it makes only dup2, signal, prctl, getppid and _exit, and reads
+    // `raw`, `FORWARDED` and `parent`, all built before the fork (last_os_error() does
+    // not allocate either).
     unsafe {
         cmd.pre_exec(move || {
             for (i, fd) in raw.iter().enumerate() {

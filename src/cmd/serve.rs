@@ -62,7 +62,8 @@ fn raise_open_file_limit() {
         rlim_cur: 0,
         rlim_max: 0,
     };
-    // SAFETY: getrlimit and setrlimit only read/write the struct passed.
+    // SAFETY: getrlimit writes one rlimit through the pointer, which points to `limit`,
+    // an rlimit we exclusively borrow for the call.
     if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
         warn!(
             "cannot read the open file limit: {}",
@@ -76,7 +77,8 @@ fn raise_open_file_limit() {
         return;
     }
     limit.rlim_cur = limit.rlim_max;
-    // SAFETY: as above.
+    // SAFETY: setrlimit reads one rlimit through the pointer, which points to `limit`,
+    // initialized and borrowed for the call.
     if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } != 0 {
         warn!(
             limit = soft,

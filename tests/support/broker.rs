@@ -4,87 +4,18 @@
 //! nftables rule it makes lives in that namespace and disappears with it. Its socket is
 //! a path in a temporary directory: AF_UNIX path sockets do not belong to a network
 //! namespace, so the test process (and clients it starts) connect from anywhere.
+//! The test crate must also include tests/support/netns.rs as `mod netns`.
 #![allow(dead_code)]
 
 use std::io::Read;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, ExitStatus, Output, Stdio};
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 use vmnet_broker::client::Client;
 
+pub use crate::netns::Netns;
+
 pub const BIN: &str = env!("CARGO_BIN_EXE_vmnet-broker");
-
-static COUNTER: AtomicU32 = AtomicU32::new(0);
-
-/// A named network namespace, deleted on drop (which also deletes every link in it).
-pub struct Netns {
-    pub name: String,
-}
-
-impl Netns {
-    pub fn new(tag: &str) -> Self {
-        let name = format!(
-            "vmnbt-{}-{}-{}",
-            tag,
-            std::process::id(),
-            COUNTER.fetch_add(1, Ordering::SeqCst)
-        );
-        run_ok(Command::new("ip").args(["netns", "add", &name]));
-        run_ok(Command::new("ip").args(["-n", &name, "link", "set", "lo", "up"]));
-        Netns { name }
-    }
-
-    /// A command run inside the namespace.
-    pub fn cmd(&self, program: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name, program]);
-        c
-    }
-
-    /// Output of a command in the namespace, which must succeed.
-    pub fn sh(&self, script: &str) -> String {
-        let out = self.cmd("sh").args(["-c", script]).output().unwrap();
-        assert!(
-            out.status.success(),
-            "{script}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        String::from_utf8_lossy(&out.stdout).into_owned()
-    }
-
-    /// Names of every link but `lo`.
-    pub fn links(&self) -> Vec<String> {
-        self.sh("ip -br link")
-            .lines()
-            .filter_map(|l| l.split_whitespace().next())
-            .map(|n| n.split('@').next().unwrap().to_string())
-            .filter(|n| n != "lo")
-            .collect()
-    }
-
-    pub fn nft_tables(&self) -> String {
-        self.sh("nft list tables")
-    }
-}
-
-impl Drop for Netns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .status();
-    }
-}
-
-pub fn run_ok(cmd: &mut Command) -> Output {
-    let out = cmd.output().expect("spawn");
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    out
-}
 
 pub struct Options {
     pub idle_timeout: f64,

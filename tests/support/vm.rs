@@ -8,6 +8,7 @@
 //! Without a broker a test opens TAPs itself and passes them with [`pass_fds`]; with the
 //! broker, [`broker_vm_command`] runs QEMU under `vmnet-broker run` through
 //! scripts/qemu-from-env, which adds one NIC per network from VMNET_BROKER_NETWORKS.
+//! The crate must also include tests/support/netns.rs as `mod netns`.
 #![allow(dead_code)]
 
 use std::collections::BTreeMap;
@@ -18,6 +19,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
 use std::sync::OnceLock;
 use std::time::{Duration, Instant};
+
+use crate::netns::Netns;
 
 /// The repository root (where Cargo.toml is).
 pub fn repo_root() -> PathBuf {
@@ -523,70 +526,10 @@ pub fn test_mac(n: u8) -> String {
     )
 }
 
-/// A network namespace the test owns, deleted on drop (also on panic).
-pub struct TestNetns {
-    pub name: String,
-}
-
-impl TestNetns {
-    /// Creates `vmnbt-<tag>-<pid>-<n>` with loopback up.
-    pub fn new(tag: &str) -> Self {
-        static COUNTER: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-        let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let name = format!("vmnbt-{tag}-{}-{n}", std::process::id());
-        run_ok(Command::new("ip").args(["netns", "add", &name]));
-        let ns = Self { name };
-        ns.ip(&["link", "set", "lo", "up"]);
-        ns
-    }
-
-    /// `ip -n NS ARGS...`, panicking with its stderr on failure.
-    pub fn ip(&self, args: &[&str]) {
-        run_ok(Command::new("ip").arg("-n").arg(&self.name).args(args));
-    }
-
-    /// Runs `f` on a thread that has entered this namespace (only that thread moves).
-    pub fn enter<T: Send>(&self, f: impl FnOnce() -> T + Send) -> T {
-        let path = format!("/run/netns/{}", self.name);
-        std::thread::scope(|s| {
-            s.spawn(|| {
-                let ns = std::fs::File::open(&path)
-                    .unwrap_or_else(|e| panic!("cannot open {path}: {e}"));
-                // SAFETY: setns on a valid fd; affects only this thread, which ends after `f`.
-                let rc = unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) };
-                assert_eq!(rc, 0, "setns {path}: {}", std::io::Error::last_os_error());
-                f()
-            })
-            .join()
-            .expect("thread in the namespace panicked")
-        })
-    }
-
-    /// Creates a TAP named `name` in this namespace the way the broker does (IFF_TAP,
-    /// IFF_NO_PI, IFF_VNET_HDR) and returns its fd; the TAP goes away when the fd closes.
-    pub fn open_tap(&self, name: &str) -> OwnedFd {
-        self.enter(|| open_tap(name))
-    }
-}
-
-impl Drop for TestNetns {
-    fn drop(&mut self) {
-        let _ = Command::new("ip")
-            .args(["netns", "del", &self.name])
-            .stderr(Stdio::null())
-            .status();
-    }
-}
-
-fn run_ok(cmd: &mut Command) {
-    let out = cmd
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr).trim()
-    );
+/// Creates a TAP named `name` in namespace `ns` the way the broker does (IFF_TAP,
+/// IFF_NO_PI, IFF_VNET_HDR) and returns its fd; the TAP goes away when the fd closes.
+pub fn open_tap_in(ns: &Netns, name: &str) -> OwnedFd {
+    ns.run(|| open_tap(name))
 }
 
 #[repr(C)]

@@ -51,7 +51,9 @@ fn ifreq_named(name: &str) -> io::Result<libc::ifreq> {
 }
 
 fn name_of(req: &libc::ifreq) -> String {
-    // SAFETY: the kernel NUL-terminates ifr_name (IFNAMSIZ includes the NUL).
+    // SAFETY: ifr_name holds a NUL within its IFNAMSIZ bytes: the kernel NUL-terminates
+    // the names it writes, and ifreq_named() leaves at least the last byte zero; the
+    // pointer is valid for as long as `req` is borrowed, which outlives `name`.
     let name = unsafe { CStr::from_ptr(req.ifr_name.as_ptr()) };
     name.to_string_lossy().into_owned()
 }
@@ -73,9 +75,11 @@ pub fn create_tap(name: &str) -> io::Result<OwnedFd> {
         .map_err(|e| io::Error::new(e.kind(), format!("cannot open /dev/net/tun: {e}")))?;
     let mut req = ifreq_named(name)?;
     req.ifr_ifru.ifru_flags = (TAP_FLAGS | libc::IFF_TUN_EXCL) as libc::c_short;
-    // SAFETY: the fd is open and req is a valid ifreq.
+    // SAFETY: `file` is open for this whole call, and TUNSETIFF reads one ifreq from
+    // `req`, a valid, initialized ifreq that outlives the call.
     unsafe { tun_set_iff(file.as_raw_fd(), &req) }.map_err(|e| context(e, "TUNSETIFF", name))?;
-    // SAFETY: as above; the kernel reads one int.
+    // SAFETY: `file` is open; TUNSETVNETHDRSZ reads one c_int through the pointer, and
+    // VNET_HDR_LEN is a c_int static.
     unsafe { tun_set_vnet_hdr_sz(file.as_raw_fd(), &VNET_HDR_LEN) }
         .map_err(|e| context(e, "TUNSETVNETHDRSZ", name))?;
     Ok(file.into())
@@ -84,9 +88,11 @@ pub fn create_tap(name: &str) -> io::Result<OwnedFd> {
 /// Keeps the TAP behind `fd` after its fds close and lets `uid` attach to it by name
 /// (TUNSETIFF without CAP_NET_ADMIN), as firecracker does.
 pub fn make_persistent(fd: BorrowedFd, uid: u32, name: &str) -> io::Result<()> {
-    // SAFETY: the fd is an attached TAP; both ioctls take an integer argument.
+    // SAFETY: `fd` is a live descriptor borrowed for this call, and TUNSETOWNER takes its
+    // argument by value (an int), so the kernel reads no memory of ours.
     unsafe { tun_set_owner(fd.as_raw_fd(), uid as libc::c_int) }
         .map_err(|e| context(e, "TUNSETOWNER", name))?;
+    // SAFETY: as above: a live borrowed fd, and TUNSETPERSIST takes an int by value.
     unsafe { tun_set_persist(fd.as_raw_fd(), 1) }.map_err(|e| context(e, "TUNSETPERSIST", name))?;
     Ok(())
 }
@@ -105,7 +111,8 @@ pub fn tap_prefix(bridge_index: u32) -> String {
 
 /// Whether `fd` is a TAP (not a TUN) with the flags the broker sets.
 pub fn is_broker_tap(fd: BorrowedFd) -> io::Result<bool> {
-    // SAFETY: reading the union's flags member that TUNGETIFF fills in.
+    // SAFETY: reading a union field: every member of `ifr_ifru` is plain integers, so any
+    // bit pattern is a valid c_short; TUNGETIFF filled in the flags member.
     let flags = libc::c_int::from(unsafe { tap_info(fd)?.ifr_ifru.ifru_flags });
     Ok(flags & TAP_FLAGS == TAP_FLAGS && flags & libc::IFF_TUN == 0)
 }
@@ -113,14 +120,18 @@ pub fn is_broker_tap(fd: BorrowedFd) -> io::Result<bool> {
 /// The virtio-net header length the kernel uses for this TAP (`TUNGETVNETHDRSZ`).
 pub fn vnet_hdr_len(fd: BorrowedFd) -> io::Result<libc::c_int> {
     let mut len: libc::c_int = 0;
-    // SAFETY: the kernel writes one int.
+    // SAFETY: `fd` is a live borrowed descriptor; TUNGETVNETHDRSZ writes one c_int
+    // through the pointer, which points to `len`, a c_int we exclusively borrow.
     unsafe { tun_get_vnet_hdr_sz(fd.as_raw_fd(), &mut len) }.map_err(io::Error::from)?;
     Ok(len)
 }
 
 fn tap_info(fd: BorrowedFd) -> io::Result<libc::ifreq> {
-    // SAFETY: ifreq is plain old data; the kernel fills it in.
+    // SAFETY: ifreq is plain old data (integers, byte arrays and a union of them), for
+    // which all zeroes is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    // SAFETY: `fd` is a live descriptor borrowed for this call; TUNGETIFF writes at most
+    // size_of::<ifreq>() bytes into `req`, which is a valid, exclusively borrowed ifreq.
     unsafe { tun_get_iff(fd.as_raw_fd(), &mut req) }.map_err(|e| {
         let e = io::Error::from(e);
         io::Error::new(e.kind(), format!("not a TUN/TAP fd (TUNGETIFF: {e})"))
