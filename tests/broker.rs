@@ -270,15 +270,13 @@ fn not_allowed_for_a_uid_outside_allowed_users() {
     });
     // Let any uid reach the socket for this test (the default is 0660 root:vmnet-broker).
     b.ns.sh(&format!("chmod 0666 {}", b.socket.display()));
+    let bin = b.bin_for_any_uid();
     let as_nobody = |net: &str| {
         b.ns.cmd("setpriv")
-            .args([
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                support::BIN,
-            ])
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&bin)
             .args(["acquire", net])
+            .current_dir(b.dir.path())
             .env("VMNET_BROKER_SOCKET", &b.socket)
             .output()
             .unwrap()
@@ -718,13 +716,10 @@ fn persistent_taps_belong_to_the_caller_and_go_with_its_connection() {
     b.ns.sh(&format!("chmod 0666 {}", b.socket.display()));
     let mut child =
         b.ns.cmd("setpriv")
-            .args([
-                "--reuid=65534",
-                "--regid=65534",
-                "--clear-groups",
-                support::BIN,
-            ])
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(b.bin_for_any_uid())
             .args(["acquire", "--hold", "--persistent", "host"])
+            .current_dir(b.dir.path())
             .env("VMNET_BROKER_SOCKET", &b.socket)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -969,7 +964,9 @@ fn open_file_limit_is_raised_to_the_hard_limit() {
         .arg(dir.path().join("state"))
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log_path).unwrap());
-    // SAFETY: setrlimit is async-signal-safe. `ip netns exec` execs the broker, so the
+    // SAFETY: between fork and exec the closure makes only an async-signal-safe call
+    // (setrlimit, reading an all-integer rlimit on its stack) and allocates nothing
+    // (last_os_error() does not allocate). `ip netns exec` execs the broker, so the
     // child's pid is the broker's and it inherits these limits.
     unsafe {
         std::os::unix::process::CommandExt::pre_exec(&mut serve, || {

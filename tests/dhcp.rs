@@ -47,6 +47,7 @@ struct Lab {
 
 impl Lab {
     fn new() -> Lab {
+        netns::require("busybox", "busybox-static");
         Lab {
             servers: None,
             dir: tempfile::tempdir().unwrap(),

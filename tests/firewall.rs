@@ -66,6 +66,9 @@ struct Topo {
 
 impl Topo {
     fn new() -> Topo {
+        netns::require("nft", "nftables");
+        netns::require("busybox", "busybox-static");
+        netns::require("python3", "python3");
         let (b, o, v) = (Netns::new("b"), Netns::new("o"), Netns::new("v"));
         b.ip(&["link", "add", "vmnbr0", "type", "bridge"]);
         b.ip(&["addr", "add", "10.77.0.1/24", "dev", "vmnbr0"]);

@@ -186,7 +186,8 @@ fn flags(link: &Value) -> Vec<&str> {
 }
 
 fn cloexec(fd: &OwnedFd) -> bool {
-    // SAFETY: F_GETFD on an open fd.
+    // SAFETY: fcntl(F_GETFD) takes only integers and touches no memory; `fd` is open
+    // (borrowed) for the call.
     let flags = unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFD) };
     flags & libc::FD_CLOEXEC != 0
 }
@@ -207,7 +208,8 @@ fn arp_request(mac: [u8; 6], ip: [u8; 4], target: [u8; 4]) -> Vec<u8> {
 }
 
 fn send(fd: &OwnedFd, frame: &[u8]) {
-    // SAFETY: writing an initialized buffer to an open fd.
+    // SAFETY: write(2) reads at most frame.len() bytes from `frame`, an initialized slice
+    // that long, borrowed for the call; `fd` is open (borrowed).
     let n = unsafe { libc::write(fd.as_raw_fd(), frame.as_ptr().cast(), frame.len()) };
     assert_eq!(
         n,
@@ -228,9 +230,12 @@ async fn receive(fd: &OwnedFd, wait: Duration) -> Vec<Vec<u8>> {
             events: libc::POLLIN,
             revents: 0,
         };
-        // SAFETY: one valid pollfd; a zero timeout never blocks the runtime's thread.
+        // SAFETY: poll(2) reads and writes exactly one pollfd (nfds = 1) through the
+        // pointer, which points to `pfd`, exclusively borrowed for the call. (A zero
+        // timeout also never blocks the runtime's thread.)
         if unsafe { libc::poll(&mut pfd, 1, 0) } == 1 {
-            // SAFETY: reading into a buffer of the given length.
+            // SAFETY: read(2) writes at most buf.len() bytes into `buf`, exclusively
+            // borrowed and that long; `fd` is open (borrowed).
             let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
             assert!(n >= 12, "read: {}", std::io::Error::last_os_error());
             frames.push(buf[12..n as usize].to_vec());

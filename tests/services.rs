@@ -90,6 +90,7 @@ struct VethVm {
 
 impl VethVm {
     fn new(b: &Broker, bridge: &str, mac: &str) -> VethVm {
+        netns::require("busybox", "busybox-static");
         let ns = Netns::new("vm");
         let port = format!("vc{}", COUNTER.fetch_add(1, Ordering::SeqCst));
         b.ns.sh(&format!(
@@ -186,6 +187,7 @@ exit 0
 
 /// `dig @server` from `ns`: the `+short` answer lines, or None when no reply came.
 fn dig(ns: &Netns, server: Ipv4Addr, args: &[&str]) -> Option<Vec<String>> {
+    netns::require("dig", "dnsutils");
     let out = ns
         .cmd("dig")
         .arg(format!("@{server}"))
@@ -226,7 +228,8 @@ impl Tap {
     fn send(&self, frame: &[u8]) {
         let mut buf = vec![0u8; VNET_HDR];
         buf.extend_from_slice(frame);
-        // SAFETY: writing an initialized buffer to an open fd.
+        // SAFETY: write(2) reads at most buf.len() bytes from `buf`, an initialized slice
+        // that long, borrowed for the call; `self.fd` is open for as long as `self`.
         let n = unsafe { libc::write(self.fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
         assert_eq!(n, buf.len() as isize, "{}", std::io::Error::last_os_error());
     }
@@ -238,13 +241,15 @@ impl Tap {
             events: libc::POLLIN,
             revents: 0,
         };
-        // SAFETY: one valid pollfd.
+        // SAFETY: poll(2) reads and writes exactly one pollfd (nfds = 1) through the
+        // pointer, which points to `pfd`, exclusively borrowed for the call.
         let ready = unsafe { libc::poll(&mut pfd, 1, wait.as_millis() as libc::c_int) };
         if ready != 1 {
             return None;
         }
         let mut buf = vec![0u8; 65536];
-        // SAFETY: reading into a buffer of the given length.
+        // SAFETY: read(2) writes at most buf.len() bytes into `buf`, exclusively borrowed
+        // and that long; `self.fd` is open for as long as `self`.
         let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
         assert!(
             n >= VNET_HDR as isize,
@@ -614,6 +619,7 @@ struct Upstream {
 
 impl Upstream {
     fn start(b: &Broker) -> Upstream {
+        netns::require("dnsmasq", "dnsmasq-base");
         let ns = Netns::new("up");
         b.ns.sh(&format!(
             "ip link add up1 type veth peer name eth0 netns {}; \

@@ -71,37 +71,55 @@ fn guest(networks: &[&str], spec: VmSpec) -> Guest {
 }
 
 /// `ip netns exec NS [setpriv ...] vmnet-broker run --network ... -- qemu-from-env qemu ...`.
+/// A launcher of another uid runs the copies [`prepare`] put in the VM's directory, from
+/// there: it may not be able to reach the checkout at all.
 fn run_command(b: &Broker, g: &Guest, prepared: &PreparedVm) -> Command {
     let mut c = Command::new("ip");
     c.args(["netns", "exec", &b.ns.name]);
-    if let Some(uid) = g.uid {
-        c.arg("setpriv")
-            .arg(format!("--reuid={uid}"))
-            .arg(format!("--regid={uid}"))
-            .arg("--clear-groups");
-    }
-    c.arg(support::BIN).arg("run");
+    let (bin, wrapper) = match g.uid {
+        Some(uid) => {
+            c.arg("setpriv")
+                .arg(format!("--reuid={uid}"))
+                .arg(format!("--regid={uid}"))
+                .arg("--clear-groups")
+                .current_dir(prepared.dir.path());
+            let dir = prepared.dir.path();
+            (dir.join("vmnet-broker"), dir.join("qemu-from-env"))
+        }
+        None => (
+            support::BIN.into(),
+            vm::repo_root().join("scripts/qemu-from-env"),
+        ),
+    };
+    c.arg(bin).arg("run");
     for n in &g.networks {
         c.arg("--network").arg(n);
     }
     c.arg("--")
-        .arg(vm::repo_root().join("scripts/qemu-from-env"))
+        .arg(wrapper)
         .args(vm::qemu_argv(&g.spec, prepared))
         .env("VMNET_BROKER_SOCKET", &b.socket);
     c
 }
 
-/// The guest's files, readable (and the console writable) by a launcher of another uid.
+/// The guest's files. For a launcher of another uid, everything it executes or reads is
+/// in the VM's temporary directory, searchable by all, whatever the permissions of the
+/// directories above the checkout (the broker binary, scripts/qemu-from-env and the guest
+/// kernel live under it); the console is writable by it.
 fn prepare(g: &Guest) -> PreparedVm {
-    let prepared = vm::prepare(&g.spec);
+    let mut prepared = vm::prepare(&g.spec);
     if g.uid.is_some() {
         let mode = |p: &std::path::Path, m: u32| {
             std::fs::set_permissions(p, std::fs::Permissions::from_mode(m)).unwrap()
         };
-        mode(prepared.dir.path(), 0o755);
+        let dir = prepared.dir.path().to_path_buf();
+        mode(&dir, 0o755);
         mode(&prepared.initrd, 0o644);
         std::fs::write(&prepared.console, b"").unwrap();
         mode(&prepared.console, 0o666);
+        support::expose_to_any_uid(std::path::Path::new(support::BIN), &dir, 0o755);
+        support::expose_to_any_uid(&vm::repo_root().join("scripts/qemu-from-env"), &dir, 0o755);
+        prepared.kernel = support::expose_to_any_uid(&prepared.kernel, &dir, 0o644);
     }
     prepared
 }
@@ -212,7 +230,8 @@ impl Running {
 impl Drop for Running {
     fn drop(&mut self) {
         // The whole group: run and QEMU (no-op once both are gone).
-        // SAFETY: kill(2) of the process group this test created.
+        // SAFETY: kill(2) takes only integers and touches no memory of ours; the group is
+        // the one this test created for its child, not yet reaped (waited for below).
         unsafe { libc::kill(-(self.child.id() as i32), libc::SIGKILL) };
         let _ = self.child.wait();
     }
@@ -342,6 +361,7 @@ struct Outside {
 
 impl Outside {
     fn start(ns: &Netns, addr: &str, port: u16) -> Outside {
+        netns::require("/usr/bin/python3", "python3");
         let log = tempfile::NamedTempFile::new().unwrap();
         let program = format!(
             r#"

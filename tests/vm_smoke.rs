@@ -185,6 +185,7 @@ fn dhcp_helper_configures_the_lease_and_sends_the_hostname() {
 
     let dir = tempfile::tempdir().unwrap();
     let leases = dir.path().join("leases");
+    netns::require("busybox", "busybox-static");
     let conf = dir.path().join("udhcpd.conf");
     std::fs::write(
         &conf,

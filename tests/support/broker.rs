@@ -58,6 +58,10 @@ impl Broker {
     }
 
     pub fn start_in(ns: Netns, opts: Options) -> Broker {
+        // The daemon runs nft; tests run setpriv and unshare.
+        crate::netns::require("nft", "nftables");
+        crate::netns::require("setpriv", "util-linux");
+        crate::netns::require("unshare", "util-linux");
         let dir = tempfile::Builder::new().prefix("vmnbt-").tempdir().unwrap();
         let config_dir = dir.path().join("config");
         let state_dir = dir.path().join("state");
@@ -132,6 +136,15 @@ impl Broker {
         let child = cmd.spawn().unwrap();
         self.child = Some(child);
         wait_listening(&self.socket, self.child.as_mut().unwrap(), &self.log_path);
+    }
+
+    /// The broker binary at a path any uid can execute, for clients run as another user:
+    /// [`BIN`] lives under the checkout, which may sit in a directory private to its owner.
+    /// The broker's temporary directory is searchable by all (see [`Broker::spawn`]).
+    pub fn bin_for_any_uid(&self) -> PathBuf {
+        let dir = self.dir.path().join("bin");
+        std::fs::create_dir_all(&dir).unwrap();
+        expose_to_any_uid(Path::new(BIN), &dir, 0o755)
     }
 
     pub fn client(&self) -> Client {
@@ -259,4 +272,26 @@ pub fn read_line(child: &mut Child) -> String {
 
 pub fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
+}
+
+/// Makes `src` available as `dir/<its file name>` with at least `mode` for every uid
+/// (`dir` must itself be searchable by all): a hard link when `src` already grants those
+/// bits to others, a copy with `mode` otherwise (or across file systems). For files that
+/// another uid must read or execute, which must not depend on where the checkout lives.
+pub fn expose_to_any_uid(src: &Path, dir: &Path, mode: u32) -> PathBuf {
+    use std::os::unix::fs::PermissionsExt;
+    let dst = dir.join(src.file_name().expect("a file"));
+    if dst.exists() {
+        // Exposed before (never copy onto it: it may be a hard link of `src`).
+        return dst;
+    }
+    let others = mode & 0o007;
+    let meta = std::fs::metadata(src).unwrap_or_else(|e| panic!("{}: {e}", src.display()));
+    if meta.permissions().mode() & others == others && std::fs::hard_link(src, &dst).is_ok() {
+        return dst;
+    }
+    std::fs::copy(src, &dst)
+        .unwrap_or_else(|e| panic!("cannot copy {} to {}: {e}", src.display(), dst.display()));
+    std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(mode)).unwrap();
+    dst
 }

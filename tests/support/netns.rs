@@ -23,6 +23,7 @@ impl Netns {
     /// Creates `vmnbt-<tag>-<pid>-<n>` with loopback up. The pid and a per-process counter
     /// make the name unique among concurrent tests and test binaries.
     pub fn new(tag: &str) -> Self {
+        require("ip", "iproute2");
         let name = format!(
             "vmnbt-{tag}-{}-{}",
             std::process::id(),
@@ -134,6 +135,24 @@ pub fn enter(path: &Path) {
         "setns {}: {}",
         path.display(),
         std::io::Error::last_os_error()
+    );
+}
+
+/// Fails the test, saying which Debian package to install, unless `program` is on PATH
+/// (or, given as a path, exists). Tests call it before using a tool, so that a missing one
+/// is a clear failure, never a skip or a puzzling assertion. `scripts/deps test` installs
+/// every package the tests need.
+pub fn require(program: &str, package: &str) {
+    let found = if program.contains('/') {
+        Path::new(program).is_file()
+    } else {
+        std::env::var_os("PATH")
+            .is_some_and(|path| std::env::split_paths(&path).any(|d| d.join(program).is_file()))
+    };
+    assert!(
+        found,
+        "{program} not found: install the package {package} (`scripts/deps test` installs \
+         everything the tests need)"
     );
 }
 

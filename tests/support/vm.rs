@@ -150,6 +150,9 @@ pub struct PreparedVm {
 /// looks for further archives) iperf3 if asked for and an uncompressed cpio holding
 /// `/vmnb/script`. The kernel unpacks concatenated archives into one rootfs.
 pub fn prepare(spec: &VmSpec) -> PreparedVm {
+    if std::env::var_os("VMNB_QEMU").is_none() {
+        crate::netns::require("qemu-system-x86_64", "qemu-system-x86");
+    }
     let image = if spec.iperf3 {
         guest_image_with_iperf3()
     } else {
@@ -343,8 +346,10 @@ pub fn broker_vm_command(
 /// `run` does with TAPs). The fds must stay open until the command is spawned.
 pub fn pass_fds(cmd: &mut Command, fds: &[(BorrowedFd<'_>, RawFd)]) {
     let pairs: Vec<(RawFd, RawFd)> = fds.iter().map(|(f, t)| (f.as_raw_fd(), *t)).collect();
-    // SAFETY: only async-signal-safe calls (fcntl, dup2) between fork and exec, and no
-    // allocation: `pairs` is built before and only read.
+    // SAFETY: between fork and exec the closure makes only async-signal-safe calls
+    // (fcntl, dup2) and allocates nothing: `pairs` is built before the fork and only read,
+    // `moved` is on the stack, and last_os_error() does not allocate. (The assert! can
+    // only fire for more than 16 fds, which no caller passes.)
     unsafe {
         cmd.pre_exec(move || {
             // First move every source above all targets, so that a source numbered like an
@@ -478,7 +483,8 @@ pub fn run_vm(mut cmd: Command, prepared: &PreparedVm, timeout: Duration) -> VmO
             Some(status) => break Some(status),
             None if start.elapsed() >= timeout => {
                 timed_out = true;
-                // SAFETY: plain kill(2) of the group we created.
+                // SAFETY: kill(2) takes only integers and touches no memory of ours; the
+                // group is the one we created for our child, not yet reaped.
                 unsafe { libc::kill(-pid, libc::SIGKILL) };
                 break child.wait().ok();
             }
@@ -487,7 +493,9 @@ pub fn run_vm(mut cmd: Command, prepared: &PreparedVm, timeout: Duration) -> VmO
     };
     let elapsed = start.elapsed();
     // A wrapper may have exited while QEMU still runs: make sure the group is gone.
-    // SAFETY: as above; ESRCH when nothing is left is fine.
+    // SAFETY: kill(2) touches no memory of ours, so it is memory-safe whatever the pid;
+    // the group leader is reaped, but the group id stays ours while members live, and
+    // ESRCH when nothing is left is fine.
     unsafe { libc::kill(-pid, libc::SIGKILL) };
     let console = std::fs::read(&prepared.console).unwrap_or_default();
     let mut out = parse_output(&String::from_utf8_lossy(&console));
@@ -556,7 +564,9 @@ pub fn open_tap(name: &str) -> OwnedFd {
         _pad: [0; 22],
     };
     req.name[..name.len()].copy_from_slice(name.as_bytes());
-    // SAFETY: TUNSETIFF reads and writes an ifreq, which `req` is laid out as.
+    // SAFETY: TUNSETIFF reads and writes one ifreq (40 bytes) through the pointer, and
+    // `req` is a #[repr(C)] IfReq of exactly that size and layout, exclusively borrowed;
+    // `fd` is open for the call.
     let rc = unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETIFF as _, &mut req) };
     assert_eq!(
         rc,
