@@ -30,7 +30,8 @@ type realBroker struct {
 }
 
 // brokerBinary finds the broker: $VMNET_BROKER_BIN, $CARGO_TARGET_DIR/debug or the
-// repository's target/debug. The tests skip (saying why) only when none has `serve`.
+// repository's target/debug. The tests fail (saying what to do) when none has `serve`:
+// a test that cannot run must not pass.
 func brokerBinary(t *testing.T) (string, bool) {
 	var candidates []string
 	if p := os.Getenv("VMNET_BROKER_BIN"); p != "" {
@@ -46,12 +47,12 @@ func brokerBinary(t *testing.T) (string, bool) {
 		}
 		help, err := exec.Command(c, "serve", "--help").CombinedOutput()
 		if err != nil || !strings.Contains(string(help), "--idle-timeout") {
-			t.Skipf("broker %s has no `serve --idle-timeout` yet (%v); build the server first", c, err)
+			t.Fatalf("broker %s has no `serve --idle-timeout` (%v): build it with `cargo build`", c, err)
 		}
 		abs, _ := filepath.Abs(c)
 		return abs, strings.Contains(string(help), "--state-dir")
 	}
-	t.Skipf("no broker binary (looked at %s); run `cargo build` first", strings.Join(candidates, ", "))
+	t.Fatalf("no broker binary (looked at %s): build it with `cargo build`", strings.Join(candidates, ", "))
 	return "", false
 }
 
@@ -67,7 +68,7 @@ func run(t *testing.T, name string, args ...string) string {
 func startBroker(t *testing.T, idleTimeout string) *realBroker {
 	bin, hasStateDir := brokerBinary(t)
 	if os.Geteuid() != 0 {
-		t.Skip("the real-broker tests need root (network namespace, bridges, TAPs)")
+		t.Fatal("the real-broker tests need root (network namespace, bridges, TAPs): run them as root, e.g. `sudo scripts/test`")
 	}
 	b := &realBroker{ns: fmt.Sprintf("vmnbt-go-%d-%d", os.Getpid(), atomic.AddInt32(&nsCounter, 1))}
 	dir, err := os.MkdirTemp("", "vmnbt-go-")

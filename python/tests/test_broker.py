@@ -27,7 +27,8 @@ _counter = itertools.count(1)
 
 def broker_binary():
     """$VMNET_BROKER_BIN, $CARGO_TARGET_DIR/debug or the repository's target/debug.
-    Skips (saying why) only when no candidate has `serve`."""
+    Fails (saying what to do) when no candidate has `serve`: a test that cannot run must
+    not pass."""
     candidates = [os.environ.get("VMNET_BROKER_BIN")]
     if os.environ.get("CARGO_TARGET_DIR"):
         candidates.append(os.path.join(os.environ["CARGO_TARGET_DIR"], "debug", "vmnet-broker"))
@@ -39,16 +40,17 @@ def broker_binary():
         help = subprocess.run([c, "serve", "--help"], capture_output=True, text=True)
         text = help.stdout + help.stderr
         if help.returncode != 0 or "--idle-timeout" not in text:
-            pytest.skip("broker %s has no `serve --idle-timeout` yet; build the server first" % c)
+            pytest.fail("broker %s has no `serve --idle-timeout`: build it with `cargo build`" % c)
         return os.path.abspath(c), "--state-dir" in text
-    pytest.skip("no broker binary (looked at %s); run `cargo build` first" % ", ".join(candidates))
+    pytest.fail("no broker binary (looked at %s): build it with `cargo build`" % ", ".join(candidates))
 
 
 class Broker:
     def __init__(self, idle_timeout):
         self.bin, has_state_dir = broker_binary()
         if os.geteuid() != 0:
-            pytest.skip("the real-broker tests need root (network namespace, bridges, TAPs)")
+            pytest.fail("the real-broker tests need root (network namespace, bridges, TAPs): "
+                        "run them as root, e.g. `sudo scripts/test`")
         self.ns = "vmnbt-py-%d-%d" % (os.getpid(), next(_counter))
         self.dir = tempfile.mkdtemp(prefix="vmnbt-py-")
         os.chmod(self.dir, 0o755)  # nobody must reach the socket
