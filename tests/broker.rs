@@ -800,8 +800,10 @@ fn sigkilled_run_terminates_its_command_and_ends_the_lease() {
     let b = Broker::start(Options::default());
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("got-term");
+    // The trap goes in before the pid is printed: once the test has read the pid it may
+    // kill `run` at once, and a SIGTERM before the trap would end sh without a trace.
     let script = format!(
-        "echo $$; trap 'echo got-term >> {}; exit 0' TERM; while :; do sleep 0.05; done",
+        "trap 'echo got-term >> {}; exit 0' TERM; echo $$; while :; do sleep 0.05; done",
         path_str(&file)
     );
     let mut run = b

@@ -104,6 +104,26 @@ where
     }
 }
 
+/// Log lines written by the code under test on the thread that installed the writer.
+#[derive(Clone, Default)]
+struct Logs(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+impl Logs {
+    fn text(&self) -> String {
+        String::from_utf8_lossy(&self.0.lock().unwrap()).into_owned()
+    }
+}
+
+impl std::io::Write for Logs {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(buf);
+        Ok(buf.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
 /// A backend with a state directory of its own, removed with it.
 struct TestBackend {
     backend: LinuxBackend,
@@ -596,9 +616,32 @@ fn tap_binding_is_retried_after_a_failure() {
             .unwrap();
         ns.run(&["nft", "delete set bridge vmnet_broker portmacs-retry"])
             .unwrap();
+        let logs = Logs::default();
+        let writer = logs.clone();
+        // The backend's binding task runs on this thread (current-thread runtime), so this
+        // captures what it logs.
+        let _guard = tracing::subscriber::set_default(
+            tracing_subscriber::fmt()
+                .with_writer(move || writer.clone())
+                .with_ansi(false)
+                .finish(),
+        );
         let a = attach(&b, &net, 1).await;
-        // The first attempts fail; the set comes back before the later ones.
-        tokio::time::sleep(Duration::from_millis(150)).await;
+        // The set comes back only once an attempt has failed (the backend says it will
+        // retry): after a fixed sleep, a slow machine could bind at the first attempt and
+        // the retry would go untested.
+        let start = std::time::Instant::now();
+        while !logs
+            .text()
+            .contains("cannot bind TAPs to their MACs, retrying")
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(20),
+                "no failed binding attempt: {}",
+                logs.text()
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
         ns.run(&[
             "nft",
             "add set bridge vmnet_broker portmacs-retry { type ifname . ether_addr; }",
