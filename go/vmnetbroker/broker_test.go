@@ -118,6 +118,21 @@ func startBroker(t *testing.T, idleTimeout string) *realBroker {
 	// Registered after the netns deletion so it runs first: stop the broker, then drop
 	// the namespace (and with it anything the broker failed to remove).
 	t.Cleanup(func() {
+		// The broker ignores SIGTERM while clients are connected and handles a disconnect
+		// asynchronously (a status query to check would be a client too): wait until its
+		// log shows every client it accepted gone.
+		for deadline := time.Now().Add(10 * time.Second); ; {
+			out, _ := os.ReadFile(b.log)
+			log := string(out)
+			if strings.Count(log, "client connected") == strings.Count(log, "client disconnected") {
+				break
+			}
+			if time.Now().After(deadline) {
+				t.Errorf("clients still connected after 10 s")
+				break
+			}
+			time.Sleep(20 * time.Millisecond)
+		}
 		b.cmd.Process.Signal(syscall.SIGTERM)
 		select {
 		case <-exited:

@@ -92,10 +92,26 @@ class Broker:
         with open(self.log) as f:
             return f.read()
 
+    def wait_no_clients(self, timeout=10):
+        """Waits until the broker has seen every client it accepted disconnect: it ignores
+        SIGTERM while clients are connected, and handles a disconnect asynchronously (a
+        status query to check would be a client too), so its log is the race-free witness."""
+        deadline = time.monotonic() + timeout
+        while True:
+            log = self.read_log()
+            if log.count("client connected") == log.count("client disconnected"):
+                return
+            if time.monotonic() > deadline:
+                raise AssertionError("clients still connected after %d s:\n%s" % (timeout, log))
+            time.sleep(0.02)
+
     def stop(self):
         try:
             if self.proc is not None and self.proc.poll() is None:
-                self.proc.send_signal(signal.SIGTERM)  # no clients left: it must exit
+                try:
+                    self.wait_no_clients()
+                finally:
+                    self.proc.send_signal(signal.SIGTERM)  # no clients left: it must exit
                 try:
                     self.proc.wait(10)
                 except subprocess.TimeoutExpired:
