@@ -9,6 +9,7 @@ pub mod client;
 pub mod config;
 pub mod dhcp;
 pub mod dns;
+pub mod error;
 pub mod policy;
 pub mod protocol;
 pub mod registry;

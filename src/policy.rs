@@ -19,10 +19,32 @@ pub trait Directory: Send + Sync {
     fn groups_of(&self, uid: u32, primary_gid: u32) -> Vec<u32>;
 }
 
+/// A peer the network's `allowed_users` / `allowed_groups` do not name.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "uid {uid} ({}) is not in allowed_users or allowed_groups of network {network:?}",
+    user.as_deref().unwrap_or("no name")
+)]
+pub struct Denied {
+    pub uid: u32,
+    /// The uid's user name, when the user database knows it.
+    pub user: Option<String>,
+    pub network: String,
+}
+
+/// Whether deciding for `peer` needs the user database: not for root, nor for a network
+/// open to everyone. Lets callers skip a blocking thread on the common path.
+pub fn needs_lookup(config: &NetworkConfig, peer: &Peer) -> bool {
+    peer.uid != 0 && !(config.allowed_users.is_empty() && config.allowed_groups.is_empty())
+}
+
 /// Decides whether `peer` may use the network. Root is always allowed; a network that
 /// names no users and no groups is open to everyone who can reach the socket.
-pub fn check(config: &NetworkConfig, peer: &Peer, dir: &dyn Directory) -> Result<(), String> {
-    if peer.uid == 0 || (config.allowed_users.is_empty() && config.allowed_groups.is_empty()) {
+///
+/// The [`Directory`] may block (NSS can ask a remote service): async callers run this
+/// on a blocking thread ([`tokio::task::spawn_blocking`]).
+pub fn check(config: &NetworkConfig, peer: &Peer, dir: &dyn Directory) -> Result<(), Denied> {
+    if !needs_lookup(config, peer) {
         return Ok(());
     }
     let name = dir.user_name(peer.uid);
@@ -46,12 +68,11 @@ pub fn check(config: &NetworkConfig, peer: &Peer, dir: &dyn Directory) -> Result
             return Ok(());
         }
     }
-    Err(format!(
-        "uid {} ({}) is not in allowed_users or allowed_groups of network {:?}",
-        peer.uid,
-        name.as_deref().unwrap_or("no name"),
-        config.name
-    ))
+    Err(Denied {
+        uid: peer.uid,
+        user: name,
+        network: config.name.clone(),
+    })
 }
 
 /// The system's user database (NSS).
@@ -134,7 +155,7 @@ mod tests {
         c.allowed_users = vec![Principal::Name("alice".into())];
         assert!(check(&c, &peer(1000), &Fake).is_ok());
         assert!(check(&c, &peer(0), &Fake).is_ok(), "root is always allowed");
-        let e = check(&c, &peer(1001), &Fake).unwrap_err();
+        let e = check(&c, &peer(1001), &Fake).unwrap_err().to_string();
         assert!(e.contains("uid 1001 (bob)"), "{e}");
         c.allowed_groups = vec![Principal::Name("kvm".into())];
         assert!(check(&c, &peer(1001), &Fake).is_ok(), "bob is in kvm");

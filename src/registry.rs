@@ -2,17 +2,25 @@
 //!
 //! A client's connection is its lease: [`Registry::disconnect`] drops every reference it
 //! held. A network whose last client leaves is removed after the idle timeout unless an
-//! acquire comes first, which gets the very same network back. All state changes happen
-//! under one lock, so backend calls for a network never overlap.
+//! acquire comes first, which gets the very same network back.
+//!
+//! Concurrency (docs/design.md): one map of networks and clients behind a std mutex that
+//! is only ever held for a few field updates, never across an `.await`. Backend calls
+//! for one network are serialized by that network's own async lock (`busy`), so work on
+//! one network never waits for work on another. A network being created or removed is a
+//! [`Phase`] others see: an acquire of it waits for that network's lock only, then finds
+//! it active, or gone (and creates it anew).
 
-use crate::backend::{AttachRequest, Attachment, Backend, NetworkDetails};
-use crate::config::{ConfigDir, NetworkConfig, format_mac, name_hash, prefix_to_mask};
-use crate::policy::{self, Directory, Peer};
-use crate::protocol::{BrokerError, ClientStatus, ErrorCode, NetworkInfo, NetworkStatus, Status};
+use crate::backend::{
+    AttachRequest, Attachment, Backend, BackendError, EndpointId, NetworkDetails,
+};
+use crate::config::{ConfigDir, ConfigError, Mode, NetworkConfig, format_mac, name_hash};
+use crate::error::chain;
+use crate::policy::{self, Denied, Directory, Peer};
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
-use tokio::sync::Mutex;
+use tokio::sync::{Mutex as NetworkLock, OwnedMutexGuard};
 use tokio::time::Instant;
 use tracing::{info, warn};
 
@@ -32,17 +40,139 @@ pub type ClientId = u64;
 /// Size of a network's MAC map at which it is first pruned to the live endpoints.
 const PRUNE_MACS_FROM: usize = 64;
 
-struct Network<N> {
+/// Why the registry refused or failed a request. The server maps each kind to a wire
+/// error code; the message with its causes ([`crate::error::chain`]) goes to the log
+/// and, on one line, to the client.
+#[derive(Debug, thiserror::Error)]
+pub enum RegistryError {
+    #[error("the broker is shutting down")]
+    ShuttingDown,
+    #[error("unknown client")]
+    UnknownClient,
+    #[error("uid {uid} already has {open} connections open (at most {MAX_CONNECTIONS_PER_UID})")]
+    TooManyConnections { uid: u32, open: usize },
+    #[error("a client may hold at most {MAX_NETWORKS_PER_CLIENT} distinct networks")]
+    TooManyNetworks,
+    #[error("a client may hold at most {MAX_TAPS_PER_CLIENT} TAPs at once")]
+    TooManyEndpoints,
+    /// At the endpoint limit, and the backend cannot say which are still open: refused
+    /// rather than forgetting the count.
+    #[error(
+        "a client may hold at most {MAX_TAPS_PER_CLIENT} TAPs at once, and which are still open is unknown"
+    )]
+    EndpointsUnknown(#[source] BackendError),
+    #[error("no network named {0:?}")]
+    NotFound(String),
+    /// The host failed us (permissions, out of fds): not the client's fault, and not a
+    /// verdict on the file.
+    #[error("cannot read the definition of network {name:?}")]
+    Unreadable {
+        name: String,
+        #[source]
+        source: ConfigError,
+    },
+    #[error("network {name:?} has an invalid definition")]
+    Invalid {
+        name: String,
+        #[source]
+        source: ConfigError,
+    },
+    #[error(transparent)]
+    NotAllowed(#[from] Denied),
+    #[error("mac {} is in use on network {network:?} by {endpoint}", format_mac(.mac))]
+    MacInUse {
+        mac: [u8; 6],
+        network: String,
+        endpoint: EndpointId,
+    },
+    #[error("cannot create network {name:?}")]
+    Create {
+        name: String,
+        #[source]
+        source: BackendError,
+    },
+    #[error("cannot attach to network {name:?}")]
+    Attach {
+        name: String,
+        #[source]
+        source: BackendError,
+    },
+    /// A blocking lookup (user database, definition file) panicked or was cancelled.
+    #[error("a lookup on a blocking thread failed")]
+    Lookup(#[source] tokio::task::JoinError),
+}
+
+/// What a successful acquire hands the server: the network as the client is told of it,
+/// the guest MAC, and the endpoint itself.
+#[derive(Debug)]
+pub struct Acquired<E> {
+    pub network: String,
+    pub mode: Mode,
+    pub details: NetworkDetails,
+    pub mac: [u8; 6],
+    pub attachment: Attachment<E>,
+}
+
+/// The registry's state at one moment, for `status`.
+#[derive(Debug, Clone)]
+pub struct Snapshot {
+    pub idle_timeout: Duration,
+    /// Active networks, by name.
+    pub networks: Vec<NetworkSnapshot>,
+    pub clients: Vec<ClientSnapshot>,
+}
+
+#[derive(Debug, Clone)]
+pub struct NetworkSnapshot {
+    pub name: String,
+    pub mode: Mode,
+    pub details: NetworkDetails,
+    pub clients: usize,
+    /// Endpoints still open; empty if the backend could not say (logged).
+    pub endpoints: Vec<EndpointId>,
+    pub removal_in: Option<Duration>,
+}
+
+#[derive(Debug, Clone)]
+pub struct ClientSnapshot {
+    pub id: ClientId,
+    pub peer: Peer,
+    pub networks: Vec<String>,
+}
+
+/// A network that exists, as the backend made it. Shared (`Arc`) so backend calls on it
+/// run without the registry's lock.
+struct Live<N> {
     handle: N,
     config: NetworkConfig,
     details: NetworkDetails,
+}
+
+/// Where a network is in its life. Only `Active` networks have a backend handle.
+enum Phase<N> {
+    /// Its first acquire is reading its definition and creating it, holding `busy`.
+    Creating,
+    Active(Arc<Live<N>>),
+    /// Being destroyed, by whoever holds `busy`; an acquire waits, then creates it anew.
+    Removing,
+}
+
+struct Network<N> {
+    /// Tells this incarnation from a later one of the same name.
+    instance: u64,
+    phase: Phase<N>,
+    /// Serializes the backend calls for this network (create, attach, release, destroy);
+    /// held across them, and never by anything that concerns another network.
+    busy: Arc<NetworkLock<()>>,
     clients: BTreeSet<ClientId>,
+    /// Acquires under way: the network is not idle while there are any.
+    pending: usize,
     /// Endpoints attached so far; names and MACs derive from it.
     serial: u64,
     /// The guest MAC of each endpoint handed out, so no MAC (requested or suggested) is
     /// given to two live endpoints at once. Pruned to the live endpoints whenever it has
     /// doubled since the last pruning, so it follows them at an amortized constant cost.
-    macs: BTreeMap<String, [u8; 6]>,
+    macs: BTreeMap<EndpointId, [u8; 6]>,
     prune_macs_at: usize,
     /// When the idle removal is due, while no client holds the network.
     removal_at: Option<Instant>,
@@ -53,18 +183,19 @@ struct Network<N> {
 struct Client {
     peer: Peer,
     networks: BTreeSet<String>,
-    /// TAPs handed to this client, as (network, interface), pruned to the live ones when
-    /// the client reaches [`MAX_TAPS_PER_CLIENT`].
-    taps: Vec<(String, String)>,
-    /// Persistent endpoints made for this client, as (network, interface): they do not
-    /// go away with their fd, so they go when the client does.
-    persistent: Vec<(String, String)>,
+    /// Endpoints handed to this client, as (network, endpoint), pruned to the live ones
+    /// when the client reaches [`MAX_TAPS_PER_CLIENT`].
+    taps: Vec<(String, EndpointId)>,
+    /// Persistent endpoints made for this client, as (network, endpoint): they do not
+    /// go away with their handle, so they go when the client does.
+    persistent: Vec<(String, EndpointId)>,
 }
 
 struct State<N> {
     networks: BTreeMap<String, Network<N>>,
     clients: BTreeMap<ClientId, Client>,
     next_client: ClientId,
+    next_instance: u64,
     /// Set once the broker is going down: no new clients, no new networks.
     closed: bool,
 }
@@ -72,8 +203,9 @@ struct State<N> {
 pub struct Registry<B: Backend> {
     backend: B,
     config: ConfigDir,
-    directory: Box<dyn Directory>,
+    directory: Arc<dyn Directory>,
     idle_timeout: Duration,
+    /// Held for field updates only, never across an `.await`.
     state: Mutex<State<B::Network>>,
 }
 
@@ -93,6 +225,14 @@ pub fn guest_mac(name: &str, serial: u64) -> [u8; 6] {
     ]
 }
 
+/// How an acquire got hold of its network.
+enum Claim {
+    /// The network did not exist: this acquire creates it (holding its lock).
+    Create(u64, OwnedMutexGuard<()>),
+    /// It exists or is being created or removed: wait for its lock.
+    Join(u64, Arc<NetworkLock<()>>),
+}
+
 impl<B: Backend> Registry<B> {
     pub fn new(
         backend: B,
@@ -103,12 +243,13 @@ impl<B: Backend> Registry<B> {
         Arc::new(Self {
             backend,
             config,
-            directory,
+            directory: Arc::from(directory),
             idle_timeout,
             state: Mutex::new(State {
                 networks: BTreeMap::new(),
                 clients: BTreeMap::new(),
                 next_client: 1,
+                next_instance: 1,
                 closed: false,
             }),
         })
@@ -118,14 +259,16 @@ impl<B: Backend> Registry<B> {
         &self.backend
     }
 
+    fn lock(&self) -> MutexGuard<'_, State<B::Network>> {
+        // Every critical section leaves the state consistent before anything can panic.
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Registers a newly connected client. Fails once the broker is shutting down.
-    pub async fn connect(&self, peer: Peer) -> Result<ClientId, BrokerError> {
-        let mut st = self.state.lock().await;
+    pub async fn connect(&self, peer: Peer) -> Result<ClientId, RegistryError> {
+        let mut st = self.lock();
         if st.closed {
-            return Err(BrokerError::new(
-                ErrorCode::InternalError,
-                "the broker is shutting down",
-            ));
+            return Err(RegistryError::ShuttingDown);
         }
         if peer.uid != 0 {
             let open = st
@@ -139,13 +282,10 @@ impl<B: Backend> Registry<B> {
                     uid = peer.uid,
                     "connection refused: {open} open"
                 );
-                return Err(BrokerError::new(
-                    ErrorCode::InternalError,
-                    format!(
-                        "uid {} already has {open} connections open (at most {MAX_CONNECTIONS_PER_UID})",
-                        peer.uid
-                    ),
-                ));
+                return Err(RegistryError::TooManyConnections {
+                    uid: peer.uid,
+                    open,
+                });
             }
         }
         let id = st.next_client;
@@ -177,245 +317,457 @@ impl<B: Backend> Registry<B> {
         name: &str,
         requested_mac: Option<[u8; 6]>,
         persistent: bool,
-    ) -> Result<(NetworkInfo, Attachment), BrokerError> {
-        let mut guard = self.state.lock().await;
-        let st = &mut *guard;
-        let Some(c) = st.clients.get(&client) else {
-            return Err(BrokerError::new(ErrorCode::InternalError, "unknown client"));
-        };
-        let peer = c.peer;
-        let refuse = |code: ErrorCode, message: String| {
+    ) -> Result<Acquired<B::Endpoint>, RegistryError> {
+        let result = self
+            .try_acquire(client, name, requested_mac, persistent)
+            .await;
+        if let Err(e) = &result {
+            let peer = self.lock().clients.get(&client).map(|c| c.peer);
             warn!(
                 client,
-                pid = peer.pid,
-                uid = peer.uid,
+                pid = peer.map(|p| p.pid),
+                uid = peer.map(|p| p.uid),
                 network = name,
-                code = code.code(),
-                "acquire refused: {message}"
+                "acquire refused: {}",
+                chain(e)
             );
-            BrokerError::new(code, message)
-        };
-        if !c.networks.contains(name) && c.networks.len() >= MAX_NETWORKS_PER_CLIENT {
-            return Err(refuse(
-                ErrorCode::InternalError,
-                format!("a client may hold at most {MAX_NETWORKS_PER_CLIENT} distinct networks"),
-            ));
         }
-        if st.closed {
-            return Err(refuse(
-                ErrorCode::InternalError,
-                "the broker is shutting down".into(),
-            ));
-        }
-        if c.taps.len() >= MAX_TAPS_PER_CLIENT {
-            self.prune_client_taps(st, client).await;
-            if st.clients[&client].taps.len() >= MAX_TAPS_PER_CLIENT {
-                return Err(refuse(
-                    ErrorCode::InternalError,
-                    format!("a client may hold at most {MAX_TAPS_PER_CLIENT} TAPs at once"),
-                ));
-            }
-        }
+        result
+    }
 
-        if let Some(net) = st.networks.get(name) {
-            policy::check(&net.config, &peer, self.directory.as_ref())
-                .map_err(|m| refuse(ErrorCode::NotAllowed, m))?;
-        } else {
-            let config = match self.config.load(name) {
-                Ok(Some(config)) => config,
-                Ok(None) => {
-                    return Err(refuse(
-                        ErrorCode::NotFound,
-                        format!("no network named {name:?}"),
-                    ));
-                }
-                // The host failed us (permissions, out of fds): not the client's fault,
-                // and not a verdict on the file.
-                Err(e) if e.unreadable => {
-                    return Err(refuse(
-                        ErrorCode::InternalError,
-                        format!("cannot read the definition of network {name:?}: {e}"),
-                    ));
-                }
-                Err(e) => {
-                    return Err(refuse(
-                        ErrorCode::NotFound,
-                        format!("network {name:?} has an invalid definition: {e}"),
-                    ));
+    async fn try_acquire(
+        self: &Arc<Self>,
+        client: ClientId,
+        name: &str,
+        requested_mac: Option<[u8; 6]>,
+        persistent: bool,
+    ) -> Result<Acquired<B::Endpoint>, RegistryError> {
+        let peer = self.admit(client, name).await?;
+        loop {
+            let (instance, guard, live) = match self.claim(name)? {
+                Claim::Create(instance, guard) => match self.create(name, instance, &peer).await {
+                    Ok(live) => (instance, guard, live),
+                    Err(e) => {
+                        let mut st = self.lock();
+                        if st
+                            .networks
+                            .get(name)
+                            .is_some_and(|n| n.instance == instance)
+                        {
+                            st.networks.remove(name);
+                        }
+                        return Err(e);
+                    }
+                },
+                Claim::Join(instance, busy) => {
+                    let guard = busy.lock_owned().await;
+                    let live = match &self.lock().networks.get(name) {
+                        Some(n) if n.instance == instance => match &n.phase {
+                            Phase::Active(live) => Some(Arc::clone(live)),
+                            // Whoever held the lock ended creating or removing it.
+                            Phase::Creating | Phase::Removing => None,
+                        },
+                        _ => None,
+                    };
+                    // Gone (removed, or its creation failed): start over, creating it.
+                    let Some(live) = live else { continue };
+                    if let Err(e) = self.allowed(&live.config, &peer).await {
+                        self.settle(name, instance);
+                        return Err(e);
+                    }
+                    (instance, guard, live)
                 }
             };
-            policy::check(&config, &peer, self.directory.as_ref())
-                .map_err(|m| refuse(ErrorCode::NotAllowed, m))?;
-            let handle = self.backend.create(&config).await.map_err(|e| {
-                refuse(
-                    ErrorCode::CreateFailure,
-                    format!("cannot create network {name:?}: {e}"),
+            let result = self
+                .attach(
+                    client,
+                    name,
+                    instance,
+                    &live,
+                    peer,
+                    requested_mac,
+                    persistent,
                 )
-            })?;
-            let details = self.backend.details(&handle);
-            info!(
-                network = name,
-                mode = %config.mode,
-                subnet = %details.subnet,
-                mask = %prefix_to_mask(details.subnet.prefix_len()),
-                gateway = %details.gateway,
-                bridge = %details.bridge,
-                "network created"
-            );
-            st.networks.insert(
-                name.to_string(),
-                Network {
-                    handle,
-                    config,
-                    details,
-                    clients: BTreeSet::new(),
-                    serial: 0,
-                    macs: BTreeMap::new(),
-                    prune_macs_at: PRUNE_MACS_FROM,
-                    removal_at: None,
-                    generation: 0,
-                },
-            );
+                .await;
+            self.settle(name, instance);
+            drop(guard);
+            return result;
         }
+    }
 
-        let net = st.networks.get_mut(name).expect("present");
-        if requested_mac.is_some() || net.macs.len() >= net.prune_macs_at {
-            let live = self.backend.endpoints(&net.handle).await;
-            net.macs.retain(|iface, _| live.contains(iface));
-            net.prune_macs_at = (2 * net.macs.len()).max(PRUNE_MACS_FROM);
+    /// The client's limits, before anything is done for it.
+    async fn admit(&self, client: ClientId, name: &str) -> Result<Peer, RegistryError> {
+        let handles = {
+            let st = self.lock();
+            let c = st
+                .clients
+                .get(&client)
+                .ok_or(RegistryError::UnknownClient)?;
+            if !c.networks.contains(name) && c.networks.len() >= MAX_NETWORKS_PER_CLIENT {
+                return Err(RegistryError::TooManyNetworks);
+            }
+            if st.closed {
+                return Err(RegistryError::ShuttingDown);
+            }
+            if c.taps.len() < MAX_TAPS_PER_CLIENT {
+                return Ok(c.peer);
+            }
+            c.networks
+                .iter()
+                .filter_map(|n| match &st.networks.get(n)?.phase {
+                    Phase::Active(live) => Some((n.clone(), Arc::clone(live))),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        };
+        // At the limit: forget the endpoints that are gone (their VM closed them). If the
+        // backend cannot say which, refuse rather than forget them all.
+        let mut live = BTreeSet::new();
+        for (network, handle) in handles {
+            let endpoints = self
+                .backend
+                .live_endpoints(&handle.handle)
+                .await
+                .map_err(RegistryError::EndpointsUnknown)?;
+            live.extend(endpoints.into_iter().map(|e| (network.clone(), e)));
         }
-        let in_use =
-            |macs: &BTreeMap<String, [u8; 6]>, mac: [u8; 6]| macs.values().any(|m| *m == mac);
-        let mut serial = net.serial;
-        let mac = match requested_mac {
-            // Suggestions are predictable, so another client may have asked for one
-            // already: skip those in use.
-            None => {
-                while in_use(&net.macs, guest_mac(name, serial)) {
-                    serial += 1;
-                }
-                guest_mac(name, serial)
+        let mut st = self.lock();
+        let c = st
+            .clients
+            .get_mut(&client)
+            .ok_or(RegistryError::UnknownClient)?;
+        c.taps.retain(|tap| live.contains(tap));
+        if c.taps.len() >= MAX_TAPS_PER_CLIENT {
+            return Err(RegistryError::TooManyEndpoints);
+        }
+        Ok(c.peer)
+    }
+
+    /// Finds or inserts the network's entry and counts this acquire as pending on it.
+    fn claim(&self, name: &str) -> Result<Claim, RegistryError> {
+        let mut st = self.lock();
+        if let Some(net) = st.networks.get_mut(name) {
+            net.pending += 1;
+            return Ok(Claim::Join(net.instance, Arc::clone(&net.busy)));
+        }
+        if st.closed {
+            return Err(RegistryError::ShuttingDown);
+        }
+        let instance = st.next_instance;
+        st.next_instance += 1;
+        let busy = Arc::new(NetworkLock::new(()));
+        let guard = Arc::clone(&busy)
+            .try_lock_owned()
+            .expect("a new lock is free");
+        st.networks.insert(
+            name.to_string(),
+            Network {
+                instance,
+                phase: Phase::Creating,
+                busy,
+                clients: BTreeSet::new(),
+                pending: 1,
+                serial: 0,
+                macs: BTreeMap::new(),
+                prune_macs_at: PRUNE_MACS_FROM,
+                removal_at: None,
+                generation: 0,
+            },
+        );
+        Ok(Claim::Create(instance, guard))
+    }
+
+    /// Reads the definition, checks the peer against it and has the backend make the
+    /// network. Runs holding the network's own lock only.
+    async fn create(
+        &self,
+        name: &str,
+        instance: u64,
+        peer: &Peer,
+    ) -> Result<Arc<Live<B::Network>>, RegistryError> {
+        let dir = self.config.clone();
+        let file = name.to_string();
+        let config = match tokio::task::spawn_blocking(move || dir.load(&file))
+            .await
+            .map_err(RegistryError::Lookup)?
+        {
+            Ok(Some(config)) => config,
+            Ok(None) => return Err(RegistryError::NotFound(name.to_string())),
+            Err(source) if source.unreadable => {
+                return Err(RegistryError::Unreadable {
+                    name: name.to_string(),
+                    source,
+                });
             }
-            Some(mac) => {
-                if let Some((iface, _)) = net.macs.iter().find(|(_, m)| **m == mac) {
-                    let message = format!(
-                        "mac {} is in use on network {name:?} by {iface}",
-                        format_mac(&mac)
-                    );
-                    if net.clients.is_empty() && net.removal_at.is_none() {
-                        self.schedule_removal(name, net);
+            Err(source) => {
+                return Err(RegistryError::Invalid {
+                    name: name.to_string(),
+                    source,
+                });
+            }
+        };
+        self.allowed(&config, peer).await?;
+        let handle =
+            self.backend
+                .create(&config)
+                .await
+                .map_err(|source| RegistryError::Create {
+                    name: name.to_string(),
+                    source,
+                })?;
+        let details = self.backend.details(&handle);
+        info!(
+            network = name,
+            mode = %config.mode,
+            subnet = %details.subnet,
+            gateway = %details.gateway,
+            platform = ?details.platform,
+            "network created"
+        );
+        let live = Arc::new(Live {
+            handle,
+            config,
+            details,
+        });
+        let mut st = self.lock();
+        let net = st
+            .networks
+            .get_mut(name)
+            .filter(|n| n.instance == instance)
+            .expect("a network being created stays until its creator is done");
+        net.phase = Phase::Active(Arc::clone(&live));
+        Ok(live)
+    }
+
+    /// `policy::check` on a blocking thread when it needs the user database (NSS may
+    /// ask a remote service), inline when it does not.
+    async fn allowed(&self, config: &NetworkConfig, peer: &Peer) -> Result<(), RegistryError> {
+        if !policy::needs_lookup(config, peer) {
+            return Ok(());
+        }
+        let (config, peer, dir) = (config.clone(), *peer, Arc::clone(&self.directory));
+        tokio::task::spawn_blocking(move || policy::check(&config, &peer, dir.as_ref()))
+            .await
+            .map_err(RegistryError::Lookup)?
+            .map_err(RegistryError::NotAllowed)
+    }
+
+    /// Picks the guest MAC and attaches a new endpoint; the caller holds the network's
+    /// lock and has counted this acquire as pending.
+    #[allow(clippy::too_many_arguments)]
+    async fn attach(
+        &self,
+        client: ClientId,
+        name: &str,
+        instance: u64,
+        live: &Live<B::Network>,
+        peer: Peer,
+        requested_mac: Option<[u8; 6]>,
+        persistent: bool,
+    ) -> Result<Acquired<B::Endpoint>, RegistryError> {
+        let prune = {
+            let st = self.lock();
+            let net = Self::network(&st, name, instance);
+            requested_mac.is_some() || net.macs.len() >= net.prune_macs_at
+        };
+        if prune {
+            match self.backend.live_endpoints(&live.handle).await {
+                Ok(endpoints) => {
+                    let mut st = self.lock();
+                    let net = Self::network_mut(&mut st, name, instance);
+                    net.macs.retain(|e, _| endpoints.contains(e));
+                    net.prune_macs_at = (2 * net.macs.len()).max(PRUNE_MACS_FROM);
+                }
+                // Keeping every MAC handed out can only refuse a MAC that is free, never
+                // give one twice.
+                Err(e) => warn!(
+                    network = name,
+                    "cannot list live endpoints, keeping every MAC handed out: {}",
+                    chain(&e)
+                ),
+            }
+        }
+        let request = {
+            let mut st = self.lock();
+            let net = Self::network_mut(&mut st, name, instance);
+            let in_use =
+                |macs: &BTreeMap<EndpointId, [u8; 6]>, mac| macs.values().any(|m| *m == mac);
+            let mut serial = net.serial;
+            let mac = match requested_mac {
+                // Suggestions are predictable, so another client may have asked for one
+                // already: skip those in use.
+                None => {
+                    while in_use(&net.macs, guest_mac(name, serial)) {
+                        serial += 1;
                     }
-                    return Err(refuse(ErrorCode::InvalidRequest, message));
+                    guest_mac(name, serial)
                 }
-                mac
+                Some(mac) => {
+                    if let Some((endpoint, _)) = net.macs.iter().find(|(_, m)| **m == mac) {
+                        return Err(RegistryError::MacInUse {
+                            mac,
+                            network: name.to_string(),
+                            endpoint: endpoint.clone(),
+                        });
+                    }
+                    mac
+                }
+            };
+            net.serial = serial + 1;
+            AttachRequest {
+                serial,
+                mac,
+                peer,
+                persistent,
             }
         };
-        net.serial = serial + 1;
-        let request = AttachRequest {
-            serial,
-            mac,
-            peer,
-            persistent,
-        };
-        let attachment = match self.backend.attach(&net.handle, &request).await {
-            Ok(a) => a,
-            Err(e) => {
-                // A network created for this acquire must not linger without its timer.
-                if net.clients.is_empty() && net.removal_at.is_none() {
-                    self.schedule_removal(name, net);
-                }
-                return Err(refuse(
-                    ErrorCode::CreateFailure,
-                    format!("cannot attach to network {name:?}: {e}"),
-                ));
-            }
-        };
+        let attachment = self
+            .backend
+            .attach(&live.handle, &request)
+            .await
+            .map_err(|source| RegistryError::Attach {
+                name: name.to_string(),
+                source,
+            })?;
+        let mut st = self.lock();
+        let net = Self::network_mut(&mut st, name, instance);
         if net.removal_at.take().is_some() {
             net.generation += 1;
             info!(network = name, "idle removal cancelled");
         }
         net.clients.insert(client);
-        net.macs.insert(attachment.interface.clone(), mac);
-        let info = NetworkInfo {
-            name: name.to_string(),
-            mode: net.config.mode.as_str().to_string(),
-            subnet: net.details.subnet.to_string(),
-            gateway: net.details.gateway.to_string(),
-            mask: prefix_to_mask(net.details.subnet.prefix_len()).to_string(),
-            mtu: net.details.mtu,
-            bridge: net.details.bridge.clone(),
-            interface: attachment.interface.clone(),
-            mac: format_mac(&mac),
-        };
+        net.macs.insert(attachment.id.clone(), request.mac);
         let net_clients = net.clients.len();
-        let entry = st.clients.get_mut(&client).expect("checked above");
+        let Some(entry) = st.clients.get_mut(&client) else {
+            return Err(RegistryError::UnknownClient);
+        };
         entry.networks.insert(name.to_string());
-        entry.taps.push((name.to_string(), info.interface.clone()));
+        entry.taps.push((name.to_string(), attachment.id.clone()));
         if persistent {
             entry
                 .persistent
-                .push((name.to_string(), info.interface.clone()));
+                .push((name.to_string(), attachment.id.clone()));
         }
         info!(
             client,
             pid = peer.pid,
             uid = peer.uid,
             network = name,
-            interface = %info.interface,
-            mac = %info.mac,
+            endpoint = %attachment.id,
+            mac = %format_mac(&request.mac),
             network_clients = net_clients,
             "network acquired"
         );
-        Ok((info, attachment))
+        Ok(Acquired {
+            network: name.to_string(),
+            mode: live.config.mode,
+            details: live.details.clone(),
+            mac: request.mac,
+            attachment,
+        })
+    }
+
+    /// The entry of a network whose lock the caller holds: it cannot go away meanwhile.
+    fn network<'a>(
+        st: &'a State<B::Network>,
+        name: &str,
+        instance: u64,
+    ) -> &'a Network<B::Network> {
+        st.networks
+            .get(name)
+            .filter(|n| n.instance == instance)
+            .expect("a network stays while its lock is held")
+    }
+
+    fn network_mut<'a>(
+        st: &'a mut State<B::Network>,
+        name: &str,
+        instance: u64,
+    ) -> &'a mut Network<B::Network> {
+        st.networks
+            .get_mut(name)
+            .filter(|n| n.instance == instance)
+            .expect("a network stays while its lock is held")
+    }
+
+    /// An acquire of the network is over (either way): if that leaves it idle, its
+    /// removal is scheduled.
+    fn settle(self: &Arc<Self>, name: &str, instance: u64) {
+        let mut st = self.lock();
+        if let Some(net) = st.networks.get_mut(name).filter(|n| n.instance == instance) {
+            net.pending -= 1;
+            self.schedule_if_idle(name, net);
+        }
     }
 
     /// The client's connection closed: release everything it held.
     pub async fn disconnect(self: &Arc<Self>, client: ClientId) {
-        let mut guard = self.state.lock().await;
-        let st = &mut *guard;
-        let Some(c) = st.clients.remove(&client) else {
-            return;
-        };
-        for (name, interface) in &c.persistent {
-            let Some(net) = st.networks.get(name) else {
-                continue;
+        let persistent = {
+            let mut st = self.lock();
+            let Some(c) = st.clients.remove(&client) else {
+                return;
             };
-            match self.backend.release(&net.handle, interface).await {
-                Ok(()) => {
-                    info!(client, network = %name, interface = %interface, "persistent TAP removed")
-                }
-                Err(e) => {
-                    warn!(client, network = %name, "cannot remove persistent TAP {interface}: {e}")
-                }
+            for name in &c.networks {
+                let Some(net) = st.networks.get_mut(name) else {
+                    continue;
+                };
+                net.clients.remove(&client);
+                info!(
+                    client,
+                    pid = c.peer.pid,
+                    uid = c.peer.uid,
+                    network = %name,
+                    network_clients = net.clients.len(),
+                    "network released"
+                );
+                self.schedule_if_idle(name, net);
             }
-        }
-        for name in &c.networks {
-            let Some(net) = st.networks.get_mut(name) else {
-                continue;
-            };
-            net.clients.remove(&client);
             info!(
                 client,
                 pid = c.peer.pid,
                 uid = c.peer.uid,
-                network = %name,
-                network_clients = net.clients.len(),
-                "network released"
+                clients = st.clients.len(),
+                "client disconnected"
             );
-            if net.clients.is_empty() {
-                self.schedule_removal(name, net);
+            c.persistent
+                .into_iter()
+                .filter_map(|(name, endpoint)| {
+                    let net = st.networks.get(&name)?;
+                    Some((name, endpoint, net.instance, Arc::clone(&net.busy)))
+                })
+                .collect::<Vec<_>>()
+        };
+        // Outside the registry's lock, each under its network's: a release waits for
+        // work on its own network only, and never runs on a network already destroyed.
+        for (name, endpoint, instance, busy) in persistent {
+            let _guard = busy.lock().await;
+            let live = match &self.lock().networks.get(&name) {
+                Some(n) if n.instance == instance => match &n.phase {
+                    Phase::Active(live) => Some(Arc::clone(live)),
+                    _ => None,
+                },
+                _ => None,
+            };
+            let Some(live) = live else { continue };
+            match self.backend.release(&live.handle, &endpoint).await {
+                Ok(()) => {
+                    info!(client, network = %name, %endpoint, "persistent endpoint removed")
+                }
+                Err(e) => warn!(
+                    client,
+                    network = %name,
+                    "cannot remove persistent endpoint {endpoint}: {}",
+                    chain(&e)
+                ),
             }
         }
-        info!(
-            client,
-            pid = c.peer.pid,
-            uid = c.peer.uid,
-            clients = st.clients.len(),
-            "client disconnected"
-        );
     }
 
-    fn schedule_removal(self: &Arc<Self>, name: &str, net: &mut Network<B::Network>) {
+    fn schedule_if_idle(self: &Arc<Self>, name: &str, net: &mut Network<B::Network>) {
+        let idle = net.clients.is_empty() && net.pending == 0 && net.removal_at.is_none();
+        if !idle || !matches!(net.phase, Phase::Active(_)) {
+            return;
+        }
         net.generation += 1;
         let generation = net.generation;
         let at = Instant::now() + self.idle_timeout;
@@ -434,114 +786,200 @@ impl<B: Backend> Registry<B> {
     }
 
     async fn expire(&self, name: &str, generation: u64) {
-        let mut st = self.state.lock().await;
-        let due = st.networks.get(name).is_some_and(|n| {
-            n.generation == generation && n.clients.is_empty() && n.removal_at.is_some()
-        });
-        if !due {
-            return;
-        }
-        let net = st.networks.remove(name).expect("checked");
-        info!(network = name, "idle timeout: removing network");
-        self.remove(name, net).await;
-    }
-
-    async fn remove(&self, name: &str, net: Network<B::Network>) {
-        let subnet = net.details.subnet;
-        match self.backend.destroy(net.handle).await {
-            Ok(()) => info!(network = name, %subnet, "network removed"),
-            Err(e) => warn!(network = name, "network removal incomplete: {e}"),
-        }
-    }
-
-    /// Forgets the TAPs of `client` that are gone (their VM closed them).
-    async fn prune_client_taps(&self, st: &mut State<B::Network>, client: ClientId) {
-        let Some(c) = st.clients.get_mut(&client) else {
-            return;
-        };
-        let mut live = BTreeSet::new();
-        for name in &c.networks {
-            if let Some(net) = st.networks.get(name) {
-                live.extend(self.backend.endpoints(&net.handle).await);
+        let removal = {
+            let mut st = self.lock();
+            let Some(net) = st.networks.get_mut(name) else {
+                return;
+            };
+            let due = net.generation == generation
+                && net.clients.is_empty()
+                && net.pending == 0
+                && net.removal_at.is_some();
+            if !due {
+                return;
             }
+            info!(network = name, "idle timeout: removing network");
+            Self::start_removal(net)
+        };
+        if let Some(removal) = removal {
+            self.remove(name, removal).await;
         }
-        c.taps.retain(|(_, iface)| live.contains(iface));
+    }
+
+    /// Marks an active network as being removed; what [`Self::remove`] needs.
+    fn start_removal(net: &mut Network<B::Network>) -> Option<Removal<B::Network>> {
+        let Phase::Active(live) = std::mem::replace(&mut net.phase, Phase::Removing) else {
+            return None;
+        };
+        net.removal_at = None;
+        Some(Removal {
+            instance: net.instance,
+            busy: Arc::clone(&net.busy),
+            live,
+        })
+    }
+
+    /// Destroys the network once no call on it is under way, then forgets it. Acquires
+    /// that came meanwhile wait on its lock and create it anew.
+    async fn remove(&self, name: &str, removal: Removal<B::Network>) {
+        let _guard = removal.busy.lock().await;
+        let subnet = removal.live.details.subnet;
+        match self.backend.destroy(&removal.live.handle).await {
+            Ok(()) => info!(network = name, %subnet, "network removed"),
+            Err(e) => warn!(network = name, "network removal incomplete: {}", chain(&e)),
+        }
+        let mut st = self.lock();
+        if st
+            .networks
+            .get(name)
+            .is_some_and(|n| n.instance == removal.instance)
+        {
+            st.networks.remove(name);
+        }
     }
 
     /// Clients that hold at least one network. Connections that hold none (a `status`
     /// query, a monitor) do not keep the broker from stopping.
     pub async fn holders(&self) -> usize {
-        let st = self.state.lock().await;
+        let st = self.lock();
         st.clients
             .values()
             .filter(|c| !c.networks.is_empty())
             .count()
     }
 
-    /// If no client holds a network, stops admitting new ones, removes every network and
-    /// returns true. Otherwise it changes nothing and returns false: stopping would pull
-    /// the network from under running VMs.
+    /// If no client holds a network (and none is being acquired), stops admitting new
+    /// ones, removes every network and returns true. Otherwise it changes nothing and
+    /// returns false: stopping would pull the network from under running VMs.
     pub async fn shutdown_if_idle(&self) -> bool {
-        let mut st = self.state.lock().await;
-        if st.clients.values().any(|c| !c.networks.is_empty()) {
-            return false;
-        }
-        st.closed = true;
-        let networks = std::mem::take(&mut st.networks);
-        for (name, net) in networks {
-            self.remove(&name, net).await;
+        let (removals, busy) = {
+            let mut st = self.lock();
+            if st.clients.values().any(|c| !c.networks.is_empty())
+                || st.networks.values().any(|n| n.pending > 0)
+            {
+                return false;
+            }
+            st.closed = true;
+            let mut removals = vec![];
+            let mut busy = vec![];
+            for (name, net) in st.networks.iter_mut() {
+                match Self::start_removal(net) {
+                    Some(removal) => removals.push((name.clone(), removal)),
+                    // Already being removed (its idle timer fired): wait for that.
+                    None => busy.push(Arc::clone(&net.busy)),
+                }
+            }
+            (removals, busy)
+        };
+        // Networks are torn down side by side: one slow teardown does not hold up another.
+        futures::future::join_all(
+            removals
+                .into_iter()
+                .map(|(name, removal)| async move { self.remove(&name, removal).await }),
+        )
+        .await;
+        for lock in busy {
+            drop(lock.lock().await);
         }
         true
     }
 
-    pub async fn status(&self) -> Status {
-        let st = self.state.lock().await;
-        let now = Instant::now();
-        let mut networks = Vec::with_capacity(st.networks.len());
-        for (name, net) in &st.networks {
-            networks.push(NetworkStatus {
-                name: name.clone(),
-                mode: net.config.mode.as_str().to_string(),
-                subnet: net.details.subnet.to_string(),
-                gateway: net.details.gateway.to_string(),
-                bridge: net.details.bridge.clone(),
-                mtu: net.details.mtu,
-                clients: net.clients.len(),
-                taps: self.backend.endpoints(&net.handle).await,
-                removal_in_seconds: net
-                    .removal_at
-                    .map(|at| at.saturating_duration_since(now).as_secs_f64()),
+    /// Networks and clients as they are now. The backend is asked for each network's
+    /// live endpoints without any lock held.
+    pub async fn status(&self) -> Snapshot {
+        let (networks, clients) = {
+            let st = self.lock();
+            let now = Instant::now();
+            let networks = st
+                .networks
+                .iter()
+                .filter_map(|(name, net)| match &net.phase {
+                    Phase::Active(live) => Some((
+                        name.clone(),
+                        Arc::clone(live),
+                        net.clients.len(),
+                        net.removal_at.map(|at| at.saturating_duration_since(now)),
+                    )),
+                    Phase::Creating | Phase::Removing => None,
+                })
+                .collect::<Vec<_>>();
+            let clients = st
+                .clients
+                .iter()
+                .map(|(id, c)| ClientSnapshot {
+                    id: *id,
+                    peer: c.peer,
+                    networks: c.networks.iter().cloned().collect(),
+                })
+                .collect::<Vec<_>>();
+            (networks, clients)
+        };
+        let mut out = Vec::with_capacity(networks.len());
+        for (name, live, clients, removal_in) in networks {
+            let endpoints = match self.backend.live_endpoints(&live.handle).await {
+                Ok(endpoints) => endpoints.into_iter().collect(),
+                Err(e) => {
+                    warn!(network = %name, "cannot list live endpoints: {}", chain(&e));
+                    vec![]
+                }
+            };
+            out.push(NetworkSnapshot {
+                name,
+                mode: live.config.mode,
+                details: live.details.clone(),
+                clients,
+                endpoints,
+                removal_in,
             });
         }
-        let clients = st
-            .clients
-            .iter()
-            .map(|(id, c)| ClientStatus {
-                id: *id,
-                pid: c.peer.pid,
-                uid: c.peer.uid,
-                gid: c.peer.gid,
-                networks: c.networks.iter().cloned().collect(),
-            })
-            .collect();
-        Status {
-            version: env!("CARGO_PKG_VERSION").to_string(),
-            protocol: crate::protocol::PROTOCOL_VERSION,
-            pid: std::process::id(),
-            idle_timeout_seconds: self.idle_timeout.as_secs_f64(),
-            networks,
+        Snapshot {
+            idle_timeout: self.idle_timeout,
+            networks: out,
             clients,
-            truncated: false,
         }
     }
+}
+
+/// A network taken out of service, waiting for [`Registry::remove`].
+struct Removal<N> {
+    instance: u64,
+    busy: Arc<NetworkLock<()>>,
+    live: Arc<Live<N>>,
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::backend::BackendError;
+    use crate::backend::{BackendError, PlatformDetails};
+    use crate::protocol::{BrokerError, ErrorCode, NetworkInfo, Status};
+    use crate::server::{network_info, status_reply, wire_error};
     use std::net::Ipv4Addr;
     use std::sync::Mutex as StdMutex;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::sync::oneshot;
+
+    /// `Registry::acquire` as a client sees it: the reply and the endpoint, or the
+    /// wire error.
+    async fn acquire(
+        r: &Arc<Registry<Fake>>,
+        client: ClientId,
+        name: &str,
+        mac: Option<[u8; 6]>,
+        persistent: bool,
+    ) -> Result<(NetworkInfo, std::fs::File), BrokerError> {
+        match r.acquire(client, name, mac, persistent).await {
+            Ok(a) => Ok((network_info(&a), a.attachment.endpoint)),
+            Err(e) => Err(wire_error(&e)),
+        }
+    }
+
+    async fn connect(r: &Arc<Registry<Fake>>, peer: Peer) -> Result<ClientId, BrokerError> {
+        r.connect(peer).await.map_err(|e| wire_error(&e))
+    }
+
+    async fn status(r: &Arc<Registry<Fake>>) -> Status {
+        status_reply(r.status().await)
+    }
 
     /// Records what the core asked for; hands out /dev/null as the endpoint.
     #[derive(Default)]
@@ -550,9 +988,32 @@ mod tests {
         fail_create: bool,
         /// Endpoints attached and not closed yet (a VM closing its TAP: `close`).
         live: StdMutex<BTreeSet<String>>,
+        /// `live_endpoints` fails while set (a failed netlink dump).
+        fail_endpoints: AtomicBool,
+        /// Calls that wait for their gate to open, by "create <name>" or "destroy <name>";
+        /// they are listed in `entered` once waiting.
+        gates: StdMutex<BTreeMap<String, oneshot::Receiver<()>>>,
+        entered: StdMutex<Vec<String>>,
     }
 
     impl Fake {
+        /// Makes the next `call` ("create lab") wait until the returned sender is used
+        /// (or dropped).
+        fn gate(&self, call: &str) -> oneshot::Sender<()> {
+            let (open, wait) = oneshot::channel();
+            self.gates.lock().unwrap().insert(call.to_string(), wait);
+            open
+        }
+        async fn pass(&self, call: String) {
+            let gate = self.gates.lock().unwrap().remove(&call);
+            if let Some(gate) = gate {
+                self.entered.lock().unwrap().push(call);
+                let _ = gate.await;
+            }
+        }
+        fn entered(&self, call: &str) -> bool {
+            self.entered.lock().unwrap().iter().any(|c| c == call)
+        }
         fn log(&self) -> Vec<String> {
             self.log.lock().unwrap().clone()
         }
@@ -563,10 +1024,12 @@ mod tests {
 
     impl Backend for Fake {
         type Network = (String, u8);
+        type Endpoint = std::fs::File;
 
         async fn create(&self, c: &NetworkConfig) -> Result<Self::Network, BackendError> {
+            self.pass(format!("create {}", c.name)).await;
             if self.fail_create {
-                return Err(BackendError::new("no bridges today"));
+                return Err(BackendError::Conflict("no bridges today".into()));
             }
             let mut log = self.log.lock().unwrap();
             log.push(format!("create {}", c.name));
@@ -578,14 +1041,15 @@ mod tests {
                 subnet: format!("10.0.{}.0/24", n.1).parse().unwrap(),
                 gateway: Ipv4Addr::new(10, 0, n.1, 1),
                 mtu: 1500,
-                bridge: format!("br-{}", n.0),
+                platform: PlatformDetails::new()
+                    .with(crate::backend::BRIDGE, format!("br-{}", n.0)),
             }
         }
         async fn attach(
             &self,
             n: &Self::Network,
             r: &AttachRequest,
-        ) -> Result<Attachment, BackendError> {
+        ) -> Result<Attachment<std::fs::File>, BackendError> {
             self.log
                 .lock()
                 .unwrap()
@@ -593,26 +1057,39 @@ mod tests {
             let interface = format!("tap-{}-{}", n.0, r.serial);
             self.live.lock().unwrap().insert(interface.clone());
             Ok(Attachment {
-                interface,
-                fd: std::fs::File::open("/dev/null")?.into(),
+                id: EndpointId(interface.clone()),
+                platform: PlatformDetails::new().with(crate::backend::INTERFACE, interface),
+                endpoint: std::fs::File::open("/dev/null")?,
             })
         }
-        async fn release(&self, n: &Self::Network, interface: &str) -> Result<(), BackendError> {
+        async fn release(
+            &self,
+            n: &Self::Network,
+            interface: &EndpointId,
+        ) -> Result<(), BackendError> {
             self.log
                 .lock()
                 .unwrap()
                 .push(format!("release {} {interface}", n.0));
             Ok(())
         }
-        async fn endpoints(&self, n: &Self::Network) -> Vec<String> {
+        async fn live_endpoints(
+            &self,
+            n: &Self::Network,
+        ) -> Result<BTreeSet<EndpointId>, BackendError> {
+            if self.fail_endpoints.load(Ordering::SeqCst) {
+                return Err(std::io::Error::other("netlink dump interrupted").into());
+            }
             let prefix = format!("tap-{}-", n.0);
             let live = self.live.lock().unwrap();
-            live.iter()
+            Ok(live
+                .iter()
                 .filter(|i| i.starts_with(&prefix))
-                .cloned()
-                .collect()
+                .map(|i| EndpointId(i.clone()))
+                .collect())
         }
-        async fn destroy(&self, n: Self::Network) -> Result<(), BackendError> {
+        async fn destroy(&self, n: &Self::Network) -> Result<(), BackendError> {
+            self.pass(format!("destroy {}", n.0)).await;
             self.log.lock().unwrap().push(format!("destroy {}", n.0));
             Ok(())
         }
@@ -655,11 +1132,11 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn first_acquire_creates_later_ones_join() {
         let r = registry();
-        let a = r.connect(peer(1000)).await.unwrap();
-        let b = r.connect(peer(1001)).await.unwrap();
-        let (i1, _) = r.acquire(a, "shared", None, false).await.unwrap();
-        let (i2, _) = r.acquire(b, "shared", None, false).await.unwrap();
-        let (i3, _) = r.acquire(a, "shared", None, false).await.unwrap();
+        let a = connect(&r, peer(1000)).await.unwrap();
+        let b = connect(&r, peer(1001)).await.unwrap();
+        let (i1, _) = acquire(&r, a, "shared", None, false).await.unwrap();
+        let (i2, _) = acquire(&r, b, "shared", None, false).await.unwrap();
+        let (i3, _) = acquire(&r, a, "shared", None, false).await.unwrap();
         assert_eq!(i1.bridge, i2.bridge);
         assert_eq!(i1.subnet, "10.0.1.0/24");
         assert_eq!(i1.mask, "255.255.255.0");
@@ -674,29 +1151,29 @@ mod tests {
                 "attach shared 2"
             ]
         );
-        let s = r.status().await;
+        let s = status(&r).await;
         assert_eq!(s.networks[0].clients, 2, "client a counts once");
     }
 
     #[tokio::test(start_paused = true)]
     async fn last_release_schedules_removal_and_acquire_cancels_it() {
         let r = registry();
-        let a = r.connect(peer(1000)).await.unwrap();
-        let (first, _) = r.acquire(a, "host", None, false).await.unwrap();
+        let a = connect(&r, peer(1000)).await.unwrap();
+        let (first, _) = acquire(&r, a, "host", None, false).await.unwrap();
         r.disconnect(a).await;
-        let s = r.status().await;
+        let s = status(&r).await;
         assert_eq!(s.networks[0].removal_in_seconds, Some(120.0));
         tokio::time::advance(Duration::from_secs(119)).await;
-        let b = r.connect(peer(1001)).await.unwrap();
-        let (again, _) = r.acquire(b, "host", None, false).await.unwrap();
+        let b = connect(&r, peer(1001)).await.unwrap();
+        let (again, _) = acquire(&r, b, "host", None, false).await.unwrap();
         assert_eq!(first.subnet, again.subnet, "the very same network");
-        assert_eq!(r.status().await.networks[0].removal_in_seconds, None);
+        assert_eq!(status(&r).await.networks[0].removal_in_seconds, None);
         // The cancelled timer must not remove the network when it fires.
         tokio::time::sleep(Duration::from_secs(5)).await;
-        assert_eq!(r.status().await.networks.len(), 1);
+        assert_eq!(status(&r).await.networks.len(), 1);
         r.disconnect(b).await;
         tokio::time::sleep(IDLE + Duration::from_millis(1)).await;
-        assert!(r.status().await.networks.is_empty());
+        assert!(status(&r).await.networks.is_empty());
         assert_eq!(r.backend().log().last().unwrap(), "destroy host");
         assert_eq!(
             r.backend()
@@ -715,13 +1192,13 @@ mod tests {
             std::fs::write(dir.path().join(format!("n{i}.json")), "{}").unwrap();
         }
         let r = registry_in(dir.path(), Fake::default());
-        let a = r.connect(peer(1000)).await.unwrap();
+        let a = connect(&r, peer(1000)).await.unwrap();
         for i in 0..8 {
-            r.acquire(a, &format!("n{i}"), None, false).await.unwrap();
+            acquire(&r, a, &format!("n{i}"), None, false).await.unwrap();
         }
         // Re-acquiring a held network is not a new one.
-        r.acquire(a, "n0", None, false).await.unwrap();
-        let e = r.acquire(a, "n8", None, false).await.unwrap_err();
+        acquire(&r, a, "n0", None, false).await.unwrap();
+        let e = acquire(&r, a, "n8", None, false).await.unwrap_err();
         assert_eq!(e.code, ErrorCode::InternalError);
         assert!(e.message.contains("at most 8"), "{}", e.message);
     }
@@ -736,23 +1213,29 @@ mod tests {
         )
         .unwrap();
         let r = registry_in(dir.path(), Fake::default());
-        let a = r.connect(peer(1001)).await.unwrap();
+        let a = connect(&r, peer(1001)).await.unwrap();
         assert_eq!(
-            r.acquire(a, "nope", None, false).await.unwrap_err().code,
+            acquire(&r, a, "nope", None, false).await.unwrap_err().code,
             ErrorCode::NotFound
         );
-        let bad = r.acquire(a, "bad", None, false).await.unwrap_err();
+        let bad = acquire(&r, a, "bad", None, false).await.unwrap_err();
         assert_eq!(bad.code, ErrorCode::NotFound);
         assert!(bad.message.contains("bad.json"), "{}", bad.message);
         assert_eq!(
-            r.acquire(a, "private", None, false).await.unwrap_err().code,
+            acquire(&r, a, "private", None, false)
+                .await
+                .unwrap_err()
+                .code,
             ErrorCode::NotAllowed
         );
         assert!(r.backend().log().is_empty(), "nothing created for refusals");
-        let owner = r.connect(peer(1000)).await.unwrap();
-        r.acquire(owner, "private", None, false).await.unwrap();
+        let owner = connect(&r, peer(1000)).await.unwrap();
+        acquire(&r, owner, "private", None, false).await.unwrap();
         assert_eq!(
-            r.acquire(a, "private", None, false).await.unwrap_err().code,
+            acquire(&r, a, "private", None, false)
+                .await
+                .unwrap_err()
+                .code,
             ErrorCode::NotAllowed,
             "an existing network is checked too"
         );
@@ -762,11 +1245,11 @@ mod tests {
             ..Default::default()
         };
         let r = registry_in(dir.path(), failing);
-        let a = r.connect(peer(0)).await.unwrap();
-        let e = r.acquire(a, "shared", None, false).await.unwrap_err();
+        let a = connect(&r, peer(0)).await.unwrap();
+        let e = acquire(&r, a, "shared", None, false).await.unwrap_err();
         assert_eq!(e.code, ErrorCode::CreateFailure);
         assert!(e.message.contains("no bridges today"));
-        assert!(r.status().await.networks.is_empty());
+        assert!(status(&r).await.networks.is_empty());
     }
 
     #[tokio::test(start_paused = true)]
@@ -775,23 +1258,23 @@ mod tests {
         let file = dir.path().join("lab.json");
         std::fs::write(&file, r#"{"mode": "host"}"#).unwrap();
         let r = registry_in(dir.path(), Fake::default());
-        let a = r.connect(peer(1000)).await.unwrap();
+        let a = connect(&r, peer(1000)).await.unwrap();
         assert_eq!(
-            r.acquire(a, "lab", None, false).await.unwrap().0.mode,
+            acquire(&r, a, "lab", None, false).await.unwrap().0.mode,
             "host"
         );
         std::fs::write(&file, r#"{"mode": "shared", "allowed_users": [1]}"#).unwrap();
-        let b = r.connect(peer(1001)).await.unwrap();
+        let b = connect(&r, peer(1001)).await.unwrap();
         assert_eq!(
-            r.acquire(b, "lab", None, false).await.unwrap().0.mode,
+            acquire(&r, b, "lab", None, false).await.unwrap().0.mode,
             "host"
         );
         r.disconnect(a).await;
         r.disconnect(b).await;
         tokio::time::sleep(IDLE * 2).await;
-        let c = r.connect(peer(1002)).await.unwrap();
+        let c = connect(&r, peer(1002)).await.unwrap();
         assert_eq!(
-            r.acquire(c, "lab", None, false).await.unwrap_err().code,
+            acquire(&r, c, "lab", None, false).await.unwrap_err().code,
             ErrorCode::NotAllowed,
             "recreated from the edited file"
         );
@@ -800,41 +1283,46 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn shutdown_only_when_no_clients() {
         let r = registry();
-        let a = r.connect(peer(1000)).await.unwrap();
-        r.acquire(a, "shared", None, false).await.unwrap();
+        let a = connect(&r, peer(1000)).await.unwrap();
+        acquire(&r, a, "shared", None, false).await.unwrap();
         assert!(!r.shutdown_if_idle().await);
-        assert_eq!(r.status().await.networks.len(), 1);
+        assert_eq!(status(&r).await.networks.len(), 1);
         r.disconnect(a).await;
         assert!(r.shutdown_if_idle().await);
-        assert!(r.status().await.networks.is_empty());
-        assert!(r.connect(peer(1)).await.is_err(), "closed for new clients");
+        assert!(status(&r).await.networks.is_empty());
+        assert!(
+            connect(&r, peer(1)).await.is_err(),
+            "closed for new clients"
+        );
         assert_eq!(r.backend().log().last().unwrap(), "destroy shared");
     }
 
     #[tokio::test(start_paused = true)]
     async fn requested_mac_is_used_and_never_given_twice() {
         let r = registry();
-        let a = r.connect(peer(1000)).await.unwrap();
+        let a = connect(&r, peer(1000)).await.unwrap();
         let mac = [0x52, 0x54, 0, 0, 0, 7];
-        let (info, _) = r.acquire(a, "shared", Some(mac), false).await.unwrap();
+        let (info, _) = acquire(&r, a, "shared", Some(mac), false).await.unwrap();
         assert_eq!(info.mac, "52:54:00:00:00:07");
-        let e = r.acquire(a, "shared", Some(mac), false).await.unwrap_err();
+        let e = acquire(&r, a, "shared", Some(mac), false)
+            .await
+            .unwrap_err();
         assert_eq!(e.code, ErrorCode::InvalidRequest);
         assert!(e.message.contains("in use"), "{}", e.message);
         r.backend().close(&info.interface);
-        assert!(r.acquire(a, "shared", Some(mac), false).await.is_ok());
+        assert!(acquire(&r, a, "shared", Some(mac), false).await.is_ok());
     }
 
     #[tokio::test(start_paused = true)]
     async fn a_suggested_mac_is_never_one_a_live_tap_asked_for() {
         let r = registry();
-        let a = r.connect(peer(1000)).await.unwrap();
-        r.acquire(a, "shared", None, false).await.unwrap();
+        let a = connect(&r, peer(1000)).await.unwrap();
+        acquire(&r, a, "shared", None, false).await.unwrap();
         // Suggestions are predictable: ask for the one the next acquire would get.
         let taken = guest_mac("shared", 2);
-        let b = r.connect(peer(1001)).await.unwrap();
-        r.acquire(b, "shared", Some(taken), false).await.unwrap();
-        let (c, _) = r.acquire(a, "shared", None, false).await.unwrap();
+        let b = connect(&r, peer(1001)).await.unwrap();
+        acquire(&r, b, "shared", Some(taken), false).await.unwrap();
+        let (c, _) = acquire(&r, a, "shared", None, false).await.unwrap();
         assert_ne!(c.mac, format_mac(&taken));
         assert_eq!(c.mac, format_mac(&guest_mac("shared", 3)));
     }
@@ -842,32 +1330,32 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn a_client_holds_a_bounded_number_of_live_taps() {
         let r = registry();
-        let a = r.connect(peer(1000)).await.unwrap();
+        let a = connect(&r, peer(1000)).await.unwrap();
         let mut held = vec![];
         for _ in 0..MAX_TAPS_PER_CLIENT {
-            held.push(r.acquire(a, "shared", None, false).await.unwrap().0);
+            held.push(acquire(&r, a, "shared", None, false).await.unwrap().0);
         }
-        let e = r.acquire(a, "shared", None, false).await.unwrap_err();
+        let e = acquire(&r, a, "shared", None, false).await.unwrap_err();
         assert_eq!(e.code, ErrorCode::InternalError);
         assert!(e.message.contains("at most 64 TAPs"), "{}", e.message);
         // Other clients are not affected; and once a VM closes a TAP there is room again.
-        let b = r.connect(peer(1001)).await.unwrap();
-        r.acquire(b, "shared", None, false).await.unwrap();
+        let b = connect(&r, peer(1001)).await.unwrap();
+        acquire(&r, b, "shared", None, false).await.unwrap();
         r.backend().close(&held[0].interface);
-        r.acquire(a, "shared", None, false).await.unwrap();
+        acquire(&r, a, "shared", None, false).await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]
     async fn connections_per_uid_are_bounded_but_not_for_root() {
         let r = registry();
         for _ in 0..MAX_CONNECTIONS_PER_UID {
-            r.connect(peer(1000)).await.unwrap();
+            connect(&r, peer(1000)).await.unwrap();
         }
-        let e = r.connect(peer(1000)).await.unwrap_err();
+        let e = connect(&r, peer(1000)).await.unwrap_err();
         assert_eq!(e.code, ErrorCode::InternalError);
-        r.connect(peer(1001)).await.unwrap();
+        connect(&r, peer(1001)).await.unwrap();
         for _ in 0..=MAX_CONNECTIONS_PER_UID {
-            r.connect(peer(0)).await.unwrap();
+            connect(&r, peer(0)).await.unwrap();
         }
     }
 
@@ -877,8 +1365,8 @@ mod tests {
         // A directory where the file should be: reading it fails, parsing never happens.
         std::fs::create_dir(dir.path().join("odd.json")).unwrap();
         let r = registry_in(dir.path(), Fake::default());
-        let a = r.connect(peer(1000)).await.unwrap();
-        let e = r.acquire(a, "odd", None, false).await.unwrap_err();
+        let a = connect(&r, peer(1000)).await.unwrap();
+        let e = acquire(&r, a, "odd", None, false).await.unwrap_err();
         assert_eq!(e.code, ErrorCode::InternalError, "{}", e.message);
         assert!(e.message.contains("cannot read"), "{}", e.message);
     }
@@ -886,9 +1374,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn connections_holding_nothing_do_not_block_shutdown() {
         let r = registry();
-        let _watcher = r.connect(peer(1000)).await.unwrap();
-        let holder = r.connect(peer(1001)).await.unwrap();
-        r.acquire(holder, "shared", None, false).await.unwrap();
+        let _watcher = connect(&r, peer(1000)).await.unwrap();
+        let holder = connect(&r, peer(1001)).await.unwrap();
+        acquire(&r, holder, "shared", None, false).await.unwrap();
         assert_eq!(r.holders().await, 1);
         assert!(!r.shutdown_if_idle().await);
         r.disconnect(holder).await;
@@ -901,9 +1389,9 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn persistent_endpoints_are_released_when_their_client_leaves() {
         let r = registry();
-        let a = r.connect(peer(1000)).await.unwrap();
-        let (p, _) = r.acquire(a, "shared", None, true).await.unwrap();
-        r.acquire(a, "shared", None, false).await.unwrap();
+        let a = connect(&r, peer(1000)).await.unwrap();
+        let (p, _) = acquire(&r, a, "shared", None, true).await.unwrap();
+        acquire(&r, a, "shared", None, false).await.unwrap();
         r.disconnect(a).await;
         let log = r.backend().log();
         let released: Vec<_> = log.iter().filter(|l| l.starts_with("release")).collect();

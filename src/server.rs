@@ -4,11 +4,19 @@
 //! One task per connection; a connection's end (close, crash, SIGKILL of the client) is
 //! its release. Bad requests get an error reply and the connection stays up, so a client
 //! that already holds networks never loses them through a mistake.
+//!
+//! This is where the registry's answers become wire messages: the backend's platform
+//! details become the reply's `bridge` and `interface`, registry errors their codes.
 
-use crate::backend::Backend;
+use crate::backend::{self, Backend};
+use crate::config::{format_mac, prefix_to_mask};
+use crate::error::chain;
 use crate::policy::Peer;
-use crate::protocol::{BrokerError, MAX_MESSAGE, Reply, Request};
-use crate::registry::{ClientId, Registry};
+use crate::protocol::{
+    BrokerError, ClientStatus, ErrorCode, MAX_MESSAGE, NetworkInfo, NetworkStatus, Reply, Request,
+    Status,
+};
+use crate::registry::{Acquired, ClientId, Registry, RegistryError, Snapshot};
 use anyhow::{Context, bail};
 use nix::sys::socket::MsgFlags;
 use std::io::IoSlice;
@@ -33,6 +41,92 @@ pub struct ServerOptions {
     pub exit_on_idle: Option<Duration>,
 }
 
+/// The reply to an acquire: the network as the client sees it.
+pub fn network_info<E>(a: &Acquired<E>) -> NetworkInfo {
+    let d = &a.details;
+    NetworkInfo {
+        name: a.network.clone(),
+        mode: a.mode.as_str().to_string(),
+        subnet: d.subnet.to_string(),
+        gateway: d.gateway.to_string(),
+        mask: prefix_to_mask(d.subnet.prefix_len()).to_string(),
+        mtu: d.mtu,
+        bridge: d
+            .platform
+            .get(backend::BRIDGE)
+            .unwrap_or_default()
+            .to_string(),
+        interface: a
+            .attachment
+            .platform
+            .get(backend::INTERFACE)
+            .unwrap_or(&a.attachment.id.0)
+            .to_string(),
+        mac: format_mac(&a.mac),
+    }
+}
+
+/// The reply to `status` (not yet cut to the message size).
+pub fn status_reply(s: Snapshot) -> Status {
+    Status {
+        version: env!("CARGO_PKG_VERSION").to_string(),
+        protocol: crate::protocol::PROTOCOL_VERSION,
+        pid: std::process::id(),
+        idle_timeout_seconds: s.idle_timeout.as_secs_f64(),
+        networks: s
+            .networks
+            .into_iter()
+            .map(|n| NetworkStatus {
+                mode: n.mode.as_str().to_string(),
+                subnet: n.details.subnet.to_string(),
+                gateway: n.details.gateway.to_string(),
+                bridge: n
+                    .details
+                    .platform
+                    .get(backend::BRIDGE)
+                    .unwrap_or_default()
+                    .to_string(),
+                mtu: n.details.mtu,
+                clients: n.clients,
+                taps: n.endpoints.into_iter().map(|e| e.0).collect(),
+                removal_in_seconds: n.removal_in.map(|d| d.as_secs_f64()),
+                name: n.name,
+            })
+            .collect(),
+        clients: s
+            .clients
+            .into_iter()
+            .map(|c| ClientStatus {
+                id: c.id,
+                pid: c.peer.pid,
+                uid: c.peer.uid,
+                gid: c.peer.gid,
+                networks: c.networks,
+            })
+            .collect(),
+        truncated: false,
+    }
+}
+
+/// The wire error for a registry error: its code, and the whole chain on one line.
+pub fn wire_error(e: &RegistryError) -> BrokerError {
+    let code = match e {
+        RegistryError::NotFound(_) | RegistryError::Invalid { .. } => ErrorCode::NotFound,
+        RegistryError::NotAllowed(_) => ErrorCode::NotAllowed,
+        RegistryError::MacInUse { .. } => ErrorCode::InvalidRequest,
+        RegistryError::Create { .. } | RegistryError::Attach { .. } => ErrorCode::CreateFailure,
+        RegistryError::ShuttingDown
+        | RegistryError::UnknownClient
+        | RegistryError::TooManyConnections { .. }
+        | RegistryError::TooManyNetworks
+        | RegistryError::TooManyEndpoints
+        | RegistryError::EndpointsUnknown(_)
+        | RegistryError::Unreadable { .. }
+        | RegistryError::Lookup(_) => ErrorCode::InternalError,
+    };
+    BrokerError::new(code, chain(e))
+}
+
 /// Counts live connections so the idle-exit timer needs no lock on the registry.
 struct Connections {
     live: AtomicUsize,
@@ -41,7 +135,10 @@ struct Connections {
 
 /// Serves until a signal arrives while no client is connected, or the idle exit fires.
 /// Every network is removed before it returns.
-pub async fn serve<B: Backend>(
+///
+/// This server passes endpoints as fds (SCM_RIGHTS), so it serves backends whose
+/// endpoint is one.
+pub async fn serve<B: Backend<Endpoint: AsFd>>(
     registry: Arc<Registry<B>>,
     options: ServerOptions,
 ) -> anyhow::Result<()> {
@@ -166,7 +263,10 @@ fn bind(path: &Path) -> anyhow::Result<UnixSeqpacketListener> {
     Ok(listener)
 }
 
-async fn handle_connection<B: Backend>(registry: Arc<Registry<B>>, socket: UnixSeqpacket) {
+async fn handle_connection<B: Backend<Endpoint: AsFd>>(
+    registry: Arc<Registry<B>>,
+    socket: UnixSeqpacket,
+) {
     let peer = match socket.peer_cred() {
         Ok(c) => Peer {
             pid: c.pid().unwrap_or(0),
@@ -181,7 +281,7 @@ async fn handle_connection<B: Backend>(registry: Arc<Registry<B>>, socket: UnixS
     let client = match registry.connect(peer).await {
         Ok(id) => id,
         Err(e) => {
-            let _ = socket.send(&Reply::Error(e).to_bytes()).await;
+            let _ = socket.send(&Reply::Error(wire_error(&e)).to_bytes()).await;
             return;
         }
     };
@@ -242,7 +342,7 @@ async fn next_message_len(socket: &UnixSeqpacket) -> std::io::Result<usize> {
     }
 }
 
-async fn respond<B: Backend>(
+async fn respond<B: Backend<Endpoint: AsFd>>(
     registry: &Arc<Registry<B>>,
     socket: &UnixSeqpacket,
     client: ClientId,
@@ -260,7 +360,9 @@ async fn respond<B: Backend>(
             );
             Reply::Error(e)
         }
-        Ok(Request::Status) => Reply::Status(registry.status().await.fit(MAX_MESSAGE)),
+        Ok(Request::Status) => {
+            Reply::Status(status_reply(registry.status().await).fit(MAX_MESSAGE))
+        }
         Ok(Request::Acquire {
             network_name,
             mac,
@@ -270,10 +372,10 @@ async fn respond<B: Backend>(
                 .acquire(client, &network_name, mac, persistent)
                 .await
             {
-                Ok((info, attachment)) => {
-                    let bytes = Reply::Network(info).to_bytes();
+                Ok(acquired) => {
+                    let bytes = Reply::Network(network_info(&acquired)).to_bytes();
                     let mut space = [0u8; 64];
-                    let fds = [attachment.fd.as_fd()];
+                    let fds = [acquired.attachment.endpoint.as_fd()];
                     let mut ancillary = AncillaryMessageWriter::new(&mut space);
                     ancillary
                         .add_fds(&fds)
@@ -281,10 +383,10 @@ async fn respond<B: Backend>(
                     socket
                         .send_vectored_with_ancillary(&[IoSlice::new(&bytes)], &mut ancillary)
                         .await?;
-                    // `attachment.fd` drops here: the client now holds the only copy.
+                    // The endpoint drops here: the client now holds the only copy.
                     return Ok(());
                 }
-                Err(e) => Reply::Error(e),
+                Err(e) => Reply::Error(wire_error(&e)),
             }
         }
     };

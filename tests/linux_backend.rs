@@ -14,9 +14,9 @@ use std::future::Future;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::Duration;
 use vmnet_broker::backend::linux::{
-    LinuxBackend, LinuxNetwork, LinuxOptions, bridge_mac, bridge_of, tap, tap_name_of,
+    LinuxBackend, LinuxNetwork, LinuxOptions, TapEndpoint, bridge_mac, bridge_of, tap, tap_name_of,
 };
-use vmnet_broker::backend::{AttachRequest, Attachment, Backend};
+use vmnet_broker::backend::{AttachRequest, BRIDGE, Backend};
 use vmnet_broker::config::{NetworkConfig, builtin};
 use vmnet_broker::policy::Peer;
 
@@ -171,6 +171,13 @@ fn fixed(name: &str, gateway: [u8; 4], prefix_len: u8) -> NetworkConfig {
     c
 }
 
+/// The TAPs on `net`, by name, sorted.
+async fn endpoints(b: &LinuxBackend, net: &LinuxNetwork) -> Vec<String> {
+    let live = b.live_endpoints(net).await.unwrap();
+    live.into_iter().map(|e| e.0).collect()
+}
+
+/// The new TAP's fd and name.
 async fn attach(b: &LinuxBackend, net: &LinuxNetwork, serial: u64) -> Attachment {
     let request = AttachRequest {
         serial,
@@ -182,7 +189,22 @@ async fn attach(b: &LinuxBackend, net: &LinuxNetwork, serial: u64) -> Attachment
         },
         persistent: false,
     };
-    b.attach(net, &request).await.unwrap()
+    let endpoint = b.attach(net, &request).await.unwrap().endpoint;
+    Attachment {
+        interface: endpoint.name,
+        fd: endpoint.fd,
+    }
+}
+
+/// The parts of a [`TapEndpoint`] the tests look at, named as the client sees them.
+struct Attachment {
+    interface: String,
+    fd: OwnedFd,
+}
+
+#[allow(dead_code)]
+fn _endpoint_is_a_tap(e: TapEndpoint) -> (String, OwnedFd) {
+    (e.name, e.fd)
 }
 
 /// TAP teardown on close is synchronous in practice; allow a little slack anyway.
@@ -292,7 +314,7 @@ fn bridge_taps_and_teardown() {
         c.mtu = 1400;
         let net = b.create(&c).await.unwrap();
         let d = b.details(&net);
-        assert_eq!(d.bridge, "vmnb-lab");
+        assert_eq!(d.platform.get(BRIDGE), Some("vmnb-lab"));
         assert_eq!(d.subnet.to_string(), "192.168.64.0/24");
         assert_eq!(d.gateway.to_string(), "192.168.64.1");
         assert_eq!(d.mtu, 1400);
@@ -343,7 +365,7 @@ fn bridge_taps_and_teardown() {
             .map(|b| format!("{b:02x}"))
             .collect();
         assert_eq!(ns.link("vmnb-lab").unwrap()["address"], mac.join(":"));
-        let mut eps = b.endpoints(&net).await;
+        let mut eps = endpoints(&b, &net).await;
         eps.sort();
         let mut want = vec![a0.interface.clone(), a1.interface.clone()];
         want.sort();
@@ -353,11 +375,14 @@ fn bridge_taps_and_teardown() {
         let gone = a0.interface.clone();
         drop(a0);
         wait_gone(&ns, &gone).await;
-        assert_eq!(b.endpoints(&net).await, std::slice::from_ref(&a1.interface));
+        assert_eq!(
+            endpoints(&b, &net).await,
+            std::slice::from_ref(&a1.interface)
+        );
         let last = a1.interface.clone();
         drop(a1);
         wait_gone(&ns, &last).await;
-        assert!(b.endpoints(&net).await.is_empty());
+        assert!(endpoints(&b, &net).await.is_empty());
         assert_eq!(
             ns.link("vmnb-lab").unwrap()["mtu"],
             1400,
@@ -366,7 +391,7 @@ fn bridge_taps_and_teardown() {
 
         // A TAP still held when the network goes: destroy removes it all the same.
         let held = attach(&b, &net, 2).await;
-        b.destroy(net).await.unwrap();
+        b.destroy(&net).await.unwrap();
         assert_eq!(ns.link_names(), ["lo"]);
         assert!(
             tap_name_of(held.fd.as_fd()).is_err(),
@@ -396,11 +421,11 @@ fn dynamic_subnets_avoid_addresses_routes_and_each_other() {
         assert_eq!(b.details(&wide).subnet.to_string(), "192.168.68.0/22");
 
         // A destroyed network's subnet is free again.
-        b.destroy(one).await.unwrap();
+        b.destroy(&one).await.unwrap();
         let three = b.create(&config("three")).await.unwrap();
         assert_eq!(b.details(&three).subnet.to_string(), "192.168.66.0/24");
         for n in [two, wide, three] {
-            b.destroy(n).await.unwrap();
+            b.destroy(&n).await.unwrap();
         }
         assert_eq!(ns.link_names(), ["lo", "vmnbt0", "vmnbt0p"]);
     });
@@ -451,7 +476,7 @@ fn fixed_subnets_are_used_or_refused_clearly() {
         assert!(ns.link("vmnb-huge").is_none());
         let after = b.create(&config("after")).await.unwrap();
         assert_eq!(b.details(&after).subnet.to_string(), "192.168.64.0/24");
-        b.destroy(after).await.unwrap();
+        b.destroy(&after).await.unwrap();
 
         let e = b
             .create(&fixed("again", [10, 99, 0, 1], 25))
@@ -459,7 +484,7 @@ fn fixed_subnets_are_used_or_refused_clearly() {
             .err()
             .unwrap();
         assert!(e.to_string().contains("vmnb-fixed"), "{e}");
-        b.destroy(ok).await.unwrap();
+        b.destroy(&ok).await.unwrap();
     });
 }
 
@@ -499,7 +524,7 @@ async fn broadcast_between_two(isolation: bool) -> (bool, bool) {
     to_other.extend(receive(&other.fd, Duration::from_millis(100)).await);
     let seen = has_arp_request_from(&to_other, a_mac);
     drop((a, other));
-    b.destroy(net).await.unwrap();
+    b.destroy(&net).await.unwrap();
     (answered, seen)
 }
 
@@ -530,7 +555,7 @@ fn isolation_marks_ports_isolated() {
         let l = ns.link(&a.interface).unwrap();
         assert_eq!(l["linkinfo"]["info_slave_data"]["isolated"], true, "{l}");
         drop(a);
-        b.destroy(net).await.unwrap();
+        b.destroy(&net).await.unwrap();
     });
 }
 
@@ -552,14 +577,14 @@ fn names_taken_by_others_are_refused_and_leftovers_replaced() {
         assert_eq!(ns.ipv4_of("vmnb-old").len(), 1, "recreated by us");
 
         let long = b.create(&config("a-much-longer-name")).await.unwrap();
-        let name = b.details(&long).bridge;
+        let name = b.details(&long).platform.get(BRIDGE).unwrap().to_string();
         assert!(name.starts_with("vmnb-") && name.len() <= 15, "{name}");
         assert_eq!(
             ns.link(&name).unwrap()["ifalias"],
             "vmnet-broker:a-much-longer-name"
         );
-        b.destroy(old).await.unwrap();
-        b.destroy(long).await.unwrap();
+        b.destroy(&old).await.unwrap();
+        b.destroy(&long).await.unwrap();
     });
 }
 
@@ -570,7 +595,7 @@ fn destroy_tolerates_links_already_gone() {
         let net = b.create(&config("gone")).await.unwrap();
         let a = attach(&b, &net, 0).await;
         ns.ip("link del vmnb-gone");
-        b.destroy(net).await.unwrap();
+        b.destroy(&net).await.unwrap();
         assert_eq!(ns.link_names(), ["lo"]);
         drop(a);
     });
@@ -662,7 +687,7 @@ fn tap_binding_is_retried_after_a_failure() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         drop(a);
-        b.destroy(net).await.unwrap();
+        b.destroy(&net).await.unwrap();
     });
 }
 

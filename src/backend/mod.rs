@@ -2,35 +2,82 @@
 //!
 //! The registry decides *when* networks exist and who holds them; a [`Backend`] knows
 //! *how* to make one on this platform. Linux: a kernel bridge, TAPs, nftables and the
-//! broker's DHCP/DNS services (`linux`). A macOS vmnet backend fits behind the same trait.
+//! broker's DHCP/DNS services (`linux`). A macOS vmnet backend fits behind the same trait:
+//! what a client receives is the backend's [`Backend::Endpoint`] (a TAP fd on Linux, a
+//! network serialization on macOS), and what a client is told about the platform (a
+//! bridge, an interface) travels as opaque [`PlatformDetails`] that the server puts into
+//! its reply. The core never looks inside either.
 
 use crate::config::NetworkConfig;
 use crate::policy::Peer;
 use ipnet::Ipv4Net;
+use std::collections::BTreeSet;
+use std::fmt;
 use std::future::Future;
 use std::net::Ipv4Addr;
-use std::os::fd::OwnedFd;
 
 #[cfg(target_os = "linux")]
 pub mod linux;
 
-/// What the backend made for a network, as reported to clients.
+/// Platform facts a client is told about a network or an endpoint, as key/value pairs the
+/// backend fills in and the server maps into its reply (keys: [`BRIDGE`], [`INTERFACE`]).
+/// The core carries them without reading them.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PlatformDetails(Vec<(&'static str, String)>);
+
+/// The host-side device a network lives on (a bridge on Linux).
+pub const BRIDGE: &str = "bridge";
+/// The host-side device of one endpoint (a TAP on Linux).
+pub const INTERFACE: &str = "interface";
+
+impl PlatformDetails {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn with(mut self, key: &'static str, value: impl Into<String>) -> Self {
+        self.0.push((key, value.into()));
+        self
+    }
+
+    pub fn get(&self, key: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// What the backend made for a network.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NetworkDetails {
     pub subnet: Ipv4Net,
     pub gateway: Ipv4Addr,
     pub mtu: u32,
-    /// The host-side device the network lives on (a bridge on Linux).
-    pub bridge: String,
+    /// What clients are told about the platform side ([`BRIDGE`] on Linux).
+    pub platform: PlatformDetails,
 }
 
-/// One endpoint handed to a client: a TAP on Linux.
+/// Names one endpoint in later calls ([`Backend::release`], [`Backend::live_endpoints`]).
+/// Opaque to the core, which only compares them; Linux uses the TAP's name.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EndpointId(pub String);
+
+impl fmt::Display for EndpointId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+/// One endpoint handed to a client.
 #[derive(Debug)]
-pub struct Attachment {
-    pub interface: String,
-    /// The handle the client receives (SCM_RIGHTS). The broker drops its copy as soon as
-    /// it is sent, so the endpoint lives exactly as long as the client keeps it.
-    pub fd: OwnedFd,
+pub struct Attachment<E> {
+    pub id: EndpointId,
+    /// What the client is told about it ([`INTERFACE`] on Linux).
+    pub platform: PlatformDetails,
+    /// What the client receives. The broker drops its copy as soon as it is sent, so the
+    /// endpoint lives exactly as long as the client keeps it.
+    pub endpoint: E,
 }
 
 /// What the core asks for when it attaches a client.
@@ -41,31 +88,85 @@ pub struct AttachRequest {
     /// The guest MAC the core suggests for this endpoint (anti-spoofing binds it).
     pub mac: [u8; 6],
     pub peer: Peer,
-    /// The endpoint must outlive its fd and belong to `peer.uid` (a VMM that opens it by
-    /// name); the core removes it with [`Backend::release`] when the client leaves.
+    /// The endpoint must outlive its handle and belong to `peer.uid` (a VMM that opens it
+    /// by name); the core removes it with [`Backend::release`] when the client leaves.
     pub persistent: bool,
 }
 
+/// Why a backend call failed. Causes stay attached as [`std::error::Error::source`], so
+/// the log can show the whole chain and the client a one-line summary of it.
 #[derive(Debug, thiserror::Error)]
-#[error("{0}")]
-pub struct BackendError(pub String);
+pub enum BackendError {
+    /// A system call or kernel request failed (its message names what was attempted).
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    /// A system call failed while doing `what`.
+    #[error("{what}")]
+    Os {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// The host has something in the way: a subnet overlaps, a name is taken.
+    #[error("{0}")]
+    Conflict(String),
+    /// Every candidate is taken (the subnet pool).
+    #[error("{0}")]
+    Exhausted(String),
+    /// Something the backend just made is gone (removed under it).
+    #[error("{0}")]
+    Vanished(String),
+    /// A component of the network failed (firewall, DHCP, DNS).
+    #[error("{component}")]
+    Component {
+        component: &'static str,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    /// Teardown went on after failures; every one of them.
+    #[error("{} step(s) failed: {}", .0.len(), crate::error::join(.0))]
+    Incomplete(Vec<BackendError>),
+}
 
 impl BackendError {
-    pub fn new(msg: impl Into<String>) -> Self {
-        Self(msg.into())
+    pub fn component(
+        component: &'static str,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Self::Component {
+            component,
+            source: source.into(),
+        }
+    }
+
+    pub fn os(what: impl Into<String>, source: std::io::Error) -> Self {
+        Self::Os {
+            what: what.into(),
+            source,
+        }
+    }
+
+    /// `Ok` when nothing failed, else every failure.
+    pub fn all(errors: Vec<BackendError>) -> Result<(), Self> {
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(Self::Incomplete(errors))
+        }
     }
 }
 
-impl From<std::io::Error> for BackendError {
-    fn from(e: std::io::Error) -> Self {
-        Self(e.to_string())
-    }
-}
-
-/// Platform adapter. Calls for one network are never concurrent: the registry serializes
-/// them, so implementations need no locking of their own per network.
+/// Platform adapter.
+///
+/// Concurrency: the registry serializes `create`, `attach`, `release` and `destroy` of
+/// one network (never two at once, none after `destroy`), but calls for different
+/// networks run concurrently, and [`Backend::live_endpoints`] and
+/// [`Backend::details`] may run alongside any of them. Implementations lock only
+/// what their networks share (a subnet pool), and never across a kernel call.
 pub trait Backend: Send + Sync + 'static {
     type Network: Send + Sync + 'static;
+    /// What a client receives for one VM NIC.
+    type Endpoint: Send + 'static;
 
     /// Creates everything a network needs. On error nothing may be left behind.
     fn create(
@@ -80,22 +181,27 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         network: &Self::Network,
         request: &AttachRequest,
-    ) -> impl Future<Output = Result<Attachment, BackendError>> + Send;
+    ) -> impl Future<Output = Result<Attachment<Self::Endpoint>, BackendError>> + Send;
 
     /// Removes a persistent endpoint when the client it was made for leaves.
     fn release(
         &self,
         network: &Self::Network,
-        interface: &str,
+        endpoint: &EndpointId,
     ) -> impl Future<Output = Result<(), BackendError>> + Send;
 
-    /// Endpoints currently on the network (those a client still holds open).
-    fn endpoints(&self, network: &Self::Network) -> impl Future<Output = Vec<String>> + Send;
+    /// Endpoints currently on the network (those a client still holds open). An error
+    /// means "unknown", never "none": the core then keeps what it counted.
+    fn live_endpoints(
+        &self,
+        network: &Self::Network,
+    ) -> impl Future<Output = Result<BTreeSet<EndpointId>, BackendError>> + Send;
 
-    /// Removes everything `create` and `attach` made.
+    /// Removes everything `create` and `attach` made. Goes on after a failure and
+    /// reports every one ([`BackendError::Incomplete`]). The network is not used again.
     fn destroy(
         &self,
-        network: Self::Network,
+        network: &Self::Network,
     ) -> impl Future<Output = Result<(), BackendError>> + Send;
 
     /// Removes what a previous broker that died without cleaning up left behind.

@@ -122,7 +122,10 @@ pub fn main(args: Args) -> super::Result {
         // Leftovers of a crashed broker only get in the way of the networks they
         // belonged to (and those are reported when created): not a reason not to serve.
         if let Err(e) = backend.remove_stale().await {
-            warn!("cannot remove what a previous broker left behind: {e}");
+            warn!(
+                "cannot remove what a previous broker left behind: {}",
+                vmnet_broker::error::chain(&e)
+            );
         }
         info!(config_dir = %args.config_dir.display(), idle_timeout = idle.as_secs_f64(), "starting");
         let registry = Registry::new(

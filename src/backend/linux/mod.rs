@@ -11,14 +11,18 @@ pub mod services;
 pub mod subnet;
 pub mod tap;
 
-use crate::backend::{AttachRequest, Attachment, Backend, BackendError, NetworkDetails};
+use crate::backend::{
+    AttachRequest, Attachment, BRIDGE, Backend, BackendError, EndpointId, INTERFACE,
+    NetworkDetails, PlatformDetails,
+};
 use crate::config::{Mode, NetworkConfig, name_hash};
 use firewall::{Firewall, FirewallNetwork};
 use ipnet::Ipv4Net;
 use netlink::{Link, Netlink};
 use services::{ServiceParams, Services};
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::net::Ipv4Addr;
+use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -69,7 +73,22 @@ pub struct LinuxNetwork {
     bridge: Link,
     subnet: Ipv4Net,
     gateway: Ipv4Addr,
-    services: Services,
+    /// Taken by `destroy`, which gets the network by reference (others may still hold it
+    /// for a moment, e.g. to list its TAPs for `status`).
+    services: Mutex<Option<Services>>,
+}
+
+/// What a client receives for one VM NIC: the TAP's fd, and its name.
+#[derive(Debug)]
+pub struct TapEndpoint {
+    pub name: String,
+    pub fd: OwnedFd,
+}
+
+impl AsFd for TapEndpoint {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
 }
 
 impl LinuxNetwork {
@@ -132,10 +151,13 @@ impl LinuxBackend {
     pub async fn new(options: LinuxOptions) -> Result<Self, BackendError> {
         let netlink = Netlink::connect()?;
         std::fs::create_dir_all(&options.state_dir).map_err(|e| {
-            BackendError::new(format!(
-                "cannot create state directory {}: {e}",
-                options.state_dir.display()
-            ))
+            BackendError::os(
+                format!(
+                    "cannot create state directory {}",
+                    options.state_dir.display()
+                ),
+                e,
+            )
         })?;
         let firewall = Firewall::new();
         firewall.spawn_watchdog();
@@ -162,9 +184,11 @@ impl LinuxBackend {
         config: &NetworkConfig,
         bridge: &str,
     ) -> Result<(Ipv4Net, Ipv4Addr), BackendError> {
-        let mut occupants = self.netlink.occupants().await.map_err(|e| {
-            BackendError::new(format!("cannot read the host's addresses and routes: {e}"))
-        })?;
+        let mut occupants = self
+            .netlink
+            .occupants()
+            .await
+            .map_err(|e| BackendError::os("cannot read the host's addresses and routes", e))?;
         let mut held = self.held.lock().expect("not poisoned");
         occupants.extend(held.values().map(|(name, net)| Occupant {
             net: *net,
@@ -173,7 +197,7 @@ impl LinuxBackend {
         let (net, gateway) = match (config.fixed_subnet(), config.gateway) {
             (Some(net), Some(gateway)) => {
                 if let Some(o) = subnet::conflict(net, &occupants) {
-                    return Err(BackendError::new(format!(
+                    return Err(BackendError::Conflict(format!(
                         "subnet {net} overlaps {o}; choose another subnet"
                     )));
                 }
@@ -182,7 +206,7 @@ impl LinuxBackend {
             _ => {
                 let len = config.prefix_len;
                 let net = subnet::pick(len, &occupants).ok_or_else(|| {
-                    BackendError::new(format!(
+                    BackendError::Exhausted(format!(
                         "no free /{len} subnet in 192.168.64.0/18 or 10.213.0.0/16; \
                          set a subnet in the network's file"
                     ))
@@ -210,12 +234,12 @@ impl LinuxBackend {
         };
         if link.alias.as_deref() != Some(alias) {
             let owner = link.alias.as_deref().unwrap_or("no alias");
-            return Err(BackendError::new(format!(
+            return Err(BackendError::Conflict(format!(
                 "interface {bridge} already exists ({owner}) and does not belong to this network"
             )));
         }
         if self.holds(bridge) {
-            return Err(BackendError::new(format!(
+            return Err(BackendError::Conflict(format!(
                 "bridge {bridge} is already in use by an active network"
             )));
         }
@@ -251,7 +275,7 @@ impl LinuxBackend {
                 }
                 return Err(match looked_up {
                     Err(e) => e.into(),
-                    _ => BackendError::new(format!("bridge {name} vanished after creation")),
+                    _ => BackendError::Vanished(format!("bridge {name} vanished after creation")),
                 });
             }
         };
@@ -291,7 +315,7 @@ impl LinuxBackend {
                 tap_prefix: tap::tap_prefix(bridge.index),
             })
             .await
-            .map_err(|e| BackendError::new(format!("firewall: {e}")))?;
+            .map_err(|e| BackendError::component("firewall", e))?;
         let started = Services::start(ServiceParams {
             config,
             bridge: &bridge.name,
@@ -329,11 +353,10 @@ impl LinuxBackend {
         name: &str,
         mac: [u8; 6],
     ) -> Result<(), BackendError> {
-        let port = self
-            .netlink
-            .link_by_name(name)
-            .await?
-            .ok_or_else(|| BackendError::new(format!("TAP {name} vanished after creation")))?;
+        let port =
+            self.netlink.link_by_name(name).await?.ok_or_else(|| {
+                BackendError::Vanished(format!("TAP {name} vanished after creation"))
+            })?;
         let alias = alias_for(&network.config.name);
         self.netlink
             .enslave(&port, mac, network.config.mtu, &alias, &network.bridge)
@@ -350,14 +373,14 @@ impl LinuxBackend {
     async fn remove_links<'a>(
         &self,
         links: &[&'a Link],
-        errors: &mut Vec<String>,
+        errors: &mut Vec<BackendError>,
     ) -> Vec<&'a Link> {
         let mut removed = vec![];
         for &link in links {
             match self.netlink.delete(link).await {
                 Ok(true) => removed.push(link),
                 Ok(false) => {}
-                Err(e) => errors.push(e.to_string()),
+                Err(e) => errors.push(e.into()),
             }
         }
         removed
@@ -461,6 +484,7 @@ async fn bind_with_retries(firewall: &Firewall, network: &str, ports: &[(String,
 
 impl Backend for LinuxBackend {
     type Network = LinuxNetwork;
+    type Endpoint = TapEndpoint;
 
     async fn create(&self, config: &NetworkConfig) -> Result<LinuxNetwork, BackendError> {
         let bridge_name = bridge_name(&config.name);
@@ -484,7 +508,11 @@ impl Backend for LinuxBackend {
                 self.remove_links(&[&bridge], &mut errors).await;
                 self.release_subnet(&bridge_name);
                 for cleanup in errors {
-                    warn!(interface = %bridge_name, "cannot remove half-made bridge: {cleanup}");
+                    warn!(
+                        interface = %bridge_name,
+                        "cannot remove half-made bridge: {}",
+                        crate::error::chain(&cleanup)
+                    );
                 }
                 return Err(e);
             }
@@ -494,7 +522,7 @@ impl Backend for LinuxBackend {
             bridge,
             subnet,
             gateway,
-            services,
+            services: Mutex::new(Some(services)),
         })
     }
 
@@ -503,7 +531,7 @@ impl Backend for LinuxBackend {
             subnet: network.subnet,
             gateway: network.gateway,
             mtu: network.config.mtu,
-            bridge: network.bridge.name.clone(),
+            platform: PlatformDetails::new().with(BRIDGE, network.bridge.name.clone()),
         }
     }
 
@@ -511,7 +539,7 @@ impl Backend for LinuxBackend {
         &self,
         network: &LinuxNetwork,
         request: &AttachRequest,
-    ) -> Result<Attachment, BackendError> {
+    ) -> Result<Attachment<TapEndpoint>, BackendError> {
         let name = tap::tap_name(network.bridge.index, request.serial)?;
         let fd = tap::create_tap(&name)?;
         // On failure `fd` is dropped, and with its only fd the TAP goes away.
@@ -521,7 +549,7 @@ impl Backend for LinuxBackend {
             if let Err(e) =
                 tap::make_persistent(std::os::fd::AsFd::as_fd(&fd), request.peer.uid, &name)
             {
-                self.release(network, &name).await.ok();
+                self.release(network, &EndpointId(name.clone())).await.ok();
                 return Err(e.into());
             }
         }
@@ -540,14 +568,19 @@ impl Backend for LinuxBackend {
             let _ = self.binder.send(job);
         }
         Ok(Attachment {
-            interface: name,
-            fd,
+            id: EndpointId(name.clone()),
+            platform: PlatformDetails::new().with(INTERFACE, name.clone()),
+            endpoint: TapEndpoint { name, fd },
         })
     }
 
-    async fn release(&self, network: &LinuxNetwork, interface: &str) -> Result<(), BackendError> {
+    async fn release(
+        &self,
+        network: &LinuxNetwork,
+        endpoint: &EndpointId,
+    ) -> Result<(), BackendError> {
         let alias = alias_for(&network.config.name);
-        match self.netlink.link_by_name(interface).await? {
+        match self.netlink.link_by_name(&endpoint.0).await? {
             // Only ever a TAP of this network: the name may have been reused meanwhile.
             Some(link) if link.alias.as_deref() == Some(alias.as_str()) => {
                 self.netlink.delete(&link).await?;
@@ -557,17 +590,20 @@ impl Backend for LinuxBackend {
         }
     }
 
-    async fn endpoints(&self, network: &LinuxNetwork) -> Vec<String> {
-        match self.taps_of(network).await {
-            Ok(taps) => taps.into_iter().map(|l| l.name).collect(),
-            Err(e) => {
-                warn!(bridge = %network.bridge.name, "cannot list TAPs: {e}");
-                vec![]
-            }
-        }
+    async fn live_endpoints(
+        &self,
+        network: &LinuxNetwork,
+    ) -> Result<BTreeSet<EndpointId>, BackendError> {
+        let taps = self.taps_of(network).await.map_err(|e| {
+            BackendError::os(
+                format!("cannot list the TAPs of {}", network.bridge.name),
+                e,
+            )
+        })?;
+        Ok(taps.into_iter().map(|l| EndpointId(l.name)).collect())
     }
 
-    async fn destroy(&self, network: LinuxNetwork) -> Result<(), BackendError> {
+    async fn destroy(&self, network: &LinuxNetwork) -> Result<(), BackendError> {
         let LinuxNetwork {
             config,
             bridge,
@@ -575,10 +611,13 @@ impl Backend for LinuxBackend {
             ..
         } = network;
         // Stop serving before the bridge goes away.
-        services.stop().await;
+        let services = services.lock().expect("not poisoned").take();
+        if let Some(services) = services {
+            services.stop().await;
+        }
         let mut errors = vec![];
         if let Err(e) = self.firewall.remove_network(&config.name).await {
-            errors.push(format!("firewall: {e}"));
+            errors.push(BackendError::component("firewall", e));
         }
         let alias = alias_for(&config.name);
         // A TAP a VM still holds would outlive the bridge; the network only goes away
@@ -592,7 +631,7 @@ impl Backend for LinuxBackend {
                     .collect();
                 self.remove_links(&taps, &mut errors).await;
             }
-            Err(e) => errors.push(e.to_string()),
+            Err(e) => errors.push(e.into()),
         }
         // Delete by index only while the name still matches: never someone else's link.
         match self.netlink.link_by_index(bridge.index).await {
@@ -600,25 +639,17 @@ impl Backend for LinuxBackend {
                 self.remove_links(&[&link], &mut errors).await;
             }
             Ok(_) => {}
-            Err(e) => errors.push(e.to_string()),
+            Err(e) => errors.push(e.into()),
         }
         self.release_subnet(&bridge.name);
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(BackendError::new(format!(
-                "network {:?}: {}",
-                config.name,
-                errors.join("; ")
-            )))
-        }
+        BackendError::all(errors)
     }
 
     async fn remove_stale(&self) -> Result<(), BackendError> {
         let links = self.netlink.links().await?;
         let mut errors = vec![];
         if let Err(e) = self.firewall.remove_stale().await {
-            errors.push(format!("firewall: {e}"));
+            errors.push(BackendError::component("firewall", e));
         }
         // Only what no network of this broker holds: normally all of it, as this runs
         // before the first network is made.
@@ -644,11 +675,7 @@ impl Backend for LinuxBackend {
             let alias = link.alias.as_deref().unwrap_or_default();
             info!(interface = %link.name, alias, "removed stale interface");
         }
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(BackendError::new(errors.join("; ")))
-        }
+        BackendError::all(errors)
     }
 }
 

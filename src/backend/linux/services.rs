@@ -69,7 +69,7 @@ impl Services {
                 hook,
             )
             .await
-            .map_err(|e| BackendError::new(format!("DHCP: {e}")))?;
+            .map_err(|e| BackendError::component("DHCP", e))?;
             let leases = dhcp.leases();
             services.dhcp = Some(dhcp);
             let bind = (!p.config.allow_spoofing).then(|| p.firewall.clone());
@@ -96,7 +96,7 @@ impl Services {
                 Ok(dns) => services.dns = Some(dns),
                 Err(e) => {
                     services.stop().await;
-                    return Err(BackendError::new(format!("DNS: {e}")));
+                    return Err(BackendError::component("DNS", e));
                 }
             }
         }
