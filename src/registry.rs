@@ -117,7 +117,7 @@ pub struct Acquired<E> {
 #[derive(Debug, Clone)]
 pub struct Snapshot {
     pub idle_timeout: Duration,
-    /// Active networks, by name.
+    /// Networks that exist (active, or being removed), by name.
     pub networks: Vec<NetworkSnapshot>,
     pub clients: Vec<ClientSnapshot>,
 }
@@ -154,7 +154,8 @@ enum Phase<N> {
     Creating,
     Active(Arc<Live<N>>),
     /// Being destroyed, by whoever holds `busy`; an acquire waits, then creates it anew.
-    Removing,
+    /// Still listed by `status` (with its removal due now): it is still there.
+    Removing(Arc<Live<N>>),
 }
 
 struct Network<N> {
@@ -365,7 +366,7 @@ impl<B: Backend> Registry<B> {
                         Some(n) if n.instance == instance => match &n.phase {
                             Phase::Active(live) => Some(Arc::clone(live)),
                             // Whoever held the lock ended creating or removing it.
-                            Phase::Creating | Phase::Removing => None,
+                            Phase::Creating | Phase::Removing(_) => None,
                         },
                         _ => None,
                     };
@@ -751,12 +752,12 @@ impl<B: Backend> Registry<B> {
             let Some(live) = live else { continue };
             match self.backend.release(&live.handle, &endpoint).await {
                 Ok(()) => {
-                    info!(client, network = %name, %endpoint, "persistent endpoint removed")
+                    info!(client, network = %name, %endpoint, "persistent TAP removed")
                 }
                 Err(e) => warn!(
                     client,
                     network = %name,
-                    "cannot remove persistent endpoint {endpoint}: {}",
+                    "cannot remove persistent TAP {endpoint}: {}",
                     chain(&e)
                 ),
             }
@@ -808,9 +809,11 @@ impl<B: Backend> Registry<B> {
 
     /// Marks an active network as being removed; what [`Self::remove`] needs.
     fn start_removal(net: &mut Network<B::Network>) -> Option<Removal<B::Network>> {
-        let Phase::Active(live) = std::mem::replace(&mut net.phase, Phase::Removing) else {
+        let Phase::Active(live) = &net.phase else {
             return None;
         };
+        let live = Arc::clone(live);
+        net.phase = Phase::Removing(Arc::clone(&live));
         net.removal_at = None;
         Some(Removal {
             instance: net.instance,
@@ -893,14 +896,21 @@ impl<B: Backend> Registry<B> {
             let networks = st
                 .networks
                 .iter()
-                .filter_map(|(name, net)| match &net.phase {
-                    Phase::Active(live) => Some((
+                .filter_map(|(name, net)| {
+                    let (live, removal_in) = match &net.phase {
+                        Phase::Active(live) => (
+                            live,
+                            net.removal_at.map(|at| at.saturating_duration_since(now)),
+                        ),
+                        Phase::Removing(live) => (live, Some(Duration::ZERO)),
+                        Phase::Creating => return None,
+                    };
+                    Some((
                         name.clone(),
                         Arc::clone(live),
                         net.clients.len(),
-                        net.removal_at.map(|at| at.saturating_duration_since(now)),
-                    )),
-                    Phase::Creating | Phase::Removing => None,
+                        removal_in,
+                    ))
                 })
                 .collect::<Vec<_>>();
             let clients = st
@@ -1396,6 +1406,234 @@ mod tests {
         let log = r.backend().log();
         let released: Vec<_> = log.iter().filter(|l| l.starts_with("release")).collect();
         assert_eq!(released, [&format!("release shared {}", p.interface)]);
+    }
+
+    /// Waits (in paused time, so at no cost) until `done` holds.
+    async fn until(what: &str, done: impl Fn() -> bool) {
+        for _ in 0..10_000 {
+            if done() {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        panic!("never happened: {what}");
+    }
+
+    /// Fails if `f` does not finish: in paused time a wait that never ends lets the
+    /// clock jump to the deadline at once.
+    async fn answers<T>(what: &str, f: impl std::future::Future<Output = T>) -> T {
+        tokio::time::timeout(Duration::from_secs(60), f)
+            .await
+            .unwrap_or_else(|_| panic!("{what} waited for another network"))
+    }
+
+    fn files(names: &[&str]) -> tempfile::TempDir {
+        let dir = tempfile::tempdir().unwrap();
+        for name in names {
+            std::fs::write(dir.path().join(format!("{name}.json")), "{}").unwrap();
+        }
+        dir
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stuck_create_holds_up_only_its_own_network() {
+        let dir = files(&["slow", "fast"]);
+        let r = registry_in(dir.path(), Fake::default());
+        let open = r.backend().gate("create slow");
+        let a = connect(&r, peer(1000)).await.unwrap();
+        let first = tokio::spawn({
+            let r = Arc::clone(&r);
+            async move { acquire(&r, a, "slow", None, false).await }
+        });
+        until("create slow is under way", || {
+            r.backend().entered("create slow")
+        })
+        .await;
+
+        // Another network, and status, answer while "slow" is being created.
+        let b = connect(&r, peer(1001)).await.unwrap();
+        let (fast, _) = answers("acquire", acquire(&r, b, "fast", None, false))
+            .await
+            .unwrap();
+        assert_eq!(fast.name, "fast");
+        let s = answers("status", status(&r)).await;
+        let names: Vec<_> = s.networks.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(names, ["fast"], "a network being created is not listed yet");
+
+        // A second acquire of "slow" waits for that network, then joins it.
+        let c = connect(&r, peer(1002)).await.unwrap();
+        let second = tokio::spawn({
+            let r = Arc::clone(&r);
+            async move { acquire(&r, c, "slow", None, false).await }
+        });
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(!first.is_finished() && !second.is_finished());
+        open.send(()).unwrap();
+        let (one, _) = answers("first", first).await.unwrap().unwrap();
+        let (two, _) = answers("second", second).await.unwrap().unwrap();
+        assert_eq!(one.subnet, two.subnet, "one network");
+        assert_ne!(one.interface, two.interface);
+        let creates: Vec<_> = r
+            .backend()
+            .log()
+            .into_iter()
+            .filter(|l| l.starts_with("create"))
+            .collect();
+        assert_eq!(creates, ["create fast", "create slow"]);
+        assert_eq!(status(&r).await.networks.len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waiters_of_a_failed_create_try_again_themselves() {
+        let dir = files(&["lab"]);
+        let failing = Fake {
+            fail_create: true,
+            ..Default::default()
+        };
+        let r = registry_in(dir.path(), failing);
+        let open = r.backend().gate("create lab");
+        let a = connect(&r, peer(1000)).await.unwrap();
+        let b = connect(&r, peer(1001)).await.unwrap();
+        let first = tokio::spawn({
+            let r = Arc::clone(&r);
+            async move { acquire(&r, a, "lab", None, false).await }
+        });
+        until("create lab is under way", || {
+            r.backend().entered("create lab")
+        })
+        .await;
+        let second = tokio::spawn({
+            let r = Arc::clone(&r);
+            async move { acquire(&r, b, "lab", None, false).await }
+        });
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        open.send(()).unwrap();
+        for task in [first, second] {
+            let e = answers("acquire", task).await.unwrap().unwrap_err();
+            assert_eq!(e.code, ErrorCode::CreateFailure, "{}", e.message);
+        }
+        assert!(status(&r).await.networks.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_stuck_destroy_holds_up_only_its_own_network() {
+        let dir = files(&["slow", "fast"]);
+        let r = registry_in(dir.path(), Fake::default());
+        let a = connect(&r, peer(1000)).await.unwrap();
+        let (before, _) = acquire(&r, a, "slow", None, false).await.unwrap();
+        let open = r.backend().gate("destroy slow");
+        r.disconnect(a).await;
+        until("destroy slow is under way", || {
+            r.backend().entered("destroy slow")
+        })
+        .await;
+
+        let b = connect(&r, peer(1001)).await.unwrap();
+        answers("acquire", acquire(&r, b, "fast", None, false))
+            .await
+            .unwrap();
+        let s = answers("status", status(&r)).await;
+        let names: Vec<_> = s.networks.iter().map(|n| n.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["fast", "slow"],
+            "a network being removed is still there"
+        );
+        assert_eq!(s.networks[1].removal_in_seconds, Some(0.0));
+        // Shutdown is refused (a client holds "fast") without waiting for "slow".
+        assert!(!answers("shutdown", r.shutdown_if_idle()).await);
+
+        // An acquire of the network being removed waits for the removal, then makes it anew.
+        let c = connect(&r, peer(1002)).await.unwrap();
+        let again = tokio::spawn({
+            let r = Arc::clone(&r);
+            async move { acquire(&r, c, "slow", None, false).await }
+        });
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(!again.is_finished());
+        open.send(()).unwrap();
+        let (after, _) = answers("acquire", again).await.unwrap().unwrap();
+        assert_ne!(before.subnet, after.subnet, "a new network");
+        let log = r.backend().log();
+        let slow: Vec<_> = log
+            .iter()
+            .filter(|l| l.ends_with(" slow"))
+            .map(String::as_str)
+            .collect();
+        assert_eq!(slow, ["create slow", "destroy slow", "create slow"]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn shutdown_waits_for_a_removal_under_way() {
+        let r = registry();
+        let a = connect(&r, peer(1000)).await.unwrap();
+        acquire(&r, a, "shared", None, false).await.unwrap();
+        let open = r.backend().gate("destroy shared");
+        r.disconnect(a).await;
+        until("destroy is under way", || {
+            r.backend().entered("destroy shared")
+        })
+        .await;
+        let shutdown = tokio::spawn({
+            let r = Arc::clone(&r);
+            async move { r.shutdown_if_idle().await }
+        });
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert!(!shutdown.is_finished(), "the network is not gone yet");
+        open.send(()).unwrap();
+        assert!(answers("shutdown", shutdown).await.unwrap());
+        assert_eq!(r.backend().log().last().unwrap(), "destroy shared");
+        assert!(status(&r).await.networks.is_empty());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_failed_endpoint_listing_never_clears_macs_or_counts() {
+        let r = registry();
+        let a = connect(&r, peer(1000)).await.unwrap();
+        let mac = [0x52, 0x54, 0, 0, 0, 9];
+        let (info, _) = acquire(&r, a, "shared", Some(mac), false).await.unwrap();
+        r.backend().close(&info.interface);
+        r.backend().fail_endpoints.store(true, Ordering::SeqCst);
+        // Its TAP is closed, but the broker cannot tell: the MAC stays taken.
+        let e = acquire(&r, a, "shared", Some(mac), false)
+            .await
+            .unwrap_err();
+        assert_eq!(e.code, ErrorCode::InvalidRequest, "{}", e.message);
+
+        let b = connect(&r, peer(1001)).await.unwrap();
+        let mut held = vec![];
+        for _ in 0..MAX_TAPS_PER_CLIENT {
+            held.push(acquire(&r, b, "shared", None, false).await.unwrap().0);
+        }
+        r.backend().close(&held[0].interface);
+        let e = acquire(&r, b, "shared", None, false).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::InternalError);
+        assert!(
+            e.message.contains("netlink dump interrupted"),
+            "{}",
+            e.message
+        );
+
+        r.backend().fail_endpoints.store(false, Ordering::SeqCst);
+        acquire(&r, b, "shared", None, false).await.unwrap();
+        acquire(&r, a, "shared", Some(mac), false).await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn errors_reach_the_client_with_their_causes() {
+        let failing = Fake {
+            fail_create: true,
+            ..Default::default()
+        };
+        let r = registry_in(std::path::Path::new("/nonexistent"), failing);
+        let a = connect(&r, peer(0)).await.unwrap();
+        let e = r.acquire(a, "shared", None, false).await.unwrap_err();
+        assert!(matches!(e, RegistryError::Create { .. }), "{e:?}");
+        assert_eq!(
+            crate::error::chain(&e),
+            "cannot create network \"shared\": no bridges today"
+        );
+        assert_eq!(wire_error(&e).message, crate::error::chain(&e));
     }
 
     #[test]
