@@ -17,7 +17,6 @@ use crate::protocol::{
     Status,
 };
 use crate::registry::{Acquired, ClientId, Registry, RegistryError, Snapshot};
-use anyhow::{Context, bail};
 use nix::sys::socket::MsgFlags;
 use std::io::IoSlice;
 use std::os::fd::AsFd;
@@ -127,6 +126,25 @@ pub fn wire_error(e: &RegistryError) -> BrokerError {
     BrokerError::new(code, chain(e))
 }
 
+/// Why the server could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot create socket directory {}", .0.display())]
+    SocketDir(PathBuf, #[source] std::io::Error),
+    #[error("another broker is already serving at {}; stop it first", .0.display())]
+    AlreadyServing(PathBuf),
+    #[error("cannot remove stale socket {}", .0.display())]
+    StaleSocket(PathBuf, #[source] std::io::Error),
+    #[error("cannot listen on {}", .0.display())]
+    Listen(PathBuf, #[source] std::io::Error),
+    #[error("cannot set the mode of {}", .0.display())]
+    Mode(PathBuf, #[source] std::io::Error),
+    #[error("cannot give {} to group {SOCKET_GROUP}", .0.display())]
+    Group(PathBuf, #[source] nix::Error),
+    #[error("cannot install the signal handlers")]
+    Signals(#[source] std::io::Error),
+}
+
 /// Counts live connections so the idle-exit timer needs no lock on the registry.
 struct Connections {
     live: AtomicUsize,
@@ -141,7 +159,7 @@ struct Connections {
 pub async fn serve<B: Backend<Endpoint: AsFd>>(
     registry: Arc<Registry<B>>,
     options: ServerOptions,
-) -> anyhow::Result<()> {
+) -> Result<(), ServeError> {
     let mut listener = bind(&options.socket)?;
     info!(
         socket = %options.socket.display(),
@@ -153,8 +171,8 @@ pub async fn serve<B: Backend<Endpoint: AsFd>>(
         live: AtomicUsize::new(0),
         changed: Notify::new(),
     });
-    let mut sigterm = signal(SignalKind::terminate())?;
-    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate()).map_err(ServeError::Signals)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(ServeError::Signals)?;
     let result = loop {
         let idle = idle_exit(&conns, options.exit_on_idle);
         tokio::select! {
@@ -223,37 +241,33 @@ async fn stop_requested<B: Backend>(registry: &Registry<B>, signal: &str) -> boo
     }
 }
 
-fn bind(path: &Path) -> anyhow::Result<UnixSeqpacketListener> {
+fn bind(path: &Path) -> Result<UnixSeqpacketListener, ServeError> {
     if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty())
         && !dir.exists()
     {
-        std::fs::create_dir_all(dir)
-            .with_context(|| format!("cannot create socket directory {}", dir.display()))?;
-        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))?;
+        std::fs::create_dir_all(dir).map_err(|e| ServeError::SocketDir(dir.to_path_buf(), e))?;
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755))
+            .map_err(|e| ServeError::Mode(dir.to_path_buf(), e))?;
     }
     if path.exists() {
         // A live broker answers a connect; a stale socket from a crash refuses it.
         if UnixSeqpacket::connect_blocking(path).is_ok() {
-            bail!(
-                "another broker is already serving at {}; stop it first",
-                path.display()
-            );
+            return Err(ServeError::AlreadyServing(path.to_path_buf()));
         }
-        std::fs::remove_file(path)
-            .with_context(|| format!("cannot remove stale socket {}", path.display()))?;
+        std::fs::remove_file(path).map_err(|e| ServeError::StaleSocket(path.to_path_buf(), e))?;
     }
     // Created owner-only and opened up to the group below: with a lax umask it would
     // otherwise be world-connectable for a moment, and such a connection would last.
     let umask = nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o177));
     let bound = UnixSeqpacketListener::bind_with_backlog(path, 1024);
     nix::sys::stat::umask(umask);
-    let listener = bound.with_context(|| format!("cannot listen on {}", path.display()))?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))?;
+    let listener = bound.map_err(|e| ServeError::Listen(path.to_path_buf(), e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
+        .map_err(|e| ServeError::Mode(path.to_path_buf(), e))?;
     match nix::unistd::Group::from_name(SOCKET_GROUP) {
         Ok(Some(group)) => {
-            nix::unistd::chown(path, None, Some(group.gid)).with_context(|| {
-                format!("cannot give {} to group {SOCKET_GROUP}", path.display())
-            })?;
+            nix::unistd::chown(path, None, Some(group.gid))
+                .map_err(|e| ServeError::Group(path.to_path_buf(), e))?;
             info!("socket mode 0660, group {SOCKET_GROUP}");
         }
         _ => info!(

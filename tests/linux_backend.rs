@@ -14,7 +14,7 @@ use std::future::Future;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::Duration;
 use vmnet_broker::backend::linux::{
-    LinuxBackend, LinuxNetwork, LinuxOptions, TapEndpoint, bridge_mac, bridge_of, tap, tap_name_of,
+    LinuxBackend, LinuxNetwork, LinuxOptions, bridge_mac, bridge_of, tap, tap_name_of,
 };
 use vmnet_broker::backend::{AttachRequest, BRIDGE, Backend};
 use vmnet_broker::config::{NetworkConfig, builtin};
@@ -196,15 +196,10 @@ async fn attach(b: &LinuxBackend, net: &LinuxNetwork, serial: u64) -> Attachment
     }
 }
 
-/// The parts of a [`TapEndpoint`] the tests look at, named as the client sees them.
+/// The parts of a `TapEndpoint` the tests look at, named as the client sees them.
 struct Attachment {
     interface: String,
     fd: OwnedFd,
-}
-
-#[allow(dead_code)]
-fn _endpoint_is_a_tap(e: TapEndpoint) -> (String, OwnedFd) {
-    (e.name, e.fd)
 }
 
 /// TAP teardown on close is synchronous in practice; allow a little slack anyway.

@@ -142,7 +142,7 @@ pub fn main(args: Args) -> super::Result {
             },
         )
         .await
-        .map_err(|e| format!("{e:#}"))?;
+        .map_err(|e| vmnet_broker::error::chain(&e))?;
         Ok::<_, Box<dyn std::error::Error>>(ExitCode::SUCCESS)
     })
 }
