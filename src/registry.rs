@@ -226,6 +226,14 @@ pub fn guest_mac(name: &str, serial: u64) -> [u8; 6] {
     ]
 }
 
+/// What one acquire asks for.
+struct Ask {
+    client: ClientId,
+    peer: Peer,
+    requested_mac: Option<[u8; 6]>,
+    persistent: bool,
+}
+
 /// How an acquire got hold of its network.
 enum Claim {
     /// The network did not exist: this acquire creates it (holding its lock).
@@ -379,17 +387,13 @@ impl<B: Backend> Registry<B> {
                     (instance, guard, live)
                 }
             };
-            let result = self
-                .attach(
-                    client,
-                    name,
-                    instance,
-                    &live,
-                    peer,
-                    requested_mac,
-                    persistent,
-                )
-                .await;
+            let ask = Ask {
+                client,
+                peer,
+                requested_mac,
+                persistent,
+            };
+            let result = self.attach(name, instance, &live, ask).await;
             self.settle(name, instance);
             drop(guard);
             return result;
@@ -555,17 +559,19 @@ impl<B: Backend> Registry<B> {
 
     /// Picks the guest MAC and attaches a new endpoint; the caller holds the network's
     /// lock and has counted this acquire as pending.
-    #[allow(clippy::too_many_arguments)]
     async fn attach(
         &self,
-        client: ClientId,
         name: &str,
         instance: u64,
         live: &Live<B::Network>,
-        peer: Peer,
-        requested_mac: Option<[u8; 6]>,
-        persistent: bool,
+        ask: Ask,
     ) -> Result<Acquired<B::Endpoint>, RegistryError> {
+        let Ask {
+            client,
+            peer,
+            requested_mac,
+            persistent,
+        } = ask;
         let prune = {
             let st = self.lock();
             let net = Self::network(&st, name, instance);
