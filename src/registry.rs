@@ -100,6 +100,9 @@ pub enum RegistryError {
     /// A blocking lookup (user database, definition file) panicked or was cancelled.
     #[error("a lookup on a blocking thread failed")]
     Lookup(#[source] tokio::task::JoinError),
+    /// The acquire's own task panicked.
+    #[error("the acquire failed unexpectedly")]
+    Task(#[source] tokio::task::JoinError),
 }
 
 /// What a successful acquire hands the server: the network as the client is told of it,
@@ -320,6 +323,10 @@ impl<B: Backend> Registry<B> {
 
     /// Acquires `name` for `client`: creates the network on first use, then attaches a new
     /// endpoint. The client's reference counts once however often it acquires.
+    ///
+    /// Runs to its end on a task of its own even if the caller stops waiting: a network
+    /// half created, or an acquire counted as pending and never settled, would otherwise
+    /// stay behind. (An endpoint nobody receives is dropped, which closes it.)
     pub async fn acquire(
         self: &Arc<Self>,
         client: ClientId,
@@ -327,9 +334,16 @@ impl<B: Backend> Registry<B> {
         requested_mac: Option<[u8; 6]>,
         persistent: bool,
     ) -> Result<Acquired<B::Endpoint>, RegistryError> {
-        let result = self
-            .try_acquire(client, name, requested_mac, persistent)
-            .await;
+        let this = Arc::clone(self);
+        let network = name.to_string();
+        let task = tokio::spawn(async move {
+            this.try_acquire(client, &network, requested_mac, persistent)
+                .await
+        });
+        let result = match task.await {
+            Ok(result) => result,
+            Err(e) => Err(RegistryError::Task(e)),
+        };
         if let Err(e) = &result {
             let peer = self.lock().clients.get(&client).map(|c| c.peer);
             warn!(
@@ -1487,6 +1501,30 @@ mod tests {
             .collect();
         assert_eq!(creates, ["create fast", "create slow"]);
         assert_eq!(status(&r).await.networks.len(), 2);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_acquire_whose_caller_gave_up_still_ends_cleanly() {
+        let r = registry();
+        let open = r.backend().gate("create shared");
+        let a = connect(&r, peer(1000)).await.unwrap();
+        let gave_up = tokio::time::timeout(
+            Duration::from_secs(1),
+            acquire(&r, a, "shared", None, false),
+        )
+        .await;
+        assert!(gave_up.is_err(), "the create is stuck");
+        open.send(()).unwrap();
+        until("the network is created", || {
+            r.backend().log().iter().any(|l| l == "attach shared 0")
+        })
+        .await;
+        assert_eq!(status(&r).await.networks[0].clients, 1);
+        // Nothing is left pending: once its client goes, the network goes.
+        r.disconnect(a).await;
+        tokio::time::sleep(IDLE + Duration::from_secs(1)).await;
+        assert!(status(&r).await.networks.is_empty());
+        assert_eq!(r.backend().log().last().unwrap(), "destroy shared");
     }
 
     #[tokio::test(start_paused = true)]

@@ -121,7 +121,8 @@ pub fn wire_error(e: &RegistryError) -> BrokerError {
         | RegistryError::TooManyEndpoints
         | RegistryError::EndpointsUnknown(_)
         | RegistryError::Unreadable { .. }
-        | RegistryError::Lookup(_) => ErrorCode::InternalError,
+        | RegistryError::Lookup(_)
+        | RegistryError::Task(_) => ErrorCode::InternalError,
     };
     BrokerError::new(code, chain(e))
 }
