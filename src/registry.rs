@@ -384,10 +384,11 @@ impl<B: Backend> Registry<B> {
                 },
                 Claim::Join(instance, busy) => {
                     let guard = busy.lock_owned().await;
+                    // Whoever held the lock before has finished creating or removing it
+                    // (both hold the lock throughout), so it is active or gone.
                     let live = match &self.lock().networks.get(name) {
                         Some(n) if n.instance == instance => match &n.phase {
                             Phase::Active(live) => Some(Arc::clone(live)),
-                            // Whoever held the lock ended creating or removing it.
                             Phase::Creating | Phase::Removing(_) => None,
                         },
                         _ => None,
@@ -465,12 +466,12 @@ impl<B: Backend> Registry<B> {
     /// Finds or inserts the network's entry and counts this acquire as pending on it.
     fn claim(&self, name: &str) -> Result<Claim, RegistryError> {
         let mut st = self.lock();
+        if st.closed {
+            return Err(RegistryError::ShuttingDown);
+        }
         if let Some(net) = st.networks.get_mut(name) {
             net.pending += 1;
             return Ok(Claim::Join(net.instance, Arc::clone(&net.busy)));
-        }
-        if st.closed {
-            return Err(RegistryError::ShuttingDown);
         }
         let instance = st.next_instance;
         st.next_instance += 1;
@@ -799,36 +800,49 @@ impl<B: Backend> Registry<B> {
             "network idle: removal scheduled"
         );
         let this = Arc::clone(self);
-        let name = name.to_string();
+        let (name, instance) = (name.to_string(), net.instance);
         tokio::spawn(async move {
             tokio::time::sleep_until(at).await;
-            this.expire(&name, generation).await;
+            this.expire(&name, instance, generation).await;
         });
     }
 
-    async fn expire(&self, name: &str, generation: u64) {
-        let removal = {
-            let mut st = self.lock();
-            let Some(net) = st.networks.get_mut(name) else {
-                return;
-            };
-            let due = net.generation == generation
+    /// The idle timer of `instance` fired: removes the network if nothing happened to it
+    /// since (no acquire, pending or done).
+    async fn expire(&self, name: &str, instance: u64, generation: u64) {
+        let due = |net: &Network<B::Network>| {
+            net.instance == instance
+                && net.generation == generation
                 && net.clients.is_empty()
                 && net.pending == 0
-                && net.removal_at.is_some();
-            if !due {
+                && net.removal_at.is_some()
+        };
+        let busy = match self.lock().networks.get(name) {
+            Some(net) if due(net) => Arc::clone(&net.busy),
+            _ => return,
+        };
+        // A call on the network may be under way (a persistent endpoint's release): the
+        // removal starts once it is over, and only if the network is still idle then.
+        let guard = busy.lock_owned().await;
+        let removal = {
+            let mut st = self.lock();
+            let Some(net) = st.networks.get_mut(name).filter(|n| due(n)) else {
                 return;
-            }
+            };
             info!(network = name, "idle timeout: removing network");
-            Self::start_removal(net)
+            Self::start_removal(net, guard)
         };
         if let Some(removal) = removal {
             self.remove(name, removal).await;
         }
     }
 
-    /// Marks an active network as being removed; what [`Self::remove`] needs.
-    fn start_removal(net: &mut Network<B::Network>) -> Option<Removal<B::Network>> {
+    /// Marks an active network as being removed by whoever holds its lock (`guard`), so
+    /// an acquire that sees it `Removing` waits for the whole removal.
+    fn start_removal(
+        net: &mut Network<B::Network>,
+        guard: OwnedMutexGuard<()>,
+    ) -> Option<Removal<B::Network>> {
         let Phase::Active(live) = &net.phase else {
             return None;
         };
@@ -837,15 +851,14 @@ impl<B: Backend> Registry<B> {
         net.removal_at = None;
         Some(Removal {
             instance: net.instance,
-            busy: Arc::clone(&net.busy),
+            _guard: guard,
             live,
         })
     }
 
-    /// Destroys the network once no call on it is under way, then forgets it. Acquires
-    /// that came meanwhile wait on its lock and create it anew.
+    /// Destroys the network, then forgets it; its lock is released last. Acquires that
+    /// came meanwhile wait on that lock, find the network gone and create it anew.
     async fn remove(&self, name: &str, removal: Removal<B::Network>) {
-        let _guard = removal.busy.lock().await;
         let subnet = removal.live.details.subnet;
         match self.backend.destroy(&removal.live.handle).await {
             Ok(()) => info!(network = name, %subnet, "network removed"),
@@ -875,24 +888,38 @@ impl<B: Backend> Registry<B> {
     /// ones, removes every network and returns true. Otherwise it changes nothing and
     /// returns false: stopping would pull the network from under running VMs.
     pub async fn shutdown_if_idle(&self) -> bool {
-        let (removals, busy) = {
+        let networks = {
             let mut st = self.lock();
             if st.clients.values().any(|c| !c.networks.is_empty())
                 || st.networks.values().any(|n| n.pending > 0)
             {
                 return false;
             }
+            // From here on no acquire gets as far as a network (`claim`).
             st.closed = true;
-            let mut removals = vec![];
-            let mut busy = vec![];
-            for (name, net) in st.networks.iter_mut() {
-                match Self::start_removal(net) {
-                    Some(removal) => removals.push((name.clone(), removal)),
-                    // Already being removed (its idle timer fired): wait for that.
-                    None => busy.push(Arc::clone(&net.busy)),
-                }
-            }
-            (removals, busy)
+            st.networks
+                .iter()
+                .map(|(name, n)| (name.clone(), n.instance, Arc::clone(&n.busy)))
+                .collect::<Vec<_>>()
+        };
+        // Calls under way (a release, an idle removal) end first, each on its network.
+        let locked = futures::future::join_all(networks.into_iter().map(
+            |(name, instance, busy)| async move { (name, instance, busy.lock_owned().await) },
+        ))
+        .await;
+        let removals = {
+            let mut st = self.lock();
+            locked
+                .into_iter()
+                .filter_map(|(name, instance, guard)| {
+                    // Gone if its idle removal finished meanwhile.
+                    let net = st
+                        .networks
+                        .get_mut(&name)
+                        .filter(|n| n.instance == instance)?;
+                    Some((name, Self::start_removal(net, guard)?))
+                })
+                .collect::<Vec<_>>()
         };
         // Networks are torn down side by side: one slow teardown does not hold up another.
         futures::future::join_all(
@@ -901,9 +928,6 @@ impl<B: Backend> Registry<B> {
                 .map(|(name, removal)| async move { self.remove(&name, removal).await }),
         )
         .await;
-        for lock in busy {
-            drop(lock.lock().await);
-        }
         true
     }
 
@@ -973,7 +997,8 @@ impl<B: Backend> Registry<B> {
 /// A network taken out of service, waiting for [`Registry::remove`].
 struct Removal<N> {
     instance: u64,
-    busy: Arc<NetworkLock<()>>,
+    /// The network's lock, held until it is forgotten.
+    _guard: OwnedMutexGuard<()>,
     live: Arc<Live<N>>,
 }
 
