@@ -9,13 +9,22 @@ use ipnet::Ipv4Net;
 use serde::Deserialize;
 use std::collections::BTreeSet;
 use std::fmt;
+use std::io::Read;
 use std::net::Ipv4Addr;
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use tracing::warn;
 
 pub const DEFAULT_CONFIG_DIR: &str = "/etc/vmnet-broker.d";
 pub const DEFAULT_MTU: u32 = 1500;
 pub const DEFAULT_PREFIX_LEN: u8 = 24;
 pub const DEFAULT_LEASE_SECONDS: u32 = 3600;
+/// The largest network file read. Real files are a few hundred bytes; the bound keeps a
+/// stray 1 GB file from costing a gigabyte of memory and seconds of every client's time.
+pub const MAX_FILE_BYTES: u64 = 1 << 20;
+/// At most this many entries in `allowed_users` and in `allowed_groups`: each name may
+/// cost a user-database lookup per acquire.
+pub const MAX_PRINCIPALS: usize = 1024;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -92,6 +101,11 @@ pub struct NetworkConfig {
     pub isolation: bool,
     /// Where the definition came from, for logs and `check-config`.
     pub source: Source,
+    /// The subnets other definitions of the config directory fix, with their network's
+    /// name. Filled by [`ConfigDir::load`] for a network with a dynamic subnet, which must
+    /// avoid them: otherwise a dynamic network could take a fixed network's subnet and
+    /// that network could then not be created at all.
+    pub fixed_elsewhere: Vec<(String, Ipv4Net)>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -119,6 +133,7 @@ impl NetworkConfig {
             allow_spoofing: false,
             isolation: false,
             source: Source::BuiltIn,
+            fixed_elsewhere: vec![],
         }
     }
 
@@ -163,18 +178,77 @@ pub fn builtin(name: &str) -> Option<NetworkConfig> {
 pub const BUILTIN_NAMES: [&str; 2] = ["shared", "host"];
 
 /// Why a file was rejected.
+///
+/// `Display` (what clients are told) never quotes the file's content: a JSON error names
+/// the line and column only, since serde's messages quote what they found (an unknown
+/// field's name, a string of the wrong type). [`ConfigError::detail`] has the whole
+/// story, for the broker's log and `check-config`, which only the administrator sees.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ConfigError {
     pub path: PathBuf,
     pub message: String,
+    /// The full message when `message` had to leave something out (JSON errors).
+    pub detail: Option<String>,
     /// The file exists but could not be read (permissions, too many open files): a
     /// problem of the host, not of the file's contents.
     pub unreadable: bool,
 }
 
+impl ConfigError {
+    fn new(path: &Path, message: String) -> Self {
+        ConfigError {
+            path: path.to_path_buf(),
+            message,
+            detail: None,
+            unreadable: false,
+        }
+    }
+
+    /// The whole reason, for the administrator: `path: message`, with serde's own
+    /// wording for JSON errors.
+    pub fn detail(&self) -> String {
+        format!(
+            "{}: {}",
+            self.path.display(),
+            self.detail.as_deref().unwrap_or(&self.message)
+        )
+    }
+}
+
 impl fmt::Display for ConfigError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write!(f, "{}: {}", self.path.display(), self.message)
+    }
+}
+
+/// A JSON error as clients see it: its kind and position, none of the input.
+fn json_error(path: &Path, e: &serde_json::Error) -> ConfigError {
+    use serde_json::error::Category;
+    let what = match e.classify() {
+        Category::Syntax => "not valid JSON",
+        Category::Eof => "JSON ends too early",
+        Category::Data => "unknown field, or a value of the wrong type",
+        Category::Io => "cannot be read",
+    };
+    let mut err = ConfigError::new(
+        path,
+        format!(
+            "{what} at line {} column {} (`vmnet-broker check-config` shows the details)",
+            e.line(),
+            e.column()
+        ),
+    );
+    err.detail = Some(e.to_string());
+    err
+}
+
+/// A value from the file in a message: quoted, and cut short so a message never carries
+/// more than a few dozen bytes of the file.
+fn quoted(s: &str) -> String {
+    const MAX: usize = 40;
+    match s.char_indices().nth(MAX) {
+        Some((cut, _)) => format!("{:?}…", &s[..cut]),
+        None => format!("{s:?}"),
     }
 }
 
@@ -219,7 +293,7 @@ struct RawReservation {
 
 fn parse_ip(field: &str, s: &str) -> Result<Ipv4Addr, String> {
     s.parse()
-        .map_err(|_| format!("{field}: {s:?} is not an IPv4 address"))
+        .map_err(|_| format!("{field}: {} is not an IPv4 address", quoted(s)))
 }
 
 /// Parses "52:54:00:12:34:56" (or with '-') into bytes.
@@ -265,13 +339,9 @@ pub fn prefix_to_mask(prefix_len: u8) -> Ipv4Addr {
 
 /// Parses and validates one network file's text.
 pub fn parse(name: &str, path: &Path, text: &str) -> Result<NetworkConfig, ConfigError> {
-    let err = |message: String| ConfigError {
-        path: path.to_path_buf(),
-        message,
-        unreadable: false,
-    };
+    let err = |message: String| ConfigError::new(path, message);
     validate_network_name(name).map_err(|e| err(format!("file name: {e}")))?;
-    let raw: RawFile = serde_json::from_str(text).map_err(|e| err(e.to_string()))?;
+    let raw: RawFile = serde_json::from_str(text).map_err(|e| json_error(path, &e))?;
     let mut c = NetworkConfig::defaults(name, raw.mode.unwrap_or(Mode::Shared));
     c.source = Source::File(path.to_path_buf());
     c.description = raw.description;
@@ -312,6 +382,17 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<NetworkConfig, Confi
             return Err(err(format!("mtu {mtu} must be between 576 and 65520")));
         }
         c.mtu = mtu;
+    }
+    for (field, list) in [
+        ("allowed_users", &raw.allowed_users),
+        ("allowed_groups", &raw.allowed_groups),
+    ] {
+        if list.len() > MAX_PRINCIPALS {
+            return Err(err(format!(
+                "{field} has {} entries, at most {MAX_PRINCIPALS} are allowed; use a group",
+                list.len()
+            )));
+        }
     }
     c.allowed_users = raw.allowed_users;
     c.allowed_groups = raw.allowed_groups;
@@ -361,13 +442,28 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<NetworkConfig, Confi
         }
         c.dhcp_range = Some(DhcpRange { start, end });
     }
+    if let Some(net) = fixed {
+        // Every host address but the gateway's: more reservations cannot all be distinct.
+        let hosts = (1u64 << (32 - net.prefix_len())) - 3;
+        if raw.dhcp_reservations.len() as u64 > hosts {
+            return Err(err(format!(
+                "dhcp_reservations has {} entries, more than the {hosts} addresses {net} has for VMs",
+                raw.dhcp_reservations.len()
+            )));
+        }
+    }
     let mut macs = BTreeSet::new();
     let mut ips = BTreeSet::new();
     for r in &raw.dhcp_reservations {
         if fixed.is_none() {
             return Err(needs_subnet("dhcp_reservations"));
         }
-        let mac = parse_mac(&r.mac).map_err(|e| err(format!("dhcp_reservations: {e}")))?;
+        let mac = parse_mac(&r.mac).map_err(|_| {
+            err(format!(
+                "dhcp_reservations: {} is not a MAC address",
+                quoted(&r.mac)
+            ))
+        })?;
         let ip = parse_ip("dhcp_reservations", &r.ip).map_err(err)?;
         host_address(ip, "dhcp_reservations")?;
         if Some(ip) == gateway {
@@ -378,7 +474,7 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<NetworkConfig, Confi
         if !macs.insert(mac) {
             return Err(err(format!(
                 "dhcp_reservations: MAC {} is reserved twice",
-                r.mac
+                format_mac(&mac)
             )));
         }
         if !ips.insert(ip) {
@@ -387,6 +483,114 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<NetworkConfig, Confi
         c.dhcp_reservations.push(Reservation { mac, ip });
     }
     Ok(c)
+}
+
+/// Why a file is not read at all. Anything but `Io` is a verdict on the file (like an
+/// invalid one); `Io` is the host failing us.
+enum ReadRefusal {
+    NotFound,
+    Refused(String),
+    Io(std::io::Error),
+}
+
+/// Whether `uid` may own a network file: root, or the broker's own user (a broker run
+/// unprivileged, for development or tests, reads files it wrote itself).
+fn trusted_owner(uid: u32) -> bool {
+    uid == 0 || uid == nix::unistd::geteuid().as_raw()
+}
+
+/// Reads one network file, refusing anything an administrator did not plainly put there:
+///
+/// - symbolic links are not followed (`O_NOFOLLOW`): a link can point anywhere, e.g. at a
+///   secret the broker would then parse and talk about;
+/// - only regular files: the open is non-blocking, so a FIFO cannot stall the broker, and
+///   `fstat` on the opened file refuses FIFOs, devices and sockets before any read;
+/// - owned by root (or the broker's own user) and not writable by group or others: the
+///   file decides who may use a network, so only who could run the broker may write it;
+/// - at most [`MAX_FILE_BYTES`]: at most that many bytes plus one are ever read, whatever
+///   size the file claims.
+fn read_network_file(path: &Path) -> Result<String, ReadRefusal> {
+    let file = std::fs::OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_CLOEXEC | libc::O_NOCTTY)
+        .open(path);
+    let file = match file {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Err(ReadRefusal::NotFound),
+        Err(e) if e.raw_os_error() == Some(libc::ELOOP) => {
+            return Err(ReadRefusal::Refused(
+                "is a symbolic link; network files are read only as regular files in the config directory, links are not followed".into(),
+            ));
+        }
+        // A socket in the directory.
+        Err(e) if e.raw_os_error() == Some(libc::ENXIO) => {
+            return Err(ReadRefusal::Refused("is not a regular file".into()));
+        }
+        Err(e) => return Err(ReadRefusal::Io(e)),
+    };
+    let meta = file.metadata().map_err(ReadRefusal::Io)?;
+    if !meta.file_type().is_file() {
+        return Err(ReadRefusal::Refused(
+            "is not a regular file (a FIFO, device or directory is never read)".into(),
+        ));
+    }
+    if !trusted_owner(meta.uid()) {
+        return Err(ReadRefusal::Refused(format!(
+            "is owned by uid {}; network files must belong to root",
+            meta.uid()
+        )));
+    }
+    if meta.mode() & 0o022 != 0 {
+        return Err(ReadRefusal::Refused(format!(
+            "is writable by {} (mode {:04o}); network files must be writable by their owner only",
+            if meta.mode() & 0o002 != 0 {
+                "everyone"
+            } else {
+                "its group"
+            },
+            meta.mode() & 0o7777
+        )));
+    }
+    let too_big = || {
+        ReadRefusal::Refused(format!(
+            "is larger than {MAX_FILE_BYTES} bytes; network files are small"
+        ))
+    };
+    if meta.len() > MAX_FILE_BYTES {
+        return Err(too_big());
+    }
+    let mut bytes = Vec::new();
+    file.take(MAX_FILE_BYTES + 1)
+        .read_to_end(&mut bytes)
+        .map_err(ReadRefusal::Io)?;
+    // The file grew after fstat.
+    if bytes.len() as u64 > MAX_FILE_BYTES {
+        return Err(too_big());
+    }
+    String::from_utf8(bytes).map_err(|e| {
+        ReadRefusal::Refused(format!(
+            "is not UTF-8 text (invalid byte at offset {})",
+            e.utf8_error().valid_up_to()
+        ))
+    })
+}
+
+/// Reads and parses one file; `Ok(None)` when it does not exist. Refusals and invalid
+/// files are logged here with the whole reason, once per attempt.
+fn load_file(name: &str, path: &Path) -> Result<Option<NetworkConfig>, ConfigError> {
+    let result = match read_network_file(path) {
+        Ok(text) => parse(name, path, &text).map(Some),
+        Err(ReadRefusal::NotFound) => return Ok(None),
+        Err(ReadRefusal::Refused(why)) => Err(ConfigError::new(path, why)),
+        Err(ReadRefusal::Io(e)) => Err(ConfigError {
+            unreadable: true,
+            ..ConfigError::new(path, format!("cannot read: {e}"))
+        }),
+    };
+    if let Err(e) = &result {
+        warn!("network file refused: {}", e.detail());
+    }
+    result
 }
 
 /// The drop-in directory.
@@ -402,18 +606,58 @@ impl ConfigDir {
 
     /// The definition of `name`: its file if there is one (even when the file is invalid:
     /// an invalid file hides the built-in rather than silently falling back to it), else
-    /// the built-in, else `Ok(None)`.
+    /// the built-in, else `Ok(None)`. A definition with a dynamic subnet comes with the
+    /// subnets the other files fix ([`NetworkConfig::fixed_elsewhere`]).
     pub fn load(&self, name: &str) -> Result<Option<NetworkConfig>, ConfigError> {
         let path = self.path.join(format!("{name}.json"));
-        match std::fs::read_to_string(&path) {
-            Ok(text) => parse(name, &path, &text).map(Some),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(builtin(name)),
-            Err(e) => Err(ConfigError {
-                path,
-                message: format!("cannot read: {e}"),
-                unreadable: true,
-            }),
+        let mut config = match load_file(name, &path)? {
+            Some(c) => c,
+            None => match builtin(name) {
+                Some(c) => c,
+                None => return Ok(None),
+            },
+        };
+        if config.gateway.is_none() {
+            config.fixed_elsewhere = self
+                .files()
+                .unwrap_or_default()
+                .into_iter()
+                .filter(|(other, _)| other != name)
+                .filter_map(|(other, path)| {
+                    let subnet = load_file(&other, &path).ok()??.fixed_subnet()?;
+                    Some((other, subnet))
+                })
+                .collect();
         }
+        Ok(Some(config))
+    }
+
+    /// The `*.json` files of the directory with their network names, in name order; empty
+    /// when the directory does not exist.
+    fn files(&self) -> Result<Vec<(String, PathBuf)>, ConfigError> {
+        let entries: Vec<PathBuf> = match std::fs::read_dir(&self.path) {
+            Ok(e) => e.filter_map(Result::ok).map(|e| e.path()).collect(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
+            Err(e) => {
+                return Err(ConfigError {
+                    unreadable: true,
+                    ..ConfigError::new(&self.path, format!("cannot read directory: {e}"))
+                });
+            }
+        };
+        let mut files: Vec<(String, PathBuf)> = entries
+            .into_iter()
+            .filter(|p| p.extension().is_some_and(|e| e == "json"))
+            .map(|p| {
+                let name = p
+                    .file_stem()
+                    .map(|s| s.to_string_lossy().into_owned())
+                    .unwrap_or_default();
+                (name, p)
+            })
+            .collect();
+        files.sort();
+        Ok(files)
     }
 
     /// Every `*.json` file, parsed, in name order; plus the built-ins no file overrides.
@@ -421,37 +665,18 @@ impl ConfigDir {
     pub fn load_all(&self) -> Vec<Result<NetworkConfig, ConfigError>> {
         let mut out = Vec::new();
         let mut names = BTreeSet::new();
-        let entries = match std::fs::read_dir(&self.path) {
-            Ok(e) => e.filter_map(Result::ok).map(|e| e.path()).collect(),
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Vec::new(),
-            Err(e) => {
-                out.push(Err(ConfigError {
-                    path: self.path.clone(),
-                    message: format!("cannot read directory: {e}"),
-                    unreadable: true,
-                }));
-                Vec::new()
-            }
-        };
-        let mut files: Vec<PathBuf> = entries
-            .into_iter()
-            .filter(|p| p.extension().is_some_and(|e| e == "json"))
-            .collect();
-        files.sort();
-        for path in files {
-            let name = path
-                .file_stem()
-                .map(|s| s.to_string_lossy().into_owned())
-                .unwrap_or_default();
+        let files = self.files().unwrap_or_else(|e| {
+            out.push(Err(e));
+            Vec::new()
+        });
+        for (name, path) in files {
             names.insert(name.clone());
-            let result = std::fs::read_to_string(&path)
-                .map_err(|e| ConfigError {
-                    path: path.clone(),
-                    message: format!("cannot read: {e}"),
-                    unreadable: true,
-                })
-                .and_then(|text| parse(&name, &path, &text));
-            out.push(result);
+            match load_file(&name, &path) {
+                Ok(Some(c)) => out.push(Ok(c)),
+                // Gone since the directory was listed.
+                Ok(None) => {}
+                Err(e) => out.push(Err(e)),
+            }
         }
         for name in BUILTIN_NAMES {
             if !names.contains(name) {
@@ -462,12 +687,43 @@ impl ConfigDir {
     }
 }
 
+/// Every pair of definitions whose fixed subnets overlap, as an error for each of the two
+/// files: two such networks could never both exist, and the second to be created would fail
+/// with `CREATE_FAILURE` only when a VM needs it.
+pub fn overlapping(configs: &[NetworkConfig]) -> Vec<ConfigError> {
+    let fixed: Vec<(&NetworkConfig, Ipv4Net)> = configs
+        .iter()
+        .filter_map(|c| Some((c, c.fixed_subnet()?)))
+        .collect();
+    let mut out = Vec::new();
+    for (i, (a, na)) in fixed.iter().enumerate() {
+        for (b, nb) in &fixed[i + 1..] {
+            if na.contains(&nb.network()) || nb.contains(&na.network()) {
+                for (this, mine, other, theirs) in [(a, na, b, nb), (b, nb, a, na)] {
+                    let path = match &this.source {
+                        Source::File(p) => p.clone(),
+                        Source::BuiltIn => PathBuf::from(format!("built-in {}", this.name)),
+                    };
+                    out.push(ConfigError::new(
+                        &path,
+                        format!(
+                            "subnet {mine} overlaps subnet {theirs} of network {:?}; the two networks could never exist at the same time",
+                            other.name
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     fn p(text: &str) -> Result<NetworkConfig, String> {
-        parse("net", Path::new("/x/net.json"), text).map_err(|e| e.message)
+        parse("net", Path::new("/x/net.json"), text).map_err(|e| e.detail())
     }
 
     #[test]
@@ -573,5 +829,170 @@ mod tests {
         assert!(all.iter().filter(|r| r.is_err()).count() == 1);
         let missing = ConfigDir::new(dir.path().join("absent"));
         assert_eq!(missing.load_all().len(), 2);
+    }
+
+    #[test]
+    fn clients_never_see_the_files_content() {
+        let cases = [
+            r#"{"ssh_private_key_sekrit": "x"}"#,
+            r#"{"description": 7, "mode": "sekrit-mode"}"#,
+            r#"{"mode": "sekrit"}"#,
+            r#"{"mtu": "sekrit"}"#,
+            r#"sekrit"#,
+            r#"{"allowed_users": [{"sekrit": 1}]}"#,
+        ];
+        for text in cases {
+            let e = parse("net", Path::new("/x/net.json"), text).unwrap_err();
+            let shown = e.to_string();
+            assert!(!shown.contains("sekrit"), "{text}: {shown}");
+            assert!(shown.starts_with("/x/net.json: "), "{shown}");
+            assert!(shown.contains("line 1 column"), "{shown}");
+        }
+        // The administrator still gets serde's words.
+        let e = parse("net", Path::new("/x/net.json"), cases[0]).unwrap_err();
+        assert!(
+            e.detail()
+                .contains("unknown field `ssh_private_key_sekrit`"),
+            "{e:?}"
+        );
+        // Values our own checks quote are cut short.
+        let long = "9".repeat(5000);
+        let e = p(&format!(r#"{{"subnet": "{long}"}}"#)).unwrap_err();
+        assert!(e.len() < 200, "{e}");
+    }
+
+    #[test]
+    fn list_fields_are_bounded() {
+        let names: Vec<String> = (0..=MAX_PRINCIPALS).map(|i| format!("\"g{i}\"")).collect();
+        let e = p(&format!(r#"{{"allowed_groups": [{}]}}"#, names.join(","))).unwrap_err();
+        assert!(e.contains("at most 1024"), "{e}");
+        let ok = &names[..MAX_PRINCIPALS];
+        assert!(p(&format!(r#"{{"allowed_users": [{}]}}"#, ok.join(","))).is_ok());
+        // A /30 has one address for VMs besides the gateway.
+        let e = p(
+            r#"{"subnet": "10.0.0.1", "mask": "255.255.255.252", "dhcp_reservations": [
+            {"mac": "52:54:00:00:00:01", "ip": "10.0.0.2"},
+            {"mac": "52:54:00:00:00:02", "ip": "10.0.0.2"}]}"#,
+        )
+        .unwrap_err();
+        assert!(e.contains("more than the 1 addresses"), "{e}");
+    }
+
+    fn refusal(dir: &Path, name: &str) -> ConfigError {
+        let e = ConfigDir::new(dir).load(name).unwrap_err();
+        assert!(!e.unreadable, "{e:?}");
+        e
+    }
+
+    #[test]
+    fn only_plain_regular_files_of_the_owner_are_read() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        // A FIFO nobody writes to: refused at once instead of blocking the open.
+        nix::unistd::mkfifo(
+            &d.join("fifo.json"),
+            nix::sys::stat::Mode::from_bits_truncate(0o644),
+        )
+        .unwrap();
+        let started = std::time::Instant::now();
+        let e = refusal(d, "fifo");
+        assert!(e.message.contains("not a regular file"), "{e}");
+        assert!(started.elapsed() < std::time::Duration::from_secs(5));
+        // Too big, even though it is valid JSON.
+        let big = format!(r#"{{"description": "{}"}}"#, "x".repeat(2 << 20));
+        std::fs::write(d.join("big.json"), &big).unwrap();
+        assert!(
+            refusal(d, "big")
+                .message
+                .contains("larger than 1048576 bytes")
+        );
+        // Just under the limit is fine.
+        let fits = format!(r#"{{"description": "{}"}}"#, "x".repeat((1 << 20) - 20));
+        std::fs::write(d.join("fits.json"), &fits).unwrap();
+        assert!(ConfigDir::new(d).load("fits").unwrap().is_some());
+        // Writable by the group or by everyone.
+        for (name, mode, who) in [("grp", 0o664, "its group"), ("all", 0o646, "everyone")] {
+            let path = d.join(format!("{name}.json"));
+            std::fs::write(&path, "{}").unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            let e = refusal(d, name);
+            assert!(e.message.contains(&format!("writable by {who}")), "{e}");
+        }
+        // A symlink, even to a valid file next to it.
+        std::os::unix::fs::symlink(d.join("fits.json"), d.join("link.json")).unwrap();
+        assert!(refusal(d, "link").message.contains("symbolic link"));
+        // Not UTF-8.
+        std::fs::write(d.join("bin.json"), b"{\"description\": \"\xff\"}").unwrap();
+        assert!(refusal(d, "bin").message.contains("not UTF-8"));
+        // check-config sees the same verdicts.
+        let all = ConfigDir::new(d).load_all();
+        assert_eq!(all.iter().filter(|r| r.is_err()).count(), 6, "{all:?}");
+    }
+
+    #[test]
+    fn files_of_other_owners_are_refused() {
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("theirs.json");
+        std::fs::write(&path, "{}").unwrap();
+        nix::unistd::chown(&path, Some(65534.into()), None).unwrap();
+        let e = refusal(dir.path(), "theirs");
+        assert!(e.message.contains("owned by uid 65534"), "{e}");
+    }
+
+    #[test]
+    fn dynamic_networks_learn_the_subnets_other_files_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(d.join("lab.json"), r#"{"subnet": "192.168.64.1"}"#).unwrap();
+        std::fs::write(d.join("dyn.json"), r#"{"mode": "host"}"#).unwrap();
+        std::fs::write(d.join("broken.json"), r#"{"subnet": 1}"#).unwrap();
+        let cd = ConfigDir::new(d);
+        let lab: Ipv4Net = "192.168.64.0/24".parse().unwrap();
+        assert_eq!(
+            cd.load("dyn").unwrap().unwrap().fixed_elsewhere,
+            vec![("lab".to_string(), lab)]
+        );
+        assert_eq!(
+            cd.load("shared").unwrap().unwrap().fixed_elsewhere,
+            vec![("lab".to_string(), lab)]
+        );
+        assert!(cd.load("lab").unwrap().unwrap().fixed_elsewhere.is_empty());
+    }
+
+    #[test]
+    fn overlapping_fixed_subnets_are_reported_for_both_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        std::fs::write(
+            d.join("a.json"),
+            r#"{"subnet": "10.1.0.1", "mask": "255.255.0.0"}"#,
+        )
+        .unwrap();
+        std::fs::write(d.join("b.json"), r#"{"subnet": "10.1.7.1"}"#).unwrap();
+        std::fs::write(d.join("c.json"), r#"{"subnet": "10.2.7.1"}"#).unwrap();
+        std::fs::write(d.join("dyn.json"), "{}").unwrap();
+        let all: Vec<NetworkConfig> = ConfigDir::new(d)
+            .load_all()
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        let errors = overlapping(&all);
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        assert_eq!(errors[0].path, d.join("a.json"));
+        assert!(
+            errors[0]
+                .message
+                .contains("overlaps subnet 10.1.7.0/24 of network \"b\"")
+        );
+        assert_eq!(errors[1].path, d.join("b.json"));
+        assert!(
+            errors[1]
+                .message
+                .contains("overlaps subnet 10.1.0.0/16 of network \"a\"")
+        );
     }
 }

@@ -1,11 +1,19 @@
 use std::path::Path;
 use std::process::ExitCode;
-use vmnet_broker::config::{ConfigDir, Source};
+use vmnet_broker::config::{ConfigDir, Source, overlapping};
 
-/// Prints one line per network; exits 1 if any file is invalid.
+/// Prints one line per network; exits 1 if any file is invalid or refused, or if two
+/// files fix overlapping subnets.
 pub fn main(dir: &Path) -> super::Result {
     let mut bad = 0;
-    for result in ConfigDir::new(dir).load_all() {
+    let results = ConfigDir::new(dir).load_all();
+    let valid: Vec<_> = results
+        .iter()
+        .filter_map(|r| r.as_ref().ok())
+        .cloned()
+        .collect();
+    let overlaps = overlapping(&valid);
+    for result in &results {
         match result {
             Ok(c) => {
                 let from = match &c.source {
@@ -20,10 +28,19 @@ pub fn main(dir: &Path) -> super::Result {
             }
             Err(e) => {
                 bad += 1;
-                println!("error  {e}");
+                // The administrator's view: serde's whole message, content included.
+                println!("error  {}", e.detail());
             }
         }
     }
+    for e in &overlaps {
+        println!("error  {}", e.detail());
+    }
+    // Each overlap is reported for both of its files; count files, not lines.
+    let mut overlapping_files: Vec<_> = overlaps.iter().map(|e| &e.path).collect();
+    overlapping_files.sort();
+    overlapping_files.dedup();
+    bad += overlapping_files.len();
     if bad > 0 {
         eprintln!("{bad} invalid file(s) in {}", dir.display());
         return Ok(ExitCode::FAILURE);

@@ -205,6 +205,11 @@ impl LinuxBackend {
             }
             _ => {
                 let len = config.prefix_len;
+                // Leave the subnets other files fix to their networks.
+                occupants.extend(config.fixed_elsewhere.iter().map(|(name, net)| Occupant {
+                    net: *net,
+                    what: Occupation::Defined { name: name.clone() },
+                }));
                 let net = subnet::pick(len, &occupants).ok_or_else(|| {
                     BackendError::Exhausted(format!(
                         "no free /{len} subnet in 192.168.64.0/18 or 10.213.0.0/16; \

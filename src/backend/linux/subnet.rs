@@ -1,8 +1,18 @@
 //! Choosing a network's subnet: pure logic, fed with what netlink reports.
 //!
-//! A network must not overlap anything the host already routes: an address on any
-//! interface, a route of the main table, or another network of this broker. Otherwise
-//! replies to guests would leave through the wrong interface.
+//! A network must not overlap anything the host already uses: an address on any
+//! interface, a route of the main table, another network of this broker, or (for a
+//! dynamic subnet) the subnet another network's file fixes. Otherwise replies to guests
+//! would leave through the wrong interface, or a fixed network could not be created.
+//!
+//! Routes are the exception: a route only conflicts with a subnet when it is as specific
+//! as the subnet or more (it lies inside it). A route that *covers* the subnet, such as the
+//! `0.0.0.0/1` + `128.0.0.0/1` pair VPN clients install to capture all traffic without
+//! replacing the default route, loses to the network's own, longer prefix route, just
+//! like the default route does; treating it as a conflict would leave no subnet at all.
+//! libvirt and Incus draw the same line. A dynamic subnet still prefers a prefix no route
+//! covers, so a covering route to a real network (say a LAN's `192.168.0.0/16` via a
+//! router) is only shadowed when nothing else is free.
 
 use ipnet::Ipv4Net;
 use std::fmt;
@@ -39,6 +49,8 @@ pub enum Occupation {
     Route { interface: Option<String> },
     /// A network this broker holds.
     Network { name: String },
+    /// The fixed subnet of another network's file ([`crate::config::NetworkConfig::fixed_elsewhere`]).
+    Defined { name: String },
 }
 
 impl fmt::Display for Occupant {
@@ -54,6 +66,13 @@ impl fmt::Display for Occupant {
             Occupation::Network { name } => {
                 write!(f, "subnet {} of network {name:?}", self.net)
             }
+            Occupation::Defined { name } => {
+                write!(
+                    f,
+                    "subnet {} fixed by the file of network {name:?}",
+                    self.net
+                )
+            }
         }
     }
 }
@@ -63,18 +82,35 @@ pub fn overlaps(a: Ipv4Net, b: Ipv4Net) -> bool {
     a.contains(&b.network()) || b.contains(&a.network())
 }
 
-/// The first occupant that `subnet` would collide with.
-pub fn conflict(subnet: Ipv4Net, occupants: &[Occupant]) -> Option<&Occupant> {
-    occupants.iter().find(|o| overlaps(subnet, o.net))
+/// Whether `occupant` keeps `subnet` from being used: any overlap, except for a route
+/// that covers `subnet` with a shorter prefix (see the module's documentation).
+fn collides(subnet: Ipv4Net, occupant: &Occupant) -> bool {
+    match occupant.what {
+        Occupation::Route { .. } => {
+            subnet.contains(&occupant.net.network())
+                && occupant.net.prefix_len() >= subnet.prefix_len()
+        }
+        _ => overlaps(subnet, occupant.net),
+    }
 }
 
-/// The first free subnet of `prefix_len` bits in the [`pool`].
+/// The first occupant that `subnet` would collide with.
+pub fn conflict(subnet: Ipv4Net, occupants: &[Occupant]) -> Option<&Occupant> {
+    occupants.iter().find(|o| collides(subnet, o))
+}
+
+/// The first free subnet of `prefix_len` bits in the [`pool`]: preferably one that no
+/// route covers either, else the first without a [`conflict`].
 pub fn pick(prefix_len: u8, occupants: &[Occupant]) -> Option<Ipv4Net> {
-    pool()
-        .into_iter()
-        .filter_map(|range| range.subnets(prefix_len).ok())
-        .flatten()
-        .find(|candidate| conflict(*candidate, occupants).is_none())
+    let candidates = || {
+        pool()
+            .into_iter()
+            .filter_map(|range| range.subnets(prefix_len).ok())
+            .flatten()
+    };
+    candidates()
+        .find(|candidate| !occupants.iter().any(|o| overlaps(*candidate, o.net)))
+        .or_else(|| candidates().find(|candidate| conflict(*candidate, occupants).is_none()))
 }
 
 /// The gateway of a dynamically chosen subnet: its first host address.
@@ -145,8 +181,67 @@ mod tests {
 
     #[test]
     fn an_exhausted_pool_yields_nothing() {
-        let occ = [route("192.168.0.0/16"), route("10.0.0.0/8")];
+        let occ = [
+            addr("192.168.0.1/16", "eth0"),
+            addr("10.213.0.1/16", "eth1"),
+        ];
         assert_eq!(pick(24, &occ), None);
+    }
+
+    fn defined(s: &str, name: &str) -> Occupant {
+        Occupant {
+            net: net(s),
+            what: Occupation::Defined { name: name.into() },
+        }
+    }
+
+    #[test]
+    fn covering_routes_like_a_vpn_split_default_are_not_conflicts() {
+        let vpn = [route("0.0.0.0/1"), route("128.0.0.0/1")];
+        assert_eq!(pick(24, &vpn), Some(net("192.168.64.0/24")));
+        assert!(conflict(net("192.168.42.0/24"), &vpn).is_none());
+        // A route inside the candidate, or equal to it, is one.
+        let occ = [
+            route("0.0.0.0/1"),
+            route("128.0.0.0/1"),
+            route("192.168.64.128/25"),
+            route("192.168.65.0/24"),
+        ];
+        assert_eq!(pick(24, &occ), Some(net("192.168.66.0/24")));
+        assert_eq!(
+            conflict(net("192.168.64.0/24"), &occ).unwrap().net,
+            net("192.168.64.128/25")
+        );
+    }
+
+    #[test]
+    fn a_prefix_no_route_covers_is_preferred() {
+        // A LAN route covering the first range: the second range is used while it has room.
+        let occ = [route("192.168.0.0/16")];
+        assert_eq!(pick(24, &occ), Some(net("10.213.0.0/24")));
+        // With both ranges covered, covering routes are not conflicts.
+        let occ = [route("192.168.0.0/16"), route("10.0.0.0/8")];
+        assert_eq!(pick(24, &occ), Some(net("192.168.64.0/24")));
+    }
+
+    #[test]
+    fn dynamic_choice_avoids_subnets_other_files_fix() {
+        let occ = [
+            defined("192.168.64.0/24", "lab"),
+            defined("192.168.65.0/28", "tiny"),
+            defined("192.168.66.0/23", "wide"),
+        ];
+        assert_eq!(pick(24, &occ), Some(net("192.168.68.0/24")));
+        assert_eq!(pick(28, &occ), Some(net("192.168.65.16/28")));
+        let c = conflict(net("192.168.67.0/24"), &occ).unwrap();
+        assert_eq!(
+            c.to_string(),
+            "subnet 192.168.66.0/23 fixed by the file of network \"wide\""
+        );
+        // Even under a VPN's covering routes.
+        let mut with_vpn = occ.to_vec();
+        with_vpn.extend([route("0.0.0.0/1"), route("128.0.0.0/1")]);
+        assert_eq!(pick(24, &with_vpn), Some(net("192.168.68.0/24")));
     }
 
     #[test]
@@ -164,8 +259,12 @@ mod tests {
         let occ = [route("10.0.0.0/8"), addr("172.16.5.9/24", "wlan0")];
         let c = conflict(net("172.16.5.0/24"), &occ).unwrap();
         assert_eq!(c.to_string(), "address 172.16.5.9/24 on interface wlan0");
-        let c = conflict(net("10.20.0.0/16"), &occ).unwrap();
+        let c = conflict(net("10.0.0.0/7"), &occ).unwrap();
         assert_eq!(c.to_string(), "route 10.0.0.0/8 via interface eth0");
+        assert!(
+            conflict(net("10.20.0.0/16"), &occ).is_none(),
+            "a covering route is no conflict"
+        );
         assert!(conflict(net("172.17.0.0/16"), &occ).is_none());
     }
 }
