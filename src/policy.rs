@@ -1,14 +1,20 @@
 //! Who may use which network: `allowed_users` / `allowed_groups` against the peer's
-//! credentials (SO_PEERCRED). Pure logic over a [`Directory`] of users and groups.
+//! credentials (SO_PEERCRED, SO_PEERGROUPS). Pure logic over a [`Directory`] of users and
+//! groups.
 
 use crate::config::{NetworkConfig, Principal};
+use std::sync::Arc;
 
 /// The credentials of a connected client, read by the kernel when it connected.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Peer {
     pub pid: i32,
     pub uid: u32,
     pub gid: u32,
+    /// The supplementary groups of the connecting process (SO_PEERGROUPS), when the
+    /// kernel reports them. Group checks use these, as the kernel's own permission checks
+    /// do; `None` falls back to the user database.
+    pub groups: Option<Arc<[u32]>>,
 }
 
 /// Name lookups, so tests can use a fake user database.
@@ -56,7 +62,14 @@ pub fn check(config: &NetworkConfig, peer: &Peer, dir: &dyn Directory) -> Result
         return Ok(());
     }
     if !config.allowed_groups.is_empty() {
-        let groups = dir.groups_of(peer.uid, peer.gid);
+        let groups = match &peer.groups {
+            Some(supplementary) => {
+                let mut g = supplementary.to_vec();
+                g.push(peer.gid);
+                g
+            }
+            None => dir.groups_of(peer.uid, peer.gid),
+        };
         let group_ok = config.allowed_groups.iter().any(|p| {
             let gid = match p {
                 Principal::Id(id) => Some(*id),
@@ -140,7 +153,26 @@ mod tests {
             pid: 1,
             uid,
             gid: uid,
+            groups: None,
         }
+    }
+
+    #[test]
+    fn the_processs_groups_decide_when_the_kernel_reports_them() {
+        let mut c = builtin("shared").unwrap();
+        c.allowed_groups = vec![Principal::Name("kvm".into())];
+        // alice (1000) is not in kvm in the database, but her process is.
+        let mut alice = peer(1000);
+        assert!(check(&c, &alice, &Fake).is_err());
+        alice.groups = Some(vec![20, 105].into());
+        assert!(check(&c, &alice, &Fake).is_ok());
+        // bob is in kvm in the database but his process dropped it.
+        let mut bob = peer(1001);
+        bob.groups = Some(vec![].into());
+        assert!(check(&c, &bob, &Fake).is_err());
+        // The primary group counts.
+        c.allowed_groups = vec![Principal::Id(1001)];
+        assert!(check(&c, &bob, &Fake).is_ok());
     }
 
     #[test]

@@ -305,7 +305,7 @@ impl<B: Backend> Registry<B> {
         st.clients.insert(
             id,
             Client {
-                peer,
+                peer: peer.clone(),
                 networks: BTreeSet::new(),
                 taps: Vec::new(),
                 persistent: Vec::new(),
@@ -345,11 +345,11 @@ impl<B: Backend> Registry<B> {
             Err(e) => Err(RegistryError::Task(e)),
         };
         if let Err(e) = &result {
-            let peer = self.lock().clients.get(&client).map(|c| c.peer);
+            let peer = self.lock().clients.get(&client).map(|c| c.peer.clone());
             warn!(
                 client,
-                pid = peer.map(|p| p.pid),
-                uid = peer.map(|p| p.uid),
+                pid = peer.as_ref().map(|p| p.pid),
+                uid = peer.as_ref().map(|p| p.uid),
                 network = name,
                 "acquire refused: {}",
                 chain(e)
@@ -430,7 +430,7 @@ impl<B: Backend> Registry<B> {
                 return Err(RegistryError::ShuttingDown);
             }
             if c.taps.len() < MAX_TAPS_PER_CLIENT {
-                return Ok(c.peer);
+                return Ok(c.peer.clone());
             }
             c.networks
                 .iter()
@@ -460,7 +460,7 @@ impl<B: Backend> Registry<B> {
         if c.taps.len() >= MAX_TAPS_PER_CLIENT {
             return Err(RegistryError::TooManyEndpoints);
         }
-        Ok(c.peer)
+        Ok(c.peer.clone())
     }
 
     /// Finds or inserts the network's entry and counts this acquire as pending on it.
@@ -565,7 +565,7 @@ impl<B: Backend> Registry<B> {
         if !policy::needs_lookup(config, peer) {
             return Ok(());
         }
-        let (config, peer, dir) = (config.clone(), *peer, Arc::clone(&self.directory));
+        let (config, peer, dir) = (config.clone(), peer.clone(), Arc::clone(&self.directory));
         tokio::task::spawn_blocking(move || policy::check(&config, &peer, dir.as_ref()))
             .await
             .map_err(RegistryError::Lookup)?
@@ -639,7 +639,7 @@ impl<B: Backend> Registry<B> {
             AttachRequest {
                 serial,
                 mac,
-                peer,
+                peer: peer.clone(),
                 persistent,
             }
         };
@@ -962,7 +962,7 @@ impl<B: Backend> Registry<B> {
                 .iter()
                 .map(|(id, c)| ClientSnapshot {
                     id: *id,
-                    peer: c.peer,
+                    peer: c.peer.clone(),
                     networks: c.networks.iter().cloned().collect(),
                 })
                 .collect::<Vec<_>>();
@@ -1181,6 +1181,7 @@ mod tests {
             pid: 100 + uid as i32,
             uid,
             gid: uid,
+            groups: None,
         }
     }
 

@@ -287,16 +287,18 @@ async fn handle_connection<B: Backend<Endpoint: AsFd>>(
             pid: c.pid().unwrap_or(0),
             uid: c.uid(),
             gid: c.gid(),
+            groups: peer_groups(&socket).map(Into::into),
         },
         Err(e) => {
             warn!("cannot read peer credentials, closing: {e}");
             return;
         }
     };
-    let client = match registry.connect(peer).await {
+    let client = match registry.connect(peer.clone()).await {
         Ok(id) => id,
         Err(e) => {
             let _ = socket.send(&Reply::Error(wire_error(&e)).to_bytes()).await;
+            drain_before_close(&socket).await;
             return;
         }
     };
@@ -338,6 +340,66 @@ async fn handle_connection<B: Backend<Endpoint: AsFd>>(
         }
     }
     registry.disconnect(client).await;
+}
+
+/// Supplementary groups of the process that connected (`SO_PEERGROUPS`, Linux 4.13), as
+/// the kernel recorded them at connect; `None` if the kernel cannot tell.
+#[cfg(target_os = "linux")]
+fn peer_groups(socket: &UnixSeqpacket) -> Option<Vec<u32>> {
+    // NGROUPS_MAX on Linux: no process has more.
+    const MAX_GROUPS: usize = 65536;
+    let mut groups: Vec<libc::gid_t> = vec![0; 64];
+    loop {
+        let mut len = (groups.len() * std::mem::size_of::<libc::gid_t>()) as libc::socklen_t;
+        // SAFETY: `groups` is a live buffer of exactly `len` bytes that the kernel writes
+        // gid_t values into; `len` is a valid socklen_t the kernel updates.
+        let rc = unsafe {
+            libc::getsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PEERGROUPS,
+                groups.as_mut_ptr().cast(),
+                &mut len,
+            )
+        };
+        let count = len as usize / std::mem::size_of::<libc::gid_t>();
+        if rc == 0 {
+            groups.truncate(count);
+            return Some(groups);
+        }
+        // ERANGE: the buffer was too small and `len` says how big it must be.
+        let errno = std::io::Error::last_os_error().raw_os_error();
+        if errno == Some(libc::ERANGE) && count > groups.len() && count <= MAX_GROUPS {
+            groups.resize(count, 0);
+            continue;
+        }
+        debug!("SO_PEERGROUPS unavailable ({errno:?}): group checks use the user database");
+        return None;
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn peer_groups(_socket: &UnixSeqpacket) -> Option<Vec<u32>> {
+    None
+}
+
+/// Before a refused connection is closed: reads (and drops) what the client sent until it
+/// closes, for at most [`DRAIN_TIMEOUT`]. A unix socket closed with unread messages makes
+/// the peer's next receive fail with ECONNRESET *instead of* returning the queued reply,
+/// so a client that sent its request right after connecting would never see why it was
+/// refused.
+async fn drain_before_close(socket: &UnixSeqpacket) {
+    const DRAIN_TIMEOUT: Duration = Duration::from_secs(2);
+    let _ = tokio::time::timeout(DRAIN_TIMEOUT, async {
+        // One byte is enough: SEQPACKET drops the rest of a longer message.
+        let mut byte = [0u8; 1];
+        while let Ok(info) = socket.recv(&mut byte).await {
+            if info.bytes_read() == 0 && !info.truncated() {
+                break;
+            }
+        }
+    })
+    .await;
 }
 
 /// Waits for the next message and returns its whole length without reading it

@@ -186,6 +186,7 @@ async fn attach(b: &LinuxBackend, net: &LinuxNetwork, serial: u64) -> Attachment
             pid: 1,
             uid: 1000,
             gid: 1000,
+            groups: None,
         },
         persistent: false,
     };
