@@ -529,9 +529,15 @@ fn read_network_file(path: &Path) -> Result<String, ReadRefusal> {
         Err(e) => return Err(ReadRefusal::Io(e)),
     };
     let meta = file.metadata().map_err(ReadRefusal::Io)?;
+    // As before these checks: a directory in a file's place cannot be read at all.
+    if meta.is_dir() {
+        return Err(ReadRefusal::Io(std::io::Error::from_raw_os_error(
+            libc::EISDIR,
+        )));
+    }
     if !meta.file_type().is_file() {
         return Err(ReadRefusal::Refused(
-            "is not a regular file (a FIFO, device or directory is never read)".into(),
+            "is not a regular file (a FIFO, device or socket is never read)".into(),
         ));
     }
     if !trusted_owner(meta.uid()) {

@@ -241,6 +241,11 @@ impl LeaseStore {
     }
 
     /// Binds `ip` to `mac` until `now + lease`. Fails when another client has a claim.
+    ///
+    /// The lease carries `hostname` (or, without one, the name the MAC had) unless a live
+    /// lease of another MAC holds that name: first come, first served, so a VM cannot take
+    /// over a neighbour's DNS name by sending the same hostname. The lease is then bound
+    /// without a name, and the refused name and the MAC holding it are returned.
     pub fn bind(
         &mut self,
         mac: [u8; 6],
@@ -248,15 +253,27 @@ impl LeaseStore {
         hostname: Option<String>,
         lease: Duration,
         now: SystemTime,
-    ) -> Result<(), Refusal> {
+    ) -> Result<Option<(String, [u8; 6])>, Refusal> {
         self.check(mac, ip, now)?;
+        let wanted = hostname.or_else(|| self.records.get(&mac).and_then(|r| r.hostname.clone()));
+        let refused = wanted.as_deref().and_then(|name| {
+            self.name_holder(name, now)
+                .filter(|holder| *holder != mac)
+                .map(|holder| (name.to_string(), holder))
+        });
         let rec = self.assign(mac, ip);
         rec.expires = now + lease;
         rec.offer_until = None;
-        if hostname.is_some() {
-            rec.hostname = hostname;
-        }
-        Ok(())
+        rec.hostname = if refused.is_some() { None } else { wanted };
+        Ok(refused)
+    }
+
+    /// The MAC whose live lease carries `name`, if any.
+    fn name_holder(&self, name: &str, now: SystemTime) -> Option<[u8; 6]> {
+        self.records
+            .iter()
+            .find(|(_, r)| r.expires > now && r.hostname.as_deref() == Some(name))
+            .map(|(mac, _)| *mac)
     }
 
     /// The address `mac` is bound to, if its lease is active.
@@ -657,5 +674,46 @@ mod tests {
         let s = LeaseStore::new("10.0.0.0/31".parse().unwrap(), ip("10.0.0.0"), None, &[]);
         assert_eq!(s.pool_size(), 0);
         assert_eq!(s.select(A, None, t(0)), Err(AllocError::Exhausted(0)));
+    }
+
+    #[test]
+    fn a_live_leases_hostname_is_not_taken_over() {
+        let mut s = store(None, &[]);
+        s.bind(A, ip("10.0.0.2"), Some("victim".into()), LEASE, t(0))
+            .unwrap();
+        // Another MAC asks for the same name: bound, but without it.
+        let refused = s
+            .bind(B, ip("10.0.0.3"), Some("victim".into()), LEASE, t(1))
+            .unwrap();
+        assert_eq!(refused, Some(("victim".to_string(), A)));
+        let names: Vec<_> = s
+            .active(t(2))
+            .into_iter()
+            .map(|l| (l.mac, l.hostname))
+            .collect();
+        assert_eq!(names, vec![(A, Some("victim".into())), (B, None)]);
+        // The holder renews and keeps it, with or without sending it again.
+        assert_eq!(s.bind(A, ip("10.0.0.2"), None, LEASE, t(3)), Ok(None));
+        assert_eq!(
+            s.bind(A, ip("10.0.0.2"), Some("victim".into()), LEASE, t(4)),
+            Ok(None)
+        );
+        // Once the holder's lease has ended, the name is free again.
+        s.release(A, ip("10.0.0.2"), t(5));
+        assert_eq!(
+            s.bind(B, ip("10.0.0.3"), Some("victim".into()), LEASE, t(6)),
+            Ok(None)
+        );
+        // And the old holder, coming back, does not get it back while B holds it.
+        assert_eq!(
+            s.bind(A, ip("10.0.0.2"), None, LEASE, t(7)),
+            Ok(Some(("victim".to_string(), B)))
+        );
+        let names: Vec<_> = s
+            .active(t(8))
+            .into_iter()
+            .map(|l| (l.mac, l.hostname))
+            .collect();
+        assert_eq!(names, vec![(A, None), (B, Some("victim".into()))]);
     }
 }

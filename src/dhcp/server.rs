@@ -325,7 +325,19 @@ impl State {
             .store
             .bind(mac, ip, hostname.clone(), self.lease_time(), now)
         {
-            Ok(()) => {
+            Ok(refused) => {
+                let hostname = match refused {
+                    Some((name, holder)) => {
+                        warn!(
+                            network = self.cfg.network,
+                            "DHCP: hostname {name:?} of {} refused: the live lease of {} holds it",
+                            format_mac(&mac),
+                            format_mac(&holder)
+                        );
+                        None
+                    }
+                    None => hostname,
+                };
                 if was == Some(ip) {
                     debug!(
                         network = self.cfg.network,
