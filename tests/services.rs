@@ -660,6 +660,40 @@ impl Drop for Upstream {
 }
 
 #[test]
+fn a_second_vm_cannot_take_over_a_leased_hostname() {
+    let b = Broker::start(Options::default());
+    let c = b.client();
+    let a = c.acquire("shared").unwrap();
+    let gw = ip(&a.info.gateway);
+    let first = VethVm::new(&b, &a.info.bridge, "52:54:00:d5:01:01");
+    let second = VethVm::new(&b, &a.info.bridge, "52:54:00:d5:01:02");
+    let ip1 = first.lease(&b, &["-x", "hostname:victim"])["ip"].clone();
+    b.wait_for("victim resolves to the first VM", SOON, || {
+        dig(&first.ns, gw, &["victim", "A"]) == Some(vec![ip1.clone()])
+    });
+    // The attacker asks for the same name: it gets an address, not the name.
+    let ip2 = second.lease(&b, &["-x", "hostname:victim"])["ip"].clone();
+    assert_ne!(ip1, ip2);
+    b.wait_for("the refusal in the log", SOON, || {
+        b.log().contains(
+            "hostname \"victim\" of 52:54:00:d5:01:02 refused: the live lease of 52:54:00:d5:01:01 holds it",
+        )
+    });
+    for name in ["victim", "victim.shared.vmnet"] {
+        assert_eq!(
+            dig(&first.ns, gw, &[name, "A"]),
+            Some(vec![ip1.clone()]),
+            "{name}"
+        );
+    }
+    assert_eq!(dig(&first.ns, gw, &["-x", &ip2]), Some(vec![]));
+    // Renewing with the name again changes nothing; the holder keeps it on renewal.
+    second.lease(&b, &["-x", "hostname:victim"]);
+    first.lease(&b, &["-x", "hostname:victim"]);
+    assert_eq!(dig(&second.ns, gw, &["victim", "A"]), Some(vec![ip1]));
+}
+
+#[test]
 fn dns_forwards_to_resolv_conf_and_answers_vm_names() {
     let b = Broker::start(opts(&[("nodns.json", r#"{"dns":false}"#)]));
     let _upstream = Upstream::start(&b);

@@ -20,6 +20,18 @@ pub fn main(dir: &Path) -> super::Result {
                     Source::BuiltIn => "built-in".to_string(),
                     Source::File(p) => p.display().to_string(),
                 };
+                // A file whose subnet overlaps another's is an error, not "ok".
+                let mine: Vec<_> = overlaps
+                    .iter()
+                    .filter(|e| Source::File(e.path.clone()) == c.source)
+                    .collect();
+                if !mine.is_empty() {
+                    bad += 1;
+                    for e in mine {
+                        println!("error  {}", e.detail());
+                    }
+                    continue;
+                }
                 let subnet = c
                     .fixed_subnet()
                     .map(|s| s.to_string())
@@ -33,14 +45,6 @@ pub fn main(dir: &Path) -> super::Result {
             }
         }
     }
-    for e in &overlaps {
-        println!("error  {}", e.detail());
-    }
-    // Each overlap is reported for both of its files; count files, not lines.
-    let mut overlapping_files: Vec<_> = overlaps.iter().map(|e| &e.path).collect();
-    overlapping_files.sort();
-    overlapping_files.dedup();
-    bad += overlapping_files.len();
     if bad > 0 {
         eprintln!("{bad} invalid file(s) in {}", dir.display());
         return Ok(ExitCode::FAILURE);
