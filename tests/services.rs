@@ -674,11 +674,6 @@ fn a_second_vm_cannot_take_over_a_leased_hostname() {
     // The attacker asks for the same name: it gets an address, not the name.
     let ip2 = second.lease(&b, &["-x", "hostname:victim"])["ip"].clone();
     assert_ne!(ip1, ip2);
-    b.wait_for("the refusal in the log", SOON, || {
-        b.log().contains(
-            "hostname \"victim\" of 52:54:00:d5:01:02 refused: the live lease of 52:54:00:d5:01:01 holds it",
-        )
-    });
     for name in ["victim", "victim.shared.vmnet"] {
         assert_eq!(
             dig(&first.ns, gw, &[name, "A"]),
@@ -687,6 +682,11 @@ fn a_second_vm_cannot_take_over_a_leased_hostname() {
         );
     }
     assert_eq!(dig(&first.ns, gw, &["-x", &ip2]), Some(vec![]));
+    b.wait_for("the refusal in the log", SOON, || {
+        b.log().contains(
+            "hostname \"victim\" of 52:54:00:d5:01:02 refused: the live lease of 52:54:00:d5:01:01 holds it",
+        )
+    });
     // Renewing with the name again changes nothing; the holder keeps it on renewal.
     second.lease(&b, &["-x", "hostname:victim"]);
     first.lease(&b, &["-x", "hostname:victim"]);
