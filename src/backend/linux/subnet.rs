@@ -10,9 +10,10 @@
 //! `0.0.0.0/1` + `128.0.0.0/1` pair VPN clients install to capture all traffic without
 //! replacing the default route, loses to the network's own, longer prefix route, just
 //! like the default route does; treating it as a conflict would leave no subnet at all.
-//! libvirt and Incus draw the same line. A dynamic subnet still prefers a prefix no route
-//! covers, so a covering route to a real network (say a LAN's `192.168.0.0/16` via a
-//! router) is only shadowed when nothing else is free.
+//! (libvirt refuses only a route to exactly the network's prefix; a more specific one
+//! would still take part of the subnet's traffic, so it is refused here too.) A dynamic
+//! subnet still prefers a prefix no route covers, so a covering route to a real network
+//! (say a LAN's `192.168.0.0/16` via a router) is only shadowed when nothing else is free.
 
 use ipnet::Ipv4Net;
 use std::fmt;
