@@ -584,19 +584,23 @@ fn read_network_file(path: &Path) -> Result<String, ReadRefusal> {
 /// Reads and parses one file; `Ok(None)` when it does not exist. Refusals and invalid
 /// files are logged here with the whole reason, once per attempt.
 fn load_file(name: &str, path: &Path) -> Result<Option<NetworkConfig>, ConfigError> {
-    let result = match read_network_file(path) {
+    let result = read_and_parse(name, path);
+    if let Err(e) = &result {
+        warn!("network file refused: {}", e.detail());
+    }
+    result
+}
+
+fn read_and_parse(name: &str, path: &Path) -> Result<Option<NetworkConfig>, ConfigError> {
+    match read_network_file(path) {
         Ok(text) => parse(name, path, &text).map(Some),
-        Err(ReadRefusal::NotFound) => return Ok(None),
+        Err(ReadRefusal::NotFound) => Ok(None),
         Err(ReadRefusal::Refused(why)) => Err(ConfigError::new(path, why)),
         Err(ReadRefusal::Io(e)) => Err(ConfigError {
             unreadable: true,
             ..ConfigError::new(path, format!("cannot read: {e}"))
         }),
-    };
-    if let Err(e) = &result {
-        warn!("network file refused: {}", e.detail());
     }
-    result
 }
 
 /// The drop-in directory.
@@ -630,7 +634,9 @@ impl ConfigDir {
                 .into_iter()
                 .filter(|(other, _)| other != name)
                 .filter_map(|(other, path)| {
-                    let subnet = load_file(&other, &path).ok()??.fixed_subnet()?;
+                    // Not logged: a bad file is reported when its own network is asked
+                    // for, not at every creation of another one.
+                    let subnet = read_and_parse(&other, &path).ok()??.fixed_subnet()?;
                     Some((other, subnet))
                 })
                 .collect();
