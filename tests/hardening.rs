@@ -14,6 +14,7 @@ use std::time::{Duration, Instant};
 use support::{Broker, Options, path_str};
 use vmnet_broker::client::Client;
 use vmnet_broker::protocol::{BrokerError, ErrorCode};
+use vmnet_broker::registry::MAX_CONNECTIONS_PER_UID;
 
 /// How long something that must not hang may take, on a busy machine.
 const PROMPTLY: Duration = Duration::from_secs(20);
@@ -337,9 +338,9 @@ fn a_refused_connection_gets_error_7_with_a_message_not_a_reset() {
     let (refused, held) = as_uid(65534, move || {
         let mut held = Vec::new();
         let mut refused = None;
-        // The limit is 256 connections per uid; each is confirmed by a reply before the
-        // next, so the broker has counted all earlier ones.
-        for _ in 0..300 {
+        // Each connection is confirmed by a reply before the next, so the broker has
+        // counted all earlier ones.
+        for _ in 0..=MAX_CONNECTIONS_PER_UID {
             let c = Client::connect(&socket).unwrap();
             match c.status() {
                 Ok(_) => held.push(c),
@@ -352,11 +353,12 @@ fn a_refused_connection_gets_error_7_with_a_message_not_a_reset() {
         (refused, held.len())
     });
     let e = refused.expect("the connection limit refuses a connection");
-    assert_eq!(held, 256);
+    assert_eq!(held, MAX_CONNECTIONS_PER_UID);
     assert_eq!(e.code, ErrorCode::InternalError, "{}", e.message);
     assert!(
-        e.message
-            .contains("uid 65534 already has 256 connections open"),
+        e.message.contains(&format!(
+            "uid 65534 already has {MAX_CONNECTIONS_PER_UID} connections open"
+        )),
         "{}",
         e.message
     );

@@ -432,7 +432,9 @@ fn fixed_subnets_are_used_or_refused_clearly() {
     in_netns(|ns| async move {
         ns.veth("vmnbt0");
         ns.ip("addr add 10.77.0.9/16 dev vmnbt0");
-        ns.ip("route add 10.88.0.0/16 dev vmnbt0");
+        ns.ip("route add 10.88.1.128/25 dev vmnbt0");
+        // A route covering a subnet is no conflict (docs/networking.md, "Which subnet").
+        ns.ip("route add 10.66.0.0/16 dev vmnbt0");
         let b = backend().await;
 
         let e = b
@@ -451,10 +453,16 @@ fn fixed_subnets_are_used_or_refused_clearly() {
             .unwrap();
         assert!(
             e.to_string()
-                .contains("route 10.88.0.0/16 via interface vmnbt0"),
+                .contains("route 10.88.1.128/25 via interface vmnbt0"),
             "{e}"
         );
         assert!(ns.link("vmnb-clash").is_none(), "nothing left behind");
+        let covered = b
+            .create(&fixed("covered", [10, 66, 5, 1], 24))
+            .await
+            .unwrap();
+        assert_eq!(b.details(&covered).subnet.to_string(), "10.66.5.0/24");
+        b.destroy(covered).await.unwrap();
 
         let ok = b
             .create(&fixed("fixed", [10, 99, 0, 254], 24))
