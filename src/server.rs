@@ -384,7 +384,7 @@ fn peer_groups(_socket: &UnixSeqpacket) -> Option<Vec<u32>> {
 }
 
 /// Before a refused connection is closed: reads (and drops) what the client sent until it
-/// closes, for at most [`DRAIN_TIMEOUT`]. A unix socket closed with unread messages makes
+/// closes, for at most two seconds. A unix socket closed with unread messages makes
 /// the peer's next receive fail with ECONNRESET *instead of* returning the queued reply,
 /// so a client that sent its request right after connecting would never see why it was
 /// refused.
