@@ -4,6 +4,8 @@
 //! connection's reply (hole 9). The real broker in a namespace of its own, as in
 //! tests/broker.rs; clients of other uids via `setpriv` or a thread with its own uid.
 
+#[path = "support/netns.rs"]
+mod netns;
 #[path = "support/broker.rs"]
 mod support;
 
