@@ -257,8 +257,7 @@ impl LeaseStore {
         self.check(mac, ip, now)?;
         let wanted = hostname.or_else(|| self.records.get(&mac).and_then(|r| r.hostname.clone()));
         let refused = wanted.as_deref().and_then(|name| {
-            self.name_holder(name, now)
-                .filter(|holder| *holder != mac)
+            self.name_holder(name, mac, now)
                 .map(|holder| (name.to_string(), holder))
         });
         let rec = self.assign(mac, ip);
@@ -268,11 +267,13 @@ impl LeaseStore {
         Ok(refused)
     }
 
-    /// The MAC whose live lease carries `name`, if any.
-    fn name_holder(&self, name: &str, now: SystemTime) -> Option<[u8; 6]> {
+    /// A MAC other than `asking` whose live lease carries `name`, if any.
+    fn name_holder(&self, name: &str, asking: [u8; 6], now: SystemTime) -> Option<[u8; 6]> {
         self.records
             .iter()
-            .find(|(_, r)| r.expires > now && r.hostname.as_deref() == Some(name))
+            .find(|(mac, r)| {
+                **mac != asking && r.expires > now && r.hostname.as_deref() == Some(name)
+            })
             .map(|(mac, _)| *mac)
     }
 
@@ -368,6 +369,9 @@ impl LeaseStore {
     /// (outside the pool, or conflicting) are skipped; returns how many were skipped.
     pub fn load(&mut self, file: LeaseFile) -> usize {
         let mut skipped = 0;
+        // A name belongs to one MAC (see `bind`); a file written before that rule may
+        // give one name to several: the first keeps it.
+        let mut names = std::collections::HashSet::new();
         for l in file.leases {
             let Ok(mac) = crate::config::parse_mac(&l.mac) else {
                 skipped += 1;
@@ -381,11 +385,16 @@ impl LeaseStore {
                 continue;
             }
             self.by_ip.insert(l.ip, mac);
+            let hostname = l
+                .hostname
+                .as_deref()
+                .and_then(sanitize_hostname)
+                .filter(|name| names.insert(name.clone()));
             self.records.insert(
                 mac,
                 Record {
                     ip: l.ip,
-                    hostname: l.hostname.as_deref().and_then(sanitize_hostname),
+                    hostname,
                     expires: UNIX_EPOCH + Duration::from_secs(l.expires),
                     offer_until: None,
                 },
@@ -715,5 +724,24 @@ mod tests {
             .map(|l| (l.mac, l.hostname))
             .collect();
         assert_eq!(names, vec![(A, None), (B, Some("victim".into()))]);
+        // A lease file that gives one name to two MACs: only the first keeps it.
+        let mut file = s.to_file();
+        for l in &mut file.leases {
+            l.hostname = Some("twice".into());
+        }
+        file.leases.sort_by_key(|l| l.ip);
+        let mut s2 = store(None, &[]);
+        assert_eq!(s2.load(file), 0);
+        let names: Vec<_> = s2
+            .active(t(8))
+            .into_iter()
+            .map(|l| (l.mac, l.hostname))
+            .collect();
+        assert_eq!(names, vec![(A, Some("twice".into())), (B, None)]);
+        // And the other cannot claim it while that lease lives.
+        assert_eq!(
+            s2.bind(B, ip("10.0.0.3"), Some("twice".into()), LEASE, t(9)),
+            Ok(Some(("twice".to_string(), A)))
+        );
     }
 }
