@@ -161,6 +161,10 @@ pub async fn serve<B: Backend<Endpoint: AsFd>>(
     registry: Arc<Registry<B>>,
     options: ServerOptions,
 ) -> Result<(), ServeError> {
+    // Before the socket appears: whoever sees it may send SIGTERM at once, and without a
+    // handler that would kill the broker instead of asking it to stop.
+    let mut sigterm = signal(SignalKind::terminate()).map_err(ServeError::Signals)?;
+    let mut sigint = signal(SignalKind::interrupt()).map_err(ServeError::Signals)?;
     let mut listener = bind(&options.socket)?;
     info!(
         socket = %options.socket.display(),
@@ -172,8 +176,6 @@ pub async fn serve<B: Backend<Endpoint: AsFd>>(
         live: AtomicUsize::new(0),
         changed: Notify::new(),
     });
-    let mut sigterm = signal(SignalKind::terminate()).map_err(ServeError::Signals)?;
-    let mut sigint = signal(SignalKind::interrupt()).map_err(ServeError::Signals)?;
     let result = loop {
         let idle = idle_exit(&conns, options.exit_on_idle);
         tokio::select! {
