@@ -462,7 +462,7 @@ fn fixed_subnets_are_used_or_refused_clearly() {
             .await
             .unwrap();
         assert_eq!(b.details(&covered).subnet.to_string(), "10.66.5.0/24");
-        b.destroy(covered).await.unwrap();
+        b.destroy(&covered).await.unwrap();
 
         let ok = b
             .create(&fixed("fixed", [10, 99, 0, 254], 24))
