@@ -1,0 +1,564 @@
+//! Pure builders of the broker's nftables objects: names, expressions, and the batches
+//! that add, delete and purge one network's chains, sets, rules and elements. Nothing
+//! here runs `nft`; [`super::nft`] does.
+
+use std::borrow::Cow;
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+use nftables::batch::Batch;
+use nftables::expr::{Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix};
+use nftables::schema::{
+    Chain, Element, NfCmd, NfListObject, Nftables, Rule, Set, SetType, SetTypeValue, Table,
+};
+use nftables::stmt::{Match, Operator, Statement};
+use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
+
+use super::{FirewallNetwork, NetState, TABLE};
+
+// Standard nft priorities: "filter" for forward, "srcnat" for postrouting NAT, and the
+// bridge family's "filter" (-200) so spoofed frames die before anything else sees them.
+const PRIO_FILTER: i32 = 0;
+const PRIO_SRCNAT: i32 = 100;
+const PRIO_BRIDGE_FILTER: i32 = -200;
+
+// ---- object names -------------------------------------------------------------------------
+
+pub(super) fn fwd_chain(net: &str) -> String {
+    format!("fwd-{net}")
+}
+pub(super) fn nat_chain(net: &str) -> String {
+    format!("nat-{net}")
+}
+pub(super) fn spoof_chain(net: &str) -> String {
+    format!("spoof-{net}")
+}
+/// Set of the network's TAP names: the anti-spoofing rules apply to frames from these.
+/// Set of `ifname . ether_addr`: the MAC allowed on each TAP.
+pub(super) fn portmacs_set(net: &str) -> String {
+    format!("portmacs-{net}")
+}
+/// Set of `ether_addr . ipv4_addr`: the DHCP lease of each guest MAC.
+pub(super) fn leases_set(net: &str) -> String {
+    format!("leases-{net}")
+}
+
+// ---- expression helpers -------------------------------------------------------------------
+
+pub(super) fn s(v: &str) -> Expression<'static> {
+    Expression::String(Cow::Owned(v.to_string()))
+}
+pub(super) fn set_ref(name: &str) -> Expression<'static> {
+    s(&format!("@{name}"))
+}
+pub(super) fn meta(key: MetaKey) -> Expression<'static> {
+    Expression::Named(NamedExpression::Meta(Meta { key }))
+}
+pub(super) fn payload(protocol: &'static str, field: &'static str) -> Expression<'static> {
+    Expression::Named(NamedExpression::Payload(Payload::PayloadField(
+        PayloadField {
+            protocol: protocol.into(),
+            field: field.into(),
+        },
+    )))
+}
+pub(super) fn concat(items: Vec<Expression<'static>>) -> Expression<'static> {
+    Expression::Named(NamedExpression::Concat(items))
+}
+pub(super) fn prefix(addr: &str, len: u32) -> Expression<'static> {
+    Expression::Named(NamedExpression::Prefix(Prefix {
+        addr: Box::new(s(addr)),
+        len,
+    }))
+}
+pub(super) fn matches(
+    left: Expression<'static>,
+    op: Operator,
+    right: Expression<'static>,
+) -> Statement<'static> {
+    Statement::Match(Match { left, right, op })
+}
+pub(super) fn ct_established() -> Statement<'static> {
+    matches(
+        Expression::Named(NamedExpression::CT(nftables::expr::CT {
+            key: "state".into(),
+            family: None,
+            dir: None,
+        })),
+        Operator::IN,
+        Expression::List(vec![s("established"), s("related")]),
+    )
+}
+pub(super) fn accept() -> Statement<'static> {
+    Statement::Accept(None)
+}
+pub(super) fn drop_() -> Statement<'static> {
+    Statement::Drop(None)
+}
+
+pub(super) fn mac_str(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
+
+// ---- batches ------------------------------------------------------------------------------
+
+pub(super) fn table(family: NfFamily) -> NfListObject<'static> {
+    NfListObject::Table(Table {
+        family,
+        name: TABLE.into(),
+        handle: None,
+    })
+}
+
+pub(super) fn add_tables(batch: &mut Batch<'static>) {
+    batch.add(table(NfFamily::INet));
+    batch.add(table(NfFamily::Bridge));
+}
+
+/// Deletes both tables whether they exist or not: `add` of an existing table is a no-op,
+/// so "add then delete" in one transaction never fails on a missing table.
+pub(super) fn delete_tables(batch: &mut Batch<'static>) {
+    for family in [NfFamily::INet, NfFamily::Bridge] {
+        batch.add(table(family));
+        batch.delete(table(family));
+    }
+}
+
+pub(super) fn base_chain(
+    family: NfFamily,
+    name: String,
+    hook: NfHook,
+    kind: NfChainType,
+    prio: i32,
+) -> NfListObject<'static> {
+    NfListObject::Chain(Chain {
+        family,
+        table: TABLE.into(),
+        name: name.into(),
+        _type: Some(kind),
+        hook: Some(hook),
+        prio: Some(prio),
+        policy: Some(NfChainPolicy::Accept),
+        ..Chain::default()
+    })
+}
+
+pub(super) fn named_chain(family: NfFamily, name: String) -> NfListObject<'static> {
+    NfListObject::Chain(Chain {
+        family,
+        table: TABLE.into(),
+        name: name.into(),
+        ..Chain::default()
+    })
+}
+
+pub(super) fn set(name: String, set_type: SetTypeValue<'static>) -> NfListObject<'static> {
+    NfListObject::Set(Box::new(Set {
+        family: NfFamily::Bridge,
+        table: TABLE.into(),
+        name: name.into(),
+        set_type,
+        ..Set::default()
+    }))
+}
+
+pub(super) fn rule(
+    family: NfFamily,
+    chain: &str,
+    expr: Vec<Statement<'static>>,
+) -> NfListObject<'static> {
+    NfListObject::Rule(Rule {
+        family,
+        table: TABLE.into(),
+        chain: chain.to_string().into(),
+        expr: expr.into(),
+        ..Rule::default()
+    })
+}
+
+pub(super) fn element(set: String, elem: Expression<'static>) -> NfListObject<'static> {
+    NfListObject::Element(Element {
+        family: NfFamily::Bridge,
+        table: TABLE.into(),
+        name: set.into(),
+        elem: vec![elem].into(),
+    })
+}
+
+pub(super) fn port_elements(
+    batch: &mut Batch<'static>,
+    cmd: fn(NfListObject<'static>) -> NfCmd<'static>,
+    net: &str,
+    tap: &str,
+    mac: [u8; 6],
+) {
+    batch.add_cmd(cmd(element(
+        portmacs_set(net),
+        concat(vec![s(tap), s(&mac_str(mac))]),
+    )));
+}
+
+pub(super) fn lease_element(
+    batch: &mut Batch<'static>,
+    cmd: fn(NfListObject<'static>) -> NfCmd<'static>,
+    net: &str,
+    mac: [u8; 6],
+    ip: Ipv4Addr,
+) {
+    batch.add_cmd(cmd(element(
+        leases_set(net),
+        concat(vec![s(&mac_str(mac)), s(&ip.to_string())]),
+    )));
+}
+
+/// Adds every chain, set, rule and element of one network (the tables must exist).
+pub(super) fn network_objects(batch: &mut Batch<'static>, ns: &NetState) {
+    let net = &ns.net;
+    let br = || s(&net.bridge);
+    let iif = || meta(MetaKey::Iifname);
+    let oif = || meta(MetaKey::Oifname);
+
+    // Forwarding, inet table.
+    let fwd = fwd_chain(&net.name);
+    batch.add(base_chain(
+        NfFamily::INet,
+        fwd.clone(),
+        NfHook::Forward,
+        NfChainType::Filter,
+        PRIO_FILTER,
+    ));
+    if net.nat {
+        batch.add(rule(
+            NfFamily::INet,
+            &fwd,
+            vec![matches(iif(), Operator::EQ, br()), accept()],
+        ));
+        batch.add(rule(
+            NfFamily::INet,
+            &fwd,
+            vec![
+                matches(oif(), Operator::EQ, br()),
+                ct_established(),
+                accept(),
+            ],
+        ));
+        // Nothing from outside may open connections into the NAT network.
+        batch.add(rule(
+            NfFamily::INet,
+            &fwd,
+            vec![matches(oif(), Operator::EQ, br()), drop_()],
+        ));
+
+        let nat = nat_chain(&net.name);
+        batch.add(base_chain(
+            NfFamily::INet,
+            nat.clone(),
+            NfHook::Postrouting,
+            NfChainType::NAT,
+            PRIO_SRCNAT,
+        ));
+        batch.add(rule(
+            NfFamily::INet,
+            &nat,
+            vec![
+                matches(
+                    payload("ip", "saddr"),
+                    Operator::EQ,
+                    prefix(
+                        &net.subnet.network().to_string(),
+                        u32::from(net.subnet.prefix_len()),
+                    ),
+                ),
+                matches(oif(), Operator::NEQ, br()),
+                Statement::Masquerade(None),
+            ],
+        ));
+    } else {
+        // Host mode: VMs talk to the host and to each other (bridged, not routed), never
+        // through the host to anywhere else, even when forwarding is on for other reasons.
+        batch.add(rule(
+            NfFamily::INet,
+            &fwd,
+            vec![matches(iif(), Operator::EQ, br()), drop_()],
+        ));
+        batch.add(rule(
+            NfFamily::INet,
+            &fwd,
+            vec![matches(oif(), Operator::EQ, br()), drop_()],
+        ));
+    }
+
+    if !net.anti_spoofing {
+        return;
+    }
+    // Anti-spoofing, bridge table, prerouting: every frame entering the bridge from one of
+    // our TAPs, bound or not (an unbound one matches no element of portmacs: all dropped).
+    // Other ports (uplinks, other software's) are left alone.
+    let portmacs = portmacs_set(&net.name);
+    let leases = leases_set(&net.name);
+    batch.add(set(
+        portmacs.clone(),
+        SetTypeValue::Concatenated(vec![SetType::Ifname, SetType::EtherAddr].into()),
+    ));
+    batch.add(set(
+        leases.clone(),
+        SetTypeValue::Concatenated(vec![SetType::EtherAddr, SetType::Ipv4Addr].into()),
+    ));
+    let spoof = spoof_chain(&net.name);
+    batch.add(base_chain(
+        NfFamily::Bridge,
+        spoof.clone(),
+        NfHook::Prerouting,
+        NfChainType::Filter,
+        PRIO_BRIDGE_FILTER,
+    ));
+    let taps = format!("{}*", net.tap_prefix);
+    let from_port = || matches(iif(), Operator::EQ, s(&taps));
+    let r = |batch: &mut Batch<'static>, mut stmts: Vec<Statement<'static>>| {
+        stmts.insert(0, from_port());
+        batch.add(rule(NfFamily::Bridge, &spoof, stmts));
+    };
+    // The Ethernet source and the ARP sender hardware address must be the TAP's guest MAC.
+    r(
+        batch,
+        vec![
+            matches(
+                concat(vec![iif(), payload("ether", "saddr")]),
+                Operator::NEQ,
+                set_ref(&portmacs),
+            ),
+            drop_(),
+        ],
+    );
+    r(
+        batch,
+        vec![
+            matches(
+                concat(vec![iif(), payload("arp", "saddr ether")]),
+                Operator::NEQ,
+                set_ref(&portmacs),
+            ),
+            drop_(),
+        ],
+    );
+    // VLAN-tagged frames would carry IP packets past the checks below (which only see
+    // untagged ether types), so guests on an anti-spoofing network cannot use VLANs.
+    r(
+        batch,
+        vec![
+            matches(
+                payload("ether", "type"),
+                Operator::EQ,
+                Expression::Named(NamedExpression::Set(vec![
+                    nftables::expr::SetItem::Element(s("8021q")),
+                    nftables::expr::SetItem::Element(s("8021ad")),
+                ])),
+            ),
+            drop_(),
+        ],
+    );
+    if net.dhcp {
+        // A DHCP client has no address yet (and may ask again at any time): requests from
+        // 0.0.0.0 and ARP probes (sender IP 0.0.0.0, RFC 5227) always pass.
+        r(
+            batch,
+            vec![
+                matches(payload("ip", "saddr"), Operator::EQ, s("0.0.0.0")),
+                matches(
+                    payload("udp", "sport"),
+                    Operator::EQ,
+                    Expression::Number(68),
+                ),
+                matches(
+                    payload("udp", "dport"),
+                    Operator::EQ,
+                    Expression::Number(67),
+                ),
+                Statement::Return(None),
+            ],
+        );
+        r(
+            batch,
+            vec![
+                matches(payload("arp", "saddr ip"), Operator::EQ, s("0.0.0.0")),
+                Statement::Return(None),
+            ],
+        );
+        // Otherwise the (MAC, source IP) pair must be a lease; no lease yet, no IPv4.
+        r(
+            batch,
+            vec![
+                matches(
+                    concat(vec![payload("ether", "saddr"), payload("ip", "saddr")]),
+                    Operator::NEQ,
+                    set_ref(&leases),
+                ),
+                drop_(),
+            ],
+        );
+        r(
+            batch,
+            vec![
+                matches(
+                    concat(vec![payload("ether", "saddr"), payload("arp", "saddr ip")]),
+                    Operator::NEQ,
+                    set_ref(&leases),
+                ),
+                drop_(),
+            ],
+        );
+    }
+    // IPv6: the broker hands out no IPv6 addresses, so guests only have link-local ones
+    // (and :: during duplicate address detection). Those are bound to the MAC only (rule
+    // above): binding link-local addresses would need NDP snooping for no real gain.
+    r(
+        batch,
+        vec![
+            matches(
+                payload("ip6", "saddr"),
+                Operator::NEQ,
+                Expression::Named(NamedExpression::Set(vec![
+                    nftables::expr::SetItem::Element(prefix("fe80::", 10)),
+                    nftables::expr::SetItem::Element(s("::")),
+                ])),
+            ),
+            drop_(),
+        ],
+    );
+
+    for (tap, mac) in &ns.ports {
+        port_elements(batch, NfCmd::Add, &net.name, tap, *mac);
+    }
+    if net.dhcp {
+        for (mac, ip) in &ns.leases {
+            lease_element(batch, NfCmd::Add, &net.name, *mac, *ip);
+        }
+    }
+}
+
+/// Deletes the objects of one network, leaving the tables for the other networks.
+/// Deleting a chain deletes its rules; chains go before the sets their rules use.
+pub(super) fn delete_network_objects(batch: &mut Batch<'static>, net: &FirewallNetwork) {
+    batch.delete(named_chain(NfFamily::INet, fwd_chain(&net.name)));
+    if net.nat {
+        batch.delete(named_chain(NfFamily::INet, nat_chain(&net.name)));
+    }
+    if net.anti_spoofing {
+        batch.delete(named_chain(NfFamily::Bridge, spoof_chain(&net.name)));
+        for name in [portmacs_set(&net.name), leases_set(&net.name)] {
+            batch.delete(set(name, SetTypeValue::Single(SetType::Ifname)));
+        }
+    }
+}
+
+/// Deletes every object a network named `name` may own, whichever of them exist and
+/// whatever definition made them: each is added (a no-op when it exists, its definition
+/// is the same for every network definition) and then deleted, like [`delete_tables`].
+/// The tables must be added earlier in the batch.
+pub(super) fn purge_network_objects(batch: &mut Batch<'static>, name: &str) {
+    let chains = [
+        base_chain(
+            NfFamily::INet,
+            fwd_chain(name),
+            NfHook::Forward,
+            NfChainType::Filter,
+            PRIO_FILTER,
+        ),
+        base_chain(
+            NfFamily::INet,
+            nat_chain(name),
+            NfHook::Postrouting,
+            NfChainType::NAT,
+            PRIO_SRCNAT,
+        ),
+        base_chain(
+            NfFamily::Bridge,
+            spoof_chain(name),
+            NfHook::Prerouting,
+            NfChainType::Filter,
+            PRIO_BRIDGE_FILTER,
+        ),
+    ];
+    let sets = [
+        set(
+            portmacs_set(name),
+            SetTypeValue::Concatenated(vec![SetType::Ifname, SetType::EtherAddr].into()),
+        ),
+        set(
+            leases_set(name),
+            SetTypeValue::Concatenated(vec![SetType::EtherAddr, SetType::Ipv4Addr].into()),
+        ),
+    ];
+    // Chains (and their rules) before the sets those rules use.
+    for obj in chains.into_iter().chain(sets) {
+        batch.add(obj.clone());
+        batch.delete(obj);
+    }
+}
+
+/// The JSON document `add_network` would send for `net` on an empty ruleset, for tests and
+/// debugging (`nft -j -f -` accepts it).
+pub fn ruleset_for(net: &FirewallNetwork) -> Nftables<'static> {
+    let mut batch = Batch::new();
+    add_tables(&mut batch);
+    network_objects(
+        &mut batch,
+        &NetState {
+            net: net.clone(),
+            ports: BTreeMap::new(),
+            leases: BTreeMap::new(),
+        },
+    );
+    batch.to_nftables()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn net(nat: bool, anti_spoofing: bool, dhcp: bool) -> FirewallNetwork {
+        FirewallNetwork {
+            name: "n1".into(),
+            bridge: "vmnbr0".into(),
+            subnet: "10.77.0.0/24".parse().unwrap(),
+            gateway: "10.77.0.1".parse().unwrap(),
+            nat,
+            anti_spoofing,
+            dhcp,
+            tap_prefix: "vmnt9-".into(),
+        }
+    }
+
+    fn json(net: &FirewallNetwork) -> String {
+        serde_json::to_string(&ruleset_for(net)).unwrap()
+    }
+
+    #[test]
+    fn nat_network_masquerades_and_host_network_drops() {
+        let shared = json(&net(true, false, false));
+        assert!(shared.contains("masquerade"), "{shared}");
+        assert!(shared.contains("\"nat-n1\""), "{shared}");
+        let host = json(&net(false, false, false));
+        assert!(!host.contains("masquerade"), "{host}");
+        assert!(!host.contains("\"nat-n1\""), "{host}");
+        assert!(!host.contains("spoof-n1"), "{host}");
+    }
+
+    #[test]
+    fn ip_binding_rules_only_with_dhcp() {
+        let with = json(&net(false, true, true));
+        let without = json(&net(false, true, false));
+        assert!(with.contains("saddr ip"));
+        assert!(with.contains("@leases-n1"));
+        assert!(!without.contains("@leases-n1"));
+        assert!(without.contains("@portmacs-n1"));
+    }
+
+    #[test]
+    fn mac_formatting() {
+        assert_eq!(mac_str([2, 0, 0xab, 0, 0, 0xff]), "02:00:ab:00:00:ff");
+    }
+}
