@@ -597,3 +597,257 @@ fn failed_removal_forgets_the_network_and_allows_recreating_it() {
     });
     assert!(logs.contains("network forgotten"), "{logs}");
 }
+
+/// The `nft` deadline the hang tests give the firewall: far above a real run (milliseconds)
+/// even on a loaded machine, far below the hanging child's hour.
+const SHORT_NFT_TIMEOUT: Duration = Duration::from_secs(3);
+
+/// An `nft` that hangs (an hour's `sleep`, its pid written to `pid`) on the first call
+/// made while `hang` exists, consuming `hang`; every other call runs the real one.
+fn hanging_nft(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf) {
+    use std::os::unix::fs::PermissionsExt;
+    let hang = dir.join("hang");
+    let script = dir.join("nft");
+    std::fs::write(
+        &script,
+        format!(
+            "#!/bin/sh\nif rm {hang} 2>/dev/null; then\n  echo $$ > {pid}\n  exec sleep 3600\nfi\n\
+             exec nft \"$@\"\n",
+            hang = hang.display(),
+            pid = dir.join("pid").display()
+        ),
+    )
+    .unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    (script, hang)
+}
+
+fn temp_dir() -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!(
+        "vmnbt-fwnft-{}-{}",
+        std::process::id(),
+        COUNTER.fetch_add(1, Ordering::Relaxed)
+    ));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// Whether process `pid` is gone (or a zombie waiting to be reaped: dead either way).
+fn process_dead(pid: &str) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Err(_) => true,
+        // "pid (comm) S ...": the state follows the last ')'.
+        Ok(stat) => stat
+            .rsplit_once(')')
+            .is_some_and(|(_, rest)| rest.trim_start().starts_with(['Z', 'X'])),
+    }
+}
+
+#[test]
+fn a_hung_nft_times_out_and_the_firewall_goes_on() {
+    let t = Topo::new();
+    let dir = temp_dir();
+    let (nft, hang) = hanging_nft(&dir);
+    in_netns(&t.b, || async {
+        let fw = Firewall::with_nft_program_and_timeout(nft.as_os_str(), SHORT_NFT_TIMEOUT);
+        fw.add_network(&network(true, true, true)).await.unwrap();
+        fw.add_port("testnet", "vport", VM_MAC).await.unwrap();
+
+        std::fs::write(&hang, "").unwrap();
+        let start = Instant::now();
+        // The binding's nft hangs; an add queued behind it waits for it, then runs.
+        let other_mac = [0x02, 0x00, 0x00, 0x77, 0x00, 0x03];
+        let (bound, added) = tokio::join!(
+            fw.bind_ip("testnet", VM_MAC, Ipv4Addr::new(10, 77, 0, 2)),
+            fw.add_port("testnet", "vport9", other_mac),
+        );
+        let elapsed = start.elapsed();
+        let err = bound.unwrap_err();
+        assert!(matches!(err, FirewallError::NftTimeout { .. }), "{err:?}");
+        assert!(
+            elapsed >= SHORT_NFT_TIMEOUT,
+            "returned before the deadline: {elapsed:?}"
+        );
+        assert!(
+            elapsed < SHORT_NFT_TIMEOUT + Duration::from_secs(30),
+            "a hung nft held the call for {elapsed:?}"
+        );
+        added.unwrap();
+
+        // The hung child was killed, not left to sleep for an hour.
+        let pid = std::fs::read_to_string(dir.join("pid")).unwrap();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !process_dead(pid.trim()) {
+            assert!(Instant::now() < deadline, "hung nft {pid} still alive");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+
+        // The firewall goes on: the failed binding is made on a retry, and both it and the
+        // port queued behind the hang are in the kernel.
+        fw.bind_ip("testnet", VM_MAC, Ipv4Addr::new(10, 77, 0, 2))
+            .await
+            .unwrap();
+        let leases = t.b.nft_list("list set bridge vmnet_broker leases-testnet");
+        assert!(leases.contains("10.77.0.2"), "{leases}");
+        let ports =
+            t.b.nft_list("list set bridge vmnet_broker portmacs-testnet");
+        assert!(ports.contains("vport9"), "{ports}");
+        assert!(
+            t.v.ping(&["10.77.0.1"]),
+            "the bound VM talks to the gateway"
+        );
+        fw.remove_network("testnet").await.unwrap();
+        assert_eq!(tables(&t.b).trim(), "");
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn a_binding_whose_caller_stopped_waiting_still_lands() {
+    let t = Topo::new();
+    let dir = temp_dir();
+    let (nft, hang) = hanging_nft(&dir);
+    in_netns(&t.b, || async {
+        let fw = Firewall::with_nft_program_and_timeout(nft.as_os_str(), SHORT_NFT_TIMEOUT);
+        fw.add_network(&network(true, true, true)).await.unwrap();
+        fw.add_port("testnet", "vport", VM_MAC).await.unwrap();
+
+        // Something else's nft hangs; a DHCP ACK's binding is queued behind it, and the
+        // DHCP server stops waiting (it sends the ACK after BIND_TIMEOUT).
+        std::fs::write(&hang, "").unwrap();
+        let blocked = {
+            let fw = fw.clone();
+            tokio::spawn(async move {
+                fw.add_port("testnet", "vport9", [2, 0, 0, 0x77, 0, 9])
+                    .await
+            })
+        };
+        while hang.exists() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let gave_up = tokio::time::timeout(
+            Duration::from_millis(200),
+            fw.bind_ip("testnet", VM_MAC, Ipv4Addr::new(10, 77, 0, 2)),
+        )
+        .await;
+        assert!(gave_up.is_err(), "the binding waited behind the hung nft");
+        let err = blocked.await.unwrap().unwrap_err();
+        assert!(matches!(err, FirewallError::NftTimeout { .. }), "{err:?}");
+
+        // Still made, although nobody waits for it any more.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let leases = t.b.nft_list("list set bridge vmnet_broker leases-testnet");
+            if leases.contains("10.77.0.2") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "binding never made: {leases}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        fw.remove_network("testnet").await.unwrap();
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn queued_changes_apply_in_call_order() {
+    let t = Topo::new();
+    let dir = temp_dir();
+    let (nft, hang) = hanging_nft(&dir);
+    in_netns(&t.b, || async {
+        let fw = Firewall::with_nft_program_and_timeout(nft.as_os_str(), SHORT_NFT_TIMEOUT);
+        fw.add_network(&network(true, true, true)).await.unwrap();
+        std::fs::write(&hang, "").unwrap();
+        // Queued in this order while the first one hangs: the removal runs after the
+        // binding before it, and the add after it finds no network rather than bringing
+        // the tables back.
+        let (first, bound, removed, late) = tokio::join!(
+            fw.add_port("testnet", "vport", VM_MAC),
+            fw.bind_ip("testnet", VM_MAC, Ipv4Addr::new(10, 77, 0, 2)),
+            fw.remove_network("testnet"),
+            fw.add_port("testnet", "vport", VM_MAC),
+        );
+        assert!(
+            matches!(first, Err(FirewallError::NftTimeout { .. })),
+            "{first:?}"
+        );
+        bound.unwrap();
+        removed.unwrap();
+        assert!(
+            matches!(late, Err(FirewallError::UnknownNetwork(_))),
+            "{late:?}"
+        );
+        assert_eq!(tables(&t.b).trim(), "", "nothing re-created after removal");
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[test]
+fn nft_errors_name_the_operation_and_keep_their_cause() {
+    use std::error::Error;
+    let t = Topo::new();
+    let dir = temp_dir();
+    // Each fake in its own directory: both are called `nft`.
+    for sub in ["failing", "hanging"] {
+        std::fs::create_dir(dir.join(sub)).unwrap();
+    }
+    let (failing, fail) = failing_nft(&dir.join("failing"));
+    let (hanging, hang) = hanging_nft(&dir.join("hanging"));
+    in_netns(&t.b, || async {
+        // nft rejects the transaction: the operation and nft's own message.
+        let fw = Firewall::with_nft_program(failing.as_os_str());
+        fw.add_network(&network(true, true, true)).await.unwrap();
+        std::fs::write(&fail, "").unwrap();
+        let err = fw
+            .bind_ip("testnet", VM_MAC, Ipv4Addr::new(10, 77, 0, 2))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "nft failed while binding 02:00:00:77:00:02 to 10.77.0.2 on network \"testnet\": \
+             injected failure"
+        );
+        std::fs::remove_file(&fail).unwrap();
+        fw.remove_network("testnet").await.unwrap();
+
+        // nft hangs: the operation and the deadline.
+        let fw = Firewall::with_nft_program_and_timeout(hanging.as_os_str(), SHORT_NFT_TIMEOUT);
+        std::fs::write(&hang, "").unwrap();
+        let err = fw
+            .add_network(&network(true, true, true))
+            .await
+            .unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            format!(
+                "nft did not finish within {SHORT_NFT_TIMEOUT:?} while adding network \
+                 \"testnet\", and was killed"
+            )
+        );
+    });
+    // nft cannot be run: the operation, with the OS error kept as the cause.
+    let not_executable = dir.join("not-executable");
+    std::fs::write(&not_executable, "").unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let fw = Firewall::with_nft_program(not_executable.as_os_str());
+        let err = fw.remove_stale().await.unwrap_err();
+        assert!(matches!(err, FirewallError::NftSpawn { .. }), "{err:?}");
+        assert_eq!(err.to_string(), "could not run nft while listing tables");
+        let cause = err
+            .source()
+            .and_then(|s| s.downcast_ref::<std::io::Error>())
+            .expect("the io::Error is the source");
+        assert_eq!(cause.kind(), std::io::ErrorKind::PermissionDenied);
+        assert!(
+            err.display_chain()
+                .starts_with("could not run nft while listing tables: Permission denied"),
+            "{}",
+            err.display_chain()
+        );
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -334,7 +334,7 @@ impl LinuxBackend {
         if started.is_err()
             && let Err(e) = self.firewall.remove_network(&config.name).await
         {
-            warn!(network = %config.name, "cannot remove firewall rules: {e}");
+            warn!(network = %config.name, "cannot remove firewall rules: {}", e.display_chain());
         }
         started
     }
@@ -436,13 +436,14 @@ async fn bind_ports(
             let (added, live_then) = since_prune.entry(network.clone()).or_default();
             *added += ports.len();
             if *added >= (*live_then).max(PRUNE_BINDINGS_FROM) {
-                let live = async {
+                let netlink = Arc::clone(&netlink);
+                let live = async move {
                     let ports = netlink.ports_of(bridge_index).await?;
                     Ok(ports.into_iter().map(|l| l.name).collect())
                 };
                 match firewall.prune_ports(&network, live).await {
                     Ok(live) => (*added, *live_then) = (0, live),
-                    Err(e) => warn!(network, "cannot forget closed TAPs: {e}"),
+                    Err(e) => warn!(network, "cannot forget closed TAPs: {}", e.display_chain()),
                 }
             }
             bind_with_retries(&firewall, &network, &ports).await;
@@ -474,14 +475,16 @@ async fn bind_with_retries(firewall: &Firewall, network: &str, ports: &[(String,
             error!(
                 network,
                 taps = taps(),
-                "cannot bind TAPs to their MACs, giving up; their frames stay dropped: {e}"
+                "cannot bind TAPs to their MACs, giving up; their frames stay dropped: {}",
+                e.display_chain()
             );
             return;
         };
         warn!(
             network,
             taps = taps(),
-            "cannot bind TAPs to their MACs, retrying in {delay:?}: {e}"
+            "cannot bind TAPs to their MACs, retrying in {delay:?}: {}",
+            e.display_chain()
         );
         tokio::time::sleep(*delay).await;
     }

@@ -124,7 +124,11 @@ fn bind_hook(network: &str, firewall: &Firewall) -> BindHook {
         let (network, firewall) = (network.clone(), firewall.clone());
         Box::pin(async move {
             if let Err(e) = firewall.bind_ip(&network, mac, ip).await {
-                warn!(network, "cannot bind {ip} to its lease: {e}");
+                warn!(
+                    network,
+                    "cannot bind {ip} to its lease: {}",
+                    e.display_chain()
+                );
             }
         })
     })
@@ -152,7 +156,12 @@ async fn follow_leases(
                 if bound.insert((l.mac, l.ip))
                     && let Err(e) = fw.bind_ip(&network, l.mac, l.ip).await
                 {
-                    warn!(network, "cannot bind {} to its lease: {e}", l.ip);
+                    warn!(
+                        network,
+                        "cannot bind {} to its lease: {}",
+                        l.ip,
+                        e.display_chain()
+                    );
                     bound.remove(&(l.mac, l.ip));
                 }
             }

@@ -4,48 +4,82 @@
 //!
 //! Everything lives in two broker-owned tables, `inet vmnet_broker` (forward + NAT) and
 //! `bridge vmnet_broker` (anti-spoofing), so that we never edit anybody else's rules, with
-//! one documented exception: Docker's `DOCKER-USER` chain (see [`Firewall::add_network`]).
-//! Each network gets its own *base* chains (one per hook) and its own sets, so adding and
-//! removing a network is a matter of adding and deleting named objects; no rule handles
-//! have to be tracked. Several base chains on one hook are evaluated one after the other;
-//! an `accept` in one of them lets the packet continue to the next, a `drop` is final.
+//! one documented exception: Docker's `DOCKER-USER` chain ([`docker`]). Each network gets
+//! its own *base* chains (one per hook) and its own sets, so adding and removing a network
+//! is a matter of adding and deleting named objects; no rule handles have to be tracked.
+//! Several base chains on one hook are evaluated one after the other; an `accept` in one of
+//! them lets the packet continue to the next, a `drop` is final.
 //!
 //! The desired state (networks, ports, IP bindings) is kept in memory, which is what lets
-//! the watchdog re-create everything after `nft flush ruleset` (firewalld reloads,
-//! `systemctl restart nftables`, ...), a well known cause of VMs silently losing their
-//! network with other tools.
+//! the [`watchdog`] re-create everything after `nft flush ruleset`.
 //!
-//! `nft` is driven with JSON through the `nftables` crate (as netavark does). `nft` runs as
-//! a child process, so it acts in the network namespace of the thread that spawns it.
+//! Modules: this one holds the API and the state; [`rules`] builds the nftables objects
+//! (pure); [`nft`] runs the `nft` executable with a deadline; [`docker`] handles Docker's
+//! `FORWARD` drop; [`watchdog`] restores flushed tables.
+//!
+//! # Concurrency: no lock waits on the kernel
+//!
+//! Two things are serialized, separately:
+//!
+//! - **The state** (`Inner::state`, a plain mutex) is only ever locked to read it, compute a
+//!   batch, or commit a change that was applied; never across an `await`, so never across
+//!   an `nft` child or a netlink dump.
+//! - **Kernel changes** go through one FIFO *apply queue* per firewall: every API call
+//!   (and every watchdog check) becomes a job, queued at the moment of the call, and one
+//!   task runs the jobs one after the other. A job reads the state, builds its batch,
+//!   runs `nft`, and commits to the state only what the kernel accepted.
+//!
+//! Why this is ordering-correct: the queue is the only writer of both the kernel tables
+//! and the state, and jobs run in call order, each against the state all earlier jobs
+//! left. A removal queued after an add therefore always runs after it; an add that reaches
+//! the head after its network was removed finds no network and fails with
+//! [`FirewallError::UnknownNetwork`] rather than re-creating anything. Batches are built
+//! when the job runs, never earlier, so no stale batch can overtake a newer one.
+//!
+//! Why nothing waits forever: every `nft` run has a deadline ([`NFT_TIMEOUT`], see
+//! [`Firewall::with_nft_program_and_timeout`]); a child that misses it is killed and the
+//! job fails with [`FirewallError::NftTimeout`] naming the operation, so the queue moves
+//! on. A job makes a bounded number of runs, so the wait for any call is bounded by the
+//! jobs ahead of it. A caller may stop waiting (the DHCP server sends its ACK after
+//! [`crate::dhcp::BIND_TIMEOUT`] whatever happens) without cancelling anything: the job
+//! still runs, so a lease binding whose ACK went out lands as soon as `nft` answers again.
+//! Kernel changes are serialized across all networks because they edit the same two
+//! tables; a transaction takes milliseconds.
 
+mod docker;
+mod nft;
 mod rules;
+mod watchdog;
 
 use std::collections::BTreeMap;
 use std::ffi::OsString;
+use std::future::Future;
 use std::net::Ipv4Addr;
-use std::sync::{Arc, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::Duration;
 
+use futures::FutureExt;
+use futures::future::BoxFuture;
 use ipnet::Ipv4Net;
 use nftables::batch::Batch;
-use nftables::expr::MetaKey;
-use nftables::helper::{self, NftablesError};
-use nftables::schema::{NfCmd, NfListObject, NfObject, Rule};
-use nftables::stmt::Operator;
-use nftables::types::{NfChainPolicy, NfFamily, NfHook};
-use tokio::sync::Mutex;
-use tracing::{debug, info, warn};
+use nftables::schema::{NfCmd, NfListObject, NfObject};
+use nftables::types::NfFamily;
+use tokio::sync::{mpsc, oneshot};
+use tracing::{debug, error, info, warn};
 
+pub use nft::NFT_TIMEOUT;
 pub use rules::ruleset_for;
-use rules::*;
+use rules::{
+    add_tables, delete_network_objects, delete_tables, lease_element, mac_str, network_objects,
+    port_elements, purge_network_objects,
+};
+pub use watchdog::WATCHDOG_INTERVAL;
 
 /// Name of both broker-owned tables (one `inet`, one `bridge`).
 pub const TABLE: &str = "vmnet_broker";
 /// Prefix of the comment tagging the rules we insert into Docker's `DOCKER-USER` chain;
 /// the network name follows.
 pub const DOCKER_COMMENT_PREFIX: &str = "vmnet-broker:";
-/// How often the watchdog checks that our tables still exist.
-pub const WATCHDOG_INTERVAL: Duration = Duration::from_secs(2);
 
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
 
@@ -73,48 +107,58 @@ pub struct FirewallNetwork {
     pub tap_prefix: String,
 }
 
+/// Everything the firewall can fail with. Causes are kept as [`std::error::Error::source`]s,
+/// not flattened into the message: log with [`FirewallError::display_chain`].
 #[derive(Debug, thiserror::Error)]
 pub enum FirewallError {
     #[error("nft not found: install nftables (needed for NAT and anti-spoofing)")]
     NftNotFound,
-    #[error("cannot list the network's TAPs: {0}")]
-    ListTaps(std::io::Error),
-    #[error("could not run nft while {context}: {source}")]
+    #[error("cannot list the TAPs of network {network:?}")]
+    ListTaps {
+        network: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("listing the TAPs of network {network:?} took over {after:?}")]
+    ListTapsTimeout { network: String, after: Duration },
+    #[error("could not run nft while {context}")]
     NftSpawn {
         context: String,
+        #[source]
         source: std::io::Error,
     },
     #[error("nft failed while {context}: {stderr}")]
     Nft { context: String, stderr: String },
-    #[error("could not understand nft output while {context}: {detail}")]
-    NftOutput { context: String, detail: String },
+    #[error("nft did not finish within {after:?} while {context}, and was killed")]
+    NftTimeout { context: String, after: Duration },
+    #[error("could not understand nft output while {context}")]
+    NftOutput {
+        context: String,
+        #[source]
+        source: serde_json::Error,
+    },
     #[error("firewall: unknown network {0:?}")]
     UnknownNetwork(String),
     #[error("firewall: invalid {what}: {detail}")]
     Invalid { what: &'static str, detail: String },
-    #[error("could not enable IPv4 forwarding ({IP_FORWARD}): {0}")]
-    IpForward(std::io::Error),
+    #[error("could not enable IPv4 forwarding ({IP_FORWARD})")]
+    IpForward(#[source] std::io::Error),
+    #[error("firewall: the queue that applies changes has stopped (its runtime shut down)")]
+    QueueStopped,
 }
 
-fn nft_error(context: &str, e: NftablesError) -> FirewallError {
-    match e {
-        NftablesError::NftExecution { inner, .. }
-            if inner.kind() == std::io::ErrorKind::NotFound =>
-        {
-            FirewallError::NftNotFound
+impl FirewallError {
+    /// The message followed by every cause, `: `-separated, for logs and for callers
+    /// that can only carry text.
+    pub fn display_chain(&self) -> String {
+        let mut text = self.to_string();
+        let mut cause = std::error::Error::source(self);
+        while let Some(e) = cause {
+            text.push_str(": ");
+            text.push_str(&e.to_string());
+            cause = e.source();
         }
-        NftablesError::NftExecution { inner, .. } => FirewallError::NftSpawn {
-            context: context.into(),
-            source: inner,
-        },
-        NftablesError::NftFailed { stderr, .. } => FirewallError::Nft {
-            context: context.into(),
-            stderr: stderr.trim().to_string(),
-        },
-        other => FirewallError::NftOutput {
-            context: context.into(),
-            detail: other.to_string(),
-        },
+        text
     }
 }
 
@@ -132,11 +176,16 @@ struct State {
     networks: BTreeMap<String, NetState>,
 }
 
+/// One queued operation: runs on the queue's task with the firewall, replies on its own.
+type Job = Box<dyn FnOnce(Arc<Inner>) -> BoxFuture<'static, ()> + Send>;
+
 struct Inner {
-    nft: OsString,
-    // A tokio mutex: it is held across `nft` runs so that the watchdog's restore and the
-    // API calls never interleave their transactions.
+    nft: nft::Nft,
+    /// The desired state. Locked only briefly, never across an `await` (see the module
+    /// doc); written only by jobs of the apply queue.
     state: Mutex<State>,
+    /// The apply queue, started by the first call (which runs inside a tokio runtime).
+    queue: OnceLock<mpsc::UnboundedSender<Job>>,
 }
 
 /// The broker's firewall. One per broker process; cheap to clone (all clones share state).
@@ -160,12 +209,45 @@ impl Firewall {
 
     /// Same as [`Firewall::new`] with another `nft` executable.
     pub fn with_nft_program(program: impl Into<OsString>) -> Firewall {
+        Self::with_nft_program_and_timeout(program, NFT_TIMEOUT)
+    }
+
+    /// Same as [`Firewall::with_nft_program`], killing any `nft` run that takes longer
+    /// than `timeout` instead of after [`NFT_TIMEOUT`] (tests use a short one).
+    pub fn with_nft_program_and_timeout(
+        program: impl Into<OsString>,
+        timeout: Duration,
+    ) -> Firewall {
         Firewall {
             inner: Arc::new(Inner {
-                nft: program.into(),
+                nft: nft::Nft::new(program.into(), timeout),
                 state: Mutex::new(State::default()),
+                queue: OnceLock::new(),
             }),
         }
+    }
+
+    /// Queues `op` behind every operation queued before and waits for its result. If the
+    /// caller stops waiting, `op` still runs (see the module doc).
+    async fn queued<T, F, Fut>(&self, op: F) -> Result<T, FirewallError>
+    where
+        T: Send + 'static,
+        F: FnOnce(Arc<Inner>) -> Fut + Send + 'static,
+        Fut: Future<Output = Result<T, FirewallError>> + Send + 'static,
+    {
+        let (reply, result) = oneshot::channel();
+        let job: Job = Box::new(move |inner| {
+            Box::pin(async move {
+                let _ = reply.send(op(inner).await);
+            })
+        });
+        let queue = self.inner.queue.get_or_init(|| {
+            let (jobs, receiver) = mpsc::unbounded_channel();
+            tokio::spawn(apply_queue(Arc::downgrade(&self.inner), receiver));
+            jobs
+        });
+        queue.send(job).map_err(|_| FirewallError::QueueStopped)?;
+        result.await.map_err(|_| FirewallError::QueueStopped)?
     }
 
     /// Sets up forwarding/NAT (and anti-spoofing when asked) for a network. Adding the same
@@ -175,93 +257,21 @@ impl Firewall {
     ///
     /// For NAT networks IPv4 forwarding is switched on in this network namespace and left
     /// on when the broker stops: other software (container engines, VPNs) may rely on it,
-    /// and switching it off behind their back would break them.
-    ///
-    /// Docker sets the policy of `ip filter FORWARD` to drop, and an accept in our table
-    /// cannot override a drop in another table. When that policy is found and Docker's
-    /// `DOCKER-USER` chain exists, accept rules for our bridge are inserted there (tagged
-    /// `vmnet-broker:<network>`, removed with the network); otherwise a warning explains
-    /// the fix. This is checked when the network is added (and after a restore).
+    /// and switching it off behind their back would break them. Docker's `FORWARD` drop is
+    /// handled as [`docker`] describes, checked when the network is added (and after a
+    /// restore).
     pub async fn add_network(&self, net: &FirewallNetwork) -> Result<(), FirewallError> {
         validate_network(net)?;
-        let mut state = self.inner.state.lock().await;
-        let mut ports = BTreeMap::new();
-        let mut leases = BTreeMap::new();
-        if let Some(existing) = state.networks.get(&net.name) {
-            if existing.net == *net {
-                return Ok(());
-            }
-            info!(network = %net.name, old_bridge = %existing.net.bridge, new_bridge = %net.bridge,
-                  "firewall: replacing the rules of a network with a new definition");
-            // Bindings of TAPs of the old bridge are meaningless on the new one.
-            ports = existing
-                .ports
-                .iter()
-                .filter(|(tap, _)| tap.starts_with(&net.tap_prefix))
-                .map(|(tap, mac)| (tap.clone(), *mac))
-                .collect();
-            leases = existing
-                .leases
-                .iter()
-                .filter(|(_, ip)| net.subnet.contains(*ip))
-                .map(|(mac, ip)| (*mac, *ip))
-                .collect();
-        }
-        if let Some(other) = state
-            .networks
-            .values()
-            .find(|n| n.net.bridge == net.bridge && n.net.name != net.name)
-        {
-            return Err(FirewallError::Invalid {
-                what: "network",
-                detail: format!(
-                    "bridge {:?} of network {:?} is already used by network {:?}",
-                    net.bridge, net.name, other.net.name
-                ),
-            });
-        }
-        let ns = NetState {
-            net: net.clone(),
-            ports,
-            leases,
-        };
-        let mut batch = Batch::new();
-        add_tables(&mut batch);
-        // Whatever objects of this name exist go first: the old definition's, or those a
-        // failed removal left behind (it forgets the network anyway, see `remove_network`).
-        purge_network_objects(&mut batch, &net.name);
-        network_objects(&mut batch, &ns);
-        let context = format!("adding network {:?}", net.name);
-        self.inner
-            .apply_or_restore(&mut state, batch, &context, |s| {
-                s.networks.insert(ns.net.name.clone(), ns);
-            })
-            .await?;
-        if net.nat {
-            if let Err(e) = enable_ip_forward() {
-                // Leave no half-configured network behind.
-                let _ = self.remove_locked(&mut state, &net.name).await;
-                return Err(e);
-            }
-            self.inner.docker_sync(net).await;
-        }
-        info!(network = %net.name, bridge = %net.bridge, nat = net.nat,
-              anti_spoofing = net.anti_spoofing, "firewall rules added");
-        Ok(())
+        let net = net.clone();
+        self.queued(move |inner| async move { inner.add_network(net).await })
+            .await
     }
 
     /// Deletes tables a broker that died without cleaning up left behind. Called before the
     /// first network is added; with networks present it does nothing.
     pub async fn remove_stale(&self) -> Result<(), FirewallError> {
-        let state = self.inner.state.lock().await;
-        if !state.networks.is_empty() || !self.inner.any_table_present().await? {
-            return Ok(());
-        }
-        let mut batch = Batch::new();
-        delete_tables(&mut batch);
-        self.inner.apply(batch, "removing stale tables").await?;
-        info!("removed stale firewall tables");
-        Ok(())
+        self.queued(|inner| async move { inner.remove_stale().await })
+            .await
     }
 
     /// Removes everything the network added. Removing the last network deletes both tables.
@@ -272,99 +282,27 @@ impl Firewall {
     /// rules for a dead bridge. What the failure left in the kernel is deleted by the next
     /// `add_network` of the same name, by a restore, or with the tables.
     pub async fn remove_network(&self, name: &str) -> Result<(), FirewallError> {
-        let mut state = self.inner.state.lock().await;
-        self.remove_locked(&mut state, name).await
-    }
-
-    async fn remove_locked(&self, state: &mut State, name: &str) -> Result<(), FirewallError> {
-        let Some(ns) = state.networks.get(name) else {
-            debug!(
-                network = name,
-                "firewall: remove of unknown network ignored"
-            );
-            return Ok(());
-        };
-        let net = ns.net.clone();
-        let mut batch = Batch::new();
-        if state.networks.len() == 1 {
-            delete_tables(&mut batch);
-        } else {
-            delete_network_objects(&mut batch, &net);
-        }
-        let context = format!("removing network {name:?}");
-        let applied = self
-            .inner
-            .apply_or_restore(state, batch, &context, |s| {
-                s.networks.remove(&net.name);
-            })
-            .await;
-        // The commit above only runs on success (or before a restore).
-        state.networks.remove(&net.name);
-        let docker = if net.nat {
-            self.inner.docker_remove(&net.name).await
-        } else {
-            Ok(())
-        };
-        if let Err(e) = applied {
-            warn!(
-                network = name,
-                "firewall: network forgotten, but its rules may remain: {e}"
-            );
-            return Err(e);
-        }
-        docker?;
-        info!(network = name, "firewall rules removed");
-        Ok(())
+        let name = name.to_string();
+        self.queued(move |inner| async move { inner.remove_network(&name).await })
+            .await
     }
 
     /// Forgets the bindings of TAPs of `network` that are not among the `live` ones (their
     /// VMs closed them), so a long-lived network does not accumulate set elements. Runs no
     /// `nft` when there is nothing to forget. Returns how many TAPs are live.
     ///
-    /// `live` lists the TAPs that exist; it is awaited under the firewall's lock, so every
-    /// binding already recorded belongs to a TAP that existed before the listing, and one
-    /// missing from it is really gone (a TAP made meanwhile is never pruned).
+    /// `live` lists the TAPs that exist (given at most the `nft` timeout). It is awaited in
+    /// the apply queue, so every binding already recorded belongs to a TAP that existed
+    /// before the listing, and one missing from it is really gone (a TAP bound meanwhile
+    /// is queued behind, never pruned).
     pub async fn prune_ports(
         &self,
         network: &str,
-        live: impl Future<Output = std::io::Result<Vec<String>>>,
+        live: impl Future<Output = std::io::Result<Vec<String>>> + Send + 'static,
     ) -> Result<usize, FirewallError> {
-        let mut state = self.inner.state.lock().await;
-        let Some(ns) = state.networks.get(network) else {
-            return Ok(0);
-        };
-        let live = live.await.map_err(FirewallError::ListTaps)?;
-        let live_count = live.len();
-        let gone: Vec<(String, [u8; 6])> = ns
-            .ports
-            .iter()
-            .filter(|(tap, _)| !live.contains(tap))
-            .map(|(tap, mac)| (tap.clone(), *mac))
-            .collect();
-        if gone.is_empty() {
-            return Ok(live_count);
-        }
-        let mut batch = Batch::new();
-        if ns.net.anti_spoofing {
-            for (tap, mac) in &gone {
-                port_elements(&mut batch, NfCmd::Delete, network, tap, *mac);
-            }
-        }
-        let context = format!(
-            "forgetting {} closed TAP(s) of network {network:?}",
-            gone.len()
-        );
         let network = network.to_string();
-        self.inner
-            .apply_or_restore(&mut state, batch, &context, |s| {
-                if let Some(ns) = s.networks.get_mut(&network) {
-                    for (tap, _) in &gone {
-                        ns.ports.remove(tap);
-                    }
-                }
-            })
+        self.queued(move |inner| async move { inner.prune_ports(&network, live).await })
             .await
-            .map(|()| live_count)
     }
 
     /// Binds a TAP (bridge port) to the MAC of its guest: frames entering from `tap` must
@@ -390,54 +328,8 @@ impl Firewall {
         for (tap, _) in ports {
             validate_ifname(tap)?;
         }
-        let mut state = self.inner.state.lock().await;
-        if !state.networks.contains_key(network) {
-            return Err(FirewallError::UnknownNetwork(network.into()));
-        }
-        let mut batch = Batch::new();
-        let mut new = Vec::with_capacity(ports.len());
-        for (tap, mac) in ports {
-            let mut bound = false;
-            for ns in state.networks.values() {
-                if let Some(old) = ns.ports.get(tap) {
-                    if ns.net.name == network && old == mac {
-                        bound = true;
-                    } else if ns.net.anti_spoofing {
-                        port_elements(&mut batch, NfCmd::Delete, &ns.net.name, tap, *old);
-                    }
-                }
-            }
-            if !bound {
-                new.push((tap.clone(), *mac));
-            }
-        }
-        if new.is_empty() {
-            return Ok(());
-        }
-        if state.networks[network].net.anti_spoofing {
-            for (tap, mac) in &new {
-                port_elements(&mut batch, NfCmd::Add, network, tap, *mac);
-            }
-        }
-        let context = match new.as_slice() {
-            [(tap, mac)] => format!(
-                "binding port {tap:?} of network {network:?} to {}",
-                mac_str(*mac)
-            ),
-            many => format!("binding {} ports of network {network:?}", many.len()),
-        };
-        let network = network.to_string();
-        self.inner
-            .apply_or_restore(&mut state, batch, &context, |s| {
-                for (tap, mac) in new {
-                    for ns in s.networks.values_mut() {
-                        ns.ports.remove(&tap);
-                    }
-                    if let Some(ns) = s.networks.get_mut(&network) {
-                        ns.ports.insert(tap, mac);
-                    }
-                }
-            })
+        let (network, ports) = (network.to_string(), ports.to_vec());
+        self.queued(move |inner| async move { inner.add_ports(&network, ports).await })
             .await
     }
 
@@ -445,95 +337,351 @@ impl Firewall {
     /// use `ip` as source. A new lease for the MAC replaces the old one, and an address
     /// moved to another MAC is taken away from the previous one. It has an effect on the
     /// packets only on networks with anti-spoofing and DHCP.
+    ///
+    /// Queued like every change: if the caller stops waiting (the DHCP server does after
+    /// [`crate::dhcp::BIND_TIMEOUT`]), the binding is still made.
     pub async fn bind_ip(
         &self,
         network: &str,
         mac: [u8; 6],
         ip: Ipv4Addr,
     ) -> Result<(), FirewallError> {
-        let mut state = self.inner.state.lock().await;
-        let Some(ns) = state.networks.get(network) else {
-            return Err(FirewallError::UnknownNetwork(network.into()));
-        };
-        if !ns.net.subnet.contains(&ip) {
-            return Err(FirewallError::Invalid {
-                what: "IP binding",
-                detail: format!("{ip} is outside {} of network {network:?}", ns.net.subnet),
-            });
-        }
-        if ns.leases.get(&mac) == Some(&ip) {
-            return Ok(());
-        }
-        let stale: Vec<([u8; 6], Ipv4Addr)> = ns
-            .leases
-            .iter()
-            .filter(|(m, i)| **m == mac || **i == ip)
-            .map(|(m, i)| (*m, *i))
-            .collect();
-        let mut batch = Batch::new();
-        if ns.net.anti_spoofing && ns.net.dhcp {
-            for (m, i) in &stale {
-                lease_element(&mut batch, NfCmd::Delete, network, *m, *i);
-            }
-            lease_element(&mut batch, NfCmd::Add, network, mac, ip);
-        }
-        let context = format!("binding {} to {ip} on network {network:?}", mac_str(mac));
         let network = network.to_string();
-        self.inner
-            .apply_or_restore(&mut state, batch, &context, |s| {
-                if let Some(ns) = s.networks.get_mut(&network) {
-                    for (m, _) in &stale {
-                        ns.leases.remove(m);
-                    }
-                    ns.leases.insert(mac, ip);
-                }
-            })
+        self.queued(move |inner| async move { inner.bind_ip(&network, mac, ip).await })
             .await
     }
+}
 
-    /// Starts the task that puts our tables back (with a warning) when something removed
-    /// them, checking every [`WATCHDOG_INTERVAL`]. It ends once every clone of this
-    /// `Firewall` has been dropped. Must be called inside a tokio runtime.
-    pub fn spawn_watchdog(&self) -> tokio::task::JoinHandle<()> {
-        let weak: Weak<Inner> = Arc::downgrade(&self.inner);
-        tokio::spawn(async move {
-            loop {
-                tokio::time::sleep(WATCHDOG_INTERVAL).await;
-                let Some(inner) = weak.upgrade() else {
-                    return;
-                };
-                if let Err(e) = inner.check_and_restore().await {
-                    warn!("firewall watchdog: {e}");
-                }
-            }
-        })
+/// Runs queued jobs one at a time, in order, until the firewall is dropped. Holds the
+/// firewall only while a job runs, so dropping every `Firewall` ends it.
+async fn apply_queue(inner: Weak<Inner>, mut jobs: mpsc::UnboundedReceiver<Job>) {
+    while let Some(job) = jobs.recv().await {
+        let Some(inner) = inner.upgrade() else {
+            return;
+        };
+        // A panicking job must not take the queue (and every later change) with it; its
+        // caller sees `QueueStopped` for that one call.
+        if std::panic::AssertUnwindSafe(job(inner))
+            .catch_unwind()
+            .await
+            .is_err()
+        {
+            error!("firewall: an operation panicked; the queue goes on");
+        }
     }
 }
 
 impl Inner {
-    async fn apply(&self, batch: Batch<'_>, context: &str) -> Result<(), FirewallError> {
-        let doc = batch.to_nftables();
-        if doc.objects.is_empty() {
-            return Ok(());
-        }
-        helper::apply_ruleset_with_args_async(&doc, Some(&self.nft), helper::DEFAULT_ARGS)
-            .await
-            .map_err(|e| nft_error(context, e))
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // Never held across an await and no code under it panics on purpose; a poisoned
+        // lock still holds consistent data (commits are single inserts/removes).
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Applies an incremental change and commits it to `state` with `commit`. When the
+    async fn add_network(&self, net: FirewallNetwork) -> Result<(), FirewallError> {
+        let (ns, batch) = {
+            let state = self.lock();
+            let mut ports = BTreeMap::new();
+            let mut leases = BTreeMap::new();
+            if let Some(existing) = state.networks.get(&net.name) {
+                if existing.net == net {
+                    return Ok(());
+                }
+                info!(network = %net.name, old_bridge = %existing.net.bridge, new_bridge = %net.bridge,
+                      "firewall: replacing the rules of a network with a new definition");
+                // Bindings of TAPs of the old bridge are meaningless on the new one.
+                ports = existing
+                    .ports
+                    .iter()
+                    .filter(|(tap, _)| tap.starts_with(&net.tap_prefix))
+                    .map(|(tap, mac)| (tap.clone(), *mac))
+                    .collect();
+                leases = existing
+                    .leases
+                    .iter()
+                    .filter(|(_, ip)| net.subnet.contains(*ip))
+                    .map(|(mac, ip)| (*mac, *ip))
+                    .collect();
+            }
+            if let Some(other) = state
+                .networks
+                .values()
+                .find(|n| n.net.bridge == net.bridge && n.net.name != net.name)
+            {
+                return Err(FirewallError::Invalid {
+                    what: "network",
+                    detail: format!(
+                        "bridge {:?} of network {:?} is already used by network {:?}",
+                        net.bridge, net.name, other.net.name
+                    ),
+                });
+            }
+            let ns = NetState {
+                net: net.clone(),
+                ports,
+                leases,
+            };
+            let mut batch = Batch::new();
+            add_tables(&mut batch);
+            // Whatever objects of this name exist go first: the old definition's, or those a
+            // failed removal left behind (it forgets the network anyway, see `remove_network`).
+            purge_network_objects(&mut batch, &net.name);
+            network_objects(&mut batch, &ns);
+            (ns, batch)
+        };
+        let context = format!("adding network {:?}", net.name);
+        self.apply_or_restore(batch, &context, |s| {
+            s.networks.insert(ns.net.name.clone(), ns);
+        })
+        .await?;
+        if net.nat {
+            if let Err(e) = enable_ip_forward() {
+                // Leave no half-configured network behind.
+                if let Err(cleanup) = self.remove_network(&net.name).await {
+                    warn!(network = %net.name, "{}", cleanup.display_chain());
+                }
+                return Err(e);
+            }
+            self.docker_sync(&net).await;
+        }
+        info!(network = %net.name, bridge = %net.bridge, nat = net.nat,
+              anti_spoofing = net.anti_spoofing, "firewall rules added");
+        Ok(())
+    }
+
+    async fn remove_stale(&self) -> Result<(), FirewallError> {
+        if !self.lock().networks.is_empty() || !self.any_table_present().await? {
+            return Ok(());
+        }
+        let mut batch = Batch::new();
+        delete_tables(&mut batch);
+        self.nft.apply(batch, "removing stale tables").await?;
+        info!("removed stale firewall tables");
+        Ok(())
+    }
+
+    async fn remove_network(&self, name: &str) -> Result<(), FirewallError> {
+        let (net, batch) = {
+            let state = self.lock();
+            let Some(ns) = state.networks.get(name) else {
+                debug!(
+                    network = name,
+                    "firewall: remove of unknown network ignored"
+                );
+                return Ok(());
+            };
+            let net = ns.net.clone();
+            let mut batch = Batch::new();
+            if state.networks.len() == 1 {
+                delete_tables(&mut batch);
+            } else {
+                delete_network_objects(&mut batch, &net);
+            }
+            (net, batch)
+        };
+        let context = format!("removing network {name:?}");
+        let applied = self
+            .apply_or_restore(batch, &context, |s| {
+                s.networks.remove(&net.name);
+            })
+            .await;
+        // The commit above only runs on success (or before a restore).
+        self.lock().networks.remove(&net.name);
+        let docker = if net.nat {
+            self.docker_remove(&net.name).await
+        } else {
+            Ok(())
+        };
+        if let Err(e) = applied {
+            warn!(
+                network = name,
+                "firewall: network forgotten, but its rules may remain: {}",
+                e.display_chain()
+            );
+            return Err(e);
+        }
+        docker?;
+        info!(network = name, "firewall rules removed");
+        Ok(())
+    }
+
+    async fn prune_ports(
+        &self,
+        network: &str,
+        live: impl Future<Output = std::io::Result<Vec<String>>>,
+    ) -> Result<usize, FirewallError> {
+        if !self.lock().networks.contains_key(network) {
+            return Ok(0);
+        }
+        let live = match tokio::time::timeout(self.nft.timeout(), live).await {
+            Ok(Ok(live)) => live,
+            Ok(Err(source)) => {
+                return Err(FirewallError::ListTaps {
+                    network: network.into(),
+                    source,
+                });
+            }
+            Err(_) => {
+                return Err(FirewallError::ListTapsTimeout {
+                    network: network.into(),
+                    after: self.nft.timeout(),
+                });
+            }
+        };
+        let live_count = live.len();
+        let (gone, batch) = {
+            let state = self.lock();
+            let Some(ns) = state.networks.get(network) else {
+                return Ok(0);
+            };
+            let gone: Vec<(String, [u8; 6])> = ns
+                .ports
+                .iter()
+                .filter(|(tap, _)| !live.contains(tap))
+                .map(|(tap, mac)| (tap.clone(), *mac))
+                .collect();
+            let mut batch = Batch::new();
+            if ns.net.anti_spoofing {
+                for (tap, mac) in &gone {
+                    port_elements(&mut batch, NfCmd::Delete, network, tap, *mac);
+                }
+            }
+            (gone, batch)
+        };
+        if gone.is_empty() {
+            return Ok(live_count);
+        }
+        let context = format!(
+            "forgetting {} closed TAP(s) of network {network:?}",
+            gone.len()
+        );
+        self.apply_or_restore(batch, &context, |s| {
+            if let Some(ns) = s.networks.get_mut(network) {
+                for (tap, _) in &gone {
+                    ns.ports.remove(tap);
+                }
+            }
+        })
+        .await
+        .map(|()| live_count)
+    }
+
+    async fn add_ports(
+        &self,
+        network: &str,
+        ports: Vec<(String, [u8; 6])>,
+    ) -> Result<(), FirewallError> {
+        let (new, batch) = {
+            let state = self.lock();
+            let Some(target) = state.networks.get(network) else {
+                return Err(FirewallError::UnknownNetwork(network.into()));
+            };
+            let mut batch = Batch::new();
+            let mut new = Vec::with_capacity(ports.len());
+            for (tap, mac) in ports {
+                let mut bound = false;
+                for ns in state.networks.values() {
+                    if let Some(old) = ns.ports.get(&tap) {
+                        if ns.net.name == network && *old == mac {
+                            bound = true;
+                        } else if ns.net.anti_spoofing {
+                            port_elements(&mut batch, NfCmd::Delete, &ns.net.name, &tap, *old);
+                        }
+                    }
+                }
+                if !bound {
+                    new.push((tap, mac));
+                }
+            }
+            if new.is_empty() {
+                return Ok(());
+            }
+            if target.net.anti_spoofing {
+                for (tap, mac) in &new {
+                    port_elements(&mut batch, NfCmd::Add, network, tap, *mac);
+                }
+            }
+            (new, batch)
+        };
+        let context = match new.as_slice() {
+            [(tap, mac)] => format!(
+                "binding port {tap:?} of network {network:?} to {}",
+                mac_str(*mac)
+            ),
+            many => format!("binding {} ports of network {network:?}", many.len()),
+        };
+        self.apply_or_restore(batch, &context, |s| {
+            for (tap, mac) in new {
+                for ns in s.networks.values_mut() {
+                    ns.ports.remove(&tap);
+                }
+                if let Some(ns) = s.networks.get_mut(network) {
+                    ns.ports.insert(tap, mac);
+                }
+            }
+        })
+        .await
+    }
+
+    async fn bind_ip(
+        &self,
+        network: &str,
+        mac: [u8; 6],
+        ip: Ipv4Addr,
+    ) -> Result<(), FirewallError> {
+        let (stale, batch) = {
+            let state = self.lock();
+            let Some(ns) = state.networks.get(network) else {
+                return Err(FirewallError::UnknownNetwork(network.into()));
+            };
+            if !ns.net.subnet.contains(&ip) {
+                return Err(FirewallError::Invalid {
+                    what: "IP binding",
+                    detail: format!("{ip} is outside {} of network {network:?}", ns.net.subnet),
+                });
+            }
+            if ns.leases.get(&mac) == Some(&ip) {
+                return Ok(());
+            }
+            let stale: Vec<([u8; 6], Ipv4Addr)> = ns
+                .leases
+                .iter()
+                .filter(|(m, i)| **m == mac || **i == ip)
+                .map(|(m, i)| (*m, *i))
+                .collect();
+            let mut batch = Batch::new();
+            if ns.net.anti_spoofing && ns.net.dhcp {
+                for (m, i) in &stale {
+                    lease_element(&mut batch, NfCmd::Delete, network, *m, *i);
+                }
+                lease_element(&mut batch, NfCmd::Add, network, mac, ip);
+            }
+            (stale, batch)
+        };
+        let context = format!("binding {} to {ip} on network {network:?}", mac_str(mac));
+        self.apply_or_restore(batch, &context, |s| {
+            if let Some(ns) = s.networks.get_mut(network) {
+                for (m, _) in &stale {
+                    ns.leases.remove(m);
+                }
+                ns.leases.insert(mac, ip);
+            }
+        })
+        .await
+    }
+
+    /// Applies an incremental change and commits it to the state with `commit`. When the
     /// change fails because our tables were removed meanwhile (a flush racing with us), the
     /// change is committed anyway and the whole state restored, which includes it.
     async fn apply_or_restore(
         &self,
-        state: &mut State,
         batch: Batch<'_>,
         context: &str,
         commit: impl FnOnce(&mut State),
     ) -> Result<(), FirewallError> {
-        match self.apply(batch, context).await {
+        match self.nft.apply(batch, context).await {
             Ok(()) => {
-                commit(state);
+                commit(&mut self.lock());
                 Ok(())
             }
             Err(e @ FirewallError::Nft { .. }) => {
@@ -541,8 +689,8 @@ impl Inner {
                     return Err(e);
                 }
                 warn!("firewall rules were removed (flushed?) while {context}, restoring");
-                commit(state);
-                self.restore(state).await
+                commit(&mut self.lock());
+                self.restore().await
             }
             Err(e) => Err(e),
         }
@@ -562,188 +710,53 @@ impl Inner {
 
     /// Which of our two tables (inet, bridge) exist.
     async fn our_tables(&self) -> Result<(bool, bool), FirewallError> {
-        let context = "listing tables";
-        let doc = helper::get_current_ruleset_with_args_async(Some(&self.nft), ["list", "tables"])
-            .await
-            .map_err(|e| nft_error(context, e))?;
+        let doc = self.nft.list(&["list", "tables"], "listing tables").await?;
         let mut inet = false;
         let mut bridge = false;
         for obj in doc.objects.iter() {
-            if let NfObject::ListObject(NfListObject::Table(t)) = obj {
-                if t.name == TABLE {
-                    match t.family {
-                        NfFamily::INet => inet = true,
-                        NfFamily::Bridge => bridge = true,
-                        _ => {}
-                    }
+            if let NfObject::ListObject(NfListObject::Table(t)) = obj
+                && t.name == TABLE
+            {
+                match t.family {
+                    NfFamily::INet => inet = true,
+                    NfFamily::Bridge => bridge = true,
+                    _ => {}
                 }
             }
         }
         Ok((inet, bridge))
     }
 
-    async fn check_and_restore(&self) -> Result<(), FirewallError> {
-        let state = self.state.lock().await;
-        if state.networks.is_empty() || self.tables_present().await? {
-            return Ok(());
-        }
-        warn!("firewall rules were removed (flushed?), restored");
-        self.restore(&state).await
-    }
-
-    /// Re-creates both tables from `state` in one transaction, dropping whatever is left of
-    /// them first, then re-syncs the Docker rules.
-    async fn restore(&self, state: &State) -> Result<(), FirewallError> {
-        let mut batch = Batch::new();
-        delete_tables(&mut batch);
-        if !state.networks.is_empty() {
-            add_tables(&mut batch);
-            for ns in state.networks.values() {
-                network_objects(&mut batch, ns);
-            }
-        }
-        self.apply(batch, "restoring the firewall rules").await?;
-        for ns in state.networks.values() {
-            if ns.net.nat {
-                enable_ip_forward()?;
-                if let Err(e) = self.docker_remove(&ns.net.name).await {
-                    warn!(network = %ns.net.name, "{e}");
+    /// Re-creates both tables from the state in one transaction, dropping whatever is left
+    /// of them first, then re-syncs the Docker rules.
+    async fn restore(&self) -> Result<(), FirewallError> {
+        let (batch, nat) = {
+            let state = self.lock();
+            let mut batch = Batch::new();
+            delete_tables(&mut batch);
+            if !state.networks.is_empty() {
+                add_tables(&mut batch);
+                for ns in state.networks.values() {
+                    network_objects(&mut batch, ns);
                 }
-                self.docker_sync(&ns.net).await;
             }
-        }
-        Ok(())
-    }
-
-    /// Handles Docker's `FORWARD` policy drop for a NAT network (see `add_network`).
-    /// Failures here only cost outside access, so they are logged, not returned.
-    async fn docker_sync(&self, net: &FirewallNetwork) {
-        let (drop_policy, docker_user) = match self.docker_forward_status().await {
-            Ok(s) => s,
-            Err(e) => {
-                warn!(network = %net.name, "could not check for a FORWARD drop policy (Docker): {e}");
-                return;
-            }
+            let nat: Vec<FirewallNetwork> = state
+                .networks
+                .values()
+                .filter(|ns| ns.net.nat)
+                .map(|ns| ns.net.clone())
+                .collect();
+            (batch, nat)
         };
-        if !drop_policy {
-            return;
-        }
-        if !docker_user {
-            warn!(
-                network = %net.name, bridge = %net.bridge,
-                "table ip filter has a FORWARD chain with policy drop (Docker?) but no DOCKER-USER \
-                 chain: VMs on shared network {:?} will have no outside access. Fix: allow the \
-                 bridge, e.g. `iptables -I FORWARD -i {br} -j ACCEPT; iptables -I FORWARD -o {br} \
-                 -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT`, or start Docker (it creates \
-                 DOCKER-USER) before the broker.",
-                net.name, br = net.bridge
-            );
-            return;
-        }
-        let mut batch = Batch::new();
-        let comment = format!("{DOCKER_COMMENT_PREFIX}{}", net.name);
-        for expr in [
-            vec![
-                matches(meta(MetaKey::Iifname), Operator::EQ, s(&net.bridge)),
-                accept(),
-            ],
-            vec![
-                matches(meta(MetaKey::Oifname), Operator::EQ, s(&net.bridge)),
-                ct_established(),
-                accept(),
-            ],
-        ] {
-            batch.add_cmd(NfCmd::Insert(NfListObject::Rule(Rule {
-                family: NfFamily::IP,
-                table: "filter".into(),
-                chain: "DOCKER-USER".into(),
-                expr: expr.into(),
-                comment: Some(comment.clone().into()),
-                ..Rule::default()
-            })));
-        }
-        match self
-            .apply(batch, "inserting accept rules into ip filter DOCKER-USER")
-            .await
-        {
-            Ok(()) => info!(
-                network = %net.name, bridge = %net.bridge,
-                "FORWARD policy is drop (Docker): accept rules for the bridge inserted into DOCKER-USER"
-            ),
-            Err(e) => warn!(network = %net.name, "{e}: VMs will have no outside access"),
-        }
-    }
-
-    /// (FORWARD chain of `ip filter` has policy drop, `DOCKER-USER` chain exists there).
-    async fn docker_forward_status(&self) -> Result<(bool, bool), FirewallError> {
-        let doc =
-            helper::get_current_ruleset_with_args_async(Some(&self.nft), ["list", "chains", "ip"])
-                .await
-                .map_err(|e| nft_error("listing the chains of family ip", e))?;
-        let mut drop_policy = false;
-        let mut docker_user = false;
-        for obj in doc.objects.iter() {
-            if let NfObject::ListObject(NfListObject::Chain(c)) = obj {
-                if c.table != "filter" {
-                    continue;
-                }
-                if c.name == "FORWARD"
-                    && c.hook == Some(NfHook::Forward)
-                    && c.policy == Some(NfChainPolicy::Drop)
-                {
-                    drop_policy = true;
-                }
-                if c.name == "DOCKER-USER" {
-                    docker_user = true;
-                }
+        self.nft
+            .apply(batch, "restoring the firewall rules")
+            .await?;
+        for net in &nat {
+            enable_ip_forward()?;
+            if let Err(e) = self.docker_remove(&net.name).await {
+                warn!(network = %net.name, "{}", e.display_chain());
             }
-        }
-        Ok((drop_policy, docker_user))
-    }
-
-    /// Deletes the rules tagged for `network` from `ip filter DOCKER-USER`, if any.
-    async fn docker_remove(&self, network: &str) -> Result<(), FirewallError> {
-        let context = "listing ip filter DOCKER-USER";
-        let raw = match helper::get_current_ruleset_raw_async(
-            Some(&self.nft),
-            ["-a", "list", "chain", "ip", "filter", "DOCKER-USER"],
-        )
-        .await
-        {
-            Ok(raw) => raw,
-            // No such table or chain: nothing of ours can be there.
-            Err(NftablesError::NftFailed { .. }) => return Ok(()),
-            Err(e) => return Err(nft_error(context, e)),
-        };
-        // Parsed as plain JSON rather than with the crate's types: Docker's rules are written
-        // by iptables-nft and may hold statements (xt matches) the crate cannot deserialize.
-        let value: serde_json::Value =
-            serde_json::from_str(&raw).map_err(|e| FirewallError::NftOutput {
-                context: context.into(),
-                detail: e.to_string(),
-            })?;
-        let tag = format!("{DOCKER_COMMENT_PREFIX}{network}");
-        let mut batch = Batch::new();
-        let mut n = 0;
-        for obj in value["nftables"].as_array().into_iter().flatten() {
-            let rule = &obj["rule"];
-            if rule["comment"].as_str() == Some(tag.as_str()) {
-                if let Some(handle) = rule["handle"].as_u64().and_then(|h| u32::try_from(h).ok()) {
-                    batch.delete(NfListObject::Rule(Rule {
-                        family: NfFamily::IP,
-                        table: "filter".into(),
-                        chain: "DOCKER-USER".into(),
-                        handle: Some(handle),
-                        ..Rule::default()
-                    }));
-                    n += 1;
-                }
-            }
-        }
-        if n > 0 {
-            self.apply(batch, "deleting our rules from ip filter DOCKER-USER")
-                .await?;
-            debug!(network, rules = n, "removed our rules from DOCKER-USER");
+            self.docker_sync(net).await;
         }
         Ok(())
     }

@@ -1,0 +1,147 @@
+//! Runs the `nft` executable: one child process per transaction or listing, each with a
+//! deadline. A child that misses it is killed with its whole process group, and the
+//! caller gets [`FirewallError::NftTimeout`] naming the operation.
+//!
+//! The child acts in the network namespace of the thread that spawns it.
+
+use std::ffi::OsString;
+use std::process::Stdio;
+use std::time::Duration;
+
+use nftables::batch::Batch;
+use nftables::schema::Nftables;
+use tokio::io::AsyncWriteExt;
+use tokio::process::Command;
+
+use super::FirewallError;
+
+/// How long one `nft` run may take before it is killed. A transaction on the broker's
+/// tables takes milliseconds; seconds mean something is wrong (a hung netlink socket, a
+/// stopped process), and waiting longer would only stall everything queued behind it.
+pub const NFT_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The `nft` program and its deadline.
+#[derive(Debug, Clone)]
+pub(super) struct Nft {
+    program: OsString,
+    timeout: Duration,
+}
+
+impl Nft {
+    pub(super) fn new(program: OsString, timeout: Duration) -> Nft {
+        Nft { program, timeout }
+    }
+
+    pub(super) fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    /// Applies `batch` as one transaction (`nft -j -f -`). An empty batch runs nothing.
+    pub(super) async fn apply(&self, batch: Batch<'_>, context: &str) -> Result<(), FirewallError> {
+        let doc = batch.to_nftables();
+        if doc.objects.is_empty() {
+            return Ok(());
+        }
+        // Serializing the crate's own schema types cannot fail (no maps with non-string
+        // keys, no custom serializers that error).
+        let input = serde_json::to_vec(&doc).expect("nftables documents serialize");
+        self.run(&["-j", "-f", "-"], Some(input), context)
+            .await
+            .map(drop)
+    }
+
+    /// `nft -j <args>`, parsed.
+    pub(super) async fn list(
+        &self,
+        args: &[&str],
+        context: &str,
+    ) -> Result<Nftables<'static>, FirewallError> {
+        let raw = self.list_raw(args, context).await?;
+        serde_json::from_str(&raw).map_err(|source| FirewallError::NftOutput {
+            context: context.into(),
+            source,
+        })
+    }
+
+    /// `nft -j <args>`, as text.
+    pub(super) async fn list_raw(
+        &self,
+        args: &[&str],
+        context: &str,
+    ) -> Result<String, FirewallError> {
+        let mut all = vec!["-j"];
+        all.extend_from_slice(args);
+        self.run(&all, None, context).await
+    }
+
+    async fn run(
+        &self,
+        args: &[&str],
+        input: Option<Vec<u8>>,
+        context: &str,
+    ) -> Result<String, FirewallError> {
+        let mut cmd = Command::new(&self.program);
+        cmd.args(args)
+            .stdin(if input.is_some() {
+                Stdio::piped()
+            } else {
+                Stdio::null()
+            })
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // Its own process group, so a timeout kills whatever it started too; and
+            // killed if this future is dropped, so no caller leaves a child running.
+            .process_group(0)
+            .kill_on_drop(true);
+        let mut child = cmd.spawn().map_err(|source| {
+            if source.kind() == std::io::ErrorKind::NotFound {
+                FirewallError::NftNotFound
+            } else {
+                FirewallError::NftSpawn {
+                    context: context.into(),
+                    source,
+                }
+            }
+        })?;
+        let pid = child.id();
+        let stdin = child.stdin.take();
+        let work = async move {
+            if let (Some(mut pipe), Some(input)) = (stdin, input) {
+                pipe.write_all(&input).await?;
+                // Dropped: nft sees the end of its input.
+            }
+            child.wait_with_output().await
+        };
+        let output = match tokio::time::timeout(self.timeout, work).await {
+            Ok(Ok(output)) => output,
+            Ok(Err(source)) => {
+                return Err(FirewallError::NftSpawn {
+                    context: context.into(),
+                    source,
+                });
+            }
+            Err(_elapsed) => {
+                // The whole group: the child and whatever it started. The child is not
+                // reaped yet (`work`, which owns it, lives until the end of this match and
+                // then kills it again on drop), so the group id is still ours.
+                if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
+                    let _ = nix::sys::signal::killpg(
+                        nix::unistd::Pid::from_raw(pid),
+                        nix::sys::signal::Signal::SIGKILL,
+                    );
+                }
+                return Err(FirewallError::NftTimeout {
+                    context: context.into(),
+                    after: self.timeout,
+                });
+            }
+        };
+        if !output.status.success() {
+            return Err(FirewallError::Nft {
+                context: context.into(),
+                stderr: String::from_utf8_lossy(&output.stderr).trim().to_string(),
+            });
+        }
+        Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+}
