@@ -851,3 +851,69 @@ fn nft_errors_name_the_operation_and_keep_their_cause() {
     });
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// In B: a UDP server on `gateway` and a client in the host sending to it. Returns "<source
+/// the server saw> answered" when the exchange worked both ways.
+fn host_to_gateway(b: &Netns, gateway: &str) -> String {
+    let script = format!(
+        "import socket\n\
+         s=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\ns.bind(('{gateway}',5300))\ns.settimeout(3)\n\
+         c=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\nc.settimeout(3)\n\
+         c.sendto(b'q',('{gateway}',5300))\n\
+         try:\n  d,a=s.recvfrom(16)\nexcept socket.timeout:\n  print('none')\n  raise SystemExit\n\
+         s.sendto(b'a',a)\n\
+         try:\n  c.recvfrom(16)\n  print(a[0],'answered')\nexcept socket.timeout:\n  print(a[0],'unanswered')\n"
+    );
+    let out = b.exec(&["python3", "-c", &script]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).trim().to_string()
+}
+
+#[test]
+fn the_host_talks_to_its_gateway_unmasqueraded_on_a_shared_network() {
+    let t = Topo::new();
+    // A second shared network, on a bridge made after the first: a masquerade of the host's
+    // own packets over `lo` picks the first address of the first interface that has one
+    // (here vmnbr0's, on a real host its main address), so it shows as a changed source.
+    t.b.ip(&["link", "add", "vmnbr1", "type", "bridge"]);
+    t.b.ip(&["addr", "add", "10.78.0.1/24", "dev", "vmnbr1"]);
+    t.b.ip(&["link", "set", "vmnbr1", "up"]);
+    // Control: masquerading the whole subnet (the rule before this fix) rewrites the host's
+    // own packets to the gateway, so the network's services, which serve only the subnet,
+    // would ignore them.
+    t.b.nft(
+        "add table inet ctl; add chain inet ctl nat { type nat hook postrouting priority 100; }; \
+         add rule inet ctl nat ip saddr 10.78.0.0/24 oifname != \"vmnbr1\" masquerade",
+    );
+    assert_eq!(
+        host_to_gateway(&t.b, "10.78.0.1"),
+        "10.77.0.1 answered",
+        "control"
+    );
+    t.b.nft("delete table inet ctl");
+    in_netns(&t.b, || async {
+        let fw = Firewall::new();
+        let mut second = network(true, true, true);
+        second.name = "second".into();
+        second.bridge = "vmnbr1".into();
+        second.subnet = "10.78.0.0/24".parse().unwrap();
+        second.gateway = Ipv4Addr::new(10, 78, 0, 1);
+        second.tap_prefix = "vmnt5-".into();
+        fw.add_network(&network(true, true, true)).await.unwrap();
+        fw.add_network(&second).await.unwrap();
+        assert_eq!(host_to_gateway(&t.b, "10.78.0.1"), "10.78.0.1 answered");
+        assert_eq!(host_to_gateway(&t.b, "10.77.0.1"), "10.77.0.1 answered");
+        // Forwarded traffic is still masqueraded.
+        fw.add_port("testnet", "vport", VM_MAC).await.unwrap();
+        fw.bind_ip("testnet", VM_MAC, Ipv4Addr::new(10, 77, 0, 2))
+            .await
+            .unwrap();
+        assert_eq!(t.connect_seen_as(), "198.18.0.1");
+        fw.remove_network("second").await.unwrap();
+        fw.remove_network("testnet").await.unwrap();
+    });
+}

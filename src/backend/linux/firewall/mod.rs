@@ -25,8 +25,9 @@
 //!   batch, or commit a change that was applied; never across an `await`, so never across
 //!   an `nft` child or a netlink dump.
 //! - **Kernel changes** go through one FIFO *apply queue* per firewall: every API call
-//!   (and every watchdog check) becomes a job, queued at the moment of the call, and one
-//!   task runs the jobs one after the other. A job reads the state, builds its batch,
+//!   (and every watchdog check) becomes a job, queued when the call's future is first
+//!   polled (so calls awaited in turn, or joined, queue in call order), and one task runs
+//!   the jobs one after the other. A job reads the state, builds its batch,
 //!   runs `nft`, and commits to the state only what the kernel accepted.
 //!
 //! Why this is ordering-correct: the queue is the only writer of both the kernel tables

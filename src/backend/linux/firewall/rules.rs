@@ -7,7 +7,10 @@ use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use nftables::batch::Batch;
-use nftables::expr::{Expression, Meta, MetaKey, NamedExpression, Payload, PayloadField, Prefix};
+use nftables::expr::{
+    Expression, Fib, FibFlag, FibResult, Meta, MetaKey, NamedExpression, Payload, PayloadField,
+    Prefix,
+};
 use nftables::schema::{
     Chain, Element, NfCmd, NfListObject, Nftables, Rule, Set, SetType, SetTypeValue, Table,
 };
@@ -271,6 +274,19 @@ pub(super) fn network_objects(batch: &mut Batch<'static>, ns: &NetState) {
                         &net.subnet.network().to_string(),
                         u32::from(net.subnet.prefix_len()),
                     ),
+                ),
+                // Only what is forwarded: a packet whose source is one of the host's own
+                // addresses (the gateway's, when the host talks to the network's DNS over
+                // `lo`) was made by the host and keeps its source; masqueraded, it would
+                // leave from 127.0.0.1 and the services, which serve only the subnet,
+                // would ignore it.
+                matches(
+                    Expression::Named(NamedExpression::Fib(Fib {
+                        result: FibResult::Type,
+                        flags: [FibFlag::Saddr].into_iter().collect(),
+                    })),
+                    Operator::NEQ,
+                    s("local"),
                 ),
                 matches(oif(), Operator::NEQ, br()),
                 Statement::Masquerade(None),
@@ -545,6 +561,15 @@ mod tests {
         assert!(!host.contains("masquerade"), "{host}");
         assert!(!host.contains("\"nat-n1\""), "{host}");
         assert!(!host.contains("spoof-n1"), "{host}");
+    }
+
+    #[test]
+    fn only_forwarded_traffic_is_masqueraded() {
+        let shared = json(&net(true, false, false));
+        assert!(
+            shared.contains(r#"{"match":{"left":{"fib":{"result":"type","flags":["saddr"]}},"right":"local","op":"!="}}"#),
+            "{shared}"
+        );
     }
 
     #[test]
