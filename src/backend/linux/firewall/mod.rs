@@ -4,18 +4,18 @@
 //!
 //! Everything lives in two broker-owned tables, `inet vmnet_broker` (forward + NAT) and
 //! `bridge vmnet_broker` (anti-spoofing), so that we never edit anybody else's rules, with
-//! one documented exception: Docker's `DOCKER-USER` chain ([`docker`]). Each network gets
+//! one documented exception: Docker's `DOCKER-USER` chain (`docker.rs`). Each network gets
 //! its own *base* chains (one per hook) and its own sets, so adding and removing a network
 //! is a matter of adding and deleting named objects; no rule handles have to be tracked.
 //! Several base chains on one hook are evaluated one after the other; an `accept` in one of
 //! them lets the packet continue to the next, a `drop` is final.
 //!
 //! The desired state (networks, ports, IP bindings) is kept in memory, which is what lets
-//! the [`watchdog`] re-create everything after `nft flush ruleset`.
+//! the watchdog (`watchdog.rs`) re-create everything after `nft flush ruleset`.
 //!
-//! Modules: this one holds the API and the state; [`rules`] builds the nftables objects
-//! (pure); [`nft`] runs the `nft` executable with a deadline; [`docker`] handles Docker's
-//! `FORWARD` drop; [`watchdog`] restores flushed tables.
+//! Modules: this one holds the API and the state; `rules.rs` builds the nftables objects
+//! (pure); `nft.rs` runs the `nft` executable with a deadline; `docker.rs` handles Docker's
+//! `FORWARD` drop; `watchdog.rs` restores flushed tables.
 //!
 //! # Concurrency: no lock waits on the kernel
 //!
@@ -144,7 +144,9 @@ pub enum FirewallError {
     Invalid { what: &'static str, detail: String },
     #[error("could not enable IPv4 forwarding ({IP_FORWARD})")]
     IpForward(#[source] std::io::Error),
-    #[error("firewall: the queue that applies changes has stopped (its runtime shut down)")]
+    #[error(
+        "firewall: the operation was abandoned: the apply queue stopped (its runtime shut down) or the operation panicked"
+    )]
     QueueStopped,
 }
 
@@ -259,7 +261,7 @@ impl Firewall {
     /// For NAT networks IPv4 forwarding is switched on in this network namespace and left
     /// on when the broker stops: other software (container engines, VPNs) may rely on it,
     /// and switching it off behind their back would break them. Docker's `FORWARD` drop is
-    /// handled as [`docker`] describes, checked when the network is added (and after a
+    /// handled as `docker.rs` describes, checked when the network is added (and after a
     /// restore).
     pub async fn add_network(&self, net: &FirewallNetwork) -> Result<(), FirewallError> {
         validate_network(net)?;

@@ -1,6 +1,6 @@
 //! Pure builders of the broker's nftables objects: names, expressions, and the batches
 //! that add, delete and purge one network's chains, sets, rules and elements. Nothing
-//! here runs `nft`; [`super::nft`] does.
+//! here runs `nft`; `nft.rs` does.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
