@@ -107,7 +107,13 @@ impl Nft {
         let stdin = child.stdin.take();
         let work = async move {
             if let (Some(mut pipe), Some(input)) = (stdin, input) {
-                pipe.write_all(&input).await?;
+                // An nft that exits without reading everything (a usage error) closes the
+                // pipe: its exit status and stderr below say more than EPIPE.
+                if let Err(e) = pipe.write_all(&input).await
+                    && e.kind() != std::io::ErrorKind::BrokenPipe
+                {
+                    return Err(e);
+                }
                 // Dropped: nft sees the end of its input.
             }
             child.wait_with_output().await
