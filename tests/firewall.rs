@@ -917,3 +917,94 @@ fn the_host_talks_to_its_gateway_unmasqueraded_on_a_shared_network() {
         fw.remove_network("testnet").await.unwrap();
     });
 }
+
+#[test]
+fn a_hung_nft_does_not_hold_up_dhcp_acks() {
+    use vmnet_broker::dhcp::{BindHook, DhcpConfig, DhcpServer};
+    // Long enough that an ACK waiting for the hung nft would show.
+    const TIMEOUT: Duration = Duration::from_secs(20);
+    let t = Topo::new();
+    t.v.ip(&["addr", "flush", "dev", "eth0"]);
+    let dir = temp_dir();
+    let (nft, hang) = hanging_nft(&dir);
+    in_netns(&t.b, || async {
+        let fw = Firewall::with_nft_program_and_timeout(nft.as_os_str(), TIMEOUT);
+        fw.add_network(&network(true, true, true)).await.unwrap();
+        fw.add_port("testnet", "vport", VM_MAC).await.unwrap();
+        // As the Linux backend does: each ACK's lease is bound first.
+        let hook: BindHook = {
+            let fw = fw.clone();
+            Arc::new(move |mac, ip| {
+                let fw = fw.clone();
+                Box::pin(async move {
+                    let _ = fw.bind_ip("testnet", mac, ip).await;
+                })
+            })
+        };
+        let dhcp = DhcpServer::start_with_hook(
+            DhcpConfig {
+                network: "testnet".into(),
+                interface: "vmnbr0".into(),
+                subnet: "10.77.0.0/24".parse().unwrap(),
+                gateway: Ipv4Addr::new(10, 77, 0, 1),
+                range: None,
+                reservations: vec![],
+                lease_seconds: 3600,
+                mtu: 1500,
+                dns_server: None,
+                domain: None,
+                lease_file: dir.join("leases.json"),
+            },
+            Some(hook),
+        )
+        .await
+        .unwrap();
+
+        // Another change's nft hangs (the binder's, say); the ACK's binding queues behind.
+        std::fs::write(&hang, "").unwrap();
+        let blocked = {
+            let fw = fw.clone();
+            tokio::spawn(async move {
+                fw.add_port("testnet", "vport9", [2, 0, 0, 0x77, 0, 9])
+                    .await
+            })
+        };
+        while hang.exists() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let start = Instant::now();
+        let v = t.v.0.clone();
+        let got = tokio::task::spawn_blocking(move || {
+            Command::new("ip")
+                .args(["netns", "exec", &v, "busybox", "udhcpc", "-f", "-q", "-n"])
+                .args(["-i", "eth0", "-s", "/bin/true", "-t", "3", "-T", "8"])
+                .output()
+                .unwrap()
+        })
+        .await
+        .unwrap();
+        let took = start.elapsed();
+        assert!(
+            got.status.success(),
+            "no lease while nft hung: {}",
+            String::from_utf8_lossy(&got.stderr)
+        );
+        assert!(took < TIMEOUT, "the ACK waited for the hung nft: {took:?}");
+        let err = blocked.await.unwrap().unwrap_err();
+        assert!(matches!(err, FirewallError::NftTimeout { .. }), "{err:?}");
+
+        // The lease's binding, queued behind the hang, lands once it is killed.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let leases = t.b.nft_list("list set bridge vmnet_broker leases-testnet");
+            if leases.contains(&format!("{VM_MAC_STR} . 10.77.0.")) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "binding never made: {leases}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        dhcp.stop().await;
+        fw.remove_network("testnet").await.unwrap();
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+}
