@@ -241,7 +241,14 @@ impl Firewall {
         let (reply, result) = oneshot::channel();
         let job: Job = Box::new(move |inner| {
             Box::pin(async move {
-                let _ = reply.send(op(inner).await);
+                // Nobody to tell but the log when the caller stopped waiting (a DHCP ACK
+                // sent after BIND_TIMEOUT): a failure must not go unnoticed.
+                if let Err(Err(e)) = reply.send(op(inner).await) {
+                    warn!(
+                        "firewall: {} (the caller had stopped waiting)",
+                        e.display_chain()
+                    );
+                }
             })
         });
         let queue = self.inner.queue.get_or_init(|| {
