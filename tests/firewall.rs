@@ -622,14 +622,12 @@ fn hanging_nft(dir: &std::path::Path) -> (std::path::PathBuf, std::path::PathBuf
     (script, hang)
 }
 
-fn temp_dir() -> std::path::PathBuf {
-    let dir = std::env::temp_dir().join(format!(
-        "vmnbt-fwnft-{}-{}",
-        std::process::id(),
-        COUNTER.fetch_add(1, Ordering::Relaxed)
-    ));
-    std::fs::create_dir_all(&dir).unwrap();
-    dir
+/// A directory for a fake `nft`, removed on drop.
+fn temp_dir() -> tempfile::TempDir {
+    tempfile::Builder::new()
+        .prefix("vmnbt-fwnft-")
+        .tempdir()
+        .unwrap()
 }
 
 /// Whether process `pid` is gone (or a zombie waiting to be reaped: dead either way).
@@ -646,8 +644,9 @@ fn process_dead(pid: &str) -> bool {
 #[test]
 fn a_hung_nft_times_out_and_the_firewall_goes_on() {
     let t = Topo::new();
-    let dir = temp_dir();
-    let (nft, hang) = hanging_nft(&dir);
+    let tmp = temp_dir();
+    let dir = tmp.path();
+    let (nft, hang) = hanging_nft(dir);
     in_netns(&t.b, || async {
         let fw = Firewall::with_nft_program_and_timeout(nft.as_os_str(), SHORT_NFT_TIMEOUT);
         fw.add_network(&network(true, true, true)).await.unwrap();
@@ -699,14 +698,14 @@ fn a_hung_nft_times_out_and_the_firewall_goes_on() {
         fw.remove_network("testnet").await.unwrap();
         assert_eq!(tables(&t.b).trim(), "");
     });
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn a_binding_whose_caller_stopped_waiting_still_lands() {
     let t = Topo::new();
-    let dir = temp_dir();
-    let (nft, hang) = hanging_nft(&dir);
+    let tmp = temp_dir();
+    let dir = tmp.path();
+    let (nft, hang) = hanging_nft(dir);
     let logs = in_netns(&t.b, || async {
         let fw = Firewall::with_nft_program_and_timeout(nft.as_os_str(), SHORT_NFT_TIMEOUT);
         fw.add_network(&network(true, true, true)).await.unwrap();
@@ -744,7 +743,6 @@ fn a_binding_whose_caller_stopped_waiting_still_lands() {
         }
         fw.remove_network("testnet").await.unwrap();
     });
-    let _ = std::fs::remove_dir_all(&dir);
     // The failure nobody waited for is in the log, operation and all.
     assert!(
         logs.contains(&format!(
@@ -759,8 +757,9 @@ fn a_binding_whose_caller_stopped_waiting_still_lands() {
 #[test]
 fn queued_changes_apply_in_call_order() {
     let t = Topo::new();
-    let dir = temp_dir();
-    let (nft, hang) = hanging_nft(&dir);
+    let tmp = temp_dir();
+    let dir = tmp.path();
+    let (nft, hang) = hanging_nft(dir);
     in_netns(&t.b, || async {
         let fw = Firewall::with_nft_program_and_timeout(nft.as_os_str(), SHORT_NFT_TIMEOUT);
         fw.add_network(&network(true, true, true)).await.unwrap();
@@ -786,14 +785,14 @@ fn queued_changes_apply_in_call_order() {
         );
         assert_eq!(tables(&t.b).trim(), "", "nothing re-created after removal");
     });
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn nft_errors_name_the_operation_and_keep_their_cause() {
     use std::error::Error;
     let t = Topo::new();
-    let dir = temp_dir();
+    let tmp = temp_dir();
+    let dir = tmp.path();
     // Each fake in its own directory: both are called `nft`.
     for sub in ["failing", "hanging"] {
         std::fs::create_dir(dir.join(sub)).unwrap();
@@ -856,7 +855,6 @@ fn nft_errors_name_the_operation_and_keep_their_cause() {
             err.display_chain()
         );
     });
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// In B: a UDP server on `gateway` and a client in the host sending to it. Returns "<source
@@ -932,8 +930,9 @@ fn a_hung_nft_does_not_hold_up_dhcp_acks() {
     const TIMEOUT: Duration = Duration::from_secs(20);
     let t = Topo::new();
     t.v.ip(&["addr", "flush", "dev", "eth0"]);
-    let dir = temp_dir();
-    let (nft, hang) = hanging_nft(&dir);
+    let tmp = temp_dir();
+    let dir = tmp.path();
+    let (nft, hang) = hanging_nft(dir);
     in_netns(&t.b, || async {
         let fw = Firewall::with_nft_program_and_timeout(nft.as_os_str(), TIMEOUT);
         fw.add_network(&network(true, true, true)).await.unwrap();
@@ -980,7 +979,7 @@ fn a_hung_nft_does_not_hold_up_dhcp_acks() {
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
         let start = Instant::now();
-        let v = t.v.0.clone();
+        let v = t.v.name.clone();
         let got = tokio::task::spawn_blocking(move || {
             Command::new("ip")
                 .args(["netns", "exec", &v, "busybox", "udhcpc", "-f", "-q", "-n"])
@@ -1013,5 +1012,4 @@ fn a_hung_nft_does_not_hold_up_dhcp_acks() {
         dhcp.stop().await;
         fw.remove_network("testnet").await.unwrap();
     });
-    let _ = std::fs::remove_dir_all(&dir);
 }
