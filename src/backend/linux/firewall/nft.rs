@@ -118,7 +118,10 @@ impl Nft {
             }
             child.wait_with_output().await
         };
-        let output = match tokio::time::timeout(self.timeout, work).await {
+        // Pinned here rather than moved into the timeout, so the child is still ours (alive
+        // or a zombie, not reaped) when its group is killed below.
+        let mut work = std::pin::pin!(work);
+        let output = match tokio::time::timeout(self.timeout, work.as_mut()).await {
             Ok(Ok(output)) => output,
             Ok(Err(source)) => {
                 return Err(FirewallError::NftSpawn {
@@ -128,8 +131,8 @@ impl Nft {
             }
             Err(_elapsed) => {
                 // The whole group: the child and whatever it started. The child is not
-                // reaped yet (`work`, which owns it, lives until the end of this match and
-                // then kills it again on drop), so the group id is still ours.
+                // reaped yet (`work` owns it until this function returns, and then kills
+                // it again on drop), so the group id cannot belong to anyone else.
                 if let Some(pid) = pid.and_then(|p| i32::try_from(p).ok()) {
                     let _ = nix::sys::signal::killpg(
                         nix::unistd::Pid::from_raw(pid),
