@@ -849,10 +849,10 @@ fn nft_errors_name_the_operation_and_keep_their_cause() {
             .expect("the io::Error is the source");
         assert_eq!(cause.kind(), std::io::ErrorKind::PermissionDenied);
         assert!(
-            err.display_chain()
+            vmnet_broker::error::chain(&err)
                 .starts_with("could not run nft while listing tables: Permission denied"),
             "{}",
-            err.display_chain()
+            vmnet_broker::error::chain(&err)
         );
     });
 }

@@ -334,7 +334,7 @@ impl LinuxBackend {
         if started.is_err()
             && let Err(e) = self.firewall.remove_network(&config.name).await
         {
-            warn!(network = %config.name, "cannot remove firewall rules: {}", e.display_chain());
+            warn!(network = %config.name, "cannot remove firewall rules: {}", crate::error::Chain(&e));
         }
         started
     }
@@ -443,7 +443,11 @@ async fn bind_ports(
                 };
                 match firewall.prune_ports(&network, live).await {
                     Ok(live) => (*added, *live_then) = (0, live),
-                    Err(e) => warn!(network, "cannot forget closed TAPs: {}", e.display_chain()),
+                    Err(e) => warn!(
+                        network,
+                        "cannot forget closed TAPs: {}",
+                        crate::error::Chain(&e)
+                    ),
                 }
             }
             bind_with_retries(&firewall, &network, &ports).await;
@@ -476,7 +480,7 @@ async fn bind_with_retries(firewall: &Firewall, network: &str, ports: &[(String,
                 network,
                 taps = taps(),
                 "cannot bind TAPs to their MACs, giving up; their frames stay dropped: {}",
-                e.display_chain()
+                crate::error::Chain(&e)
             );
             return;
         };
@@ -484,7 +488,7 @@ async fn bind_with_retries(firewall: &Firewall, network: &str, ports: &[(String,
             network,
             taps = taps(),
             "cannot bind TAPs to their MACs, retrying in {delay:?}: {}",
-            e.display_chain()
+            crate::error::Chain(&e)
         );
         tokio::time::sleep(*delay).await;
     }

@@ -127,7 +127,7 @@ fn bind_hook(network: &str, firewall: &Firewall) -> BindHook {
                 warn!(
                     network,
                     "cannot bind {ip} to its lease: {}",
-                    e.display_chain()
+                    crate::error::Chain(&e)
                 );
             }
         })
@@ -160,7 +160,7 @@ async fn follow_leases(
                         network,
                         "cannot bind {} to its lease: {}",
                         l.ip,
-                        e.display_chain()
+                        crate::error::Chain(&e)
                     );
                     bound.remove(&(l.mac, l.ip));
                 }

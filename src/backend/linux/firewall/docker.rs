@@ -25,7 +25,7 @@ impl Inner {
             Ok(s) => s,
             Err(e) => {
                 warn!(network = %net.name, "could not check for a FORWARD drop policy (Docker): {}",
-                      e.display_chain());
+                      crate::error::Chain(&e));
                 return;
             }
         };
@@ -76,7 +76,7 @@ impl Inner {
                 "FORWARD policy is drop (Docker): accept rules for the bridge inserted into DOCKER-USER"
             ),
             Err(e) => {
-                warn!(network = %net.name, "{}: VMs will have no outside access", e.display_chain())
+                warn!(network = %net.name, "{}: VMs will have no outside access", crate::error::Chain(&e))
             }
         }
     }

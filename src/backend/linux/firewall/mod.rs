@@ -109,7 +109,7 @@ pub struct FirewallNetwork {
 }
 
 /// Everything the firewall can fail with. Causes are kept as [`std::error::Error::source`]s,
-/// not flattened into the message: log with [`FirewallError::display_chain`].
+/// not flattened into the message: log with [`crate::error::Chain`].
 #[derive(Debug, thiserror::Error)]
 pub enum FirewallError {
     #[error("nft not found: install nftables (needed for NAT and anti-spoofing)")]
@@ -148,21 +148,6 @@ pub enum FirewallError {
         "firewall: the operation was abandoned: the apply queue stopped (its runtime shut down) or the operation panicked"
     )]
     QueueStopped,
-}
-
-impl FirewallError {
-    /// The message followed by every cause, `: `-separated, for logs and for callers
-    /// that can only carry text.
-    pub fn display_chain(&self) -> String {
-        let mut text = self.to_string();
-        let mut cause = std::error::Error::source(self);
-        while let Some(e) = cause {
-            text.push_str(": ");
-            text.push_str(&e.to_string());
-            cause = e.source();
-        }
-        text
-    }
 }
 
 #[derive(Debug)]
@@ -246,7 +231,7 @@ impl Firewall {
                 if let Err(Err(e)) = reply.send(op(inner).await) {
                     warn!(
                         "firewall: {} (the caller had stopped waiting)",
-                        e.display_chain()
+                        crate::error::Chain(&e)
                     );
                 }
             })
@@ -448,7 +433,7 @@ impl Inner {
             if let Err(e) = enable_ip_forward() {
                 // Leave no half-configured network behind.
                 if let Err(cleanup) = self.remove_network(&net.name).await {
-                    warn!(network = %net.name, "{}", cleanup.display_chain());
+                    warn!(network = %net.name, "{}", crate::error::Chain(&cleanup));
                 }
                 return Err(e);
             }
@@ -506,7 +491,7 @@ impl Inner {
             warn!(
                 network = name,
                 "firewall: network forgotten, but its rules may remain: {}",
-                e.display_chain()
+                crate::error::Chain(&e)
             );
             return Err(e);
         }
@@ -764,7 +749,7 @@ impl Inner {
         for net in &nat {
             enable_ip_forward()?;
             if let Err(e) = self.docker_remove(&net.name).await {
-                warn!(network = %net.name, "{}", e.display_chain());
+                warn!(network = %net.name, "{}", crate::error::Chain(&e));
             }
             self.docker_sync(net).await;
         }

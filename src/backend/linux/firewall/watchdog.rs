@@ -31,7 +31,7 @@ impl Firewall {
                     .queued(|inner| async move { inner.check_and_restore().await })
                     .await;
                 if let Err(e) = checked {
-                    warn!("firewall watchdog: {}", e.display_chain());
+                    warn!("firewall watchdog: {}", crate::error::Chain(&e));
                 }
             }
         })
