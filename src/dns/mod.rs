@@ -11,6 +11,9 @@
 mod forward;
 mod local;
 mod resolv;
+mod slots;
+
+pub use resolv::Upstreams;
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::os::fd::AsRawFd;
@@ -24,6 +27,8 @@ use nix::sys::socket::{self, sockopt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 use tokio::sync::{Semaphore, watch};
+
+use slots::{Refused, Slots};
 use tokio::task::{JoinHandle, JoinSet};
 
 /// DNS port, on the gateway address only.
@@ -32,6 +37,15 @@ pub const DNS_PORT: u16 = 53;
 /// dropped (the client retries) so that a flood cannot exhaust memory. Local answers are
 /// computed inline and never wait for a slot.
 pub const MAX_IN_FLIGHT: usize = 256;
+/// Forwarded queries in flight at once from one client address (UDP and TCP together).
+/// Without it one VM asking for names a slow upstream never answers holds all
+/// [`MAX_IN_FLIGHT`] slots for the upstream timeout, and every other VM's forwarded queries
+/// are dropped. An eighth leaves plenty for a guest's resolver (a stub has a few queries
+/// out; a busy cache tens) while eight clients flooding at once are needed to fill the
+/// server. Above it UDP queries are dropped (as above the server-wide bound: the client
+/// retries, and a flood costs no answers) and TCP queries get SERVFAIL (a TCP query must be
+/// answered or its connection closed).
+pub const MAX_IN_FLIGHT_PER_CLIENT: usize = MAX_IN_FLIGHT / 8;
 /// TCP connections open at once; more are closed at accept.
 const MAX_TCP_CONNECTIONS: usize = 64;
 /// A TCP client that sends nothing for this long is disconnected (RFC 7766 suggests seconds).
@@ -64,6 +78,7 @@ pub struct DnsServer {
     network: String,
     shutdown: watch::Sender<bool>,
     tasks: Vec<JoinHandle<()>>,
+    upstreams: watch::Receiver<Arc<Upstreams>>,
 }
 
 struct Shared {
@@ -71,8 +86,8 @@ struct Shared {
     subnet: Ipv4Net,
     domain: String,
     names: Names,
-    resolv: resolv::ResolvConf,
-    permits: Arc<Semaphore>,
+    upstreams: watch::Receiver<Arc<Upstreams>>,
+    slots: Arc<Slots>,
 }
 
 impl DnsServer {
@@ -98,29 +113,42 @@ impl DnsServer {
                 ),
             )
         })?;
+        let (shutdown, shutdown_rx) = watch::channel(false);
+        // Read once before serving, so the first query already has the upstreams; then
+        // followed by a task of its own, off the query path.
+        let resolv = resolv::ResolvConf::new(
+            config.resolv_conf.clone(),
+            config.listen,
+            config.network.clone(),
+        );
+        let (resolv, first) = resolv.refreshed().await;
+        let (upstreams_tx, upstreams) = watch::channel(first);
         let shared = Arc::new(Shared {
             network: config.network.clone(),
             subnet: config.subnet,
             domain: local::Zone::canonical_domain(&config.domain),
             names,
-            resolv: resolv::ResolvConf::new(
-                config.resolv_conf.clone(),
-                config.listen,
-                config.network.clone(),
-            ),
-            permits: Arc::new(Semaphore::new(MAX_IN_FLIGHT)),
+            upstreams: upstreams.clone(),
+            slots: Slots::new(MAX_IN_FLIGHT, MAX_IN_FLIGHT_PER_CLIENT),
         });
-        let (shutdown, shutdown_rx) = watch::channel(false);
         let tasks = vec![
             tokio::spawn(udp_loop(Arc::new(udp), shared.clone(), shutdown_rx.clone())),
-            tokio::spawn(tcp_loop(tcp, shared, shutdown_rx)),
+            tokio::spawn(tcp_loop(tcp, shared, shutdown_rx.clone())),
+            tokio::spawn(resolv.follow(upstreams_tx, shutdown_rx)),
         ];
         tracing::info!(network = %config.network, "DNS server listening on {addr} (UDP, TCP) for {}, domain {:?}", config.subnet, config.domain);
         Ok(DnsServer {
             network: config.network,
             shutdown,
             tasks,
+            upstreams,
         })
+    }
+
+    /// The upstreams in use, updated when resolv.conf changes (within
+    /// [`RESOLV_POLL`](resolv::RESOLV_POLL)).
+    pub fn upstreams(&self) -> watch::Receiver<Arc<Upstreams>> {
+        self.upstreams.clone()
     }
 
     /// Closes the sockets and ends all tasks, including queries in flight.
@@ -192,15 +220,18 @@ async fn udp_loop(sock: Arc<UdpSocket>, shared: Arc<Shared>, mut shutdown: watch
                         }
                         Action::Forward(req) => req,
                     };
-                    let Ok(permit) = shared.permits.clone().try_acquire_owned() else {
-                        tracing::debug!(network = %shared.network, %peer, "too many DNS queries in flight, dropping one");
-                        continue;
+                    let slot = match shared.slots.try_acquire(peer.ip()) {
+                        Ok(slot) => slot,
+                        Err(why) => {
+                            shared.log_refused(why, peer);
+                            continue;
+                        }
                     };
                     let pkt = buf[..n].to_vec();
                     let sock = sock.clone();
                     let shared = shared.clone();
                     children.spawn(async move {
-                        let _permit = permit;
+                        let _slot = slot;
                         if let Some(resp) = shared.forward(&req, &pkt, false, peer).await
                             && let Err(e) = sock.send_to(&resp, peer).await
                         {
@@ -275,15 +306,20 @@ async fn serve_tcp(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
             // A malformed query ends the connection: framing can no longer be trusted.
             Action::Ignore => return,
             Action::Reply(resp) => resp,
-            Action::Forward(req) => {
-                let Ok(_permit) = shared.permits.acquire().await else {
-                    return;
-                };
-                match shared.forward(&req, &pkt, true, peer).await {
+            Action::Forward(req) => match shared.slots.acquire(peer.ip()).await {
+                Ok(_slot) => match shared.forward(&req, &pkt, true, peer).await {
                     Some(resp) => resp,
                     None => return,
+                },
+                Err(why @ Refused::ClientFull) => {
+                    shared.log_refused(why, peer);
+                    match encode(local::error_to(&req, ResponseCode::ServFail), &req, true) {
+                        Some(resp) => resp,
+                        None => return,
+                    }
                 }
-            }
+                Err(_) => return,
+            },
         };
         let Ok(n) = u16::try_from(resp.len()) else {
             return;
@@ -320,6 +356,17 @@ impl Shared {
                             "ignoring DNS client from outside the network's subnet");
         }
         ok
+    }
+
+    /// Logs why a forwarded query got no slot.
+    fn log_refused(&self, why: Refused, peer: SocketAddr) {
+        match why {
+            Refused::ClientFull => tracing::debug!(network = %self.network, %peer,
+                "client has {MAX_IN_FLIGHT_PER_CLIENT} DNS queries in flight, refusing one"),
+            Refused::ServerFull => tracing::debug!(network = %self.network, %peer,
+                "too many DNS queries in flight, dropping one"),
+            Refused::Closed => {}
+        }
     }
 
     /// Decides about one raw query without waiting for anything: local answers are
@@ -359,7 +406,8 @@ impl Shared {
         tcp: bool,
         peer: SocketAddr,
     ) -> Option<Vec<u8>> {
-        let ups = self.resolv.current();
+        // A snapshot: the watcher task does the file I/O and swaps it in.
+        let ups = self.upstreams.borrow().clone();
         match forward::forward(pkt, &ups, tcp, &self.network).await {
             Some(answer) => Some(answer),
             None => {

@@ -3,8 +3,10 @@
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, SocketAddrV6};
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Mutex;
+use std::sync::Arc;
 use std::time::Duration;
+
+use tokio::sync::watch;
 
 /// Per-server timeout when resolv.conf says nothing. glibc's 5 s is too long for a forwarder:
 /// the VM's own resolver retries after about 5 s, so an answer must come well before that.
@@ -101,6 +103,7 @@ struct FileStamp {
     mtime: i64,
     mtime_nsec: i64,
     len: u64,
+    regular: bool,
 }
 
 fn stamp(path: &Path) -> std::io::Result<FileStamp> {
@@ -112,42 +115,109 @@ fn stamp(path: &Path) -> std::io::Result<FileStamp> {
         mtime: m.mtime(),
         mtime_nsec: m.mtime_nsec(),
         len: m.len(),
+        regular: m.is_file(),
     })
 }
 
-/// resolv.conf followed on change: `current()` costs one stat() when nothing changed.
+/// How often the watcher looks at resolv.conf: one stat() per period and network, whatever
+/// the query rate (resolver managers rewrite the file rarely; a second of delay is harmless).
+pub const RESOLV_POLL: Duration = Duration::from_secs(1);
+
+/// resolv.conf followed on change. Owned by one watcher task: the file I/O happens there
+/// (on a blocking thread), never on the query path and never under a lock; queries only
+/// load the latest snapshot from a `watch` channel.
 pub struct ResolvConf {
     path: PathBuf,
     exclude: Ipv4Addr,
     network: String,
-    /// (stamp of the version read, its upstreams, whether a stat failure was logged)
-    state: Mutex<(Option<FileStamp>, std::sync::Arc<Upstreams>, bool)>,
+    /// Stamp of the version read (None: not read, or gone since).
+    stamp: Option<FileStamp>,
+    upstreams: Arc<Upstreams>,
+    /// A failure to stat was logged (warn once per disappearance, not every period).
+    stat_failure_logged: bool,
 }
 
 impl ResolvConf {
+    /// Nothing read yet: no upstreams until the first `refresh`.
     pub fn new(path: PathBuf, exclude: Ipv4Addr, network: String) -> ResolvConf {
-        let empty = Upstreams {
-            servers: Vec::new(),
-            timeout: DEFAULT_TIMEOUT,
-            attempts: DEFAULT_ATTEMPTS,
-        };
-        let rc = ResolvConf {
+        ResolvConf {
             path,
             exclude,
             network,
-            state: Mutex::new((None, std::sync::Arc::new(empty), false)),
-        };
-        rc.current();
-        rc
+            stamp: None,
+            upstreams: Arc::new(Upstreams {
+                servers: Vec::new(),
+                timeout: DEFAULT_TIMEOUT,
+                attempts: DEFAULT_ATTEMPTS,
+            }),
+            stat_failure_logged: false,
+        }
     }
 
-    /// The upstream list, re-read if the file changed since the last call.
-    pub fn current(&self) -> std::sync::Arc<Upstreams> {
-        let mut state = self.state.lock().unwrap_or_else(|e| e.into_inner());
-        let new_stamp = stamp(&self.path);
-        match new_stamp {
-            Ok(s) if state.0 == Some(s) => return state.1.clone(),
-            Ok(s) => match std::fs::read_to_string(&self.path) {
+    /// `refresh` on a blocking thread (a file on a hung mount must not stall the runtime);
+    /// returns self and the current upstreams.
+    pub async fn refreshed(mut self) -> (ResolvConf, Arc<Upstreams>) {
+        match tokio::task::spawn_blocking(move || {
+            self.refresh();
+            self
+        })
+        .await
+        {
+            Ok(rc) => {
+                let ups = rc.upstreams.clone();
+                (rc, ups)
+            }
+            // A panic in refresh is a bug: let it end the task as if it had happened here.
+            // (Cancellation cannot happen: blocking tasks are not cancelled.)
+            Err(e) => std::panic::resume_unwind(e.into_panic()),
+        }
+    }
+
+    /// Re-reads the file every [`RESOLV_POLL`] and publishes each new upstream list until
+    /// `shutdown`.
+    pub async fn follow(
+        mut self,
+        tx: watch::Sender<Arc<Upstreams>>,
+        mut shutdown: watch::Receiver<bool>,
+    ) {
+        loop {
+            tokio::select! {
+                _ = shutdown.changed() => return,
+                _ = tokio::time::sleep(RESOLV_POLL) => {}
+            }
+            let before = self.upstreams.clone();
+            let refreshed = tokio::select! {
+                _ = shutdown.changed() => return,
+                r = self.refreshed() => r,
+            };
+            let (rc, ups) = refreshed;
+            self = rc;
+            if !Arc::ptr_eq(&before, &ups) {
+                tx.send_replace(ups);
+            }
+        }
+    }
+
+    /// The upstreams last read.
+    #[cfg(test)]
+    pub fn current(&self) -> Arc<Upstreams> {
+        self.upstreams.clone()
+    }
+
+    /// Re-reads the file if it changed since the last call (one stat() when it did not).
+    pub fn refresh(&mut self) {
+        match stamp(&self.path) {
+            Ok(s) if self.stamp == Some(s) => {}
+            Ok(s) if !s.regular => {
+                // A FIFO would block the reader until someone opens it for writing.
+                if self.stamp.is_some() || !self.stat_failure_logged {
+                    tracing::warn!(network = %self.network, path = %self.path.display(),
+                        "resolv.conf is not a regular file, keeping the previous upstreams");
+                }
+                self.stamp = None;
+                self.stat_failure_logged = true;
+            }
+            Ok(s) => match read_bounded(&self.path) {
                 Ok(text) => {
                     let ups = Upstreams::parse(&text, self.exclude);
                     if ups.servers.is_empty() {
@@ -157,7 +227,9 @@ impl ResolvConf {
                         tracing::info!(network = %self.network, path = %self.path.display(),
                             "DNS upstreams: {}", ups.describe());
                     }
-                    *state = (Some(s), std::sync::Arc::new(ups), false);
+                    self.stamp = Some(s);
+                    self.upstreams = Arc::new(ups);
+                    self.stat_failure_logged = false;
                 }
                 Err(e) => {
                     // Keep the last good list: a resolver being rewritten is briefly unreadable.
@@ -166,18 +238,29 @@ impl ResolvConf {
                 }
             },
             Err(e) => {
-                // Warn once per disappearance, not on every query.
-                if state.0.is_some() || !state.2 {
+                if self.stamp.is_some() || !self.stat_failure_logged {
                     tracing::warn!(network = %self.network, path = %self.path.display(),
                         "cannot stat resolv.conf, keeping the previous upstreams: {e}");
                 }
                 // Forget the stamp so that the file is read again once it is back.
-                state.0 = None;
-                state.2 = true;
+                self.stamp = None;
+                self.stat_failure_logged = true;
             }
         }
-        state.1.clone()
     }
+}
+
+/// resolv.conf is a few hundred bytes; more than this is not a resolv.conf, and reading it
+/// all would only cost memory.
+const MAX_RESOLV_CONF: u64 = 64 * 1024;
+
+fn read_bounded(path: &Path) -> std::io::Result<String> {
+    use std::io::Read;
+    let mut text = String::new();
+    std::fs::File::open(path)?
+        .take(MAX_RESOLV_CONF)
+        .read_to_string(&mut text)?;
+    Ok(text)
 }
 
 #[cfg(test)]
@@ -237,15 +320,43 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("resolv.conf");
         std::fs::write(&path, "nameserver 10.0.0.1\n").unwrap();
-        let rc = ResolvConf::new(path.clone(), GW, "t".into());
+        let mut rc = ResolvConf::new(path.clone(), GW, "t".into());
+        assert!(rc.current().servers.is_empty());
+        rc.refresh();
         assert_eq!(rc.current().servers, vec!["10.0.0.1:53".parse().unwrap()]);
         let tmp = dir.path().join("new");
         std::fs::write(&tmp, "nameserver 10.0.0.2\n").unwrap();
         std::fs::rename(&tmp, &path).unwrap();
+        rc.refresh();
         assert_eq!(rc.current().servers, vec!["10.0.0.2:53".parse().unwrap()]);
         std::fs::remove_file(&path).unwrap();
+        rc.refresh();
         assert_eq!(rc.current().servers, vec!["10.0.0.2:53".parse().unwrap()]);
         std::fs::write(&path, "nameserver 10.0.0.3\n").unwrap();
+        rc.refresh();
         assert_eq!(rc.current().servers, vec!["10.0.0.3:53".parse().unwrap()]);
+        // A FIFO in its place is not opened (that would block until a writer came).
+        std::fs::remove_file(&path).unwrap();
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        rc.refresh();
+        assert_eq!(rc.current().servers, vec!["10.0.0.3:53".parse().unwrap()]);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_watcher_publishes_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("resolv.conf");
+        std::fs::write(&path, "nameserver 10.0.0.1\n").unwrap();
+        let (rc, first) = ResolvConf::new(path.clone(), GW, "t".into()).refreshed().await;
+        assert_eq!(first.servers, vec!["10.0.0.1:53".parse().unwrap()]);
+        let (tx, mut rx) = watch::channel(first);
+        let (stop, stop_rx) = watch::channel(false);
+        let task = tokio::spawn(rc.follow(tx, stop_rx));
+        std::fs::write(&path, "nameserver 10.0.0.2\noptions timeout:3\n").unwrap();
+        rx.changed().await.unwrap();
+        assert_eq!(rx.borrow().servers, vec!["10.0.0.2:53".parse().unwrap()]);
+        assert_eq!(rx.borrow().timeout, Duration::from_secs(3));
+        stop.send_replace(true);
+        task.await.unwrap();
     }
 }
