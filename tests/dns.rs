@@ -7,6 +7,8 @@
 //!                                                                          10.98.0.3 silent
 //!                                                                          10.98.0.4 nothing
 //! ```
+//! dnsmasq answers `example.test` itself and forwards `slow.test` to the silent server, so
+//! queries for the latter never get an answer.
 //! Needs root, `ip`, `dig` (dnsutils) and `dnsmasq` (dnsmasq-base).
 
 #[path = "support/netns.rs"]
@@ -22,7 +24,7 @@ use std::time::{Duration, Instant};
 
 use netns::Netns;
 use tokio::sync::watch;
-use vmnet_broker::dns::{DnsConfig, DnsServer};
+use vmnet_broker::dns::{DnsConfig, DnsServer, Upstreams};
 
 const GATEWAY: &str = "10.99.0.1";
 const UPSTREAM: &str = "10.98.0.2";
@@ -33,6 +35,8 @@ const REFUSING: &str = "10.98.0.4";
 const FORWARDED_IP: &str = "10.98.0.77";
 /// dnsmasq in U over IPv6.
 const UPSTREAM6: &str = "fd98::2";
+/// A second VM in C (besides 10.99.0.50), the attacker of `one_vm_cannot_starve_the_others`.
+const VM_A: &str = "10.99.0.51";
 
 type NameList = Arc<Vec<(String, Ipv4Addr)>>;
 
@@ -40,6 +44,8 @@ type NameList = Arc<Vec<(String, Ipv4Addr)>>;
 struct ServerThread {
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     thread: Option<std::thread::JoinHandle<()>>,
+    /// The upstreams the server uses, as it publishes them.
+    upstreams: watch::Receiver<Arc<Upstreams>>,
 }
 
 impl ServerThread {
@@ -56,7 +62,7 @@ impl ServerThread {
             rt.block_on(async move {
                 match DnsServer::start(config, names).await {
                     Ok(server) => {
-                        ready_tx.send(Ok(())).unwrap();
+                        ready_tx.send(Ok(server.upstreams())).unwrap();
                         let _ = stop_rx.await;
                         server.stop().await;
                     }
@@ -64,13 +70,14 @@ impl ServerThread {
                 }
             });
         });
-        ready_rx
+        let upstreams = ready_rx
             .recv()
             .expect("server thread died")
             .expect("DnsServer::start failed");
         ServerThread {
             stop: Some(stop_tx),
             thread: Some(thread),
+            upstreams,
         }
     }
 
@@ -197,7 +204,13 @@ impl Fixture {
             &u,
             dir.path(),
             &[UPSTREAM, UPSTREAM6],
-            &[&format!("--address=/example.test/{FORWARDED_IP}"), &txt],
+            &[
+                &format!("--address=/example.test/{FORWARDED_IP}"),
+                &txt,
+                &format!("--server=/slow.test/{SILENT}"),
+                // Well above the floods of the tests: dnsmasq must not answer them itself.
+                "--dns-forward-max=1000",
+            ],
         );
         let silent = u.run(|| UdpSocket::bind((SILENT, 53)).expect("bind silent upstream"));
         wait_listening(&u, &format!("{UPSTREAM}:53"));
@@ -235,17 +248,32 @@ impl Fixture {
         self.write_resolv(servers, "");
     }
 
-    /// Rewrites resolv.conf the way resolvers' managers do: new file, then rename.
+    /// Rewrites resolv.conf the way resolvers' managers do: new file, then rename; then
+    /// waits until the server uses it (it follows the file from a task of its own).
     fn write_resolv(&self, servers: &[&str], options: &str) {
         let tmp = self.dir.path().join("resolv.conf.new");
         let mut f = File::create(&tmp).unwrap();
-        writeln!(f, "# written by the test\nsearch example.org").unwrap();
+        let mut text = "# written by the test\nsearch example.org\n".to_string();
         for s in servers {
-            writeln!(f, "nameserver {s}").unwrap();
+            text += &format!("nameserver {s}\n");
         }
-        writeln!(f, "{options}").unwrap();
+        text += &format!("{options}\n");
+        f.write_all(text.as_bytes()).unwrap();
         drop(f);
         std::fs::rename(&tmp, &self.resolv).unwrap();
+        let expected = Upstreams::parse(&text, GATEWAY.parse().unwrap());
+        let Some(server) = &self.server else {
+            return;
+        };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while **server.upstreams.borrow() != expected {
+            assert!(
+                Instant::now() < deadline,
+                "the server still uses {:?} 60 s after resolv.conf became {expected:?}",
+                server.upstreams.borrow()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     fn dig(&self, args: &[&str]) -> Dig {
@@ -663,13 +691,93 @@ fn rcvbuf_errors(ns: &Netns) -> u64 {
 /// UDP sockets in `ns` connected to the silent upstream: the server's forwarded queries
 /// waiting for an answer that never comes (one socket per query in flight).
 fn forwards_in_flight(ns: &Netns) -> usize {
-    let out = ns.exec(&["ss", "-Hun", "dst", &format!("{SILENT}:53")]);
+    forwards_to(ns, SILENT)
+}
+
+/// UDP sockets in `ns` connected to `upstream` port 53: one per forwarded query in flight.
+fn forwards_to(ns: &Netns, upstream: &str) -> usize {
+    let out = ns.exec(&["ss", "-Hun", "dst", &format!("{upstream}:53")]);
     assert!(
         out.status.success(),
         "ss: {}",
         String::from_utf8_lossy(&out.stderr)
     );
     String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+/// A hostile VM floods the server with forwarded queries that never get an answer; another
+/// VM's forwarded query is still answered, because one client holds at most its share of
+/// the forwarding slots.
+#[test]
+fn one_vm_cannot_starve_the_others() {
+    use vmnet_broker::dns::{MAX_IN_FLIGHT, MAX_IN_FLIGHT_PER_CLIENT};
+    let fx = Fixture::new();
+    fx.c.ip(&["addr", "add", &format!("{VM_A}/24"), "dev", "eth0"]);
+    // Each try of a slow.test query waits the full 5 s (dnsmasq forwards it to the silent
+    // server), three rounds: A's queries hold their slots for 15 s.
+    fx.write_resolv(&[UPSTREAM], "options timeout:5 attempts:3");
+    let server: SocketAddr = (GATEWAY.parse::<Ipv4Addr>().unwrap(), 53).into();
+    let attacker = fx.c.run(|| UdpSocket::bind((VM_A, 0)).expect("bind VM A"));
+    // More queries than the whole server has slots, in bursts the socket's receive buffer
+    // holds (the kernel would drop the rest of one big burst), each read before the next.
+    let mut sent = 0u16;
+    while usize::from(sent) < MAX_IN_FLIGHT * 2 {
+        for _ in 0..64 {
+            attacker
+                .send_to(&query_packet(sent, &format!("n{sent}.slow.test")), server)
+                .unwrap();
+            sent += 1;
+        }
+        fx.wait_drained();
+    }
+    // A's queries reach the upstream (one socket each) until A holds all it can.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut held = forwards_to(&fx.a, UPSTREAM);
+    while held < MAX_IN_FLIGHT_PER_CLIENT {
+        assert!(
+            Instant::now() < deadline,
+            "only {held} of VM A's queries in flight after 60 s"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+        held = forwards_to(&fx.a, UPSTREAM);
+    }
+    // B (10.99.0.50) asks for a name the upstream answers at once; generous time to answer.
+    let d = dig_in(
+        &fx.c,
+        &["-b", "10.99.0.50", "+time=10", "www.example.test", "A"],
+    );
+    assert_eq!(
+        d.data("A"),
+        vec![FORWARDED_IP],
+        "VM B got no forwarded answer while VM A had {held} queries in flight: {}",
+        d.output
+    );
+    // ...while A's flood was still stuck (so it was tested against a full share).
+    assert!(
+        forwards_to(&fx.a, UPSTREAM) > 0,
+        "VM A's queries were gone before VM B's answer came"
+    );
+    assert!(
+        held <= MAX_IN_FLIGHT_PER_CLIENT,
+        "VM A held {held} forwarding slots (its share is {MAX_IN_FLIGHT_PER_CLIENT})"
+    );
+    // Over TCP, A (its share still full: the flood holds it for 15 s) gets SERVFAIL at once
+    // rather than a place in the queue; B's query is answered.
+    let d = dig_in(
+        &fx.c,
+        &["-b", VM_A, "+tcp", "+time=10", "more.slow.test", "A"],
+    );
+    assert_eq!(d.status, "SERVFAIL", "VM A over its share, TCP: {}", d.output);
+    let d = dig_in(
+        &fx.c,
+        &["-b", "10.99.0.50", "+tcp", "+time=10", "www.example.test", "A"],
+    );
+    assert_eq!(d.data("A"), vec![FORWARDED_IP], "TCP: {}", d.output);
+    assert!(
+        forwards_to(&fx.a, UPSTREAM) > 0,
+        "VM A's queries were gone before the TCP queries were done"
+    );
+    eprintln!("VM A: {sent} queries sent, {held} in flight; VM B answered");
 }
 
 #[test]
