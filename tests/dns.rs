@@ -767,10 +767,21 @@ fn one_vm_cannot_starve_the_others() {
         &fx.c,
         &["-b", VM_A, "+tcp", "+time=10", "more.slow.test", "A"],
     );
-    assert_eq!(d.status, "SERVFAIL", "VM A over its share, TCP: {}", d.output);
+    assert_eq!(
+        d.status, "SERVFAIL",
+        "VM A over its share, TCP: {}",
+        d.output
+    );
     let d = dig_in(
         &fx.c,
-        &["-b", "10.99.0.50", "+tcp", "+time=10", "www.example.test", "A"],
+        &[
+            "-b",
+            "10.99.0.50",
+            "+tcp",
+            "+time=10",
+            "www.example.test",
+            "A",
+        ],
     );
     assert_eq!(d.data("A"), vec![FORWARDED_IP], "TCP: {}", d.output);
     assert!(

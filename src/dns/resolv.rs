@@ -347,7 +347,9 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("resolv.conf");
         std::fs::write(&path, "nameserver 10.0.0.1\n").unwrap();
-        let (rc, first) = ResolvConf::new(path.clone(), GW, "t".into()).refreshed().await;
+        let (rc, first) = ResolvConf::new(path.clone(), GW, "t".into())
+            .refreshed()
+            .await;
         assert_eq!(first.servers, vec!["10.0.0.1:53".parse().unwrap()]);
         let (tx, mut rx) = watch::channel(first);
         let (stop, stop_rx) = watch::channel(false);

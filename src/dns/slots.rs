@@ -165,10 +165,7 @@ mod tests {
     async fn acquire_waits_for_the_server_but_not_past_the_share() {
         let slots = Slots::new(1, 1);
         let a = slots.acquire(ip(1)).await.unwrap();
-        assert_eq!(
-            slots.acquire(ip(1)).await.err(),
-            Some(Refused::ClientFull)
-        );
+        assert_eq!(slots.acquire(ip(1)).await.err(), Some(Refused::ClientFull));
         let waiter = {
             let slots = slots.clone();
             tokio::spawn(async move { slots.acquire(ip(2)).await.map(|_| ()) })
