@@ -27,9 +27,9 @@ use nix::sys::socket::{self, sockopt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
 use tokio::sync::{Semaphore, watch};
+use tokio::task::{JoinHandle, JoinSet};
 
 use slots::{Refused, Slots};
-use tokio::task::{JoinHandle, JoinSet};
 
 /// DNS port, on the gateway address only.
 pub const DNS_PORT: u16 = 53;
