@@ -26,6 +26,21 @@ pub const MAX_FILE_BYTES: u64 = 1 << 20;
 /// cost a user-database lookup per acquire.
 pub const MAX_PRINCIPALS: usize = 1024;
 
+/// The most endpoints one network can hold: a Linux bridge numbers its ports 1 to 1023
+/// (`BR_MAX_PORTS` is 1024 and port 0 is reserved), and the 1024th TAP gets `EXFULL`.
+/// The TAP limits below are checked against it.
+pub const MAX_ENDPOINTS_PER_NETWORK: u32 = 1023;
+
+/// Live TAPs one non-root uid may hold on one network, across all its connections.
+/// A VM has one or a few NICs on a network, so 64 runs dozens of VMs per user, while
+/// 16 users are needed to reach the non-root total below.
+pub const DEFAULT_MAX_TAPS_PER_UID: u32 = 64;
+
+/// Live TAPs all non-root users together may hold on one network. The rest of the
+/// bridge's ports (64 of 1023) are root's reserve: however many users fill the network,
+/// root can still attach.
+pub const DEFAULT_MAX_NONROOT_TAPS: u32 = MAX_ENDPOINTS_PER_NETWORK - 64;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
@@ -99,6 +114,11 @@ pub struct NetworkConfig {
     pub dns: bool,
     pub allow_spoofing: bool,
     pub isolation: bool,
+    /// Live TAPs one non-root uid may hold on the network (root is not limited).
+    pub max_taps_per_uid: u32,
+    /// Live TAPs all non-root uids together may hold on the network; the rest of what
+    /// the network can hold is root's.
+    pub max_nonroot_taps: u32,
     /// Where the definition came from, for logs and `check-config`.
     pub source: Source,
     /// The subnets other definitions of the config directory fix, with their network's
@@ -132,6 +152,8 @@ impl NetworkConfig {
             dns: true,
             allow_spoofing: false,
             isolation: false,
+            max_taps_per_uid: DEFAULT_MAX_TAPS_PER_UID,
+            max_nonroot_taps: DEFAULT_MAX_NONROOT_TAPS,
             source: Source::BuiltIn,
             fixed_elsewhere: vec![],
         }
@@ -275,6 +297,8 @@ struct RawFile {
     dns: Option<bool>,
     allow_spoofing: Option<bool>,
     isolation: Option<bool>,
+    max_taps_per_uid: Option<u32>,
+    max_nonroot_taps: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -407,6 +431,24 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<NetworkConfig, Confi
     c.dns = raw.dns.unwrap_or(true);
     c.allow_spoofing = raw.allow_spoofing.unwrap_or(false);
     c.isolation = raw.isolation.unwrap_or(false);
+    if let Some(n) = raw.max_taps_per_uid {
+        if !(1..=MAX_ENDPOINTS_PER_NETWORK).contains(&n) {
+            return Err(err(format!(
+                "max_taps_per_uid {n} must be between 1 and {MAX_ENDPOINTS_PER_NETWORK} (the ports of a bridge)"
+            )));
+        }
+        c.max_taps_per_uid = n;
+    }
+    if let Some(n) = raw.max_nonroot_taps {
+        // Below the bridge's size, so at least one port is always root's.
+        let most = MAX_ENDPOINTS_PER_NETWORK - 1;
+        if n > most {
+            return Err(err(format!(
+                "max_nonroot_taps {n} must be at most {most}: the bridge has {MAX_ENDPOINTS_PER_NETWORK} ports and root keeps at least one"
+            )));
+        }
+        c.max_nonroot_taps = n;
+    }
     if let Some(lease) = raw.lease_time {
         if lease < 60 {
             return Err(err(format!(
@@ -746,6 +788,7 @@ mod tests {
         assert_eq!(c.mtu, 1500);
         assert!(c.dhcp && c.dns && !c.isolation && !c.allow_spoofing);
         assert_eq!(c.gateway, None);
+        assert_eq!((c.max_taps_per_uid, c.max_nonroot_taps), (64, 959));
     }
 
     #[test]
@@ -754,7 +797,8 @@ mod tests {
             "mask": "255.255.255.240", "mtu": 9000, "allowed_users": ["alice", 1001],
             "allowed_groups": ["kvm"], "dhcp_range": {"start": "192.168.42.5", "end": "192.168.42.9"},
             "dhcp_reservations": [{"mac": "52:54:00:00:00:01", "ip": "192.168.42.10"}],
-            "lease_time": 600, "dns": false, "isolation": true}"#)
+            "lease_time": 600, "dns": false, "isolation": true,
+            "max_taps_per_uid": 8, "max_nonroot_taps": 0}"#)
         .unwrap();
         assert_eq!(c.mode, Mode::Host);
         assert_eq!(c.fixed_subnet().unwrap().to_string(), "192.168.42.0/28");
@@ -766,6 +810,7 @@ mod tests {
         );
         assert_eq!(c.dhcp_reservations[0].mac, [0x52, 0x54, 0, 0, 0, 1]);
         assert!(!c.dns && c.isolation);
+        assert_eq!((c.max_taps_per_uid, c.max_nonroot_taps), (8, 0));
     }
 
     #[test]
@@ -782,6 +827,11 @@ mod tests {
                 "broadcast address",
             ),
             (r#"{"mtu": 20}"#, "mtu 20"),
+            (r#"{"max_taps_per_uid": 0}"#, "between 1 and 1023"),
+            (r#"{"max_taps_per_uid": 1024}"#, "between 1 and 1023"),
+            (r#"{"max_taps_per_uid": -1}"#, "invalid value"),
+            (r#"{"max_nonroot_taps": 1023}"#, "at most 1022"),
+            (r#"{"max_nonroot_taps": 5000000000}"#, "invalid value"),
             (
                 r#"{"dhcp_range": {"start": "10.0.0.2", "end": "10.0.0.3"}}"#,
                 "fixed \"subnet\"",

@@ -37,8 +37,30 @@ pub const MAX_CONNECTIONS_PER_UID: usize = 256;
 
 pub type ClientId = u64;
 
-/// Size of a network's MAC map at which it is first pruned to the live endpoints.
-const PRUNE_MACS_FROM: usize = 64;
+/// Size of a network's map of endpoints handed out at which it is first pruned to the
+/// live ones.
+const PRUNE_HANDED_FROM: usize = 64;
+
+/// A per-network TAP limit a non-root acquire ran into (the network file's
+/// `max_taps_per_uid` and `max_nonroot_taps`). Only live TAPs count.
+#[derive(Debug, thiserror::Error)]
+pub enum TapLimit {
+    #[error("uid {uid} already holds {held} TAPs on network {network:?} (at most {most})")]
+    PerUid {
+        uid: u32,
+        network: String,
+        held: usize,
+        most: u32,
+    },
+    #[error(
+        "non-root users already hold {held} TAPs on network {network:?} (at most {most}; the rest is reserved for root)"
+    )]
+    NonRoot {
+        network: String,
+        held: usize,
+        most: u32,
+    },
+}
 
 /// Why the registry refused or failed a request. The server maps each kind to a wire
 /// error code; the message with its causes ([`crate::error::chain`]) goes to the log
@@ -61,6 +83,16 @@ pub enum RegistryError {
         "a client may hold at most {MAX_TAPS_PER_CLIENT} TAPs at once, and which are still open is unknown"
     )]
     EndpointsUnknown(#[source] BackendError),
+    #[error(transparent)]
+    TapLimit(TapLimit),
+    /// At a per-network TAP limit, and the backend cannot say which TAPs are still open:
+    /// refused rather than forgetting the count.
+    #[error("{limit}, and which of them are still open is unknown")]
+    TapLimitUnknown {
+        limit: TapLimit,
+        #[source]
+        source: BackendError,
+    },
     #[error("no network named {0:?}")]
     NotFound(String),
     /// The host failed us (permissions, out of fds): not the client's fault, and not a
@@ -173,15 +205,23 @@ struct Network<N> {
     pending: usize,
     /// Endpoints attached so far; names and MACs derive from it.
     serial: u64,
-    /// The guest MAC of each endpoint handed out, so no MAC (requested or suggested) is
-    /// given to two live endpoints at once. Pruned to the live endpoints whenever it has
-    /// doubled since the last pruning, so it follows them at an amortized constant cost.
-    macs: BTreeMap<EndpointId, [u8; 6]>,
-    prune_macs_at: usize,
+    /// Each endpoint handed out: its guest MAC, so no MAC (requested or suggested) is
+    /// given to two live endpoints at once, and the uid it went to, for the TAP limits.
+    /// Pruned to the live endpoints whenever it has doubled since the last pruning (so it
+    /// follows them at an amortized constant cost) and when an acquire is at a limit.
+    handed: BTreeMap<EndpointId, Handed>,
+    prune_handed_at: usize,
     /// When the idle removal is due, while no client holds the network.
     removal_at: Option<Instant>,
     /// Bumped whenever the network is acquired again, so a stale timer does nothing.
     generation: u64,
+}
+
+/// What the registry remembers of an endpoint it handed out.
+#[derive(Debug, Clone, Copy)]
+struct Handed {
+    mac: [u8; 6],
+    uid: u32,
 }
 
 struct Client {
@@ -488,8 +528,8 @@ impl<B: Backend> Registry<B> {
                 clients: BTreeSet::new(),
                 pending: 1,
                 serial: 0,
-                macs: BTreeMap::new(),
-                prune_macs_at: PRUNE_MACS_FROM,
+                handed: BTreeMap::new(),
+                prune_handed_at: PRUNE_HANDED_FROM,
                 removal_at: None,
                 generation: 0,
             },
@@ -587,18 +627,32 @@ impl<B: Backend> Registry<B> {
             requested_mac,
             persistent,
         } = ask;
-        let prune = {
+        // The counts only shrink when endpoints close, and this acquire holds the
+        // network's lock: no other attach can change them between check and attach.
+        let (prune, at_limit) = {
             let st = self.lock();
             let net = Self::network(&st, name, instance);
-            requested_mac.is_some() || net.macs.len() >= net.prune_macs_at
+            let at_limit = Self::tap_limit(net, name, &live.config, peer.uid);
+            let prune = requested_mac.is_some()
+                || at_limit.is_some()
+                || net.handed.len() >= net.prune_handed_at;
+            (prune, at_limit)
         };
         if prune {
             match self.backend.live_endpoints(&live.handle).await {
                 Ok(endpoints) => {
                     let mut st = self.lock();
                     let net = Self::network_mut(&mut st, name, instance);
-                    net.macs.retain(|e, _| endpoints.contains(e));
-                    net.prune_macs_at = (2 * net.macs.len()).max(PRUNE_MACS_FROM);
+                    net.handed.retain(|e, _| endpoints.contains(e));
+                    net.prune_handed_at = (2 * net.handed.len()).max(PRUNE_HANDED_FROM);
+                }
+                // At a limit, the TAPs counted may all still be open: refuse rather than
+                // forget them.
+                Err(source) if at_limit.is_some() => {
+                    return Err(RegistryError::TapLimitUnknown {
+                        limit: at_limit.expect("checked"),
+                        source,
+                    });
                 }
                 // Keeping every MAC handed out can only refuse a MAC that is free, never
                 // give one twice.
@@ -612,20 +666,23 @@ impl<B: Backend> Registry<B> {
         let request = {
             let mut st = self.lock();
             let net = Self::network_mut(&mut st, name, instance);
+            if let Some(limit) = Self::tap_limit(net, name, &live.config, peer.uid) {
+                return Err(RegistryError::TapLimit(limit));
+            }
             let in_use =
-                |macs: &BTreeMap<EndpointId, [u8; 6]>, mac| macs.values().any(|m| *m == mac);
+                |handed: &BTreeMap<EndpointId, Handed>, mac| handed.values().any(|h| h.mac == mac);
             let mut serial = net.serial;
             let mac = match requested_mac {
                 // Suggestions are predictable, so another client may have asked for one
                 // already: skip those in use.
                 None => {
-                    while in_use(&net.macs, guest_mac(name, serial)) {
+                    while in_use(&net.handed, guest_mac(name, serial)) {
                         serial += 1;
                     }
                     guest_mac(name, serial)
                 }
                 Some(mac) => {
-                    if let Some((endpoint, _)) = net.macs.iter().find(|(_, m)| **m == mac) {
+                    if let Some((endpoint, _)) = net.handed.iter().find(|(_, h)| h.mac == mac) {
                         return Err(RegistryError::MacInUse {
                             mac,
                             network: name.to_string(),
@@ -658,7 +715,13 @@ impl<B: Backend> Registry<B> {
             info!(network = name, "idle removal cancelled");
         }
         net.clients.insert(client);
-        net.macs.insert(attachment.id.clone(), request.mac);
+        net.handed.insert(
+            attachment.id.clone(),
+            Handed {
+                mac: request.mac,
+                uid: peer.uid,
+            },
+        );
         let net_clients = net.clients.len();
         let Some(entry) = st.clients.get_mut(&client) else {
             return Err(RegistryError::UnknownClient);
@@ -687,6 +750,43 @@ impl<B: Backend> Registry<B> {
             mac: request.mac,
             attachment,
         })
+    }
+
+    /// The per-network TAP limit a new TAP for `uid` would exceed, counting every
+    /// endpoint handed out that is not known to be closed. Root has none: it may use
+    /// every port the network has, including the reserve non-root users cannot take.
+    fn tap_limit(
+        net: &Network<B::Network>,
+        name: &str,
+        config: &NetworkConfig,
+        uid: u32,
+    ) -> Option<TapLimit> {
+        if uid == 0 {
+            return None;
+        }
+        let (mut mine, mut nonroot) = (0, 0);
+        for h in net.handed.values().filter(|h| h.uid != 0) {
+            nonroot += 1;
+            if h.uid == uid {
+                mine += 1;
+            }
+        }
+        if mine >= config.max_taps_per_uid as usize {
+            return Some(TapLimit::PerUid {
+                uid,
+                network: name.to_string(),
+                held: mine,
+                most: config.max_taps_per_uid,
+            });
+        }
+        if nonroot >= config.max_nonroot_taps as usize {
+            return Some(TapLimit::NonRoot {
+                network: name.to_string(),
+                held: nonroot,
+                most: config.max_nonroot_taps,
+            });
+        }
+        None
     }
 
     /// The entry of a network whose lock the caller holds: it cannot go away meanwhile.
@@ -1399,6 +1499,174 @@ mod tests {
         acquire(&r, b, "shared", None, false).await.unwrap();
         r.backend().close(&held[0].interface);
         acquire(&r, a, "shared", None, false).await.unwrap();
+    }
+
+    /// A registry serving `lab` with the given TAP limits.
+    fn limited(per_uid: u32, nonroot: u32) -> (tempfile::TempDir, Arc<Registry<Fake>>) {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("lab.json"),
+            format!(r#"{{"max_taps_per_uid": {per_uid}, "max_nonroot_taps": {nonroot}}}"#),
+        )
+        .unwrap();
+        let r = registry_in(dir.path(), Fake::default());
+        (dir, r)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_uid_holds_a_bounded_number_of_taps_across_its_connections() {
+        let (_dir, r) = limited(3, 100);
+        let (a, b) = (
+            connect(&r, peer(1000)).await.unwrap(),
+            connect(&r, peer(1000)).await.unwrap(),
+        );
+        let mut held = vec![];
+        for c in [a, b, a] {
+            held.push(acquire(&r, c, "lab", None, false).await.unwrap().0);
+        }
+        for c in [a, b] {
+            let e = acquire(&r, c, "lab", None, false).await.unwrap_err();
+            assert_eq!(e.code, ErrorCode::InternalError);
+            assert_eq!(
+                e.message,
+                "uid 1000 already holds 3 TAPs on network \"lab\" (at most 3)"
+            );
+        }
+        // A third connection of the same uid is no way around it, nor is closing the
+        // connections while the VMs keep their TAPs open.
+        r.disconnect(a).await;
+        let c = connect(&r, peer(1000)).await.unwrap();
+        assert!(acquire(&r, c, "lab", None, false).await.is_err());
+        // Other uids and root are not affected.
+        let other = connect(&r, peer(1001)).await.unwrap();
+        acquire(&r, other, "lab", None, false).await.unwrap();
+        let root = connect(&r, peer(0)).await.unwrap();
+        for _ in 0..5 {
+            acquire(&r, root, "lab", None, false).await.unwrap();
+        }
+        // A TAP its VM closed frees its slot, one slot per TAP.
+        r.backend().close(&held[0].interface);
+        acquire(&r, c, "lab", None, false).await.unwrap();
+        let e = acquire(&r, b, "lab", None, false).await.unwrap_err();
+        assert!(e.message.contains("holds 3 TAPs"), "{}", e.message);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn non_root_users_leave_a_reserve_that_only_root_can_use() {
+        let (_dir, r) = limited(2, 5);
+        let mut held = vec![];
+        for uid in 1000..1003 {
+            let c = connect(&r, peer(uid)).await.unwrap();
+            for _ in 0..2 {
+                match acquire(&r, c, "lab", None, false).await {
+                    Ok((info, _)) => held.push(info),
+                    Err(e) => {
+                        assert_eq!((uid, held.len()), (1002, 5), "{}", e.message);
+                        assert_eq!(e.code, ErrorCode::InternalError);
+                        assert_eq!(
+                            e.message,
+                            "non-root users already hold 5 TAPs on network \"lab\" \
+                             (at most 5; the rest is reserved for root)"
+                        );
+                    }
+                }
+            }
+        }
+        assert_eq!(held.len(), 5);
+        let newcomer = connect(&r, peer(1003)).await.unwrap();
+        let e = acquire(&r, newcomer, "lab", None, false).await.unwrap_err();
+        assert!(e.message.contains("reserved for root"), "{}", e.message);
+        // Root's TAPs do not count against the users' total, and root is not held to it.
+        let root = connect(&r, peer(0)).await.unwrap();
+        for _ in 0..10 {
+            acquire(&r, root, "lab", None, false).await.unwrap();
+        }
+        assert!(acquire(&r, newcomer, "lab", None, false).await.is_err());
+        r.backend().close(&held[0].interface);
+        acquire(&r, newcomer, "lab", None, false).await.unwrap();
+        assert!(acquire(&r, newcomer, "lab", None, false).await.is_err());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn default_limits_keep_a_reserve_for_root_on_a_full_network() {
+        let r = registry();
+        // Each uid acquires over two connections until refused, then the next uid takes
+        // over, until a refusal is not about the uid's own limit.
+        let mut got = vec![];
+        let mut uid = 999;
+        let last = 'fill: loop {
+            uid += 1;
+            assert!(uid < 1100, "never refused but for the uid's own limit");
+            let conns = [
+                connect(&r, peer(uid)).await.unwrap(),
+                connect(&r, peer(uid)).await.unwrap(),
+            ];
+            got.push(0);
+            for i in 0.. {
+                match acquire(&r, conns[i % 2], "shared", None, false).await {
+                    Ok(_) => *got.last_mut().unwrap() += 1,
+                    Err(e) if e.message.contains(&format!("uid {uid} already holds 64")) => {
+                        break;
+                    }
+                    Err(e) => break 'fill e,
+                }
+            }
+        };
+        // 64 each for 14 users, 63 for the 15th: 959 in all, 64 ports left for root.
+        assert_eq!(got.len(), 15);
+        assert!(got[..14].iter().all(|n| *n == 64), "{got:?}");
+        assert_eq!(got[14], 63);
+        assert_eq!(
+            last.message,
+            "non-root users already hold 959 TAPs on network \"shared\" \
+             (at most 959; the rest is reserved for root)"
+        );
+        assert_eq!(r.status().await.networks[0].endpoints.len(), 959);
+        let e = acquire(
+            &r,
+            connect(&r, peer(1000)).await.unwrap(),
+            "shared",
+            None,
+            false,
+        )
+        .await
+        .unwrap_err();
+        assert!(
+            e.message.contains("uid 1000 already holds 64"),
+            "{}",
+            e.message
+        );
+        for _ in 0..2 {
+            let root = connect(&r, peer(0)).await.unwrap();
+            for _ in 0..32 {
+                acquire(&r, root, "shared", None, false).await.unwrap();
+            }
+        }
+        assert_eq!(r.status().await.networks[0].endpoints.len(), 1023);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn at_a_tap_limit_a_failed_listing_refuses_rather_than_forgets() {
+        let (_dir, r) = limited(2, 100);
+        let a = connect(&r, peer(1000)).await.unwrap();
+        let (first, _) = acquire(&r, a, "lab", None, false).await.unwrap();
+        acquire(&r, a, "lab", None, false).await.unwrap();
+        r.backend().close(&first.interface);
+        r.backend().fail_endpoints.store(true, Ordering::SeqCst);
+        let e = acquire(&r, a, "lab", None, false).await.unwrap_err();
+        assert_eq!(e.code, ErrorCode::InternalError);
+        assert_eq!(
+            e.message,
+            "uid 1000 already holds 2 TAPs on network \"lab\" (at most 2), and which of them \
+             are still open is unknown: netlink dump interrupted"
+        );
+        // Below the limit the listing is not needed, and root never needs it.
+        let b = connect(&r, peer(1001)).await.unwrap();
+        acquire(&r, b, "lab", None, false).await.unwrap();
+        let root = connect(&r, peer(0)).await.unwrap();
+        acquire(&r, root, "lab", None, false).await.unwrap();
+        r.backend().fail_endpoints.store(false, Ordering::SeqCst);
+        acquire(&r, a, "lab", None, false).await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]

@@ -120,6 +120,8 @@ pub fn wire_error(e: &RegistryError) -> BrokerError {
         | RegistryError::TooManyNetworks
         | RegistryError::TooManyEndpoints
         | RegistryError::EndpointsUnknown(_)
+        | RegistryError::TapLimit(_)
+        | RegistryError::TapLimitUnknown { .. }
         | RegistryError::Unreadable { .. }
         | RegistryError::Lookup(_)
         | RegistryError::Task(_) => ErrorCode::InternalError,
