@@ -1003,3 +1003,133 @@ fn open_file_limit_is_raised_to_the_hard_limit() {
     .unwrap();
     assert!(exit_within(&mut serve, Duration::from_secs(10)).success());
 }
+
+/// `vmnet-broker acquire --hold NAME...` run as `uid` in the broker's namespace: one
+/// connection that acquires a TAP per name, in order, and holds them. Killed on drop.
+struct Holder(std::process::Child);
+
+impl Drop for Holder {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// What became of one [`hold_as`] connection.
+enum Held {
+    /// It holds every TAP it asked for; the interfaces.
+    All(Holder, Vec<String>),
+    /// An acquire was refused: the CLI's stderr. (It exits, so its TAPs close.)
+    Refused(String),
+}
+
+fn hold_as(b: &Broker, bin: &std::path::Path, uid: u32, names: &[&str]) -> Held {
+    let mut child = Holder(
+        b.ns.cmd("setpriv")
+            .args([
+                &format!("--reuid={uid}"),
+                &format!("--regid={uid}"),
+                "--clear-groups",
+            ])
+            .arg(bin)
+            .args(["acquire", "--hold"])
+            .args(names)
+            .current_dir(b.dir.path())
+            .env("VMNET_BROKER_SOCKET", &b.socket)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
+    let mut taps = vec![];
+    for _ in names {
+        let line = read_line(&mut child.0);
+        if line.is_empty() {
+            // End of output before every reply: the CLI failed and is exiting.
+            let mut stderr = String::new();
+            std::io::Read::read_to_string(&mut child.0.stderr.take().unwrap(), &mut stderr)
+                .unwrap();
+            assert_eq!(child.0.wait().unwrap().code(), Some(1), "{stderr}");
+            return Held::Refused(stderr);
+        }
+        let reply: serde_json::Value = serde_json::from_str(&line).unwrap();
+        taps.push(reply["interface"].as_str().unwrap().to_string());
+    }
+    Held::All(child, taps)
+}
+
+fn bridge_ports(b: &Broker, bridge: &str) -> usize {
+    b.ns.sh(&format!("ls /sys/class/net/{bridge}/brif"))
+        .split_whitespace()
+        .count()
+}
+
+#[test]
+fn one_uid_cannot_fill_a_bridge_and_root_keeps_a_reserve() {
+    let b = Broker::start(Options {
+        files: vec![(
+            "lab.json".into(),
+            r#"{"mode":"host","max_taps_per_uid":4,"max_nonroot_taps":6}"#.into(),
+        )],
+        ..Default::default()
+    });
+    b.ns.sh(&format!("chmod 0666 {}", b.socket.display()));
+    let bin = b.bin_for_any_uid();
+    let root = b.client();
+    let first = root.acquire("lab").unwrap();
+    let bridge = first.info.bridge.clone();
+
+    // The attack: connection after connection of one uid, each acquiring TAPs, until
+    // the broker says no.
+    let mut attacker = vec![];
+    let refusal = loop {
+        assert!(attacker.len() < 20, "uid 60001 was never refused");
+        match hold_as(&b, &bin, 60001, &["lab", "lab"]) {
+            Held::All(holder, taps) => attacker.push((holder, taps)),
+            Held::Refused(stderr) => break stderr,
+        }
+    };
+    assert_eq!(attacker.len(), 2, "{refusal}");
+    assert_eq!(
+        refusal.trim(),
+        "error 7: uid 60001 already holds 4 TAPs on network \"lab\" (at most 4)"
+    );
+    assert!(b.log().contains("acquire refused"));
+    assert_eq!(bridge_ports(&b, &bridge), 1 + 4);
+
+    // Another uid still gets in, up to the total for non-root users.
+    let Held::All(_other, _) = hold_as(&b, &bin, 60002, &["lab", "lab"]) else {
+        panic!("uid 60002 refused")
+    };
+    let Held::Refused(full) = hold_as(&b, &bin, 60003, &["lab"]) else {
+        panic!("the non-root total was not enforced")
+    };
+    assert!(
+        full.contains("non-root users already hold 6 TAPs on network \"lab\""),
+        "{full}"
+    );
+    // Root always gets through: the rest of the bridge is its reserve.
+    let mine: Vec<_> = (0..8).map(|_| root.acquire("lab").unwrap()).collect();
+    assert_eq!(bridge_ports(&b, &bridge), 1 + 6 + 8);
+
+    // TAPs that close free their slots: the attacker's VMs exit...
+    let (holder, taps) = attacker.pop().unwrap();
+    drop(holder);
+    b.wait_for(
+        "the attacker's TAPs to close",
+        Duration::from_secs(10),
+        || {
+            let links = b.ns.links();
+            taps.iter().all(|t| !links.contains(t))
+        },
+    );
+    // ... and a newcomer gets in, but not past the total again.
+    let Held::All(_newcomer, _) = hold_as(&b, &bin, 60003, &["lab", "lab"]) else {
+        panic!("a freed slot was not given out")
+    };
+    assert!(matches!(
+        hold_as(&b, &bin, 60004, &["lab"]),
+        Held::Refused(_)
+    ));
+    drop((first, mine));
+}
