@@ -1133,3 +1133,58 @@ fn one_uid_cannot_fill_a_bridge_and_root_keeps_a_reserve() {
     ));
     drop((first, mine));
 }
+
+#[test]
+fn default_limits_keep_a_full_bridge_open_to_root() {
+    let b = Broker::start(Options::default());
+    b.ns.sh(&format!("chmod 0666 {}", b.socket.display()));
+    let bin = b.bin_for_any_uid();
+    let per_connection = ["host"; 32];
+    // User after user attacks: two connections of 32 TAPs each, until a refusal that is
+    // not about the user's own limit.
+    let mut held = vec![];
+    let mut uid = 61000;
+    let refusal = 'fill: loop {
+        assert!(uid < 61020, "non-root users were never refused");
+        for _ in 0..2 {
+            match hold_as(&b, &bin, uid, &per_connection) {
+                Held::All(holder, _) => held.push(holder),
+                Held::Refused(e) => break 'fill e,
+            }
+        }
+        uid += 1;
+    };
+    // 64 each for 14 users; the 15th got 31 more on its second connection (which then
+    // exited, closing them).
+    assert_eq!((uid, held.len()), (61014, 29), "{refusal}");
+    assert_eq!(
+        refusal.trim(),
+        "error 7: non-root users already hold 959 TAPs on network \"host\" \
+         (at most 959; the rest is reserved for root)"
+    );
+    let bridge = b.client().status().unwrap().networks[0].bridge.clone();
+    b.wait_for(
+        "the refused connection's TAPs to close",
+        Duration::from_secs(20),
+        || bridge_ports(&b, &bridge) == 29 * 32,
+    );
+    let Held::All(last, _) = hold_as(&b, &bin, 61015, &["host"; 31]) else {
+        panic!("the last 31 of the non-root total were refused")
+    };
+    held.push(last);
+    assert!(matches!(
+        hold_as(&b, &bin, 61016, &["host"]),
+        Held::Refused(e) if e.contains("at most 959")
+    ));
+    assert_eq!(bridge_ports(&b, &bridge), 959);
+
+    // Root gets every port that is left, up to what the kernel allows a bridge.
+    let root: Vec<_> = (0..2).map(|_| b.client()).collect();
+    let mine: Vec<_> = (0..64)
+        .map(|i| root[i % 2].acquire("host").unwrap())
+        .collect();
+    assert_eq!(bridge_ports(&b, &bridge), 1023);
+    let over = b.client().acquire("host").unwrap_err();
+    assert_eq!(over.code, ErrorCode::CreateFailure, "{}", over.message);
+    drop((mine, held));
+}
