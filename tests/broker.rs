@@ -367,6 +367,10 @@ fn invalid_config_files_are_reported_and_do_not_disturb_others() {
                 "unfit.json".into(),
                 r#"{"subnet":"10.9.8.0","mask":"255.255.255.0"}"#.into(),
             ),
+            (
+                "noreserve.json".into(),
+                r#"{"max_nonroot_taps":1023}"#.into(),
+            ),
         ],
         ..Default::default()
     });
@@ -384,6 +388,10 @@ fn invalid_config_files_are_reported_and_do_not_disturb_others() {
         ("typo.json", "unknown field `mtuu`"),
         ("badmask.json", "not contiguous"),
         ("unfit.json", "network address"),
+        (
+            "noreserve.json",
+            "max_nonroot_taps 1023 must be at most 1022",
+        ),
     ] {
         assert!(
             text.lines()
@@ -397,7 +405,7 @@ fn invalid_config_files_are_reported_and_do_not_disturb_others() {
         "{text}"
     );
     let c = b.client();
-    for bad in ["typo", "badmask", "unfit"] {
+    for bad in ["typo", "badmask", "unfit", "noreserve"] {
         let e = c.acquire(bad).unwrap_err();
         assert_eq!(e.code, ErrorCode::NotFound);
         assert!(e.message.contains(&format!("{bad}.json")), "{}", e.message);
