@@ -27,8 +27,9 @@ use tracing::{info, warn};
 /// The original broker's limit: the 9th distinct network of one client fails.
 pub const MAX_NETWORKS_PER_CLIENT: usize = 8;
 
-/// Live TAPs one connection may hold (across its networks). A bridge takes at most 1024
-/// ports; without a limit one client could take them all from everyone else.
+/// Live TAPs one connection may hold (across its networks), root's included. What one
+/// uid or all users may hold on one network are the network's own limits
+/// ([`NetworkConfig::max_taps_per_uid`], [`NetworkConfig::max_nonroot_taps`]).
 pub const MAX_TAPS_PER_CLIENT: usize = 64;
 
 /// Connections one non-root uid may have open at once, so one user cannot exhaust the
@@ -639,8 +640,8 @@ impl<B: Backend> Registry<B> {
             (prune, at_limit)
         };
         if prune {
-            match self.backend.live_endpoints(&live.handle).await {
-                Ok(endpoints) => {
+            match (self.backend.live_endpoints(&live.handle).await, at_limit) {
+                (Ok(endpoints), _) => {
                     let mut st = self.lock();
                     let net = Self::network_mut(&mut st, name, instance);
                     net.handed.retain(|e, _| endpoints.contains(e));
@@ -648,15 +649,12 @@ impl<B: Backend> Registry<B> {
                 }
                 // At a limit, the TAPs counted may all still be open: refuse rather than
                 // forget them.
-                Err(source) if at_limit.is_some() => {
-                    return Err(RegistryError::TapLimitUnknown {
-                        limit: at_limit.expect("checked"),
-                        source,
-                    });
+                (Err(source), Some(limit)) => {
+                    return Err(RegistryError::TapLimitUnknown { limit, source });
                 }
                 // Keeping every MAC handed out can only refuse a MAC that is free, never
                 // give one twice.
-                Err(e) => warn!(
+                (Err(e), None) => warn!(
                     network = name,
                     "cannot list live endpoints, keeping every MAC handed out: {}",
                     chain(&e)
