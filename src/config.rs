@@ -4,6 +4,7 @@
 //! One file per network, `<name>.json`. Files are parsed strictly (unknown fields are
 //! errors) and read again each time a network is created, never while it is active.
 
+use crate::mac::Mac;
 use crate::protocol::validate_network_name;
 use ipnet::Ipv4Net;
 use serde::Deserialize;
@@ -90,7 +91,7 @@ pub struct DhcpRange {
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reservation {
-    pub mac: [u8; 6],
+    pub mac: Mac,
     pub ip: Ipv4Addr,
 }
 
@@ -320,29 +321,6 @@ fn parse_ip(field: &str, s: &str) -> Result<Ipv4Addr, String> {
         .map_err(|_| format!("{field}: {} is not an IPv4 address", quoted(s)))
 }
 
-/// Parses "52:54:00:12:34:56" (or with '-') into bytes.
-pub fn parse_mac(s: &str) -> Result<[u8; 6], String> {
-    let parts: Vec<&str> = s.split([':', '-']).collect();
-    let mut mac = [0u8; 6];
-    if parts.len() != 6 {
-        return Err(format!("{s:?} is not a MAC address"));
-    }
-    for (b, p) in mac.iter_mut().zip(&parts) {
-        if p.len() != 2 {
-            return Err(format!("{s:?} is not a MAC address"));
-        }
-        *b = u8::from_str_radix(p, 16).map_err(|_| format!("{s:?} is not a MAC address"))?;
-    }
-    Ok(mac)
-}
-
-pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
 /// Turns a dotted mask into a prefix length; only contiguous masks are accepted.
 pub fn mask_to_prefix(mask: Ipv4Addr) -> Result<u8, String> {
     let bits = u32::from(mask);
@@ -500,7 +478,7 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<NetworkConfig, Confi
         if fixed.is_none() {
             return Err(needs_subnet("dhcp_reservations"));
         }
-        let mac = parse_mac(&r.mac).map_err(|_| {
+        let mac: Mac = r.mac.parse().map_err(|_| {
             err(format!(
                 "dhcp_reservations: {} is not a MAC address",
                 quoted(&r.mac)
@@ -516,7 +494,7 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<NetworkConfig, Confi
         if !macs.insert(mac) {
             return Err(err(format!(
                 "dhcp_reservations: MAC {} is reserved twice",
-                format_mac(&mac)
+                mac
             )));
         }
         if !ips.insert(ip) {
@@ -808,7 +786,10 @@ mod tests {
             c.allowed_users,
             vec![Principal::Name("alice".into()), Principal::Id(1001)]
         );
-        assert_eq!(c.dhcp_reservations[0].mac, [0x52, 0x54, 0, 0, 0, 1]);
+        assert_eq!(
+            c.dhcp_reservations[0].mac,
+            Mac::new([0x52, 0x54, 0, 0, 0, 1])
+        );
         assert!(!c.dns && c.isolation);
         assert_eq!((c.max_taps_per_uid, c.max_nonroot_taps), (8, 0));
     }

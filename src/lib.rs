@@ -3,14 +3,16 @@
 //!
 //! The core (`protocol`, `config`, `policy`, `registry`) knows nothing of the operating
 //! system; `backend` adapts it to one (Linux: bridges, TAPs, nftables, DHCP and DNS).
+//! The wire protocol and the blocking client live in the `vmnet-broker-client` crate,
+//! which launchers and the C library link without the daemon; they (and `mac`, the one
+//! MAC address type) are re-exported here so the daemon names them as its own modules.
 
 pub mod backend;
-pub mod client;
 pub mod config;
 pub mod dhcp;
 pub mod dns;
 pub mod error;
 pub mod policy;
-pub mod protocol;
 pub mod registry;
 pub mod server;
+pub use vmnet_broker_client::{client, mac, protocol};

@@ -5,7 +5,7 @@ mod cmd;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use vmnet_broker::protocol::{DEFAULT_SOCKET, SOCKET_ENV};
+use vmnet_broker_client::protocol::{DEFAULT_SOCKET, SOCKET_ENV};
 
 #[derive(Parser)]
 #[command(

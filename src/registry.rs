@@ -14,8 +14,9 @@
 use crate::backend::{
     AttachRequest, Attachment, Backend, BackendError, EndpointId, NetworkDetails,
 };
-use crate::config::{ConfigDir, ConfigError, Mode, NetworkConfig, format_mac, name_hash};
+use crate::config::{ConfigDir, ConfigError, Mode, NetworkConfig, name_hash};
 use crate::error::chain;
+use crate::mac::Mac;
 use crate::policy::{self, Denied, Directory, Peer};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -112,9 +113,9 @@ pub enum RegistryError {
     },
     #[error(transparent)]
     NotAllowed(#[from] Denied),
-    #[error("mac {} is in use on network {network:?} by {endpoint}", format_mac(.mac))]
+    #[error("mac {mac} is in use on network {network:?} by {endpoint}")]
     MacInUse {
-        mac: [u8; 6],
+        mac: Mac,
         network: String,
         endpoint: EndpointId,
     },
@@ -682,7 +683,7 @@ impl<B: Backend> Registry<B> {
                 Some(mac) => {
                     if let Some((endpoint, _)) = net.handed.iter().find(|(_, h)| h.mac == mac) {
                         return Err(RegistryError::MacInUse {
-                            mac,
+                            mac: Mac::from(mac),
                             network: name.to_string(),
                             endpoint: endpoint.clone(),
                         });
@@ -737,7 +738,7 @@ impl<B: Backend> Registry<B> {
             uid = peer.uid,
             network = name,
             endpoint = %attachment.id,
-            mac = %format_mac(&request.mac),
+            mac = %Mac::from(request.mac),
             network_clients = net_clients,
             "network acquired"
         );
@@ -1477,8 +1478,8 @@ mod tests {
         let b = connect(&r, peer(1001)).await.unwrap();
         acquire(&r, b, "shared", Some(taken), false).await.unwrap();
         let (c, _) = acquire(&r, a, "shared", None, false).await.unwrap();
-        assert_ne!(c.mac, format_mac(&taken));
-        assert_eq!(c.mac, format_mac(&guest_mac("shared", 3)));
+        assert_ne!(c.mac, Mac::from(taken).to_string());
+        assert_eq!(c.mac, Mac::from(guest_mac("shared", 3)).to_string());
     }
 
     #[tokio::test(start_paused = true)]

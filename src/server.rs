@@ -9,12 +9,12 @@
 //! details become the reply's `bridge` and `interface`, registry errors their codes.
 
 use crate::backend::{self, Backend};
-use crate::config::{format_mac, prefix_to_mask};
+use crate::config::prefix_to_mask;
 use crate::error::chain;
 use crate::policy::Peer;
 use crate::protocol::{
-    BrokerError, ClientStatus, ErrorCode, MAX_MESSAGE, NetworkInfo, NetworkStatus, Reply, Request,
-    Status,
+    BrokerError, ClientStatus, ErrorCode, MAX_MESSAGE, Mac, NetworkInfo, NetworkStatus, Reply,
+    Request, Status,
 };
 use crate::registry::{Acquired, ClientId, Registry, RegistryError, Snapshot};
 use nix::sys::socket::MsgFlags;
@@ -61,7 +61,7 @@ pub fn network_info<E>(a: &Acquired<E>) -> NetworkInfo {
             .get(backend::INTERFACE)
             .unwrap_or(&a.attachment.id.0)
             .to_string(),
-        mac: format_mac(&a.mac),
+        mac: Mac::from(a.mac).to_string(),
     }
 }
 
@@ -450,7 +450,7 @@ async fn respond<B: Backend<Endpoint: AsFd>>(
             persistent,
         }) => {
             match registry
-                .acquire(client, &network_name, mac, persistent)
+                .acquire(client, &network_name, mac.map(Mac::octets), persistent)
                 .await
             {
                 Ok(acquired) => {

@@ -13,9 +13,9 @@ use std::os::fd::AsFd;
 use std::process::Stdio;
 use std::time::Duration;
 use support::{Broker, Options, path_str, read_line};
-use vmnet_broker::backend::linux::tap::tap_name_of;
-use vmnet_broker::client::{Acquired, Client};
-use vmnet_broker::protocol::{ErrorCode, MAX_MESSAGE, Reply};
+use vmnet_broker_client::client::{Acquired, Client};
+use vmnet_broker_client::linux::tap_name_of;
+use vmnet_broker_client::protocol::{ErrorCode, MAX_MESSAGE, Mac, Reply};
 
 /// The TAP behind a received fd is the one the reply names, and it is on the bridge.
 fn assert_tap_on_bridge(b: &Broker, a: &Acquired) {
@@ -27,7 +27,7 @@ fn assert_tap_on_bridge(b: &Broker, a: &Acquired) {
     assert_eq!(master.trim(), a.info.bridge);
 }
 
-fn err_code(r: Result<Acquired, vmnet_broker::protocol::BrokerError>) -> ErrorCode {
+fn err_code(r: Result<Acquired, vmnet_broker_client::protocol::BrokerError>) -> ErrorCode {
     r.expect_err("acquire should fail").code
 }
 
@@ -680,11 +680,11 @@ fn requested_mac_in_use_is_refused() {
     let b = Broker::start(Options::default());
     let c = b.client();
     let a = c
-        .acquire_with_mac("shared", Some([0x52, 0x54, 0, 1, 2, 3]))
+        .acquire_with_mac("shared", Some(Mac::new([0x52, 0x54, 0, 1, 2, 3])))
         .unwrap();
     assert_eq!(a.info.mac, "52:54:00:01:02:03");
     let e = c
-        .acquire_with_mac("shared", Some([0x52, 0x54, 0, 1, 2, 3]))
+        .acquire_with_mac("shared", Some(Mac::new([0x52, 0x54, 0, 1, 2, 3])))
         .unwrap_err();
     assert_eq!(e.code, ErrorCode::InvalidRequest);
     assert!(e.message.contains("in use"), "{}", e.message);
@@ -693,7 +693,7 @@ fn requested_mac_in_use_is_refused() {
     b.wait_for("TAP gone", Duration::from_secs(5), || {
         c.status().unwrap().networks[0].taps.is_empty()
     });
-    c.acquire_with_mac("shared", Some([0x52, 0x54, 0, 1, 2, 3]))
+    c.acquire_with_mac("shared", Some(Mac::new([0x52, 0x54, 0, 1, 2, 3])))
         .unwrap();
 }
 

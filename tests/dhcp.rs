@@ -21,6 +21,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
 use vmnet_broker::config::{DhcpRange, Reservation};
 use vmnet_broker::dhcp::{DhcpConfig, DhcpServer, Lease};
+use vmnet_broker::protocol::Mac;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 
@@ -315,7 +316,7 @@ impl Drop for Servers {
 }
 
 fn mac_bytes(s: &str) -> [u8; 6] {
-    vmnet_broker::config::parse_mac(s).unwrap()
+    s.parse::<Mac>().unwrap().octets()
 }
 
 fn ip(s: &str) -> Ipv4Addr {
@@ -394,7 +395,7 @@ fn reservation_and_broadcast_flag() {
         end: ip("10.78.0.150"),
     });
     cfg.reservations = vec![Reservation {
-        mac: mac_bytes(MAC_B),
+        mac: MAC_B.parse().unwrap(),
         ip: ip("10.78.0.20"),
     }];
     cfg.dns_server = None;

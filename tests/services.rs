@@ -54,11 +54,9 @@ fn ip(s: &str) -> Ipv4Addr {
 }
 
 fn parse_mac(s: &str) -> [u8; 6] {
-    let v: Vec<u8> = s
-        .split(':')
-        .map(|b| u8::from_str_radix(b, 16).unwrap())
-        .collect();
-    v.try_into().unwrap()
+    s.parse::<vmnet_broker::protocol::Mac>()
+        .unwrap_or_else(|e| panic!("{e}"))
+        .octets()
 }
 
 fn subnet_of(a: &Acquired) -> ipnet::Ipv4Net {

@@ -1,9 +1,8 @@
-//! Holds src/protocol.rs to the shared vectors in tests/vectors/messages.json, the same
+//! Holds the client crate's protocol (client/src/protocol.rs) to the shared vectors in tests/vectors/messages.json, the same
 //! file the Go, Python and C clients are tested against.
 
 use serde_json::Value;
-use vmnet_broker::config::format_mac;
-use vmnet_broker::protocol::{
+use vmnet_broker_client::protocol::{
     ErrorCode, MAX_MESSAGE, NetworkInfo, PROTOCOL_VERSION, Reply, Request, Status, parse_guest_mac,
     strerror,
 };
@@ -88,7 +87,7 @@ fn accepts_the_accepted_requests() {
         };
         assert_eq!(got, want, "{}", t["description"]);
         if let (Request::Acquire { mac: Some(mac), .. }, Some(s)) = (&got, p["mac"].as_str()) {
-            assert_eq!(format_mac(mac), s, "MACs are written lowercase");
+            assert_eq!(mac.to_string(), s, "MACs are written lowercase");
         }
     }
 }

@@ -6,7 +6,7 @@ use crate::util::*;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-use vmnet_broker::client::Client;
+use vmnet_broker_client::Client;
 
 #[derive(Default, Debug, Clone)]
 pub struct Control {
@@ -285,7 +285,7 @@ fn many(n: usize) -> Many {
     let results: Vec<(
         Option<f64>,
         Option<String>,
-        Option<vmnet_broker::client::Acquired>,
+        Option<vmnet_broker_client::Acquired>,
     )> = std::thread::scope(|s| {
         let done = &done;
         s.spawn(move || {

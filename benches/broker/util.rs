@@ -9,7 +9,7 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use vmnet_broker::client::Client;
+use vmnet_broker_client::Client;
 
 pub fn median(v: &[f64]) -> f64 {
     percentile(v, 50.0)
@@ -223,7 +223,9 @@ impl BrokerProc {
 }
 
 pub fn parse_mac(s: &str) -> [u8; 6] {
-    vmnet_broker::config::parse_mac(s).unwrap()
+    s.parse::<vmnet_broker_client::Mac>()
+        .unwrap_or_else(|e| panic!("{e}"))
+        .octets()
 }
 
 fn csum(data: &[u8]) -> u16 {

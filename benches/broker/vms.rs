@@ -128,8 +128,12 @@ fn vm_to_vm(net: &'static str, secs: u32) -> VmSample {
             let b = broker_net();
             let c1 = b.client();
             let c2 = b.client();
-            let t1 = c1.acquire_with_mac("vmnet", Some(parse_mac(MAC1))).unwrap();
-            let t2 = c2.acquire_with_mac("vmnet", Some(parse_mac(MAC2))).unwrap();
+            let t1 = c1
+                .acquire_with_mac("vmnet", Some(parse_mac(MAC1).into()))
+                .unwrap();
+            let t2 = c2
+                .acquire_with_mac("vmnet", Some(parse_mac(MAC2).into()))
+                .unwrap();
             let o = std::thread::scope(|s| {
                 let h = s
                     .spawn(|| run_guest(&s1, nic("tap,id=n0,fd=3".into(), MAC1), &[t1.fd.as_fd()]));
@@ -202,7 +206,9 @@ fn host_to_vm(net: &'static str, secs: u32) -> VmSample {
         "broker" => {
             let b = broker_net();
             let c = b.client();
-            let t = c.acquire_with_mac("vmnet", Some(parse_mac(MAC2))).unwrap();
+            let t = c
+                .acquire_with_mac("vmnet", Some(parse_mac(MAC2).into()))
+                .unwrap();
             let _srv = server(&b.ns.name);
             let o = run_guest(&s2, nic("tap,id=n0,fd=3".into(), MAC2), &[t.fd.as_fd()]);
             drop((t, c));

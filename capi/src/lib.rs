@@ -10,8 +10,8 @@ use std::ffi::{CStr, c_char, c_int};
 use std::os::fd::{FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::Mutex;
-use vmnet_broker::client::Client;
-use vmnet_broker::protocol::{BrokerError, ErrorCode, NetworkInfo, parse_guest_mac};
+use vmnet_broker_client::client::Client;
+use vmnet_broker_client::protocol::{BrokerError, ErrorCode, NetworkInfo, parse_guest_mac};
 
 /// `vmnet_broker_return_t`: a status code (docs/protocol.md), unknown codes included.
 pub type VmnetBrokerReturn = c_int;
@@ -257,7 +257,7 @@ mod tests {
             let s = unsafe { CStr::from_ptr(vmnet_broker_strerror(code)) };
             assert_eq!(
                 s.to_str().unwrap(),
-                vmnet_broker::protocol::strerror(code.into())
+                vmnet_broker_client::protocol::strerror(code.into())
             );
         }
     }

@@ -11,7 +11,7 @@ use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-use vmnet_broker::client::Client;
+use vmnet_broker_client::Client;
 use vmnetbroker::VmnetBrokerNetworkInfo;
 
 fn crate_dir() -> PathBuf {

@@ -3,14 +3,14 @@ use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
 use std::process::ExitCode;
 use tokio::signal::unix::{SignalKind, signal};
-use vmnet_broker::client::Client;
-use vmnet_broker::protocol::{BrokerError, parse_guest_mac};
+use vmnet_broker_client::client::Client;
+use vmnet_broker_client::protocol::{BrokerError, Mac, parse_guest_mac};
 
 /// One `--network` argument: `NAME[,mac=MAC][,persistent]`.
 #[derive(Debug, PartialEq)]
 struct NetworkArg<'a> {
     name: &'a str,
-    mac: Option<[u8; 6]>,
+    mac: Option<Mac>,
     persistent: bool,
 }
 
@@ -149,14 +149,17 @@ pub fn main(socket: &Path, networks: &[String], command: &[String]) -> super::Re
 
 #[cfg(test)]
 mod tests {
-    use super::parse_network;
+    use super::{Mac, parse_network};
 
     #[test]
     fn network_arguments() {
         let n = parse_network("shared").unwrap();
         assert_eq!((n.name, n.mac, n.persistent), ("shared", None, false));
         let n = parse_network("host,mac=52:54:00:00:00:01").unwrap();
-        assert_eq!((n.name, n.mac), ("host", Some([0x52, 0x54, 0, 0, 0, 1])));
+        assert_eq!(
+            (n.name, n.mac),
+            ("host", Some(Mac::new([0x52, 0x54, 0, 0, 0, 1])))
+        );
         let n = parse_network("fc,persistent,mac=52:54:00:00:00:02").unwrap();
         assert!(n.persistent && n.mac.is_some());
         assert!(parse_network("host,mtu=9000").is_err());

@@ -1,6 +1,6 @@
 use std::path::Path;
 use std::process::ExitCode;
-use vmnet_broker::client::Client;
+use vmnet_broker_client::client::Client;
 
 pub fn main(socket: &Path, json: bool) -> super::Result {
     let status = Client::connect(socket)?.status()?;

@@ -6,6 +6,7 @@
 
 use super::Lease;
 use crate::config::{DhcpRange, Reservation};
+use crate::mac::Mac;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
@@ -90,8 +91,8 @@ impl LeaseStore {
         };
         for r in reservations {
             if subnet.contains(&r.ip) && r.ip != gateway {
-                store.reservations.insert(r.mac, r.ip);
-                store.reserved_ips.insert(r.ip, r.mac);
+                store.reservations.insert(r.mac.octets(), r.ip);
+                store.reserved_ips.insert(r.ip, r.mac.octets());
             }
         }
         store
@@ -348,7 +349,7 @@ impl LeaseStore {
             .iter()
             .filter(|(_, r)| r.expires > UNIX_EPOCH)
             .map(|(mac, r)| FileLease {
-                mac: format_mac(mac),
+                mac: Mac::from(*mac).to_string(),
                 ip: r.ip,
                 hostname: r.hostname.clone(),
                 expires: r
@@ -373,7 +374,7 @@ impl LeaseStore {
         // give one name to several: the first keeps it.
         let mut names = std::collections::HashSet::new();
         for l in file.leases {
-            let Ok(mac) = crate::config::parse_mac(&l.mac) else {
+            let Ok(mac) = l.mac.parse::<Mac>().map(Mac::octets) else {
                 skipped += 1;
                 continue;
             };
@@ -425,13 +426,6 @@ pub struct FileLease {
     pub expires: u64,
 }
 
-pub fn format_mac(mac: &[u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
-}
-
 /// Reduces a client-supplied host name to one DNS label (RFC 1123): the part before the
 /// first dot, lower case, letters/digits/hyphens only, at most 63 bytes. Names are
 /// published to DNS, so anything else is rewritten rather than trusted.
@@ -477,7 +471,7 @@ mod tests {
         let res: Vec<Reservation> = res
             .iter()
             .map(|(mac, i)| Reservation {
-                mac: *mac,
+                mac: Mac::from(*mac),
                 ip: ip(i),
             })
             .collect();

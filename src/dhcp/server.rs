@@ -8,10 +8,9 @@
 //! client (clients in INIT/SELECTING listen for broadcasts anyway) and costs nothing on
 //! a small bridge. NAKs are always broadcast.
 
-use super::leases::{
-    self, AllocError, LeaseFile, LeaseStore, Refusal, format_mac, sanitize_hostname,
-};
+use super::leases::{self, AllocError, LeaseFile, LeaseStore, Refusal, sanitize_hostname};
 use super::{BIND_TIMEOUT, BindHook, DhcpConfig, Lease};
+use crate::mac::Mac;
 use dhcproto::v4::{
     CLIENT_PORT, DhcpOption, DhcpOptions, Flags, HType, MIN_PACKET_SIZE, Message, MessageType,
     Opcode, OptionCode, SERVER_PORT,
@@ -179,7 +178,7 @@ impl State {
             debug!(
                 network = net,
                 "DHCP: ignoring BOOTP packet from {}",
-                format_mac(&mac)
+                Mac::from(mac)
             );
             return None;
         };
@@ -195,7 +194,7 @@ impl State {
                     info!(
                         network = net,
                         "DHCP: {} released {}",
-                        format_mac(&mac),
+                        Mac::from(mac),
                         msg.ciaddr()
                     );
                 }
@@ -208,7 +207,7 @@ impl State {
                     warn!(
                         network = net,
                         "DHCP: {} declined {ip} (in use by another host?); not handing it out for {} s",
-                        format_mac(&mac),
+                        Mac::from(mac),
                         leases::DECLINE_HOLD.as_secs()
                     );
                 }
@@ -223,7 +222,7 @@ impl State {
                 debug!(
                     network = net,
                     "DHCP: ignoring {other:?} from {}",
-                    format_mac(&mac)
+                    Mac::from(mac)
                 );
                 None
             }
@@ -243,7 +242,7 @@ impl State {
                 debug!(
                     network = self.cfg.network,
                     "DHCP: offering {ip} to {}",
-                    format_mac(&mac)
+                    Mac::from(mac)
                 );
                 Some((
                     self.reply(msg, MessageType::Offer, ip, true),
@@ -254,7 +253,7 @@ impl State {
                 let line = format!(
                     "network {}: DHCP pool exhausted ({n} addresses), no offer for {}",
                     self.cfg.network,
-                    format_mac(&mac)
+                    Mac::from(mac)
                 );
                 let recently = self.exhausted_warned.get(&mac).is_some_and(|t| {
                     now.duration_since(*t).unwrap_or_default() < EXHAUSTED_WARN_EVERY
@@ -298,7 +297,7 @@ impl State {
                 debug!(
                     network = self.cfg.network,
                     "DHCP: REQUEST from {} names us but requests no address",
-                    format_mac(&mac)
+                    Mac::from(mac)
                 );
                 return None;
             }
@@ -308,7 +307,7 @@ impl State {
                 debug!(
                     network = self.cfg.network,
                     "DHCP: REQUEST from {} without address",
-                    format_mac(&mac)
+                    Mac::from(mac)
                 );
                 return None;
             }
@@ -331,8 +330,8 @@ impl State {
                         warn!(
                             network = self.cfg.network,
                             "DHCP: hostname {name:?} of {} refused: the live lease of {} holds it",
-                            format_mac(&mac),
-                            format_mac(&holder)
+                            Mac::from(mac),
+                            Mac::from(holder)
                         );
                         None
                     }
@@ -342,13 +341,13 @@ impl State {
                     debug!(
                         network = self.cfg.network,
                         "DHCP: renewed {ip} for {} ({client_state})",
-                        format_mac(&mac)
+                        Mac::from(mac)
                     );
                 } else {
                     info!(
                         network = self.cfg.network,
                         "DHCP: leased {ip} to {}{}",
-                        format_mac(&mac),
+                        Mac::from(mac),
                         hostname.map(|h| format!(" ({h})")).unwrap_or_default()
                     );
                 }
@@ -365,7 +364,7 @@ impl State {
                 info!(
                     network = self.cfg.network,
                     "DHCP: NAK {ip} for {} ({client_state}): {text}",
-                    format_mac(&mac)
+                    Mac::from(mac)
                 );
                 let mut nak = self.base_reply(msg, MessageType::Nak);
                 nak.opts_mut().insert(DhcpOption::Message(text));
@@ -528,7 +527,7 @@ pub(super) async fn run(
                             mac.copy_from_slice(&reply.chaddr()[..6]);
                             if tokio::time::timeout(BIND_TIMEOUT, hook(mac, reply.yiaddr())).await.is_err() {
                                 warn!(network = state.cfg.network, "DHCP: binding {} to {} took over {} s; sending the ACK anyway",
-                                    reply.yiaddr(), format_mac(&mac), BIND_TIMEOUT.as_secs());
+                                    reply.yiaddr(), Mac::from(mac), BIND_TIMEOUT.as_secs());
                             }
                         }
                         let Some(bytes) = encode(&reply) else {
@@ -635,7 +634,7 @@ mod tests {
             gateway: ip("10.9.0.1"),
             range: None,
             reservations: vec![Reservation {
-                mac: OTHER,
+                mac: OTHER.into(),
                 ip: ip("10.9.0.200"),
             }],
             lease_seconds: 600,

@@ -13,18 +13,17 @@
 //! frames to a consumer that may not have asked for them.
 
 use nix::{ioctl_read_bad, ioctl_write_ptr_bad};
-use std::ffi::CStr;
 use std::fs::OpenOptions;
 use std::io;
 use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
+use vmnet_broker_client::linux::tun_info;
 
 /// The size of `struct virtio_net_hdr_v1` (and of `virtio_net_hdr_mrg_rxbuf`), what
 /// virtio 1.0 devices use and what QEMU, Firecracker and cloud-hypervisor set.
 pub const VNET_HDR_LEN: libc::c_int = 12;
 
 ioctl_write_ptr_bad!(tun_set_iff, libc::TUNSETIFF, libc::ifreq);
-ioctl_read_bad!(tun_get_iff, libc::TUNGETIFF, libc::ifreq);
 ioctl_write_ptr_bad!(tun_set_vnet_hdr_sz, libc::TUNSETVNETHDRSZ, libc::c_int);
 ioctl_read_bad!(tun_get_vnet_hdr_sz, libc::TUNGETVNETHDRSZ, libc::c_int);
 // TUNSETOWNER and TUNSETPERSIST take their argument by value, not by pointer.
@@ -48,14 +47,6 @@ fn ifreq_named(name: &str) -> io::Result<libc::ifreq> {
         *dst = src as libc::c_char;
     }
     Ok(req)
-}
-
-fn name_of(req: &libc::ifreq) -> String {
-    // SAFETY: ifr_name holds a NUL within its IFNAMSIZ bytes: the kernel NUL-terminates
-    // the names it writes, and ifreq_named() leaves at least the last byte zero; the
-    // pointer is valid for as long as `req` is borrowed, which outlives `name`.
-    let name = unsafe { CStr::from_ptr(req.ifr_name.as_ptr()) };
-    name.to_string_lossy().into_owned()
 }
 
 fn context(err: nix::Error, what: &str, name: &str) -> io::Error {
@@ -97,11 +88,9 @@ pub fn make_persistent(fd: BorrowedFd, uid: u32, name: &str) -> io::Result<()> {
     Ok(())
 }
 
-/// The name of the TAP behind `fd` (`TUNGETIFF`); fails for anything that is not an
-/// attached TUN/TAP fd. Clients use it to check what the broker sent them.
-pub fn tap_name_of(fd: BorrowedFd) -> io::Result<String> {
-    Ok(name_of(&tap_info(fd)?))
-}
+/// The name of the TAP behind `fd` (`TUNGETIFF`): the client library's, which launchers
+/// use to check what the broker sent them.
+pub use vmnet_broker_client::linux::tap_name_of;
 
 /// The start of the name of every TAP on the bridge with index `bridge_index`; the
 /// firewall recognizes the network's TAPs by it.
@@ -113,7 +102,7 @@ pub fn tap_prefix(bridge_index: u32) -> String {
 pub fn is_broker_tap(fd: BorrowedFd) -> io::Result<bool> {
     // SAFETY: reading a union field: every member of `ifr_ifru` is plain integers, so any
     // bit pattern is a valid c_short; TUNGETIFF filled in the flags member.
-    let flags = libc::c_int::from(unsafe { tap_info(fd)?.ifr_ifru.ifru_flags });
+    let flags = libc::c_int::from(unsafe { tun_info(fd)?.ifr_ifru.ifru_flags });
     Ok(flags & TAP_FLAGS == TAP_FLAGS && flags & libc::IFF_TUN == 0)
 }
 
@@ -124,19 +113,6 @@ pub fn vnet_hdr_len(fd: BorrowedFd) -> io::Result<libc::c_int> {
     // through the pointer, which points to `len`, a c_int we exclusively borrow.
     unsafe { tun_get_vnet_hdr_sz(fd.as_raw_fd(), &mut len) }.map_err(io::Error::from)?;
     Ok(len)
-}
-
-fn tap_info(fd: BorrowedFd) -> io::Result<libc::ifreq> {
-    // SAFETY: ifreq is plain old data (integers, byte arrays and a union of them), for
-    // which all zeroes is a valid value.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    // SAFETY: `fd` is a live descriptor borrowed for this call; TUNGETIFF writes at most
-    // size_of::<ifreq>() bytes into `req`, which is a valid, exclusively borrowed ifreq.
-    unsafe { tun_get_iff(fd.as_raw_fd(), &mut req) }.map_err(|e| {
-        let e = io::Error::from(e);
-        io::Error::new(e.kind(), format!("not a TUN/TAP fd (TUNGETIFF: {e})"))
-    })?;
-    Ok(req)
 }
 
 /// The TAP name for endpoint `serial` of the network whose bridge has index

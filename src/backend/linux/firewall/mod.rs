@@ -68,10 +68,12 @@ use nftables::types::NfFamily;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
+use crate::mac::Mac;
+
 pub use nft::NFT_TIMEOUT;
 pub use rules::ruleset_for;
 use rules::{
-    add_tables, delete_network_objects, delete_tables, lease_element, mac_str, network_objects,
+    add_tables, delete_network_objects, delete_tables, lease_element, network_objects,
     port_elements, purge_network_objects,
 };
 pub use watchdog::WATCHDOG_INTERVAL;
@@ -601,7 +603,7 @@ impl Inner {
         let context = match new.as_slice() {
             [(tap, mac)] => format!(
                 "binding port {tap:?} of network {network:?} to {}",
-                mac_str(*mac)
+                Mac::from(*mac)
             ),
             many => format!("binding {} ports of network {network:?}", many.len()),
         };
@@ -653,7 +655,7 @@ impl Inner {
             }
             (stale, batch)
         };
-        let context = format!("binding {} to {ip} on network {network:?}", mac_str(mac));
+        let context = format!("binding {} to {ip} on network {network:?}", Mac::from(mac));
         self.apply_or_restore(batch, &context, |s| {
             if let Some(ns) = s.networks.get_mut(network) {
                 for (m, _) in &stale {
@@ -782,9 +784,9 @@ fn validate_ifname(name: &str) -> Result<(), FirewallError> {
 fn validate_network(net: &FirewallNetwork) -> Result<(), FirewallError> {
     // Network names end up in nft object names (limited to 256 bytes) and comments; the
     // protocol's rule keeps them short and made of safe characters.
-    crate::protocol::validate_network_name(&net.name).map_err(|detail| FirewallError::Invalid {
+    crate::protocol::validate_network_name(&net.name).map_err(|e| FirewallError::Invalid {
         what: "network name",
-        detail,
+        detail: e.to_string(),
     })?;
     validate_ifname(&net.bridge)?;
     // A prefix, so shorter than a whole name, and no nft wildcard or escape of its own.

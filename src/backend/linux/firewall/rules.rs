@@ -18,6 +18,7 @@ use nftables::stmt::{Match, Operator, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 
 use super::{FirewallNetwork, NetState, TABLE};
+use crate::mac::Mac;
 
 // Standard nft priorities: "filter" for forward, "srcnat" for postrouting NAT, and the
 // bridge family's "filter" (-200) so spoofed frames die before anything else sees them.
@@ -97,13 +98,6 @@ pub(super) fn accept() -> Statement<'static> {
 }
 pub(super) fn drop_() -> Statement<'static> {
     Statement::Drop(None)
-}
-
-pub(super) fn mac_str(mac: [u8; 6]) -> String {
-    mac.iter()
-        .map(|b| format!("{b:02x}"))
-        .collect::<Vec<_>>()
-        .join(":")
 }
 
 // ---- batches ------------------------------------------------------------------------------
@@ -200,7 +194,7 @@ pub(super) fn port_elements(
 ) {
     batch.add_cmd(cmd(element(
         portmacs_set(net),
-        concat(vec![s(tap), s(&mac_str(mac))]),
+        concat(vec![s(tap), s(&Mac::from(mac).to_string())]),
     )));
 }
 
@@ -213,7 +207,7 @@ pub(super) fn lease_element(
 ) {
     batch.add_cmd(cmd(element(
         leases_set(net),
-        concat(vec![s(&mac_str(mac)), s(&ip.to_string())]),
+        concat(vec![s(&Mac::from(mac).to_string()), s(&ip.to_string())]),
     )));
 }
 
@@ -580,10 +574,5 @@ mod tests {
         assert!(with.contains("@leases-n1"));
         assert!(!without.contains("@leases-n1"));
         assert!(without.contains("@portmacs-n1"));
-    }
-
-    #[test]
-    fn mac_formatting() {
-        assert_eq!(mac_str([2, 0, 0xab, 0, 0, 0xff]), "02:00:ab:00:00:ff");
     }
 }

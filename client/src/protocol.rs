@@ -4,6 +4,7 @@
 //! This module is pure: it turns bytes into requests and replies into bytes, and owns
 //! the error codes shared with the original macOS broker and every client library.
 
+pub use crate::mac::{Mac, MacParseError};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
 use std::fmt;
@@ -123,7 +124,7 @@ pub enum Request {
     /// caller's connection closes.
     Acquire {
         network_name: String,
-        mac: Option<[u8; 6]>,
+        mac: Option<Mac>,
         persistent: bool,
     },
     Status,
@@ -132,25 +133,34 @@ pub enum Request {
 /// Longest network name; it must fit a file name and an interface alias with room to spare.
 pub const MAX_NETWORK_NAME: usize = 64;
 
+/// Why a network name was refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NetworkNameError {
+    #[error("network_name is empty")]
+    Empty,
+    #[error("network_name is longer than {MAX_NETWORK_NAME} bytes")]
+    TooLong,
+    #[error(
+        "network_name {0:?} may contain only ASCII letters, digits, '-', '_' and '.', and must start with a letter or digit"
+    )]
+    BadCharacters(String),
+}
+
 /// Network names are file stems in the config dir, so they are restricted to a safe set:
 /// an ASCII letter or digit first, then letters, digits, `-`, `_` or `.`.
-pub fn validate_network_name(name: &str) -> Result<(), String> {
+pub fn validate_network_name(name: &str) -> Result<(), NetworkNameError> {
     if name.is_empty() {
-        return Err("network_name is empty".into());
+        return Err(NetworkNameError::Empty);
     }
     if name.len() > MAX_NETWORK_NAME {
-        return Err(format!(
-            "network_name is longer than {MAX_NETWORK_NAME} bytes"
-        ));
+        return Err(NetworkNameError::TooLong);
     }
     let mut chars = name.chars();
     let first = chars.next().unwrap_or(' ');
     if !first.is_ascii_alphanumeric()
         || !chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
     {
-        return Err(format!(
-            "network_name {name:?} may contain only ASCII letters, digits, '-', '_' and '.', and must start with a letter or digit"
-        ));
+        return Err(NetworkNameError::BadCharacters(name.to_string()));
     }
     Ok(())
 }
@@ -185,7 +195,7 @@ impl Request {
                         return Err(BrokerError::invalid("\"network_name\" is not a string"));
                     }
                 };
-                validate_network_name(&name).map_err(BrokerError::invalid)?;
+                validate_network_name(&name).map_err(|e| BrokerError::invalid(e.to_string()))?;
                 let mac = match obj.get("mac") {
                     None | Some(Value::Null) => None,
                     Some(Value::String(s)) => Some(parse_guest_mac(s)?),
@@ -221,7 +231,7 @@ impl Request {
             } => {
                 let mut v = serde_json::json!({"command": "acquire", "network_name": network_name});
                 if let Some(mac) = mac {
-                    v["mac"] = Value::String(crate::config::format_mac(mac));
+                    v["mac"] = Value::String(mac.to_string());
                 }
                 if *persistent {
                     v["persistent"] = Value::Bool(true);
@@ -235,9 +245,11 @@ impl Request {
 }
 
 /// A MAC a guest may use: well-formed, unicast and not all zeros.
-pub fn parse_guest_mac(s: &str) -> Result<[u8; 6], BrokerError> {
-    let mac = crate::config::parse_mac(s).map_err(BrokerError::invalid)?;
-    if mac[0] & 0x01 != 0 || mac == [0; 6] {
+pub fn parse_guest_mac(s: &str) -> Result<Mac, BrokerError> {
+    let mac: Mac = s
+        .parse()
+        .map_err(|e: MacParseError| BrokerError::invalid(e.to_string()))?;
+    if !mac.is_unicast() {
         return Err(BrokerError::invalid(format!(
             "mac {s:?} is not a unicast address"
         )));
@@ -420,7 +432,7 @@ mod tests {
             .unwrap(),
             Request::Acquire {
                 network_name: "a".into(),
-                mac: Some([0x52, 0x54, 0, 0xab, 0xcd, 1]),
+                mac: Some(Mac::new([0x52, 0x54, 0, 0xab, 0xcd, 1])),
                 persistent: false,
             }
         );
@@ -468,7 +480,15 @@ mod tests {
         assert!(validate_network_name("lab-1.net_2").is_ok());
         assert!(validate_network_name(".hidden").is_err());
         assert!(validate_network_name(&"a".repeat(MAX_NETWORK_NAME)).is_ok());
-        assert!(validate_network_name(&"a".repeat(MAX_NETWORK_NAME + 1)).is_err());
+        assert_eq!(
+            validate_network_name(&"a".repeat(MAX_NETWORK_NAME + 1)),
+            Err(NetworkNameError::TooLong)
+        );
+        assert_eq!(validate_network_name(""), Err(NetworkNameError::Empty));
+        assert_eq!(
+            validate_network_name("a/b"),
+            Err(NetworkNameError::BadCharacters("a/b".into()))
+        );
     }
 
     #[test]
@@ -514,7 +534,10 @@ mod tests {
             mac: "52:54:00:00:00:01".into(),
         });
         assert_eq!(Reply::parse(&net.to_bytes()).unwrap(), net);
-        for (mac, persistent) in [(None, false), (Some([0x52, 0x54, 0, 1, 2, 3]), true)] {
+        for (mac, persistent) in [
+            (None, false),
+            (Some(Mac::new([0x52, 0x54, 0, 1, 2, 3])), true),
+        ] {
             let req = Request::Acquire {
                 network_name: "host".into(),
                 mac,

@@ -4,16 +4,16 @@
 //! can be used from any VMM's start-up code without an async runtime.
 //!
 //! ```no_run
-//! let client = vmnet_broker::client::Client::connect_default()?;
+//! let client = vmnet_broker_client::Client::connect_default()?;
 //! let net = client.acquire("shared")?;
 //! println!("TAP {} on {}, guest MAC {}", net.info.interface, net.info.bridge, net.info.mac);
 //! // Hand `net.fd` to the VMM; keep `client` alive while the VM runs: it is the lease.
-//! # Ok::<(), vmnet_broker::protocol::BrokerError>(())
+//! # Ok::<(), vmnet_broker_client::BrokerError>(())
 //! ```
 
 use crate::protocol::{
-    BrokerError, DEFAULT_SOCKET, ErrorCode, MAX_MESSAGE, NetworkInfo, Reply, Request, SOCKET_ENV,
-    Status,
+    BrokerError, DEFAULT_SOCKET, ErrorCode, MAX_MESSAGE, Mac, NetworkInfo, Reply, Request,
+    SOCKET_ENV, Status,
 };
 use nix::sys::socket::{
     AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr, connect, recvmsg,
@@ -100,11 +100,7 @@ impl Client {
 
     /// Acquires `name` asking for a specific guest MAC (e.g. the one the VM had before,
     /// so its DHCP lease and anti-spoofing binding follow it).
-    pub fn acquire_with_mac(
-        &self,
-        name: &str,
-        mac: Option<[u8; 6]>,
-    ) -> Result<Acquired, BrokerError> {
+    pub fn acquire_with_mac(&self, name: &str, mac: Option<Mac>) -> Result<Acquired, BrokerError> {
         self.acquire_with(name, mac, false)
     }
 
@@ -114,7 +110,7 @@ impl Client {
     pub fn acquire_with(
         &self,
         name: &str,
-        mac: Option<[u8; 6]>,
+        mac: Option<Mac>,
         persistent: bool,
     ) -> Result<Acquired, BrokerError> {
         let request = Request::Acquire {
