@@ -363,10 +363,10 @@ fn wait_reply(fd: BorrowedFd, xid: u32, want: MessageType, timeout: Duration) ->
         let Some(n) = tap_read(fd, &mut buf, left) else {
             continue;
         };
-        if let Some(m) = dhcp_reply(&buf[..n], xid) {
-            if m.opts().msg_type() == Some(want) {
-                return Some(m);
-            }
+        if let Some(m) = dhcp_reply(&buf[..n], xid)
+            && m.opts().msg_type() == Some(want)
+        {
+            return Some(m);
         }
     }
     None

@@ -188,7 +188,7 @@ pub fn prepare(spec: &VmSpec) -> PreparedVm {
 }
 
 fn pad4(data: &mut Vec<u8>) {
-    while data.len() % 4 != 0 {
+    while !data.len().is_multiple_of(4) {
         data.push(0);
     }
 }
