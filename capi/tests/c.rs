@@ -1,6 +1,9 @@
 //! Builds the C test program and the example with gcc against libvmnetbroker (shared
 //! and static) and runs them: ABI layout, strerror table (the shared vectors), broker
 //! not running, and against the real broker in a network namespace as root and nobody.
+//!
+//! Nothing here is skipped: a missing gcc, pkg-config, ip or setpriv (scripts/deps test
+//! installs them) or a broker that does not build fails the test and says what is missing.
 
 #[path = "../../tests/support/netns.rs"]
 mod netns;
@@ -67,8 +70,16 @@ fn scratch(tag: &str) -> Scratch {
     Scratch(dir)
 }
 
+/// Runs `cmd`, failing the test with what to install when the program is missing.
+fn output(cmd: &mut Command) -> std::process::Output {
+    let program = cmd.get_program().to_string_lossy().into_owned();
+    cmd.output().unwrap_or_else(|e| {
+        panic!("cannot run {program}: {e} (scripts/deps test installs what the tests need)")
+    })
+}
+
 fn sh(cmd: &str, args: &[&str]) -> String {
-    let out = Command::new(cmd).args(args).output().unwrap();
+    let out = output(Command::new(cmd).args(args));
     assert!(
         out.status.success(),
         "{cmd} {args:?}: {}",
@@ -95,7 +106,7 @@ fn gcc(source: &str, out: &Path, static_link: bool) {
             .arg("-lvmnetbroker")
             .arg(format!("-Wl,-rpath,{}", lib.display()));
     }
-    let o = cmd.output().expect("gcc");
+    let o = output(&mut cmd);
     assert!(
         o.status.success(),
         "gcc {source}: {}",
@@ -209,25 +220,49 @@ struct Broker {
     dir: Scratch,
 }
 
+/// The broker binary: `VMNET_BROKER_BIN` when set (and then it must exist), else the
+/// workspace's, built next to the library so this test never runs against a stale one
+/// or passes without one.
+fn broker_bin() -> PathBuf {
+    if let Some(p) = std::env::var_os("VMNET_BROKER_BIN") {
+        let p = PathBuf::from(p);
+        assert!(
+            p.is_file(),
+            "VMNET_BROKER_BIN={} does not exist",
+            p.display()
+        );
+        return p;
+    }
+    static BUILT: std::sync::Once = std::sync::Once::new();
+    BUILT.call_once(|| {
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let status = Command::new(cargo)
+            .args(["build", "-p", "vmnet-broker", "--bin", "vmnet-broker"])
+            .current_dir(crate_dir())
+            .status()
+            .expect("run cargo");
+        assert!(status.success(), "cargo build -p vmnet-broker failed");
+    });
+    let bin = lib_dir().join("vmnet-broker");
+    assert!(
+        bin.is_file(),
+        "no broker at {} after building it",
+        bin.display()
+    );
+    bin
+}
+
 impl Broker {
-    /// None (with the reason printed) when no broker with `serve` has been built.
-    fn start() -> Option<Broker> {
-        let bin = match std::env::var_os("VMNET_BROKER_BIN") {
-            Some(p) => PathBuf::from(p),
-            None => lib_dir().join("vmnet-broker"),
-        };
-        let help = Command::new(&bin).args(["serve", "--help"]).output();
-        let help = match help {
-            Ok(o) if o.status.success() => String::from_utf8_lossy(&o.stdout).into_owned(),
-            _ => {
-                eprintln!("SKIP: no broker at {} (build it first)", bin.display());
-                return None;
-            }
-        };
-        if !help.contains("--idle-timeout") {
-            eprintln!("SKIP: {} has no `serve --idle-timeout` yet", bin.display());
-            return None;
-        }
+    /// Starts `VMNET_BROKER_BIN`, or the workspace's broker (built here if needed).
+    fn start() -> Broker {
+        let bin = broker_bin();
+        let help = output(Command::new(&bin).args(["serve", "--help"]));
+        assert!(
+            help.status.success(),
+            "{} serve --help failed: {}",
+            bin.display(),
+            String::from_utf8_lossy(&help.stderr)
+        );
         assert_eq!(
             // SAFETY: geteuid(2) takes no arguments, touches no memory and cannot fail.
             unsafe { libc::geteuid() },
@@ -254,10 +289,9 @@ impl Broker {
             .arg(&socket)
             .arg("--config-dir")
             .arg(&conf)
-            .args(["--idle-timeout", "2"]);
-        if help.contains("--state-dir") {
-            cmd.arg("--state-dir").arg(dir.join("state"));
-        }
+            .args(["--idle-timeout", "2"])
+            .arg("--state-dir")
+            .arg(dir.join("state"));
         let child = match cmd.stdout(log2).stderr(log).spawn() {
             Ok(c) => c,
             // Unwinding drops `ns`, which deletes the namespace.
@@ -282,7 +316,7 @@ impl Broker {
             std::thread::sleep(Duration::from_millis(20));
         }
         sh("chmod", &["0666", b.socket.to_str().unwrap()]);
-        Some(b)
+        b
     }
 
     fn log(&self) -> String {
@@ -322,7 +356,7 @@ fn clients_of(socket: &Path, name: &str) -> Option<u64> {
 
 #[test]
 fn real_broker() {
-    let Some(b) = Broker::start() else { return };
+    let b = Broker::start();
     let program = test_program(&b.dir, false);
 
     // Root: acquire, hold (the program waits on stdin), check from outside, release.
@@ -381,13 +415,12 @@ fn real_broker() {
         } else {
             Command::new(&program)
         };
-        let out = cmd
-            .args(["acquire", name, code])
-            .env("VMNET_BROKER_SOCKET", &b.socket)
-            .current_dir(&b.dir)
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
+        let out = output(
+            cmd.args(["acquire", name, code])
+                .env("VMNET_BROKER_SOCKET", &b.socket)
+                .current_dir(&b.dir)
+                .stdin(Stdio::null()),
+        );
         assert!(
             out.status.success(),
             "acquire {name} (nobody: {as_nobody}) expecting {code}: {}",
@@ -416,11 +449,11 @@ fn install_script_gives_a_working_pkg_config_file() {
         String::from_utf8_lossy(&out.stderr)
     );
     let pkgconfig = prefix.join("lib/pkgconfig");
-    let flags = Command::new("pkg-config")
-        .args(["--cflags", "--libs", "vmnet-broker"])
-        .env("PKG_CONFIG_PATH", &pkgconfig)
-        .output()
-        .unwrap();
+    let flags = output(
+        Command::new("pkg-config")
+            .args(["--cflags", "--libs", "vmnet-broker"])
+            .env("PKG_CONFIG_PATH", &pkgconfig),
+    );
     assert!(
         flags.status.success(),
         "{}",
@@ -432,14 +465,18 @@ fn install_script_gives_a_working_pkg_config_file() {
         "{flags}"
     );
     let exe = dir.join("acquire");
-    let status = Command::new("gcc")
-        .arg(crate_dir().join("examples/acquire.c"))
-        .arg("-o")
-        .arg(&exe)
-        .args(flags.split_whitespace())
-        .status()
-        .unwrap();
-    assert!(status.success(), "gcc with pkg-config flags {flags}");
+    let gcc = output(
+        Command::new("gcc")
+            .arg(crate_dir().join("examples/acquire.c"))
+            .arg("-o")
+            .arg(&exe)
+            .args(flags.split_whitespace()),
+    );
+    assert!(
+        gcc.status.success(),
+        "gcc with pkg-config flags {flags}: {}",
+        String::from_utf8_lossy(&gcc.stderr)
+    );
     let out = Command::new(&exe)
         .arg("shared")
         .env("LD_LIBRARY_PATH", prefix.join("lib"))
