@@ -356,11 +356,8 @@ fn bridge_taps_and_teardown() {
             );
         }
         // The bridge keeps its own MAC with ports attached.
-        let mac: Vec<String> = bridge_mac("lab")
-            .iter()
-            .map(|b| format!("{b:02x}"))
-            .collect();
-        assert_eq!(ns.link("vmnb-lab").unwrap()["address"], mac.join(":"));
+        let mac = vmnet_broker::mac::Mac::from(bridge_mac("lab"));
+        assert_eq!(ns.link("vmnb-lab").unwrap()["address"], mac.to_string());
         let mut eps = endpoints(&b, &net).await;
         eps.sort();
         let mut want = vec![a0.interface.clone(), a1.interface.clone()];

@@ -525,13 +525,8 @@ pub fn boot(spec: &VmSpec, taps: &[BorrowedFd<'_>]) -> VmOutput {
 
 /// A locally administered unicast MAC, unique per (process, n).
 pub fn test_mac(n: u8) -> String {
-    let pid = std::process::id();
-    format!(
-        "52:54:{:02x}:{:02x}:{:02x}:{n:02x}",
-        (pid >> 16) as u8,
-        (pid >> 8) as u8,
-        pid as u8
-    )
+    let [_, a, b, c] = std::process::id().to_be_bytes();
+    vmnet_broker::protocol::Mac::new([0x52, 0x54, a, b, c, n]).to_string()
 }
 
 /// Creates a TAP named `name` in namespace `ns` the way the broker does (IFF_TAP,
