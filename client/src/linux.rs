@@ -15,7 +15,8 @@ nix::ioctl_read_bad!(tun_get_iff, libc::TUNGETIFF, libc::ifreq);
 /// The `ifreq` of the TUN/TAP device behind `fd` (`TUNGETIFF`): its name and flags.
 /// Fails for anything that is not an attached TUN/TAP fd.
 pub fn tun_info(fd: BorrowedFd) -> io::Result<libc::ifreq> {
-    // SAFETY: ifreq is plain old data, for which all zeroes is a valid value.
+    // SAFETY: ifreq is plain old data (integers, byte arrays and a union of them), for
+    // which all zeroes is a valid value.
     let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
     // SAFETY: `fd` is open for the duration of the borrow and `req` is a writable ifreq,
     // the argument TUNGETIFF fills in; on any other kind of fd the kernel fails with
@@ -30,8 +31,9 @@ pub fn tun_info(fd: BorrowedFd) -> io::Result<libc::ifreq> {
 /// The name of the TUN/TAP device behind `fd`.
 pub fn tap_name_of(fd: BorrowedFd) -> io::Result<String> {
     let req = tun_info(fd)?;
-    // SAFETY: the kernel NUL-terminates ifr_name (IFNAMSIZ counts the NUL), and `req`
-    // lives until the name is copied out.
+    // SAFETY: ifr_name holds a NUL within its IFNAMSIZ bytes: `req` was zeroed and the
+    // kernel writes a NUL-terminated name of at most IFNAMSIZ - 1 bytes; `req` outlives
+    // `name`, which is copied out before the function returns.
     let name = unsafe { CStr::from_ptr(req.ifr_name.as_ptr()) };
     Ok(name.to_string_lossy().into_owned())
 }
