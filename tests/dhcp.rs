@@ -21,7 +21,7 @@ use std::time::{Duration, Instant, SystemTime};
 use tokio::sync::watch;
 use vmnet_broker::config::{DhcpRange, Reservation};
 use vmnet_broker::dhcp::{DhcpConfig, DhcpServer, Lease};
-use vmnet_broker::protocol::Mac;
+use vmnet_broker::mac::Mac;
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
 

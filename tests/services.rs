@@ -54,7 +54,7 @@ fn ip(s: &str) -> Ipv4Addr {
 }
 
 fn parse_mac(s: &str) -> [u8; 6] {
-    s.parse::<vmnet_broker::protocol::Mac>()
+    s.parse::<vmnet_broker::mac::Mac>()
         .unwrap_or_else(|e| panic!("{e}"))
         .octets()
 }

@@ -526,7 +526,7 @@ pub fn boot(spec: &VmSpec, taps: &[BorrowedFd<'_>]) -> VmOutput {
 /// A locally administered unicast MAC, unique per (process, n).
 pub fn test_mac(n: u8) -> String {
     let [_, a, b, c] = std::process::id().to_be_bytes();
-    vmnet_broker::protocol::Mac::new([0x52, 0x54, a, b, c, n]).to_string()
+    vmnet_broker::mac::Mac::new([0x52, 0x54, a, b, c, n]).to_string()
 }
 
 /// Creates a TAP named `name` in namespace `ns` the way the broker does (IFF_TAP,
