@@ -1,3 +1,4 @@
+use super::outln;
 use std::os::fd::{AsFd, AsRawFd};
 use std::path::Path;
 use std::process::ExitCode;
@@ -25,7 +26,7 @@ pub fn main(socket: &Path, names: &[String], hold: bool, persistent: bool) -> su
     for name in names {
         let acquired = client.acquire_with(name, None, persistent)?;
         verify(&acquired)?;
-        println!("{}", describe(&acquired, acquired.fd.as_raw_fd()));
+        outln!("{}", describe(&acquired, acquired.fd.as_raw_fd()));
         held.push(acquired);
     }
     if hold {

@@ -1,3 +1,4 @@
+use super::outln;
 use std::path::Path;
 use std::process::ExitCode;
 use vmnet_broker::config::{ConfigDir, Source, overlapping};
@@ -28,7 +29,7 @@ pub fn main(dir: &Path) -> super::Result {
                 if !mine.is_empty() {
                     bad += 1;
                     for e in mine {
-                        println!("error  {}", e.detail());
+                        outln!("error  {}", e.detail());
                     }
                     continue;
                 }
@@ -36,12 +37,12 @@ pub fn main(dir: &Path) -> super::Result {
                     .fixed_subnet()
                     .map(|s| s.to_string())
                     .unwrap_or_else(|| format!("dynamic /{}", c.prefix_len));
-                println!("ok     {:<16} {:<6} {:<18} {from}", c.name, c.mode, subnet);
+                outln!("ok     {:<16} {:<6} {:<18} {from}", c.name, c.mode, subnet);
             }
             Err(e) => {
                 bad += 1;
                 // The administrator's view: serde's whole message, content included.
-                println!("error  {}", e.detail());
+                outln!("error  {}", e.detail());
             }
         }
     }

@@ -1,3 +1,4 @@
+use super::outln;
 use std::path::Path;
 use std::process::ExitCode;
 use vmnet_broker_client::client::Client;
@@ -5,15 +6,15 @@ use vmnet_broker_client::client::Client;
 pub fn main(socket: &Path, json: bool) -> super::Result {
     let status = Client::connect(socket)?.status()?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
+        outln!("{}", serde_json::to_string_pretty(&status)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    outln!(
         "vmnet-broker {} (protocol {}), pid {}, idle timeout {}s",
         status.version, status.protocol, status.pid, status.idle_timeout_seconds
     );
-    println!();
-    println!(
+    outln!();
+    outln!(
         "{:<16} {:<6} {:<18} {:<15} {:>7}  {:<24} REMOVAL",
         "NETWORK", "MODE", "SUBNET", "BRIDGE", "CLIENTS", "TAPS"
     );
@@ -27,18 +28,18 @@ pub fn main(socket: &Path, json: bool) -> super::Result {
         } else {
             n.taps.join(",")
         };
-        println!(
+        outln!(
             "{:<16} {:<6} {:<18} {:<15} {:>7}  {:<24} {removal}",
             n.name, n.mode, n.subnet, n.bridge, n.clients, taps
         );
     }
-    println!();
-    println!("{:<6} {:>8} {:>6}  NETWORKS", "CLIENT", "PID", "UID");
+    outln!();
+    outln!("{:<6} {:>8} {:>6}  NETWORKS", "CLIENT", "PID", "UID");
     if status.truncated {
-        println!("(lists cut to fit one message: there are more clients or TAPs than shown)");
+        outln!("(lists cut to fit one message: there are more clients or TAPs than shown)");
     }
     for c in &status.clients {
-        println!(
+        outln!(
             "{:<6} {:>8} {:>6}  {}",
             c.id,
             c.pid,
