@@ -14,5 +14,7 @@ pub mod dns;
 pub mod error;
 pub mod policy;
 pub mod registry;
+pub mod reload;
 pub mod server;
+pub mod systemd;
 pub use vmnet_broker_client::{client, mac, protocol};

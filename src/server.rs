@@ -9,7 +9,7 @@
 //! details become the reply's `bridge` and `interface`, registry errors their codes.
 
 use crate::backend::{self, Backend};
-use crate::config::prefix_to_mask;
+use crate::config::{ConfigDir, prefix_to_mask};
 use crate::error::chain;
 use crate::policy::Peer;
 use crate::protocol::{
@@ -17,6 +17,8 @@ use crate::protocol::{
     Request, Status,
 };
 use crate::registry::{Acquired, ClientId, Registry, RegistryError, Snapshot};
+use crate::reload::{Change, ConfigView, changes};
+use crate::systemd::{Activated, Notifier, status_line};
 use nix::sys::socket::MsgFlags;
 use std::io::IoSlice;
 use std::os::fd::AsFd;
@@ -35,9 +37,17 @@ use tracing::{debug, error, info, warn};
 pub const SOCKET_GROUP: &str = "vmnet-broker";
 
 pub struct ServerOptions {
+    /// Where to listen; with `activated`, only its name in logs.
     pub socket: PathBuf,
+    /// A listener the service manager passed (socket activation): served instead of
+    /// binding `socket`, and left in place on exit (the manager owns it).
+    pub activated: Option<Activated>,
     /// Exit after no client has been connected for this long (socket activation).
     pub exit_on_idle: Option<Duration>,
+    /// The config directory SIGHUP re-reads to report changes; `None`: SIGHUP only logs.
+    pub config_dir: Option<ConfigDir>,
+    /// Service manager notifications (READY, STATUS, WATCHDOG, RELOADING, STOPPING).
+    pub notifier: Arc<Notifier>,
 }
 
 /// The reply to an acquire: the network as the client sees it.
@@ -146,6 +156,8 @@ pub enum ServeError {
     Group(PathBuf, #[source] nix::Error),
     #[error("cannot install the signal handlers")]
     Signals(#[source] std::io::Error),
+    #[error("cannot serve the socket passed by the service manager")]
+    Activated(#[source] std::io::Error),
 }
 
 /// Counts live connections so the idle-exit timer needs no lock on the registry.
@@ -167,9 +179,27 @@ pub async fn serve<B: Backend<Endpoint: AsFd>>(
     // handler that would kill the broker instead of asking it to stop.
     let mut sigterm = signal(SignalKind::terminate()).map_err(ServeError::Signals)?;
     let mut sigint = signal(SignalKind::interrupt()).map_err(ServeError::Signals)?;
-    let mut listener = bind(&options.socket)?;
+    // SIGHUP reloads; without a handler it would end the broker (the default action).
+    let mut sighup = signal(SignalKind::hangup()).map_err(ServeError::Signals)?;
+    let ServerOptions {
+        socket,
+        activated,
+        exit_on_idle,
+        config_dir,
+        notifier,
+    } = options;
+    // Only a socket this process bound is removed on exit: an activated one belongs to
+    // the service manager, which keeps listening on it while the broker is not running.
+    let (mut listener, owned_path) = match activated {
+        Some(a) => {
+            let listener = UnixSeqpacketListener::try_from(a.fd).map_err(ServeError::Activated)?;
+            info!(socket = %a.path.display(), "serving the socket passed by the service manager");
+            (listener, None)
+        }
+        None => (bind(&socket)?, Some(socket.clone())),
+    };
     info!(
-        socket = %options.socket.display(),
+        socket = %socket.display(),
         version = env!("CARGO_PKG_VERSION"),
         pid = std::process::id(),
         "broker serving"
@@ -178,8 +208,33 @@ pub async fn serve<B: Backend<Endpoint: AsFd>>(
         live: AtomicUsize::new(0),
         changed: Notify::new(),
     });
+    // The baseline SIGHUP compares with: the directory as it was at start.
+    let mut config_view = match &config_dir {
+        Some(dir) => Some(read_config(dir.clone()).await),
+        None => None,
+    };
+    notifier.ready(&current_status(&registry).await);
+    let mut tasks = Vec::new();
+    if notifier.enabled() {
+        tasks.push(tokio::spawn(report_status(
+            Arc::clone(&registry),
+            Arc::clone(&conns),
+            Arc::clone(&notifier),
+        )));
+        if let Some(interval) = notifier.watchdog_interval() {
+            info!(
+                interval_ms = interval.as_millis() as u64,
+                "service manager watchdog enabled"
+            );
+            tasks.push(tokio::spawn(watchdog(
+                Arc::clone(&registry),
+                Arc::clone(&notifier),
+                interval,
+            )));
+        }
+    }
     let result = loop {
-        let idle = idle_exit(&conns, options.exit_on_idle);
+        let idle = idle_exit(&conns, exit_on_idle);
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(socket) => {
@@ -200,6 +255,11 @@ pub async fn serve<B: Backend<Endpoint: AsFd>>(
             },
             _ = sigterm.recv() => if stop_requested(&registry, "SIGTERM").await { break Ok(()) },
             _ = sigint.recv() => if stop_requested(&registry, "SIGINT").await { break Ok(()) },
+            _ = sighup.recv() => {
+                notifier.reloading();
+                reload(&registry, config_dir.as_ref(), &mut config_view).await;
+                notifier.ready(&current_status(&registry).await);
+            }
             _ = idle => {
                 if registry.shutdown_if_idle().await {
                     info!("no client for the idle-exit period: exiting");
@@ -208,12 +268,122 @@ pub async fn serve<B: Backend<Endpoint: AsFd>>(
             }
         }
     };
+    notifier.stopping();
+    for task in tasks {
+        task.abort();
+    }
     drop(listener);
-    if let Err(e) = std::fs::remove_file(&options.socket) {
-        warn!("cannot remove socket {}: {e}", options.socket.display());
+    if let Some(path) = owned_path
+        && let Err(e) = std::fs::remove_file(&path)
+    {
+        warn!("cannot remove socket {}: {e}", path.display());
     }
     info!("broker stopped");
     result
+}
+
+/// How often STATUS= is refreshed at most, and at least while something may change
+/// unseen (a network removed after its idle timeout changes no connection).
+const STATUS_MIN_INTERVAL: Duration = Duration::from_secs(1);
+const STATUS_MAX_INTERVAL: Duration = Duration::from_secs(10);
+
+async fn current_status<B: Backend>(registry: &Registry<B>) -> String {
+    let s = registry.status().await;
+    status_line(s.networks.len(), s.clients.len())
+}
+
+/// Keeps the service manager's STATUS= line current: refreshed when a client connects or
+/// leaves, and every [`STATUS_MAX_INTERVAL`], sent only when it changed and at most once
+/// per [`STATUS_MIN_INTERVAL`] (a thousand clients connecting send a few lines, not a
+/// thousand).
+async fn report_status<B: Backend>(
+    registry: Arc<Registry<B>>,
+    conns: Arc<Connections>,
+    notifier: Arc<Notifier>,
+) {
+    let mut last = String::new();
+    loop {
+        let _ = tokio::time::timeout(STATUS_MAX_INTERVAL, conns.changed.notified()).await;
+        tokio::time::sleep(STATUS_MIN_INTERVAL).await;
+        let line = current_status(&registry).await;
+        if line != last {
+            notifier.status(&line);
+            last = line;
+        }
+    }
+}
+
+/// Sends WATCHDOG=1 every `interval` while the registry answers a status query within
+/// that interval: a broker whose registry is stuck (a lock held forever, a blocked
+/// runtime) stops sending, and the service manager restarts it after `WatchdogSec=`.
+async fn watchdog<B: Backend>(
+    registry: Arc<Registry<B>>,
+    notifier: Arc<Notifier>,
+    interval: Duration,
+) {
+    loop {
+        match tokio::time::timeout(interval, registry.status()).await {
+            Ok(_) => notifier.watchdog(),
+            Err(_) => warn!(
+                "watchdog: the registry did not answer within {} ms; not telling the service manager we are alive",
+                interval.as_millis()
+            ),
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+async fn read_config(dir: ConfigDir) -> ConfigView {
+    tokio::task::spawn_blocking(move || ConfigView::read(&dir))
+        .await
+        .unwrap_or_default()
+}
+
+/// SIGHUP: re-reads the config directory and logs what changed since the last read. It
+/// changes nothing that runs: the registry reads a network's definition when it creates
+/// the network, so an active network keeps its config until it is removed and recreated.
+/// resolv.conf needs no reload (the DNS forwarders re-read it when it changes) and the
+/// firewall is re-checked by its own watchdog every few seconds.
+async fn reload<B: Backend>(
+    registry: &Registry<B>,
+    config_dir: Option<&ConfigDir>,
+    view: &mut Option<ConfigView>,
+) {
+    info!("SIGHUP: reloading");
+    if let (Some(dir), Some(old)) = (config_dir, view.as_mut()) {
+        let new = read_config(dir.clone()).await;
+        let found = changes(old, &new);
+        let active: std::collections::BTreeSet<String> = registry
+            .status()
+            .await
+            .networks
+            .into_iter()
+            .map(|n| n.name)
+            .collect();
+        if found.is_empty() {
+            info!(config_dir = %dir.path.display(), "config: no change");
+        }
+        for change in &found {
+            let network = change.network();
+            let when = if active.contains(network) {
+                "active: keeps its current config until it is removed"
+            } else {
+                "takes effect when the network is next created"
+            };
+            match change {
+                Change::Added(_) => info!(network, "config: new network ({when})"),
+                Change::Removed(_) => info!(network, "config: definition removed ({when})"),
+                Change::Changed(_) => info!(network, "config: definition changed ({when})"),
+                Change::Fixed(_) => info!(network, "config: definition valid again ({when})"),
+                Change::Invalid(_, why) => warn!(network, "config: invalid: {why}"),
+            }
+        }
+        *view = Some(new);
+    }
+    info!(
+        "resolv.conf: re-read by the DNS forwarders whenever it changes; firewall: checked and restored by its watchdog every few seconds"
+    );
+    info!("reload done");
 }
 
 /// Waits until no connection has been open for `period`; never resolves without one.

@@ -9,10 +9,12 @@ use vmnet_broker::policy::SystemDirectory;
 use vmnet_broker::protocol::{DEFAULT_SOCKET, SOCKET_ENV};
 use vmnet_broker::registry::Registry;
 use vmnet_broker::server::{ServerOptions, serve};
+use vmnet_broker::systemd::Notifier;
 
 #[derive(clap::Args)]
 pub struct Args {
-    /// Where to listen.
+    /// Where to listen. Under socket activation (LISTEN_FDS) the passed socket is served
+    /// instead and this path only names it in logs.
     #[arg(long, env = SOCKET_ENV, default_value = DEFAULT_SOCKET, value_name = "PATH")]
     socket: PathBuf,
     /// Drop-in network definitions (*.json).
@@ -96,6 +98,9 @@ fn raise_open_file_limit() {
 }
 
 pub fn main(args: Args) -> super::Result {
+    // First, before anything opens a file: the fds the service manager passed start at 3.
+    let activated =
+        vmnet_broker::systemd::activated_listener().map_err(|e| vmnet_broker::error::chain(&e))?;
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
         .map_err(|e| format!("--log-level {:?}: {e}", args.log_level))?;
     tracing_subscriber::fmt()
@@ -128,9 +133,10 @@ pub fn main(args: Args) -> super::Result {
             );
         }
         info!(config_dir = %args.config_dir.display(), idle_timeout = idle.as_secs_f64(), "starting");
+        let config_dir = ConfigDir::new(args.config_dir);
         let registry = Registry::new(
             backend,
-            ConfigDir::new(args.config_dir),
+            config_dir.clone(),
             Box::new(SystemDirectory),
             idle,
         );
@@ -138,7 +144,10 @@ pub fn main(args: Args) -> super::Result {
             registry,
             ServerOptions {
                 socket: args.socket,
+                activated,
                 exit_on_idle,
+                config_dir: Some(config_dir),
+                notifier: std::sync::Arc::new(Notifier::from_env()),
             },
         )
         .await

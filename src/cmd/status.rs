@@ -11,12 +11,20 @@ pub fn main(socket: &Path, json: bool) -> super::Result {
     }
     outln!(
         "vmnet-broker {} (protocol {}), pid {}, idle timeout {}s",
-        status.version, status.protocol, status.pid, status.idle_timeout_seconds
+        status.version,
+        status.protocol,
+        status.pid,
+        status.idle_timeout_seconds
     );
     outln!();
     outln!(
         "{:<16} {:<6} {:<18} {:<15} {:>7}  {:<24} REMOVAL",
-        "NETWORK", "MODE", "SUBNET", "BRIDGE", "CLIENTS", "TAPS"
+        "NETWORK",
+        "MODE",
+        "SUBNET",
+        "BRIDGE",
+        "CLIENTS",
+        "TAPS"
     );
     for n in &status.networks {
         let removal = n
@@ -30,7 +38,12 @@ pub fn main(socket: &Path, json: bool) -> super::Result {
         };
         outln!(
             "{:<16} {:<6} {:<18} {:<15} {:>7}  {:<24} {removal}",
-            n.name, n.mode, n.subnet, n.bridge, n.clients, taps
+            n.name,
+            n.mode,
+            n.subnet,
+            n.bridge,
+            n.clients,
+            taps
         );
     }
     outln!();
