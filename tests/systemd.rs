@@ -1,0 +1,423 @@
+//! The broker under a service manager, without systemd as PID 1: socket activation
+//! through Debian's `systemd-socket-activate --seqpacket` (and through a listener this
+//! test holds, as the socket unit does, to start the broker again after an idle exit),
+//! the notify protocol read from a NOTIFY_SOCKET the test owns, SIGHUP reloads, and the
+//! client commands on a closed pipe. Each broker runs in a network namespace of its own.
+
+#[path = "support/netns.rs"]
+mod netns;
+#[path = "support/broker.rs"]
+mod support;
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::net::UnixDatagram;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+use support::{BIN, Broker, Netns, Options, path_str};
+use vmnet_broker::backend::linux::tap::tap_name_of;
+use vmnet_broker::client::Client;
+
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// A broker's files: socket path, config dir, state dir, resolv.conf, log.
+struct Setup {
+    dir: tempfile::TempDir,
+    socket: PathBuf,
+    config_dir: PathBuf,
+    log_path: PathBuf,
+    ns: Netns,
+}
+
+impl Setup {
+    fn new() -> Setup {
+        netns::require("nft", "nftables");
+        netns::require("systemd-socket-activate", "systemd");
+        let dir = tempfile::Builder::new()
+            .prefix("vmnbsd-")
+            .tempdir()
+            .unwrap();
+        let config_dir = dir.path().join("config");
+        std::fs::create_dir_all(&config_dir).unwrap();
+        std::fs::create_dir_all(dir.path().join("run")).unwrap();
+        std::fs::write(dir.path().join("resolv.conf"), "nameserver 127.0.0.1\n").unwrap();
+        Setup {
+            socket: dir.path().join("run/broker.sock"),
+            log_path: dir.path().join("broker.log"),
+            config_dir,
+            dir,
+            ns: Netns::new("systemd"),
+        }
+    }
+
+    /// `serve` and its arguments (no --socket: the listener is passed).
+    fn serve_args(&self, extra: &[&str]) -> Vec<String> {
+        let mut v: Vec<String> = vec![
+            BIN.into(),
+            "serve".into(),
+            "--socket".into(),
+            path_str(&self.socket).into(),
+            "--config-dir".into(),
+            path_str(&self.config_dir).into(),
+            "--state-dir".into(),
+            path_str(&self.dir.path().join("state")).into(),
+            "--resolv-conf".into(),
+            path_str(&self.dir.path().join("resolv.conf")).into(),
+            "--log-level".into(),
+            "debug".into(),
+        ];
+        v.extend(extra.iter().map(|s| s.to_string()));
+        v
+    }
+
+    fn log_to(&self, cmd: &mut Command) {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .unwrap();
+        cmd.stdin(Stdio::null())
+            .stdout(log.try_clone().unwrap())
+            .stderr(log);
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    fn wait_for(&self, what: &str, mut f: impl FnMut() -> bool) {
+        let deadline = Instant::now() + DEADLINE;
+        while !f() {
+            assert!(
+                Instant::now() < deadline,
+                "timed out waiting for {what}; broker log:\n{}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    fn wait_exit(&self, child: &mut Child) -> ExitStatus {
+        let deadline = Instant::now() + DEADLINE;
+        loop {
+            if let Some(s) = child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "broker did not exit: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// The NOTIFY_SOCKET a service manager would own: a datagram socket the test reads.
+struct NotifySocket {
+    socket: UnixDatagram,
+    path: PathBuf,
+    /// Every message received so far, in order.
+    seen: Vec<String>,
+}
+
+impl NotifySocket {
+    fn new(dir: &Path) -> NotifySocket {
+        let path = dir.join("notify.sock");
+        let socket = UnixDatagram::bind(&path).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::from_millis(200)))
+            .unwrap();
+        NotifySocket {
+            socket,
+            path,
+            seen: vec![],
+        }
+    }
+
+    /// Receives until a message has a line for which `f` holds; returns that message.
+    fn wait(&mut self, what: &str, f: impl Fn(&str) -> bool) -> String {
+        if let Some(m) = self.seen.iter().find(|m| m.lines().any(&f)) {
+            return m.clone();
+        }
+        self.next(what, f)
+    }
+
+    /// Like `wait`, but only messages not seen yet count.
+    fn next(&mut self, what: &str, f: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + DEADLINE;
+        let mut buf = [0u8; 4096];
+        loop {
+            assert!(
+                Instant::now() < deadline,
+                "no notify message {what}; got: {:?}",
+                self.seen
+            );
+            if let Ok(n) = self.socket.recv(&mut buf) {
+                let m = String::from_utf8_lossy(&buf[..n]).into_owned();
+                self.seen.push(m.clone());
+                if m.lines().any(&f) {
+                    return m;
+                }
+            }
+        }
+    }
+}
+
+fn alive(child: &mut Child) -> bool {
+    child.try_wait().unwrap().is_none()
+}
+
+fn signal(child: &Child, sig: Signal) {
+    // `ip netns exec` and systemd-socket-activate exec: the child's pid is the broker's.
+    kill(Pid::from_raw(child.id() as i32), sig).unwrap();
+}
+
+#[test]
+fn socket_activated_broker_notifies_reloads_on_sighup_and_leaves_the_socket() {
+    let s = Setup::new();
+    let mut notify = NotifySocket::new(s.dir.path());
+    let mut cmd = s.ns.cmd("systemd-socket-activate");
+    cmd.args(["--seqpacket", "-l", path_str(&s.socket)])
+        .arg(format!("--setenv=NOTIFY_SOCKET={}", notify.path.display()))
+        // 2 s: WATCHDOG=1 every second.
+        .arg("--setenv=WATCHDOG_USEC=2000000")
+        .args(s.serve_args(&[]));
+    s.log_to(&mut cmd);
+    let mut child = cmd.spawn().unwrap();
+    s.wait_for("systemd-socket-activate to listen", || s.socket.exists());
+    assert!(
+        !s.log().contains("broker serving"),
+        "started before a connection"
+    );
+
+    // The first connect starts the broker; the request waits in the socket until it serves.
+    let client = Client::connect(&s.socket).unwrap();
+    let a = client.acquire("shared").unwrap();
+    let tap = tap_name_of(a.fd.as_fd()).unwrap();
+    let master =
+        s.ns.sh(&format!("basename $(readlink /sys/class/net/{tap}/master)"));
+    assert_eq!(master.trim(), a.info.bridge);
+    assert!(
+        s.log()
+            .contains("serving the socket passed by the service manager"),
+        "{}",
+        s.log()
+    );
+
+    let ready = notify.wait("READY=1", |l| l == "READY=1");
+    assert!(ready.lines().any(|l| l.starts_with("STATUS=")), "{ready}");
+    notify.wait("STATUS with the network and client", |l| {
+        l == "STATUS=1 network(s), 1 client(s)"
+    });
+    notify.wait("WATCHDOG=1", |l| l == "WATCHDOG=1");
+
+    // SIGHUP: a new file is reported, RELOADING=1 then READY=1, and the broker stays.
+    std::fs::write(s.config_dir.join("lab.json"), r#"{"mode":"host"}"#).unwrap();
+    signal(&child, Signal::SIGHUP);
+    let reloading = notify.next("RELOADING=1", |l| l == "RELOADING=1");
+    assert!(
+        reloading.lines().any(|l| l.starts_with("MONOTONIC_USEC=")),
+        "{reloading}"
+    );
+    notify.next("READY=1 after the reload", |l| l == "READY=1");
+    s.wait_for("the reload to be logged", || {
+        s.log().contains("reload done")
+    });
+    let log = s.log();
+    assert!(
+        log.lines()
+            .any(|l| l.contains("config: new network") && l.contains("lab")),
+        "{log}"
+    );
+    assert!(alive(&mut child), "SIGHUP ended the broker: {log}");
+    // The lease held across the reload, and the broker still answers.
+    assert_eq!(client.status().unwrap().networks.len(), 1);
+    let changed = r#"{"mode":"host","mtu":1400}"#;
+    std::fs::write(s.config_dir.join("shared.json"), changed).unwrap();
+    signal(&child, Signal::SIGHUP);
+    s.wait_for("a second reload", || {
+        s.log().matches("reload done").count() == 2
+    });
+    assert!(
+        s.log()
+            .lines()
+            .any(|l| l.contains("config: definition changed")
+                && l.contains("shared")
+                && l.contains("keeps its current config")),
+        "{}",
+        s.log()
+    );
+    assert!(alive(&mut child));
+
+    drop(a);
+    drop(client);
+    s.wait_for("the client to leave", || {
+        let log = s.log();
+        log.matches("client connected").count() == log.matches("client disconnected").count()
+    });
+    signal(&child, Signal::SIGTERM);
+    let status = s.wait_exit(&mut child);
+    assert!(status.success(), "{status}: {}", s.log());
+    notify.wait("STOPPING=1", |l| l == "STOPPING=1");
+    // The socket belongs to the service manager: not unlinked by the broker.
+    assert!(
+        s.socket.exists(),
+        "the broker removed a socket it did not create"
+    );
+}
+
+#[test]
+fn a_stream_socket_passed_by_the_manager_is_refused_clearly() {
+    let s = Setup::new();
+    let mut cmd = s.ns.cmd("systemd-socket-activate");
+    cmd.args(["-l", path_str(&s.socket)])
+        .args(s.serve_args(&[]));
+    s.log_to(&mut cmd);
+    let mut child = cmd.spawn().unwrap();
+    s.wait_for("systemd-socket-activate to listen", || s.socket.exists());
+    let _conn = std::os::unix::net::UnixStream::connect(&s.socket).unwrap();
+    let status = s.wait_exit(&mut child);
+    assert!(!status.success());
+    let log = s.log();
+    assert!(log.contains("SOCK_SEQPACKET"), "{log}");
+    assert!(log.contains("ListenSequentialPacket"), "{log}");
+}
+
+/// A listening SEQPACKET socket held by the test, as a `.socket` unit holds it.
+fn listen_seqpacket(path: &Path) -> OwnedFd {
+    use nix::sys::socket::{AddressFamily, Backlog, SockFlag, SockType, UnixAddr};
+    let fd = nix::sys::socket::socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .unwrap();
+    nix::sys::socket::bind(fd.as_raw_fd(), &UnixAddr::new(path).unwrap()).unwrap();
+    nix::sys::socket::listen(&fd, Backlog::new(64).unwrap()).unwrap();
+    fd
+}
+
+/// Starts the broker the way systemd does on a connection: the listener as fd 3,
+/// LISTEN_FDS=1 and LISTEN_PID naming the broker's own pid (the shell's, which execs).
+fn activate(s: &Setup, listener: &OwnedFd, extra: &[&str]) -> Child {
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(r#"export LISTEN_PID=$$ LISTEN_FDS=1 LISTEN_FDNAMES=vmnet-broker.socket; exec ip netns exec "$0" "$@""#)
+        .arg(&s.ns.name)
+        .args(s.serve_args(extra));
+    s.log_to(&mut cmd);
+    let raw = listener.as_raw_fd();
+    // SAFETY: the closure only calls dup2 and fcntl, which are async-signal-safe, on an
+    // fd that stays open in the parent until spawn returns.
+    unsafe {
+        cmd.pre_exec(move || {
+            // dup2 clears FD_CLOEXEC on the copy, so fd 3 survives the exec; when the
+            // listener already is fd 3, dup2 does nothing and the flag is cleared by hand.
+            let rc = if raw == 3 {
+                libc::fcntl(3, libc::F_SETFD, 0)
+            } else {
+                libc::dup2(raw, 3)
+            };
+            if rc < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let serving = s.log().matches("broker serving").count() + 1;
+    s.wait_for("the activated broker to serve", || {
+        assert!(alive(&mut child), "broker exited: {}", s.log());
+        s.log().matches("broker serving").count() == serving
+    });
+    child
+}
+
+/// Waits until a connection is pending on the listener (what makes systemd start the
+/// service).
+fn wait_pending(s: &Setup, listener: &OwnedFd) {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let mut fds = [PollFd::new(listener.as_fd(), PollFlags::POLLIN)];
+    let n = poll(
+        &mut fds,
+        PollTimeout::try_from(DEADLINE.as_millis() as i32).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(n, 1, "no connection came: {}", s.log());
+}
+
+#[test]
+fn exit_on_idle_under_socket_activation_starts_again_on_the_next_connect() {
+    let s = Setup::new();
+    let listener = listen_seqpacket(&s.socket);
+    let mut broker = activate(&s, &listener, &["--exit-on-idle", "1"]);
+    {
+        let client = Client::connect(&s.socket).unwrap();
+        client.acquire("shared").unwrap();
+    }
+    let status = s.wait_exit(&mut broker);
+    assert!(status.success(), "{status}: {}", s.log());
+    assert!(s.log().contains("idle-exit"), "{}", s.log());
+    assert!(s.socket.exists(), "the activated socket was removed");
+
+    // No broker runs now; a client connects all the same (the listener stays), its
+    // request waits, and the pending connection is what starts the next broker.
+    let socket = s.socket.clone();
+    let waiting = std::thread::spawn(move || {
+        let client = Client::connect(&socket).unwrap();
+        client.acquire("shared").map(|a| a.info.bridge)
+    });
+    wait_pending(&s, &listener);
+    let mut broker = activate(&s, &listener, &["--exit-on-idle", "1"]);
+    let bridge = waiting.join().unwrap().unwrap();
+    assert!(!bridge.is_empty());
+    assert_eq!(s.log().matches("broker serving").count(), 2, "{}", s.log());
+    let status = s.wait_exit(&mut broker);
+    assert!(status.success(), "{status}: {}", s.log());
+}
+
+/// `vmnet-broker status | head -1`: the reader goes away before all is written.
+#[test]
+fn client_commands_exit_quietly_on_a_closed_pipe() {
+    let mut b = Broker::start(Options::default());
+    // Deterministic: stdout is a pipe whose read end is already closed, so the very first
+    // write fails with EPIPE (Rust ignores SIGPIPE).
+    for args in [
+        &["status"][..],
+        &["status", "--json"],
+        &["acquire", "shared"],
+    ] {
+        let (read, write) = nix::unistd::pipe().unwrap();
+        drop(read);
+        let out = b
+            .cli(args)
+            .stdout(Stdio::from(write))
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{args:?}: {} {stderr}", out.status);
+        assert!(!stderr.contains("panicked"), "{args:?}: {stderr}");
+        assert!(stderr.is_empty(), "{args:?}: {stderr}");
+    }
+    // And the pipeline itself, with pipefail so the broker command's status counts.
+    let script = format!(
+        "set -o pipefail; ip netns exec {} {BIN} status | head -1",
+        b.ns.name
+    );
+    let out = Command::new("bash")
+        .args(["-c", &script])
+        .env("VMNET_BROKER_SOCKET", &b.socket)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{} {stderr}", out.status);
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(String::from_utf8_lossy(&out.stdout).starts_with("vmnet-broker "));
+    b.stop();
+}
