@@ -421,3 +421,39 @@ fn client_commands_exit_quietly_on_a_closed_pipe() {
     assert!(String::from_utf8_lossy(&out.stdout).starts_with("vmnet-broker "));
     b.stop();
 }
+
+/// contrib's units are valid for systemd (`systemd-analyze verify`, which needs no
+/// systemd running), with ExecStart pointing at the binary under test.
+#[test]
+fn contrib_units_pass_systemd_analyze_verify() {
+    netns::require("systemd-analyze", "systemd");
+    let dir = tempfile::tempdir().unwrap();
+    let contrib = Path::new(env!("CARGO_MANIFEST_DIR")).join("contrib");
+    for unit in ["vmnet-broker.socket", "vmnet-broker.service"] {
+        let text = std::fs::read_to_string(contrib.join(unit)).unwrap();
+        std::fs::write(
+            dir.path().join(unit),
+            text.replace("/usr/local/bin/vmnet-broker", BIN),
+        )
+        .unwrap();
+    }
+    let service = std::fs::read_to_string(contrib.join("vmnet-broker.service")).unwrap();
+    for line in [
+        "Type=notify",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "Sockets=vmnet-broker.socket",
+    ] {
+        assert!(service.lines().any(|l| l == line), "missing {line}");
+    }
+    assert!(service.lines().any(|l| l.starts_with("WatchdogSec=")));
+    let out = Command::new("systemd-analyze")
+        .current_dir(dir.path())
+        .args(["verify", "--man=no"])
+        .arg(dir.path().join("vmnet-broker.socket"))
+        .arg(dir.path().join("vmnet-broker.service"))
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.trim().is_empty(), "{stderr}");
+}
