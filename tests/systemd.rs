@@ -457,3 +457,97 @@ fn contrib_units_pass_systemd_analyze_verify() {
     assert!(out.status.success(), "{stderr}");
     assert!(stderr.trim().is_empty(), "{stderr}");
 }
+
+/// Capability bits of CAP_NET_BIND_SERVICE (10) and CAP_NET_ADMIN (12).
+const UNIT_CAPS: u64 = (1 << 10) | (1 << 12);
+
+/// The unit's `User=vmnet-broker` with `AmbientCapabilities=CAP_NET_ADMIN
+/// CAP_NET_BIND_SERVICE`: `serve` started as an unprivileged uid (nobody) with those two
+/// capabilities and no others creates a network, attaches a TAP and removes it all again.
+#[test]
+fn serve_works_unprivileged_with_only_the_units_capabilities() {
+    netns::require("setpriv", "util-linux");
+    netns::require("unshare", "util-linux");
+    const NOBODY: u32 = 65534;
+    let s = Setup::new();
+    use std::os::unix::fs::{PermissionsExt, chown};
+    std::fs::set_permissions(s.dir.path(), std::fs::Permissions::from_mode(0o755)).unwrap();
+    let state = s.dir.path().join("state");
+    std::fs::create_dir_all(&state).unwrap();
+    chown(&state, Some(NOBODY), Some(NOBODY)).unwrap();
+    chown(s.dir.path().join("run"), Some(NOBODY), Some(NOBODY)).unwrap();
+    let bin_dir = s.dir.path().join("bin");
+    std::fs::create_dir_all(&bin_dir).unwrap();
+    let bin = support::expose_to_any_uid(Path::new(BIN), &bin_dir, 0o755);
+    // Debian's /dev/net/tun is 0666; some hosts (containers) make it 0600. The broker
+    // needs it usable by its user, not CAP_DAC_OVERRIDE: a 0666 node of the same device
+    // is bind-mounted over it in a mount namespace of the broker's own.
+    let tun = s.dir.path().join("tun");
+    netns::run_ok(Command::new("mknod").args(["-m", "0666", path_str(&tun), "c", "10", "200"]));
+    let caps = "-all,+net_admin,+net_bind_service";
+    let mut args = s.serve_args(&[]);
+    args[0] = path_str(&bin).into();
+    let mut cmd = Command::new("unshare");
+    // unshare, sh, ip netns exec and setpriv all exec: the child's pid is the broker's.
+    cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(r#"mount --bind "$0" /dev/net/tun && exec "$@""#)
+        .arg(&tun)
+        .args(["ip", "netns", "exec", &s.ns.name, "setpriv"])
+        .arg(format!("--reuid={NOBODY}"))
+        .arg(format!("--regid={NOBODY}"))
+        .arg("--clear-groups")
+        .arg(format!("--inh-caps={caps}"))
+        .arg(format!("--ambient-caps={caps}"))
+        .arg(format!("--bounding-set={caps}"))
+        .args(args);
+    s.log_to(&mut cmd);
+    let mut child = cmd.spawn().unwrap();
+    support::wait_listening(&s.socket, &mut child, &s.log_path);
+
+    let proc_status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
+    let field = |name: &str| {
+        proc_status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_else(|| panic!("{name} in {proc_status}"))
+            .trim()
+            .to_string()
+    };
+    assert!(
+        field("Uid:").starts_with(&NOBODY.to_string()),
+        "{proc_status}"
+    );
+    let eff = u64::from_str_radix(&field("CapEff:"), 16).unwrap();
+    assert_eq!(eff, UNIT_CAPS, "{proc_status}");
+
+    {
+        let client = Client::connect(&s.socket).unwrap();
+        let a = client.acquire("shared").unwrap();
+        let tap = tap_name_of(a.fd.as_fd()).unwrap();
+        let master =
+            s.ns.sh(&format!("basename $(readlink /sys/class/net/{tap}/master)"));
+        assert_eq!(master.trim(), a.info.bridge);
+        assert!(
+            s.ns.nft_tables().contains("vmnet_broker"),
+            "no firewall tables"
+        );
+        // Services on the gateway: DNS on port 53 needs CAP_NET_BIND_SERVICE.
+        let log = s.log();
+        assert!(log.contains("DHCP server on"), "{log}");
+        assert!(log.contains("DNS server listening"), "{log}");
+    }
+    s.wait_for("the client to leave", || {
+        let log = s.log();
+        log.matches("client connected").count() == log.matches("client disconnected").count()
+    });
+    signal(&child, Signal::SIGTERM);
+    let status = s.wait_exit(&mut child);
+    let log = s.log();
+    assert!(status.success(), "{status}: {log}");
+    assert!(!log.contains(" WARN ") && !log.contains(" ERROR "), "{log}");
+    assert!(
+        !s.ns.links().iter().any(|l| l.starts_with("vmnb")),
+        "{:?}",
+        s.ns.links()
+    );
+}
