@@ -705,3 +705,301 @@ fn netlink_deletes_links_by_name() {
         assert!(ns.link("vmnbt-other").is_some());
     });
 }
+
+/// Opens /dev/net/tun as root (the device node is 0600 on some hosts; what is tested is
+/// the TAP's own check), then becomes `uid`/`gid` without any capability and asks to
+/// attach TAP `name` (TUNSETIFF), as another local user would. Returns 0 on success, else
+/// the errno, in a child process in the caller's network namespace.
+fn attach_by_name_as(name: &str, uid: u32, gid: u32) -> i32 {
+    // SAFETY: ifreq is plain old data; all zeroes is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as i16;
+    let path = c"/dev/net/tun";
+    // SAFETY: the child only makes async-signal-safe system calls on memory prepared
+    // before the fork, then _exits; the parent only waits for it.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+    if pid == 0 {
+        // SAFETY: see the fork above; `req` and `path` are live and valid.
+        unsafe {
+            let fd = libc::open(path.as_ptr(), libc::O_RDWR);
+            if fd < 0 {
+                libc::_exit(200);
+            }
+            if libc::setgroups(1, &gid) != 0
+                || libc::setresgid(gid, gid, gid) != 0
+                || libc::setresuid(uid, uid, uid) != 0
+            {
+                libc::_exit(201);
+            }
+            if libc::ioctl(fd, libc::TUNSETIFF, &req) == 0 {
+                libc::_exit(0);
+            }
+            libc::_exit(*libc::__errno_location());
+        }
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child, writing its status into a live int.
+    let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert_eq!(rc, pid, "waitpid: {}", std::io::Error::last_os_error());
+    assert!(libc::WIFEXITED(status), "child status {status}");
+    let code = libc::WEXITSTATUS(status);
+    assert!(code < 200, "the child could not set up (code {code})");
+    code
+}
+
+/// A client may make its TAP persistent itself (TUNSETPERSIST needs no privilege on an
+/// attached fd). The TAP still belongs to that client's uid and gid: another local user
+/// cannot attach it by name afterwards; the owner can.
+#[test]
+fn a_tap_made_persistent_by_its_client_stays_the_clients() {
+    in_netns(|ns| async move {
+        let b = backend().await;
+        let net = b.create(&config("own")).await.unwrap();
+        let (owner, other) = (4242, 4343);
+        let request = AttachRequest {
+            serial: 0,
+            mac: [0x52, 0x54, 0x00, 0x12, 0x34, 0x56],
+            peer: Peer {
+                pid: 1,
+                uid: owner,
+                gid: owner,
+                groups: None,
+            },
+            persistent: false,
+        };
+        let a = b.attach(&net, &request).await.unwrap().endpoint;
+        let info = &ns.link(&a.name).unwrap()["linkinfo"]["info_data"];
+        assert_eq!(info["user"], 4242, "{info}");
+        assert_eq!(info["group"], 4242, "{info}");
+
+        // The hostile client: persist the TAP, close everything.
+        // SAFETY: TUNSETPERSIST on an attached TAP fd takes an integer by value.
+        let rc = unsafe { libc::ioctl(a.fd.as_raw_fd(), libc::TUNSETPERSIST, 1) };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+        let name = a.name.clone();
+        drop(a);
+        assert!(ns.link(&name).is_some(), "the TAP persists");
+
+        assert_eq!(
+            attach_by_name_as(&name, other, other),
+            libc::EPERM,
+            "another user must not attach the TAP"
+        );
+        assert_eq!(
+            attach_by_name_as(&name, other, owner),
+            libc::EPERM,
+            "the owner's group is not enough without the owner's uid"
+        );
+        assert_eq!(attach_by_name_as(&name, owner, owner), 0, "the owner may");
+        b.destroy(&net).await.unwrap();
+        assert_eq!(ns.link_names(), ["lo"]);
+    });
+}
+
+/// Waits up to 10 s for `f` to hold, polling; panics with `what` otherwise.
+async fn wait_until<F, Fut>(what: &str, mut f: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while !f().await {
+        assert!(std::time::Instant::now() < deadline, "timed out: {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The record of live TAPs follows the kernel: a TAP someone else deletes leaves it too,
+/// while the other TAPs stay.
+#[test]
+fn the_tap_record_notices_deletions_by_others() {
+    in_netns(|ns| async move {
+        let b = backend().await;
+        let net = b.create(&config("rec")).await.unwrap();
+        let a0 = attach(&b, &net, 0).await;
+        let a1 = attach(&b, &net, 1).await;
+        // Right after attach, without waiting: the record already has them.
+        let mut eps = endpoints(&b, &net).await;
+        eps.sort();
+        assert_eq!(eps, [a0.interface.clone(), a1.interface.clone()]);
+
+        ns.ip(&format!("link del {}", a0.interface));
+        let keep = a1.interface.clone();
+        wait_until("the deleted TAP leaves the record", || async {
+            endpoints(&b, &net).await == std::slice::from_ref(&keep)
+        })
+        .await;
+        drop((a0, a1));
+        b.destroy(&net).await.unwrap();
+    });
+}
+
+/// A closed TAP's anti-spoofing binding is forgotten as soon as the TAP goes (from its
+/// link event), not only once the network has accumulated many bindings.
+#[test]
+fn a_closed_taps_binding_is_forgotten() {
+    in_netns(|ns| async move {
+        let b = backend().await;
+        let mut c = config("prune");
+        c.allow_spoofing = false;
+        let net = b.create(&c).await.unwrap();
+        let a = attach(&b, &net, 1).await;
+        let keep = attach(&b, &net, 2).await;
+        let set = || {
+            ns.run(&["nft", "list set bridge vmnet_broker portmacs-prune"])
+                .unwrap()
+        };
+        let (gone, kept) = (a.interface.clone(), keep.interface.clone());
+        wait_until("both TAPs are bound", || {
+            let s = set();
+            let bound = s.contains(&gone) && s.contains(&kept);
+            async move { bound }
+        })
+        .await;
+        drop(a);
+        wait_until("the closed TAP's binding is forgotten", || {
+            let s = set();
+            let pruned = !s.contains(&gone) && s.contains(&kept);
+            async move { pruned }
+        })
+        .await;
+        drop(keep);
+        b.destroy(&net).await.unwrap();
+    });
+}
+
+/// When the kernel drops link events (the record's socket buffer is full) the record
+/// takes a fresh dump and ends up with every link all the same.
+#[test]
+fn the_link_record_resyncs_after_lost_events() {
+    use std::sync::Arc;
+    use vmnet_broker::backend::linux::links::LinkRecord;
+    use vmnet_broker::backend::linux::netlink::Netlink;
+    in_netns(|ns| async move {
+        let netlink = Arc::new(Netlink::connect().unwrap());
+        // The smallest buffer the kernel allows: a couple of messages.
+        let (record, _departures) = LinkRecord::start_with_buffer(netlink, 1).unwrap();
+        record.sync().await.unwrap();
+        let bridge_index = |name: &str| ns.link(name).unwrap()["ifindex"].as_u64().unwrap() as u32;
+        ns.ip("link add vmnbt-br type bridge");
+        let br = bridge_index("vmnbt-br");
+        // Blocking this runtime's only thread while the kernel sends the events: the
+        // record cannot read them, and most are dropped.
+        let mut script = String::new();
+        for i in 0..40 {
+            script.push_str(&format!(
+                "link add vmnbt-p{i} type veth peer vmnbt-q{i}\n\
+                 link set vmnbt-p{i} alias vmnet-broker:t master vmnbt-br\n"
+            ));
+        }
+        let path = std::env::temp_dir().join(format!("vmnbt-batch-{}", std::process::id()));
+        std::fs::write(&path, script).unwrap();
+        ns.ip(&format!("-batch {}", path.display()));
+        std::fs::remove_file(&path).unwrap();
+        wait_until("all 40 ports are in the record", || async {
+            record
+                .live_ports_of(br, "vmnet-broker:t")
+                .await
+                .is_ok_and(|p| p.len() == 40)
+        })
+        .await;
+        assert!(
+            record.resyncs() >= 1,
+            "no event was lost: the test proves nothing"
+        );
+    });
+}
+
+/// A Router Advertisement as a hostile VM writes it into its TAP (behind the TAP's
+/// virtio-net header): from a link-local address to all nodes, hop limit 255, a default
+/// router lifetime and an autonomous on-link prefix 2001:db8:1::/64.
+fn router_advertisement(mac: [u8; 6]) -> Vec<u8> {
+    use etherparse::icmpv6::RouterAdvertisementHeader;
+    use etherparse::{Icmpv6Type, PacketBuilder};
+    let source = [
+        0xfe, 0x80, 0, 0, 0, 0, 0, 0, 0x50, 0x54, 0, 0xff, 0xfe, 0x12, 0x34, 0x01,
+    ];
+    let mut all_nodes = [0u8; 16];
+    all_nodes[0] = 0xff;
+    all_nodes[1] = 0x02;
+    all_nodes[15] = 1;
+    let builder = PacketBuilder::ethernet2(mac, [0x33, 0x33, 0, 0, 0, 1])
+        .ipv6(source, all_nodes, 255)
+        .icmpv6(Icmpv6Type::RouterAdvertisement(RouterAdvertisementHeader {
+            cur_hop_limit: 64,
+            managed_address_config: false,
+            other_config: false,
+            router_lifetime: 1800,
+        }));
+    // Reachable time and retransmission timer (unspecified), then the options.
+    let mut payload = vec![0u8; 8];
+    // Prefix information: type 3, 4 x 8 bytes, /64, on-link and autonomous, lifetimes.
+    payload.extend([3, 4, 64, 0xc0]);
+    payload.extend(86400u32.to_be_bytes());
+    payload.extend(14400u32.to_be_bytes());
+    payload.extend([0; 4]);
+    payload.extend([0x20, 0x01, 0x0d, 0xb8, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0]);
+    // Source link-layer address: type 1, 1 x 8 bytes.
+    payload.extend([1, 1]);
+    payload.extend(mac);
+    let mut frame = vec![0u8; 12];
+    builder.write(&mut frame, &payload).unwrap();
+    frame
+}
+
+/// How many Router Advertisements interface `name` has received (counted by the
+/// kernel's ICMPv6 input before it decides what to do with them).
+fn router_advertisements_received(ns: &Ns, name: &str) -> u64 {
+    let stats = ns
+        .run(&["cat", &format!("/proc/net/dev_snmp6/{name}")])
+        .unwrap();
+    stats
+        .lines()
+        .find_map(|l| {
+            let mut words = l.split_whitespace();
+            (words.next() == Some("Icmp6InRouterAdvertisements"))
+                .then(|| words.next().unwrap().parse().unwrap())
+        })
+        .expect("the counter exists")
+}
+
+/// A VM cannot configure the host's IPv6 through its network's bridge: a Router
+/// Advertisement from a TAP reaches the bridge, which neither installs a route via the
+/// VM nor takes an address from the advertised prefix.
+#[test]
+fn router_advertisements_from_vms_do_not_configure_the_bridge() {
+    in_netns(|ns| async move {
+        let b = backend().await;
+        let net = b.create(&config("ra")).await.unwrap();
+        let a = attach(&b, &net, 1).await;
+        let mac = [0x52, 0x54, 0x00, 0x12, 0x34, 1];
+        for setting in ["accept_ra", "autoconf", "accept_redirects"] {
+            let value = ns
+                .run(&["cat", &format!("/proc/sys/net/ipv6/conf/vmnb-ra/{setting}")])
+                .unwrap();
+            assert_eq!(value.trim(), "0", "{setting}");
+        }
+        // Sent until the kernel has seen one: right after the port joins, the bridge's
+        // carrier and IPv6 state may still be coming up.
+        wait_until("the bridge receives the Router Advertisement", || {
+            send(&a.fd, &router_advertisement(mac));
+            let seen = router_advertisements_received(&ns, "vmnb-ra") > 0;
+            async move { seen }
+        })
+        .await;
+        // The kernel handles an RA completely when it receives it; nothing comes later.
+        let routes = ns.ip("-6 route show");
+        assert!(!routes.contains("proto ra"), "{routes}");
+        assert!(!routes.contains("default"), "{routes}");
+        assert!(!routes.contains("2001:db8:1:"), "{routes}");
+        let addresses = ns.ip("-6 addr show dev vmnb-ra");
+        assert!(!addresses.contains("2001:db8:1:"), "{addresses}");
+        assert!(!addresses.contains("scope global"), "{addresses}");
+        drop(a);
+        b.destroy(&net).await.unwrap();
+    });
+}

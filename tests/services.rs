@@ -1093,8 +1093,8 @@ fn bound_taps(b: &Broker, network: &str) -> Vec<String> {
 #[test]
 fn bindings_of_closed_taps_are_forgotten() {
     let b = Broker::start(Options::default());
-    // Bindings are pruned once as many were added as there were live TAPs at the last
-    // pruning (at least 64), so the set stays within about twice the live TAPs.
+    // A closed TAP's binding is forgotten when the kernel reports the TAP gone (a link
+    // event), so the set follows the live TAPs.
     let a = b.client();
     let first: Vec<Acquired> = (0..64).map(|_| a.acquire("shared").unwrap()).collect();
     b.wait_for("64 bindings", Duration::from_secs(20), || {
@@ -1103,6 +1103,9 @@ fn bindings_of_closed_taps_are_forgotten() {
     drop(first);
     b.wait_for("the closed TAPs to go", Duration::from_secs(30), || {
         a.status().unwrap().networks[0].taps.is_empty()
+    });
+    b.wait_for("their bindings to go", Duration::from_secs(30), || {
+        bound_taps(&b, "shared").is_empty()
     });
     let c = b.client();
     let second: Vec<Acquired> = (0..64).map(|_| c.acquire("shared").unwrap()).collect();

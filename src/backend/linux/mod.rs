@@ -5,7 +5,9 @@
 //! so operators see what belongs to whom and a restarted broker finds what a crashed
 //! one left behind ([`Backend::remove_stale`]).
 
+pub mod bridge;
 pub mod firewall;
+pub mod links;
 pub mod netlink;
 pub mod services;
 pub mod subnet;
@@ -15,9 +17,10 @@ use crate::backend::{
     AttachRequest, Attachment, BRIDGE, Backend, BackendError, EndpointId, INTERFACE,
     NetworkDetails, PlatformDetails,
 };
-use crate::config::{Mode, NetworkConfig, name_hash};
+use crate::config::{Mode, NetworkConfig};
 use firewall::{Firewall, FirewallNetwork};
 use ipnet::Ipv4Net;
+use links::{Departures, LinkRecord};
 use netlink::{Link, Netlink};
 use services::{ServiceParams, Services};
 use std::collections::{BTreeMap, BTreeSet};
@@ -27,8 +30,10 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use subnet::{Occupant, Occupation};
+use tap::Tap;
 use tracing::{debug, error, info, warn};
 
+pub use bridge::{bridge_mac, bridge_name};
 pub use netlink::bridge_of;
 pub use tap::tap_name_of;
 
@@ -57,6 +62,8 @@ pub struct LinuxOptions {
 pub struct LinuxBackend {
     options: LinuxOptions,
     netlink: Arc<Netlink>,
+    /// The live bridges and TAPs of the broker, from link events.
+    links: Arc<LinkRecord>,
     /// Queue of the background task that binds new TAPs ([`bind_ports`]).
     binder: tokio::sync::mpsc::UnboundedSender<BindJob>,
     /// NAT, forwarding and anti-spoofing rules of every network, in one nftables table
@@ -114,27 +121,6 @@ pub fn alias_for(name: &str) -> String {
     format!("{ALIAS_PREFIX}{name}")
 }
 
-/// `vmnb-<name>` when the name fits IFNAMSIZ, else `vmnb-<8 hex digits of its hash>`.
-pub fn bridge_name(network: &str) -> String {
-    let fits = network.len() <= 10
-        && network
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'));
-    if fits {
-        return format!("vmnb-{network}");
-    }
-    // Stable, so a restarted broker finds the same name.
-    format!("vmnb-{:08x}", name_hash(network))
-}
-
-/// The bridge's MAC, stable per network name so guests' ARP caches of the gateway stay
-/// right when a network is recreated: locally administered unicast (0x02), then 'v'
-/// and four bytes of the name's hash.
-pub fn bridge_mac(network: &str) -> [u8; 6] {
-    let h = name_hash(network).to_be_bytes();
-    [0x02, b'v', h[0], h[1], h[2], h[3]]
-}
-
 /// The host side of a TAP: the guest MAC with 0xFE as first byte. 0xFE is above any
 /// MAC QEMU or the kernel generate, so even on a bridge whose MAC is not set (which
 /// takes its lowest port's) a TAP's would never be picked; it is still unicast and
@@ -162,11 +148,20 @@ impl LinuxBackend {
         let firewall = Firewall::new();
         firewall.spawn_watchdog();
         let netlink = Arc::new(netlink);
+        let (links, departures) = LinkRecord::start(Arc::clone(&netlink))
+            .map_err(|e| BackendError::component("link record", e))?;
+        let links = Arc::new(links);
         let (binder, jobs) = tokio::sync::mpsc::unbounded_channel();
-        tokio::spawn(bind_ports(firewall.clone(), Arc::clone(&netlink), jobs));
+        tokio::spawn(bind_ports(
+            firewall.clone(),
+            Arc::clone(&links),
+            jobs,
+            departures,
+        ));
         Ok(Self {
             options,
             netlink,
+            links,
             binder,
             firewall,
             held: Mutex::new(BTreeMap::new()),
@@ -256,50 +251,6 @@ impl LinuxBackend {
         Ok(())
     }
 
-    /// Creates, configures and brings up the bridge. On failure the bridge is removed.
-    async fn make_bridge(
-        &self,
-        config: &NetworkConfig,
-        name: &str,
-        address: Ipv4Net,
-    ) -> Result<Link, BackendError> {
-        let alias = alias_for(&config.name);
-        self.netlink
-            .create_bridge(name, bridge_mac(&config.name))
-            .await?;
-        let link = match self.netlink.link_by_name(name).await {
-            Ok(Some(link)) => link,
-            looked_up => {
-                // The bridge has no alias yet, so nothing (not even `remove_stale`) would
-                // ever recognise it as ours: delete it by the name it was just given.
-                if let Err(cleanup) = self.netlink.delete_by_name(name).await {
-                    warn!(
-                        interface = name,
-                        "cannot remove half-made bridge: {cleanup}"
-                    );
-                }
-                return Err(match looked_up {
-                    Err(e) => e.into(),
-                    _ => BackendError::Vanished(format!("bridge {name} vanished after creation")),
-                });
-            }
-        };
-        let configured = async {
-            self.netlink.configure_up(&link, config.mtu, &alias).await?;
-            self.netlink.add_address(&link, address).await
-        };
-        if let Err(e) = configured.await {
-            if let Err(cleanup) = self.netlink.delete(&link).await {
-                warn!(
-                    interface = name,
-                    "cannot remove half-made bridge: {cleanup}"
-                );
-            }
-            return Err(e.into());
-        }
-        Ok(link)
-    }
-
     /// Firewall rules, then DHCP and DNS. On error nothing of them is left.
     async fn start_services(
         &self,
@@ -339,35 +290,25 @@ impl LinuxBackend {
         started
     }
 
-    /// Our TAPs on `bridge`.
-    async fn taps_of(&self, network: &LinuxNetwork) -> std::io::Result<Vec<Link>> {
-        let alias = alias_for(&network.config.name);
-        Ok(self
-            .netlink
-            .ports_of(network.bridge.index)
-            .await?
-            .into_iter()
-            .filter(|l| l.alias.as_deref() == Some(alias.as_str()))
-            .collect())
-    }
-
     /// Gives the new TAP its MAC, MTU, alias and bridge, and isolates it if asked.
     async fn plug(
         &self,
         network: &LinuxNetwork,
-        name: &str,
+        tap: &Tap,
         mac: [u8; 6],
     ) -> Result<(), BackendError> {
-        let port =
-            self.netlink.link_by_name(name).await?.ok_or_else(|| {
-                BackendError::Vanished(format!("TAP {name} vanished after creation"))
-            })?;
         let alias = alias_for(&network.config.name);
-        self.netlink
-            .enslave(&port, mac, network.config.mtu, &alias, &network.bridge)
-            .await?;
+        bridge::enslave(
+            &self.netlink,
+            tap,
+            mac,
+            network.config.mtu,
+            &alias,
+            &network.bridge,
+        )
+        .await?;
         if network.config.isolation {
-            self.netlink.set_isolated(&port).await?;
+            bridge::set_isolated(&self.netlink, tap).await?;
         }
         Ok(())
     }
@@ -392,65 +333,97 @@ impl LinuxBackend {
     }
 }
 
-/// Bindings a network gets before its first pruning ([`bind_ports`]).
-const PRUNE_BINDINGS_FROM: usize = 64;
-
 /// TAP names and their guest MACs.
 type Ports = Vec<(String, [u8; 6])>;
 
 /// A TAP waiting for its anti-spoofing binding.
 struct BindJob {
     network: String,
-    bridge_index: u32,
     tap: String,
     mac: [u8; 6],
 }
 
-/// Binds new TAPs to their MACs, in the background, for as long as the backend lives.
-/// Whatever is queued when it wakes is done together, per network: one dump of the
-/// bridge's ports to forget TAPs that are gone, one `nft` transaction for all the new
-/// ones. A burst of a thousand acquires thus costs a handful of `nft` runs, not a
-/// thousand processes competing with the acquires for the CPU.
+/// The network a link of the broker belongs to, from its alias.
+fn network_of(link: &Link) -> Option<&str> {
+    link.alias.as_deref()?.strip_prefix(ALIAS_PREFIX)
+}
+
+/// Keeps the firewall's TAP bindings, in the background, for as long as the backend
+/// lives: binds new TAPs to their MACs and forgets those of TAPs that left (the link
+/// record reports them as they go). Whatever is queued when it wakes is done together,
+/// per network, in one `nft` transaction: a burst of a thousand acquires or closes costs
+/// a handful of `nft` runs, not a thousand processes competing for the CPU.
 async fn bind_ports(
     firewall: Firewall,
-    netlink: Arc<Netlink>,
+    links: Arc<LinkRecord>,
     mut jobs: tokio::sync::mpsc::UnboundedReceiver<BindJob>,
+    mut departures: Departures,
 ) {
-    // Per network: bindings added since the last pruning, and the live TAPs then. A dump
-    // of the bridge's ports per batch made a thousand acquires allocate and parse about
-    // half a million link messages; pruning once the bindings may have doubled keeps
-    // the set within twice the live TAPs at a constant cost per acquire. (One entry per
-    // network name ever bound: as many as the config has names.)
-    let mut since_prune: BTreeMap<String, (usize, usize)> = BTreeMap::new();
-    while let Some(first) = jobs.recv().await {
-        let mut by_network: BTreeMap<String, (u32, Ports)> = BTreeMap::new();
-        let mut job = Some(first);
-        while let Some(j) = job {
-            let entry = by_network
-                .entry(j.network)
-                .or_insert_with(|| (j.bridge_index, Vec::new()));
-            entry.1.push((j.tap, j.mac));
-            job = jobs.try_recv().ok();
+    loop {
+        let mut to_bind: BTreeMap<String, Ports> = BTreeMap::new();
+        let mut to_prune: BTreeSet<String> = BTreeSet::new();
+        tokio::select! {
+            job = jobs.recv() => match job {
+                Some(j) => to_bind.entry(j.network).or_default().push((j.tap, j.mac)),
+                None => return,
+            },
+            gone = departures.recv() => match gone {
+                Some(link) => {
+                    if let Some(network) = network_of(&link) {
+                        to_prune.insert(network.to_string());
+                    }
+                }
+                None => return,
+            },
         }
-        for (network, (bridge_index, ports)) in by_network {
-            let (added, live_then) = since_prune.entry(network.clone()).or_default();
-            *added += ports.len();
-            if *added >= (*live_then).max(PRUNE_BINDINGS_FROM) {
-                let netlink = Arc::clone(&netlink);
-                let live = async move {
-                    let ports = netlink.ports_of(bridge_index).await?;
-                    Ok(ports.into_iter().map(|l| l.name).collect())
+        while let Ok(j) = jobs.try_recv() {
+            to_bind.entry(j.network).or_default().push((j.tap, j.mac));
+        }
+        while let Ok(link) = departures.try_recv() {
+            if let Some(network) = network_of(&link) {
+                to_prune.insert(network.to_string());
+            }
+        }
+        for (network, ports) in &to_bind {
+            bind_with_retries(&firewall, network, ports).await;
+        }
+        // A TAP may have gone before its binding was made: its departure was then
+        // handled before the binding existed. Such bindings are forgotten too.
+        if !to_bind.is_empty()
+            && let Ok(()) = links.sync().await
+        {
+            for (network, ports) in &to_bind {
+                let alias = alias_for(network);
+                let live = match links.live_taps_with_alias(&alias).await {
+                    Ok(live) => live,
+                    Err(_) => break,
                 };
-                match firewall.prune_ports(&network, live).await {
-                    Ok(live) => (*added, *live_then) = (0, live),
-                    Err(e) => warn!(
-                        network,
-                        "cannot forget closed TAPs: {}",
-                        crate::error::Chain(&e)
-                    ),
+                if ports
+                    .iter()
+                    .any(|(tap, _)| !live.iter().any(|l| &l.name == tap))
+                {
+                    to_prune.insert(network.clone());
                 }
             }
-            bind_with_retries(&firewall, &network, &ports).await;
+        }
+        for network in to_prune {
+            // Listed under the firewall's lock: a binding recorded before belongs to a
+            // TAP the kernel had made before the listing, so one missing from it is gone.
+            let alias = alias_for(&network);
+            let links = Arc::clone(&links);
+            let live = async move {
+                let taps = links.live_taps_with_alias(&alias).await?;
+                Ok(taps.into_iter().map(|l| l.name).collect())
+            };
+            // On failure (the record not synced) every binding stays: a stale binding
+            // only matches frames of a TAP that no longer exists.
+            if let Err(e) = firewall.prune_ports(&network, live).await {
+                warn!(
+                    network,
+                    "cannot forget closed TAPs: {}",
+                    crate::error::Chain(&e)
+                );
+            }
         }
     }
 }
@@ -504,7 +477,7 @@ impl Backend for LinuxBackend {
         self.claim_bridge_name(&bridge_name, &alias).await?;
         let (subnet, gateway) = self.reserve_subnet(config, &bridge_name).await?;
         let address = Ipv4Net::new(gateway, subnet.prefix_len()).expect("prefix of a subnet");
-        let bridge = match self.make_bridge(config, &bridge_name, address).await {
+        let bridge = match bridge::make(&self.netlink, config, &bridge_name, address).await {
             Ok(link) => link,
             Err(e) => {
                 self.release_subnet(&bridge_name);
@@ -553,14 +526,16 @@ impl Backend for LinuxBackend {
         request: &AttachRequest,
     ) -> Result<Attachment<TapEndpoint>, BackendError> {
         let name = tap::tap_name(network.bridge.index, request.serial)?;
-        let fd = tap::create_tap(&name)?;
-        // On failure `fd` is dropped, and with its only fd the TAP goes away.
-        self.plug(network, &name, host_mac(request.mac)).await?;
+        let owner = tap::TapOwner {
+            uid: request.peer.uid,
+            gid: request.peer.gid,
+        };
+        let tap = Tap::create(&name, owner)?;
+        // On failure `tap` is dropped, and with its only fd the TAP goes away.
+        self.plug(network, &tap, host_mac(request.mac)).await?;
         if request.persistent {
             // Made persistent only once plugged: a failure before leaves nothing behind.
-            if let Err(e) =
-                tap::make_persistent(std::os::fd::AsFd::as_fd(&fd), request.peer.uid, &name)
-            {
+            if let Err(e) = tap.make_persistent() {
                 self.release(network, &EndpointId(name.clone())).await.ok();
                 return Err(e.into());
             }
@@ -572,13 +547,13 @@ impl Backend for LinuxBackend {
             // of every acquire waiting for it.
             let job = BindJob {
                 network: network.config.name.clone(),
-                bridge_index: network.bridge.index,
                 tap: name.clone(),
                 mac: request.mac,
             };
             // The binder lives as long as the backend, so the queue is always open.
             let _ = self.binder.send(job);
         }
+        let (name, fd) = tap.into_parts();
         Ok(Attachment {
             id: EndpointId(name.clone()),
             platform: PlatformDetails::new().with(INTERFACE, name.clone()),
@@ -606,12 +581,12 @@ impl Backend for LinuxBackend {
         &self,
         network: &LinuxNetwork,
     ) -> Result<BTreeSet<EndpointId>, BackendError> {
-        let taps = self.taps_of(network).await.map_err(|e| {
-            BackendError::os(
-                format!("cannot list the TAPs of {}", network.bridge.name),
-                e,
-            )
-        })?;
+        let alias = alias_for(&network.config.name);
+        let taps = self
+            .links
+            .live_ports_of(network.bridge.index, &alias)
+            .await
+            .map_err(|e| BackendError::component("link record", e))?;
         Ok(taps.into_iter().map(|l| EndpointId(l.name)).collect())
     }
 
@@ -694,28 +669,6 @@ impl Backend for LinuxBackend {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn short_names_show_in_the_bridge_name() {
-        assert_eq!(bridge_name("shared"), "vmnb-shared");
-        assert_eq!(bridge_name("ten-chars."), "vmnb-ten-chars.");
-    }
-
-    #[test]
-    fn long_names_are_hashed_stably_within_ifnamsiz() {
-        let a = bridge_name("eleven-char");
-        assert!(a.starts_with("vmnb-") && a.len() == 13, "{a}");
-        assert_eq!(a, bridge_name("eleven-char"));
-        assert_ne!(a, bridge_name("eleven-chaR"));
-    }
-
-    #[test]
-    fn bridge_macs_are_local_unicast_and_stable() {
-        let m = bridge_mac("shared");
-        assert_eq!(m[0], 0x02);
-        assert_eq!(m, bridge_mac("shared"));
-        assert_ne!(m, bridge_mac("host"));
-    }
 
     #[test]
     fn host_side_mac_starts_with_fe() {

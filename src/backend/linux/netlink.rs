@@ -1,4 +1,6 @@
-//! The rtnetlink requests the backend makes, each one small and named for what it does.
+//! Generic rtnetlink requests: links (list, look up, configure, delete), addresses and
+//! the routes that occupy address space. What only bridges and their ports need lives in
+//! bridge.rs.
 //!
 //! Requests go to the network namespace of the thread that opened the connection, which
 //! is what lets the integration tests run the backend in a namespace of their own.
@@ -8,11 +10,9 @@ use futures::TryStreamExt;
 use ipnet::Ipv4Net;
 use netlink_packet_route::AddressFamily;
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
-use netlink_packet_route::link::{BridgeStpState, InfoKind, LinkAttribute, LinkInfo, LinkMessage};
+use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage};
-use rtnetlink::{
-    Handle, LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec, RouteMessageBuilder,
-};
+use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
 use std::collections::BTreeMap;
 use std::io;
 use std::net::{IpAddr, Ipv4Addr};
@@ -39,22 +39,26 @@ pub struct Link {
     /// The index of the bridge (or other master) the link is enslaved to.
     pub controller: Option<u32>,
     pub is_bridge: bool,
+    /// The link's MAC, for Ethernet links.
+    pub mac: Option<[u8; 6]>,
 }
 
 impl Link {
-    fn from_message(msg: LinkMessage) -> Self {
+    pub(crate) fn from_message(msg: LinkMessage) -> Self {
         let mut link = Link {
             index: msg.header.index,
             name: String::new(),
             alias: None,
             controller: None,
             is_bridge: false,
+            mac: None,
         };
         for attr in msg.attributes {
             match attr {
                 LinkAttribute::IfName(name) => link.name = name,
                 LinkAttribute::IfAlias(alias) => link.alias = Some(alias),
                 LinkAttribute::Controller(index) => link.controller = Some(index),
+                LinkAttribute::Address(mac) => link.mac = mac.try_into().ok(),
                 LinkAttribute::LinkInfo(infos) => {
                     link.is_bridge = infos
                         .iter()
@@ -95,7 +99,7 @@ where
 }
 
 /// Turns a netlink failure into an io::Error that says what was being done.
-fn fail(err: rtnetlink::Error, what: impl std::fmt::Display) -> io::Error {
+pub(crate) fn fail(err: rtnetlink::Error, what: impl std::fmt::Display) -> io::Error {
     match err {
         rtnetlink::Error::NetlinkError(msg) => {
             let io = msg.to_io();
@@ -163,24 +167,6 @@ impl Netlink {
             .collect())
     }
 
-    /// Creates bridge `name`, down, with STP off and no forward delay, so a new port
-    /// forwards at once instead of listening and learning for 30 s first. The MAC is
-    /// set explicitly: a bridge whose MAC was not set takes its lowest port's, and
-    /// would change address whenever VMs come and go.
-    pub async fn create_bridge(&self, name: &str, mac: [u8; 6]) -> io::Result<()> {
-        let message = LinkMessageBuilder::<LinkBridge>::new(name)
-            .address(mac.to_vec())
-            .forward_delay(0)
-            .stp_state(BridgeStpState::Disabled)
-            .build();
-        self.handle
-            .link()
-            .add(message)
-            .execute()
-            .await
-            .map_err(|e| fail(e, format!("cannot create bridge {name}")))
-    }
-
     /// Sets MTU and alias and brings the link up. Setting the bridge MTU explicitly
     /// (not at creation) marks it as set by the user, so the kernel keeps it instead of
     /// falling back to 1500 whenever the last port leaves.
@@ -202,39 +188,14 @@ impl Netlink {
             .map_err(|e| fail(e, format!("cannot add address {address} to {}", link.name)))
     }
 
-    /// Gives a port its MAC, MTU and alias, enslaves it to `bridge` and brings it up.
-    pub async fn enslave(
-        &self,
-        port: &Link,
-        mac: [u8; 6],
-        mtu: u32,
-        alias: &str,
-        bridge: &Link,
-    ) -> io::Result<()> {
-        let message = LinkUnspec::new_with_index(port.index)
-            .address(mac.to_vec())
-            .mtu(mtu)
-            .alias(alias)
-            .controller(bridge.index)
-            .up()
-            .build();
-        let what = format!("attach to bridge {}", bridge.name);
-        self.set(message, &port.name, &what).await
+    /// The rtnetlink handle, for the requests of modules that own a kind of link
+    /// (bridge.rs).
+    pub(crate) fn handle(&self) -> &Handle {
+        &self.handle
     }
 
-    /// Marks a bridge port isolated: it reaches non-isolated ports (the bridge itself,
-    /// so the host) but no other isolated port.
-    pub async fn set_isolated(&self, port: &Link) -> io::Result<()> {
-        let message = LinkBridgePort::new(port.index).isolated(true).build();
-        self.handle
-            .link()
-            .set_port(message)
-            .execute()
-            .await
-            .map_err(|e| fail(e, format!("cannot isolate bridge port {}", port.name)))
-    }
-
-    async fn set(&self, message: LinkMessage, name: &str, what: &str) -> io::Result<()> {
+    /// Applies a link change (RTM_SETLINK) to link `name`.
+    pub(crate) async fn set(&self, message: LinkMessage, name: &str, what: &str) -> io::Result<()> {
         self.handle
             .link()
             .set(message)

@@ -3,8 +3,14 @@
 //! A TAP made here is not persistent (no `TUNSETPERSIST`): it exists while some process
 //! holds its fd. The broker hands the only fd to the client, so the TAP disappears when
 //! the VM exits, however it exits. The exception is a TAP asked for as persistent, for
-//! VMMs that open a TAP by name: [`make_persistent`] gives it to the client's uid, and the
-//! broker deletes it when that client's connection closes.
+//! VMMs that open a TAP by name: [`Tap::make_persistent`] keeps it, and the broker deletes
+//! it when that client's connection closes.
+//!
+//! Every TAP belongs to the client it was made for (`TUNSETOWNER` and `TUNSETGROUP`, set
+//! before anyone else can see the fd). The client holding the fd can make the TAP
+//! persistent itself (`TUNSETPERSIST` needs no privilege); without an owner such a TAP
+//! could then be attached by name by any local user. With both set the kernel lets only a
+//! process with that uid *and* that group (or CAP_NET_ADMIN) attach it.
 //!
 //! Offloads (`TUNSETOFFLOAD`) are deliberately left off. With them off the kernel hands
 //! the reader only complete, checksummed frames, which every consumer can take; QEMU and
@@ -15,7 +21,7 @@
 use nix::{ioctl_read_bad, ioctl_write_ptr_bad};
 use std::fs::OpenOptions;
 use std::io;
-use std::os::fd::{AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::fs::OpenOptionsExt;
 use vmnet_broker_client::linux::tun_info;
 
@@ -26,8 +32,9 @@ pub const VNET_HDR_LEN: libc::c_int = 12;
 ioctl_write_ptr_bad!(tun_set_iff, libc::TUNSETIFF, libc::ifreq);
 ioctl_write_ptr_bad!(tun_set_vnet_hdr_sz, libc::TUNSETVNETHDRSZ, libc::c_int);
 ioctl_read_bad!(tun_get_vnet_hdr_sz, libc::TUNGETVNETHDRSZ, libc::c_int);
-// TUNSETOWNER and TUNSETPERSIST take their argument by value, not by pointer.
+// TUNSETOWNER, TUNSETGROUP and TUNSETPERSIST take their argument by value, not by pointer.
 nix::ioctl_write_int_bad!(tun_set_owner, libc::TUNSETOWNER);
+nix::ioctl_write_int_bad!(tun_set_group, libc::TUNSETGROUP);
 nix::ioctl_write_int_bad!(tun_set_persist, libc::TUNSETPERSIST);
 
 /// Flags of every TAP the broker makes: Ethernet frames, no packet-info prefix, a
@@ -54,38 +61,89 @@ fn context(err: nix::Error, what: &str, name: &str) -> io::Error {
     io::Error::new(err.kind(), format!("{what} for TAP {name}: {err}"))
 }
 
-/// Creates TAP `name` in the caller's network namespace and returns its only fd
-/// (close-on-exec). Fails if a device of that name already exists (`IFF_TUN_EXCL`):
-/// the broker never takes over a device it did not make.
-pub fn create_tap(name: &str) -> io::Result<OwnedFd> {
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .custom_flags(libc::O_CLOEXEC)
-        .open("/dev/net/tun")
-        .map_err(|e| io::Error::new(e.kind(), format!("cannot open /dev/net/tun: {e}")))?;
-    let mut req = ifreq_named(name)?;
-    req.ifr_ifru.ifru_flags = (TAP_FLAGS | libc::IFF_TUN_EXCL) as libc::c_short;
-    // SAFETY: `file` is open for this whole call, and TUNSETIFF reads one ifreq from
-    // `req`, a valid, initialized ifreq that outlives the call.
-    unsafe { tun_set_iff(file.as_raw_fd(), &req) }.map_err(|e| context(e, "TUNSETIFF", name))?;
-    // SAFETY: `file` is open; TUNSETVNETHDRSZ reads one c_int through the pointer, and
-    // VNET_HDR_LEN is a c_int static.
-    unsafe { tun_set_vnet_hdr_sz(file.as_raw_fd(), &VNET_HDR_LEN) }
-        .map_err(|e| context(e, "TUNSETVNETHDRSZ", name))?;
-    Ok(file.into())
+/// The uid and gid a TAP is given to: only processes with both may attach it by name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TapOwner {
+    pub uid: u32,
+    pub gid: u32,
 }
 
-/// Keeps the TAP behind `fd` after its fds close and lets `uid` attach to it by name
-/// (TUNSETIFF without CAP_NET_ADMIN), as firecracker does.
-pub fn make_persistent(fd: BorrowedFd, uid: u32, name: &str) -> io::Result<()> {
-    // SAFETY: `fd` is a live descriptor borrowed for this call, and TUNSETOWNER takes its
-    // argument by value (an int), so the kernel reads no memory of ours.
-    unsafe { tun_set_owner(fd.as_raw_fd(), uid as libc::c_int) }
-        .map_err(|e| context(e, "TUNSETOWNER", name))?;
-    // SAFETY: as above: a live borrowed fd, and TUNSETPERSIST takes an int by value.
-    unsafe { tun_set_persist(fd.as_raw_fd(), 1) }.map_err(|e| context(e, "TUNSETPERSIST", name))?;
-    Ok(())
+/// A TAP the broker made, with its only fd: the TAP lives as long as the fd (unless made
+/// persistent), so dropping an unsent `Tap` removes the device.
+#[derive(Debug)]
+pub struct Tap {
+    name: String,
+    /// The interface index, which stays the TAP's while the fd lives, whatever its name.
+    index: u32,
+    fd: OwnedFd,
+}
+
+impl Tap {
+    /// Creates TAP `name` in the caller's network namespace, owned by `owner`, and
+    /// returns it with its only fd (close-on-exec). Fails if a device of that name
+    /// already exists (`IFF_TUN_EXCL`): the broker never takes over a device it did not
+    /// make.
+    pub fn create(name: &str, owner: TapOwner) -> io::Result<Tap> {
+        let file = OpenOptions::new()
+            .read(true)
+            .write(true)
+            .custom_flags(libc::O_CLOEXEC)
+            .open("/dev/net/tun")
+            .map_err(|e| io::Error::new(e.kind(), format!("cannot open /dev/net/tun: {e}")))?;
+        let mut req = ifreq_named(name)?;
+        req.ifr_ifru.ifru_flags = (TAP_FLAGS | libc::IFF_TUN_EXCL) as libc::c_short;
+        // SAFETY: the fd is open and req is a valid, NUL-terminated ifreq that outlives
+        // the call; the kernel only reads it.
+        unsafe { tun_set_iff(file.as_raw_fd(), &req) }
+            .map_err(|e| context(e, "TUNSETIFF", name))?;
+        // SAFETY: the fd is an attached TAP; the kernel reads one int from a live reference.
+        unsafe { tun_set_vnet_hdr_sz(file.as_raw_fd(), &VNET_HDR_LEN) }
+            .map_err(|e| context(e, "TUNSETVNETHDRSZ", name))?;
+        // Owner and group before the fd leaves the broker: from then on the client can
+        // make the TAP persistent, and it must not become attachable by everyone.
+        // SAFETY: the fd is an attached TAP; both ioctls take an integer by value.
+        unsafe { tun_set_owner(file.as_raw_fd(), owner.uid as libc::c_int) }
+            .map_err(|e| context(e, "TUNSETOWNER", name))?;
+        // SAFETY: as above.
+        unsafe { tun_set_group(file.as_raw_fd(), owner.gid as libc::c_int) }
+            .map_err(|e| context(e, "TUNSETGROUP", name))?;
+        // Looked up by name in this thread's namespace, where the TAP was just made; its
+        // fd keeps it alive and the name cannot change under it (renaming needs the TAP
+        // down, and nobody else has it yet).
+        let index = nix::net::if_::if_nametoindex(name)
+            .map_err(|e| context(e, "looking up the index", name))?;
+        Ok(Tap {
+            name: name.to_string(),
+            index,
+            fd: file.into(),
+        })
+    }
+
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    pub fn index(&self) -> u32 {
+        self.index
+    }
+
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+
+    /// The name and the fd, to hand the fd to the client.
+    pub fn into_parts(self) -> (String, OwnedFd) {
+        (self.name, self.fd)
+    }
+
+    /// Keeps the TAP after its fds close; its owner (see [`Tap::create`]) may attach to
+    /// it by name (TUNSETIFF without CAP_NET_ADMIN), as firecracker does.
+    pub fn make_persistent(&self) -> io::Result<()> {
+        // SAFETY: the fd is an attached TAP; the ioctl takes an integer by value.
+        unsafe { tun_set_persist(self.fd.as_raw_fd(), 1) }
+            .map_err(|e| context(e, "TUNSETPERSIST", &self.name))?;
+        Ok(())
+    }
 }
 
 /// The name of the TAP behind `fd` (`TUNGETIFF`): the client library's, which launchers
