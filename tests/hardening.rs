@@ -1,7 +1,8 @@
 //! Holes of issue 10 found by attacking the broker, each reproduced the way the attacker
 //! did it and asserted closed: odd files in the config directory (hole 7), subnets taken
 //! from under fixed networks or refused under a VPN's routes (hole 8), a refused
-//! connection's reply (hole 9). The real broker in a namespace of its own, as in
+//! connection's reply (hole 9), a TAP persisted by its client and attached by another
+//! user (hole 6). The real broker in a namespace of its own, as in
 //! tests/broker.rs; clients of other uids via `setpriv` or a thread with its own uid.
 
 #[path = "support/netns.rs"]
@@ -367,4 +368,88 @@ fn a_refused_connection_gets_error_7_with_a_message_not_a_reset() {
     assert!(b.log().contains("connection refused"));
     // The uid's connections closed with the thread; root was never limited.
     b.client().status().unwrap();
+}
+
+/// Opens /dev/net/tun as root (it is 0600 on some hosts; what is tested is the TAP's own
+/// check), then, in a child process with no capability left, becomes `uid`/`gid` and
+/// asks to attach TAP `name` (TUNSETIFF) as another local user would. Returns 0 on
+/// success, else the errno. The child inherits the calling thread's network namespace.
+fn attach_by_name_as(name: &str, uid: u32, gid: u32) -> i32 {
+    // SAFETY: ifreq is plain old data (integers, byte arrays and a union of them), for
+    // which all zeroes is a valid value.
+    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
+        *dst = src as libc::c_char;
+    }
+    req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as i16;
+    let path = c"/dev/net/tun";
+    // SAFETY: the child makes only async-signal-safe system calls on memory prepared
+    // before the fork, then _exits; the parent only waits for it.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
+    if pid == 0 {
+        // SAFETY: see the fork above; `req`, `path` and `gid` are live and valid.
+        unsafe {
+            let fd = libc::open(path.as_ptr(), libc::O_RDWR);
+            if fd < 0 {
+                libc::_exit(200);
+            }
+            if libc::syscall(libc::SYS_setgroups, 1, &gid) != 0
+                || libc::syscall(libc::SYS_setresgid, gid, gid, gid) != 0
+                || libc::syscall(libc::SYS_setresuid, uid, uid, uid) != 0
+            {
+                libc::_exit(201);
+            }
+            if libc::ioctl(fd, libc::TUNSETIFF, &req) == 0 {
+                libc::_exit(0);
+            }
+            libc::_exit(*libc::__errno_location());
+        }
+    }
+    let mut status = 0;
+    // SAFETY: waiting for our own child, writing its status into a live int.
+    let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
+    assert_eq!(rc, pid, "waitpid: {}", std::io::Error::last_os_error());
+    assert!(libc::WIFEXITED(status), "child status {status}");
+    let code = libc::WEXITSTATUS(status);
+    assert!(code < 200, "the child could not set up (code {code})");
+    code
+}
+
+/// Hole 6: a client made its TAP persistent (TUNSETPERSIST needs no privilege on the fd)
+/// and closed everything; another local user then attached the TAP by name and got the
+/// VM's address and NAT. Every TAP now belongs to its client's uid and gid.
+#[test]
+fn a_tap_persisted_by_its_client_cannot_be_attached_by_another_user() {
+    let b = Broker::start(Options::default());
+    b.ns.sh(&format!("chmod 0666 {}", b.socket.display()));
+    let socket = b.socket.clone();
+    let (owner, other) = (4242, 4343);
+    let name = as_uid(owner, move || {
+        let c = Client::connect(&socket).unwrap();
+        let acquired = c.acquire("shared").unwrap();
+        // SAFETY: TUNSETPERSIST on the TAP fd the broker sent; its argument is an int
+        // passed by value.
+        let rc = unsafe {
+            libc::ioctl(
+                std::os::fd::AsRawFd::as_raw_fd(&acquired.fd),
+                libc::TUNSETPERSIST,
+                1,
+            )
+        };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+        acquired.info.interface
+        // The fd and the connection close here.
+    });
+    assert!(b.ns.links().contains(&name), "the TAP persists");
+    assert_eq!(
+        b.ns.run(|| attach_by_name_as(&name, other, other)),
+        libc::EPERM,
+        "another user must not attach the client's TAP"
+    );
+    assert_eq!(
+        b.ns.run(|| attach_by_name_as(&name, owner, owner)),
+        0,
+        "the client's own uid may"
+    );
 }
