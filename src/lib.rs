@@ -7,14 +7,20 @@
 //! which launchers and the C library link without the daemon; they (and `mac`, the one
 //! MAC address type) are re-exported here so the daemon names them as its own modules.
 
+pub mod answers;
 pub mod backend;
 pub mod config;
+#[cfg(target_os = "linux")]
 pub mod dhcp;
+#[cfg(target_os = "linux")]
 pub mod dns;
 pub mod error;
 pub mod policy;
 pub mod registry;
 pub mod reload;
+#[cfg(target_os = "linux")]
 pub mod server;
+#[cfg(target_os = "linux")]
 pub mod systemd;
+pub mod xpc;
 pub use vmnet_broker_client::{client, mac, protocol};

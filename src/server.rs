@@ -5,18 +5,15 @@
 //! its release. Bad requests get an error reply and the connection stays up, so a client
 //! that already holds networks never loses them through a mistake.
 //!
-//! This is where the registry's answers become wire messages: the backend's platform
-//! details become the reply's `bridge` and `interface`, registry errors their codes.
+//! The registry's answers become wire messages in [`crate::answers`], which the macOS XPC
+//! server shares; they are re-exported here under their old paths.
 
-use crate::backend::{self, Backend};
-use crate::config::{ConfigDir, prefix_to_mask};
-use crate::error::chain;
+pub use crate::answers::{network_info, status_reply, wire_error};
+use crate::backend::Backend;
+use crate::config::ConfigDir;
 use crate::policy::Peer;
-use crate::protocol::{
-    BrokerError, ClientStatus, ErrorCode, MAX_MESSAGE, Mac, NetworkInfo, NetworkStatus, Reply,
-    Request, Status,
-};
-use crate::registry::{Acquired, ClientId, Registry, RegistryError, Snapshot};
+use crate::protocol::{BrokerError, MAX_MESSAGE, Mac, Reply, Request};
+use crate::registry::{ClientId, Registry};
 use crate::reload::{Change, ConfigView, changes};
 use crate::systemd::{Activated, Notifier, status_line};
 use nix::sys::socket::MsgFlags;
@@ -48,95 +45,6 @@ pub struct ServerOptions {
     pub config_dir: Option<ConfigDir>,
     /// Service manager notifications (READY, STATUS, WATCHDOG, RELOADING, STOPPING).
     pub notifier: Arc<Notifier>,
-}
-
-/// The reply to an acquire: the network as the client sees it.
-pub fn network_info<E>(a: &Acquired<E>) -> NetworkInfo {
-    let d = &a.details;
-    NetworkInfo {
-        name: a.network.clone(),
-        mode: a.mode.as_str().to_string(),
-        subnet: d.subnet.to_string(),
-        gateway: d.gateway.to_string(),
-        mask: prefix_to_mask(d.subnet.prefix_len()).to_string(),
-        mtu: d.mtu,
-        bridge: d
-            .platform
-            .get(backend::BRIDGE)
-            .unwrap_or_default()
-            .to_string(),
-        interface: a
-            .attachment
-            .platform
-            .get(backend::INTERFACE)
-            .unwrap_or(&a.attachment.id.0)
-            .to_string(),
-        mac: Mac::from(a.mac).to_string(),
-    }
-}
-
-/// The reply to `status` (not yet cut to the message size).
-pub fn status_reply(s: Snapshot) -> Status {
-    Status {
-        version: env!("CARGO_PKG_VERSION").to_string(),
-        protocol: crate::protocol::PROTOCOL_VERSION,
-        pid: std::process::id(),
-        idle_timeout_seconds: s.idle_timeout.as_secs_f64(),
-        networks: s
-            .networks
-            .into_iter()
-            .map(|n| NetworkStatus {
-                mode: n.mode.as_str().to_string(),
-                subnet: n.details.subnet.to_string(),
-                gateway: n.details.gateway.to_string(),
-                bridge: n
-                    .details
-                    .platform
-                    .get(backend::BRIDGE)
-                    .unwrap_or_default()
-                    .to_string(),
-                mtu: n.details.mtu,
-                clients: n.clients,
-                taps: n.endpoints.into_iter().map(|e| e.0).collect(),
-                removal_in_seconds: n.removal_in.map(|d| d.as_secs_f64()),
-                name: n.name,
-            })
-            .collect(),
-        clients: s
-            .clients
-            .into_iter()
-            .map(|c| ClientStatus {
-                id: c.id,
-                pid: c.peer.pid,
-                uid: c.peer.uid,
-                gid: c.peer.gid,
-                networks: c.networks,
-            })
-            .collect(),
-        truncated: false,
-    }
-}
-
-/// The wire error for a registry error: its code, and the whole chain on one line.
-pub fn wire_error(e: &RegistryError) -> BrokerError {
-    let code = match e {
-        RegistryError::NotFound(_) | RegistryError::Invalid { .. } => ErrorCode::NotFound,
-        RegistryError::NotAllowed(_) => ErrorCode::NotAllowed,
-        RegistryError::MacInUse { .. } => ErrorCode::InvalidRequest,
-        RegistryError::Create { .. } | RegistryError::Attach { .. } => ErrorCode::CreateFailure,
-        RegistryError::ShuttingDown
-        | RegistryError::UnknownClient
-        | RegistryError::TooManyConnections { .. }
-        | RegistryError::TooManyNetworks
-        | RegistryError::TooManyEndpoints
-        | RegistryError::EndpointsUnknown(_)
-        | RegistryError::TapLimit(_)
-        | RegistryError::TapLimitUnknown { .. }
-        | RegistryError::Unreadable { .. }
-        | RegistryError::Lookup(_)
-        | RegistryError::Task(_) => ErrorCode::InternalError,
-    };
-    BrokerError::new(code, chain(e))
 }
 
 /// Why the server could not start.
