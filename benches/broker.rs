@@ -4,6 +4,9 @@
 //! measurements and the VM iperf3 runs; prints a table; writes docs/benchmarks.md and PNG
 //! plots in docs/benchmarks/ (full mode) or target/bench/ (quick mode, or --out DIR).
 //! Everything runs in network namespaces it creates and removes. Needs root.
+// Linux only (network namespaces); elsewhere an empty program with no main.
+#![cfg_attr(not(target_os = "linux"), no_main)]
+#![cfg(target_os = "linux")]
 
 #[path = "broker/control.rs"]
 mod control;

@@ -5,7 +5,10 @@ mod cmd;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
+#[cfg(target_os = "linux")]
 use vmnet_broker_client::protocol::{DEFAULT_SOCKET, SOCKET_ENV};
+#[cfg(target_os = "macos")]
+use vmnet_broker::xpc::{MACH_SERVICE, SERVICE_ENV};
 
 #[derive(Parser)]
 #[command(
@@ -21,11 +24,21 @@ struct Cli {
     command: Command,
 }
 
+#[cfg(target_os = "linux")]
 #[derive(clap::Args, Clone)]
 struct SocketArg {
     /// The broker's socket.
     #[arg(long, env = SOCKET_ENV, default_value = DEFAULT_SOCKET, value_name = "PATH")]
     socket: PathBuf,
+}
+
+/// On macOS the broker is a Mach service, not a socket (docs/macos.md).
+#[cfg(target_os = "macos")]
+#[derive(clap::Args, Clone)]
+struct SocketArg {
+    /// The broker's Mach service.
+    #[arg(long = "service", env = SERVICE_ENV, default_value = MACH_SERVICE, value_name = "NAME")]
+    socket: String,
 }
 
 #[derive(Subcommand)]

@@ -1,6 +1,7 @@
 //! The broker daemon end to end: the real binary, the real socket, real kernel objects,
 //! each test in a network namespace of its own. Test names starting with `original_`
 //! are the counterparts of the original macOS broker's test cases.
+#![cfg(target_os = "linux")]
 
 #[path = "support/netns.rs"]
 mod netns;

@@ -4,6 +4,7 @@
 //! Layout per test: a "server" namespace with the bridge(s) carrying the gateway address
 //! and the host ends of veth pairs; a "client" namespace with the other ends, where
 //! udhcpc runs. The DhcpServer runs in a thread that entered the server namespace.
+#![cfg(target_os = "linux")]
 
 #[path = "support/netns.rs"]
 mod netns;

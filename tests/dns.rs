@@ -10,6 +10,7 @@
 //! dnsmasq answers `example.test` itself and forwards `slow.test` to the silent server, so
 //! queries for the latter never get an answer.
 //! Needs root, `ip`, `dig` (dnsutils) and `dnsmasq` (dnsmasq-base).
+#![cfg(target_os = "linux")]
 
 #[path = "support/netns.rs"]
 mod netns;

@@ -4,6 +4,7 @@
 //! connection's reply (hole 9), a TAP persisted by its client and attached by another
 //! user (hole 6). The real broker in a namespace of its own, as in
 //! tests/broker.rs; clients of other uids via `setpriv` or a thread with its own uid.
+#![cfg(target_os = "linux")]
 
 #[path = "support/netns.rs"]
 mod netns;

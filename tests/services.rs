@@ -15,6 +15,7 @@
 //! ```
 //!
 //! Needs root, `ip`, `nft`, `ss`, busybox, `dig` (dnsutils) and `dnsmasq` (dnsmasq-base).
+#![cfg(target_os = "linux")]
 
 #[path = "support/netns.rs"]
 mod netns;

@@ -9,6 +9,7 @@
 //! its peer through the broker's DNS (the peer's DHCP hostname) and waits until the peer
 //! has pinged it before powering off. A TCG boot takes 3–4 s, so each test boots as few
 //! guests as its point needs.
+#![cfg(target_os = "linux")]
 
 #[path = "support/netns.rs"]
 mod netns;

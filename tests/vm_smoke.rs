@@ -2,6 +2,7 @@
 //! real QEMU (TCG) and real TAPs on a bridge in a network namespace the test creates. No
 //! broker yet: the test opens the TAPs itself and hands them to QEMU as fd 3, exactly as
 //! `vmnet-broker run` will. Each boot takes a few seconds under TCG.
+#![cfg(target_os = "linux")]
 
 #[path = "support/netns.rs"]
 mod netns;

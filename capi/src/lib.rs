@@ -4,6 +4,10 @@
 //! library keeps for the life of the process, so the network stays held as long as the
 //! program runs (the original C API's behaviour). `vmnet_broker_release(fd)` ends one
 //! lease early: it closes the connection acquired with `fd` and `fd` itself.
+//!
+//! Linux only for now: on macOS clients use the original C client over XPC, which our
+//! broker answers unchanged (docs/macos.md).
+#![cfg(target_os = "linux")]
 
 use std::collections::HashMap;
 use std::ffi::{CStr, c_char, c_int};

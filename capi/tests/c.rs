@@ -4,6 +4,7 @@
 //!
 //! Nothing here is skipped: a missing gcc, pkg-config, ip or setpriv (scripts/deps test
 //! installs them) or a broker that does not build fails the test and says what is missing.
+#![cfg(target_os = "linux")]
 
 #[path = "../../tests/support/netns.rs"]
 mod netns;

@@ -18,6 +18,9 @@ use std::net::Ipv4Addr;
 
 #[cfg(target_os = "linux")]
 pub mod linux;
+#[cfg(target_os = "macos")]
+pub mod macos;
+pub mod vmnet;
 
 /// Platform facts a client is told about a network or an endpoint, as key/value pairs the
 /// backend fills in and the server maps into its reply (keys: [`BRIDGE`], [`INTERFACE`]).

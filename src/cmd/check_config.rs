@@ -33,6 +33,14 @@ pub fn main(dir: &Path) -> super::Result {
                     }
                     continue;
                 }
+                let unsupported = unsupported_here(c);
+                if !unsupported.is_empty() {
+                    bad += 1;
+                    for field in unsupported {
+                        println!("error  {from}: {field}");
+                    }
+                    continue;
+                }
                 let subnet = c
                     .fixed_subnet()
                     .map(|s| s.to_string())
@@ -51,4 +59,16 @@ pub fn main(dir: &Path) -> super::Result {
         return Ok(ExitCode::FAILURE);
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// Fields of a valid definition this system cannot honour (macOS's vmnet cannot do
+/// everything the Linux backend does: `backend::vmnet::unsupported`).
+fn unsupported_here(c: &vmnet_broker::config::NetworkConfig) -> Vec<String> {
+    #[cfg(target_os = "macos")]
+    return vmnet_broker::backend::vmnet::unsupported(c);
+    #[cfg(not(target_os = "macos"))]
+    {
+        let _ = c;
+        Vec::new()
+    }
 }

@@ -1,10 +1,17 @@
 //! One module per subcommand. Client commands report broker errors as
 //! `error N: message` on stderr and exit 1.
+//!
+//! On macOS `serve`, `acquire`, `status` and `run` are the files of `cmd/macos/` (XPC and
+//! vmnet instead of the socket and TAPs); `check-config` is shared.
 
+#[cfg_attr(target_os = "macos", path = "macos/acquire.rs")]
 pub mod acquire;
 pub mod check_config;
+#[cfg_attr(target_os = "macos", path = "macos/run.rs")]
 pub mod run;
+#[cfg_attr(target_os = "macos", path = "macos/serve.rs")]
 pub mod serve;
+#[cfg_attr(target_os = "macos", path = "macos/status.rs")]
 pub mod status;
 
 /// What a subcommand ends with; the message is printed to stderr.
