@@ -1104,9 +1104,9 @@ struct Removal<N> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::answers::{network_info, status_reply, wire_error};
     use crate::backend::{BackendError, PlatformDetails};
     use crate::protocol::{BrokerError, ErrorCode, NetworkInfo, Status};
-    use crate::server::{network_info, status_reply, wire_error};
     use std::net::Ipv4Addr;
     use std::sync::Mutex as StdMutex;
     use std::sync::atomic::{AtomicBool, Ordering};

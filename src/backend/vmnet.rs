@@ -83,7 +83,10 @@ impl fmt::Display for VmnetCall {
                 write!(f, "vmnet_network_configuration_create({mode})")
             }
             Self::SetIpv4Subnet { subnet, mask } => {
-                write!(f, "vmnet_network_configuration_set_ipv4_subnet({subnet}, {mask})")
+                write!(
+                    f,
+                    "vmnet_network_configuration_set_ipv4_subnet({subnet}, {mask})"
+                )
             }
             Self::SetMtu(mtu) => write!(f, "vmnet_network_configuration_set_mtu({mtu})"),
             Self::DisableDhcp => f.write_str("vmnet_network_configuration_disable_dhcp()"),
@@ -171,7 +174,10 @@ pub fn plan(c: &NetworkConfig) -> Result<Vec<VmnetCall>, Unsupported> {
     calls.extend(
         c.dhcp_reservations
             .iter()
-            .map(|r| VmnetCall::AddDhcpReservation { mac: r.mac, ip: r.ip }),
+            .map(|r| VmnetCall::AddDhcpReservation {
+                mac: r.mac,
+                ip: r.ip,
+            }),
     );
     calls.push(VmnetCall::NetworkCreate);
     Ok(calls)
@@ -183,8 +189,8 @@ mod tests {
     use crate::backend::BackendError;
     use crate::config::{builtin, parse};
     use crate::registry::RegistryError;
-    use std::path::Path;
     use VmnetCall::*;
+    use std::path::Path;
 
     fn config(text: &str) -> NetworkConfig {
         parse("net", Path::new("/etc/vmnet-broker.d/net.json"), text).unwrap()
@@ -204,22 +210,41 @@ mod tests {
         let shared = plan(&builtin("shared").unwrap()).unwrap();
         assert_eq!(
             shared,
-            [ConfigurationCreate { mode: VMNET_SHARED_MODE }, NetworkCreate]
+            [
+                ConfigurationCreate {
+                    mode: VMNET_SHARED_MODE
+                },
+                NetworkCreate
+            ]
         );
         let host = plan(&builtin("host").unwrap()).unwrap();
-        assert_eq!(host, [ConfigurationCreate { mode: VMNET_HOST_MODE }, NetworkCreate]);
+        assert_eq!(
+            host,
+            [
+                ConfigurationCreate {
+                    mode: VMNET_HOST_MODE
+                },
+                NetworkCreate
+            ]
+        );
     }
 
     #[test]
     fn documented_examples_plan_as_expected() {
         let examples = documented_examples();
-        assert_eq!(examples.len(), 2, "docs/configuration.md examples changed: {examples:?}");
+        assert_eq!(
+            examples.len(),
+            2,
+            "docs/configuration.md examples changed: {examples:?}"
+        );
         // The lab network: host mode, fixed /28, one reservation; allowed_groups is policy,
         // decided by the core before vmnet is asked.
         assert_eq!(
             plan(&config(&examples[0])).unwrap(),
             [
-                ConfigurationCreate { mode: VMNET_HOST_MODE },
+                ConfigurationCreate {
+                    mode: VMNET_HOST_MODE
+                },
                 SetIpv4Subnet {
                     subnet: Ipv4Addr::new(192, 168, 42, 1),
                     mask: Ipv4Addr::new(255, 255, 255, 240),
@@ -234,7 +259,11 @@ mod tests {
         // A dynamic /28: vmnet picks dynamic subnets only as /24s.
         let e = plan(&config(&examples[1])).unwrap_err();
         assert_eq!(e.fields.len(), 1, "{e}");
-        assert!(e.to_string().contains("mask 255.255.255.240 without subnet"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("mask 255.255.255.240 without subnet"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -248,7 +277,9 @@ mod tests {
         assert_eq!(
             plan(&c).unwrap(),
             [
-                ConfigurationCreate { mode: VMNET_SHARED_MODE },
+                ConfigurationCreate {
+                    mode: VMNET_SHARED_MODE
+                },
                 SetIpv4Subnet {
                     subnet: Ipv4Addr::new(10, 20, 0, 1),
                     mask: Ipv4Addr::new(255, 255, 0, 0),
@@ -271,7 +302,9 @@ mod tests {
         assert_eq!(
             plan(&config(r#"{"subnet": "192.168.105.1"}"#)).unwrap(),
             [
-                ConfigurationCreate { mode: VMNET_SHARED_MODE },
+                ConfigurationCreate {
+                    mode: VMNET_SHARED_MODE
+                },
                 SetIpv4Subnet {
                     subnet: Ipv4Addr::new(192, 168, 105, 1),
                     mask: Ipv4Addr::new(255, 255, 255, 0),
@@ -304,7 +337,10 @@ mod tests {
         let c = config(r#"{"isolation": true, "allow_spoofing": true, "lease_time": 60}"#);
         let e = plan(&c).unwrap_err();
         assert_eq!(e.fields.len(), 3, "{e}");
-        assert!(e.to_string().starts_with("network \"net\" uses what macOS cannot do: "));
+        assert!(
+            e.to_string()
+                .starts_with("network \"net\" uses what macOS cannot do: ")
+        );
         // Fields that mean the same on both systems are fine.
         let fine = config(
             r#"{"description": "x", "allowed_users": ["alice"], "allowed_groups": [20],
@@ -331,8 +367,9 @@ mod tests {
             let wire = crate::answers::wire_error(&registry);
             assert_eq!(wire.code.code(), 6, "{code}");
             assert!(
-                wire.message
-                    .contains(&format!("vmnet_network_create failed: vmnet status {code} ({name})")),
+                wire.message.contains(&format!(
+                    "vmnet_network_create failed: vmnet status {code} ({name})"
+                )),
                 "{}",
                 wire.message
             );

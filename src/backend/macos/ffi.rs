@@ -47,7 +47,10 @@ unsafe extern "C" {
     ) -> xpc_connection_t;
     /// Copies the block; the caller keeps its own reference.
     pub fn xpc_connection_set_event_handler(connection: xpc_connection_t, handler: &xpc_handler_t);
-    pub fn xpc_connection_set_target_queue(connection: xpc_connection_t, targetq: *const DispatchQueue);
+    pub fn xpc_connection_set_target_queue(
+        connection: xpc_connection_t,
+        targetq: *const DispatchQueue,
+    );
     pub fn xpc_connection_resume(connection: xpc_connection_t);
     pub fn xpc_connection_cancel(connection: xpc_connection_t);
     pub fn xpc_connection_get_euid(connection: xpc_connection_t) -> libc::uid_t;
@@ -76,16 +79,25 @@ unsafe extern "C" {
     /// +1, or NULL when `original` did not come with a reply port.
     pub fn xpc_dictionary_create_reply(original: xpc_object_t) -> xpc_object_t;
     /// Borrowed from the dictionary; NULL when missing or not a string.
-    pub fn xpc_dictionary_get_string(dictionary: xpc_object_t, key: *const c_char) -> *const c_char;
+    pub fn xpc_dictionary_get_string(dictionary: xpc_object_t, key: *const c_char)
+    -> *const c_char;
     /// Copies the string.
-    pub fn xpc_dictionary_set_string(dictionary: xpc_object_t, key: *const c_char, value: *const c_char);
+    pub fn xpc_dictionary_set_string(
+        dictionary: xpc_object_t,
+        key: *const c_char,
+        value: *const c_char,
+    );
     /// 0 when missing or not an int64.
     pub fn xpc_dictionary_get_int64(dictionary: xpc_object_t, key: *const c_char) -> i64;
     pub fn xpc_dictionary_set_int64(dictionary: xpc_object_t, key: *const c_char, value: i64);
     /// Borrowed from the dictionary; NULL when missing.
     pub fn xpc_dictionary_get_value(dictionary: xpc_object_t, key: *const c_char) -> xpc_object_t;
     /// The dictionary retains `value`; the caller keeps its reference.
-    pub fn xpc_dictionary_set_value(dictionary: xpc_object_t, key: *const c_char, value: xpc_object_t);
+    pub fn xpc_dictionary_set_value(
+        dictionary: xpc_object_t,
+        key: *const c_char,
+        value: xpc_object_t,
+    );
 
     /// While a transaction is open launchd does not stop the process for being idle
     /// (EnableTransactions in the plist).
@@ -167,7 +179,9 @@ pub fn error_connection_invalid() -> xpc_object_t {
     (&raw const _xpc_error_connection_invalid).cast_mut().cast()
 }
 pub fn error_connection_interrupted() -> xpc_object_t {
-    (&raw const _xpc_error_connection_interrupted).cast_mut().cast()
+    (&raw const _xpc_error_connection_interrupted)
+        .cast_mut()
+        .cast()
 }
 
 /// One reference to an XPC object, released on drop.
@@ -282,7 +296,10 @@ impl crate::xpc::Dictionary for XpcDictionary {
     }
 
     fn set_string(&mut self, key: &str, value: &str) {
-        let (key, value) = (c_key(key), CString::new(value.replace('\0', "")).unwrap_or_default());
+        let (key, value) = (
+            c_key(key),
+            CString::new(value.replace('\0', "")).unwrap_or_default(),
+        );
         // SAFETY: live dictionary, NUL-terminated key and value, both copied by XPC.
         unsafe { xpc_dictionary_set_string(self.0.as_ptr(), key.as_ptr(), value.as_ptr()) }
     }
