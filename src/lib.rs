@@ -23,4 +23,6 @@ pub mod server;
 #[cfg(target_os = "linux")]
 pub mod systemd;
 pub mod xpc;
-pub use vmnet_broker_client::{client, mac, protocol};
+#[cfg(target_os = "linux")]
+pub use vmnet_broker_client::client;
+pub use vmnet_broker_client::{mac, protocol};

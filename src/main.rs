@@ -5,10 +5,10 @@ mod cmd;
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
-#[cfg(target_os = "linux")]
-use vmnet_broker_client::protocol::{DEFAULT_SOCKET, SOCKET_ENV};
 #[cfg(target_os = "macos")]
 use vmnet_broker::xpc::{MACH_SERVICE, SERVICE_ENV};
+#[cfg(target_os = "linux")]
+use vmnet_broker_client::protocol::{DEFAULT_SOCKET, SOCKET_ENV};
 
 #[derive(Parser)]
 #[command(

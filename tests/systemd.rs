@@ -3,6 +3,7 @@
 //! test holds, as the socket unit does, to start the broker again after an idle exit),
 //! the notify protocol read from a NOTIFY_SOCKET the test owns, SIGHUP reloads, and the
 //! client commands on a closed pipe. Each broker runs in a network namespace of its own.
+#![cfg(target_os = "linux")]
 
 #[path = "support/netns.rs"]
 mod netns;

@@ -6,8 +6,12 @@
 //! an error ([`unsupported`]), reported by `check-config` on macOS and refused at creation,
 //! never silently ignored.
 
-use crate::config::{DEFAULT_LEASE_SECONDS, DEFAULT_MTU, DEFAULT_PREFIX_LEN, Mode, NetworkConfig};
-use crate::config::{format_mac, prefix_to_mask};
+use crate::config::prefix_to_mask;
+use crate::config::{
+    DEFAULT_LEASE_SECONDS, DEFAULT_MAX_NONROOT_TAPS, DEFAULT_MAX_TAPS_PER_UID, DEFAULT_MTU,
+    DEFAULT_PREFIX_LEN, Mode, NetworkConfig,
+};
+use crate::mac::Mac;
 use std::fmt;
 use std::net::Ipv4Addr;
 
@@ -71,7 +75,7 @@ pub enum VmnetCall {
     /// `vmnet_network_configuration_disable_dns_proxy(cfg)`.
     DisableDnsProxy,
     /// `vmnet_network_configuration_add_dhcp_reservation(cfg, &mac, &ip)`.
-    AddDhcpReservation { mac: [u8; 6], ip: Ipv4Addr },
+    AddDhcpReservation { mac: Mac, ip: Ipv4Addr },
     /// `vmnet_network_create(cfg, &status)`.
     NetworkCreate,
 }
@@ -93,8 +97,7 @@ impl fmt::Display for VmnetCall {
             Self::DisableDnsProxy => f.write_str("vmnet_network_configuration_disable_dns_proxy()"),
             Self::AddDhcpReservation { mac, ip } => write!(
                 f,
-                "vmnet_network_configuration_add_dhcp_reservation({}, {ip})",
-                format_mac(mac)
+                "vmnet_network_configuration_add_dhcp_reservation({mac}, {ip})"
             ),
             Self::NetworkCreate => f.write_str("vmnet_network_create()"),
         }
@@ -122,6 +125,26 @@ pub fn unsupported(c: &NetworkConfig) -> Vec<String> {
         out.push(format!(
             "lease_time: macOS's vmnet chooses its DHCP lease time itself (remove the field for {DEFAULT_LEASE_SECONDS}s on Linux)"
         ));
+    }
+    // The registry counts an endpoint as live while the backend lists it; vmnet hands a
+    // VM the network itself, so there is nothing per VM to count or to refuse.
+    for (field, value, default) in [
+        (
+            "max_taps_per_uid",
+            c.max_taps_per_uid,
+            DEFAULT_MAX_TAPS_PER_UID,
+        ),
+        (
+            "max_nonroot_taps",
+            c.max_nonroot_taps,
+            DEFAULT_MAX_NONROOT_TAPS,
+        ),
+    ] {
+        if value != default {
+            out.push(format!(
+                "{field}: TAPs are Linux's; macOS's vmnet gives each VM the network itself, with no port the broker could count"
+            ));
+        }
     }
     if c.gateway.is_none() && c.prefix_len != DEFAULT_PREFIX_LEN {
         out.push(format!(
@@ -234,9 +257,15 @@ mod tests {
         let examples = documented_examples();
         assert_eq!(
             examples.len(),
-            2,
+            3,
             "docs/configuration.md examples changed: {examples:?}"
         );
+        // Per-network TAP limits: bridge ports, which vmnet networks do not have.
+        let e = plan(&config(&examples[0])).unwrap_err();
+        assert_eq!(e.fields.len(), 2, "{e}");
+        assert!(e.fields[0].starts_with("max_taps_per_uid: "), "{e}");
+        assert!(e.fields[1].starts_with("max_nonroot_taps: "), "{e}");
+        let examples = &examples[1..];
         // The lab network: host mode, fixed /28, one reservation; allowed_groups is policy,
         // decided by the core before vmnet is asked.
         assert_eq!(
@@ -250,7 +279,7 @@ mod tests {
                     mask: Ipv4Addr::new(255, 255, 255, 240),
                 },
                 AddDhcpReservation {
-                    mac: [0x52, 0x54, 0, 0, 0x42, 0x10],
+                    mac: Mac::new([0x52, 0x54, 0, 0, 0x42, 0x10]),
                     ip: Ipv4Addr::new(192, 168, 42, 10),
                 },
                 NetworkCreate,
@@ -288,11 +317,11 @@ mod tests {
                 DisableDhcp,
                 DisableDnsProxy,
                 AddDhcpReservation {
-                    mac: [0x52, 0x54, 0, 0, 0, 1],
+                    mac: Mac::new([0x52, 0x54, 0, 0, 0, 1]),
                     ip: Ipv4Addr::new(10, 20, 0, 10),
                 },
                 AddDhcpReservation {
-                    mac: [0x52, 0x54, 0, 0, 0, 2],
+                    mac: Mac::new([0x52, 0x54, 0, 0, 0, 2]),
                     ip: Ipv4Addr::new(10, 20, 0, 11),
                 },
                 NetworkCreate,
@@ -325,6 +354,8 @@ mod tests {
             ),
             (r#"{"lease_time": 600}"#, "lease_time"),
             (r#"{"mask": "255.255.0.0"}"#, "without subnet"),
+            (r#"{"max_taps_per_uid": 8}"#, "max_taps_per_uid"),
+            (r#"{"max_nonroot_taps": 0}"#, "max_nonroot_taps"),
         ];
         for (text, field) in cases {
             let c = config(text);

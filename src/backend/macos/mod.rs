@@ -109,13 +109,13 @@ fn execute(calls: &[VmnetCall]) -> Result<CfRef, BackendError> {
                 unsafe { ffi::vmnet_network_configuration_disable_dns_proxy(cfg(&configuration)?) }
             }
             VmnetCall::AddDhcpReservation { mac, ip } => {
-                let ip = ffi::in_addr(*ip);
+                let (mac, ip) = (mac.octets(), ffi::in_addr(*ip));
                 // SAFETY: a live configuration, six MAC bytes and an in_addr vmnet reads
                 // during the call.
                 let status = unsafe {
                     ffi::vmnet_network_configuration_add_dhcp_reservation(
                         cfg(&configuration)?,
-                        mac,
+                        &mac,
                         &ip,
                     )
                 };
