@@ -1,6 +1,7 @@
 //! `acquire` on macOS: acquires networks over XPC as a VM launcher does and prints what the
 //! serialization says (subnet, mask, IPv6 prefix), one JSON object per network.
 
+use super::outln;
 use std::process::ExitCode;
 use vmnet_broker::backend::macos::client::XpcClient;
 use vmnet_broker::config::prefix_to_mask;
@@ -16,7 +17,7 @@ pub fn main(service: &str, names: &[String], hold: bool, persistent: bool) -> su
     let mut held = Vec::new();
     for name in names {
         let n = client.acquire(name)?;
-        println!(
+        outln!(
             "{}",
             serde_json::json!({
                 "name": name,

@@ -1,37 +1,47 @@
 //! `status` on macOS: our XPC `status` command (an original broker answers it with 4).
 
+use super::outln;
 use std::process::ExitCode;
 use vmnet_broker::backend::macos::client::XpcClient;
 
 pub fn main(service: &str, json: bool) -> super::Result {
     let status = XpcClient::connect(service)?.status()?;
     if json {
-        println!("{}", serde_json::to_string_pretty(&status)?);
+        outln!("{}", serde_json::to_string_pretty(&status)?);
         return Ok(ExitCode::SUCCESS);
     }
-    println!(
+    outln!(
         "vmnet-broker {} (protocol {}), pid {}, idle timeout {}s",
-        status.version, status.protocol, status.pid, status.idle_timeout_seconds
+        status.version,
+        status.protocol,
+        status.pid,
+        status.idle_timeout_seconds
     );
-    println!();
-    println!(
+    outln!();
+    outln!(
         "{:<16} {:<6} {:<18} {:>7}  REMOVAL",
-        "NETWORK", "MODE", "SUBNET", "CLIENTS"
+        "NETWORK",
+        "MODE",
+        "SUBNET",
+        "CLIENTS"
     );
     for n in &status.networks {
         let removal = n
             .removal_in_seconds
             .map(|s| format!("in {s:.0}s"))
             .unwrap_or_else(|| "-".into());
-        println!(
+        outln!(
             "{:<16} {:<6} {:<18} {:>7}  {removal}",
-            n.name, n.mode, n.subnet, n.clients
+            n.name,
+            n.mode,
+            n.subnet,
+            n.clients
         );
     }
-    println!();
-    println!("{:<6} {:>8} {:>6}  NETWORKS", "CLIENT", "PID", "UID");
+    outln!();
+    outln!("{:<6} {:>8} {:>6}  NETWORKS", "CLIENT", "PID", "UID");
     for c in &status.clients {
-        println!(
+        outln!(
             "{:<6} {:>8} {:>6}  {}",
             c.id,
             c.pid,
