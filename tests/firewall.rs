@@ -187,6 +187,7 @@ fn network(nat: bool, anti_spoofing: bool, dhcp: bool) -> FirewallNetwork {
         nat,
         anti_spoofing,
         dhcp,
+        isolation: false,
         tap_prefix: "vport".into(),
     }
 }

@@ -1122,3 +1122,265 @@ fn bindings_of_closed_taps_are_forgotten() {
         },
     );
 }
+
+// ---- a hostile VM: server roles, forged DHCP, bridged traffic (issue 10) ---------------
+
+const ETH_IPV6: u16 = 0x86dd;
+
+/// fe80::/64 address derived from `mac` (modified EUI-64, RFC 4291).
+fn link_local(mac: [u8; 6]) -> [u8; 16] {
+    let mut a = [0u8; 16];
+    a[0] = 0xfe;
+    a[1] = 0x80;
+    a[8..11].copy_from_slice(&[mac[0] ^ 2, mac[1], mac[2]]);
+    a[11..13].copy_from_slice(&[0xff, 0xfe]);
+    a[13..16].copy_from_slice(&mac[3..6]);
+    a
+}
+
+/// The Ethernet multicast address of IPv6 multicast `dst` (RFC 2464).
+fn ipv6_multicast_mac(dst: [u8; 16]) -> [u8; 6] {
+    [0x33, 0x33, dst[12], dst[13], dst[14], dst[15]]
+}
+
+const ALL_NODES: [u8; 16] = [0xff, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1];
+
+/// An IPv6 packet (hop limit 255, as neighbour discovery requires) carrying `payload` as
+/// protocol `next`; an ICMPv6 payload gets its checksum filled in.
+fn ipv6(src: [u8; 16], dst: [u8; 16], next: u8, payload: &[u8]) -> Vec<u8> {
+    let mut body = payload.to_vec();
+    let len = body.len() as u16;
+    if next == 58 {
+        let mut pseudo = src.to_vec();
+        pseudo.extend(dst);
+        pseudo.extend(u32::from(len).to_be_bytes());
+        pseudo.extend([0, 0, 0, 58]);
+        body[2..4].copy_from_slice(&[0, 0]);
+        pseudo.extend(&body);
+        let sum = checksum(&pseudo);
+        body[2..4].copy_from_slice(&sum.to_be_bytes());
+    }
+    let mut p = vec![0x60, 0, 0, 0];
+    p.extend(len.to_be_bytes());
+    p.extend([next, 255]);
+    p.extend(src);
+    p.extend(dst);
+    p.extend(body);
+    p
+}
+
+/// A Router Advertisement (ICMPv6 134) from `mac` to all nodes: default router for 30
+/// minutes, with the autoconfiguration prefix 2001:db8:66::/64.
+fn router_advertisement(mac: [u8; 6]) -> Vec<u8> {
+    let mut ra = vec![134, 0, 0, 0, 64, 0];
+    ra.extend(1800u16.to_be_bytes());
+    ra.extend([0; 8]);
+    // Prefix information: on-link and autonomous.
+    ra.extend([3, 4, 64, 0xc0]);
+    ra.extend(86400u32.to_be_bytes());
+    ra.extend(14400u32.to_be_bytes());
+    ra.extend([0; 4]);
+    ra.extend([
+        0x20, 0x01, 0x0d, 0xb8, 0, 0x66, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ]);
+    // Source link-layer address.
+    ra.extend([1, 1]);
+    ra.extend(mac);
+    ethernet(
+        ipv6_multicast_mac(ALL_NODES),
+        mac,
+        ETH_IPV6,
+        &ipv6(link_local(mac), ALL_NODES, 58, &ra),
+    )
+}
+
+/// Frames of server roles a VM must never play, sent from `mac` (and, for IPv4,
+/// `src`): (what, frame).
+fn server_role_frames(
+    mac: [u8; 6],
+    src: Ipv4Addr,
+    victim: [u8; 6],
+) -> Vec<(&'static str, Vec<u8>)> {
+    let ll = link_local(mac);
+    // Redirect (ICMPv6 137): "reach ff02::1's destination 2001:db8::1 through me".
+    let mut redirect = vec![137, 0, 0, 0, 0, 0, 0, 0];
+    redirect.extend(ll);
+    redirect.extend([0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1]);
+    // DHCPv6 ADVERTISE (2), server port 547 to client port 546.
+    let mut dhcpv6 = 547u16.to_be_bytes().to_vec();
+    dhcpv6.extend(546u16.to_be_bytes());
+    dhcpv6.extend(12u16.to_be_bytes());
+    dhcpv6.extend([0, 0, 2, 0, 0, 1]);
+    // IPv4 ICMP redirect (type 5, code 1: for the host), "use `src` as your gateway".
+    let mut icmp = vec![5, 1, 0, 0];
+    icmp.extend(src.octets());
+    icmp.extend(&ipv4_udp(Ipv4Addr::BROADCAST, Ipv4Addr::new(192, 0, 2, 1), 1, 2, &[])[..28]);
+    let sum = checksum(&icmp);
+    icmp[2..4].copy_from_slice(&sum.to_be_bytes());
+    let mut icmp_packet = ipv4_udp(src, Ipv4Addr::BROADCAST, 0, 0, &[]);
+    icmp_packet.truncate(20);
+    icmp_packet[9] = 1;
+    icmp_packet[2..4].copy_from_slice(&(20 + icmp.len() as u16).to_be_bytes());
+    icmp_packet[10..12].copy_from_slice(&[0, 0]);
+    let sum = checksum(&icmp_packet);
+    icmp_packet[10..12].copy_from_slice(&sum.to_be_bytes());
+    icmp_packet.extend(icmp);
+    // A DHCP OFFER for the victim, naming the sender router and name server.
+    let mut offer = Message::new_with_id(
+        0x0bad_0ffe,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::new(10, 66, 0, 9),
+        src,
+        Ipv4Addr::UNSPECIFIED,
+        &victim,
+    );
+    offer.set_opcode(dhcproto::v4::Opcode::BootReply);
+    for o in [
+        DhcpOption::MessageType(MessageType::Offer),
+        DhcpOption::ServerIdentifier(src),
+        DhcpOption::Router(vec![src]),
+        DhcpOption::DomainNameServer(vec![src]),
+    ] {
+        offer.opts_mut().insert(o);
+    }
+    vec![
+        ("a Router Advertisement", router_advertisement(mac)),
+        (
+            "an ICMPv6 Redirect",
+            ethernet(
+                ipv6_multicast_mac(ALL_NODES),
+                mac,
+                ETH_IPV6,
+                &ipv6(ll, ALL_NODES, 58, &redirect),
+            ),
+        ),
+        (
+            "a DHCPv6 ADVERTISE",
+            ethernet(
+                ipv6_multicast_mac(ALL_NODES),
+                mac,
+                ETH_IPV6,
+                &ipv6(ll, ALL_NODES, 17, &dhcpv6),
+            ),
+        ),
+        (
+            "an ICMP redirect",
+            ethernet(BROADCAST, mac, ETH_IPV4, &icmp_packet),
+        ),
+        (
+            "a DHCP OFFER",
+            ethernet(
+                BROADCAST,
+                mac,
+                ETH_IPV4,
+                &ipv4_udp(src, Ipv4Addr::BROADCAST, 67, 68, &offer.to_vec().unwrap()),
+            ),
+        ),
+    ]
+}
+
+/// An ICMPv6 echo request from `mac` to all nodes: harmless IPv6 multicast.
+fn ipv6_ping(mac: [u8; 6]) -> Vec<u8> {
+    ethernet(
+        ipv6_multicast_mac(ALL_NODES),
+        mac,
+        ETH_IPV6,
+        &ipv6(link_local(mac), ALL_NODES, 58, &[128, 0, 0, 0, 0, 1, 0, 1]),
+    )
+}
+
+/// Writes each server-role frame into `a` and asserts that `b` hears none of them, then
+/// that it does hear harmless broadcasts and IPv6 multicast from `a` (so the silence is
+/// the firewall's doing, not a deaf `b`).
+fn server_roles_are_dropped(network: &str, a: &Tap, a_ip: Ipv4Addr, b: &Tap) {
+    b.drain(Duration::from_millis(300));
+    for (what, frame) in server_role_frames(a.mac, a_ip, b.mac) {
+        a.send(&frame);
+        let heard: Vec<Vec<u8>> = b
+            .drain(NEVER)
+            .into_iter()
+            .filter(|f| is_from(f, a.mac))
+            .collect();
+        assert!(
+            heard.is_empty(),
+            "{network}: {what} from a VM reached another VM"
+        );
+    }
+    let probe = ethernet(
+        BROADCAST,
+        a.mac,
+        ETH_ARP,
+        &arp(1, a.mac, Ipv4Addr::UNSPECIFIED, [0; 6], a_ip),
+    );
+    for (what, frame) in [("an ARP probe", probe), ("an IPv6 ping", ipv6_ping(a.mac))] {
+        let mut heard = false;
+        let deadline = Instant::now() + SOON;
+        while !heard && Instant::now() < deadline {
+            a.send(&frame);
+            heard = b
+                .drain(Duration::from_millis(300))
+                .iter()
+                .any(|f| is_from(f, a.mac) && f[12..14] == frame[12..14]);
+        }
+        assert!(
+            heard,
+            "{network}: control: {what} from a VM did not reach another VM"
+        );
+    }
+}
+
+/// IPv6 routes and addresses of the bridge learnt from Router Advertisements.
+fn learnt_from_ra(b: &Broker, bridge: &str) -> String {
+    b.ns.sh(&format!(
+        "ip -6 route show dev {bridge} proto ra; ip -6 addr show dev {bridge} | grep 2001:db8 || true"
+    ))
+}
+
+#[test]
+fn a_vm_cannot_play_router_or_dhcp_server() {
+    let b = Broker::start(opts(&[("open.json", r#"{"allow_spoofing":true}"#)]));
+    let c = b.client();
+    let a = c.acquire("shared").unwrap();
+    let bridge = a.info.bridge.clone();
+    let a = Tap::new(a);
+    let victim = Tap::new(c.acquire("shared").unwrap());
+    // The attacker has a lease, so its IPv4 frames pass anti-spoofing: only the server
+    // role is refused.
+    let a_ip = a.dhcp("attacker");
+    // The host would act on a Router Advertisement if the bridge accepted them; make it
+    // accept them here, so that a dropped RA shows as nothing learnt.
+    b.ns.sh(&format!(
+        "sysctl -qw net.ipv6.conf.{bridge}.accept_ra=1 net.ipv6.conf.{bridge}.autoconf=1"
+    ));
+    server_roles_are_dropped("shared", &a, a_ip, &victim);
+    assert_eq!(
+        learnt_from_ra(&b, &bridge).trim(),
+        "",
+        "the host took the VM's RA"
+    );
+
+    // Also without anti-spoofing: a server role is never a VM's.
+    let open = c.acquire("open").unwrap();
+    let (onet, ogw) = (subnet_of(&open), ip(&open.info.gateway));
+    let oa = Tap::new(open);
+    let ovictim = Tap::new(c.acquire("open").unwrap());
+    server_roles_are_dropped("open", &oa, other_host(onet, &[ogw]), &ovictim);
+
+    // The control: the same RA from a port the broker did not make (not a TAP, so not
+    // filtered) does reach the VM and the host, so the RA above was one they would take.
+    let port = VethVm::new(&b, &bridge, "52:54:00:0e:0e:01");
+    let ra = router_advertisement(parse_mac("52:54:00:0e:0e:01"));
+    victim.drain(Duration::from_millis(300));
+    port.ns.sh(&format!(
+        "python3 -c 'import socket,sys; s=socket.socket(socket.AF_PACKET,socket.SOCK_RAW); \
+         s.bind((\"eth0\",0)); s.send(bytes.fromhex(sys.argv[1]))' {}",
+        ra.iter().map(|b| format!("{b:02x}")).collect::<String>()
+    ));
+    b.wait_for("the host to learn the control RA", SOON, || {
+        learnt_from_ra(&b, &bridge).contains("default")
+    });
+    assert!(
+        victim.drain(NEVER).iter().any(|f| f == &ra),
+        "the control RA did not reach the VM"
+    );
+}

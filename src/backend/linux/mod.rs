@@ -268,6 +268,7 @@ impl LinuxBackend {
                 nat: config.mode == Mode::Shared,
                 anti_spoofing: !config.allow_spoofing,
                 dhcp: config.dhcp,
+                isolation: config.isolation,
                 tap_prefix: tap::tap_prefix(bridge.index),
             })
             .await

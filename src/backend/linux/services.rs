@@ -154,7 +154,7 @@ async fn follow_leases(
         if let Some(fw) = &firewall {
             for l in current.iter() {
                 if bound.insert((l.mac, l.ip))
-                    && let Err(e) = fw.bind_ip(&network, l.mac, l.ip).await
+                    && let Err(e) = fw.bind_ip_if_new(&network, l.mac, l.ip).await
                 {
                     warn!(
                         network,

@@ -73,7 +73,7 @@ use crate::mac::Mac;
 pub use nft::NFT_TIMEOUT;
 pub use rules::ruleset_for;
 use rules::{
-    add_tables, delete_network_objects, delete_tables, lease_element, network_objects,
+    add_tables, delete_network_objects, delete_tables, dhcp_check, lease_element, network_objects,
     port_elements, purge_network_objects,
 };
 pub use watchdog::WATCHDOG_INTERVAL;
@@ -102,6 +102,9 @@ pub struct FirewallNetwork {
     /// [`Firewall::bind_ip`], and only `0.0.0.0` is allowed before it. Without DHCP guests
     /// use static addresses and only their MAC is enforced.
     pub dhcp: bool,
+    /// Ports are isolated from each other (`isolation`): nothing may be routed from the
+    /// bridge back into it either.
+    pub isolation: bool,
     /// Every TAP the broker makes for this network has a name starting with this. With
     /// anti-spoofing, frames from such a TAP are dropped until [`Firewall::add_port`] has
     /// bound it: a TAP is protected from the moment it exists, so binding it need not
@@ -337,6 +340,9 @@ impl Firewall {
     ///
     /// Queued like every change: if the caller stops waiting (the DHCP server does after
     /// [`crate::dhcp::BIND_TIMEOUT`]), the binding is still made.
+    ///
+    /// The binding is sent to the kernel even when it is known already, so every DHCP
+    /// renewal puts back a binding the kernel lost (someone flushed the leases set).
     pub async fn bind_ip(
         &self,
         network: &str,
@@ -344,7 +350,20 @@ impl Firewall {
         ip: Ipv4Addr,
     ) -> Result<(), FirewallError> {
         let network = network.to_string();
-        self.queued(move |inner| async move { inner.bind_ip(&network, mac, ip).await })
+        self.queued(move |inner| async move { inner.bind_ip(&network, mac, ip, false).await })
+            .await
+    }
+
+    /// [`Firewall::bind_ip`], but without an `nft` run when the binding is known already
+    /// (for whoever replays leases the DHCP server bound itself).
+    pub async fn bind_ip_if_new(
+        &self,
+        network: &str,
+        mac: [u8; 6],
+        ip: Ipv4Addr,
+    ) -> Result<(), FirewallError> {
+        let network = network.to_string();
+        self.queued(move |inner| async move { inner.bind_ip(&network, mac, ip, true).await })
             .await
     }
 }
@@ -542,6 +561,13 @@ impl Inner {
                 for (tap, mac) in &gone {
                     port_elements(&mut batch, NfCmd::Delete, network, tap, *mac);
                 }
+                if ns.net.dhcp && !gone.is_empty() {
+                    let mut after = ns.ports.clone();
+                    for (tap, _) in &gone {
+                        after.remove(tap);
+                    }
+                    dhcp_check(&mut batch, network, &after);
+                }
             }
             (gone, batch)
         };
@@ -598,6 +624,22 @@ impl Inner {
                     port_elements(&mut batch, NfCmd::Add, network, tap, *mac);
                 }
             }
+            // The DHCP checks of every network whose ports change, from the ports it has
+            // after this change.
+            for ns in state.networks.values() {
+                let loses = new.iter().any(|(tap, _)| ns.ports.contains_key(tap));
+                let gains = ns.net.name == network;
+                if ns.net.anti_spoofing && ns.net.dhcp && (loses || gains) {
+                    let mut after = ns.ports.clone();
+                    for (tap, mac) in &new {
+                        after.remove(tap);
+                        if gains {
+                            after.insert(tap.clone(), *mac);
+                        }
+                    }
+                    dhcp_check(&mut batch, &ns.net.name, &after);
+                }
+            }
             (new, batch)
         };
         let context = match new.as_slice() {
@@ -625,6 +667,7 @@ impl Inner {
         network: &str,
         mac: [u8; 6],
         ip: Ipv4Addr,
+        only_new: bool,
     ) -> Result<(), FirewallError> {
         let (stale, batch) = {
             let state = self.lock();
@@ -637,13 +680,17 @@ impl Inner {
                     detail: format!("{ip} is outside {} of network {network:?}", ns.net.subnet),
                 });
             }
-            if ns.leases.get(&mac) == Some(&ip) {
+            if only_new && ns.leases.get(&mac) == Some(&ip) {
                 return Ok(());
             }
+            // A binding the state already has is sent again all the same (`add element`
+            // of an existing element is a no-op): the kernel's copy may have been lost
+            // (`nft flush set`, a partial restore by hand), and the renewal that lands
+            // here is what brings it back.
             let stale: Vec<([u8; 6], Ipv4Addr)> = ns
                 .leases
                 .iter()
-                .filter(|(m, i)| **m == mac || **i == ip)
+                .filter(|(m, i)| (**m == mac || **i == ip) && (**m, **i) != (mac, ip))
                 .map(|(m, i)| (*m, *i))
                 .collect();
             let mut batch = Batch::new();
@@ -822,6 +869,7 @@ mod tests {
             nat: true,
             anti_spoofing: true,
             dhcp: true,
+            isolation: false,
             tap_prefix: "vmnt9-".into(),
         }
     }

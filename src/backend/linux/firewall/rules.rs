@@ -8,13 +8,14 @@ use std::net::Ipv4Addr;
 
 use nftables::batch::Batch;
 use nftables::expr::{
-    Expression, Fib, FibFlag, FibResult, Meta, MetaKey, NamedExpression, Payload, PayloadField,
-    Prefix,
+    Expression, Fib, FibFlag, FibResult, Meta, MetaKey, NamedExpression, Payload, PayloadBase,
+    PayloadField, PayloadRaw, Prefix, SetItem,
 };
 use nftables::schema::{
-    Chain, Element, NfCmd, NfListObject, Nftables, Rule, Set, SetType, SetTypeValue, Table,
+    Chain, Element, FlushObject, NfCmd, NfListObject, Nftables, Rule, Set, SetType, SetTypeValue,
+    Table,
 };
-use nftables::stmt::{Match, Operator, Statement};
+use nftables::stmt::{JumpTarget, Match, Operator, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 
 use super::{FirewallNetwork, NetState, TABLE};
@@ -37,7 +38,11 @@ pub(super) fn nat_chain(net: &str) -> String {
 pub(super) fn spoof_chain(net: &str) -> String {
     format!("spoof-{net}")
 }
-/// Set of the network's TAP names: the anti-spoofing rules apply to frames from these.
+/// Regular chain checking the client MAC inside DHCP requests (`chaddr`) against the TAP's
+/// bound MAC; rebuilt whenever the network's port bindings change ([`dhcp_check`]).
+pub(super) fn dhcp_chain(net: &str) -> String {
+    format!("dhcp-{net}")
+}
 /// Set of `ifname . ether_addr`: the MAC allowed on each TAP.
 pub(super) fn portmacs_set(net: &str) -> String {
     format!("portmacs-{net}")
@@ -185,6 +190,65 @@ pub(super) fn element(set: String, elem: Expression<'static>) -> NfListObject<'s
     })
 }
 
+/// Statements of an anonymous set of `items`.
+fn anon_set(items: Vec<Expression<'static>>) -> Expression<'static> {
+    Expression::Named(NamedExpression::Set(
+        items.into_iter().map(SetItem::Element).collect(),
+    ))
+}
+
+/// The 48 bits of a BOOTP message's `chaddr` that a DHCP server takes as the client's MAC
+/// (offset 28 of the message, which follows the 8-byte UDP header: `@ih,224,48`).
+fn chaddr() -> Expression<'static> {
+    Expression::Named(NamedExpression::Payload(Payload::PayloadRaw(PayloadRaw {
+        base: PayloadBase::IH,
+        offset: 28 * 8,
+        len: 48,
+    })))
+}
+
+/// (Re)writes the network's `dhcp-` chain so that a DHCP client message (UDP port 67)
+/// from one of its TAPs passes only when its `chaddr` is the MAC bound to that TAP.
+///
+/// Why a rule with an anonymous set, rewritten whole (`flush chain` + `add rule` in the
+/// same transaction as the binding change), rather than a named set of `ifname . chaddr`:
+/// the raw payload has no Ethernet-address type, so such a set needs `typeof iifname .
+/// @ih,224,48`, which the nft CLI accepts but its JSON input (nft 1.0.6, what the crate
+/// speaks) cannot declare; an anonymous set takes its type from the expression. Ports
+/// change in batches (see the binder), so this costs one rule per batch.
+pub(super) fn dhcp_check<'a>(
+    batch: &mut Batch<'static>,
+    net: &str,
+    ports: impl IntoIterator<Item = (&'a String, &'a [u8; 6])>,
+) {
+    let chain = dhcp_chain(net);
+    batch.add(named_chain(NfFamily::Bridge, chain.clone()));
+    batch.add_cmd(NfCmd::Flush(FlushObject::Chain(Chain {
+        family: NfFamily::Bridge,
+        table: TABLE.into(),
+        name: chain.clone().into(),
+        ..Chain::default()
+    })));
+    let allowed: Vec<Expression<'static>> = ports
+        .into_iter()
+        .map(|(tap, mac)| {
+            let hex: String = mac.iter().map(|b| format!("{b:02x}")).collect();
+            concat(vec![s(tap), s(&format!("0x{hex}"))])
+        })
+        .collect();
+    let mut stmts = vec![];
+    // No bound TAP: nothing may pass (the MAC rule drops such frames already).
+    if !allowed.is_empty() {
+        stmts.push(matches(
+            concat(vec![meta(MetaKey::Iifname), chaddr()]),
+            Operator::NEQ,
+            anon_set(allowed),
+        ));
+    }
+    stmts.push(drop_());
+    batch.add(rule(NfFamily::Bridge, &chain, stmts));
+}
+
 pub(super) fn port_elements(
     batch: &mut Batch<'static>,
     cmd: fn(NfListObject<'static>) -> NfCmd<'static>,
@@ -226,6 +290,23 @@ pub(super) fn network_objects(batch: &mut Batch<'static>, ns: &NetState) {
         NfHook::Forward,
         NfChainType::Filter,
         PRIO_FILTER,
+    ));
+    // First, what goes from the bridge back to the bridge. With `br_netfilter` loaded and
+    // `bridge-nf-call-iptables=1` (the default where Docker runs) frames *bridged* between
+    // two ports also pass this hook, with the bridge as both input and output device, so
+    // the rules below must never see them: VM-to-VM traffic is the bridge's business
+    // (isolated ports for `isolation`), whatever that sysctl says. What is *routed* from
+    // the bridge back into it (a VM sending to another VM's address through the gateway)
+    // is the same VM-to-VM traffic and gets the same answer; for isolated networks that
+    // answer is no, or the host would carry what the isolated ports refuse.
+    batch.add(rule(
+        NfFamily::INet,
+        &fwd,
+        vec![
+            matches(iif(), Operator::EQ, br()),
+            matches(oif(), Operator::EQ, br()),
+            if net.isolation { drop_() } else { accept() },
+        ],
     ));
     if net.nat {
         batch.add(rule(
@@ -301,22 +382,8 @@ pub(super) fn network_objects(batch: &mut Batch<'static>, ns: &NetState) {
         ));
     }
 
-    if !net.anti_spoofing {
-        return;
-    }
-    // Anti-spoofing, bridge table, prerouting: every frame entering the bridge from one of
-    // our TAPs, bound or not (an unbound one matches no element of portmacs: all dropped).
-    // Other ports (uplinks, other software's) are left alone.
-    let portmacs = portmacs_set(&net.name);
-    let leases = leases_set(&net.name);
-    batch.add(set(
-        portmacs.clone(),
-        SetTypeValue::Concatenated(vec![SetType::Ifname, SetType::EtherAddr].into()),
-    ));
-    batch.add(set(
-        leases.clone(),
-        SetTypeValue::Concatenated(vec![SetType::EtherAddr, SetType::Ipv4Addr].into()),
-    ));
+    // Bridge table, prerouting: every frame entering the bridge from one of our TAPs, bound
+    // or not. Other ports (uplinks, other software's) are left alone.
     let spoof = spoof_chain(&net.name);
     batch.add(base_chain(
         NfFamily::Bridge,
@@ -331,6 +398,59 @@ pub(super) fn network_objects(batch: &mut Batch<'static>, ns: &NetState) {
         stmts.insert(0, from_port());
         batch.add(rule(NfFamily::Bridge, &spoof, stmts));
     };
+    // Server roles are the host's, never a VM's, so these go on every network, with or
+    // without anti-spoofing: a Router Advertisement or Redirect would move the host's and
+    // the other VMs' IPv6 routing to the sender, a DHCP(v6) server message would hand the
+    // other VMs addresses, routers and name servers of the sender's choosing, and an IPv4
+    // ICMP redirect would reroute their traffic.
+    r(
+        batch,
+        vec![
+            matches(
+                payload("icmpv6", "type"),
+                Operator::EQ,
+                anon_set(vec![s("nd-router-advert"), s("nd-redirect")]),
+            ),
+            drop_(),
+        ],
+    );
+    r(
+        batch,
+        vec![
+            matches(payload("icmp", "type"), Operator::EQ, s("redirect")),
+            drop_(),
+        ],
+    );
+    // DHCP server (67 -> 68) and DHCPv6 server or relay (547 -> 546) messages, matched on
+    // either port so that no choice of the other one slips through.
+    for (field, port) in [("sport", 67), ("dport", 68), ("sport", 547), ("dport", 546)] {
+        r(
+            batch,
+            vec![
+                matches(
+                    payload("udp", field),
+                    Operator::EQ,
+                    Expression::Number(port),
+                ),
+                drop_(),
+            ],
+        );
+    }
+
+    if !net.anti_spoofing {
+        return;
+    }
+    // Anti-spoofing: an unbound TAP matches no element of portmacs, so all its frames drop.
+    let portmacs = portmacs_set(&net.name);
+    let leases = leases_set(&net.name);
+    batch.add(set(
+        portmacs.clone(),
+        SetTypeValue::Concatenated(vec![SetType::Ifname, SetType::EtherAddr].into()),
+    ));
+    batch.add(set(
+        leases.clone(),
+        SetTypeValue::Concatenated(vec![SetType::EtherAddr, SetType::Ipv4Addr].into()),
+    ));
     // The Ethernet source and the ARP sender hardware address must be the TAP's guest MAC.
     r(
         batch,
@@ -371,12 +491,38 @@ pub(super) fn network_objects(batch: &mut Batch<'static>, ns: &NetState) {
         ],
     );
     if net.dhcp {
-        // A DHCP client has no address yet (and may ask again at any time): requests from
-        // 0.0.0.0 and ARP probes (sender IP 0.0.0.0, RFC 5227) always pass.
+        // The DHCP server takes the client's identity from `chaddr`, not from the frame:
+        // a client message must name the MAC bound to its TAP, or one VM could take,
+        // renew, decline or release its neighbours' leases (and names) and exhaust the
+        // pool with invented MACs.
+        dhcp_check(batch, &net.name, &ns.ports);
         r(
             batch,
             vec![
-                matches(payload("ip", "saddr"), Operator::EQ, s("0.0.0.0")),
+                matches(
+                    payload("udp", "dport"),
+                    Operator::EQ,
+                    Expression::Number(67),
+                ),
+                Statement::Jump(JumpTarget {
+                    target: dhcp_chain(&net.name).into(),
+                }),
+            ],
+        );
+        // A DHCP client has no address yet (and may ask again at any time): its messages
+        // to the broker's server and ARP probes (sender IP 0.0.0.0, RFC 5227) always pass.
+        // Whatever the IPv4 source, not only 0.0.0.0: a renewal comes from the leased
+        // address, and must reach the server even when the kernel lost that lease's
+        // binding (a flushed set), since its ACK is what binds it again. The server acts
+        // only on the `chaddr`, which the rule above pins to the TAP's MAC.
+        r(
+            batch,
+            vec![
+                matches(
+                    payload("ip", "daddr"),
+                    Operator::EQ,
+                    anon_set(vec![s(&net.gateway.to_string()), s("255.255.255.255")]),
+                ),
                 matches(
                     payload("udp", "sport"),
                     Operator::EQ,
@@ -456,8 +602,11 @@ pub(super) fn delete_network_objects(batch: &mut Batch<'static>, net: &FirewallN
     if net.nat {
         batch.delete(named_chain(NfFamily::INet, nat_chain(&net.name)));
     }
+    batch.delete(named_chain(NfFamily::Bridge, spoof_chain(&net.name)));
+    if net.anti_spoofing && net.dhcp {
+        batch.delete(named_chain(NfFamily::Bridge, dhcp_chain(&net.name)));
+    }
     if net.anti_spoofing {
-        batch.delete(named_chain(NfFamily::Bridge, spoof_chain(&net.name)));
         for name in [portmacs_set(&net.name), leases_set(&net.name)] {
             batch.delete(set(name, SetTypeValue::Single(SetType::Ifname)));
         }
@@ -491,6 +640,7 @@ pub(super) fn purge_network_objects(batch: &mut Batch<'static>, name: &str) {
             NfChainType::Filter,
             PRIO_BRIDGE_FILTER,
         ),
+        named_chain(NfFamily::Bridge, dhcp_chain(name)),
     ];
     let sets = [
         set(
@@ -538,6 +688,7 @@ mod tests {
             nat,
             anti_spoofing,
             dhcp,
+            isolation: false,
             tap_prefix: "vmnt9-".into(),
         }
     }
