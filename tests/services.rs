@@ -1384,3 +1384,156 @@ fn a_vm_cannot_play_router_or_dhcp_server() {
         "the control RA did not reach the VM"
     );
 }
+
+/// A DHCP client message of `kind` written into `tap` as a client without an address
+/// sends it (0.0.0.0:68 to broadcast:67, Ethernet source the TAP's own MAC), but naming
+/// `chaddr` as the client.
+fn forged_dhcp(
+    tap: &Tap,
+    chaddr: [u8; 6],
+    kind: MessageType,
+    ciaddr: Ipv4Addr,
+    options: &[DhcpOption],
+) -> u32 {
+    let xid = 0xf0f0_0000 | COUNTER.fetch_add(1, Ordering::SeqCst);
+    let mut msg = Message::new_with_id(
+        xid,
+        ciaddr,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        &chaddr,
+    );
+    msg.set_flags(Flags::default().set_broadcast());
+    msg.opts_mut().insert(DhcpOption::MessageType(kind));
+    for o in options {
+        msg.opts_mut().insert(o.clone());
+    }
+    tap.send(&ethernet(
+        BROADCAST,
+        tap.mac,
+        ETH_IPV4,
+        &ipv4_udp(
+            Ipv4Addr::UNSPECIFIED,
+            Ipv4Addr::BROADCAST,
+            68,
+            67,
+            &msg.to_vec().unwrap(),
+        ),
+    ));
+    xid
+}
+
+/// Whether a DHCP reply with transaction `xid` arrives on `tap` within `wait`.
+fn dhcp_reply_seen(tap: &Tap, xid: u32, wait: Duration) -> bool {
+    tap.drain(wait).iter().any(|f| {
+        udp_payload_to(f, 68)
+            .and_then(|p| Message::from_bytes(p).ok())
+            .is_some_and(|m| m.xid() == xid)
+    })
+}
+
+#[test]
+fn dhcp_messages_must_name_the_mac_of_their_tap() {
+    let b = Broker::start(Options::default());
+    let c = b.client();
+    let v = c.acquire("shared").unwrap();
+    let (gw, net) = (ip(&v.info.gateway), subnet_of(&v));
+    let gw_mac = parse_mac(
+        b.ns.sh(&format!("cat /sys/class/net/{}/address", v.info.bridge))
+            .trim(),
+    );
+    let victim = Tap::new(v);
+    let attacker = Tap::new(c.acquire("shared").unwrap());
+    let leased = victim.dhcp("victim");
+    // The attacker's own DHCP works (so its TAP is bound and heard): only lies fail.
+    let own = attacker.dhcp("attacker");
+    let victim_ok = |what: &str| {
+        assert!(
+            victim.gateway_answers(victim.mac, leased, gw, SOON),
+            "after {what}: the victim lost its IPv4"
+        );
+        let answer = victim.dns_query((victim.mac, leased), (gw_mac, gw), "victim", SOON);
+        assert!(
+            answer.windows(4).any(|w| w == leased.octets()),
+            "after {what}: the victim's name is gone: {answer:?}"
+        );
+        let set = b.ns.sh("nft list set bridge vmnet_broker leases-shared");
+        assert!(
+            set.contains(&format!("{} . {leased}", format_mac(victim.mac))),
+            "after {what}: {set}"
+        );
+    };
+    victim_ok("its own lease");
+
+    // A REQUEST (INIT-REBOOT) for another address in the victim's name: it would move the
+    // victim's lease, and its binding, there. No ACK comes back: the server never saw it.
+    let elsewhere = other_host(net, &[gw, leased, own]);
+    let xid = forged_dhcp(
+        &attacker,
+        victim.mac,
+        MessageType::Request,
+        Ipv4Addr::UNSPECIFIED,
+        &[DhcpOption::RequestedIpAddress(elsewhere)],
+    );
+    assert!(
+        !dhcp_reply_seen(&attacker, xid, NEVER),
+        "the forged REQUEST was answered"
+    );
+    victim_ok("a forged REQUEST");
+
+    // A DECLINE and a RELEASE in the victim's name would end its lease and its name. The
+    // attacker's own DISCOVER after them is answered once the server has read them.
+    for (kind, ciaddr, options) in [
+        (
+            MessageType::Decline,
+            Ipv4Addr::UNSPECIFIED,
+            vec![DhcpOption::RequestedIpAddress(leased)],
+        ),
+        (
+            MessageType::Release,
+            leased,
+            vec![DhcpOption::ServerIdentifier(gw)],
+        ),
+    ] {
+        forged_dhcp(&attacker, victim.mac, kind, ciaddr, &options);
+        attacker
+            .dhcp_exchange(
+                0x5eed_f000 | COUNTER.fetch_add(1, Ordering::SeqCst),
+                MessageType::Discover,
+                &[],
+                MessageType::Offer,
+            )
+            .expect("the attacker's own DISCOVER is answered");
+        victim_ok(&format!("a forged {kind:?}"));
+    }
+
+    // A DISCOVER for every address of the pool, each with an invented MAC: offers are held
+    // for their MAC for a minute, so a fresh VM would get none.
+    for i in 0..net.hosts().count() {
+        let invented = [0x52, 0x54, 0x00, 0xee, (i >> 8) as u8, i as u8];
+        forged_dhcp(
+            &attacker,
+            invented,
+            MessageType::Discover,
+            Ipv4Addr::UNSPECIFIED,
+            &[],
+        );
+    }
+    let fresh = Tap::new(c.acquire("shared").unwrap());
+    let got = fresh.dhcp("fresh");
+    assert!(net.contains(&got), "{got}");
+    assert!(
+        !b.log().contains("52:54:00:ee:"),
+        "the server heard invented MACs:\n{}",
+        b.log()
+    );
+    victim_ok("a flood of DISCOVERs");
+}
+
+fn format_mac(mac: [u8; 6]) -> String {
+    mac.iter()
+        .map(|b| format!("{b:02x}"))
+        .collect::<Vec<_>>()
+        .join(":")
+}
