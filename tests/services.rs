@@ -1537,3 +1537,90 @@ fn format_mac(mac: [u8; 6]) -> String {
         .collect::<Vec<_>>()
         .join(":")
 }
+
+/// Sends a UDP datagram from `a` (leased `a_ip`) to `b_ip` through Ethernet `via` (`b`'s
+/// MAC: bridged; the gateway's: routed by the host) until `b` receives it or `wait`
+/// passes. `b` answers the host's ARP requests for `b_ip` meanwhile, as a VM would.
+fn udp_reaches(a: (&Tap, Ipv4Addr), via: [u8; 6], b: (&Tap, Ipv4Addr), wait: Duration) -> bool {
+    let ((a, a_ip), (b, b_ip)) = (a, b);
+    let marker = format!("issue 10 {}", COUNTER.fetch_add(1, Ordering::SeqCst));
+    let frame = ethernet(
+        via,
+        a.mac,
+        ETH_IPV4,
+        &ipv4_udp(a_ip, b_ip, 7777, 7777, marker.as_bytes()),
+    );
+    let deadline = Instant::now() + wait;
+    while Instant::now() < deadline {
+        a.send(&frame);
+        let round = Instant::now() + Duration::from_millis(200);
+        while let Some(left) = round.checked_duration_since(Instant::now()) {
+            let Some(f) = b.recv(left) else { break };
+            if udp_payload_to(&f, 7777) == Some(marker.as_bytes()) {
+                return true;
+            }
+            let arp_request_for_b = f.len() >= 42
+                && f[12..14] == ETH_ARP.to_be_bytes()
+                && f[20..22] == [0, 1]
+                && f[38..42] == b_ip.octets();
+            if arp_request_for_b {
+                let (sha, spa) = (
+                    f[22..28].try_into().unwrap(),
+                    <[u8; 4]>::try_from(&f[28..32]).unwrap(),
+                );
+                b.send(&ethernet(
+                    sha,
+                    b.mac,
+                    ETH_ARP,
+                    &arp(2, b.mac, b_ip, sha, spa.into()),
+                ));
+            }
+        }
+    }
+    false
+}
+
+#[test]
+fn vm_to_vm_ipv4_does_not_depend_on_bridge_nf_call_iptables() {
+    let b = Broker::start(opts(&[
+        ("iso.json", r#"{"isolation":true}"#),
+        ("hostiso.json", r#"{"mode":"host","isolation":true}"#),
+    ]));
+    let c = b.client();
+    let mut pairs = vec![];
+    for (network, isolated) in [
+        ("shared", false),
+        ("host", false),
+        ("iso", true),
+        ("hostiso", true),
+    ] {
+        let a = c.acquire(network).unwrap();
+        let gw_mac = parse_mac(
+            b.ns.sh(&format!("cat /sys/class/net/{}/address", a.info.bridge))
+                .trim(),
+        );
+        let a = Tap::new(a);
+        let b = Tap::new(c.acquire(network).unwrap());
+        let (a_ip, b_ip) = (a.dhcp("a"), b.dhcp("b"));
+        pairs.push((network, isolated, gw_mac, (a, a_ip), (b, b_ip)));
+    }
+    // The shared networks switched forwarding on, so the host also routes between VMs.
+    assert_eq!(b.ns.sh("cat /proc/sys/net/ipv4/ip_forward").trim(), "1");
+    // br_netfilter: 1 is the kernel's default (and Docker's); each setting in turn.
+    for setting in ["1", "0", "1"] {
+        b.ns.sh(&format!(
+            "sysctl -qw net.bridge.bridge-nf-call-iptables={setting} \
+             net.bridge.bridge-nf-call-ip6tables={setting}"
+        ));
+        for (network, isolated, gw_mac, (a, a_ip), (vb, b_ip)) in &pairs {
+            let wait = if *isolated { NEVER } else { SOON };
+            let bridged = udp_reaches((a, *a_ip), vb.mac, (vb, *b_ip), wait);
+            let routed = udp_reaches((a, *a_ip), *gw_mac, (vb, *b_ip), wait);
+            assert_eq!(
+                (bridged, routed),
+                (!isolated, !isolated),
+                "{network} with bridge-nf-call-iptables={setting}: (bridged, routed through the host) VM to VM"
+            );
+        }
+    }
+}
