@@ -1624,3 +1624,74 @@ fn vm_to_vm_ipv4_does_not_depend_on_bridge_nf_call_iptables() {
         }
     }
 }
+
+#[test]
+fn a_renewal_restores_a_flushed_lease_binding() {
+    let b = Broker::start(Options::default());
+    let c = b.client();
+    let a = c.acquire("shared").unwrap();
+    let gw = ip(&a.info.gateway);
+    let gw_mac = parse_mac(
+        b.ns.sh(&format!("cat /sys/class/net/{}/address", a.info.bridge))
+            .trim(),
+    );
+    let tap = Tap::new(a);
+    let leased = tap.dhcp("renewer");
+    assert!(tap.gateway_answers(tap.mac, leased, gw, SOON));
+
+    b.ns.sh("nft flush set bridge vmnet_broker leases-shared");
+    assert!(
+        !tap.gateway_answers(tap.mac, leased, gw, NEVER),
+        "control: the flush cut the VM off"
+    );
+    // RENEWING (RFC 2131 4.3.2): unicast to the server from the leased address, ciaddr
+    // set. The ACK goes to ciaddr, so the VM answers the host's ARP for it.
+    let xid = 0x7e7e_0000 | COUNTER.fetch_add(1, Ordering::SeqCst);
+    let mut renew = Message::new_with_id(
+        xid,
+        leased,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        Ipv4Addr::UNSPECIFIED,
+        &tap.mac,
+    );
+    renew
+        .opts_mut()
+        .insert(DhcpOption::MessageType(MessageType::Request));
+    let frame = ethernet(
+        gw_mac,
+        tap.mac,
+        ETH_IPV4,
+        &ipv4_udp(leased, gw, 68, 67, &renew.to_vec().unwrap()),
+    );
+    let mut acked = false;
+    let deadline = Instant::now() + SOON;
+    while !acked && Instant::now() < deadline {
+        tap.send(&frame);
+        for f in tap.drain(Duration::from_millis(300)) {
+            let ack = udp_payload_to(&f, 68)
+                .and_then(|p| Message::from_bytes(p).ok())
+                .is_some_and(|m| m.xid() == xid && m.opts().msg_type() == Some(MessageType::Ack));
+            acked |= ack;
+            if f.len() >= 42
+                && f[12..14] == ETH_ARP.to_be_bytes()
+                && f[20..22] == [0, 1]
+                && f[38..42] == leased.octets()
+            {
+                let sha: [u8; 6] = f[22..28].try_into().unwrap();
+                let spa = <[u8; 4]>::try_from(&f[28..32]).unwrap();
+                tap.send(&ethernet(
+                    sha,
+                    tap.mac,
+                    ETH_ARP,
+                    &arp(2, tap.mac, leased, sha, spa.into()),
+                ));
+            }
+        }
+    }
+    assert!(acked, "no ACK to the renewal:\n{}", b.log());
+    assert!(
+        tap.gateway_answers(tap.mac, leased, gw, SOON),
+        "the renewal did not bind the lease again"
+    );
+}
