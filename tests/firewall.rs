@@ -429,8 +429,16 @@ fn last_network_removal_leaves_no_tables() {
         second.bridge = "vmnbr1".into();
         second.subnet = "10.78.0.0/24".parse().unwrap();
         second.gateway = Ipv4Addr::new(10, 78, 0, 1);
+        second.tap_prefix = "vmnt5-".into();
         fw.add_network(&network(true, true, true)).await.unwrap();
         fw.add_network(&second).await.unwrap();
+        // TAP prefixes of two networks must not overlap: the bridge table dispatches by them.
+        let mut third = second.clone();
+        third.name = "third".into();
+        third.bridge = "vmnbr2".into();
+        third.tap_prefix = "vport9".into();
+        let err = fw.add_network(&third).await.unwrap_err();
+        assert!(err.to_string().contains("overlaps"), "{err}");
         // Same definition again: no-op; a different one replaces it.
         fw.add_network(&second).await.unwrap();
         let mut changed = second.clone();
@@ -439,10 +447,26 @@ fn last_network_removal_leaves_no_tables() {
         let rules = t.b.nft_list("list ruleset");
         assert!(rules.contains("nat-second"), "{rules}");
         assert_eq!(rules.matches("chain fwd-second").count(), 1, "{rules}");
+        // One base chain in the bridge table for all networks, so a frame's cost does not
+        // grow with their number.
+        let bridge = t.b.nft_list("list table bridge vmnet_broker");
+        assert_eq!(bridge.matches("hook prerouting").count(), 1, "{bridge}");
+        assert!(
+            bridge.contains(
+                r#"iifname vmap { "vmnt5-*" : jump spoof-second, "vport*" : jump spoof-testnet }"#
+            ) || bridge.contains(
+                r#"iifname vmap { "vport*" : jump spoof-testnet, "vmnt5-*" : jump spoof-second }"#
+            ),
+            "{bridge}"
+        );
 
         fw.remove_network("testnet").await.unwrap();
         let rules = t.b.nft_list("list ruleset");
         assert!(!rules.contains("testnet"), "{rules}");
+        assert!(
+            rules.contains(r#"iifname vmap { "vmnt5-*" : jump spoof-second }"#),
+            "{rules}"
+        );
         assert!(
             rules.contains("fwd-second") && rules.contains("spoof-second"),
             "{rules}"

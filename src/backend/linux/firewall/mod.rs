@@ -73,8 +73,8 @@ use crate::mac::Mac;
 pub use nft::NFT_TIMEOUT;
 pub use rules::ruleset_for;
 use rules::{
-    add_tables, delete_network_objects, delete_tables, dhcp_check, lease_element, network_objects,
-    port_elements, purge_network_objects,
+    add_tables, delete_network_objects, delete_tables, dhcp_check, dispatch_flush, dispatch_rule,
+    lease_element, network_objects, port_elements, purge_network_objects,
 };
 pub use watchdog::WATCHDOG_INTERVAL;
 
@@ -419,6 +419,20 @@ impl Inner {
                     .map(|(mac, ip)| (*mac, *ip))
                     .collect();
             }
+            if let Some(other) = state.networks.values().find(|n| {
+                n.net.name != net.name
+                    && (n.net.tap_prefix.starts_with(&net.tap_prefix)
+                        || net.tap_prefix.starts_with(&n.net.tap_prefix))
+            }) {
+                // The dispatch tells networks apart by TAP prefix alone.
+                return Err(FirewallError::Invalid {
+                    what: "network",
+                    detail: format!(
+                        "TAP prefix {:?} of network {:?} overlaps {:?} of network {:?}",
+                        net.tap_prefix, net.name, other.net.tap_prefix, other.net.name
+                    ),
+                });
+            }
             if let Some(other) = state
                 .networks
                 .values()
@@ -439,10 +453,18 @@ impl Inner {
             };
             let mut batch = Batch::new();
             add_tables(&mut batch);
+            // The dispatch may jump to the chains replaced below: emptied first, refilled
+            // last.
+            dispatch_flush(&mut batch);
             // Whatever objects of this name exist go first: the old definition's, or those a
             // failed removal left behind (it forgets the network anyway, see `remove_network`).
             purge_network_objects(&mut batch, &net.name);
             network_objects(&mut batch, &ns);
+            let others = state.networks.values().filter(|n| n.net.name != net.name);
+            dispatch_rule(
+                &mut batch,
+                others.map(|n| &n.net).chain(std::iter::once(&ns.net)),
+            );
             (ns, batch)
         };
         let context = format!("adding network {:?}", net.name);
@@ -491,6 +513,9 @@ impl Inner {
             if state.networks.len() == 1 {
                 delete_tables(&mut batch);
             } else {
+                dispatch_flush(&mut batch);
+                let others = state.networks.values().filter(|n| n.net.name != name);
+                dispatch_rule(&mut batch, others.map(|n| &n.net));
                 delete_network_objects(&mut batch, &net);
             }
             (net, batch)
@@ -780,9 +805,11 @@ impl Inner {
             delete_tables(&mut batch);
             if !state.networks.is_empty() {
                 add_tables(&mut batch);
+                dispatch_flush(&mut batch);
                 for ns in state.networks.values() {
                     network_objects(&mut batch, ns);
                 }
+                dispatch_rule(&mut batch, state.networks.values().map(|n| &n.net));
             }
             let nat: Vec<FirewallNetwork> = state
                 .networks
