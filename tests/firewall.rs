@@ -419,6 +419,42 @@ fn watchdog_restores_flushed_rules() {
 }
 
 #[test]
+fn watchdog_restores_on_the_kernels_notification_without_waiting_for_its_poll() {
+    let t = Topo::new();
+    in_netns(&t.b, || async {
+        let fw = Firewall::new();
+        // Polling once an hour: only the notification can bring the tables back in time.
+        let _watchdog = fw.spawn_watchdog_every(Duration::from_secs(3600));
+        fw.add_network(&network(true, true, true)).await.unwrap();
+        fw.add_port("testnet", "vport", VM_MAC).await.unwrap();
+        // Let the first (immediate) check pass.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        for _ in 0..2 {
+            t.b.nft("flush ruleset");
+            let start = Instant::now();
+            loop {
+                let list = tables(&t.b);
+                if list.contains("table inet vmnet_broker")
+                    && list.contains("table bridge vmnet_broker")
+                {
+                    break;
+                }
+                assert!(
+                    start.elapsed() < Duration::from_secs(20),
+                    "not restored: {list}"
+                );
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            eprintln!("restored after {:?}", start.elapsed());
+            let set =
+                t.b.nft_list("list set bridge vmnet_broker portmacs-testnet");
+            assert!(set.contains(VM_MAC_STR), "{set}");
+        }
+        fw.remove_network("testnet").await.unwrap();
+    });
+}
+
+#[test]
 fn last_network_removal_leaves_no_tables() {
     let t = Topo::new();
     t.b.ip(&["link", "add", "vmnbr1", "type", "bridge"]);
