@@ -257,11 +257,13 @@ fn anon_set(items: Vec<Expression<'static>>) -> Expression<'static> {
 }
 
 /// The 48 bits of a BOOTP message's `chaddr` that a DHCP server takes as the client's MAC
-/// (offset 28 of the message, which follows the 8-byte UDP header: `@ih,224,48`).
+/// (offset 28 of the message, which follows the 8-byte UDP header: `@th,288,48`). From the
+/// transport header rather than the inner header (`@ih,224,48`, the same bits) because
+/// `ih` needs Linux 6.2 and `th` only 5.3.
 fn chaddr() -> Expression<'static> {
     Expression::Named(NamedExpression::Payload(Payload::PayloadRaw(PayloadRaw {
-        base: PayloadBase::IH,
-        offset: 28 * 8,
+        base: PayloadBase::TH,
+        offset: (8 + 28) * 8,
         len: 48,
     })))
 }
@@ -272,7 +274,7 @@ fn chaddr() -> Expression<'static> {
 /// Why a rule with an anonymous set, rewritten whole (`flush chain` + `add rule` in the
 /// same transaction as the binding change), rather than a named set of `ifname . chaddr`:
 /// the raw payload has no Ethernet-address type, so such a set needs `typeof iifname .
-/// @ih,224,48`, which the nft CLI accepts but its JSON input (nft 1.0.6, what the crate
+/// @th,288,48`, which the nft CLI accepts but its JSON input (nft 1.0.6, what the crate
 /// speaks) cannot declare; an anonymous set takes its type from the expression. Ports
 /// change in batches (see the binder), so this costs one rule per batch.
 pub(super) fn dhcp_check<'a>(
@@ -782,7 +784,7 @@ mod tests {
         dhcp_check(&mut batch, "n1", &ports);
         let rules = serde_json::to_string(&batch.to_nftables()).unwrap();
         assert!(
-            rules.contains(r#"{"match":{"left":{"concat":[{"meta":{"key":"iifname"}},{"payload":{"base":"ih","offset":224,"len":48}}]},"right":{"set":[{"concat":["vmnt9-0","0x525400000001"]}]},"op":"!="}},{"drop":null}]"#),
+            rules.contains(r#"{"match":{"left":{"concat":[{"meta":{"key":"iifname"}},{"payload":{"base":"th","offset":288,"len":48}}]},"right":{"set":[{"concat":["vmnt9-0","0x525400000001"]}]},"op":"!="}},{"drop":null}]"#),
             "{rules}"
         );
         let with = json(&net(true, true, true));
