@@ -1370,6 +1370,7 @@ fn a_vm_cannot_play_router_or_dhcp_server() {
 
     // The control: the same RA from a port the broker did not make (not a TAP, so not
     // filtered) does reach the VM and the host, so the RA above was one they would take.
+    netns::require("python3", "python3");
     let port = VethVm::new(&b, &bridge, "52:54:00:0e:0e:01");
     let ra = router_advertisement(parse_mac("52:54:00:0e:0e:01"));
     victim.drain(Duration::from_millis(300));

@@ -103,8 +103,9 @@ pub struct FirewallNetwork {
     /// `!allow_spoofing`: bind each TAP to its guest's MAC (and IPv4 lease, see `dhcp`).
     pub anti_spoofing: bool,
     /// The broker runs DHCP on this network: IPv4 sources are bound to the lease given by
-    /// [`Firewall::bind_ip`], and only `0.0.0.0` is allowed before it. Without DHCP guests
-    /// use static addresses and only their MAC is enforced.
+    /// [`Firewall::bind_ip`]; before it only DHCP to the gateway and ARP probes pass, and
+    /// DHCP requests must name the TAP's MAC as client. Without DHCP guests use static
+    /// addresses and only their MAC is enforced.
     pub dhcp: bool,
     /// Ports are isolated from each other (`isolation`): nothing may be routed from the
     /// bridge back into it either.
