@@ -15,6 +15,7 @@ pub mod dhcp;
 #[cfg(target_os = "linux")]
 pub mod dns;
 pub mod error;
+pub mod inspect;
 pub mod policy;
 pub mod registry;
 pub mod reload;

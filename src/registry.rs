@@ -12,7 +12,7 @@
 //! it active, or gone (and creates it anew).
 
 use crate::backend::{
-    AttachRequest, Attachment, Backend, BackendError, EndpointId, NetworkDetails,
+    AttachRequest, Attachment, Backend, BackendError, EndpointId, LeaseView, NetworkDetails,
 };
 use crate::config::{ConfigDir, ConfigError, Mode, NetworkConfig, name_hash};
 use crate::error::chain;
@@ -175,6 +175,60 @@ pub struct ClientSnapshot {
     pub id: ClientId,
     pub peer: Peer,
     pub networks: Vec<String>,
+}
+
+/// Where a network the broker knows is in its life, for `list` and `show`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum NetworkState {
+    /// Defined, not created.
+    Inactive,
+    /// Created, and held or being acquired.
+    Active,
+    /// Created, held by nobody: removed after `removal_in`.
+    Idle { removal_in: Duration },
+    /// Being removed now.
+    Removing,
+}
+
+/// The open connection an endpoint was handed to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Holder {
+    pub client: ClientId,
+    pub pid: i32,
+    pub uid: u32,
+}
+
+/// An open endpoint of a network and what the registry knows of it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TapView {
+    pub endpoint: EndpointId,
+    /// The guest MAC it was handed out with, and the uid it went to (unknown only for an
+    /// endpoint the registry did not make).
+    pub mac: Option<[u8; 6]>,
+    pub uid: Option<u32>,
+    /// `None` once the connection that acquired it closed (its VM may still hold it).
+    pub holder: Option<Holder>,
+}
+
+/// A network as `list` and `show` see it.
+#[derive(Debug, Clone)]
+pub struct NetworkView {
+    pub name: String,
+    /// The definition it was created from while it exists, else its current one.
+    pub config: NetworkConfig,
+    pub state: NetworkState,
+    /// What the backend made, while the network exists.
+    pub details: Option<NetworkDetails>,
+    pub clients: usize,
+    pub taps: Vec<TapView>,
+}
+
+/// A lease of a network's services, with the TAP its MAC belongs to.
+#[derive(Debug, Clone)]
+pub struct LeaseEntry {
+    pub network: String,
+    pub lease: LeaseView,
+    pub tap: Option<TapView>,
 }
 
 /// A network that exists, as the backend made it. Shared (`Arc`) so backend calls on it
@@ -1091,6 +1145,203 @@ impl<B: Backend> Registry<B> {
             clients,
         }
     }
+}
+
+impl<B: Backend> Registry<B> {
+    /// As [`Registry::status`], without the asking connection among the clients: it
+    /// holds nothing, and is gone as soon as it has its answer.
+    pub async fn status_excluding(&self, asker: ClientId) -> Snapshot {
+        let mut snapshot = self.status().await;
+        snapshot.clients.retain(|c| c.id != asker);
+        snapshot
+    }
+
+    /// Every network `peer` may use that the broker knows: defined (built in or by a
+    /// file) or existing, by name; only `only` when given (then [`RegistryError::NotFound`]
+    /// if there is no such network or `peer` may not use it, so a restricted network's
+    /// existence is not revealed). TAPs are listed by the backend without any lock held.
+    pub async fn networks(
+        &self,
+        peer: &Peer,
+        only: Option<&str>,
+    ) -> Result<Vec<NetworkView>, RegistryError> {
+        Ok(self
+            .inspect(peer, only)
+            .await?
+            .into_iter()
+            .map(|(view, _)| view)
+            .collect())
+    }
+
+    /// The current DHCP leases of the networks `peer` may use (of `only`, when given),
+    /// each with the open TAP that was handed out with its MAC and who holds it.
+    pub async fn leases(
+        &self,
+        peer: &Peer,
+        only: Option<&str>,
+    ) -> Result<Vec<LeaseEntry>, RegistryError> {
+        let mut out = Vec::new();
+        for (view, live) in self.inspect(peer, only).await? {
+            let Some(live) = live else { continue };
+            let leases = match self.backend.leases(&live.handle).await {
+                Ok(leases) => leases,
+                Err(e) => {
+                    warn!(network = %view.name, "cannot list leases: {}", chain(&e));
+                    continue;
+                }
+            };
+            for lease in leases {
+                let tap = view.taps.iter().find(|t| t.mac == Some(lease.mac)).cloned();
+                out.push(LeaseEntry {
+                    network: view.name.clone(),
+                    lease,
+                    tap,
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn inspect(
+        &self,
+        peer: &Peer,
+        only: Option<&str>,
+    ) -> Result<Vec<(NetworkView, Option<Arc<Live<B::Network>>>)>, RegistryError> {
+        if let Some(name) = only {
+            crate::protocol::validate_network_name(name)
+                .map_err(|_| RegistryError::NotFound(name.to_string()))?;
+        }
+        // Definitions from the directory, on a blocking thread (file I/O). Invalid files
+        // are left out: `check-config` is where they are reported.
+        let dir = self.config.clone();
+        let wanted = only.map(str::to_string);
+        let defined = tokio::task::spawn_blocking(move || match wanted {
+            Some(name) => dir.load(&name).ok().flatten().into_iter().collect::<Vec<_>>(),
+            None => dir.load_all().into_iter().filter_map(Result::ok).collect(),
+        })
+        .await
+        .map_err(RegistryError::Lookup)?;
+        let mut known: BTreeMap<String, Known<B::Network>> = BTreeMap::new();
+        {
+            let st = self.lock();
+            let now = Instant::now();
+            for (name, net) in &st.networks {
+                if only.is_some_and(|o| o != name) {
+                    continue;
+                }
+                let (live, state) = match &net.phase {
+                    Phase::Active(live) => (
+                        live,
+                        match net.removal_at {
+                            Some(at) => NetworkState::Idle {
+                                removal_in: at.saturating_duration_since(now),
+                            },
+                            None => NetworkState::Active,
+                        },
+                    ),
+                    Phase::Removing(live) => (live, NetworkState::Removing),
+                    // Not there yet: listed from its definition, as inactive.
+                    Phase::Creating => continue,
+                };
+                let mut holders = BTreeMap::new();
+                for (id, c) in &st.clients {
+                    for (_, endpoint) in c.taps.iter().filter(|(n, _)| n == name) {
+                        holders.insert(
+                            endpoint.clone(),
+                            Holder {
+                                client: *id,
+                                pid: c.peer.pid,
+                                uid: c.peer.uid,
+                            },
+                        );
+                    }
+                }
+                known.insert(
+                    name.clone(),
+                    Known {
+                        config: live.config.clone(),
+                        state,
+                        live: Some(Arc::clone(live)),
+                        clients: net.clients.len(),
+                        handed: net.handed.clone(),
+                        holders,
+                    },
+                );
+            }
+        }
+        for config in defined {
+            known.entry(config.name.clone()).or_insert_with(|| Known {
+                config,
+                state: NetworkState::Inactive,
+                live: None,
+                clients: 0,
+                handed: BTreeMap::new(),
+                holders: BTreeMap::new(),
+            });
+        }
+        // Only what `peer` may use; the user database may block, so on its own thread.
+        if known.values().any(|k| policy::needs_lookup(&k.config, peer)) {
+            let configs: Vec<NetworkConfig> = known.values().map(|k| k.config.clone()).collect();
+            let (peer, directory) = (peer.clone(), Arc::clone(&self.directory));
+            let allowed = tokio::task::spawn_blocking(move || {
+                configs
+                    .iter()
+                    .filter(|c| policy::check(c, &peer, directory.as_ref()).is_ok())
+                    .map(|c| c.name.clone())
+                    .collect::<BTreeSet<_>>()
+            })
+            .await
+            .map_err(RegistryError::Lookup)?;
+            known.retain(|name, _| allowed.contains(name));
+        }
+        if let Some(name) = only
+            && known.is_empty()
+        {
+            return Err(RegistryError::NotFound(name.to_string()));
+        }
+        let mut out = Vec::with_capacity(known.len());
+        for (name, k) in known {
+            let mut taps = Vec::new();
+            if let Some(live) = &k.live {
+                match self.backend.live_endpoints(&live.handle).await {
+                    Ok(endpoints) => {
+                        taps = endpoints
+                            .into_iter()
+                            .map(|endpoint| TapView {
+                                mac: k.handed.get(&endpoint).map(|h| h.mac),
+                                uid: k.handed.get(&endpoint).map(|h| h.uid),
+                                holder: k.holders.get(&endpoint).cloned(),
+                                endpoint,
+                            })
+                            .collect()
+                    }
+                    Err(e) => {
+                        warn!(network = %name, "cannot list live endpoints: {}", chain(&e))
+                    }
+                }
+            }
+            let view = NetworkView {
+                name,
+                details: k.live.as_ref().map(|l| l.details.clone()),
+                config: k.config,
+                state: k.state,
+                clients: k.clients,
+                taps,
+            };
+            out.push((view, k.live));
+        }
+        Ok(out)
+    }
+}
+
+/// What [`Registry::inspect`] gathers of one network under the registry's lock.
+struct Known<N> {
+    config: NetworkConfig,
+    state: NetworkState,
+    live: Option<Arc<Live<N>>>,
+    clients: usize,
+    handed: BTreeMap<EndpointId, Handed>,
+    holders: BTreeMap<EndpointId, Holder>,
 }
 
 /// A network taken out of service, waiting for [`Registry::remove`].

@@ -11,9 +11,10 @@
 pub use crate::answers::{network_info, status_reply, wire_error};
 use crate::backend::Backend;
 use crate::config::ConfigDir;
+use crate::inspect;
 use crate::policy::Peer;
 use crate::protocol::{BrokerError, MAX_MESSAGE, Mac, Reply, Request};
-use crate::registry::{ClientId, Registry};
+use crate::registry::{ClientId, Registry, RegistryError};
 use crate::reload::{Change, ConfigView, changes};
 use crate::systemd::{Activated, Notifier, status_line};
 use nix::sys::socket::MsgFlags;
@@ -45,6 +46,41 @@ pub struct ServerOptions {
     pub config_dir: Option<ConfigDir>,
     /// Service manager notifications (READY, STATUS, WATCHDOG, RELOADING, STOPPING).
     pub notifier: Arc<Notifier>,
+}
+
+/// The reply to `list`, `show` or `leases`: what the registry shows `peer` (only the
+/// networks it may use), cut to fit one message.
+async fn inspect_reply<B: Backend>(
+    registry: &Arc<Registry<B>>,
+    peer: &Peer,
+    request: Request,
+) -> Reply {
+    let result = match request {
+        Request::List => registry
+            .networks(peer, None)
+            .await
+            .map(|v| Reply::List(inspect::list_reply(v).fit(MAX_MESSAGE))),
+        Request::Show { network_name } => {
+            registry
+                .networks(peer, Some(&network_name))
+                .await
+                .map(|v| match v.into_iter().next() {
+                    Some(view) => Reply::Show(inspect::show_reply(view).fit(MAX_MESSAGE)),
+                    None => Reply::Error(wire_error(&RegistryError::NotFound(network_name))),
+                })
+        }
+        Request::Leases { network_name } => registry
+            .leases(peer, network_name.as_deref())
+            .await
+            .map(|l| {
+                let list = inspect::leases_reply(l, std::time::SystemTime::now());
+                Reply::Leases(list.fit(MAX_MESSAGE))
+            }),
+        Request::Acquire { .. } | Request::Status => {
+            unreachable!("only list, show and leases come here")
+        }
+    };
+    result.unwrap_or_else(|e| Reply::Error(wire_error(&e)))
 }
 
 /// Why the server could not start.
@@ -519,8 +555,11 @@ async fn respond<B: Backend<Endpoint: AsFd>>(
             );
             Reply::Error(e)
         }
-        Ok(Request::Status) => {
-            Reply::Status(status_reply(registry.status().await).fit(MAX_MESSAGE))
+        Ok(Request::Status) => Reply::Status(
+            status_reply(registry.status_excluding(client).await).fit(MAX_MESSAGE),
+        ),
+        Ok(request @ (Request::List | Request::Show { .. } | Request::Leases { .. })) => {
+            inspect_reply(registry, peer, request).await
         }
         Ok(Request::Acquire {
             network_name,

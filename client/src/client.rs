@@ -12,8 +12,8 @@
 //! ```
 
 use crate::protocol::{
-    BrokerError, DEFAULT_SOCKET, ErrorCode, MAX_MESSAGE, Mac, NetworkInfo, Reply, Request,
-    SOCKET_ENV, Status,
+    BrokerError, DEFAULT_SOCKET, ErrorCode, LeaseList, MAX_MESSAGE, Mac, NetworkDetail,
+    NetworkInfo, NetworkList, Reply, Request, SOCKET_ENV, Status,
 };
 use nix::sys::socket::{
     AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr, connect, recvmsg,
@@ -47,6 +47,22 @@ pub struct Client {
     /// One request and its reply at a time: replies carry no request id, so two threads
     /// sharing a client must not interleave their exchanges.
     exchange: Mutex<()>,
+}
+
+/// A well-formed reply of the wrong kind for the request.
+fn unexpected(reply: &Reply, request: &str) -> BrokerError {
+    let kind = match reply {
+        Reply::Network(_) => "network",
+        Reply::Status(_) => "status",
+        Reply::List(_) => "list",
+        Reply::Show(_) => "show",
+        Reply::Leases(_) => "leases",
+        Reply::Error(_) => "error",
+    };
+    BrokerError::new(
+        ErrorCode::InvalidReply,
+        format!("{kind} reply to {request}"),
+    )
 }
 
 fn unreachable_error(message: String) -> BrokerError {
@@ -132,10 +148,7 @@ impl Client {
                 Ok(Acquired { info, fd })
             }
             Reply::Error(e) => Err(e),
-            Reply::Status(_) => Err(BrokerError::new(
-                ErrorCode::InvalidReply,
-                "status reply to an acquire",
-            )),
+            other => Err(unexpected(&other, "an acquire")),
         }
     }
 
@@ -143,10 +156,40 @@ impl Client {
         match self.call(&Request::Status)?.0 {
             Reply::Status(s) => Ok(s),
             Reply::Error(e) => Err(e),
-            Reply::Network(_) => Err(BrokerError::new(
-                ErrorCode::InvalidReply,
-                "network reply to a status request",
-            )),
+            other => Err(unexpected(&other, "a status request")),
+        }
+    }
+
+    /// Every network the broker knows that this caller may use.
+    pub fn list(&self) -> Result<NetworkList, BrokerError> {
+        match self.call(&Request::List)?.0 {
+            Reply::List(l) => Ok(l),
+            Reply::Error(e) => Err(e),
+            other => Err(unexpected(&other, "a list request")),
+        }
+    }
+
+    /// One network in detail: its configuration, addresses, TAPs and their holders.
+    pub fn show(&self, name: &str) -> Result<NetworkDetail, BrokerError> {
+        let request = Request::Show {
+            network_name: name.to_string(),
+        };
+        match self.call(&request)?.0 {
+            Reply::Show(d) => Ok(d),
+            Reply::Error(e) => Err(e),
+            other => Err(unexpected(&other, "a show request")),
+        }
+    }
+
+    /// The DHCP leases of `name`, or of every network this caller may use.
+    pub fn leases(&self, name: Option<&str>) -> Result<LeaseList, BrokerError> {
+        let request = Request::Leases {
+            network_name: name.map(str::to_string),
+        };
+        match self.call(&request)?.0 {
+            Reply::Leases(l) => Ok(l),
+            Reply::Error(e) => Err(e),
+            other => Err(unexpected(&other, "a leases request")),
         }
     }
 

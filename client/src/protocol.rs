@@ -7,6 +7,7 @@
 pub use crate::mac::{Mac, MacParseError};
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value};
+use std::collections::BTreeMap;
 use std::fmt;
 
 /// Version of the protocol described in docs/protocol.md.
@@ -128,6 +129,12 @@ pub enum Request {
         persistent: bool,
     },
     Status,
+    /// Every network the broker knows that the caller may use (docs/protocol.md, `list`).
+    List,
+    /// One network the caller may use, in detail (`show`).
+    Show { network_name: String },
+    /// DHCP leases, of one network or of every network the caller may use (`leases`).
+    Leases { network_name: Option<String> },
 }
 
 /// Longest network name; it must fit a file name and an interface alias with room to spare.
@@ -188,14 +195,7 @@ impl Request {
         };
         match command {
             "acquire" => {
-                let name = match obj.get("network_name") {
-                    None => return Err(BrokerError::invalid("missing \"network_name\"")),
-                    Some(Value::String(s)) => s.clone(),
-                    Some(_) => {
-                        return Err(BrokerError::invalid("\"network_name\" is not a string"));
-                    }
-                };
-                validate_network_name(&name).map_err(|e| BrokerError::invalid(e.to_string()))?;
+                let name = required_name(&obj)?;
                 let mac = match obj.get("mac") {
                     None | Some(Value::Null) => None,
                     Some(Value::String(s)) => Some(parse_guest_mac(s)?),
@@ -215,6 +215,16 @@ impl Request {
                 })
             }
             "status" => Ok(Request::Status),
+            "list" => Ok(Request::List),
+            "show" => Ok(Request::Show {
+                network_name: required_name(&obj)?,
+            }),
+            "leases" => Ok(Request::Leases {
+                network_name: match obj.get("network_name") {
+                    None | Some(Value::Null) => None,
+                    Some(_) => Some(required_name(&obj)?),
+                },
+            }),
             other => Err(BrokerError::invalid(format!(
                 "unknown command {:?}",
                 truncate(other, 64)
@@ -239,9 +249,31 @@ impl Request {
                 v
             }
             Request::Status => serde_json::json!({"command": "status"}),
+            Request::List => serde_json::json!({"command": "list"}),
+            Request::Show { network_name } => {
+                serde_json::json!({"command": "show", "network_name": network_name})
+            }
+            Request::Leases { network_name } => {
+                let mut v = serde_json::json!({"command": "leases"});
+                if let Some(name) = network_name {
+                    v["network_name"] = Value::String(name.clone());
+                }
+                v
+            }
         };
         serde_json::to_vec(&v).expect("a JSON value always serializes")
     }
+}
+
+/// The request's `network_name`: present, a string, and a valid name.
+fn required_name(obj: &Map<String, Value>) -> Result<String, BrokerError> {
+    let name = match obj.get("network_name") {
+        None => return Err(BrokerError::invalid("missing \"network_name\"")),
+        Some(Value::String(s)) => s.clone(),
+        Some(_) => return Err(BrokerError::invalid("\"network_name\" is not a string")),
+    };
+    validate_network_name(&name).map_err(|e| BrokerError::invalid(e.to_string()))?;
+    Ok(name)
 }
 
 /// A MAC a guest may use: well-formed, unicast and not all zeros.
@@ -352,11 +384,182 @@ impl Status {
     }
 }
 
+/// A network's state in `list` and `show`.
+pub mod state {
+    /// Defined (built in or by a file) but not created: no client has acquired it.
+    pub const INACTIVE: &str = "inactive";
+    /// Created and held by at least one client (or being acquired).
+    pub const ACTIVE: &str = "active";
+    /// Created, held by nobody, and removed after `removal_in_seconds`.
+    pub const IDLE: &str = "idle";
+    /// Being removed now.
+    pub const REMOVING: &str = "removing";
+}
+
+/// One network in a `list` reply.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NetworkSummary {
+    pub name: String,
+    pub mode: String,
+    /// The network's subnets in CIDR notation: the one it has while it exists, the one its
+    /// file fixes while it does not; empty when it is picked at creation.
+    pub subnets: Vec<String>,
+    /// One of [`state`]: `inactive`, `active`, `idle` or `removing`.
+    pub state: String,
+    /// Seconds until an idle network is removed; absent unless `state` is `idle`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub removal_in_seconds: Option<f64>,
+    /// Clients holding the network.
+    pub clients: usize,
+    /// TAPs (endpoints) open on the network.
+    pub taps: usize,
+}
+
+/// The reply to `list`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NetworkList {
+    pub networks: Vec<NetworkSummary>,
+    /// Set when the list was cut so that the reply fits in [`MAX_MESSAGE`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
+}
+
+/// One TAP of a network in a `show` reply, with the client that acquired it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TapInfo {
+    pub interface: String,
+    /// The guest MAC it was handed out with.
+    pub mac: Option<String>,
+    /// The uid it was handed to.
+    pub uid: Option<u32>,
+    /// The connection that acquired it, while that connection is open (`null` once it
+    /// closed and only the VM holds the TAP).
+    pub client: Option<u64>,
+    pub pid: Option<i32>,
+}
+
+/// The reply to `show`: one network in detail.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NetworkDetail {
+    pub name: String,
+    pub mode: String,
+    pub state: String,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub removal_in_seconds: Option<f64>,
+    /// The effective configuration: the definition the network was created from while it
+    /// exists, else its current definition (docs/protocol.md lists the keys).
+    pub config: Map<String, Value>,
+    /// Addresses, while the network exists (`null` otherwise).
+    pub subnet: Option<String>,
+    pub gateway: Option<String>,
+    pub mask: Option<String>,
+    pub mtu: u32,
+    /// The host-side device (a bridge on Linux), while the network exists.
+    pub bridge: Option<String>,
+    /// Every platform detail of the network (`bridge` on Linux), while it exists.
+    pub platform: BTreeMap<String, String>,
+    pub clients: usize,
+    /// Port forwards of the network (none yet; the field is there for them).
+    pub forwards: Vec<Value>,
+    pub taps: Vec<TapInfo>,
+}
+
+/// One DHCP lease in a `leases` reply, with the TAP and client behind its MAC.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseInfo {
+    pub network: String,
+    pub mac: String,
+    pub ipv4: String,
+    /// `null` until the broker tracks IPv6 addresses.
+    pub ipv6: Option<String>,
+    pub hostname: Option<String>,
+    /// When the lease expires, in seconds since the Unix epoch.
+    pub expires_at: u64,
+    /// Seconds from the reply until then.
+    pub expires_in_seconds: u64,
+    /// The open TAP that was handed out with this MAC, if any.
+    pub interface: Option<String>,
+    pub uid: Option<u32>,
+    pub client: Option<u64>,
+    pub pid: Option<i32>,
+}
+
+/// The reply to `leases`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LeaseList {
+    pub leases: Vec<LeaseInfo>,
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
+}
+
+/// Halves `items` until `len(items)` fits in `max` bytes; true if anything was cut.
+fn cut_to_fit<T>(items: &mut Vec<T>, max: usize, len: impl Fn(&Vec<T>) -> usize) -> bool {
+    let mut cut = false;
+    while !items.is_empty() && len(items) > max {
+        items.truncate(items.len() / 2);
+        cut = true;
+    }
+    cut
+}
+
+impl NetworkList {
+    /// Cuts the list so the `list` reply fits in `max` bytes.
+    pub fn fit(mut self, max: usize) -> NetworkList {
+        let cut = cut_to_fit(&mut self.networks, max, |n| {
+            Reply::List(NetworkList {
+                networks: n.clone(),
+                truncated: true,
+            })
+            .to_bytes()
+            .len()
+        });
+        self.truncated |= cut;
+        self
+    }
+}
+
+impl LeaseList {
+    /// Cuts the list so the `leases` reply fits in `max` bytes.
+    pub fn fit(mut self, max: usize) -> LeaseList {
+        let cut = cut_to_fit(&mut self.leases, max, |l| {
+            Reply::Leases(LeaseList {
+                leases: l.clone(),
+                truncated: true,
+            })
+            .to_bytes()
+            .len()
+        });
+        self.truncated |= cut;
+        self
+    }
+}
+
+impl NetworkDetail {
+    /// Cuts the TAP list so the `show` reply fits in `max` bytes.
+    pub fn fit(mut self, max: usize) -> NetworkDetail {
+        let mut taps = std::mem::take(&mut self.taps);
+        let base = self.clone();
+        cut_to_fit(&mut taps, max, |t| {
+            Reply::Show(NetworkDetail {
+                taps: t.clone(),
+                ..base.clone()
+            })
+            .to_bytes()
+            .len()
+        });
+        self.taps = taps;
+        self
+    }
+}
+
 /// A broker reply.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Reply {
     Network(NetworkInfo),
     Status(Status),
+    List(NetworkList),
+    Show(NetworkDetail),
+    Leases(LeaseList),
     Error(BrokerError),
 }
 
@@ -365,6 +568,9 @@ impl Reply {
         let v = match self {
             Reply::Network(n) => serde_json::json!({ "network": n }),
             Reply::Status(s) => serde_json::json!({ "status": s }),
+            Reply::List(l) => serde_json::json!({ "list": l }),
+            Reply::Show(d) => serde_json::json!({ "show": d }),
+            Reply::Leases(l) => serde_json::json!({ "leases": l }),
             Reply::Error(e) => serde_json::json!({"error": e.code.code(), "message": e.message}),
         };
         serde_json::to_vec(&v).expect("a JSON value always serializes")
@@ -397,8 +603,23 @@ impl Reply {
                 .map(Reply::Status)
                 .map_err(|e| bad(format!("malformed \"status\": {e}")));
         }
+        if let Some(l) = obj.remove("list") {
+            return serde_json::from_value(l)
+                .map(Reply::List)
+                .map_err(|e| bad(format!("malformed \"list\": {e}")));
+        }
+        if let Some(d) = obj.remove("show") {
+            return serde_json::from_value(d)
+                .map(Reply::Show)
+                .map_err(|e| bad(format!("malformed \"show\": {e}")));
+        }
+        if let Some(l) = obj.remove("leases") {
+            return serde_json::from_value(l)
+                .map(Reply::Leases)
+                .map_err(|e| bad(format!("malformed \"leases\": {e}")));
+        }
         Err(bad(
-            "reply has neither \"network\", \"status\" nor \"error\"".into(),
+            "reply has none of \"network\", \"status\", \"list\", \"show\", \"leases\" or \"error\"".into(),
         ))
     }
 }

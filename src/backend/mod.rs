@@ -43,6 +43,11 @@ impl PlatformDetails {
         self
     }
 
+    /// Every detail, as (key, value), in the order the backend gave them.
+    pub fn iter(&self) -> impl Iterator<Item = (&'static str, &str)> {
+        self.0.iter().map(|(k, v)| (*k, v.as_str()))
+    }
+
     pub fn get(&self, key: &str) -> Option<&str> {
         self.0
             .iter()
@@ -81,6 +86,18 @@ pub struct Attachment<E> {
     /// What the client receives. The broker drops its copy as soon as it is sent, so the
     /// endpoint lives exactly as long as the client keeps it.
     pub endpoint: E,
+}
+
+/// A DHCP lease (or, later, another kind of address binding) the backend's network
+/// services handed out, as `leases` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LeaseView {
+    pub mac: [u8; 6],
+    pub ipv4: Ipv4Addr,
+    /// The guest's IPv6 address, when the backend knows it.
+    pub ipv6: Option<std::net::Ipv6Addr>,
+    pub hostname: Option<String>,
+    pub expires: std::time::SystemTime,
 }
 
 /// What the core asks for when it attaches a client.
@@ -199,6 +216,15 @@ pub trait Backend: Send + Sync + 'static {
         &self,
         network: &Self::Network,
     ) -> impl Future<Output = Result<BTreeSet<EndpointId>, BackendError>> + Send;
+
+    /// The address leases of the network's services (DHCP), current ones only. A backend
+    /// whose platform runs no DHCP server of the broker's has none.
+    fn leases(
+        &self,
+        _network: &Self::Network,
+    ) -> impl Future<Output = Result<Vec<LeaseView>, BackendError>> + Send {
+        async { Ok(Vec::new()) }
+    }
 
     /// Removes everything `create` and `attach` made. Goes on after a failure and
     /// reports every one ([`BackendError::Incomplete`]). The network is not used again.

@@ -14,7 +14,7 @@ pub mod subnet;
 pub mod tap;
 
 use crate::backend::{
-    AttachRequest, Attachment, BRIDGE, Backend, BackendError, EndpointId, INTERFACE,
+    AttachRequest, Attachment, BRIDGE, Backend, BackendError, EndpointId, INTERFACE, LeaseView,
     NetworkDetails, PlatformDetails,
 };
 use crate::config::{Mode, NetworkConfig};
@@ -589,6 +589,26 @@ impl Backend for LinuxBackend {
             .await
             .map_err(|e| BackendError::component("link record", e))?;
         Ok(taps.into_iter().map(|l| EndpointId(l.name)).collect())
+    }
+
+    async fn leases(&self, network: &LinuxNetwork) -> Result<Vec<LeaseView>, BackendError> {
+        // A copy of the DHCP server's published leases; no kernel call under the lock.
+        let leases = match &*network.services.lock().expect("not poisoned") {
+            Some(services) => services.leases(),
+            None => return Ok(Vec::new()),
+        };
+        let now = std::time::SystemTime::now();
+        Ok(leases
+            .iter()
+            .filter(|l| l.expires > now)
+            .map(|l| LeaseView {
+                mac: l.mac,
+                ipv4: l.ip,
+                ipv6: None,
+                hostname: l.hostname.clone(),
+                expires: l.expires,
+            })
+            .collect())
     }
 
     async fn destroy(&self, network: &LinuxNetwork) -> Result<(), BackendError> {

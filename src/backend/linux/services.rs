@@ -103,6 +103,15 @@ impl Services {
         Ok(services)
     }
 
+    /// The DHCP server's active leases as last published (none without DHCP). Reads a
+    /// watch channel: no I/O, so callers may hold a lock around it.
+    pub fn leases(&self) -> Arc<Vec<Lease>> {
+        match &self.dhcp {
+            Some(dhcp) => dhcp.leases().borrow().clone(),
+            None => Arc::new(Vec::new()),
+        }
+    }
+
     pub async fn stop(self) {
         if let Some(dns) = self.dns {
             dns.stop().await;
