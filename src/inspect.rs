@@ -74,8 +74,9 @@ pub fn config_json(c: &NetworkConfig) -> Map<String, Value> {
     let v = json!({
         "description": c.description,
         "mode": c.mode.as_str(),
-        "subnet": c.fixed_subnet().map(|s| s.to_string()),
-        "gateway": c.gateway.map(|g| g.to_string()),
+        // As in the file: the gateway address of a fixed subnet, `null` for one picked
+        // at creation.
+        "subnet": c.gateway.map(|g| g.to_string()),
         "mask": prefix_to_mask(c.prefix_len).to_string(),
         "mtu": c.mtu,
         "dhcp": c.dhcp,

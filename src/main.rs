@@ -93,6 +93,39 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    #[cfg(target_os = "linux")]
+    /// List every network the broker knows (defined or active) that you may use.
+    List {
+        #[command(flatten)]
+        socket: SocketArg,
+        /// Print JSON (docs/protocol.md, `list`).
+        #[arg(long)]
+        json: bool,
+    },
+    #[cfg(target_os = "linux")]
+    /// Show one network: configuration, addresses, bridge, forwards and TAPs.
+    Show {
+        #[command(flatten)]
+        socket: SocketArg,
+        /// Print JSON (docs/protocol.md, `show`).
+        #[arg(long)]
+        json: bool,
+        /// The network.
+        #[arg(value_name = "NAME")]
+        name: String,
+    },
+    #[cfg(target_os = "linux")]
+    /// Show the DHCP leases of one network, or of every network you may use.
+    Leases {
+        #[command(flatten)]
+        socket: SocketArg,
+        /// Print JSON (docs/protocol.md, `leases`).
+        #[arg(long)]
+        json: bool,
+        /// The network (all by default).
+        #[arg(value_name = "NAME")]
+        name: Option<String>,
+    },
     /// Validate every network file in the config directory.
     CheckConfig {
         /// The drop-in directory.
@@ -117,6 +150,14 @@ fn main() -> ExitCode {
             command,
         } => cmd::run::main(&socket.socket, &networks, &command),
         Command::Status { socket, json } => cmd::status::main(&socket.socket, json),
+        #[cfg(target_os = "linux")]
+        Command::List { socket, json } => cmd::list::main(&socket.socket, json),
+        #[cfg(target_os = "linux")]
+        Command::Show { socket, json, name } => cmd::show::main(&socket.socket, &name, json),
+        #[cfg(target_os = "linux")]
+        Command::Leases { socket, json, name } => {
+            cmd::leases::main(&socket.socket, name.as_deref(), json)
+        }
         Command::CheckConfig { config_dir } => cmd::check_config::main(&config_dir),
     };
     match result {

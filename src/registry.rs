@@ -1216,7 +1216,12 @@ impl<B: Backend> Registry<B> {
         let dir = self.config.clone();
         let wanted = only.map(str::to_string);
         let defined = tokio::task::spawn_blocking(move || match wanted {
-            Some(name) => dir.load(&name).ok().flatten().into_iter().collect::<Vec<_>>(),
+            Some(name) => dir
+                .load(&name)
+                .ok()
+                .flatten()
+                .into_iter()
+                .collect::<Vec<_>>(),
             None => dir.load_all().into_iter().filter_map(Result::ok).collect(),
         })
         .await
@@ -1280,7 +1285,10 @@ impl<B: Backend> Registry<B> {
             });
         }
         // Only what `peer` may use; the user database may block, so on its own thread.
-        if known.values().any(|k| policy::needs_lookup(&k.config, peer)) {
+        if known
+            .values()
+            .any(|k| policy::needs_lookup(&k.config, peer))
+        {
             let configs: Vec<NetworkConfig> = known.values().map(|k| k.config.clone()).collect();
             let (peer, directory) = (peer.clone(), Arc::clone(&self.directory));
             let allowed = tokio::task::spawn_blocking(move || {
@@ -1399,6 +1407,8 @@ mod tests {
         /// they are listed in `entered` once waiting.
         gates: StdMutex<BTreeMap<String, oneshot::Receiver<()>>>,
         entered: StdMutex<Vec<String>>,
+        /// What `leases` answers, for every network.
+        leases: StdMutex<Vec<LeaseView>>,
     }
 
     impl Fake {
@@ -1500,6 +1510,9 @@ mod tests {
         }
         async fn remove_stale(&self) -> Result<(), BackendError> {
             Ok(())
+        }
+        async fn leases(&self, _: &Self::Network) -> Result<Vec<LeaseView>, BackendError> {
+            Ok(self.leases.lock().unwrap().clone())
         }
     }
 
@@ -2222,6 +2235,225 @@ mod tests {
             "cannot create network \"shared\": no bridges today"
         );
         assert_eq!(wire_error(&e).message, crate::error::chain(&e));
+    }
+
+    fn by_name<'a>(views: &'a [NetworkView], name: &str) -> &'a NetworkView {
+        views
+            .iter()
+            .find(|v| v.name == name)
+            .unwrap_or_else(|| panic!("{name} not listed"))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn networks_lists_defined_active_and_idle_ones() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(
+            dir.path().join("lab.json"),
+            r#"{"mode": "host", "subnet": "10.9.8.1", "mask": "255.255.255.0"}"#,
+        )
+        .unwrap();
+        std::fs::write(dir.path().join("broken.json"), "{nope").unwrap();
+        let r = registry_in(dir.path(), Fake::default());
+        let a = connect(&r, peer(1000)).await.unwrap();
+        let b = connect(&r, peer(1001)).await.unwrap();
+        let views = r.networks(&peer(1000), None).await.unwrap();
+        let names: Vec<_> = views.iter().map(|v| v.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["host", "lab", "shared"],
+            "invalid files are left out"
+        );
+        for v in &views {
+            assert_eq!(v.state, NetworkState::Inactive, "{}", v.name);
+            assert!(v.details.is_none() && v.taps.is_empty() && v.clients == 0);
+        }
+        assert_eq!(
+            by_name(&views, "lab")
+                .config
+                .fixed_subnet()
+                .unwrap()
+                .to_string(),
+            "10.9.8.0/24"
+        );
+
+        let (_, _f1) = acquire(&r, a, "shared", None, false).await.unwrap();
+        let (_, _f2) = acquire(&r, b, "shared", None, false).await.unwrap();
+        let (_, _f3) = acquire(&r, b, "host", None, false).await.unwrap();
+        let views = r.networks(&peer(0), None).await.unwrap();
+        let shared = by_name(&views, "shared");
+        assert_eq!(shared.state, NetworkState::Active);
+        assert_eq!((shared.clients, shared.taps.len()), (2, 2));
+        assert_eq!(
+            shared.details.as_ref().unwrap().subnet.to_string(),
+            "10.0.1.0/24"
+        );
+        assert_eq!(by_name(&views, "lab").state, NetworkState::Inactive);
+
+        r.disconnect(b).await;
+        tokio::time::advance(Duration::from_secs(20)).await;
+        let views = r.networks(&peer(0), None).await.unwrap();
+        let host = by_name(&views, "host");
+        let NetworkState::Idle { removal_in } = host.state else {
+            panic!("host is {:?}", host.state)
+        };
+        assert_eq!(removal_in, IDLE - Duration::from_secs(20));
+        assert_eq!(host.clients, 0);
+        assert_eq!(by_name(&views, "shared").clients, 1);
+
+        tokio::time::advance(IDLE).await;
+        until("host removed", || {
+            r.backend().log().contains(&"destroy host".to_string())
+        })
+        .await;
+        let views = r.networks(&peer(0), None).await.unwrap();
+        assert_eq!(by_name(&views, "host").state, NetworkState::Inactive);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_restricted_network_is_invisible_to_others() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("mine.json"), r#"{"allowed_users": [1000]}"#).unwrap();
+        let r = registry_in(dir.path(), Fake::default());
+        let a = connect(&r, peer(1000)).await.unwrap();
+        let (_, _f) = acquire(&r, a, "mine", None, false).await.unwrap();
+        let names = |views: Vec<NetworkView>| -> Vec<String> {
+            views.into_iter().map(|v| v.name).collect()
+        };
+        assert!(names(r.networks(&peer(1000), None).await.unwrap()).contains(&"mine".into()));
+        assert!(names(r.networks(&peer(0), None).await.unwrap()).contains(&"mine".into()));
+        let other = names(r.networks(&peer(1001), None).await.unwrap());
+        assert_eq!(other, ["host", "shared"]);
+        for only in ["mine", "nonexistent", "../x"] {
+            let e = r.networks(&peer(1001), Some(only)).await.unwrap_err();
+            assert_eq!(wire_error(&e).code, ErrorCode::NotFound, "{only}");
+        }
+        let e = r.leases(&peer(1001), Some("mine")).await.unwrap_err();
+        assert_eq!(wire_error(&e).code, ErrorCode::NotFound);
+        assert_eq!(
+            r.networks(&peer(1000), Some("mine")).await.unwrap().len(),
+            1
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn taps_show_their_mac_and_holder_until_it_leaves() {
+        let r = registry();
+        let a = connect(&r, peer(1000)).await.unwrap();
+        let b = connect(&r, peer(1001)).await.unwrap();
+        let mac = [0x52, 0x54, 0, 1, 2, 3];
+        let (ia, _fa) = acquire(&r, a, "shared", Some(mac), false).await.unwrap();
+        let (ib, _fb) = acquire(&r, b, "shared", None, false).await.unwrap();
+        let view = r
+            .networks(&peer(1000), Some("shared"))
+            .await
+            .unwrap()
+            .remove(0);
+        let tap = |interface: &str| {
+            view.taps
+                .iter()
+                .find(|t| t.endpoint.0 == interface)
+                .cloned()
+                .unwrap_or_else(|| panic!("{interface} not listed"))
+        };
+        assert_eq!(
+            tap(&ia.interface),
+            TapView {
+                endpoint: EndpointId(ia.interface.clone()),
+                mac: Some(mac),
+                uid: Some(1000),
+                holder: Some(Holder {
+                    client: a,
+                    pid: 1100,
+                    uid: 1000
+                }),
+            }
+        );
+        let tb = tap(&ib.interface);
+        assert_eq!(
+            tb.mac.map(|m| Mac::from(m).to_string()),
+            Some(ib.mac.clone())
+        );
+        assert_eq!(tb.holder.map(|h| (h.client, h.pid)), Some((b, 1101)));
+
+        // The connection goes, its VM keeps the TAP: still listed, with no holder.
+        r.disconnect(b).await;
+        let view = r
+            .networks(&peer(0), Some("shared"))
+            .await
+            .unwrap()
+            .remove(0);
+        let tb = view
+            .taps
+            .iter()
+            .find(|t| t.endpoint.0 == ib.interface)
+            .unwrap();
+        assert_eq!((tb.uid, tb.holder.clone()), (Some(1001), None));
+        // The VM closes it: gone.
+        r.backend().close(&ib.interface);
+        let view = r
+            .networks(&peer(0), Some("shared"))
+            .await
+            .unwrap()
+            .remove(0);
+        assert_eq!(view.taps.len(), 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn leases_are_joined_with_the_tap_of_their_mac() {
+        let r = registry();
+        let a = connect(&r, peer(1000)).await.unwrap();
+        let mac = [0x52, 0x54, 0, 9, 9, 9];
+        let (info, _f) = acquire(&r, a, "shared", Some(mac), false).await.unwrap();
+        let expires = std::time::SystemTime::UNIX_EPOCH + Duration::from_secs(2_000_000_000);
+        let lease = |mac, last| LeaseView {
+            mac,
+            ipv4: Ipv4Addr::new(10, 0, 1, last),
+            ipv6: None,
+            hostname: Some(format!("vm{last}")),
+            expires,
+        };
+        *r.backend().leases.lock().unwrap() =
+            vec![lease(mac, 10), lease([0x52, 0, 0, 0, 0, 7], 11)];
+        // Inactive networks have no services to ask.
+        let all = r.leases(&peer(1000), None).await.unwrap();
+        assert_eq!(all.len(), 2);
+        assert!(all.iter().all(|e| e.network == "shared"));
+        let ours = all.iter().find(|e| e.lease.mac == mac).unwrap();
+        let tap = ours.tap.as_ref().expect("joined with its TAP");
+        assert_eq!(tap.endpoint.0, info.interface);
+        assert_eq!(
+            tap.holder.as_ref().map(|h| (h.client, h.uid)),
+            Some((a, 1000))
+        );
+        let stranger = all.iter().find(|e| e.lease.mac != mac).unwrap();
+        assert!(stranger.tap.is_none(), "a MAC no TAP was handed out with");
+
+        let reply = crate::inspect::leases_reply(all, expires - Duration::from_secs(30));
+        let ours = reply.leases.iter().find(|l| l.ipv4 == "10.0.1.10").unwrap();
+        assert_eq!(ours.mac, "52:54:00:09:09:09");
+        assert_eq!(
+            (ours.expires_at, ours.expires_in_seconds),
+            (2_000_000_000, 30)
+        );
+        assert_eq!(ours.interface.as_deref(), Some(info.interface.as_str()));
+        assert_eq!(
+            (ours.uid, ours.pid, ours.client),
+            (Some(1000), Some(1100), Some(a))
+        );
+        assert_eq!(ours.hostname.as_deref(), Some("vm10"));
+        assert_eq!(ours.ipv6, None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn status_leaves_out_the_asking_connection() {
+        let r = registry();
+        let a = connect(&r, peer(1000)).await.unwrap();
+        let (_, _f) = acquire(&r, a, "shared", None, false).await.unwrap();
+        let asker = connect(&r, peer(1001)).await.unwrap();
+        let s = status_reply(r.status_excluding(asker).await);
+        let ids: Vec<_> = s.clients.iter().map(|c| c.id).collect();
+        assert_eq!(ids, [a]);
+        assert_eq!(r.status().await.clients.len(), 2);
     }
 
     #[test]

@@ -55,31 +55,30 @@ async fn inspect_reply<B: Backend>(
     peer: &Peer,
     request: Request,
 ) -> Reply {
-    let result = match request {
-        Request::List => registry
-            .networks(peer, None)
-            .await
-            .map(|v| Reply::List(inspect::list_reply(v).fit(MAX_MESSAGE))),
-        Request::Show { network_name } => {
-            registry
+    let result =
+        match request {
+            Request::List => registry
+                .networks(peer, None)
+                .await
+                .map(|v| Reply::List(inspect::list_reply(v).fit(MAX_MESSAGE))),
+            Request::Show { network_name } => registry
                 .networks(peer, Some(&network_name))
                 .await
                 .map(|v| match v.into_iter().next() {
                     Some(view) => Reply::Show(inspect::show_reply(view).fit(MAX_MESSAGE)),
                     None => Reply::Error(wire_error(&RegistryError::NotFound(network_name))),
-                })
-        }
-        Request::Leases { network_name } => registry
-            .leases(peer, network_name.as_deref())
-            .await
-            .map(|l| {
-                let list = inspect::leases_reply(l, std::time::SystemTime::now());
-                Reply::Leases(list.fit(MAX_MESSAGE))
-            }),
-        Request::Acquire { .. } | Request::Status => {
-            unreachable!("only list, show and leases come here")
-        }
-    };
+                }),
+            Request::Leases { network_name } => registry
+                .leases(peer, network_name.as_deref())
+                .await
+                .map(|l| {
+                    let list = inspect::leases_reply(l, std::time::SystemTime::now());
+                    Reply::Leases(list.fit(MAX_MESSAGE))
+                }),
+            Request::Acquire { .. } | Request::Status => {
+                unreachable!("only list, show and leases come here")
+            }
+        };
     result.unwrap_or_else(|e| Reply::Error(wire_error(&e)))
 }
 
@@ -555,9 +554,9 @@ async fn respond<B: Backend<Endpoint: AsFd>>(
             );
             Reply::Error(e)
         }
-        Ok(Request::Status) => Reply::Status(
-            status_reply(registry.status_excluding(client).await).fit(MAX_MESSAGE),
-        ),
+        Ok(Request::Status) => {
+            Reply::Status(status_reply(registry.status_excluding(client).await).fit(MAX_MESSAGE))
+        }
         Ok(request @ (Request::List | Request::Show { .. } | Request::Leases { .. })) => {
             inspect_reply(registry, peer, request).await
         }

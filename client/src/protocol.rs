@@ -132,9 +132,13 @@ pub enum Request {
     /// Every network the broker knows that the caller may use (docs/protocol.md, `list`).
     List,
     /// One network the caller may use, in detail (`show`).
-    Show { network_name: String },
+    Show {
+        network_name: String,
+    },
     /// DHCP leases, of one network or of every network the caller may use (`leases`).
-    Leases { network_name: Option<String> },
+    Leases {
+        network_name: Option<String>,
+    },
 }
 
 /// Longest network name; it must fit a file name and an interface alias with room to spare.

@@ -7,12 +7,20 @@
 #[cfg_attr(target_os = "macos", path = "macos/acquire.rs")]
 pub mod acquire;
 pub mod check_config;
+#[cfg(target_os = "linux")]
+pub mod leases;
+#[cfg(target_os = "linux")]
+pub mod list;
 #[cfg_attr(target_os = "macos", path = "macos/run.rs")]
 pub mod run;
 #[cfg_attr(target_os = "macos", path = "macos/serve.rs")]
 pub mod serve;
+#[cfg(target_os = "linux")]
+pub mod show;
 #[cfg_attr(target_os = "macos", path = "macos/status.rs")]
 pub mod status;
+#[cfg(target_os = "linux")]
+mod table;
 
 /// What a subcommand ends with; the message is printed to stderr.
 pub type Result = std::result::Result<std::process::ExitCode, Box<dyn std::error::Error>>;
