@@ -128,6 +128,7 @@ pub fn show_reply(v: NetworkView) -> NetworkDetail {
         clients: v.clients,
         forwards: vec![],
         taps: v.taps.iter().map(tap_info).collect(),
+        truncated: false,
         name: v.name,
     }
 }

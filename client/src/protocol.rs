@@ -466,6 +466,9 @@ pub struct NetworkDetail {
     /// Port forwards of the network (none yet; the field is there for them).
     pub forwards: Vec<Value>,
     pub taps: Vec<TapInfo>,
+    /// Set when the TAP list was cut so that the reply fits in [`MAX_MESSAGE`].
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub truncated: bool,
 }
 
 /// One DHCP lease in a `leases` reply, with the TAP and client behind its MAC.
@@ -543,15 +546,17 @@ impl NetworkDetail {
     pub fn fit(mut self, max: usize) -> NetworkDetail {
         let mut taps = std::mem::take(&mut self.taps);
         let base = self.clone();
-        cut_to_fit(&mut taps, max, |t| {
+        let cut = cut_to_fit(&mut taps, max, |t| {
             Reply::Show(NetworkDetail {
                 taps: t.clone(),
+                truncated: true,
                 ..base.clone()
             })
             .to_bytes()
             .len()
         });
         self.taps = taps;
+        self.truncated |= cut;
         self
     }
 }
@@ -668,6 +673,119 @@ mod tests {
     }
 
     #[test]
+    fn parses_and_writes_the_inspection_requests() {
+        for (bytes, want) in [
+            (&br#"{"command":"list"}"#[..], Request::List),
+            (
+                br#"{"command":"show","network_name":"lab"}"#,
+                Request::Show {
+                    network_name: "lab".into(),
+                },
+            ),
+            (
+                br#"{"command":"leases"}"#,
+                Request::Leases { network_name: None },
+            ),
+            (
+                br#"{"command":"leases","network_name":"shared"}"#,
+                Request::Leases {
+                    network_name: Some("shared".into()),
+                },
+            ),
+        ] {
+            assert_eq!(Request::parse(bytes).unwrap(), want);
+            assert_eq!(want.to_bytes(), bytes, "canonical bytes");
+        }
+        assert_eq!(
+            Request::parse(br#"{"command":"leases","network_name":null}"#).unwrap(),
+            Request::Leases { network_name: None }
+        );
+    }
+
+    fn lease(i: usize) -> LeaseInfo {
+        LeaseInfo {
+            network: "shared".into(),
+            mac: "52:54:00:00:00:01".into(),
+            ipv4: format!("10.0.{}.{}", i / 250, i % 250),
+            ipv6: None,
+            hostname: Some(format!("vm{i}")),
+            expires_at: 2_000_000_000,
+            expires_in_seconds: 3600,
+            interface: Some(format!("vmnt9-{i:x}")),
+            uid: Some(1000),
+            client: Some(i as u64),
+            pid: Some(4000),
+        }
+    }
+
+    #[test]
+    fn inspection_replies_round_trip_and_fit_a_message() {
+        let list = Reply::List(NetworkList {
+            networks: vec![NetworkSummary {
+                name: "shared".into(),
+                mode: "shared".into(),
+                subnets: vec!["192.168.64.0/24".into()],
+                state: state::IDLE.into(),
+                removal_in_seconds: Some(97.5),
+                clients: 0,
+                taps: 1,
+            }],
+            truncated: false,
+        });
+        assert_eq!(Reply::parse(&list.to_bytes()).unwrap(), list);
+        let show = Reply::Show(NetworkDetail {
+            name: "lab".into(),
+            mode: "host".into(),
+            state: state::ACTIVE.into(),
+            removal_in_seconds: None,
+            config: serde_json::json!({"mtu": 1500})
+                .as_object()
+                .unwrap()
+                .clone(),
+            subnet: Some("10.0.0.0/24".into()),
+            gateway: Some("10.0.0.1".into()),
+            mask: Some("255.255.255.0".into()),
+            mtu: 1500,
+            bridge: Some("vmnb-lab".into()),
+            platform: [("bridge".to_string(), "vmnb-lab".to_string())].into(),
+            clients: 1,
+            forwards: vec![],
+            taps: (0..3000)
+                .map(|i| TapInfo {
+                    interface: format!("vmnt9-{i:x}"),
+                    mac: Some("52:54:00:00:00:01".into()),
+                    uid: Some(1000),
+                    client: None,
+                    pid: None,
+                })
+                .collect(),
+            truncated: false,
+        });
+        assert_eq!(Reply::parse(&show.to_bytes()).unwrap(), show);
+        let Reply::Show(detail) = show else { panic!() };
+        let cut = detail.clone().fit(MAX_MESSAGE);
+        assert!(Reply::Show(cut.clone()).to_bytes().len() <= MAX_MESSAGE);
+        assert!(!cut.taps.is_empty() && cut.taps.len() < detail.taps.len());
+        assert!(cut.truncated);
+        let leases = LeaseList {
+            leases: (0..2000).map(lease).collect(),
+            truncated: false,
+        };
+        let small = leases.clone().fit(MAX_MESSAGE);
+        assert!(small.truncated && !small.leases.is_empty());
+        assert!(Reply::Leases(small.clone()).to_bytes().len() <= MAX_MESSAGE);
+        assert_eq!(
+            Reply::parse(&Reply::Leases(small.clone()).to_bytes()).unwrap(),
+            Reply::Leases(small)
+        );
+        let few = LeaseList {
+            leases: vec![lease(1)],
+            truncated: false,
+        };
+        assert_eq!(few.clone().fit(MAX_MESSAGE), few);
+    }
+
+    #[test]
     fn every_bad_request_is_invalid_request() {
         for bad in [
             &b"not json"[..],
@@ -687,6 +805,10 @@ mod tests {
             br#"{"command":"acquire","network_name":"a","mac":"52:54"}"#,
             br#"{"command":"acquire","network_name":"a","mac":5}"#,
             br#"{"command":"acquire","network_name":"a","persistent":"yes"}"#,
+            br#"{"command":"show"}"#,
+            br#"{"command":"show","network_name":"../x"}"#,
+            br#"{"command":"leases","network_name":7}"#,
+            br#"{"command":"leases","network_name":""}"#,
         ] {
             assert_eq!(
                 code(bad),

@@ -66,5 +66,8 @@ pub fn main(socket: &Path, name: &str, json: bool) -> super::Result {
         })
         .collect();
     table::print(&["TAP", "MAC", "UID", "PID", "CLIENT"], &rows);
+    if d.truncated {
+        println!("(TAP list cut to fit one message: there are more TAPs than shown)");
+    }
     Ok(ExitCode::SUCCESS)
 }
