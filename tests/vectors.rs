@@ -3,8 +3,8 @@
 
 use serde_json::Value;
 use vmnet_broker_client::protocol::{
-    ErrorCode, MAX_MESSAGE, NetworkInfo, PROTOCOL_VERSION, Reply, Request, Status, parse_guest_mac,
-    strerror,
+    ErrorCode, LeaseList, MAX_MESSAGE, NetworkDetail, NetworkInfo, NetworkList, PROTOCOL_VERSION,
+    Reply, Request, Status, parse_guest_mac, strerror,
 };
 
 fn vectors() -> Value {
@@ -40,6 +40,19 @@ fn list<'a>(v: &'a Value, key: &str) -> &'a Vec<Value> {
     l
 }
 
+/// A `list`, `show` or `leases` request as a vector spells it.
+fn inspection(command: &str, r: &Value) -> Request {
+    let name = r["network_name"].as_str().map(str::to_string);
+    match command {
+        "list" => Request::List,
+        "show" => Request::Show {
+            network_name: name.expect("show names a network"),
+        },
+        "leases" => Request::Leases { network_name: name },
+        other => panic!("unknown command {other}"),
+    }
+}
+
 #[test]
 fn header_matches() {
     let v = vectors();
@@ -60,7 +73,7 @@ fn encodes_requests_to_the_exact_bytes() {
                 persistent: r["persistent"].as_bool().unwrap_or(false),
             },
             "status" => Request::Status,
-            other => panic!("unknown command {other}"),
+            other => inspection(other, r),
         };
         assert_eq!(
             String::from_utf8(req.to_bytes()).unwrap(),
@@ -83,7 +96,8 @@ fn accepts_the_accepted_requests() {
                 mac: p["mac"].as_str().map(|m| parse_guest_mac(m).unwrap()),
                 persistent: p["persistent"].as_bool().unwrap_or(false),
             },
-            _ => Request::Status,
+            "status" => Request::Status,
+            other => inspection(other, p),
         };
         assert_eq!(got, want, "{}", t["description"]);
         if let (Request::Acquire { mac: Some(mac), .. }, Some(s)) = (&got, p["mac"].as_str()) {
@@ -123,6 +137,15 @@ fn parses_replies_as_the_vectors_say() {
         } else if let Some(s) = expect.get("status") {
             let want: Status = serde_json::from_value(s.clone()).unwrap();
             assert_eq!(got, Reply::Status(want), "{what}");
+        } else if let Some(l) = expect.get("list") {
+            let want: NetworkList = serde_json::from_value(l.clone()).unwrap();
+            assert_eq!(got, Reply::List(want), "{what}");
+        } else if let Some(d) = expect.get("show") {
+            let want: NetworkDetail = serde_json::from_value(d.clone()).unwrap();
+            assert_eq!(got, Reply::Show(want), "{what}");
+        } else if let Some(l) = expect.get("leases") {
+            let want: LeaseList = serde_json::from_value(l.clone()).unwrap();
+            assert_eq!(got, Reply::Leases(want), "{what}");
         } else {
             let Reply::Error(e) = got else {
                 panic!("{what}: expected an error, got {got:?}")
