@@ -175,6 +175,25 @@ def test_acquire_shared_and_host(broker):
             assert shared.interface in ns["taps"]
 
 
+def test_list_show_and_leases(broker):
+    with vb.Client(broker.socket) as c:
+        with c.acquire("host", mac="52:54:00:0a:0b:0c") as host:
+            nets = {n["name"]: n for n in c.list()["networks"]}
+            assert nets["host"]["state"] == "active"
+            assert (nets["host"]["clients"], nets["host"]["taps"]) == (1, 1)
+            assert nets["host"]["subnets"] == [host.subnet]
+            assert nets["host"]["removal_in_seconds"] is None
+            d = c.show("host")
+            assert (d["bridge"], d["subnet"], d["forwards"]) == (host.bridge, host.subnet, [])
+            [tap] = d["taps"]
+            assert (tap["interface"], tap["mac"], tap["pid"]) == (
+                host.interface, "52:54:00:0a:0b:0c", os.getpid())
+            # No DHCP client ran on the TAP: no leases, but a well-formed answer.
+            assert c.leases("host") == {"leases": [], "truncated": False}
+            with pytest.raises(vb.NotFound):
+                c.show("no-such-network")
+
+
 def test_requested_mac(broker):
     with vb.Client(broker.socket) as c1, vb.Client(broker.socket) as c2:
         with c1.acquire("shared", mac="52-54-00-AA-BB-CC") as net:

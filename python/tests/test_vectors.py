@@ -27,6 +27,12 @@ def test_encode_requests(vectors):
         r = t["request"]
         if r["command"] == "acquire":
             got = vb.encode_acquire(r["network_name"], r.get("mac"))
+        elif r["command"] == "list":
+            got = vb.encode_list()
+        elif r["command"] == "show":
+            got = vb.encode_show(r["network_name"])
+        elif r["command"] == "leases":
+            got = vb.encode_leases(r.get("network_name"))
         else:
             got = vb.encode_status()
         assert got == t["bytes"].encode(), t["description"]

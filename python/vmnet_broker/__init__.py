@@ -147,6 +147,22 @@ def encode_status():
     return _encode({"command": "status"})
 
 
+def encode_list():
+    return _encode({"command": "list"})
+
+
+def encode_show(name):
+    return _encode({"command": "show", "network_name": name})
+
+
+def encode_leases(name=None):
+    """Leases of network ``name``, or of every network the caller may use."""
+    req = {"command": "leases"}
+    if name is not None:
+        req["network_name"] = name
+    return _encode(req)
+
+
 _INFO_FIELDS = {"name": str, "mode": str, "subnet": str, "gateway": str, "mask": str,
                 "mtu": "u32", "bridge": str, "interface": str, "mac": str}
 _NETSTATUS_FIELDS = {"name": str, "mode": str, "subnet": str, "gateway": str,
@@ -155,6 +171,19 @@ _CLIENT_FIELDS = {"id": "u64", "pid": "i32", "uid": "u32", "gid": "u32", "networ
 _STATUS_FIELDS = {"version": str, "protocol": "u32", "pid": "u32",
                   "idle_timeout_seconds": float, "networks": [_NETSTATUS_FIELDS],
                   "clients": [_CLIENT_FIELDS]}
+_SUMMARY_FIELDS = {"name": str, "mode": str, "subnets": [str], "state": str,
+                   "clients": "u64", "taps": "u64"}
+_TAP_FIELDS = {"interface": str}
+_TAP_OPTIONAL = {"mac": str, "uid": "u32", "client": "u64", "pid": "i32"}
+_DETAIL_FIELDS = {"name": str, "mode": str, "state": str, "config": dict, "mtu": "u32",
+                  "platform": dict, "clients": "u64", "forwards": list,
+                  "taps": [_TAP_FIELDS]}
+_DETAIL_OPTIONAL = {"removal_in_seconds": float, "subnet": str, "gateway": str,
+                    "mask": str, "bridge": str}
+_LEASE_FIELDS = {"network": str, "mac": str, "ipv4": str, "expires_at": "u64",
+                 "expires_in_seconds": "u64"}
+_LEASE_OPTIONAL = dict(_TAP_OPTIONAL, ipv6=str, hostname=str, interface=str)
+del _LEASE_OPTIONAL["mac"]
 _RANGES = {"u32": (0, 2**32 - 1), "u64": (0, 2**64 - 1), "i32": (-2**31, 2**31 - 1)}
 
 
@@ -188,8 +217,50 @@ def _check(value, kind, where):
     return value
 
 
+def _optional(value, out, kinds, where):
+    """Adds each optional field of kinds to out: None when absent or null."""
+    for key, kind in kinds.items():
+        v = value.get(key)
+        out[key] = None if v is None else _check(v, kind, "%s.%s" % (where, key))
+    return out
+
+
+def _truncated(value, out, where):
+    t = value.get("truncated", False)
+    if not isinstance(t, bool):
+        raise InvalidReply(message="%s.truncated is not a boolean" % where)
+    out["truncated"] = t
+    return out
+
+
+def _parse_list(value):
+    out = _check(value, {"networks": [_SUMMARY_FIELDS]}, "list")
+    for i, net in enumerate(value["networks"]):
+        _optional(net, out["networks"][i], {"removal_in_seconds": float},
+                  "list.networks[%d]" % i)
+    return _truncated(value, out, "list")
+
+
+def _parse_show(value):
+    out = _check(value, _DETAIL_FIELDS, "show")
+    if not all(isinstance(v, str) for v in out["platform"].values()):
+        raise InvalidReply(message="show.platform has a value that is not a string")
+    for i, tap in enumerate(value["taps"]):
+        _optional(tap, out["taps"][i], _TAP_OPTIONAL, "show.taps[%d]" % i)
+    _optional(value, out, _DETAIL_OPTIONAL, "show")
+    return _truncated(value, out, "show")
+
+
+def _parse_leases(value):
+    out = _check(value, {"leases": [_LEASE_FIELDS]}, "leases")
+    for i, lease in enumerate(value["leases"]):
+        _optional(lease, out["leases"][i], _LEASE_OPTIONAL, "leases.leases[%d]" % i)
+    return _truncated(value, out, "leases")
+
+
 def parse_reply(data):
-    """Parses a reply into ("network", dict), ("status", dict) or ("error", BrokerError).
+    """Parses a reply into ("network", dict), ("status", dict), ("list", dict),
+    ("show", dict), ("leases", dict) or ("error", BrokerError).
     Unknown fields are dropped; anything malformed raises InvalidReply."""
     try:
         obj = json.loads(data.decode("utf-8"))
@@ -216,7 +287,14 @@ def parse_reply(data):
                 None if removal is None
                 else _check(removal, float, "status.networks[%d].removal_in_seconds" % i))
         return "status", out
-    raise InvalidReply(message='reply has neither "network", "status" nor "error"')
+    for kind, parse in (("list", _parse_list), ("show", _parse_show),
+                        ("leases", _parse_leases)):
+        if kind in obj:
+            if not isinstance(obj[kind], dict):
+                raise InvalidReply(message="%s is not an object" % kind)
+            return kind, parse(obj[kind])
+    raise InvalidReply(
+        message='reply has none of "network", "status", "list", "show", "leases" or "error"')
 
 
 class Network:
@@ -328,6 +406,28 @@ class Client:
         if kind != "status":
             raise InvalidReply(message="unexpected %s reply to status" % kind)
         return value
+
+    def _ask(self, request, kind):
+        kind_got, value, fds = self._call(request)
+        for fd in fds:
+            os.close(fd)
+        if kind_got == "error":
+            raise value
+        if kind_got != kind:
+            raise InvalidReply(message="unexpected %s reply to %s" % (kind_got, kind))
+        return value
+
+    def list(self):
+        """Every network the broker knows that this caller may use (docs/protocol.md)."""
+        return self._ask(encode_list(), "list")
+
+    def show(self, name):
+        """One network in detail: configuration, addresses, TAPs and their holders."""
+        return self._ask(encode_show(name), "show")
+
+    def leases(self, name=None):
+        """The DHCP leases of ``name``, or of every network this caller may use."""
+        return self._ask(encode_leases(name), "leases")
 
     def _call(self, request):
         with self._lock:
