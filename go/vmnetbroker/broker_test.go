@@ -262,6 +262,48 @@ func TestRealBroker(t *testing.T) {
 		}
 	})
 
+	t.Run("list, show and leases", func(t *testing.T) {
+		c, err := Connect(b.socket)
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer c.Close()
+		host, err := c.Acquire("host")
+		if err != nil {
+			t.Fatal(err)
+		}
+		defer host.Close()
+		l, err := c.List()
+		if err != nil {
+			t.Fatal(err)
+		}
+		var found *NetworkSummary
+		for i := range l.Networks {
+			if l.Networks[i].Name == "host" {
+				found = &l.Networks[i]
+			}
+		}
+		if found == nil || found.State != "active" || found.Taps != 1 ||
+			len(found.Subnets) != 1 || found.Subnets[0] != host.Subnet {
+			t.Fatalf("list does not show our network: %+v", l)
+		}
+		d, err := c.Show("host")
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(d.Taps) != 1 || d.Taps[0].Interface != host.Interface || d.Taps[0].PID == nil ||
+			int(*d.Taps[0].PID) != os.Getpid() || d.Bridge == nil || *d.Bridge != host.Bridge {
+			t.Fatalf("show does not show our TAP: %+v", d)
+		}
+		leases, err := c.Leases("host")
+		if err != nil || len(leases.Leases) != 0 {
+			t.Fatalf("leases of a network no DHCP client used: %+v, %v", leases, err)
+		}
+		if _, err := c.Show("no-such-network"); !errors.Is(err, ErrNotFound) {
+			t.Fatalf("show of an unknown network: %v", err)
+		}
+	})
+
 	t.Run("requested MAC is honoured and exclusive", func(t *testing.T) {
 		mac, _ := net.ParseMAC("52:54:00:12:34:56")
 		c1, err := Connect(b.socket)

@@ -135,6 +135,21 @@ func acquireRequest(name string, mac net.HardwareAddr) []byte {
 
 func statusRequest() []byte { return encodeRequest(map[string]string{"command": "status"}) }
 
+func listRequest() []byte { return encodeRequest(map[string]string{"command": "list"}) }
+
+func showRequest(name string) []byte {
+	return encodeRequest(map[string]string{"command": "show", "network_name": name})
+}
+
+// leasesRequest asks for the leases of name, or of every network when name is "".
+func leasesRequest(name string) []byte {
+	req := map[string]string{"command": "leases"}
+	if name != "" {
+		req["network_name"] = name
+	}
+	return encodeRequest(req)
+}
+
 func (c *Client) acquire(name string, mac net.HardwareAddr) (*Network, error) {
 	r, fds, err := c.roundTrip(acquireRequest(name, mac))
 	if err != nil {
@@ -168,6 +183,56 @@ func (c *Client) Status() (*Status, error) {
 		return nil, invalidReply("unexpected reply to status")
 	}
 	return r.status, nil
+}
+
+// ask sends a request whose reply carries no fd and returns the parsed reply.
+func (c *Client) ask(request []byte) (*reply, error) {
+	r, fds, err := c.roundTrip(request)
+	closeAll(fds)
+	if err != nil {
+		return nil, err
+	}
+	if r.err != nil {
+		return nil, r.err
+	}
+	return r, nil
+}
+
+// List asks for every network the broker knows that the caller may use.
+func (c *Client) List() (*NetworkList, error) {
+	r, err := c.ask(listRequest())
+	if err != nil {
+		return nil, err
+	}
+	if r.list == nil {
+		return nil, invalidReply("unexpected reply to list")
+	}
+	return r.list, nil
+}
+
+// Show asks for one network in detail: configuration, addresses, TAPs and holders.
+func (c *Client) Show(name string) (*NetworkDetail, error) {
+	r, err := c.ask(showRequest(name))
+	if err != nil {
+		return nil, err
+	}
+	if r.show == nil {
+		return nil, invalidReply("unexpected reply to show")
+	}
+	return r.show, nil
+}
+
+// Leases asks for the DHCP leases of network name, or of every network the caller
+// may use when name is "".
+func (c *Client) Leases(name string) (*LeaseList, error) {
+	r, err := c.ask(leasesRequest(name))
+	if err != nil {
+		return nil, err
+	}
+	if r.leases == nil {
+		return nil, invalidReply("unexpected reply to leases")
+	}
+	return r.leases, nil
 }
 
 func closeAll(fds []int) {

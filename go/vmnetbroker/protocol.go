@@ -62,6 +62,76 @@ type ClientStatus struct {
 	Networks []string `json:"networks"`
 }
 
+// NetworkList is the broker's answer to a list request: every network it knows that
+// the caller may use.
+type NetworkList struct {
+	Networks  []NetworkSummary `json:"networks"`
+	Truncated bool             `json:"truncated,omitempty"`
+}
+
+// NetworkSummary is one network in a NetworkList.
+type NetworkSummary struct {
+	Name    string   `json:"name"`
+	Mode    string   `json:"mode"`
+	Subnets []string `json:"subnets"`
+	// State is "inactive", "active", "idle" or "removing".
+	State string `json:"state"`
+	// RemovalInSeconds is set while the network is idle.
+	RemovalInSeconds *float64 `json:"removal_in_seconds,omitempty"`
+	Clients          uint64   `json:"clients"`
+	Taps             uint64   `json:"taps"`
+}
+
+// TapInfo is one TAP of a NetworkDetail, with the client that acquired it (nil once
+// that connection closed).
+type TapInfo struct {
+	Interface string  `json:"interface"`
+	MAC       *string `json:"mac"`
+	UID       *uint32 `json:"uid"`
+	Client    *uint64 `json:"client"`
+	PID       *int32  `json:"pid"`
+}
+
+// NetworkDetail is the broker's answer to a show request.
+type NetworkDetail struct {
+	Name             string                 `json:"name"`
+	Mode             string                 `json:"mode"`
+	State            string                 `json:"state"`
+	RemovalInSeconds *float64               `json:"removal_in_seconds,omitempty"`
+	Config           map[string]interface{} `json:"config"`
+	Subnet           *string                `json:"subnet"`
+	Gateway          *string                `json:"gateway"`
+	Mask             *string                `json:"mask"`
+	MTU              uint32                 `json:"mtu"`
+	Bridge           *string                `json:"bridge"`
+	Platform         map[string]string      `json:"platform"`
+	Clients          uint64                 `json:"clients"`
+	Forwards         []interface{}          `json:"forwards"`
+	Taps             []TapInfo              `json:"taps"`
+	Truncated        bool                   `json:"truncated,omitempty"`
+}
+
+// LeaseList is the broker's answer to a leases request.
+type LeaseList struct {
+	Leases    []LeaseInfo `json:"leases"`
+	Truncated bool        `json:"truncated,omitempty"`
+}
+
+// LeaseInfo is one DHCP lease, with the TAP and client behind its MAC when known.
+type LeaseInfo struct {
+	Network          string  `json:"network"`
+	MAC              string  `json:"mac"`
+	IPv4             string  `json:"ipv4"`
+	IPv6             *string `json:"ipv6"`
+	Hostname         *string `json:"hostname"`
+	ExpiresAt        uint64  `json:"expires_at"`
+	ExpiresInSeconds uint64  `json:"expires_in_seconds"`
+	Interface        *string `json:"interface"`
+	UID              *uint32 `json:"uid"`
+	Client           *uint64 `json:"client"`
+	PID              *int32  `json:"pid"`
+}
+
 // encodeRequest produces the canonical bytes of a request: compact JSON, keys in byte
 // order (a map marshals sorted), no HTML escaping, so every client library sends the
 // same bytes (tests/vectors/messages.json).
@@ -75,10 +145,13 @@ func encodeRequest(fields map[string]string) []byte {
 	return bytes.TrimSuffix(b.Bytes(), []byte("\n"))
 }
 
-// reply is a parsed broker reply: exactly one of the three is set.
+// reply is a parsed broker reply: exactly one field is set.
 type reply struct {
 	network *Info
 	status  *Status
+	list    *NetworkList
+	show    *NetworkDetail
+	leases  *LeaseList
 	err     *Error
 }
 
@@ -125,7 +198,28 @@ func parseReply(b []byte) (*reply, *Error) {
 		}
 		return &reply{status: &st}, nil
 	}
-	return nil, invalidReply("reply has neither \"network\", \"status\" nor \"error\"")
+	if raw, ok := top["list"]; ok {
+		var l NetworkList
+		if err := decodeList(raw, &l); err != nil {
+			return nil, invalidReply("malformed \"list\": %v", err)
+		}
+		return &reply{list: &l}, nil
+	}
+	if raw, ok := top["show"]; ok {
+		var d NetworkDetail
+		if err := decodeDetail(raw, &d); err != nil {
+			return nil, invalidReply("malformed \"show\": %v", err)
+		}
+		return &reply{show: &d}, nil
+	}
+	if raw, ok := top["leases"]; ok {
+		var l LeaseList
+		if err := decodeLeases(raw, &l); err != nil {
+			return nil, invalidReply("malformed \"leases\": %v", err)
+		}
+		return &reply{leases: &l}, nil
+	}
+	return nil, invalidReply("reply has none of \"network\", \"status\", \"list\", \"show\", \"leases\" or \"error\"")
 }
 
 type fields map[string]json.RawMessage
@@ -345,5 +439,177 @@ func decodeStatus(raw json.RawMessage, s *Status) error {
 			return err
 		})
 	})
+	return err
+}
+
+// opt fetches one optional field: absent or null leaves it unset.
+func (f fields) opt(key string, err *error, conv func(json.RawMessage) error) {
+	if raw, ok := f[key]; ok && string(raw) != "null" {
+		f.get(key, err, conv)
+	}
+}
+
+func optStr(dst **string) func(json.RawMessage) error {
+	return func(raw json.RawMessage) error {
+		var v string
+		if err := str(&v)(raw); err != nil {
+			return err
+		}
+		*dst = &v
+		return nil
+	}
+}
+
+func optU32(dst **uint32) func(json.RawMessage) error {
+	return func(raw json.RawMessage) error {
+		var v uint32
+		if err := u32(&v)(raw); err != nil {
+			return err
+		}
+		*dst = &v
+		return nil
+	}
+}
+
+func optU64(dst **uint64) func(json.RawMessage) error {
+	return func(raw json.RawMessage) error {
+		var v uint64
+		if err := u64(&v)(raw); err != nil {
+			return err
+		}
+		*dst = &v
+		return nil
+	}
+}
+
+func optI32(dst **int32) func(json.RawMessage) error {
+	return func(raw json.RawMessage) error {
+		var v int32
+		if err := i32(&v)(raw); err != nil {
+			return err
+		}
+		*dst = &v
+		return nil
+	}
+}
+
+func optF64(dst **float64) func(json.RawMessage) error {
+	return func(raw json.RawMessage) error {
+		var v float64
+		if err := f64(&v)(raw); err != nil {
+			return err
+		}
+		*dst = &v
+		return nil
+	}
+}
+
+func boolean(dst *bool) func(json.RawMessage) error {
+	return func(raw json.RawMessage) error {
+		switch string(raw) {
+		case "true":
+			*dst = true
+		case "false":
+			*dst = false
+		default:
+			return fmt.Errorf("not a boolean")
+		}
+		return nil
+	}
+}
+
+// anyJSON decodes a field of a given JSON kind (an object, an array) into dst as
+// encoding/json does, after checking that it is of that kind.
+func anyJSON(dst interface{}, open byte) func(json.RawMessage) error {
+	return func(raw json.RawMessage) error {
+		trimmed := bytes.TrimSpace(raw)
+		if len(trimmed) == 0 || trimmed[0] != open {
+			return fmt.Errorf("not of the expected JSON kind")
+		}
+		return json.Unmarshal(raw, dst)
+	}
+}
+
+func decodeList(raw json.RawMessage, l *NetworkList) error {
+	f, err := object(raw)
+	if err != nil {
+		return fmt.Errorf("not an object")
+	}
+	f.get("networks", &err, func(raw json.RawMessage) error {
+		l.Networks = make([]NetworkSummary, count(raw))
+		return objects(raw, func(i int, f fields) (err error) {
+			n := &l.Networks[i]
+			f.get("name", &err, str(&n.Name))
+			f.get("mode", &err, str(&n.Mode))
+			f.get("subnets", &err, strs(&n.Subnets))
+			f.get("state", &err, str(&n.State))
+			f.opt("removal_in_seconds", &err, optF64(&n.RemovalInSeconds))
+			f.get("clients", &err, u64(&n.Clients))
+			f.get("taps", &err, u64(&n.Taps))
+			return err
+		})
+	})
+	f.opt("truncated", &err, boolean(&l.Truncated))
+	return err
+}
+
+func decodeDetail(raw json.RawMessage, d *NetworkDetail) error {
+	f, err := object(raw)
+	if err != nil {
+		return fmt.Errorf("not an object")
+	}
+	f.get("name", &err, str(&d.Name))
+	f.get("mode", &err, str(&d.Mode))
+	f.get("state", &err, str(&d.State))
+	f.opt("removal_in_seconds", &err, optF64(&d.RemovalInSeconds))
+	f.get("config", &err, anyJSON(&d.Config, '{'))
+	f.opt("subnet", &err, optStr(&d.Subnet))
+	f.opt("gateway", &err, optStr(&d.Gateway))
+	f.opt("mask", &err, optStr(&d.Mask))
+	f.get("mtu", &err, u32(&d.MTU))
+	f.opt("bridge", &err, optStr(&d.Bridge))
+	f.get("platform", &err, anyJSON(&d.Platform, '{'))
+	f.get("clients", &err, u64(&d.Clients))
+	f.get("forwards", &err, anyJSON(&d.Forwards, '['))
+	f.get("taps", &err, func(raw json.RawMessage) error {
+		d.Taps = make([]TapInfo, count(raw))
+		return objects(raw, func(i int, f fields) (err error) {
+			t := &d.Taps[i]
+			f.get("interface", &err, str(&t.Interface))
+			f.opt("mac", &err, optStr(&t.MAC))
+			f.opt("uid", &err, optU32(&t.UID))
+			f.opt("client", &err, optU64(&t.Client))
+			f.opt("pid", &err, optI32(&t.PID))
+			return err
+		})
+	})
+	f.opt("truncated", &err, boolean(&d.Truncated))
+	return err
+}
+
+func decodeLeases(raw json.RawMessage, l *LeaseList) error {
+	f, err := object(raw)
+	if err != nil {
+		return fmt.Errorf("not an object")
+	}
+	f.get("leases", &err, func(raw json.RawMessage) error {
+		l.Leases = make([]LeaseInfo, count(raw))
+		return objects(raw, func(i int, f fields) (err error) {
+			e := &l.Leases[i]
+			f.get("network", &err, str(&e.Network))
+			f.get("mac", &err, str(&e.MAC))
+			f.get("ipv4", &err, str(&e.IPv4))
+			f.opt("ipv6", &err, optStr(&e.IPv6))
+			f.opt("hostname", &err, optStr(&e.Hostname))
+			f.get("expires_at", &err, u64(&e.ExpiresAt))
+			f.get("expires_in_seconds", &err, u64(&e.ExpiresInSeconds))
+			f.opt("interface", &err, optStr(&e.Interface))
+			f.opt("uid", &err, optU32(&e.UID))
+			f.opt("client", &err, optU64(&e.Client))
+			f.opt("pid", &err, optI32(&e.PID))
+			return err
+		})
+	})
+	f.opt("truncated", &err, boolean(&l.Truncated))
 	return err
 }

@@ -71,6 +71,12 @@ func TestEncodeRequestVectors(t *testing.T) {
 			got = acquireRequest(tc.Request["network_name"], mac)
 		case "status":
 			got = statusRequest()
+		case "list":
+			got = listRequest()
+		case "show":
+			got = showRequest(tc.Request["network_name"])
+		case "leases":
+			got = leasesRequest(tc.Request["network_name"])
 		default:
 			t.Fatalf("unknown command in %s", tc.Description)
 		}
@@ -106,10 +112,13 @@ func TestReplyVectors(t *testing.T) {
 			continue
 		}
 		var want struct {
-			Network *Info   `json:"network"`
-			Status  *Status `json:"status"`
-			Error   *int64  `json:"error"`
-			Message string  `json:"message"`
+			Network *Info          `json:"network"`
+			Status  *Status        `json:"status"`
+			List    *NetworkList   `json:"list"`
+			Show    *NetworkDetail `json:"show"`
+			Leases  *LeaseList     `json:"leases"`
+			Error   *int64         `json:"error"`
+			Message string         `json:"message"`
 		}
 		if err := json.Unmarshal(tc.Expect, &want); err != nil {
 			t.Fatal(err)
@@ -122,6 +131,18 @@ func TestReplyVectors(t *testing.T) {
 		case want.Status != nil:
 			if !reflect.DeepEqual(r.status, want.Status) {
 				t.Errorf("%s: got %+v, want %+v", tc.Description, r.status, want.Status)
+			}
+		case want.List != nil:
+			if !reflect.DeepEqual(r.list, want.List) {
+				t.Errorf("%s: got %+v, want %+v", tc.Description, r.list, want.List)
+			}
+		case want.Show != nil:
+			if !reflect.DeepEqual(r.show, want.Show) {
+				t.Errorf("%s: got %+v, want %+v", tc.Description, r.show, want.Show)
+			}
+		case want.Leases != nil:
+			if !reflect.DeepEqual(r.leases, want.Leases) {
+				t.Errorf("%s: got %+v, want %+v", tc.Description, r.leases, want.Leases)
 			}
 		default:
 			if r.err == nil || int64(r.err.Code) != *want.Error || r.err.Message != want.Message {
