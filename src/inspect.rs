@@ -8,7 +8,6 @@ use crate::protocol::{
 };
 use crate::registry::{LeaseEntry, NetworkState, NetworkView, TapView};
 use serde_json::{Map, Value, json};
-use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime};
 
 fn state_of(s: NetworkState) -> (&'static str, Option<f64>) {
@@ -124,7 +123,7 @@ pub fn show_reply(v: NetworkView) -> NetworkDetail {
                     .map(|(k, v)| (k.to_string(), v.to_string()))
                     .collect()
             })
-            .unwrap_or_else(BTreeMap::new),
+            .unwrap_or_default(),
         clients: v.clients,
         forwards: vec![],
         taps: v.taps.iter().map(tap_info).collect(),

@@ -310,7 +310,10 @@ fn status_leaves_out_the_asking_connection() {
     let s = json(&b, &["status"]);
     let clients = s["clients"].as_array().unwrap();
     assert_eq!(clients.len(), 2, "{s}");
-    assert!(clients.iter().all(|c| c["pid"] == std::process::id()), "{s}");
+    assert!(
+        clients.iter().all(|c| c["pid"] == std::process::id()),
+        "{s}"
+    );
     drop(holder);
     b.wait_for("the holder to leave", Duration::from_secs(10), || {
         asker.status().unwrap().clients.is_empty()
