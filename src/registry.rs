@@ -1148,11 +1148,14 @@ impl<B: Backend> Registry<B> {
 }
 
 impl<B: Backend> Registry<B> {
-    /// As [`Registry::status`], without the asking connection among the clients: it
-    /// holds nothing, and is gone as soon as it has its answer.
+    /// As [`Registry::status`], without the asking connection among the clients unless
+    /// it holds a network: a mere query (`vmnet-broker status`) is no client of any
+    /// network, while a holder stays listed, as the networks' `clients` counts have it.
     pub async fn status_excluding(&self, asker: ClientId) -> Snapshot {
         let mut snapshot = self.status().await;
-        snapshot.clients.retain(|c| c.id != asker);
+        snapshot
+            .clients
+            .retain(|c| c.id != asker || !c.networks.is_empty());
         snapshot
     }
 
@@ -2454,6 +2457,19 @@ mod tests {
         let ids: Vec<_> = s.clients.iter().map(|c| c.id).collect();
         assert_eq!(ids, [a]);
         assert_eq!(r.status().await.clients.len(), 2);
+        // A holder asking is listed: it is a client of the network it holds.
+        let ids: Vec<_> = r
+            .status_excluding(a)
+            .await
+            .clients
+            .iter()
+            .map(|c| c.id)
+            .collect();
+        assert_eq!(
+            ids,
+            [a, asker],
+            "asker holds nothing, but does not ask here"
+        );
     }
 
     #[test]
