@@ -61,6 +61,39 @@ pub struct Lease {
     pub expires: SystemTime,
 }
 
+/// The server's message handling without its socket: each datagram goes through the same
+/// code as in the server task (parse, RFC 2131 handling, lease store, reply encoding).
+/// It exists for the fuzz target (fuzz/fuzz_targets/dhcp.rs). The lease file is read once
+/// at creation (a missing one is fine) and never written.
+pub struct DhcpHandler {
+    state: server::State,
+}
+
+impl DhcpHandler {
+    pub fn new(config: DhcpConfig) -> DhcpHandler {
+        DhcpHandler {
+            state: server::State::new(config).0,
+        }
+    }
+
+    /// The encoded reply to `packet` received from `from` at `now`, if any, and whether it
+    /// is broadcast (else it goes to the address the client gave as ciaddr).
+    pub fn handle(
+        &mut self,
+        packet: &[u8],
+        from: std::net::SocketAddr,
+        now: SystemTime,
+    ) -> Option<(Vec<u8>, bool)> {
+        let (reply, dest) = self.state.receive(packet, from, now)?;
+        Some((server::encode(&reply)?, dest == server::Dest::Broadcast))
+    }
+
+    /// Active leases at `now`, as the server task publishes them.
+    pub fn leases(&self, now: SystemTime) -> Vec<Lease> {
+        self.state.active(now)
+    }
+}
+
 /// A running DHCP server. Dropping it without [`DhcpServer::stop`] also stops the task
 /// (it notices the closed stop channel and saves the leases), but only `stop` waits.
 pub struct DhcpServer {

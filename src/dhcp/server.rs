@@ -145,6 +145,28 @@ impl State {
         Duration::from_secs(u64::from(self.cfg.lease_seconds.max(1)))
     }
 
+    /// Parses and handles one received datagram: everything the socket loop does with a
+    /// packet before the bind hook and the send, so that [`super::DhcpHandler`] (the fuzz
+    /// target's entry point) exercises exactly the daemon's path.
+    pub(super) fn receive(
+        &mut self,
+        packet: &[u8],
+        from: SocketAddr,
+        now: SystemTime,
+    ) -> Option<(Message, Dest)> {
+        let msg = match Message::from_bytes(packet) {
+            Ok(m) => m,
+            Err(e) => {
+                debug!(
+                    network = self.cfg.network,
+                    "DHCP: malformed packet from {from}: {e}"
+                );
+                return None;
+            }
+        };
+        self.handle(&msg, now)
+    }
+
     /// Handles one request; returns the reply, if any.
     pub(super) fn handle(&mut self, msg: &Message, now: SystemTime) -> Option<(Message, Dest)> {
         let net = &self.cfg.network;
@@ -448,8 +470,12 @@ impl State {
         self.publish(now);
     }
 
+    pub(super) fn active(&self, now: SystemTime) -> Vec<Lease> {
+        self.store.active(now)
+    }
+
     fn publish(&self, now: SystemTime) {
-        let active = self.store.active(now);
+        let active = self.active(now);
         self.tx.send_if_modified(|cur| {
             if **cur != active {
                 *cur = Arc::new(active);
@@ -508,15 +534,8 @@ pub(super) async fn run(
             }
             r = socket.recv_from(&mut buf) => match r {
                 Ok((n, from)) => {
-                    let msg = match Message::from_bytes(&buf[..n]) {
-                        Ok(m) => m,
-                        Err(e) => {
-                            debug!(network = state.cfg.network, "DHCP: malformed packet from {from}: {e}");
-                            continue;
-                        }
-                    };
                     let now = SystemTime::now();
-                    let reply = state.handle(&msg, now);
+                    let reply = state.receive(&buf[..n], from, now);
                     state.commit(now);
                     if let Some((reply, dest)) = reply {
                         if let Some(hook) = &hook

@@ -126,7 +126,7 @@ impl DnsServer {
         let shared = Arc::new(Shared {
             network: config.network.clone(),
             subnet: config.subnet,
-            domain: local::Zone::canonical_domain(&config.domain),
+            domain: canonical_domain(&config.domain),
             names,
             upstreams: upstreams.clone(),
             slots: Slots::new(MAX_IN_FLIGHT, MAX_IN_FLIGHT_PER_CLIENT),
@@ -335,7 +335,7 @@ async fn serve_tcp(mut stream: TcpStream, peer: SocketAddr, shared: &Shared) {
 }
 
 /// What to do with one raw query.
-enum Action {
+pub enum Action {
     /// Ignore it (malformed, or not a query).
     Ignore,
     /// Send this answer, computed locally.
@@ -372,30 +372,8 @@ impl Shared {
     /// Decides about one raw query without waiting for anything: local answers are
     /// immediate, so they never queue behind slow upstreams.
     fn prepare(&self, pkt: &[u8], tcp: bool, peer: SocketAddr) -> Action {
-        let req = match Message::from_vec(pkt) {
-            Ok(m) => m,
-            Err(e) => {
-                tracing::debug!(network = %self.network, %peer, "ignoring malformed DNS packet: {e}");
-                return Action::Ignore;
-            }
-        };
-        if req.message_type != MessageType::Query {
-            // Never answer answers: that is how reflection loops start.
-            tracing::debug!(network = %self.network, %peer, "ignoring a DNS response sent to us");
-            return Action::Ignore;
-        }
-        if req.op_code != OpCode::Query {
-            return reply(local::error_to(&req, ResponseCode::NotImp), &req, tcp);
-        }
         let names = self.names.borrow().clone();
-        let zone = local::Zone {
-            domain: &self.domain,
-            names: &names,
-        };
-        match zone.answer(&req) {
-            Some(resp) => reply(resp, &req, tcp),
-            None => Action::Forward(req),
-        }
+        prepare(pkt, tcp, peer, &self.network, &self.domain, &names)
     }
 
     /// The upstreams' answer to `req` (whose raw form is `pkt`), or SERVFAIL.
@@ -412,10 +390,53 @@ impl Shared {
             Some(answer) => Some(answer),
             None => {
                 tracing::debug!(network = %self.network, %peer, "no upstream DNS answered, SERVFAIL");
-                encode(local::error_to(req, ResponseCode::ServFail), req, tcp)
+                servfail(req, tcp)
             }
         }
     }
+}
+
+/// What the server does with one raw query `pkt` from `peer` (already admitted), given the
+/// network's canonical `domain` and its VMs' `names`: pure, no I/O. The UDP and TCP loops
+/// call it for every query, and so does the fuzz target (fuzz/fuzz_targets/dns.rs).
+pub fn prepare(
+    pkt: &[u8],
+    tcp: bool,
+    peer: SocketAddr,
+    network: &str,
+    domain: &str,
+    names: &[(String, Ipv4Addr)],
+) -> Action {
+    let req = match Message::from_vec(pkt) {
+        Ok(m) => m,
+        Err(e) => {
+            tracing::debug!(network = %network, %peer, "ignoring malformed DNS packet: {e}");
+            return Action::Ignore;
+        }
+    };
+    if req.message_type != MessageType::Query {
+        // Never answer answers: that is how reflection loops start.
+        tracing::debug!(network = %network, %peer, "ignoring a DNS response sent to us");
+        return Action::Ignore;
+    }
+    if req.op_code != OpCode::Query {
+        return reply(local::error_to(&req, ResponseCode::NotImp), &req, tcp);
+    }
+    let zone = local::Zone { domain, names };
+    match zone.answer(&req) {
+        Some(resp) => reply(resp, &req, tcp),
+        None => Action::Forward(req),
+    }
+}
+
+/// The SERVFAIL sent when no upstream answers a forwarded `req`.
+pub fn servfail(req: &Message, tcp: bool) -> Option<Vec<u8>> {
+    encode(local::error_to(req, ResponseCode::ServFail), req, tcp)
+}
+
+/// The canonical form of a configured domain, as [`prepare`] expects it.
+pub fn canonical_domain(domain: &str) -> String {
+    local::Zone::canonical_domain(domain)
 }
 
 fn reply(resp: Message, req: &Message, tcp: bool) -> Action {
