@@ -154,6 +154,13 @@ impl State {
         from: SocketAddr,
         now: SystemTime,
     ) -> Option<(Message, Dest)> {
+        if let Some(code) = option_with_bad_length(packet) {
+            debug!(
+                network = self.cfg.network,
+                "DHCP: malformed packet from {from}: option {code} has an impossible length"
+            );
+            return None;
+        }
         let msg = match Message::from_bytes(packet) {
             Ok(m) => m,
             Err(e) => {
@@ -484,6 +491,54 @@ impl State {
                 false
             }
         });
+    }
+}
+
+/// The first option that dhcproto 0.15's decoder would decode with a length it takes on
+/// trust (a `debug_assert!` on it, or `len - n` that underflows). Found by fuzzing
+/// (docs/fuzzing.md): such a packet panics the decoder in builds with debug assertions and
+/// misreads the options after it in release builds, so it is dropped as malformed before
+/// decoding. Mirrors the decoder: options start after the 236-byte header and the magic
+/// cookie, consecutive options of one code are concatenated (RFC 3396), a truncated one
+/// ends decoding.
+fn option_with_bad_length(packet: &[u8]) -> Option<u8> {
+    let bad = |code: u8, len: usize| match code {
+        80 => len != 0,        // Rapid Commit
+        81 => len < 3,         // Client FQDN: flags and two RCODEs first
+        94 => len != 3,        // Client Network Interface
+        151 => len < 1,        // Bulk leasequery status code
+        152..=155 => len != 4, // Bulk leasequery times
+        _ => false,
+    };
+    let opts = packet.get(240..).unwrap_or_default();
+    let mut run: Option<(u8, usize)> = None;
+    let mut i = 0;
+    loop {
+        let code = opts.get(i).copied();
+        match (run, code) {
+            (Some((r, _)), Some(c)) if r == c && c != 0 && c != 255 => {}
+            _ => {
+                if let Some((r, len)) = run.take()
+                    && bad(r, len)
+                {
+                    return Some(r);
+                }
+            }
+        }
+        let c = match code {
+            None | Some(255) => return None,
+            Some(0) => {
+                i += 1;
+                continue;
+            }
+            Some(c) => c,
+        };
+        let len = usize::from(*opts.get(i + 1)?);
+        if opts.len() < i + 2 + len {
+            return None;
+        }
+        run = Some((c, run.map_or(0, |(_, l)| l) + len));
+        i += 2 + len;
     }
 }
 
@@ -885,6 +940,53 @@ mod tests {
             let _ = Message::from_bytes(&bytes[..len]).map(|m| s.handle(&m, now));
         }
         let _ = Message::from_bytes(&[0xff; 400]).map(|m| s.handle(&m, now));
+    }
+
+    /// Options dhcproto's decoder would take with a wrong length (found by fuzzing): the
+    /// packet is dropped, where the decoder used to panic in debug builds.
+    #[test]
+    fn options_with_impossible_lengths_are_dropped() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut s = state(&dir);
+        let from: SocketAddr = "0.0.0.0:68".parse().unwrap();
+        let now = SystemTime::now();
+        let discover = encode(&msg(MAC, MessageType::Discover, vec![])).unwrap();
+        let with = |opt: &[u8]| {
+            let mut p = discover[..240].to_vec();
+            p.extend_from_slice(&[53, 1, 1]);
+            p.extend_from_slice(opt);
+            p.push(255);
+            p
+        };
+        // Well-formed: Rapid Commit is empty, FQDN has flags and RCODEs, a BLQ time 4 bytes;
+        // a long option split in two (RFC 3396) is judged by its total length.
+        for ok in [
+            &[80, 0][..],
+            &[81, 3, 0, 0, 0],
+            &[152, 4, 0, 0, 0, 1],
+            &[152, 2, 0, 0, 152, 2, 0, 1],
+        ] {
+            assert!(option_with_bad_length(&with(ok)).is_none(), "{ok:?}");
+            assert!(s.receive(&with(ok), from, now).is_some(), "{ok:?}");
+        }
+        for bad in [
+            &[80, 1, 0][..],
+            &[81, 0],
+            &[81, 2, 0, 0],
+            &[94, 1, 0],
+            &[151, 0],
+            &[152, 3, 0, 0, 0],
+            &[0, 155, 0, 1],
+            &[152, 4, 0, 0, 0, 1, 152, 1, 0],
+        ] {
+            assert!(option_with_bad_length(&with(bad)).is_some(), "{bad:?}");
+            assert!(s.receive(&with(bad), from, now).is_none(), "{bad:?}");
+        }
+        // A truncated last option is never decoded, so it is not judged.
+        let mut truncated = with(&[]);
+        truncated.pop();
+        truncated.extend_from_slice(&[80, 5, 0]);
+        assert!(option_with_bad_length(&truncated).is_none());
     }
 
     #[test]
