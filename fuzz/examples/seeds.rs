@@ -21,7 +21,10 @@ fn write(dir: &Path, name: &str, bytes: &[u8]) {
 fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let corpus = root.join("corpus");
-    protocol(&root.join("../tests/vectors/messages.json"), &corpus.join("protocol"));
+    protocol(
+        &root.join("../tests/vectors/messages.json"),
+        &corpus.join("protocol"),
+    );
     config(&corpus.join("config"));
     dhcp(&corpus.join("dhcp"));
     dns(&corpus.join("dns"));
@@ -30,7 +33,12 @@ fn main() {
 /// Every message of the shared vectors that is small enough to be a useful seed.
 fn protocol(vectors: &Path, dir: &Path) {
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(vectors).unwrap()).unwrap();
-    for section in ["encode_requests", "accepted_requests", "bad_requests", "replies"] {
+    for section in [
+        "encode_requests",
+        "accepted_requests",
+        "bad_requests",
+        "replies",
+    ] {
         for (i, e) in v[section].as_array().unwrap().iter().enumerate() {
             let bytes = if let Some(s) = e["bytes"].as_str() {
                 s.as_bytes().to_vec()
@@ -62,7 +70,10 @@ fn config(dir: &Path) {
 }
 "#,
         ),
-        ("doc-small", r#"{"mode": "shared", "mask": "255.255.255.240"}"#),
+        (
+            "doc-small",
+            r#"{"mode": "shared", "mask": "255.255.255.240"}"#,
+        ),
         ("empty", "{}"),
         (
             "range",
@@ -121,14 +132,13 @@ fn packet(mac: [u8; 6], kind: Option<MessageType>, opts: Vec<DhcpOption>) -> Mes
     if let Some(kind) = kind {
         m.opts_mut().insert(DhcpOption::MessageType(kind));
     }
-    m.opts_mut()
-        .insert(DhcpOption::ParameterRequestList(vec![
-            OptionCode::SubnetMask,
-            OptionCode::Router,
-            OptionCode::DomainNameServer,
-            OptionCode::DomainName,
-            OptionCode::InterfaceMtu,
-        ]));
+    m.opts_mut().insert(DhcpOption::ParameterRequestList(vec![
+        OptionCode::SubnetMask,
+        OptionCode::Router,
+        OptionCode::DomainNameServer,
+        OptionCode::DomainName,
+        OptionCode::InterfaceMtu,
+    ]));
     for o in opts {
         m.opts_mut().insert(o);
     }
@@ -188,7 +198,9 @@ fn dhcp(dir: &Path) {
     let foreign = packet(
         MAC,
         Some(MessageType::Request),
-        vec![DhcpOption::RequestedIpAddress(Ipv4Addr::new(192, 168, 1, 5))],
+        vec![DhcpOption::RequestedIpAddress(Ipv4Addr::new(
+            192, 168, 1, 5,
+        ))],
     );
     let reserved = packet(RESERVED, Some(MessageType::Discover), vec![]);
     let bootp = packet(MAC, None, vec![]);
@@ -199,11 +211,17 @@ fn dhcp(dir: &Path) {
     let mut token_ring = discover.clone();
     token_ring.set_htype(HType::from(6u8));
     let mut long_name = discover.clone();
-    long_name
-        .opts_mut()
-        .insert(DhcpOption::Hostname("My_VM.with.dots-and-UPPER-case".into()));
+    long_name.opts_mut().insert(DhcpOption::Hostname(
+        "My_VM.with.dots-and-UPPER-case".into(),
+    ));
     let others: Vec<Message> = (2..=15u8)
-        .map(|i| packet([0x52, 0x54, 0, 1, 2, i], Some(MessageType::Discover), vec![]))
+        .map(|i| {
+            packet(
+                [0x52, 0x54, 0, 1, 2, i],
+                Some(MessageType::Discover),
+                vec![],
+            )
+        })
         .collect();
 
     let seq = |msgs: &[&Message]| -> Vec<u8> {
@@ -225,9 +243,18 @@ fn dhcp(dir: &Path) {
         ("decline", seq(&[&decline])),
         ("inform", seq(&[&inform])),
         ("discover-request", seq(&[&discover, &request])),
-        ("discover-request-renew-release", seq(&[&discover, &request, &renew, &release])),
-        ("discover-request-decline-discover", seq(&[&discover, &request, &decline, &discover])),
-        ("discover-other-server", seq(&[&discover, &other_server, &discover])),
+        (
+            "discover-request-renew-release",
+            seq(&[&discover, &request, &renew, &release]),
+        ),
+        (
+            "discover-request-decline-discover",
+            seq(&[&discover, &request, &decline, &discover]),
+        ),
+        (
+            "discover-other-server",
+            seq(&[&discover, &other_server, &discover]),
+        ),
         ("request-foreign-address", seq(&[&foreign])),
         ("reserved-mac", seq(&[&reserved])),
         ("bootp", seq(&[&bootp])),
@@ -235,7 +262,10 @@ fn dhcp(dir: &Path) {
         ("boot-reply", seq(&[&reply])),
         ("not-ethernet", seq(&[&token_ring])),
         ("hostname-fqdn", seq(&[&long_name, &request])),
-        ("exhaust-pool", seq(&others.iter().chain([&discover]).collect::<Vec<_>>())),
+        (
+            "exhaust-pool",
+            seq(&others.iter().chain([&discover]).collect::<Vec<_>>()),
+        ),
     ];
     for (name, bytes) in seeds {
         write(dir, name, &bytes);
@@ -259,29 +289,62 @@ fn dns(dir: &Path) {
     let mut seeds: Vec<(&str, DnsMessage)> = vec![
         ("a-host", query("vm1.", RecordType::A, false)),
         ("a-fqdn", query("vm1.shared.vmnet.", RecordType::A, true)),
-        ("a-fqdn-upper", query("VM1.Shared.VMNET.", RecordType::A, false)),
-        ("a-two-addresses", query("db.shared.vmnet.", RecordType::A, true)),
-        ("a-registered-fqdn", query("web.shared.vmnet.", RecordType::A, false)),
-        ("aaaa-host", query("vm1.shared.vmnet.", RecordType::AAAA, true)),
+        (
+            "a-fqdn-upper",
+            query("VM1.Shared.VMNET.", RecordType::A, false),
+        ),
+        (
+            "a-two-addresses",
+            query("db.shared.vmnet.", RecordType::A, true),
+        ),
+        (
+            "a-registered-fqdn",
+            query("web.shared.vmnet.", RecordType::A, false),
+        ),
+        (
+            "aaaa-host",
+            query("vm1.shared.vmnet.", RecordType::AAAA, true),
+        ),
         ("mx-host", query("vm1.shared.vmnet.", RecordType::MX, false)),
         ("txt-host", query("db.", RecordType::TXT, false)),
         ("any-host", query("vm1.", RecordType::ANY, false)),
-        ("a-missing", query("nobody.shared.vmnet.", RecordType::A, true)),
+        (
+            "a-missing",
+            query("nobody.shared.vmnet.", RecordType::A, true),
+        ),
         ("soa-domain", query("shared.vmnet.", RecordType::SOA, false)),
         ("ns-domain", query("shared.vmnet.", RecordType::NS, false)),
-        ("ptr", query("2.0.77.10.in-addr.arpa.", RecordType::PTR, true)),
-        ("ptr-missing", query("99.0.77.10.in-addr.arpa.", RecordType::PTR, false)),
-        ("ptr-short", query("77.10.in-addr.arpa.", RecordType::PTR, false)),
+        (
+            "ptr",
+            query("2.0.77.10.in-addr.arpa.", RecordType::PTR, true),
+        ),
+        (
+            "ptr-missing",
+            query("99.0.77.10.in-addr.arpa.", RecordType::PTR, false),
+        ),
+        (
+            "ptr-short",
+            query("77.10.in-addr.arpa.", RecordType::PTR, false),
+        ),
         ("a-upstream", query("example.com.", RecordType::A, false)),
-        ("aaaa-upstream", query("example.org.", RecordType::AAAA, true)),
+        (
+            "aaaa-upstream",
+            query("example.org.", RecordType::AAAA, true),
+        ),
         ("root-ns", query(".", RecordType::NS, false)),
-        ("srv-upstream", query("_sip._tcp.example.com.", RecordType::SRV, false)),
+        (
+            "srv-upstream",
+            query("_sip._tcp.example.com.", RecordType::SRV, false),
+        ),
     ];
     let mut ch = query("version.bind.", RecordType::TXT, false);
     ch.queries[0].set_query_class(DNSClass::CH);
     seeds.push(("chaos-class", ch));
     let mut two = query("vm1.", RecordType::A, false);
-    two.add_query(Query::query(Name::from_ascii("db.").unwrap(), RecordType::A));
+    two.add_query(Query::query(
+        Name::from_ascii("db.").unwrap(),
+        RecordType::A,
+    ));
     seeds.push(("two-questions", two));
     let mut status = query("vm1.", RecordType::A, false);
     status.metadata.op_code = OpCode::Status;

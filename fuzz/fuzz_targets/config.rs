@@ -33,7 +33,10 @@ fuzz_target!(|data: &[u8]| {
     let host = |ip: Ipv4Addr| net.contains(&ip) && ip != net.network() && ip != net.broadcast();
     assert!(host(gw), "gateway {gw} in {net}");
     if let Some(r) = c.dhcp_range {
-        assert!(host(r.start) && host(r.end) && r.start <= r.end, "{r:?} in {net}");
+        assert!(
+            host(r.start) && host(r.end) && r.start <= r.end,
+            "{r:?} in {net}"
+        );
     }
     for r in &c.dhcp_reservations {
         assert!(host(r.ip) && r.ip != gw, "{r:?} in {net}");
@@ -64,7 +67,8 @@ fuzz_target!(|data: &[u8]| {
     for mac in macs {
         let mut m = Message::default();
         m.set_chaddr(&mac).set_xid(7);
-        m.opts_mut().insert(DhcpOption::MessageType(MessageType::Discover));
+        m.opts_mut()
+            .insert(DhcpOption::MessageType(MessageType::Discover));
         let Some((bytes, _)) = dhcp.handle(&m.to_vec().unwrap(), from, now) else {
             continue; // pool exhausted (e.g. a range holding only reserved addresses)
         };
