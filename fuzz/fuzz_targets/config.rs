@@ -60,7 +60,7 @@ fuzz_target!(|data: &[u8]| {
     let macs = c
         .dhcp_reservations
         .iter()
-        .map(|r| r.mac)
+        .map(|r| r.mac.octets())
         .chain([[0x52, 0x54, 0, 0x12, 0x34, 0x56]]);
     let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
     let from: SocketAddr = "0.0.0.0:68".parse().unwrap();
@@ -75,7 +75,7 @@ fuzz_target!(|data: &[u8]| {
         let offer = Message::from_bytes(&bytes).expect("our offer decodes");
         let ip = offer.yiaddr();
         assert!(host(ip) && ip != gw, "offered {ip} in {net} (gateway {gw})");
-        if let Some(r) = c.dhcp_reservations.iter().find(|r| r.mac == mac) {
+        if let Some(r) = c.dhcp_reservations.iter().find(|r| r.mac.octets() == mac) {
             assert_eq!(ip, r.ip, "reservation not honoured");
         } else if let Some(r) = c.dhcp_range {
             assert!(r.start <= ip && ip <= r.end, "offered {ip} outside {r:?}");

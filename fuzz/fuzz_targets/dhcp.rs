@@ -34,7 +34,7 @@ fuzz_target!(|data: &[u8]| {
         gateway,
         range: None,
         reservations: vec![Reservation {
-            mac: [0x52, 0x54, 0, 0, 0, 0x10],
+            mac: [0x52, 0x54, 0, 0, 0, 0x10].into(),
             ip: Ipv4Addr::new(10, 77, 0, 10),
         }],
         lease_seconds: 600,
