@@ -7,7 +7,7 @@
 use crate::mac::Mac;
 use crate::protocol::validate_network_name;
 use ipnet::Ipv4Net;
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::fmt;
 use std::io::Read;
@@ -42,7 +42,7 @@ pub const DEFAULT_MAX_TAPS_PER_UID: u32 = 64;
 /// root can still attach.
 pub const DEFAULT_MAX_NONROOT_TAPS: u32 = MAX_ENDPOINTS_PER_NETWORK - 64;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
     /// NAT to the outside, DHCP and DNS.
@@ -67,7 +67,7 @@ impl fmt::Display for Mode {
 }
 
 /// A user or group named by name or by number.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(untagged)]
 pub enum Principal {
     Id(u32),
@@ -83,20 +83,22 @@ impl fmt::Display for Principal {
     }
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+// Serialized (like `NetworkConfig`) into the broker's state file, not read from network files.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DhcpRange {
     pub start: Ipv4Addr,
     pub end: Ipv4Addr,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Reservation {
     pub mac: Mac,
     pub ip: Ipv4Addr,
 }
 
-/// A validated network definition.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// A validated network definition. Serialized into the broker's state file (`state`), so
+/// a restarted broker adopts a network with the definition it was created from.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct NetworkConfig {
     pub name: String,
     pub description: Option<String>,
@@ -129,7 +131,7 @@ pub struct NetworkConfig {
     pub fixed_elsewhere: Vec<(String, Ipv4Net)>,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub enum Source {
     BuiltIn,
     File(PathBuf),

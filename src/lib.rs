@@ -21,6 +21,7 @@ pub mod registry;
 pub mod reload;
 #[cfg(target_os = "linux")]
 pub mod server;
+pub mod state;
 #[cfg(target_os = "linux")]
 pub mod systemd;
 pub mod xpc;

@@ -18,8 +18,9 @@ use crate::config::{ConfigDir, ConfigError, Mode, NetworkConfig, name_hash};
 use crate::error::chain;
 use crate::mac::Mac;
 use crate::policy::{self, Denied, Directory, Peer};
+use crate::state::{BrokerState, EndpointRecord, NetworkRecord, StateWriter};
 use std::collections::{BTreeMap, BTreeSet};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 use tokio::sync::{Mutex as NetworkLock, OwnedMutexGuard};
 use tokio::time::Instant;
@@ -38,6 +39,10 @@ pub const MAX_TAPS_PER_CLIENT: usize = 64;
 pub const MAX_CONNECTIONS_PER_UID: usize = 256;
 
 pub type ClientId = u64;
+
+/// How often an adopted network checks whether the endpoints no client of this broker
+/// holds have been closed.
+const ORPHAN_CHECK: Duration = Duration::from_millis(500);
 
 /// Size of a network's map of endpoints handed out at which it is first pruned to the
 /// live ones.
@@ -271,6 +276,10 @@ struct Network<N> {
     removal_at: Option<Instant>,
     /// Bumped whenever the network is acquired again, so a stale timer does nothing.
     generation: u64,
+    /// Endpoints of a network adopted from a previous broker that a VM still holds open
+    /// while no client of this broker holds them (their connections died with the old
+    /// broker). The network is not idle while any is left ([`Registry::adopt`]).
+    orphans: BTreeSet<EndpointId>,
 }
 
 /// What the registry remembers of an endpoint it handed out.
@@ -278,6 +287,8 @@ struct Network<N> {
 struct Handed {
     mac: [u8; 6],
     uid: u32,
+    /// Made to outlive its handle: recorded so a restarted broker knows it.
+    persistent: bool,
 }
 
 struct Client {
@@ -307,6 +318,10 @@ pub struct Registry<B: Backend> {
     idle_timeout: Duration,
     /// Held for field updates only, never across an `.await`.
     state: Mutex<State<B::Network>>,
+    /// Where every change is recorded for a restarted broker (`state`), once set.
+    persist: OnceLock<StateWriter>,
+    /// How often an adopted network's orphaned endpoints are checked for being closed.
+    orphan_check: Duration,
 }
 
 /// The suggested guest MAC for endpoint `serial` of network `name`: locally administered,
@@ -360,7 +375,201 @@ impl<B: Backend> Registry<B> {
                 next_instance: 1,
                 closed: false,
             }),
+            persist: OnceLock::new(),
+            orphan_check: ORPHAN_CHECK,
         })
+    }
+
+    /// From now on every change is published to `writer` (and the current state at once).
+    pub fn persist(&self, writer: StateWriter) {
+        if self.persist.set(writer).is_ok() {
+            let st = self.lock();
+            self.record(&st);
+        }
+    }
+
+    /// Waits until every recorded change is on disk.
+    pub async fn flush_state(&self) {
+        if let Some(writer) = self.persist.get() {
+            writer.flush().await;
+        }
+    }
+
+    /// Publishes what exists now to the state writer. Called under the map lock right
+    /// after a change, so records are published in the order of the changes; it only
+    /// copies (the writer task does the I/O).
+    fn record(&self, st: &State<B::Network>) {
+        let Some(writer) = self.persist.get() else {
+            return;
+        };
+        let networks = st
+            .networks
+            .values()
+            .filter_map(|net| {
+                // Only active networks: one being created has nothing yet, and one being
+                // removed is half gone (what a crash leaves of it is stale).
+                let Phase::Active(live) = &net.phase else {
+                    return None;
+                };
+                Some(NetworkRecord {
+                    config: live.config.clone(),
+                    subnet: live.details.subnet,
+                    gateway: live.details.gateway,
+                    platform: live
+                        .details
+                        .platform
+                        .iter()
+                        .map(|(k, v)| (k.to_string(), v.to_string()))
+                        .collect(),
+                    serial: net.serial,
+                    endpoints: net
+                        .handed
+                        .iter()
+                        .map(|(id, h)| EndpointRecord {
+                            id: id.0.clone(),
+                            uid: h.uid,
+                            mac: Mac::from(h.mac),
+                            persistent: h.persistent,
+                        })
+                        .collect(),
+                })
+            })
+            .collect();
+        writer.publish(BrokerState {
+            version: crate::state::VERSION,
+            networks,
+        });
+    }
+
+    /// Takes over the networks a previous broker recorded (`state`), before serving:
+    /// the backend finds and re-arms each one as it is ([`Backend::adopt`]). A network
+    /// that cannot be adopted is logged and left to [`Backend::remove_stale`]. Endpoints
+    /// a VM still holds keep their network alive until the last one is closed; then the
+    /// normal idle removal runs. Returns the names of the networks adopted.
+    pub async fn adopt(self: &Arc<Self>, records: Vec<NetworkRecord>) -> Vec<String> {
+        let mut adopted = vec![];
+        for record in records {
+            let name = record.config.name.clone();
+            if self.lock().networks.contains_key(&name) {
+                warn!(network = %name, "recorded twice in the state file: adopting it once");
+                continue;
+            }
+            let handle = match self.backend.adopt(&record).await {
+                Ok(handle) => handle,
+                Err(e) => {
+                    warn!(network = %name, "cannot adopt the network of the previous broker, removing it: {}", chain(&e));
+                    continue;
+                }
+            };
+            let details = self.backend.details(&handle);
+            let live = match self.backend.live_endpoints(&handle).await {
+                Ok(live) => live,
+                Err(e) => {
+                    // Unknown is not none: every recorded endpoint is kept as live.
+                    warn!(network = %name, "cannot list the adopted network's endpoints: {}", chain(&e));
+                    record
+                        .endpoints
+                        .iter()
+                        .map(|e| EndpointId(e.id.clone()))
+                        .collect()
+                }
+            };
+            let handed: BTreeMap<EndpointId, Handed> = record
+                .endpoints
+                .iter()
+                .map(|e| (EndpointId(e.id.clone()), e))
+                .filter(|(id, _)| live.contains(id))
+                .map(|(id, e)| {
+                    (
+                        id,
+                        Handed {
+                            mac: e.mac.into(),
+                            uid: e.uid,
+                            persistent: e.persistent,
+                        },
+                    )
+                })
+                .collect();
+            let orphans: BTreeSet<EndpointId> = handed.keys().cloned().collect();
+            info!(
+                network = %name,
+                subnet = %details.subnet,
+                gateway = %details.gateway,
+                platform = ?details.platform,
+                endpoints = orphans.len(),
+                "network adopted from the previous broker"
+            );
+            let mut st = self.lock();
+            let instance = st.next_instance;
+            st.next_instance += 1;
+            let mut net = Network {
+                instance,
+                phase: Phase::Active(Arc::new(Live {
+                    handle,
+                    config: record.config,
+                    details,
+                })),
+                busy: Arc::new(NetworkLock::new(())),
+                clients: BTreeSet::new(),
+                pending: 0,
+                serial: record.serial,
+                prune_handed_at: (handed.len() * 2).max(PRUNE_HANDED_FROM),
+                handed,
+                removal_at: None,
+                generation: 0,
+                orphans,
+            };
+            if net.orphans.is_empty() {
+                self.schedule_if_idle(&name, &mut net);
+            } else {
+                self.watch_orphans(&name, instance);
+            }
+            st.networks.insert(name.clone(), net);
+            self.record(&st);
+            adopted.push(name);
+        }
+        adopted
+    }
+
+    /// Follows the orphaned endpoints of an adopted network until none is open any more,
+    /// then lets the network go idle like any other.
+    fn watch_orphans(self: &Arc<Self>, name: &str, instance: u64) {
+        let this = Arc::clone(self);
+        let name = name.to_string();
+        tokio::spawn(async move {
+            loop {
+                tokio::time::sleep(this.orphan_check).await;
+                let live = {
+                    let st = this.lock();
+                    let Some(net) = st.networks.get(&name).filter(|n| n.instance == instance)
+                    else {
+                        return;
+                    };
+                    let Phase::Active(live) = &net.phase else {
+                        return;
+                    };
+                    Arc::clone(live)
+                };
+                // An error means "unknown": keep them and ask again.
+                let Ok(open) = this.backend.live_endpoints(&live.handle).await else {
+                    continue;
+                };
+                let mut st = this.lock();
+                let Some(net) = st
+                    .networks
+                    .get_mut(&name)
+                    .filter(|n| n.instance == instance)
+                else {
+                    return;
+                };
+                net.orphans.retain(|e| open.contains(e));
+                if net.orphans.is_empty() {
+                    info!(network = %name, "the last endpoint of the previous broker's clients is closed");
+                    this.schedule_if_idle(&name, net);
+                    return;
+                }
+            }
+        });
     }
 
     pub fn backend(&self) -> &B {
@@ -588,6 +797,7 @@ impl<B: Backend> Registry<B> {
                 prune_handed_at: PRUNE_HANDED_FROM,
                 removal_at: None,
                 generation: 0,
+                orphans: BTreeSet::new(),
             },
         );
         Ok(Claim::Create(instance, guard))
@@ -652,6 +862,7 @@ impl<B: Backend> Registry<B> {
             .filter(|n| n.instance == instance)
             .expect("a network being created stays until its creator is done");
         net.phase = Phase::Active(Arc::clone(&live));
+        self.record(&st);
         Ok(live)
     }
 
@@ -773,6 +984,7 @@ impl<B: Backend> Registry<B> {
             Handed {
                 mac: request.mac,
                 uid: peer.uid,
+                persistent,
             },
         );
         let net_clients = net.clients.len();
@@ -796,6 +1008,7 @@ impl<B: Backend> Registry<B> {
             network_clients = net_clients,
             "network acquired"
         );
+        self.record(&st);
         Ok(Acquired {
             network: name.to_string(),
             mode: live.config.mode,
@@ -939,7 +1152,10 @@ impl<B: Backend> Registry<B> {
     }
 
     fn schedule_if_idle(self: &Arc<Self>, name: &str, net: &mut Network<B::Network>) {
-        let idle = net.clients.is_empty() && net.pending == 0 && net.removal_at.is_none();
+        let idle = net.clients.is_empty()
+            && net.pending == 0
+            && net.orphans.is_empty()
+            && net.removal_at.is_none();
         if !idle || !matches!(net.phase, Phase::Active(_)) {
             return;
         }
@@ -1024,6 +1240,7 @@ impl<B: Backend> Registry<B> {
             .is_some_and(|n| n.instance == removal.instance)
         {
             st.networks.remove(name);
+            self.record(&st);
         }
     }
 
@@ -1043,8 +1260,12 @@ impl<B: Backend> Registry<B> {
     pub async fn shutdown_if_idle(&self) -> bool {
         let networks = {
             let mut st = self.lock();
+            // Adopted endpoints a VM still holds count as clients.
             if st.clients.values().any(|c| !c.networks.is_empty())
-                || st.networks.values().any(|n| n.pending > 0)
+                || st
+                    .networks
+                    .values()
+                    .any(|n| n.pending > 0 || !n.orphans.is_empty())
             {
                 return false;
             }
@@ -1412,6 +1633,8 @@ mod tests {
         entered: StdMutex<Vec<String>>,
         /// What `leases` answers, for every network.
         leases: StdMutex<Vec<LeaseView>>,
+        /// Endpoints of a previous broker that are gone by the time `adopt` looks.
+        closed: StdMutex<BTreeSet<String>>,
     }
 
     impl Fake {
@@ -1510,6 +1733,20 @@ mod tests {
             self.pass(format!("destroy {}", n.0)).await;
             self.log.lock().unwrap().push(format!("destroy {}", n.0));
             Ok(())
+        }
+        async fn adopt(
+            &self,
+            record: &crate::state::NetworkRecord,
+        ) -> Result<Self::Network, BackendError> {
+            let name = record.config.name.clone();
+            self.log.lock().unwrap().push(format!("adopt {name}"));
+            for e in &record.endpoints {
+                // What the kernel still has: a test marks closed ones with `close`.
+                if !self.closed.lock().unwrap().contains(&e.id) {
+                    self.live.lock().unwrap().insert(e.id.clone());
+                }
+            }
+            Ok((name, record.subnet.addr().octets()[2]))
         }
         async fn remove_stale(&self) -> Result<(), BackendError> {
             Ok(())
@@ -1974,6 +2211,68 @@ mod tests {
             r.shutdown_if_idle().await,
             "a status-only connection does not count"
         );
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_restarted_registry_adopts_what_was_recorded_and_keeps_it_while_endpoints_live() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = registry();
+        r.persist(crate::state::StateWriter::start(dir.path().to_path_buf()));
+        let a = connect(&r, peer(1000)).await.unwrap();
+        let (p, _) = acquire(&r, a, "shared", None, true).await.unwrap();
+        let (q, _) = acquire(&r, a, "shared", Some([0x52, 0, 0, 0, 0, 9]), false)
+            .await
+            .unwrap();
+        r.flush_state().await;
+        let recorded = crate::state::load(dir.path()).unwrap().unwrap();
+        assert_eq!(recorded.networks.len(), 1);
+        let net = &recorded.networks[0];
+        assert_eq!(net.config.name, "shared");
+        assert_eq!(net.subnet.to_string(), p.subnet);
+        assert_eq!(net.serial, 2);
+        let eps: Vec<_> = net
+            .endpoints
+            .iter()
+            .map(|e| (e.id.as_str(), e.uid, e.mac.to_string(), e.persistent))
+            .collect();
+        assert_eq!(
+            eps,
+            [
+                (p.interface.as_str(), 1000, p.mac.clone(), true),
+                (
+                    q.interface.as_str(),
+                    1000,
+                    "52:00:00:00:00:09".to_string(),
+                    false
+                ),
+            ]
+        );
+        // The broker dies (its registry with it); one of the two TAPs was closed meanwhile.
+        drop(r);
+        let fake = Fake::default();
+        fake.closed.lock().unwrap().insert(p.interface.clone());
+        let r = registry_in(std::path::Path::new("/nonexistent"), fake);
+        assert_eq!(r.adopt(recorded.networks).await, ["shared"]);
+        assert_eq!(r.backend().log(), ["adopt shared"]);
+        let s = status(&r).await;
+        assert_eq!(s.networks[0].subnet, p.subnet, "the same network");
+        assert_eq!(s.networks[0].removal_in_seconds, None, "a VM holds a TAP");
+        // A new client joins; its MAC is never the one the live TAP has.
+        let b = connect(&r, peer(1001)).await.unwrap();
+        let refused = acquire(&r, b, "shared", Some([0x52, 0, 0, 0, 0, 9]), false).await;
+        assert!(refused.is_err(), "{refused:?}");
+        let (n, _) = acquire(&r, b, "shared", None, false).await.unwrap();
+        assert_eq!(n.subnet, p.subnet);
+        assert_ne!(n.interface, q.interface);
+        r.disconnect(b).await;
+        tokio::time::sleep(IDLE * 2).await;
+        assert_eq!(status(&r).await.networks.len(), 1, "kept for the live TAP");
+        // The last TAP of the previous broker's clients closes: the idle removal runs.
+        r.backend().close(&q.interface);
+        r.backend().close(&n.interface);
+        tokio::time::sleep(IDLE + Duration::from_secs(2)).await;
+        assert!(status(&r).await.networks.is_empty());
+        assert_eq!(r.backend().log().last().unwrap(), "destroy shared");
     }
 
     #[tokio::test(start_paused = true)]

@@ -253,6 +253,12 @@ mod tests {
         async fn destroy(&self, _: &Self::Network) -> Result<(), BackendError> {
             Ok(())
         }
+        async fn adopt(
+            &self,
+            record: &crate::state::NetworkRecord,
+        ) -> Result<Self::Network, BackendError> {
+            Err(BackendError::Vanished(record.config.name.clone()))
+        }
         async fn remove_stale(&self) -> Result<(), BackendError> {
             Ok(())
         }

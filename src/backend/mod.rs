@@ -10,6 +10,7 @@
 
 use crate::config::NetworkConfig;
 use crate::policy::Peer;
+use crate::state::NetworkRecord;
 use ipnet::Ipv4Net;
 use std::collections::BTreeSet;
 use std::fmt;
@@ -233,6 +234,17 @@ pub trait Backend: Send + Sync + 'static {
         network: &Self::Network,
     ) -> impl Future<Output = Result<(), BackendError>> + Send;
 
-    /// Removes what a previous broker that died without cleaning up left behind.
+    /// Takes over a network a previous broker made, as its state file recorded it, and
+    /// leaves it as it is: same device, subnet and gateway; what runs inside the broker
+    /// (firewall rules, bindings of the endpoints still open, DHCP with its leases, DNS)
+    /// is started again, idempotently. Fails, changing nothing lasting, when what is there
+    /// does not match the record; the network is then left to [`Backend::remove_stale`].
+    fn adopt(
+        &self,
+        record: &NetworkRecord,
+    ) -> impl Future<Output = Result<Self::Network, BackendError>> + Send;
+
+    /// Removes what a previous broker that died without cleaning up left behind, except
+    /// the networks adopted from it (those `adopt` returned and this backend holds).
     fn remove_stale(&self) -> impl Future<Output = Result<(), BackendError>> + Send;
 }

@@ -9,6 +9,7 @@ use vmnet_broker::policy::SystemDirectory;
 use vmnet_broker::protocol::{DEFAULT_SOCKET, SOCKET_ENV};
 use vmnet_broker::registry::Registry;
 use vmnet_broker::server::{ServerOptions, serve};
+use vmnet_broker::state::{self, StateWriter};
 use vmnet_broker::systemd::Notifier;
 
 #[derive(clap::Args)]
@@ -27,7 +28,8 @@ pub struct Args {
     /// starts the broker on demand. The networks are removed on that exit.
     #[arg(long, value_name = "SECONDS")]
     exit_on_idle: Option<f64>,
-    /// Where DHCP leases are kept across restarts.
+    /// Where DHCP leases and the record of the broker's networks (broker-state.json) are
+    /// kept across restarts: a restarted broker adopts the networks recorded there.
     #[arg(long, default_value = "/var/lib/vmnet-broker", value_name = "DIR")]
     state_dir: PathBuf,
     /// Upstream resolvers for the networks' DNS servers.
@@ -119,19 +121,12 @@ pub fn main(args: Args) -> super::Result {
         .enable_all()
         .build()?;
     runtime.block_on(async move {
+        let state_dir = args.state_dir.clone();
         let backend = LinuxBackend::new(LinuxOptions {
             state_dir: args.state_dir,
             resolv_conf: args.resolv_conf,
         })
         .await?;
-        // Leftovers of a crashed broker only get in the way of the networks they
-        // belonged to (and those are reported when created): not a reason not to serve.
-        if let Err(e) = backend.remove_stale().await {
-            warn!(
-                "cannot remove what a previous broker left behind: {}",
-                vmnet_broker::error::chain(&e)
-            );
-        }
         info!(config_dir = %args.config_dir.display(), idle_timeout = idle.as_secs_f64(), "starting");
         let config_dir = ConfigDir::new(args.config_dir);
         let registry = Registry::new(
@@ -140,8 +135,36 @@ pub fn main(args: Args) -> super::Result {
             Box::new(SystemDirectory),
             idle,
         );
+        // What a previous broker recorded is adopted as it is; a state file that cannot
+        // be used is no reason not to start: everything of the previous broker is then
+        // removed, as after a crash before this file existed.
+        let dir = state_dir.clone();
+        let recorded = match tokio::task::spawn_blocking(move || state::load(&dir)).await? {
+            Ok(Some(recorded)) => recorded.networks,
+            Ok(None) => vec![],
+            Err(e) => {
+                warn!(
+                    "ignoring the state file, removing what the previous broker left instead: {}",
+                    vmnet_broker::error::chain(&e)
+                );
+                vec![]
+            }
+        };
+        let adopted = registry.adopt(recorded).await;
+        if !adopted.is_empty() {
+            info!(networks = ?adopted, "adopted the previous broker's networks");
+        }
+        // Leftovers of a crashed broker only get in the way of the networks they
+        // belonged to (and those are reported when created): not a reason not to serve.
+        if let Err(e) = registry.backend().remove_stale().await {
+            warn!(
+                "cannot remove what a previous broker left behind: {}",
+                vmnet_broker::error::chain(&e)
+            );
+        }
+        registry.persist(StateWriter::start(state_dir));
         serve(
-            registry,
+            std::sync::Arc::clone(&registry),
             ServerOptions {
                 socket: args.socket,
                 activated,
@@ -152,6 +175,8 @@ pub fn main(args: Args) -> super::Result {
         )
         .await
         .map_err(|e| vmnet_broker::error::chain(&e))?;
+        // The last change (every network removed) is on disk before the process ends.
+        registry.flush_state().await;
         Ok::<_, Box<dyn std::error::Error>>(ExitCode::SUCCESS)
     })
 }

@@ -18,6 +18,7 @@ use crate::backend::{
     NetworkDetails, PlatformDetails,
 };
 use crate::config::{Mode, NetworkConfig};
+use crate::state::NetworkRecord;
 use firewall::{Firewall, FirewallNetwork};
 use ipnet::Ipv4Net;
 use links::{Departures, LinkRecord};
@@ -651,6 +652,76 @@ impl Backend for LinuxBackend {
         }
         self.release_subnet(&bridge.name);
         BackendError::all(errors)
+    }
+
+    async fn adopt(&self, record: &NetworkRecord) -> Result<LinuxNetwork, BackendError> {
+        let config = &record.config;
+        let bridge_name = bridge_name(&config.name);
+        let alias = alias_for(&config.name);
+        let bridge = match self.netlink.link_by_name(&bridge_name).await? {
+            Some(link) if link.is_bridge && link.alias.as_deref() == Some(alias.as_str()) => link,
+            Some(_) => {
+                return Err(BackendError::Conflict(format!(
+                    "interface {bridge_name} is not the network's bridge any more"
+                )));
+            }
+            None => {
+                return Err(BackendError::Vanished(format!(
+                    "bridge {bridge_name} is gone"
+                )));
+            }
+        };
+        {
+            let mut held = self.held.lock().expect("not poisoned");
+            if held.contains_key(&bridge_name) {
+                return Err(BackendError::Conflict(format!(
+                    "bridge {bridge_name} is already in use by an active network"
+                )));
+            }
+            held.insert(bridge_name.clone(), (config.name.clone(), record.subnet));
+        }
+        // The same rules, DHCP (its leases are in the state directory) and DNS names as
+        // before: the firewall replaces the network's chains with identical ones.
+        let services = match self
+            .start_services(config, &bridge, record.subnet, record.gateway)
+            .await
+        {
+            Ok(services) => services,
+            Err(e) => {
+                self.release_subnet(&bridge_name);
+                return Err(e);
+            }
+        };
+        // Bindings back for the TAPs still on the bridge; until the binder has run
+        // their frames are dropped, as for a new TAP.
+        if !config.allow_spoofing {
+            match self.links.live_ports_of(bridge.index, &alias).await {
+                Ok(live) => {
+                    for ep in &record.endpoints {
+                        if live.iter().any(|l| l.name == ep.id) {
+                            let _ = self.binder.send(BindJob {
+                                network: config.name.clone(),
+                                tap: ep.id.clone(),
+                                mac: ep.mac.into(),
+                            });
+                        }
+                    }
+                }
+                Err(e) => warn!(
+                    network = %config.name,
+                    "cannot list the adopted network's TAPs to bind them: {}",
+                    crate::error::Chain(&e)
+                ),
+            }
+        }
+        info!(network = %config.name, interface = %bridge_name, "adopted bridge");
+        Ok(LinuxNetwork {
+            config: config.clone(),
+            bridge,
+            subnet: record.subnet,
+            gateway: record.gateway,
+            services: Mutex::new(Some(services)),
+        })
     }
 
     async fn remove_stale(&self) -> Result<(), BackendError> {

@@ -250,6 +250,17 @@ impl Backend for MacosBackend {
         Ok(())
     }
 
+    async fn adopt(
+        &self,
+        record: &crate::state::NetworkRecord,
+    ) -> Result<MacNetwork, BackendError> {
+        // vmnet networks end with the process that made them: there is nothing to adopt.
+        Err(BackendError::Vanished(format!(
+            "vmnet network {} ended with the previous broker",
+            record.config.name
+        )))
+    }
+
     async fn remove_stale(&self) -> Result<(), BackendError> {
         // vmnet networks end with the process that made them: nothing is left behind.
         Ok(())
