@@ -443,9 +443,10 @@ impl<B: Backend> Registry<B> {
 
     /// Takes over the networks a previous broker recorded (`state`), before serving:
     /// the backend finds and re-arms each one as it is ([`Backend::adopt`]). A network
-    /// that cannot be adopted is logged and left to [`Backend::remove_stale`]. Endpoints
-    /// a VM still holds keep their network alive until the last one is closed; then the
-    /// normal idle removal runs. Returns the names of the networks adopted.
+    /// that cannot be adopted is logged and left to [`Backend::remove_stale`]; one no VM
+    /// holds any more is removed. Endpoints a VM still holds keep their network alive
+    /// until the last one is closed; then the normal idle removal runs. Returns the
+    /// names of the networks adopted.
     pub async fn adopt(self: &Arc<Self>, records: Vec<NetworkRecord>) -> Vec<String> {
         let mut adopted = vec![];
         for record in records {
@@ -491,6 +492,19 @@ impl<B: Backend> Registry<B> {
                 })
                 .collect();
             let orphans: BTreeSet<EndpointId> = handed.keys().cloned().collect();
+            if orphans.is_empty() {
+                // No VM holds it any more: removed now, as a previous broker's leftovers
+                // always were, rather than kept for an idle timeout nobody waits for.
+                match self.backend.destroy(&handle).await {
+                    Ok(()) => {
+                        info!(network = %name, "network of the previous broker unused: removed")
+                    }
+                    Err(e) => {
+                        warn!(network = %name, "cannot remove the previous broker's unused network: {}", chain(&e))
+                    }
+                }
+                continue;
+            }
             info!(
                 network = %name,
                 subnet = %details.subnet,
@@ -502,7 +516,7 @@ impl<B: Backend> Registry<B> {
             let mut st = self.lock();
             let instance = st.next_instance;
             st.next_instance += 1;
-            let mut net = Network {
+            let net = Network {
                 instance,
                 phase: Phase::Active(Arc::new(Live {
                     handle,
@@ -519,11 +533,7 @@ impl<B: Backend> Registry<B> {
                 generation: 0,
                 orphans,
             };
-            if net.orphans.is_empty() {
-                self.schedule_if_idle(&name, &mut net);
-            } else {
-                self.watch_orphans(&name, instance);
-            }
+            self.watch_orphans(&name, instance);
             st.networks.insert(name.clone(), net);
             self.record(&st);
             adopted.push(name);

@@ -532,6 +532,34 @@ fn a_second_broker_refuses_a_live_socket_and_replaces_a_stale_one() {
 }
 
 #[test]
+fn a_corrupt_state_file_falls_back_to_removing_what_the_previous_broker_left() {
+    let mut b = Broker::start(Options::default());
+    let c = b.client();
+    let a = c.acquire("shared").unwrap();
+    let bridge = a.info.bridge.clone();
+    let state = b.state_dir.join("broker-state.json");
+    b.wait_for(
+        "the network in the state file",
+        Duration::from_secs(10),
+        || std::fs::read_to_string(&state).is_ok_and(|s| s.contains(&a.info.interface)),
+    );
+    b.signal(Signal::SIGKILL);
+    b.wait_exit(Duration::from_secs(5)).unwrap();
+    // The TAP is still held open, but the record of it is garbage.
+    std::fs::write(&state, "{\"version\": 1, \"networks\": [{\"config\"").unwrap();
+    b.spawn(&Options::default());
+    assert!(b.log().contains("ignoring the state file"), "{}", b.log());
+    assert!(!b.ns.links().contains(&bridge), "{:?}", b.ns.links());
+    assert!(!b.ns.links().contains(&a.info.interface));
+    // It serves, and records anew.
+    let n = b.client().acquire("shared").unwrap();
+    b.wait_for("a fresh state file", Duration::from_secs(10), || {
+        std::fs::read_to_string(&state).is_ok_and(|s| s.contains(&n.info.interface))
+    });
+    drop(a);
+}
+
+#[test]
 fn socket_is_0660() {
     let b = Broker::start(Options::default());
     let mode = std::fs::metadata(&b.socket).unwrap();

@@ -1698,3 +1698,120 @@ fn a_renewal_restores_a_flushed_lease_binding() {
         "the renewal did not bind the lease again"
     );
 }
+
+// ---- restarts ------------------------------------------------------------------------
+
+/// The shared network's entry in `status`, if it exists.
+fn shared_status(b: &Broker) -> Option<vmnet_broker::protocol::NetworkStatus> {
+    b.client()
+        .status()
+        .unwrap()
+        .networks
+        .into_iter()
+        .find(|n| n.name == "shared")
+}
+
+#[test]
+fn a_broker_restarted_after_sigkill_adopts_its_networks_with_taps_leases_and_names() {
+    let quick = || Options {
+        idle_timeout: 1.0,
+        ..Default::default()
+    };
+    let mut b = Broker::start(quick());
+    // The TAP is held by this process, a client of the broker: its connection dies with
+    // the broker, the TAP does not.
+    let c = b.client();
+    let a = c.acquire("shared").unwrap();
+    let (gw, net) = (ip(&a.info.gateway), subnet_of(&a));
+    let (bridge, tap_name) = (a.info.bridge.clone(), a.info.interface.clone());
+    let gw_mac = parse_mac(
+        b.ns.sh(&format!("cat /sys/class/net/{bridge}/address"))
+            .trim(),
+    );
+    let tap = Tap::new(a);
+    let leased = tap.dhcp("tapvm");
+    assert!(
+        tap.gateway_answers(tap.mac, leased, gw, SOON),
+        "{}",
+        b.log()
+    );
+    // A second guest, on a veth, for a real DHCP client (udhcpc) and DNS client (dig).
+    let vm = VethVm::new(&b, &bridge, "52:54:00:ad:00:01");
+    let vm_ip = vm.lease(&b, &["-x", "hostname:vm1"])["ip"].clone();
+    assert_ne!(vm_ip, leased.to_string());
+    let state = b.state_dir.join("broker-state.json");
+    b.wait_for("the TAP in the state file", SOON, || {
+        std::fs::read_to_string(&state).is_ok_and(|s| s.contains(&tap_name))
+    });
+
+    b.signal(nix::sys::signal::Signal::SIGKILL);
+    b.wait_exit(SOON).expect("SIGKILLed broker exits");
+    drop(c);
+    b.spawn(&quick());
+    b.wait_for("the adoption", SOON, || {
+        b.log().contains("network adopted from the previous broker")
+    });
+    // Nothing of theirs removed: the TAP is still a port of the same bridge.
+    assert!(!b.log().contains("removed stale interface"), "{}", b.log());
+    let master = b.ns.sh(&format!(
+        "basename $(readlink /sys/class/net/{tap_name}/master)"
+    ));
+    assert_eq!(master.trim(), bridge);
+    let status = shared_status(&b).expect("the network is listed");
+    assert_eq!(status.subnet, net.to_string());
+    assert_eq!(status.removal_in_seconds, None, "a VM holds its TAP");
+    // Its binding is back: its own frames pass, forged ones are still dropped.
+    assert!(
+        tap.gateway_answers(tap.mac, leased, gw, SOON),
+        "{}",
+        b.log()
+    );
+    let forged_mac = [0x52, 0x54, 0x00, 0xba, 0xdb, 0xad];
+    assert!(!tap.gateway_answers(forged_mac, leased, gw, NEVER));
+    let forged_ip = other_host(net, &[gw, leased, ip(&vm_ip)]);
+    assert!(!tap.gateway_answers(tap.mac, forged_ip, gw, NEVER));
+    // The DNS names are still known, to the TAP's guest and the other one.
+    let answer = tap.dns_query((tap.mac, leased), (gw_mac, gw), "vm1", SOON);
+    assert!(
+        answer.windows(4).any(|w| w == ip(&vm_ip).octets()),
+        "vm1 resolves to {vm_ip}: {answer:?}"
+    );
+    assert_eq!(
+        dig(&vm.ns, gw, &["tapvm.shared.vmnet", "A"]),
+        Some(vec![leased.to_string()])
+    );
+    // The leases are kept: asked again, the veth guest keeps its address (a server that
+    // forgot would give it the first free one, which the TAP's guest holds).
+    assert_eq!(vm.lease(&b, &["-x", "hostname:vm1"])["ip"], vm_ip);
+
+    // A new client joins the adopted network, with a TAP of its own.
+    {
+        let c = b.client();
+        let n = c.acquire("shared").unwrap();
+        assert_eq!(
+            (n.info.bridge.as_str(), subnet_of(&n)),
+            (bridge.as_str(), net)
+        );
+        assert_ne!(n.info.interface, tap_name);
+    }
+    // Once the new client is gone no removal is scheduled while the old client's TAP is
+    // open (one would be scheduled at the release itself)...
+    b.wait_for("the new client gone", SOON, || {
+        b.count_in_log("network released") >= 1
+    });
+    let status = shared_status(&b).expect("kept");
+    assert_eq!(status.removal_in_seconds, None, "{}", b.log());
+    // ...and removed by the idle timeout once it is closed.
+    drop(tap);
+    b.wait_for("the idle removal", Duration::from_secs(20), || {
+        !b.ns.links().contains(&bridge)
+    });
+    assert!(
+        b.log().contains("idle timeout: removing network"),
+        "{}",
+        b.log()
+    );
+    b.wait_for("the state file emptied", SOON, || {
+        std::fs::read_to_string(&state).is_ok_and(|s| !s.contains("shared"))
+    });
+}
