@@ -18,7 +18,7 @@ use crate::config::{ConfigDir, ConfigError, Mode, NetworkConfig, name_hash};
 use crate::error::chain;
 use crate::mac::Mac;
 use crate::policy::{self, Denied, Directory, Peer};
-use crate::state::{BrokerState, EndpointRecord, NetworkRecord, StateWriter};
+use crate::state::{BrokerState, ClientRecord, EndpointRecord, NetworkRecord, StateWriter};
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
@@ -435,9 +435,32 @@ impl<B: Backend> Registry<B> {
                 })
             })
             .collect();
+        let clients = st
+            .clients
+            .iter()
+            .map(|(id, c)| ClientRecord {
+                id: *id,
+                pid: c.peer.pid,
+                uid: c.peer.uid,
+                gid: c.peer.gid,
+                groups: c.peer.groups.as_deref().map(<[u32]>::to_vec),
+                networks: c.networks.iter().cloned().collect(),
+                endpoints: c
+                    .taps
+                    .iter()
+                    .map(|(n, e)| (n.clone(), e.0.clone()))
+                    .collect(),
+                persistent: c
+                    .persistent
+                    .iter()
+                    .map(|(n, e)| (n.clone(), e.0.clone()))
+                    .collect(),
+            })
+            .collect();
         writer.publish(BrokerState {
             version: crate::state::VERSION,
             networks,
+            clients,
         });
     }
 
@@ -447,7 +470,41 @@ impl<B: Backend> Registry<B> {
     /// holds any more is removed. Endpoints a VM still holds keep their network alive
     /// until the last one is closed; then the normal idle removal runs. Returns the
     /// names of the networks adopted.
-    pub async fn adopt(self: &Arc<Self>, records: Vec<NetworkRecord>) -> Vec<String> {
+    ///
+    /// `clients` are the previous broker's clients whose connections the service manager
+    /// handed back (its fd store): they are registered again under their ids, holding
+    /// what they held, and the server serves their connections as before.
+    pub async fn adopt(
+        self: &Arc<Self>,
+        records: Vec<NetworkRecord>,
+        clients: Vec<ClientRecord>,
+    ) -> Vec<String> {
+        {
+            let mut st = self.lock();
+            for c in clients {
+                st.next_client = st.next_client.max(c.id + 1);
+                let endpoints = |list: Vec<(String, String)>| {
+                    list.into_iter()
+                        .map(|(n, e)| (n, EndpointId(e)))
+                        .collect::<Vec<_>>()
+                };
+                info!(client = c.id, pid = c.pid, uid = c.uid, networks = ?c.networks, "client restored from the previous broker");
+                st.clients.insert(
+                    c.id,
+                    Client {
+                        peer: Peer {
+                            pid: c.pid,
+                            uid: c.uid,
+                            gid: c.gid,
+                            groups: c.groups.map(Into::into),
+                        },
+                        networks: c.networks.into_iter().collect(),
+                        taps: endpoints(c.endpoints),
+                        persistent: endpoints(c.persistent),
+                    },
+                );
+            }
+        }
         let mut adopted = vec![];
         for record in records {
             let name = record.config.name.clone();
@@ -491,8 +548,27 @@ impl<B: Backend> Registry<B> {
                     )
                 })
                 .collect();
-            let orphans: BTreeSet<EndpointId> = handed.keys().cloned().collect();
-            if orphans.is_empty() {
+            let holders: BTreeSet<ClientId> = self
+                .lock()
+                .clients
+                .iter()
+                .filter(|(_, c)| c.networks.contains(&name))
+                .map(|(id, _)| *id)
+                .collect();
+            // The restored clients' endpoints are theirs; the rest are orphans.
+            let orphans: BTreeSet<EndpointId> = {
+                let st = self.lock();
+                handed
+                    .keys()
+                    .filter(|id| {
+                        !st.clients
+                            .values()
+                            .any(|c| c.taps.iter().any(|(n, e)| *n == name && e == *id))
+                    })
+                    .cloned()
+                    .collect()
+            };
+            if orphans.is_empty() && holders.is_empty() {
                 // No VM holds it any more: removed now, as a previous broker's leftovers
                 // always were, rather than kept for an idle timeout nobody waits for.
                 match self.backend.destroy(&handle).await {
@@ -516,7 +592,7 @@ impl<B: Backend> Registry<B> {
             let mut st = self.lock();
             let instance = st.next_instance;
             st.next_instance += 1;
-            let net = Network {
+            let mut net = Network {
                 instance,
                 phase: Phase::Active(Arc::new(Live {
                     handle,
@@ -524,7 +600,7 @@ impl<B: Backend> Registry<B> {
                     details,
                 })),
                 busy: Arc::new(NetworkLock::new(())),
-                clients: BTreeSet::new(),
+                clients: holders,
                 pending: 0,
                 serial: record.serial,
                 prune_handed_at: (handed.len() * 2).max(PRUNE_HANDED_FROM),
@@ -533,11 +609,26 @@ impl<B: Backend> Registry<B> {
                 generation: 0,
                 orphans,
             };
-            self.watch_orphans(&name, instance);
+            if net.orphans.is_empty() {
+                self.schedule_if_idle(&name, &mut net);
+            } else {
+                self.watch_orphans(&name, instance);
+            }
             st.networks.insert(name.clone(), net);
             self.record(&st);
             adopted.push(name);
         }
+        // A restored client keeps only what was adopted.
+        let mut st = self.lock();
+        let State {
+            clients, networks, ..
+        } = &mut *st;
+        for c in clients.values_mut() {
+            c.networks.retain(|n| networks.contains_key(n));
+            c.taps.retain(|(n, _)| networks.contains_key(n));
+            c.persistent.retain(|(n, _)| networks.contains_key(n));
+        }
+        self.record(&st);
         adopted
     }
 
@@ -591,6 +682,11 @@ impl<B: Backend> Registry<B> {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// The credentials client `id` connected with, if it is known.
+    pub fn peer_of(&self, id: ClientId) -> Option<Peer> {
+        self.lock().clients.get(&id).map(|c| c.peer.clone())
+    }
+
     /// Registers a newly connected client. Fails once the broker is shutting down.
     pub async fn connect(&self, peer: Peer) -> Result<ClientId, RegistryError> {
         let mut st = self.lock();
@@ -633,6 +729,7 @@ impl<B: Backend> Registry<B> {
             clients = st.clients.len(),
             "client connected"
         );
+        self.record(&st);
         Ok(id)
     }
 
@@ -1127,6 +1224,7 @@ impl<B: Backend> Registry<B> {
                 clients = st.clients.len(),
                 "client disconnected"
             );
+            self.record(&st);
             c.persistent
                 .into_iter()
                 .filter_map(|(name, endpoint)| {
@@ -2262,7 +2360,7 @@ mod tests {
         let fake = Fake::default();
         fake.closed.lock().unwrap().insert(p.interface.clone());
         let r = registry_in(std::path::Path::new("/nonexistent"), fake);
-        assert_eq!(r.adopt(recorded.networks).await, ["shared"]);
+        assert_eq!(r.adopt(recorded.networks, vec![]).await, ["shared"]);
         assert_eq!(r.backend().log(), ["adopt shared"]);
         let s = status(&r).await;
         assert_eq!(s.networks[0].subnet, p.subnet, "the same network");

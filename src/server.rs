@@ -40,6 +40,9 @@ pub struct ServerOptions {
     /// A listener the service manager passed (socket activation): served instead of
     /// binding `socket`, and left in place on exit (the manager owns it).
     pub activated: Option<Activated>,
+    /// Client connections the service manager handed back (its fd store), by the client
+    /// id the registry restored them under ([`Registry::adopt`]).
+    pub restored: Vec<(ClientId, std::os::fd::OwnedFd)>,
     /// Exit after no client has been connected for this long (socket activation).
     pub exit_on_idle: Option<Duration>,
     /// The config directory SIGHUP re-reads to report changes; `None`: SIGHUP only logs.
@@ -127,6 +130,7 @@ pub async fn serve<B: Backend<Endpoint: AsFd>>(
     let ServerOptions {
         socket,
         activated,
+        restored,
         exit_on_idle,
         config_dir,
         notifier,
@@ -176,6 +180,32 @@ pub async fn serve<B: Backend<Endpoint: AsFd>>(
             )));
         }
     }
+    for (client, fd) in restored {
+        let socket = match set_nonblocking(&fd).and_then(|()| UnixSeqpacket::try_from(fd)) {
+            Ok(socket) => socket,
+            Err(e) => {
+                warn!(client, "cannot serve the connection handed back: {e}");
+                registry.disconnect(client).await;
+                notifier.forget_client(client);
+                continue;
+            }
+        };
+        info!(
+            client,
+            "serving a connection handed back by the service manager"
+        );
+        conns.live.fetch_add(1, Ordering::SeqCst);
+        let (registry, conns, notifier) = (
+            Arc::clone(&registry),
+            Arc::clone(&conns),
+            Arc::clone(&notifier),
+        );
+        tokio::spawn(async move {
+            handle_connection(registry, socket, notifier, Some(client)).await;
+            conns.live.fetch_sub(1, Ordering::SeqCst);
+            conns.changed.notify_waiters();
+        });
+    }
     let result = loop {
         let idle = idle_exit(&conns, exit_on_idle);
         tokio::select! {
@@ -183,9 +213,13 @@ pub async fn serve<B: Backend<Endpoint: AsFd>>(
                 Ok(socket) => {
                     conns.live.fetch_add(1, Ordering::SeqCst);
                     conns.changed.notify_waiters();
-                    let (registry, conns) = (Arc::clone(&registry), Arc::clone(&conns));
+                    let (registry, conns, notifier) = (
+                        Arc::clone(&registry),
+                        Arc::clone(&conns),
+                        Arc::clone(&notifier),
+                    );
                     tokio::spawn(async move {
-                        handle_connection(registry, socket).await;
+                        handle_connection(registry, socket, notifier, None).await;
                         conns.live.fetch_sub(1, Ordering::SeqCst);
                         conns.changed.notify_waiters();
                     });
@@ -196,8 +230,8 @@ pub async fn serve<B: Backend<Endpoint: AsFd>>(
                     tokio::time::sleep(Duration::from_millis(100)).await;
                 }
             },
-            _ = sigterm.recv() => if stop_requested(&registry, "SIGTERM").await { break Ok(()) },
-            _ = sigint.recv() => if stop_requested(&registry, "SIGINT").await { break Ok(()) },
+            _ = sigterm.recv() => if stop_requested(&registry, &notifier, "SIGTERM").await { break Ok(()) },
+            _ = sigint.recv() => if stop_requested(&registry, &notifier, "SIGINT").await { break Ok(()) },
             _ = sighup.recv() => {
                 notifier.reloading();
                 reload(&registry, config_dir.as_ref(), &mut config_view).await;
@@ -346,9 +380,22 @@ async fn idle_exit(conns: &Connections, period: Option<Duration>) {
     }
 }
 
-async fn stop_requested<B: Backend>(registry: &Registry<B>, signal: &str) -> bool {
+async fn stop_requested<B: Backend>(
+    registry: &Registry<B>,
+    notifier: &Notifier,
+    signal: &str,
+) -> bool {
     if registry.shutdown_if_idle().await {
         info!("{signal}: no clients, networks removed, exiting");
+        true
+    } else if notifier.can_hand_over() {
+        // Every client's connection is in the manager's fd store and every network in
+        // the state file: the next broker takes both over, so nothing is removed.
+        let n = registry.holders().await;
+        info!(
+            "{signal}: {n} client(s) hold networks; handing over to the next broker \
+             (connections in the service manager's fd store, networks left in place), exiting"
+        );
         true
     } else {
         let n = registry.holders().await;
@@ -395,36 +442,82 @@ fn bind(path: &Path) -> Result<UnixSeqpacketListener, ServeError> {
     Ok(listener)
 }
 
+/// tokio needs a non-blocking fd; the service manager passes them as they were stored.
+fn set_nonblocking(fd: &std::os::fd::OwnedFd) -> std::io::Result<()> {
+    let flags = nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_GETFL)?;
+    let flags = nix::fcntl::OFlag::from_bits_retain(flags) | nix::fcntl::OFlag::O_NONBLOCK;
+    nix::fcntl::fcntl(fd, nix::fcntl::FcntlArg::F_SETFL(flags))?;
+    Ok(())
+}
+
+/// Serves one connection until it closes, then releases what its client held.
+/// `restored`: the client id of a connection handed back by the service manager, whose
+/// client the registry already knows (the previous broker's).
 async fn handle_connection<B: Backend<Endpoint: AsFd>>(
     registry: Arc<Registry<B>>,
     socket: UnixSeqpacket,
+    notifier: Arc<Notifier>,
+    restored: Option<ClientId>,
 ) {
+    let (client, peer) = match restored {
+        Some(client) => match registry.peer_of(client) {
+            Some(peer) => (client, peer),
+            None => return,
+        },
+        None => match connect(&registry, &socket).await {
+            Some(c) => {
+                // A copy in the manager's fd store: the next broker gets it back.
+                notifier.store_client(c.0, socket.as_fd());
+                c
+            }
+            None => return,
+        },
+    };
+    serve_client(&registry, &socket, client, &peer).await;
+    registry.disconnect(client).await;
+    notifier.forget_client(client);
+}
+
+/// Reads the peer's credentials and registers it; on refusal answers and closes.
+async fn connect<B: Backend<Endpoint: AsFd>>(
+    registry: &Arc<Registry<B>>,
+    socket: &UnixSeqpacket,
+) -> Option<(ClientId, Peer)> {
     let peer = match socket.peer_cred() {
         Ok(c) => Peer {
             pid: c.pid().unwrap_or(0),
             uid: c.uid(),
             gid: c.gid(),
-            groups: peer_groups(&socket).map(Into::into),
+            groups: peer_groups(socket).map(Into::into),
         },
         Err(e) => {
             warn!("cannot read peer credentials, closing: {e}");
-            return;
+            return None;
         }
     };
-    let client = match registry.connect(peer.clone()).await {
-        Ok(id) => id,
+    match registry.connect(peer.clone()).await {
+        Ok(id) => Some((id, peer)),
         Err(e) => {
             let _ = socket.send(&Reply::Error(wire_error(&e)).to_bytes()).await;
-            drain_before_close(&socket).await;
-            return;
+            drain_before_close(socket).await;
+            None
         }
-    };
+    }
+}
+
+/// Answers the client's requests until its connection closes.
+async fn serve_client<B: Backend<Endpoint: AsFd>>(
+    registry: &Arc<Registry<B>>,
+    socket: &UnixSeqpacket,
+    client: ClientId,
+    peer: &Peer,
+) {
     loop {
         // A buffer the size of the message, made when it arrives: a 64 KiB one kept per
         // connection cost ~64 KiB of RSS each (calloc zeroes all of it in a thread's
         // arena), 60 MiB for a thousand idle leases. One byte more than allowed, so an
         // oversized message is seen as such.
-        let len = match next_message_len(&socket).await {
+        let len = match next_message_len(socket).await {
             Ok(len) => len,
             Err(e) => {
                 debug!(client, "receive failed: {e}");
@@ -451,12 +544,11 @@ async fn handle_connection<B: Backend<Endpoint: AsFd>>(
         } else {
             Request::parse(&buf[..n])
         };
-        if let Err(e) = respond(&registry, &socket, client, &peer, request).await {
+        if let Err(e) = respond(registry, socket, client, peer, request).await {
             debug!(client, "send failed, closing: {e}");
             break;
         }
     }
-    registry.disconnect(client).await;
 }
 
 /// Supplementary groups of the process that connected (`SO_PEERGROUPS`, Linux 4.13), as

@@ -35,6 +35,10 @@ pub const VERSION: u32 = 1;
 pub struct BrokerState {
     pub version: u32,
     pub networks: Vec<NetworkRecord>,
+    /// The connected clients: a client whose connection the service manager hands back
+    /// (its fd store) is restored from its record, so its lease never ends.
+    #[serde(default)]
+    pub clients: Vec<ClientRecord>,
 }
 
 impl Default for BrokerState {
@@ -42,8 +46,28 @@ impl Default for BrokerState {
         Self {
             version: VERSION,
             networks: vec![],
+            clients: vec![],
         }
     }
+}
+
+/// One connected client, as the registry knows it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClientRecord {
+    /// Its id, which also names its connection in the service manager's fd store
+    /// (`client-<id>`).
+    pub id: u64,
+    pub pid: i32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Its supplementary groups (SO_PEERGROUPS), when the kernel told.
+    pub groups: Option<Vec<u32>>,
+    /// The networks it holds.
+    pub networks: Vec<String>,
+    /// The endpoints handed to it, as (network, endpoint id).
+    pub endpoints: Vec<(String, String)>,
+    /// Those of its endpoints that are persistent (removed when it leaves).
+    pub persistent: Vec<(String, String)>,
 }
 
 /// One network as the broker made it.
@@ -227,6 +251,16 @@ mod tests {
             .expect("shared is built in");
         BrokerState {
             version: VERSION,
+            clients: vec![ClientRecord {
+                id: 7,
+                pid: 42,
+                uid: 1000,
+                gid: 1000,
+                groups: Some(vec![1000, 27]),
+                networks: vec!["shared".into()],
+                endpoints: vec![("shared".into(), "vmnt1x2".into())],
+                persistent: vec![("shared".into(), "vmnt1x2".into())],
+            }],
             networks: vec![NetworkRecord {
                 config,
                 subnet: "192.168.64.0/24".parse().unwrap(),

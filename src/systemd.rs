@@ -49,13 +49,53 @@ pub struct Activated {
     pub path: PathBuf,
 }
 
-/// The listener passed by socket activation, if any. `LISTEN_PID` must name this process
+/// The prefix of the fd store name of a client's connection: `client-<id>`.
+pub const CLIENT_FD_PREFIX: &str = "client-";
+
+/// What the service manager passed: the listener, and the client connections a previous
+/// broker kept in its fd store (`FDSTORE=1`), by client id.
+pub struct Passed {
+    pub listener: Option<Activated>,
+    pub clients: Vec<(u64, OwnedFd)>,
+}
+
+/// The fds passed by the service manager: the listener, if any, and the client
+/// connections named `client-<id>`. `LISTEN_PID` must name this process
 /// (sd_listen_fds(3)), so fds meant for another process are left alone. Must run before
 /// any other code opens files, as fds 3.. are taken over.
+pub fn passed_fds() -> Result<Passed, ActivationError> {
+    let mut fds: Vec<(i32, String)> = sd_notify::listen_fds_with_names()
+        .map_err(ActivationError::Environment)?
+        .collect();
+    let mut clients = vec![];
+    fds.retain(|(fd, name)| {
+        let Some(id) = name
+            .strip_prefix(CLIENT_FD_PREFIX)
+            .and_then(|id| id.parse::<u64>().ok())
+        else {
+            return true;
+        };
+        // SAFETY: fd is one of those the service manager passed to this process
+        // (LISTEN_PID matched), which nothing else in the process owns or closes.
+        clients.push((id, unsafe { OwnedFd::from_raw_fd(*fd) }));
+        false
+    });
+    Ok(Passed {
+        listener: listener_of(fds)?,
+        clients,
+    })
+}
+
+/// The listener passed by socket activation, if any (see [`passed_fds`], which also
+/// takes client connections back).
 pub fn activated_listener() -> Result<Option<Activated>, ActivationError> {
     let fds: Vec<(i32, String)> = sd_notify::listen_fds_with_names()
         .map_err(ActivationError::Environment)?
         .collect();
+    listener_of(fds)
+}
+
+fn listener_of(fds: Vec<(i32, String)>) -> Result<Option<Activated>, ActivationError> {
     let count = fds.len();
     let (fd, name) = match count {
         0 => return Ok(None),
@@ -126,14 +166,23 @@ fn check_listener(raw: i32, name: &str) -> Result<PathBuf, ActivationError> {
 /// going away must not flood the log nor stop the broker.
 pub struct Notifier {
     enabled: bool,
+    /// The manager keeps fds for us (`FDSTORE=` in the environment, set by systemd
+    /// 254+ when `FileDescriptorStoreMax=` is above 0; the unit sets it for older ones).
+    fd_store: bool,
     warned: AtomicBool,
 }
 
 impl Notifier {
-    /// From the environment (`NOTIFY_SOCKET`).
+    /// From the environment (`NOTIFY_SOCKET`, `FDSTORE`).
     pub fn from_env() -> Notifier {
+        let enabled = std::env::var_os("NOTIFY_SOCKET").is_some();
+        let fd_store = std::env::var("FDSTORE")
+            .ok()
+            .and_then(|n| n.trim().parse::<u64>().ok())
+            .is_some_and(|n| n > 0);
         Notifier {
-            enabled: std::env::var_os("NOTIFY_SOCKET").is_some(),
+            enabled,
+            fd_store: enabled && fd_store,
             warned: AtomicBool::new(false),
         }
     }
@@ -142,6 +191,7 @@ impl Notifier {
     pub fn disabled() -> Notifier {
         Notifier {
             enabled: false,
+            fd_store: false,
             warned: AtomicBool::new(false),
         }
     }
@@ -150,16 +200,54 @@ impl Notifier {
         self.enabled
     }
 
+    /// Whether client connections can be left to the next broker: the manager keeps
+    /// them in its fd store and passes them back (`LISTEN_FDS`) when it starts the next.
+    pub fn can_hand_over(&self) -> bool {
+        self.fd_store
+    }
+
+    fn report(&self, e: std::io::Error) {
+        if self.warned.swap(true, Ordering::Relaxed) {
+            debug!("cannot notify the service manager: {e}");
+        } else {
+            warn!("cannot notify the service manager (NOTIFY_SOCKET): {e}");
+        }
+    }
+
+    /// Keeps a copy of client `id`'s connection in the manager's fd store, so that the
+    /// next broker gets it back if this one exits (or dies) while it is open.
+    pub fn store_client(&self, id: u64, connection: BorrowedFd<'_>) {
+        if !self.fd_store {
+            return;
+        }
+        let name = format!("{CLIENT_FD_PREFIX}{id}");
+        let states = [
+            sd_notify::NotifyState::FdStore,
+            sd_notify::NotifyState::FdName(&name),
+        ];
+        if let Err(e) = sd_notify::notify_with_fds(&states, &[connection]) {
+            self.report(e);
+        }
+    }
+
+    /// Drops client `id`'s connection from the manager's fd store (it left).
+    pub fn forget_client(&self, id: u64) {
+        if !self.fd_store {
+            return;
+        }
+        let name = format!("{CLIENT_FD_PREFIX}{id}");
+        self.send(&[
+            sd_notify::NotifyState::FdStoreRemove,
+            sd_notify::NotifyState::FdName(&name),
+        ]);
+    }
+
     fn send(&self, states: &[sd_notify::NotifyState]) {
         if !self.enabled {
             return;
         }
         if let Err(e) = sd_notify::notify(states) {
-            if self.warned.swap(true, Ordering::Relaxed) {
-                debug!("cannot notify the service manager: {e}");
-            } else {
-                warn!("cannot notify the service manager (NOTIFY_SOCKET): {e}");
-            }
+            self.report(e);
         }
     }
 

@@ -552,3 +552,177 @@ fn serve_works_unprivileged_with_only_the_units_capabilities() {
         s.ns.links()
     );
 }
+
+/// Starts the broker as systemd does with several fds: each `(fd, name)` becomes fd
+/// 3, 4, ... with LISTEN_FDS, LISTEN_FDNAMES and LISTEN_PID set, plus `env`.
+fn activate_fds(s: &Setup, fds: &[(&OwnedFd, &str)], env: &[(&str, &str)]) -> Child {
+    let names: Vec<&str> = fds.iter().map(|(_, n)| *n).collect();
+    let mut cmd = Command::new("sh");
+    cmd.arg("-c")
+        .arg(r#"export LISTEN_PID=$$; exec ip netns exec "$0" "$@""#)
+        .arg(&s.ns.name)
+        .args(s.serve_args(&[]))
+        .env("LISTEN_FDS", fds.len().to_string())
+        .env("LISTEN_FDNAMES", names.join(":"));
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    s.log_to(&mut cmd);
+    let raw: Vec<i32> = fds.iter().map(|(fd, _)| fd.as_raw_fd()).collect();
+    // SAFETY: the closure only calls fcntl, dup2 and close, which are async-signal-safe,
+    // on fds that stay open in the parent until spawn returns, and reads `raw`, built
+    // before the fork; it does not allocate.
+    unsafe {
+        cmd.pre_exec(move || {
+            // First every fd above the target range, so moving them to 3, 4, ... never
+            // overwrites one still to be moved; then down (dup2 clears FD_CLOEXEC).
+            let mut high = [0i32; 16];
+            for (i, fd) in raw.iter().enumerate() {
+                high[i] = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 100);
+                if high[i] < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+            }
+            for i in 0..raw.len() {
+                if libc::dup2(high[i], 3 + i as i32) < 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
+                libc::close(high[i]);
+            }
+            Ok(())
+        });
+    }
+    let mut child = cmd.spawn().unwrap();
+    let serving = s.log().matches("broker serving").count() + 1;
+    s.wait_for("the activated broker to serve", || {
+        assert!(alive(&mut child), "broker exited: {}", s.log());
+        s.log().matches("broker serving").count() == serving
+    });
+    child
+}
+
+/// Receives notify messages, with the fds they carry (SCM_RIGHTS), until one has a line
+/// for which `f` holds.
+fn next_with_fds(
+    notify: &mut NotifySocket,
+    what: &str,
+    f: impl Fn(&str) -> bool,
+) -> (String, Vec<OwnedFd>) {
+    use nix::sys::socket::{ControlMessageOwned, MsgFlags, recvmsg};
+    use std::os::fd::FromRawFd;
+    let deadline = Instant::now() + DEADLINE;
+    loop {
+        assert!(
+            Instant::now() < deadline,
+            "no notify message {what}; got: {:?}",
+            notify.seen
+        );
+        let mut buf = [0u8; 4096];
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let mut space = nix::cmsg_space!([std::os::fd::RawFd; 8]);
+        let Ok(msg) = recvmsg::<()>(
+            notify.socket.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        ) else {
+            continue;
+        };
+        let mut fds = vec![];
+        for c in msg.cmsgs().unwrap() {
+            if let ControlMessageOwned::ScmRights(raw) = c {
+                // SAFETY: the kernel just installed these fds in this process for this
+                // message; nothing else owns them.
+                fds.extend(raw.into_iter().map(|r| unsafe { OwnedFd::from_raw_fd(r) }));
+            }
+        }
+        let n = msg.bytes;
+        let m = String::from_utf8_lossy(&buf[..n]).into_owned();
+        notify.seen.push(m.clone());
+        if m.lines().any(&f) {
+            return (m, fds);
+        }
+    }
+}
+
+#[test]
+fn clients_kept_in_the_fd_store_are_served_by_the_next_broker() {
+    let s = Setup::new();
+    let mut notify = NotifySocket::new(s.dir.path());
+    let listener = listen_seqpacket(&s.socket);
+    let notify_path = notify.path.display().to_string();
+    // FDSTORE: what systemd sets when the unit has FileDescriptorStoreMax= above 0.
+    let env = [("NOTIFY_SOCKET", notify_path.as_str()), ("FDSTORE", "64")];
+    let mut first = activate_fds(&s, &[(&listener, "vmnet-broker.socket")], &env);
+
+    let client = Client::connect(&s.socket).unwrap();
+    let a = client.acquire("shared").unwrap();
+    let tap = tap_name_of(a.fd.as_fd()).unwrap();
+    let (stored, fds) = next_with_fds(&mut notify, "FDSTORE=1", |l| l == "FDSTORE=1");
+    let name = stored
+        .lines()
+        .find_map(|l| l.strip_prefix("FDNAME="))
+        .unwrap_or_else(|| panic!("FDSTORE without FDNAME: {stored}"))
+        .to_string();
+    assert!(name.starts_with("client-"), "{name}");
+    assert_eq!(fds.len(), 1, "{stored}");
+    let id: u64 = name["client-".len()..].parse().unwrap();
+    assert_eq!(client.status().unwrap().clients[0].id, id);
+
+    // SIGTERM with a client connected: a broker that can hand over exits 0 and leaves
+    // everything in place.
+    signal(&first, Signal::SIGTERM);
+    let status = s.wait_exit(&mut first);
+    assert!(status.success(), "{status}: {}", s.log());
+    assert!(
+        s.log().contains("handing over to the next broker"),
+        "{}",
+        s.log()
+    );
+    assert!(!s.log().contains("network removed"), "{}", s.log());
+    let master =
+        s.ns.sh(&format!("basename $(readlink /sys/class/net/{tap}/master)"));
+    assert_eq!(master.trim(), a.info.bridge);
+
+    // The next broker gets the listener and the stored connection back.
+    let mut second = activate_fds(
+        &s,
+        &[(&listener, "vmnet-broker.socket"), (&fds[0], &name)],
+        &env,
+    );
+    drop(fds);
+    // The very same connection is still served, as the same client holding its network.
+    let st = client.status().unwrap();
+    assert_eq!(st.pid, second.id(), "answered by the new broker");
+    assert_eq!(st.clients.len(), 1, "{st:?}");
+    assert_eq!(st.clients[0].id, id);
+    assert_eq!(st.clients[0].networks, ["shared"]);
+    assert_eq!(st.networks[0].clients, 1);
+    assert_eq!(st.networks[0].removal_in_seconds, None);
+    let again = client.acquire("shared").unwrap();
+    assert_eq!(again.info.bridge, a.info.bridge);
+    assert_eq!(again.info.subnet, a.info.subnet);
+    assert_ne!(again.info.interface, a.info.interface);
+    assert!(!s.log().contains("network removed"), "{}", s.log());
+    assert!(!s.log().contains("removed stale interface"), "{}", s.log());
+
+    // The client leaves: its connection is dropped from the fd store.
+    drop((a, again));
+    drop(client);
+    notify.wait("FDSTOREREMOVE", |l| l == "FDSTOREREMOVE=1");
+    assert!(
+        notify
+            .seen
+            .iter()
+            .any(|m| m.contains("FDSTOREREMOVE=1") && m.contains(&format!("FDNAME={name}"))),
+        "{:?}",
+        notify.seen
+    );
+    s.wait_for("the client to leave", || {
+        s.log().contains("client disconnected")
+    });
+    signal(&second, Signal::SIGTERM);
+    let status = s.wait_exit(&mut second);
+    assert!(status.success(), "{status}: {}", s.log());
+    assert!(s.log().contains("network removed"), "{}", s.log());
+}

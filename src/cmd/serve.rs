@@ -101,8 +101,7 @@ fn raise_open_file_limit() {
 
 pub fn main(args: Args) -> super::Result {
     // First, before anything opens a file: the fds the service manager passed start at 3.
-    let activated =
-        vmnet_broker::systemd::activated_listener().map_err(|e| vmnet_broker::error::chain(&e))?;
+    let passed = vmnet_broker::systemd::passed_fds().map_err(|e| vmnet_broker::error::chain(&e))?;
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
         .map_err(|e| format!("--log-level {:?}: {e}", args.log_level))?;
     tracing_subscriber::fmt()
@@ -120,6 +119,7 @@ pub fn main(args: Args) -> super::Result {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    let notifier = std::sync::Arc::new(Notifier::from_env());
     runtime.block_on(async move {
         let state_dir = args.state_dir.clone();
         let backend = LinuxBackend::new(LinuxOptions {
@@ -140,17 +140,33 @@ pub fn main(args: Args) -> super::Result {
         // removed, as after a crash before this file existed.
         let dir = state_dir.clone();
         let recorded = match tokio::task::spawn_blocking(move || state::load(&dir)).await? {
-            Ok(Some(recorded)) => recorded.networks,
-            Ok(None) => vec![],
+            Ok(Some(recorded)) => recorded,
+            Ok(None) => state::BrokerState::default(),
             Err(e) => {
                 warn!(
                     "ignoring the state file, removing what the previous broker left instead: {}",
                     vmnet_broker::error::chain(&e)
                 );
-                vec![]
+                state::BrokerState::default()
             }
         };
-        let adopted = registry.adopt(recorded).await;
+        // Clients the service manager handed back (fd store) whose record is there are
+        // restored; a connection without a record cannot be served and is closed.
+        let mut clients = vec![];
+        let mut connections = vec![];
+        for (id, fd) in passed.clients {
+            match recorded.clients.iter().find(|c| c.id == id) {
+                Some(record) => {
+                    clients.push(record.clone());
+                    connections.push((id, fd));
+                }
+                None => {
+                    warn!(client = id, "connection handed back without a record of its client: closing it");
+                    notifier.forget_client(id);
+                }
+            }
+        }
+        let adopted = registry.adopt(recorded.networks, clients).await;
         if !adopted.is_empty() {
             info!(networks = ?adopted, "adopted the previous broker's networks");
         }
@@ -167,10 +183,11 @@ pub fn main(args: Args) -> super::Result {
             std::sync::Arc::clone(&registry),
             ServerOptions {
                 socket: args.socket,
-                activated,
+                activated: passed.listener,
+                restored: connections,
                 exit_on_idle,
                 config_dir: Some(config_dir),
-                notifier: std::sync::Arc::new(Notifier::from_env()),
+                notifier,
             },
         )
         .await
