@@ -569,6 +569,7 @@ fn activate_fds(s: &Setup, fds: &[(&OwnedFd, &str)], env: &[(&str, &str)]) -> Ch
     }
     s.log_to(&mut cmd);
     let raw: Vec<i32> = fds.iter().map(|(fd, _)| fd.as_raw_fd()).collect();
+    assert!(raw.len() <= 16, "at most 16 fds");
     // SAFETY: the closure only calls fcntl, dup2 and close, which are async-signal-safe,
     // on fds that stay open in the parent until spawn returns, and reads `raw`, built
     // before the fork; it does not allocate.
@@ -583,11 +584,11 @@ fn activate_fds(s: &Setup, fds: &[(&OwnedFd, &str)], env: &[(&str, &str)]) -> Ch
                     return Err(std::io::Error::last_os_error());
                 }
             }
-            for i in 0..raw.len() {
-                if libc::dup2(high[i], 3 + i as i32) < 0 {
+            for (i, fd) in high.iter().take(raw.len()).enumerate() {
+                if libc::dup2(*fd, 3 + i as i32) < 0 {
                     return Err(std::io::Error::last_os_error());
                 }
-                libc::close(high[i]);
+                libc::close(*fd);
             }
             Ok(())
         });
