@@ -7,6 +7,7 @@
 //! them between its guest's NIC and that fd.
 //!
 //! Needs root, `ip`, `nft`, `setpriv` and busybox.
+#![cfg(target_os = "linux")]
 
 #[path = "support/netns.rs"]
 mod netns;
