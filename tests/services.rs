@@ -1486,17 +1486,22 @@ fn dhcp_messages_must_name_the_mac_of_their_tap() {
     victim_ok("a forged REQUEST");
 
     // A DECLINE and a RELEASE in the victim's name would end its lease and its name. The
-    // attacker's own DISCOVER after them is answered once the server has read them.
-    for (kind, ciaddr, options) in [
+    // attacker's own DISCOVER after them is answered once the server has read them. Each
+    // is checked on its own: the server logs every decline and release it acts on, so a
+    // forged one that got through shows in the log even if the victim's state happened
+    // to survive it.
+    for (kind, ciaddr, options, acted) in [
         (
             MessageType::Decline,
             Ipv4Addr::UNSPECIFIED,
             vec![DhcpOption::RequestedIpAddress(leased)],
+            "declined",
         ),
         (
             MessageType::Release,
             leased,
             vec![DhcpOption::ServerIdentifier(gw)],
+            "released",
         ),
     ] {
         forged_dhcp(&attacker, victim.mac, kind, ciaddr, &options);
@@ -1508,6 +1513,12 @@ fn dhcp_messages_must_name_the_mac_of_their_tap() {
                 MessageType::Offer,
             )
             .expect("the attacker's own DISCOVER is answered");
+        let acted_on = format!("{} {acted}", format_mac(victim.mac));
+        assert!(
+            !b.log().contains(&acted_on),
+            "the server acted on a forged {kind:?}:\n{}",
+            b.log()
+        );
         victim_ok(&format!("a forged {kind:?}"));
     }
 
