@@ -6,12 +6,12 @@
 
 use crate::mac::Mac;
 use crate::protocol::validate_network_name;
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use serde::{Deserialize, Serialize};
 use std::collections::BTreeSet;
 use std::fmt;
 use std::io::Read;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use tracing::warn;
@@ -96,6 +96,40 @@ pub struct Reservation {
     pub ip: Ipv4Addr,
 }
 
+/// The only IPv6 prefix length accepted: SLAAC, which VMs use to number themselves in the
+/// prefix, needs a /64 (RFC 4862 with the EUI-64 interface identifiers of RFC 4291).
+pub const IPV6_PREFIX_LEN: u8 = 64;
+
+/// The longest interface name: `IFNAMSIZ` (16 on Linux and macOS) less the NUL.
+pub const MAX_INTERFACE_NAME: usize = 15;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Protocol {
+    Tcp,
+    Udp,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+        }
+    }
+}
+
+/// One static port forward: traffic to `external_port` of the host (of `external_address`
+/// only, when given) goes to `internal_address:internal_port` on the network.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortForward {
+    pub protocol: Protocol,
+    pub external_port: u16,
+    pub internal_address: IpAddr,
+    pub internal_port: u16,
+    pub external_address: Option<IpAddr>,
+}
+
 /// A validated network definition. Serialized into the broker's state file (`state`), so
 /// a restarted broker adopts a network with the definition it was created from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -114,7 +148,28 @@ pub struct NetworkConfig {
     pub dhcp_range: Option<DhcpRange>,
     pub dhcp_reservations: Vec<Reservation>,
     pub lease_seconds: u32,
+    /// Serve DNS on the gateway (`dns_proxy` in the file; `dns` is its deprecated alias).
     pub dns: bool,
+    /// NAT of IPv4 to the outside (`shared` only; `false` in `host`, which never forwards).
+    // The serde defaults of the fields below let a state file written before they existed
+    // still be adopted: such a network was made with every one of them at its default.
+    #[serde(default = "nat44_default")]
+    pub nat44: bool,
+    /// NAT of IPv6 to the outside, when the file says; `None` leaves the system's default.
+    #[serde(default)]
+    pub nat66: Option<bool>,
+    /// Router Advertisements on the network, when the file says; `None` leaves the
+    /// system's default.
+    #[serde(default)]
+    pub router_advertisement: Option<bool>,
+    /// The network's IPv6 prefix (always a /64), when the file fixes it.
+    #[serde(default)]
+    pub ipv6_prefix: Option<Ipv6Net>,
+    /// The host interface NAT leaves by, when the file names one.
+    #[serde(default)]
+    pub external_interface: Option<String>,
+    #[serde(default)]
+    pub port_forwarding_rules: Vec<PortForward>,
     pub allow_spoofing: bool,
     pub isolation: bool,
     /// Live TAPs one non-root uid may hold on the network (root is not limited).
@@ -129,6 +184,10 @@ pub struct NetworkConfig {
     /// avoid them: otherwise a dynamic network could take a fixed network's subnet and
     /// that network could then not be created at all.
     pub fixed_elsewhere: Vec<(String, Ipv4Net)>,
+    /// What the file should change but still works (deprecated names), for the log and
+    /// `check-config`.
+    #[serde(default)]
+    pub warnings: Vec<String>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -153,12 +212,19 @@ impl NetworkConfig {
             dhcp_reservations: vec![],
             lease_seconds: DEFAULT_LEASE_SECONDS,
             dns: true,
+            nat44: mode == Mode::Shared,
+            nat66: None,
+            router_advertisement: None,
+            ipv6_prefix: None,
+            external_interface: None,
+            port_forwarding_rules: vec![],
             allow_spoofing: false,
             isolation: false,
             max_taps_per_uid: DEFAULT_MAX_TAPS_PER_UID,
             max_nonroot_taps: DEFAULT_MAX_NONROOT_TAPS,
             source: Source::BuiltIn,
             fixed_elsewhere: vec![],
+            warnings: vec![],
         }
     }
 
@@ -170,6 +236,12 @@ impl NetworkConfig {
                 .trunc()
         })
     }
+}
+
+/// `nat44` of a state file written before the field existed: the backends read it only
+/// for `shared` networks, which then always had NAT.
+fn nat44_default() -> bool {
+    true
 }
 
 /// A stable 32-bit hash of a network name (FNV-1a), for identifiers derived from it (MACs,
@@ -297,7 +369,17 @@ struct RawFile {
     #[serde(default)]
     dhcp_reservations: Vec<RawReservation>,
     lease_time: Option<u32>,
+    /// Deprecated alias of `dns_proxy`.
     dns: Option<bool>,
+    dns_proxy: Option<bool>,
+    nat44: Option<bool>,
+    nat66: Option<bool>,
+    router_advertisement: Option<bool>,
+    ipv6_prefix: Option<String>,
+    ipv6_prefix_length: Option<u32>,
+    external_interface: Option<String>,
+    #[serde(default)]
+    port_forwarding_rules: Vec<RawForward>,
     allow_spoofing: Option<bool>,
     isolation: Option<bool>,
     max_taps_per_uid: Option<u32>,
@@ -309,6 +391,16 @@ struct RawFile {
 struct RawRange {
     start: String,
     end: String,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawForward {
+    protocol: Protocol,
+    external_port: u32,
+    internal_address: String,
+    internal_port: u32,
+    external_address: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -408,7 +500,85 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<NetworkConfig, Confi
         }
     }
     c.dhcp = raw.dhcp.unwrap_or(true);
-    c.dns = raw.dns.unwrap_or(true);
+    c.dns = match (raw.dns, raw.dns_proxy) {
+        (Some(_), Some(_)) => {
+            return Err(err(
+                "dns and dns_proxy are both given: dns is the deprecated name of dns_proxy; keep only dns_proxy".into(),
+            ));
+        }
+        (Some(dns), None) => {
+            c.warnings.push(
+                "dns is deprecated: it is the old name of dns_proxy (the name macOS's vmnet and the original broker use); rename it".into(),
+            );
+            dns
+        }
+        (None, dns_proxy) => dns_proxy.unwrap_or(true),
+    };
+    match (c.mode, raw.nat44) {
+        (Mode::Host, Some(true)) => {
+            return Err(err(
+                "nat44 true needs mode \"shared\": a host network never forwards to the outside"
+                    .into(),
+            ));
+        }
+        (Mode::Shared, Some(nat)) => c.nat44 = nat,
+        _ => {}
+    }
+    if c.mode == Mode::Host && raw.nat66 == Some(true) {
+        return Err(err(
+            "nat66 true needs mode \"shared\": a host network never forwards to the outside".into(),
+        ));
+    }
+    c.nat66 = raw.nat66;
+    c.router_advertisement = raw.router_advertisement;
+    if let Some(name) = raw.external_interface {
+        if c.mode == Mode::Host {
+            return Err(err(
+                "external_interface needs mode \"shared\": a host network has no way out".into(),
+            ));
+        }
+        check_interface_name(&name).map_err(err)?;
+        c.external_interface = Some(name);
+    }
+    match (&raw.ipv6_prefix, raw.ipv6_prefix_length) {
+        (None, Some(_)) => {
+            return Err(err(
+                "ipv6_prefix_length needs ipv6_prefix: with a generated prefix the length is always 64".into(),
+            ));
+        }
+        (Some(prefix), len) => {
+            let len = len.unwrap_or(u32::from(IPV6_PREFIX_LEN));
+            if len != u32::from(IPV6_PREFIX_LEN) {
+                return Err(err(format!(
+                    "ipv6_prefix_length {len} must be 64: VMs number themselves by SLAAC, which needs a /64"
+                )));
+            }
+            let addr: Ipv6Addr = prefix.parse().map_err(|_| {
+                err(format!(
+                    "ipv6_prefix: {} is not an IPv6 address",
+                    quoted(prefix)
+                ))
+            })?;
+            let net = Ipv6Net::new(addr, IPV6_PREFIX_LEN).expect("64 is a valid length");
+            if net.trunc().addr() != addr {
+                return Err(err(format!(
+                    "ipv6_prefix {addr} has bits set past /64; give the prefix itself, e.g. {}",
+                    net.trunc().addr()
+                )));
+            }
+            if addr.is_multicast()
+                || addr.is_loopback()
+                || addr.is_unspecified()
+                || (addr.segments()[0] & 0xffc0) == 0xfe80
+            {
+                return Err(err(format!(
+                    "ipv6_prefix {addr} is not a unicast prefix a network can use (multicast, loopback, link-local or unspecified)"
+                )));
+            }
+            c.ipv6_prefix = Some(net);
+        }
+        (None, None) => {}
+    }
     c.allow_spoofing = raw.allow_spoofing.unwrap_or(false);
     c.isolation = raw.isolation.unwrap_or(false);
     if let Some(n) = raw.max_taps_per_uid {
@@ -504,7 +674,135 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<NetworkConfig, Confi
         }
         c.dhcp_reservations.push(Reservation { mac, ip });
     }
+    if raw.port_forwarding_rules.len() > MAX_PORT_FORWARDS {
+        return Err(err(format!(
+            "port_forwarding_rules has {} entries, at most {MAX_PORT_FORWARDS} are allowed",
+            raw.port_forwarding_rules.len()
+        )));
+    }
+    for (i, r) in raw.port_forwarding_rules.iter().enumerate() {
+        let rule = port_forward(&c, i, r).map_err(err)?;
+        // Two rules for one port of one address: the second could never receive anything.
+        if let Some(other) = c.port_forwarding_rules.iter().find(|o| {
+            o.protocol == rule.protocol
+                && o.external_port == rule.external_port
+                && (o.external_address.is_none()
+                    || rule.external_address.is_none()
+                    || o.external_address == rule.external_address)
+        }) {
+            return Err(err(format!(
+                "port_forwarding_rules[{i}]: {} port {} is already forwarded (to {})",
+                rule.protocol.as_str(),
+                rule.external_port,
+                other.internal_address
+            )));
+        }
+        c.port_forwarding_rules.push(rule);
+    }
     Ok(c)
+}
+
+/// At most this many static port forwards per network: each is a firewall rule (or a
+/// vmnet call) made at creation.
+pub const MAX_PORT_FORWARDS: usize = 1024;
+
+/// An interface name as both systems accept it: 1 to 15 bytes, none of `/`, `:`,
+/// whitespace or control characters, and not `.` or `..`.
+fn check_interface_name(name: &str) -> Result<(), String> {
+    let bad = name.is_empty()
+        || name.len() > MAX_INTERFACE_NAME
+        || name == "."
+        || name == ".."
+        || name
+            .chars()
+            .any(|ch| ch == '/' || ch == ':' || ch.is_whitespace() || ch.is_control());
+    if bad {
+        return Err(format!(
+            "external_interface: {} is not an interface name (1 to {MAX_INTERFACE_NAME} bytes, no '/', ':' or spaces)",
+            quoted(name)
+        ));
+    }
+    Ok(())
+}
+
+/// Validates rule `i` of `port_forwarding_rules` against the network `c` defines so far
+/// (its subnet and IPv6 prefix are already known).
+fn port_forward(c: &NetworkConfig, i: usize, r: &RawForward) -> Result<PortForward, String> {
+    let field = format!("port_forwarding_rules[{i}]");
+    let port = |name: &str, n: u32| -> Result<u16, String> {
+        u16::try_from(n)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| format!("{field}: {name} {n} must be between 1 and 65535"))
+    };
+    let external_port = port("external_port", r.external_port)?;
+    let internal_port = port("internal_port", r.internal_port)?;
+    let internal_address: IpAddr = r.internal_address.parse().map_err(|_| {
+        format!(
+            "{field}: internal_address {} is not an IP address",
+            quoted(&r.internal_address)
+        )
+    })?;
+    match internal_address {
+        IpAddr::V4(ip) => {
+            let net = c.fixed_subnet().ok_or_else(|| {
+                format!(
+                    "{field}: an IPv4 internal_address needs a fixed \"subnet\": with a dynamic subnet the VM's address is not known in advance"
+                )
+            })?;
+            if !net.contains(&ip) || ip == net.network() || ip == net.broadcast() {
+                return Err(format!(
+                    "{field}: internal_address {ip} is not a host address of {net}"
+                ));
+            }
+            if Some(ip) == c.gateway {
+                return Err(format!(
+                    "{field}: internal_address {ip} is the gateway (the host itself), not a VM"
+                ));
+            }
+        }
+        IpAddr::V6(ip) => {
+            let net = c.ipv6_prefix.ok_or_else(|| {
+                format!(
+                    "{field}: an IPv6 internal_address needs a fixed \"ipv6_prefix\": with a generated prefix the VM's address is not known in advance"
+                )
+            })?;
+            if !net.contains(&ip) || ip == net.network() {
+                return Err(format!(
+                    "{field}: internal_address {ip} is not a host address of {net}"
+                ));
+            }
+        }
+    }
+    let external_address = match &r.external_address {
+        None => None,
+        Some(s) => {
+            let ip: IpAddr = s.parse().map_err(|_| {
+                format!(
+                    "{field}: external_address {} is not an IP address",
+                    quoted(s)
+                )
+            })?;
+            if ip.is_ipv4() != internal_address.is_ipv4() {
+                return Err(format!(
+                    "{field}: external_address {ip} and internal_address {internal_address} are of different IP versions"
+                ));
+            }
+            if ip.is_multicast() || ip.is_unspecified() {
+                return Err(format!(
+                    "{field}: external_address {ip} is not a unicast address of the host (leave it out for every address)"
+                ));
+            }
+            Some(ip)
+        }
+    };
+    Ok(PortForward {
+        protocol: r.protocol,
+        external_port,
+        internal_address,
+        internal_port,
+        external_address,
+    })
 }
 
 /// Why a file is not read at all. Anything but `Io` is a verdict on the file (like an
@@ -607,8 +905,14 @@ fn read_network_file(path: &Path) -> Result<String, ReadRefusal> {
 /// files are logged here with the whole reason, once per attempt.
 fn load_file(name: &str, path: &Path) -> Result<Option<NetworkConfig>, ConfigError> {
     let result = read_and_parse(name, path);
-    if let Err(e) = &result {
-        warn!("network file refused: {}", e.detail());
+    match &result {
+        Err(e) => warn!("network file refused: {}", e.detail()),
+        Ok(Some(c)) => {
+            for w in &c.warnings {
+                warn!("network file {}: {w}", path.display());
+            }
+        }
+        Ok(None) => {}
     }
     result
 }

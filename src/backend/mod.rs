@@ -19,6 +19,7 @@ use std::net::Ipv4Addr;
 
 #[cfg(target_os = "linux")]
 pub mod linux;
+pub mod linux_support;
 #[cfg(target_os = "macos")]
 pub mod macos;
 pub mod vmnet;

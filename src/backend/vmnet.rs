@@ -11,13 +11,22 @@ use crate::config::{
     DEFAULT_LEASE_SECONDS, DEFAULT_MAX_NONROOT_TAPS, DEFAULT_MAX_TAPS_PER_UID, DEFAULT_MTU,
     DEFAULT_PREFIX_LEN, Mode, NetworkConfig,
 };
+use crate::config::{IPV6_PREFIX_LEN, Protocol};
 use crate::mac::Mac;
 use std::fmt;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 
 /// `vmnet_mode_t` values (vmnet.h).
 pub const VMNET_HOST_MODE: u32 = 1000;
 pub const VMNET_SHARED_MODE: u32 = 1001;
+
+/// `IPPROTO_TCP` and `IPPROTO_UDP`, the protocol of a port forwarding rule.
+pub const IPPROTO_TCP: u8 = 6;
+pub const IPPROTO_UDP: u8 = 17;
+/// macOS's `AF_INET` and `AF_INET6` (`sa_family_t`): the family of a rule's addresses.
+/// Spelled out because Linux's `AF_INET6` (10) differs and the plan is tested there.
+pub const DARWIN_AF_INET: u8 = 2;
+pub const DARWIN_AF_INET6: u8 = 30;
 
 /// `vmnet_return_t` of success; every other value is a failure ([`return_code_name`]).
 pub const VMNET_SUCCESS: u32 = 1000;
@@ -68,14 +77,33 @@ pub enum VmnetCall {
     /// `vmnet_network_configuration_set_ipv4_subnet(cfg, &subnet, &mask)`: `subnet` is the
     /// gateway (host) address, as the original broker passes its `subnet` field.
     SetIpv4Subnet { subnet: Ipv4Addr, mask: Ipv4Addr },
+    /// `vmnet_network_configuration_set_ipv6_prefix(cfg, &prefix, len)`.
+    SetIpv6Prefix { prefix: Ipv6Addr, len: u8 },
     /// `vmnet_network_configuration_set_mtu(cfg, mtu)`.
     SetMtu(u32),
+    /// `vmnet_network_configuration_set_external_interface(cfg, name)`.
+    SetExternalInterface(String),
+    /// `vmnet_network_configuration_disable_nat44(cfg)`.
+    DisableNat44,
+    /// `vmnet_network_configuration_disable_nat66(cfg)`.
+    DisableNat66,
     /// `vmnet_network_configuration_disable_dhcp(cfg)`.
     DisableDhcp,
     /// `vmnet_network_configuration_disable_dns_proxy(cfg)`.
     DisableDnsProxy,
+    /// `vmnet_network_configuration_disable_router_advertisement(cfg)`.
+    DisableRouterAdvertisement,
     /// `vmnet_network_configuration_add_dhcp_reservation(cfg, &mac, &ip)`.
     AddDhcpReservation { mac: Mac, ip: Ipv4Addr },
+    /// `vmnet_network_configuration_add_port_forwarding_rule(cfg, protocol, family,
+    /// internal_port, external_port, &internal_address)`: the internal port comes first.
+    AddPortForwardingRule {
+        protocol: u8,
+        family: u8,
+        internal_port: u16,
+        external_port: u16,
+        internal_address: IpAddr,
+    },
     /// `vmnet_network_create(cfg, &status)`.
     NetworkCreate,
 }
@@ -92,12 +120,35 @@ impl fmt::Display for VmnetCall {
                     "vmnet_network_configuration_set_ipv4_subnet({subnet}, {mask})"
                 )
             }
+            Self::SetIpv6Prefix { prefix, len } => write!(
+                f,
+                "vmnet_network_configuration_set_ipv6_prefix({prefix}, {len})"
+            ),
             Self::SetMtu(mtu) => write!(f, "vmnet_network_configuration_set_mtu({mtu})"),
+            Self::SetExternalInterface(name) => write!(
+                f,
+                "vmnet_network_configuration_set_external_interface({name:?})"
+            ),
+            Self::DisableNat44 => f.write_str("vmnet_network_configuration_disable_nat44()"),
+            Self::DisableNat66 => f.write_str("vmnet_network_configuration_disable_nat66()"),
             Self::DisableDhcp => f.write_str("vmnet_network_configuration_disable_dhcp()"),
             Self::DisableDnsProxy => f.write_str("vmnet_network_configuration_disable_dns_proxy()"),
+            Self::DisableRouterAdvertisement => {
+                f.write_str("vmnet_network_configuration_disable_router_advertisement()")
+            }
             Self::AddDhcpReservation { mac, ip } => write!(
                 f,
                 "vmnet_network_configuration_add_dhcp_reservation({mac}, {ip})"
+            ),
+            Self::AddPortForwardingRule {
+                protocol,
+                family,
+                internal_port,
+                external_port,
+                internal_address,
+            } => write!(
+                f,
+                "vmnet_network_configuration_add_port_forwarding_rule({protocol}, {family}, {internal_port}, {external_port}, {internal_address})"
             ),
             Self::NetworkCreate => f.write_str("vmnet_network_create()"),
         }
@@ -146,6 +197,13 @@ pub fn unsupported(c: &NetworkConfig) -> Vec<String> {
             ));
         }
     }
+    for (i, rule) in c.port_forwarding_rules.iter().enumerate() {
+        if let Some(address) = rule.external_address {
+            out.push(format!(
+                "port_forwarding_rules[{i}]: external_address {address}: macOS's vmnet forwards from every address of the host; remove it"
+            ));
+        }
+    }
     if c.gateway.is_none() && c.prefix_len != DEFAULT_PREFIX_LEN {
         out.push(format!(
             "mask {} without subnet: macOS's vmnet picks a dynamic subnet only as a /24; give a subnet too",
@@ -185,8 +243,24 @@ pub fn plan(c: &NetworkConfig) -> Result<Vec<VmnetCall>, Unsupported> {
             mask: prefix_to_mask(c.prefix_len),
         });
     }
+    if let Some(prefix) = c.ipv6_prefix {
+        calls.push(VmnetCall::SetIpv6Prefix {
+            prefix: prefix.network(),
+            len: IPV6_PREFIX_LEN,
+        });
+    }
     if c.mtu != DEFAULT_MTU {
         calls.push(VmnetCall::SetMtu(c.mtu));
+    }
+    if let Some(name) = &c.external_interface {
+        calls.push(VmnetCall::SetExternalInterface(name.clone()));
+    }
+    // A host network never forwards; only a shared one has NAT to turn off.
+    if c.mode == Mode::Shared && !c.nat44 {
+        calls.push(VmnetCall::DisableNat44);
+    }
+    if c.nat66 == Some(false) {
+        calls.push(VmnetCall::DisableNat66);
     }
     if !c.dhcp {
         calls.push(VmnetCall::DisableDhcp);
@@ -194,12 +268,33 @@ pub fn plan(c: &NetworkConfig) -> Result<Vec<VmnetCall>, Unsupported> {
     if !c.dns {
         calls.push(VmnetCall::DisableDnsProxy);
     }
+    if c.router_advertisement == Some(false) {
+        calls.push(VmnetCall::DisableRouterAdvertisement);
+    }
     calls.extend(
         c.dhcp_reservations
             .iter()
             .map(|r| VmnetCall::AddDhcpReservation {
                 mac: r.mac,
                 ip: r.ip,
+            }),
+    );
+    calls.extend(
+        c.port_forwarding_rules
+            .iter()
+            .map(|r| VmnetCall::AddPortForwardingRule {
+                protocol: match r.protocol {
+                    Protocol::Tcp => IPPROTO_TCP,
+                    Protocol::Udp => IPPROTO_UDP,
+                },
+                family: if r.internal_address.is_ipv4() {
+                    DARWIN_AF_INET
+                } else {
+                    DARWIN_AF_INET6
+                },
+                internal_port: r.internal_port,
+                external_port: r.external_port,
+                internal_address: r.internal_address,
             }),
     );
     calls.push(VmnetCall::NetworkCreate);

@@ -33,11 +33,14 @@ pub fn main(dir: &Path) -> super::Result {
                     }
                     continue;
                 }
+                for w in &c.warnings {
+                    outln!("warning {from}: {w}");
+                }
                 let unsupported = unsupported_here(c);
                 if !unsupported.is_empty() {
                     bad += 1;
                     for field in unsupported {
-                        println!("error  {from}: {field}");
+                        outln!("error  {from}: {field}");
                     }
                     continue;
                 }
@@ -61,14 +64,12 @@ pub fn main(dir: &Path) -> super::Result {
     Ok(ExitCode::SUCCESS)
 }
 
-/// Fields of a valid definition this system cannot honour (macOS's vmnet cannot do
-/// everything the Linux backend does: `backend::vmnet::unsupported`).
+/// Fields of a valid definition this system cannot honour: each backend says
+/// (`backend::vmnet::unsupported` on macOS, `backend::linux_support::unsupported` on
+/// Linux), so `check-config` reports what creation would refuse.
 fn unsupported_here(c: &vmnet_broker::config::NetworkConfig) -> Vec<String> {
     #[cfg(target_os = "macos")]
     return vmnet_broker::backend::vmnet::unsupported(c);
     #[cfg(not(target_os = "macos"))]
-    {
-        let _ = c;
-        Vec::new()
-    }
+    return vmnet_broker::backend::linux_support::unsupported(c);
 }

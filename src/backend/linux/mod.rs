@@ -474,6 +474,8 @@ impl Backend for LinuxBackend {
     type Endpoint = TapEndpoint;
 
     async fn create(&self, config: &NetworkConfig) -> Result<LinuxNetwork, BackendError> {
+        // Before anything is made: a field this backend cannot honour is never ignored.
+        super::linux_support::check(config).map_err(|e| BackendError::component("config", e))?;
         let bridge_name = bridge_name(&config.name);
         let alias = alias_for(&config.name);
         self.claim_bridge_name(&bridge_name, &alias).await?;

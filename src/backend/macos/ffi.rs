@@ -121,6 +121,35 @@ unsafe extern "C" {
         configuration: vmnet_network_configuration_ref,
         mtu: u32,
     ) -> vmnet_return_t;
+    pub fn vmnet_network_configuration_set_ipv6_prefix(
+        configuration: vmnet_network_configuration_ref,
+        prefix: *const libc::in6_addr,
+        prefix_len: u8,
+    ) -> vmnet_return_t;
+    /// `name` is a NUL-terminated interface name vmnet copies.
+    pub fn vmnet_network_configuration_set_external_interface(
+        configuration: vmnet_network_configuration_ref,
+        name: *const c_char,
+    ) -> vmnet_return_t;
+    pub fn vmnet_network_configuration_disable_nat44(
+        configuration: vmnet_network_configuration_ref,
+    );
+    pub fn vmnet_network_configuration_disable_nat66(
+        configuration: vmnet_network_configuration_ref,
+    );
+    pub fn vmnet_network_configuration_disable_router_advertisement(
+        configuration: vmnet_network_configuration_ref,
+    );
+    /// The internal port comes before the external one; `internal_address` points at an
+    /// `in_addr` for `AF_INET`, an `in6_addr` for `AF_INET6`.
+    pub fn vmnet_network_configuration_add_port_forwarding_rule(
+        configuration: vmnet_network_configuration_ref,
+        protocol: u8,
+        family: libc::sa_family_t,
+        internal_port: u16,
+        external_port: u16,
+        internal_address: *const c_void,
+    ) -> vmnet_return_t;
     pub fn vmnet_network_configuration_disable_dhcp(configuration: vmnet_network_configuration_ref);
     pub fn vmnet_network_configuration_disable_dns_proxy(
         configuration: vmnet_network_configuration_ref,
@@ -352,6 +381,12 @@ impl Drop for CfRef {
 }
 
 /// `struct in_addr` of an address (network byte order).
+pub fn in6_addr(ip: std::net::Ipv6Addr) -> libc::in6_addr {
+    libc::in6_addr {
+        s6_addr: ip.octets(),
+    }
+}
+
 pub fn in_addr(ip: std::net::Ipv4Addr) -> libc::in_addr {
     libc::in_addr {
         s_addr: u32::from(ip).to_be(),

@@ -93,6 +93,85 @@ fn execute(calls: &[VmnetCall]) -> Result<CfRef, BackendError> {
                 VmnetError::check("vmnet_network_configuration_set_ipv4_subnet", status)
                     .map_err(vmnet_error)?;
             }
+            VmnetCall::SetIpv6Prefix { prefix, len } => {
+                let prefix = ffi::in6_addr(*prefix);
+                // SAFETY: a live configuration and an in6_addr vmnet reads during the call.
+                let status = unsafe {
+                    ffi::vmnet_network_configuration_set_ipv6_prefix(
+                        cfg(&configuration)?,
+                        &prefix,
+                        *len,
+                    )
+                };
+                VmnetError::check("vmnet_network_configuration_set_ipv6_prefix", status)
+                    .map_err(vmnet_error)?;
+            }
+            VmnetCall::SetExternalInterface(name) => {
+                // Validated by the config (no NUL in an interface name); refused if not.
+                let name = std::ffi::CString::new(name.as_str()).map_err(vmnet_error)?;
+                // SAFETY: a live configuration and a NUL-terminated string that outlives
+                // the call (vmnet copies it).
+                let status = unsafe {
+                    ffi::vmnet_network_configuration_set_external_interface(
+                        cfg(&configuration)?,
+                        name.as_ptr(),
+                    )
+                };
+                VmnetError::check("vmnet_network_configuration_set_external_interface", status)
+                    .map_err(vmnet_error)?;
+            }
+            VmnetCall::DisableNat44 => {
+                // SAFETY: a live configuration.
+                unsafe { ffi::vmnet_network_configuration_disable_nat44(cfg(&configuration)?) }
+            }
+            VmnetCall::DisableNat66 => {
+                // SAFETY: a live configuration.
+                unsafe { ffi::vmnet_network_configuration_disable_nat66(cfg(&configuration)?) }
+            }
+            VmnetCall::DisableRouterAdvertisement => {
+                // SAFETY: a live configuration.
+                unsafe {
+                    ffi::vmnet_network_configuration_disable_router_advertisement(cfg(
+                        &configuration,
+                    )?)
+                }
+            }
+            VmnetCall::AddPortForwardingRule {
+                protocol,
+                family,
+                internal_port,
+                external_port,
+                internal_address,
+            } => {
+                let (v4, v6);
+                let address: *const std::ffi::c_void = match internal_address {
+                    std::net::IpAddr::V4(ip) => {
+                        v4 = ffi::in_addr(*ip);
+                        (&raw const v4).cast()
+                    }
+                    std::net::IpAddr::V6(ip) => {
+                        v6 = ffi::in6_addr(*ip);
+                        (&raw const v6).cast()
+                    }
+                };
+                // SAFETY: a live configuration and an in_addr (AF_INET) or in6_addr
+                // (AF_INET6), matching `family`, that lives until after the call.
+                let status = unsafe {
+                    ffi::vmnet_network_configuration_add_port_forwarding_rule(
+                        cfg(&configuration)?,
+                        *protocol,
+                        *family,
+                        *internal_port,
+                        *external_port,
+                        address,
+                    )
+                };
+                VmnetError::check(
+                    "vmnet_network_configuration_add_port_forwarding_rule",
+                    status,
+                )
+                .map_err(vmnet_error)?;
+            }
             VmnetCall::SetMtu(mtu) => {
                 // SAFETY: a live configuration.
                 let status =
