@@ -1149,6 +1149,144 @@ mod tests {
     }
 
     #[test]
+    fn the_originals_field_names() {
+        let c = p(r#"{"mode": "shared", "subnet": "10.30.0.1", "ipv6_prefix": "fd12:3456:789a:1::",
+            "ipv6_prefix_length": 64, "external_interface": "en0", "nat44": false, "nat66": false,
+            "dhcp": true, "dns_proxy": false, "router_advertisement": false, "mtu": 1400,
+            "port_forwarding_rules": [
+              {"protocol": "tcp", "external_port": 2222, "internal_address": "10.30.0.5", "internal_port": 22},
+              {"protocol": "udp", "external_port": 5353, "internal_address": "fd12:3456:789a:1::5",
+               "internal_port": 53, "external_address": "2001:db8::1"}]}"#)
+        .unwrap();
+        assert_eq!(
+            c.ipv6_prefix.unwrap().to_string(),
+            "fd12:3456:789a:1::/64"
+        );
+        assert_eq!(c.external_interface.as_deref(), Some("en0"));
+        assert!(!c.nat44 && !c.dns && c.dhcp);
+        assert_eq!((c.nat66, c.router_advertisement), (Some(false), Some(false)));
+        assert_eq!(
+            c.port_forwarding_rules,
+            vec![
+                PortForward {
+                    protocol: Protocol::Tcp,
+                    external_port: 2222,
+                    internal_address: "10.30.0.5".parse().unwrap(),
+                    internal_port: 22,
+                    external_address: None,
+                },
+                PortForward {
+                    protocol: Protocol::Udp,
+                    external_port: 5353,
+                    internal_address: "fd12:3456:789a:1::5".parse().unwrap(),
+                    internal_port: 53,
+                    external_address: Some("2001:db8::1".parse().unwrap()),
+                },
+            ]
+        );
+        assert!(c.warnings.is_empty(), "{:?}", c.warnings);
+        // Left out: the system's defaults.
+        let d = p("{}").unwrap();
+        assert!(d.nat44 && d.dns);
+        assert_eq!((d.nat66, d.router_advertisement, d.ipv6_prefix), (None, None, None));
+        assert!(!p(r#"{"mode": "host"}"#).unwrap().nat44);
+    }
+
+    #[test]
+    fn dns_is_a_deprecated_alias_of_dns_proxy() {
+        let c = p(r#"{"dns": false}"#).unwrap();
+        assert!(!c.dns);
+        assert_eq!(c.warnings.len(), 1, "{:?}", c.warnings);
+        assert!(
+            c.warnings[0].starts_with("dns is deprecated: it is the old name of dns_proxy"),
+            "{:?}",
+            c.warnings
+        );
+        assert!(p(r#"{"dns": true}"#).unwrap().dns);
+        let c = p(r#"{"dns_proxy": false}"#).unwrap();
+        assert!(!c.dns && c.warnings.is_empty());
+        let e = p(r#"{"dns": true, "dns_proxy": true}"#).unwrap_err();
+        assert!(e.contains("dns and dns_proxy are both given"), "{e}");
+    }
+
+    #[test]
+    fn new_fields_reject_bad_values_with_clear_messages() {
+        let fwd = |rule: &str| {
+            format!(
+                r#"{{"subnet": "10.0.0.1", "ipv6_prefix": "fd00:0:0:7::", "port_forwarding_rules": [{rule}]}}"#
+            )
+        };
+        let cases = [
+            (r#"{"nat44": "yes"}"#.to_string(), "invalid type"),
+            (r#"{"mode": "host", "nat44": true}"#.into(), "nat44 true needs mode \"shared\""),
+            (r#"{"mode": "host", "nat66": true}"#.into(), "nat66 true needs mode \"shared\""),
+            (r#"{"router_advertisement": 1}"#.into(), "invalid type"),
+            (r#"{"ipv6_prefix": "fd00::zz"}"#.into(), "not an IPv6 address"),
+            (r#"{"ipv6_prefix": "10.0.0.0"}"#.into(), "not an IPv6 address"),
+            (r#"{"ipv6_prefix": "fd00::", "ipv6_prefix_length": 48}"#.into(), "ipv6_prefix_length 48 must be 64"),
+            (r#"{"ipv6_prefix_length": 64}"#.into(), "ipv6_prefix_length needs ipv6_prefix"),
+            (r#"{"ipv6_prefix": "fd00:0:0:1::5"}"#.into(), "bits set past /64; give the prefix itself, e.g. fd00:0:0:1::"),
+            (r#"{"ipv6_prefix": "ff02::"}"#.into(), "not a unicast prefix"),
+            (r#"{"ipv6_prefix": "fe80::"}"#.into(), "not a unicast prefix"),
+            (r#"{"external_interface": ""}"#.into(), "not an interface name"),
+            (r#"{"external_interface": "a-very-long-interface"}"#.into(), "not an interface name"),
+            (r#"{"external_interface": "en0/1"}"#.into(), "not an interface name"),
+            (r#"{"external_interface": "en 0"}"#.into(), "not an interface name"),
+            (r#"{"external_interface": ".."}"#.into(), "not an interface name"),
+            (r#"{"mode": "host", "external_interface": "en0"}"#.into(), "needs mode \"shared\""),
+            (fwd(r#"{"protocol": "sctp", "external_port": 1, "internal_address": "10.0.0.5", "internal_port": 1}"#), "unknown variant `sctp`"),
+            (fwd(r#"{"protocol": "tcp", "external_port": 0, "internal_address": "10.0.0.5", "internal_port": 22}"#), "port_forwarding_rules[0]: external_port 0 must be between 1 and 65535"),
+            (fwd(r#"{"protocol": "tcp", "external_port": 65536, "internal_address": "10.0.0.5", "internal_port": 22}"#), "external_port 65536 must be between 1 and 65535"),
+            (fwd(r#"{"protocol": "tcp", "external_port": 22, "internal_address": "10.0.0.5", "internal_port": 70000}"#), "internal_port 70000 must be between 1 and 65535"),
+            (fwd(r#"{"protocol": "tcp", "external_port": -1, "internal_address": "10.0.0.5", "internal_port": 22}"#), "invalid value"),
+            (fwd(r#"{"protocol": "tcp", "external_port": 22, "internal_address": "vm1", "internal_port": 22}"#), "internal_address \"vm1\" is not an IP address"),
+            (fwd(r#"{"protocol": "tcp", "external_port": 22, "internal_address": "10.0.1.5", "internal_port": 22}"#), "internal_address 10.0.1.5 is not a host address of 10.0.0.0/24"),
+            (fwd(r#"{"protocol": "tcp", "external_port": 22, "internal_address": "10.0.0.255", "internal_port": 22}"#), "not a host address"),
+            (fwd(r#"{"protocol": "tcp", "external_port": 22, "internal_address": "10.0.0.1", "internal_port": 22}"#), "is the gateway"),
+            (fwd(r#"{"protocol": "tcp", "external_port": 22, "internal_address": "fd00:0:0:8::5", "internal_port": 22}"#), "not a host address of fd00:0:0:7::/64"),
+            (fwd(r#"{"protocol": "tcp", "external_port": 22, "internal_address": "10.0.0.5", "internal_port": 22, "external_address": "::1"}"#), "different IP versions"),
+            (fwd(r#"{"protocol": "tcp", "external_port": 22, "internal_address": "10.0.0.5", "internal_port": 22, "external_address": "0.0.0.0"}"#), "leave it out for every address"),
+            (fwd(r#"{"protocol": "tcp", "external_port": 22, "internal_address": "10.0.0.5", "internal_port": 22, "external_address": "x"}"#), "external_address \"x\" is not an IP address"),
+            (fwd(r#"{"protocol": "tcp", "external_port": 22, "internal_address": "10.0.0.5", "internal_port": 22, "bogus": 1}"#), "unknown field `bogus`"),
+            (fwd(r#"{"protocol": "tcp", "external_port": 22, "internal_address": "10.0.0.5"}"#), "missing field `internal_port`"),
+            (fwd(r#"{"protocol": "tcp", "external_port": 22, "internal_address": "10.0.0.5", "internal_port": 22},
+                    {"protocol": "tcp", "external_port": 22, "internal_address": "10.0.0.6", "internal_port": 2222, "external_address": "192.0.2.1"}"#),
+             "port_forwarding_rules[1]: tcp port 22 is already forwarded (to 10.0.0.5)"),
+            (r#"{"port_forwarding_rules": [{"protocol": "tcp", "external_port": 22, "internal_address": "10.0.0.5", "internal_port": 22}]}"#.into(),
+             "IPv4 internal_address needs a fixed \"subnet\""),
+            (r#"{"port_forwarding_rules": [{"protocol": "tcp", "external_port": 22, "internal_address": "fd00::5", "internal_port": 22}]}"#.into(),
+             "IPv6 internal_address needs a fixed \"ipv6_prefix\""),
+        ];
+        for (text, want) in &cases {
+            let e = p(text).unwrap_err();
+            assert!(e.contains(want), "{text}: {e:?} lacks {want:?}");
+        }
+        // The same port on two protocols, or on two given addresses, is fine.
+        p(&fwd(
+            r#"{"protocol": "tcp", "external_port": 53, "internal_address": "10.0.0.5", "internal_port": 53},
+               {"protocol": "udp", "external_port": 53, "internal_address": "10.0.0.5", "internal_port": 53},
+               {"protocol": "tcp", "external_port": 80, "internal_address": "10.0.0.5", "internal_port": 80, "external_address": "192.0.2.1"},
+               {"protocol": "tcp", "external_port": 80, "internal_address": "10.0.0.6", "internal_port": 80, "external_address": "192.0.2.2"}"#,
+        ))
+        .unwrap();
+        // Bounded like the other lists.
+        let rules: Vec<String> = (1..=MAX_PORT_FORWARDS + 1)
+            .map(|port| format!(r#"{{"protocol": "tcp", "external_port": {port}, "internal_address": "10.0.0.5", "internal_port": 22}}"#))
+            .collect();
+        let e = p(&fwd(&rules.join(","))).unwrap_err();
+        assert!(e.contains("at most 1024"), "{e}");
+    }
+
+    #[test]
+    fn deprecations_are_logged_at_load_and_kept_for_check_config() {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("old.json"), r#"{"dns": false}"#).unwrap();
+        let c = ConfigDir::new(dir.path()).load("old").unwrap().unwrap();
+        assert!(!c.dns);
+        assert_eq!(c.warnings.len(), 1);
+    }
+
+    #[test]
     fn mask_conversions() {
         assert_eq!(mask_to_prefix(Ipv4Addr::new(255, 255, 255, 0)), Ok(24));
         assert_eq!(mask_to_prefix(Ipv4Addr::new(255, 255, 255, 240)), Ok(28));
