@@ -352,7 +352,7 @@ mod tests {
         let examples = documented_examples();
         assert_eq!(
             examples.len(),
-            3,
+            4,
             "docs/configuration.md examples changed: {examples:?}"
         );
         // Per-network TAP limits: bridge ports, which vmnet networks do not have.
@@ -387,6 +387,109 @@ mod tests {
             e.to_string()
                 .contains("mask 255.255.255.240 without subnet"),
             "{e}"
+        );
+        // The original's IPv6 and forwarding fields, each its call, in the plan's order.
+        assert_eq!(
+            plan(&config(&examples[2])).unwrap(),
+            [
+                ConfigurationCreate {
+                    mode: VMNET_SHARED_MODE
+                },
+                SetIpv4Subnet {
+                    subnet: Ipv4Addr::new(192, 168, 105, 1),
+                    mask: Ipv4Addr::new(255, 255, 255, 0),
+                },
+                SetIpv6Prefix {
+                    prefix: "fd12:3456:789a:1::".parse().unwrap(),
+                    len: 64,
+                },
+                SetExternalInterface("en0".into()),
+                DisableNat66,
+                DisableDnsProxy,
+                DisableRouterAdvertisement,
+                AddPortForwardingRule {
+                    protocol: IPPROTO_TCP,
+                    family: DARWIN_AF_INET,
+                    internal_port: 22,
+                    external_port: 2222,
+                    internal_address: IpAddr::V4(Ipv4Addr::new(192, 168, 105, 10)),
+                },
+                NetworkCreate,
+            ]
+        );
+    }
+
+    #[test]
+    fn the_originals_fields_become_their_calls_in_order() {
+        let c = config(
+            r#"{"mode": "shared", "subnet": "10.20.0.1", "ipv6_prefix": "fd00:20::",
+                "mtu": 1400, "external_interface": "en7", "nat44": false, "nat66": false,
+                "dhcp": false, "dns_proxy": false, "router_advertisement": false,
+                "dhcp_reservations": [{"mac": "52:54:00:00:00:01", "ip": "10.20.0.10"}],
+                "port_forwarding_rules": [
+                  {"protocol": "udp", "external_port": 5353, "internal_address": "fd00:20::10", "internal_port": 53},
+                  {"protocol": "tcp", "external_port": 8080, "internal_address": "10.20.0.10", "internal_port": 80}]}"#,
+        );
+        let calls = plan(&c).unwrap();
+        assert_eq!(
+            calls,
+            [
+                ConfigurationCreate {
+                    mode: VMNET_SHARED_MODE
+                },
+                SetIpv4Subnet {
+                    subnet: Ipv4Addr::new(10, 20, 0, 1),
+                    mask: Ipv4Addr::new(255, 255, 255, 0),
+                },
+                SetIpv6Prefix {
+                    prefix: "fd00:20::".parse().unwrap(),
+                    len: 64,
+                },
+                SetMtu(1400),
+                SetExternalInterface("en7".into()),
+                DisableNat44,
+                DisableNat66,
+                DisableDhcp,
+                DisableDnsProxy,
+                DisableRouterAdvertisement,
+                AddDhcpReservation {
+                    mac: Mac::new([0x52, 0x54, 0, 0, 0, 1]),
+                    ip: Ipv4Addr::new(10, 20, 0, 10),
+                },
+                AddPortForwardingRule {
+                    protocol: IPPROTO_UDP,
+                    family: DARWIN_AF_INET6,
+                    internal_port: 53,
+                    external_port: 5353,
+                    internal_address: "fd00:20::10".parse().unwrap(),
+                },
+                AddPortForwardingRule {
+                    protocol: IPPROTO_TCP,
+                    family: DARWIN_AF_INET,
+                    internal_port: 80,
+                    external_port: 8080,
+                    internal_address: "10.20.0.10".parse().unwrap(),
+                },
+                NetworkCreate,
+            ]
+        );
+        // The internal port comes first in the C call, as vmnet.h declares it.
+        assert_eq!(
+            calls[12].to_string(),
+            "vmnet_network_configuration_add_port_forwarding_rule(6, 2, 80, 8080, 10.20.0.10)"
+        );
+        // Settings that restate vmnet's defaults make no call: nat44/nat66/RA true, and a
+        // host network's nat44 false (it never forwards).
+        for text in [
+            r#"{"nat44": true, "nat66": true, "router_advertisement": true, "dns_proxy": true}"#,
+            r#"{"mode": "host", "nat44": false}"#,
+        ] {
+            assert_eq!(plan(&config(text)).unwrap().len(), 2, "{text}");
+        }
+        // The deprecated `dns` still turns off the DNS proxy.
+        assert_eq!(
+            plan(&config(r#"{"dns": false}"#)).unwrap()[1],
+            DisableDnsProxy
         );
     }
 
@@ -451,6 +554,11 @@ mod tests {
             (r#"{"mask": "255.255.0.0"}"#, "without subnet"),
             (r#"{"max_taps_per_uid": 8}"#, "max_taps_per_uid"),
             (r#"{"max_nonroot_taps": 0}"#, "max_nonroot_taps"),
+            (
+                r#"{"subnet": "10.0.0.1", "port_forwarding_rules": [{"protocol": "tcp", "external_port": 22,
+                    "internal_address": "10.0.0.5", "internal_port": 22, "external_address": "192.0.2.7"}]}"#,
+                "port_forwarding_rules[0]: external_address 192.0.2.7",
+            ),
         ];
         for (text, field) in cases {
             let c = config(text);
