@@ -1158,13 +1158,13 @@ mod tests {
               {"protocol": "udp", "external_port": 5353, "internal_address": "fd12:3456:789a:1::5",
                "internal_port": 53, "external_address": "2001:db8::1"}]}"#)
         .unwrap();
-        assert_eq!(
-            c.ipv6_prefix.unwrap().to_string(),
-            "fd12:3456:789a:1::/64"
-        );
+        assert_eq!(c.ipv6_prefix.unwrap().to_string(), "fd12:3456:789a:1::/64");
         assert_eq!(c.external_interface.as_deref(), Some("en0"));
         assert!(!c.nat44 && !c.dns && c.dhcp);
-        assert_eq!((c.nat66, c.router_advertisement), (Some(false), Some(false)));
+        assert_eq!(
+            (c.nat66, c.router_advertisement),
+            (Some(false), Some(false))
+        );
         assert_eq!(
             c.port_forwarding_rules,
             vec![
@@ -1188,7 +1188,10 @@ mod tests {
         // Left out: the system's defaults.
         let d = p("{}").unwrap();
         assert!(d.nat44 && d.dns);
-        assert_eq!((d.nat66, d.router_advertisement, d.ipv6_prefix), (None, None, None));
+        assert_eq!(
+            (d.nat66, d.router_advertisement, d.ipv6_prefix),
+            (None, None, None)
+        );
         assert!(!p(r#"{"mode": "host"}"#).unwrap().nat44);
     }
 

@@ -454,3 +454,94 @@ fn a_tap_persisted_by_its_client_cannot_be_attached_by_another_user() {
         "the client's own uid may"
     );
 }
+
+/// Issue 14: the original's field names. `check-config` prints a deprecated name as a
+/// warning (the file stays ok), a field Linux cannot honour yet as an error (exit 1), and
+/// the broker refuses to create such a network rather than making one without it.
+#[test]
+fn check_config_reports_deprecations_and_what_linux_cannot_do_yet() {
+    let b = Broker::start(files(&[
+        ("old.json", r#"{"mode": "host", "dns": false}"#),
+        (
+            "modern.json",
+            r#"{"mode": "host", "dns_proxy": false, "nat44": false, "nat66": false, "router_advertisement": false}"#,
+        ),
+        (
+            "v6.json",
+            r#"{"subnet": "10.44.0.1", "ipv6_prefix": "fd44::", "external_interface": "eth9",
+                "port_forwarding_rules": [{"protocol": "tcp", "external_port": 2222,
+                "internal_address": "10.44.0.5", "internal_port": 22}]}"#,
+        ),
+        (
+            "badport.json",
+            r#"{"subnet": "10.45.0.1", "port_forwarding_rules": [{"protocol": "tcp",
+                "external_port": 70000, "internal_address": "10.45.0.5", "internal_port": 22}]}"#,
+        ),
+    ]));
+    let (code, text) = check_config(&b);
+    assert_eq!(code, Some(1), "{text}");
+    let line = |start: &str, file: &str, has: &str| {
+        text.lines()
+            .any(|l| l.starts_with(start) && l.contains(file) && l.contains(has))
+    };
+    assert!(
+        line(
+            "warning",
+            "old.json",
+            "dns is deprecated: it is the old name of dns_proxy"
+        ),
+        "{text}"
+    );
+    assert!(line("ok", "old.json", "host"), "{text}");
+    assert!(line("ok", "modern.json", "host"), "{text}");
+    for field in [
+        "ipv6_prefix fd44::/64",
+        "external_interface \"eth9\"",
+        "port_forwarding_rules (1 rule(s))",
+    ] {
+        assert!(
+            line(
+                "error",
+                "v6.json",
+                &format!(": {field}: not supported on Linux yet")
+            ),
+            "{field}: {text}"
+        );
+    }
+    assert!(!line("ok", "v6.json", ""), "{text}");
+    assert!(
+        line(
+            "error",
+            "badport.json",
+            "external_port 70000 must be between 1 and 65535"
+        ),
+        "{text}"
+    );
+    // Only the invalid and refused files make the directory fail.
+    for f in ["v6.json", "badport.json"] {
+        std::fs::remove_file(b.config_dir.join(f)).unwrap();
+    }
+    let (code, text) = check_config(&b);
+    assert_eq!(code, Some(0), "{text}");
+    assert!(line("warning", "old.json", "dns is deprecated"), "{text}");
+
+    // The broker: the deprecated name works and is logged; the refused file is never made.
+    std::fs::write(
+        b.config_dir.join("v6.json"),
+        r#"{"subnet": "10.44.0.1", "ipv6_prefix": "fd44::"}"#,
+    )
+    .unwrap();
+    let e = acquire_within(&b, "v6").unwrap_err();
+    assert_eq!(e.code, ErrorCode::CreateFailure, "{}", e.message);
+    assert!(
+        e.message.contains("not supported on Linux yet") && e.message.contains("ipv6_prefix"),
+        "{}",
+        e.message
+    );
+    acquire_within(&b, "old").unwrap();
+    let deadline = Instant::now() + PROMPTLY;
+    while !b.log().contains("dns is deprecated") {
+        assert!(Instant::now() < deadline, "{}", b.log_tail());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
