@@ -1290,6 +1290,37 @@ mod tests {
     }
 
     #[test]
+    fn state_files_keep_the_new_fields_and_older_ones_still_load() {
+        let c = p(
+            r#"{"subnet": "10.30.0.1", "ipv6_prefix": "fd00:30::", "nat66": false,
+            "port_forwarding_rules": [{"protocol": "udp", "external_port": 53,
+            "internal_address": "10.30.0.5", "internal_port": 53}], "dns": false}"#,
+        )
+        .unwrap();
+        let json = serde_json::to_value(&c).unwrap();
+        assert_eq!(
+            serde_json::from_value::<NetworkConfig>(json.clone()).unwrap(),
+            c
+        );
+        // Written by a broker before these fields: the defaults they were made with.
+        let mut old = json;
+        for key in [
+            "nat44",
+            "nat66",
+            "router_advertisement",
+            "ipv6_prefix",
+            "external_interface",
+            "port_forwarding_rules",
+            "warnings",
+        ] {
+            old.as_object_mut().unwrap().remove(key).unwrap();
+        }
+        let back: NetworkConfig = serde_json::from_value(old).unwrap();
+        assert!(back.nat44 && back.port_forwarding_rules.is_empty());
+        assert_eq!((back.nat66, back.ipv6_prefix), (None, None));
+    }
+
+    #[test]
     fn mask_conversions() {
         assert_eq!(mask_to_prefix(Ipv4Addr::new(255, 255, 255, 0)), Ok(24));
         assert_eq!(mask_to_prefix(Ipv4Addr::new(255, 255, 255, 240)), Ok(28));
