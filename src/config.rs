@@ -410,17 +410,28 @@ struct RawReservation {
     ip: String,
 }
 
-fn parse_ip(field: &str, s: &str) -> Result<Ipv4Addr, String> {
+/// Why one field of a network file is invalid: the message that becomes the file's
+/// [`ConfigError`] (which adds the path).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct Invalid(pub String);
+
+/// `Invalid(format!(...))`.
+macro_rules! invalid {
+    ($($arg:tt)*) => { Invalid(format!($($arg)*)) };
+}
+
+fn parse_ip(field: &str, s: &str) -> Result<Ipv4Addr, Invalid> {
     s.parse()
-        .map_err(|_| format!("{field}: {} is not an IPv4 address", quoted(s)))
+        .map_err(|_| invalid!("{field}: {} is not an IPv4 address", quoted(s)))
 }
 
 /// Turns a dotted mask into a prefix length; only contiguous masks are accepted.
-pub fn mask_to_prefix(mask: Ipv4Addr) -> Result<u8, String> {
+pub fn mask_to_prefix(mask: Ipv4Addr) -> Result<u8, Invalid> {
     let bits = u32::from(mask);
     let ones = bits.leading_ones();
     if bits.checked_shl(ones).unwrap_or(0) != 0 {
-        return Err(format!("mask {mask} is not contiguous"));
+        return Err(invalid!("mask {mask} is not contiguous"));
     }
     Ok(ones as u8)
 }
@@ -442,8 +453,8 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<NetworkConfig, Confi
     c.source = Source::File(path.to_path_buf());
     c.description = raw.description;
     if let Some(mask) = &raw.mask {
-        let mask = parse_ip("mask", mask).map_err(err)?;
-        let prefix = mask_to_prefix(mask).map_err(err)?;
+        let mask = parse_ip("mask", mask).map_err(|e| err(e.0))?;
+        let prefix = mask_to_prefix(mask).map_err(|e| err(e.0))?;
         if !(8..=30).contains(&prefix) {
             return Err(err(format!(
                 "mask {mask} (/{prefix}) must be between /8 and /30: a network needs room for the gateway and at least one VM"
@@ -452,7 +463,7 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<NetworkConfig, Confi
         c.prefix_len = prefix;
     }
     if let Some(subnet) = &raw.subnet {
-        let gw = parse_ip("subnet", subnet).map_err(err)?;
+        let gw = parse_ip("subnet", subnet).map_err(|e| err(e.0))?;
         let net = Ipv4Net::new(gw, c.prefix_len)
             .expect("prefix checked")
             .trunc();
@@ -537,7 +548,7 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<NetworkConfig, Confi
                 "external_interface needs mode \"shared\": a host network has no way out".into(),
             ));
         }
-        check_interface_name(&name).map_err(err)?;
+        check_interface_name(&name).map_err(|e| err(e.0))?;
         c.external_interface = Some(name);
     }
     match (&raw.ipv6_prefix, raw.ipv6_prefix_length) {
@@ -625,8 +636,8 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<NetworkConfig, Confi
         if fixed.is_none() {
             return Err(needs_subnet("dhcp_range"));
         }
-        let start = parse_ip("dhcp_range.start", &r.start).map_err(err)?;
-        let end = parse_ip("dhcp_range.end", &r.end).map_err(err)?;
+        let start = parse_ip("dhcp_range.start", &r.start).map_err(|e| err(e.0))?;
+        let end = parse_ip("dhcp_range.end", &r.end).map_err(|e| err(e.0))?;
         host_address(start, "dhcp_range")?;
         host_address(end, "dhcp_range")?;
         if start > end {
@@ -656,7 +667,7 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<NetworkConfig, Confi
                 quoted(&r.mac)
             ))
         })?;
-        let ip = parse_ip("dhcp_reservations", &r.ip).map_err(err)?;
+        let ip = parse_ip("dhcp_reservations", &r.ip).map_err(|e| err(e.0))?;
         host_address(ip, "dhcp_reservations")?;
         if Some(ip) == gateway {
             return Err(err(format!(
@@ -681,7 +692,7 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<NetworkConfig, Confi
         )));
     }
     for (i, r) in raw.port_forwarding_rules.iter().enumerate() {
-        let rule = port_forward(&c, i, r).map_err(err)?;
+        let rule = port_forward(&c, i, r).map_err(|e| err(e.0))?;
         // Two rules for one port of one address: the second could never receive anything.
         if let Some(other) = c.port_forwarding_rules.iter().find(|o| {
             o.protocol == rule.protocol
@@ -708,7 +719,7 @@ pub const MAX_PORT_FORWARDS: usize = 1024;
 
 /// An interface name as both systems accept it: 1 to 15 bytes, none of `/`, `:`,
 /// whitespace or control characters, and not `.` or `..`.
-fn check_interface_name(name: &str) -> Result<(), String> {
+fn check_interface_name(name: &str) -> Result<(), Invalid> {
     let bad = name.is_empty()
         || name.len() > MAX_INTERFACE_NAME
         || name == "."
@@ -717,7 +728,7 @@ fn check_interface_name(name: &str) -> Result<(), String> {
             .chars()
             .any(|ch| ch == '/' || ch == ':' || ch.is_whitespace() || ch.is_control());
     if bad {
-        return Err(format!(
+        return Err(invalid!(
             "external_interface: {} is not an interface name (1 to {MAX_INTERFACE_NAME} bytes, no '/', ':' or spaces)",
             quoted(name)
         ));
@@ -727,18 +738,18 @@ fn check_interface_name(name: &str) -> Result<(), String> {
 
 /// Validates rule `i` of `port_forwarding_rules` against the network `c` defines so far
 /// (its subnet and IPv6 prefix are already known).
-fn port_forward(c: &NetworkConfig, i: usize, r: &RawForward) -> Result<PortForward, String> {
+fn port_forward(c: &NetworkConfig, i: usize, r: &RawForward) -> Result<PortForward, Invalid> {
     let field = format!("port_forwarding_rules[{i}]");
-    let port = |name: &str, n: u32| -> Result<u16, String> {
+    let port = |name: &str, n: u32| -> Result<u16, Invalid> {
         u16::try_from(n)
             .ok()
             .filter(|p| *p != 0)
-            .ok_or_else(|| format!("{field}: {name} {n} must be between 1 and 65535"))
+            .ok_or_else(|| invalid!("{field}: {name} {n} must be between 1 and 65535"))
     };
     let external_port = port("external_port", r.external_port)?;
     let internal_port = port("internal_port", r.internal_port)?;
     let internal_address: IpAddr = r.internal_address.parse().map_err(|_| {
-        format!(
+        invalid!(
             "{field}: internal_address {} is not an IP address",
             quoted(&r.internal_address)
         )
@@ -746,29 +757,29 @@ fn port_forward(c: &NetworkConfig, i: usize, r: &RawForward) -> Result<PortForwa
     match internal_address {
         IpAddr::V4(ip) => {
             let net = c.fixed_subnet().ok_or_else(|| {
-                format!(
+                invalid!(
                     "{field}: an IPv4 internal_address needs a fixed \"subnet\": with a dynamic subnet the VM's address is not known in advance"
                 )
             })?;
             if !net.contains(&ip) || ip == net.network() || ip == net.broadcast() {
-                return Err(format!(
+                return Err(invalid!(
                     "{field}: internal_address {ip} is not a host address of {net}"
                 ));
             }
             if Some(ip) == c.gateway {
-                return Err(format!(
+                return Err(invalid!(
                     "{field}: internal_address {ip} is the gateway (the host itself), not a VM"
                 ));
             }
         }
         IpAddr::V6(ip) => {
             let net = c.ipv6_prefix.ok_or_else(|| {
-                format!(
+                invalid!(
                     "{field}: an IPv6 internal_address needs a fixed \"ipv6_prefix\": with a generated prefix the VM's address is not known in advance"
                 )
             })?;
             if !net.contains(&ip) || ip == net.network() {
-                return Err(format!(
+                return Err(invalid!(
                     "{field}: internal_address {ip} is not a host address of {net}"
                 ));
             }
@@ -778,18 +789,18 @@ fn port_forward(c: &NetworkConfig, i: usize, r: &RawForward) -> Result<PortForwa
         None => None,
         Some(s) => {
             let ip: IpAddr = s.parse().map_err(|_| {
-                format!(
+                invalid!(
                     "{field}: external_address {} is not an IP address",
                     quoted(s)
                 )
             })?;
             if ip.is_ipv4() != internal_address.is_ipv4() {
-                return Err(format!(
+                return Err(invalid!(
                     "{field}: external_address {ip} and internal_address {internal_address} are of different IP versions"
                 ));
             }
             if ip.is_multicast() || ip.is_unspecified() {
-                return Err(format!(
+                return Err(invalid!(
                     "{field}: external_address {ip} is not a unicast address of the host (leave it out for every address)"
                 ));
             }
