@@ -7,12 +7,15 @@
 
 #[path = "support/netns.rs"]
 mod netns;
+#[path = "support/tap_owner.rs"]
+mod tap_owner;
 
 use netns::Netns;
 use serde_json::Value;
 use std::future::Future;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::time::Duration;
+use tap_owner::attach_by_name_as;
 use vmnet_broker::backend::linux::{
     LinuxBackend, LinuxNetwork, LinuxOptions, bridge_mac, bridge_of, tap, tap_name_of,
 };
@@ -705,51 +708,6 @@ fn netlink_deletes_links_by_name() {
         assert!(!nl.delete_by_name("vmnbt-byname").await.unwrap());
         assert!(ns.link("vmnbt-other").is_some());
     });
-}
-
-/// Opens /dev/net/tun as root (the device node is 0600 on some hosts; what is tested is
-/// the TAP's own check), then becomes `uid`/`gid` without any capability and asks to
-/// attach TAP `name` (TUNSETIFF), as another local user would. Returns 0 on success, else
-/// the errno, in a child process in the caller's network namespace.
-fn attach_by_name_as(name: &str, uid: u32, gid: u32) -> i32 {
-    // SAFETY: ifreq is plain old data; all zeroes is a valid value.
-    let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
-    for (dst, src) in req.ifr_name.iter_mut().zip(name.bytes()) {
-        *dst = src as libc::c_char;
-    }
-    req.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as i16;
-    let path = c"/dev/net/tun";
-    // SAFETY: the child only makes async-signal-safe system calls on memory prepared
-    // before the fork, then _exits; the parent only waits for it.
-    let pid = unsafe { libc::fork() };
-    assert!(pid >= 0, "fork: {}", std::io::Error::last_os_error());
-    if pid == 0 {
-        // SAFETY: see the fork above; `req` and `path` are live and valid.
-        unsafe {
-            let fd = libc::open(path.as_ptr(), libc::O_RDWR);
-            if fd < 0 {
-                libc::_exit(200);
-            }
-            if libc::setgroups(1, &gid) != 0
-                || libc::setresgid(gid, gid, gid) != 0
-                || libc::setresuid(uid, uid, uid) != 0
-            {
-                libc::_exit(201);
-            }
-            if libc::ioctl(fd, libc::TUNSETIFF, &req) == 0 {
-                libc::_exit(0);
-            }
-            libc::_exit(*libc::__errno_location());
-        }
-    }
-    let mut status = 0;
-    // SAFETY: waiting for our own child, writing its status into a live int.
-    let rc = unsafe { libc::waitpid(pid, &mut status, 0) };
-    assert_eq!(rc, pid, "waitpid: {}", std::io::Error::last_os_error());
-    assert!(libc::WIFEXITED(status), "child status {status}");
-    let code = libc::WEXITSTATUS(status);
-    assert!(code < 200, "the child could not set up (code {code})");
-    code
 }
 
 /// A client may make its TAP persistent itself (TUNSETPERSIST needs no privilege on an

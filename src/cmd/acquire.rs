@@ -30,12 +30,7 @@ pub fn main(socket: &Path, names: &[String], hold: bool, persistent: bool) -> su
         held.push(acquired);
     }
     if hold {
-        eprintln!("holding {} network(s); press Ctrl-C to release", held.len());
-        let mut set = nix::sys::signal::SigSet::empty();
-        set.add(nix::sys::signal::Signal::SIGINT);
-        set.add(nix::sys::signal::Signal::SIGTERM);
-        set.thread_block()?;
-        set.wait()?;
+        super::hold_until_signal(held.len())?;
     }
     drop(held);
     drop(client);

@@ -47,3 +47,79 @@ macro_rules! outln {
     ($($arg:tt)*) => { $crate::cmd::write_stdout(format_args!("{}\n", format_args!($($arg)*))) };
 }
 pub(crate) use outln;
+
+/// The longest timeout accepted: a year. Much longer ones would overflow when added to
+/// the current time (a panic in the middle of serving), and mean "never" anyway.
+const MAX_SECONDS: f64 = 31_536_000.0;
+
+/// `--{what} {s}` as a duration, for `serve`'s timeouts on every platform.
+pub fn seconds(what: &str, s: f64) -> std::result::Result<std::time::Duration, String> {
+    if s > MAX_SECONDS {
+        return Err(format!(
+            "--{what} {s}: too long, at most {MAX_SECONDS} seconds (a year)"
+        ));
+    }
+    std::time::Duration::try_from_secs_f64(s)
+        .map_err(|_| format!("--{what} {s}: not a number of seconds"))
+}
+
+/// Sends `serve`'s logs to stderr, filtered by `--log-level` (colored on a terminal).
+pub fn init_logging(level: &str) -> std::result::Result<(), String> {
+    let filter = tracing_subscriber::EnvFilter::try_new(level)
+        .map_err(|e| format!("--log-level {level:?}: {e}"))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    Ok(())
+}
+
+/// `acquire --hold`: waits for SIGINT or SIGTERM, so the caller releases what it holds
+/// only then.
+pub fn hold_until_signal(count: usize) -> nix::Result<()> {
+    eprintln!("holding {count} network(s); press Ctrl-C to release");
+    let mut set = nix::sys::signal::SigSet::empty();
+    set.add(nix::sys::signal::Signal::SIGINT);
+    set.add(nix::sys::signal::Signal::SIGTERM);
+    set.thread_block()?;
+    set.wait()?;
+    Ok(())
+}
+
+/// `status`'s first line (the broker itself), then a blank line.
+pub fn print_status_header(status: &vmnet_broker::protocol::Status) {
+    outln!(
+        "vmnet-broker {} (protocol {}), pid {}, idle timeout {}s",
+        status.version,
+        status.protocol,
+        status.pid,
+        status.idle_timeout_seconds
+    );
+    outln!();
+}
+
+/// `status`'s table of clients, after a blank line.
+pub fn print_status_clients(status: &vmnet_broker::protocol::Status) {
+    outln!();
+    outln!("{:<6} {:>8} {:>6}  NETWORKS", "CLIENT", "PID", "UID");
+    if status.truncated {
+        outln!("(lists cut to fit one message: there are more clients or TAPs than shown)");
+    }
+    for c in &status.clients {
+        outln!(
+            "{:<6} {:>8} {:>6}  {}",
+            c.id,
+            c.pid,
+            c.uid,
+            c.networks.join(",")
+        );
+    }
+}
+
+/// A removal countdown as `status` shows it: `in 12s`, or `-` for none.
+pub fn removal_text(seconds: Option<f64>) -> String {
+    seconds
+        .map(|s| format!("in {s:.0}s"))
+        .unwrap_or_else(|| "-".into())
+}

@@ -1,6 +1,5 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 use tracing::{info, warn};
 use vmnet_broker::backend::Backend;
 use vmnet_broker::backend::linux::{LinuxBackend, LinuxOptions};
@@ -43,19 +42,6 @@ pub struct Args {
         value_name = "LEVEL"
     )]
     log_level: String,
-}
-
-/// The longest timeout accepted: a year. Much longer ones would overflow when added to
-/// the current time (a panic in the middle of serving), and mean "never" anyway.
-const MAX_SECONDS: f64 = 31_536_000.0;
-
-fn seconds(what: &str, s: f64) -> Result<Duration, String> {
-    if s > MAX_SECONDS {
-        return Err(format!(
-            "--{what} {s}: too long, at most {MAX_SECONDS} seconds (a year)"
-        ));
-    }
-    Duration::try_from_secs_f64(s).map_err(|_| format!("--{what} {s}: not a number of seconds"))
 }
 
 /// Raises the soft limit of open files to the hard one. The broker holds a socket per
@@ -102,18 +88,12 @@ fn raise_open_file_limit() {
 pub fn main(args: Args) -> super::Result {
     // First, before anything opens a file: the fds the service manager passed start at 3.
     let passed = vmnet_broker::systemd::passed_fds().map_err(|e| vmnet_broker::error::chain(&e))?;
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
-        .map_err(|e| format!("--log-level {:?}: {e}", args.log_level))?;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    super::init_logging(&args.log_level)?;
     raise_open_file_limit();
-    let idle = seconds("idle-timeout", args.idle_timeout)?;
+    let idle = super::seconds("idle-timeout", args.idle_timeout)?;
     let exit_on_idle = args
         .exit_on_idle
-        .map(|s| seconds("exit-on-idle", s))
+        .map(|s| super::seconds("exit-on-idle", s))
         .transpose()?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)

@@ -9,14 +9,7 @@ pub fn main(socket: &Path, json: bool) -> super::Result {
         outln!("{}", serde_json::to_string_pretty(&status)?);
         return Ok(ExitCode::SUCCESS);
     }
-    outln!(
-        "vmnet-broker {} (protocol {}), pid {}, idle timeout {}s",
-        status.version,
-        status.protocol,
-        status.pid,
-        status.idle_timeout_seconds
-    );
-    outln!();
+    super::print_status_header(&status);
     outln!(
         "{:<16} {:<6} {:<18} {:<15} {:>7}  {:<24} REMOVAL",
         "NETWORK",
@@ -27,10 +20,7 @@ pub fn main(socket: &Path, json: bool) -> super::Result {
         "TAPS"
     );
     for n in &status.networks {
-        let removal = n
-            .removal_in_seconds
-            .map(|s| format!("in {s:.0}s"))
-            .unwrap_or_else(|| "-".into());
+        let removal = super::removal_text(n.removal_in_seconds);
         let taps = if n.taps.is_empty() {
             "-".to_string()
         } else {
@@ -46,19 +36,6 @@ pub fn main(socket: &Path, json: bool) -> super::Result {
             taps
         );
     }
-    outln!();
-    outln!("{:<6} {:>8} {:>6}  NETWORKS", "CLIENT", "PID", "UID");
-    if status.truncated {
-        outln!("(lists cut to fit one message: there are more clients or TAPs than shown)");
-    }
-    for c in &status.clients {
-        outln!(
-            "{:<6} {:>8} {:>6}  {}",
-            c.id,
-            c.pid,
-            c.uid,
-            c.networks.join(",")
-        );
-    }
+    super::print_status_clients(&status);
     Ok(ExitCode::SUCCESS)
 }

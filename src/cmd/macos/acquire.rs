@@ -29,12 +29,7 @@ pub fn main(service: &str, names: &[String], hold: bool, persistent: bool) -> su
         held.push(n);
     }
     if hold {
-        eprintln!("holding {} network(s); press Ctrl-C to release", held.len());
-        let mut set = nix::sys::signal::SigSet::empty();
-        set.add(nix::sys::signal::Signal::SIGINT);
-        set.add(nix::sys::signal::Signal::SIGTERM);
-        set.thread_block()?;
-        set.wait()?;
+        super::hold_until_signal(held.len())?;
     }
     drop(held);
     drop(client);

@@ -3,7 +3,6 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 use tracing::info;
 use vmnet_broker::backend::macos::MacosBackend;
 use vmnet_broker::backend::macos::server::{XpcServerOptions, serve};
@@ -37,28 +36,10 @@ pub struct Args {
     log_level: String,
 }
 
-/// The longest timeout accepted: a year (longer ones overflow when added to the time).
-const MAX_SECONDS: f64 = 31_536_000.0;
-
-fn seconds(what: &str, s: f64) -> Result<Duration, String> {
-    if s > MAX_SECONDS {
-        return Err(format!(
-            "--{what} {s}: too long, at most {MAX_SECONDS} seconds (a year)"
-        ));
-    }
-    Duration::try_from_secs_f64(s).map_err(|_| format!("--{what} {s}: not a number of seconds"))
-}
-
 pub fn main(args: Args) -> super::Result {
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
-        .map_err(|e| format!("--log-level {:?}: {e}", args.log_level))?;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
-    let idle = seconds("idle-timeout", args.idle_timeout)?;
-    let exit_on_idle = seconds("exit-on-idle", args.exit_on_idle)?;
+    super::init_logging(&args.log_level)?;
+    let idle = super::seconds("idle-timeout", args.idle_timeout)?;
+    let exit_on_idle = super::seconds("exit-on-idle", args.exit_on_idle)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()

@@ -10,14 +10,7 @@ pub fn main(service: &str, json: bool) -> super::Result {
         outln!("{}", serde_json::to_string_pretty(&status)?);
         return Ok(ExitCode::SUCCESS);
     }
-    outln!(
-        "vmnet-broker {} (protocol {}), pid {}, idle timeout {}s",
-        status.version,
-        status.protocol,
-        status.pid,
-        status.idle_timeout_seconds
-    );
-    outln!();
+    super::print_status_header(&status);
     outln!(
         "{:<16} {:<6} {:<18} {:>7}  REMOVAL",
         "NETWORK",
@@ -26,10 +19,7 @@ pub fn main(service: &str, json: bool) -> super::Result {
         "CLIENTS"
     );
     for n in &status.networks {
-        let removal = n
-            .removal_in_seconds
-            .map(|s| format!("in {s:.0}s"))
-            .unwrap_or_else(|| "-".into());
+        let removal = super::removal_text(n.removal_in_seconds);
         outln!(
             "{:<16} {:<6} {:<18} {:>7}  {removal}",
             n.name,
@@ -38,16 +28,6 @@ pub fn main(service: &str, json: bool) -> super::Result {
             n.clients
         );
     }
-    outln!();
-    outln!("{:<6} {:>8} {:>6}  NETWORKS", "CLIENT", "PID", "UID");
-    for c in &status.clients {
-        outln!(
-            "{:<6} {:>8} {:>6}  {}",
-            c.id,
-            c.pid,
-            c.uid,
-            c.networks.join(",")
-        );
-    }
+    super::print_status_clients(&status);
     Ok(ExitCode::SUCCESS)
 }
