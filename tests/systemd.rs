@@ -89,16 +89,8 @@ impl Setup {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
 
-    fn wait_for(&self, what: &str, mut f: impl FnMut() -> bool) {
-        let deadline = Instant::now() + DEADLINE;
-        while !f() {
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; broker log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    fn wait_for(&self, what: &str, f: impl FnMut() -> bool) {
+        support::wait_until(what, DEADLINE, || self.log(), f);
     }
 
     fn wait_exit(&self, child: &mut Child) -> ExitStatus {
@@ -330,6 +322,11 @@ fn activate(s: &Setup, listener: &OwnedFd, extra: &[&str]) -> Child {
             Ok(())
         });
     }
+    spawn_serving(s, &mut cmd)
+}
+
+/// Starts the broker `cmd` runs and waits until it serves (its log says so once more).
+fn spawn_serving(s: &Setup, cmd: &mut Command) -> Child {
     let mut child = cmd.spawn().unwrap();
     let serving = s.log().matches("broker serving").count() + 1;
     s.wait_for("the activated broker to serve", || {
@@ -593,13 +590,7 @@ fn activate_fds(s: &Setup, fds: &[(&OwnedFd, &str)], env: &[(&str, &str)]) -> Ch
             Ok(())
         });
     }
-    let mut child = cmd.spawn().unwrap();
-    let serving = s.log().matches("broker serving").count() + 1;
-    s.wait_for("the activated broker to serve", || {
-        assert!(alive(&mut child), "broker exited: {}", s.log());
-        s.log().matches("broker serving").count() == serving
-    });
-    child
+    spawn_serving(s, &mut cmd)
 }
 
 /// Receives notify messages, with the fds they carry (SCM_RIGHTS), until one has a line

@@ -215,20 +215,31 @@ impl Broker {
     }
 
     /// Polls `f` until it returns true or `timeout` passes.
-    pub fn wait_for(&self, what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-        let deadline = Instant::now() + timeout;
-        while !f() {
-            assert!(
-                Instant::now() < deadline,
-                "timed out waiting for {what}; broker log:\n{}",
-                self.log()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+    pub fn wait_for(&self, what: &str, timeout: Duration, f: impl FnMut() -> bool) {
+        wait_until(what, timeout, || self.log(), f);
     }
 
     pub fn count_in_log(&self, needle: &str) -> usize {
         self.log().matches(needle).count()
+    }
+}
+
+/// Polls `f` until it returns true; after `timeout` fails the test with `log()` (the
+/// broker's log) in the message.
+pub fn wait_until(
+    what: &str,
+    timeout: Duration,
+    log: impl Fn() -> String,
+    mut f: impl FnMut() -> bool,
+) {
+    let deadline = Instant::now() + timeout;
+    while !f() {
+        assert!(
+            Instant::now() < deadline,
+            "timed out waiting for {what}; broker log:\n{}",
+            log()
+        );
+        std::thread::sleep(Duration::from_millis(50));
     }
 }
 
