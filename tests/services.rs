@@ -1398,6 +1398,19 @@ fn forged_dhcp(
     ciaddr: Ipv4Addr,
     options: &[DhcpOption],
 ) -> u32 {
+    let (xid, frame) = forged_dhcp_frame(tap, chaddr, kind, ciaddr, options);
+    tap.send(&frame);
+    xid
+}
+
+/// The frame [`forged_dhcp`] sends, and its transaction id.
+fn forged_dhcp_frame(
+    tap: &Tap,
+    chaddr: [u8; 6],
+    kind: MessageType,
+    ciaddr: Ipv4Addr,
+    options: &[DhcpOption],
+) -> (u32, Vec<u8>) {
     let xid = 0xf0f0_0000 | COUNTER.fetch_add(1, Ordering::SeqCst);
     let mut msg = Message::new_with_id(
         xid,
@@ -1412,7 +1425,7 @@ fn forged_dhcp(
     for o in options {
         msg.opts_mut().insert(o.clone());
     }
-    tap.send(&ethernet(
+    let frame = ethernet(
         BROADCAST,
         tap.mac,
         ETH_IPV4,
@@ -1423,8 +1436,74 @@ fn forged_dhcp(
             67,
             &msg.to_vec().unwrap(),
         ),
-    ));
-    xid
+    );
+    (xid, frame)
+}
+
+/// Whether a DISCOVER written into `tap` in `chaddr`'s name, sent again every 200 ms, gets
+/// an OFFER within `wait`.
+fn offered(tap: &Tap, chaddr: [u8; 6], wait: Duration) -> bool {
+    let (xid, frame) = forged_dhcp_frame(
+        tap,
+        chaddr,
+        MessageType::Discover,
+        Ipv4Addr::UNSPECIFIED,
+        &[],
+    );
+    tap.ask(&frame, wait, |f| {
+        udp_payload_to(f, 68)
+            .and_then(|p| Message::from_bytes(p).ok())
+            .is_some_and(|m| m.xid() == xid && m.opts().msg_type() == Some(MessageType::Offer))
+    })
+}
+
+#[test]
+fn on_an_allow_spoofing_network_a_tap_gets_dhcp_for_a_bounded_number_of_macs() {
+    let quota = vmnet_broker::backend::linux::firewall::DHCP_MACS_PER_TAP;
+    let b = Broker::start(opts(&[("open.json", r#"{"allow_spoofing":true}"#)]));
+    let c = b.client();
+    let a = c.acquire("open").unwrap();
+    let tap_name = a.info.interface.clone();
+    let attacker = Tap::new(a);
+    // Its own DHCP works (so the TAP is bound), and does not count.
+    let own = attacker.dhcp("attacker");
+    // The pool holds every invented MAC's offer for a while: unbounded, one VM would
+    // exhaust it. Other machines' MACs are allowed here, up to the quota.
+    let invented = |tap: u8, i: usize| [0x52, 0x54, 0x00, 0xee, tap, i as u8];
+    for i in 0..quota {
+        assert!(
+            offered(&attacker, invented(1, i), SOON),
+            "invented MAC {i} of {quota} got no offer"
+        );
+    }
+    for i in quota..quota + 4 {
+        assert!(
+            !offered(&attacker, invented(1, i), NEVER),
+            "invented MAC {i} got an offer, beyond the quota of {quota}"
+        );
+    }
+    // A MAC within the quota still works, and so does the TAP's own.
+    assert!(offered(&attacker, invented(1, 0), SOON));
+    assert!(
+        offered(&attacker, attacker.mac, SOON),
+        "the attacker's own MAC lost DHCP"
+    );
+    assert_eq!(attacker.dhcp("attacker"), own);
+    // The quota is per TAP: a fresh VM gets its lease, and its own quota.
+    let fresh = Tap::new(c.acquire("open").unwrap());
+    let got = fresh.dhcp("fresh");
+    assert_ne!(got, own);
+    assert!(
+        offered(&fresh, invented(2, 0), SOON),
+        "another TAP's first invented MAC got no offer"
+    );
+    // The TAP's quota set goes with its binding when it closes.
+    let set = format!("dm-{tap_name}");
+    assert!(b.ns.sh("nft list sets bridge").contains(&set));
+    drop(attacker);
+    b.wait_for("the closed TAP's quota set to go", SOON, || {
+        !b.ns.sh("nft list sets bridge").contains(&set)
+    });
 }
 
 /// Whether a DHCP reply with transaction `xid` arrives on `tap` within `wait`.

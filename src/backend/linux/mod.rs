@@ -544,11 +544,12 @@ impl Backend for LinuxBackend {
                 return Err(e.into());
             }
         }
-        if !network.config.allow_spoofing {
+        if !network.config.allow_spoofing || network.config.dhcp {
             // The TAP is already protected: the firewall drops every frame of an unbound
-            // TAP of this network. Binding it runs `nft` (milliseconds), far less than a
-            // VMM needs to start a guest, so the binder does it after the reply instead
-            // of every acquire waiting for it.
+            // TAP of this network (with `allow_spoofing`, its DHCP client messages, which
+            // the binding lets through for a bounded number of MACs). Binding it runs
+            // `nft` (milliseconds), far less than a VMM needs to start a guest, so the
+            // binder does it after the reply instead of every acquire waiting for it.
             let job = BindJob {
                 network: network.config.name.clone(),
                 tap: name.clone(),

@@ -76,9 +76,11 @@ use crate::mac::Mac;
 
 pub use nft::NFT_TIMEOUT;
 pub use rules::ruleset_for;
+pub use rules::DHCP_MACS_PER_TAP;
 use rules::{
-    add_tables, delete_network_objects, delete_tables, dhcp_check, dispatch_flush, dispatch_rule,
-    lease_element, network_objects, port_elements, purge_network_objects,
+    add_tables, delete_dhcp_macs_script, delete_network_objects, delete_tables, dhcp_check,
+    dhcp_quota_script, dispatch_flush, dispatch_rule, lease_element, network_objects,
+    port_elements, purge_network_objects, script_safe,
 };
 pub use watchdog::WATCHDOG_INTERVAL;
 
@@ -400,10 +402,12 @@ impl Inner {
     }
 
     async fn add_network(&self, net: FirewallNetwork) -> Result<(), FirewallError> {
-        let (ns, batch) = {
+        let (ns, batch, dropped) = {
             let state = self.lock();
             let mut ports = BTreeMap::new();
             let mut leases = BTreeMap::new();
+            // TAPs whose DHCP MAC quota set goes with the old definition.
+            let mut dropped: Vec<String> = vec![];
             if let Some(existing) = state.networks.get(&net.name) {
                 if existing.net == net {
                     return Ok(());
@@ -423,6 +427,14 @@ impl Inner {
                     .filter(|(_, ip)| net.subnet.contains(*ip))
                     .map(|(mac, ip)| (*mac, *ip))
                     .collect();
+                if has_dhcp_quota(&existing.net) {
+                    dropped = existing
+                        .ports
+                        .keys()
+                        .filter(|tap| !(has_dhcp_quota(&net) && ports.contains_key(*tap)))
+                        .cloned()
+                        .collect();
+                }
             }
             if let Some(other) = state.networks.values().find(|n| {
                 n.net.name != net.name
@@ -470,13 +482,16 @@ impl Inner {
                 &mut batch,
                 others.map(|n| &n.net).chain(std::iter::once(&ns.net)),
             );
-            (ns, batch)
+            (ns, batch, dropped)
         };
         let context = format!("adding network {:?}", net.name);
         self.apply_or_restore(batch, &context, |s| {
             s.networks.insert(ns.net.name.clone(), ns);
         })
         .await?;
+        if has_dhcp_quota(&net) || !dropped.is_empty() {
+            self.sync_dhcp_quota(&net.name, &dropped, &[]).await?;
+        }
         if net.nat {
             if let Err(e) = enable_ip_forward() {
                 // Leave no half-configured network behind.
@@ -504,7 +519,7 @@ impl Inner {
     }
 
     async fn remove_network(&self, name: &str) -> Result<(), FirewallError> {
-        let (net, batch) = {
+        let (net, batch, quota_taps) = {
             let state = self.lock();
             let Some(ns) = state.networks.get(name) else {
                 debug!(
@@ -515,15 +530,21 @@ impl Inner {
             };
             let net = ns.net.clone();
             let mut batch = Batch::new();
+            // The quota sets outlive the chain deleted below; the last network's go with
+            // the tables.
+            let mut quota_taps: Vec<String> = vec![];
             if state.networks.len() == 1 {
                 delete_tables(&mut batch);
             } else {
+                if has_dhcp_quota(&net) {
+                    quota_taps = ns.ports.keys().cloned().collect();
+                }
                 dispatch_flush(&mut batch);
                 let others = state.networks.values().filter(|n| n.net.name != name);
                 dispatch_rule(&mut batch, others.map(|n| &n.net));
                 delete_network_objects(&mut batch, &net);
             }
-            (net, batch)
+            (net, batch, quota_taps)
         };
         let context = format!("removing network {name:?}");
         let applied = self
@@ -545,6 +566,17 @@ impl Inner {
                 crate::error::Chain(&e)
             );
             return Err(e);
+        }
+        if !quota_taps.is_empty() {
+            let context = format!("deleting the DHCP MAC quotas of network {name:?}");
+            if let Err(e) = self
+                .nft
+                .apply_text(delete_dhcp_macs_script(&quota_taps), &context)
+                .await
+            {
+                // Unused empty sets, which a restore or the next start drops.
+                warn!(network = name, "{}", crate::error::Chain(&e));
+            }
         }
         docker?;
         info!(network = name, "firewall rules removed");
@@ -615,8 +647,17 @@ impl Inner {
                 }
             }
         })
-        .await
-        .map(|()| live_count)
+        .await?;
+        let quota = self
+            .lock()
+            .networks
+            .get(network)
+            .is_some_and(|ns| has_dhcp_quota(&ns.net));
+        if quota {
+            let gone: Vec<String> = gone.into_iter().map(|(tap, _)| tap).collect();
+            self.sync_dhcp_quota(network, &gone, &[]).await?;
+        }
+        Ok(live_count)
     }
 
     async fn add_ports(
@@ -624,11 +665,20 @@ impl Inner {
         network: &str,
         ports: Vec<(String, [u8; 6])>,
     ) -> Result<(), FirewallError> {
-        let (new, batch) = {
+        let (new, batch, quotas) = {
             let state = self.lock();
             let Some(target) = state.networks.get(network) else {
                 return Err(FirewallError::UnknownNetwork(network.into()));
             };
+            if has_dhcp_quota(&target.net)
+                && let Some((tap, _)) = ports.iter().find(|(tap, _)| !script_safe(tap))
+            {
+                // Its quota set is named after it in an nft script.
+                return Err(FirewallError::Invalid {
+                    what: "interface name",
+                    detail: format!("{tap:?}"),
+                });
+            }
             let mut batch = Batch::new();
             let mut new = Vec::with_capacity(ports.len());
             for (tap, mac) in ports {
@@ -670,7 +720,25 @@ impl Inner {
                     dhcp_check(&mut batch, &ns.net.name, &after);
                 }
             }
-            (new, batch)
+            // The DHCP MAC quotas to rewrite after it: networks losing a TAP first (their
+            // set of it goes), then the target (a TAP it had with another MAC starts over).
+            let mut quotas: Vec<(String, Vec<String>, Vec<String>)> = vec![];
+            for ns in state.networks.values() {
+                if !has_dhcp_quota(&ns.net) {
+                    continue;
+                }
+                let had: Vec<String> = new
+                    .iter()
+                    .filter(|(tap, _)| ns.ports.contains_key(tap))
+                    .map(|(tap, _)| tap.clone())
+                    .collect();
+                if ns.net.name != network && !had.is_empty() {
+                    quotas.insert(0, (ns.net.name.clone(), had, vec![]));
+                } else if ns.net.name == network {
+                    quotas.push((ns.net.name.clone(), vec![], had));
+                }
+            }
+            (new, batch, quotas)
         };
         let context = match new.as_slice() {
             [(tap, mac)] => format!(
@@ -689,7 +757,48 @@ impl Inner {
                 }
             }
         })
-        .await
+        .await?;
+        for (net, gone, reset) in quotas {
+            self.sync_dhcp_quota(&net, &gone, &reset).await?;
+        }
+        Ok(())
+    }
+
+    /// Rewrites the DHCP MAC quotas of `network` (when it has them) from its bound TAPs,
+    /// deleting the quota sets of the TAPs in `gone` and emptying those in `reset`. A
+    /// second `nft` run after the JSON transaction that changed the bindings, because the
+    /// quota sets can only be declared in nft's text syntax ([`dhcp_quota_script`]); in
+    /// between, the network's `dhcp-` chain drops what it would not let through before
+    /// (an old rule, or the rebuilt chain's `drop`), never more.
+    async fn sync_dhcp_quota(
+        &self,
+        network: &str,
+        gone: &[String],
+        reset: &[String],
+    ) -> Result<(), FirewallError> {
+        let script = {
+            let state = self.lock();
+            match state.networks.get(network) {
+                Some(ns) if has_dhcp_quota(&ns.net) => {
+                    dhcp_quota_script(network, &ns.ports, gone, reset)
+                }
+                _ => delete_dhcp_macs_script(gone),
+            }
+        };
+        if script.is_empty() {
+            return Ok(());
+        }
+        let context = format!("writing the DHCP MAC quotas of network {network:?}");
+        match self.nft.apply_text(script, &context).await {
+            Err(e @ FirewallError::Nft { .. }) => {
+                if self.tables_present().await? {
+                    return Err(e);
+                }
+                warn!("firewall rules were removed (flushed?) while {context}, restoring");
+                self.restore().await
+            }
+            other => other,
+        }
     }
 
     async fn bind_ip(
@@ -804,7 +913,7 @@ impl Inner {
     /// Re-creates both tables from the state in one transaction, dropping whatever is left
     /// of them first, then re-syncs the Docker rules.
     async fn restore(&self) -> Result<(), FirewallError> {
-        let (batch, nat) = {
+        let (batch, nat, quotas) = {
             let state = self.lock();
             let mut batch = Batch::new();
             delete_tables(&mut batch);
@@ -822,11 +931,25 @@ impl Inner {
                 .filter(|ns| ns.net.nat)
                 .map(|ns| ns.net.clone())
                 .collect();
-            (batch, nat)
+            // The DHCP MAC quotas, which the JSON above cannot declare. Their sets went
+            // with the tables, so every TAP starts over: at worst a VM gets its quota
+            // again after someone flushed the ruleset.
+            let quotas: String = state
+                .networks
+                .values()
+                .filter(|ns| has_dhcp_quota(&ns.net))
+                .map(|ns| dhcp_quota_script(&ns.net.name, &ns.ports, [], &[]))
+                .collect();
+            (batch, nat, quotas)
         };
         self.nft
             .apply(batch, "restoring the firewall rules")
             .await?;
+        if !quotas.is_empty() {
+            self.nft
+                .apply_text(quotas, "restoring the DHCP MAC quotas")
+                .await?;
+        }
         for net in &nat {
             enable_ip_forward()?;
             if let Err(e) = self.docker_remove(&net.name).await {
@@ -847,6 +970,12 @@ fn enable_ip_forward() -> Result<(), FirewallError> {
     std::fs::write(IP_FORWARD, "1\n").map_err(FirewallError::IpForward)?;
     info!("enabled IPv4 forwarding ({IP_FORWARD}=1) for shared networks; it is left on at exit");
     Ok(())
+}
+
+/// Whether the network limits the DHCP client MACs of each TAP ([`DHCP_MACS_PER_TAP`]):
+/// with anti-spoofing, `chaddr` must be the TAP's MAC instead ([`dhcp_check`]).
+fn has_dhcp_quota(net: &FirewallNetwork) -> bool {
+    !net.anti_spoofing && net.dhcp
 }
 
 fn validate_ifname(name: &str) -> Result<(), FirewallError> {

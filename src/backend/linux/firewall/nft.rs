@@ -1,5 +1,6 @@
 //! Runs the `nft` executable: one child process per transaction or listing, each with a
-//! deadline. A child that misses it is killed with its whole process group, and the
+//! deadline. Transactions are JSON built from typed objects, except the few objects only
+//! nft's text syntax can declare ([`Nft::apply_text`]). A child that misses it is killed with its whole process group, and the
 //! caller gets [`FirewallError::NftTimeout`] naming the operation.
 //!
 //! The child acts in the network namespace of the thread that spawns it.
@@ -46,6 +47,18 @@ impl Nft {
         // keys, no custom serializers that error).
         let input = serde_json::to_vec(&doc).expect("nftables documents serialize");
         self.run(&["-j", "-f", "-"], Some(input), context)
+            .await
+            .map(drop)
+    }
+
+    /// Applies `script`, in nft's own text syntax, as one transaction (`nft -f -`).
+    ///
+    /// Only for what nft's JSON input cannot say: a set declared with `typeof` a raw
+    /// payload (nft 1.0.6, see [`super::rules::dhcp_quota_script`]). Everything else goes
+    /// through [`Nft::apply`], whose input is built from typed objects; a script is built
+    /// only from validated names (no quoting or escaping needed), never from client text.
+    pub(super) async fn apply_text(&self, script: String, context: &str) -> Result<(), FirewallError> {
+        self.run(&["-f", "-"], Some(script.into_bytes()), context)
             .await
             .map(drop)
     }

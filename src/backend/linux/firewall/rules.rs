@@ -102,6 +102,11 @@ pub(super) fn spoof_chain(net: &str) -> String {
 pub(super) fn dhcp_chain(net: &str) -> String {
     format!("dhcp-{net}")
 }
+/// Dynamic set of the DHCP client MACs (`chaddr`) one TAP of an `allow_spoofing` network
+/// has used, at most [`DHCP_MACS_PER_TAP`] ([`dhcp_quota_script`]).
+pub(super) fn dhcp_macs_set(tap: &str) -> String {
+    format!("dm-{tap}")
+}
 /// Set of `ifname . ether_addr`: the MAC allowed on each TAP.
 pub(super) fn portmacs_set(net: &str) -> String {
     format!("portmacs-{net}")
@@ -310,6 +315,101 @@ pub(super) fn dhcp_check<'a>(
     batch.add(rule(NfFamily::Bridge, &chain, stmts));
 }
 
+/// How many distinct DHCP client MACs (`chaddr`) one TAP of an `allow_spoofing` network
+/// may use while it is bound. Such a network trusts its VMs with other machines' MACs (a
+/// VM may carry a few guests or containers behind it), but not with the whole pool: a VM
+/// inventing MACs gets offers for this many and is not heard for the rest, so it holds at
+/// most this many addresses and the other VMs still get theirs.
+pub const DHCP_MACS_PER_TAP: usize = 8;
+
+/// Whether `name` can be written into an nft script as it is: nft 1.0.6 takes chain and
+/// set names there only as bare identifiers (no quoting), which are ASCII letters, digits
+/// and `-`, `_`, `.` after the prefixes this module puts in front.
+pub(super) fn script_safe(name: &str) -> bool {
+    !name.is_empty()
+        && name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+}
+
+/// The nft script (text syntax, for `nft -f -`) that (re)writes the `dhcp-` chain of an
+/// `allow_spoofing` network with DHCP: each bound TAP's DHCP client messages (UDP port 67)
+/// pass when their `chaddr` is the TAP's own (bound) MAC or one of at most
+/// [`DHCP_MACS_PER_TAP`] other MACs that TAP has used; everything else (a further MAC, an
+/// unbound TAP) is dropped. The own MAC is matched first and never counted, so a VM that
+/// used up its quota still gets its own lease. The sets of the TAPs
+/// in `gone` (no longer bound to this network) are deleted, and those of the TAPs in
+/// `reset` (bound to another MAC since: a new VM on a reused TAP name) emptied, so no VM
+/// starts with the count of the one before.
+///
+/// Each TAP's MACs are a dynamic set of `size` [`DHCP_MACS_PER_TAP`] filled from the
+/// packet path (`add @dm-<tap> { @th,288,48 }`): the kernel adds a MAC it has not seen
+/// while the set has room, finds one it has, and fails the `add` of a new one once the set
+/// is full, which ends the rule so the `drop` below it applies. The sets persist across
+/// rewrites (`add set` of an existing set is a no-op), so a TAP's count lasts as long as
+/// its binding. This is text rather than JSON because the set's key is a raw payload,
+/// declared `typeof @th,288,48`, which nft's JSON input (1.0.6) cannot express (an
+/// `ether_addr` set is refused as a datatype mismatch with the raw payload).
+///
+/// Names that are not [`script_safe`] are left out: their TAP's messages are dropped.
+pub(super) fn dhcp_quota_script<'a>(
+    net: &str,
+    ports: impl IntoIterator<Item = (&'a String, &'a [u8; 6])>,
+    gone: impl IntoIterator<Item = &'a String>,
+    reset: &[String],
+) -> String {
+    if !script_safe(net) {
+        return String::new();
+    }
+    let chain = dhcp_chain(net);
+    let set_decl = dhcp_macs_set_decl();
+    let mut script = String::new();
+    let mut line = |l: String| {
+        script.push_str(&l);
+        script.push('\n');
+    };
+    line(format!("add chain bridge {TABLE} {chain}"));
+    line(format!("flush chain bridge {TABLE} {chain}"));
+    for (tap, mac) in ports.into_iter().filter(|(t, _)| script_safe(t)) {
+        let set = dhcp_macs_set(tap);
+        let hex: String = mac.iter().map(|b| format!("{b:02x}")).collect();
+        line(format!(
+            "add rule bridge {TABLE} {chain} iifname \"{tap}\" @th,288,48 0x{hex} return"
+        ));
+        line(format!("add set bridge {TABLE} {set} {set_decl}"));
+        if reset.contains(tap) {
+            line(format!("flush set bridge {TABLE} {set}"));
+        }
+        line(format!(
+            "add rule bridge {TABLE} {chain} iifname \"{tap}\" add @{set} {{ @th,288,48 }} return"
+        ));
+    }
+    line(format!("add rule bridge {TABLE} {chain} drop"));
+    // After the flush above, which released the rules that used them.
+    script.push_str(&delete_dhcp_macs_script(gone));
+    script
+}
+
+/// The nft script that deletes the MAC quota sets of `taps` ([`dhcp_quota_script`]),
+/// whichever of them exist; no rule may use them any more.
+pub(super) fn delete_dhcp_macs_script<'a>(taps: impl IntoIterator<Item = &'a String>) -> String {
+    let mut script = String::new();
+    for tap in taps.into_iter().filter(|t| script_safe(t)) {
+        let set = dhcp_macs_set(tap);
+        // Added first so that deleting a set that is already gone is not an error (nft
+        // 1.0.6 has no `destroy`).
+        script.push_str(&format!(
+            "add set bridge {TABLE} {set} {}\ndelete set bridge {TABLE} {set}\n",
+            dhcp_macs_set_decl()
+        ));
+    }
+    script
+}
+
+fn dhcp_macs_set_decl() -> String {
+    format!("{{ typeof @th,288,48; size {DHCP_MACS_PER_TAP}; flags dynamic; }}")
+}
+
 pub(super) fn port_elements(
     batch: &mut Batch<'static>,
     cmd: fn(NfListObject<'static>) -> NfCmd<'static>,
@@ -491,6 +591,27 @@ pub(super) fn network_objects(batch: &mut Batch<'static>, ns: &NetState) {
     }
 
     if !net.anti_spoofing {
+        if net.dhcp {
+            // The chain's rules are the TAPs' DHCP MAC quotas, written by a script after
+            // this transaction ([`dhcp_quota_script`]); until then it drops every DHCP
+            // client message, so a rebuild never opens it.
+            let chain = dhcp_chain(&net.name);
+            batch.add(named_chain(NfFamily::Bridge, chain.clone()));
+            batch.add(rule(NfFamily::Bridge, &chain, vec![drop_()]));
+            r(
+                batch,
+                vec![
+                    matches(
+                        payload("udp", "dport"),
+                        Operator::EQ,
+                        Expression::Number(67),
+                    ),
+                    Statement::Jump(JumpTarget {
+                        target: chain.into(),
+                    }),
+                ],
+            );
+        }
         return;
     }
     // Anti-spoofing: an unbound TAP matches no element of portmacs, so all its frames drop.
@@ -656,7 +777,7 @@ pub(super) fn delete_network_objects(batch: &mut Batch<'static>, net: &FirewallN
         batch.delete(named_chain(NfFamily::INet, nat_chain(&net.name)));
     }
     batch.delete(named_chain(NfFamily::Bridge, spoof_chain(&net.name)));
-    if net.anti_spoofing && net.dhcp {
+    if net.dhcp {
         batch.delete(named_chain(NfFamily::Bridge, dhcp_chain(&net.name)));
     }
     if net.anti_spoofing {
