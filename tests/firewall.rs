@@ -14,7 +14,9 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use netns::Netns;
-use vmnet_broker::backend::linux::firewall::{Firewall, FirewallError, FirewallNetwork};
+use vmnet_broker::backend::linux::firewall::{
+    DHCP_MACS_PER_TAP, Firewall, FirewallError, FirewallNetwork,
+};
 
 const VM_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x77, 0x00, 0x02];
 const VM_MAC_STR: &str = "02:00:00:77:00:02";
@@ -416,6 +418,48 @@ fn watchdog_restores_flushed_rules() {
         logs.contains("WARN") && logs.contains("firewall rules were removed (flushed?), restored"),
         "{logs}"
     );
+}
+
+#[test]
+fn dhcp_mac_quotas_of_allow_spoofing_networks_are_restored_with_the_rest() {
+    let t = Topo::new();
+    in_netns(&t.b, || async {
+        let fw = Firewall::new();
+        let watchdog = fw.spawn_watchdog();
+        fw.add_network(&network(true, false, true)).await.unwrap();
+        fw.add_port("testnet", "vport", VM_MAC).await.unwrap();
+        // Not `nft_list`: the table is missing for a while after the flush.
+        let quota = |ns: &Netns| {
+            let out = ns.exec(&["nft", "list", "table", "bridge", "vmnet_broker"]);
+            String::from_utf8_lossy(&out.stdout).into_owned()
+        };
+        let has_quota = |list: &str| {
+            list.contains("set dm-vport")
+                && list.contains(&format!("size {DHCP_MACS_PER_TAP}"))
+                && list.contains(r#"iifname "vport" add @dm-vport { @th,288,48 } return"#)
+        };
+        let list = quota(&t.b);
+        assert!(has_quota(&list), "{list}");
+
+        t.b.nft("flush ruleset");
+        let start = Instant::now();
+        loop {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            if has_quota(&quota(&t.b)) {
+                break;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "quota not restored: {}",
+                quota(&t.b)
+            );
+        }
+        drop(fw);
+        tokio::time::timeout(Duration::from_secs(5), watchdog)
+            .await
+            .expect("watchdog ends when the Firewall is dropped")
+            .unwrap();
+    });
 }
 
 #[test]

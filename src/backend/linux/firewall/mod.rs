@@ -75,8 +75,8 @@ use tracing::{debug, error, info, warn};
 use crate::mac::Mac;
 
 pub use nft::NFT_TIMEOUT;
-pub use rules::ruleset_for;
 pub use rules::DHCP_MACS_PER_TAP;
+pub use rules::ruleset_for;
 use rules::{
     add_tables, delete_dhcp_macs_script, delete_network_objects, delete_tables, dhcp_check,
     dhcp_quota_script, dispatch_flush, dispatch_rule, lease_element, network_objects,

@@ -57,7 +57,11 @@ impl Nft {
     /// payload (nft 1.0.6, see [`super::rules::dhcp_quota_script`]). Everything else goes
     /// through [`Nft::apply`], whose input is built from typed objects; a script is built
     /// only from validated names (no quoting or escaping needed), never from client text.
-    pub(super) async fn apply_text(&self, script: String, context: &str) -> Result<(), FirewallError> {
+    pub(super) async fn apply_text(
+        &self,
+        script: String,
+        context: &str,
+    ) -> Result<(), FirewallError> {
         self.run(&["-f", "-"], Some(script.into_bytes()), context)
             .await
             .map(drop)

@@ -910,7 +910,49 @@ mod tests {
         );
         let with = json(&net(true, true, true));
         assert!(with.contains(r#"{"jump":{"target":"dhcp-n1"}}"#), "{with}");
-        assert!(!json(&net(true, false, true)).contains("dhcp-n1"));
+        // With allow_spoofing the chain holds the MAC quotas, written by a script; the
+        // JSON only makes it, dropping everything until then.
+        let open = json(&net(true, false, true));
+        assert!(open.contains(r#"{"jump":{"target":"dhcp-n1"}}"#), "{open}");
+        assert!(
+            open.contains(r#""chain":"dhcp-n1","expr":[{"drop":null}]"#),
+            "{open}"
+        );
+        assert!(!json(&net(true, false, false)).contains("dhcp-n1"));
+    }
+
+    #[test]
+    fn dhcp_quota_script_counts_other_macs_per_tap() {
+        let ports = BTreeMap::from([
+            ("vmnt9-0".to_string(), [0x52, 0x54, 0, 0, 0, 0x01]),
+            ("vmnt9-1".to_string(), [0x52, 0x54, 0, 0, 0, 0x02]),
+            // Not writable into a script: left out, so its messages are dropped.
+            (
+                "bad\"; flush ruleset".to_string(),
+                [0x52, 0x54, 0, 0, 0, 0x03],
+            ),
+        ]);
+        let gone = ["vmnt9-7".to_string()];
+        let script = dhcp_quota_script("n1", &ports, &gone, &["vmnt9-1".to_string()]);
+        let t = TABLE;
+        let set = format!("{{ typeof @th,288,48; size {DHCP_MACS_PER_TAP}; flags dynamic; }}");
+        let want = format!(
+            "add chain bridge {t} dhcp-n1
+flush chain bridge {t} dhcp-n1
+add rule bridge {t} dhcp-n1 iifname \"vmnt9-0\" @th,288,48 0x525400000001 return
+add set bridge {t} dm-vmnt9-0 {set}
+add rule bridge {t} dhcp-n1 iifname \"vmnt9-0\" add @dm-vmnt9-0 {{ @th,288,48 }} return
+add rule bridge {t} dhcp-n1 iifname \"vmnt9-1\" @th,288,48 0x525400000002 return
+add set bridge {t} dm-vmnt9-1 {set}
+flush set bridge {t} dm-vmnt9-1
+add rule bridge {t} dhcp-n1 iifname \"vmnt9-1\" add @dm-vmnt9-1 {{ @th,288,48 }} return
+add rule bridge {t} dhcp-n1 drop
+add set bridge {t} dm-vmnt9-7 {set}
+delete set bridge {t} dm-vmnt9-7
+"
+        );
+        assert_eq!(script, want);
+        assert_eq!(dhcp_quota_script("n 1", &ports, &gone, &[]), "");
     }
 
     #[test]
