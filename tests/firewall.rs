@@ -1118,3 +1118,118 @@ fn a_hung_nft_does_not_hold_up_dhcp_acks() {
         fw.remove_network("testnet").await.unwrap();
     });
 }
+
+/// Whether a frame holding `marker` can be read from TAP fd `fd` before `within` passes.
+fn tap_reads(fd: std::os::fd::BorrowedFd, marker: &[u8], within: Duration) -> bool {
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    let deadline = Instant::now() + within;
+    let mut buf = vec![0u8; 65536];
+    while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+        let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+        let ms = PollTimeout::try_from(left.as_millis().min(1000) as i32).unwrap();
+        if poll(&mut fds, ms).unwrap() == 0 {
+            continue;
+        }
+        let n = nix::unistd::read(fd, &mut buf).unwrap();
+        if buf[..n].windows(marker.len()).any(|w| w == marker) {
+            return true;
+        }
+    }
+    false
+}
+
+/// Sends five UDP datagrams holding `marker` from the host (the calling thread's netns) to
+/// `to`.
+fn send_udp(to: Ipv4Addr, marker: &[u8]) {
+    let sock = std::net::UdpSocket::bind("10.77.0.1:0").unwrap();
+    for _ in 0..5 {
+        sock.send_to(marker, (to, 9999)).unwrap();
+    }
+}
+
+/// The attack as a client holding a TAP fd makes it: `SIOCSIFHWADDR` on its own fd gives
+/// the TAP's host side a neighbour VM's guest MAC, so that the bridge takes that MAC for
+/// a local address of the attacker's port and sends the host's frames for the neighbour
+/// there. None of them may reach the attacker's fd.
+#[test]
+fn a_tap_given_a_neighbours_mac_reads_none_of_its_traffic() {
+    use vmnet_broker::backend::linux::tap::{Tap, TapOwner};
+    netns::require("nft", "nftables");
+    netns::require("bridge", "iproute2");
+    const A_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x77, 0x00, 0x0a];
+    const B_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x77, 0x00, 0x0b];
+    let b = Netns::new("b");
+    b.ip(&["link", "add", "vmnbr0", "type", "bridge"]);
+    // A MAC of its own, as the broker gives its bridges: otherwise the bridge takes its
+    // ports' lowest, possibly the one the attack sets.
+    b.ip(&["link", "set", "vmnbr0", "address", "02:00:00:77:00:01"]);
+    b.ip(&["addr", "add", "10.77.0.1/24", "dev", "vmnbr0"]);
+    b.ip(&["link", "set", "vmnbr0", "up"]);
+    in_netns(&b, || async {
+        let owner = TapOwner { uid: 0, gid: 0 };
+        let (tap_a, tap_b) = (
+            Tap::create("vporta", owner).unwrap(),
+            Tap::create("vportb", owner).unwrap(),
+        );
+        for tap in ["vporta", "vportb"] {
+            b.ip(&["link", "set", tap, "master", "vmnbr0", "up"]);
+        }
+        let fw = Firewall::new();
+        fw.add_network(&network(false, true, true)).await.unwrap();
+        fw.add_port("testnet", "vporta", A_MAC).await.unwrap();
+        fw.add_port("testnet", "vportb", B_MAC).await.unwrap();
+        let victim = Ipv4Addr::new(10, 77, 0, 3);
+        fw.bind_ip("testnet", B_MAC, victim).await.unwrap();
+        // The host knows the victim's MAC (as after its ARP reply), so nothing but the
+        // bridge's forwarding decides which TAP the datagrams leave through.
+        b.ip(&[
+            "neigh",
+            "replace",
+            "10.77.0.3",
+            "lladdr",
+            "02:00:00:77:00:0b",
+            "dev",
+            "vmnbr0",
+            "nud",
+            "permanent",
+        ]);
+        let within = Duration::from_secs(3);
+        // Control: before the attack the victim's fd gets them (so the host sends).
+        send_udp(victim, b"before-the-attack");
+        assert!(tap_reads(
+            tap_b.fd(),
+            b"before-the-attack",
+            Duration::from_secs(20)
+        ));
+
+        // SAFETY: ifreq is plain data, for which all-zero bytes are a valid value.
+        let mut req: libc::ifreq = unsafe { std::mem::zeroed() };
+        // SAFETY: writing plain integers into the sockaddr member of a zeroed ifreq.
+        unsafe {
+            req.ifr_ifru.ifru_hwaddr.sa_family = libc::ARPHRD_ETHER;
+            for (i, byte) in B_MAC.iter().enumerate() {
+                req.ifr_ifru.ifru_hwaddr.sa_data[i] = *byte as libc::c_char;
+            }
+        }
+        // SAFETY: the fd is an attached TAP and req a valid ifreq that outlives the call.
+        let rc = unsafe {
+            libc::ioctl(
+                std::os::fd::AsRawFd::as_raw_fd(&tap_a.fd()),
+                libc::SIOCSIFHWADDR as _,
+                &req,
+            )
+        };
+        assert_eq!(rc, 0, "SIOCSIFHWADDR: {}", std::io::Error::last_os_error());
+        // Control: the bridge now holds the victim's MAC as the attacker port's own.
+        let fdb = b.exec(&["bridge", "fdb", "show", "dev", "vporta"]);
+        let fdb = String::from_utf8_lossy(&fdb.stdout);
+        assert!(fdb.contains("02:00:00:77:00:0b"), "{fdb}");
+
+        send_udp(victim, b"meant-for-the-victim");
+        assert!(
+            !tap_reads(tap_a.fd(), b"meant-for-the-victim", within),
+            "the attacker's TAP read the victim's traffic"
+        );
+        fw.remove_network("testnet").await.unwrap();
+    });
+}

@@ -39,23 +39,33 @@ pub(super) fn nat_chain(net: &str) -> String {
 /// ours to the chain of the TAP's network, by the TAP's name prefix.
 pub(super) const DISPATCH_CHAIN: &str = "ports";
 
-/// Adds the dispatch chain if missing and empties it: done before the network chains it
-/// jumps to are deleted or replaced, then refilled by [`dispatch_rule`].
+/// The base chains of the bridge table for frames *leaving* through a port (`output`: sent
+/// by the host; `forward`: bridged from another port): each sends a frame bound for a TAP
+/// of an anti-spoofing network to that network's [`egress_chain`], by the TAP's prefix.
+pub(super) const EGRESS_DISPATCH: [(&str, NfHook); 2] = [
+    ("ports-out", NfHook::Output),
+    ("ports-fwd", NfHook::Forward),
+];
+
+/// Adds the dispatch chains if missing and empties them: done before the network chains
+/// they jump to are deleted or replaced, then refilled by [`dispatch_rule`].
 pub(super) fn dispatch_flush(batch: &mut Batch<'static>) {
-    let chain = base_chain(
-        NfFamily::Bridge,
-        DISPATCH_CHAIN.to_string(),
-        NfHook::Prerouting,
-        NfChainType::Filter,
-        PRIO_BRIDGE_FILTER,
-    );
-    batch.add(chain);
-    batch.add_cmd(NfCmd::Flush(FlushObject::Chain(Chain {
-        family: NfFamily::Bridge,
-        table: TABLE.into(),
-        name: DISPATCH_CHAIN.into(),
-        ..Chain::default()
-    })));
+    let chains = std::iter::once((DISPATCH_CHAIN, NfHook::Prerouting)).chain(EGRESS_DISPATCH);
+    for (name, hook) in chains {
+        batch.add(base_chain(
+            NfFamily::Bridge,
+            name.to_string(),
+            hook,
+            NfChainType::Filter,
+            PRIO_BRIDGE_FILTER,
+        ));
+        batch.add_cmd(NfCmd::Flush(FlushObject::Chain(Chain {
+            family: NfFamily::Bridge,
+            table: TABLE.into(),
+            name: name.into(),
+            ..Chain::default()
+        })));
+    }
 }
 
 /// The dispatch rule, `iifname vmap { "<tap prefix>*" : jump spoof-<network>, ... }`
@@ -69,33 +79,45 @@ pub(super) fn dispatch_rule<'a>(
     batch: &mut Batch<'static>,
     nets: impl IntoIterator<Item = &'a FirewallNetwork>,
 ) {
-    let items: Vec<SetItem<'static>> = nets
-        .into_iter()
-        .map(|net| {
-            SetItem::Mapping(
-                s(&format!("{}*", net.tap_prefix)),
-                Expression::Verdict(nftables::expr::Verdict::Jump(JumpTarget {
-                    target: spoof_chain(&net.name).into(),
-                })),
-            )
+    let nets: Vec<&FirewallNetwork> = nets.into_iter().collect();
+    let vmap = |key: MetaKey, chain: fn(&str) -> String, nets: &[&FirewallNetwork]| {
+        let items: Vec<SetItem<'static>> = nets
+            .iter()
+            .map(|net| {
+                SetItem::Mapping(
+                    s(&format!("{}*", net.tap_prefix)),
+                    Expression::Verdict(nftables::expr::Verdict::Jump(JumpTarget {
+                        target: chain(&net.name).into(),
+                    })),
+                )
+            })
+            .collect();
+        (!items.is_empty()).then(|| {
+            vec![Statement::VerdictMap(nftables::stmt::VerdictMap {
+                key: meta(key),
+                data: Expression::Named(NamedExpression::Set(items)),
+            })]
         })
-        .collect();
-    if items.is_empty() {
-        return;
+    };
+    if let Some(stmts) = vmap(MetaKey::Iifname, spoof_chain, &nets) {
+        batch.add(rule(NfFamily::Bridge, DISPATCH_CHAIN, stmts));
     }
-    batch.add(rule(
-        NfFamily::Bridge,
-        DISPATCH_CHAIN,
-        vec![Statement::VerdictMap(nftables::stmt::VerdictMap {
-            key: meta(MetaKey::Iifname),
-            data: Expression::Named(NamedExpression::Set(items)),
-        })],
-    ));
+    let guarded: Vec<&FirewallNetwork> = nets.into_iter().filter(|n| n.anti_spoofing).collect();
+    for (name, _) in EGRESS_DISPATCH {
+        if let Some(stmts) = vmap(MetaKey::Oifname, egress_chain, &guarded) {
+            batch.add(rule(NfFamily::Bridge, name, stmts));
+        }
+    }
 }
 
 /// Regular chain of one network's TAP rules: server roles and anti-spoofing.
 pub(super) fn spoof_chain(net: &str) -> String {
     format!("spoof-{net}")
+}
+/// Regular chain of an anti-spoofing network checking frames about to leave through one of
+/// its TAPs: a unicast frame may leave a TAP only for the guest MAC bound to it.
+pub(super) fn egress_chain(net: &str) -> String {
+    format!("egress-{net}")
 }
 /// Regular chain checking the client MAC inside DHCP requests (`chaddr`) against the TAP's
 /// bound MAC; rebuilt whenever the network's port bindings change ([`dhcp_check`]).
@@ -759,6 +781,43 @@ pub(super) fn network_objects(batch: &mut Batch<'static>, ns: &NetState) {
         ],
     );
 
+    // Egress: a client can give its TAP's host side a neighbour's guest MAC
+    // (`SIOCSIFHWADDR` on the fd); the bridge then takes that MAC for a local address of
+    // the client's port and sends the host's frames for the neighbour there. So a unicast
+    // frame leaves a TAP only when addressed to the guest MAC bound to that TAP; this also
+    // keeps unknown-unicast floods of other VMs' traffic off it. Group addresses
+    // (broadcast, multicast: the I/G bit) go to every port as before.
+    let egress = egress_chain(&net.name);
+    batch.add(named_chain(NfFamily::Bridge, egress.clone()));
+    let group_bit = || s("01:00:00:00:00:00");
+    batch.add(rule(
+        NfFamily::Bridge,
+        &egress,
+        vec![
+            matches(
+                Expression::BinaryOperation(Box::new(nftables::expr::BinaryOperation::AND(
+                    payload("ether", "daddr"),
+                    group_bit(),
+                ))),
+                Operator::EQ,
+                group_bit(),
+            ),
+            Statement::Return(None),
+        ],
+    ));
+    batch.add(rule(
+        NfFamily::Bridge,
+        &egress,
+        vec![
+            matches(
+                concat(vec![oif(), payload("ether", "daddr")]),
+                Operator::NEQ,
+                set_ref(&portmacs),
+            ),
+            drop_(),
+        ],
+    ));
+
     for (tap, mac) in &ns.ports {
         port_elements(batch, NfCmd::Add, &net.name, tap, *mac);
     }
@@ -777,6 +836,9 @@ pub(super) fn delete_network_objects(batch: &mut Batch<'static>, net: &FirewallN
         batch.delete(named_chain(NfFamily::INet, nat_chain(&net.name)));
     }
     batch.delete(named_chain(NfFamily::Bridge, spoof_chain(&net.name)));
+    if net.anti_spoofing {
+        batch.delete(named_chain(NfFamily::Bridge, egress_chain(&net.name)));
+    }
     if net.dhcp {
         batch.delete(named_chain(NfFamily::Bridge, dhcp_chain(&net.name)));
     }
@@ -809,6 +871,7 @@ pub(super) fn purge_network_objects(batch: &mut Batch<'static>, name: &str) {
         ),
         named_chain(NfFamily::Bridge, spoof_chain(name)),
         named_chain(NfFamily::Bridge, dhcp_chain(name)),
+        named_chain(NfFamily::Bridge, egress_chain(name)),
     ];
     let sets = [
         set(
