@@ -547,6 +547,14 @@ fn last_network_removal_leaves_no_tables() {
             rules.contains(r#"iifname vmap { "vmnt5-*" : jump spoof-second }"#),
             "{rules}"
         );
+        // The egress dispatch (hooks output and forward) lost the removed network too.
+        assert_eq!(
+            rules
+                .matches(r#"oifname vmap { "vmnt5-*" : jump egress-second }"#)
+                .count(),
+            2,
+            "{rules}"
+        );
         assert!(
             rules.contains("fwd-second") && rules.contains("spoof-second"),
             "{rules}"

@@ -1047,6 +1047,21 @@ delete set bridge {t} dm-vmnt9-7
     }
 
     #[test]
+    fn unicast_leaves_a_tap_only_for_its_bound_mac_with_anti_spoofing() {
+        let with = json(&net(false, true, false));
+        for needle in [
+            r#"{"match":{"left":{"&":[{"payload":{"protocol":"ether","field":"daddr"}},"01:00:00:00:00:00"]},"right":"01:00:00:00:00:00","op":"=="}},{"return":null}]"#,
+            r#"{"match":{"left":{"concat":[{"meta":{"key":"oifname"}},{"payload":{"protocol":"ether","field":"daddr"}}]},"right":"@portmacs-n1","op":"!="}},{"drop":null}]"#,
+            r#""chain":"ports-out","expr":[{"vmap":{"key":{"meta":{"key":"oifname"}},"data":{"set":[["vmnt9-*",{"jump":{"target":"egress-n1"}}]]}}}]"#,
+            r#""chain":"ports-fwd","expr":[{"vmap":{"key":{"meta":{"key":"oifname"}},"data":{"set":[["vmnt9-*",{"jump":{"target":"egress-n1"}}]]}}}]"#,
+        ] {
+            assert!(with.contains(needle), "{needle} in {with}");
+        }
+        let without = json(&net(false, false, false));
+        assert!(!without.contains("egress-n1"), "{without}");
+    }
+
+    #[test]
     fn ip_binding_rules_only_with_dhcp() {
         let with = json(&net(false, true, true));
         let without = json(&net(false, true, false));
