@@ -3,13 +3,15 @@
 //! flushes the ruleset.
 //!
 //! Everything lives in two broker-owned tables, `inet vmnet_broker` (forward + NAT) and
-//! `bridge vmnet_broker` (what TAPs may send: server roles, anti-spoofing), so that we never
+//! `bridge vmnet_broker` (what TAPs may send: server roles, anti-spoofing; and on
+//! anti-spoofing networks what may leave through a TAP: egress), so that we never
 //! edit anybody else's rules, with one documented exception: Docker's `DOCKER-USER` chain
 //! (`docker.rs`). In the inet table each network gets its own *base* chains (one per hook);
 //! several base chains on one hook are evaluated one after the other, an `accept` in one of
 //! them lets the packet continue to the next, a `drop` is final. In the bridge table, where
-//! every frame of every bridge passes, one base chain dispatches by TAP name prefix to each
-//! network's regular chain, so a frame's cost does not grow with the number of networks.
+//! every frame of every bridge passes, one base chain per hook (prerouting by input TAP;
+//! output and forward by output TAP) dispatches by TAP name prefix to each network's
+//! regular chain, so a frame's cost does not grow with the number of networks.
 //! Adding and removing a network is a matter of adding and deleting named objects and
 //! rewriting whole chains (`flush` + `add` in one transaction); no rule handles have to be
 //! tracked.
