@@ -194,6 +194,18 @@ fn network(nat: bool, anti_spoofing: bool, dhcp: bool) -> FirewallNetwork {
     }
 }
 
+/// A second network beside [`network`]'s, on bridge vmnbr1 with its own subnet and TAP
+/// prefix (the bridge table dispatches by prefix, so they must not overlap).
+fn second_network(nat: bool) -> FirewallNetwork {
+    let mut second = network(nat, true, true);
+    second.name = "second".into();
+    second.bridge = "vmnbr1".into();
+    second.subnet = "10.78.0.0/24".parse().unwrap();
+    second.gateway = Ipv4Addr::new(10, 78, 0, 1);
+    second.tap_prefix = "vmnt5-".into();
+    second
+}
+
 fn tables(ns: &Netns) -> String {
     ns.nft_list("list tables")
 }
@@ -504,12 +516,7 @@ fn last_network_removal_leaves_no_tables() {
     t.b.ip(&["link", "add", "vmnbr1", "type", "bridge"]);
     in_netns(&t.b, || async {
         let fw = Firewall::new();
-        let mut second = network(false, true, true);
-        second.name = "second".into();
-        second.bridge = "vmnbr1".into();
-        second.subnet = "10.78.0.0/24".parse().unwrap();
-        second.gateway = Ipv4Addr::new(10, 78, 0, 1);
-        second.tap_prefix = "vmnt5-".into();
+        let second = second_network(false);
         fw.add_network(&network(true, true, true)).await.unwrap();
         fw.add_network(&second).await.unwrap();
         // TAP prefixes of two networks must not overlap: the bridge table dispatches by them.
@@ -1015,12 +1022,7 @@ fn the_host_talks_to_its_gateway_unmasqueraded_on_a_shared_network() {
     t.b.nft("delete table inet ctl");
     in_netns(&t.b, || async {
         let fw = Firewall::new();
-        let mut second = network(true, true, true);
-        second.name = "second".into();
-        second.bridge = "vmnbr1".into();
-        second.subnet = "10.78.0.0/24".parse().unwrap();
-        second.gateway = Ipv4Addr::new(10, 78, 0, 1);
-        second.tap_prefix = "vmnt5-".into();
+        let second = second_network(true);
         fw.add_network(&network(true, true, true)).await.unwrap();
         fw.add_network(&second).await.unwrap();
         assert_eq!(host_to_gateway(&t.b, "10.78.0.1"), "10.78.0.1 answered");
