@@ -373,30 +373,13 @@ impl Tap {
         options: &[DhcpOption],
         want: MessageType,
     ) -> Option<Message> {
-        let mut msg = Message::new_with_id(
-            xid,
-            Ipv4Addr::UNSPECIFIED,
-            Ipv4Addr::UNSPECIFIED,
-            Ipv4Addr::UNSPECIFIED,
-            Ipv4Addr::UNSPECIFIED,
-            &self.mac,
-        );
-        msg.set_flags(Flags::default().set_broadcast());
-        msg.opts_mut().insert(DhcpOption::MessageType(kind));
-        for o in options {
-            msg.opts_mut().insert(o.clone());
-        }
-        let frame = ethernet(
-            BROADCAST,
+        let frame = dhcp_frame(
             self.mac,
-            ETH_IPV4,
-            &ipv4_udp(
-                Ipv4Addr::UNSPECIFIED,
-                Ipv4Addr::BROADCAST,
-                68,
-                67,
-                &msg.to_vec().unwrap(),
-            ),
+            xid,
+            self.mac,
+            kind,
+            Ipv4Addr::UNSPECIFIED,
+            options,
         );
         let mut reply = None;
         self.ask(&frame, SOON, |f| {
@@ -1403,15 +1386,16 @@ fn forged_dhcp(
     xid
 }
 
-/// The frame [`forged_dhcp`] sends, and its transaction id.
-fn forged_dhcp_frame(
-    tap: &Tap,
+/// A DHCP client message from `src` (Ethernet) in `chaddr`'s name, broadcast from
+/// 0.0.0.0:68 to port 67, as a guest writes it into its TAP.
+fn dhcp_frame(
+    src: [u8; 6],
+    xid: u32,
     chaddr: [u8; 6],
     kind: MessageType,
     ciaddr: Ipv4Addr,
     options: &[DhcpOption],
-) -> (u32, Vec<u8>) {
-    let xid = 0xf0f0_0000 | COUNTER.fetch_add(1, Ordering::SeqCst);
+) -> Vec<u8> {
     let mut msg = Message::new_with_id(
         xid,
         ciaddr,
@@ -1425,9 +1409,9 @@ fn forged_dhcp_frame(
     for o in options {
         msg.opts_mut().insert(o.clone());
     }
-    let frame = ethernet(
+    ethernet(
         BROADCAST,
-        tap.mac,
+        src,
         ETH_IPV4,
         &ipv4_udp(
             Ipv4Addr::UNSPECIFIED,
@@ -1436,7 +1420,19 @@ fn forged_dhcp_frame(
             67,
             &msg.to_vec().unwrap(),
         ),
-    );
+    )
+}
+
+/// The frame [`forged_dhcp`] sends, and its transaction id.
+fn forged_dhcp_frame(
+    tap: &Tap,
+    chaddr: [u8; 6],
+    kind: MessageType,
+    ciaddr: Ipv4Addr,
+    options: &[DhcpOption],
+) -> (u32, Vec<u8>) {
+    let xid = 0xf0f0_0000 | COUNTER.fetch_add(1, Ordering::SeqCst);
+    let frame = dhcp_frame(tap.mac, xid, chaddr, kind, ciaddr, options);
     (xid, frame)
 }
 
