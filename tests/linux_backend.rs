@@ -640,9 +640,12 @@ fn tap_binding_is_retried_after_a_failure() {
         c.allow_spoofing = false;
         let net = b.create(&c).await.unwrap();
         // Make binding fail while the tables stay (so the watchdog sees nothing to
-        // restore): without the set, adding its element fails. The network's chain is
-        // emptied, not deleted: the bridge table's dispatch jumps to it.
+        // restore): without the set, adding its element fails. The network's chains that
+        // use the set (ingress and egress) are emptied, not deleted: the bridge table's
+        // dispatch chains jump to them.
         ns.run(&["nft", "flush chain bridge vmnet_broker spoof-retry"])
+            .unwrap();
+        ns.run(&["nft", "flush chain bridge vmnet_broker egress-retry"])
             .unwrap();
         ns.run(&["nft", "delete set bridge vmnet_broker portmacs-retry"])
             .unwrap();
