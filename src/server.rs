@@ -662,6 +662,11 @@ async fn respond<B: Backend<Endpoint: AsFd>>(
                 .await
             {
                 Ok(acquired) => {
+                    // What a client is told exists is on disk first: a broker killed
+                    // right after this reply still adopts the TAP (and the network, if
+                    // this acquire created it) instead of removing it as unknown. One
+                    // state write covers every acquire published meanwhile.
+                    registry.flush_state().await;
                     let bytes = Reply::Network(network_info(&acquired)).to_bytes();
                     let mut space = [0u8; 64];
                     let fds = [acquired.attachment.endpoint.as_fd()];

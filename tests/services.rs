@@ -1901,3 +1901,44 @@ fn a_broker_restarted_after_sigkill_adopts_its_networks_with_taps_leases_and_nam
         std::fs::read_to_string(&state).is_ok_and(|s| !s.contains("shared"))
     });
 }
+
+/// An acquire is answered only once the state file records it (issue 11): every reply
+/// finds its TAP in the file already, and a broker SIGKILLed the moment a reply is in
+/// still adopts that TAP, bound to its MAC so its guest's frames pass. (Before, the file
+/// was written after the reply and could lag one change: such a TAP was left unbound,
+/// and a network created by that acquire removed as unknown.)
+#[test]
+fn an_acquire_is_on_disk_before_its_reply_and_survives_an_immediate_sigkill() {
+    let mut b = Broker::start(Options::default());
+    let state = b.state_dir.join("broker-state.json");
+    let c = b.client();
+    let mut held = vec![];
+    for i in 0..10 {
+        let a = c.acquire("shared").unwrap();
+        let text = std::fs::read_to_string(&state).unwrap_or_default();
+        assert!(
+            text.contains(&format!("\"{}\"", a.info.interface)),
+            "acquire {i}: {} is not in the state file when its reply arrives:\n{text}",
+            a.info.interface
+        );
+        held.push(a);
+    }
+    let last = c.acquire("shared").unwrap();
+    b.signal(nix::sys::signal::Signal::SIGKILL);
+    b.wait_exit(SOON).expect("SIGKILLed broker exits");
+    drop(c);
+    let (gw, name) = (ip(&last.info.gateway), last.info.interface.clone());
+    b.spawn(&Options::default());
+    let status = shared_status(&b).expect("the network is adopted");
+    assert_eq!(status.taps.len(), 11, "{status:?}\n{}", b.log());
+    assert!(status.taps.contains(&name), "{status:?}");
+    assert!(!b.log().contains("removed stale interface"), "{}", b.log());
+    // Bound again: its guest gets a lease and the gateway answers it.
+    let tap = Tap::new(last);
+    let leased = tap.dhcp("late");
+    assert!(
+        tap.gateway_answers(tap.mac, leased, gw, SOON),
+        "{}",
+        b.log()
+    );
+}
