@@ -1243,3 +1243,58 @@ fn a_tap_given_a_neighbours_mac_reads_none_of_its_traffic() {
         fw.remove_network("testnet").await.unwrap();
     });
 }
+
+/// A restarted broker's firewall takes over a network whose guest is running
+/// (`add_network_bound`, issue 11): the TAP's and the lease's bindings go in with the
+/// rules, in one transaction, so the guest's traffic never meets empty binding sets. A
+/// plain `add_network` by a fresh firewall (what adoption did before) replaces the rules
+/// with empty sets, and the guest's traffic is dropped until it is bound again.
+#[test]
+fn a_network_taken_over_with_its_bindings_keeps_its_guest_reachable() {
+    let t = Topo::new();
+    let leased = Ipv4Addr::new(10, 77, 0, 2);
+    in_netns(&t.b, || async {
+        let first = Firewall::new();
+        first
+            .add_network(&network(false, true, true))
+            .await
+            .unwrap();
+        first.add_port("testnet", "vport", VM_MAC).await.unwrap();
+        first.bind_ip("testnet", VM_MAC, leased).await.unwrap();
+        assert!(t.v.ping(&["10.77.0.1"]), "bound guest passes");
+        // The broker dies: its rules stay in the kernel.
+        drop(first);
+        assert!(t.v.ping(&["10.77.0.1"]), "rules left in place");
+
+        let plain = Firewall::new();
+        plain
+            .add_network(&network(false, true, true))
+            .await
+            .unwrap();
+        assert!(
+            !t.v.ping(&["10.77.0.1"]),
+            "control: rules replaced without bindings drop the guest"
+        );
+        drop(plain);
+
+        let adopting = Firewall::new();
+        adopting
+            .add_network_bound(
+                &network(false, true, true),
+                &[("vport".to_string(), VM_MAC)],
+                &[(VM_MAC, leased)],
+            )
+            .await
+            .unwrap();
+        assert!(t.v.ping(&["10.77.0.1"]), "taken over with its bindings");
+        let ports =
+            t.b.nft_list("list set bridge vmnet_broker portmacs-testnet");
+        assert!(ports.contains("vport"), "{ports}");
+        // Still a forged MAC is dropped: the bindings are the real ones, not open doors.
+        t.v.ip(&["link", "set", "eth0", "address", "02:00:00:77:00:99"]);
+        t.b.ip(&["neigh", "flush", "dev", "vmnbr0"]);
+        t.v.ip(&["neigh", "flush", "dev", "eth0"]);
+        assert!(!t.v.ping(&["10.77.0.1"]), "forged MAC dropped");
+        t.v.ip(&["link", "set", "eth0", "address", VM_MAC_STR]);
+    });
+}

@@ -94,6 +94,14 @@ impl DhcpHandler {
     }
 }
 
+/// The leases of `config.lease_file` that are active at `now`, exactly as a server
+/// started with `config` would load them (a missing or bad file gives none). For the
+/// firewall of a network adopted from a previous broker, whose guests keep using these
+/// addresses: their bindings go in with the network's rules, in one transaction.
+pub fn saved_leases(config: &DhcpConfig, now: SystemTime) -> Vec<Lease> {
+    server::State::new(config.clone()).0.active(now)
+}
+
 /// A running DHCP server. Dropping it without [`DhcpServer::stop`] also stops the task
 /// (it notices the closed stop channel and saves the leases), but only `stop` waits.
 pub struct DhcpServer {

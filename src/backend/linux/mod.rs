@@ -253,28 +253,20 @@ impl LinuxBackend {
     }
 
     /// Firewall rules, then DHCP and DNS. On error nothing of them is left.
+    ///
+    /// `adopted` (a network of a previous broker) lists the TAPs still on its bridge with
+    /// their guest MACs: they are bound, and the saved leases with them, in the very
+    /// transaction that replaces the network's rules, so its running guests' frames never
+    /// meet empty binding sets (they would be dropped until bound again).
     async fn start_services(
         &self,
         config: &NetworkConfig,
         bridge: &Link,
         subnet: Ipv4Net,
         gateway: Ipv4Addr,
+        adopted: Option<&[(String, [u8; 6])]>,
     ) -> Result<Services, BackendError> {
-        self.firewall
-            .add_network(&FirewallNetwork {
-                name: config.name.clone(),
-                bridge: bridge.name.clone(),
-                subnet,
-                gateway,
-                nat: config.mode == Mode::Shared,
-                anti_spoofing: !config.allow_spoofing,
-                dhcp: config.dhcp,
-                isolation: config.isolation,
-                tap_prefix: tap::tap_prefix(bridge.index),
-            })
-            .await
-            .map_err(|e| BackendError::component("firewall", e))?;
-        let started = Services::start(ServiceParams {
+        let params = ServiceParams {
             config,
             bridge: &bridge.name,
             subnet,
@@ -282,8 +274,30 @@ impl LinuxBackend {
             state_dir: &self.options.state_dir,
             resolv_conf: &self.options.resolv_conf,
             firewall: &self.firewall,
-        })
-        .await;
+        };
+        let (ports, leases) = match adopted {
+            Some(ports) => (ports, services::saved_leases(&params)),
+            None => (&[][..], vec![]),
+        };
+        self.firewall
+            .add_network_bound(
+                &FirewallNetwork {
+                    name: config.name.clone(),
+                    bridge: bridge.name.clone(),
+                    subnet,
+                    gateway,
+                    nat: config.mode == Mode::Shared,
+                    anti_spoofing: !config.allow_spoofing,
+                    dhcp: config.dhcp,
+                    isolation: config.isolation,
+                    tap_prefix: tap::tap_prefix(bridge.index),
+                },
+                ports,
+                &leases,
+            )
+            .await
+            .map_err(|e| BackendError::component("firewall", e))?;
+        let started = Services::start(params).await;
         if started.is_err()
             && let Err(e) = self.firewall.remove_network(&config.name).await
         {
@@ -490,7 +504,10 @@ impl Backend for LinuxBackend {
         };
         // Firewall first, so no frame is forwarded before its rules exist; then the
         // services, now that the bridge has its address.
-        let services = match self.start_services(config, &bridge, subnet, gateway).await {
+        let services = match self
+            .start_services(config, &bridge, subnet, gateway, None)
+            .await
+        {
             Ok(services) => services,
             Err(e) => {
                 let mut errors = vec![];
@@ -683,10 +700,34 @@ impl Backend for LinuxBackend {
             }
             held.insert(bridge_name.clone(), (config.name.clone(), record.subnet));
         }
+        // The TAPs of the record still on the bridge, with their guest MACs. A listing
+        // that fails binds none now; the binder binds them below, as for a new TAP.
+        let live = self
+            .links
+            .live_ports_of(bridge.index, &alias)
+            .await
+            .map_err(|e| {
+                warn!(
+                    network = %config.name,
+                    "cannot list the adopted network's TAPs to bind them: {}",
+                    crate::error::Chain(&e)
+                )
+            })
+            .ok();
+        let ports: Ports = record
+            .endpoints
+            .iter()
+            .filter(|ep| {
+                live.as_ref()
+                    .is_some_and(|l| l.iter().any(|link| link.name == ep.id))
+            })
+            .map(|ep| (ep.id.clone(), ep.mac.into()))
+            .collect();
         // The same rules, DHCP (its leases are in the state directory) and DNS names as
-        // before: the firewall replaces the network's chains with identical ones.
+        // before: the firewall replaces the network's chains with identical ones, bound
+        // to the live TAPs and leased addresses in the same transaction.
         let services = match self
-            .start_services(config, &bridge, record.subnet, record.gateway)
+            .start_services(config, &bridge, record.subnet, record.gateway, Some(&ports))
             .await
         {
             Ok(services) => services,
@@ -695,26 +736,15 @@ impl Backend for LinuxBackend {
                 return Err(e);
             }
         };
-        // Bindings back for the TAPs still on the bridge; until the binder has run
-        // their frames are dropped, as for a new TAP.
-        if !config.allow_spoofing {
-            match self.links.live_ports_of(bridge.index, &alias).await {
-                Ok(live) => {
-                    for ep in &record.endpoints {
-                        if live.iter().any(|l| l.name == ep.id) {
-                            let _ = self.binder.send(BindJob {
-                                network: config.name.clone(),
-                                tap: ep.id.clone(),
-                                mac: ep.mac.into(),
-                            });
-                        }
-                    }
-                }
-                Err(e) => warn!(
-                    network = %config.name,
-                    "cannot list the adopted network's TAPs to bind them: {}",
-                    crate::error::Chain(&e)
-                ),
+        // Without a listing, every recorded TAP is queued: the binder forgets those
+        // that are gone.
+        if live.is_none() && !config.allow_spoofing {
+            for ep in &record.endpoints {
+                let _ = self.binder.send(BindJob {
+                    network: config.name.clone(),
+                    tap: ep.id.clone(),
+                    mac: ep.mac.into(),
+                });
             }
         }
         info!(network = %config.name, interface = %bridge_name, "adopted bridge");

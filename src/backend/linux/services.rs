@@ -52,24 +52,9 @@ impl Services {
             // With anti-spoofing, each lease is bound in the firewall before its ACK goes
             // out, so the guest's first packets from the address are not dropped.
             let hook = (!p.config.allow_spoofing).then(|| bind_hook(name, p.firewall));
-            let dhcp = DhcpServer::start_with_hook(
-                DhcpConfig {
-                    network: name.clone(),
-                    interface: p.bridge.to_string(),
-                    subnet: p.subnet,
-                    gateway: p.gateway,
-                    range: p.config.dhcp_range,
-                    reservations: p.config.dhcp_reservations.clone(),
-                    lease_seconds: p.config.lease_seconds,
-                    mtu: p.config.mtu,
-                    dns_server: p.config.dns.then_some(p.gateway),
-                    domain: p.config.dns.then(|| domain.clone()),
-                    lease_file: p.state_dir.join(format!("{name}.leases.json")),
-                },
-                hook,
-            )
-            .await
-            .map_err(|e| BackendError::component("DHCP", e))?;
+            let dhcp = DhcpServer::start_with_hook(dhcp_config(&p), hook)
+                .await
+                .map_err(|e| BackendError::component("DHCP", e))?;
             let leases = dhcp.leases();
             services.dhcp = Some(dhcp);
             let bind = (!p.config.allow_spoofing).then(|| p.firewall.clone());
@@ -124,6 +109,36 @@ impl Services {
             dhcp.stop().await;
         }
     }
+}
+
+/// What the network's DHCP server serves.
+fn dhcp_config(p: &ServiceParams<'_>) -> DhcpConfig {
+    let name = &p.config.name;
+    DhcpConfig {
+        network: name.clone(),
+        interface: p.bridge.to_string(),
+        subnet: p.subnet,
+        gateway: p.gateway,
+        range: p.config.dhcp_range,
+        reservations: p.config.dhcp_reservations.clone(),
+        lease_seconds: p.config.lease_seconds,
+        mtu: p.config.mtu,
+        dns_server: p.config.dns.then_some(p.gateway),
+        domain: p.config.dns.then(|| domain_of(name)),
+        lease_file: p.state_dir.join(format!("{name}.leases.json")),
+    }
+}
+
+/// The (MAC, address) of every lease saved for the network that is still active, as its
+/// DHCP server will load them; none without DHCP.
+pub fn saved_leases(p: &ServiceParams<'_>) -> Vec<([u8; 6], Ipv4Addr)> {
+    if !p.config.dhcp {
+        return vec![];
+    }
+    crate::dhcp::saved_leases(&dhcp_config(p), std::time::SystemTime::now())
+        .into_iter()
+        .map(|l| (l.mac, l.ip))
+        .collect()
 }
 
 /// Binds a lease in the firewall for the DHCP server, before it sends the ACK.

@@ -270,9 +270,32 @@ impl Firewall {
     /// handled as `docker.rs` describes, checked when the network is added (and after a
     /// restore).
     pub async fn add_network(&self, net: &FirewallNetwork) -> Result<(), FirewallError> {
+        self.add_network_bound(net, &[], &[]).await
+    }
+
+    /// [`Firewall::add_network`] with TAP bindings (`ports`, as [`Firewall::add_ports`])
+    /// and leases (MAC, address) in the same transaction as the rules. For a network
+    /// adopted from a previous broker: replacing its rules must never leave its running
+    /// guests' TAPs and addresses without bindings, or their traffic is dropped until
+    /// they are bound again.
+    pub async fn add_network_bound(
+        &self,
+        net: &FirewallNetwork,
+        ports: &[(String, [u8; 6])],
+        leases: &[([u8; 6], Ipv4Addr)],
+    ) -> Result<(), FirewallError> {
         validate_network(net)?;
+        for (tap, _) in ports {
+            validate_ifname(tap)?;
+        }
         let net = net.clone();
-        self.queued(move |inner| async move { inner.add_network(net).await })
+        let ports: BTreeMap<String, [u8; 6]> = ports.iter().cloned().collect();
+        let leases: BTreeMap<[u8; 6], Ipv4Addr> = leases
+            .iter()
+            .filter(|(_, ip)| net.subnet.contains(ip))
+            .cloned()
+            .collect();
+        self.queued(move |inner| async move { inner.add_network(net, ports, leases).await })
             .await
     }
 
@@ -403,32 +426,34 @@ impl Inner {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    async fn add_network(&self, net: FirewallNetwork) -> Result<(), FirewallError> {
+    /// `ports` and `leases` are bound with the rules (see [`Firewall::add_network_bound`]).
+    async fn add_network(
+        &self,
+        net: FirewallNetwork,
+        mut ports: BTreeMap<String, [u8; 6]>,
+        mut leases: BTreeMap<[u8; 6], Ipv4Addr>,
+    ) -> Result<(), FirewallError> {
         let (ns, batch, dropped) = {
             let state = self.lock();
-            let mut ports = BTreeMap::new();
-            let mut leases = BTreeMap::new();
             // TAPs whose DHCP MAC quota set goes with the old definition.
             let mut dropped: Vec<String> = vec![];
             if let Some(existing) = state.networks.get(&net.name) {
-                if existing.net == net {
+                if existing.net == net && ports.is_empty() && leases.is_empty() {
                     return Ok(());
                 }
                 info!(network = %net.name, old_bridge = %existing.net.bridge, new_bridge = %net.bridge,
                       "firewall: replacing the rules of a network with a new definition");
                 // Bindings of TAPs of the old bridge are meaningless on the new one.
-                ports = existing
-                    .ports
-                    .iter()
-                    .filter(|(tap, _)| tap.starts_with(&net.tap_prefix))
-                    .map(|(tap, mac)| (tap.clone(), *mac))
-                    .collect();
-                leases = existing
-                    .leases
-                    .iter()
-                    .filter(|(_, ip)| net.subnet.contains(*ip))
-                    .map(|(mac, ip)| (*mac, *ip))
-                    .collect();
+                for (tap, mac) in &existing.ports {
+                    if tap.starts_with(&net.tap_prefix) {
+                        ports.entry(tap.clone()).or_insert(*mac);
+                    }
+                }
+                for (mac, ip) in &existing.leases {
+                    if net.subnet.contains(ip) {
+                        leases.entry(*mac).or_insert(*ip);
+                    }
+                }
                 if has_dhcp_quota(&existing.net) {
                     dropped = existing
                         .ports
