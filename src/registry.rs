@@ -40,9 +40,10 @@ pub const MAX_CONNECTIONS_PER_UID: usize = 256;
 
 pub type ClientId = u64;
 
-/// How often an adopted network checks whether the endpoints no client of this broker
-/// holds have been closed.
-const ORPHAN_CHECK: Duration = Duration::from_millis(500);
+/// How often at least an adopted network checks whether the endpoints no client of this
+/// broker holds have been closed: a backend that reports closed endpoints
+/// ([`Backend::endpoint_closed`]) makes it check at once, this is the safety net.
+const ORPHAN_CHECK: Duration = Duration::from_secs(5);
 
 /// Size of a network's map of endpoints handed out at which it is first pruned to the
 /// live ones.
@@ -639,7 +640,6 @@ impl<B: Backend> Registry<B> {
         let name = name.to_string();
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(this.orphan_check).await;
                 let live = {
                     let st = this.lock();
                     let Some(net) = st.networks.get(&name).filter(|n| n.instance == instance)
@@ -651,24 +651,37 @@ impl<B: Backend> Registry<B> {
                     };
                     Arc::clone(live)
                 };
+                // Watching before listing: a closure after the listing wakes the wait.
+                let closed = this
+                    .backend
+                    .endpoint_closed(&live.handle, this.orphan_check);
                 // An error means "unknown": keep them and ask again.
                 let Ok(open) = this.backend.live_endpoints(&live.handle).await else {
+                    closed.await;
                     continue;
                 };
-                let mut st = this.lock();
-                let Some(net) = st
-                    .networks
-                    .get_mut(&name)
-                    .filter(|n| n.instance == instance)
-                else {
-                    return;
+                let done = {
+                    let mut st = this.lock();
+                    match st
+                        .networks
+                        .get_mut(&name)
+                        .filter(|n| n.instance == instance)
+                    {
+                        None => true,
+                        Some(net) => {
+                            net.orphans.retain(|e| open.contains(e));
+                            if net.orphans.is_empty() {
+                                info!(network = %name, "the last endpoint of the previous broker's clients is closed");
+                                this.schedule_if_idle(&name, net);
+                            }
+                            net.orphans.is_empty()
+                        }
+                    }
                 };
-                net.orphans.retain(|e| open.contains(e));
-                if net.orphans.is_empty() {
-                    info!(network = %name, "the last endpoint of the previous broker's clients is closed");
-                    this.schedule_if_idle(&name, net);
+                if done {
                     return;
                 }
+                closed.await;
             }
         });
     }
@@ -1743,6 +1756,8 @@ mod tests {
         leases: StdMutex<Vec<LeaseView>>,
         /// Endpoints of a previous broker that are gone by the time `adopt` looks.
         closed: StdMutex<BTreeSet<String>>,
+        /// Bumped by every `close`, for `endpoint_closed`.
+        closes: tokio::sync::watch::Sender<u64>,
     }
 
     impl Fake {
@@ -1768,6 +1783,7 @@ mod tests {
         }
         fn close(&self, interface: &str) {
             assert!(self.live.lock().unwrap().remove(interface), "{interface}");
+            self.closes.send_modify(|n| *n += 1);
         }
     }
 
@@ -1822,6 +1838,20 @@ mod tests {
                 .push(format!("release {} {interface}", n.0));
             Ok(())
         }
+        fn endpoint_closed(
+            &self,
+            _n: &Self::Network,
+            fallback: Duration,
+        ) -> impl Future<Output = ()> + Send + 'static {
+            let mut closes = self.closes.subscribe();
+            async move {
+                tokio::select! {
+                    _ = closes.changed() => {}
+                    _ = tokio::time::sleep(fallback) => {}
+                }
+            }
+        }
+
         async fn live_endpoints(
             &self,
             n: &Self::Network,
@@ -2375,7 +2405,9 @@ mod tests {
         r.disconnect(b).await;
         tokio::time::sleep(IDLE * 2).await;
         assert_eq!(status(&r).await.networks.len(), 1, "kept for the live TAP");
-        // The last TAP of the previous broker's clients closes: the idle removal runs.
+        // The last TAP of the previous broker's clients closes: the idle removal runs,
+        // noticed through `endpoint_closed` (well before the fallback check).
+        assert!(IDLE + Duration::from_secs(2) < ORPHAN_CHECK + IDLE);
         r.backend().close(&q.interface);
         r.backend().close(&n.interface);
         tokio::time::sleep(IDLE + Duration::from_secs(2)).await;

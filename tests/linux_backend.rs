@@ -970,3 +970,27 @@ fn router_advertisements_from_vms_do_not_configure_the_bridge() {
         b.destroy(&net).await.unwrap();
     });
 }
+
+/// `endpoint_closed` (what an adopted network's watch of its orphaned TAPs waits on)
+/// wakes when a TAP is closed, through the kernel's link deletion, not at its fallback:
+/// the fallback here is an hour.
+#[test]
+fn endpoint_closed_wakes_when_a_tap_closes() {
+    in_netns(|_ns| async move {
+        let b = backend().await;
+        let net = b.create(&config("lab")).await.unwrap();
+        let tap = attach(&b, &net, 1).await;
+        assert_eq!(
+            endpoints(&b, &net).await,
+            std::slice::from_ref(&tap.interface)
+        );
+        let closed = b.endpoint_closed(&net, Duration::from_secs(3600));
+        // The watch starts at the call: a close before the first poll counts.
+        drop(tap.fd);
+        tokio::time::timeout(Duration::from_secs(30), closed)
+            .await
+            .expect("not woken by the TAP's deletion");
+        assert!(endpoints(&b, &net).await.is_empty());
+        b.destroy(&net).await.unwrap();
+    });
+}

@@ -219,6 +219,21 @@ pub trait Backend: Send + Sync + 'static {
         network: &Self::Network,
     ) -> impl Future<Output = Result<BTreeSet<EndpointId>, BackendError>> + Send;
 
+    /// Resolves once an endpoint of `network` may have closed after this call, or after
+    /// `fallback` at the latest; the core then asks [`Backend::live_endpoints`] again. The
+    /// watch starts when this is called, not when the future is first polled, so a
+    /// caller that calls it before listing misses no closure after the listing. The
+    /// default only waits `fallback`; a backend that hears of closed endpoints (Linux: the
+    /// link deletions the kernel reports) resolves as soon as one closes. Waking when
+    /// nothing closed is allowed (the listing says so).
+    fn endpoint_closed(
+        &self,
+        _network: &Self::Network,
+        fallback: std::time::Duration,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        tokio::time::sleep(fallback)
+    }
+
     /// The address leases of the network's services (DHCP), current ones only. A backend
     /// whose platform runs no DHCP server of the broker's has none.
     fn leases(

@@ -67,6 +67,9 @@ pub struct LinuxBackend {
     links: Arc<LinkRecord>,
     /// Queue of the background task that binds new TAPs ([`bind_ports`]).
     binder: tokio::sync::mpsc::UnboundedSender<BindJob>,
+    /// Bumped by the binder for every link that left the record (a TAP closed or
+    /// deleted), so [`Backend::endpoint_closed`] wakes at once.
+    departed: tokio::sync::watch::Sender<u64>,
     /// NAT, forwarding and anti-spoofing rules of every network, in one nftables table
     /// per family owned by the broker.
     firewall: Firewall,
@@ -153,17 +156,20 @@ impl LinuxBackend {
             .map_err(|e| BackendError::component("link record", e))?;
         let links = Arc::new(links);
         let (binder, jobs) = tokio::sync::mpsc::unbounded_channel();
+        let departed = tokio::sync::watch::Sender::new(0u64);
         tokio::spawn(bind_ports(
             firewall.clone(),
             Arc::clone(&links),
             jobs,
             departures,
+            departed.clone(),
         ));
         Ok(Self {
             options,
             netlink,
             links,
             binder,
+            departed,
             firewall,
             held: Mutex::new(BTreeMap::new()),
         })
@@ -366,7 +372,7 @@ fn network_of(link: &Link) -> Option<&str> {
 
 /// Keeps the firewall's TAP bindings, in the background, for as long as the backend
 /// lives: binds new TAPs to their MACs and forgets those of TAPs that left (the link
-/// record reports them as they go). Whatever is queued when it wakes is done together,
+/// record reports them as they go). Every departure also bumps `departed` first. Whatever is queued when it wakes is done together,
 /// per network, in one `nft` transaction: a burst of a thousand acquires or closes costs
 /// a handful of `nft` runs, not a thousand processes competing for the CPU.
 async fn bind_ports(
@@ -374,6 +380,7 @@ async fn bind_ports(
     links: Arc<LinkRecord>,
     mut jobs: tokio::sync::mpsc::UnboundedReceiver<BindJob>,
     mut departures: Departures,
+    departed: tokio::sync::watch::Sender<u64>,
 ) {
     loop {
         let mut to_bind: BTreeMap<String, Ports> = BTreeMap::new();
@@ -385,6 +392,7 @@ async fn bind_ports(
             },
             gone = departures.recv() => match gone {
                 Some(link) => {
+                    departed.send_modify(|n| *n = n.wrapping_add(1));
                     if let Some(network) = network_of(&link) {
                         to_prune.insert(network.to_string());
                     }
@@ -396,6 +404,7 @@ async fn bind_ports(
             to_bind.entry(j.network).or_default().push((j.tap, j.mac));
         }
         while let Ok(link) = departures.try_recv() {
+            departed.send_modify(|n| *n = n.wrapping_add(1));
             if let Some(network) = network_of(&link) {
                 to_prune.insert(network.to_string());
             }
@@ -610,6 +619,22 @@ impl Backend for LinuxBackend {
             .await
             .map_err(|e| BackendError::component("link record", e))?;
         Ok(taps.into_iter().map(|l| EndpointId(l.name)).collect())
+    }
+
+    fn endpoint_closed(
+        &self,
+        _network: &LinuxNetwork,
+        fallback: std::time::Duration,
+    ) -> impl Future<Output = ()> + Send + 'static {
+        // Subscribed now: a departure from here on counts. Any link of the broker's
+        // wakes it; the caller's listing tells whether one of this network's went.
+        let mut departed = self.departed.subscribe();
+        async move {
+            tokio::select! {
+                _ = departed.changed() => {}
+                _ = tokio::time::sleep(fallback) => {}
+            }
+        }
     }
 
     async fn leases(&self, network: &LinuxNetwork) -> Result<Vec<LeaseView>, BackendError> {
