@@ -56,6 +56,7 @@ pub fn status_reply(s: Snapshot) -> Status {
                     .unwrap_or_default()
                     .to_string(),
                 mtu: n.details.mtu,
+                overlay: n.details.platform.get(backend::OVERLAY).map(str::to_string),
                 clients: n.clients,
                 taps: n.endpoints.into_iter().map(|e| e.0).collect(),
                 removal_in_seconds: n.removal_in.map(|d| d.as_secs_f64()),

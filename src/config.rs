@@ -130,6 +130,57 @@ pub struct PortForward {
     pub external_address: Option<IpAddr>,
 }
 
+/// The default UDP port of VXLAN (IANA, RFC 7348).
+pub const VXLAN_PORT: u16 = 4789;
+/// The largest VXLAN network identifier: VNIs are 24 bits.
+pub const MAX_VNI: u32 = (1 << 24) - 1;
+/// At most this many `vxlan.peers`: each is a forwarding entry every broadcast is copied to.
+pub const MAX_VXLAN_PEERS: usize = 256;
+
+/// A network carried across hosts over the kernel's VXLAN (`vxlan` in the file): the same
+/// VNI and port on every host, each host with its own `local` address and the others as
+/// `peers` (head-end replication) or one multicast `group` on the underlay device `dev`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Vxlan {
+    pub vni: u32,
+    /// This host's address on the underlay, the source of the encapsulated packets.
+    pub local: IpAddr,
+    /// The other hosts' `local` addresses: every broadcast and unknown unicast frame is
+    /// copied to each of them.
+    pub peers: Vec<IpAddr>,
+    /// Instead of `peers`: the multicast group the hosts of the overlay join.
+    pub group: Option<IpAddr>,
+    /// The underlay interface (needed with `group`; with `peers` it pins the underlay).
+    pub dev: Option<String>,
+    pub port: u16,
+}
+
+/// `vni 42, port 4789, peers 192.0.2.2,192.0.2.3` or `vni 7, port 4789, group
+/// 239.1.1.1 on eth0`: the overlay as `status`, `show` and `list` print it.
+impl fmt::Display for Vxlan {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "vni {}, port {}", self.vni, self.port)?;
+        if let Some(group) = self.group {
+            write!(f, ", group {group}")?;
+        } else {
+            let peers: Vec<String> = self.peers.iter().map(ToString::to_string).collect();
+            write!(f, ", peers {}", peers.join(","))?;
+        }
+        if let Some(dev) = &self.dev {
+            write!(f, " on {dev}")?;
+        }
+        Ok(())
+    }
+}
+
+impl Vxlan {
+    /// The bytes VXLAN adds to each frame on the underlay: outer IP, UDP (8), VXLAN (8)
+    /// and the inner Ethernet header (14); 20 bytes of IPv4 or 40 of IPv6.
+    pub fn overhead(&self) -> u32 {
+        if self.local.is_ipv4() { 50 } else { 70 }
+    }
+}
+
 /// A validated network definition. Serialized into the broker's state file (`state`), so
 /// a restarted broker adopts a network with the definition it was created from.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -170,6 +221,13 @@ pub struct NetworkConfig {
     pub external_interface: Option<String>,
     #[serde(default)]
     pub port_forwarding_rules: Vec<PortForward>,
+    /// The overlay that carries the network to other hosts, when the file asks for one.
+    #[serde(default)]
+    pub vxlan: Option<Vxlan>,
+    /// `mtu` was written in the file. A network with an overlay otherwise takes the
+    /// underlay's MTU less the encapsulation ([`Vxlan::overhead`]).
+    #[serde(default)]
+    pub mtu_from_file: bool,
     pub allow_spoofing: bool,
     pub isolation: bool,
     /// Live TAPs one non-root uid may hold on the network (root is not limited).
@@ -218,6 +276,8 @@ impl NetworkConfig {
             ipv6_prefix: None,
             external_interface: None,
             port_forwarding_rules: vec![],
+            vxlan: None,
+            mtu_from_file: false,
             allow_spoofing: false,
             isolation: false,
             max_taps_per_uid: DEFAULT_MAX_TAPS_PER_UID,
@@ -380,6 +440,7 @@ struct RawFile {
     external_interface: Option<String>,
     #[serde(default)]
     port_forwarding_rules: Vec<RawForward>,
+    vxlan: Option<RawVxlan>,
     allow_spoofing: Option<bool>,
     isolation: Option<bool>,
     max_taps_per_uid: Option<u32>,
@@ -401,6 +462,18 @@ struct RawForward {
     internal_address: String,
     internal_port: u32,
     external_address: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawVxlan {
+    vni: u32,
+    local: String,
+    #[serde(default)]
+    peers: Vec<String>,
+    group: Option<String>,
+    dev: Option<String>,
+    port: Option<u32>,
 }
 
 #[derive(Deserialize)]
@@ -489,6 +562,7 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<NetworkConfig, Confi
             return Err(err(format!("mtu {mtu} must be between 576 and 65520")));
         }
         c.mtu = mtu;
+        c.mtu_from_file = true;
     }
     for (field, list) in [
         ("allowed_users", &raw.allowed_users),
@@ -548,7 +622,7 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<NetworkConfig, Confi
                 "external_interface needs mode \"shared\": a host network has no way out".into(),
             ));
         }
-        check_interface_name(&name).map_err(|e| err(e.0))?;
+        check_interface_name("external_interface", &name).map_err(|e| err(e.0))?;
         c.external_interface = Some(name);
     }
     match (&raw.ipv6_prefix, raw.ipv6_prefix_length) {
@@ -645,6 +719,7 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<NetworkConfig, Confi
         }
         c.dhcp_range = Some(DhcpRange { start, end });
     }
+    let raw_dhcp_range_given = c.dhcp_range.is_some();
     if let Some(net) = fixed {
         // Every host address but the gateway's: more reservations cannot all be distinct.
         let hosts = (1u64 << (32 - net.prefix_len())) - 3;
@@ -710,7 +785,128 @@ pub fn parse(name: &str, path: &Path, text: &str) -> Result<NetworkConfig, Confi
         }
         c.port_forwarding_rules.push(rule);
     }
+    if let Some(raw) = &raw.vxlan {
+        c.vxlan = Some(vxlan(&c, raw, raw_dhcp_range_given).map_err(|e| err(e.0))?);
+    }
     Ok(c)
+}
+
+/// Validates the `vxlan` object against the network `c` defines so far.
+fn vxlan(c: &NetworkConfig, r: &RawVxlan, dhcp_range_given: bool) -> Result<Vxlan, Invalid> {
+    // Every host of the overlay shares one subnet, so it cannot be picked per host.
+    if c.gateway.is_none() {
+        return Err(invalid!(
+            "vxlan needs a fixed \"subnet\": every host of the overlay shares one subnet, each with its own gateway address in it"
+        ));
+    }
+    // Several DHCP servers share the link: each must hand out only its own addresses.
+    if c.dhcp && !dhcp_range_given {
+        return Err(invalid!(
+            "vxlan with dhcp needs a \"dhcp_range\": each host's DHCP serves its own part of the subnet (distinct on every host), or set \"dhcp\": false on all hosts but one"
+        ));
+    }
+    if r.vni > MAX_VNI {
+        return Err(invalid!(
+            "vxlan.vni {} must be between 0 and {MAX_VNI}",
+            r.vni
+        ));
+    }
+    let port = match r.port {
+        None => VXLAN_PORT,
+        Some(p) => u16::try_from(p)
+            .ok()
+            .filter(|p| *p != 0)
+            .ok_or_else(|| invalid!("vxlan.port {p} must be between 1 and 65535"))?,
+    };
+    let ip = |field: &str, s: &str| -> Result<IpAddr, Invalid> {
+        s.parse()
+            .map_err(|_| invalid!("{field}: {} is not an IP address", quoted(s)))
+    };
+    let local = ip("vxlan.local", &r.local)?;
+    if local.is_unspecified() || local.is_multicast() || local == IpAddr::V4(Ipv4Addr::BROADCAST) {
+        return Err(invalid!(
+            "vxlan.local {local} must be this host's unicast address on the underlay"
+        ));
+    }
+    let family = |a: IpAddr| if a.is_ipv4() { "IPv4" } else { "IPv6" };
+    if r.peers.len() > MAX_VXLAN_PEERS {
+        return Err(invalid!(
+            "vxlan.peers has {} entries, at most {MAX_VXLAN_PEERS} are allowed; use a multicast group",
+            r.peers.len()
+        ));
+    }
+    let mut peers = Vec::new();
+    for s in &r.peers {
+        let peer = ip("vxlan.peers", s)?;
+        if peer.is_ipv4() != local.is_ipv4() {
+            return Err(invalid!(
+                "vxlan.peers: {peer} is {} but vxlan.local {local} is {}: the underlay has one family",
+                family(peer),
+                family(local)
+            ));
+        }
+        if peer.is_unspecified() || peer.is_multicast() {
+            return Err(invalid!(
+                "vxlan.peers: {peer} is not a unicast address (use vxlan.group for multicast)"
+            ));
+        }
+        if peer == local {
+            return Err(invalid!(
+                "vxlan.peers: {peer} is vxlan.local; list only the other hosts"
+            ));
+        }
+        if peers.contains(&peer) {
+            return Err(invalid!("vxlan.peers: {peer} is listed twice"));
+        }
+        peers.push(peer);
+    }
+    let dev = match &r.dev {
+        Some(d) => {
+            check_interface_name("vxlan.dev", d)?;
+            Some(d.clone())
+        }
+        None => None,
+    };
+    let group = match &r.group {
+        None => None,
+        Some(s) => {
+            let group = ip("vxlan.group", s)?;
+            if !group.is_multicast() {
+                return Err(invalid!("vxlan.group {group} is not a multicast address"));
+            }
+            if group.is_ipv4() != local.is_ipv4() {
+                return Err(invalid!(
+                    "vxlan.group {group} is {} but vxlan.local {local} is {}",
+                    family(group),
+                    family(local)
+                ));
+            }
+            if !peers.is_empty() {
+                return Err(invalid!(
+                    "vxlan.group and vxlan.peers are both given: use one (multicast or head-end replication)"
+                ));
+            }
+            if dev.is_none() {
+                return Err(invalid!(
+                    "vxlan.group needs vxlan.dev: the underlay interface the group is joined on"
+                ));
+            }
+            Some(group)
+        }
+    };
+    if group.is_none() && peers.is_empty() {
+        return Err(invalid!(
+            "vxlan needs vxlan.peers (the other hosts' addresses) or vxlan.group (a multicast group with vxlan.dev)"
+        ));
+    }
+    Ok(Vxlan {
+        vni: r.vni,
+        local,
+        peers,
+        group,
+        dev,
+        port,
+    })
 }
 
 /// At most this many static port forwards per network: each is a firewall rule (or a
@@ -719,7 +915,7 @@ pub const MAX_PORT_FORWARDS: usize = 1024;
 
 /// An interface name as both systems accept it: 1 to 15 bytes, none of `/`, `:`,
 /// whitespace or control characters, and not `.` or `..`.
-fn check_interface_name(name: &str) -> Result<(), Invalid> {
+fn check_interface_name(field: &str, name: &str) -> Result<(), Invalid> {
     let bad = name.is_empty()
         || name.len() > MAX_INTERFACE_NAME
         || name == "."
@@ -729,7 +925,7 @@ fn check_interface_name(name: &str) -> Result<(), Invalid> {
             .any(|ch| ch == '/' || ch == ':' || ch.is_whitespace() || ch.is_control());
     if bad {
         return Err(invalid!(
-            "external_interface: {} is not an interface name (1 to {MAX_INTERFACE_NAME} bytes, no '/', ':' or spaces)",
+            "{field}: {} is not an interface name (1 to {MAX_INTERFACE_NAME} bytes, no '/', ':' or spaces)",
             quoted(name)
         ));
     }
@@ -1526,5 +1722,136 @@ mod tests {
                 .message
                 .contains("overlaps subnet 10.1.0.0/16 of network \"a\"")
         );
+    }
+
+    /// A vxlan network file with `extra` fields inside the `vxlan` object.
+    fn vx(vxlan: &str, outer: &str) -> Result<NetworkConfig, String> {
+        p(&format!(
+            r#"{{"subnet":"10.90.0.1","mask":"255.255.255.0","dhcp_range":{{"start":"10.90.0.10","end":"10.90.0.99"}}{outer},"vxlan":{{{vxlan}}}}}"#
+        ))
+    }
+
+    #[test]
+    fn vxlan_with_peers_parses_with_defaults() {
+        let c = vx(
+            r#""vni":42,"local":"192.0.2.1","peers":["192.0.2.2","192.0.2.3"]"#,
+            "",
+        )
+        .unwrap();
+        let v = c.vxlan.unwrap();
+        assert_eq!(v.vni, 42);
+        assert_eq!(v.port, VXLAN_PORT);
+        assert_eq!(v.peers.len(), 2);
+        assert_eq!(v.overhead(), 50);
+        assert!(!c.mtu_from_file);
+        let c = vx(
+            r#""vni":1,"local":"fd00::1","peers":["fd00::2"],"port":8472"#,
+            r#","mtu":1400"#,
+        )
+        .unwrap();
+        assert_eq!(c.vxlan.as_ref().unwrap().overhead(), 70);
+        assert_eq!(c.vxlan.unwrap().port, 8472);
+        assert!(c.mtu_from_file);
+        let c = vx(
+            r#""vni":7,"local":"192.0.2.1","group":"239.1.1.1","dev":"eth0""#,
+            "",
+        )
+        .unwrap();
+        assert_eq!(c.vxlan.unwrap().group, Some("239.1.1.1".parse().unwrap()));
+    }
+
+    #[test]
+    fn vxlan_needs_a_fixed_subnet_and_a_dhcp_range() {
+        let e = p(r#"{"vxlan":{"vni":1,"local":"192.0.2.1","peers":["192.0.2.2"]}}"#).unwrap_err();
+        assert!(e.contains("vxlan needs a fixed \"subnet\""), "{e}");
+        let e = p(
+            r#"{"subnet":"10.90.0.1","vxlan":{"vni":1,"local":"192.0.2.1","peers":["192.0.2.2"]}}"#,
+        )
+        .unwrap_err();
+        assert!(e.contains("needs a \"dhcp_range\""), "{e}");
+        // Without DHCP no range is needed.
+        p(r#"{"subnet":"10.90.0.2","dhcp":false,"vxlan":{"vni":1,"local":"192.0.2.1","peers":["192.0.2.2"]}}"#)
+            .unwrap();
+    }
+
+    #[test]
+    fn vxlan_errors_name_the_field() {
+        for (vxlan, want) in [
+            (
+                r#""vni":16777216,"local":"192.0.2.1","peers":["192.0.2.2"]"#,
+                "vxlan.vni 16777216",
+            ),
+            (
+                r#""vni":1,"local":"nope","peers":["192.0.2.2"]"#,
+                "vxlan.local: \"nope\" is not an IP",
+            ),
+            (
+                r#""vni":1,"local":"0.0.0.0","peers":["192.0.2.2"]"#,
+                "vxlan.local 0.0.0.0 must be",
+            ),
+            (
+                r#""vni":1,"local":"192.0.2.1","peers":["fd00::2"]"#,
+                "is IPv6 but vxlan.local",
+            ),
+            (
+                r#""vni":1,"local":"192.0.2.1","peers":["192.0.2.1"]"#,
+                "is vxlan.local",
+            ),
+            (
+                r#""vni":1,"local":"192.0.2.1","peers":["192.0.2.2","192.0.2.2"]"#,
+                "listed twice",
+            ),
+            (
+                r#""vni":1,"local":"192.0.2.1","peers":["239.0.0.1"]"#,
+                "not a unicast",
+            ),
+            (
+                r#""vni":1,"local":"192.0.2.1","peers":["192.0.2.2"],"port":0"#,
+                "vxlan.port 0",
+            ),
+            (
+                r#""vni":1,"local":"192.0.2.1","peers":["192.0.2.2"],"port":70000"#,
+                "vxlan.port 70000",
+            ),
+            (r#""vni":1,"local":"192.0.2.1""#, "needs vxlan.peers"),
+            (
+                r#""vni":1,"local":"192.0.2.1","group":"239.1.1.1""#,
+                "needs vxlan.dev",
+            ),
+            (
+                r#""vni":1,"local":"192.0.2.1","group":"192.0.2.9","dev":"eth0""#,
+                "not a multicast",
+            ),
+            (
+                r#""vni":1,"local":"192.0.2.1","group":"239.1.1.1","dev":"eth0","peers":["192.0.2.2"]"#,
+                "both given",
+            ),
+            (
+                r#""vni":1,"local":"192.0.2.1","group":"239.1.1.1","dev":"a/b""#,
+                "vxlan.dev: \"a/b\" is not an interface name",
+            ),
+        ] {
+            let e = vx(vxlan, "").unwrap_err();
+            assert!(e.contains(want), "{vxlan}: {e}");
+        }
+        let e = vx(
+            r#""vni":1,"local":"192.0.2.1","peers":["192.0.2.2"],"learning":true"#,
+            "",
+        )
+        .unwrap_err();
+        assert!(e.contains("unknown field"), "{e}");
+    }
+
+    #[test]
+    fn a_state_file_without_vxlan_still_reads() {
+        let c = vx(r#""vni":5,"local":"192.0.2.1","peers":["192.0.2.2"]"#, "").unwrap();
+        let mut json = serde_json::to_value(&c).unwrap();
+        let back: NetworkConfig = serde_json::from_value(json.clone()).unwrap();
+        assert_eq!(back, c);
+        let obj = json.as_object_mut().unwrap();
+        obj.remove("vxlan");
+        obj.remove("mtu_from_file");
+        let old: NetworkConfig = serde_json::from_value(json).unwrap();
+        assert_eq!(old.vxlan, None);
     }
 }

@@ -46,6 +46,7 @@ pub fn list_reply(views: Vec<NetworkView>) -> NetworkList {
                     removal_in_seconds,
                     clients: v.clients,
                     taps: v.taps.len(),
+                    overlay: v.config.vxlan.as_ref().map(|x| format!("vxlan {x}")),
                     name: v.name,
                 }
             })
@@ -91,6 +92,14 @@ pub fn config_json(c: &NetworkConfig) -> Map<String, Value> {
         "allowed_groups": principals(&c.allowed_groups),
         "max_taps_per_uid": c.max_taps_per_uid,
         "max_nonroot_taps": c.max_nonroot_taps,
+        "vxlan": c.vxlan.as_ref().map(|x| json!({
+            "vni": x.vni,
+            "local": x.local.to_string(),
+            "peers": x.peers.iter().map(ToString::to_string).collect::<Vec<_>>(),
+            "group": x.group.map(|g| g.to_string()),
+            "dev": x.dev,
+            "port": x.port,
+        })),
         "source": match &c.source {
             Source::BuiltIn => "built-in".to_string(),
             Source::File(path) => path.display().to_string(),

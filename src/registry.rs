@@ -323,6 +323,33 @@ pub struct Registry<B: Backend> {
     persist: OnceLock<StateWriter>,
     /// How often an adopted network's orphaned endpoints are checked for being closed.
     orphan_check: Duration,
+    /// This host's identity ([`host_id`]), mixed into the MACs suggested on networks that
+    /// span hosts so that two hosts never suggest the same one; 0 until set.
+    host: OnceLock<u32>,
+}
+
+/// A stable 32-bit identity of this host from `text` (its /etc/machine-id, or what the
+/// administrator or a test gives), for [`overlay_guest_mac`].
+pub fn host_id(text: &str) -> u32 {
+    name_hash(text.trim())
+}
+
+/// The suggested guest MAC for endpoint `serial` of network `name` when the network spans
+/// hosts ([`crate::config::Vxlan`]): three bytes from the network name and the host's
+/// identity `host`, so hosts sharing the network suggest different MACs (two given hosts
+/// collide with a chance of 1 in 2^24), and two from the serial. A host keeps its MACs
+/// across restarts as long as its identity stays.
+pub fn overlay_guest_mac(name: &str, host: u32, serial: u64) -> [u8; 6] {
+    let h = name_hash(&format!("{host:08x}/{name}"));
+    let s = (serial & 0xffff) as u16;
+    [
+        0x52,
+        (h >> 16) as u8,
+        (h >> 8) as u8,
+        h as u8,
+        (s >> 8) as u8,
+        s as u8,
+    ]
 }
 
 /// The suggested guest MAC for endpoint `serial` of network `name`: locally administered,
@@ -378,6 +405,7 @@ impl<B: Backend> Registry<B> {
             }),
             persist: OnceLock::new(),
             orphan_check: ORPHAN_CHECK,
+            host: OnceLock::new(),
         })
     }
 
@@ -684,6 +712,12 @@ impl<B: Backend> Registry<B> {
                 closed.await;
             }
         });
+    }
+
+    /// Sets this host's identity ([`host_id`]) once, before the first acquire; later
+    /// calls are ignored, so suggested MACs never change while the broker runs.
+    pub fn set_host_id(&self, id: u32) {
+        let _ = self.host.set(id);
     }
 
     pub fn backend(&self) -> &B {
@@ -1056,14 +1090,19 @@ impl<B: Backend> Registry<B> {
             let in_use =
                 |handed: &BTreeMap<EndpointId, Handed>, mac| handed.values().any(|h| h.mac == mac);
             let mut serial = net.serial;
+            let host = self.host.get().copied().unwrap_or(0);
+            let suggest = |serial| match live.config.vxlan {
+                Some(_) => overlay_guest_mac(name, host, serial),
+                None => guest_mac(name, serial),
+            };
             let mac = match requested_mac {
                 // Suggestions are predictable, so another client may have asked for one
                 // already: skip those in use.
                 None => {
-                    while in_use(&net.handed, guest_mac(name, serial)) {
+                    while in_use(&net.handed, suggest(serial)) {
                         serial += 1;
                     }
-                    guest_mac(name, serial)
+                    suggest(serial)
                 }
                 Some(mac) => {
                     if let Some((endpoint, _)) = net.handed.iter().find(|(_, h)| h.mac == mac) {
@@ -2928,5 +2967,24 @@ mod tests {
         assert_ne!(a, b);
         assert_ne!(a, c);
         assert_eq!(a, guest_mac("shared", 0), "stable");
+    }
+
+    #[test]
+    fn overlay_macs_differ_across_hosts_and_stay_per_host() {
+        let (h1, h2) = (host_id("machine-one\n"), host_id("machine-two"));
+        assert_eq!(
+            h1,
+            host_id("machine-one"),
+            "whitespace of the file is not identity"
+        );
+        let a = overlay_guest_mac("lab", h1, 0);
+        let b = overlay_guest_mac("lab", h2, 0);
+        assert_ne!(a, b, "two hosts, one network, first TAP");
+        assert_eq!(a, overlay_guest_mac("lab", h1, 0), "stable across restarts");
+        assert_ne!(a, overlay_guest_mac("lab", h1, 1));
+        assert_ne!(a, overlay_guest_mac("lab2", h1, 0));
+        for m in [a, b] {
+            assert_eq!(m[0] & 0x03, 0x02, "unicast, locally administered");
+        }
     }
 }

@@ -330,6 +330,10 @@ pub struct NetworkStatus {
     pub clients: usize,
     /// TAP interfaces currently attached to the network's bridge.
     pub taps: Vec<String>,
+    /// The overlay that carries the network to other hosts (VXLAN device, VNI, peers),
+    /// when it spans hosts.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub overlay: Option<String>,
     /// Seconds until the idle network is removed; absent while clients hold it.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub removal_in_seconds: Option<f64>,
@@ -417,6 +421,9 @@ pub struct NetworkSummary {
     pub clients: usize,
     /// TAPs (endpoints) open on the network.
     pub taps: usize,
+    /// The overlay its definition carries it to other hosts by (VNI, peers), if any.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub overlay: Option<String>,
 }
 
 /// The reply to `list`.
@@ -729,6 +736,7 @@ mod tests {
                 removal_in_seconds: Some(97.5),
                 clients: 0,
                 taps: 1,
+                overlay: None,
             }],
             truncated: false,
         });
@@ -918,6 +926,7 @@ mod tests {
                 clients: 5000,
                 taps: (0..1000).map(|i| format!("vmnt9-{i:x}")).collect(),
                 removal_in_seconds: None,
+                overlay: None,
             }],
             clients: (0..5000).map(client).collect(),
             truncated: false,

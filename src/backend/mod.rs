@@ -34,6 +34,9 @@ pub struct PlatformDetails(Vec<(&'static str, String)>);
 pub const BRIDGE: &str = "bridge";
 /// The host-side device of one endpoint (a TAP on Linux).
 pub const INTERFACE: &str = "interface";
+/// The overlay that carries a network to other hosts: its device and what it is made of
+/// (a VXLAN port on Linux).
+pub const OVERLAY: &str = "overlay";
 
 impl PlatformDetails {
     pub fn new() -> Self {

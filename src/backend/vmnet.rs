@@ -204,6 +204,12 @@ pub fn unsupported(c: &NetworkConfig) -> Vec<String> {
             ));
         }
     }
+    if let Some(vxlan) = &c.vxlan {
+        out.push(format!(
+            "vxlan (vni {}): macOS's vmnet has no overlay across hosts; networks that span hosts are Linux's (kernel VXLAN)",
+            vxlan.vni
+        ));
+    }
     if c.gateway.is_none() && c.prefix_len != DEFAULT_PREFIX_LEN {
         out.push(format!(
             "mask {} without subnet: macOS's vmnet picks a dynamic subnet only as a /24; give a subnet too",

@@ -28,11 +28,14 @@ pub fn main(socket: &Path, json: bool) -> super::Result {
             state_text(&n.state, n.removal_in_seconds),
             n.clients.to_string(),
             n.taps.to_string(),
+            table::or_dash(n.overlay.as_ref()),
         ]
     };
     let rows: Vec<_> = list.networks.iter().map(row).collect();
     table::print(
-        &["NETWORK", "MODE", "SUBNETS", "STATE", "CLIENTS", "TAPS"],
+        &[
+            "NETWORK", "MODE", "SUBNETS", "STATE", "CLIENTS", "TAPS", "OVERLAY",
+        ],
         &rows,
     );
     if list.truncated {

@@ -42,6 +42,25 @@ pub struct Args {
         value_name = "LEVEL"
     )]
     log_level: String,
+    /// This host's identity, mixed into the guest MACs suggested on networks that span
+    /// hosts (vxlan) so that hosts never suggest the same MAC. Defaults to /etc/machine-id,
+    /// else the host name; set it when several brokers share one machine-id (containers,
+    /// network namespaces of one machine).
+    #[arg(long, env = "VMNET_BROKER_HOST_ID", value_name = "TEXT")]
+    host_id: Option<String>,
+}
+
+/// The text this host's identity derives from: `--host-id`, else /etc/machine-id, else
+/// the host name.
+fn host_identity(given: Option<String>) -> String {
+    if let Some(text) = given.filter(|t| !t.trim().is_empty()) {
+        return text;
+    }
+    match std::fs::read_to_string("/etc/machine-id") {
+        Ok(id) if !id.trim().is_empty() => id,
+        // The UTS namespace's host name.
+        _ => std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_default(),
+    }
 }
 
 /// Raises the soft limit of open files to the hard one. The broker holds a socket per
@@ -115,6 +134,7 @@ pub fn main(args: Args) -> super::Result {
             Box::new(SystemDirectory),
             idle,
         );
+        registry.set_host_id(vmnet_broker::registry::host_id(&host_identity(args.host_id)));
         // What a previous broker recorded is adopted as it is; a state file that cannot
         // be used is no reason not to start: everything of the previous broker is then
         // removed, as after a crash before this file existed.

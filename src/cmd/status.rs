@@ -11,13 +11,14 @@ pub fn main(socket: &Path, json: bool) -> super::Result {
     }
     super::print_status_header(&status);
     outln!(
-        "{:<16} {:<6} {:<18} {:<15} {:>7}  {:<24} REMOVAL",
+        "{:<16} {:<6} {:<18} {:<15} {:>7}  {:<24} {:<8} OVERLAY",
         "NETWORK",
         "MODE",
         "SUBNET",
         "BRIDGE",
         "CLIENTS",
-        "TAPS"
+        "TAPS",
+        "REMOVAL"
     );
     for n in &status.networks {
         let removal = super::removal_text(n.removal_in_seconds);
@@ -27,13 +28,14 @@ pub fn main(socket: &Path, json: bool) -> super::Result {
             n.taps.join(",")
         };
         outln!(
-            "{:<16} {:<6} {:<18} {:<15} {:>7}  {:<24} {removal}",
+            "{:<16} {:<6} {:<18} {:<15} {:>7}  {:<24} {removal:<8} {}",
             n.name,
             n.mode,
             n.subnet,
             n.bridge,
             n.clients,
-            taps
+            taps,
+            n.overlay.as_deref().unwrap_or("-")
         );
     }
     super::print_status_clients(&status);

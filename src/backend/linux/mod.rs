@@ -12,10 +12,11 @@ pub mod netlink;
 pub mod services;
 pub mod subnet;
 pub mod tap;
+pub mod vxlan;
 
 use crate::backend::{
     AttachRequest, Attachment, BRIDGE, Backend, BackendError, EndpointId, INTERFACE, LeaseView,
-    NetworkDetails, PlatformDetails,
+    NetworkDetails, OVERLAY, PlatformDetails,
 };
 use crate::config::{Mode, NetworkConfig};
 use crate::state::NetworkRecord;
@@ -80,8 +81,12 @@ pub struct LinuxBackend {
 
 /// One network made by [`LinuxBackend`].
 pub struct LinuxNetwork {
+    /// The definition, with the MTU the network really has (an overlay's is derived from
+    /// its underlay's).
     config: NetworkConfig,
     bridge: Link,
+    /// The VXLAN port that carries the network to other hosts, when it spans hosts.
+    overlay: Option<Link>,
     subnet: Ipv4Net,
     gateway: Ipv4Addr,
     /// Taken by `destroy`, which gets the network by reference (others may still hold it
@@ -117,6 +122,10 @@ impl LinuxNetwork {
     }
     pub fn gateway(&self) -> Ipv4Addr {
         self.gateway
+    }
+    /// The name of the VXLAN port, when the network spans hosts.
+    pub fn overlay(&self) -> Option<&str> {
+        self.overlay.as_ref().map(|l| l.name.as_str())
     }
 }
 
@@ -258,6 +267,55 @@ impl LinuxBackend {
         Ok(())
     }
 
+    /// Fails if the VXLAN device name of network `name` is taken by something that is not
+    /// a leftover of the same network; removes such a leftover.
+    async fn claim_vxlan_name(&self, name: &str) -> Result<(), BackendError> {
+        let port = vxlan::vxlan_name(name);
+        let Some(link) = self.netlink.link_by_name(&port).await? else {
+            return Ok(());
+        };
+        if link.alias.as_deref() != Some(vxlan::overlay_alias(name).as_str()) {
+            let owner = link.alias.as_deref().unwrap_or("no alias");
+            return Err(BackendError::Conflict(format!(
+                "interface {port} already exists ({owner}) and does not belong to this network"
+            )));
+        }
+        warn!(
+            interface = port,
+            "removing leftover VXLAN device of the same network"
+        );
+        self.netlink.delete(&link).await?;
+        Ok(())
+    }
+
+    /// The overlay port of an adopted network: the one the previous broker made when it is
+    /// still on the bridge, else a new one. `config.mtu` becomes the bridge's, which the
+    /// network was made with.
+    async fn adopt_overlay(
+        &self,
+        config: &mut NetworkConfig,
+        bridge: &Link,
+    ) -> Result<Option<Link>, BackendError> {
+        let Some(overlay) = config.vxlan.clone() else {
+            return Ok(None);
+        };
+        if let Some(mtu) = bridge.mtu {
+            config.mtu = mtu;
+        }
+        match vxlan::find(&self.netlink, &config.name).await? {
+            Some(link) if link.controller == Some(bridge.index) => return Ok(Some(link)),
+            Some(link) => {
+                self.netlink.delete(&link).await?;
+            }
+            None => {}
+        }
+        warn!(network = %config.name, "the overlay port was gone: making it again");
+        vxlan::make(&self.netlink, config, &overlay, bridge, config.mtu)
+            .await
+            .map(Some)
+            .map_err(|e| BackendError::os("cannot make the network's overlay", e))
+    }
+
     /// Firewall rules, then DHCP and DNS. On error nothing of them is left.
     ///
     /// `adopted` (a network of a previous broker) lists the TAPs still on its bridge with
@@ -297,6 +355,10 @@ impl LinuxBackend {
                     dhcp: config.dhcp,
                     isolation: config.isolation,
                     tap_prefix: tap::tap_prefix(bridge.index),
+                    overlay_port: config
+                        .vxlan
+                        .as_ref()
+                        .map(|_| vxlan::vxlan_name(&config.name)),
                 },
                 ports,
                 &leases,
@@ -502,6 +564,14 @@ impl Backend for LinuxBackend {
         let bridge_name = bridge_name(&config.name);
         let alias = alias_for(&config.name);
         self.claim_bridge_name(&bridge_name, &alias).await?;
+        let mut config = config.clone();
+        if let Some(overlay) = &config.vxlan {
+            self.claim_vxlan_name(&config.name).await?;
+            config.mtu = vxlan::network_mtu(&self.netlink, &config, overlay)
+                .await
+                .map_err(|e| BackendError::os("cannot choose the overlay's MTU", e))?;
+        }
+        let config = &config;
         let (subnet, gateway) = self.reserve_subnet(config, &bridge_name).await?;
         let address = Ipv4Net::new(gateway, subnet.prefix_len()).expect("prefix of a subnet");
         let bridge = match bridge::make(&self.netlink, config, &bridge_name, address).await {
@@ -509,6 +579,22 @@ impl Backend for LinuxBackend {
             Err(e) => {
                 self.release_subnet(&bridge_name);
                 return Err(e);
+            }
+        };
+        // The overlay before the firewall knows the network: its rules name the port, and
+        // nothing arrives through it before they exist as the bridge has no rules either.
+        let overlay = match &config.vxlan {
+            None => None,
+            Some(overlay) => {
+                match vxlan::make(&self.netlink, config, overlay, &bridge, config.mtu).await {
+                    Ok(link) => Some(link),
+                    Err(e) => {
+                        let mut errors = vec![];
+                        self.remove_links(&[&bridge], &mut errors).await;
+                        self.release_subnet(&bridge_name);
+                        return Err(BackendError::os("cannot make the network's overlay", e));
+                    }
+                }
             }
         };
         // Firewall first, so no frame is forwarded before its rules exist; then the
@@ -520,7 +606,8 @@ impl Backend for LinuxBackend {
             Ok(services) => services,
             Err(e) => {
                 let mut errors = vec![];
-                self.remove_links(&[&bridge], &mut errors).await;
+                let made: Vec<&Link> = overlay.iter().chain([&bridge]).collect();
+                self.remove_links(&made, &mut errors).await;
                 self.release_subnet(&bridge_name);
                 for cleanup in errors {
                     warn!(
@@ -535,6 +622,7 @@ impl Backend for LinuxBackend {
         Ok(LinuxNetwork {
             config: config.clone(),
             bridge,
+            overlay,
             subnet,
             gateway,
             services: Mutex::new(Some(services)),
@@ -546,7 +634,12 @@ impl Backend for LinuxBackend {
             subnet: network.subnet,
             gateway: network.gateway,
             mtu: network.config.mtu,
-            platform: PlatformDetails::new().with(BRIDGE, network.bridge.name.clone()),
+            platform: match (&network.overlay, &network.config.vxlan) {
+                (Some(port), Some(vxlan)) => PlatformDetails::new()
+                    .with(BRIDGE, network.bridge.name.clone())
+                    .with(OVERLAY, format!("{} ({vxlan})", port.name)),
+                _ => PlatformDetails::new().with(BRIDGE, network.bridge.name.clone()),
+            },
         }
     }
 
@@ -661,6 +754,7 @@ impl Backend for LinuxBackend {
         let LinuxNetwork {
             config,
             bridge,
+            overlay,
             services,
             ..
         } = network;
@@ -686,6 +780,16 @@ impl Backend for LinuxBackend {
                 self.remove_links(&taps, &mut errors).await;
             }
             Err(e) => errors.push(e.into()),
+        }
+        // The overlay port first, so no frame of other hosts reaches a bridge going away.
+        if let Some(port) = overlay {
+            match self.netlink.link_by_index(port.index).await {
+                Ok(Some(link)) if link.name == port.name => {
+                    self.remove_links(&[&link], &mut errors).await;
+                }
+                Ok(_) => {}
+                Err(e) => errors.push(e.into()),
+            }
         }
         // Delete by index only while the name still matches: never someone else's link.
         match self.netlink.link_by_index(bridge.index).await {
@@ -725,6 +829,15 @@ impl Backend for LinuxBackend {
             }
             held.insert(bridge_name.clone(), (config.name.clone(), record.subnet));
         }
+        let mut config = config.clone();
+        let overlay = match self.adopt_overlay(&mut config, &bridge).await {
+            Ok(overlay) => overlay,
+            Err(e) => {
+                self.release_subnet(&bridge_name);
+                return Err(e);
+            }
+        };
+        let config = &config;
         // The TAPs of the record still on the bridge, with their guest MACs. A listing
         // that fails binds none now; the binder binds them below, as for a new TAP.
         let live = self
@@ -776,6 +889,7 @@ impl Backend for LinuxBackend {
         Ok(LinuxNetwork {
             config: config.clone(),
             bridge,
+            overlay,
             subnet: record.subnet,
             gateway: record.gateway,
             services: Mutex::new(Some(services)),
@@ -795,13 +909,14 @@ impl Backend for LinuxBackend {
             .filter(|l| self.holds(&l.name))
             .map(|l| l.index)
             .collect();
-        // TAPs first, so no bridge is deleted while still carrying our ports.
+        // TAPs (and overlay ports) first, so no bridge is deleted while still carrying
+        // our ports.
         let (bridges, others): (Vec<Link>, Vec<Link>) = links
             .into_iter()
             .filter(|l| {
-                l.alias
-                    .as_deref()
-                    .is_some_and(|a| a.starts_with(ALIAS_PREFIX))
+                l.alias.as_deref().is_some_and(|a| {
+                    a.starts_with(ALIAS_PREFIX) || a.starts_with(vxlan::OVERLAY_ALIAS_PREFIX)
+                })
             })
             .filter(|l| !live.contains(&l.index))
             .filter(|l| l.controller.is_none_or(|c| !live.contains(&c)))

@@ -41,6 +41,7 @@ pub struct Link {
     pub is_bridge: bool,
     /// The link's MAC, for Ethernet links.
     pub mac: Option<[u8; 6]>,
+    pub mtu: Option<u32>,
 }
 
 impl Link {
@@ -52,6 +53,7 @@ impl Link {
             controller: None,
             is_bridge: false,
             mac: None,
+            mtu: None,
         };
         for attr in msg.attributes {
             match attr {
@@ -59,6 +61,7 @@ impl Link {
                 LinkAttribute::IfAlias(alias) => link.alias = Some(alias),
                 LinkAttribute::Controller(index) => link.controller = Some(index),
                 LinkAttribute::Address(mac) => link.mac = mac.try_into().ok(),
+                LinkAttribute::Mtu(mtu) => link.mtu = Some(mtu),
                 LinkAttribute::LinkInfo(infos) => {
                     link.is_bridge = infos
                         .iter()
@@ -242,6 +245,22 @@ impl Netlink {
         let mut occupants = self.addresses(&names).await?;
         occupants.extend(self.routes(&names).await?);
         Ok(occupants)
+    }
+
+    /// The index of the interface that holds address `ip`, if one does.
+    pub async fn index_with_address(&self, ip: IpAddr) -> io::Result<Option<u32>> {
+        let msgs: Vec<AddressMessage> =
+            dump(|| self.handle.address().get().execute().try_collect())
+                .await
+                .map_err(|e| fail(e, "cannot list addresses"))?;
+        Ok(msgs
+            .into_iter()
+            .find(|m| {
+                m.attributes.iter().any(|a| {
+                    matches!(a, AddressAttribute::Local(a) | AddressAttribute::Address(a) if *a == ip)
+                })
+            })
+            .map(|m| m.header.index))
     }
 
     async fn addresses(&self, names: &BTreeMap<u32, String>) -> io::Result<Vec<Occupant>> {

@@ -55,6 +55,7 @@
 
 mod docker;
 mod nft;
+mod overlay;
 mod rules;
 mod watchdog;
 
@@ -120,6 +121,9 @@ pub struct FirewallNetwork {
     /// delay the acquire. Ports without the prefix (uplinks, other software's) are left
     /// alone.
     pub tap_prefix: String,
+    /// The network's VXLAN port, when it spans hosts: what arrives through it never
+    /// reaches this host's DHCP and DNS (`overlay.rs`).
+    pub overlay_port: Option<String>,
 }
 
 /// Everything the firewall can fail with. Causes are kept as [`std::error::Error::source`]s,
@@ -1024,6 +1028,9 @@ fn validate_network(net: &FirewallNetwork) -> Result<(), FirewallError> {
         detail: e.to_string(),
     })?;
     validate_ifname(&net.bridge)?;
+    if let Some(port) = &net.overlay_port {
+        validate_ifname(port)?;
+    }
     // A prefix, so shorter than a whole name, and no nft wildcard or escape of its own.
     validate_ifname(&net.tap_prefix)?;
     if net.tap_prefix.contains(['*', '\\']) {
@@ -1059,6 +1066,7 @@ mod tests {
             dhcp: true,
             isolation: false,
             tap_prefix: "vmnt9-".into(),
+            overlay_port: None,
         }
     }
 

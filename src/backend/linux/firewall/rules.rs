@@ -818,6 +818,7 @@ pub(super) fn network_objects(batch: &mut Batch<'static>, ns: &NetState) {
         ],
     ));
 
+    super::overlay::objects(batch, net);
     for (tap, mac) in &ns.ports {
         port_elements(batch, NfCmd::Add, &net.name, tap, *mac);
     }
@@ -836,6 +837,7 @@ pub(super) fn delete_network_objects(batch: &mut Batch<'static>, net: &FirewallN
         batch.delete(named_chain(NfFamily::INet, nat_chain(&net.name)));
     }
     batch.delete(named_chain(NfFamily::Bridge, spoof_chain(&net.name)));
+    super::overlay::delete(batch, net);
     if net.anti_spoofing {
         batch.delete(named_chain(NfFamily::Bridge, egress_chain(&net.name)));
     }
@@ -884,6 +886,7 @@ pub(super) fn purge_network_objects(batch: &mut Batch<'static>, name: &str) {
         ),
     ];
     // Chains (and their rules) before the sets those rules use.
+    super::overlay::purge(batch, name);
     for obj in chains.into_iter().chain(sets) {
         batch.add(obj.clone());
         batch.delete(obj);
@@ -923,6 +926,7 @@ mod tests {
             dhcp,
             isolation: false,
             tap_prefix: "vmnt9-".into(),
+            overlay_port: None,
         }
     }
 

@@ -1,0 +1,147 @@
+//! What keeps a network's overlay (its VXLAN port, `vxlan.rs` of the backend) away from
+//! this host's services: each host's DHCP and DNS serve only the VMs of that host.
+//!
+//! Two small base chains of the bridge table per network with an overlay, apart from the
+//! per-TAP chains (anti-spoofing and server roles match TAPs by name prefix, so frames of
+//! the overlay port never meet them: the bindings are the local TAPs' business):
+//!
+//! - `overlay-in-<net>` (bridge input, what is delivered to the host): DHCP and DNS
+//!   requests that arrive through the overlay port are dropped. They are still forwarded
+//!   to the local VMs like any frame, only this host's servers never see them.
+//! - `overlay-out-<net>` (bridge output, what the host sends): DHCP replies of this host
+//!   never leave through the overlay port, so a VM elsewhere is never offered an address.
+
+use nftables::batch::Batch;
+use nftables::expr::{Expression, MetaKey};
+use nftables::stmt::Operator;
+use nftables::types::{NfChainType, NfFamily, NfHook};
+
+use super::FirewallNetwork;
+use super::rules::{base_chain, drop_, matches, meta, payload, rule, s};
+
+/// The bridge family's "filter" priority, as for the other bridge chains.
+const PRIO: i32 = -200;
+
+pub(super) fn in_chain(net: &str) -> String {
+    format!("overlay-in-{net}")
+}
+pub(super) fn out_chain(net: &str) -> String {
+    format!("overlay-out-{net}")
+}
+
+fn chains(name: &str) -> [nftables::schema::NfListObject<'static>; 2] {
+    [
+        base_chain(
+            NfFamily::Bridge,
+            in_chain(name),
+            NfHook::Input,
+            NfChainType::Filter,
+            PRIO,
+        ),
+        base_chain(
+            NfFamily::Bridge,
+            out_chain(name),
+            NfHook::Output,
+            NfChainType::Filter,
+            PRIO,
+        ),
+    ]
+}
+
+/// Adds the chains and rules of `net`'s overlay port, if it has one.
+pub(super) fn objects(batch: &mut Batch<'static>, net: &FirewallNetwork) {
+    let Some(port) = &net.overlay_port else {
+        return;
+    };
+    let [input, output] = chains(&net.name);
+    batch.add(input);
+    batch.add(output);
+    let (inc, outc) = (in_chain(&net.name), out_chain(&net.name));
+    // DHCP server (67) and DNS (53, UDP and TCP) requests from the overlay.
+    for (proto, port_no) in [("udp", 67), ("udp", 53), ("tcp", 53)] {
+        batch.add(rule(
+            NfFamily::Bridge,
+            &inc,
+            vec![
+                matches(meta(MetaKey::Iifname), Operator::EQ, s(port)),
+                matches(
+                    payload(proto, "dport"),
+                    Operator::EQ,
+                    Expression::Number(port_no),
+                ),
+                drop_(),
+            ],
+        ));
+    }
+    // This host's DHCP answers, for its own VMs only.
+    batch.add(rule(
+        NfFamily::Bridge,
+        &outc,
+        vec![
+            matches(meta(MetaKey::Oifname), Operator::EQ, s(port)),
+            matches(
+                payload("udp", "sport"),
+                Operator::EQ,
+                Expression::Number(67),
+            ),
+            drop_(),
+        ],
+    ));
+}
+
+/// Deletes the chains of `net`'s overlay port, if it has one.
+pub(super) fn delete(batch: &mut Batch<'static>, net: &FirewallNetwork) {
+    if net.overlay_port.is_some() {
+        for chain in chains(&net.name) {
+            batch.delete(chain);
+        }
+    }
+}
+
+/// Deletes the overlay chains a network named `name` may own, whether they exist or not
+/// (add, a no-op when they do, then delete); the tables must be added earlier.
+pub(super) fn purge(batch: &mut Batch<'static>, name: &str) {
+    for chain in chains(name) {
+        batch.add(chain.clone());
+        batch.delete(chain);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::ruleset_for;
+    use super::*;
+
+    fn net(overlay_port: Option<&str>) -> FirewallNetwork {
+        FirewallNetwork {
+            name: "n1".into(),
+            bridge: "vmnb-n1".into(),
+            subnet: "10.77.0.0/24".parse().unwrap(),
+            gateway: "10.77.0.2".parse().unwrap(),
+            nat: true,
+            anti_spoofing: true,
+            dhcp: true,
+            isolation: false,
+            tap_prefix: "vmnt9-".into(),
+            overlay_port: overlay_port.map(str::to_string),
+        }
+    }
+
+    #[test]
+    fn only_networks_with_an_overlay_get_its_chains() {
+        let plain = serde_json::to_string(&ruleset_for(&net(None))).unwrap();
+        assert!(!plain.contains("overlay-"), "{plain}");
+        let json = serde_json::to_string(&ruleset_for(&net(Some("vmnx-n1")))).unwrap();
+        for want in [
+            r#""name":"overlay-in-n1""#,
+            r#""hook":"input""#,
+            r#""name":"overlay-out-n1""#,
+            r#""hook":"output""#,
+            r#""right":"vmnx-n1""#,
+            r#""right":67"#,
+            r#""right":53"#,
+        ] {
+            assert!(json.contains(want), "{want} missing: {json}");
+        }
+    }
+}
