@@ -39,6 +39,16 @@ pub fn bridge_mac(network: &str) -> [u8; 6] {
     [0x02, b'v', h[0], h[1], h[2], h[3]]
 }
 
+/// The bridge's MAC on a network that spans hosts: every host's bridge is on the one L2
+/// network, so the MAC cannot come from the network's name alone, which all hosts share.
+/// It comes from this host's gateway address, which is distinct on every host (the files
+/// must give each host its own) and stable: locally administered unicast (0x02), 'x' and
+/// the four bytes of the address.
+pub fn overlay_bridge_mac(gateway: std::net::Ipv4Addr) -> [u8; 6] {
+    let a = gateway.octets();
+    [0x02, b'x', a[0], a[1], a[2], a[3]]
+}
+
 /// Creates, configures and brings up the bridge `name` of network `config` with the
 /// gateway `address`. On failure the bridge is removed.
 pub async fn make(
@@ -48,7 +58,11 @@ pub async fn make(
     address: Ipv4Net,
 ) -> Result<Link, BackendError> {
     let alias = alias_for(&config.name);
-    create(netlink, name, bridge_mac(&config.name)).await?;
+    let mac = match config.vxlan {
+        Some(_) => overlay_bridge_mac(address.addr()),
+        None => bridge_mac(&config.name),
+    };
+    create(netlink, name, mac).await?;
     let link = match netlink.link_by_name(name).await {
         Ok(Some(link)) => link,
         looked_up => {
@@ -199,6 +213,14 @@ mod tests {
         assert_eq!(m[0], 0x02);
         assert_eq!(m, bridge_mac("shared"));
         assert_ne!(m, bridge_mac("host"));
+    }
+
+    #[test]
+    fn overlay_bridge_macs_follow_the_gateway() {
+        let a = overlay_bridge_mac("10.90.0.1".parse().unwrap());
+        assert_eq!(a, [0x02, b'x', 10, 90, 0, 1]);
+        assert_ne!(a, overlay_bridge_mac("10.90.0.2".parse().unwrap()));
+        assert_ne!(a, bridge_mac("lab"));
     }
 
     #[test]

@@ -20,11 +20,10 @@ use netlink_packet_route::neighbour::{
 };
 use netlink_packet_route::route::RouteType;
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
-use rtnetlink::LinkMessageBuilder;
-use rtnetlink::LinkVxlan;
 use rtnetlink::packet_core::{
     NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload,
 };
+use rtnetlink::{LinkMessageBuilder, LinkUnspec, LinkVxlan};
 use std::io;
 use std::net::IpAddr;
 
@@ -129,7 +128,7 @@ pub async fn make(
         })?;
         message = message.dev(link.index);
     }
-    let message = finish(message, &config.name, mtu, bridge.index);
+    let message = finish(message, mtu, bridge.index);
     netlink
         .handle()
         .link()
@@ -145,32 +144,39 @@ pub async fn make(
             )));
         }
         Err(e) => {
+            // Without its alias yet, nothing else would recognise it as the broker's.
             netlink.delete_by_name(&name).await.ok();
             return Err(e);
         }
     };
-    for peer in &vxlan.peers {
-        if let Err(e) = add_peer(netlink, &link, *peer).await {
-            netlink.delete(&link).await.ok();
-            return Err(e);
+    let configured = async {
+        // The kernel ignores IFLA_IFALIAS when it creates a link: set apart.
+        let alias = LinkUnspec::new_with_index(link.index)
+            .alias(overlay_alias(&config.name))
+            .build();
+        netlink.set(alias, &name, "set the alias of").await?;
+        for peer in &vxlan.peers {
+            add_peer(netlink, &link, *peer).await?;
         }
+        Ok::<_, io::Error>(())
+    };
+    if let Err(e) = configured.await {
+        netlink.delete(&link).await.ok();
+        return Err(e);
     }
-    Ok(link)
+    Ok(Link {
+        alias: Some(overlay_alias(&config.name)),
+        ..link
+    })
 }
 
-/// MTU, alias, bridge and up: set at creation, so the device is never a port without them.
+/// MTU, bridge and up: set at creation, so the device is never a port without them.
 fn finish(
     message: LinkMessageBuilder<LinkVxlan>,
-    network: &str,
     mtu: u32,
     bridge: u32,
 ) -> netlink_packet_route::link::LinkMessage {
-    message
-        .mtu(mtu)
-        .alias(overlay_alias(network))
-        .controller(bridge)
-        .up()
-        .build()
+    message.mtu(mtu).controller(bridge).up().build()
 }
 
 /// Appends the head-end replication entry for `peer`: the all-zeroes MAC with `peer` as

@@ -1,0 +1,419 @@
+//! Networks that span hosts over the kernel's VXLAN (issue 16): network namespaces stand in
+//! for hosts, joined by a veth underlay through a bridge of their own (192.0.2.0/24), with a
+//! real broker in each. TAP fds stand in for the VMs' NICs and speak frame by frame.
+#![cfg(target_os = "linux")]
+
+#[path = "support/frames.rs"]
+mod frames;
+#[path = "support/netns.rs"]
+mod netns;
+#[path = "support/broker.rs"]
+mod support;
+
+use dhcproto::v4::MessageType;
+use frames::{BROADCAST, ETH_ARP, Tap, arp, dhcp_frame, dhcp_reply, dhcp_request, ethernet};
+use std::net::Ipv4Addr;
+use std::time::{Duration, Instant};
+use support::{Broker, Netns, Options};
+use vmnet_broker::client::Client;
+
+/// How long a negative check waits for something that must not come.
+const NEVER: Duration = Duration::from_millis(2000);
+/// How long a positive check may take.
+const SOON: Duration = Duration::from_secs(10);
+const VNI: u32 = 4242;
+
+/// The underlay: a namespace with a bridge every host's `eth0` is plugged into.
+struct Underlay {
+    ns: Netns,
+}
+
+impl Underlay {
+    fn new() -> Underlay {
+        let ns = Netns::new("ul");
+        ns.ip(&["link", "add", "ul", "type", "bridge"]);
+        ns.ip(&["link", "set", "ul", "up"]);
+        Underlay { ns }
+    }
+
+    /// A host namespace with `eth0` at 192.0.2.`n` on the underlay.
+    fn host(&self, n: u8) -> Netns {
+        let h = Netns::new(&format!("h{n}"));
+        let port = format!("u{n}");
+        h.ip(&[
+            "link",
+            "add",
+            "eth0",
+            "type",
+            "veth",
+            "peer",
+            "name",
+            &port,
+            "netns",
+            &self.ns.name,
+        ]);
+        self.ns.ip(&["link", "set", &port, "master", "ul", "up"]);
+        h.ip(&["addr", "add", &format!("192.0.2.{n}/24"), "dev", "eth0"]);
+        h.ip(&["link", "set", "eth0", "up"]);
+        h
+    }
+}
+
+fn underlay_ip(n: u8) -> String {
+    format!("192.0.2.{n}")
+}
+
+/// Host `n`'s DHCP range: its own 40 addresses of 10.90.0.0/24.
+fn range_of(n: u8) -> (Ipv4Addr, Ipv4Addr) {
+    let start = 10 + 40 * n;
+    (
+        Ipv4Addr::new(10, 90, 0, start),
+        Ipv4Addr::new(10, 90, 0, start + 39),
+    )
+}
+
+/// The `lab` network file of host `n`: gateway 10.90.0.`n`, its own DHCP range (or no
+/// DHCP), the other hosts as peers.
+fn lab_file(n: u8, peers: &[u8], dhcp: bool) -> String {
+    let peers: Vec<String> = peers
+        .iter()
+        .map(|p| format!("\"{}\"", underlay_ip(*p)))
+        .collect();
+    let (start, end) = range_of(n);
+    let dhcp = if dhcp {
+        format!(r#""dhcp_range":{{"start":"{start}","end":"{end}"}}"#)
+    } else {
+        r#""dhcp":false"#.to_string()
+    };
+    format!(
+        r#"{{"subnet":"10.90.0.{n}","mask":"255.255.255.0",{dhcp},"vxlan":{{"vni":{VNI},"local":"{}","peers":[{}]}}}}"#,
+        underlay_ip(n),
+        peers.join(",")
+    )
+}
+
+fn start(ul: &Underlay, n: u8, peers: &[u8], dhcp: bool) -> Broker {
+    Broker::start_in(
+        ul.host(n),
+        Options {
+            idle_timeout: 1.0,
+            files: vec![("lab.json".into(), lab_file(n, peers, dhcp))],
+            // Every namespace shares this machine's /etc/machine-id.
+            extra_args: vec!["--host-id".into(), format!("test-host-{n}")],
+            ..Default::default()
+        },
+    )
+}
+
+/// A VM of one host: its broker connection, its TAP and the address it leased.
+struct Vm {
+    _client: Client,
+    tap: Tap,
+    ip: Ipv4Addr,
+    interface: String,
+    mtu: u32,
+}
+
+static XID: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(1);
+
+fn xid() -> u32 {
+    0x7e00_0000 | XID.fetch_add(1, std::sync::atomic::Ordering::SeqCst)
+}
+
+/// Acquires `lab` on `b` and leases an address from that host's DHCP.
+fn vm(b: &Broker, n: u8) -> Vm {
+    let client = b.client();
+    let a = client.acquire("lab").unwrap();
+    let mac: vmnet_broker::mac::Mac = a.info.mac.parse().unwrap();
+    let tap = Tap {
+        fd: a.fd,
+        mac: mac.octets(),
+    };
+    let ack = tap.dhcp(xid(), SOON);
+    let (start, end) = range_of(n);
+    let ip = ack.yiaddr();
+    assert!(
+        (start..=end).contains(&ip),
+        "host {n} leased {ip}, outside its range {start}-{end}"
+    );
+    assert_eq!(
+        frames::server_id(&ack),
+        Some(Ipv4Addr::new(10, 90, 0, n)),
+        "host {n}'s VM was served by another host"
+    );
+    assert_eq!(frames::mtu_option(&ack).map(u32::from), Some(a.info.mtu));
+    Vm {
+        _client: client,
+        tap,
+        ip,
+        interface: a.info.interface,
+        mtu: a.info.mtu,
+    }
+}
+
+/// `from` asks for `to`'s address by broadcast ARP, `to` sees the request and answers by
+/// unicast, `from` sees the answer: both directions of the overlay carry frames.
+fn exchange(from: &Vm, to: &Vm) {
+    let request = ethernet(
+        BROADCAST,
+        from.tap.mac,
+        ETH_ARP,
+        &arp(1, from.tap.mac, from.ip, [0; 6], to.ip),
+    );
+    let deadline = Instant::now() + SOON;
+    let mut seen = false;
+    while !seen && Instant::now() < deadline {
+        from.tap.send(&request);
+        seen = to.tap.wait_for(Duration::from_millis(200), |f| {
+            frames::is_arp(f, 1, from.tap.mac, from.ip, to.ip)
+        });
+    }
+    assert!(seen, "{} never saw {}'s ARP request", to.ip, from.ip);
+    let reply = ethernet(
+        from.tap.mac,
+        to.tap.mac,
+        ETH_ARP,
+        &arp(2, to.tap.mac, to.ip, from.tap.mac, from.ip),
+    );
+    let deadline = Instant::now() + SOON;
+    let mut back = false;
+    while !back && Instant::now() < deadline {
+        to.tap.send(&reply);
+        back = from.tap.wait_for(Duration::from_millis(200), |f| {
+            frames::is_arp(f, 2, to.tap.mac, to.ip, from.ip)
+        });
+    }
+    assert!(back, "{} never saw {}'s ARP reply", from.ip, to.ip);
+}
+
+fn fdb(b: &Broker) -> String {
+    b.ns.sh("bridge fdb show dev vmnx-lab")
+}
+
+fn wait_gone(b: &Broker, link: &str) {
+    b.wait_for(&format!("{link} to go"), SOON, || {
+        !b.ns.links().iter().any(|l| l == link)
+    });
+}
+
+#[test]
+fn two_hosts_share_one_network_over_vxlan() {
+    netns::require("bridge", "iproute2");
+    let ul = Underlay::new();
+    let b1 = start(&ul, 1, &[2], true);
+    let b2 = start(&ul, 2, &[1], true);
+    let v1 = vm(&b1, 1);
+    let v2 = vm(&b2, 2);
+
+    // The VXLAN port: on the bridge, with the network's VNI, port and local address.
+    let link = b1.ns.sh("ip -d link show vmnx-lab");
+    for want in [
+        &format!("vxlan id {VNI}") as &str,
+        "local 192.0.2.1",
+        "dstport 4789",
+        "master vmnb-lab",
+        "mtu 1450",
+    ] {
+        assert!(link.contains(want), "{want} missing: {link}");
+    }
+    // Head-end replication to the other host.
+    let entries = fdb(&b1);
+    assert!(
+        entries.contains("00:00:00:00:00:00 dst 192.0.2.2"),
+        "{entries}"
+    );
+    // The underlay's MTU (1500) less the VXLAN overhead, everywhere.
+    assert_eq!((v1.mtu, v2.mtu), (1450, 1450));
+    for (b, v) in [(&b1, &v1), (&b2, &v2)] {
+        for dev in ["vmnb-lab", &v.interface] {
+            let mtu = b.ns.sh(&format!("cat /sys/class/net/{dev}/mtu"));
+            assert_eq!(mtu.trim(), "1450", "{dev}");
+        }
+    }
+    // Two hosts never suggest the same MAC, and their bridges differ too.
+    assert_ne!(v1.tap.mac, v2.tap.mac);
+    let bridge_mac = |b: &Broker| b.ns.sh("cat /sys/class/net/vmnb-lab/address");
+    assert_ne!(bridge_mac(&b1), bridge_mac(&b2));
+
+    exchange(&v1, &v2);
+    exchange(&v2, &v1);
+
+    // `status` and `show` name the overlay.
+    let status = b1.cli(&["status"]).output().unwrap();
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(
+        status.contains(&format!("vmnx-lab (vni {VNI}, port 4789, peers 192.0.2.2)")),
+        "{status}"
+    );
+    let show = b1.cli(&["show", "lab"]).output().unwrap();
+    let show = String::from_utf8_lossy(&show.stdout);
+    assert!(
+        show.contains("overlay:") && show.contains("peers 192.0.2.2"),
+        "{show}"
+    );
+    let list = b1.cli(&["list"]).output().unwrap();
+    let list = String::from_utf8_lossy(&list.stdout);
+    assert!(list.contains(&format!("vxlan vni {VNI}")), "{list}");
+}
+
+#[test]
+fn dhcp_requests_over_the_overlay_are_not_answered_by_the_remote_broker() {
+    let ul = Underlay::new();
+    // Host 1 serves no DHCP: an OFFER to its VM could only come from host 2.
+    let b1 = start(&ul, 1, &[2], false);
+    let b2 = start(&ul, 2, &[1], true);
+    let c1 = b1.client();
+    let a1 = c1.acquire("lab").unwrap();
+    let mac: vmnet_broker::mac::Mac = a1.info.mac.parse().unwrap();
+    let t1 = Tap {
+        fd: a1.fd,
+        mac: mac.octets(),
+    };
+    let v2 = vm(&b2, 2);
+
+    let discover = |xid| dhcp_frame(t1.mac, xid, MessageType::Discover, &[]);
+    let offered = |xid: u32| move |f: &[u8]| dhcp_reply(f).is_some_and(|m| m.xid() == xid);
+    // The DISCOVER crosses the overlay (host 2's VM sees it), and is not answered.
+    let x = xid();
+    let deadline = Instant::now() + SOON;
+    let mut crossed = false;
+    while !crossed && Instant::now() < deadline {
+        t1.send(&discover(x));
+        crossed = v2.tap.wait_for(Duration::from_millis(200), |f| {
+            dhcp_request(f).is_some_and(|m| m.xid() == x)
+        });
+    }
+    assert!(crossed, "host 1's DISCOVER never reached host 2");
+    t1.send(&discover(x));
+    assert!(
+        !t1.wait_for(NEVER, offered(x)),
+        "host 2 answered a VM of host 1:\n{}",
+        b2.log()
+    );
+    // Without the overlay's rules host 2 would answer: the rules are what keeps it out.
+    for chain in ["overlay-in-lab", "overlay-out-lab"] {
+        b2.ns
+            .sh(&format!("nft flush chain bridge vmnet_broker {chain}"));
+    }
+    let x = xid();
+    assert!(
+        t1.ask(&discover(x), SOON, offered(x)),
+        "host 2 did not answer even without the overlay's rules"
+    );
+}
+
+#[test]
+fn a_third_host_joins_by_config_and_one_leaving_leaves_the_others_working() {
+    netns::require("bridge", "iproute2");
+    let ul = Underlay::new();
+    let b1 = start(&ul, 1, &[2], true);
+    let b2 = start(&ul, 2, &[1], true);
+    {
+        let (v1, v2) = (vm(&b1, 1), vm(&b2, 2));
+        exchange(&v1, &v2);
+    }
+    // Host 3 joins: the others add it to their files; their networks, idle now, go, and
+    // are made again from the new files at the next acquire.
+    for (b, n, peers) in [(&b1, 1, [2, 3]), (&b2, 2, [1, 3])] {
+        std::fs::write(b.config_dir.join("lab.json"), lab_file(n, &peers, true)).unwrap();
+        wait_gone(b, "vmnx-lab");
+    }
+    let b3 = start(&ul, 3, &[1, 2], true);
+    let (v1, v3) = (vm(&b1, 1), vm(&b3, 3));
+    let v2 = vm(&b2, 2);
+    for peer in ["192.0.2.2", "192.0.2.3"] {
+        let entries = fdb(&b1);
+        assert!(
+            entries.contains(&format!("00:00:00:00:00:00 dst {peer}")),
+            "{entries}"
+        );
+    }
+    exchange(&v1, &v3);
+    exchange(&v3, &v2);
+    exchange(&v2, &v1);
+
+    // Host 2 leaves: its network goes with its last VM; hosts 1 and 3 go on.
+    drop(v2);
+    wait_gone(&b2, "vmnx-lab");
+    wait_gone(&b2, "vmnb-lab");
+    exchange(&v1, &v3);
+    exchange(&v3, &v1);
+}
+
+#[test]
+fn a_restarted_broker_keeps_the_overlay() {
+    let ul = Underlay::new();
+    let mut b1 = start(&ul, 1, &[2], true);
+    let b2 = start(&ul, 2, &[1], true);
+    let c1 = b1.client();
+    let a1 = c1.acquire("lab").unwrap();
+    let index = b1.ns.sh("cat /sys/class/net/vmnx-lab/ifindex");
+    let state = b1.state_dir.join("broker-state.json");
+    b1.wait_for("the network in the state file", SOON, || {
+        std::fs::read_to_string(&state).is_ok_and(|s| s.contains(&a1.info.interface))
+    });
+    b1.signal(nix::sys::signal::Signal::SIGKILL);
+    b1.wait_exit(SOON).expect("SIGKILLed broker exits");
+    drop(c1);
+    b1.spawn(&Options {
+        idle_timeout: 1.0,
+        extra_args: vec!["--host-id".into(), "test-host-1".into()],
+        ..Default::default()
+    });
+    b1.wait_for("the adoption", SOON, || {
+        b1.log()
+            .contains("network adopted from the previous broker")
+    });
+    // The same device, still a port of the bridge, with its peer, and still guarded.
+    assert_eq!(b1.ns.sh("cat /sys/class/net/vmnx-lab/ifindex"), index);
+    let master = b1
+        .ns
+        .sh("basename $(readlink /sys/class/net/vmnx-lab/master)");
+    assert_eq!(master.trim(), "vmnb-lab");
+    assert!(fdb(&b1).contains("dst 192.0.2.2"), "{}", fdb(&b1));
+    let chain = b1
+        .ns
+        .sh("nft list chain bridge vmnet_broker overlay-in-lab");
+    assert!(chain.contains("vmnx-lab"), "{chain}");
+    // The VM of the adopted network still reaches the other host.
+    let mac: vmnet_broker::mac::Mac = a1.info.mac.parse().unwrap();
+    let t1 = Tap {
+        fd: a1.fd,
+        mac: mac.octets(),
+    };
+    let ack = t1.dhcp(xid(), SOON);
+    let v1 = Vm {
+        _client: b1.client(),
+        tap: t1,
+        ip: ack.yiaddr(),
+        interface: a1.info.interface.clone(),
+        mtu: a1.info.mtu,
+    };
+    let v2 = vm(&b2, 2);
+    exchange(&v1, &v2);
+}
+
+#[test]
+fn a_leftover_overlay_of_a_crashed_broker_is_removed_at_start() {
+    let ul = Underlay::new();
+    let mut b1 = start(&ul, 1, &[2], true);
+    let c1 = b1.client();
+    let a1 = c1.acquire("lab").unwrap();
+    b1.signal(nix::sys::signal::Signal::SIGKILL);
+    b1.wait_exit(SOON).expect("SIGKILLed broker exits");
+    drop((c1, a1));
+    // No record of what it made: the next broker finds the device by its alias only.
+    std::fs::remove_file(b1.state_dir.join("broker-state.json")).unwrap();
+    b1.spawn(&Options::default());
+    wait_gone(&b1, "vmnx-lab");
+    assert!(
+        b1.log()
+            .contains("removed stale interface interface=vmnx-lab"),
+        "{}",
+        b1.log()
+    );
+    // And the network can be made again.
+    let c1 = b1.client();
+    c1.acquire("lab").unwrap();
+    assert!(fdb(&b1).contains("dst 192.0.2.2"), "{}", fdb(&b1));
+}
