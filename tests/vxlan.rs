@@ -417,3 +417,26 @@ fn a_leftover_overlay_of_a_crashed_broker_is_removed_at_start() {
     c1.acquire("lab").unwrap();
     assert!(fdb(&b1).contains("dst 192.0.2.2"), "{}", fdb(&b1));
 }
+
+#[test]
+fn check_config_refuses_an_overlay_without_a_fixed_subnet() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("lab.json"),
+        format!(r#"{{"vxlan":{{"vni":{VNI},"local":"192.0.2.1","peers":["192.0.2.2"]}}}}"#),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("ok.json"), lab_file(1, &[2], true)).unwrap();
+    let out = std::process::Command::new(support::BIN)
+        .args(["check-config", "--config-dir"])
+        .arg(dir.path())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "{text}");
+    assert!(text.contains("vxlan needs a fixed \"subnet\""), "{text}");
+}
