@@ -354,6 +354,20 @@ mod tests {
     }
 
     #[test]
+    fn an_overlay_is_refused_on_macos() {
+        let c = config(
+            r#"{"subnet":"10.90.0.1","dhcp":false,"vxlan":{"vni":42,"local":"192.0.2.1","peers":["192.0.2.2"]}}"#,
+        );
+        let e = plan(&c).unwrap_err();
+        assert!(
+            e.fields
+                .iter()
+                .any(|f| f.starts_with("vxlan (vni 42): macOS's vmnet has no overlay")),
+            "{e:?}"
+        );
+    }
+
+    #[test]
     fn documented_examples_plan_as_expected() {
         let examples = documented_examples();
         assert_eq!(
