@@ -15,6 +15,8 @@
 mod netns;
 #[path = "support/broker.rs"]
 mod support;
+#[path = "support/underlay.rs"]
+mod underlay;
 #[path = "support/vm.rs"]
 mod vm;
 
@@ -793,4 +795,77 @@ sleep 0.5
     assert_eq!(f.result("restored"), "ok", "{}", f.console);
     assert_eq!(h.result("pinged"), "ok");
     report("forged_mac", t, &[f, h]);
+}
+
+/// Scenario (issue 16): one network across two hosts over VXLAN. Two network namespaces
+/// joined by a veth underlay are the hosts, a broker in each; each boots a guest, which
+/// leases its address from its own host's DHCP (its range, its gateway as router, the
+/// overlay's MTU) and pings the other guest across the overlay.
+#[test]
+fn two_hosts_one_network_over_vxlan() {
+    let t = Instant::now();
+    let ul = underlay::Underlay::new();
+    // Host n: gateway 10.90.0.n, its own range, the guest's MAC reserved at a known address
+    // of that range so the other guest knows whom to ping.
+    let host = |n: u8, peer: u8| {
+        let (start, end, reserved) = (10 + 40 * n, 49 + 40 * n, 20 + 40 * n);
+        let file = format!(
+            r#"{{"subnet":"10.90.0.{n}","mask":"255.255.255.0",
+                "dhcp_range":{{"start":"10.90.0.{start}","end":"10.90.0.{end}"}},
+                "dhcp_reservations":[{{"mac":"52:54:00:16:00:0{n}","ip":"10.90.0.{reserved}"}}],
+                "vxlan":{{"vni":4242,"local":"192.0.2.{n}","peers":["192.0.2.{peer}"]}}}}"#
+        );
+        let b = Broker::start_in(
+            ul.host(n),
+            Options {
+                files: vec![("lab.json".into(), file)],
+                extra_args: vec!["--host-id".into(), format!("e2e-host-{n}")],
+                ..Default::default()
+            },
+        );
+        (b, format!("10.90.0.{reserved}"))
+    };
+    let (b1, ip1) = host(1, 2);
+    let (b2, ip2) = host(2, 1);
+    let script = |peer: &str| {
+        format!(
+            r#"
+check dhcp dhcp eth0
+result mtu "$(cat /sys/class/net/eth0/mtu)"
+check ping_gateway ping -c 1 -W 2 "$(gateway)"
+check ping_peer wait_for 90 ping -c 1 -W 1 {peer}
+check pinged_by_peer wait_for 90 got_echos 1
+sleep 0.5
+"#
+        )
+    };
+    let g1 = guest(&["lab,mac=52:54:00:16:00:01"], spec("vx1", &script(&ip2)));
+    let g2 = guest(&["lab,mac=52:54:00:16:00:02"], spec("vx2", &script(&ip1)));
+    vm::guest_image();
+    let (r1, r2) = (Running::start(&b1, &g1), Running::start(&b2, &g2));
+    let (s1, o1) = r1.wait(VM_TIMEOUT);
+    let (s2, o2) = r2.wait(VM_TIMEOUT);
+    for (n, status, o, ip) in [(1, s1, &o1, &ip1), (2, s2, &o2, &ip2)] {
+        assert!(
+            status.success(),
+            "host {n}: run exited {status}\n{}",
+            o.console
+        );
+        o.assert_success();
+        assert_eq!(ip_of(o, "eth0").to_string(), *ip, "{}", o.console);
+        assert_eq!(
+            o.dhcp["eth0"]["router"],
+            format!("10.90.0.{n}"),
+            "its own gateway"
+        );
+        assert_eq!(
+            o.result("mtu"),
+            "1450",
+            "the underlay's 1500 less VXLAN's 50"
+        );
+        for k in ["ping_gateway", "ping_peer", "pinged_by_peer"] {
+            assert_eq!(o.result(k), "ok", "host {n} {k}:\n{}", o.console);
+        }
+    }
+    report("vxlan", t, &[&o1, &o2]);
 }

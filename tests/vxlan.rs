@@ -9,12 +9,15 @@ mod frames;
 mod netns;
 #[path = "support/broker.rs"]
 mod support;
+#[path = "support/underlay.rs"]
+mod underlay;
 
 use dhcproto::v4::MessageType;
 use frames::{BROADCAST, ETH_ARP, Tap, arp, dhcp_frame, dhcp_reply, dhcp_request, ethernet};
 use std::net::Ipv4Addr;
 use std::time::{Duration, Instant};
-use support::{Broker, Netns, Options};
+use support::{Broker, Options};
+use underlay::Underlay;
 use vmnet_broker::client::Client;
 
 /// How long a negative check waits for something that must not come.
@@ -22,42 +25,6 @@ const NEVER: Duration = Duration::from_millis(2000);
 /// How long a positive check may take.
 const SOON: Duration = Duration::from_secs(10);
 const VNI: u32 = 4242;
-
-/// The underlay: a namespace with a bridge every host's `eth0` is plugged into.
-struct Underlay {
-    ns: Netns,
-}
-
-impl Underlay {
-    fn new() -> Underlay {
-        let ns = Netns::new("ul");
-        ns.ip(&["link", "add", "ul", "type", "bridge"]);
-        ns.ip(&["link", "set", "ul", "up"]);
-        Underlay { ns }
-    }
-
-    /// A host namespace with `eth0` at 192.0.2.`n` on the underlay.
-    fn host(&self, n: u8) -> Netns {
-        let h = Netns::new(&format!("h{n}"));
-        let port = format!("u{n}");
-        h.ip(&[
-            "link",
-            "add",
-            "eth0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            &port,
-            "netns",
-            &self.ns.name,
-        ]);
-        self.ns.ip(&["link", "set", &port, "master", "ul", "up"]);
-        h.ip(&["addr", "add", &format!("192.0.2.{n}/24"), "dev", "eth0"]);
-        h.ip(&["link", "set", "eth0", "up"]);
-        h
-    }
-}
 
 fn underlay_ip(n: u8) -> String {
     format!("192.0.2.{n}")
