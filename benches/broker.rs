@@ -16,6 +16,8 @@ mod fabric;
 mod netns;
 #[path = "broker/report.rs"]
 mod report;
+#[path = "../tests/support/underlay.rs"]
+mod underlay;
 #[path = "broker/util.rs"]
 mod util;
 #[path = "../tests/support/vm.rs"]
@@ -83,7 +85,9 @@ fn main() {
     );
     let ctx = FabricCtx::new();
     let mut samples: Vec<Sample> = Vec::new();
-    let fabric_rounds = if args.iter().any(|a| a == "--no-fabric") {
+    // `--only-overlay`: the two-host row alone (issue 16), printed, no report written.
+    let only_overlay = args.iter().any(|a| a == "--only-overlay");
+    let fabric_rounds = if only_overlay || args.iter().any(|a| a == "--no-fabric") {
         0
     } else {
         rounds
@@ -116,7 +120,38 @@ fn main() {
             }
         }
     }
-    ctx.broker.stop();
+    // The two-host row: the broker's overlay against VXLAN and a bridge by hand.
+    if !args.iter().any(|a| a == "--no-overlay") {
+        for r in 0..rounds {
+            for frame in [60, 1514] {
+                for k in 0..2 {
+                    let kind = Kind::OVERLAY[(k + r) % 2];
+                    let s = fabric::measure(&ctx, kind, frame, 1, dur);
+                    eprintln!(
+                        "  r{r} {:>7} {frame:>4} B: {:7.3} Gbit/s {:6.3} Mpps",
+                        kind.short(),
+                        s.gbps,
+                        s.mpps
+                    );
+                    samples.push(s);
+                }
+            }
+        }
+    }
+    ctx.stop();
+    if only_overlay {
+        let rep = report::Report {
+            quick,
+            rounds,
+            dur,
+            samples,
+            ctl: control::Control::default(),
+            vm: None,
+            elapsed: started.elapsed(),
+        };
+        println!("{}", rep.overlay_table());
+        return;
+    }
 
     eprintln!("bench: control plane");
     let ctl = if args.iter().any(|a| a == "--no-control") {

@@ -1,6 +1,8 @@
 //! Data plane: frames between endpoints attached to one network, through
 //! (a) the broker's bridge, (b) a bridge made by hand with `ip`, (c) `vde_switch`,
 //! (d) a QEMU `-netdev stream` style hub. See docs/benchmarks.md for what each stands for.
+//! And across two hosts (network namespaces on a veth underlay): (e) a network of the
+//! broker's that spans them over VXLAN, (f) a VXLAN device and bridge made by hand.
 
 use crate::netns::Netns;
 use crate::util::*;
@@ -20,16 +22,22 @@ pub enum Kind {
     Bridge,
     Vde,
     Stream,
+    Overlay,
+    OverlayByHand,
 }
 
 impl Kind {
     pub const ALL: [Kind; 4] = [Kind::Broker, Kind::Bridge, Kind::Vde, Kind::Stream];
+    /// The two-host setups, measured in a row of their own.
+    pub const OVERLAY: [Kind; 2] = [Kind::Overlay, Kind::OverlayByHand];
     pub fn label(self) -> &'static str {
         match self {
             Kind::Broker => "(a) broker TAPs",
             Kind::Bridge => "(b) bridge by hand",
             Kind::Vde => "(c) vde_switch",
             Kind::Stream => "(d) stream hub",
+            Kind::Overlay => "(e) broker overlay, 2 hosts (VXLAN)",
+            Kind::OverlayByHand => "(f) VXLAN + bridge by hand, 2 hosts",
         }
     }
     pub fn short(self) -> &'static str {
@@ -38,6 +46,8 @@ impl Kind {
             Kind::Bridge => "bridge",
             Kind::Vde => "vde",
             Kind::Stream => "stream",
+            Kind::Overlay => "overlay",
+            Kind::OverlayByHand => "vxlan",
         }
     }
 }
@@ -423,6 +433,8 @@ pub struct Sample {
 
 pub struct FabricCtx {
     pub broker: BrokerProc,
+    /// The two hosts of (e), started at its first measurement.
+    overlay: std::sync::OnceLock<OverlayHosts>,
 }
 
 impl FabricCtx {
@@ -430,6 +442,17 @@ impl FabricCtx {
         let files = vec![("fabric".to_string(), "{}".to_string())];
         FabricCtx {
             broker: BrokerProc::start("bench-fab", &files, None),
+            overlay: std::sync::OnceLock::new(),
+        }
+    }
+
+    /// Stops every broker.
+    pub fn stop(self) {
+        self.broker.stop();
+        if let Some(hosts) = self.overlay.into_inner() {
+            for b in hosts.brokers {
+                b.stop();
+            }
         }
     }
 }
@@ -440,6 +463,148 @@ fn build(ctx: &FabricCtx, kind: Kind, n: usize) -> Setup {
         Kind::Bridge => bridge_setup(n),
         Kind::Vde => vde_setup(n),
         Kind::Stream => stream_setup(n),
+        Kind::Overlay => overlay_setup(ctx.overlay.get_or_init(OverlayHosts::start), n),
+        Kind::OverlayByHand => overlay_by_hand_setup(n),
+    }
+}
+
+/// The underlay's MTU in both two-host setups: 50 bytes above 1500, so the overlay carries
+/// the same full-size (1514 B) frames as the one-host setups.
+const UNDERLAY_MTU: &str = "1550";
+const OVERLAY_VNI: &str = "4242";
+
+/// Two hosts on a fresh underlay, with its MTU raised to [`UNDERLAY_MTU`].
+fn two_hosts() -> (crate::underlay::Underlay, [Netns; 2]) {
+    let ul = crate::underlay::Underlay::new();
+    let hosts = [ul.host(1), ul.host(2)];
+    for (n, h) in hosts.iter().enumerate() {
+        h.ip(&["link", "set", "eth0", "mtu", UNDERLAY_MTU]);
+        let port = format!("u{}", n + 1);
+        ul.ns.ip(&["link", "set", &port, "mtu", UNDERLAY_MTU]);
+    }
+    (ul, hosts)
+}
+
+/// (e): a broker on each of two hosts, network `lab` spanning them over VXLAN.
+struct OverlayHosts {
+    brokers: Vec<BrokerProc>,
+    _underlay: crate::underlay::Underlay,
+}
+
+impl OverlayHosts {
+    fn start() -> OverlayHosts {
+        let (ul, hosts) = two_hosts();
+        let brokers = hosts
+            .into_iter()
+            .enumerate()
+            .map(|(i, ns)| {
+                let (n, peer) = (i + 1, 2 - i);
+                let file = format!(
+                    r#"{{"subnet":"10.98.0.{n}","mask":"255.255.0.0",
+                        "dhcp_range":{{"start":"10.98.{n}.1","end":"10.98.{n}.250"}},
+                        "vxlan":{{"vni":{OVERLAY_VNI},"local":"192.0.2.{n}","peers":["192.0.2.{peer}"]}}}}"#
+                );
+                let host_id = format!("bench-host-{n}");
+                BrokerProc::start_in(
+                    ns,
+                    &[("lab".to_string(), file)],
+                    None,
+                    &["--host-id", &host_id],
+                )
+            })
+            .collect();
+        OverlayHosts {
+            brokers,
+            _underlay: ul,
+        }
+    }
+}
+
+/// (e): the A endpoints on host 1, the B endpoints on host 2, each a TAP of its host's
+/// broker with a DHCP lease (anti-spoofing on, as by default).
+fn overlay_setup(hosts: &OverlayHosts, n: usize) -> Setup {
+    let mut halves = Vec::new();
+    let mut clients = Vec::new();
+    for (h, broker) in hosts.brokers.iter().enumerate() {
+        let mut eps = Vec::new();
+        for i in 0..n {
+            let c = broker.client();
+            let acq = c
+                .acquire("lab")
+                .unwrap_or_else(|e| panic!("acquire lab: {e}"));
+            let mac = parse_mac(&acq.info.mac);
+            let ip = dhcp_lease(acq.fd.as_fd(), mac, 0x2000 + (h * n + i) as u32)
+                .unwrap_or_else(|| panic!("no DHCP lease on lab: {}", broker.log()));
+            eps.push(Endpoint {
+                port: Port::Tap(acq.fd),
+                mac,
+                ip,
+            });
+            clients.push(c);
+        }
+        halves.push(eps);
+    }
+    let b = halves.pop().unwrap();
+    let a = halves.pop().unwrap();
+    Setup {
+        a,
+        b,
+        pids: hosts.brokers.iter().map(|b| b.pid()).collect(),
+        _guards: vec![Box::new(clients)],
+    }
+}
+
+/// (f): the kernel's limit across two hosts: on each, a bridge, a VXLAN port with the
+/// other host as its one replication entry, and TAPs, made with `ip` and `bridge`.
+fn overlay_by_hand_setup(n: usize) -> Setup {
+    let (ul, hosts) = two_hosts();
+    let mut halves = Vec::new();
+    for (h, ns) in hosts.iter().enumerate() {
+        let (me, peer) = (h + 1, 2 - h);
+        ns.ip(&["link", "add", "br0", "type", "bridge"]);
+        ns.ip(&[
+            "link",
+            "add",
+            "vx0",
+            "type",
+            "vxlan",
+            "id",
+            OVERLAY_VNI,
+            "local",
+            &format!("192.0.2.{me}"),
+            "dstport",
+            "4789",
+        ]);
+        ns.ip(&["link", "set", "vx0", "master", "br0", "up"]);
+        ns.ip(&["link", "set", "br0", "up"]);
+        ns.sh(&format!(
+            "bridge fdb append 00:00:00:00:00:00 dev vx0 dst 192.0.2.{peer}"
+        ));
+        let mut eps = Vec::new();
+        for i in 0..n {
+            let k = h * n + i;
+            let name = format!("t{k}");
+            let fd = ns.run(|| {
+                let fd = crate::vm::open_tap(&name);
+                set_vnet_hdr_sz(&fd);
+                fd
+            });
+            ns.ip(&["link", "set", &name, "master", "br0", "up"]);
+            eps.push(Endpoint {
+                port: Port::Tap(fd),
+                mac: mac_for(k),
+                ip: ip_for(k),
+            });
+        }
+        halves.push(eps);
+    }
+    let b = halves.pop().unwrap();
+    let a = halves.pop().unwrap();
+    Setup {
+        a,
+        b,
+        pids: vec![],
+        _guards: vec![Box::new(hosts), Box::new(ul)],
     }
 }
 

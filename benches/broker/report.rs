@@ -79,6 +79,55 @@ impl Report {
         )
     }
 
+    /// The two-host row (issue 16): the broker's overlay against the same kernel devices
+    /// made by hand, one pair, target within 3%. Empty without overlay samples.
+    pub fn overlay_table(&self) -> String {
+        let mut t = String::new();
+        if !self.samples.iter().any(|s| Kind::OVERLAY.contains(&s.kind)) {
+            return t;
+        }
+        writeln!(
+            t,
+            "### Across two hosts over VXLAN, one pair (median of {} samples of {:.1} s each)\n",
+            self.rounds,
+            self.dur.as_secs_f64()
+        )
+        .unwrap();
+        writeln!(t, "| setup | frame | Gbit/s | Mpps | CPU s/GB (process) | softirq s/GB (machine) | vs. by hand | min–max Gbit/s |").unwrap();
+        writeln!(t, "|---|---:|---:|---:|---:|---:|---:|---:|").unwrap();
+        for frame in [60, 1514] {
+            let by_hand = self.agg(Kind::OverlayByHand, frame, 1).gbps;
+            for k in Kind::OVERLAY {
+                let a = self.agg(k, frame, 1);
+                writeln!(
+                    t,
+                    "| {} | {} B | {:.3} | {:.3} | {:.2} | {:.2} | {} | {:.2}–{:.2} |",
+                    k.label(),
+                    frame + 4,
+                    a.gbps,
+                    a.mpps,
+                    a.cpu,
+                    a.soft,
+                    pct(a.gbps, by_hand),
+                    a.min_gbps,
+                    a.max_gbps
+                )
+                .unwrap();
+            }
+        }
+        let (o, h) = (
+            self.agg(Kind::Overlay, 1514, 1).gbps,
+            self.agg(Kind::OverlayByHand, 1514, 1).gbps,
+        );
+        writeln!(
+            t,
+            "\nTarget: the overlay within 3% of VXLAN by hand at 1518 B: {}",
+            yes(o >= 0.97 * h)
+        )
+        .unwrap();
+        t
+    }
+
     /// The data-plane and control-plane tables (markdown; also what is printed).
     pub fn table(&self) -> String {
         let mut t = String::new();
@@ -122,6 +171,10 @@ impl Report {
             }
             let r = self.agg(k, 1514, 8).gbps / self.agg(k, 1514, 1).gbps;
             writeln!(t, "{row}| {:.0}% |", 100.0 * r).unwrap();
+        }
+        let overlay = self.overlay_table();
+        if !overlay.is_empty() {
+            writeln!(t, "\n{overlay}").unwrap();
         }
         let c = &self.ctl;
         writeln!(t, "\n### Control plane (ms)\n").unwrap();

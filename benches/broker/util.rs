@@ -126,7 +126,17 @@ impl BrokerProc {
     /// `files`: (network name, JSON) config files. `nofile`: soft RLIMIT_NOFILE to start
     /// the daemon with (systemd's default is 1024), to see how it copes.
     pub fn start(tag: &str, files: &[(String, String)], nofile: Option<u64>) -> BrokerProc {
-        let ns = Netns::new(tag);
+        Self::start_in(Netns::new(tag), files, nofile, &[])
+    }
+
+    /// [`BrokerProc::start`] in namespace `ns` (made by the caller, e.g. a host of an
+    /// overlay), with `extra` arguments to `serve`.
+    pub fn start_in(
+        ns: Netns,
+        files: &[(String, String)],
+        nofile: Option<u64>,
+        extra: &[&str],
+    ) -> BrokerProc {
         let dir = tempfile::Builder::new().prefix("vmnbt-").tempdir().unwrap();
         let config = dir.path().join("config");
         std::fs::create_dir_all(&config).unwrap();
@@ -149,6 +159,7 @@ impl BrokerProc {
             .arg("--resolv-conf")
             .arg(&resolv)
             .args(["--idle-timeout", "600", "--log-level", "info"])
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
             .stderr(log);
