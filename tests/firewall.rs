@@ -191,7 +191,7 @@ fn network(nat: bool, anti_spoofing: bool, dhcp: bool) -> FirewallNetwork {
         dhcp,
         isolation: false,
         tap_prefix: "vport".into(),
-        overlay_port: None,
+        overlay: None,
     }
 }
 

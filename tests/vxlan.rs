@@ -407,3 +407,57 @@ fn check_config_refuses_an_overlay_without_a_fixed_subnet() {
     assert!(!out.status.success(), "{text}");
     assert!(text.contains("vxlan needs a fixed \"subnet\""), "{text}");
 }
+
+#[test]
+fn vxlan_packets_from_a_host_that_is_no_peer_are_dropped() {
+    let ul = Underlay::new();
+    let b1 = start(&ul, 1, &[2], true);
+    let v1 = vm(&b1, 1);
+    // Host 3 is not among host 1's peers, yet speaks the overlay's VNI and port to it.
+    let h3 = ul.host(3);
+    h3.ip(&[
+        "link",
+        "add",
+        "vx0",
+        "type",
+        "vxlan",
+        "id",
+        &VNI.to_string(),
+        "local",
+        "192.0.2.3",
+        "remote",
+        "192.0.2.1",
+        "dstport",
+        "4789",
+    ]);
+    h3.ip(&["addr", "add", "10.90.0.203/24", "dev", "vx0"]);
+    h3.ip(&["link", "set", "vx0", "up"]);
+    // Its broadcasts, every 100 ms for as long as the test looks.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sender = {
+        let (stop, path) = (stop.clone(), h3.path());
+        std::thread::spawn(move || {
+            netns::enter(&path);
+            let socket = std::net::UdpSocket::bind("10.90.0.203:0").unwrap();
+            socket.set_broadcast(true).unwrap();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = socket.send_to(b"intruder", "10.90.0.255:9");
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        })
+    };
+    let arrives = |wait| {
+        v1.tap.wait_for(wait, |f| {
+            frames::udp_payload_to(f, 9) == Some(&b"intruder"[..])
+        })
+    };
+    let dropped = !arrives(NEVER);
+    // Without the chain, the kernel takes them: the chain is what keeps them out.
+    b1.ns
+        .sh("nft flush chain inet vmnet_broker overlay-udp-lab");
+    let without = arrives(SOON);
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    sender.join().unwrap();
+    assert!(dropped, "a frame of a host that is no peer reached the VM");
+    assert!(without, "nothing came even without the chain");
+}

@@ -20,24 +20,28 @@ pub fn main(socket: &Path, json: bool) -> super::Result {
         println!("{}", serde_json::to_string_pretty(&list)?);
         return Ok(ExitCode::SUCCESS);
     }
+    // The OVERLAY column only when a network spans hosts: the usual table stays as it was.
+    let overlays = list.networks.iter().any(|n| n.overlay.is_some());
     let row = |n: &NetworkSummary| {
-        vec![
+        let mut row = vec![
             n.name.clone(),
             n.mode.clone(),
             table::or_dash(Some(n.subnets.join(","))),
             state_text(&n.state, n.removal_in_seconds),
             n.clients.to_string(),
             n.taps.to_string(),
-            table::or_dash(n.overlay.as_ref()),
-        ]
+        ];
+        if overlays {
+            row.push(table::or_dash(n.overlay.as_ref()));
+        }
+        row
     };
     let rows: Vec<_> = list.networks.iter().map(row).collect();
-    table::print(
-        &[
-            "NETWORK", "MODE", "SUBNETS", "STATE", "CLIENTS", "TAPS", "OVERLAY",
-        ],
-        &rows,
-    );
+    let mut header = vec!["NETWORK", "MODE", "SUBNETS", "STATE", "CLIENTS", "TAPS"];
+    if overlays {
+        header.push("OVERLAY");
+    }
+    table::print(&header, &rows);
     if list.truncated {
         println!("(list cut to fit one message: there are more networks than shown)");
     }

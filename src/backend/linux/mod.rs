@@ -355,10 +355,12 @@ impl LinuxBackend {
                     dhcp: config.dhcp,
                     isolation: config.isolation,
                     tap_prefix: tap::tap_prefix(bridge.index),
-                    overlay_port: config
-                        .vxlan
-                        .as_ref()
-                        .map(|_| vxlan::vxlan_name(&config.name)),
+                    overlay: config.vxlan.as_ref().map(|v| firewall::OverlayGuard {
+                        port: vxlan::vxlan_name(&config.name),
+                        udp_port: v.port,
+                        vni: v.vni,
+                        peers: v.peers.clone(),
+                    }),
                 },
                 ports,
                 &leases,

@@ -121,9 +121,21 @@ pub struct FirewallNetwork {
     /// delay the acquire. Ports without the prefix (uplinks, other software's) are left
     /// alone.
     pub tap_prefix: String,
-    /// The network's VXLAN port, when it spans hosts: what arrives through it never
-    /// reaches this host's DHCP and DNS (`overlay.rs`).
-    pub overlay_port: Option<String>,
+    /// The network's overlay, when it spans hosts (`overlay.rs`).
+    pub overlay: Option<OverlayGuard>,
+}
+
+/// What the firewall keeps of a network's overlay: what arrives through its VXLAN port
+/// never reaches this host's DHCP and DNS, and only its peers may send it VXLAN packets.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct OverlayGuard {
+    /// The VXLAN device, a port of the network's bridge.
+    pub port: String,
+    /// The UDP port and VNI of the overlay.
+    pub udp_port: u16,
+    pub vni: u32,
+    /// The other hosts; empty with a multicast group, whose members are not known.
+    pub peers: Vec<std::net::IpAddr>,
 }
 
 /// Everything the firewall can fail with. Causes are kept as [`std::error::Error::source`]s,
@@ -1028,8 +1040,8 @@ fn validate_network(net: &FirewallNetwork) -> Result<(), FirewallError> {
         detail: e.to_string(),
     })?;
     validate_ifname(&net.bridge)?;
-    if let Some(port) = &net.overlay_port {
-        validate_ifname(port)?;
+    if let Some(overlay) = &net.overlay {
+        validate_ifname(&overlay.port)?;
     }
     // A prefix, so shorter than a whole name, and no nft wildcard or escape of its own.
     validate_ifname(&net.tap_prefix)?;
@@ -1066,7 +1078,7 @@ mod tests {
             dhcp: true,
             isolation: false,
             tap_prefix: "vmnt9-".into(),
-            overlay_port: None,
+            overlay: None,
         }
     }
 

@@ -926,7 +926,7 @@ mod tests {
             dhcp,
             isolation: false,
             tap_prefix: "vmnt9-".into(),
-            overlay_port: None,
+            overlay: None,
         }
     }
 
