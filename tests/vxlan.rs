@@ -461,3 +461,46 @@ fn vxlan_packets_from_a_host_that_is_no_peer_are_dropped() {
     assert!(dropped, "a frame of a host that is no peer reached the VM");
     assert!(without, "nothing came even without the chain");
 }
+
+#[test]
+fn an_ipv6_underlay_leaves_70_bytes_and_carries_frames() {
+    netns::require("bridge", "iproute2");
+    let ul = Underlay::new();
+    let start6 = |n: u8, peer: u8| {
+        let ns = ul.host(n);
+        ns.ip(&[
+            "addr",
+            "add",
+            &format!("2001:db8::{n}/64"),
+            "dev",
+            "eth0",
+            "nodad",
+        ]);
+        let (start, end) = range_of(n);
+        let file = format!(
+            r#"{{"subnet":"10.90.0.{n}","mask":"255.255.255.0",
+                "dhcp_range":{{"start":"{start}","end":"{end}"}},
+                "vxlan":{{"vni":{VNI},"local":"2001:db8::{n}","peers":["2001:db8::{peer}"]}}}}"#
+        );
+        Broker::start_in(
+            ns,
+            Options {
+                files: vec![("lab.json".into(), file)],
+                extra_args: vec!["--host-id".into(), format!("v6-host-{n}")],
+                ..Default::default()
+            },
+        )
+    };
+    let (b1, b2) = (start6(1, 2), start6(2, 1));
+    let (v1, v2) = (vm(&b1, 1), vm(&b2, 2));
+    assert_eq!((v1.mtu, v2.mtu), (1430, 1430), "1500 less 70");
+    assert!(
+        fdb(&b1).contains("00:00:00:00:00:00 dst 2001:db8::2"),
+        "{}",
+        fdb(&b1)
+    );
+    let chain = b1.ns.sh("nft list chain inet vmnet_broker overlay-udp-lab");
+    assert!(chain.contains("ip6 saddr != 2001:db8::2 drop"), "{chain}");
+    exchange(&v1, &v2);
+    exchange(&v2, &v1);
+}
