@@ -243,6 +243,42 @@ struct Live<N> {
     handle: N,
     config: NetworkConfig,
     details: NetworkDetails,
+    /// The overlay peers a reload gave the live network ([`Registry::set_overlay_peers`]),
+    /// which replace those of `config`; `None` until one did.
+    peers: std::sync::Mutex<Option<Vec<std::net::IpAddr>>>,
+}
+
+impl<N> Live<N> {
+    /// The definition the network now runs with: `config` with the peers a reload gave.
+    fn current_config(&self) -> NetworkConfig {
+        let mut config = self.config.clone();
+        if let (Some(peers), Some(vxlan)) = (
+            self.peers.lock().expect("not poisoned").clone(),
+            config.vxlan.as_mut(),
+        ) {
+            vxlan.peers = peers;
+        }
+        config
+    }
+}
+
+/// Whether `new` differs from `old` in the overlay's peers only (a host joining or leaving
+/// a network that spans hosts), which a live network can take without being made again.
+fn only_peers_changed(old: &NetworkConfig, new: &NetworkConfig) -> bool {
+    let (Some(o), Some(n)) = (&old.vxlan, &new.vxlan) else {
+        return false;
+    };
+    if o.group.is_some() || o.peers == n.peers {
+        return false;
+    }
+    let mut same = new.clone();
+    if let Some(v) = same.vxlan.as_mut() {
+        v.peers = o.peers.clone();
+    }
+    // What the rest of the directory says or how the file was worded is not the network.
+    same.fixed_elsewhere = old.fixed_elsewhere.clone();
+    same.warnings = old.warnings.clone();
+    same == *old
 }
 
 /// Where a network is in its life. Only `Active` networks have a backend handle.
@@ -441,7 +477,7 @@ impl<B: Backend> Registry<B> {
                     return None;
                 };
                 Some(NetworkRecord {
-                    config: live.config.clone(),
+                    config: live.current_config(),
                     subnet: live.details.subnet,
                     gateway: live.details.gateway,
                     platform: live
@@ -627,6 +663,7 @@ impl<B: Backend> Registry<B> {
                     handle,
                     config: record.config,
                     details,
+                    peers: std::sync::Mutex::new(None),
                 })),
                 busy: Arc::new(NetworkLock::new(())),
                 clients: holders,
@@ -712,6 +749,48 @@ impl<B: Backend> Registry<B> {
                 closed.await;
             }
         });
+    }
+
+    /// Gives the live network `name` the overlay peers of its new definition `new` (a
+    /// reload, SIGHUP), when they are all that changed: a host joins or leaves a network
+    /// that spans hosts without its VMs noticing. `Ok(false)` when nothing was applied (the
+    /// network is not active, something else changed too, or the backend has no overlays):
+    /// the new definition then waits for the network to be made again, as any other.
+    pub async fn set_overlay_peers(
+        &self,
+        name: &str,
+        new: &NetworkConfig,
+    ) -> Result<bool, BackendError> {
+        let Some((instance, busy)) = self
+            .lock()
+            .networks
+            .get(name)
+            .map(|n| (n.instance, Arc::clone(&n.busy)))
+        else {
+            return Ok(false);
+        };
+        // Serialized with the network's other backend calls, and only while it is the
+        // same incarnation and active.
+        let _guard = busy.lock().await;
+        let live = match self.lock().networks.get(name) {
+            Some(n) if n.instance == instance => match &n.phase {
+                Phase::Active(live) => Arc::clone(live),
+                _ => return Ok(false),
+            },
+            _ => return Ok(false),
+        };
+        let Some(peers) = new.vxlan.as_ref().map(|v| v.peers.clone()) else {
+            return Ok(false);
+        };
+        if !only_peers_changed(&live.current_config(), new) {
+            return Ok(false);
+        }
+        if !self.backend.set_overlay_peers(&live.handle, &peers).await? {
+            return Ok(false);
+        }
+        *live.peers.lock().expect("not poisoned") = Some(peers);
+        self.record(&self.lock());
+        Ok(true)
     }
 
     /// Sets this host's identity ([`host_id`]) once, before the first acquire; later
@@ -1008,6 +1087,7 @@ impl<B: Backend> Registry<B> {
             handle,
             config,
             details,
+            peers: std::sync::Mutex::new(None),
         });
         let mut st = self.lock();
         let net = st
@@ -1648,7 +1728,7 @@ impl<B: Backend> Registry<B> {
                 known.insert(
                     name.clone(),
                     Known {
-                        config: live.config.clone(),
+                        config: live.current_config(),
                         state,
                         live: Some(Arc::clone(live)),
                         clients: net.clients.len(),
@@ -2967,6 +3047,34 @@ mod tests {
         assert_ne!(a, b);
         assert_ne!(a, c);
         assert_eq!(a, guest_mac("shared", 0), "stable");
+    }
+
+    #[test]
+    fn only_a_change_of_peers_alone_applies_to_a_live_network() {
+        let file = |peers: &str, extra: &str| {
+            crate::config::parse(
+                "lab",
+                std::path::Path::new("/etc/vmnet-broker.d/lab.json"),
+                &format!(
+                    r#"{{"subnet":"10.90.0.1","dhcp":false{extra},"vxlan":{{"vni":1,"local":"192.0.2.1","peers":[{peers}]}}}}"#
+                ),
+            )
+            .unwrap()
+        };
+        let old = file(r#""192.0.2.2""#, "");
+        assert!(only_peers_changed(
+            &old,
+            &file(r#""192.0.2.2","192.0.2.3""#, "")
+        ));
+        assert!(only_peers_changed(&old, &file(r#""192.0.2.3""#, "")));
+        assert!(!only_peers_changed(&old, &old), "nothing changed");
+        assert!(
+            !only_peers_changed(&old, &file(r#""192.0.2.3""#, r#","mtu":1400"#)),
+            "something else changed too"
+        );
+        let mut plain = old.clone();
+        plain.vxlan = None;
+        assert!(!only_peers_changed(&plain, &old));
     }
 
     #[test]

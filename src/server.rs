@@ -15,7 +15,7 @@ use crate::inspect;
 use crate::policy::Peer;
 use crate::protocol::{BrokerError, MAX_MESSAGE, Mac, Reply, Request};
 use crate::registry::{ClientId, Registry, RegistryError};
-use crate::reload::{Change, ConfigView, changes};
+use crate::reload::{Change, ConfigView, Definition, changes};
 use crate::systemd::{Activated, Notifier, status_line};
 use nix::sys::socket::MsgFlags;
 use std::io::IoSlice;
@@ -317,8 +317,10 @@ async fn read_config(dir: ConfigDir) -> ConfigView {
 }
 
 /// SIGHUP: re-reads the config directory and logs what changed since the last read. It
-/// changes nothing that runs: the registry reads a network's definition when it creates
-/// the network, so an active network keeps its config until it is removed and recreated.
+/// changes almost nothing that runs: the registry reads a network's definition when it
+/// creates the network, so an active network keeps its config until it is removed and
+/// recreated. The exception is the peers of a network that spans hosts, when they are
+/// all that changed: a host joins or leaves without the VMs of the others noticing.
 /// resolv.conf needs no reload (the DNS forwarders re-read it when it changes) and the
 /// firewall is re-checked by its own watchdog every few seconds.
 async fn reload<B: Backend>(
@@ -347,6 +349,25 @@ async fn reload<B: Backend>(
             } else {
                 "takes effect when the network is next created"
             };
+            if let (Change::Changed(_), true, Some(Definition::Valid(config))) =
+                (change, active.contains(network), new.0.get(network))
+            {
+                match registry.set_overlay_peers(network, config).await {
+                    Ok(true) => {
+                        info!(
+                            network,
+                            "config: overlay peers changed, applied to the active network"
+                        );
+                        continue;
+                    }
+                    Ok(false) => {}
+                    Err(e) => warn!(
+                        network,
+                        "config: cannot apply the new overlay peers: {}",
+                        crate::error::chain(&e)
+                    ),
+                }
+            }
             match change {
                 Change::Added(_) => info!(network, "config: new network ({when})"),
                 Change::Removed(_) => info!(network, "config: definition removed ({when})"),

@@ -504,3 +504,54 @@ fn an_ipv6_underlay_leaves_70_bytes_and_carries_frames() {
     exchange(&v1, &v2);
     exchange(&v2, &v1);
 }
+
+#[test]
+fn a_reload_gives_live_networks_a_new_peer_and_takes_one_away() {
+    netns::require("bridge", "iproute2");
+    let ul = Underlay::new();
+    let b1 = start(&ul, 1, &[2], true);
+    let b2 = start(&ul, 2, &[1], true);
+    let (v1, v2) = (vm(&b1, 1), vm(&b2, 2));
+    let index = |b: &Broker| b.ns.sh("cat /sys/class/net/vmnx-lab/ifindex");
+    let before = (index(&b1), index(&b2));
+    // Host 3 joins; the others learn of it by a reload, with their VMs running.
+    let b3 = start(&ul, 3, &[1, 2], true);
+    let v3 = vm(&b3, 3);
+    for (b, n, peers) in [(&b1, 1, [2, 3]), (&b2, 2, [1, 3])] {
+        std::fs::write(b.config_dir.join("lab.json"), lab_file(n, &peers, true)).unwrap();
+        b.signal(nix::sys::signal::Signal::SIGHUP);
+        b.wait_for("the new peer", SOON, || {
+            fdb(b).contains("00:00:00:00:00:00 dst 192.0.2.3")
+        });
+        assert!(
+            b.log()
+                .contains("overlay peers changed, applied to the active network"),
+            "{}",
+            b.log()
+        );
+    }
+    assert_eq!((index(&b1), index(&b2)), before, "the same devices");
+    // Broadcasts of hosts 1 and 2 reach host 3 now.
+    exchange(&v1, &v3);
+    exchange(&v2, &v3);
+    exchange(&v1, &v2);
+    // The state file has it, for a restarted broker.
+    b1.wait_for("the new peer in the state file", SOON, || {
+        std::fs::read_to_string(b1.state_dir.join("broker-state.json"))
+            .is_ok_and(|s| s.contains("192.0.2.3"))
+    });
+
+    // Host 2 leaves host 1's file: its entry and its place in the guard go.
+    std::fs::write(b1.config_dir.join("lab.json"), lab_file(1, &[3], true)).unwrap();
+    b1.signal(nix::sys::signal::Signal::SIGHUP);
+    // (Entries the kernel learnt for host 2's VMs stay until they age out.)
+    b1.wait_for("the peer gone", SOON, || {
+        !fdb(&b1).contains("00:00:00:00:00:00 dst 192.0.2.2")
+    });
+    let chain = b1.ns.sh("nft list chain inet vmnet_broker overlay-udp-lab");
+    assert!(
+        chain.contains("192.0.2.3") && !chain.contains("192.0.2.2"),
+        "{chain}"
+    );
+    exchange(&v1, &v3);
+}

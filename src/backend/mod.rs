@@ -246,6 +246,17 @@ pub trait Backend: Send + Sync + 'static {
         async { Ok(Vec::new()) }
     }
 
+    /// Gives a live network that spans hosts the overlay peers `peers` (which replace its
+    /// own), without disturbing its endpoints. `Ok(false)` when the backend has no
+    /// overlays, so the change waits for the network to be made again.
+    fn set_overlay_peers(
+        &self,
+        _network: &Self::Network,
+        _peers: &[std::net::IpAddr],
+    ) -> impl Future<Output = Result<bool, BackendError>> + Send {
+        async { Ok(false) }
+    }
+
     /// Removes everything `create` and `attach` made. Goes on after a failure and
     /// reports every one ([`BackendError::Incomplete`]). The network is not used again.
     fn destroy(

@@ -87,6 +87,9 @@ pub struct LinuxNetwork {
     bridge: Link,
     /// The VXLAN port that carries the network to other hosts, when it spans hosts.
     overlay: Option<Link>,
+    /// The overlay's peers as the kernel and the firewall have them now: the
+    /// definition's, or those a reload gave ([`Backend::set_overlay_peers`]).
+    peers: Mutex<Vec<std::net::IpAddr>>,
     subnet: Ipv4Net,
     gateway: Ipv4Addr,
     /// Taken by `destroy`, which gets the network by reference (others may still hold it
@@ -345,23 +348,7 @@ impl LinuxBackend {
         };
         self.firewall
             .add_network_bound(
-                &FirewallNetwork {
-                    name: config.name.clone(),
-                    bridge: bridge.name.clone(),
-                    subnet,
-                    gateway,
-                    nat: config.mode == Mode::Shared,
-                    anti_spoofing: !config.allow_spoofing,
-                    dhcp: config.dhcp,
-                    isolation: config.isolation,
-                    tap_prefix: tap::tap_prefix(bridge.index),
-                    overlay: config.vxlan.as_ref().map(|v| firewall::OverlayGuard {
-                        port: vxlan::vxlan_name(&config.name),
-                        udp_port: v.port,
-                        vni: v.vni,
-                        peers: v.peers.clone(),
-                    }),
-                },
+                &firewall_network(config, bridge, subnet, gateway),
                 ports,
                 &leases,
             )
@@ -416,6 +403,41 @@ impl LinuxBackend {
             }
         }
         removed
+    }
+}
+
+/// The overlay peers of a definition (none without an overlay).
+fn peers_of(config: &NetworkConfig) -> Vec<std::net::IpAddr> {
+    config
+        .vxlan
+        .as_ref()
+        .map(|v| v.peers.clone())
+        .unwrap_or_default()
+}
+
+/// What the firewall is told about network `config` on `bridge`.
+fn firewall_network(
+    config: &NetworkConfig,
+    bridge: &Link,
+    subnet: Ipv4Net,
+    gateway: Ipv4Addr,
+) -> FirewallNetwork {
+    FirewallNetwork {
+        name: config.name.clone(),
+        bridge: bridge.name.clone(),
+        subnet,
+        gateway,
+        nat: config.mode == Mode::Shared,
+        anti_spoofing: !config.allow_spoofing,
+        dhcp: config.dhcp,
+        isolation: config.isolation,
+        tap_prefix: tap::tap_prefix(bridge.index),
+        overlay: config.vxlan.as_ref().map(|v| firewall::OverlayGuard {
+            port: vxlan::vxlan_name(&config.name),
+            udp_port: v.port,
+            vni: v.vni,
+            peers: v.peers.clone(),
+        }),
     }
 }
 
@@ -622,6 +644,7 @@ impl Backend for LinuxBackend {
             }
         };
         Ok(LinuxNetwork {
+            peers: Mutex::new(peers_of(config)),
             config: config.clone(),
             bridge,
             overlay,
@@ -750,6 +773,36 @@ impl Backend for LinuxBackend {
                 expires: l.expires,
             })
             .collect())
+    }
+
+    async fn set_overlay_peers(
+        &self,
+        network: &LinuxNetwork,
+        peers: &[std::net::IpAddr],
+    ) -> Result<bool, BackendError> {
+        let (Some(port), Some(_)) = (&network.overlay, &network.config.vxlan) else {
+            return Ok(false);
+        };
+        let old = network.peers.lock().expect("not poisoned").clone();
+        // The firewall first: a new peer's packets are taken before anything is sent to it.
+        let mut config = network.config.clone();
+        if let Some(v) = config.vxlan.as_mut() {
+            v.peers = peers.to_vec();
+        }
+        let rules = firewall_network(&config, &network.bridge, network.subnet, network.gateway);
+        self.firewall
+            .add_network(&rules)
+            .await
+            .map_err(|e| BackendError::component("firewall", e))?;
+        for peer in peers.iter().filter(|p| !old.contains(p)) {
+            vxlan::add_peer(&self.netlink, port, *peer).await?;
+        }
+        for peer in old.iter().filter(|p| !peers.contains(p)) {
+            vxlan::del_peer(&self.netlink, port, *peer).await?;
+        }
+        info!(network = %network.config.name, ?peers, "overlay peers applied");
+        *network.peers.lock().expect("not poisoned") = peers.to_vec();
+        Ok(true)
     }
 
     async fn destroy(&self, network: &LinuxNetwork) -> Result<(), BackendError> {
@@ -889,6 +942,7 @@ impl Backend for LinuxBackend {
         }
         info!(network = %config.name, interface = %bridge_name, "adopted bridge");
         Ok(LinuxNetwork {
+            peers: Mutex::new(peers_of(config)),
             config: config.clone(),
             bridge,
             overlay,

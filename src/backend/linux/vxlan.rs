@@ -185,6 +185,28 @@ fn finish(
 /// Appended (NLM_F_APPEND), not created exclusively: the entries of all peers share the
 /// one MAC.
 pub async fn add_peer(netlink: &Netlink, link: &Link, peer: IpAddr) -> io::Result<()> {
+    let mut request =
+        NetlinkMessage::from(RouteNetlinkMessage::NewNeighbour(peer_entry(link, peer)));
+    request.header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_APPEND;
+    let what = format!("cannot add peer {peer} to {}", link.name);
+    run(netlink, request, what).await
+}
+
+/// Removes the head-end replication entry for `peer` (`bridge fdb del
+/// 00:00:00:00:00:00 dev <vxlan> dst <peer>`); one already gone counts as removed.
+pub async fn del_peer(netlink: &Netlink, link: &Link, peer: IpAddr) -> io::Result<()> {
+    let mut request =
+        NetlinkMessage::from(RouteNetlinkMessage::DelNeighbour(peer_entry(link, peer)));
+    request.header.flags = NLM_F_REQUEST | NLM_F_ACK;
+    let what = format!("cannot remove peer {peer} from {}", link.name);
+    match run(netlink, request, what).await {
+        Err(e) if e.raw_os_error() == Some(libc::ENOENT) => Ok(()),
+        other => other,
+    }
+}
+
+/// The forwarding entry of `peer` on `link`: the all-zeroes MAC to `peer`, permanent.
+fn peer_entry(link: &Link, peer: IpAddr) -> NeighbourMessage {
     let mut message = NeighbourMessage::default();
     message.header.family = AddressFamily::Bridge;
     message.header.ifindex = link.index;
@@ -201,9 +223,15 @@ pub async fn add_peer(netlink: &Netlink, link: &Link, peer: IpAddr) -> io::Resul
             IpAddr::V4(a) => NeighbourAddress::Inet(a),
             IpAddr::V6(a) => NeighbourAddress::Inet6(a),
         }));
-    let mut request = NetlinkMessage::from(RouteNetlinkMessage::NewNeighbour(message));
-    request.header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_APPEND;
-    let what = format!("cannot add peer {peer} to {}", link.name);
+    message
+}
+
+/// Sends one neighbour request and waits for its acknowledgement.
+async fn run(
+    netlink: &Netlink,
+    request: NetlinkMessage<RouteNetlinkMessage>,
+    what: String,
+) -> io::Result<()> {
     let mut handle = netlink.handle().clone();
     let mut response = handle.request(request).map_err(|e| fail(e, what.clone()))?;
     while let Some(message) = response.next().await {
