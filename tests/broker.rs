@@ -779,17 +779,20 @@ fn persistent_taps_belong_to_the_caller_and_go_with_its_connection() {
 
 #[test]
 fn socket_belongs_to_the_vmnet_broker_group_when_it_exists() {
-    let mut group = std::fs::read_to_string("/etc/group").unwrap();
-    group.push_str("vmnet-broker:x:4242:alice\n");
     let b = Broker::start(Options {
-        group_file: Some(group),
+        group_file: Some(support::group_file_without_broker_group(
+            "vmnet-broker:x:4242:alice\n",
+        )),
         ..Default::default()
     });
     let meta = std::fs::metadata(&b.socket).unwrap();
     assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), 4242);
     assert!(b.log().contains("group vmnet-broker"), "{}", b.log());
     // Without the group, root's group keeps it (only root may connect).
-    let plain = Broker::start(Options::default());
+    let plain = Broker::start(Options {
+        group_file: Some(support::group_file_without_broker_group("")),
+        ..Default::default()
+    });
     let meta = std::fs::metadata(&plain.socket).unwrap();
     assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), 0);
 }

@@ -482,14 +482,23 @@ fn serve_works_unprivileged_with_only_the_units_capabilities() {
     // is bind-mounted over it in a mount namespace of the broker's own.
     let tun = s.dir.path().join("tun");
     netns::run_ok(Command::new("mknod").args(["-m", "0666", path_str(&tun), "c", "10", "200"]));
+    // As in the unit, the socket's group is the broker user's own: a vmnet-broker group
+    // whose gid is the test user's, whatever this machine's /etc/group has.
+    let group = s.dir.path().join("group");
+    std::fs::write(
+        &group,
+        support::group_file_without_broker_group(&format!("vmnet-broker:x:{NOBODY}:\n")),
+    )
+    .unwrap();
     let caps = "-all,+net_admin,+net_bind_service";
     let mut args = s.serve_args(&[]);
     args[0] = path_str(&bin).into();
     let mut cmd = Command::new("unshare");
     // unshare, sh, ip netns exec and setpriv all exec: the child's pid is the broker's.
     cmd.args(["--mount", "--propagation", "private", "sh", "-c"])
-        .arg(r#"mount --bind "$0" /dev/net/tun && exec "$@""#)
+        .arg(r#"mount --bind "$0" /dev/net/tun && mount --bind "$1" /etc/group && shift && exec "$@""#)
         .arg(&tun)
+        .arg(&group)
         .args(["ip", "netns", "exec", &s.ns.name, "setpriv"])
         .arg(format!("--reuid={NOBODY}"))
         .arg(format!("--regid={NOBODY}"))
@@ -501,6 +510,11 @@ fn serve_works_unprivileged_with_only_the_units_capabilities() {
     s.log_to(&mut cmd);
     let mut child = cmd.spawn().unwrap();
     support::wait_listening(&s.socket, &mut child, &s.log_path);
+    let socket_gid = std::os::unix::fs::MetadataExt::gid(&std::fs::metadata(&s.socket).unwrap());
+    assert_eq!(
+        socket_gid, NOBODY,
+        "the socket belongs to the user's own group"
+    );
 
     let proc_status = std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap();
     let field = |name: &str| {

@@ -285,6 +285,20 @@ pub fn path_str(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// This machine's /etc/group without a `vmnet-broker` group, plus `extra` lines: what a
+/// test bind-mounts so the broker's socket-group handling depends on the test, never on
+/// whether this machine happens to have the group (installing the package creates it).
+#[allow(dead_code)]
+pub fn group_file_without_broker_group(extra: &str) -> String {
+    let mut group: String = std::fs::read_to_string("/etc/group")
+        .unwrap()
+        .lines()
+        .filter(|l| !l.starts_with("vmnet-broker:"))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    group.push_str(extra);
+    group
+}
 /// Makes `src` available as `dir/<its file name>` with at least `mode` for every uid
 /// (`dir` must itself be searchable by all): a hard link when `src` already grants those
 /// bits to others, a copy with `mode` otherwise (or across file systems). For files that
