@@ -1609,14 +1609,13 @@ impl<B: Backend> Registry<B> {
 }
 
 impl<B: Backend> Registry<B> {
-    /// As [`Registry::status`], without the asking connection among the clients unless
-    /// it holds a network: a mere query (`vmnet-broker status`) is no client of any
-    /// network, while a holder stays listed, as the networks' `clients` counts have it.
+    /// As [`Registry::status`], without the asking connection among the clients, whether
+    /// it holds networks or not: a client asks about the others, and a mere query
+    /// (`vmnet-broker status`) is no client of anything. The networks' `clients` counts
+    /// still include it where it holds them.
     pub async fn status_excluding(&self, asker: ClientId) -> Snapshot {
         let mut snapshot = self.status().await;
-        snapshot
-            .clients
-            .retain(|c| c.id != asker || !c.networks.is_empty());
+        snapshot.clients.retain(|c| c.id != asker);
         snapshot
     }
 
@@ -3022,19 +3021,11 @@ mod tests {
         let ids: Vec<_> = s.clients.iter().map(|c| c.id).collect();
         assert_eq!(ids, [a]);
         assert_eq!(r.status().await.clients.len(), 2);
-        // A holder asking is listed: it is a client of the network it holds.
-        let ids: Vec<_> = r
-            .status_excluding(a)
-            .await
-            .clients
-            .iter()
-            .map(|c| c.id)
-            .collect();
-        assert_eq!(
-            ids,
-            [a, asker],
-            "asker holds nothing, but does not ask here"
-        );
+        // A holder asking is not listed either, though the network still counts it.
+        let s = r.status_excluding(a).await;
+        let ids: Vec<_> = s.clients.iter().map(|c| c.id).collect();
+        assert_eq!(ids, [asker], "the holder asks: only the other one is listed");
+        assert_eq!(s.networks[0].clients, 1);
     }
 
     #[test]

@@ -315,6 +315,10 @@ fn status_leaves_out_the_asking_connection() {
         clients.iter().all(|c| c["pid"] == std::process::id()),
         "{s}"
     );
+    // A holder asking does not see itself either; the network still counts it.
+    let s = holder.status().unwrap();
+    assert!(s.clients.is_empty(), "{s:?}");
+    assert_eq!(s.networks[0].clients, 1, "{s:?}");
     drop(holder);
     b.wait_for("the holder to leave", Duration::from_secs(10), || {
         asker.status().unwrap().clients.is_empty()
