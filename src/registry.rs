@@ -3024,7 +3024,11 @@ mod tests {
         // A holder asking is not listed either, though the network still counts it.
         let s = r.status_excluding(a).await;
         let ids: Vec<_> = s.clients.iter().map(|c| c.id).collect();
-        assert_eq!(ids, [asker], "the holder asks: only the other one is listed");
+        assert_eq!(
+            ids,
+            [asker],
+            "the holder asks: only the other one is listed"
+        );
         assert_eq!(s.networks[0].clients, 1);
     }
 

@@ -192,6 +192,7 @@ fn network(nat: bool, anti_spoofing: bool, dhcp: bool) -> FirewallNetwork {
         isolation: false,
         tap_prefix: "vport".into(),
         overlay: None,
+        forwards: vec![],
     }
 }
 

@@ -8,14 +8,14 @@
 //! bridge, an interface) travels as opaque [`PlatformDetails`] that the server puts into
 //! its reply. The core never looks inside either.
 
-use crate::config::NetworkConfig;
+use crate::config::{NetworkConfig, Protocol};
 use crate::policy::Peer;
 use crate::state::NetworkRecord;
 use ipnet::Ipv4Net;
 use std::collections::BTreeSet;
 use std::fmt;
 use std::future::Future;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 #[cfg(target_os = "linux")]
 pub mod linux;
@@ -105,6 +105,19 @@ pub struct LeaseView {
     pub expires: std::time::SystemTime,
 }
 
+/// A dynamic port forward a client asks for ([`Backend::forward`]): the host's
+/// `external_port` to `internal_port` of the guest behind one of the client's endpoints.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardRequest {
+    pub protocol: Protocol,
+    pub external_port: u16,
+    pub internal_port: u16,
+    /// The client's endpoint whose guest receives the traffic.
+    pub endpoint: EndpointId,
+    /// The guest MAC the endpoint was handed out with: the guest's address is its lease.
+    pub mac: [u8; 6],
+}
+
 /// What the core asks for when it attaches a client.
 #[derive(Debug, Clone)]
 pub struct AttachRequest {
@@ -148,6 +161,12 @@ pub enum BackendError {
         #[source]
         source: Box<dyn std::error::Error + Send + Sync>,
     },
+    /// A port a forward asked for is taken (by another forward or a socket on the host).
+    #[error("{0}")]
+    PortInUse(String),
+    /// What was asked cannot be done on this network or platform.
+    #[error("{0}")]
+    Unsupported(String),
     /// Teardown went on after failures; every one of them.
     #[error("{} step(s) failed: {}", .0.len(), crate::error::join(.0))]
     Incomplete(Vec<BackendError>),
@@ -255,6 +274,34 @@ pub trait Backend: Send + Sync + 'static {
         _peers: &[std::net::IpAddr],
     ) -> impl Future<Output = Result<bool, BackendError>> + Send {
         async { Ok(false) }
+    }
+
+    /// Forwards a host port to the guest behind a client's endpoint (its DHCP lease, which
+    /// the forward follows as it comes or changes) until [`Backend::unforward`], the
+    /// endpoint's closing, or the network's removal. Returns the guest's address when it
+    /// is known already. The core has checked who may ask; the backend refuses a port
+    /// that is taken ([`BackendError::PortInUse`]).
+    fn forward(
+        &self,
+        _network: &Self::Network,
+        _request: &ForwardRequest,
+    ) -> impl Future<Output = Result<Option<IpAddr>, BackendError>> + Send {
+        async {
+            Err(BackendError::Unsupported(
+                "port forwards are not supported by this platform's backend".into(),
+            ))
+        }
+    }
+
+    /// Ends the forward of `protocol` `external_port`; one that is gone already is no
+    /// error.
+    fn unforward(
+        &self,
+        _network: &Self::Network,
+        _protocol: Protocol,
+        _external_port: u16,
+    ) -> impl Future<Output = Result<(), BackendError>> + Send {
+        async { Ok(()) }
     }
 
     /// Removes everything `create` and `attach` made. Goes on after a failure and

@@ -9,16 +9,17 @@ pub mod bridge;
 pub mod firewall;
 pub mod links;
 pub mod netlink;
+pub mod portfwd;
 pub mod services;
 pub mod subnet;
 pub mod tap;
 pub mod vxlan;
 
 use crate::backend::{
-    AttachRequest, Attachment, BRIDGE, Backend, BackendError, EndpointId, INTERFACE, LeaseView,
-    NetworkDetails, OVERLAY, PlatformDetails,
+    AttachRequest, Attachment, BRIDGE, Backend, BackendError, EndpointId, ForwardRequest,
+    INTERFACE, LeaseView, NetworkDetails, OVERLAY, PlatformDetails,
 };
-use crate::config::{Mode, NetworkConfig};
+use crate::config::{Mode, NetworkConfig, PortForward, Protocol};
 use crate::state::NetworkRecord;
 use firewall::{Firewall, FirewallNetwork};
 use ipnet::Ipv4Net;
@@ -26,7 +27,7 @@ use links::{Departures, LinkRecord};
 use netlink::{Link, Netlink};
 use services::{ServiceParams, Services};
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -77,6 +78,47 @@ pub struct LinuxBackend {
     /// Subnets of the networks this backend holds, by bridge name. Reserved before the
     /// bridge exists, so two creations can never pick the same subnet.
     held: Mutex<BTreeMap<String, (String, Ipv4Net)>>,
+    /// The dynamic port forwards of every network, shared with the binder task, which
+    /// ends those whose TAP went away.
+    forwards: Arc<DynamicForwards>,
+}
+
+/// Dynamic forwards by (network, protocol, external port).
+type DynamicForwards = Mutex<BTreeMap<(String, Protocol, u16), DynamicForward>>;
+
+/// One dynamic port forward: the host's port, and the task that follows the guest's
+/// lease and keeps the firewall's rule on its address. Dropping it ends both, except the
+/// firewall rule, which [`end_forward`] removes.
+struct DynamicForward {
+    tap: String,
+    _host: portfwd::HostPort,
+    follower: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for DynamicForward {
+    fn drop(&mut self) {
+        self.follower.abort();
+    }
+}
+
+/// The firewall's key of a dynamic forward.
+fn forward_key(protocol: Protocol, port: u16) -> String {
+    format!("{}/{port}", protocol.as_str())
+}
+
+/// Removes a dynamic forward's rule (its host port and follower went with `forward`).
+async fn end_forward(firewall: &Firewall, network: &str, protocol: Protocol, port: u16) {
+    if let Err(e) = firewall
+        .set_forward(network, &forward_key(protocol, port), None)
+        .await
+    {
+        warn!(
+            network,
+            port,
+            "cannot remove a port forward's rule: {}",
+            crate::error::Chain(&e)
+        );
+    }
 }
 
 /// One network made by [`LinuxBackend`].
@@ -95,6 +137,9 @@ pub struct LinuxNetwork {
     /// Taken by `destroy`, which gets the network by reference (others may still hold it
     /// for a moment, e.g. to list its TAPs for `status`).
     services: Mutex<Option<Services>>,
+    /// The host ports of the static forwards (`port_forwarding_rules`), held while the
+    /// network exists; taken by `destroy`.
+    host_ports: Mutex<Vec<portfwd::HostPort>>,
 }
 
 /// What a client receives for one VM NIC: the TAP's fd, and its name.
@@ -169,12 +214,14 @@ impl LinuxBackend {
         let links = Arc::new(links);
         let (binder, jobs) = tokio::sync::mpsc::unbounded_channel();
         let departed = tokio::sync::watch::Sender::new(0u64);
+        let forwards: Arc<DynamicForwards> = Arc::default();
         tokio::spawn(bind_ports(
             firewall.clone(),
             Arc::clone(&links),
             jobs,
             departures,
             departed.clone(),
+            Arc::clone(&forwards),
         ));
         Ok(Self {
             options,
@@ -184,6 +231,7 @@ impl LinuxBackend {
             departed,
             firewall,
             held: Mutex::new(BTreeMap::new()),
+            forwards,
         })
     }
 
@@ -438,6 +486,7 @@ fn firewall_network(
             vni: v.vni,
             peers: v.peers.clone(),
         }),
+        forwards: config.port_forwarding_rules.clone(),
     }
 }
 
@@ -452,6 +501,38 @@ struct BindJob {
 }
 
 /// The network a link of the broker belongs to, from its alias.
+/// The address `mac` holds a current lease on, if any.
+fn lease_of(leases: &[crate::dhcp::Lease], mac: [u8; 6]) -> Option<Ipv4Addr> {
+    let now = std::time::SystemTime::now();
+    leases
+        .iter()
+        .find(|l| l.mac == mac && l.expires > now)
+        .map(|l| l.ip)
+}
+
+/// The host ports of `config`'s static forwards ([`portfwd::reserve`]).
+fn static_host_ports(config: &NetworkConfig) -> Result<Vec<portfwd::HostPort>, BackendError> {
+    config
+        .port_forwarding_rules
+        .iter()
+        .map(|f| {
+            let (_, target) = tokio::sync::watch::channel(Some(std::net::SocketAddr::new(
+                f.internal_address,
+                f.internal_port,
+            )));
+            portfwd::reserve(f.protocol, f.external_address, f.external_port, target)
+                .map_err(port_error)
+        })
+        .collect()
+}
+
+fn port_error(e: portfwd::PortError) -> BackendError {
+    match e {
+        e @ portfwd::PortError::InUse { .. } => BackendError::PortInUse(e.to_string()),
+        e => BackendError::component("port forward", e),
+    }
+}
+
 fn network_of(link: &Link) -> Option<&str> {
     link.alias.as_deref()?.strip_prefix(ALIAS_PREFIX)
 }
@@ -467,10 +548,12 @@ async fn bind_ports(
     mut jobs: tokio::sync::mpsc::UnboundedReceiver<BindJob>,
     mut departures: Departures,
     departed: tokio::sync::watch::Sender<u64>,
+    forwards: Arc<DynamicForwards>,
 ) {
     loop {
         let mut to_bind: BTreeMap<String, Ports> = BTreeMap::new();
         let mut to_prune: BTreeSet<String> = BTreeSet::new();
+        let mut gone_taps: Vec<String> = vec![];
         tokio::select! {
             job = jobs.recv() => match job {
                 Some(j) => to_bind.entry(j.network).or_default().push((j.tap, j.mac)),
@@ -482,6 +565,7 @@ async fn bind_ports(
                     if let Some(network) = network_of(&link) {
                         to_prune.insert(network.to_string());
                     }
+                    gone_taps.push(link.name);
                 }
                 None => return,
             },
@@ -494,6 +578,30 @@ async fn bind_ports(
             if let Some(network) = network_of(&link) {
                 to_prune.insert(network.to_string());
             }
+            gone_taps.push(link.name);
+        }
+        // A dynamic forward goes with its TAP.
+        let ended: Vec<(String, Protocol, u16)> = {
+            let mut map = forwards.lock().expect("not poisoned");
+            let keys: Vec<_> = map
+                .iter()
+                .filter(|(_, f)| gone_taps.contains(&f.tap))
+                .map(|(k, _)| k.clone())
+                .collect();
+            keys.into_iter()
+                .inspect(|k| {
+                    map.remove(k);
+                })
+                .collect()
+        };
+        for (network, protocol, port) in ended {
+            info!(
+                network,
+                port,
+                protocol = protocol.as_str(),
+                "port forward ended: its TAP is gone"
+            );
+            end_forward(&firewall, &network, protocol, port).await;
         }
         for (network, ports) in &to_bind {
             bind_with_retries(&firewall, network, ports).await;
@@ -585,6 +693,9 @@ impl Backend for LinuxBackend {
     async fn create(&self, config: &NetworkConfig) -> Result<LinuxNetwork, BackendError> {
         // Before anything is made: a field this backend cannot honour is never ignored.
         super::linux_support::check(config).map_err(|e| BackendError::component("config", e))?;
+        // The static forwards' ports, before anything is made: a taken one fails the
+        // creation with nothing to undo.
+        let host_ports = static_host_ports(config)?;
         let bridge_name = bridge_name(&config.name);
         let alias = alias_for(&config.name);
         self.claim_bridge_name(&bridge_name, &alias).await?;
@@ -651,6 +762,7 @@ impl Backend for LinuxBackend {
             subnet,
             gateway,
             services: Mutex::new(Some(services)),
+            host_ports: Mutex::new(host_ports),
         })
     }
 
@@ -805,6 +917,125 @@ impl Backend for LinuxBackend {
         Ok(true)
     }
 
+    async fn forward(
+        &self,
+        network: &LinuxNetwork,
+        r: &ForwardRequest,
+    ) -> Result<Option<IpAddr>, BackendError> {
+        let name = &network.config.name;
+        let leases = match &*network.services.lock().expect("not poisoned") {
+            Some(services) => services.lease_watch(),
+            None => {
+                return Err(BackendError::Vanished(format!(
+                    "network {name:?} is being removed"
+                )));
+            }
+        };
+        let Some(mut leases) = leases else {
+            return Err(BackendError::Unsupported(format!(
+                "network {name:?} runs no DHCP server, so the broker does not know the guest's address; \
+                 use a port_forwarding_rules entry in its file instead"
+            )));
+        };
+        let alias = alias_for(name);
+        let live = self
+            .links
+            .live_ports_of(network.bridge.index, &alias)
+            .await
+            .map_err(|e| BackendError::component("link record", e))?;
+        if !live.iter().any(|l| l.name == r.endpoint.0) {
+            return Err(BackendError::Vanished(format!(
+                "interface {} is not on network {name:?} any more",
+                r.endpoint
+            )));
+        }
+        let (target, target_rx) = tokio::sync::watch::channel(None);
+        let host =
+            portfwd::reserve(r.protocol, None, r.external_port, target_rx).map_err(port_error)?;
+        let key = forward_key(r.protocol, r.external_port);
+        let rule = |ip: Option<Ipv4Addr>| {
+            ip.map(|ip| PortForward {
+                protocol: r.protocol,
+                external_port: r.external_port,
+                internal_address: IpAddr::V4(ip),
+                internal_port: r.internal_port,
+                external_address: None,
+            })
+        };
+        let current = lease_of(&leases.borrow_and_update(), r.mac);
+        // The rule is in place before the client hears of it, when the guest has its
+        // address already; otherwise the follower adds it when the lease comes.
+        if current.is_some() {
+            self.firewall
+                .set_forward(name, &key, rule(current))
+                .await
+                .map_err(|e| BackendError::component("firewall", e))?;
+            target.send_replace(current.map(|ip| SocketAddr::new(IpAddr::V4(ip), r.internal_port)));
+        }
+        let follower = {
+            let (firewall, name, key, r) =
+                (self.firewall.clone(), name.clone(), key.clone(), r.clone());
+            tokio::spawn(async move {
+                let mut last = current;
+                loop {
+                    if leases.changed().await.is_err() {
+                        return;
+                    }
+                    let ip = lease_of(&leases.borrow_and_update(), r.mac);
+                    if ip == last {
+                        continue;
+                    }
+                    last = ip;
+                    target.send_replace(
+                        ip.map(|ip| SocketAddr::new(IpAddr::V4(ip), r.internal_port)),
+                    );
+                    let rule = ip.map(|ip| PortForward {
+                        protocol: r.protocol,
+                        external_port: r.external_port,
+                        internal_address: IpAddr::V4(ip),
+                        internal_port: r.internal_port,
+                        external_address: None,
+                    });
+                    info!(network = %name, port = r.external_port, address = ?ip, "port forward follows the guest's lease");
+                    if let Err(e) = firewall.set_forward(&name, &key, rule).await {
+                        warn!(network = %name, "cannot update a port forward: {}", crate::error::Chain(&e));
+                    }
+                }
+            })
+        };
+        self.forwards.lock().expect("not poisoned").insert(
+            (name.clone(), r.protocol, r.external_port),
+            DynamicForward {
+                tap: r.endpoint.0.clone(),
+                _host: host,
+                follower,
+            },
+        );
+        info!(network = %name, protocol = r.protocol.as_str(), port = r.external_port,
+              interface = %r.endpoint, address = ?current, "port forward added");
+        Ok(current.map(IpAddr::V4))
+    }
+
+    async fn unforward(
+        &self,
+        network: &LinuxNetwork,
+        protocol: Protocol,
+        external_port: u16,
+    ) -> Result<(), BackendError> {
+        let name = &network.config.name;
+        let removed = self.forwards.lock().expect("not poisoned").remove(&(
+            name.clone(),
+            protocol,
+            external_port,
+        ));
+        if removed.is_some() {
+            drop(removed);
+            end_forward(&self.firewall, name, protocol, external_port).await;
+            info!(network = %name, protocol = protocol.as_str(), port = external_port, "port forward removed");
+        }
+        Ok(())
+    }
+
     async fn destroy(&self, network: &LinuxNetwork) -> Result<(), BackendError> {
         let LinuxNetwork {
             config,
@@ -815,6 +1046,12 @@ impl Backend for LinuxBackend {
         } = network;
         // Stop serving before the bridge goes away.
         let services = services.lock().expect("not poisoned").take();
+        network.host_ports.lock().expect("not poisoned").clear();
+        // The dynamic forwards' rules go with the network's chains below.
+        self.forwards
+            .lock()
+            .expect("not poisoned")
+            .retain(|(n, _, _), _| n != &config.name);
         if let Some(services) = services {
             services.stop().await;
         }
@@ -940,6 +1177,15 @@ impl Backend for LinuxBackend {
                 });
             }
         }
+        // The previous broker's sockets died with it, so the ports are normally free; one
+        // taken meanwhile leaves its forward without a loopback relay (the rules stand).
+        let host_ports = match static_host_ports(config) {
+            Ok(h) => h,
+            Err(e) => {
+                warn!(network = %config.name, "static port forwards: {}", crate::error::chain(&e));
+                vec![]
+            }
+        };
         info!(network = %config.name, interface = %bridge_name, "adopted bridge");
         Ok(LinuxNetwork {
             peers: Mutex::new(peers_of(config)),
@@ -949,6 +1195,7 @@ impl Backend for LinuxBackend {
             subnet: record.subnet,
             gateway: record.gateway,
             services: Mutex::new(Some(services)),
+            host_ports: Mutex::new(host_ports),
         })
     }
 

@@ -97,6 +97,11 @@ impl Services {
         }
     }
 
+    /// The DHCP server's leases as it publishes them, to follow (none without DHCP).
+    pub fn lease_watch(&self) -> Option<watch::Receiver<Arc<Vec<Lease>>>> {
+        self.dhcp.as_ref().map(|d| d.leases())
+    }
+
     pub async fn stop(self) {
         if let Some(dns) = self.dns {
             dns.stop().await;

@@ -75,6 +75,7 @@ use nftables::types::NfFamily;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
 
+use crate::config::PortForward;
 use crate::mac::Mac;
 
 pub use nft::NFT_TIMEOUT;
@@ -82,8 +83,8 @@ pub use rules::DHCP_MACS_PER_TAP;
 pub use rules::ruleset_for;
 use rules::{
     add_tables, delete_dhcp_macs_script, delete_network_objects, delete_tables, dhcp_check,
-    dhcp_quota_script, dispatch_flush, dispatch_rule, lease_element, network_objects,
-    port_elements, purge_network_objects, script_safe,
+    dhcp_quota_script, dispatch_flush, dispatch_rule, forward_chains, lease_element,
+    network_objects, port_elements, purge_network_objects, script_safe,
 };
 pub use watchdog::WATCHDOG_INTERVAL;
 
@@ -121,6 +122,9 @@ pub struct FirewallNetwork {
     /// delay the acquire. Ports without the prefix (uplinks, other software's) are left
     /// alone.
     pub tap_prefix: String,
+    /// The static port forwards of the network's definition (`port_forwarding_rules`);
+    /// dynamic ones come and go with [`Firewall::set_forward`].
+    pub forwards: Vec<PortForward>,
     /// The network's overlay, when it spans hosts (`overlay.rs`).
     pub overlay: Option<OverlayGuard>,
 }
@@ -187,6 +191,15 @@ pub(super) struct NetState {
     ports: BTreeMap<String, [u8; 6]>,
     /// Guest MAC -> leased IPv4 address.
     leases: BTreeMap<[u8; 6], Ipv4Addr>,
+    /// Dynamic port forwards, by the key their owner gave ([`Firewall::set_forward`]).
+    dynamic: BTreeMap<String, PortForward>,
+}
+
+impl NetState {
+    /// Every port forward of the network: the definition's, then the dynamic ones.
+    fn forwards(&self) -> impl Iterator<Item = &PortForward> {
+        self.net.forwards.iter().chain(self.dynamic.values())
+    }
 }
 
 #[derive(Debug, Default)]
@@ -402,6 +415,21 @@ impl Firewall {
             .await
     }
 
+    /// Adds (`Some`), replaces or removes (`None`) the dynamic port forward `key` of
+    /// `network`, rewriting the network's forward chains in one transaction. Removing
+    /// one that does not exist (or of a network that is gone) is not an error. A forward
+    /// needs IPv4 forwarding, which is switched on as for NAT networks (and left on).
+    pub async fn set_forward(
+        &self,
+        network: &str,
+        key: &str,
+        forward: Option<PortForward>,
+    ) -> Result<(), FirewallError> {
+        let (network, key) = (network.to_string(), key.to_string());
+        self.queued(move |inner| async move { inner.set_forward(&network, key, forward).await })
+            .await
+    }
+
     /// [`Firewall::bind_ip`], but without an `nft` run when the binding is known already
     /// (for whoever replays leases the DHCP server bound itself).
     pub async fn bind_ip_if_new(
@@ -506,10 +534,26 @@ impl Inner {
                     ),
                 });
             }
+            // Dynamic forwards stay while their target is still on the network.
+            let dynamic = state
+                .networks
+                .get(&net.name)
+                .map(|n| {
+                    n.dynamic
+                        .iter()
+                        .filter(|(_, f)| match f.internal_address {
+                            std::net::IpAddr::V4(ip) => net.subnet.contains(&ip),
+                            std::net::IpAddr::V6(_) => true,
+                        })
+                        .map(|(k, f)| (k.clone(), f.clone()))
+                        .collect()
+                })
+                .unwrap_or_default();
             let ns = NetState {
                 net: net.clone(),
                 ports,
                 leases,
+                dynamic,
             };
             let mut batch = Batch::new();
             add_tables(&mut batch);
@@ -535,7 +579,7 @@ impl Inner {
         if has_dhcp_quota(&net) || !dropped.is_empty() {
             self.sync_dhcp_quota(&net.name, &dropped, &[]).await?;
         }
-        if net.nat {
+        if net.nat || !net.forwards.is_empty() {
             if let Err(e) = enable_ip_forward() {
                 // Leave no half-configured network behind.
                 if let Err(cleanup) = self.remove_network(&net.name).await {
@@ -543,7 +587,9 @@ impl Inner {
                 }
                 return Err(e);
             }
-            self.docker_sync(&net).await;
+            if net.nat {
+                self.docker_sync(&net).await;
+            }
         }
         info!(network = %net.name, bridge = %net.bridge, nat = net.nat,
               anti_spoofing = net.anti_spoofing, "firewall rules added");
@@ -844,6 +890,67 @@ impl Inner {
         }
     }
 
+    async fn set_forward(
+        &self,
+        network: &str,
+        key: String,
+        forward: Option<PortForward>,
+    ) -> Result<(), FirewallError> {
+        let batch = {
+            let state = self.lock();
+            let Some(ns) = state.networks.get(network) else {
+                return match forward {
+                    Some(_) => Err(FirewallError::UnknownNetwork(network.into())),
+                    None => Ok(()),
+                };
+            };
+            if let Some(f) = &forward {
+                let inside = match f.internal_address {
+                    std::net::IpAddr::V4(ip) => ns.net.subnet.contains(&ip),
+                    std::net::IpAddr::V6(_) => false,
+                };
+                if !inside {
+                    return Err(FirewallError::Invalid {
+                        what: "port forward",
+                        detail: format!(
+                            "{} is not on network {network:?} ({})",
+                            f.internal_address, ns.net.subnet
+                        ),
+                    });
+                }
+            }
+            if ns.dynamic.get(&key) == forward.as_ref() {
+                return Ok(());
+            }
+            let mut dynamic = ns.dynamic.clone();
+            match &forward {
+                Some(f) => dynamic.insert(key.clone(), f.clone()),
+                None => dynamic.remove(&key),
+            };
+            let mut batch = Batch::new();
+            add_tables(&mut batch);
+            forward_chains(
+                &mut batch,
+                &ns.net,
+                ns.net.forwards.iter().chain(dynamic.values()),
+            );
+            batch
+        };
+        if forward.is_some() {
+            enable_ip_forward()?;
+        }
+        let context = format!("setting port forward {key:?} of network {network:?}");
+        self.apply_or_restore(batch, &context, |s| {
+            if let Some(ns) = s.networks.get_mut(network) {
+                match forward {
+                    Some(f) => ns.dynamic.insert(key, f),
+                    None => ns.dynamic.remove(&key),
+                };
+            }
+        })
+        .await
+    }
+
     async fn bind_ip(
         &self,
         network: &str,
@@ -1011,7 +1118,9 @@ fn enable_ip_forward() -> Result<(), FirewallError> {
         return Ok(());
     }
     std::fs::write(IP_FORWARD, "1\n").map_err(FirewallError::IpForward)?;
-    info!("enabled IPv4 forwarding ({IP_FORWARD}=1) for shared networks; it is left on at exit");
+    info!(
+        "enabled IPv4 forwarding ({IP_FORWARD}=1) for shared networks and port forwards; it is left on at exit"
+    );
     Ok(())
 }
 
@@ -1079,6 +1188,7 @@ mod tests {
             isolation: false,
             tap_prefix: "vmnt9-".into(),
             overlay: None,
+            forwards: vec![],
         }
     }
 

@@ -183,6 +183,7 @@ mod tests {
             dhcp: true,
             isolation: false,
             tap_prefix: "vmnt9-".into(),
+            forwards: vec![],
             overlay: port.map(|port| super::super::OverlayGuard {
                 port: port.to_string(),
                 udp_port: 4789,

@@ -4,7 +4,7 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use nftables::batch::Batch;
 use nftables::expr::{
@@ -15,16 +15,18 @@ use nftables::schema::{
     Chain, Element, FlushObject, NfCmd, NfListObject, Nftables, Rule, Set, SetType, SetTypeValue,
     Table,
 };
-use nftables::stmt::{JumpTarget, Match, Operator, Statement};
+use nftables::stmt::{JumpTarget, Match, NAT, NATFamily, Operator, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 
 use super::{FirewallNetwork, NetState, TABLE};
+use crate::config::PortForward;
 use crate::mac::Mac;
 
 // Standard nft priorities: "filter" for forward, "srcnat" for postrouting NAT, and the
 // bridge family's "filter" (-200) so spoofed frames die before anything else sees them.
 const PRIO_FILTER: i32 = 0;
 const PRIO_SRCNAT: i32 = 100;
+const PRIO_DSTNAT: i32 = -100;
 const PRIO_BRIDGE_FILTER: i32 = -200;
 
 // ---- object names -------------------------------------------------------------------------
@@ -34,6 +36,19 @@ pub(super) fn fwd_chain(net: &str) -> String {
 }
 pub(super) fn nat_chain(net: &str) -> String {
     format!("nat-{net}")
+}
+/// Port forwards of one network: DNAT of what arrives for the host (prerouting).
+pub(super) fn dnat_chain(net: &str) -> String {
+    format!("dnat-{net}")
+}
+/// Port forwards of one network: DNAT of what the host itself sends to its own
+/// addresses (output). Loopback is left to the broker's relay (docs/networking.md).
+pub(super) fn dnat_local_chain(net: &str) -> String {
+    format!("dnat-local-{net}")
+}
+/// Port forwards of one network: the source NAT that brings the replies back (postrouting).
+pub(super) fn fwd_snat_chain(net: &str) -> String {
+    format!("pf-{net}")
 }
 /// The one base chain of the bridge table (prerouting): sends each frame from a TAP of
 /// ours to the chain of the TAP's network, by the TAP's name prefix.
@@ -182,6 +197,18 @@ pub(super) fn ct_established() -> Statement<'static> {
         })),
         Operator::IN,
         Expression::List(vec![s("established"), s("related")]),
+    )
+}
+/// `ct status dnat`: the connection was destination-NATed (by a port forward).
+pub(super) fn ct_status_dnat() -> Statement<'static> {
+    matches(
+        Expression::Named(NamedExpression::CT(nftables::expr::CT {
+            key: "status".into(),
+            family: None,
+            dir: None,
+        })),
+        Operator::IN,
+        s("dnat"),
     )
 }
 pub(super) fn accept() -> Statement<'static> {
@@ -491,6 +518,16 @@ pub(super) fn network_objects(batch: &mut Batch<'static>, ns: &NetState) {
             if net.isolation { drop_() } else { accept() },
         ],
     ));
+    // Port forwards: a connection the network's DNAT sent into the bridge may pass both
+    // ways, whatever the mode (a `host` network forwards nothing else). Only our own
+    // DNAT chains send connections to this bridge.
+    for dir in [oif(), iif()] {
+        batch.add(rule(
+            NfFamily::INet,
+            &fwd,
+            vec![matches(dir, Operator::EQ, br()), ct_status_dnat(), accept()],
+        ));
+    }
     if net.nat {
         batch.add(rule(
             NfFamily::INet,
@@ -819,6 +856,8 @@ pub(super) fn network_objects(batch: &mut Batch<'static>, ns: &NetState) {
     ));
 
     super::overlay::objects(batch, net);
+    forward_chains(batch, net, ns.forwards());
+
     for (tap, mac) in &ns.ports {
         port_elements(batch, NfCmd::Add, &net.name, tap, *mac);
     }
@@ -829,10 +868,114 @@ pub(super) fn network_objects(batch: &mut Batch<'static>, ns: &NetState) {
     }
 }
 
+/// (Re)writes the three port-forward chains of `net` (made if missing, emptied, refilled)
+/// for `forwards`, static and dynamic alike:
+///
+/// - `dnat-<net>` (prerouting): what arrives for one of the host's addresses (the
+///   forward's `external_address` only, when it has one) on the external port goes to the
+///   internal address and port. From other machines, and from the network's own guests.
+/// - `dnat-local-<net>` (output): the same for what the host itself sends to its own
+///   addresses, except loopback: a packet from 127.0.0.1 or ::1 cannot be routed out of
+///   `lo` unless `route_localnet` is set, which the broker does not touch; a relay in the
+///   broker, listening on the port, carries loopback connections instead.
+/// - `pf-<net>` (postrouting): what a forward sends into the bridge leaves from the
+///   gateway's address (masquerade), so the guest's reply comes back to the host however
+///   the guest routes (a `host` network's guests may have no default route), and conntrack
+///   undoes both translations.
+///
+/// One rule per forward and family: an IPv4 forward matches IPv4 only and an IPv6 one
+/// (once networks have IPv6 prefixes) IPv6 only, each with its own `dnat ip`/`dnat ip6`.
+pub(super) fn forward_chains<'a>(
+    batch: &mut Batch<'static>,
+    net: &FirewallNetwork,
+    forwards: impl IntoIterator<Item = &'a PortForward>,
+) {
+    let chains = [
+        (dnat_chain(&net.name), NfHook::Prerouting, PRIO_DSTNAT),
+        (dnat_local_chain(&net.name), NfHook::Output, PRIO_DSTNAT),
+        (fwd_snat_chain(&net.name), NfHook::Postrouting, PRIO_SRCNAT),
+    ];
+    for (name, hook, prio) in &chains {
+        batch.add(base_chain(
+            NfFamily::INet,
+            name.clone(),
+            *hook,
+            NfChainType::NAT,
+            *prio,
+        ));
+        batch.add_cmd(NfCmd::Flush(FlushObject::Chain(Chain {
+            family: NfFamily::INet,
+            table: TABLE.into(),
+            name: name.clone().into(),
+            ..Chain::default()
+        })));
+    }
+    let local_daddr = || {
+        matches(
+            Expression::Named(NamedExpression::Fib(Fib {
+                result: FibResult::Type,
+                flags: [FibFlag::Daddr].into_iter().collect(),
+            })),
+            Operator::EQ,
+            s("local"),
+        )
+    };
+    for f in forwards {
+        let (nfproto, l3, family, loopback) = match f.internal_address {
+            IpAddr::V4(_) => ("ipv4", "ip", NATFamily::IP, prefix("127.0.0.0", 8)),
+            IpAddr::V6(_) => ("ipv6", "ip6", NATFamily::IP6, s("::1")),
+        };
+        let head = |local: bool| {
+            let mut stmts = vec![matches(meta(MetaKey::Nfproto), Operator::EQ, s(nfproto))];
+            match f.external_address {
+                Some(ext) => stmts.push(matches(
+                    payload(l3, "daddr"),
+                    Operator::EQ,
+                    s(&ext.to_string()),
+                )),
+                None => stmts.push(local_daddr()),
+            }
+            if local {
+                stmts.push(matches(
+                    payload(l3, "daddr"),
+                    Operator::NEQ,
+                    loopback.clone(),
+                ));
+            }
+            stmts.push(matches(
+                payload(f.protocol.as_str(), "dport"),
+                Operator::EQ,
+                Expression::Number(u32::from(f.external_port)),
+            ));
+            stmts.push(Statement::DNAT(Some(NAT {
+                addr: Some(s(&f.internal_address.to_string())),
+                family: Some(family),
+                port: Some(Expression::Number(u32::from(f.internal_port))),
+                flags: None,
+            })));
+            stmts
+        };
+        batch.add(rule(NfFamily::INet, &chains[0].0, head(false)));
+        batch.add(rule(NfFamily::INet, &chains[1].0, head(true)));
+    }
+    batch.add(rule(
+        NfFamily::INet,
+        &chains[2].0,
+        vec![
+            matches(meta(MetaKey::Oifname), Operator::EQ, s(&net.bridge)),
+            ct_status_dnat(),
+            Statement::Masquerade(None),
+        ],
+    ));
+}
+
 /// Deletes the objects of one network, leaving the tables for the other networks.
 /// Deleting a chain deletes its rules; chains go before the sets their rules use.
 pub(super) fn delete_network_objects(batch: &mut Batch<'static>, net: &FirewallNetwork) {
     batch.delete(named_chain(NfFamily::INet, fwd_chain(&net.name)));
+    for chain in [dnat_chain, dnat_local_chain, fwd_snat_chain] {
+        batch.delete(named_chain(NfFamily::INet, chain(&net.name)));
+    }
     if net.nat {
         batch.delete(named_chain(NfFamily::INet, nat_chain(&net.name)));
     }
@@ -871,6 +1014,27 @@ pub(super) fn purge_network_objects(batch: &mut Batch<'static>, name: &str) {
             NfChainType::NAT,
             PRIO_SRCNAT,
         ),
+        base_chain(
+            NfFamily::INet,
+            dnat_chain(name),
+            NfHook::Prerouting,
+            NfChainType::NAT,
+            PRIO_DSTNAT,
+        ),
+        base_chain(
+            NfFamily::INet,
+            dnat_local_chain(name),
+            NfHook::Output,
+            NfChainType::NAT,
+            PRIO_DSTNAT,
+        ),
+        base_chain(
+            NfFamily::INet,
+            fwd_snat_chain(name),
+            NfHook::Postrouting,
+            NfChainType::NAT,
+            PRIO_SRCNAT,
+        ),
         named_chain(NfFamily::Bridge, spoof_chain(name)),
         named_chain(NfFamily::Bridge, dhcp_chain(name)),
         named_chain(NfFamily::Bridge, egress_chain(name)),
@@ -905,6 +1069,7 @@ pub fn ruleset_for(net: &FirewallNetwork) -> Nftables<'static> {
             net: net.clone(),
             ports: BTreeMap::new(),
             leases: BTreeMap::new(),
+            dynamic: BTreeMap::new(),
         },
     );
     dispatch_rule(&mut batch, [net]);
@@ -927,6 +1092,7 @@ mod tests {
             isolation: false,
             tap_prefix: "vmnt9-".into(),
             overlay: None,
+            forwards: vec![],
         }
     }
 
