@@ -84,6 +84,15 @@ pub fn wire_error(e: &RegistryError) -> BrokerError {
         RegistryError::NotFound(_) | RegistryError::Invalid { .. } => ErrorCode::NotFound,
         RegistryError::NotAllowed(_) => ErrorCode::NotAllowed,
         RegistryError::MacInUse { .. } => ErrorCode::InvalidRequest,
+        RegistryError::NotYourEndpoint { .. } | RegistryError::PrivilegedPort { .. } => {
+            ErrorCode::NotAllowed
+        }
+        RegistryError::Forward { source, .. } => match source {
+            backend::BackendError::PortInUse(_) => ErrorCode::PortInUse,
+            backend::BackendError::Unsupported(_) => ErrorCode::InvalidRequest,
+            _ => ErrorCode::CreateFailure,
+        },
+        RegistryError::TooManyForwards => ErrorCode::InternalError,
         RegistryError::Create { .. } | RegistryError::Attach { .. } => ErrorCode::CreateFailure,
         RegistryError::ShuttingDown
         | RegistryError::UnknownClient

@@ -81,6 +81,12 @@ enum Command {
             value_name = "NAME[,mac=MAC][,persistent]"
         )]
         networks: Vec<String>,
+        /// Forward the host's port EXT (every address, loopback included) to port INT of
+        /// the guest on the first --network's TAP (or on NAME's), while COMMAND runs.
+        /// Ports below 1024 need root. Example: --forward tcp:2222:22, then
+        /// `ssh -p 2222 localhost`.
+        #[arg(long = "forward", value_name = "PROTO:EXT:INT[,network=NAME]")]
+        forwards: Vec<String>,
         /// The command and its arguments.
         #[arg(last = true, required = true, value_name = "COMMAND")]
         command: Vec<String>,
@@ -147,8 +153,9 @@ fn main() -> ExitCode {
         Command::Run {
             socket,
             networks,
+            forwards,
             command,
-        } => cmd::run::main(&socket.socket, &networks, &command),
+        } => cmd::run::main(&socket.socket, &networks, &forwards, &command),
         Command::Status { socket, json } => cmd::status::main(&socket.socket, json),
         #[cfg(target_os = "linux")]
         Command::List { socket, json } => cmd::list::main(&socket.socket, json),

@@ -12,14 +12,18 @@
 //! it active, or gone (and creates it anew).
 
 use crate::backend::{
-    AttachRequest, Attachment, Backend, BackendError, EndpointId, LeaseView, NetworkDetails,
+    AttachRequest, Attachment, Backend, BackendError, EndpointId, ForwardRequest, LeaseView,
+    NetworkDetails,
 };
+use crate::config::Protocol;
 use crate::config::{ConfigDir, ConfigError, Mode, NetworkConfig, name_hash};
 use crate::error::chain;
 use crate::mac::Mac;
 use crate::policy::{self, Denied, Directory, Peer};
+use crate::protocol::ForwardSpec;
 use crate::state::{BrokerState, ClientRecord, EndpointRecord, NetworkRecord, StateWriter};
 use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 use std::time::Duration;
 use tokio::sync::{Mutex as NetworkLock, OwnedMutexGuard};
@@ -33,6 +37,9 @@ pub const MAX_NETWORKS_PER_CLIENT: usize = 8;
 /// uid or all users may hold on one network are the network's own limits
 /// ([`NetworkConfig::max_taps_per_uid`], [`NetworkConfig::max_nonroot_taps`]).
 pub const MAX_TAPS_PER_CLIENT: usize = 64;
+
+/// Dynamic port forwards one connection may hold at once.
+pub const MAX_FORWARDS_PER_CLIENT: usize = 64;
 
 /// Connections one non-root uid may have open at once, so one user cannot exhaust the
 /// broker's file descriptors for everyone.
@@ -134,6 +141,22 @@ pub enum RegistryError {
     #[error("cannot attach to network {name:?}")]
     Attach {
         name: String,
+        #[source]
+        source: BackendError,
+    },
+    /// A forward names a TAP this connection did not acquire on that network.
+    #[error("interface {interface:?} is not a TAP this connection acquired on network {network:?}")]
+    NotYourEndpoint { interface: String, network: String },
+    /// Ports below 1024 are the host's privileged ports: only root may forward them.
+    #[error("only root may forward a port below 1024 (asked for {port}, by uid {uid})")]
+    PrivilegedPort { port: u16, uid: u32 },
+    #[error("a connection may hold at most {MAX_FORWARDS_PER_CLIENT} port forwards")]
+    TooManyForwards,
+    #[error("cannot forward {protocol} port {port} on network {network:?}")]
+    Forward {
+        network: String,
+        protocol: &'static str,
+        port: u16,
         #[source]
         source: BackendError,
     },
@@ -337,6 +360,17 @@ struct Client {
     /// Persistent endpoints made for this client, as (network, endpoint): they do not
     /// go away with their handle, so they go when the client does.
     persistent: Vec<(String, EndpointId)>,
+    /// Dynamic port forwards made for this client, ended when it goes.
+    forwards: Vec<ClientForward>,
+}
+
+/// A dynamic port forward a client holds: on which incarnation of which network.
+#[derive(Debug, Clone, PartialEq, Eq)]
+struct ClientForward {
+    network: String,
+    instance: u64,
+    protocol: Protocol,
+    external_port: u16,
 }
 
 struct State<N> {
@@ -566,6 +600,8 @@ impl<B: Backend> Registry<B> {
                         networks: c.networks.into_iter().collect(),
                         taps: endpoints(c.endpoints),
                         persistent: endpoints(c.persistent),
+                        // Dynamic forwards end with the broker that made them.
+                        forwards: Vec::new(),
                     },
                 );
             }
@@ -846,6 +882,7 @@ impl<B: Backend> Registry<B> {
                 networks: BTreeSet::new(),
                 taps: Vec::new(),
                 persistent: Vec::new(),
+                forwards: Vec::new(),
             },
         );
         info!(
@@ -1327,9 +1364,133 @@ impl<B: Backend> Registry<B> {
         }
     }
 
+    /// Forwards the host's port to the guest behind one of `client`'s TAPs (the one
+    /// `spec.interface` names, which the client must have acquired on that network) for
+    /// as long as the client's connection and the TAP live. Ports below 1024 only for
+    /// root. Returns the guest's address when the backend knows it already.
+    pub async fn forward(
+        self: &Arc<Self>,
+        client: ClientId,
+        spec: &ForwardSpec,
+    ) -> Result<Option<IpAddr>, RegistryError> {
+        let result = self.try_forward(client, spec).await;
+        if let Err(e) = &result {
+            warn!(client, network = %spec.network_name, "forward refused: {}", chain(e));
+        }
+        result
+    }
+
+    async fn try_forward(
+        self: &Arc<Self>,
+        client: ClientId,
+        spec: &ForwardSpec,
+    ) -> Result<Option<IpAddr>, RegistryError> {
+        let protocol = match spec.protocol.as_str() {
+            "tcp" => Protocol::Tcp,
+            _ => Protocol::Udp,
+        };
+        let name = spec.network_name.as_str();
+        let endpoint = EndpointId(spec.interface.clone());
+        let not_yours = || RegistryError::NotYourEndpoint {
+            interface: spec.interface.clone(),
+            network: name.to_string(),
+        };
+        let (busy, instance) = {
+            let st = self.lock();
+            let c = st
+                .clients
+                .get(&client)
+                .ok_or(RegistryError::UnknownClient)?;
+            if !c
+                .taps
+                .iter()
+                .any(|(n, e)| n.as_str() == name && *e == endpoint)
+            {
+                return Err(not_yours());
+            }
+            if spec.external_port < 1024 && c.peer.uid != 0 {
+                return Err(RegistryError::PrivilegedPort {
+                    port: spec.external_port,
+                    uid: c.peer.uid,
+                });
+            }
+            if c.forwards.len() >= MAX_FORWARDS_PER_CLIENT {
+                return Err(RegistryError::TooManyForwards);
+            }
+            let net = st.networks.get(name).ok_or_else(not_yours)?;
+            (Arc::clone(&net.busy), net.instance)
+        };
+        // Under the network's lock, like every backend call for it: never alongside its
+        // destruction.
+        let _guard = busy.lock().await;
+        let (live, mac) = {
+            let st = self.lock();
+            let net = st
+                .networks
+                .get(name)
+                .filter(|n| n.instance == instance)
+                .ok_or_else(not_yours)?;
+            let Phase::Active(live) = &net.phase else {
+                return Err(not_yours());
+            };
+            let mac = net.handed.get(&endpoint).ok_or_else(not_yours)?.mac;
+            (Arc::clone(live), mac)
+        };
+        let request = ForwardRequest {
+            protocol,
+            external_port: spec.external_port,
+            internal_port: spec.internal_port,
+            endpoint: endpoint.clone(),
+            mac,
+        };
+        let address = self
+            .backend
+            .forward(&live.handle, &request)
+            .await
+            .map_err(|source| RegistryError::Forward {
+                network: name.to_string(),
+                protocol: protocol.as_str(),
+                port: spec.external_port,
+                source,
+            })?;
+        let record = ClientForward {
+            network: name.to_string(),
+            instance,
+            protocol,
+            external_port: spec.external_port,
+        };
+        let kept = match self.lock().clients.get_mut(&client) {
+            Some(c) => {
+                c.forwards.push(record);
+                true
+            }
+            None => false,
+        };
+        if !kept {
+            // The client left meanwhile: its forward goes at once.
+            if let Err(e) = self
+                .backend
+                .unforward(&live.handle, protocol, spec.external_port)
+                .await
+            {
+                warn!(
+                    client,
+                    network = name,
+                    "cannot end a port forward: {}",
+                    chain(&e)
+                );
+            }
+            return Err(RegistryError::UnknownClient);
+        }
+        info!(client, network = name, interface = %endpoint, protocol = protocol.as_str(),
+              external_port = spec.external_port, internal_port = spec.internal_port,
+              address = ?address, "port forward made");
+        Ok(address)
+    }
+
     /// The client's connection closed: release everything it held.
     pub async fn disconnect(self: &Arc<Self>, client: ClientId) {
-        let persistent = {
+        let (persistent, forwards) = {
             let mut st = self.lock();
             let Some(c) = st.clients.remove(&client) else {
                 return;
@@ -1357,14 +1518,49 @@ impl<B: Backend> Registry<B> {
                 "client disconnected"
             );
             self.record(&st);
-            c.persistent
+            let forwards = c
+                .forwards
+                .into_iter()
+                .filter_map(|f| {
+                    let net = st.networks.get(&f.network)?;
+                    Some((f, Arc::clone(&net.busy)))
+                })
+                .collect::<Vec<_>>();
+            let persistent = c
+                .persistent
                 .into_iter()
                 .filter_map(|(name, endpoint)| {
                     let net = st.networks.get(&name)?;
                     Some((name, endpoint, net.instance, Arc::clone(&net.busy)))
                 })
-                .collect::<Vec<_>>()
+                .collect::<Vec<_>>();
+            (persistent, forwards)
         };
+        // The forwards first, each under its network's lock, on the incarnation that
+        // made it (a network destroyed since took its forwards with it).
+        for (f, busy) in forwards {
+            let _guard = busy.lock().await;
+            let live = match &self.lock().networks.get(&f.network) {
+                Some(n) if n.instance == f.instance => match &n.phase {
+                    Phase::Active(live) => Some(Arc::clone(live)),
+                    _ => None,
+                },
+                _ => None,
+            };
+            let Some(live) = live else { continue };
+            match self
+                .backend
+                .unforward(&live.handle, f.protocol, f.external_port)
+                .await
+            {
+                Ok(()) => {
+                    info!(client, network = %f.network, port = f.external_port, "port forward ended with its client")
+                }
+                Err(e) => {
+                    warn!(client, network = %f.network, "cannot end a port forward: {}", chain(&e))
+                }
+            }
+        }
         // Outside the registry's lock, each under its network's: a release waits for
         // work on its own network only, and never runs on a network already destroyed.
         for (name, endpoint, instance, busy) in persistent {

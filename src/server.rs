@@ -13,7 +13,7 @@ use crate::backend::Backend;
 use crate::config::ConfigDir;
 use crate::inspect;
 use crate::policy::Peer;
-use crate::protocol::{BrokerError, MAX_MESSAGE, Mac, Reply, Request};
+use crate::protocol::{BrokerError, ForwardInfo, MAX_MESSAGE, Mac, Reply, Request};
 use crate::registry::{ClientId, Registry, RegistryError};
 use crate::reload::{Change, ConfigView, Definition, changes};
 use crate::systemd::{Activated, Notifier, status_line};
@@ -78,7 +78,7 @@ async fn inspect_reply<B: Backend>(
                     let list = inspect::leases_reply(l, std::time::SystemTime::now());
                     Reply::Leases(list.fit(MAX_MESSAGE))
                 }),
-            Request::Acquire { .. } | Request::Status => {
+            Request::Acquire { .. } | Request::Status | Request::Forward(_) => {
                 unreachable!("only list, show and leases come here")
             }
         };
@@ -673,6 +673,13 @@ async fn respond<B: Backend<Endpoint: AsFd>>(
         Ok(request @ (Request::List | Request::Show { .. } | Request::Leases { .. })) => {
             inspect_reply(registry, peer, request).await
         }
+        Ok(Request::Forward(spec)) => match registry.forward(client, &spec).await {
+            Ok(address) => Reply::Forward(ForwardInfo {
+                spec,
+                internal_address: address.map(|a| a.to_string()),
+            }),
+            Err(e) => Reply::Error(wire_error(&e)),
+        },
         Ok(Request::Acquire {
             network_name,
             mac,

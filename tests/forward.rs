@@ -134,6 +134,11 @@ fn reaches(b: &Broker, ns: &Netns, to: &str, want: &str) -> String {
     last.into_inner()
 }
 
+/// The broker's inet table, as nft lists it.
+fn rules(b: &Broker) -> String {
+    b.ns.sh("nft list table inet vmnet_broker")
+}
+
 fn static_file(mode: &str, subnet: &str, guest: &str, mac: &str, port: u16) -> String {
     format!(
         r#"{{"mode": "{mode}", "subnet": "{subnet}",
@@ -200,4 +205,141 @@ fn static_forwards_reach_the_guest_from_outside_and_from_the_host() {
     assert!(taken.is_err(), "the forward holds its port");
     drop(c);
     drop(guests);
+}
+
+/// The guest behind `a`: its DHCP lease, configured on its `eth0`, and a server on 22.
+fn guest_of(a: vmnet_broker::client::Acquired, name: &'static str) -> (TapVm, Guest, String) {
+    let prefix = a.info.subnet.split('/').nth(1).unwrap().to_string();
+    let mac = a.info.mac.clone();
+    let vm = TapVm::new(a.fd, &mac);
+    let ip = vm.dhcp(name);
+    vm.ns.sh(&format!("ip addr add {ip}/{prefix} dev eth0"));
+    let server = Guest::serve(&vm, 22, name);
+    (vm, server, ip)
+}
+
+#[test]
+fn dynamic_forwards_follow_the_lease_and_end_with_their_client() {
+    let b = Broker::start(Options::default());
+    let out = outside(&b);
+    let c = b.client();
+    let a = c.acquire("shared").unwrap();
+    let tap = a.info.interface.clone();
+    // Asked for before the guest has an address: made at once, aimed when the lease comes.
+    let f = c.forward("shared", "tcp", 2222, 22, &tap).unwrap();
+    assert_eq!((f.spec.external_port, f.spec.internal_port), (2222, 22));
+    assert_eq!(f.internal_address, None);
+    let (_vm, _server, ip) = guest_of(a, "dyn-guest");
+    reaches(&b, &out, "10.200.0.1:2222", "dyn-guest");
+    reaches(&b, &b.ns, "10.200.0.1:2222", "dyn-guest");
+    reaches(&b, &b.ns, "127.0.0.1:2222", "dyn-guest");
+    // Asked for once the lease exists: the reply names the guest's address.
+    let f = c.forward("shared", "tcp", 2223, 22, &tap).unwrap();
+    assert_eq!(f.internal_address.as_deref(), Some(ip.as_str()));
+    reaches(&b, &out, "10.200.0.1:2223", "dyn-guest");
+    assert!(rules(&b).contains("dport 2223"));
+
+    // Refusals. A port another forward holds, and one a host program listens on.
+    let other = b.client();
+    let theirs = other.acquire("shared").unwrap();
+    let e = other
+        .forward("shared", "tcp", 2222, 22, &theirs.info.interface)
+        .unwrap_err();
+    assert_eq!(e.code.code(), 8, "{e}");
+    assert!(e.message.contains("2222 is already in use"), "{e}");
+    let _listener = b.ns.run(|| TcpListener::bind(("0.0.0.0", 2230)).unwrap());
+    let e = c.forward("shared", "tcp", 2230, 22, &tap).unwrap_err();
+    assert_eq!(e.code.code(), 8, "{e}");
+    // Someone else's TAP, and a TAP of another network.
+    let e = other.forward("shared", "tcp", 2231, 22, &tap).unwrap_err();
+    assert_eq!(e.code.code(), 3, "{e}");
+    assert!(
+        e.message.contains("not a TAP this connection acquired"),
+        "{e}"
+    );
+    let e = c.forward("host", "tcp", 2231, 22, &tap).unwrap_err();
+    assert_eq!(e.code.code(), 3, "{e}");
+    // Malformed: an unknown protocol is the request's fault.
+    let (reply, _) = c
+        .call_raw(br#"{"command":"forward","network_name":"shared","protocol":"sctp","external_port":1,"internal_port":2,"interface":"x"}"#)
+        .unwrap();
+    assert!(String::from_utf8_lossy(&reply).contains(r#""error":4"#));
+
+    // The client goes: its forwards go, rules and ports.
+    drop(c);
+    b.wait_for("the forwards to end", DEADLINE, || {
+        fetch(&out, "10.200.0.1:2222".parse().unwrap()).is_err()
+            && !rules(&b).contains("dport 2222")
+    });
+    let freed = b.ns.run(|| TcpListener::bind(("0.0.0.0", 2222)));
+    assert!(freed.is_ok(), "the port is free again: {freed:?}");
+    drop(freed);
+    // Another client may take it now, for its own TAP.
+    other
+        .forward("shared", "tcp", 2222, 22, &theirs.info.interface)
+        .unwrap();
+}
+
+#[test]
+fn a_forward_ends_with_its_tap() {
+    let b = Broker::start(Options::default());
+    let c = b.client();
+    let a = c.acquire("shared").unwrap();
+    let tap = a.info.interface.clone();
+    c.forward("shared", "tcp", 2240, 22, &tap).unwrap();
+    let (vm, server, _) = guest_of(a, "short-lived");
+    reaches(&b, &b.ns, "127.0.0.1:2240", "short-lived");
+    // The VM closes its TAP (the only fd was the stand-in's); the connection stays.
+    drop(server);
+    drop(vm);
+    b.wait_for("the forward to end with the TAP", DEADLINE, || {
+        b.ns.run(|| TcpListener::bind(("0.0.0.0", 2240))).is_ok()
+    });
+    assert!(!rules(&b).contains("dport 2240"));
+    assert!(c.status().is_ok(), "the client is still connected");
+}
+
+#[test]
+fn only_root_forwards_ports_below_1024() {
+    let b = Broker::start(Options::default());
+    b.ns.sh(&format!("chmod 0666 {}", b.socket.display()));
+    let bin = b.bin_for_any_uid();
+    let run_as_nobody = |forward: &str| {
+        b.ns.cmd("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(&bin)
+            .args([
+                "run",
+                "--network",
+                "shared",
+                "--forward",
+                forward,
+                "--",
+                "true",
+            ])
+            .current_dir(b.dir.path())
+            .env("VMNET_BROKER_SOCKET", &b.socket)
+            .output()
+            .unwrap()
+    };
+    let out = run_as_nobody("tcp:80:22");
+    assert_eq!(out.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.starts_with("error 3: "), "{stderr}");
+    assert!(
+        stderr.contains("only root may forward a port below 1024"),
+        "{stderr}"
+    );
+    // A high port is anybody's.
+    let out = run_as_nobody("tcp:8080:22");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Root may take a low one.
+    let c = b.client();
+    let a = c.acquire("shared").unwrap();
+    c.forward("shared", "tcp", 81, 22, &a.info.interface)
+        .unwrap();
 }

@@ -12,8 +12,8 @@
 //! ```
 
 use crate::protocol::{
-    BrokerError, DEFAULT_SOCKET, ErrorCode, LeaseList, MAX_MESSAGE, Mac, NetworkDetail,
-    NetworkInfo, NetworkList, Reply, Request, SOCKET_ENV, Status,
+    BrokerError, DEFAULT_SOCKET, ErrorCode, ForwardInfo, ForwardSpec, LeaseList, MAX_MESSAGE, Mac,
+    NetworkDetail, NetworkInfo, NetworkList, Reply, Request, SOCKET_ENV, Status,
 };
 use nix::sys::socket::{
     AddressFamily, ControlMessageOwned, MsgFlags, SockFlag, SockType, UnixAddr, connect, recvmsg,
@@ -57,6 +57,7 @@ fn unexpected(reply: &Reply, request: &str) -> BrokerError {
         Reply::List(_) => "list",
         Reply::Show(_) => "show",
         Reply::Leases(_) => "leases",
+        Reply::Forward(_) => "forward",
         Reply::Error(_) => "error",
     };
     BrokerError::new(
@@ -190,6 +191,32 @@ impl Client {
             Reply::Leases(l) => Ok(l),
             Reply::Error(e) => Err(e),
             other => Err(unexpected(&other, "a leases request")),
+        }
+    }
+
+    /// Forwards the host's `external_port` to `internal_port` of the guest behind this
+    /// connection's TAP `interface` on `network` (an acquire's `info.interface`), until
+    /// this connection closes or the TAP does. `protocol` is `"tcp"` or `"udp"`. Ports
+    /// below 1024 need root; a taken port is [`ErrorCode::PortInUse`].
+    pub fn forward(
+        &self,
+        network: &str,
+        protocol: &str,
+        external_port: u16,
+        internal_port: u16,
+        interface: &str,
+    ) -> Result<ForwardInfo, BrokerError> {
+        let request = Request::Forward(ForwardSpec {
+            network_name: network.to_string(),
+            protocol: protocol.to_string(),
+            external_port,
+            internal_port,
+            interface: interface.to_string(),
+        });
+        match self.call(&request)?.0 {
+            Reply::Forward(f) => Ok(f),
+            Reply::Error(e) => Err(e),
+            other => Err(unexpected(&other, "a forward request")),
         }
     }
 

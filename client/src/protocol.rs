@@ -35,6 +35,9 @@ pub enum ErrorCode {
     NotFound,
     CreateFailure,
     InternalError,
+    /// A port forward's external port is taken (by another forward or a socket on the
+    /// host). New in this broker; the original has no port forwards.
+    PortInUse,
     /// A code this version does not know (a newer broker); kept so it can be reported.
     Unknown(i64),
 }
@@ -49,6 +52,7 @@ impl ErrorCode {
             5 => Self::NotFound,
             6 => Self::CreateFailure,
             7 => Self::InternalError,
+            8 => Self::PortInUse,
             other => Self::Unknown(other),
         }
     }
@@ -62,6 +66,7 @@ impl ErrorCode {
             Self::NotFound => 5,
             Self::CreateFailure => 6,
             Self::InternalError => 7,
+            Self::PortInUse => 8,
             Self::Unknown(code) => code,
         }
     }
@@ -83,6 +88,7 @@ pub fn strerror(code: i64) -> &'static str {
         5 => "Network name not found",
         6 => "Failed to create network",
         7 => "Internal or unknown error",
+        8 => "Port already in use",
         _ => "(unknown status)",
     }
 }
@@ -139,7 +145,36 @@ pub enum Request {
     Leases {
         network_name: Option<String>,
     },
+    /// Forward the host's `external_port` to `internal_port` of the guest behind the
+    /// caller's TAP `interface` on `network_name`, for as long as the connection and the
+    /// TAP live (`forward`).
+    Forward(ForwardSpec),
 }
+
+/// What a `forward` request asks for, and what its reply confirms.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForwardSpec {
+    pub network_name: String,
+    /// `"tcp"` or `"udp"`.
+    pub protocol: String,
+    pub external_port: u16,
+    pub internal_port: u16,
+    /// A TAP the caller acquired on `network_name` (an acquire reply's `interface`).
+    pub interface: String,
+}
+
+/// The reply to `forward`: the forward as made, and the guest's address when the broker
+/// knows it already (otherwise it follows the guest's DHCP lease when it comes).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForwardInfo {
+    #[serde(flatten)]
+    pub spec: ForwardSpec,
+    #[serde(default)]
+    pub internal_address: Option<String>,
+}
+
+/// Longest interface name a `forward` may name (IFNAMSIZ less the NUL).
+const MAX_INTERFACE: usize = 15;
 
 /// Longest network name; it must fit a file name and an interface alias with room to spare.
 pub const MAX_NETWORK_NAME: usize = 64;
@@ -219,6 +254,53 @@ impl Request {
                 })
             }
             "status" => Ok(Request::Status),
+            "forward" => {
+                let protocol = match obj.get("protocol") {
+                    Some(Value::String(p)) if p == "tcp" || p == "udp" => p.clone(),
+                    Some(_) => {
+                        return Err(BrokerError::invalid(
+                            "\"protocol\" must be \"tcp\" or \"udp\"",
+                        ));
+                    }
+                    None => return Err(BrokerError::invalid("missing \"protocol\"")),
+                };
+                let port = |key: &str| match obj.get(key) {
+                    Some(Value::Number(n)) => n
+                        .as_u64()
+                        .and_then(|n| u16::try_from(n).ok())
+                        .filter(|p| *p != 0)
+                        .ok_or_else(|| {
+                            BrokerError::invalid(format!(
+                                "\"{key}\" must be a port number from 1 to 65535"
+                            ))
+                        }),
+                    Some(_) => Err(BrokerError::invalid(format!("\"{key}\" is not a number"))),
+                    None => Err(BrokerError::invalid(format!("missing \"{key}\""))),
+                };
+                let interface = match obj.get("interface") {
+                    Some(Value::String(i))
+                        if !i.is_empty()
+                            && i.len() <= MAX_INTERFACE
+                            && !i.contains(['/', '\0'])
+                            && !i.chars().any(char::is_whitespace) =>
+                    {
+                        i.clone()
+                    }
+                    Some(_) => {
+                        return Err(BrokerError::invalid(format!(
+                            "\"interface\" must be an interface name of 1 to {MAX_INTERFACE} bytes"
+                        )));
+                    }
+                    None => return Err(BrokerError::invalid("missing \"interface\"")),
+                };
+                Ok(Request::Forward(ForwardSpec {
+                    network_name: required_name(&obj)?,
+                    protocol,
+                    external_port: port("external_port")?,
+                    internal_port: port("internal_port")?,
+                    interface,
+                }))
+            }
             "list" => Ok(Request::List),
             "show" => Ok(Request::Show {
                 network_name: required_name(&obj)?,
@@ -253,6 +335,14 @@ impl Request {
                 v
             }
             Request::Status => serde_json::json!({"command": "status"}),
+            Request::Forward(f) => serde_json::json!({
+                "command": "forward",
+                "network_name": f.network_name,
+                "protocol": f.protocol,
+                "external_port": f.external_port,
+                "internal_port": f.internal_port,
+                "interface": f.interface,
+            }),
             Request::List => serde_json::json!({"command": "list"}),
             Request::Show { network_name } => {
                 serde_json::json!({"command": "show", "network_name": network_name})
@@ -576,6 +666,7 @@ pub enum Reply {
     List(NetworkList),
     Show(NetworkDetail),
     Leases(LeaseList),
+    Forward(ForwardInfo),
     Error(BrokerError),
 }
 
@@ -587,6 +678,7 @@ impl Reply {
             Reply::List(l) => serde_json::json!({ "list": l }),
             Reply::Show(d) => serde_json::json!({ "show": d }),
             Reply::Leases(l) => serde_json::json!({ "leases": l }),
+            Reply::Forward(f) => serde_json::json!({ "forward": f }),
             Reply::Error(e) => serde_json::json!({"error": e.code.code(), "message": e.message}),
         };
         serde_json::to_vec(&v).expect("a JSON value always serializes")
@@ -634,8 +726,13 @@ impl Reply {
                 .map(Reply::Leases)
                 .map_err(|e| bad(format!("malformed \"leases\": {e}")));
         }
+        if let Some(f) = obj.remove("forward") {
+            return serde_json::from_value(f)
+                .map(Reply::Forward)
+                .map_err(|e| bad(format!("malformed \"forward\": {e}")));
+        }
         Err(bad(
-            "reply has none of \"network\", \"status\", \"list\", \"show\", \"leases\" or \"error\"".into(),
+            "reply has none of \"network\", \"status\", \"list\", \"show\", \"leases\", \"forward\" or \"error\"".into(),
         ))
     }
 }

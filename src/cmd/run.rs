@@ -35,6 +35,47 @@ fn parse_network(arg: &str) -> Result<NetworkArg<'_>, BrokerError> {
     Ok(n)
 }
 
+/// One `--forward` argument: `PROTO:EXT:INT[,network=NAME]`.
+#[derive(Debug, PartialEq)]
+struct ForwardArg<'a> {
+    protocol: &'a str,
+    external: u16,
+    internal: u16,
+    network: Option<&'a str>,
+}
+
+fn parse_forward(arg: &str) -> Result<ForwardArg<'_>, BrokerError> {
+    let bad = || {
+        BrokerError::invalid(format!(
+            "--forward {arg:?}: expected PROTO:EXT:INT[,network=NAME] with PROTO tcp or udp \
+             and ports from 1 to 65535"
+        ))
+    };
+    let (spec, network) = match arg.split_once(',') {
+        None => (arg, None),
+        Some((spec, rest)) => match rest.split_once('=') {
+            Some(("network", name)) if !name.is_empty() => (spec, Some(name)),
+            _ => return Err(bad()),
+        },
+    };
+    let mut parts = spec.split(':');
+    let (Some(protocol), Some(external), Some(internal), None) =
+        (parts.next(), parts.next(), parts.next(), parts.next())
+    else {
+        return Err(bad());
+    };
+    let port = |p: &str| p.parse::<u16>().ok().filter(|p| *p != 0).ok_or_else(bad);
+    if protocol != "tcp" && protocol != "udp" {
+        return Err(bad());
+    }
+    Ok(ForwardArg {
+        protocol,
+        external: port(external)?,
+        internal: port(internal)?,
+        network,
+    })
+}
+
 /// The signals `run` passes on to its command instead of dying of them.
 const FORWARDED: [nix::sys::signal::Signal; 4] = [
     nix::sys::signal::Signal::SIGINT,
@@ -43,8 +84,20 @@ const FORWARDED: [nix::sys::signal::Signal; 4] = [
     nix::sys::signal::Signal::SIGQUIT,
 ];
 
-pub fn main(socket: &Path, networks: &[String], command: &[String]) -> super::Result {
+pub fn main(
+    socket: &Path,
+    networks: &[String],
+    forwards: &[String],
+    command: &[String],
+) -> super::Result {
+    // All arguments are checked before anything is acquired.
+    let forwards = forwards
+        .iter()
+        .map(|f| parse_forward(f))
+        .collect::<Result<Vec<_>, _>>()?;
     let client = Client::connect(socket)?;
+    // (network, TAP) of each acquire, for the forwards.
+    let mut taps: Vec<(String, String)> = Vec::new();
     let first = 3 + networks.len() as i32;
     let mut replies = Vec::new();
     let mut staged: Vec<OwnedFd> = Vec::new();
@@ -52,6 +105,7 @@ pub fn main(socket: &Path, networks: &[String], command: &[String]) -> super::Re
         let n = parse_network(arg)?;
         let acquired = client.acquire_with(n.name, n.mac, n.persistent)?;
         super::acquire::verify(&acquired)?;
+        taps.push((n.name.to_string(), acquired.info.interface.clone()));
         replies.push(super::acquire::describe(&acquired, 3 + i as i32));
         // Park every TAP above the target range first, so moving them down to 3, 4, ...
         // in the child can never overwrite one that is still to be moved.
@@ -61,6 +115,15 @@ pub fn main(socket: &Path, networks: &[String], command: &[String]) -> super::Re
                 // refers to, so the OwnedFd is its only owner.
                 .map(|fd| unsafe { std::os::fd::FromRawFd::from_raw_fd(fd) })?,
         );
+    }
+    for f in &forwards {
+        let (network, tap) = match f.network {
+            None => &taps[0],
+            Some(name) => taps.iter().find(|(n, _)| n == name).ok_or_else(|| {
+                BrokerError::invalid(format!("--forward: no --network named {name:?}"))
+            })?,
+        };
+        client.forward(network, f.protocol, f.external, f.internal, tap)?;
     }
     let raw: Vec<i32> = staged.iter().map(|fd| fd.as_raw_fd()).collect();
     let mut cmd = std::process::Command::new(&command[0]);
@@ -149,7 +212,33 @@ pub fn main(socket: &Path, networks: &[String], command: &[String]) -> super::Re
 
 #[cfg(test)]
 mod tests {
-    use super::{Mac, parse_network};
+    use super::{ForwardArg, Mac, parse_forward, parse_network};
+
+    #[test]
+    fn forward_arguments() {
+        assert_eq!(
+            parse_forward("tcp:2222:22").unwrap(),
+            ForwardArg {
+                protocol: "tcp",
+                external: 2222,
+                internal: 22,
+                network: None
+            }
+        );
+        let f = parse_forward("udp:5353:53,network=host").unwrap();
+        assert_eq!((f.protocol, f.network), ("udp", Some("host")));
+        for bad in [
+            "tcp:2222",
+            "sctp:1:2",
+            "tcp:0:22",
+            "tcp:70000:22",
+            "tcp:1:2:3",
+            "tcp:1:2,net=x",
+            "tcp:1:2,network=",
+        ] {
+            assert!(parse_forward(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn network_arguments() {

@@ -141,8 +141,11 @@ pub fn reserve(
 }
 
 /// A non-blocking socket bound to `addr` (listening, for TCP). IPv6 sockets are IPv6
-/// only, so the IPv4 one is a separate socket; no SO_REUSEADDR, so a port that anything
-/// holds, even a socket in TIME_WAIT's company, is refused as taken.
+/// only, so the IPv4 one is a separate socket. TCP sockets take SO_REUSEADDR, as servers
+/// do: a relayed connection the broker closed first leaves a TIME_WAIT socket on the port
+/// for a minute, which would otherwise keep the port from the next forward; a socket
+/// listening on it still makes it taken. UDP sockets do not (there it would let two
+/// sockets share the port).
 fn bind(protocol: Protocol, addr: SocketAddr) -> io::Result<Socket> {
     let domain = Domain::for_address(addr);
     let kind = match protocol {
@@ -152,6 +155,9 @@ fn bind(protocol: Protocol, addr: SocketAddr) -> io::Result<Socket> {
     let socket = Socket::new(domain, kind.cloexec(), None)?;
     if addr.is_ipv6() {
         socket.set_only_v6(true)?;
+    }
+    if protocol == Protocol::Tcp {
+        socket.set_reuse_address(true)?;
     }
     socket.set_nonblocking(true)?;
     socket.bind(&addr.into())?;
