@@ -111,6 +111,32 @@ pub fn config_json(c: &NetworkConfig) -> Map<String, Value> {
     }
 }
 
+/// The network's port forwards for `show`: the static ones of its definition, then the
+/// dynamic ones with the TAP and client they belong to.
+fn forwards_json(v: &NetworkView) -> Vec<Value> {
+    let fixed = v.config.port_forwarding_rules.iter().map(|f| {
+        serde_json::json!({
+            "protocol": f.protocol.as_str(),
+            "external_address": f.external_address.map(|a| a.to_string()),
+            "external_port": f.external_port,
+            "internal_address": f.internal_address.to_string(),
+            "internal_port": f.internal_port,
+            "static": true,
+        })
+    });
+    let dynamic = v.forwards.iter().map(|f| {
+        serde_json::json!({
+            "protocol": f.protocol.as_str(),
+            "external_port": f.external_port,
+            "internal_port": f.internal_port,
+            "interface": f.endpoint.0,
+            "client": f.client,
+            "static": false,
+        })
+    });
+    fixed.chain(dynamic).collect()
+}
+
 /// The reply to `show` (not yet cut to the message size).
 pub fn show_reply(v: NetworkView) -> NetworkDetail {
     let (state, removal_in_seconds) = state_of(v.state);
@@ -134,7 +160,7 @@ pub fn show_reply(v: NetworkView) -> NetworkDetail {
             })
             .unwrap_or_default(),
         clients: v.clients,
-        forwards: vec![],
+        forwards: forwards_json(&v),
         taps: v.taps.iter().map(tap_info).collect(),
         truncated: false,
         name: v.name,

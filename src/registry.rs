@@ -250,6 +250,8 @@ pub struct NetworkView {
     pub details: Option<NetworkDetails>,
     pub clients: usize,
     pub taps: Vec<TapView>,
+    /// The dynamic port forwards clients hold on it (the static ones are in `config`).
+    pub forwards: Vec<ForwardView>,
 }
 
 /// A lease of a network's services, with the TAP its MAC belongs to.
@@ -371,6 +373,18 @@ struct ClientForward {
     instance: u64,
     protocol: Protocol,
     external_port: u16,
+    internal_port: u16,
+    endpoint: EndpointId,
+}
+
+/// A dynamic port forward as `show` reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ForwardView {
+    pub protocol: Protocol,
+    pub external_port: u16,
+    pub internal_port: u16,
+    pub endpoint: EndpointId,
+    pub client: ClientId,
 }
 
 struct State<N> {
@@ -1458,6 +1472,8 @@ impl<B: Backend> Registry<B> {
             instance,
             protocol,
             external_port: spec.external_port,
+            internal_port: spec.internal_port,
+            endpoint: endpoint.clone(),
         };
         let kept = match self.lock().clients.get_mut(&client) {
             Some(c) => {
@@ -1908,7 +1924,20 @@ impl<B: Backend> Registry<B> {
                     Phase::Creating => continue,
                 };
                 let mut holders = BTreeMap::new();
+                let mut forwards = vec![];
                 for (id, c) in &st.clients {
+                    forwards.extend(
+                        c.forwards
+                            .iter()
+                            .filter(|f| &f.network == name && f.instance == net.instance)
+                            .map(|f| ForwardView {
+                                protocol: f.protocol,
+                                external_port: f.external_port,
+                                internal_port: f.internal_port,
+                                endpoint: f.endpoint.clone(),
+                                client: *id,
+                            }),
+                    );
                     for (_, endpoint) in c.taps.iter().filter(|(n, _)| n == name) {
                         holders.insert(
                             endpoint.clone(),
@@ -1929,6 +1958,7 @@ impl<B: Backend> Registry<B> {
                         clients: net.clients.len(),
                         handed: net.handed.clone(),
                         holders,
+                        forwards,
                     },
                 );
             }
@@ -1941,6 +1971,7 @@ impl<B: Backend> Registry<B> {
                 clients: 0,
                 handed: BTreeMap::new(),
                 holders: BTreeMap::new(),
+                forwards: vec![],
             });
         }
         // Only what `peer` may use; the user database may block, so on its own thread.
@@ -1994,6 +2025,7 @@ impl<B: Backend> Registry<B> {
                 state: k.state,
                 clients: k.clients,
                 taps,
+                forwards: k.forwards,
             };
             out.push((view, k.live));
         }
@@ -2009,6 +2041,7 @@ struct Known<N> {
     clients: usize,
     handed: BTreeMap<EndpointId, Handed>,
     holders: BTreeMap<EndpointId, Holder>,
+    forwards: Vec<ForwardView>,
 }
 
 /// A network taken out of service, waiting for [`Registry::remove`].

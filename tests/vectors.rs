@@ -3,7 +3,7 @@
 
 use serde_json::Value;
 use vmnet_broker_client::protocol::{
-    ErrorCode, LeaseList, MAX_MESSAGE, NetworkDetail, NetworkInfo, NetworkList, PROTOCOL_VERSION,
+    ErrorCode, ForwardInfo, ForwardSpec, LeaseList, MAX_MESSAGE, NetworkDetail, NetworkInfo, NetworkList, PROTOCOL_VERSION,
     Reply, Request, Status, parse_guest_mac, strerror,
 };
 
@@ -40,10 +40,18 @@ fn list<'a>(v: &'a Value, key: &str) -> &'a Vec<Value> {
     l
 }
 
-/// A `list`, `show` or `leases` request as a vector spells it.
+/// A `list`, `show`, `leases` or `forward` request as a vector spells it.
 fn inspection(command: &str, r: &Value) -> Request {
     let name = r["network_name"].as_str().map(str::to_string);
+    let port = |key: &str| r[key].as_u64().and_then(|p| u16::try_from(p).ok()).expect(key);
     match command {
+        "forward" => Request::Forward(ForwardSpec {
+            network_name: name.expect("forward names a network"),
+            protocol: r["protocol"].as_str().unwrap().to_string(),
+            external_port: port("external_port"),
+            internal_port: port("internal_port"),
+            interface: r["interface"].as_str().unwrap().to_string(),
+        }),
         "list" => Request::List,
         "show" => Request::Show {
             network_name: name.expect("show names a network"),
@@ -146,6 +154,9 @@ fn parses_replies_as_the_vectors_say() {
         } else if let Some(l) = expect.get("leases") {
             let want: LeaseList = serde_json::from_value(l.clone()).unwrap();
             assert_eq!(got, Reply::Leases(want), "{what}");
+        } else if let Some(f) = expect.get("forward") {
+            let want: ForwardInfo = serde_json::from_value(f.clone()).unwrap();
+            assert_eq!(got, Reply::Forward(want), "{what}");
         } else {
             let Reply::Error(e) = got else {
                 panic!("{what}: expected an error, got {got:?}")

@@ -51,6 +51,9 @@ enum {
     VMNET_BROKER_CREATE_FAILURE = 6,
     /* Anything else, including a 9th distinct network on one connection. */
     VMNET_BROKER_INTERNAL_ERROR = 7,
+    /* A port forward's port is taken (this broker's forward request; not sent by the
+       original broker, and never in answer to an acquire). */
+    VMNET_BROKER_PORT_IN_USE = 8,
 };
 
 /* Everything is a NUL-terminated string except mtu. */

@@ -244,6 +244,7 @@ pub extern "C" fn vmnet_broker_strerror(status: VmnetBrokerReturn) -> *const c_c
         5 => c"Network name not found",
         6 => c"Failed to create network",
         7 => c"Internal or unknown error",
+        8 => c"Port already in use",
         _ => c"(unknown status)",
     };
     s.as_ptr()

@@ -967,7 +967,35 @@ mod tests {
         for c in 1..=9 {
             assert_eq!(ErrorCode::from_code(c).code(), c);
         }
-        assert_eq!(ErrorCode::from_code(8), ErrorCode::Unknown(8));
+        assert_eq!(ErrorCode::from_code(8), ErrorCode::PortInUse);
+        assert_eq!(ErrorCode::PortInUse.strerror(), "Port already in use");
+        assert_eq!(ErrorCode::from_code(9), ErrorCode::Unknown(9));
+    }
+
+    #[test]
+    fn forward_requests_and_replies_round_trip() {
+        let spec = ForwardSpec {
+            network_name: "shared".into(),
+            protocol: "udp".into(),
+            external_port: 5353,
+            internal_port: 53,
+            interface: "vmnt9-0".into(),
+        };
+        let req = Request::Forward(spec.clone());
+        assert_eq!(Request::parse(&req.to_bytes()).unwrap(), req);
+        for info in [
+            ForwardInfo {
+                spec: spec.clone(),
+                internal_address: Some("10.0.0.2".into()),
+            },
+            ForwardInfo {
+                spec,
+                internal_address: None,
+            },
+        ] {
+            let reply = Reply::Forward(info);
+            assert_eq!(Reply::parse(&reply.to_bytes()).unwrap(), reply);
+        }
     }
 
     #[test]

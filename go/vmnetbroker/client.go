@@ -141,6 +141,18 @@ func showRequest(name string) []byte {
 	return encodeRequest(map[string]string{"command": "show", "network_name": name})
 }
 
+// forwardRequest asks for a port forward to the guest behind the caller's TAP iface.
+func forwardRequest(network, protocol string, external, internal uint16, iface string) []byte {
+	return encodeRequest(map[string]interface{}{
+		"command":       "forward",
+		"network_name":  network,
+		"protocol":      protocol,
+		"external_port": external,
+		"internal_port": internal,
+		"interface":     iface,
+	})
+}
+
 // leasesRequest asks for the leases of name, or of every network when name is "".
 func leasesRequest(name string) []byte {
 	req := map[string]string{"command": "leases"}
@@ -233,6 +245,21 @@ func (c *Client) Leases(name string) (*LeaseList, error) {
 		return nil, invalidReply("unexpected reply to leases")
 	}
 	return r.leases, nil
+}
+
+// Forward forwards the host's port external to port internal of the guest behind this
+// connection's TAP iface on network (an acquire's Info.Interface), until this
+// connection closes or the TAP does. protocol is "tcp" or "udp". Ports below 1024 need
+// root; a taken port fails with ErrPortInUse.
+func (c *Client) Forward(network, protocol string, external, internal uint16, iface string) (*Forward, error) {
+	r, err := c.ask(forwardRequest(network, protocol, external, internal, iface))
+	if err != nil {
+		return nil, err
+	}
+	if r.forward == nil {
+		return nil, invalidReply("unexpected reply to forward")
+	}
+	return r.forward, nil
 }
 
 func closeAll(fds []int) {

@@ -15,6 +15,9 @@ const (
 	NotFound          Code = 5
 	CreateFailure     Code = 6
 	InternalError     Code = 7
+	// PortInUse: a port forward's external port is taken (by another forward or a
+	// socket on the host). New in this broker; the original has no port forwards.
+	PortInUse Code = 8
 
 	// XPCFailure is the original library's name for BrokerUnreachable.
 	XPCFailure = BrokerUnreachable
@@ -40,6 +43,8 @@ func Strerror(c Code) string {
 		return "Failed to create network"
 	case InternalError:
 		return "Internal or unknown error"
+	case PortInUse:
+		return "Port already in use"
 	}
 	return "(unknown status)"
 }
@@ -88,4 +93,5 @@ var (
 	ErrNotFound          = sentinel(NotFound)
 	ErrCreateFailure     = sentinel(CreateFailure)
 	ErrInternalError     = sentinel(InternalError)
+	ErrPortInUse         = sentinel(PortInUse)
 )

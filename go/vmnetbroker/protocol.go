@@ -135,12 +135,12 @@ type LeaseInfo struct {
 // encodeRequest produces the canonical bytes of a request: compact JSON, keys in byte
 // order (a map marshals sorted), no HTML escaping, so every client library sends the
 // same bytes (tests/vectors/messages.json).
-func encodeRequest(fields map[string]string) []byte {
+func encodeRequest(fields interface{}) []byte {
 	var b bytes.Buffer
 	enc := json.NewEncoder(&b)
 	enc.SetEscapeHTML(false)
 	if err := enc.Encode(fields); err != nil {
-		panic("a map of strings always encodes: " + err.Error())
+		panic("a map of strings and numbers always encodes: " + err.Error())
 	}
 	return bytes.TrimSuffix(b.Bytes(), []byte("\n"))
 }
@@ -152,7 +152,19 @@ type reply struct {
 	list    *NetworkList
 	show    *NetworkDetail
 	leases  *LeaseList
+	forward *Forward
 	err     *Error
+}
+
+// Forward is the broker's answer to a forward request: the forward as made, and the
+// guest's address when the broker knows it already (nil until the guest's DHCP lease).
+type Forward struct {
+	NetworkName     string  `json:"network_name"`
+	Protocol        string  `json:"protocol"`
+	ExternalPort    uint16  `json:"external_port"`
+	InternalPort    uint16  `json:"internal_port"`
+	Interface       string  `json:"interface"`
+	InternalAddress *string `json:"internal_address"`
 }
 
 func invalidReply(format string, args ...interface{}) *Error {
@@ -219,7 +231,14 @@ func parseReply(b []byte) (*reply, *Error) {
 		}
 		return &reply{leases: &l}, nil
 	}
-	return nil, invalidReply("reply has none of \"network\", \"status\", \"list\", \"show\", \"leases\" or \"error\"")
+	if raw, ok := top["forward"]; ok {
+		var fw Forward
+		if err := decodeForward(raw, &fw); err != nil {
+			return nil, invalidReply("malformed \"forward\": %v", err)
+		}
+		return &reply{forward: &fw}, nil
+	}
+	return nil, invalidReply("reply has none of \"network\", \"status\", \"list\", \"show\", \"leases\", \"forward\" or \"error\"")
 }
 
 type fields map[string]json.RawMessage
@@ -393,6 +412,28 @@ func decodeInfo(raw json.RawMessage, n *Info) error {
 	f.get("bridge", &err, str(&n.Bridge))
 	f.get("interface", &err, str(&n.Interface))
 	f.get("mac", &err, str(&n.MAC))
+	return err
+}
+
+func u16(dst *uint16) func(json.RawMessage) error {
+	return func(raw json.RawMessage) error {
+		v, err := unsigned(raw, 16)
+		*dst = uint16(v)
+		return err
+	}
+}
+
+func decodeForward(raw json.RawMessage, fw *Forward) error {
+	f, err := object(raw)
+	if err != nil {
+		return fmt.Errorf("not an object")
+	}
+	f.get("network_name", &err, str(&fw.NetworkName))
+	f.get("protocol", &err, str(&fw.Protocol))
+	f.get("external_port", &err, u16(&fw.ExternalPort))
+	f.get("internal_port", &err, u16(&fw.InternalPort))
+	f.get("interface", &err, str(&fw.Interface))
+	f.opt("internal_address", &err, optStr(&fw.InternalAddress))
 	return err
 }
 

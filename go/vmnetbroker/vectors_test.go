@@ -16,9 +16,9 @@ type vectors struct {
 	ProtocolVersion int `json:"protocol_version"`
 	MaxMessage      int `json:"max_message"`
 	EncodeRequests  []struct {
-		Description string            `json:"description"`
-		Request     map[string]string `json:"request"`
-		Bytes       string            `json:"bytes"`
+		Description string                 `json:"description"`
+		Request     map[string]interface{} `json:"request"`
+		Bytes       string                 `json:"bytes"`
 	} `json:"encode_requests"`
 	Replies []struct {
 		Description string          `json:"description"`
@@ -59,24 +59,29 @@ func TestVectorHeader(t *testing.T) {
 func TestEncodeRequestVectors(t *testing.T) {
 	for _, tc := range loadVectors(t).EncodeRequests {
 		var got []byte
-		switch tc.Request["command"] {
+		s := func(key string) string { v, _ := tc.Request[key].(string); return v }
+		port := func(key string) uint16 { v, _ := tc.Request[key].(float64); return uint16(v) }
+		switch s("command") {
 		case "acquire":
 			var mac net.HardwareAddr
-			if s, ok := tc.Request["mac"]; ok {
+			if m := s("mac"); m != "" {
 				var err error
-				if mac, err = net.ParseMAC(s); err != nil {
+				if mac, err = net.ParseMAC(m); err != nil {
 					t.Fatalf("%s: %v", tc.Description, err)
 				}
 			}
-			got = acquireRequest(tc.Request["network_name"], mac)
+			got = acquireRequest(s("network_name"), mac)
 		case "status":
 			got = statusRequest()
 		case "list":
 			got = listRequest()
 		case "show":
-			got = showRequest(tc.Request["network_name"])
+			got = showRequest(s("network_name"))
 		case "leases":
-			got = leasesRequest(tc.Request["network_name"])
+			got = leasesRequest(s("network_name"))
+		case "forward":
+			got = forwardRequest(s("network_name"), s("protocol"), port("external_port"),
+				port("internal_port"), s("interface"))
 		default:
 			t.Fatalf("unknown command in %s", tc.Description)
 		}
@@ -117,6 +122,7 @@ func TestReplyVectors(t *testing.T) {
 			List    *NetworkList   `json:"list"`
 			Show    *NetworkDetail `json:"show"`
 			Leases  *LeaseList     `json:"leases"`
+			Forward *Forward       `json:"forward"`
 			Error   *int64         `json:"error"`
 			Message string         `json:"message"`
 		}
@@ -143,6 +149,10 @@ func TestReplyVectors(t *testing.T) {
 		case want.Leases != nil:
 			if !reflect.DeepEqual(r.leases, want.Leases) {
 				t.Errorf("%s: got %+v, want %+v", tc.Description, r.leases, want.Leases)
+			}
+		case want.Forward != nil:
+			if !reflect.DeepEqual(r.forward, want.Forward) {
+				t.Errorf("%s: got %+v, want %+v", tc.Description, r.forward, want.Forward)
 			}
 		default:
 			if r.err == nil || int64(r.err.Code) != *want.Error || r.err.Message != want.Message {

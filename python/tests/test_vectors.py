@@ -33,6 +33,9 @@ def test_encode_requests(vectors):
             got = vb.encode_show(r["network_name"])
         elif r["command"] == "leases":
             got = vb.encode_leases(r.get("network_name"))
+        elif r["command"] == "forward":
+            got = vb.encode_forward(r["network_name"], r["protocol"], r["external_port"],
+                                    r["internal_port"], r["interface"])
         else:
             got = vb.encode_status()
         assert got == t["bytes"].encode(), t["description"]
@@ -68,7 +71,7 @@ def test_strerror(vectors):
 def test_error_classes_follow_codes():
     for cls, code in [(vb.BrokerUnreachable, 1), (vb.InvalidReply, 2), (vb.NotAllowed, 3),
                       (vb.InvalidRequest, 4), (vb.NotFound, 5), (vb.CreateFailure, 6),
-                      (vb.InternalError, 7)]:
+                      (vb.InternalError, 7), (vb.PortInUse, 8)]:
         e = vb.BrokerError(code, "detail")
         assert type(e) is cls and e.code == code and e.message == "detail"
         assert "detail" in str(e) and vb.strerror(code) in str(e)

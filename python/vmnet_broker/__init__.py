@@ -19,9 +19,10 @@ import threading
 __all__ = [
     "PROTOCOL_VERSION", "MAX_MESSAGE", "DEFAULT_SOCKET_PATH", "SOCKET_ENV",
     "SUCCESS", "BROKER_UNREACHABLE", "XPC_FAILURE", "INVALID_REPLY", "NOT_ALLOWED",
-    "INVALID_REQUEST", "NOT_FOUND", "CREATE_FAILURE", "INTERNAL_ERROR",
+    "INVALID_REQUEST", "NOT_FOUND", "CREATE_FAILURE", "INTERNAL_ERROR", "PORT_IN_USE",
     "strerror", "socket_path", "BrokerError", "BrokerUnreachable", "InvalidReply",
     "NotAllowed", "InvalidRequest", "NotFound", "CreateFailure", "InternalError",
+    "PortInUse",
     "Client", "Network", "acquire_network",
 ]
 
@@ -40,6 +41,8 @@ INVALID_REQUEST = 4
 NOT_FOUND = 5
 CREATE_FAILURE = 6
 INTERNAL_ERROR = 7
+# A port forward's external port is taken; new in this broker (the original has none).
+PORT_IN_USE = 8
 
 _STRINGS = {
     SUCCESS: "Success",
@@ -50,6 +53,7 @@ _STRINGS = {
     NOT_FOUND: "Network name not found",
     CREATE_FAILURE: "Failed to create network",
     INTERNAL_ERROR: "Internal or unknown error",
+    PORT_IN_USE: "Port already in use",
 }
 
 
@@ -118,8 +122,13 @@ class InternalError(BrokerError):
     code = INTERNAL_ERROR
 
 
+class PortInUse(BrokerError):
+    code = PORT_IN_USE
+
+
 _BY_CODE = {c.code: c for c in (BrokerUnreachable, InvalidReply, NotAllowed,
-                                InvalidRequest, NotFound, CreateFailure, InternalError)}
+                                InvalidRequest, NotFound, CreateFailure, InternalError,
+                                PortInUse)}
 
 # Linux's value; some Python builds do not export the constant.
 _MSG_CMSG_CLOEXEC = getattr(socket, "MSG_CMSG_CLOEXEC", 0x40000000)
@@ -155,6 +164,14 @@ def encode_show(name):
     return _encode({"command": "show", "network_name": name})
 
 
+def encode_forward(network, protocol, external_port, internal_port, interface):
+    """The bytes of a forward request: the host's ``external_port`` to ``internal_port``
+    of the guest behind the caller's TAP ``interface`` on ``network``."""
+    return _encode({"command": "forward", "network_name": network, "protocol": protocol,
+                    "external_port": external_port, "internal_port": internal_port,
+                    "interface": interface})
+
+
 def encode_leases(name=None):
     """Leases of network ``name``, or of every network the caller may use."""
     req = {"command": "leases"}
@@ -184,7 +201,9 @@ _LEASE_FIELDS = {"network": str, "mac": str, "ipv4": str, "expires_at": "u64",
                  "expires_in_seconds": "u64"}
 _LEASE_OPTIONAL = dict(_TAP_OPTIONAL, ipv6=str, hostname=str, interface=str)
 del _LEASE_OPTIONAL["mac"]
-_RANGES = {"u32": (0, 2**32 - 1), "u64": (0, 2**64 - 1), "i32": (-2**31, 2**31 - 1)}
+_FORWARD_FIELDS = {"network_name": str, "protocol": str, "external_port": "u16",
+                   "internal_port": "u16", "interface": str}
+_RANGES = {"u16": (0, 2**16 - 1), "u32": (0, 2**32 - 1), "u64": (0, 2**64 - 1), "i32": (-2**31, 2**31 - 1)}
 
 
 def _check(value, kind, where):
@@ -251,6 +270,11 @@ def _parse_show(value):
     return _truncated(value, out, "show")
 
 
+def _parse_forward(value):
+    out = _check(value, _FORWARD_FIELDS, "forward")
+    return _optional(value, out, {"internal_address": str}, "forward")
+
+
 def _parse_leases(value):
     out = _check(value, {"leases": [_LEASE_FIELDS]}, "leases")
     for i, lease in enumerate(value["leases"]):
@@ -288,13 +312,14 @@ def parse_reply(data):
                 else _check(removal, float, "status.networks[%d].removal_in_seconds" % i))
         return "status", out
     for kind, parse in (("list", _parse_list), ("show", _parse_show),
-                        ("leases", _parse_leases)):
+                        ("leases", _parse_leases), ("forward", _parse_forward)):
         if kind in obj:
             if not isinstance(obj[kind], dict):
                 raise InvalidReply(message="%s is not an object" % kind)
             return kind, parse(obj[kind])
     raise InvalidReply(
-        message='reply has none of "network", "status", "list", "show", "leases" or "error"')
+        message='reply has none of "network", "status", "list", "show", "leases", "forward" '
+                'or "error"')
 
 
 class Network:
@@ -428,6 +453,14 @@ class Client:
     def leases(self, name=None):
         """The DHCP leases of ``name``, or of every network this caller may use."""
         return self._ask(encode_leases(name), "leases")
+
+    def forward(self, network, protocol, external_port, internal_port, interface):
+        """Forwards the host's ``external_port`` to ``internal_port`` of the guest behind
+        this connection's TAP ``interface`` (an acquire's ``interface``) on ``network``,
+        until this connection or the TAP closes. ``protocol`` is "tcp" or "udp". Ports
+        below 1024 need root; a taken port raises PortInUse."""
+        return self._ask(encode_forward(network, protocol, external_port, internal_port,
+                                        interface), "forward")
 
     def _call(self, request):
         with self._lock:
