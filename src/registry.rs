@@ -2199,6 +2199,34 @@ mod tests {
             }
         }
 
+        async fn forward(
+            &self,
+            n: &Self::Network,
+            r: &ForwardRequest,
+        ) -> Result<Option<IpAddr>, BackendError> {
+            if r.external_port == 9999 {
+                return Err(BackendError::PortInUse(
+                    "tcp port 9999 is already in use".into(),
+                ));
+            }
+            self.log.lock().unwrap().push(format!(
+                "forward {} {} {} {}",
+                n.0, r.endpoint, r.external_port, r.internal_port
+            ));
+            Ok(None)
+        }
+        async fn unforward(
+            &self,
+            n: &Self::Network,
+            _: Protocol,
+            port: u16,
+        ) -> Result<(), BackendError> {
+            self.log
+                .lock()
+                .unwrap()
+                .push(format!("unforward {} {port}", n.0));
+            Ok(())
+        }
         async fn live_endpoints(
             &self,
             n: &Self::Network,
@@ -3259,6 +3287,80 @@ mod tests {
             "the holder asks: only the other one is listed"
         );
         assert_eq!(s.networks[0].clients, 1);
+    }
+
+    fn spec(network: &str, port: u16, interface: &str) -> ForwardSpec {
+        ForwardSpec {
+            network_name: network.into(),
+            protocol: "tcp".into(),
+            external_port: port,
+            internal_port: 22,
+            interface: interface.into(),
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn forwards_only_to_ones_own_taps_low_ports_for_root_and_end_with_the_client() {
+        let r = registry();
+        let a = connect(&r, peer(1000)).await.unwrap();
+        let (info, _fd) = acquire(&r, a, "shared", None, false).await.unwrap();
+        let b = connect(&r, peer(1001)).await.unwrap();
+        let (theirs, _fd2) = acquire(&r, b, "shared", None, false).await.unwrap();
+        let code = |e: RegistryError| wire_error(&e).code;
+
+        assert_eq!(
+            r.forward(a, &spec("shared", 2222, &info.interface))
+                .await
+                .unwrap(),
+            None
+        );
+        // Someone else's TAP, a TAP of another network, a TAP that does not exist.
+        for (net, tap) in [
+            ("shared", theirs.interface.as_str()),
+            ("host", info.interface.as_str()),
+            ("shared", "nosuch0"),
+        ] {
+            let e = r.forward(a, &spec(net, 2223, tap)).await.unwrap_err();
+            assert!(matches!(e, RegistryError::NotYourEndpoint { .. }), "{e}");
+            assert_eq!(code(e), ErrorCode::NotAllowed);
+        }
+        let e = r
+            .forward(a, &spec("shared", 1023, &info.interface))
+            .await
+            .unwrap_err();
+        assert!(e.to_string().contains("only root"), "{e}");
+        assert_eq!(code(e), ErrorCode::NotAllowed);
+        let e = r
+            .forward(a, &spec("shared", 9999, &info.interface))
+            .await
+            .unwrap_err();
+        assert_eq!(code(e), ErrorCode::PortInUse);
+        // Root may have a low port, on its own TAP.
+        let root = connect(&r, peer(0)).await.unwrap();
+        let (mine, _fd3) = acquire(&r, root, "shared", None, false).await.unwrap();
+        r.forward(root, &spec("shared", 80, &mine.interface))
+            .await
+            .unwrap();
+        // The network lists both, with their clients.
+        let views = r.networks(&peer(0), Some("shared")).await.unwrap();
+        let ports: Vec<_> = views[0]
+            .forwards
+            .iter()
+            .map(|f| (f.external_port, f.client))
+            .collect();
+        assert_eq!(ports, [(2222, a), (80, root)]);
+
+        r.disconnect(a).await;
+        let log = r.backend().log();
+        assert!(
+            log.contains(&format!("forward shared {} 2222 22", info.interface)),
+            "{log:?}"
+        );
+        assert!(
+            log.contains(&"unforward shared 2222".to_string()),
+            "{log:?}"
+        );
+        assert!(!log.contains(&"unforward shared 80".to_string()), "{log:?}");
     }
 
     #[test]

@@ -237,6 +237,18 @@ fn dynamic_forwards_follow_the_lease_and_end_with_their_client() {
     let f = c.forward("shared", "tcp", 2223, 22, &tap).unwrap();
     assert_eq!(f.internal_address.as_deref(), Some(ip.as_str()));
     reaches(&b, &out, "10.200.0.1:2223", "dyn-guest");
+    let d = b.client().show("shared").unwrap();
+    let listed: Vec<_> = d
+        .forwards
+        .iter()
+        .map(|f| {
+            (
+                f["external_port"].as_u64().unwrap(),
+                f["interface"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect();
+    assert_eq!(listed, [(2222, tap.clone()), (2223, tap.clone())], "{d:?}");
     assert!(rules(&b).contains("dport 2223"));
 
     // Refusals. A port another forward holds, and one a host program listens on.
@@ -342,4 +354,102 @@ fn only_root_forwards_ports_below_1024() {
     let a = c.acquire("shared").unwrap();
     c.forward("shared", "tcp", 81, 22, &a.info.interface)
         .unwrap();
+}
+
+#[test]
+fn check_config_reports_bad_forwards_and_a_taken_static_port_fails_the_network() {
+    let rule = |subnet: &str, rules: &str| {
+        format!(r#"{{"subnet": "{subnet}", "port_forwarding_rules": [{rules}]}}"#)
+    };
+    let one = |ext: &str, int: &str, port: &str| {
+        format!(
+            r#"{{"protocol": "tcp", "external_port": {ext}, "internal_address": "{int}", "internal_port": {port}}}"#
+        )
+    };
+    let b = Broker::start(files(&[
+        (
+            "good.json",
+            rule("10.61.0.1", &one("8061", "10.61.0.5", "22")),
+        ),
+        ("zero.json", rule("10.62.0.1", &one("0", "10.62.0.5", "22"))),
+        (
+            "outside.json",
+            rule("10.63.0.1", &one("8063", "10.64.0.5", "22")),
+        ),
+        (
+            "gateway.json",
+            rule("10.65.0.1", &one("8065", "10.65.0.1", "22")),
+        ),
+        (
+            "twice.json",
+            rule(
+                "10.66.0.1",
+                &format!(
+                    "{}, {}",
+                    one("8066", "10.66.0.5", "22"),
+                    one("8066", "10.66.0.6", "23")
+                ),
+            ),
+        ),
+        (
+            "udpbad.json",
+            rule(
+                "10.67.0.1",
+                r#"{"protocol": "sctp", "external_port": 1, "internal_address": "10.67.0.5", "internal_port": 1}"#,
+            ),
+        ),
+        (
+            "taken.json",
+            rule("10.68.0.1", &one("8068", "10.68.0.5", "22")),
+        ),
+    ]));
+    let out = b
+        .cli(&[
+            "check-config",
+            "--config-dir",
+            support::path_str(&b.config_dir),
+        ])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    let line = |start: &str, file: &str, has: &str| {
+        text.lines()
+            .any(|l| l.starts_with(start) && l.contains(file) && l.contains(has))
+    };
+    assert!(line("ok", "good.json", ""), "{text}");
+    assert!(line("ok", "taken.json", ""), "{text}");
+    for (file, has) in [
+        ("zero.json", "external_port 0 must be between 1 and 65535"),
+        (
+            "outside.json",
+            "internal_address 10.64.0.5 is not a host address of 10.63.0.0/24",
+        ),
+        ("gateway.json", "is the gateway (the host itself), not a VM"),
+        (
+            "twice.json",
+            "tcp port 8066 is already forwarded (to 10.66.0.5)",
+        ),
+        ("udpbad.json", "sctp"),
+    ] {
+        assert!(line("error", file, has), "{file}: {has}: {text}");
+    }
+    // A static forward whose port a program on the host holds: the network is not made.
+    let _holder = b.ns.run(|| TcpListener::bind(("0.0.0.0", 8068)).unwrap());
+    let e = b.client().acquire("taken").unwrap_err();
+    assert_eq!(e.code.code(), 6, "{e}");
+    assert!(e.message.contains("tcp port 8068 is already in use"), "{e}");
+    assert!(
+        !b.ns.links().iter().any(|l| l == "vmnb-taken"),
+        "nothing is left of it"
+    );
+    // The good one is made, and `show` lists its forward.
+    let c = b.client();
+    c.acquire("good").unwrap();
+    let d = c.show("good").unwrap();
+    assert_eq!(d.forwards.len(), 1, "{d:?}");
+    assert_eq!(d.forwards[0]["external_port"], 8061);
+    assert_eq!(d.forwards[0]["internal_address"], "10.61.0.5");
+    assert_eq!(d.forwards[0]["static"], true);
 }

@@ -3,8 +3,8 @@
 
 use serde_json::Value;
 use vmnet_broker_client::protocol::{
-    ErrorCode, ForwardInfo, ForwardSpec, LeaseList, MAX_MESSAGE, NetworkDetail, NetworkInfo, NetworkList, PROTOCOL_VERSION,
-    Reply, Request, Status, parse_guest_mac, strerror,
+    ErrorCode, ForwardInfo, ForwardSpec, LeaseList, MAX_MESSAGE, NetworkDetail, NetworkInfo,
+    NetworkList, PROTOCOL_VERSION, Reply, Request, Status, parse_guest_mac, strerror,
 };
 
 fn vectors() -> Value {
@@ -43,7 +43,12 @@ fn list<'a>(v: &'a Value, key: &str) -> &'a Vec<Value> {
 /// A `list`, `show`, `leases` or `forward` request as a vector spells it.
 fn inspection(command: &str, r: &Value) -> Request {
     let name = r["network_name"].as_str().map(str::to_string);
-    let port = |key: &str| r[key].as_u64().and_then(|p| u16::try_from(p).ok()).expect(key);
+    let port = |key: &str| {
+        r[key]
+            .as_u64()
+            .and_then(|p| u16::try_from(p).ok())
+            .expect(key)
+    };
     match command {
         "forward" => Request::Forward(ForwardSpec {
             network_name: name.expect("forward names a network"),

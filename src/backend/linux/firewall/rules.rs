@@ -1232,6 +1232,58 @@ delete set bridge {t} dm-vmnt9-7
     }
 
     #[test]
+    fn forwards_translate_arrivals_and_host_traffic_but_not_loopback() {
+        let mut n = net(false, true, true);
+        n.forwards = vec![PortForward {
+            protocol: crate::config::Protocol::Tcp,
+            external_port: 2222,
+            internal_address: "10.77.0.5".parse().unwrap(),
+            internal_port: 22,
+            external_address: None,
+        }];
+        let rules = json(&n);
+        let dnat = r#"{"match":{"left":{"payload":{"protocol":"tcp","field":"dport"}},"right":2222,"op":"=="}},{"dnat":{"addr":"10.77.0.5","family":"ip","port":22}}]"#;
+        for (chain, needle) in [
+            (
+                "dnat-n1",
+                r#"{"match":{"left":{"fib":{"result":"type","flags":["daddr"]}},"right":"local","op":"=="}}"#,
+            ),
+            (
+                "dnat-local-n1",
+                r#"{"match":{"left":{"payload":{"protocol":"ip","field":"daddr"}},"right":{"prefix":{"addr":"127.0.0.0","len":8}},"op":"!="}}"#,
+            ),
+        ] {
+            let start = rules
+                .find(&format!(r#""chain":"{chain}","expr""#))
+                .unwrap_or_else(|| panic!("{chain} in {rules}"));
+            let rule = &rules[start..start + rules[start..].find("}}}").unwrap()];
+            assert!(rule.contains(needle), "{needle} in {rule}");
+            assert!(rule.contains(dnat), "{dnat} in {rule}");
+        }
+        assert!(rules.contains(r#""chain":"pf-n1","expr":[{"match":{"left":{"meta":{"key":"oifname"}},"right":"vmnbr0","op":"=="}},{"match":{"left":{"ct":{"key":"status"}},"right":"dnat","op":"in"}},{"masquerade":null}]"#), "{rules}");
+        // Even a host network lets forwarded connections through, both ways.
+        for dir in ["oifname", "iifname"] {
+            let accept = format!(
+                r#""chain":"fwd-n1","expr":[{{"match":{{"left":{{"meta":{{"key":"{dir}"}}}},"right":"vmnbr0","op":"=="}}}},{{"match":{{"left":{{"ct":{{"key":"status"}}}},"right":"dnat","op":"in"}}}},{{"accept":null}}]"#
+            );
+            assert!(rules.contains(&accept), "{accept} in {rules}");
+        }
+        // An external address replaces "any local address"; IPv6 gets its own family.
+        n.forwards[0].external_address = Some("192.0.2.7".parse().unwrap());
+        let one = json(&n);
+        assert!(one.contains(r#"{"match":{"left":{"payload":{"protocol":"ip","field":"daddr"}},"right":"192.0.2.7","op":"=="}}"#), "{one}");
+        n.forwards[0].external_address = None;
+        n.forwards[0].internal_address = "fd00::5".parse().unwrap();
+        let v6 = json(&n);
+        assert!(
+            v6.contains(r#"{"dnat":{"addr":"fd00::5","family":"ip6","port":22}}"#),
+            "{v6}"
+        );
+        assert!(v6.contains(r#""right":"ipv6""#), "{v6}");
+        assert!(v6.contains(r#"{"match":{"left":{"payload":{"protocol":"ip6","field":"daddr"}},"right":"::1","op":"!="}}"#), "{v6}");
+    }
+
+    #[test]
     fn ip_binding_rules_only_with_dhcp() {
         let with = json(&net(false, true, true));
         let without = json(&net(false, true, false));
