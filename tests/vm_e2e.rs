@@ -63,6 +63,8 @@ struct Guest {
     networks: Vec<String>,
     spec: VmSpec,
     uid: Option<u32>,
+    /// `--forward` arguments of `vmnet-broker run`.
+    forwards: Vec<String>,
 }
 
 fn guest(networks: &[&str], spec: VmSpec) -> Guest {
@@ -70,6 +72,7 @@ fn guest(networks: &[&str], spec: VmSpec) -> Guest {
         networks: networks.iter().map(|s| s.to_string()).collect(),
         spec,
         uid: None,
+        forwards: vec![],
     }
 }
 
@@ -97,6 +100,9 @@ fn run_command(b: &Broker, g: &Guest, prepared: &PreparedVm) -> Command {
     c.arg(bin).arg("run");
     for n in &g.networks {
         c.arg("--network").arg(n);
+    }
+    for f in &g.forwards {
+        c.arg("--forward").arg(f);
     }
     c.arg("--")
         .arg(wrapper)
@@ -868,4 +874,86 @@ sleep 0.5
         }
     }
     report("vxlan", t, &[&o1, &o2]);
+}
+
+/// `vmnet-broker run --forward tcp:2222:22`: the host reaches the guest's port 22 on
+/// localhost:2222 (the broker's loopback relay) and on its uplink address (DNAT), and the
+/// forward goes with the VM.
+#[test]
+fn run_forward_reaches_the_guests_listener_while_it_runs() {
+    let b = Broker::start(Options::default());
+    let outside = Netns::new("outside");
+    netns::run_ok(Command::new("ip").args([
+        "-n",
+        &b.ns.name,
+        "link",
+        "add",
+        "uplink",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "wan",
+        "netns",
+        &outside.name,
+    ]));
+    outside.sh("ip addr add 203.0.113.1/24 dev wan && ip link set wan up");
+    b.ns.sh("ip addr add 203.0.113.2/24 dev uplink && ip link set uplink up");
+    // The guest serves a greeting on port 22 until two connections were served.
+    let script = r#"
+check dhcp dhcp eth0
+printf '#!/bin/sh\necho "hello from $(hostname)"\necho x >> /tmp/served\n' > /tmp/serve
+chmod +x /tmp/serve
+nc -ll -p 22 -e /tmp/serve &
+served_twice() { [ "$(wc -l < /tmp/served 2>/dev/null || echo 0)" -ge 2 ]; }
+result listening yes
+check served wait_for 90 served_twice
+"#;
+    let mut g = guest(&["shared"], spec("forwarded", script));
+    g.forwards = vec!["tcp:2222:22".into()];
+    let vm = Running::start(&b, &g);
+    vm.wait_result("listening", VM_TIMEOUT);
+    for (ns, to) in [(&b.ns, "127.0.0.1:2222"), (&outside, "203.0.113.2:2222")] {
+        let to: std::net::SocketAddr = to.parse().unwrap();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            let last = ns.run(|| {
+                use std::io::Read;
+                let mut text = String::new();
+                match std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3)) {
+                    Ok(mut c) => {
+                        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+                        let _ = c.read_to_string(&mut text);
+                        text
+                    }
+                    Err(e) => format!("connect: {e}"),
+                }
+            });
+            if last.starts_with("hello from forwarded") {
+                break;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{to}: {last}\n{}",
+                vm.console().console
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    let (status, out) = vm.wait(VM_TIMEOUT);
+    assert!(status.success(), "{status}: {}{}", out.console, out.stderr);
+    assert_eq!(out.result("served"), "ok", "{}", out.console);
+    // The VM is gone, and the forward with it: rules and port.
+    b.wait_for(
+        "the forward to go with the VM",
+        Duration::from_secs(30),
+        || {
+            !b.ns
+                .sh("nft list table inet vmnet_broker")
+                .contains("dport 2222")
+                && b.ns
+                    .run(|| std::net::TcpListener::bind(("0.0.0.0", 2222)))
+                    .is_ok()
+        },
+    );
 }
