@@ -3,7 +3,12 @@
 
 use std::process::ExitCode;
 
-pub fn main(_service: &str, _networks: &[String], _command: &[String]) -> super::Result {
+pub fn main(
+    _service: &str,
+    _networks: &[String],
+    _forwards: &[String],
+    _command: &[String],
+) -> super::Result {
     eprintln!(
         "vmnet-broker run is Linux-only: it passes TAP file descriptors. On macOS, VM \
          launchers acquire the network themselves (vmnet-helper --network NAME, krunkit, \
