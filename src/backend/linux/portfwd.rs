@@ -256,32 +256,58 @@ async fn relay_udp(socket: Arc<UdpSocket>, target: Target) {
 mod tests {
     use super::*;
 
+    /// Loopback only: unit tests run in the host's namespace, where a test must not open
+    /// ports on the host's addresses (tests/forward.rs covers every address, in namespaces).
+    const LOOPBACK: Option<IpAddr> = Some(IpAddr::V4(Ipv4Addr::LOCALHOST));
+
     #[tokio::test]
     async fn a_taken_port_is_refused_and_a_released_one_free_again() {
         let (_tx, rx) = watch::channel(None);
         let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = held.local_addr().unwrap().port();
-        let e = reserve(Protocol::Tcp, None, port, rx.clone()).unwrap_err();
+        let e = reserve(Protocol::Tcp, LOOPBACK, port, rx.clone()).unwrap_err();
         assert!(
             matches!(e, PortError::InUse { port: p, .. } if p == port),
             "{e}"
         );
         drop(held);
-        let first = reserve(Protocol::Tcp, None, port, rx.clone()).unwrap();
+        let first = reserve(Protocol::Tcp, LOOPBACK, port, rx.clone()).unwrap();
         assert!(matches!(
-            reserve(Protocol::Tcp, None, port, rx.clone()),
+            reserve(Protocol::Tcp, LOOPBACK, port, rx.clone()),
             Err(PortError::InUse { .. })
         ));
         drop(first);
         // The relay tasks are aborted: the sockets close once they have stopped.
         let deadline = std::time::Instant::now() + Duration::from_secs(10);
         loop {
-            match reserve(Protocol::Tcp, None, port, rx.clone()) {
+            match reserve(Protocol::Tcp, LOOPBACK, port, rx.clone()) {
                 Ok(_) => break,
                 Err(e) if std::time::Instant::now() > deadline => panic!("{e}"),
                 Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
             }
         }
+    }
+
+    #[tokio::test]
+    async fn udp_from_loopback_is_relayed_and_answered() {
+        let guest = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        let probe = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let port = probe.local_addr().unwrap().port();
+        drop(probe);
+        let (_tx, rx) = watch::channel(Some(guest.local_addr().unwrap()));
+        let _host = reserve(Protocol::Udp, LOOPBACK, port, rx).unwrap();
+        let client = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+        client.connect(("127.0.0.1", port)).await.unwrap();
+        client.send(b"ping").await.unwrap();
+        let mut buf = [0u8; 16];
+        let (n, from) = guest.recv_from(&mut buf).await.unwrap();
+        assert_eq!(&buf[..n], b"ping");
+        guest.send_to(b"pong", from).await.unwrap();
+        let n = tokio::time::timeout(Duration::from_secs(10), client.recv(&mut buf))
+            .await
+            .expect("the reply comes back")
+            .unwrap();
+        assert_eq!(&buf[..n], b"pong");
     }
 
     #[tokio::test]
@@ -291,7 +317,7 @@ mod tests {
         let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let port = probe.local_addr().unwrap().port();
         drop(probe);
-        let _host = reserve(Protocol::Tcp, None, port, rx).unwrap();
+        let _host = reserve(Protocol::Tcp, LOOPBACK, port, rx).unwrap();
         // No target yet: closed at once.
         let mut c = TcpStream::connect(("127.0.0.1", port)).await.unwrap();
         let mut b = [0u8; 1];
