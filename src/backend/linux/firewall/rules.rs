@@ -601,6 +601,7 @@ pub(super) fn network_objects(batch: &mut Batch<'static>, ns: &NetState) {
             vec![matches(oif(), Operator::EQ, br()), drop_()],
         ));
     }
+    forward_chains(batch, net, ns.forwards());
 
     // Bridge table: every frame entering the bridge from one of our TAPs, bound or not,
     // is sent here by the dispatch chain ([`dispatch_rule`]). Other ports (uplinks, other
@@ -856,7 +857,6 @@ pub(super) fn network_objects(batch: &mut Batch<'static>, ns: &NetState) {
     ));
 
     super::overlay::objects(batch, net);
-    forward_chains(batch, net, ns.forwards());
 
     for (tap, mac) in &ns.ports {
         port_elements(batch, NfCmd::Add, &net.name, tap, *mac);
@@ -1268,6 +1268,13 @@ delete set bridge {t} dm-vmnt9-7
             );
             assert!(rules.contains(&accept), "{accept} in {rules}");
         }
+        // With allow_spoofing too (the bridge part of such a network ends early).
+        let mut open = n.clone();
+        open.anti_spoofing = false;
+        assert!(
+            json(&open).contains(dnat),
+            "allow_spoofing network without forwards"
+        );
         // An external address replaces "any local address"; IPv6 gets its own family.
         n.forwards[0].external_address = Some("192.0.2.7".parse().unwrap());
         let one = json(&n);
