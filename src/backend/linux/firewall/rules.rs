@@ -1106,7 +1106,13 @@ mod tests {
         assert!(shared.contains("masquerade"), "{shared}");
         assert!(shared.contains("\"nat-n1\""), "{shared}");
         let host = json(&net(false, false, false));
-        assert!(!host.contains("masquerade"), "{host}");
+        // The one masquerade of a host network is the port forwards' (into the bridge,
+        // of DNATed connections only): nothing leaves for the outside.
+        assert_eq!(host.matches("masquerade").count(), 1, "{host}");
+        assert!(
+            host.contains(r#""chain":"pf-n1","expr":[{"match":{"left":{"meta":{"key":"oifname"}},"right":"vmnbr0","op":"=="}},{"match":{"left":{"ct":{"key":"status"}},"right":"dnat","op":"in"}},{"masquerade":null}]"#),
+            "{host}"
+        );
         assert!(!host.contains("\"nat-n1\""), "{host}");
         assert!(!host.contains("portmacs-n1"), "{host}");
     }
