@@ -2018,6 +2018,13 @@ impl<B: Backend> Registry<B> {
                     }
                 }
             }
+            // A forward ends with its TAP (the backend sees to it), though its client's
+            // record of it stays until the client goes: only those of live TAPs are shown.
+            let forwards = k
+                .forwards
+                .into_iter()
+                .filter(|f| taps.iter().any(|t| t.endpoint == f.endpoint))
+                .collect();
             let view = NetworkView {
                 name,
                 details: k.live.as_ref().map(|l| l.details.clone()),
@@ -2025,7 +2032,7 @@ impl<B: Backend> Registry<B> {
                 state: k.state,
                 clients: k.clients,
                 taps,
-                forwards: k.forwards,
+                forwards,
             };
             out.push((view, k.live));
         }

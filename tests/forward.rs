@@ -309,6 +309,8 @@ fn a_forward_ends_with_its_tap() {
     });
     assert!(!rules(&b).contains("dport 2240"));
     assert!(c.status().is_ok(), "the client is still connected");
+    let d = c.show("shared").unwrap();
+    assert!(d.forwards.is_empty(), "{d:?}");
 }
 
 #[test]
