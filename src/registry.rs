@@ -493,9 +493,12 @@ impl<B: Backend> Registry<B> {
         })
     }
 
-    /// From now on every change is published to `writer` (and the current state at once).
-    pub fn persist(&self, writer: StateWriter) {
-        if self.persist.set(writer).is_ok() {
+    /// From now on every change is recorded in the state file in `dir` (and the current
+    /// state at once).
+    pub fn persist(self: &Arc<Self>, dir: std::path::PathBuf) {
+        let registry = Arc::downgrade(self);
+        let snapshot = Box::new(move || registry.upgrade().map(|r| r.snapshot()));
+        if self.persist.set(StateWriter::start(dir, snapshot)).is_ok() {
             let st = self.lock();
             self.record(&st);
         }
@@ -508,13 +511,18 @@ impl<B: Backend> Registry<B> {
         }
     }
 
-    /// Publishes what exists now to the state writer. Called under the map lock right
-    /// after a change, so records are published in the order of the changes; it only
-    /// copies (the writer task does the I/O).
-    fn record(&self, st: &State<B::Network>) {
-        let Some(writer) = self.persist.get() else {
-            return;
-        };
+    /// Tells the state writer that something changed. Called under the map lock right
+    /// after a change; the writer takes its snapshot ([`Self::snapshot`]) later, so a
+    /// change costs O(1) however many clients there are.
+    fn record(&self, _st: &State<B::Network>) {
+        if let Some(writer) = self.persist.get() {
+            writer.changed();
+        }
+    }
+
+    /// What exists now, as the state file records it.
+    fn snapshot(&self) -> BrokerState {
+        let st = self.lock();
         let networks = st
             .networks
             .values()
@@ -570,11 +578,11 @@ impl<B: Backend> Registry<B> {
                     .collect(),
             })
             .collect();
-        writer.publish(BrokerState {
+        BrokerState {
             version: crate::state::VERSION,
             networks,
             clients,
-        });
+        }
     }
 
     /// Takes over the networks a previous broker recorded (`state`), before serving:
@@ -2737,7 +2745,7 @@ mod tests {
     async fn a_restarted_registry_adopts_what_was_recorded_and_keeps_it_while_endpoints_live() {
         let dir = tempfile::tempdir().unwrap();
         let r = registry();
-        r.persist(crate::state::StateWriter::start(dir.path().to_path_buf()));
+        r.persist(dir.path().to_path_buf());
         let a = connect(&r, peer(1000)).await.unwrap();
         let (p, _) = acquire(&r, a, "shared", None, true).await.unwrap();
         let (q, _) = acquire(&r, a, "shared", Some([0x52, 0, 0, 0, 0, 9]), false)

@@ -210,26 +210,33 @@ fn sync(dir: &Path, file: &std::fs::File) -> Result<(), StateError> {
         .map_err(err)
 }
 
-/// Publishes states to the writer task. Cheap to clone; publishing never blocks.
+/// Builds the state to write: called by the writer task, not by whoever made the change.
+/// `None` when there is nothing to record any more (the registry is gone).
+pub type Snapshot = Box<dyn Fn() -> Option<BrokerState> + Send + Sync>;
+
+/// Tells the writer task that the state changed. Cheap to clone; never blocks.
 #[derive(Clone)]
 pub struct StateWriter {
-    /// The newest state and its number.
-    latest: Arc<watch::Sender<(u64, Arc<BrokerState>)>>,
-    /// The number of the last state written (or given up on).
+    /// The number of the newest change.
+    latest: Arc<watch::Sender<u64>>,
+    /// The number of the last change written (or given up on).
     written: watch::Receiver<u64>,
 }
 
 impl StateWriter {
-    /// Starts the writer task for `dir` (must run inside a tokio runtime).
-    pub fn start(dir: PathBuf) -> StateWriter {
-        let (latest, mut rx) = watch::channel((0u64, Arc::new(BrokerState::default())));
+    /// Starts the writer task for `dir` (must run inside a tokio runtime); it writes what
+    /// `snapshot` returns after each batch of changes.
+    pub fn start(dir: PathBuf, snapshot: Snapshot) -> StateWriter {
+        let (latest, mut rx) = watch::channel(0u64);
         let (done, written) = watch::channel(0u64);
         let done = Arc::new(done);
         tokio::spawn(async move {
-            // Waits for a change, then writes the newest state: changes published while a
-            // write runs are coalesced into the next one.
+            // Waits for a change, then writes a snapshot taken now: it holds every change
+            // numbered up to what was read before it, and those made meanwhile are
+            // coalesced into the next write.
             while rx.changed().await.is_ok() {
-                let (number, state) = rx.borrow_and_update().clone();
+                let number = *rx.borrow_and_update();
+                let Some(state) = snapshot() else { break };
                 let dir = dir.clone();
                 let signal = Arc::clone(&done);
                 // `signal` fires once the rename is in (what a next process reads),
@@ -261,18 +268,15 @@ impl StateWriter {
         }
     }
 
-    /// Records `state` as the newest; the writer task writes it soon.
-    pub fn publish(&self, state: BrokerState) {
-        self.latest.send_modify(|(number, s)| {
-            *number += 1;
-            *s = Arc::new(state);
-        });
+    /// Notes that the state changed; the writer task records it soon.
+    pub fn changed(&self) {
+        self.latest.send_modify(|number| *number += 1);
     }
 
-    /// Waits until everything published so far is in the state file as any next process
+    /// Waits until everything changed so far is in the state file as any next process
     /// reads it (renamed into place; the fsyncs may still run), or failed, logged.
     pub async fn flush(&self) {
-        let target = self.latest.borrow().0;
+        let target = *self.latest.borrow();
         let mut written = self.written.clone();
         let _ = written.wait_for(|n| *n >= target).await;
     }
@@ -349,10 +353,24 @@ mod tests {
     #[tokio::test]
     async fn the_writer_writes_the_newest_state() {
         let dir = tempfile::tempdir().unwrap();
-        let writer = StateWriter::start(dir.path().to_path_buf());
-        writer.publish(BrokerState::default());
+        let current = Arc::new(std::sync::Mutex::new(BrokerState::default()));
+        let source = Arc::clone(&current);
+        let writer = StateWriter::start(
+            dir.path().to_path_buf(),
+            Box::new(move || Some(source.lock().unwrap().clone())),
+        );
+        writer.changed();
+        writer.flush().await;
+        assert_eq!(load(dir.path()).unwrap(), Some(BrokerState::default()));
+        // Two changes in a row: the state as of the second is what ends up written.
+        *current.lock().unwrap() = BrokerState {
+            clients: vec![],
+            ..sample()
+        };
+        writer.changed();
         let state = sample();
-        writer.publish(state.clone());
+        *current.lock().unwrap() = state.clone();
+        writer.changed();
         writer.flush().await;
         assert_eq!(load(dir.path()).unwrap(), Some(state));
     }

@@ -8,7 +8,7 @@ use vmnet_broker::policy::SystemDirectory;
 use vmnet_broker::protocol::{DEFAULT_SOCKET, SOCKET_ENV};
 use vmnet_broker::registry::Registry;
 use vmnet_broker::server::{ServerOptions, serve};
-use vmnet_broker::state::{self, StateWriter};
+use vmnet_broker::state;
 use vmnet_broker::systemd::Notifier;
 
 #[derive(clap::Args)]
@@ -178,7 +178,7 @@ pub fn main(args: Args) -> super::Result {
                 vmnet_broker::error::chain(&e)
             );
         }
-        registry.persist(StateWriter::start(state_dir));
+        registry.persist(state_dir);
         serve(
             std::sync::Arc::clone(&registry),
             ServerOptions {
