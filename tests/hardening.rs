@@ -376,14 +376,16 @@ fn a_refused_connection_gets_error_7_with_a_message_not_a_reset() {
 
 /// Hole 6: a client made its TAP persistent (TUNSETPERSIST needs no privilege on the fd)
 /// and closed everything; another local user then attached the TAP by name and got the
-/// VM's address and NAT. Every TAP now belongs to its client's uid and gid.
+/// VM's address and NAT. Now the broker deletes a TAP whose last fd closed unless the
+/// client asked for a persistent one, and every TAP belongs to its client's uid and gid:
+/// only they may attach a persistent one by name.
 #[test]
 fn a_tap_persisted_by_its_client_cannot_be_attached_by_another_user() {
     let b = Broker::start(Options::default());
     b.ns.sh(&format!("chmod 0666 {}", b.socket.display()));
     let socket = b.socket.clone();
     let (owner, other) = (4242, 4343);
-    let name = as_uid(owner, move || {
+    let (name, kept, connection) = as_uid(owner, move || {
         let c = Client::connect(&socket).unwrap();
         let acquired = c.acquire("shared").unwrap();
         // SAFETY: TUNSETPERSIST on the TAP fd the broker sent; its argument is an int
@@ -396,20 +398,27 @@ fn a_tap_persisted_by_its_client_cannot_be_attached_by_another_user() {
             )
         };
         assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
-        acquired.info.interface
-        // The fd and the connection close here.
+        let kept = c.acquire_with("shared", None, true).unwrap().info.interface;
+        // Both fds close here; the connection stays open.
+        (acquired.info.interface, kept, c)
     });
-    assert!(b.ns.links().contains(&name), "the TAP persists");
+    b.wait_for(
+        "the TAP its client persisted and closed to be deleted",
+        PROMPTLY,
+        || !b.ns.links().contains(&name),
+    );
+    assert!(b.ns.links().contains(&kept), "the persistent TAP stays");
     assert_eq!(
-        b.ns.run(|| attach_by_name_as(&name, other, other)),
+        b.ns.run(|| attach_by_name_as(&kept, other, other)),
         libc::EPERM,
         "another user must not attach the client's TAP"
     );
     assert_eq!(
-        b.ns.run(|| attach_by_name_as(&name, owner, owner)),
+        b.ns.run(|| attach_by_name_as(&kept, owner, owner)),
         0,
         "the client's own uid may"
     );
+    drop(connection);
 }
 
 /// Issue 14: the original's field names. `check-config` prints a deprecated name as a

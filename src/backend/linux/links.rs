@@ -155,11 +155,17 @@ impl Drop for LinkRecord {
 /// Receives the links that left the record (closed or deleted TAPs, removed bridges).
 pub type Departures = mpsc::UnboundedReceiver<Link>;
 
+/// Receives the broker's TAPs that lost carrier: the last fd attached to them closed
+/// (its VM exited). A TAP the broker made persistent stays until someone deletes it.
+pub type CarrierLosses = mpsc::UnboundedReceiver<Link>;
+
 impl LinkRecord {
     /// Subscribes to link events in the calling thread's network namespace and starts
     /// the task that keeps the record; `dumps` takes the initial and resync dumps. Needs
     /// a tokio runtime.
-    pub fn start(dumps: Arc<Netlink>) -> Result<(LinkRecord, Departures), RecordError> {
+    pub fn start(
+        dumps: Arc<Netlink>,
+    ) -> Result<(LinkRecord, Departures, CarrierLosses), RecordError> {
         Self::start_with_buffer(dumps, EVENT_BUFFER)
     }
 
@@ -168,7 +174,7 @@ impl LinkRecord {
     pub fn start_with_buffer(
         dumps: Arc<Netlink>,
         bytes: usize,
-    ) -> Result<(LinkRecord, Departures), RecordError> {
+    ) -> Result<(LinkRecord, Departures, CarrierLosses), RecordError> {
         let (mut connection, handle, events) =
             rtnetlink::new_multicast_connection(&[MulticastGroup::Link])
                 .map_err(RecordError::Open)?;
@@ -178,12 +184,14 @@ impl LinkRecord {
         let state = Arc::new(Mutex::new(State::default()));
         let (barriers, barrier_rx) = mpsc::unbounded_channel();
         let (departed, departures) = mpsc::unbounded_channel();
+        let (silenced, losses) = mpsc::unbounded_channel();
         let task = Keeper {
             state: Arc::clone(&state),
             dumps,
             handle,
             events,
             departed,
+            silenced,
         };
         let task = tokio::spawn(async move {
             task.run(barrier_rx).await;
@@ -196,6 +204,7 @@ impl LinkRecord {
                 task,
             },
             departures,
+            losses,
         ))
     }
 
@@ -287,6 +296,12 @@ struct Keeper {
         SocketAddr,
     )>,
     departed: mpsc::UnboundedSender<Link>,
+    silenced: mpsc::UnboundedSender<Link>,
+}
+
+/// A TAP of the broker that has no carrier: nobody holds an fd of it any more.
+fn is_silent_tap(link: &Link) -> bool {
+    is_ours(link) && !link.is_bridge && link.carrier == Some(false)
 }
 
 impl Keeper {
@@ -328,7 +343,17 @@ impl Keeper {
 
     fn handle_event(&mut self, message: NetlinkMessage<RouteNetlinkMessage>) {
         let gone = match message.payload {
-            NetlinkPayload::InnerMessage(m) => self.lock().apply(&m),
+            NetlinkPayload::InnerMessage(m) => {
+                if let RouteNetlinkMessage::NewLink(l) = &m
+                    && l.header.interface_family == AddressFamily::Unspec
+                {
+                    let link = Link::from_message(l.clone());
+                    if is_silent_tap(&link) {
+                        let _ = self.silenced.send(link);
+                    }
+                }
+                self.lock().apply(&m)
+            }
             NetlinkPayload::Overrun(_) => {
                 let mut state = self.lock();
                 if state.synced {
@@ -353,6 +378,9 @@ impl Keeper {
         loop {
             match self.dumps.links().await {
                 Ok(links) => {
+                    for link in links.iter().filter(|l| is_silent_tap(l)) {
+                        let _ = self.silenced.send(link.clone());
+                    }
                     let gone = self.lock().replace(links);
                     for link in gone {
                         let _ = self.departed.send(link);

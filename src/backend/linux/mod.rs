@@ -23,7 +23,7 @@ use crate::config::{Mode, NetworkConfig, PortForward, Protocol};
 use crate::state::NetworkRecord;
 use firewall::{Firewall, FirewallNetwork};
 use ipnet::Ipv4Net;
-use links::{Departures, LinkRecord};
+use links::{CarrierLosses, Departures, LinkRecord};
 use netlink::{Link, Netlink};
 use services::{ServiceParams, Services};
 use std::collections::{BTreeMap, BTreeSet};
@@ -53,6 +53,67 @@ const BIND_RETRY_DELAYS: [Duration; 4] = [
     Duration::from_secs(3),
 ];
 
+/// How long the reaper waits after the first closed TAP for others to close too, so a
+/// burst of VMs exiting is deleted in a few transactions rather than one per TAP.
+const REAP_GATHER: Duration = Duration::from_millis(20);
+
+/// How long no TAP may have been attached before the reaper deletes: a deletion holds the
+/// kernel's RTNL lock (a TAP's creation and plugging need it) for an expedited RCU grace
+/// period per TAP, so while acquires come in it waits...
+const REAP_QUIET: Duration = Duration::from_millis(20);
+
+/// ...but no longer than this after the first TAP of the batch closed: under a steady
+/// stream of acquires one acquire per second waits for a batch, instead of one in every
+/// few waiting for a TAP each.
+const REAP_MAX_DELAY: Duration = Duration::from_millis(1000);
+
+/// Acquires under way, for the reaper to keep out of their way.
+#[derive(Debug)]
+struct Attaching {
+    in_flight: std::sync::atomic::AtomicUsize,
+    last: Mutex<std::time::Instant>,
+}
+
+impl Default for Attaching {
+    fn default() -> Self {
+        Self {
+            in_flight: std::sync::atomic::AtomicUsize::new(0),
+            last: Mutex::new(std::time::Instant::now()),
+        }
+    }
+}
+
+impl Attaching {
+    /// Counts an attach as under way until the guard drops.
+    fn start(self: &Arc<Self>) -> AttachGuard {
+        self.in_flight
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        AttachGuard(Arc::clone(self))
+    }
+
+    /// No attach under way, and none for `period`.
+    fn quiet_for(&self, period: Duration) -> bool {
+        self.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 0
+            && self.last.lock().expect("not poisoned").elapsed() >= period
+    }
+}
+
+struct AttachGuard(Arc<Attaching>);
+
+impl Drop for AttachGuard {
+    fn drop(&mut self) {
+        *self.0.last.lock().expect("not poisoned") = std::time::Instant::now();
+        self.0
+            .in_flight
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
+}
+
+/// Names of the TAPs the broker made persistent only so that their last fd closing does
+/// not delete them in that process (see [`reap_closed_taps`]): the broker deletes them
+/// once their carrier goes. TAPs a client asked to be persistent are not in it.
+type Reapable = Arc<Mutex<BTreeSet<String>>>;
+
 /// Where the network services keep state and find the host's resolvers.
 #[derive(Debug, Clone)]
 pub struct LinuxOptions {
@@ -65,6 +126,8 @@ pub struct LinuxOptions {
 pub struct LinuxBackend {
     options: LinuxOptions,
     netlink: Arc<Netlink>,
+    /// Deletions ([`Netlink::connect_dedicated`]): they wait for RCU grace periods.
+    deleter: Arc<Netlink>,
     /// The live bridges and TAPs of the broker, from link events.
     links: Arc<LinkRecord>,
     /// Queue of the background task that binds new TAPs ([`bind_ports`]).
@@ -72,6 +135,11 @@ pub struct LinuxBackend {
     /// Bumped by the binder for every link that left the record (a TAP closed or
     /// deleted), so [`Backend::endpoint_closed`] wakes at once.
     departed: tokio::sync::watch::Sender<u64>,
+    /// TAPs deleted once their last fd closes ([`reap_closed_taps`]).
+    reapable: Reapable,
+    /// More TAPs for the reaper to check (those found closed when adopting a network).
+    reap: tokio::sync::mpsc::UnboundedSender<Link>,
+    attaching: Arc<Attaching>,
     /// NAT, forwarding and anti-spoofing rules of every network, in one nftables table
     /// per family owned by the broker.
     firewall: Firewall,
@@ -209,12 +277,13 @@ impl LinuxBackend {
         let firewall = Firewall::new();
         firewall.spawn_watchdog();
         let netlink = Arc::new(netlink);
-        let (links, departures) = LinkRecord::start(Arc::clone(&netlink))
+        let (links, departures, losses) = LinkRecord::start(Arc::clone(&netlink))
             .map_err(|e| BackendError::component("link record", e))?;
         let links = Arc::new(links);
         let (binder, jobs) = tokio::sync::mpsc::unbounded_channel();
         let departed = tokio::sync::watch::Sender::new(0u64);
         let forwards: Arc<DynamicForwards> = Arc::default();
+        let reapable = Reapable::default();
         tokio::spawn(bind_ports(
             firewall.clone(),
             Arc::clone(&links),
@@ -222,13 +291,28 @@ impl LinuxBackend {
             departures,
             departed.clone(),
             Arc::clone(&forwards),
+            Arc::clone(&reapable),
+        ));
+        let deleter = Arc::new(Netlink::connect_dedicated("vmnb-netlink-del")?);
+        let (reap, more) = tokio::sync::mpsc::unbounded_channel();
+        let attaching = Arc::new(Attaching::default());
+        tokio::spawn(reap_closed_taps(
+            Arc::clone(&deleter),
+            Arc::clone(&reapable),
+            Arc::clone(&attaching),
+            losses,
+            more,
         ));
         Ok(Self {
             options,
             netlink,
+            deleter,
             links,
             binder,
             departed,
+            reapable,
+            reap,
+            attaching,
             firewall,
             held: Mutex::new(BTreeMap::new()),
             forwards,
@@ -314,7 +398,7 @@ impl LinuxBackend {
             interface = bridge,
             "removing leftover bridge of the same network"
         );
-        self.netlink.delete(&link).await?;
+        self.deleter.delete(&link).await?;
         Ok(())
     }
 
@@ -434,23 +518,12 @@ impl LinuxBackend {
         Ok(())
     }
 
-    /// Deletes `links` and returns those that still existed. Each deletion takes about
-    /// 20 ms (the kernel waits for RCU grace periods), and the kernel handles one
-    /// socket's requests in order, so this is linear in the number of links.
-    async fn remove_links<'a>(
-        &self,
-        links: &[&'a Link],
-        errors: &mut Vec<BackendError>,
-    ) -> Vec<&'a Link> {
-        let mut removed = vec![];
-        for &link in links {
-            match self.netlink.delete(link).await {
-                Ok(true) => removed.push(link),
-                Ok(false) => {}
-                Err(e) => errors.push(e.into()),
-            }
+    /// Deletes `links` together ([`Netlink::delete_many`]: one RCU grace period for all
+    /// of them, not about 20 ms each).
+    async fn remove_links(&self, links: &[&Link], errors: &mut Vec<BackendError>) {
+        if let Err(e) = self.deleter.delete_many(links).await {
+            errors.push(e.into());
         }
-        removed
     }
 }
 
@@ -549,6 +622,7 @@ async fn bind_ports(
     mut departures: Departures,
     departed: tokio::sync::watch::Sender<u64>,
     forwards: Arc<DynamicForwards>,
+    reapable: Reapable,
 ) {
     loop {
         let mut to_bind: BTreeMap<String, Ports> = BTreeMap::new();
@@ -562,6 +636,7 @@ async fn bind_ports(
             gone = departures.recv() => match gone {
                 Some(link) => {
                     departed.send_modify(|n| *n = n.wrapping_add(1));
+                    reapable.lock().expect("not poisoned").remove(&link.name);
                     if let Some(network) = network_of(&link) {
                         to_prune.insert(network.to_string());
                     }
@@ -575,6 +650,7 @@ async fn bind_ports(
         }
         while let Ok(link) = departures.try_recv() {
             departed.send_modify(|n| *n = n.wrapping_add(1));
+            reapable.lock().expect("not poisoned").remove(&link.name);
             if let Some(network) = network_of(&link) {
                 to_prune.insert(network.to_string());
             }
@@ -643,6 +719,68 @@ async fn bind_ports(
                     crate::error::Chain(&e)
                 );
             }
+        }
+    }
+}
+
+/// Deletes the broker's TAPs whose last fd closed, in batches, for as long as the backend
+/// lives.
+///
+/// A TAP the kernel deletes itself when its last fd closes costs the process closing it
+/// an RCU grace period (about 20 ms, inside `close`), one TAP after the other: a thousand
+/// VMs leaving took 20 s. So the broker makes every TAP persistent before handing it out
+/// (the client's `close` then only detaches it, well under a millisecond), learns from
+/// the link record when a TAP loses its carrier (no fd left), and deletes whatever closed
+/// meanwhile in one transaction ([`Netlink::delete_many`]), when no acquire is attaching
+/// a TAP ([`REAP_QUIET`], [`REAP_MAX_DELAY`]). Until then the TAP stays on
+/// the bridge with nobody to read or write it, still bound to its MAC in the firewall; its
+/// owner (and only its owner, [`tap::Tap::create`]) could attach it by name, which the
+/// TAP's own client could equally have done by keeping the fd.
+async fn reap_closed_taps(
+    netlink: Arc<Netlink>,
+    reapable: Reapable,
+    attaching: Arc<Attaching>,
+    mut losses: CarrierLosses,
+    mut more: tokio::sync::mpsc::UnboundedReceiver<Link>,
+) {
+    loop {
+        let first = tokio::select! {
+            link = losses.recv() => link,
+            link = more.recv() => link,
+        };
+        let Some(first) = first else { return };
+        let since = tokio::time::Instant::now();
+        loop {
+            tokio::time::sleep(REAP_GATHER).await;
+            if attaching.quiet_for(REAP_QUIET) || since.elapsed() >= REAP_MAX_DELAY {
+                break;
+            }
+        }
+        let mut closed = BTreeMap::from([(first.index, first)]);
+        while let Ok(link) = losses.try_recv() {
+            closed.insert(link.index, link);
+        }
+        while let Ok(link) = more.try_recv() {
+            closed.insert(link.index, link);
+        }
+        let due: Vec<Link> = {
+            let mut reapable = reapable.lock().expect("not poisoned");
+            closed
+                .into_values()
+                .filter(|l| reapable.remove(&l.name))
+                .collect()
+        };
+        if due.is_empty() {
+            continue;
+        }
+        let refs: Vec<&Link> = due.iter().collect();
+        match netlink.delete_many(&refs).await {
+            Ok(n) => debug!(taps = n, "deleted TAPs whose last fd closed"),
+            Err(e) => warn!(
+                taps = due.len(),
+                "cannot delete TAPs whose last fd closed: {}",
+                crate::error::Chain(&e)
+            ),
         }
     }
 }
@@ -785,6 +923,7 @@ impl Backend for LinuxBackend {
         network: &LinuxNetwork,
         request: &AttachRequest,
     ) -> Result<Attachment<TapEndpoint>, BackendError> {
+        let _attaching = self.attaching.start();
         let name = tap::tap_name(network.bridge.index, request.serial)?;
         let owner = tap::TapOwner {
             uid: request.peer.uid,
@@ -793,12 +932,20 @@ impl Backend for LinuxBackend {
         let tap = Tap::create(&name, owner)?;
         // On failure `tap` is dropped, and with its only fd the TAP goes away.
         self.plug(network, &tap, host_mac(request.mac)).await?;
-        if request.persistent {
-            // Made persistent only once plugged: a failure before leaves nothing behind.
-            if let Err(e) = tap.make_persistent() {
-                self.release(network, &EndpointId(name.clone())).await.ok();
-                return Err(e.into());
-            }
+        // Every TAP is made persistent, only once plugged (a failure before leaves
+        // nothing behind): one the client asked to be persistent stays until the client
+        // leaves; any other is deleted by the broker when its last fd closes, in batches
+        // ([`reap_closed_taps`]), instead of by the kernel in `close`, 20 ms each.
+        if let Err(e) = tap.make_persistent() {
+            self.release(network, &EndpointId(name.clone())).await.ok();
+            return Err(e.into());
+        }
+        if !request.persistent {
+            // Before the fd leaves: its carrier cannot go while the broker holds it.
+            self.reapable
+                .lock()
+                .expect("not poisoned")
+                .insert(name.clone());
         }
         if !network.config.allow_spoofing || network.config.dhcp {
             // The TAP is already protected: the firewall drops every frame of an unbound
@@ -831,7 +978,7 @@ impl Backend for LinuxBackend {
         match self.netlink.link_by_name(&endpoint.0).await? {
             // Only ever a TAP of this network: the name may have been reused meanwhile.
             Some(link) if link.alias.as_deref() == Some(alias.as_str()) => {
-                self.netlink.delete(&link).await?;
+                self.deleter.delete(&link).await?;
                 Ok(())
             }
             _ => Ok(()),
@@ -1166,6 +1313,19 @@ impl Backend for LinuxBackend {
                 return Err(e);
             }
         };
+        // The previous broker made every TAP persistent: those not asked to be are
+        // deleted once closed, including those that closed while no broker ran.
+        if let Some(live) = &live {
+            let mut reapable = self.reapable.lock().expect("not poisoned");
+            for ep in record.endpoints.iter().filter(|e| !e.persistent) {
+                if let Some(link) = live.iter().find(|l| l.name == ep.id) {
+                    reapable.insert(link.name.clone());
+                    if link.carrier == Some(false) {
+                        let _ = self.reap.send(link.clone());
+                    }
+                }
+            }
+        }
         // Without a listing, every recorded TAP is queued: the binder forgets those
         // that are gone.
         if live.is_none() && !config.allow_spoofing {
@@ -1224,11 +1384,16 @@ impl Backend for LinuxBackend {
             .filter(|l| !live.contains(&l.index))
             .filter(|l| l.controller.is_none_or(|c| !live.contains(&c)))
             .partition(|l| l.is_bridge);
-        let ordered: Vec<&Link> = others.iter().chain(&bridges).collect();
-        let removed = self.remove_links(&ordered, &mut errors).await;
-        for link in removed {
-            let alias = link.alias.as_deref().unwrap_or_default();
-            info!(interface = %link.name, alias, "removed stale interface");
+        for group in [others, bridges] {
+            let links: Vec<&Link> = group.iter().collect();
+            let before = errors.len();
+            self.remove_links(&links, &mut errors).await;
+            if errors.len() == before {
+                for link in links {
+                    let alias = link.alias.as_deref().unwrap_or_default();
+                    info!(interface = %link.name, alias, "removed stale interface");
+                }
+            }
         }
         BackendError::all(errors)
     }

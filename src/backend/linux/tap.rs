@@ -1,10 +1,12 @@
 //! TAP devices through `/dev/net/tun` ioctls.
 //!
-//! A TAP made here is not persistent (no `TUNSETPERSIST`): it exists while some process
-//! holds its fd. The broker hands the only fd to the client, so the TAP disappears when
-//! the VM exits, however it exits. The exception is a TAP asked for as persistent, for
-//! VMMs that open a TAP by name: [`Tap::make_persistent`] keeps it, and the broker deletes
-//! it when that client's connection closes.
+//! The kernel deletes a TAP when its last fd closes, unless it is persistent
+//! (`TUNSETPERSIST`), and that deletion waits for an RCU grace period (about 20 ms) inside
+//! the `close` of whoever closes it last. The backend therefore makes every TAP persistent
+//! once plugged ([`Tap::make_persistent`]) and deletes it itself, in batches, when the
+//! TAP's carrier goes (no fd left: the VM exited, however it exited). A TAP asked for as
+//! persistent, for VMMs that open a TAP by name, is kept instead, and deleted when that
+//! client's connection closes.
 //!
 //! Every TAP belongs to the client it was made for (`TUNSETOWNER` and `TUNSETGROUP`, set
 //! before anyone else can see the fd). The client holding the fd can make the TAP
@@ -68,8 +70,8 @@ pub struct TapOwner {
     pub gid: u32,
 }
 
-/// A TAP the broker made, with its only fd: the TAP lives as long as the fd (unless made
-/// persistent), so dropping an unsent `Tap` removes the device.
+/// A TAP the broker made, with its only fd: until made persistent the TAP lives as long as
+/// the fd, so dropping an unsent `Tap` removes the device.
 #[derive(Debug)]
 pub struct Tap {
     name: String,
@@ -136,8 +138,9 @@ impl Tap {
         (self.name, self.fd)
     }
 
-    /// Keeps the TAP after its fds close; its owner (see [`Tap::create`]) may attach to
-    /// it by name (TUNSETIFF without CAP_NET_ADMIN), as firecracker does.
+    /// Keeps the TAP after its fds close (someone must then delete it); its owner (see
+    /// [`Tap::create`]) may attach to it by name (TUNSETIFF without CAP_NET_ADMIN), as
+    /// firecracker does.
     pub fn make_persistent(&self) -> io::Result<()> {
         // SAFETY: the fd is an attached TAP; the ioctl takes an integer by value.
         unsafe { tun_set_persist(self.fd.as_raw_fd(), 1) }
