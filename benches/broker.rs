@@ -4,6 +4,10 @@
 //! measurements and the VM iperf3 runs; prints a table; writes docs/benchmarks.md and PNG
 //! plots in docs/benchmarks/ (full mode) or target/bench/ (quick mode, or --out DIR).
 //! Everything runs in network namespaces it creates and removes. Needs root.
+//!
+//! `--no-fabric`, `--no-control`, `--no-vms` skip a part; `--ctl warm,many,scale` runs only
+//! those parts of the control plane (cold, warm, dhcp, helper, many, scale);
+//! `VMNB_BROKER=path` measures another build of the daemon.
 // Linux only (network namespaces); elsewhere an empty program with no main.
 #![cfg_attr(not(target_os = "linux"), no_main)]
 #![cfg(target_os = "linux")]
@@ -161,7 +165,11 @@ fn main() {
             .iter()
             .position(|a| a == "--clients")
             .map(|i| args[i + 1].parse().expect("--clients N"));
-        control::run(quick, clients)
+        let parts = args
+            .iter()
+            .position(|a| a == "--ctl")
+            .map(|i| args[i + 1].as_str());
+        control::run(quick, clients, &control::Parts::parse(parts))
     };
 
     let vm = if opts.skip_vms {

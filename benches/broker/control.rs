@@ -1,5 +1,6 @@
 //! Control plane: acquire latency (cold and warm), qemu-bridge-helper side by side,
-//! 1000 clients at once, DHCP DISCOVER to OFFER.
+//! 1000 clients at once and the release of their TAPs, 10,000 clients over 16 networks,
+//! DHCP DISCOVER to OFFER.
 
 use crate::netns::Netns;
 use crate::util::*;
@@ -20,6 +21,8 @@ pub struct Control {
     /// Broker acquires timed in the same alternation as `helper_ms`.
     pub helper_broker_ms: Vec<f64>,
     pub many: Many,
+    /// Ten thousand clients (fewer with --quick) over [`SCALE_NETWORKS`] networks.
+    pub scale: Many,
     pub dhcp_ms: Vec<f64>,
     pub dhcp_lost: usize,
 }
@@ -27,6 +30,7 @@ pub struct Control {
 #[derive(Default, Debug, Clone)]
 pub struct Many {
     pub clients: usize,
+    pub networks: usize,
     pub acquire_ms: Vec<f64>,
     pub errors: usize,
     pub first_error: String,
@@ -35,6 +39,10 @@ pub struct Many {
     pub rss_idle_kib: u64,
     pub broker_fds: usize,
     pub taps: usize,
+    /// From the first client leaving (closing its TAP fd, then its connection) until the
+    /// last has: the clients' own cost of leaving.
+    pub close_s: f64,
+    /// From the first client leaving until every TAP is gone from the kernel.
     pub release_s: f64,
     pub taps_after: usize,
     pub nofile_soft: String,
@@ -44,7 +52,48 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
-pub fn run(quick: bool, clients: Option<usize>) -> Control {
+/// Networks the clients of the scale row spread over.
+pub const SCALE_NETWORKS: usize = 16;
+
+/// Which parts of the control-plane run (`--ctl cold,warm,dhcp,helper,many,scale`; all
+/// by default).
+#[derive(Debug, Clone)]
+pub struct Parts(Vec<String>);
+
+impl Parts {
+    pub fn parse(arg: Option<&str>) -> Parts {
+        Parts(
+            arg.unwrap_or("cold,warm,dhcp,helper,many,scale")
+                .split(',')
+                .map(str::to_string)
+                .collect(),
+        )
+    }
+    fn has(&self, part: &str) -> bool {
+        self.0.iter().any(|p| p == part)
+    }
+}
+
+pub fn run(quick: bool, clients: Option<usize>, parts: &Parts) -> Control {
+    let mut out = Control::default();
+    if parts.has("cold") || parts.has("warm") || parts.has("dhcp") {
+        latency(quick, parts, &mut out);
+    }
+    if parts.has("helper") {
+        bridge_helper(quick, &mut out);
+    }
+    if parts.has("many") {
+        let n = clients.unwrap_or(if quick { 300 } else { 1000 });
+        out.many = many(n, 1, Some(1024), 1);
+    }
+    if parts.has("scale") {
+        // Each client leaves on its own, as VMs exiting do: 16 at a time.
+        out.scale = many(if quick { 1000 } else { 10_000 }, SCALE_NETWORKS, None, 16);
+    }
+    out
+}
+
+fn latency(quick: bool, parts: &Parts, out: &mut Control) {
     let cold_n = if quick { 8 } else { 40 };
     let warm_n = if quick { 300 } else { 2000 };
     let mut files: Vec<(String, String)> = (0..cold_n)
@@ -53,12 +102,11 @@ pub fn run(quick: bool, clients: Option<usize>) -> Control {
     files.push(("warm".into(), "{}".into()));
     files.push(("nospoof".into(), r#"{"allow_spoofing": true}"#.into()));
     let broker = BrokerProc::start("bench-ctl", &files, None);
-    let mut out = Control::default();
 
     // Cold: each acquire creates a network (bridge, addresses, nftables, DHCP, DNS). The
     // networks stay (idle timeout 600 s) so no removal runs during later samples.
     let mut held = Vec::new();
-    for i in 0..cold_n {
+    for i in 0..if parts.has("cold") { cold_n } else { 0 } {
         let c = broker.client();
         let t = Instant::now();
         let a = c.acquire(&format!("cold{i}")).expect("cold acquire");
@@ -72,6 +120,7 @@ pub fn run(quick: bool, clients: Option<usize>) -> Control {
     // TAP), then disconnecting (the release runs in the broker while the next sample goes).
     let holder = broker.client();
     let _tap = holder.acquire("warm").expect("warm holder");
+    let warm_n = if parts.has("warm") { warm_n } else { 0 };
     for _ in 0..warm_n {
         let c = broker.client();
         let t = Instant::now();
@@ -103,7 +152,11 @@ pub fn run(quick: bool, clients: Option<usize>) -> Control {
     drop(holder2);
 
     // DHCP: a new TAP (new MAC) per sample; DISCOVER written into the TAP, OFFER read back.
-    let dhcp_n = if quick { 30 } else { 200 };
+    let dhcp_n = match (parts.has("dhcp"), quick) {
+        (false, _) => 0,
+        (true, true) => 30,
+        (true, false) => 200,
+    };
     for i in 0..dhcp_n {
         let c = broker.client();
         let a = c.acquire("warm").expect("acquire for DHCP");
@@ -116,11 +169,6 @@ pub fn run(quick: bool, clients: Option<usize>) -> Control {
     drop(_tap);
     drop(holder);
     broker.stop();
-
-    out.helper_ms = Vec::new();
-    bridge_helper(quick, &mut out);
-    out.many = many(clients.unwrap_or(if quick { 300 } else { 1000 }));
-    out
 }
 
 /// qemu-bridge-helper (as QEMU runs it for `-netdev bridge`) against a broker acquire,
@@ -253,26 +301,44 @@ fn recv_fd(s: &std::os::unix::net::UnixStream) -> Option<OwnedFd> {
     None
 }
 
-/// `n` clients connected at once, each acquiring (from 4 threads) and holding a TAP on one
-/// network; then all disconnect and the TAPs must go. The broker starts with the soft
-/// RLIMIT_NOFILE systemd gives services (1024).
-fn many(n: usize) -> Many {
-    // Our own fds: a socket and a TAP per client.
+/// `n` clients connected at once, each acquiring (from 4 threads) and holding a TAP, on
+/// `networks` networks in turn; then all leave (`closers` threads, each closing a client's
+/// TAP fd, then its connection) and the TAPs must go. `nofile`: the broker's soft
+/// RLIMIT_NOFILE (systemd gives services 1024; the broker raises it to the hard limit).
+fn many(n: usize, networks: usize, nofile: Option<u64>, closers: usize) -> Many {
+    // Our own fds: a socket and a TAP per client, and the broker's (inherited): a socket
+    // per client. Root may raise the hard limit.
     // SAFETY: rlimit is plain integers, so all zeroes is a valid value; getrlimit writes
     // and setrlimit reads one rlimit through a pointer to `r`, exclusively borrowed.
     unsafe {
         let mut r: libc::rlimit = std::mem::zeroed();
         libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
-        r.rlim_cur = r.rlim_max;
-        libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        let want = (3 * n as libc::rlim_t + 1024).max(r.rlim_max);
+        r.rlim_max = want;
+        r.rlim_cur = want;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &r) != 0 {
+            libc::getrlimit(libc::RLIMIT_NOFILE, &mut r);
+            r.rlim_cur = r.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &r);
+        }
     }
-    let broker = BrokerProc::start("bench-many", &[("many".into(), "{}".into())], Some(1024));
+    let names: Vec<String> = (0..networks).map(|i| format!("many{i}")).collect();
+    let files: Vec<(String, String)> = names
+        .iter()
+        .map(|name| (name.clone(), "{}".to_string()))
+        .collect();
+    let broker = BrokerProc::start("bench-many", &files, nofile);
     let mut m = Many {
         clients: n,
+        networks,
         ..Default::default()
     };
+    // One client holds every network, so none is created during the measurement.
     let first = broker.client();
-    let _keep = first.acquire("many").expect("first acquire");
+    let _keep: Vec<_> = names
+        .iter()
+        .map(|name| first.acquire(name).expect("first acquire"))
+        .collect();
     let (rss0, _) = rss_kib(broker.pid());
     m.rss_idle_kib = rss0;
     let clients: Vec<Result<Client, String>> = (0..n)
@@ -282,6 +348,7 @@ fn many(n: usize) -> Many {
     // forever: after 60 s the watchdog kills it, so those acquires fail and are counted.
     let done = std::sync::atomic::AtomicBool::new(false);
     let bpid = broker.pid();
+    let names = &names;
     let results: Vec<(
         Option<f64>,
         Option<String>,
@@ -289,10 +356,10 @@ fn many(n: usize) -> Many {
     )> = std::thread::scope(|s| {
         let done = &done;
         s.spawn(move || {
-            let deadline = Instant::now() + Duration::from_secs(60);
+            let deadline = Instant::now() + Duration::from_secs(60 + n as u64 / 100);
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
                 if Instant::now() > deadline {
-                    eprintln!("bench: {n} clients: no progress for 60 s, killing the broker");
+                    eprintln!("bench: {n} clients: no progress, killing the broker");
                     // SAFETY: kill(2) takes only integers and touches no memory of ours; `bpid`
                     // is our child broker, not reaped before `broker` is dropped after this.
                     unsafe { libc::kill(bpid, libc::SIGKILL) };
@@ -301,17 +368,20 @@ fn many(n: usize) -> Many {
                 std::thread::sleep(Duration::from_millis(50));
             }
         });
+        let chunk = n.div_ceil(4);
         let hs: Vec<_> = clients
-            .chunks(n.div_ceil(4))
-            .map(|chunk| {
+            .chunks(chunk)
+            .enumerate()
+            .map(|(k, part)| {
                 s.spawn(move || {
-                    chunk
-                        .iter()
-                        .map(|c| match c {
+                    part.iter()
+                        .enumerate()
+                        .map(|(i, c)| match c {
                             Err(e) => (None, Some(format!("connect: {e}")), None),
                             Ok(c) => {
+                                let name = &names[(k * chunk + i) % names.len()];
                                 let t = Instant::now();
-                                match c.acquire("many") {
+                                match c.acquire(name) {
                                     Ok(a) => (Some(ms(t.elapsed())), None, Some(a)),
                                     Err(e) => (None, Some(e.to_string()), None),
                                 }
@@ -336,7 +406,7 @@ fn many(n: usize) -> Many {
             }
             m.errors += 1;
         }
-        taps.extend(a);
+        taps.push(a);
     }
     let pid = broker.pid();
     (m.rss_kib, m.hwm_kib) = rss_kib(pid);
@@ -347,17 +417,28 @@ fn many(n: usize) -> Many {
         .find(|l| l.starts_with("Max open files"))
         .map(|l| l.split_whitespace().nth(3).unwrap_or("?").to_string())
         .unwrap_or_default();
-    m.taps = broker.link_count().saturating_sub(2); // minus lo and the bridge
+    // Minus lo, the bridges and the first client's TAPs.
+    let base = 1 + 2 * networks;
+    m.taps = broker.link_count().saturating_sub(base - networks);
     let t = Instant::now();
-    drop(taps);
-    drop(clients);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    // Until only lo, the bridge and the first client's TAP remain.
-    while broker.link_count() > 3 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(20));
+    let mut leaving: Vec<_> = taps.into_iter().zip(clients).collect();
+    let per = leaving.len().div_ceil(closers).max(1);
+    std::thread::scope(|s| {
+        while !leaving.is_empty() {
+            let part: Vec<_> = leaving.drain(..per.min(leaving.len())).collect();
+            s.spawn(move || drop(part));
+        }
+    });
+    m.close_s = t.elapsed().as_secs_f64();
+    let deadline = Instant::now() + Duration::from_secs(60 + n as u64 / 100);
+    // Until only lo, the bridges and the first client's TAPs remain. `ip` lists every
+    // link: not too often, it competes with the broker for the CPUs.
+    let poll = Duration::from_millis(if n > 2000 { 100 } else { 20 });
+    while broker.link_count() > base && Instant::now() < deadline {
+        std::thread::sleep(poll);
     }
     m.release_s = t.elapsed().as_secs_f64();
-    m.taps_after = broker.link_count().saturating_sub(3);
+    m.taps_after = broker.link_count().saturating_sub(base);
     drop(_keep);
     drop(first);
     broker.stop();

@@ -214,19 +214,33 @@ impl Report {
             &c.many.acquire_ms,
         );
         row(
+            &format!(
+                "{} clients over {} networks: acquire (4 threads)",
+                c.scale.clients, c.scale.networks
+            ),
+            &c.scale.acquire_ms,
+        );
+        row(
             "DHCP DISCOVER → OFFER (written into / read from the TAP)",
             &c.dhcp_ms,
         );
-        let m = &c.many;
-        writeln!(
-            t,
-            "\n{} clients: {} errors{}; broker RSS {:.1} MiB (peak {:.1} MiB, {:.1} MiB with one client), {} fds, soft fd limit {}; {} TAPs; all released {:.2} s after disconnect, {} left over.",
-            m.clients, m.errors,
-            if m.errors > 0 { format!(" (first: {})", m.first_error) } else { String::new() },
-            m.rss_kib as f64 / 1024.0, m.hwm_kib as f64 / 1024.0, m.rss_idle_kib as f64 / 1024.0,
-            m.broker_fds, m.nofile_soft, m.taps, m.release_s, m.taps_after
-        )
-        .unwrap();
+        for m in [&c.many, &c.scale] {
+            if m.clients == 0 {
+                continue;
+            }
+            let per = |v: f64| v / m.clients as f64;
+            writeln!(
+                t,
+                "\n{} clients over {} network(s): {} errors{}; broker RSS {:.1} MiB (peak {:.1} MiB, {:.1} MiB with one client; {:.1} KiB per client), {} fds ({:.2} per client), soft fd limit {}; {} TAPs; the clients left in {:.2} s, all TAPs gone {:.2} s after the first left, {} left over.",
+                m.clients, m.networks, m.errors,
+                if m.errors > 0 { format!(" (first: {})", m.first_error) } else { String::new() },
+                m.rss_kib as f64 / 1024.0, m.hwm_kib as f64 / 1024.0, m.rss_idle_kib as f64 / 1024.0,
+                per(m.rss_kib.saturating_sub(m.rss_idle_kib) as f64),
+                m.broker_fds, per(m.broker_fds as f64), m.nofile_soft, m.taps,
+                m.close_s, m.release_s, m.taps_after
+            )
+            .unwrap();
+        }
         if c.dhcp_lost > 0 {
             writeln!(
                 t,
@@ -308,10 +322,17 @@ impl Report {
             yes(b0.mpps >= 0.97 * r0.mpps)
         )
         .unwrap();
+        let warm99 = percentile(&c.warm_ms, 99.0);
         writeln!(
             d,
-            "| warm acquire p50 < 0.5 ms | {warm:.3} ms | {} |",
-            yes(warm < 0.5)
+            "| warm acquire p50 ≤ 0.3 ms | {warm:.3} ms | {} |",
+            yes(warm <= 0.3)
+        )
+        .unwrap();
+        writeln!(
+            d,
+            "| warm acquire p99 ≤ 2 ms | {warm99:.3} ms | {} |",
+            yes(warm99 <= 2.0)
         )
         .unwrap();
         writeln!(
@@ -337,10 +358,29 @@ impl Report {
         .unwrap();
         writeln!(
             d,
-            "| all released after disconnect | {} left after {:.2} s | {} |",
+            "| {} TAPs gone within 2 s of their clients leaving | {} left after {:.2} s | {} |",
+            c.many.taps,
             c.many.taps_after,
             c.many.release_s,
-            yes(c.many.taps_after == 0)
+            yes(c.many.taps_after == 0 && c.many.release_s <= 2.0)
+        )
+        .unwrap();
+        let s = &c.scale;
+        let s99 = percentile(&s.acquire_ms, 99.0);
+        let srss = s.hwm_kib as f64 / 1024.0;
+        writeln!(
+            d,
+            "| {} clients over {} networks: 0 errors, acquire p99 ≤ 5 ms, RSS ≤ 64 MiB, released within 20 s | {} errors, p99 {s99:.2} ms, peak {srss:.1} MiB, {} left after {:.2} s | {} |",
+            s.clients,
+            s.networks,
+            s.errors,
+            s.taps_after,
+            s.release_s,
+            yes(s.errors == 0
+                && s99 <= 5.0
+                && srss <= 64.0
+                && s.taps_after == 0
+                && s.release_s <= 20.0)
         )
         .unwrap();
         writeln!(
@@ -432,8 +472,8 @@ impl Report {
             median(&c.helper_ms), median(&c.helper_broker_ms)).unwrap();
         writeln!(d, "- **DHCP**: DISCOVER to OFFER p50 {:.3} ms, p99 {:.3} ms, measured at the guest's side of the TAP.",
             median(&c.dhcp_ms), percentile(&c.dhcp_ms, 99.0)).unwrap();
-        writeln!(d, "- **Release** of {} TAPs took {:.2} s after all clients disconnected: the kernel removes a TAP when its last fd closes, about 20 ms each (RCU grace periods), one after the other.",
-            c.many.taps, c.many.release_s).unwrap();
+        writeln!(d, "- **Release** of {} TAPs: the clients left (one after the other, each closing its TAP fd and its connection) in {:.2} s and every TAP was gone {:.2} s after the first left. A TAP the kernel deletes when its last fd closes costs the closing process an RCU grace period (about 20 ms) inside `close`, one TAP after the other (19.9 s for 1000 before); the broker makes every TAP persistent, so a `close` only detaches the fd, and deletes the closed TAPs itself, whatever closed meanwhile in one kernel transaction (an interface group, deleted with a single wait). What remains is per TAP in the kernel: detaching a port from the bridge waits for an expedited grace period, and the bridge walks its forwarding table for each port.",
+            c.many.taps, c.many.close_s, c.many.release_s).unwrap();
         if let Some(vm) = &self.vm {
             let med = |net: &str, test: &str| {
                 median(
