@@ -565,7 +565,10 @@ async fn serve_client<B: Backend<Endpoint: AsFd>>(
         } else {
             Request::parse(&buf[..n])
         };
-        if let Err(e) = respond(registry, socket, client, peer, request).await {
+        // Boxed: a connection waits for its next request almost all of its life, and
+        // its task's future is as large as its largest state; with the reply's state
+        // inline every idle connection would carry it (ten thousand clients).
+        if let Err(e) = Box::pin(respond(registry, socket, client, peer, request)).await {
             debug!(client, "send failed, closing: {e}");
             break;
         }

@@ -786,7 +786,10 @@ fn closed_taps_are_deleted_by_the_broker_together() {
             wait_gone(&ns, name).await;
         }
         assert!(ns.link(&open.interface).is_some(), "an open TAP stays");
-        assert_eq!(endpoints(&b, &net).await, [open.interface.clone()]);
+        assert_eq!(
+            endpoints(&b, &net).await,
+            std::slice::from_ref(&open.interface)
+        );
         drop(open);
         b.destroy(&net).await.unwrap();
         assert_eq!(ns.link_names(), ["lo"]);

@@ -333,11 +333,15 @@ fn many(n: usize, networks: usize, nofile: Option<u64>, closers: usize) -> Many 
         networks,
         ..Default::default()
     };
-    // One client holds every network, so none is created during the measurement.
-    let first = broker.client();
-    let _keep: Vec<_> = names
+    // A client holds each network (a client may hold 8), so none is created during the
+    // measurement.
+    let holders: Vec<_> = names
         .iter()
-        .map(|name| first.acquire(name).expect("first acquire"))
+        .map(|name| {
+            let c = broker.client();
+            let a = c.acquire(name).expect("first acquire");
+            (a, c)
+        })
         .collect();
     let (rss0, _) = rss_kib(broker.pid());
     m.rss_idle_kib = rss0;
@@ -417,7 +421,7 @@ fn many(n: usize, networks: usize, nofile: Option<u64>, closers: usize) -> Many 
         .find(|l| l.starts_with("Max open files"))
         .map(|l| l.split_whitespace().nth(3).unwrap_or("?").to_string())
         .unwrap_or_default();
-    // Minus lo, the bridges and the first client's TAPs.
+    // Minus lo, the bridges and the holders' TAPs.
     let base = 1 + 2 * networks;
     m.taps = broker.link_count().saturating_sub(base - networks);
     let t = Instant::now();
@@ -431,7 +435,7 @@ fn many(n: usize, networks: usize, nofile: Option<u64>, closers: usize) -> Many 
     });
     m.close_s = t.elapsed().as_secs_f64();
     let deadline = Instant::now() + Duration::from_secs(60 + n as u64 / 100);
-    // Until only lo, the bridges and the first client's TAPs remain. `ip` lists every
+    // Until only lo, the bridges and the holders' TAPs remain. `ip` lists every
     // link: not too often, it competes with the broker for the CPUs.
     let poll = Duration::from_millis(if n > 2000 { 100 } else { 20 });
     while broker.link_count() > base && Instant::now() < deadline {
@@ -439,8 +443,7 @@ fn many(n: usize, networks: usize, nofile: Option<u64>, closers: usize) -> Many 
     }
     m.release_s = t.elapsed().as_secs_f64();
     m.taps_after = broker.link_count().saturating_sub(base);
-    drop(_keep);
-    drop(first);
+    drop(holders);
     broker.stop();
     m
 }
