@@ -137,8 +137,6 @@ pub struct LinuxBackend {
     departed: tokio::sync::watch::Sender<u64>,
     /// TAPs deleted once their last fd closes ([`reap_closed_taps`]).
     reapable: Reapable,
-    /// More TAPs for the reaper to check (those found closed when adopting a network).
-    reap: tokio::sync::mpsc::UnboundedSender<Link>,
     attaching: Arc<Attaching>,
     /// NAT, forwarding and anti-spoofing rules of every network, in one nftables table
     /// per family owned by the broker.
@@ -294,14 +292,12 @@ impl LinuxBackend {
             Arc::clone(&reapable),
         ));
         let deleter = Arc::new(Netlink::connect_dedicated("vmnb-netlink-del")?);
-        let (reap, more) = tokio::sync::mpsc::unbounded_channel();
         let attaching = Arc::new(Attaching::default());
         tokio::spawn(reap_closed_taps(
             Arc::clone(&deleter),
             Arc::clone(&reapable),
             Arc::clone(&attaching),
             losses,
-            more,
         ));
         Ok(Self {
             options,
@@ -311,7 +307,6 @@ impl LinuxBackend {
             binder,
             departed,
             reapable,
-            reap,
             attaching,
             firewall,
             held: Mutex::new(BTreeMap::new()),
@@ -741,14 +736,11 @@ async fn reap_closed_taps(
     reapable: Reapable,
     attaching: Arc<Attaching>,
     mut losses: CarrierLosses,
-    mut more: tokio::sync::mpsc::UnboundedReceiver<Link>,
 ) {
     loop {
-        let first = tokio::select! {
-            link = losses.recv() => link,
-            link = more.recv() => link,
+        let Some(first) = losses.recv().await else {
+            return;
         };
-        let Some(first) = first else { return };
         let since = tokio::time::Instant::now();
         loop {
             tokio::time::sleep(REAP_GATHER).await;
@@ -758,9 +750,6 @@ async fn reap_closed_taps(
         }
         let mut closed = BTreeMap::from([(first.index, first)]);
         while let Ok(link) = losses.try_recv() {
-            closed.insert(link.index, link);
-        }
-        while let Ok(link) = more.try_recv() {
             closed.insert(link.index, link);
         }
         let due: Vec<Link> = {
@@ -1279,7 +1268,7 @@ impl Backend for LinuxBackend {
         let config = &config;
         // The TAPs of the record still on the bridge, with their guest MACs. A listing
         // that fails binds none now; the binder binds them below, as for a new TAP.
-        let live = self
+        let mut live = self
             .links
             .live_ports_of(bridge.index, &alias)
             .await
@@ -1291,6 +1280,33 @@ impl Backend for LinuxBackend {
                 )
             })
             .ok();
+        // The previous broker made every TAP persistent: those not asked to be and
+        // closed meanwhile (no carrier) are deleted now, before anyone counts them as
+        // held; the others are deleted once closed, as this broker's own.
+        if let Some(live) = &mut live {
+            let mut closed = Vec::new();
+            {
+                let mut reapable = self.reapable.lock().expect("not poisoned");
+                for ep in record.endpoints.iter().filter(|e| !e.persistent) {
+                    if let Some(link) = live.iter().find(|l| l.name == ep.id) {
+                        if link.carrier == Some(false) {
+                            closed.push(link.clone());
+                        } else {
+                            reapable.insert(link.name.clone());
+                        }
+                    }
+                }
+            }
+            live.retain(|l| !closed.iter().any(|c| c.index == l.index));
+            let refs: Vec<&Link> = closed.iter().collect();
+            if let Err(e) = self.deleter.delete_many(&refs).await {
+                warn!(
+                    network = %config.name,
+                    "cannot delete the adopted network's closed TAPs: {}",
+                    crate::error::Chain(&e)
+                );
+            }
+        }
         let ports: Ports = record
             .endpoints
             .iter()
@@ -1313,19 +1329,6 @@ impl Backend for LinuxBackend {
                 return Err(e);
             }
         };
-        // The previous broker made every TAP persistent: those not asked to be are
-        // deleted once closed, including those that closed while no broker ran.
-        if let Some(live) = &live {
-            let mut reapable = self.reapable.lock().expect("not poisoned");
-            for ep in record.endpoints.iter().filter(|e| !e.persistent) {
-                if let Some(link) = live.iter().find(|l| l.name == ep.id) {
-                    reapable.insert(link.name.clone());
-                    if link.carrier == Some(false) {
-                        let _ = self.reap.send(link.clone());
-                    }
-                }
-            }
-        }
         // Without a listing, every recorded TAP is queued: the binder forgets those
         // that are gone.
         if live.is_none() && !config.allow_spoofing {
