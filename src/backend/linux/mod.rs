@@ -920,6 +920,14 @@ impl Backend for LinuxBackend {
         };
         let tap = Tap::create(&name, owner)?;
         // On failure `tap` is dropped, and with its only fd the TAP goes away.
+        if !network.config.allow_spoofing {
+            // The TAP guard, unbound, before the TAP is up and on the bridge: nothing
+            // passes until the binder binds it.
+            self.firewall
+                .guard_tap(tap.index())
+                .await
+                .map_err(|e| BackendError::component("firewall", e))?;
+        }
         self.plug(network, &tap, host_mac(request.mac)).await?;
         // Every TAP is made persistent, only once plugged (a failure before leaves
         // nothing behind): one the client asked to be persistent stays until the client

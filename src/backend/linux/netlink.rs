@@ -238,6 +238,32 @@ impl Netlink {
         &self.handle
     }
 
+    /// Sends a request that the kernel answers with an acknowledgement only (traffic
+    /// control changes of the TAP guard, which rtnetlink has no builder for), and turns a
+    /// negative one into the kernel's errno.
+    pub(crate) async fn ack(
+        &self,
+        request: rtnetlink::packet_core::NetlinkMessage<
+            netlink_packet_route::RouteNetlinkMessage,
+        >,
+    ) -> io::Result<()> {
+        use futures::StreamExt;
+        use rtnetlink::packet_core::NetlinkPayload;
+        let mut responses = self
+            .handle
+            .clone()
+            .request(request)
+            .map_err(io::Error::other)?;
+        while let Some(msg) = responses.next().await {
+            if let NetlinkPayload::Error(e) = msg.payload
+                && let Some(code) = e.code
+            {
+                return Err(io::Error::from_raw_os_error(-code.get()));
+            }
+        }
+        Ok(())
+    }
+
     /// Applies a link change (RTM_SETLINK) to link `name`.
     pub(crate) async fn set(&self, message: LinkMessage, name: &str, what: &str) -> io::Result<()> {
         self.handle

@@ -54,6 +54,7 @@
 //! tables; a transaction takes milliseconds.
 
 mod docker;
+pub mod guard;
 mod nft;
 mod overlay;
 mod rules;
@@ -70,7 +71,7 @@ use futures::FutureExt;
 use futures::future::BoxFuture;
 use ipnet::Ipv4Net;
 use nftables::batch::Batch;
-use nftables::schema::{NfCmd, NfListObject, NfObject};
+use nftables::schema::{NfListObject, NfObject};
 use nftables::types::NfFamily;
 use tokio::sync::{mpsc, oneshot};
 use tracing::{debug, error, info, warn};
@@ -81,10 +82,11 @@ use crate::mac::Mac;
 pub use nft::NFT_TIMEOUT;
 pub use rules::DHCP_MACS_PER_TAP;
 pub use rules::ruleset_for;
+use guard::{Binding, Guard, GuardError};
 use rules::{
-    add_tables, delete_dhcp_macs_script, delete_network_objects, delete_tables, dhcp_check,
-    dhcp_quota_script, dispatch_flush, dispatch_rule, forward_chains, lease_element,
-    network_objects, port_elements, purge_network_objects, script_safe,
+    add_tables, delete_dhcp_macs_script, delete_network_objects, delete_tables,
+    dhcp_quota_script, dispatch_flush, dispatch_rule, forward_chains, network_objects,
+    purge_network_objects, script_safe,
 };
 pub use watchdog::WATCHDOG_INTERVAL;
 
@@ -178,6 +180,8 @@ pub enum FirewallError {
     Invalid { what: &'static str, detail: String },
     #[error("could not enable IPv4 forwarding ({IP_FORWARD})")]
     IpForward(#[source] std::io::Error),
+    #[error("firewall: the TAP guard failed")]
+    Guard(#[from] GuardError),
     #[error(
         "firewall: the operation was abandoned: the apply queue stopped (its runtime shut down) or the operation panicked"
     )]
@@ -193,12 +197,24 @@ pub(super) struct NetState {
     leases: BTreeMap<[u8; 6], Ipv4Addr>,
     /// Dynamic port forwards, by the key their owner gave ([`Firewall::set_forward`]).
     dynamic: BTreeMap<String, PortForward>,
+    /// TAP name -> interface index, for the TAP guard's bindings (anti-spoofing only).
+    ifindex: BTreeMap<String, u32>,
 }
 
 impl NetState {
     /// Every port forward of the network: the definition's, then the dynamic ones.
     fn forwards(&self) -> impl Iterator<Item = &PortForward> {
         self.net.forwards.iter().chain(self.dynamic.values())
+    }
+
+    /// The TAP guard's binding of a TAP bound to `mac`.
+    fn binding(&self, mac: [u8; 6]) -> Binding {
+        Binding::new(
+            mac,
+            self.net.dhcp,
+            self.leases.get(&mac).copied(),
+            self.net.gateway,
+        )
     }
 }
 
@@ -217,6 +233,8 @@ struct Inner {
     state: Mutex<State>,
     /// The apply queue, started by the first call (which runs inside a tokio runtime).
     queue: OnceLock<mpsc::UnboundedSender<Job>>,
+    /// The TAP guard, loaded (or adopted from a TAP a previous broker left) on first use.
+    guard: tokio::sync::OnceCell<Arc<Guard>>,
 }
 
 /// The broker's firewall. One per broker process; cheap to clone (all clones share state).
@@ -254,6 +272,7 @@ impl Firewall {
                 nft: nft::Nft::new(program.into(), timeout),
                 state: Mutex::new(State::default()),
                 queue: OnceLock::new(),
+                guard: tokio::sync::OnceCell::new(),
             }),
         }
     }
@@ -394,6 +413,22 @@ impl Firewall {
             .await
     }
 
+    /// Puts the TAP guard on a new TAP of an anti-spoofing network, unbound: from now on
+    /// it sends nothing and receives no unicast until [`Firewall::add_port`] binds it.
+    /// Called before the TAP is up and on the bridge, so it is bound before its first
+    /// frame can pass. Not queued behind `nft` runs: a few netlink and `bpf(2)` calls.
+    pub async fn guard_tap(&self, ifindex: u32) -> Result<(), FirewallError> {
+        let guard = self.inner.guard(None).await?;
+        guard.unbind(ifindex)?;
+        guard.attach(ifindex).await?;
+        Ok(())
+    }
+
+    /// The TAP guard's binding of interface `ifindex` (tests, diagnostics).
+    pub async fn guard_binding(&self, ifindex: u32) -> Result<Option<Binding>, FirewallError> {
+        Ok(self.inner.guard(None).await?.binding(ifindex)?)
+    }
+
     /// Records the DHCP lease of a guest: from now on IPv4 packets and ARP from `mac` must
     /// use `ip` as source. A new lease for the MAC replaces the old one, and an address
     /// moved to another MAC is taken away from the previous one. It has an effect on the
@@ -464,6 +499,23 @@ async fn apply_queue(inner: Weak<Inner>, mut jobs: mpsc::UnboundedReceiver<Job>)
 }
 
 impl Inner {
+    /// The TAP guard: the one loaded or adopted earlier, else the one a previous broker
+    /// left on interface `adopt_from` (so its bindings carry on), else a new one.
+    async fn guard(&self, adopt_from: Option<u32>) -> Result<&Arc<Guard>, FirewallError> {
+        Ok(self
+            .guard
+            .get_or_try_init(|| async move {
+                if let Some(ifindex) = adopt_from
+                    && let Some(guard) = Guard::adopt(ifindex).await?
+                {
+                    info!(ifindex, "adopted the TAP guard a previous broker left");
+                    return Ok::<_, GuardError>(Arc::new(guard));
+                }
+                Ok(Arc::new(Guard::load()?))
+            })
+            .await?)
+    }
+
     fn lock(&self) -> MutexGuard<'_, State> {
         // Never held across an await and no code under it panics on purpose; a poisoned
         // lock still holds consistent data (commits are single inserts/removes).
@@ -549,11 +601,23 @@ impl Inner {
                         .collect()
                 })
                 .unwrap_or_default();
+            let ifindex = state
+                .networks
+                .get(&net.name)
+                .map(|n| {
+                    n.ifindex
+                        .iter()
+                        .filter(|(tap, _)| ports.contains_key(*tap))
+                        .map(|(t, i)| (t.clone(), *i))
+                        .collect()
+                })
+                .unwrap_or_default();
             let ns = NetState {
                 net: net.clone(),
                 ports,
                 leases,
                 dynamic,
+                ifindex,
             };
             let mut batch = Batch::new();
             add_tables(&mut batch);
@@ -572,10 +636,25 @@ impl Inner {
             (ns, batch, dropped)
         };
         let context = format!("adding network {:?}", net.name);
+        // The kept TAPs' bindings, from the new definition (gateway, DHCP).
+        let rebind: Vec<(u32, Binding)> = if net.anti_spoofing {
+            ns.ifindex
+                .iter()
+                .filter_map(|(tap, i)| ns.ports.get(tap).map(|mac| (*i, ns.binding(*mac))))
+                .collect()
+        } else {
+            vec![]
+        };
         self.apply_or_restore(batch, &context, |s| {
             s.networks.insert(ns.net.name.clone(), ns);
         })
         .await?;
+        if !rebind.is_empty() {
+            let guard = self.guard(None).await?;
+            for (ifindex, binding) in rebind {
+                guard.bind(ifindex, binding)?;
+            }
+        }
         if has_dhcp_quota(&net) || !dropped.is_empty() {
             self.sync_dhcp_quota(&net.name, &dropped, &[]).await?;
         }
@@ -608,7 +687,7 @@ impl Inner {
     }
 
     async fn remove_network(&self, name: &str) -> Result<(), FirewallError> {
-        let (net, batch, quota_taps) = {
+        let (net, batch, quota_taps, unbind) = {
             let state = self.lock();
             let Some(ns) = state.networks.get(name) else {
                 debug!(
@@ -633,8 +712,20 @@ impl Inner {
                 dispatch_rule(&mut batch, others.map(|n| &n.net));
                 delete_network_objects(&mut batch, &net);
             }
-            (net, batch, quota_taps)
+            let unbind: Vec<u32> = ns.ifindex.values().copied().collect();
+            (net, batch, quota_taps, unbind)
         };
+        // Its TAPs go with the bridge; their bindings go now, so that no interface that
+        // takes one of their indexes later finds one.
+        if !unbind.is_empty()
+            && let Some(guard) = self.guard.get()
+        {
+            for ifindex in unbind {
+                if let Err(e) = guard.unbind(ifindex) {
+                    warn!(network = name, "{}", crate::error::Chain(&e));
+                }
+            }
+        }
         let context = format!("removing network {name:?}");
         let applied = self
             .apply_or_restore(batch, &context, |s| {
@@ -696,7 +787,7 @@ impl Inner {
             }
         };
         let live_count = live.len();
-        let (gone, batch) = {
+        let (gone, unbind) = {
             let state = self.lock();
             let Some(ns) = state.networks.get(network) else {
                 return Ok(0);
@@ -707,24 +798,22 @@ impl Inner {
                 .filter(|(tap, _)| !live.contains(tap))
                 .map(|(tap, mac)| (tap.clone(), *mac))
                 .collect();
-            let mut batch = Batch::new();
-            if ns.net.anti_spoofing {
-                for (tap, mac) in &gone {
-                    port_elements(&mut batch, NfCmd::Delete, network, tap, *mac);
-                }
-                if ns.net.dhcp && !gone.is_empty() {
-                    let mut after = ns.ports.clone();
-                    for (tap, _) in &gone {
-                        after.remove(tap);
-                    }
-                    dhcp_check(&mut batch, network, &after);
-                }
-            }
-            (gone, batch)
+            let unbind: Vec<u32> = gone
+                .iter()
+                .filter_map(|(tap, _)| ns.ifindex.get(tap).copied())
+                .collect();
+            (gone, unbind)
         };
         if gone.is_empty() {
             return Ok(live_count);
         }
+        if let Some(guard) = self.guard.get() {
+            for ifindex in unbind {
+                guard.unbind(ifindex)?;
+            }
+        }
+        // Nothing for nft: the TAP guard keeps the bindings, the quota sets are below.
+        let batch = Batch::new();
         let context = format!(
             "forgetting {} closed TAP(s) of network {network:?}",
             gone.len()
@@ -733,6 +822,7 @@ impl Inner {
             if let Some(ns) = s.networks.get_mut(network) {
                 for (tap, _) in &gone {
                     ns.ports.remove(tap);
+                    ns.ifindex.remove(tap);
                 }
             }
         })
@@ -754,7 +844,7 @@ impl Inner {
         network: &str,
         ports: Vec<(String, [u8; 6])>,
     ) -> Result<(), FirewallError> {
-        let (new, batch, quotas) = {
+        let (new, quotas, guarded) = {
             let state = self.lock();
             let Some(target) = state.networks.get(network) else {
                 return Err(FirewallError::UnknownNetwork(network.into()));
@@ -768,46 +858,12 @@ impl Inner {
                     detail: format!("{tap:?}"),
                 });
             }
-            let mut batch = Batch::new();
-            let mut new = Vec::with_capacity(ports.len());
-            for (tap, mac) in ports {
-                let mut bound = false;
-                for ns in state.networks.values() {
-                    if let Some(old) = ns.ports.get(&tap) {
-                        if ns.net.name == network && *old == mac {
-                            bound = true;
-                        } else if ns.net.anti_spoofing {
-                            port_elements(&mut batch, NfCmd::Delete, &ns.net.name, &tap, *old);
-                        }
-                    }
-                }
-                if !bound {
-                    new.push((tap, mac));
-                }
-            }
+            let new: Vec<(String, [u8; 6])> = ports
+                .into_iter()
+                .filter(|(tap, mac)| target.ports.get(tap) != Some(mac))
+                .collect();
             if new.is_empty() {
                 return Ok(());
-            }
-            if target.net.anti_spoofing {
-                for (tap, mac) in &new {
-                    port_elements(&mut batch, NfCmd::Add, network, tap, *mac);
-                }
-            }
-            // The DHCP checks of every network whose ports change, from the ports it has
-            // after this change.
-            for ns in state.networks.values() {
-                let loses = new.iter().any(|(tap, _)| ns.ports.contains_key(tap));
-                let gains = ns.net.name == network;
-                if ns.net.anti_spoofing && ns.net.dhcp && (loses || gains) {
-                    let mut after = ns.ports.clone();
-                    for (tap, mac) in &new {
-                        after.remove(tap);
-                        if gains {
-                            after.insert(tap.clone(), *mac);
-                        }
-                    }
-                    dhcp_check(&mut batch, &ns.net.name, &after);
-                }
             }
             // The DHCP MAC quotas to rewrite after it: networks losing a TAP first (their
             // set of it goes), then the target (a TAP it had with another MAC starts over).
@@ -827,8 +883,32 @@ impl Inner {
                     quotas.push((ns.net.name.clone(), vec![], had));
                 }
             }
-            (new, batch, quotas)
+            (new, quotas, target.net.anti_spoofing)
         };
+        // The TAP guard: each TAP's binding written, then its filters checked (and put
+        // there when missing: a TAP made by someone else, or one a previous broker guarded
+        // with programs this one did not adopt). Written first, so a TAP whose filters
+        // are replaced is never without its binding.
+        let mut indexes: BTreeMap<String, u32> = BTreeMap::new();
+        if guarded {
+            for (tap, mac) in &new {
+                // Gone already (its VM left): nothing to bind, the prune forgets it.
+                let Ok(ifindex) = nix::net::if_::if_nametoindex(tap.as_str()) else {
+                    debug!(network, tap, "not binding a TAP that is gone");
+                    continue;
+                };
+                let guard = self.guard(Some(ifindex)).await?;
+                let binding = match self.lock().networks.get(network) {
+                    Some(ns) => ns.binding(*mac),
+                    None => return Err(FirewallError::UnknownNetwork(network.into())),
+                };
+                guard.bind(ifindex, binding)?;
+                if !guard.attached(ifindex).await? {
+                    guard.attach(ifindex).await?;
+                }
+                indexes.insert(tap.clone(), ifindex);
+            }
+        }
         let context = match new.as_slice() {
             [(tap, mac)] => format!(
                 "binding port {tap:?} of network {network:?} to {}",
@@ -836,12 +916,17 @@ impl Inner {
             ),
             many => format!("binding {} ports of network {network:?}", many.len()),
         };
-        self.apply_or_restore(batch, &context, |s| {
+        // Nothing for nft (the quota scripts below aside): only the state is committed.
+        self.apply_or_restore(Batch::new(), &context, |s| {
             for (tap, mac) in new {
                 for ns in s.networks.values_mut() {
                     ns.ports.remove(&tap);
+                    ns.ifindex.remove(&tap);
                 }
                 if let Some(ns) = s.networks.get_mut(network) {
+                    if let Some(i) = indexes.get(&tap) {
+                        ns.ifindex.insert(tap.clone(), *i);
+                    }
                     ns.ports.insert(tap, mac);
                 }
             }
@@ -958,7 +1043,7 @@ impl Inner {
         ip: Ipv4Addr,
         only_new: bool,
     ) -> Result<(), FirewallError> {
-        let (stale, batch) = {
+        let stale = {
             let state = self.lock();
             let Some(ns) = state.networks.get(network) else {
                 return Err(FirewallError::UnknownNetwork(network.into()));
@@ -972,35 +1057,44 @@ impl Inner {
             if only_new && ns.leases.get(&mac) == Some(&ip) {
                 return Ok(());
             }
-            // A binding the state already has is sent again all the same (`add element`
-            // of an existing element is a no-op): the kernel's copy may have been lost
-            // (`nft flush set`, a partial restore by hand), and the renewal that lands
-            // here is what brings it back.
             let stale: Vec<([u8; 6], Ipv4Addr)> = ns
                 .leases
                 .iter()
                 .filter(|(m, i)| (**m == mac || **i == ip) && (**m, **i) != (mac, ip))
                 .map(|(m, i)| (*m, *i))
                 .collect();
-            let mut batch = Batch::new();
-            if ns.net.anti_spoofing && ns.net.dhcp {
-                for (m, i) in &stale {
-                    lease_element(&mut batch, NfCmd::Delete, network, *m, *i);
-                }
-                lease_element(&mut batch, NfCmd::Add, network, mac, ip);
-            }
-            (stale, batch)
+            stale
         };
-        let context = format!("binding {} to {ip} on network {network:?}", Mac::from(mac));
-        self.apply_or_restore(batch, &context, |s| {
+        {
+            let mut s = self.lock();
             if let Some(ns) = s.networks.get_mut(network) {
                 for (m, _) in &stale {
                     ns.leases.remove(m);
                 }
                 ns.leases.insert(mac, ip);
             }
-        })
-        .await
+        }
+        // The bindings of the TAPs of the MACs concerned, from the state just committed.
+        // Written even when known already, so a renewal puts back a binding the map lost.
+        let rebind: Vec<(u32, Binding)> = {
+            let state = self.lock();
+            match state.networks.get(network) {
+                Some(ns) if ns.net.anti_spoofing && ns.net.dhcp => ns
+                    .ports
+                    .iter()
+                    .filter(|(_, m)| **m == mac || stale.iter().any(|(s, _)| s == *m))
+                    .filter_map(|(tap, m)| ns.ifindex.get(tap).map(|i| (*i, ns.binding(*m))))
+                    .collect(),
+                _ => vec![],
+            }
+        };
+        if !rebind.is_empty() {
+            let guard = self.guard(None).await?;
+            for (ifindex, binding) in rebind {
+                guard.bind(ifindex, binding)?;
+            }
+        }
+        Ok(())
     }
 
     /// Applies an incremental change and commits it to the state with `commit`. When the

@@ -4,15 +4,15 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 
 use nftables::batch::Batch;
 use nftables::expr::{
-    Expression, Fib, FibFlag, FibResult, Meta, MetaKey, NamedExpression, Payload, PayloadBase,
-    PayloadField, PayloadRaw, Prefix, SetItem,
+    Expression, Fib, FibFlag, FibResult, Meta, MetaKey, NamedExpression, Payload,
+    PayloadField, Prefix, SetItem,
 };
 use nftables::schema::{
-    Chain, Element, FlushObject, NfCmd, NfListObject, Nftables, Rule, Set, SetType, SetTypeValue,
+    Chain, FlushObject, NfCmd, NfListObject, Nftables, Rule, Set, SetType, SetTypeValue,
     Table,
 };
 use nftables::stmt::{JumpTarget, Match, NAT, NATFamily, Operator, Statement};
@@ -20,7 +20,6 @@ use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
 
 use super::{FirewallNetwork, NetState, TABLE};
 use crate::config::PortForward;
-use crate::mac::Mac;
 
 // Standard nft priorities: "filter" for forward, "srcnat" for postrouting NAT, and the
 // bridge family's "filter" (-200) so spoofed frames die before anything else sees them.
@@ -51,35 +50,41 @@ pub(super) fn fwd_snat_chain(net: &str) -> String {
     format!("pf-{net}")
 }
 /// The one base chain of the bridge table (prerouting): sends each frame from a TAP of
-/// ours to the chain of the TAP's network, by the TAP's name prefix.
+/// an `allow_spoofing` network to the chain of the TAP's network, by the TAP's name
+/// prefix. It exists only while such a network does.
 pub(super) const DISPATCH_CHAIN: &str = "ports";
 
-/// The base chains of the bridge table for frames *leaving* through a port (`output`: sent
-/// by the host; `forward`: bridged from another port): each sends a frame bound for a TAP
-/// of an anti-spoofing network to that network's [`egress_chain`], by the TAP's prefix.
+/// The egress dispatch chains of earlier versions (bridge `output` and `forward`, to each
+/// anti-spoofing network's [`egress_chain`]): deleted wherever found, the TAP guard
+/// checks what leaves through a TAP now.
 pub(super) const EGRESS_DISPATCH: [(&str, NfHook); 2] = [
     ("ports-out", NfHook::Output),
     ("ports-fwd", NfHook::Forward),
 ];
 
-/// Adds the dispatch chains if missing and empties them: done before the network chains
-/// they jump to are deleted or replaced, then refilled by [`dispatch_rule`].
+/// Adds the dispatch chain if missing and empties it: done before the network chains
+/// it jumps to are deleted or replaced, then refilled (or deleted) by [`dispatch_rule`].
+/// The egress dispatch chains of earlier versions go: the TAP guard checks egress now.
 pub(super) fn dispatch_flush(batch: &mut Batch<'static>) {
-    let chains = std::iter::once((DISPATCH_CHAIN, NfHook::Prerouting)).chain(EGRESS_DISPATCH);
-    for (name, hook) in chains {
-        batch.add(base_chain(
+    let chain = |name: &str, hook| {
+        base_chain(
             NfFamily::Bridge,
             name.to_string(),
             hook,
             NfChainType::Filter,
             PRIO_BRIDGE_FILTER,
-        ));
-        batch.add_cmd(NfCmd::Flush(FlushObject::Chain(Chain {
-            family: NfFamily::Bridge,
-            table: TABLE.into(),
-            name: name.into(),
-            ..Chain::default()
-        })));
+        )
+    };
+    batch.add(chain(DISPATCH_CHAIN, NfHook::Prerouting));
+    batch.add_cmd(NfCmd::Flush(FlushObject::Chain(Chain {
+        family: NfFamily::Bridge,
+        table: TABLE.into(),
+        name: DISPATCH_CHAIN.into(),
+        ..Chain::default()
+    })));
+    for (name, hook) in EGRESS_DISPATCH {
+        batch.add(chain(name, hook));
+        batch.delete(chain(name, hook));
     }
 }
 
@@ -94,7 +99,8 @@ pub(super) fn dispatch_rule<'a>(
     batch: &mut Batch<'static>,
     nets: impl IntoIterator<Item = &'a FirewallNetwork>,
 ) {
-    let nets: Vec<&FirewallNetwork> = nets.into_iter().collect();
+    // Anti-spoofing networks have the TAP guard (BPF) instead of chains here.
+    let nets: Vec<&FirewallNetwork> = nets.into_iter().filter(|n| !n.anti_spoofing).collect();
     let vmap = |key: MetaKey, chain: fn(&str) -> String, nets: &[&FirewallNetwork]| {
         let items: Vec<SetItem<'static>> = nets
             .iter()
@@ -114,28 +120,32 @@ pub(super) fn dispatch_rule<'a>(
             })]
         })
     };
-    if let Some(stmts) = vmap(MetaKey::Iifname, spoof_chain, &nets) {
-        batch.add(rule(NfFamily::Bridge, DISPATCH_CHAIN, stmts));
-    }
-    let guarded: Vec<&FirewallNetwork> = nets.into_iter().filter(|n| n.anti_spoofing).collect();
-    for (name, _) in EGRESS_DISPATCH {
-        if let Some(stmts) = vmap(MetaKey::Oifname, egress_chain, &guarded) {
-            batch.add(rule(NfFamily::Bridge, name, stmts));
-        }
+    match vmap(MetaKey::Iifname, spoof_chain, &nets) {
+        Some(stmts) => batch.add(rule(NfFamily::Bridge, DISPATCH_CHAIN, stmts)),
+        // Even an empty base chain costs every frame of every bridge a hook call: none
+        // when no network needs it.
+        None => batch.delete(base_chain(
+            NfFamily::Bridge,
+            DISPATCH_CHAIN.to_string(),
+            NfHook::Prerouting,
+            NfChainType::Filter,
+            PRIO_BRIDGE_FILTER,
+        )),
     }
 }
 
-/// Regular chain of one network's TAP rules: server roles and anti-spoofing.
+/// Regular chain of the TAP rules (server roles, DHCP quota) of an `allow_spoofing`
+/// network.
 pub(super) fn spoof_chain(net: &str) -> String {
     format!("spoof-{net}")
 }
-/// Regular chain of an anti-spoofing network checking frames about to leave through one of
-/// its TAPs: a unicast frame may leave a TAP only for the guest MAC bound to it.
+/// Regular chain of earlier versions checking frames leaving an anti-spoofing network's
+/// TAPs; purged wherever found.
 pub(super) fn egress_chain(net: &str) -> String {
     format!("egress-{net}")
 }
-/// Regular chain checking the client MAC inside DHCP requests (`chaddr`) against the TAP's
-/// bound MAC; rebuilt whenever the network's port bindings change ([`dhcp_check`]).
+/// Regular chain of an `allow_spoofing` network with DHCP: the TAPs' DHCP MAC quotas
+/// ([`dhcp_quota_script`]).
 pub(super) fn dhcp_chain(net: &str) -> String {
     format!("dhcp-{net}")
 }
@@ -144,11 +154,11 @@ pub(super) fn dhcp_chain(net: &str) -> String {
 pub(super) fn dhcp_macs_set(tap: &str) -> String {
     format!("dm-{tap}")
 }
-/// Set of `ifname . ether_addr`: the MAC allowed on each TAP.
+/// Set of earlier versions (the MAC of each TAP), purged wherever found.
 pub(super) fn portmacs_set(net: &str) -> String {
     format!("portmacs-{net}")
 }
-/// Set of `ether_addr . ipv4_addr`: the DHCP lease of each guest MAC.
+/// Set of earlier versions (the lease of each MAC), purged wherever found.
 pub(super) fn leases_set(net: &str) -> String {
     format!("leases-{net}")
 }
@@ -157,9 +167,6 @@ pub(super) fn leases_set(net: &str) -> String {
 
 pub(super) fn s(v: &str) -> Expression<'static> {
     Expression::String(Cow::Owned(v.to_string()))
-}
-pub(super) fn set_ref(name: &str) -> Expression<'static> {
-    s(&format!("@{name}"))
 }
 pub(super) fn meta(key: MetaKey) -> Expression<'static> {
     Expression::Named(NamedExpression::Meta(Meta { key }))
@@ -171,9 +178,6 @@ pub(super) fn payload(protocol: &'static str, field: &'static str) -> Expression
             field: field.into(),
         },
     )))
-}
-pub(super) fn concat(items: Vec<Expression<'static>>) -> Expression<'static> {
-    Expression::Named(NamedExpression::Concat(items))
 }
 pub(super) fn prefix(addr: &str, len: u32) -> Expression<'static> {
     Expression::Named(NamedExpression::Prefix(Prefix {
@@ -294,14 +298,6 @@ pub(super) fn rule(
     })
 }
 
-pub(super) fn element(set: String, elem: Expression<'static>) -> NfListObject<'static> {
-    NfListObject::Element(Element {
-        family: NfFamily::Bridge,
-        table: TABLE.into(),
-        name: set.into(),
-        elem: vec![elem].into(),
-    })
-}
 
 /// Statements of an anonymous set of `items`.
 fn anon_set(items: Vec<Expression<'static>>) -> Expression<'static> {
@@ -310,59 +306,6 @@ fn anon_set(items: Vec<Expression<'static>>) -> Expression<'static> {
     ))
 }
 
-/// The 48 bits of a BOOTP message's `chaddr` that a DHCP server takes as the client's MAC
-/// (offset 28 of the message, which follows the 8-byte UDP header: `@th,288,48`). From the
-/// transport header rather than the inner header (`@ih,224,48`, the same bits) because
-/// `ih` needs Linux 6.2 and `th` only 5.3.
-fn chaddr() -> Expression<'static> {
-    Expression::Named(NamedExpression::Payload(Payload::PayloadRaw(PayloadRaw {
-        base: PayloadBase::TH,
-        offset: (8 + 28) * 8,
-        len: 48,
-    })))
-}
-
-/// (Re)writes the network's `dhcp-` chain so that a DHCP client message (UDP port 67)
-/// from one of its TAPs passes only when its `chaddr` is the MAC bound to that TAP.
-///
-/// Why a rule with an anonymous set, rewritten whole (`flush chain` + `add rule` in the
-/// same transaction as the binding change), rather than a named set of `ifname . chaddr`:
-/// the raw payload has no Ethernet-address type, so such a set needs `typeof iifname .
-/// @th,288,48`, which the nft CLI accepts but its JSON input (nft 1.0.6, what the crate
-/// speaks) cannot declare; an anonymous set takes its type from the expression. Ports
-/// change in batches (see the binder), so this costs one rule per batch.
-pub(super) fn dhcp_check<'a>(
-    batch: &mut Batch<'static>,
-    net: &str,
-    ports: impl IntoIterator<Item = (&'a String, &'a [u8; 6])>,
-) {
-    let chain = dhcp_chain(net);
-    batch.add(named_chain(NfFamily::Bridge, chain.clone()));
-    batch.add_cmd(NfCmd::Flush(FlushObject::Chain(Chain {
-        family: NfFamily::Bridge,
-        table: TABLE.into(),
-        name: chain.clone().into(),
-        ..Chain::default()
-    })));
-    let allowed: Vec<Expression<'static>> = ports
-        .into_iter()
-        .map(|(tap, mac)| {
-            let hex: String = mac.iter().map(|b| format!("{b:02x}")).collect();
-            concat(vec![s(tap), s(&format!("0x{hex}"))])
-        })
-        .collect();
-    let mut stmts = vec![];
-    // No bound TAP: nothing may pass (the MAC rule drops such frames already).
-    if !allowed.is_empty() {
-        stmts.push(matches(
-            concat(vec![meta(MetaKey::Iifname), chaddr()]),
-            Operator::NEQ,
-            anon_set(allowed),
-        ));
-    }
-    stmts.push(drop_());
-    batch.add(rule(NfFamily::Bridge, &chain, stmts));
-}
 
 /// How many distinct DHCP client MACs (`chaddr`) one TAP of an `allow_spoofing` network
 /// may use while it is bound. Such a network trusts its VMs with other machines' MACs (a
@@ -457,32 +400,6 @@ pub(super) fn delete_dhcp_macs_script<'a>(taps: impl IntoIterator<Item = &'a Str
 
 fn dhcp_macs_set_decl() -> String {
     format!("{{ typeof @th,288,48; size {DHCP_MACS_PER_TAP}; flags dynamic; }}")
-}
-
-pub(super) fn port_elements(
-    batch: &mut Batch<'static>,
-    cmd: fn(NfListObject<'static>) -> NfCmd<'static>,
-    net: &str,
-    tap: &str,
-    mac: [u8; 6],
-) {
-    batch.add_cmd(cmd(element(
-        portmacs_set(net),
-        concat(vec![s(tap), s(&Mac::from(mac).to_string())]),
-    )));
-}
-
-pub(super) fn lease_element(
-    batch: &mut Batch<'static>,
-    cmd: fn(NfListObject<'static>) -> NfCmd<'static>,
-    net: &str,
-    mac: [u8; 6],
-    ip: Ipv4Addr,
-) {
-    batch.add_cmd(cmd(element(
-        leases_set(net),
-        concat(vec![s(&Mac::from(mac).to_string()), s(&ip.to_string())]),
-    )));
 }
 
 /// Adds every chain, set, rule and element of one network (the tables must exist).
@@ -603,6 +520,14 @@ pub(super) fn network_objects(batch: &mut Batch<'static>, ns: &NetState) {
     }
     forward_chains(batch, net, ns.forwards());
 
+    // The overlay's chains (overlay.rs), whatever the TAPs' checks are.
+    super::overlay::objects(batch, net);
+    // Anti-spoofing networks: the TAP guard (guard.rs, a BPF program at TC of each TAP)
+    // does all of the per-frame checks, server roles included; nothing else in the bridge
+    // table.
+    if net.anti_spoofing {
+        return;
+    }
     // Bridge table: every frame entering the bridge from one of our TAPs, bound or not,
     // is sent here by the dispatch chain ([`dispatch_rule`]). Other ports (uplinks, other
     // software's) are left alone.
@@ -611,8 +536,8 @@ pub(super) fn network_objects(batch: &mut Batch<'static>, ns: &NetState) {
     let r = |batch: &mut Batch<'static>, stmts: Vec<Statement<'static>>| {
         batch.add(rule(NfFamily::Bridge, &spoof, stmts));
     };
-    // Server roles are the host's, never a VM's, so these go on every network, with or
-    // without anti-spoofing: a Router Advertisement or Redirect would move the host's and
+    // Server roles are the host's, never a VM's (the TAP guard drops the same on
+    // anti-spoofing networks): a Router Advertisement or Redirect would move the host's and
     // the other VMs' IPv6 routing to the sender, a DHCP(v6) server message would hand the
     // other VMs addresses, routers and name servers of the sender's choosing, and an IPv4
     // ICMP redirect would reroute their traffic.
@@ -650,86 +575,13 @@ pub(super) fn network_objects(batch: &mut Batch<'static>, ns: &NetState) {
         );
     }
 
-    if !net.anti_spoofing {
-        if net.dhcp {
-            // The chain's rules are the TAPs' DHCP MAC quotas, written by a script after
-            // this transaction ([`dhcp_quota_script`]); until then it drops every DHCP
-            // client message, so a rebuild never opens it.
-            let chain = dhcp_chain(&net.name);
-            batch.add(named_chain(NfFamily::Bridge, chain.clone()));
-            batch.add(rule(NfFamily::Bridge, &chain, vec![drop_()]));
-            r(
-                batch,
-                vec![
-                    matches(
-                        payload("udp", "dport"),
-                        Operator::EQ,
-                        Expression::Number(67),
-                    ),
-                    Statement::Jump(JumpTarget {
-                        target: chain.into(),
-                    }),
-                ],
-            );
-        }
-        return;
-    }
-    // Anti-spoofing: an unbound TAP matches no element of portmacs, so all its frames drop.
-    let portmacs = portmacs_set(&net.name);
-    let leases = leases_set(&net.name);
-    batch.add(set(
-        portmacs.clone(),
-        SetTypeValue::Concatenated(vec![SetType::Ifname, SetType::EtherAddr].into()),
-    ));
-    batch.add(set(
-        leases.clone(),
-        SetTypeValue::Concatenated(vec![SetType::EtherAddr, SetType::Ipv4Addr].into()),
-    ));
-    // The Ethernet source and the ARP sender hardware address must be the TAP's guest MAC.
-    r(
-        batch,
-        vec![
-            matches(
-                concat(vec![iif(), payload("ether", "saddr")]),
-                Operator::NEQ,
-                set_ref(&portmacs),
-            ),
-            drop_(),
-        ],
-    );
-    r(
-        batch,
-        vec![
-            matches(
-                concat(vec![iif(), payload("arp", "saddr ether")]),
-                Operator::NEQ,
-                set_ref(&portmacs),
-            ),
-            drop_(),
-        ],
-    );
-    // VLAN-tagged frames would carry IP packets past the checks below (which only see
-    // untagged ether types), so guests on an anti-spoofing network cannot use VLANs.
-    r(
-        batch,
-        vec![
-            matches(
-                payload("ether", "type"),
-                Operator::EQ,
-                Expression::Named(NamedExpression::Set(vec![
-                    nftables::expr::SetItem::Element(s("8021q")),
-                    nftables::expr::SetItem::Element(s("8021ad")),
-                ])),
-            ),
-            drop_(),
-        ],
-    );
     if net.dhcp {
-        // The DHCP server takes the client's identity from `chaddr`, not from the frame:
-        // a client message must name the MAC bound to its TAP, or one VM could take,
-        // renew, decline or release its neighbours' leases (and names) and exhaust the
-        // pool with invented MACs.
-        dhcp_check(batch, &net.name, &ns.ports);
+        // The chain's rules are the TAPs' DHCP MAC quotas, written by a script after
+        // this transaction ([`dhcp_quota_script`]); until then it drops every DHCP
+        // client message, so a rebuild never opens it.
+        let chain = dhcp_chain(&net.name);
+        batch.add(named_chain(NfFamily::Bridge, chain.clone()));
+        batch.add(rule(NfFamily::Bridge, &chain, vec![drop_()]));
         r(
             batch,
             vec![
@@ -739,132 +591,10 @@ pub(super) fn network_objects(batch: &mut Batch<'static>, ns: &NetState) {
                     Expression::Number(67),
                 ),
                 Statement::Jump(JumpTarget {
-                    target: dhcp_chain(&net.name).into(),
+                    target: chain.into(),
                 }),
             ],
         );
-        // A DHCP client has no address yet (and may ask again at any time): its messages
-        // to the broker's server and ARP probes (sender IP 0.0.0.0, RFC 5227) always pass.
-        // Whatever the IPv4 source, not only 0.0.0.0: a renewal comes from the leased
-        // address, and must reach the server even when the kernel lost that lease's
-        // binding (a flushed set), since its ACK is what binds it again. The server acts
-        // only on the `chaddr`, which the rule above pins to the TAP's MAC.
-        r(
-            batch,
-            vec![
-                matches(
-                    payload("ip", "daddr"),
-                    Operator::EQ,
-                    anon_set(vec![s(&net.gateway.to_string()), s("255.255.255.255")]),
-                ),
-                matches(
-                    payload("udp", "sport"),
-                    Operator::EQ,
-                    Expression::Number(68),
-                ),
-                matches(
-                    payload("udp", "dport"),
-                    Operator::EQ,
-                    Expression::Number(67),
-                ),
-                Statement::Return(None),
-            ],
-        );
-        r(
-            batch,
-            vec![
-                matches(payload("arp", "saddr ip"), Operator::EQ, s("0.0.0.0")),
-                Statement::Return(None),
-            ],
-        );
-        // Otherwise the (MAC, source IP) pair must be a lease; no lease yet, no IPv4.
-        r(
-            batch,
-            vec![
-                matches(
-                    concat(vec![payload("ether", "saddr"), payload("ip", "saddr")]),
-                    Operator::NEQ,
-                    set_ref(&leases),
-                ),
-                drop_(),
-            ],
-        );
-        r(
-            batch,
-            vec![
-                matches(
-                    concat(vec![payload("ether", "saddr"), payload("arp", "saddr ip")]),
-                    Operator::NEQ,
-                    set_ref(&leases),
-                ),
-                drop_(),
-            ],
-        );
-    }
-    // IPv6: the broker hands out no IPv6 addresses, so guests only have link-local ones
-    // (and :: during duplicate address detection). Those are bound to the MAC only (rule
-    // above): binding link-local addresses would need NDP snooping for no real gain.
-    r(
-        batch,
-        vec![
-            matches(
-                payload("ip6", "saddr"),
-                Operator::NEQ,
-                Expression::Named(NamedExpression::Set(vec![
-                    nftables::expr::SetItem::Element(prefix("fe80::", 10)),
-                    nftables::expr::SetItem::Element(s("::")),
-                ])),
-            ),
-            drop_(),
-        ],
-    );
-
-    // Egress: a client can give its TAP's host side a neighbour's guest MAC
-    // (`SIOCSIFHWADDR` on the fd); the bridge then takes that MAC for a local address of
-    // the client's port and sends the host's frames for the neighbour there. So a unicast
-    // frame leaves a TAP only when addressed to the guest MAC bound to that TAP; this also
-    // keeps unknown-unicast floods of other VMs' traffic off it. Group addresses
-    // (broadcast, multicast: the I/G bit) go to every port as before.
-    let egress = egress_chain(&net.name);
-    batch.add(named_chain(NfFamily::Bridge, egress.clone()));
-    let group_bit = || s("01:00:00:00:00:00");
-    batch.add(rule(
-        NfFamily::Bridge,
-        &egress,
-        vec![
-            matches(
-                Expression::BinaryOperation(Box::new(nftables::expr::BinaryOperation::AND(
-                    payload("ether", "daddr"),
-                    group_bit(),
-                ))),
-                Operator::EQ,
-                group_bit(),
-            ),
-            Statement::Return(None),
-        ],
-    ));
-    batch.add(rule(
-        NfFamily::Bridge,
-        &egress,
-        vec![
-            matches(
-                concat(vec![oif(), payload("ether", "daddr")]),
-                Operator::NEQ,
-                set_ref(&portmacs),
-            ),
-            drop_(),
-        ],
-    ));
-
-    super::overlay::objects(batch, net);
-
-    for (tap, mac) in &ns.ports {
-        port_elements(batch, NfCmd::Add, &net.name, tap, *mac);
-    }
-    if net.dhcp {
-        for (mac, ip) in &ns.leases {
-            lease_element(batch, NfCmd::Add, &net.name, *mac, *ip);
-        }
     }
 }
 
@@ -979,17 +709,12 @@ pub(super) fn delete_network_objects(batch: &mut Batch<'static>, net: &FirewallN
     if net.nat {
         batch.delete(named_chain(NfFamily::INet, nat_chain(&net.name)));
     }
-    batch.delete(named_chain(NfFamily::Bridge, spoof_chain(&net.name)));
     super::overlay::delete(batch, net);
-    if net.anti_spoofing {
-        batch.delete(named_chain(NfFamily::Bridge, egress_chain(&net.name)));
-    }
-    if net.dhcp {
-        batch.delete(named_chain(NfFamily::Bridge, dhcp_chain(&net.name)));
-    }
-    if net.anti_spoofing {
-        for name in [portmacs_set(&net.name), leases_set(&net.name)] {
-            batch.delete(set(name, SetTypeValue::Single(SetType::Ifname)));
+    // Anti-spoofing networks have nothing in the bridge table (the TAP guard).
+    if !net.anti_spoofing {
+        batch.delete(named_chain(NfFamily::Bridge, spoof_chain(&net.name)));
+        if net.dhcp {
+            batch.delete(named_chain(NfFamily::Bridge, dhcp_chain(&net.name)));
         }
     }
 }
@@ -1070,6 +795,7 @@ pub fn ruleset_for(net: &FirewallNetwork) -> Nftables<'static> {
             ports: BTreeMap::new(),
             leases: BTreeMap::new(),
             dynamic: BTreeMap::new(),
+            ifindex: BTreeMap::new(),
         },
     );
     dispatch_rule(&mut batch, [net]);
@@ -1118,39 +844,31 @@ mod tests {
     }
 
     #[test]
-    fn server_roles_are_dropped_with_or_without_anti_spoofing() {
-        for anti_spoofing in [true, false] {
-            let rules = json(&net(true, anti_spoofing, true));
-            for needle in [
-                r#"{"match":{"left":{"payload":{"protocol":"icmpv6","field":"type"}},"right":{"set":["nd-router-advert","nd-redirect"]},"op":"=="}},{"drop":null}]"#,
-                r#"{"match":{"left":{"payload":{"protocol":"icmp","field":"type"}},"right":"redirect","op":"=="}},{"drop":null}]"#,
-                r#"{"match":{"left":{"payload":{"protocol":"udp","field":"sport"}},"right":67,"op":"=="}},{"drop":null}]"#,
-                r#"{"match":{"left":{"payload":{"protocol":"udp","field":"dport"}},"right":68,"op":"=="}},{"drop":null}]"#,
-                r#"{"match":{"left":{"payload":{"protocol":"udp","field":"sport"}},"right":547,"op":"=="}},{"drop":null}]"#,
-                r#"{"match":{"left":{"payload":{"protocol":"udp","field":"dport"}},"right":546,"op":"=="}},{"drop":null}]"#,
-            ] {
-                assert!(
-                    rules.contains(needle),
-                    "{anti_spoofing}: {needle} in {rules}"
-                );
-            }
+    fn server_roles_are_dropped_without_anti_spoofing() {
+        let rules = json(&net(true, false, true));
+        for needle in [
+            r#"{"match":{"left":{"payload":{"protocol":"icmpv6","field":"type"}},"right":{"set":["nd-router-advert","nd-redirect"]},"op":"=="}},{"drop":null}]"#,
+            r#"{"match":{"left":{"payload":{"protocol":"icmp","field":"type"}},"right":"redirect","op":"=="}},{"drop":null}]"#,
+            r#"{"match":{"left":{"payload":{"protocol":"udp","field":"sport"}},"right":67,"op":"=="}},{"drop":null}]"#,
+            r#"{"match":{"left":{"payload":{"protocol":"udp","field":"dport"}},"right":68,"op":"=="}},{"drop":null}]"#,
+            r#"{"match":{"left":{"payload":{"protocol":"udp","field":"sport"}},"right":547,"op":"=="}},{"drop":null}]"#,
+            r#"{"match":{"left":{"payload":{"protocol":"udp","field":"dport"}},"right":546,"op":"=="}},{"drop":null}]"#,
+        ] {
+            assert!(rules.contains(needle), "{needle} in {rules}");
         }
     }
 
     #[test]
-    fn dhcp_chaddr_must_be_the_bound_mac() {
-        let mut batch = Batch::new();
-        let ports = BTreeMap::from([("vmnt9-0".to_string(), [0x52, 0x54, 0, 0, 0, 0x01])]);
-        dhcp_check(&mut batch, "n1", &ports);
-        let rules = serde_json::to_string(&batch.to_nftables()).unwrap();
+    fn anti_spoofing_networks_have_no_bridge_chains() {
+        // The TAP guard (BPF) checks their frames; the dispatch chain, which would cost
+        // every frame a hook call, is deleted when no network needs it.
+        let rules = json(&net(true, true, true));
+        assert!(!rules.contains("spoof-n1"), "{rules}");
+        assert!(!rules.contains("dhcp-n1"), "{rules}");
         assert!(
-            rules.contains(r#"{"match":{"left":{"concat":[{"meta":{"key":"iifname"}},{"payload":{"base":"th","offset":288,"len":48}}]},"right":{"set":[{"concat":["vmnt9-0","0x525400000001"]}]},"op":"!="}},{"drop":null}]"#),
+            rules.contains(r#"{"delete":{"chain":{"family":"bridge","table":"vmnet_broker","name":"ports""#),
             "{rules}"
         );
-        let with = json(&net(true, true, true));
-        assert!(with.contains(r#"{"jump":{"target":"dhcp-n1"}}"#), "{with}");
-        // With allow_spoofing the chain holds the MAC quotas, written by a script; the
-        // JSON only makes it, dropping everything until then.
         let open = json(&net(true, false, true));
         assert!(open.contains(r#"{"jump":{"target":"dhcp-n1"}}"#), "{open}");
         assert!(
@@ -1223,21 +941,6 @@ delete set bridge {t} dm-vmnt9-7
     }
 
     #[test]
-    fn unicast_leaves_a_tap_only_for_its_bound_mac_with_anti_spoofing() {
-        let with = json(&net(false, true, false));
-        for needle in [
-            r#"{"match":{"left":{"&":[{"payload":{"protocol":"ether","field":"daddr"}},"01:00:00:00:00:00"]},"right":"01:00:00:00:00:00","op":"=="}},{"return":null}]"#,
-            r#"{"match":{"left":{"concat":[{"meta":{"key":"oifname"}},{"payload":{"protocol":"ether","field":"daddr"}}]},"right":"@portmacs-n1","op":"!="}},{"drop":null}]"#,
-            r#""chain":"ports-out","expr":[{"vmap":{"key":{"meta":{"key":"oifname"}},"data":{"set":[["vmnt9-*",{"jump":{"target":"egress-n1"}}]]}}}]"#,
-            r#""chain":"ports-fwd","expr":[{"vmap":{"key":{"meta":{"key":"oifname"}},"data":{"set":[["vmnt9-*",{"jump":{"target":"egress-n1"}}]]}}}]"#,
-        ] {
-            assert!(with.contains(needle), "{needle} in {with}");
-        }
-        let without = json(&net(false, false, false));
-        assert!(!without.contains("egress-n1"), "{without}");
-    }
-
-    #[test]
     fn forwards_translate_arrivals_and_host_traffic_but_not_loopback() {
         let mut n = net(false, true, true);
         n.forwards = vec![PortForward {
@@ -1294,15 +997,5 @@ delete set bridge {t} dm-vmnt9-7
         );
         assert!(v6.contains(r#""right":"ipv6""#), "{v6}");
         assert!(v6.contains(r#"{"match":{"left":{"payload":{"protocol":"ip6","field":"daddr"}},"right":"::1","op":"!="}}"#), "{v6}");
-    }
-
-    #[test]
-    fn ip_binding_rules_only_with_dhcp() {
-        let with = json(&net(false, true, true));
-        let without = json(&net(false, true, false));
-        assert!(with.contains("saddr ip"));
-        assert!(with.contains("@leases-n1"));
-        assert!(!without.contains("@leases-n1"));
-        assert!(without.contains("@portmacs-n1"));
     }
 }

@@ -1,0 +1,288 @@
+// SPDX-License-Identifier: Apache-2.0
+//
+// The TAP guard: what a VM may send into a broker network, and what may leave towards it,
+// checked per frame at TC (clsact, cls_bpf direct-action) of each of the network's TAPs.
+// It replaces the nftables bridge-family chain of anti-spoofing networks: one map lookup
+// and a handful of loads per frame, where the chain reloaded the interface name per rule
+// and did four concatenated set lookups (docs/design.md, "The TAP guard").
+//
+// The broker (src/backend/linux/firewall/guard.rs) loads this once, attaches
+// `tap_ingress` and `tap_egress` to every TAP of an anti-spoofing network before the TAP
+// is up or on the bridge, and writes one `struct binding` per bound TAP into `bindings`,
+// keyed by the TAP's ifindex. A TAP without a binding sends nothing and receives no
+// unicast: bound before its first frame can pass. The filters hold the program, and the
+// program the map, so both outlive the broker's fds: a broker killed with SIGKILL leaves
+// its running VMs connected and protected, and the next one finds the map through the
+// filter (program id -> map id) and goes on using it.
+//
+// Compiled by build.rs with `clang -target bpf` (Linux targets only). Only helpers that
+// are not GPL-only are called, so the license below is the project's.
+
+#include <linux/bpf.h>
+#include <linux/pkt_cls.h>
+
+#define SEC(name) __attribute__((section(name), used))
+#define INLINE static __attribute__((always_inline)) inline
+
+// Helper calls by number (include/uapi/linux/bpf.h): no libbpf headers needed to build.
+static void *(*bpf_map_lookup_elem)(void *map, const void *key) = (void *)BPF_FUNC_map_lookup_elem;
+static long (*bpf_skb_load_bytes)(const void *skb, __u32 offset, void *to, __u32 len) =
+    (void *)BPF_FUNC_skb_load_bytes;
+
+// The legacy map definition (section "maps"), which aya reads without BTF.
+struct bpf_map_def {
+	__u32 type;
+	__u32 key_size;
+	__u32 value_size;
+	__u32 max_entries;
+	__u32 map_flags;
+};
+
+// What one TAP is bound to. The same layout as `Binding` in guard.rs.
+struct binding {
+	__u8 mac[6];      // the guest's MAC: the only Ethernet (and ARP sender) source allowed
+	__u8 flags;       // BIND_*
+	__u8 _pad;
+	__u32 ip4;        // the DHCP lease (network order); 0 = none yet
+	__u32 gw4;        // the network's gateway (network order): where DHCP client messages go
+	__u8 prefix6[8];  // a /64 whose EUI-64 address of `mac` is allowed; all zero = none
+};
+
+// The network runs the broker's DHCP: IPv4 and ARP sources must be the lease, and DHCP
+// client messages must name the bound MAC as `chaddr`.
+#define BIND_DHCP 1
+
+struct bpf_map_def SEC("maps") bindings = {
+	.type = BPF_MAP_TYPE_HASH,
+	.key_size = sizeof(__u32),
+	.value_size = sizeof(struct binding),
+	.max_entries = 65536,
+	.map_flags = 0,
+};
+
+#define ETH_HLEN 14
+#define ETH_P_IP 0x0800
+#define ETH_P_ARP 0x0806
+#define ETH_P_IPV6 0x86DD
+#define ETH_P_8021Q 0x8100
+#define ETH_P_8021AD 0x88A8
+
+#define IPPROTO_HOPOPTS 0
+#define IPPROTO_ICMP 1
+#define IPPROTO_UDP 17
+#define IPPROTO_ROUTING 43
+#define IPPROTO_FRAGMENT 44
+#define IPPROTO_ICMPV6 58
+#define IPPROTO_DSTOPTS 60
+
+#define ICMP_REDIRECT 5
+#define ND_ROUTER_ADVERT 134
+#define ND_REDIRECT 137
+
+// Extension headers walked before giving up (and dropping) on an IPv6 packet.
+#define MAX_EXT_HEADERS 6
+
+INLINE __u16 be16(__u16 v) { return __builtin_bswap16(v); }
+
+INLINE int mac_eq(const __u8 *a, const __u8 *b)
+{
+	return a[0] == b[0] && a[1] == b[1] && a[2] == b[2] && a[3] == b[3] && a[4] == b[4] &&
+	       a[5] == b[5];
+}
+
+// A UDP port pair only a server (DHCP, DHCPv6 server or relay) sends from or to: a VM may
+// never hand the others addresses, routers or name servers.
+INLINE int server_ports(__u16 sport, __u16 dport)
+{
+	return sport == 67 || dport == 68 || sport == 547 || dport == 546;
+}
+
+SEC("classifier/ingress")
+int tap_ingress(struct __sk_buff *skb)
+{
+	__u32 key = skb->ifindex;
+	struct binding *b = bpf_map_lookup_elem(&bindings, &key);
+	if (!b)
+		return TC_ACT_SHOT; // not bound (yet): nothing passes
+	// The kernel strips one VLAN tag before TC ingress; a tagged frame would carry
+	// packets past the checks below, which see untagged types only.
+	if (skb->vlan_present)
+		return TC_ACT_SHOT;
+
+	__u8 eth[ETH_HLEN];
+	if (bpf_skb_load_bytes(skb, 0, eth, ETH_HLEN) < 0)
+		return TC_ACT_SHOT;
+	if (!mac_eq(eth + 6, b->mac))
+		return TC_ACT_SHOT;
+	__u16 proto = ((__u16)eth[12] << 8) | eth[13];
+
+	if (proto == ETH_P_8021Q || proto == ETH_P_8021AD)
+		return TC_ACT_SHOT;
+
+	if (proto == ETH_P_ARP) {
+		// htype, ptype, hlen, plen, op, sender MAC, sender IPv4
+		__u8 arp[14 + 4];
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, arp, sizeof(arp)) < 0)
+			return TC_ACT_SHOT;
+		if (!mac_eq(arp + 8, b->mac))
+			return TC_ACT_SHOT;
+		if (b->flags & BIND_DHCP) {
+			__u32 spa;
+			__builtin_memcpy(&spa, arp + 14, 4);
+			// 0.0.0.0: an address probe (RFC 5227) before the lease.
+			if (spa != 0 && (b->ip4 == 0 || spa != b->ip4))
+				return TC_ACT_SHOT;
+		}
+		return TC_ACT_OK;
+	}
+
+	if (proto == ETH_P_IP) {
+		__u8 ip[20];
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, ip, sizeof(ip)) < 0)
+			return TC_ACT_SHOT;
+		__u32 ihl = (ip[0] & 0x0f) * 4;
+		if ((ip[0] >> 4) != 4 || ihl < 20)
+			return TC_ACT_SHOT;
+		__u32 saddr, daddr;
+		__builtin_memcpy(&saddr, ip + 12, 4);
+		__builtin_memcpy(&daddr, ip + 16, 4);
+		// Only the first fragment has the transport header.
+		int first = ((((__u16)ip[6] << 8) | ip[7]) & 0x1fff) == 0;
+		__u32 l4 = ETH_HLEN + ihl;
+		__u8 l4proto = ip[9];
+		if (first && l4proto == IPPROTO_ICMP) {
+			__u8 type;
+			if (bpf_skb_load_bytes(skb, l4, &type, 1) < 0)
+				return TC_ACT_SHOT;
+			if (type == ICMP_REDIRECT)
+				return TC_ACT_SHOT;
+		}
+		if (first && l4proto == IPPROTO_UDP) {
+			__u16 ports[2];
+			if (bpf_skb_load_bytes(skb, l4, ports, 4) < 0)
+				return TC_ACT_SHOT;
+			__u16 sport = be16(ports[0]), dport = be16(ports[1]);
+			if (server_ports(sport, dport))
+				return TC_ACT_SHOT;
+			if ((b->flags & BIND_DHCP) && dport == 67) {
+				// The server takes the client's identity from chaddr (offset 28
+				// of the BOOTP message), not from the frame.
+				__u8 chaddr[6];
+				if (bpf_skb_load_bytes(skb, l4 + 8 + 28, chaddr, 6) < 0)
+					return TC_ACT_SHOT;
+				if (!mac_eq(chaddr, b->mac))
+					return TC_ACT_SHOT;
+				// A client has no address yet, or renews from its lease: to the
+				// gateway's server or broadcast, any source passes.
+				if (sport == 68 && (daddr == b->gw4 || daddr == 0xffffffff))
+					return TC_ACT_OK;
+			}
+		}
+		if ((b->flags & BIND_DHCP) && (b->ip4 == 0 || saddr != b->ip4))
+			return TC_ACT_SHOT;
+		return TC_ACT_OK;
+	}
+
+	if (proto == ETH_P_IPV6) {
+		__u8 ip6[40];
+		if (bpf_skb_load_bytes(skb, ETH_HLEN, ip6, sizeof(ip6)) < 0)
+			return TC_ACT_SHOT;
+		if ((ip6[0] >> 4) != 6)
+			return TC_ACT_SHOT;
+		const __u8 *src = ip6 + 8;
+		__u8 next = ip6[6];
+		int unspecified = 1;
+#pragma unroll
+		for (int i = 0; i < 16; i++)
+			if (src[i])
+				unspecified = 0;
+		if (unspecified) {
+			// `::` only for duplicate address detection (ICMPv6) and the MLD
+			// reports that go with it (behind a hop-by-hop header).
+			if (next != IPPROTO_ICMPV6 && next != IPPROTO_HOPOPTS)
+				return TC_ACT_SHOT;
+		} else if (src[0] == 0xfe && (src[1] & 0xc0) == 0x80) {
+			// Link-local (fe80::/10), whatever its interface identifier:
+			// guests may derive it as RFC 7217 or RFC 4941 say, not only EUI-64.
+		} else {
+			const __u8 *p = b->prefix6;
+			if (!(p[0] | p[1] | p[2] | p[3] | p[4] | p[5] | p[6] | p[7]))
+				return TC_ACT_SHOT;
+#pragma unroll
+			for (int i = 0; i < 8; i++)
+				if (src[i] != p[i])
+					return TC_ACT_SHOT;
+			// The modified EUI-64 of the bound MAC.
+			if (src[8] != (b->mac[0] ^ 0x02) || src[9] != b->mac[1] ||
+			    src[10] != b->mac[2] || src[11] != 0xff || src[12] != 0xfe ||
+			    src[13] != b->mac[3] || src[14] != b->mac[4] || src[15] != b->mac[5])
+				return TC_ACT_SHOT;
+		}
+		// The transport header, past the extension headers.
+		__u32 off = ETH_HLEN + 40;
+		int first = 1;
+#pragma unroll
+		for (int i = 0; i < MAX_EXT_HEADERS; i++) {
+			if (next == IPPROTO_HOPOPTS || next == IPPROTO_ROUTING ||
+			    next == IPPROTO_DSTOPTS) {
+				__u8 ext[2];
+				if (bpf_skb_load_bytes(skb, off, ext, 2) < 0)
+					return TC_ACT_SHOT;
+				next = ext[0];
+				off += ((__u32)ext[1] + 1) * 8;
+			} else if (next == IPPROTO_FRAGMENT) {
+				__u8 frag[4];
+				if (bpf_skb_load_bytes(skb, off, frag, 4) < 0)
+					return TC_ACT_SHOT;
+				next = frag[0];
+				if (((((__u16)frag[2] << 8) | frag[3]) & 0xfff8) != 0)
+					first = 0;
+				off += 8;
+			}
+		}
+		if (next == IPPROTO_HOPOPTS || next == IPPROTO_ROUTING || next == IPPROTO_DSTOPTS ||
+		    next == IPPROTO_FRAGMENT)
+			return TC_ACT_SHOT; // more extension headers than anyone needs
+		if (!first)
+			return TC_ACT_OK;
+		if (next == IPPROTO_ICMPV6) {
+			__u8 type;
+			if (bpf_skb_load_bytes(skb, off, &type, 1) < 0)
+				return TC_ACT_SHOT;
+			if (type == ND_ROUTER_ADVERT || type == ND_REDIRECT)
+				return TC_ACT_SHOT;
+		} else if (next == IPPROTO_UDP) {
+			__u16 ports[2];
+			if (bpf_skb_load_bytes(skb, off, ports, 4) < 0)
+				return TC_ACT_SHOT;
+			if (server_ports(be16(ports[0]), be16(ports[1])))
+				return TC_ACT_SHOT;
+		}
+		return TC_ACT_OK;
+	}
+	// Other types (LLDP, ...) carry no addresses of their own: the MAC check is enough.
+	return TC_ACT_OK;
+}
+
+// Frames leaving the bridge through the TAP, towards the VM. A client can give its TAP's
+// host side a neighbour's guest MAC (SIOCSIFHWADDR on its fd); the bridge then takes that
+// MAC for a local address of the client's port and sends the host's frames for the
+// neighbour there. So unicast leaves a TAP only for the guest MAC bound to it (which also
+// keeps unknown-unicast floods of other VMs' traffic off it); group addresses (the I/G
+// bit) go to every port.
+SEC("classifier/egress")
+int tap_egress(struct __sk_buff *skb)
+{
+	__u8 dst[6];
+	if (bpf_skb_load_bytes(skb, 0, dst, 6) < 0)
+		return TC_ACT_SHOT;
+	if (dst[0] & 1)
+		return TC_ACT_OK;
+	__u32 key = skb->ifindex;
+	struct binding *b = bpf_map_lookup_elem(&bindings, &key);
+	if (!b || !mac_eq(dst, b->mac))
+		return TC_ACT_SHOT;
+	return TC_ACT_OK;
+}
+
+char _license[] SEC("license") = "Apache-2.0";

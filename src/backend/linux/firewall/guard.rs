@@ -1,0 +1,373 @@
+//! The TAP guard: per-frame anti-spoofing of anti-spoofing networks as a BPF program at TC
+//! of each TAP (source: `bpf/tap_guard.c`, compiled by build.rs), instead of the nftables
+//! bridge-family chain, which cost about a third of the data plane (docs/design.md, "The
+//! TAP guard"; docs/benchmarks.md).
+//!
+//! One program pair (`tap_ingress`, `tap_egress`) and one map (`bindings`, TAP ifindex ->
+//! [`Binding`]) per broker process. [`Guard::attach`] puts a clsact qdisc and both
+//! filters (cls_bpf, direct action) on a TAP; a TAP without a binding sends nothing and
+//! receives no unicast, so attaching before the TAP is up and on the bridge binds it
+//! before its first frame. The filters are kernel objects holding the programs, which
+//! hold the map: nothing depends on the broker's fds, so a broker that dies (even by
+//! SIGKILL) leaves its VMs connected and protected. The next broker finds the program
+//! and the map through the filter of an adopted TAP ([`Guard::adopt`]: filter -> program
+//! id -> map id) and goes on with them, bindings included.
+
+use std::io;
+use std::net::Ipv4Addr;
+use std::os::fd::{AsFd, AsRawFd};
+use std::sync::Mutex;
+
+use aya::maps::{HashMap as BpfHashMap, Map, MapData, MapInfo};
+use aya::programs::{ProgramFd, SchedClassifier, loaded_programs};
+use futures::TryStreamExt;
+use rtnetlink::packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkMessage,
+};
+use netlink_packet_route::RouteNetlinkMessage;
+use netlink_packet_route::tc::{
+    TcAttribute, TcBpfFlags, TcFilterBpfOption, TcHandle, TcMessage, TcOption,
+};
+
+use crate::backend::linux::netlink::Netlink;
+
+/// The compiled `bpf/tap_guard.c`.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tap_guard.o"));
+
+/// The map's name in the object, and the programs'.
+const MAP: &str = "bindings";
+const INGRESS: &str = "tap_ingress";
+const EGRESS: &str = "tap_egress";
+/// The filters' priority on the TAP: one of ours per direction, replaced in place.
+const PRIORITY: u16 = 1;
+/// The filters' handle.
+const HANDLE: u32 = 1;
+/// `TC_H_CLSACT` and its two children (`TC_H_MIN_INGRESS`, `TC_H_MIN_EGRESS`).
+const CLSACT: TcHandle = TcHandle {
+    major: 0xffff,
+    minor: 0xfff1,
+};
+const PARENT_INGRESS: TcHandle = TcHandle {
+    major: 0xffff,
+    minor: 0xfff2,
+};
+const PARENT_EGRESS: TcHandle = TcHandle {
+    major: 0xffff,
+    minor: 0xfff3,
+};
+/// `ETH_P_ALL`: the filters see every frame.
+const ETH_P_ALL: u16 = 0x0003;
+
+/// `flags` of a [`Binding`]: IPv4 and ARP sources must be the lease, and DHCP client
+/// messages must name the bound MAC (`BIND_DHCP` in the C source).
+pub const BIND_DHCP: u8 = 1;
+
+/// What one TAP is bound to: `struct binding` of `bpf/tap_guard.c`, byte for byte.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Binding {
+    pub mac: [u8; 6],
+    pub flags: u8,
+    pub _pad: u8,
+    /// The DHCP lease in network byte order; 0 = none yet.
+    pub ip4: [u8; 4],
+    /// The network's gateway in network byte order (DHCP client messages go there).
+    pub gw4: [u8; 4],
+    /// A /64 prefix whose EUI-64 address of `mac` the VM may use; all zero = none.
+    pub prefix6: [u8; 8],
+}
+
+// SAFETY: `Binding` is `repr(C)`, `Copy`, made only of byte arrays (no padding, no
+// pointers), so any bit pattern of its size is a valid value, as `Pod` requires.
+unsafe impl aya::Pod for Binding {}
+
+impl Binding {
+    pub fn new(mac: [u8; 6], dhcp: bool, lease: Option<Ipv4Addr>, gateway: Ipv4Addr) -> Self {
+        Binding {
+            mac,
+            flags: if dhcp { BIND_DHCP } else { 0 },
+            _pad: 0,
+            ip4: lease.map(|ip| ip.octets()).unwrap_or_default(),
+            gw4: gateway.octets(),
+            prefix6: [0; 8],
+        }
+    }
+}
+
+/// Everything the guard can fail with.
+#[derive(Debug, thiserror::Error)]
+pub enum GuardError {
+    #[error("cannot load the TAP guard (BPF) into the kernel")]
+    Load(#[source] Box<dyn std::error::Error + Send + Sync>),
+    #[error("cannot adopt the TAP guard found on interface {ifindex}")]
+    Adopt {
+        ifindex: u32,
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+    #[error("cannot {what} on interface {ifindex}")]
+    Netlink {
+        what: &'static str,
+        ifindex: u32,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot {what} the binding of interface {ifindex}")]
+    Map {
+        what: &'static str,
+        ifindex: u32,
+        #[source]
+        source: aya::maps::MapError,
+    },
+}
+
+/// The loaded (or adopted) programs and their map.
+pub struct Guard {
+    ingress: ProgramFd,
+    egress: ProgramFd,
+    ingress_id: u32,
+    egress_id: u32,
+    /// Locked only around single `bpf(2)` map calls, which neither sleep nor wait on
+    /// anything but the map's own bucket lock; aya's update API takes `&mut`.
+    map: Mutex<BpfHashMap<MapData, u32, Binding>>,
+    netlink: Netlink,
+}
+
+fn load_err(e: impl std::error::Error + Send + Sync + 'static) -> GuardError {
+    GuardError::Load(Box::new(e))
+}
+
+impl Guard {
+    /// Loads the programs and a new, empty map. Needs a tokio runtime (netlink) and
+    /// CAP_BPF/CAP_NET_ADMIN.
+    pub fn load() -> Result<Guard, GuardError> {
+        let mut ebpf = aya::Ebpf::load(OBJECT).map_err(load_err)?;
+        let mut fds = vec![];
+        for name in [INGRESS, EGRESS] {
+            let program: &mut SchedClassifier = ebpf
+                .program_mut(name)
+                .ok_or_else(|| load_err(io::Error::other(format!("no program {name}"))))?
+                .try_into()
+                .map_err(load_err)?;
+            program.load().map_err(load_err)?;
+            let id = program.info().map_err(load_err)?.id();
+            // Kept past `ebpf`, whose drop closes its own copies.
+            fds.push((program.fd().map_err(load_err)?.try_clone().map_err(load_err)?, id));
+        }
+        let map = ebpf
+            .take_map(MAP)
+            .ok_or_else(|| load_err(io::Error::other(format!("no map {MAP}"))))?;
+        let map = BpfHashMap::try_from(map).map_err(load_err)?;
+        let (egress, egress_id) = fds.pop().expect("two programs");
+        let (ingress, ingress_id) = fds.pop().expect("two programs");
+        Ok(Guard {
+            ingress,
+            egress,
+            ingress_id,
+            egress_id,
+            map: Mutex::new(map),
+            netlink: Netlink::connect().map_err(load_err)?,
+        })
+    }
+
+    /// The guard a previous broker left on interface `ifindex`, if its filters are there:
+    /// its programs and map, bindings included.
+    pub async fn adopt(ifindex: u32) -> Result<Option<Guard>, GuardError> {
+        let netlink = Netlink::connect().map_err(load_err)?;
+        let ingress_id = filter_program(&netlink, ifindex, PARENT_INGRESS).await?;
+        let egress_id = filter_program(&netlink, ifindex, PARENT_EGRESS).await?;
+        let (Some(ingress_id), Some(egress_id)) = (ingress_id, egress_id) else {
+            return Ok(None);
+        };
+        let adopt_err = |e: Box<dyn std::error::Error + Send + Sync>| GuardError::Adopt {
+            ifindex,
+            source: e,
+        };
+        let mut ingress = None;
+        let mut egress = None;
+        let mut map_id = None;
+        for info in loaded_programs() {
+            let info = info.map_err(|e| adopt_err(Box::new(e)))?;
+            if info.id() == ingress_id {
+                map_id = info
+                    .map_ids()
+                    .map_err(|e| adopt_err(Box::new(e)))?
+                    .and_then(|ids| ids.first().copied());
+                ingress = Some(info.fd().map_err(|e| adopt_err(Box::new(e)))?);
+            } else if info.id() == egress_id {
+                egress = Some(info.fd().map_err(|e| adopt_err(Box::new(e)))?);
+            }
+        }
+        let (Some(ingress), Some(egress), Some(map_id)) = (ingress, egress, map_id) else {
+            return Err(adopt_err("the filters' programs or map are gone".into()));
+        };
+        let map_fd = MapInfo::from_id(map_id)
+            .and_then(|info| info.fd())
+            .map_err(|e| adopt_err(Box::new(e)))?;
+        let owned = map_fd
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(|e| adopt_err(Box::new(e)))?;
+        let data = MapData::from_fd(owned).map_err(|e| adopt_err(Box::new(e)))?;
+        let map = BpfHashMap::try_from(Map::HashMap(data)).map_err(|e| adopt_err(Box::new(e)))?;
+        Ok(Some(Guard {
+            ingress,
+            egress,
+            ingress_id,
+            egress_id,
+            map: Mutex::new(map),
+            netlink,
+        }))
+    }
+
+    fn map(&self) -> std::sync::MutexGuard<'_, BpfHashMap<MapData, u32, Binding>> {
+        // Every critical section is one map call: a panic leaves nothing half-done.
+        self.map.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether both of this guard's filters are on interface `ifindex`.
+    pub async fn attached(&self, ifindex: u32) -> Result<bool, GuardError> {
+        Ok(
+            filter_program(&self.netlink, ifindex, PARENT_INGRESS).await? == Some(self.ingress_id)
+                && filter_program(&self.netlink, ifindex, PARENT_EGRESS).await?
+                    == Some(self.egress_id),
+        )
+    }
+
+    /// Puts the guard on interface `ifindex` (replacing a filter of ours already there),
+    /// after forgetting whatever binding an earlier interface of that index had: until
+    /// [`Guard::bind`], the interface sends nothing and receives no unicast.
+    pub async fn attach(&self, ifindex: u32) -> Result<(), GuardError> {
+        self.unbind(ifindex)?;
+        self.add_clsact(ifindex).await?;
+        for (parent, fd, name) in [
+            (PARENT_INGRESS, &self.ingress, INGRESS),
+            (PARENT_EGRESS, &self.egress, EGRESS),
+        ] {
+            let mut msg = TcMessage::with_index(ifindex as i32);
+            msg.header.parent = parent;
+            msg.header.handle = TcHandle::from(HANDLE);
+            msg.header.info = (u32::from(PRIORITY) << 16) | u32::from(ETH_P_ALL.to_be());
+            msg.attributes.push(TcAttribute::Kind("bpf".into()));
+            msg.attributes.push(TcAttribute::Options(vec![
+                TcOption::Bpf(TcFilterBpfOption::ProgFd(fd.as_fd().as_raw_fd() as u32)),
+                TcOption::Bpf(TcFilterBpfOption::ProgName(name.into())),
+                TcOption::Bpf(TcFilterBpfOption::Flags(TcBpfFlags::DirectAction)),
+            ]));
+            let mut req = NetlinkMessage::from(RouteNetlinkMessage::NewTrafficFilter(msg));
+            req.header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE;
+            self.netlink
+                .ack(req)
+                .await
+                .map_err(|source| GuardError::Netlink {
+                    what: "attach the TAP guard",
+                    ifindex,
+                    source,
+                })?;
+        }
+        Ok(())
+    }
+
+    async fn add_clsact(&self, ifindex: u32) -> Result<(), GuardError> {
+        let mut msg = TcMessage::with_index(ifindex as i32);
+        msg.header.parent = CLSACT;
+        msg.header.handle = TcHandle {
+            major: 0xffff,
+            minor: 0,
+        };
+        msg.attributes.push(TcAttribute::Kind("clsact".into()));
+        let mut req = NetlinkMessage::from(RouteNetlinkMessage::NewQueueDiscipline(msg));
+        req.header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
+        match self.netlink.ack(req).await {
+            Ok(()) => Ok(()),
+            // There already (an adopted or reused interface).
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+            Err(source) => Err(GuardError::Netlink {
+                what: "add a clsact qdisc",
+                ifindex,
+                source,
+            }),
+        }
+    }
+
+    /// Binds interface `ifindex` (replacing its binding).
+    pub fn bind(&self, ifindex: u32, binding: Binding) -> Result<(), GuardError> {
+        self.map()
+            .insert(ifindex, binding, 0)
+            .map_err(|source| GuardError::Map {
+                what: "write",
+                ifindex,
+                source,
+            })
+    }
+
+    /// The binding of interface `ifindex`, if any.
+    pub fn binding(&self, ifindex: u32) -> Result<Option<Binding>, GuardError> {
+        match self.map().get(&ifindex, 0) {
+            Ok(b) => Ok(Some(b)),
+            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
+            Err(source) => Err(GuardError::Map {
+                what: "read",
+                ifindex,
+                source,
+            }),
+        }
+    }
+
+    /// Forgets the binding of interface `ifindex`: its frames drop from now on.
+    pub fn unbind(&self, ifindex: u32) -> Result<(), GuardError> {
+        match self.map().remove(&ifindex) {
+            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            Err(source) => Err(GuardError::Map {
+                what: "remove",
+                ifindex,
+                source,
+            }),
+        }
+    }
+}
+
+/// The id of the program of our filter on `parent` (ingress or egress) of `ifindex`.
+async fn filter_program(
+    netlink: &Netlink,
+    ifindex: u32,
+    parent: TcHandle,
+) -> Result<Option<u32>, GuardError> {
+    let mut get = netlink.handle().clone().traffic_filter(ifindex as i32).get();
+    get = if parent == PARENT_INGRESS {
+        get.ingress()
+    } else {
+        get.egress()
+    };
+    let filters: Vec<TcMessage> = match get.execute().try_collect().await {
+        Ok(f) => f,
+        // No clsact qdisc (never guarded): no filter.
+        Err(rtnetlink::Error::NetlinkError(e))
+            if matches!(e.code.map(|c| -c.get()), Some(libc::EINVAL | libc::ENOENT)) =>
+        {
+            return Ok(None);
+        }
+        Err(e) => {
+            return Err(GuardError::Netlink {
+                what: "list the TC filters",
+                ifindex,
+                source: io::Error::other(e),
+            });
+        }
+    };
+    for f in filters {
+        if f.header.info >> 16 != u32::from(PRIORITY) {
+            continue;
+        }
+        for attr in &f.attributes {
+            if let TcAttribute::Options(opts) = attr {
+                for opt in opts {
+                    if let TcOption::Bpf(TcFilterBpfOption::ProgId(id)) = opt {
+                        return Ok(Some(*id));
+                    }
+                }
+            }
+        }
+    }
+    Ok(None)
+}
