@@ -88,6 +88,12 @@ fn main() {
         dur.as_secs_f64()
     );
     let ctx = FabricCtx::new();
+    if args.iter().any(|a| a == "--fabric-only") {
+        // Only the broker-versus-bridge comparison, at both br_netfilter settings.
+        fabric::compare(&ctx, rounds, dur);
+        ctx.broker.stop();
+        return;
+    }
     let mut samples: Vec<Sample> = Vec::new();
     // `--only-overlay`: the two-host row alone (issue 16), printed, no report written.
     let only_overlay = args.iter().any(|a| a == "--only-overlay");

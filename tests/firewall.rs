@@ -212,6 +212,18 @@ fn tables(ns: &Netns) -> String {
     ns.nft_list("list tables")
 }
 
+/// The TAP guard's binding of interface `dev` of B: its MAC and IPv4 lease (0.0.0.0 for
+/// none), or None when unbound.
+async fn guard_of(fw: &Firewall, b: &Netns, dev: &str) -> Option<([u8; 6], Ipv4Addr)> {
+    let out = b.exec(&["cat", &format!("/sys/class/net/{dev}/ifindex")]);
+    assert!(out.status.success(), "no interface {dev}");
+    let ifindex: u32 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
+    fw.guard_binding(ifindex)
+        .await
+        .unwrap()
+        .map(|b| (b.mac, Ipv4Addr::from(b.ip4)))
+}
+
 #[test]
 fn shared_network_masquerades_through_the_uplink() {
     let t = Topo::new();
@@ -416,10 +428,11 @@ fn watchdog_restores_flushed_rules() {
         }
         eprintln!("restored after {:?}", start.elapsed());
         assert_eq!(t.connect_seen_as(), "198.18.0.1", "NAT works again");
-        // Port bindings came back too.
-        let set =
-            t.b.nft_list("list set bridge vmnet_broker portmacs-testnet");
-        assert!(set.contains(VM_MAC_STR), "{set}");
+        // The port's binding is the TAP guard's, which a flush of the ruleset leaves.
+        assert_eq!(
+            guard_of(&fw, &t.b, "vport").await.map(|(mac, _)| mac),
+            Some(VM_MAC)
+        );
 
         // Dropping the last handle ends the watchdog.
         drop(fw);
@@ -504,9 +517,10 @@ fn watchdog_restores_on_the_kernels_notification_without_waiting_for_its_poll() 
                 tokio::time::sleep(Duration::from_millis(20)).await;
             }
             eprintln!("restored after {:?}", start.elapsed());
-            let set =
-                t.b.nft_list("list set bridge vmnet_broker portmacs-testnet");
-            assert!(set.contains(VM_MAC_STR), "{set}");
+            assert_eq!(
+                guard_of(&fw, &t.b, "vport").await.map(|(mac, _)| mac),
+                Some(VM_MAC)
+            );
         }
         fw.remove_network("testnet").await.unwrap();
     });
@@ -518,8 +532,11 @@ fn last_network_removal_leaves_no_tables() {
     t.b.ip(&["link", "add", "vmnbr1", "type", "bridge"]);
     in_netns(&t.b, || async {
         let fw = Firewall::new();
-        let second = second_network(false);
-        fw.add_network(&network(true, true, true)).await.unwrap();
+        // The bridge table's chains are those of allow_spoofing networks (anti-spoofing
+        // ones have the TAP guard instead).
+        let mut second = second_network(false);
+        second.anti_spoofing = false;
+        fw.add_network(&network(true, false, true)).await.unwrap();
         fw.add_network(&second).await.unwrap();
         // TAP prefixes of two networks must not overlap: the bridge table dispatches by them.
         let mut third = second.clone();
@@ -556,13 +573,11 @@ fn last_network_removal_leaves_no_tables() {
             rules.contains(r#"iifname vmap { "vmnt5-*" : jump spoof-second }"#),
             "{rules}"
         );
-        // The egress dispatch (hooks output and forward) lost the removed network too.
-        assert_eq!(
-            rules
-                .matches(r#"oifname vmap { "vmnt5-*" : jump egress-second }"#)
-                .count(),
-            2,
-            "{rules}"
+        // No egress dispatch (hooks output and forward): the TAP guard checks egress.
+        let bridge = t.b.nft_list("list table bridge vmnet_broker");
+        assert!(
+            !bridge.contains("hook output") && !bridge.contains("hook forward"),
+            "{bridge}"
         );
         assert!(
             rules.contains("fwd-second") && rules.contains("spoof-second"),
@@ -702,16 +717,13 @@ fn failed_removal_forgets_the_network_and_allows_recreating_it() {
         let rules = t.b.nft_list("list ruleset");
         assert!(!rules.contains("vmnbr0"), "old rules deleted: {rules}");
         assert!(!rules.contains("vport"), "old rules deleted: {rules}");
-        assert!(
-            rules.contains("vmnbr1") && rules.contains("vmnt5-"),
-            "{rules}"
-        );
+        // (The TAP prefix appears in no rule: it only dispatches allow_spoofing networks.)
+        assert!(rules.contains("vmnbr1"), "{rules}");
         assert_eq!(rules.matches("chain fwd-testnet").count(), 1, "{rules}");
-        assert_eq!(rules.matches("chain spoof-testnet").count(), 1, "{rules}");
+        // An anti-spoofing network has no bridge chains (the TAP guard checks its TAPs).
+        assert_eq!(rules.matches("chain spoof-testnet").count(), 0, "{rules}");
         // The old port binding is not carried over to the new bridge.
-        let set =
-            t.b.nft_list("list set bridge vmnet_broker portmacs-testnet");
-        assert!(!set.contains(VM_MAC_STR), "{set}");
+        assert_eq!(guard_of(&fw, &t.b, "vport").await, None);
 
         // Only the new definition is known: removing it deletes both tables.
         fw.remove_network("testnet").await.unwrap();
@@ -776,14 +788,15 @@ fn a_hung_nft_times_out_and_the_firewall_goes_on() {
 
         std::fs::write(&hang, "").unwrap();
         let start = Instant::now();
-        // The binding's nft hangs; an add queued behind it waits for it, then runs.
-        let other_mac = [0x02, 0x00, 0x00, 0x77, 0x00, 0x03];
-        let (bound, added) = tokio::join!(
+        // The second network's nft hangs; a binding queued behind it waits, then runs.
+        t.b.ip(&["link", "add", "vmnbr1", "type", "bridge"]);
+        let second = second_network(false);
+        let (added, bound) = tokio::join!(
+            fw.add_network(&second),
             fw.bind_ip("testnet", VM_MAC, Ipv4Addr::new(10, 77, 0, 2)),
-            fw.add_port("testnet", "vport9", other_mac),
         );
         let elapsed = start.elapsed();
-        let err = bound.unwrap_err();
+        let err = added.unwrap_err();
         assert!(matches!(err, FirewallError::NftTimeout { .. }), "{err:?}");
         assert!(
             elapsed >= SHORT_NFT_TIMEOUT,
@@ -793,7 +806,7 @@ fn a_hung_nft_times_out_and_the_firewall_goes_on() {
             elapsed < SHORT_NFT_TIMEOUT + Duration::from_secs(30),
             "a hung nft held the call for {elapsed:?}"
         );
-        added.unwrap();
+        bound.unwrap();
 
         // The hung child was killed, not left to sleep for an hour.
         let pid = std::fs::read_to_string(dir.join("pid")).unwrap();
@@ -803,20 +816,19 @@ fn a_hung_nft_times_out_and_the_firewall_goes_on() {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
 
-        // The firewall goes on: the failed binding is made on a retry, and both it and the
-        // port queued behind the hang are in the kernel.
-        fw.bind_ip("testnet", VM_MAC, Ipv4Addr::new(10, 77, 0, 2))
-            .await
-            .unwrap();
-        let leases = t.b.nft_list("list set bridge vmnet_broker leases-testnet");
-        assert!(leases.contains("10.77.0.2"), "{leases}");
-        let ports =
-            t.b.nft_list("list set bridge vmnet_broker portmacs-testnet");
-        assert!(ports.contains("vport9"), "{ports}");
+        // The firewall goes on: the failed add is made on a retry, and the binding queued
+        // behind the hang is in the kernel.
+        fw.add_network(&second_network(false)).await.unwrap();
+        assert!(t.b.nft_list("list ruleset").contains("fwd-second"));
+        assert_eq!(
+            guard_of(&fw, &t.b, "vport").await,
+            Some((VM_MAC, Ipv4Addr::new(10, 77, 0, 2)))
+        );
         assert!(
             t.v.ping(&["10.77.0.1"]),
             "the bound VM talks to the gateway"
         );
+        fw.remove_network("second").await.unwrap();
         fw.remove_network("testnet").await.unwrap();
         assert_eq!(tables(&t.b).trim(), "");
     });
@@ -837,9 +849,10 @@ fn a_binding_whose_caller_stopped_waiting_still_lands() {
         // binding is queued behind it, and the DHCP server stops waiting (it sends the ACK
         // after BIND_TIMEOUT).
         std::fs::write(&hang, "").unwrap();
+        t.b.ip(&["link", "add", "vmnbr1", "type", "bridge"]);
         let gave_up = tokio::time::timeout(
             Duration::from_millis(200),
-            fw.add_port("testnet", "vport9", [2, 0, 0, 0x77, 0, 9]),
+            fw.add_network(&second_network(false)),
         )
         .await;
         assert!(gave_up.is_err(), "the hung nft answered");
@@ -856,11 +869,11 @@ fn a_binding_whose_caller_stopped_waiting_still_lands() {
         // Still made, although nobody waits for it any more.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let leases = t.b.nft_list("list set bridge vmnet_broker leases-testnet");
-            if leases.contains("10.77.0.2") {
+            let bound = guard_of(&fw, &t.b, "vport").await;
+            if bound == Some((VM_MAC, Ipv4Addr::new(10, 77, 0, 2))) {
                 break;
             }
-            assert!(Instant::now() < deadline, "binding never made: {leases}");
+            assert!(Instant::now() < deadline, "binding never made: {bound:?}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         fw.remove_network("testnet").await.unwrap();
@@ -868,9 +881,8 @@ fn a_binding_whose_caller_stopped_waiting_still_lands() {
     // The failure nobody waited for is in the log, operation and all.
     assert!(
         logs.contains(&format!(
-            "nft did not finish within {SHORT_NFT_TIMEOUT:?} while binding port \"vport9\" of \
-             network \"testnet\" to 02:00:00:77:00:09, and was killed (the caller had stopped \
-             waiting)"
+            "nft did not finish within {SHORT_NFT_TIMEOUT:?} while adding network \"second\", \
+             and was killed (the caller had stopped waiting)"
         )),
         "{logs}"
     );
@@ -889,8 +901,9 @@ fn queued_changes_apply_in_call_order() {
         // Queued in this order while the first one hangs: the removal runs after the
         // binding before it, and the add after it finds no network rather than bringing
         // the tables back.
+        let second = second_network(false);
         let (first, bound, removed, late) = tokio::join!(
-            fw.add_port("testnet", "vport", VM_MAC),
+            fw.add_network(&second),
             fw.bind_ip("testnet", VM_MAC, Ipv4Addr::new(10, 77, 0, 2)),
             fw.remove_network("testnet"),
             fw.add_port("testnet", "vport", VM_MAC),
@@ -927,13 +940,12 @@ fn nft_errors_name_the_operation_and_keep_their_cause() {
         fw.add_network(&network(true, true, true)).await.unwrap();
         std::fs::write(&fail, "").unwrap();
         let err = fw
-            .bind_ip("testnet", VM_MAC, Ipv4Addr::new(10, 77, 0, 2))
+            .add_network(&second_network(false))
             .await
             .unwrap_err();
         assert_eq!(
             err.to_string(),
-            "nft failed while binding 02:00:00:77:00:02 to 10.77.0.2 on network \"testnet\": \
-             injected failure"
+            "nft failed while adding network \"second\": injected failure"
         );
         std::fs::remove_file(&fail).unwrap();
         fw.remove_network("testnet").await.unwrap();
@@ -1083,14 +1095,11 @@ fn a_hung_nft_does_not_hold_up_dhcp_acks() {
         .await
         .unwrap();
 
-        // Another change's nft hangs (the binder's, say); the ACK's binding queues behind.
+        // Another change's nft hangs (another network's); the ACK's binding queues behind.
         std::fs::write(&hang, "").unwrap();
         let blocked = {
             let fw = fw.clone();
-            tokio::spawn(async move {
-                fw.add_port("testnet", "vport9", [2, 0, 0, 0x77, 0, 9])
-                    .await
-            })
+            tokio::spawn(async move { fw.add_network(&second_network(false)).await })
         };
         while hang.exists() {
             tokio::time::sleep(Duration::from_millis(10)).await;
@@ -1119,11 +1128,11 @@ fn a_hung_nft_does_not_hold_up_dhcp_acks() {
         // The lease's binding, queued behind the hang, lands once it is killed.
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
-            let leases = t.b.nft_list("list set bridge vmnet_broker leases-testnet");
-            if leases.contains(&format!("{VM_MAC_STR} . 10.77.0.")) {
+            let bound = guard_of(&fw, &t.b, "vport").await;
+            if bound.is_some_and(|(mac, ip)| mac == VM_MAC && ip.octets()[..3] == [10, 77, 0]) {
                 break;
             }
-            assert!(Instant::now() < deadline, "binding never made: {leases}");
+            assert!(Instant::now() < deadline, "binding never made: {bound:?}");
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         dhcp.stop().await;

@@ -638,18 +638,18 @@ fn remove_stale_removes_only_aliased_leftovers() {
 fn tap_binding_is_retried_after_a_failure() {
     in_netns(|ns| async move {
         let b = backend().await;
-        let mut c = config("retry");
-        c.allow_spoofing = false;
+        // allow_spoofing with DHCP: binding writes the TAP's DHCP MAC quota with `nft`
+        // (anti-spoofing networks bind in the TAP guard's map, which has no such failure
+        // to inject).
+        let c = config("retry");
+        assert!(c.allow_spoofing && c.dhcp);
         let net = b.create(&c).await.unwrap();
         // Make binding fail while the tables stay (so the watchdog sees nothing to
-        // restore): without the set, adding its element fails. The network's chains that
-        // use the set (ingress and egress) are emptied, not deleted: the bridge table's
-        // dispatch chains jump to them.
-        ns.run(&["nft", "flush chain bridge vmnet_broker spoof-retry"])
-            .unwrap();
-        ns.run(&["nft", "flush chain bridge vmnet_broker egress-retry"])
-            .unwrap();
-        ns.run(&["nft", "delete set bridge vmnet_broker portmacs-retry"])
+        // restore): a set of another type under the name of the TAP's quota set makes
+        // the quota script's `add set` fail.
+        let tap = tap::tap_name(net.bridge_index(), 1).unwrap();
+        let quota_set = format!("bridge vmnet_broker dm-{tap}");
+        ns.run(&["nft", &format!("add set {quota_set} {{ type ipv4_addr; }}")])
             .unwrap();
         let logs = Logs::default();
         let writer = logs.clone();
@@ -677,25 +677,22 @@ fn tap_binding_is_retried_after_a_failure() {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        ns.run(&[
-            "nft",
-            "add set bridge vmnet_broker portmacs-retry { type ifname . ether_addr; }",
-        ])
-        .unwrap();
+        ns.run(&["nft", &format!("delete set {quota_set}")]).unwrap();
         let start = std::time::Instant::now();
         loop {
-            let set = ns
-                .run(&["nft", "list set bridge vmnet_broker portmacs-retry"])
+            let chain = ns
+                .run(&["nft", "list chain bridge vmnet_broker dhcp-retry"])
                 .unwrap();
-            if set.contains(&a.interface) {
+            if chain.contains(&format!("add @dm-{tap}")) {
                 break;
             }
             assert!(
                 start.elapsed() < Duration::from_secs(6),
-                "TAP never bound: {set}"
+                "TAP never bound: {chain}"
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        assert_eq!(a.interface, tap);
         drop(a);
         b.destroy(&net).await.unwrap();
     });
@@ -845,22 +842,26 @@ fn a_closed_taps_binding_is_forgotten() {
         let net = b.create(&c).await.unwrap();
         let a = attach(&b, &net, 1).await;
         let keep = attach(&b, &net, 2).await;
-        let set = || {
-            ns.run(&["nft", "list set bridge vmnet_broker portmacs-prune"])
+        let ifindex = |tap: &str| -> u32 {
+            ns.run(&["cat", &format!("/sys/class/net/{tap}/ifindex")])
+                .unwrap()
+                .trim()
+                .parse()
                 .unwrap()
         };
-        let (gone, kept) = (a.interface.clone(), keep.interface.clone());
-        wait_until("both TAPs are bound", || {
-            let s = set();
-            let bound = s.contains(&gone) && s.contains(&kept);
-            async move { bound }
+        // The TAP guard's bindings, by interface index (the closed TAP's outlives it).
+        let (gone, kept) = (ifindex(&a.interface), ifindex(&keep.interface));
+        let bound = |i: u32| {
+            let fw = b.firewall().clone();
+            async move { fw.guard_binding(i).await.unwrap().is_some() }
+        };
+        wait_until("both TAPs are bound", || async {
+            bound(gone).await && bound(kept).await
         })
         .await;
         drop(a);
-        wait_until("the closed TAP's binding is forgotten", || {
-            let s = set();
-            let pruned = !s.contains(&gone) && s.contains(&kept);
-            async move { pruned }
+        wait_until("the closed TAP's binding is forgotten", || async {
+            !bound(gone).await && bound(kept).await
         })
         .await;
         drop(keep);

@@ -31,6 +31,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
 use support::{Broker, Netns, Options};
+use vmnet_broker::backend::linux::firewall::guard::{Binding, Guard};
 use vmnet_broker::client::{Acquired, Client};
 
 static COUNTER: AtomicU32 = AtomicU32::new(0);
@@ -873,8 +874,7 @@ fn anti_spoofing_binds_each_tap_to_its_mac_and_lease() {
     let forged_ip = other_host(net, &[gw, leased]);
     assert!(!tap.gateway_answers(tap.mac, forged_ip, gw, NEVER));
     assert!(!tap.gateway_answers(forged_mac, leased, gw, NEVER));
-    let set = b.ns.sh("nft list set bridge vmnet_broker leases-shared");
-    assert!(set.contains(&leased.to_string()), "{set}");
+    assert_eq!(guard_lease(&b, tap.mac), Some(leased));
     // IPv4 itself, not only ARP: a DNS query for the VM's own DHCP name is answered from
     // the leased address. From a forged one nothing comes back, not even the ARP request
     // for the forged address the host would send if the query had got through.
@@ -1052,28 +1052,13 @@ fn nothing_remains_after_the_idle_timeout_once_services_were_used() {
     assert_eq!(b.count_in_log("network removed"), 2);
 }
 
-/// Elements of the network's MAC binding set, one line each.
-fn bound_taps(b: &Broker, network: &str) -> Vec<String> {
-    let out = b.ns.sh(&format!(
-        "nft -j list set bridge vmnet_broker portmacs-{network}"
-    ));
-    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
-    let set = v["nftables"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find_map(|o| o.get("set"))
-        .unwrap()
-        .clone();
-    set["elem"]
-        .as_array()
-        .map(|elems| {
-            elems
-                .iter()
-                .map(|e| e["concat"][0].as_str().unwrap().to_string())
-                .collect()
-        })
-        .unwrap_or_default()
+/// The TAPs the TAP guard has bindings for, by name ("#<ifindex>" for an interface that
+/// is gone). Every anti-spoofing network of the broker shares one map.
+fn bound_taps(b: &Broker) -> Vec<String> {
+    guard_bindings(b)
+        .into_iter()
+        .map(|(name, _, _)| name)
+        .collect()
 }
 
 #[test]
@@ -1084,14 +1069,14 @@ fn bindings_of_closed_taps_are_forgotten() {
     let a = b.client();
     let first: Vec<Acquired> = (0..64).map(|_| a.acquire("shared").unwrap()).collect();
     b.wait_for("64 bindings", Duration::from_secs(20), || {
-        bound_taps(&b, "shared").len() == 64
+        bound_taps(&b).len() == 64
     });
     drop(first);
     b.wait_for("the closed TAPs to go", Duration::from_secs(30), || {
         a.status().unwrap().networks[0].taps.is_empty()
     });
     b.wait_for("their bindings to go", Duration::from_secs(30), || {
-        bound_taps(&b, "shared").is_empty()
+        bound_taps(&b).is_empty()
     });
     let c = b.client();
     let second: Vec<Acquired> = (0..64).map(|_| c.acquire("shared").unwrap()).collect();
@@ -1101,11 +1086,73 @@ fn bindings_of_closed_taps_are_forgotten() {
         "the bindings of the live TAPs only",
         Duration::from_secs(20),
         || {
-            let mut bound = bound_taps(&b, "shared");
+            let mut bound = bound_taps(&b);
             bound.sort();
             bound == want
         },
     );
+}
+
+/// Runs `f` on a current-thread runtime in a thread that entered the broker's namespace.
+fn in_broker_ns<T: Send, Fut: std::future::Future<Output = T>>(
+    b: &Broker,
+    f: impl FnOnce() -> Fut + Send,
+) -> T {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            b.ns.enter_current_thread();
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap()
+                .block_on(f())
+        })
+        .join()
+        .unwrap()
+    })
+}
+
+/// The TAP guard the broker left in the kernel, found the way a restarted broker adopts
+/// it (through the filter of one of its TAPs), or None when no interface has it.
+async fn broker_guard() -> Option<(Guard, std::collections::BTreeMap<u32, String>)> {
+    let names: std::collections::BTreeMap<u32, String> = nix::net::if_::if_nameindex()
+        .unwrap()
+        .iter()
+        .map(|i| (i.index(), i.name().to_string_lossy().into_owned()))
+        .collect();
+    for index in names.keys() {
+        if let Some(guard) = Guard::adopt(*index).await.unwrap() {
+            return Some((guard, names));
+        }
+    }
+    None
+}
+
+/// The TAP guard's bindings in the broker's namespace: (TAP name or "#<ifindex>" when
+/// gone, interface index, binding).
+fn guard_bindings(b: &Broker) -> Vec<(String, u32, Binding)> {
+    in_broker_ns(b, || async {
+        let Some((guard, names)) = broker_guard().await else {
+            return vec![];
+        };
+        guard
+            .bindings()
+            .unwrap()
+            .into_iter()
+            .map(|(i, binding)| {
+                let name = names.get(&i).cloned().unwrap_or_else(|| format!("#{i}"));
+                (name, i, binding)
+            })
+            .collect()
+    })
+}
+
+/// The IPv4 lease the TAP guard binds to the TAP of guest `mac` (0.0.0.0: none).
+fn guard_lease(b: &Broker, mac: [u8; 6]) -> Option<Ipv4Addr> {
+    guard_bindings(b)
+        .into_iter()
+        .find(|(_, _, binding)| binding.mac == mac)
+        .map(|(_, _, binding)| Ipv4Addr::from(binding.ip4))
 }
 
 // ---- a hostile VM: server roles, forged DHCP, bridged traffic (issue 10) ---------------
@@ -1536,10 +1583,10 @@ fn dhcp_messages_must_name_the_mac_of_their_tap() {
             answer.windows(4).any(|w| w == leased.octets()),
             "after {what}: the victim's name is gone: {answer:?}"
         );
-        let set = b.ns.sh("nft list set bridge vmnet_broker leases-shared");
-        assert!(
-            set.contains(&format!("{} . {leased}", format_mac(victim.mac))),
-            "after {what}: {set}"
+        assert_eq!(
+            guard_lease(&b, victim.mac),
+            Some(leased),
+            "after {what}: the victim's binding"
         );
     };
     victim_ok("its own lease");
@@ -1728,7 +1775,16 @@ fn a_renewal_restores_a_flushed_lease_binding() {
     let leased = tap.dhcp("renewer");
     assert!(tap.gateway_answers(tap.mac, leased, gw, SOON));
 
-    b.ns.sh("nft flush set bridge vmnet_broker leases-shared");
+    // The binding loses its lease, as if the map had lost it.
+    in_broker_ns(&b, || async {
+        let (guard, _) = broker_guard().await.expect("the broker's TAP guard");
+        for (ifindex, mut binding) in guard.bindings().unwrap() {
+            if binding.mac == tap.mac {
+                binding.ip4 = [0; 4];
+                guard.bind(ifindex, binding).unwrap();
+            }
+        }
+    });
     assert!(
         !tap.gateway_answers(tap.mac, leased, gw, NEVER),
         "control: the flush cut the VM off"
@@ -1833,9 +1889,25 @@ fn a_broker_restarted_after_sigkill_adopts_its_networks_with_taps_leases_and_nam
     b.signal(nix::sys::signal::Signal::SIGKILL);
     b.wait_exit(SOON).expect("SIGKILLed broker exits");
     drop(c);
+    // No broker runs: the VM keeps its network, and its protection (the TAP guard is the
+    // kernel's, not the broker's).
+    let forged_mac = [0x52, 0x54, 0x00, 0xba, 0xdb, 0xad];
+    assert!(
+        tap.gateway_answers(tap.mac, leased, gw, SOON),
+        "the VM lost its network with the broker"
+    );
+    assert!(
+        !tap.gateway_answers(forged_mac, leased, gw, NEVER),
+        "the VM's TAP went unguarded with the broker"
+    );
     b.spawn(&quick());
     b.wait_for("the adoption", SOON, || {
         b.log().contains("network adopted from the previous broker")
+    });
+    // The new broker goes on with the same program and map, bindings included.
+    b.wait_for("the TAP guard adopted", SOON, || {
+        b.log()
+            .contains("adopted the TAP guard a previous broker left")
     });
     // Nothing of theirs removed: the TAP is still a port of the same bridge.
     assert!(!b.log().contains("removed stale interface"), "{}", b.log());
@@ -1852,7 +1924,6 @@ fn a_broker_restarted_after_sigkill_adopts_its_networks_with_taps_leases_and_nam
         "{}",
         b.log()
     );
-    let forged_mac = [0x52, 0x54, 0x00, 0xba, 0xdb, 0xad];
     assert!(!tap.gateway_answers(forged_mac, leased, gw, NEVER));
     let forged_ip = other_host(net, &[gw, leased, ip(&vm_ip)]);
     assert!(!tap.gateway_answers(tap.mac, forged_ip, gw, NEVER));

@@ -13,7 +13,7 @@ use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -223,6 +223,10 @@ fn broker_setup(broker: &BrokerProc, network: &str, n: usize) -> Setup {
 /// (b): the kernel's limit: a bridge and TAPs made with `ip`, nothing else.
 fn bridge_setup(n: usize) -> Setup {
     let ns = Netns::new("fab");
+    let nf = BRIDGE_NF.load(Ordering::Relaxed);
+    if nf != u8::MAX {
+        set_bridge_nf(&ns, nf);
+    }
     ns.ip(&["link", "add", "br0", "type", "bridge"]);
     ns.ip(&["link", "set", "br0", "up"]);
     let mut eps = Vec::new();
@@ -691,5 +695,78 @@ pub fn measure(ctx: &FabricCtx, kind: Kind, frame: usize, n: usize, dur: Duratio
         } else {
             f64::NAN
         },
+    }
+}
+
+/// `bridge-nf-call-iptables` (and `-ip6tables`) for the bare bridge's namespace, set by
+/// [`compare`]; `u8::MAX`: the namespace's default (1 where br_netfilter is built in).
+static BRIDGE_NF: AtomicU8 = AtomicU8::new(u8::MAX);
+
+/// Sets the namespace's own br_netfilter sysctls (per network namespace: the host's
+/// stay as they are).
+fn set_bridge_nf(ns: &Netns, value: u8) {
+    let out = ns.exec(&[
+        "sysctl",
+        "-qw",
+        &format!("net.bridge.bridge-nf-call-iptables={value}"),
+        &format!("net.bridge.bridge-nf-call-ip6tables={value}"),
+    ]);
+    assert!(
+        out.status.success(),
+        "sysctl: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `--fabric-only`: the broker's network (anti-spoofing on) against a bare bridge, with
+/// both namespaces' `bridge-nf-call-*` at 1 and at 0, 60 and 1514 B frames (64 and 1518
+/// on the wire), 1 and 8 pairs, the two setups interleaved in alternating order. Prints
+/// the medians; writes no report.
+pub fn compare(ctx: &FabricCtx, rounds: usize, dur: Duration) {
+    let cases = [(60, 1), (1514, 1), (60, 8), (1514, 8)];
+    let mut mpps: std::collections::BTreeMap<(u8, usize, usize, &str), Vec<f64>> =
+        Default::default();
+    for r in 0..rounds {
+        for nf in [1u8, 0] {
+            set_bridge_nf(&ctx.broker.ns, nf);
+            BRIDGE_NF.store(nf, Ordering::Relaxed);
+            for (frame, n) in cases {
+                let kinds = if (r + n) % 2 == 0 {
+                    [Kind::Broker, Kind::Bridge]
+                } else {
+                    [Kind::Bridge, Kind::Broker]
+                };
+                for kind in kinds {
+                    let s = measure(ctx, kind, frame, n, dur);
+                    eprintln!(
+                        "  r{r} nf={nf} {:>6} x{n} {frame:>4} B: {:7.3} Gbit/s {:6.3} Mpps",
+                        kind.short(),
+                        s.gbps,
+                        s.mpps
+                    );
+                    mpps.entry((nf, frame, n, kind.short()))
+                        .or_default()
+                        .push(s.mpps);
+                }
+            }
+        }
+    }
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        v[v.len() / 2]
+    };
+    println!("| bridge-nf-call | frame | pairs | broker Mpps | bridge Mpps | broker/bridge |");
+    println!("|---|---|---|---|---|---|");
+    for nf in [1u8, 0] {
+        for (frame, n) in cases {
+            let b = median(&mpps[&(nf, frame, n, "broker")]);
+            let h = median(&mpps[&(nf, frame, n, "bridge")]);
+            println!(
+                "| {nf} | {} B | {n} | {b:.3} | {h:.3} | {:.0}% |",
+                frame + 4,
+                100.0 * b / h
+            );
+        }
     }
 }

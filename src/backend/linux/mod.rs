@@ -314,6 +314,11 @@ impl LinuxBackend {
         })
     }
 
+    /// The backend's firewall (tests and diagnostics read the TAP guard's bindings).
+    pub fn firewall(&self) -> &Firewall {
+        &self.firewall
+    }
+
     pub fn options(&self) -> &LinuxOptions {
         &self.options
     }

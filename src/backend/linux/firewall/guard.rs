@@ -234,11 +234,10 @@ impl Guard {
         )
     }
 
-    /// Puts the guard on interface `ifindex` (replacing a filter of ours already there),
-    /// after forgetting whatever binding an earlier interface of that index had: until
-    /// [`Guard::bind`], the interface sends nothing and receives no unicast.
+    /// Puts the guard on interface `ifindex`, replacing a filter of ours already there
+    /// (atomically: no frame passes unchecked). Without a binding (see [`Guard::unbind`]),
+    /// the interface sends nothing and receives no unicast.
     pub async fn attach(&self, ifindex: u32) -> Result<(), GuardError> {
-        self.unbind(ifindex)?;
         self.add_clsact(ifindex).await?;
         for (parent, fd, name) in [
             (PARENT_INGRESS, &self.ingress, INGRESS),
@@ -312,6 +311,18 @@ impl Guard {
                 source,
             }),
         }
+    }
+
+    /// Every binding in the map, by interface index (tests, diagnostics).
+    pub fn bindings(&self) -> Result<Vec<(u32, Binding)>, GuardError> {
+        self.map()
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| GuardError::Map {
+                what: "list",
+                ifindex: 0,
+                source,
+            })
     }
 
     /// Forgets the binding of interface `ifindex`: its frames drop from now on.

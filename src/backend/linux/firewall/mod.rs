@@ -1,16 +1,18 @@
-//! The broker's nftables layer: NAT and forwarding for shared networks, forwarding isolation
-//! for host networks, MAC/IP anti-spoofing on bridge ports, and recovery after someone
-//! flushes the ruleset.
+//! The broker's firewall: NAT and forwarding for shared networks, forwarding isolation
+//! for host networks, per-frame anti-spoofing of TAPs, and recovery after someone flushes
+//! the ruleset.
 //!
-//! Everything lives in two broker-owned tables, `inet vmnet_broker` (forward + NAT) and
-//! `bridge vmnet_broker` (what TAPs may send: server roles, anti-spoofing; and on
-//! anti-spoofing networks what may leave through a TAP: egress), so that we never
+//! Anti-spoofing networks (the default) are checked per frame by the TAP guard, a BPF
+//! program at TC of each TAP (`guard.rs`, `bpf/tap_guard.c`), whose bindings this module
+//! keeps. Everything else lives in two broker-owned nftables tables, `inet vmnet_broker`
+//! (forward + NAT) and `bridge vmnet_broker` (what TAPs of `allow_spoofing` networks may
+//! send: server roles and the DHCP MAC quota), so that we never
 //! edit anybody else's rules, with one documented exception: Docker's `DOCKER-USER` chain
 //! (`docker.rs`). In the inet table each network gets its own *base* chains (one per hook);
 //! several base chains on one hook are evaluated one after the other, an `accept` in one of
 //! them lets the packet continue to the next, a `drop` is final. In the bridge table, where
-//! every frame of every bridge passes, one base chain per hook (prerouting by input TAP;
-//! output and forward by output TAP) dispatches by TAP name prefix to each network's
+//! every frame of every bridge passes, one prerouting base chain (only while an
+//! `allow_spoofing` network exists) dispatches by TAP name prefix to each network's
 //! regular chain, so a frame's cost does not grow with the number of networks.
 //! Adding and removing a network is a matter of adding and deleting named objects and
 //! rewriting whole chains (`flush` + `add` in one transaction); no rule handles have to be
@@ -20,7 +22,7 @@
 //! the watchdog (`watchdog.rs`) re-create everything after `nft flush ruleset`.
 //!
 //! Modules: this one holds the API and the state; `rules.rs` builds the nftables objects
-//! (pure); `nft.rs` runs the `nft` executable with a deadline; `docker.rs` handles Docker's
+//! (pure); `guard.rs` loads, attaches and binds the TAP guard; `nft.rs` runs the `nft` executable with a deadline; `docker.rs` handles Docker's
 //! `FORWARD` drop; `watchdog.rs` restores flushed tables.
 //!
 //! # Concurrency: no lock waits on the kernel
