@@ -1307,5 +1307,54 @@ fn a_network_taken_over_with_its_bindings_keeps_its_guest_reachable() {
         t.v.ip(&["neigh", "flush", "dev", "eth0"]);
         assert!(!t.v.ping(&["10.77.0.1"]), "forged MAC dropped");
         t.v.ip(&["link", "set", "eth0", "address", VM_MAC_STR]);
+/// A TAP guarded before it is plugged (as the backend does, `Firewall::guard_tap`) carries
+/// nothing until it is bound: the host hears none of its frames and sends it no unicast;
+/// once bound, both work.
+#[test]
+fn a_guarded_tap_carries_nothing_until_bound() {
+    use vmnet_broker::backend::linux::tap::{Tap, TapOwner};
+    netns::require("nft", "nftables");
+    const A_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x77, 0x00, 0x0a];
+    let b = Netns::new("b");
+    b.ip(&["link", "add", "vmnbr0", "type", "bridge"]);
+    b.ip(&["link", "set", "vmnbr0", "address", "02:00:00:77:00:01"]);
+    b.ip(&["addr", "add", "10.77.0.1/24", "dev", "vmnbr0"]);
+    b.ip(&["link", "set", "vmnbr0", "up"]);
+    in_netns(&b, || async {
+        let tap = Tap::create("vporta", TapOwner { uid: 0, gid: 0 }).unwrap();
+        let fw = Firewall::new();
+        // Without DHCP: only the MAC is bound, so any source address will do below.
+        fw.add_network(&network(false, true, false)).await.unwrap();
+        fw.guard_tap(tap.index()).await.unwrap();
+        b.ip(&["link", "set", "vporta", "master", "vmnbr0", "up"]);
+        // An ARP request for the gateway from 10.77.0.2, after the TAP's 12-byte virtio-net
+        // header; the host's reply names the asker's MAC and address.
+        let mut frame = vec![0u8; 12];
+        frame.extend([0xff; 6]);
+        frame.extend(A_MAC);
+        frame.extend([0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+        frame.extend(A_MAC);
+        frame.extend([10, 77, 0, 2, 0, 0, 0, 0, 0, 0, 10, 77, 0, 1]);
+        let mut reply_marker = A_MAC.to_vec();
+        reply_marker.extend([10, 77, 0, 2]);
+        let ask = |within: Duration| {
+            let deadline = Instant::now() + within;
+            while Instant::now() < deadline {
+                nix::unistd::write(tap.fd(), &frame).unwrap();
+                if tap_reads(tap.fd(), &reply_marker, Duration::from_millis(300)) {
+                    return true;
+                }
+            }
+            false
+        };
+        assert!(!ask(Duration::from_secs(2)), "an unbound TAP was heard");
+        assert_eq!(
+            b.exec(&["ip", "neigh", "show", "10.77.0.2"]).stdout,
+            b"",
+            "the host learnt an unbound TAP's address"
+        );
+        fw.add_port("testnet", "vporta", A_MAC).await.unwrap();
+        assert!(ask(Duration::from_secs(20)), "the bound TAP is not heard");
+        fw.remove_network("testnet").await.unwrap();
     });
 }

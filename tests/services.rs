@@ -1418,6 +1418,111 @@ fn a_vm_cannot_play_router_or_dhcp_server() {
     );
 }
 
+/// Every kind of forged frame a VM on an anti-spoofing network may write into its TAP:
+/// the TAP guard lets a neighbour VM (which hears broadcasts and multicast) hear none of
+/// them, while it hears the honest frame of each family, so the silence is the guard's.
+#[test]
+fn the_tap_guard_drops_each_crafted_spoofing_frame() {
+    let b = Broker::start(Options::default());
+    let c = b.client();
+    let a = c.acquire("shared").unwrap();
+    let (net, gw) = (subnet_of(&a), ip(&a.info.gateway));
+    let a = Tap::new(a);
+    let victim = Tap::new(c.acquire("shared").unwrap());
+    let a_ip = a.dhcp("attacker");
+    let v_ip = victim.dhcp("victim");
+    let forged_mac = [0x52, 0x54, 0x00, 0xba, 0xdb, 0xad];
+    let forged_ip = other_host(net, &[gw, a_ip, v_ip]);
+    let udp = |mac: [u8; 6], src: Ipv4Addr, tag: &str| {
+        ethernet(
+            BROADCAST,
+            mac,
+            ETH_IPV4,
+            &ipv4_udp(src, Ipv4Addr::BROADCAST, 9, 9, tag.as_bytes()),
+        )
+    };
+    // The same frame with a VLAN tag (`tpid`, VLAN 5) after the source MAC.
+    let tagged = |tpid: u16, frame: Vec<u8>| {
+        let mut f = frame[..12].to_vec();
+        f.extend(tpid.to_be_bytes());
+        f.extend(5u16.to_be_bytes());
+        f.extend(&frame[12..]);
+        f
+    };
+    let global: [u8; 16] = [0x20, 0x01, 0x0d, 0xb8, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 2];
+    let echo = [128, 0, 0, 0, 0, 1, 0, 1];
+    let udp6 = [0, 9, 0, 9, 0, 12, 0, 0, b'u', b'd', b'p', b'6'];
+    let forged: Vec<(&str, Vec<u8>)> = vec![
+        ("a forged Ethernet source", udp(forged_mac, a_ip, "forged-mac")),
+        ("a forged IPv4 source", udp(a.mac, forged_ip, "forged-ip")),
+        ("IPv4 from 0.0.0.0 that is not DHCP", udp(a.mac, Ipv4Addr::UNSPECIFIED, "zero")),
+        (
+            "an ARP with a forged sender MAC",
+            ethernet(BROADCAST, a.mac, ETH_ARP, &arp(1, forged_mac, a_ip, [0; 6], gw)),
+        ),
+        (
+            "an ARP with a forged sender IP",
+            ethernet(BROADCAST, a.mac, ETH_ARP, &arp(1, a.mac, forged_ip, [0; 6], gw)),
+        ),
+        ("an 802.1Q-tagged IPv4 broadcast", tagged(0x8100, udp(a.mac, a_ip, "dot1q"))),
+        ("an 802.1ad-tagged IPv4 broadcast", tagged(0x88a8, udp(a.mac, a_ip, "dot1ad"))),
+        (
+            "IPv6 from a global address",
+            ethernet(
+                ipv6_multicast_mac(ALL_NODES),
+                a.mac,
+                ETH_IPV6,
+                &ipv6(global, ALL_NODES, 58, &echo),
+            ),
+        ),
+        (
+            "IPv6 UDP from ::",
+            ethernet(
+                ipv6_multicast_mac(ALL_NODES),
+                a.mac,
+                ETH_IPV6,
+                &ipv6([0; 16], ALL_NODES, 17, &udp6),
+            ),
+        ),
+        (
+            "a DHCP DISCOVER in another MAC's name",
+            forged_dhcp_frame(&a, forged_mac, MessageType::Discover, Ipv4Addr::UNSPECIFIED, &[])
+                .1,
+        ),
+    ];
+    victim.drain(Duration::from_millis(300));
+    for (what, frame) in &forged {
+        for _ in 0..3 {
+            a.send(frame);
+        }
+        let heard = victim.drain(NEVER);
+        assert!(
+            !heard.iter().any(|f| f == frame || f.ends_with(&frame[frame.len() - 8..])),
+            "{what} from a VM reached another VM"
+        );
+    }
+    let honest: Vec<(&str, Vec<u8>)> = vec![
+        ("an IPv4 broadcast from the lease", udp(a.mac, a_ip, "honest-ipv4")),
+        (
+            "an ARP announcement of the lease",
+            ethernet(BROADCAST, a.mac, ETH_ARP, &arp(1, a.mac, a_ip, [0; 6], a_ip)),
+        ),
+        ("an IPv6 ping from link-local", ipv6_ping(a.mac)),
+    ];
+    for (what, frame) in &honest {
+        let mut heard = false;
+        let deadline = Instant::now() + SOON;
+        while !heard && Instant::now() < deadline {
+            a.send(frame);
+            heard = victim
+                .drain(Duration::from_millis(300))
+                .iter()
+                .any(|f| f == frame);
+        }
+        assert!(heard, "control: {what} from a VM did not reach another VM");
+    }
+}
+
 /// A DHCP client message of `kind` written into `tap` as a client without an address
 /// sends it (0.0.0.0:68 to broadcast:67, Ethernet source the TAP's own MAC), but naming
 /// `chaddr` as the client.

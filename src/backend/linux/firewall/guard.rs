@@ -329,6 +329,12 @@ impl Guard {
     pub fn unbind(&self, ifindex: u32) -> Result<(), GuardError> {
         match self.map().remove(&ifindex) {
             Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
+            // Nothing to forget (aya passes the kernel's ENOENT through).
+            Err(aya::maps::MapError::SyscallError(e))
+                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
+            {
+                Ok(())
+            }
             Err(source) => Err(GuardError::Map {
                 what: "remove",
                 ifindex,

@@ -182,7 +182,7 @@ pub enum FirewallError {
     Invalid { what: &'static str, detail: String },
     #[error("could not enable IPv4 forwarding ({IP_FORWARD})")]
     IpForward(#[source] std::io::Error),
-    #[error("firewall: the TAP guard failed")]
+    #[error("the TAP guard failed")]
     Guard(#[from] GuardError),
     #[error(
         "firewall: the operation was abandoned: the apply queue stopped (its runtime shut down) or the operation panicked"
