@@ -919,6 +919,7 @@ impl Inner {
             many => format!("binding {} ports of network {network:?}", many.len()),
         };
         // Nothing for nft (the quota scripts below aside): only the state is committed.
+        let added: Vec<String> = new.iter().map(|(tap, _)| tap.clone()).collect();
         self.apply_or_restore(Batch::new(), &context, |s| {
             for (tap, mac) in new {
                 for ns in s.networks.values_mut() {
@@ -935,7 +936,18 @@ impl Inner {
         })
         .await?;
         for (net, gone, reset) in quotas {
-            self.sync_dhcp_quota(&net, &gone, &reset).await?;
+            if let Err(e) = self.sync_dhcp_quota(&net, &gone, &reset).await {
+                // Not bound after all: a retry must find these TAPs new and write their
+                // quotas again (the failed script changed nothing: one transaction).
+                if net == network
+                    && let Some(ns) = self.lock().networks.get_mut(network)
+                {
+                    for tap in &added {
+                        ns.ports.remove(tap);
+                    }
+                }
+                return Err(e);
+            }
         }
         Ok(())
     }
