@@ -33,7 +33,12 @@ fn main() {
         .arg(&object)
         .status()
         .unwrap_or_else(|e| {
-            panic!("cannot run {clang} to compile bpf/tap_guard.c ({e}): install clang (scripts/deps)")
+            panic!(
+                "cannot run {clang} to compile bpf/tap_guard.c ({e}): install clang (scripts/deps)"
+            )
         });
-    assert!(status.success(), "{clang} failed to compile bpf/tap_guard.c");
+    assert!(
+        status.success(),
+        "{clang} failed to compile bpf/tap_guard.c"
+    );
 }

@@ -939,10 +939,7 @@ fn nft_errors_name_the_operation_and_keep_their_cause() {
         let fw = Firewall::with_nft_program(failing.as_os_str());
         fw.add_network(&network(true, true, true)).await.unwrap();
         std::fs::write(&fail, "").unwrap();
-        let err = fw
-            .add_network(&second_network(false))
-            .await
-            .unwrap_err();
+        let err = fw.add_network(&second_network(false)).await.unwrap_err();
         assert_eq!(
             err.to_string(),
             "nft failed while adding network \"second\": injected failure"

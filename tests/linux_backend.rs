@@ -677,7 +677,8 @@ fn tap_binding_is_retried_after_a_failure() {
             );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        ns.run(&["nft", &format!("delete set {quota_set}")]).unwrap();
+        ns.run(&["nft", &format!("delete set {quota_set}")])
+            .unwrap();
         let start = std::time::Instant::now();
         loop {
             let chain = ns

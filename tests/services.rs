@@ -1453,19 +1453,41 @@ fn the_tap_guard_drops_each_crafted_spoofing_frame() {
     let echo = [128, 0, 0, 0, 0, 1, 0, 1];
     let udp6 = [0, 9, 0, 9, 0, 12, 0, 0, b'u', b'd', b'p', b'6'];
     let forged: Vec<(&str, Vec<u8>)> = vec![
-        ("a forged Ethernet source", udp(forged_mac, a_ip, "forged-mac")),
+        (
+            "a forged Ethernet source",
+            udp(forged_mac, a_ip, "forged-mac"),
+        ),
         ("a forged IPv4 source", udp(a.mac, forged_ip, "forged-ip")),
-        ("IPv4 from 0.0.0.0 that is not DHCP", udp(a.mac, Ipv4Addr::UNSPECIFIED, "zero")),
+        (
+            "IPv4 from 0.0.0.0 that is not DHCP",
+            udp(a.mac, Ipv4Addr::UNSPECIFIED, "zero"),
+        ),
         (
             "an ARP with a forged sender MAC",
-            ethernet(BROADCAST, a.mac, ETH_ARP, &arp(1, forged_mac, a_ip, [0; 6], gw)),
+            ethernet(
+                BROADCAST,
+                a.mac,
+                ETH_ARP,
+                &arp(1, forged_mac, a_ip, [0; 6], gw),
+            ),
         ),
         (
             "an ARP with a forged sender IP",
-            ethernet(BROADCAST, a.mac, ETH_ARP, &arp(1, a.mac, forged_ip, [0; 6], gw)),
+            ethernet(
+                BROADCAST,
+                a.mac,
+                ETH_ARP,
+                &arp(1, a.mac, forged_ip, [0; 6], gw),
+            ),
         ),
-        ("an 802.1Q-tagged IPv4 broadcast", tagged(0x8100, udp(a.mac, a_ip, "dot1q"))),
-        ("an 802.1ad-tagged IPv4 broadcast", tagged(0x88a8, udp(a.mac, a_ip, "dot1ad"))),
+        (
+            "an 802.1Q-tagged IPv4 broadcast",
+            tagged(0x8100, udp(a.mac, a_ip, "dot1q")),
+        ),
+        (
+            "an 802.1ad-tagged IPv4 broadcast",
+            tagged(0x88a8, udp(a.mac, a_ip, "dot1ad")),
+        ),
         (
             "IPv6 from a global address",
             ethernet(
@@ -1486,8 +1508,14 @@ fn the_tap_guard_drops_each_crafted_spoofing_frame() {
         ),
         (
             "a DHCP DISCOVER in another MAC's name",
-            forged_dhcp_frame(&a, forged_mac, MessageType::Discover, Ipv4Addr::UNSPECIFIED, &[])
-                .1,
+            forged_dhcp_frame(
+                &a,
+                forged_mac,
+                MessageType::Discover,
+                Ipv4Addr::UNSPECIFIED,
+                &[],
+            )
+            .1,
         ),
     ];
     victim.drain(Duration::from_millis(300));
@@ -1497,15 +1525,25 @@ fn the_tap_guard_drops_each_crafted_spoofing_frame() {
         }
         let heard = victim.drain(NEVER);
         assert!(
-            !heard.iter().any(|f| f == frame || f.ends_with(&frame[frame.len() - 8..])),
+            !heard
+                .iter()
+                .any(|f| f == frame || f.ends_with(&frame[frame.len() - 8..])),
             "{what} from a VM reached another VM"
         );
     }
     let honest: Vec<(&str, Vec<u8>)> = vec![
-        ("an IPv4 broadcast from the lease", udp(a.mac, a_ip, "honest-ipv4")),
+        (
+            "an IPv4 broadcast from the lease",
+            udp(a.mac, a_ip, "honest-ipv4"),
+        ),
         (
             "an ARP announcement of the lease",
-            ethernet(BROADCAST, a.mac, ETH_ARP, &arp(1, a.mac, a_ip, [0; 6], a_ip)),
+            ethernet(
+                BROADCAST,
+                a.mac,
+                ETH_ARP,
+                &arp(1, a.mac, a_ip, [0; 6], a_ip),
+            ),
         ),
         ("an IPv6 ping from link-local", ipv6_ping(a.mac)),
     ];

@@ -243,9 +243,7 @@ impl Netlink {
     /// negative one into the kernel's errno.
     pub(crate) async fn ack(
         &self,
-        request: rtnetlink::packet_core::NetlinkMessage<
-            netlink_packet_route::RouteNetlinkMessage,
-        >,
+        request: rtnetlink::packet_core::NetlinkMessage<netlink_packet_route::RouteNetlinkMessage>,
     ) -> io::Result<()> {
         use futures::StreamExt;
         use rtnetlink::packet_core::NetlinkPayload;

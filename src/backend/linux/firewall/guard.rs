@@ -21,12 +21,12 @@ use std::sync::Mutex;
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, MapInfo};
 use aya::programs::{ProgramFd, SchedClassifier, loaded_programs};
 use futures::TryStreamExt;
-use rtnetlink::packet_core::{
-    NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkMessage,
-};
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::tc::{
     TcAttribute, TcBpfFlags, TcFilterBpfOption, TcHandle, TcMessage, TcOption,
+};
+use rtnetlink::packet_core::{
+    NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkMessage,
 };
 
 use crate::backend::linux::netlink::Netlink;
@@ -152,7 +152,14 @@ impl Guard {
             program.load().map_err(load_err)?;
             let id = program.info().map_err(load_err)?.id();
             // Kept past `ebpf`, whose drop closes its own copies.
-            fds.push((program.fd().map_err(load_err)?.try_clone().map_err(load_err)?, id));
+            fds.push((
+                program
+                    .fd()
+                    .map_err(load_err)?
+                    .try_clone()
+                    .map_err(load_err)?,
+                id,
+            ));
         }
         let map = ebpf
             .take_map(MAP)
@@ -179,10 +186,8 @@ impl Guard {
         let (Some(ingress_id), Some(egress_id)) = (ingress_id, egress_id) else {
             return Ok(None);
         };
-        let adopt_err = |e: Box<dyn std::error::Error + Send + Sync>| GuardError::Adopt {
-            ifindex,
-            source: e,
-        };
+        let adopt_err =
+            |e: Box<dyn std::error::Error + Send + Sync>| GuardError::Adopt { ifindex, source: e };
         let mut ingress = None;
         let mut egress = None;
         let mut map_id = None;
@@ -350,7 +355,11 @@ async fn filter_program(
     ifindex: u32,
     parent: TcHandle,
 ) -> Result<Option<u32>, GuardError> {
-    let mut get = netlink.handle().clone().traffic_filter(ifindex as i32).get();
+    let mut get = netlink
+        .handle()
+        .clone()
+        .traffic_filter(ifindex as i32)
+        .get();
     get = if parent == PARENT_INGRESS {
         get.ingress()
     } else {
@@ -387,4 +396,40 @@ async fn filter_program(
         }
     }
     Ok(None)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::mem::{offset_of, size_of};
+
+    #[test]
+    fn binding_has_the_layout_of_the_c_struct() {
+        // struct binding in bpf/tap_guard.c: the kernel copies bytes, so any drift
+        // between the two would bind garbage.
+        assert_eq!(size_of::<Binding>(), 24);
+        assert_eq!(offset_of!(Binding, flags), 6);
+        assert_eq!(offset_of!(Binding, ip4), 8);
+        assert_eq!(offset_of!(Binding, gw4), 12);
+        assert_eq!(offset_of!(Binding, prefix6), 16);
+        let c = include_str!("../../../../bpf/tap_guard.c");
+        assert!(c.contains("#define BIND_DHCP 1"), "BIND_DHCP differs");
+        let b = Binding::new(
+            [0x52, 0x54, 0, 0, 0, 1],
+            true,
+            Some(Ipv4Addr::new(10, 0, 0, 5)),
+            Ipv4Addr::new(10, 0, 0, 1),
+        );
+        assert_eq!(
+            (b.flags, b.ip4, b.gw4, b.prefix6),
+            (BIND_DHCP, [10, 0, 0, 5], [10, 0, 0, 1], [0; 8])
+        );
+        let none = Binding::new(
+            [0x52, 0x54, 0, 0, 0, 1],
+            false,
+            None,
+            Ipv4Addr::new(10, 0, 0, 1),
+        );
+        assert_eq!((none.flags, none.ip4), (0, [0; 4]));
+    }
 }

@@ -81,10 +81,10 @@ use tracing::{debug, error, info, warn};
 use crate::config::PortForward;
 use crate::mac::Mac;
 
+use guard::{Binding, Guard, GuardError};
 pub use nft::NFT_TIMEOUT;
 pub use rules::DHCP_MACS_PER_TAP;
 pub use rules::ruleset_for;
-use guard::{Binding, Guard, GuardError};
 use rules::{
     add_tables, delete_dhcp_macs_script, delete_network_objects, delete_tables,
     dhcp_quota_script, dispatch_flush, dispatch_rule, forward_chains, network_objects,

@@ -8,12 +8,11 @@ use std::net::IpAddr;
 
 use nftables::batch::Batch;
 use nftables::expr::{
-    Expression, Fib, FibFlag, FibResult, Meta, MetaKey, NamedExpression, Payload,
-    PayloadField, Prefix, SetItem,
+    Expression, Fib, FibFlag, FibResult, Meta, MetaKey, NamedExpression, Payload, PayloadField,
+    Prefix, SetItem,
 };
 use nftables::schema::{
-    Chain, FlushObject, NfCmd, NfListObject, Nftables, Rule, Set, SetType, SetTypeValue,
-    Table,
+    Chain, FlushObject, NfCmd, NfListObject, Nftables, Rule, Set, SetType, SetTypeValue, Table,
 };
 use nftables::stmt::{JumpTarget, Match, NAT, NATFamily, Operator, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
@@ -298,14 +297,12 @@ pub(super) fn rule(
     })
 }
 
-
 /// Statements of an anonymous set of `items`.
 fn anon_set(items: Vec<Expression<'static>>) -> Expression<'static> {
     Expression::Named(NamedExpression::Set(
         items.into_iter().map(SetItem::Element).collect(),
     ))
 }
-
 
 /// How many distinct DHCP client MACs (`chaddr`) one TAP of an `allow_spoofing` network
 /// may use while it is bound. Such a network trusts its VMs with other machines' MACs (a
@@ -866,7 +863,9 @@ mod tests {
         assert!(!rules.contains("spoof-n1"), "{rules}");
         assert!(!rules.contains("dhcp-n1"), "{rules}");
         assert!(
-            rules.contains(r#"{"delete":{"chain":{"family":"bridge","table":"vmnet_broker","name":"ports""#),
+            rules.contains(
+                r#"{"delete":{"chain":{"family":"bridge","table":"vmnet_broker","name":"ports""#
+            ),
             "{rules}"
         );
         let open = json(&net(true, false, true));
