@@ -1253,10 +1253,9 @@ fn a_tap_given_a_neighbours_mac_reads_none_of_its_traffic() {
 }
 
 /// A restarted broker's firewall takes over a network whose guest is running
-/// (`add_network_bound`, issue 11): the TAP's and the lease's bindings go in with the
-/// rules, in one transaction, so the guest's traffic never meets empty binding sets. A
-/// plain `add_network` by a fresh firewall (what adoption did before) replaces the rules
-/// with empty sets, and the guest's traffic is dropped until it is bound again.
+/// (`add_network_bound`, issue 11): the TAP guard the first one left on the TAP (which
+/// kept the guest reachable and protected meanwhile) is adopted with its bindings, so the
+/// guest's traffic is never dropped, and a forged MAC still is.
 #[test]
 fn a_network_taken_over_with_its_bindings_keeps_its_guest_reachable() {
     let t = Topo::new();
@@ -1274,15 +1273,14 @@ fn a_network_taken_over_with_its_bindings_keeps_its_guest_reachable() {
         drop(first);
         assert!(t.v.ping(&["10.77.0.1"]), "rules left in place");
 
+        // The TAP guard is the kernel's: even rules replaced without bindings (a plain
+        // add_network by a fresh firewall) leave the guest's binding alone.
         let plain = Firewall::new();
         plain
             .add_network(&network(false, true, true))
             .await
             .unwrap();
-        assert!(
-            !t.v.ping(&["10.77.0.1"]),
-            "control: rules replaced without bindings drop the guest"
-        );
+        assert!(t.v.ping(&["10.77.0.1"]), "rules replaced, guest kept");
         drop(plain);
 
         let adopting = Firewall::new();
@@ -1295,15 +1293,19 @@ fn a_network_taken_over_with_its_bindings_keeps_its_guest_reachable() {
             .await
             .unwrap();
         assert!(t.v.ping(&["10.77.0.1"]), "taken over with its bindings");
-        let ports =
-            t.b.nft_list("list set bridge vmnet_broker portmacs-testnet");
-        assert!(ports.contains("vport"), "{ports}");
+        assert_eq!(
+            guard_of(&adopting, &t.b, "vport").await,
+            Some((VM_MAC, leased))
+        );
         // Still a forged MAC is dropped: the bindings are the real ones, not open doors.
         t.v.ip(&["link", "set", "eth0", "address", "02:00:00:77:00:99"]);
         t.b.ip(&["neigh", "flush", "dev", "vmnbr0"]);
         t.v.ip(&["neigh", "flush", "dev", "eth0"]);
         assert!(!t.v.ping(&["10.77.0.1"]), "forged MAC dropped");
         t.v.ip(&["link", "set", "eth0", "address", VM_MAC_STR]);
+    });
+}
+
 /// A TAP guarded before it is plugged (as the backend does, `Firewall::guard_tap`) carries
 /// nothing until it is bound: the host hears none of its frames and sends it no unicast;
 /// once bound, both work.

@@ -638,6 +638,23 @@ impl Inner {
             (ns, batch, dropped)
         };
         let context = format!("adding network {:?}", net.name);
+        // TAPs given with the network (adopted from a previous broker) are guarded and
+        // bound before the rules change: the guard a previous broker left on them is
+        // adopted, bindings and all, so their guests' frames never meet an empty map.
+        let mut ns = ns;
+        if net.anti_spoofing {
+            let unguarded: Vec<(String, [u8; 6])> = ns
+                .ports
+                .iter()
+                .filter(|(tap, _)| !ns.ifindex.contains_key(*tap))
+                .map(|(tap, mac)| (tap.clone(), *mac))
+                .collect();
+            for (tap, mac) in unguarded {
+                if let Some(ifindex) = self.guard_port(&tap, ns.binding(mac)).await? {
+                    ns.ifindex.insert(tap, ifindex);
+                }
+            }
+        }
         // The kept TAPs' bindings, from the new definition (gateway, DHCP).
         let rebind: Vec<(u32, Binding)> = if net.anti_spoofing {
             ns.ifindex
@@ -894,21 +911,13 @@ impl Inner {
         let mut indexes: BTreeMap<String, u32> = BTreeMap::new();
         if guarded {
             for (tap, mac) in &new {
-                // Gone already (its VM left): nothing to bind, the prune forgets it.
-                let Ok(ifindex) = nix::net::if_::if_nametoindex(tap.as_str()) else {
-                    debug!(network, tap, "not binding a TAP that is gone");
-                    continue;
-                };
-                let guard = self.guard(Some(ifindex)).await?;
                 let binding = match self.lock().networks.get(network) {
                     Some(ns) => ns.binding(*mac),
                     None => return Err(FirewallError::UnknownNetwork(network.into())),
                 };
-                guard.bind(ifindex, binding)?;
-                if !guard.attached(ifindex).await? {
-                    guard.attach(ifindex).await?;
+                if let Some(ifindex) = self.guard_port(tap, binding).await? {
+                    indexes.insert(tap.clone(), ifindex);
                 }
-                indexes.insert(tap.clone(), ifindex);
             }
         }
         let context = match new.as_slice() {
@@ -950,6 +959,24 @@ impl Inner {
             }
         }
         Ok(())
+    }
+
+    /// Binds TAP `tap` in the TAP guard, then makes sure the guard's filters are on it (a
+    /// TAP made by someone else, or one a previous broker guarded with programs this one
+    /// did not adopt). Bound first, so a TAP whose filters are replaced is never without
+    /// its binding. Returns its interface index; None when the TAP is gone already (its
+    /// VM left: the prune forgets it).
+    async fn guard_port(&self, tap: &str, binding: Binding) -> Result<Option<u32>, FirewallError> {
+        let Ok(ifindex) = nix::net::if_::if_nametoindex(tap) else {
+            debug!(tap, "not binding a TAP that is gone");
+            return Ok(None);
+        };
+        let guard = self.guard(Some(ifindex)).await?;
+        guard.bind(ifindex, binding)?;
+        if !guard.attached(ifindex).await? {
+            guard.attach(ifindex).await?;
+        }
+        Ok(Some(ifindex))
     }
 
     /// Rewrites the DHCP MAC quotas of `network` (when it has them) from its bound TAPs,
