@@ -86,9 +86,9 @@ pub use nft::NFT_TIMEOUT;
 pub use rules::DHCP_MACS_PER_TAP;
 pub use rules::ruleset_for;
 use rules::{
-    add_tables, delete_dhcp_macs_script, delete_network_objects, delete_tables,
-    dhcp_quota_script, dispatch_flush, dispatch_rule, forward_chains, network_objects,
-    purge_network_objects, script_safe,
+    add_tables, delete_dhcp_macs_script, delete_network_objects, delete_tables, dhcp_quota_script,
+    dispatch_flush, dispatch_rule, forward_chains, network_objects, purge_network_objects,
+    script_safe,
 };
 pub use watchdog::WATCHDOG_INTERVAL;
 
