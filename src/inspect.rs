@@ -26,7 +26,9 @@ fn bridge_of(d: &NetworkDetails) -> Option<String> {
 /// The subnets of a network: the one it has while it exists, else the one its file fixes.
 fn subnets(v: &NetworkView) -> Vec<String> {
     match (&v.details, v.config.fixed_subnet()) {
-        (Some(d), _) => vec![d.subnet.to_string()],
+        (Some(d), _) => std::iter::once(d.subnet.to_string())
+            .chain(d.ipv6_prefix.map(|p| p.to_string()))
+            .collect(),
         (None, Some(fixed)) => vec![fixed.to_string()],
         (None, None) => vec![],
     }
@@ -149,6 +151,7 @@ pub fn show_reply(v: NetworkView) -> NetworkDetail {
         subnet: d.map(|d| d.subnet.to_string()),
         gateway: d.map(|d| d.gateway.to_string()),
         mask: d.map(|d| prefix_to_mask(d.subnet.prefix_len()).to_string()),
+        ipv6_prefix: d.and_then(|d| d.ipv6_prefix).map(|p| p.to_string()),
         mtu: d.map_or(v.config.mtu, |d| d.mtu),
         bridge: d.and_then(bridge_of),
         platform: d

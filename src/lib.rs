@@ -17,6 +17,8 @@ pub mod dns;
 pub mod error;
 pub mod inspect;
 pub mod policy;
+#[cfg(target_os = "linux")]
+pub mod ra;
 pub mod registry;
 pub mod reload;
 #[cfg(target_os = "linux")]
@@ -24,6 +26,7 @@ pub mod server;
 pub mod state;
 #[cfg(target_os = "linux")]
 pub mod systemd;
+pub mod ula;
 pub mod xpc;
 #[cfg(target_os = "linux")]
 pub use vmnet_broker_client::client;

@@ -2167,6 +2167,7 @@ mod tests {
             NetworkDetails {
                 subnet: format!("10.0.{}.0/24", n.1).parse().unwrap(),
                 gateway: Ipv4Addr::new(10, 0, n.1, 1),
+                ipv6_prefix: None,
                 mtu: 1500,
                 platform: PlatformDetails::new()
                     .with(crate::backend::BRIDGE, format!("br-{}", n.0)),

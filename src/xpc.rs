@@ -222,6 +222,7 @@ mod tests {
             NetworkDetails {
                 subnet: format!("192.168.{}.0/24", n.1).parse().unwrap(),
                 gateway: Ipv4Addr::new(192, 168, n.1, 1),
+                ipv6_prefix: None,
                 mtu: 1500,
                 platform: PlatformDetails::new(),
             }

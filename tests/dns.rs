@@ -17,7 +17,7 @@ mod netns;
 
 use std::fs::File;
 use std::io::Write;
-use std::net::{Ipv4Addr, SocketAddr, UdpSocket};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
@@ -39,7 +39,7 @@ const UPSTREAM6: &str = "fd98::2";
 /// A second VM in C (besides 10.99.0.50), the attacker of `one_vm_cannot_starve_the_others`.
 const VM_A: &str = "10.99.0.51";
 
-type NameList = Arc<Vec<(String, Ipv4Addr)>>;
+type NameList = Arc<Vec<(String, IpAddr)>>;
 
 /// The DnsServer on its own thread and current-thread runtime, inside netns A.
 struct ServerThread {
@@ -220,7 +220,7 @@ impl Fixture {
         let resolv = dir.path().join("resolv.conf");
         let (names, names_rx) = watch::channel::<NameList>(Arc::new(vec![(
             "vm1".to_string(),
-            Ipv4Addr::new(10, 99, 0, 10),
+            Ipv4Addr::new(10, 99, 0, 10).into(),
         )]));
         let mut fx = Fixture {
             server: None,
@@ -237,7 +237,9 @@ impl Fixture {
         let config = DnsConfig {
             network: "shared".into(),
             listen: GATEWAY.parse().unwrap(),
+            listen6: None,
             subnet: "10.99.0.0/24".parse().unwrap(),
+            prefix6: None,
             domain: "shared.vmnet".into(),
             resolv_conf: fx.resolv.clone(),
         };
@@ -439,8 +441,8 @@ fn answers_vm_names_and_forwards_the_rest() {
 
     // A new lease shows up at once.
     fx.names.send_replace(Arc::new(vec![
-        ("vm1".to_string(), Ipv4Addr::new(10, 99, 0, 10)),
-        ("vm2".to_string(), Ipv4Addr::new(10, 99, 0, 11)),
+        ("vm1".to_string(), Ipv4Addr::new(10, 99, 0, 10).into()),
+        ("vm2".to_string(), Ipv4Addr::new(10, 99, 0, 11).into()),
     ]));
     let d = fx.dig(&["vm2.shared.vmnet", "A"]);
     assert_eq!(d.data("A"), vec!["10.99.0.11"], "{}", d.output);
@@ -802,12 +804,14 @@ fn starts_before_the_gateway_address_exists() {
     std::fs::write(&resolv, "nameserver 10.98.0.4\n").unwrap();
     let (_names, names_rx) = watch::channel::<NameList>(Arc::new(vec![(
         "vm1".to_string(),
-        Ipv4Addr::new(10, 99, 0, 10),
+        Ipv4Addr::new(10, 99, 0, 10).into(),
     )]));
     let config = DnsConfig {
         network: "early".into(),
         listen: GATEWAY.parse().unwrap(),
+        listen6: None,
         subnet: "10.99.0.0/24".parse().unwrap(),
+        prefix6: None,
         domain: "shared.vmnet".into(),
         resolv_conf: resolv,
     };

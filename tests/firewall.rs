@@ -187,6 +187,8 @@ fn network(nat: bool, anti_spoofing: bool, dhcp: bool) -> FirewallNetwork {
         subnet: "10.77.0.0/24".parse().unwrap(),
         gateway: Ipv4Addr::new(10, 77, 0, 1),
         nat,
+        ipv6_prefix: None,
+        nat66: false,
         anti_spoofing,
         dhcp,
         isolation: false,

@@ -460,9 +460,10 @@ fn check_config_reports_deprecations_and_what_linux_cannot_do_yet() {
     );
     assert!(line("ok", "old.json", "host"), "{text}");
     assert!(line("ok", "modern.json", "host"), "{text}");
-    // Port forwards are done on Linux: not among the refused fields.
+    // Port forwards and IPv6 are done on Linux: not among the refused fields.
     assert!(!text.contains("port_forwarding_rules ("), "{text}");
-    for field in ["ipv6_prefix fd44::/64", "external_interface \"eth9\""] {
+    assert!(!text.contains("ipv6_prefix"), "{text}");
+    for field in ["external_interface \"eth9\""] {
         assert!(
             line(
                 "error",
@@ -492,13 +493,14 @@ fn check_config_reports_deprecations_and_what_linux_cannot_do_yet() {
     // The broker: the deprecated name works and is logged; the refused file is never made.
     std::fs::write(
         b.config_dir.join("v6.json"),
-        r#"{"subnet": "10.44.0.1", "ipv6_prefix": "fd44::"}"#,
+        r#"{"subnet": "10.44.0.1", "ipv6_prefix": "fd44::", "external_interface": "eth9"}"#,
     )
     .unwrap();
     let e = acquire_within(&b, "v6").unwrap_err();
     assert_eq!(e.code, ErrorCode::CreateFailure, "{}", e.message);
     assert!(
-        e.message.contains("not supported on Linux yet") && e.message.contains("ipv6_prefix"),
+        e.message.contains("not supported on Linux yet")
+            && e.message.contains("external_interface"),
         "{}",
         e.message
     );

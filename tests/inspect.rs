@@ -153,7 +153,19 @@ fn list_shows_defined_active_and_idle_networks_in_both_formats() {
         (shared["clients"].as_u64(), shared["taps"].as_u64()),
         (Some(2), Some(2))
     );
-    assert_eq!(shared["subnets"], serde_json::json!([a1.info.subnet]));
+    // IPv4, then the network's IPv6 /64 (issue 14), as `show` gives it.
+    let prefix6 = json(&b, &["show", "shared"])["ipv6_prefix"]
+        .as_str()
+        .expect("an active network has an IPv6 prefix")
+        .to_string();
+    assert!(
+        prefix6.starts_with("fd") && prefix6.ends_with("::/64"),
+        "{prefix6}"
+    );
+    assert_eq!(
+        shared["subnets"],
+        serde_json::json!([a1.info.subnet, prefix6])
+    );
     assert!(shared.get("removal_in_seconds").is_none());
     let lab = network(&list, "lab");
     assert_eq!(lab["state"], "idle", "{list}");
@@ -175,10 +187,8 @@ fn list_shows_defined_active_and_idle_networks_in_both_formats() {
     );
     let shared_row = table.lines().find(|l| l.starts_with("shared ")).unwrap();
     let cells: Vec<_> = shared_row.split_whitespace().collect();
-    assert_eq!(
-        cells,
-        ["shared", "shared", &a1.info.subnet, "active", "2", "2"]
-    );
+    let subnets = format!("{},{prefix6}", a1.info.subnet);
+    assert_eq!(cells, ["shared", "shared", &subnets, "active", "2", "2"]);
     drop(lab_tap);
 
     // Another uid sees only what it may use.
@@ -213,6 +223,7 @@ fn show_gives_config_addresses_and_taps_with_their_holders() {
     assert_eq!(inactive["config"]["subnet"], "10.78.0.1");
     assert_eq!(inactive["config"]["mtu"], 9000);
     assert_eq!(inactive["taps"], serde_json::json!([]));
+    assert!(inactive.get("ipv6_prefix").is_none(), "{inactive}");
 
     let c = b.client();
     let mac = "52:54:00:77:00:01";
@@ -226,6 +237,9 @@ fn show_gives_config_addresses_and_taps_with_their_holders() {
     assert_eq!(d["gateway"], "10.78.0.1");
     assert_eq!(d["mask"], "255.255.255.0");
     assert_eq!(d["mtu"], 9000);
+    // The generated ULA prefix, as kept in the state directory.
+    let kept = std::fs::read_to_string(b.state_dir.join("lab.ipv6-prefix")).unwrap();
+    assert_eq!(d["ipv6_prefix"], kept.trim());
     assert_eq!(d["bridge"], a.info.bridge.as_str());
     assert_eq!(d["platform"]["bridge"], a.info.bridge.as_str());
     assert_eq!(d["clients"], 1);
@@ -246,6 +260,11 @@ fn show_gives_config_addresses_and_taps_with_their_holders() {
     assert_eq!(taps[0]["pid"], std::process::id());
 
     let text = human(&b, &["show", "lab"]);
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("ipv6 prefix:") && l.ends_with(kept.trim())),
+        "{text}"
+    );
     assert!(
         text.lines()
             .any(|l| l.starts_with("bridge:") && l.ends_with(&a.info.bridge)),
@@ -343,7 +362,17 @@ fn leases_after_a_real_dhcp_client_name_the_tap_and_its_holder() {
     assert_eq!(l["network"], "shared");
     assert_eq!(l["mac"], mac.as_str());
     assert_eq!(l["ipv4"], ip.as_str());
-    assert_eq!(l["ipv6"], Value::Null);
+    // The SLAAC address of the guest's MAC (EUI-64) in the network's prefix.
+    let prefix6: ipnet::Ipv6Net = json(&b, &["show", "shared"])["ipv6_prefix"]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    let m = mac.parse::<vmnet_broker::mac::Mac>().unwrap().octets();
+    let mut eui = prefix6.network().octets();
+    eui[8..16].copy_from_slice(&[m[0] ^ 2, m[1], m[2], 0xff, 0xfe, m[3], m[4], m[5]]);
+    let ipv6 = std::net::Ipv6Addr::from(eui).to_string();
+    assert_eq!(l["ipv6"], ipv6.as_str());
     assert_eq!(l["hostname"], "inspected");
     let left = l["expires_in_seconds"].as_u64().unwrap();
     assert!(left > 0 && left <= 3600, "{l}");
@@ -366,7 +395,7 @@ fn leases_after_a_real_dhcp_client_name_the_tap_and_its_holder() {
             "shared",
             mac.as_str(),
             ip.as_str(),
-            "-",
+            ipv6.as_str(),
             "inspected",
             "in",
             row[6],

@@ -708,10 +708,19 @@ fn dns_forwards_to_resolv_conf_and_answers_vm_names() {
         dig(&vm.ns, gw, &["+tcp", "vm1.shared.vmnet", "A"]),
         Some(vec![leased.clone()])
     );
+    // The IPv4 gateway and the IPv6 one (`::1` of the network's prefix).
+    let prefix6: ipnet::Ipv6Net = c
+        .show("shared")
+        .unwrap()
+        .ipv6_prefix
+        .unwrap()
+        .parse()
+        .unwrap();
+    let gw6 = vmnet_broker::ula::gateway_of(prefix6);
     assert_eq!(
         listening(&b, "-lun", 53),
-        [format!("{gw}:53")],
-        "only on the gateway"
+        [format!("{gw}:53"), format!("[{gw6}]:53")],
+        "only on the gateways"
     );
 
     // "dns": false: no server on the gateway, and DHCP announces none.
@@ -1380,9 +1389,10 @@ fn a_vm_cannot_play_router_or_dhcp_server() {
     // role is refused.
     let a_ip = a.dhcp("attacker");
     // The host would act on a Router Advertisement if the bridge accepted them; make it
-    // accept them here, so that a dropped RA shows as nothing learnt.
+    // accept them here, so that a dropped RA shows as nothing learnt. 2, not 1: the
+    // shared network switched IPv6 forwarding on, and a router ignores RAs unless 2.
     b.ns.sh(&format!(
-        "sysctl -qw net.ipv6.conf.{bridge}.accept_ra=1 net.ipv6.conf.{bridge}.autoconf=1"
+        "sysctl -qw net.ipv6.conf.{bridge}.accept_ra=2 net.ipv6.conf.{bridge}.autoconf=1"
     ));
     server_roles_are_dropped("shared", &a, a_ip, &victim);
     assert_eq!(

@@ -957,3 +957,51 @@ check served wait_for 90 served_twice
         },
     );
 }
+
+/// Issue 14, IPv6: a guest on a network with a fixed prefix numbers itself by SLAAC from
+/// the broker's Router Advertisements (its EUI-64 address), takes the gateway as default
+/// router, pings the IPv6 gateway, and finds its own name's AAAA record through the
+/// broker's DNS (the resolver DHCP gave it).
+#[test]
+fn vm_gets_a_slaac_address_pings_the_ipv6_gateway_and_resolves_aaaa() {
+    let t = Instant::now();
+    let b = Broker::start(Options {
+        files: vec![(
+            "six.json".into(),
+            r#"{"mode": "shared", "ipv6_prefix": "fd00:6:6:6::"}"#.into(),
+        )],
+        ..Options::default()
+    });
+    let script = r#"
+check dhcp dhcp eth0
+global6() { ip -6 addr show dev eth0 | grep 'scope global' | grep -v tentative | sed -n 's/.*inet6 \([0-9a-f:]*\)\/64.*/\1/p' | head -n1; }
+has_global6() { [ -n "$(global6)" ]; }
+check slaac wait_for 30 has_global6
+result address6 "$(global6)"
+result default6 "$(ip -6 route | grep '^default' | head -n1)"
+check ping_gateway6 ping -6 -c 1 -W 2 fd00:6:6:6::1
+aaaa() { nslookup -type=aaaa "$1" 2>/dev/null | awk '/^Name:/ { n = 1 } n && /^Address/ { sub(/^Address:[ \t]*/, ""); print; exit }'; }
+has_aaaa() { [ -n "$(aaaa "$1")" ]; }
+check aaaa wait_for 15 has_aaaa "$(hostname).six.vmnet"
+result aaaa "$(aaaa "$(hostname).six.vmnet")"
+"#;
+    let outs = boot_all(
+        &b,
+        &[guest(&["six,mac=52:54:00:06:06:06"], spec("slaac", script))],
+    );
+    let g = &outs[0];
+    g.assert_success();
+    // EUI-64 of 52:54:00:06:06:06 in fd00:6:6:6::/64.
+    let want = "fd00:6:6:6:5054:ff:fe06:606";
+    assert_eq!(g.result("slaac"), "ok", "{}", g.console);
+    assert_eq!(g.result("address6"), want, "{}", g.console);
+    assert!(
+        g.result("default6")
+            .starts_with("default via fe80::1 dev eth0"),
+        "{}",
+        g.console
+    );
+    assert_eq!(g.result("ping_gateway6"), "ok", "{}", g.console);
+    assert_eq!(g.result("aaaa"), want, "{}", g.console);
+    report("slaac", t, &[g]);
+}

@@ -554,6 +554,10 @@ pub struct NetworkDetail {
     pub subnet: Option<String>,
     pub gateway: Option<String>,
     pub mask: Option<String>,
+    /// The network's IPv6 prefix (a /64; its `::1` is the gateway), while the network
+    /// exists and when it has IPv6. Left out otherwise, so older readers see no change.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub ipv6_prefix: Option<String>,
     pub mtu: u32,
     /// The host-side device (a bridge on Linux), while the network exists.
     pub bridge: Option<String>,
@@ -574,7 +578,8 @@ pub struct LeaseInfo {
     pub network: String,
     pub mac: String,
     pub ipv4: String,
-    /// `null` until the broker tracks IPv6 addresses.
+    /// The guest's SLAAC address (EUI-64 of its MAC in the network's prefix), `null` on a
+    /// network without IPv6.
     pub ipv6: Option<String>,
     pub hostname: Option<String>,
     /// When the lease expires, in seconds since the Unix epoch.
@@ -850,6 +855,7 @@ mod tests {
             subnet: Some("10.0.0.0/24".into()),
             gateway: Some("10.0.0.1".into()),
             mask: Some("255.255.255.0".into()),
+            ipv6_prefix: Some("fd00:1::/64".into()),
             mtu: 1500,
             bridge: Some("vmnb-lab".into()),
             platform: [("bridge".to_string(), "vmnb-lab".to_string())].into(),

@@ -25,11 +25,12 @@ fuzz_target!(|data: &[u8]| {
         dns::canonical_domain("shared.vmnet.")
     };
     let names = vec![
-        ("vm1".to_string(), Ipv4Addr::new(10, 77, 0, 2)),
-        ("db".to_string(), Ipv4Addr::new(10, 77, 0, 3)),
+        ("vm1".to_string(), Ipv4Addr::new(10, 77, 0, 2).into()),
+        ("db".to_string(), Ipv4Addr::new(10, 77, 0, 3).into()),
         // A client may register its FQDN and mixed case.
-        ("Web.shared.vmnet".to_string(), Ipv4Addr::new(10, 77, 0, 4)),
-        ("db".to_string(), Ipv4Addr::new(10, 77, 0, 5)),
+        ("Web.shared.vmnet".to_string(), Ipv4Addr::new(10, 77, 0, 4).into()),
+        ("db".to_string(), Ipv4Addr::new(10, 77, 0, 5).into()),
+        ("db".to_string(), "fd00:77::5054:ff:fe00:3".parse().unwrap()),
     ];
     let peer: SocketAddr = "10.77.0.2:5353".parse().unwrap();
     let answer = match dns::prepare(pkt, tcp, peer, "fuzz", &domain, &names) {

@@ -11,7 +11,7 @@
 use crate::config::{NetworkConfig, Protocol};
 use crate::policy::Peer;
 use crate::state::NetworkRecord;
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use std::collections::BTreeSet;
 use std::fmt;
 use std::future::Future;
@@ -66,6 +66,8 @@ impl PlatformDetails {
 pub struct NetworkDetails {
     pub subnet: Ipv4Net,
     pub gateway: Ipv4Addr,
+    /// The network's IPv6 /64, when it has one.
+    pub ipv6_prefix: Option<Ipv6Net>,
     pub mtu: u32,
     /// What clients are told about the platform side ([`BRIDGE`] on Linux).
     pub platform: PlatformDetails,

@@ -22,6 +22,7 @@ pub fn main(socket: &Path, name: &str, json: bool) -> super::Result {
         ("subnet".into(), or_dash(d.subnet.as_ref())),
         ("gateway".into(), or_dash(d.gateway.as_ref())),
         ("mask".into(), or_dash(d.mask.as_ref())),
+        ("ipv6 prefix".into(), or_dash(d.ipv6_prefix.as_ref())),
         ("mtu".into(), d.mtu.to_string()),
     ];
     for (k, v) in &d.platform {

@@ -1,9 +1,9 @@
 //! Answers for the network's own names (the VMs' DHCP hostnames); pure logic, no I/O.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use hickory_proto::op::{Edns, Message, Metadata, ResponseCode};
-use hickory_proto::rr::rdata::{A, PTR, SOA};
+use hickory_proto::rr::rdata::{A, AAAA, PTR, SOA};
 use hickory_proto::rr::{DNSClass, Name, RData, Record, RecordType};
 
 /// TTL of the VMs' records: short, since leases come and go with the VMs.
@@ -23,8 +23,8 @@ fn canonical(name: &str) -> String {
 pub struct Zone<'a> {
     /// Canonical domain ("shared.vmnet"), possibly empty.
     pub domain: &'a str,
-    /// The network's (hostname, ip) pairs.
-    pub names: &'a [(String, Ipv4Addr)],
+    /// The network's (hostname, address) pairs: IPv4 leases and IPv6 SLAAC addresses.
+    pub names: &'a [(String, IpAddr)],
 }
 
 impl Zone<'_> {
@@ -72,7 +72,7 @@ impl Zone<'_> {
             let hosts: Vec<Name> = self
                 .names
                 .iter()
-                .filter(|(_, a)| *a == ip)
+                .filter(|(_, a)| *a == IpAddr::V4(ip))
                 .filter_map(|(n, _)| self.fqdn(&self.host_of(n)))
                 .collect();
             if hosts.is_empty() {
@@ -110,7 +110,7 @@ impl Zone<'_> {
             (qname.as_str(), false)
         };
 
-        let ips: Vec<Ipv4Addr> = self
+        let ips: Vec<IpAddr> = self
             .names
             .iter()
             .filter(|(n, _)| self.host_of(n) == host)
@@ -129,13 +129,17 @@ impl Zone<'_> {
             return Some(resp);
         }
         let mut resp = response_to(req);
-        if matches!(qtype, RecordType::A | RecordType::ANY) {
-            for ip in ips {
-                resp.add_answer(Record::from_rdata(
-                    q.name().clone(),
-                    LOCAL_TTL,
-                    RData::A(A(ip)),
-                ));
+        let records: Vec<RData> = ips
+            .into_iter()
+            .filter_map(|ip| match (ip, qtype) {
+                (IpAddr::V4(v4), RecordType::A | RecordType::ANY) => Some(RData::A(A(v4))),
+                (IpAddr::V6(v6), RecordType::AAAA | RecordType::ANY) => Some(RData::AAAA(AAAA(v6))),
+                _ => None,
+            })
+            .collect();
+        if !records.is_empty() {
+            for rdata in records {
+                resp.add_answer(Record::from_rdata(q.name().clone(), LOCAL_TTL, rdata));
             }
         } else if !self.domain.is_empty() {
             // The name exists but has no data of this type (AAAA, MX...): NOERROR, empty,
@@ -218,10 +222,20 @@ mod tests {
         m
     }
 
-    fn names() -> Vec<(String, Ipv4Addr)> {
+    fn names() -> Vec<(String, IpAddr)> {
         vec![
-            ("vm1".into(), Ipv4Addr::new(10, 99, 0, 10)),
-            ("VM2.shared.vmnet".into(), Ipv4Addr::new(10, 99, 0, 11)),
+            ("vm1".into(), Ipv4Addr::new(10, 99, 0, 10).into()),
+            (
+                "VM2.shared.vmnet".into(),
+                Ipv4Addr::new(10, 99, 0, 11).into(),
+            ),
+            (
+                "VM2.shared.vmnet".into(),
+                "fd00:99::5054:ff:fe00:2"
+                    .parse::<std::net::Ipv6Addr>()
+                    .unwrap()
+                    .into(),
+            ),
         ]
     }
 
@@ -250,6 +264,31 @@ mod tests {
             assert_eq!(a_answers(&r).len(), 1, "{q}");
             assert_eq!(r.answers[0].ttl, LOCAL_TTL);
         }
+    }
+
+    #[test]
+    fn aaaa_for_a_name_with_an_ipv6_address_and_any_gives_both() {
+        let n = names();
+        let z = Zone {
+            domain: "shared.vmnet",
+            names: &n,
+        };
+        let r = z.answer(&query("vm2.", RecordType::AAAA)).unwrap();
+        let got: Vec<_> = r.answers.iter().map(|r| r.data.clone()).collect();
+        assert_eq!(
+            got,
+            vec![RData::AAAA(AAAA(
+                "fd00:99::5054:ff:fe00:2".parse().unwrap()
+            ))]
+        );
+        // A stays IPv4 only.
+        let r = z
+            .answer(&query("vm2.shared.vmnet.", RecordType::A))
+            .unwrap();
+        assert_eq!(r.answers.len(), 1);
+        assert_eq!(a_answers(&r), vec![Ipv4Addr::new(10, 99, 0, 11)]);
+        let r = z.answer(&query("vm2.", RecordType::ANY)).unwrap();
+        assert_eq!(r.answers.len(), 2);
     }
 
     #[test]

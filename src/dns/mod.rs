@@ -1,9 +1,10 @@
 //! The broker's per-network DNS server.
 //!
-//! It listens on the network's gateway address only (UDP and TCP port 53), serves only
-//! clients whose source address is in the network's subnet (see [`DnsConfig::subnet`]),
-//! answers for the
-//! VMs' DHCP hostnames (`NAME` and `NAME.<domain>`, plus their reverse names) and forwards
+//! It listens on the network's gateway addresses only (UDP and TCP port 53; IPv4 and, on
+//! a network with IPv6, the IPv6 gateway), serves only clients whose source address is in
+//! the network's subnet or IPv6 prefix (see [`DnsConfig::subnet`]), answers for the VMs'
+//! DHCP hostnames (`NAME` and `NAME.<domain>`: A for the lease, AAAA for the guest's SLAAC
+//! address, plus the IPv4 reverse names) and forwards
 //! everything else to the host's resolvers from resolv.conf. It runs in the broker's (host)
 //! network namespace, so a loopback stub such as systemd-resolved's 127.0.0.53 works as an
 //! upstream.
@@ -15,14 +16,14 @@ mod slots;
 
 pub use resolv::Upstreams;
 
-use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
 use std::os::fd::AsRawFd;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
 use hickory_proto::op::{Message, MessageType, OpCode, ResponseCode};
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use nix::sys::socket::{self, sockopt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpSocket, TcpStream, UdpSocket};
@@ -58,20 +59,25 @@ pub struct DnsConfig {
     pub network: String,
     /// The gateway address: UDP and TCP port 53 are bound on this address only.
     pub listen: Ipv4Addr,
+    /// The IPv6 gateway address, bound too when set.
+    pub listen6: Option<Ipv6Addr>,
     /// The network's subnet. Queries (UDP) and connections (TCP) from any other source are
     /// dropped: the gateway address is reachable from other networks' VMs (routed through
     /// the host) and from host processes, and a network's VM names are for that network
     /// only. Host processes using the gateway address as source (the default when they
     /// query it) are in the subnet and served.
     pub subnet: Ipv4Net,
+    /// The network's IPv6 prefix: IPv6 clients are served only from it.
+    pub prefix6: Option<Ipv6Net>,
     /// Domain of the VMs ("shared.vmnet"): they resolve NAME and NAME.<domain>.
     pub domain: String,
     /// Upstream resolvers (normally /etc/resolv.conf), re-read when it changes.
     pub resolv_conf: PathBuf,
 }
 
-/// The (hostname, ip) pairs of a network's VMs, as published by DHCP.
-pub type Names = watch::Receiver<Arc<Vec<(String, Ipv4Addr)>>>;
+/// The (hostname, address) pairs of a network's VMs, as published by DHCP: each name with
+/// its IPv4 lease and, on a network with IPv6, its SLAAC address.
+pub type Names = watch::Receiver<Arc<Vec<(String, IpAddr)>>>;
 
 /// A running DNS server; `stop()` it (dropping it aborts its tasks without waiting).
 pub struct DnsServer {
@@ -84,6 +90,7 @@ pub struct DnsServer {
 struct Shared {
     network: String,
     subnet: Ipv4Net,
+    prefix6: Option<Ipv6Net>,
     domain: String,
     names: Names,
     upstreams: watch::Receiver<Arc<Upstreams>>,
@@ -94,7 +101,7 @@ impl DnsServer {
     /// Binds `config.listen:53` (UDP and TCP) and starts serving. `names` yields the
     /// network's current (hostname, ip) pairs (from DHCP leases).
     pub async fn start(config: DnsConfig, names: Names) -> std::io::Result<DnsServer> {
-        let addr = SocketAddrV4::new(config.listen, DNS_PORT);
+        let addr = SocketAddr::V4(SocketAddrV4::new(config.listen, DNS_PORT));
         let udp = bind_udp(addr).map_err(|e| {
             std::io::Error::new(
                 e.kind(),
@@ -113,6 +120,20 @@ impl DnsServer {
                 ),
             )
         })?;
+        let mut sockets = vec![(udp, tcp)];
+        if let Some(listen6) = config.listen6 {
+            let addr6 = SocketAddr::V6(SocketAddrV6::new(listen6, DNS_PORT, 0, 0));
+            let bound = bind_udp(addr6).and_then(|u| Ok((u, bind_tcp(addr6)?)));
+            sockets.push(bound.map_err(|e| {
+                std::io::Error::new(
+                    e.kind(),
+                    format!(
+                        "DNS for network {}: cannot bind {addr6}: {e}",
+                        config.network
+                    ),
+                )
+            })?);
+        }
         let (shutdown, shutdown_rx) = watch::channel(false);
         // Read once before serving, so the first query already has the upstreams; then
         // followed by a task of its own, off the query path.
@@ -126,17 +147,31 @@ impl DnsServer {
         let shared = Arc::new(Shared {
             network: config.network.clone(),
             subnet: config.subnet,
+            prefix6: config.prefix6,
             domain: canonical_domain(&config.domain),
             names,
             upstreams: upstreams.clone(),
             slots: Slots::new(MAX_IN_FLIGHT, MAX_IN_FLIGHT_PER_CLIENT),
         });
-        let tasks = vec![
-            tokio::spawn(udp_loop(Arc::new(udp), shared.clone(), shutdown_rx.clone())),
-            tokio::spawn(tcp_loop(tcp, shared, shutdown_rx.clone())),
-            tokio::spawn(resolv.follow(upstreams_tx, shutdown_rx)),
-        ];
-        tracing::info!(network = %config.network, "DNS server listening on {addr} (UDP, TCP) for {}, domain {:?}", config.subnet, config.domain);
+        let mut tasks = vec![];
+        for (udp, tcp) in sockets {
+            tasks.push(tokio::spawn(udp_loop(
+                Arc::new(udp),
+                shared.clone(),
+                shutdown_rx.clone(),
+            )));
+            tasks.push(tokio::spawn(tcp_loop(
+                tcp,
+                shared.clone(),
+                shutdown_rx.clone(),
+            )));
+        }
+        tasks.push(tokio::spawn(resolv.follow(upstreams_tx, shutdown_rx)));
+        tracing::info!(network = %config.network, "DNS server listening on {addr}{} (UDP, TCP) for {}{}, domain {:?}",
+            config.listen6.map(|a| format!(" and [{a}]:{DNS_PORT}")).unwrap_or_default(),
+            config.subnet,
+            config.prefix6.map(|p| format!(" and {p}")).unwrap_or_default(),
+            config.domain);
         Ok(DnsServer {
             network: config.network,
             shutdown,
@@ -171,26 +206,46 @@ impl Drop for DnsServer {
     }
 }
 
-fn bind_udp(addr: SocketAddrV4) -> std::io::Result<UdpSocket> {
+fn bind_udp(addr: SocketAddr) -> std::io::Result<UdpSocket> {
+    let family = match addr {
+        SocketAddr::V4(_) => socket::AddressFamily::Inet,
+        SocketAddr::V6(_) => socket::AddressFamily::Inet6,
+    };
     let fd = socket::socket(
-        socket::AddressFamily::Inet,
+        family,
         socket::SockType::Datagram,
         socket::SockFlag::SOCK_CLOEXEC | socket::SockFlag::SOCK_NONBLOCK,
         None,
     )?;
     // IP_FREEBIND: bind() succeeds even if the address is still being added to the bridge
-    // by another task, so start-up order does not matter.
-    socket::setsockopt(&fd, sockopt::IpFreebind, &true)?;
-    socket::bind(fd.as_raw_fd(), &socket::SockaddrIn::from(addr))?;
+    // by another task, so start-up order does not matter. (The IPv6 gateway is added
+    // without duplicate address detection, so it is usable as soon as it exists.)
+    match addr {
+        SocketAddr::V4(v4) => {
+            socket::setsockopt(&fd, sockopt::IpFreebind, &true)?;
+            socket::bind(fd.as_raw_fd(), &socket::SockaddrIn::from(v4))?;
+        }
+        SocketAddr::V6(v6) => {
+            socket::setsockopt(&fd, sockopt::Ipv6V6Only, &true)?;
+            socket::bind(fd.as_raw_fd(), &socket::SockaddrIn6::from(v6))?;
+        }
+    }
     UdpSocket::from_std(std::net::UdpSocket::from(fd))
 }
 
-fn bind_tcp(addr: SocketAddrV4) -> std::io::Result<TcpListener> {
-    let sock = TcpSocket::new_v4()?;
+fn bind_tcp(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let sock = match addr {
+        SocketAddr::V4(_) => TcpSocket::new_v4()?,
+        SocketAddr::V6(_) => TcpSocket::new_v6()?,
+    };
     // Lets a restarted server bind while old connections sit in TIME_WAIT.
     sock.set_reuseaddr(true)?;
-    socket::setsockopt(&sock, sockopt::IpFreebind, &true)?;
-    sock.bind(SocketAddr::V4(addr))?;
+    if addr.is_ipv4() {
+        socket::setsockopt(&sock, sockopt::IpFreebind, &true)?;
+    } else {
+        socket::setsockopt(&sock, sockopt::Ipv6V6Only, &true)?;
+    }
+    sock.bind(addr)?;
     sock.listen(128)
 }
 
@@ -349,7 +404,7 @@ impl Shared {
     fn admits(&self, peer: SocketAddr) -> bool {
         let ok = match peer {
             SocketAddr::V4(v4) => self.subnet.contains(v4.ip()),
-            SocketAddr::V6(_) => false,
+            SocketAddr::V6(v6) => self.prefix6.is_some_and(|p| p.contains(v6.ip())),
         };
         if !ok {
             tracing::debug!(network = %self.network, %peer, subnet = %self.subnet,
@@ -405,7 +460,7 @@ pub fn prepare(
     peer: SocketAddr,
     network: &str,
     domain: &str,
-    names: &[(String, Ipv4Addr)],
+    names: &[(String, IpAddr)],
 ) -> Action {
     let req = match Message::from_vec(pkt) {
         Ok(m) => m,

@@ -11,7 +11,7 @@ use super::netlink::{Link, Netlink, fail};
 use super::tap::Tap;
 use crate::backend::BackendError;
 use crate::config::{NetworkConfig, name_hash};
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use netlink_packet_route::link::BridgeStpState;
 use rtnetlink::{LinkBridge, LinkBridgePort, LinkMessageBuilder, LinkUnspec};
 use std::io;
@@ -50,12 +50,14 @@ pub fn overlay_bridge_mac(gateway: std::net::Ipv4Addr) -> [u8; 6] {
 }
 
 /// Creates, configures and brings up the bridge `name` of network `config` with the
-/// gateway `address`. On failure the bridge is removed.
+/// gateway `address` and, on a network with IPv6, the IPv6 addresses of [`add_ipv6`].
+/// On failure the bridge is removed.
 pub async fn make(
     netlink: &Netlink,
     config: &NetworkConfig,
     name: &str,
     address: Ipv4Net,
+    address6: Option<Ipv6Net>,
 ) -> Result<Link, BackendError> {
     let alias = alias_for(&config.name);
     let mac = match config.vxlan {
@@ -84,7 +86,11 @@ pub async fn make(
         // While the bridge is still down: it accepts nothing before this holds.
         refuse_router_advertisements(Path::new(IPV6_CONF), name)?;
         netlink.configure_up(&link, config.mtu, &alias).await?;
-        netlink.add_address(&link, address).await
+        netlink.add_address(&link, address).await?;
+        match address6 {
+            Some(address6) => add_ipv6(netlink, &link, address6).await,
+            None => Ok(()),
+        }
     };
     if let Err(e) = configured.await {
         if let Err(cleanup) = netlink.delete(&link).await {
@@ -96,6 +102,22 @@ pub async fn make(
         return Err(e.into());
     }
     Ok(link)
+}
+
+/// Gives the bridge the IPv6 gateway `address6` (`::1` of the network's /64) and the
+/// router's link-local address ([`crate::ra::ROUTER_LINK_LOCAL`]), both without duplicate
+/// address detection so the DNS server and the Router Advertisements can use them at
+/// once. Addresses already there are kept (an adopted bridge).
+pub async fn add_ipv6(netlink: &Netlink, link: &Link, address6: Ipv6Net) -> io::Result<()> {
+    let link_local = Ipv6Net::new(crate::ra::ROUTER_LINK_LOCAL, 64).expect("64 is a valid length");
+    netlink.add_address_v6_nodad(link, link_local).await?;
+    netlink.add_address_v6_nodad(link, address6).await
+}
+
+/// Whether the kernel has IPv6 in the calling thread's namespace (not booted with
+/// `ipv6.disable=1`). Without it networks are IPv4 only.
+pub fn has_ipv6() -> bool {
+    Path::new(IPV6_CONF).exists()
 }
 
 /// Creates bridge `name`, down, with STP off and no forward delay, so a new port

@@ -22,12 +22,12 @@ use crate::backend::{
 use crate::config::{Mode, NetworkConfig, PortForward, Protocol};
 use crate::state::NetworkRecord;
 use firewall::{Firewall, FirewallNetwork};
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use links::{CarrierLosses, Departures, LinkRecord};
 use netlink::{Link, Netlink};
 use services::{ServiceParams, Services};
 use std::collections::{BTreeMap, BTreeSet};
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsFd, BorrowedFd, OwnedFd};
 use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
@@ -200,6 +200,8 @@ pub struct LinuxNetwork {
     peers: Mutex<Vec<std::net::IpAddr>>,
     subnet: Ipv4Net,
     gateway: Ipv4Addr,
+    /// The network's IPv6 /64 ([`LinuxNetwork::ipv6_prefix`]).
+    ipv6_prefix: Option<Ipv6Net>,
     /// Taken by `destroy`, which gets the network by reference (others may still hold it
     /// for a moment, e.g. to list its TAPs for `status`).
     services: Mutex<Option<Services>>,
@@ -240,6 +242,17 @@ impl LinuxNetwork {
     /// The name of the VXLAN port, when the network spans hosts.
     pub fn overlay(&self) -> Option<&str> {
         self.overlay.as_ref().map(|l| l.name.as_str())
+    }
+    /// The network's IPv6 /64: the file's `ipv6_prefix`, else its generated ULA prefix
+    /// ([`crate::ula`]); `None` only when the kernel has no IPv6. Guests number themselves
+    /// in it by SLAAC (their EUI-64 address, [`crate::ula::eui64_address`]); the gateway is
+    /// its `::1`. What the firewall needs to bind a TAP's IPv6 source addresses.
+    pub fn ipv6_prefix(&self) -> Option<Ipv6Net> {
+        self.ipv6_prefix
+    }
+    /// The gateway's IPv6 address, `::1` of [`Self::ipv6_prefix`].
+    pub fn gateway6(&self) -> Option<Ipv6Addr> {
+        self.ipv6_prefix.map(crate::ula::gateway_of)
     }
 }
 
@@ -451,7 +464,33 @@ impl LinuxBackend {
             .map_err(|e| BackendError::os("cannot make the network's overlay", e))
     }
 
-    /// Firewall rules, then DHCP and DNS. On error nothing of them is left.
+    /// The network's IPv6 prefix: the file's, else the one generated for its name and
+    /// kept in the state directory (made on first use). `None` when the kernel has no
+    /// IPv6, unless the file asks for a prefix (an error then, never silently ignored).
+    fn ipv6_prefix_for(&self, config: &NetworkConfig) -> Result<Option<Ipv6Net>, BackendError> {
+        // A network spanning hosts has no IPv6 yet: every host would advertise its own
+        // prefix and gateway on the one link (linux_support refuses a fixed prefix).
+        if config.vxlan.is_some() {
+            return Ok(None);
+        }
+        if !bridge::has_ipv6() {
+            return match config.ipv6_prefix {
+                Some(p) => Err(BackendError::Conflict(format!(
+                    "ipv6_prefix {p}: the kernel has no IPv6 (booted with ipv6.disable=1?)"
+                ))),
+                None => Ok(None),
+            };
+        }
+        match config.ipv6_prefix {
+            Some(p) => Ok(Some(p)),
+            None => crate::ula::load_or_create(&self.options.state_dir, &config.name)
+                .map(Some)
+                .map_err(|e| BackendError::component("IPv6 prefix", e)),
+        }
+    }
+
+    /// Firewall rules, then DHCP, DNS and Router Advertisements. On error nothing of them
+    /// is left.
     ///
     /// `adopted` (a network of a previous broker) lists the TAPs still on its bridge with
     /// their guest MACs: they are bound, and the saved leases with them, in the very
@@ -463,13 +502,17 @@ impl LinuxBackend {
         bridge: &Link,
         subnet: Ipv4Net,
         gateway: Ipv4Addr,
+        ipv6_prefix: Option<Ipv6Net>,
         adopted: Option<&[(String, [u8; 6])]>,
     ) -> Result<Services, BackendError> {
         let params = ServiceParams {
             config,
             bridge: &bridge.name,
+            bridge_index: bridge.index,
+            bridge_mac: bridge_mac(&config.name),
             subnet,
             gateway,
+            ipv6_prefix,
             state_dir: &self.options.state_dir,
             resolv_conf: &self.options.resolv_conf,
             firewall: &self.firewall,
@@ -480,7 +523,7 @@ impl LinuxBackend {
         };
         self.firewall
             .add_network_bound(
-                &firewall_network(config, bridge, subnet, gateway),
+                &firewall_network(config, bridge, subnet, gateway, ipv6_prefix),
                 ports,
                 &leases,
             )
@@ -542,6 +585,7 @@ fn firewall_network(
     bridge: &Link,
     subnet: Ipv4Net,
     gateway: Ipv4Addr,
+    ipv6_prefix: Option<Ipv6Net>,
 ) -> FirewallNetwork {
     FirewallNetwork {
         name: config.name.clone(),
@@ -549,6 +593,8 @@ fn firewall_network(
         subnet,
         gateway,
         nat: config.mode == Mode::Shared,
+        ipv6_prefix,
+        nat66: config.nat66.unwrap_or(true),
         anti_spoofing: !config.allow_spoofing,
         dhcp: config.dhcp,
         isolation: config.isolation,
@@ -839,9 +885,13 @@ impl Backend for LinuxBackend {
                 .map_err(|e| BackendError::os("cannot choose the overlay's MTU", e))?;
         }
         let config = &config;
+        let ipv6_prefix = self.ipv6_prefix_for(config)?;
         let (subnet, gateway) = self.reserve_subnet(config, &bridge_name).await?;
         let address = Ipv4Net::new(gateway, subnet.prefix_len()).expect("prefix of a subnet");
-        let bridge = match bridge::make(&self.netlink, config, &bridge_name, address).await {
+        let address6 =
+            ipv6_prefix.map(|p| Ipv6Net::new(crate::ula::gateway_of(p), 64).expect("a /64"));
+        let made = bridge::make(&self.netlink, config, &bridge_name, address, address6).await;
+        let bridge = match made {
             Ok(link) => link,
             Err(e) => {
                 self.release_subnet(&bridge_name);
@@ -867,7 +917,7 @@ impl Backend for LinuxBackend {
         // Firewall first, so no frame is forwarded before its rules exist; then the
         // services, now that the bridge has its address.
         let services = match self
-            .start_services(config, &bridge, subnet, gateway, None)
+            .start_services(config, &bridge, subnet, gateway, ipv6_prefix, None)
             .await
         {
             Ok(services) => services,
@@ -893,6 +943,7 @@ impl Backend for LinuxBackend {
             overlay,
             subnet,
             gateway,
+            ipv6_prefix,
             services: Mutex::new(Some(services)),
             host_ports: Mutex::new(host_ports),
         })
@@ -902,6 +953,7 @@ impl Backend for LinuxBackend {
         NetworkDetails {
             subnet: network.subnet,
             gateway: network.gateway,
+            ipv6_prefix: network.ipv6_prefix,
             mtu: network.config.mtu,
             platform: match (&network.overlay, &network.config.vxlan) {
                 (Some(port), Some(vxlan)) => PlatformDetails::new()
@@ -1029,7 +1081,10 @@ impl Backend for LinuxBackend {
             .map(|l| LeaseView {
                 mac: l.mac,
                 ipv4: l.ip,
-                ipv6: None,
+                // What SLAAC gives the guest unless it uses privacy addresses.
+                ipv6: network
+                    .ipv6_prefix
+                    .map(|p| crate::ula::eui64_address(p, l.mac)),
                 hostname: l.hostname.clone(),
                 expires: l.expires,
             })
@@ -1050,7 +1105,13 @@ impl Backend for LinuxBackend {
         if let Some(v) = config.vxlan.as_mut() {
             v.peers = peers.to_vec();
         }
-        let rules = firewall_network(&config, &network.bridge, network.subnet, network.gateway);
+        let rules = firewall_network(
+            &config,
+            &network.bridge,
+            network.subnet,
+            network.gateway,
+            network.ipv6_prefix,
+        );
         self.firewall
             .add_network(&rules)
             .await
@@ -1261,6 +1322,7 @@ impl Backend for LinuxBackend {
                 )));
             }
         };
+        let ipv6_prefix = self.ipv6_prefix_for(config)?;
         {
             let mut held = self.held.lock().expect("not poisoned");
             if held.contains_key(&bridge_name) {
@@ -1279,6 +1341,14 @@ impl Backend for LinuxBackend {
             }
         };
         let config = &config;
+        // A bridge made before the broker had IPv6 gets its addresses now.
+        if let Some(p) = ipv6_prefix {
+            let address6 = Ipv6Net::new(crate::ula::gateway_of(p), 64).expect("a /64");
+            if let Err(e) = bridge::add_ipv6(&self.netlink, &bridge, address6).await {
+                self.release_subnet(&bridge_name);
+                return Err(e.into());
+            }
+        }
         // The TAPs of the record still on the bridge, with their guest MACs. A listing
         // that fails binds none now; the binder binds them below, as for a new TAP.
         let mut live = self
@@ -1333,7 +1403,14 @@ impl Backend for LinuxBackend {
         // before: the firewall replaces the network's chains with identical ones, bound
         // to the live TAPs and leased addresses in the same transaction.
         let services = match self
-            .start_services(config, &bridge, record.subnet, record.gateway, Some(&ports))
+            .start_services(
+                config,
+                &bridge,
+                record.subnet,
+                record.gateway,
+                ipv6_prefix,
+                Some(&ports),
+            )
             .await
         {
             Ok(services) => services,
@@ -1370,6 +1447,7 @@ impl Backend for LinuxBackend {
             overlay,
             subnet: record.subnet,
             gateway: record.gateway,
+            ipv6_prefix,
             services: Mutex::new(Some(services)),
             host_ports: Mutex::new(host_ports),
         })

@@ -7,9 +7,11 @@
 
 use super::subnet::{Occupant, Occupation};
 use futures::TryStreamExt;
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use netlink_packet_route::AddressFamily;
-use netlink_packet_route::address::{AddressAttribute, AddressMessage};
+use netlink_packet_route::address::{
+    AddressAttribute, AddressFlags, AddressHeaderFlags, AddressMessage,
+};
 use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkInfo, LinkMessage};
 use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage};
 use rtnetlink::{Handle, LinkUnspec, RouteMessageBuilder};
@@ -230,6 +232,33 @@ impl Netlink {
             .execute()
             .await
             .map_err(|e| fail(e, format!("cannot add address {address} to {}", link.name)))
+    }
+
+    /// Adds IPv6 `address` to `link` without duplicate address detection (IFA_F_NODAD),
+    /// unless it is there already:
+    /// usable at once, so the DNS server can bind it and Router Advertisements can leave
+    /// from it as soon as the network exists. The broker owns the bridge and picks its
+    /// addresses (`::1` of the network's prefix, `fe80::1`); no VM may claim them (a
+    /// guest answering DAD for them would only show a misbehaving guest).
+    pub async fn add_address_v6_nodad(&self, link: &Link, address: Ipv6Net) -> io::Result<()> {
+        let mut request =
+            self.handle
+                .address()
+                .add(link.index, IpAddr::V6(address.addr()), address.prefix_len());
+        let message = request.message_mut();
+        message.header.flags |= AddressHeaderFlags::Nodad;
+        message
+            .attributes
+            .push(AddressAttribute::Flags(AddressFlags::Nodad));
+        match request.execute().await {
+            Ok(()) => Ok(()),
+            // Already there (an adopted bridge): what was asked for.
+            Err(e) if errno(&e) == Some(libc::EEXIST) => Ok(()),
+            Err(e) => Err(fail(
+                e,
+                format!("cannot add address {address} to {}", link.name),
+            )),
+        }
     }
 
     /// The rtnetlink handle, for the requests of modules that own a kind of link

@@ -1,14 +1,18 @@
-//! The services a Linux network runs inside the broker process: DHCP, DNS, and the glue
-//! that turns DHCP leases into DNS names and into the firewall's MAC→IP bindings.
+//! The services a Linux network runs inside the broker process: DHCP, DNS, Router
+//! Advertisements, and the glue that turns DHCP leases into DNS names (IPv4 and the
+//! guests' SLAAC addresses) and into the firewall's MAC→IP bindings.
 
 use super::firewall::Firewall;
 use crate::backend::BackendError;
+use crate::config::Mode;
 use crate::config::NetworkConfig;
 use crate::dhcp::{BindHook, DhcpConfig, DhcpServer, Lease};
 use crate::dns::{DnsConfig, DnsServer};
-use ipnet::Ipv4Net;
+use crate::ra::linux::RaServer;
+use crate::ra::{self, Advert};
+use ipnet::{Ipv4Net, Ipv6Net};
 use std::collections::BTreeSet;
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 use std::sync::Arc;
 use tokio::sync::watch;
@@ -23,14 +27,19 @@ pub fn domain_of(network: &str) -> String {
 pub struct Services {
     dhcp: Option<DhcpServer>,
     dns: Option<DnsServer>,
+    ra: Option<RaServer>,
     glue: Option<JoinHandle<()>>,
 }
 
 pub struct ServiceParams<'a> {
     pub config: &'a NetworkConfig,
     pub bridge: &'a str,
+    pub bridge_index: u32,
+    pub bridge_mac: [u8; 6],
     pub subnet: Ipv4Net,
     pub gateway: Ipv4Addr,
+    /// The network's IPv6 /64 (the bridge has its `::1`); `None` without kernel IPv6.
+    pub ipv6_prefix: Option<Ipv6Net>,
     pub state_dir: &'a Path,
     pub resolv_conf: &'a Path,
     pub firewall: &'a Firewall,
@@ -45,8 +54,10 @@ impl Services {
         let mut services = Services {
             dhcp: None,
             dns: None,
+            ra: None,
             glue: None,
         };
+        let gateway6 = p.ipv6_prefix.map(crate::ula::gateway_of);
         let (names_tx, names_rx) = watch::channel(Arc::new(Vec::new()));
         if p.config.dhcp {
             // With anti-spoofing, each lease is bound in the firewall before its ACK goes
@@ -60,6 +71,7 @@ impl Services {
             let bind = (!p.config.allow_spoofing).then(|| p.firewall.clone());
             services.glue = Some(tokio::spawn(follow_leases(
                 name.clone(),
+                p.ipv6_prefix,
                 leases,
                 names_tx,
                 bind,
@@ -70,8 +82,10 @@ impl Services {
                 DnsConfig {
                     network: name.clone(),
                     listen: p.gateway,
+                    listen6: gateway6,
                     subnet: p.subnet,
-                    domain,
+                    prefix6: p.ipv6_prefix,
+                    domain: domain.clone(),
                     resolv_conf: p.resolv_conf.to_path_buf(),
                 },
                 names_rx,
@@ -82,6 +96,33 @@ impl Services {
                 Err(e) => {
                     services.stop().await;
                     return Err(BackendError::component("DNS", e));
+                }
+            }
+        }
+        if let Some(prefix) = p.ipv6_prefix
+            && p.config.router_advertisement != Some(false)
+        {
+            let advert = Advert {
+                prefix,
+                // Only a network with a way out is a default router.
+                router_lifetime: if p.config.mode == Mode::Shared {
+                    ra::ROUTER_LIFETIME
+                } else {
+                    std::time::Duration::ZERO
+                },
+                prefix_valid: ra::PREFIX_VALID,
+                prefix_preferred: ra::PREFIX_PREFERRED,
+                mtu: p.config.mtu,
+                source_mac: p.bridge_mac,
+                dns_server: gateway6.filter(|_| p.config.dns),
+                search_domain: p.config.dns.then(|| domain.clone()),
+                dns_lifetime: ra::DNS_LIFETIME,
+            };
+            match RaServer::start(name, p.bridge, p.bridge_index, advert) {
+                Ok(ra) => services.ra = Some(ra),
+                Err(e) => {
+                    services.stop().await;
+                    return Err(BackendError::component("router advertisements", e));
                 }
             }
         }
@@ -103,6 +144,9 @@ impl Services {
     }
 
     pub async fn stop(self) {
+        if let Some(ra) = self.ra {
+            ra.stop().await;
+        }
         if let Some(dns) = self.dns {
             dns.stop().await;
         }
@@ -163,13 +207,16 @@ fn bind_hook(network: &str, firewall: &Firewall) -> BindHook {
     })
 }
 
-/// Publishes every lease change as DNS names and, with anti-spoofing on, binds each newly
-/// leased MAC to its address in the firewall (for leases loaded from the lease file; new
-/// ones were bound by [`bind_hook`] already, which makes this a no-op for them).
+/// Publishes every lease change as DNS names (the lease's IPv4 address and the guest's
+/// SLAAC address in `prefix6`, which follows from its MAC) and, with anti-spoofing on,
+/// binds each newly leased MAC to its address in the firewall (for leases loaded from the
+/// lease file; new ones were bound by [`bind_hook`] already, which makes this a no-op for
+/// them).
 async fn follow_leases(
     network: String,
+    prefix6: Option<Ipv6Net>,
     mut leases: watch::Receiver<Arc<Vec<Lease>>>,
-    names: watch::Sender<Arc<Vec<(String, Ipv4Addr)>>>,
+    names: watch::Sender<Arc<Vec<(String, IpAddr)>>>,
     firewall: Option<Firewall>,
 ) {
     let mut bound: BTreeSet<([u8; 6], Ipv4Addr)> = BTreeSet::new();
@@ -177,7 +224,12 @@ async fn follow_leases(
         let current = leases.borrow_and_update().clone();
         let pairs = current
             .iter()
-            .filter_map(|l| l.hostname.clone().map(|h| (h, l.ip)))
+            .filter_map(|l| l.hostname.clone().map(|h| (h, l)))
+            .flat_map(|(h, l)| {
+                let v6 =
+                    prefix6.map(|p| (h.clone(), IpAddr::V6(crate::ula::eui64_address(p, l.mac))));
+                std::iter::once((h, IpAddr::V4(l.ip))).chain(v6)
+            })
             .collect();
         names.send_replace(Arc::new(pairs));
         if let Some(fw) = &firewall {

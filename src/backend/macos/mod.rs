@@ -20,7 +20,7 @@ use super::{
 };
 use crate::config::{NetworkConfig, mask_to_prefix};
 use ffi::{CfRef, XpcObject};
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::sync::{Arc, Mutex};
@@ -282,6 +282,12 @@ impl Backend for MacosBackend {
             details: NetworkDetails {
                 subnet,
                 gateway,
+                // vmnet's prefix is an address; as a /64 network when it reads as one.
+                ipv6_prefix: ipv6
+                    .parse::<std::net::Ipv6Addr>()
+                    .ok()
+                    .and_then(|a| Ipv6Net::new(a, 64).ok())
+                    .map(|n| n.trunc()),
                 mtu: config.mtu,
                 platform: PlatformDetails::new().with(IPV6_PREFIX, ipv6),
             },

@@ -71,7 +71,7 @@ use std::time::Duration;
 
 use futures::FutureExt;
 use futures::future::BoxFuture;
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use nftables::batch::Batch;
 use nftables::schema::{NfListObject, NfObject};
 use nftables::types::NfFamily;
@@ -99,6 +99,9 @@ pub const TABLE: &str = "vmnet_broker";
 pub const DOCKER_COMMENT_PREFIX: &str = "vmnet-broker:";
 
 const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+/// IPv6 forwarding of every interface of the namespace (the kernel forwards IPv6 only
+/// when `all` says so).
+const IP6_FORWARD: &str = "/proc/sys/net/ipv6/conf/all/forwarding";
 
 /// What the firewall needs to know about one network.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -110,6 +113,12 @@ pub struct FirewallNetwork {
     pub gateway: Ipv4Addr,
     /// Mode shared: masquerade and forward to the outside. Mode host: no forwarding at all.
     pub nat: bool,
+    /// The network's IPv6 /64 (the gateway is its `::1`), `None` for a network without
+    /// IPv6. Forwarding follows `nat` as for IPv4.
+    pub ipv6_prefix: Option<Ipv6Net>,
+    /// With `nat`: IPv6 from the prefix is masqueraded too (NAT66); without, it is routed
+    /// as is (the prefix must then be routed to this host upstream).
+    pub nat66: bool,
     /// `!allow_spoofing`: bind each TAP to its guest's MAC (and IPv4 lease, see `dhcp`).
     pub anti_spoofing: bool,
     /// The broker runs DHCP on this network: IPv4 sources are bound to the lease given by
@@ -184,6 +193,8 @@ pub enum FirewallError {
     IpForward(#[source] std::io::Error),
     #[error("the TAP guard failed")]
     Guard(#[from] GuardError),
+    #[error("could not enable IPv6 forwarding ({IP6_FORWARD})")]
+    Ip6Forward(#[source] std::io::Error),
     #[error(
         "firewall: the operation was abandoned: the apply queue stopped (its runtime shut down) or the operation panicked"
     )]
@@ -209,14 +220,19 @@ impl NetState {
         self.net.forwards.iter().chain(self.dynamic.values())
     }
 
-    /// The TAP guard's binding of a TAP bound to `mac`.
+    /// The TAP guard's binding of a TAP bound to `mac`: with the network's IPv6 /64, so
+    /// the guest's SLAAC (EUI-64) address in it passes too.
     fn binding(&self, mac: [u8; 6]) -> Binding {
-        Binding::new(
+        let mut b = Binding::new(
             mac,
             self.net.dhcp,
             self.leases.get(&mac).copied(),
             self.net.gateway,
-        )
+        );
+        if let Some(p6) = self.net.ipv6_prefix {
+            b.prefix6.copy_from_slice(&p6.network().octets()[..8]);
+        }
+        b
     }
 }
 
@@ -678,7 +694,7 @@ impl Inner {
             self.sync_dhcp_quota(&net.name, &dropped, &[]).await?;
         }
         if net.nat || !net.forwards.is_empty() {
-            if let Err(e) = enable_ip_forward() {
+            if let Err(e) = enable_ip_forward(forwards_ipv6(&net)) {
                 // Leave no half-configured network behind.
                 if let Err(cleanup) = self.remove_network(&net.name).await {
                     warn!(network = %net.name, "{}", crate::error::Chain(&cleanup));
@@ -1063,7 +1079,7 @@ impl Inner {
             batch
         };
         if forward.is_some() {
-            enable_ip_forward()?;
+            enable_ip_forward(false)?;
         }
         let context = format!("setting port forward {key:?} of network {network:?}");
         self.apply_or_restore(batch, &context, |s| {
@@ -1236,7 +1252,7 @@ impl Inner {
                 .await?;
         }
         for net in &nat {
-            enable_ip_forward()?;
+            enable_ip_forward(forwards_ipv6(net))?;
             if let Err(e) = self.docker_remove(&net.name).await {
                 warn!(network = %net.name, "{}", crate::error::Chain(&e));
             }
@@ -1246,8 +1262,20 @@ impl Inner {
     }
 }
 
-fn enable_ip_forward() -> Result<(), FirewallError> {
-    // /proc/sys/net is per network namespace: the one of the thread opening the file.
+/// Whether `net` needs IPv6 forwarding: a shared network with IPv6, or a static port
+/// forward to an IPv6 address.
+fn forwards_ipv6(net: &FirewallNetwork) -> bool {
+    net.ipv6_prefix.is_some()
+        && (net.nat || net.forwards.iter().any(|f| f.internal_address.is_ipv6()))
+}
+
+/// Switches IPv4 forwarding on, and IPv6 forwarding too when `ipv6`. Only ever in the
+/// broker's own namespace: /proc/sys/net is per network namespace, the one of the thread
+/// opening the file.
+fn enable_ip_forward(ipv6: bool) -> Result<(), FirewallError> {
+    if ipv6 {
+        enable_ip6_forward()?;
+    }
     let current = std::fs::read_to_string(IP_FORWARD).map_err(FirewallError::IpForward)?;
     if current.trim() == "1" {
         return Ok(());
@@ -1256,6 +1284,20 @@ fn enable_ip_forward() -> Result<(), FirewallError> {
     info!(
         "enabled IPv4 forwarding ({IP_FORWARD}=1) for shared networks and port forwards; it is left on at exit"
     );
+    Ok(())
+}
+
+/// IPv6 forwarding. Unlike IPv4's, this turns every interface of the namespace into a
+/// router, and a router ignores Router Advertisements (unless `accept_ra=2`): on a host
+/// whose uplink gets its IPv6 default route by SLAAC, set `accept_ra=2` on the uplink
+/// first (docs/networking.md).
+fn enable_ip6_forward() -> Result<(), FirewallError> {
+    let current = std::fs::read_to_string(IP6_FORWARD).map_err(FirewallError::Ip6Forward)?;
+    if current.trim() == "1" {
+        return Ok(());
+    }
+    std::fs::write(IP6_FORWARD, "1\n").map_err(FirewallError::Ip6Forward)?;
+    info!("enabled IPv6 forwarding ({IP6_FORWARD}=1) for shared networks; it is left on at exit");
     Ok(())
 }
 
@@ -1318,6 +1360,8 @@ mod tests {
             subnet: "10.77.0.0/24".parse().unwrap(),
             gateway: "10.77.0.1".parse().unwrap(),
             nat: true,
+            ipv6_prefix: None,
+            nat66: false,
             anti_spoofing: true,
             dhcp: true,
             isolation: false,

@@ -501,6 +501,32 @@ pub(super) fn network_objects(batch: &mut Batch<'static>, ns: &NetState) {
                 Statement::Masquerade(None),
             ],
         ));
+        // NAT66: the same for the network's IPv6 prefix, unless the file says `nat66:
+        // false` (then the prefix is routed as is). Guests keep their SLAAC addresses on
+        // the network; the outside sees the host's.
+        if let Some(p6) = net.ipv6_prefix.filter(|_| net.nat66) {
+            batch.add(rule(
+                NfFamily::INet,
+                &nat,
+                vec![
+                    matches(
+                        payload("ip6", "saddr"),
+                        Operator::EQ,
+                        prefix(&p6.network().to_string(), u32::from(p6.prefix_len())),
+                    ),
+                    matches(
+                        Expression::Named(NamedExpression::Fib(Fib {
+                            result: FibResult::Type,
+                            flags: [FibFlag::Saddr].into_iter().collect(),
+                        })),
+                        Operator::NEQ,
+                        s("local"),
+                    ),
+                    matches(oif(), Operator::NEQ, br()),
+                    Statement::Masquerade(None),
+                ],
+            ));
+        }
     } else {
         // Host mode: VMs talk to the host and to each other (bridged, not routed), never
         // through the host to anywhere else, even when forwarding is on for other reasons.
@@ -810,6 +836,8 @@ mod tests {
             subnet: "10.77.0.0/24".parse().unwrap(),
             gateway: "10.77.0.1".parse().unwrap(),
             nat,
+            ipv6_prefix: None,
+            nat66: false,
             anti_spoofing,
             dhcp,
             isolation: false,
@@ -817,6 +845,30 @@ mod tests {
             overlay: None,
             forwards: vec![],
         }
+    }
+
+    #[test]
+    fn nat66_masquerades_the_prefix_only_on_shared_with_nat66() {
+        let prefix6 = r#"{"prefix":{"addr":"fd00:77::","len":64}}"#;
+        let mut shared = net(true, true, true);
+        shared.ipv6_prefix = Some("fd00:77::/64".parse().unwrap());
+        shared.nat66 = true;
+        let with = json(&shared);
+        assert!(
+            with.contains(&format!(
+                r#"{{"match":{{"left":{{"payload":{{"protocol":"ip6","field":"saddr"}}}},"right":{prefix6},"op":"=="}}}}"#
+            )),
+            "{with}"
+        );
+        assert_eq!(with.matches("masquerade").count(), 2, "{with}");
+        // The prefix is an allowed guest source either way.
+        assert!(with.contains(prefix6), "{with}");
+        shared.nat66 = false;
+        assert_eq!(json(&shared).matches("masquerade").count(), 1);
+        let mut host = net(false, true, true);
+        host.ipv6_prefix = shared.ipv6_prefix;
+        host.nat66 = true;
+        assert!(!json(&host).contains("masquerade"));
     }
 
     fn json(net: &FirewallNetwork) -> String {

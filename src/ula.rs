@@ -1,0 +1,156 @@
+//! Unique Local IPv6 prefixes (RFC 4193) of the networks whose file fixes no
+//! `ipv6_prefix`: one /64 per network name, `fd` + a random 40-bit Global ID + subnet 0,
+//! made the first time the network is created and kept in the state directory, so a
+//! network keeps its prefix (and its VMs their SLAAC addresses and DNS names) across
+//! removals, recreations and broker restarts. Pure file handling, no OS networking.
+//!
+//! A random Global ID is what RFC 4193 section 3.2 asks for: two hosts (or two brokers)
+//! picking prefixes independently almost never collide, which a prefix derived from the
+//! network's name alone would (every host's `shared` would get the same one).
+
+use ipnet::Ipv6Net;
+use std::io::{Read, Write};
+use std::net::Ipv6Addr;
+use std::path::{Path, PathBuf};
+
+/// Why a network's prefix could not be read or made.
+#[derive(Debug, thiserror::Error)]
+pub enum UlaError {
+    #[error("cannot read {}", path.display())]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{} holds {text:?}, not an IPv6 /64 prefix; remove it to get a new prefix", path.display())]
+    Parse { path: PathBuf, text: String },
+    #[error("cannot write {}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot read random bytes for a new prefix")]
+    Random(#[source] std::io::Error),
+}
+
+/// The file in `state_dir` keeping network `name`'s generated prefix.
+pub fn path_for(state_dir: &Path, name: &str) -> PathBuf {
+    state_dir.join(format!("{name}.ipv6-prefix"))
+}
+
+/// The ULA /64 of Global ID `global_id` (its low 40 bits) and subnet ID 0.
+pub fn prefix_of(global_id: u64) -> Ipv6Net {
+    let g = global_id.to_be_bytes();
+    let mut octets = [0u8; 16];
+    octets[0] = 0xfd; // fc00::/7 with the L bit set: locally assigned (RFC 4193 3.1).
+    octets[1..6].copy_from_slice(&g[3..8]);
+    Ipv6Net::new(Ipv6Addr::from(octets), 64).expect("64 is a valid length")
+}
+
+/// A new random ULA /64.
+pub fn generate() -> Result<Ipv6Net, UlaError> {
+    let mut bytes = [0u8; 8];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes[3..]))
+        .map_err(UlaError::Random)?;
+    Ok(prefix_of(u64::from_be_bytes(bytes)))
+}
+
+/// Network `name`'s prefix: the one kept in `state_dir`, else a new one, kept there
+/// before it is returned (written to a temporary file and renamed, so a crash never
+/// leaves half a prefix).
+pub fn load_or_create(state_dir: &Path, name: &str) -> Result<Ipv6Net, UlaError> {
+    let path = path_for(state_dir, name);
+    match std::fs::read_to_string(&path) {
+        Ok(text) => {
+            return text
+                .trim()
+                .parse::<Ipv6Net>()
+                .ok()
+                .filter(|n| n.prefix_len() == 64 && n.trunc() == *n)
+                .ok_or(UlaError::Parse { path, text });
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(source) => return Err(UlaError::Read { path, source }),
+    }
+    let prefix = generate()?;
+    let tmp = path.with_extension("ipv6-prefix.tmp");
+    let written = std::fs::File::create(&tmp)
+        .and_then(|mut f| {
+            writeln!(f, "{prefix}")?;
+            f.sync_all()
+        })
+        .and_then(|()| std::fs::rename(&tmp, &path));
+    if let Err(source) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(UlaError::Write { path, source });
+    }
+    Ok(prefix)
+}
+
+/// The address SLAAC gives the interface with MAC `mac` in `prefix` (RFC 4291 appendix
+/// A: the modified EUI-64 interface identifier, universal/local bit flipped). What the
+/// VMs' guests configure unless they use privacy or stable-privacy addresses instead.
+pub fn eui64_address(prefix: Ipv6Net, mac: [u8; 6]) -> Ipv6Addr {
+    let mut octets = prefix.network().octets();
+    octets[8..11].copy_from_slice(&mac[0..3]);
+    octets[8] ^= 0x02;
+    octets[11] = 0xff;
+    octets[12] = 0xfe;
+    octets[13..16].copy_from_slice(&mac[3..6]);
+    Ipv6Addr::from(octets)
+}
+
+/// The gateway's address in `prefix`: `::1`.
+pub fn gateway_of(prefix: Ipv6Net) -> Ipv6Addr {
+    let mut octets = prefix.network().octets();
+    octets[15] = 1;
+    Ipv6Addr::from(octets)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ula_prefixes_are_fd_slash_64_with_the_global_id() {
+        let p = prefix_of(0x12_3456_789a);
+        assert_eq!(p.to_string(), "fd12:3456:789a::/64");
+        // Only 40 bits of the ID count.
+        assert_eq!(prefix_of(0xffff_ff12_3456_789a), p);
+        let g = generate().unwrap();
+        assert_eq!(g.prefix_len(), 64);
+        assert_eq!(g.network().octets()[0], 0xfd);
+        assert_eq!(g.network().octets()[6..], [0; 10]);
+    }
+
+    #[test]
+    fn a_network_keeps_its_prefix_and_networks_differ() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = load_or_create(dir.path(), "a").unwrap();
+        assert_eq!(a.network().octets()[0], 0xfd);
+        // As after a removal and a restart: read back, not made anew.
+        assert_eq!(load_or_create(dir.path(), "a").unwrap(), a);
+        assert_eq!(
+            std::fs::read_to_string(path_for(dir.path(), "a")).unwrap(),
+            format!("{a}\n")
+        );
+        let b = load_or_create(dir.path(), "b").unwrap();
+        assert_ne!(a, b, "40 random bits collide once in 10^12");
+        // A damaged file is an error naming it, never silently replaced.
+        std::fs::write(path_for(dir.path(), "c"), "fd00::1/48").unwrap();
+        let e = load_or_create(dir.path(), "c").unwrap_err();
+        assert!(e.to_string().contains("c.ipv6-prefix"), "{e}");
+    }
+
+    #[test]
+    fn slaac_addresses_follow_the_mac() {
+        let p: Ipv6Net = "fd00:1:2:3::/64".parse().unwrap();
+        assert_eq!(
+            eui64_address(p, [0x52, 0x54, 0x00, 0x12, 0x34, 0x56]),
+            "fd00:1:2:3:5054:ff:fe12:3456".parse::<Ipv6Addr>().unwrap()
+        );
+        assert_eq!(gateway_of(p), "fd00:1:2:3::1".parse::<Ipv6Addr>().unwrap());
+    }
+}
