@@ -338,6 +338,19 @@ fn a_slaac_guest_uses_the_gateway_over_ipv6_and_is_found_by_aaaa() {
         answer == [addr.to_string()]
     });
     assert_eq!(dig_aaaa(&vm.ns, gw, "peer"), [peer_addr.to_string()]);
+    // And the reverse name of the SLAAC address.
+    let out = peer
+        .ns
+        .cmd("dig")
+        .arg(format!("@{gw}"))
+        .args(["+short", "+time=2", "+tries=2", "-x"])
+        .arg(addr.to_string())
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "six.shared.vmnet."
+    );
     // A host process on the gateway's own address is in the prefix and served too.
     assert_eq!(dig_aaaa(&b.ns, gw, "six"), [addr.to_string()]);
     let leases = c.leases(Some("shared")).unwrap();

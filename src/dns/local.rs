@@ -67,12 +67,12 @@ impl Zone<'_> {
         let qtype = q.query_type();
 
         if qtype == RecordType::PTR
-            && let Some(ip) = parse_reverse(&qname)
+            && let Some(ip) = reverse_address(q.name(), &qname)
         {
             let hosts: Vec<Name> = self
                 .names
                 .iter()
-                .filter(|(_, a)| *a == IpAddr::V4(ip))
+                .filter(|(_, a)| *a == ip)
                 .filter_map(|(n, _)| self.fqdn(&self.host_of(n)))
                 .collect();
             if hosts.is_empty() {
@@ -159,6 +159,19 @@ impl Zone<'_> {
             NEGATIVE_TTL,
             RData::SOA(SOA::new(apex, rname, 1, 3600, 600, 86400, NEGATIVE_TTL)),
         )
+    }
+}
+
+/// The address a reverse name stands for: IPv4 ones by our own strict parser
+/// ([`parse_reverse`]), IPv6 ones (32 nibble labels under ip6.arpa) by hickory's, taken
+/// only when they name one whole address.
+fn reverse_address(name: &Name, canonical: &str) -> Option<IpAddr> {
+    if let Some(v4) = parse_reverse(canonical) {
+        return Some(IpAddr::V4(v4));
+    }
+    match name.parse_arpa_name().ok()? {
+        ipnet::IpNet::V6(v6) if v6.prefix_len() == 128 => Some(IpAddr::V6(v6.addr())),
+        _ => None,
     }
 }
 
@@ -289,6 +302,32 @@ mod tests {
         assert_eq!(a_answers(&r), vec![Ipv4Addr::new(10, 99, 0, 11)]);
         let r = z.answer(&query("vm2.", RecordType::ANY)).unwrap();
         assert_eq!(r.answers.len(), 2);
+    }
+
+    #[test]
+    fn ptr_for_a_known_ipv6_address() {
+        let n = names();
+        let z = Zone {
+            domain: "shared.vmnet",
+            names: &n,
+        };
+        // fd00:99::5054:ff:fe00:2, nibble by nibble from the end.
+        let q = "2.0.0.0.0.0.e.f.f.f.0.0.4.5.0.5.0.0.0.0.0.0.0.0.9.9.0.0.0.0.d.f.ip6.arpa.";
+        let r = z.answer(&query(q, RecordType::PTR)).unwrap();
+        let got: Vec<_> = r.answers.iter().map(|r| r.data.clone()).collect();
+        assert_eq!(
+            got,
+            vec![RData::PTR(PTR(
+                Name::from_ascii("vm2.shared.vmnet.").unwrap()
+            ))]
+        );
+        // An unknown address, or a prefix rather than an address, is not ours.
+        let other = q.replacen('2', "3", 1);
+        assert!(z.answer(&query(&other, RecordType::PTR)).is_none());
+        assert!(
+            z.answer(&query("0.d.f.ip6.arpa.", RecordType::PTR))
+                .is_none()
+        );
     }
 
     #[test]
