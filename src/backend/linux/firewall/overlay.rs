@@ -179,6 +179,8 @@ mod tests {
             subnet: "10.77.0.0/24".parse().unwrap(),
             gateway: "10.77.0.2".parse().unwrap(),
             nat: true,
+            ipv6_prefix: None,
+            nat66: false,
             anti_spoofing: true,
             dhcp: true,
             isolation: false,
