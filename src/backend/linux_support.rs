@@ -100,6 +100,11 @@ mod tests {
                 r#"{"external_interface": "en0"}"#,
                 "external_interface \"en0\": ",
             ),
+            (
+                r#"{"subnet": "10.90.0.1", "ipv6_prefix": "fd00:90::", "dhcp": false,
+                    "vxlan": {"vni": 42, "local": "192.0.2.1", "peers": ["192.0.2.2"]}}"#,
+                "ipv6_prefix fd00:90::/64: ",
+            ),
         ];
         for (text, want) in cases {
             let fields = unsupported(&config(text));
