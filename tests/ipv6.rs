@@ -490,3 +490,39 @@ fn shared_masquerades_ipv6_routed_keeps_sources_and_host_never_forwards() {
     );
     drop(listener);
 }
+
+/// A host whose uplink numbers itself from Router Advertisements (`accept_ra=1`) would
+/// lose its IPv6 default route if the broker made it a router: the broker leaves IPv6
+/// forwarding off then and says what to set; with `accept_ra=2` it switches it on.
+#[test]
+fn ipv6_forwarding_stays_off_while_an_uplink_depends_on_router_advertisements() {
+    let b = Broker::start(opts(&[("second.json", r#"{"mode": "shared"}"#)]));
+    // An uplink as SLAAC leaves it: a global address with finite lifetimes (not
+    // IFA_F_PERMANENT), on an interface that accepts RAs.
+    b.ns.sh("ip link add up0 type veth peer name up0p && ip link set up0p up && ip link set up0 up && \
+         sysctl -qw net.ipv6.conf.up0.accept_ra=1 && \
+         ip -6 addr add 2001:db8:5::5/64 dev up0 nodad valid_lft 3600 preferred_lft 1800");
+    let c = b.client();
+    let first = c.acquire("shared").unwrap();
+    assert_eq!(
+        b.ns.sh("cat /proc/sys/net/ipv6/conf/all/forwarding").trim(),
+        "0",
+        "{}",
+        b.log()
+    );
+    let log = b.log();
+    assert!(
+        log.contains("IPv6 forwarding stays off") && log.contains("up0"),
+        "{log}"
+    );
+    // The next shared network made asks again.
+    b.ns.sh("sysctl -qw net.ipv6.conf.up0.accept_ra=2");
+    let _second = c.acquire("second").unwrap();
+    assert_eq!(
+        b.ns.sh("cat /proc/sys/net/ipv6/conf/all/forwarding").trim(),
+        "1",
+        "{}",
+        b.log()
+    );
+    drop(first);
+}

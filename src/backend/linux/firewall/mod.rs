@@ -1288,17 +1288,66 @@ fn enable_ip_forward(ipv6: bool) -> Result<(), FirewallError> {
 }
 
 /// IPv6 forwarding. Unlike IPv4's, this turns every interface of the namespace into a
-/// router, and a router ignores Router Advertisements (unless `accept_ra=2`): on a host
-/// whose uplink gets its IPv6 default route by SLAAC, set `accept_ra=2` on the uplink
-/// first (docs/networking.md).
+/// router, and a router ignores Router Advertisements (unless `accept_ra=2`). On a host
+/// whose uplink gets its IPv6 addresses and default route by SLAAC, switching it on would
+/// let that route expire: the host would lose IPv6 behind the admin's back. So, as
+/// libvirt does, the broker leaves it off while any interface depends on RAs
+/// ([`ra_dependent_interfaces`]) and says what to set (`accept_ra=2`,
+/// docs/networking.md); its networks then keep IPv6 on the bridge, without NAT66.
 fn enable_ip6_forward() -> Result<(), FirewallError> {
     let current = std::fs::read_to_string(IP6_FORWARD).map_err(FirewallError::Ip6Forward)?;
     if current.trim() == "1" {
         return Ok(());
     }
+    let dependent = ra_dependent_interfaces();
+    if !dependent.is_empty() {
+        warn!(
+            "IPv6 forwarding stays off ({IP6_FORWARD}=0), so shared networks reach no IPv6 \
+             outside: {} get IPv6 addresses from Router Advertisements with accept_ra=1, \
+             which a forwarding host ignores. Set net.ipv6.conf.IFACE.accept_ra=2 on them \
+             and re-create the network (docs/networking.md)",
+            dependent.join(", ")
+        );
+        return Ok(());
+    }
     std::fs::write(IP6_FORWARD, "1\n").map_err(FirewallError::Ip6Forward)?;
     info!("enabled IPv6 forwarding ({IP6_FORWARD}=1) for shared networks; it is left on at exit");
     Ok(())
+}
+
+/// Interfaces of this namespace that hold a global IPv6 address learned from Router
+/// Advertisements (not `IFA_F_PERMANENT`: SLAAC or otherwise autoconfigured) while
+/// `accept_ra` is 1: the ones IPv6 forwarding would cut off. Read from /proc (per
+/// namespace, like the sysctls); unreadable files count as nothing to protect.
+fn ra_dependent_interfaces() -> Vec<String> {
+    let table = std::fs::read_to_string("/proc/net/if_inet6").unwrap_or_default();
+    autoconf_interfaces(&table)
+        .into_iter()
+        .filter(|ifname| {
+            std::fs::read_to_string(format!("/proc/sys/net/ipv6/conf/{ifname}/accept_ra"))
+                .is_ok_and(|v| v.trim() == "1")
+        })
+        .collect()
+}
+
+/// The interfaces of `/proc/net/if_inet6` lines (address, ifindex, prefix length, scope,
+/// flags, name; hex) with a global-scope address that is not `IFA_F_PERMANENT` (0x80).
+fn autoconf_interfaces(if_inet6: &str) -> Vec<String> {
+    const SCOPE_GLOBAL: u32 = 0;
+    const IFA_F_PERMANENT: u32 = 0x80;
+    let mut names: Vec<String> = if_inet6
+        .lines()
+        .filter_map(|line| {
+            let f: Vec<&str> = line.split_whitespace().collect();
+            let scope = u32::from_str_radix(f.get(3)?, 16).ok()?;
+            let flags = u32::from_str_radix(f.get(4)?, 16).ok()?;
+            (scope == SCOPE_GLOBAL && flags & IFA_F_PERMANENT == 0)
+                .then(|| f.get(5).map(|n| n.to_string()))?
+        })
+        .collect();
+    names.sort();
+    names.dedup();
+    names
 }
 
 /// Whether the network limits the DHCP client MACs of each TAP ([`DHCP_MACS_PER_TAP`]):
@@ -1351,6 +1400,20 @@ fn validate_network(net: &FirewallNetwork) -> Result<(), FirewallError> {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn only_autoconfigured_global_addresses_make_an_interface_depend_on_ras() {
+        let table = "\
+20010db8000000000000000000000001 02 40 00 80       eth0
+20010db8000000005054fffe12345678 03 40 00 00       eth1
+20010db8000000005054fffe12345679 03 40 00 00       eth1
+fe800000000000005054fffe12345678 03 40 20 80       eth1
+fe800000000000005054fffe9abcdef0 04 40 20 00       eth2
+00000000000000000000000000000001 01 80 10 80       lo
+";
+        assert_eq!(autoconf_interfaces(table), vec!["eth1".to_string()]);
+        assert!(autoconf_interfaces("garbage\n").is_empty());
+    }
+
     use super::*;
 
     fn net() -> FirewallNetwork {
