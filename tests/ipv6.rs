@@ -499,9 +499,11 @@ fn ipv6_forwarding_stays_off_while_an_uplink_depends_on_router_advertisements() 
     let b = Broker::start(opts(&[("second.json", r#"{"mode": "shared"}"#)]));
     // An uplink as SLAAC leaves it: a global address with finite lifetimes (not
     // IFA_F_PERMANENT), on an interface that accepts RAs.
-    b.ns.sh("ip link add up0 type veth peer name up0p && ip link set up0p up && ip link set up0 up && \
+    b.ns.sh(
+        "ip link add up0 type veth peer name up0p && ip link set up0p up && ip link set up0 up && \
          sysctl -qw net.ipv6.conf.up0.accept_ra=1 && \
-         ip -6 addr add 2001:db8:5::5/64 dev up0 nodad valid_lft 3600 preferred_lft 1800");
+         ip -6 addr add 2001:db8:5::5/64 dev up0 nodad valid_lft 3600 preferred_lft 1800",
+    );
     let c = b.client();
     let first = c.acquire("shared").unwrap();
     assert_eq!(
