@@ -16,6 +16,7 @@ pub mod dhcp;
 pub mod dns;
 pub mod error;
 pub mod inspect;
+pub mod metrics;
 pub mod policy;
 #[cfg(target_os = "linux")]
 pub mod ra;

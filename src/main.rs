@@ -2,7 +2,7 @@
 
 mod cmd;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 use std::path::PathBuf;
 use std::process::ExitCode;
 #[cfg(target_os = "macos")]
@@ -132,11 +132,33 @@ enum Command {
         #[arg(value_name = "NAME")]
         name: Option<String>,
     },
+    #[cfg(target_os = "linux")]
+    /// Print the broker's metrics as OpenMetrics text (docs/operations.md, Metrics).
+    Metrics {
+        #[command(flatten)]
+        socket: SocketArg,
+    },
     /// Validate every network file in the config directory.
     CheckConfig {
         /// The drop-in directory.
         #[arg(long, default_value = vmnet_broker::config::DEFAULT_CONFIG_DIR, value_name = "DIR")]
         config_dir: PathBuf,
+    },
+    /// Print a completion script for SHELL to stdout.
+    #[command(long_about = "Print a completion script for SHELL to stdout.\n\n\
+        bash: vmnet-broker completions bash > /etc/bash_completion.d/vmnet-broker (the package \
+        installs all three shells' scripts).")]
+    Completions {
+        /// bash, zsh, fish, elvish or powershell.
+        #[arg(value_name = "SHELL")]
+        shell: clap_complete::Shell,
+    },
+    /// Write the man pages (vmnet-broker.8 and one page per subcommand) into DIR; the
+    /// package build uses it (scripts/build-deb).
+    #[command(hide = true)]
+    Man {
+        #[arg(value_name = "DIR")]
+        dir: PathBuf,
     },
 }
 
@@ -165,7 +187,16 @@ fn main() -> ExitCode {
         Command::Leases { socket, json, name } => {
             cmd::leases::main(&socket.socket, name.as_deref(), json)
         }
+        #[cfg(target_os = "linux")]
+        Command::Metrics { socket } => cmd::metrics::main(&socket.socket),
         Command::CheckConfig { config_dir } => cmd::check_config::main(&config_dir),
+        Command::Completions { shell } => {
+            let mut out = Vec::new();
+            clap_complete::generate(shell, &mut Cli::command(), "vmnet-broker", &mut out);
+            cmd::write_stdout(format_args!("{}", String::from_utf8_lossy(&out)));
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Man { dir } => cmd::man::write_all(Cli::command(), &dir),
     };
     match result {
         Ok(code) => code,

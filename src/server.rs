@@ -12,6 +12,7 @@ pub use crate::answers::{network_info, status_reply, wire_error};
 use crate::backend::Backend;
 use crate::config::ConfigDir;
 use crate::inspect;
+use crate::metrics;
 use crate::policy::Peer;
 use crate::protocol::{BrokerError, ForwardInfo, MAX_MESSAGE, Mac, Reply, Request};
 use crate::registry::{ClientId, Registry, RegistryError};
@@ -78,11 +79,105 @@ async fn inspect_reply<B: Backend>(
                     let list = inspect::leases_reply(l, std::time::SystemTime::now());
                     Reply::Leases(list.fit(MAX_MESSAGE))
                 }),
-            Request::Acquire { .. } | Request::Status | Request::Forward(_) => {
+            Request::Acquire { .. } | Request::Status | Request::Forward(_) | Request::Metrics => {
                 unreachable!("only list, show and leases come here")
             }
         };
     result.unwrap_or_else(|e| Reply::Error(wire_error(&e)))
+}
+
+/// The broker's metrics now: the process's counters and what the registry holds, as
+/// OpenMetrics text (`metrics` request, `serve --metrics-file`).
+pub async fn metrics_text<B: Backend>(registry: &Registry<B>) -> String {
+    // Every network: the scrape is the operator's view, as `status` is.
+    let root = Peer {
+        pid: 0,
+        uid: 0,
+        gid: 0,
+        groups: None,
+    };
+    let mut leases = std::collections::BTreeMap::<String, u64>::new();
+    match registry.leases(&root, None).await {
+        Ok(list) => {
+            for l in list {
+                *leases.entry(l.network).or_default() += 1;
+            }
+        }
+        Err(e) => warn!("metrics: cannot list leases: {}", crate::error::chain(&e)),
+    }
+    let views = registry.networks(&root, None).await.unwrap_or_else(|e| {
+        warn!("metrics: cannot list networks: {}", crate::error::chain(&e));
+        vec![]
+    });
+    let networks = views
+        .into_iter()
+        .filter_map(|v| {
+            // Only networks that exist; a defined one has nothing to count.
+            let details = v.details?;
+            let pool_size = if v.config.dhcp {
+                crate::dhcp::pool_size(
+                    details.subnet,
+                    details.gateway,
+                    v.config.dhcp_range.as_ref(),
+                    &v.config.dhcp_reservations,
+                ) as u64
+            } else {
+                0
+            };
+            Some(metrics::NetworkGauges {
+                leases: leases.get(&v.name).copied().unwrap_or(0),
+                clients: v.clients as u64,
+                taps: v.taps.len() as u64,
+                pool_size,
+                forwards: 0,
+                name: v.name,
+            })
+        })
+        .collect();
+    let clients = registry.status().await.clients.len() as u64;
+    metrics::render(
+        metrics::counters(),
+        &metrics::Snapshot { networks, clients },
+    )
+}
+
+/// Rewrites `path` with the metrics every `period`, atomically (a temporary file renamed
+/// over it), for node-exporter's textfile collector. Runs until the server stops.
+pub async fn write_metrics_file<B: Backend>(
+    registry: Arc<Registry<B>>,
+    path: PathBuf,
+    period: Duration,
+) {
+    let mut tick = tokio::time::interval(period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut warned = false;
+    loop {
+        tick.tick().await;
+        let text = metrics_text(&registry).await;
+        let target = path.clone();
+        let written = tokio::task::spawn_blocking(move || write_atomically(&target, &text)).await;
+        match written {
+            Ok(Ok(())) => warned = false,
+            // Once per run of failures: a full disk would otherwise log every few seconds.
+            Ok(Err(e)) if !warned => {
+                warned = true;
+                warn!("cannot write the metrics file {}: {e}", path.display());
+            }
+            _ => {}
+        }
+    }
+}
+
+/// Writes `text` to a temporary file next to `path`, then renames it over `path`: a
+/// reader sees the old or the new file, never half of one.
+fn write_atomically(path: &Path, text: &str) -> std::io::Result<()> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    std::fs::write(&tmp, text)?;
+    // Readable by the node exporter whatever the broker's umask.
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o644))?;
+    std::fs::rename(&tmp, path)
 }
 
 /// Why the server could not start.
@@ -659,17 +754,29 @@ async fn respond<B: Backend<Endpoint: AsFd>>(
     peer: &Peer,
     request: Result<Request, BrokerError>,
 ) -> std::io::Result<()> {
+    let what = match &request {
+        Ok(Request::Acquire { .. }) => "acquire",
+        Ok(Request::Status) => "status",
+        Ok(Request::List) => "list",
+        Ok(Request::Show { .. }) => "show",
+        Ok(Request::Leases { .. }) => "leases",
+        Ok(Request::Metrics) => "metrics",
+        Ok(Request::Forward(_)) => "forward",
+        Err(_) => "invalid",
+    };
     let reply = match request {
         Err(e) => {
             warn!(
                 client,
-                pid = peer.pid,
-                uid = peer.uid,
+                client_pid = peer.pid,
+                client_uid = peer.uid,
+                error_code = e.code.code(),
                 "bad request: {}",
                 e.message
             );
             Reply::Error(e)
         }
+        Ok(Request::Metrics) => Reply::Metrics(metrics_text(registry).await),
         Ok(Request::Status) => {
             Reply::Status(status_reply(registry.status_excluding(client).await).fit(MAX_MESSAGE))
         }
@@ -698,6 +805,19 @@ async fn respond<B: Backend<Endpoint: AsFd>>(
                     // this acquire created it) instead of removing it as unknown. One
                     // state write covers every acquire published meanwhile.
                     registry.flush_state().await;
+                    metrics::counters()
+                        .acquires
+                        .get_or_create(&metrics::network(&network_name))
+                        .inc();
+                    // Field names become journald fields (NETWORK=, CLIENT_PID=, ...).
+                    info!(
+                        client,
+                        network = %network_name,
+                        client_pid = peer.pid,
+                        client_uid = peer.uid,
+                        interface = %acquired.attachment.id,
+                        "acquired"
+                    );
                     let bytes = Reply::Network(network_info(&acquired)).to_bytes();
                     let mut space = [0u8; 64];
                     let fds = [acquired.attachment.endpoint.as_fd()];
@@ -711,9 +831,30 @@ async fn respond<B: Backend<Endpoint: AsFd>>(
                     // The endpoint drops here: the client now holds the only copy.
                     return Ok(());
                 }
-                Err(e) => Reply::Error(wire_error(&e)),
+                Err(e) => {
+                    let wire = wire_error(&e);
+                    warn!(
+                        client,
+                        network = %network_name,
+                        client_pid = peer.pid,
+                        client_uid = peer.uid,
+                        error_code = wire.code.code(),
+                        "acquire refused: {}",
+                        wire.message
+                    );
+                    Reply::Error(wire)
+                }
             }
         }
     };
+    if let Reply::Error(e) = &reply {
+        metrics::counters()
+            .errors
+            .get_or_create(&vec![
+                ("code", e.code.code().to_string()),
+                ("request", what.to_string()),
+            ])
+            .inc();
+    }
     socket.send(&reply.to_bytes()).await.map(drop)
 }

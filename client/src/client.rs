@@ -58,6 +58,7 @@ fn unexpected(reply: &Reply, request: &str) -> BrokerError {
         Reply::Show(_) => "show",
         Reply::Leases(_) => "leases",
         Reply::Forward(_) => "forward",
+        Reply::Metrics(_) => "metrics",
         Reply::Error(_) => "error",
     };
     BrokerError::new(
@@ -217,6 +218,15 @@ impl Client {
             Reply::Forward(f) => Ok(f),
             Reply::Error(e) => Err(e),
             other => Err(unexpected(&other, "a forward request")),
+        }
+    }
+
+    /// The broker's metrics as OpenMetrics text (docs/protocol.md, `metrics`).
+    pub fn metrics(&self) -> Result<String, BrokerError> {
+        match self.call(&Request::Metrics)?.0 {
+            Reply::Metrics(text) => Ok(text),
+            Reply::Error(e) => Err(e),
+            other => Err(unexpected(&other, "a metrics request")),
         }
     }
 

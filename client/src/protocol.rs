@@ -149,6 +149,8 @@ pub enum Request {
     /// caller's TAP `interface` on `network_name`, for as long as the connection and the
     /// TAP live (`forward`).
     Forward(ForwardSpec),
+    /// The broker's counters and gauges as OpenMetrics text (`metrics`).
+    Metrics,
 }
 
 /// What a `forward` request asks for, and what its reply confirms.
@@ -302,6 +304,7 @@ impl Request {
                 }))
             }
             "list" => Ok(Request::List),
+            "metrics" => Ok(Request::Metrics),
             "show" => Ok(Request::Show {
                 network_name: required_name(&obj)?,
             }),
@@ -344,6 +347,7 @@ impl Request {
                 "interface": f.interface,
             }),
             Request::List => serde_json::json!({"command": "list"}),
+            Request::Metrics => serde_json::json!({"command": "metrics"}),
             Request::Show { network_name } => {
                 serde_json::json!({"command": "show", "network_name": network_name})
             }
@@ -672,6 +676,8 @@ pub enum Reply {
     Show(NetworkDetail),
     Leases(LeaseList),
     Forward(ForwardInfo),
+    /// OpenMetrics text exposition, ending with `# EOF`.
+    Metrics(String),
     Error(BrokerError),
 }
 
@@ -684,6 +690,7 @@ impl Reply {
             Reply::Show(d) => serde_json::json!({ "show": d }),
             Reply::Leases(l) => serde_json::json!({ "leases": l }),
             Reply::Forward(f) => serde_json::json!({ "forward": f }),
+            Reply::Metrics(m) => serde_json::json!({ "metrics": m }),
             Reply::Error(e) => serde_json::json!({"error": e.code.code(), "message": e.message}),
         };
         serde_json::to_vec(&v).expect("a JSON value always serializes")
@@ -736,8 +743,14 @@ impl Reply {
                 .map(Reply::Forward)
                 .map_err(|e| bad(format!("malformed \"forward\": {e}")));
         }
+        if let Some(m) = obj.remove("metrics") {
+            return match m {
+                Value::String(text) => Ok(Reply::Metrics(text)),
+                _ => Err(bad("\"metrics\" is not a string".into())),
+            };
+        }
         Err(bad(
-            "reply has none of \"network\", \"status\", \"list\", \"show\", \"leases\", \"forward\" or \"error\"".into(),
+            "reply has none of \"network\", \"status\", \"list\", \"show\", \"leases\", \"forward\", \"metrics\" or \"error\"".into(),
         ))
     }
 }

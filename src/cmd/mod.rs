@@ -11,6 +11,9 @@ pub mod check_config;
 pub mod leases;
 #[cfg(target_os = "linux")]
 pub mod list;
+pub mod man;
+#[cfg(target_os = "linux")]
+pub mod metrics;
 #[cfg_attr(target_os = "macos", path = "macos/run.rs")]
 pub mod run;
 #[cfg_attr(target_os = "macos", path = "macos/serve.rs")]
@@ -63,15 +66,71 @@ pub fn seconds(what: &str, s: f64) -> std::result::Result<std::time::Duration, S
         .map_err(|_| format!("--{what} {s}: not a number of seconds"))
 }
 
-/// Sends `serve`'s logs to stderr, filtered by `--log-level` (colored on a terminal).
-pub fn init_logging(level: &str) -> std::result::Result<(), String> {
+/// Where and how `serve` logs (`--log-format`).
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    /// journald under systemd (JOURNAL_STREAM set), text otherwise.
+    Auto,
+    /// Lines of text on stderr (colored on a terminal).
+    Text,
+    /// One JSON object per line on stderr, with the event's fields.
+    Json,
+    /// journald's native protocol, each field its own journal field (NETWORK=, CLIENT_PID=...).
+    #[cfg(target_os = "linux")]
+    Journald,
+}
+
+/// Sends `serve`'s logs where `format` says, filtered by `--log-level`.
+pub fn init_logging(level: &str, format: LogFormat) -> std::result::Result<(), String> {
+    use tracing_subscriber::prelude::*;
     let filter = tracing_subscriber::EnvFilter::try_new(level)
         .map_err(|e| format!("--log-level {level:?}: {e}"))?;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    let registry = tracing_subscriber::registry().with(filter);
+    #[cfg(target_os = "linux")]
+    {
+        // systemd sets JOURNAL_STREAM when stdout or stderr go to the journal: fields then
+        // reach it as fields instead of text inside MESSAGE.
+        let journal = format == LogFormat::Journald
+            || (format == LogFormat::Auto && std::env::var_os("JOURNAL_STREAM").is_some());
+        if journal {
+            match tracing_journald::layer() {
+                // No prefix: `network` becomes NETWORK=, as journalctl matches are written.
+                Ok(layer) => {
+                    registry
+                        .with(
+                            layer
+                                .with_field_prefix(None)
+                                .with_syslog_identifier("vmnet-broker".into()),
+                        )
+                        .init();
+                    return Ok(());
+                }
+                Err(e) if format == LogFormat::Journald => {
+                    return Err(format!("--log-format journald: cannot reach journald: {e}"));
+                }
+                // Under systemd without a journal socket: text to stderr still gets logged.
+                Err(_) => {}
+            }
+        }
+    }
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    if format == LogFormat::Json {
+        registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .json()
+                    .with_writer(std::io::stderr),
+            )
+            .init();
+    } else {
+        registry
+            .with(
+                tracing_subscriber::fmt::layer()
+                    .with_writer(std::io::stderr)
+                    .with_ansi(ansi),
+            )
+            .init();
+    }
     Ok(())
 }
 

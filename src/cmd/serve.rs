@@ -48,6 +48,17 @@ pub struct Args {
     /// network namespaces of one machine).
     #[arg(long, env = "VMNET_BROKER_HOST_ID", value_name = "TEXT")]
     host_id: Option<String>,
+    /// auto: journald when started by systemd (JOURNAL_STREAM set), text otherwise.
+    #[arg(long, value_enum, default_value_t = super::LogFormat::Auto, value_name = "FORMAT")]
+    log_format: super::LogFormat,
+    /// Rewrite this file with the metrics (OpenMetrics text, as `vmnet-broker metrics`
+    /// prints) every --metrics-interval seconds, atomically: for node-exporter's textfile
+    /// collector (a *.prom file in its directory).
+    #[arg(long, value_name = "PATH")]
+    metrics_file: Option<PathBuf>,
+    /// Seconds between rewrites of --metrics-file.
+    #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
+    metrics_interval: f64,
 }
 
 /// The text this host's identity derives from: `--host-id`, else /etc/machine-id, else
@@ -107,9 +118,13 @@ fn raise_open_file_limit() {
 pub fn main(args: Args) -> super::Result {
     // First, before anything opens a file: the fds the service manager passed start at 3.
     let passed = vmnet_broker::systemd::passed_fds().map_err(|e| vmnet_broker::error::chain(&e))?;
-    super::init_logging(&args.log_level)?;
+    super::init_logging(&args.log_level, args.log_format)?;
     raise_open_file_limit();
     let idle = super::seconds("idle-timeout", args.idle_timeout)?;
+    let metrics_interval = super::seconds("metrics-interval", args.metrics_interval)?;
+    if metrics_interval.is_zero() {
+        return Err("--metrics-interval must be more than 0 seconds".into());
+    }
     let exit_on_idle = args
         .exit_on_idle
         .map(|s| super::seconds("exit-on-idle", s))
@@ -169,6 +184,9 @@ pub fn main(args: Args) -> super::Result {
         let adopted = registry.adopt(recorded.networks, clients).await;
         if !adopted.is_empty() {
             info!(networks = ?adopted, "adopted the previous broker's networks");
+            let counters = vmnet_broker::metrics::counters();
+            counters.restarts_with_adoption.inc();
+            counters.adopted_networks.inc_by(adopted.len() as u64);
         }
         // Leftovers of a crashed broker only get in the way of the networks they
         // belonged to (and those are reported when created): not a reason not to serve.
@@ -179,6 +197,14 @@ pub fn main(args: Args) -> super::Result {
             );
         }
         registry.persist(state_dir);
+        // Ends with the runtime, when serving is over.
+        if let Some(path) = args.metrics_file {
+            tokio::spawn(vmnet_broker::server::write_metrics_file(
+                std::sync::Arc::clone(&registry),
+                path,
+                metrics_interval,
+            ));
+        }
         serve(
             std::sync::Arc::clone(&registry),
             ServerOptions {

@@ -17,6 +17,17 @@ use std::time::SystemTime;
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
+/// Addresses in the dynamic pool of a network with this subnet, gateway, range and
+/// reservations: what its DHCP server can hand out (for the pool-use metric).
+pub fn pool_size(
+    subnet: Ipv4Net,
+    gateway: Ipv4Addr,
+    range: Option<&DhcpRange>,
+    reservations: &[Reservation],
+) -> usize {
+    leases::LeaseStore::new(subnet, gateway, range, reservations).pool_size()
+}
+
 /// What one network's DHCP server serves.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct DhcpConfig {

@@ -427,6 +427,10 @@ impl Shared {
     /// Decides about one raw query without waiting for anything: local answers are
     /// immediate, so they never queue behind slow upstreams.
     fn prepare(&self, pkt: &[u8], tcp: bool, peer: SocketAddr) -> Action {
+        crate::metrics::counters()
+            .dns_queries
+            .get_or_create(&crate::metrics::network(&self.network))
+            .inc();
         let names = self.names.borrow().clone();
         prepare(pkt, tcp, peer, &self.network, &self.domain, &names)
     }
@@ -444,6 +448,10 @@ impl Shared {
         match forward::forward(pkt, &ups, tcp, &self.network).await {
             Some(answer) => Some(answer),
             None => {
+                crate::metrics::counters()
+                    .dns_upstream_failures
+                    .get_or_create(&crate::metrics::network(&self.network))
+                    .inc();
                 tracing::debug!(network = %self.network, %peer, "no upstream DNS answered, SERVFAIL");
                 servfail(req, tcp)
             }

@@ -37,7 +37,7 @@ pub struct Args {
 }
 
 pub fn main(args: Args) -> super::Result {
-    super::init_logging(&args.log_level)?;
+    super::init_logging(&args.log_level, super::LogFormat::Auto)?;
     let idle = super::seconds("idle-timeout", args.idle_timeout)?;
     let exit_on_idle = super::seconds("exit-on-idle", args.exit_on_idle)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -91,7 +91,9 @@ impl Inner {
             return Ok(());
         }
         warn!("firewall rules were removed (flushed?), restored");
-        self.restore().await
+        self.restore().await?;
+        crate::metrics::counters().firewall_restores.inc();
+        Ok(())
     }
 }
 
