@@ -609,7 +609,7 @@ impl<B: Backend> Registry<B> {
                         .map(|(n, e)| (n, EndpointId(e)))
                         .collect::<Vec<_>>()
                 };
-                info!(client = c.id, pid = c.pid, uid = c.uid, networks = ?c.networks, "client restored from the previous broker");
+                info!(client = c.id, client_pid = c.pid, client_uid = c.uid, networks = ?c.networks, "client restored from the previous broker");
                 st.clients.insert(
                     c.id,
                     Client {
@@ -885,8 +885,8 @@ impl<B: Backend> Registry<B> {
                 .count();
             if open >= MAX_CONNECTIONS_PER_UID {
                 warn!(
-                    pid = peer.pid,
-                    uid = peer.uid,
+                    client_pid = peer.pid,
+                    client_uid = peer.uid,
                     "connection refused: {open} open"
                 );
                 return Err(RegistryError::TooManyConnections {
@@ -909,8 +909,8 @@ impl<B: Backend> Registry<B> {
         );
         info!(
             client = id,
-            pid = peer.pid,
-            uid = peer.uid,
+            client_pid = peer.pid,
+            client_uid = peer.uid,
             clients = st.clients.len(),
             "client connected"
         );
@@ -945,9 +945,11 @@ impl<B: Backend> Registry<B> {
             let peer = self.lock().clients.get(&client).map(|c| c.peer.clone());
             warn!(
                 client,
-                pid = peer.as_ref().map(|p| p.pid),
-                uid = peer.as_ref().map(|p| p.uid),
+                client_pid = peer.as_ref().map(|p| p.pid),
+                client_uid = peer.as_ref().map(|p| p.uid),
                 network = name,
+                // The protocol's code (docs/protocol.md), journald's ERROR_CODE=.
+                error_code = crate::answers::wire_error(e).code.code(),
                 "acquire refused: {}",
                 chain(e)
             );
@@ -1298,8 +1300,8 @@ impl<B: Backend> Registry<B> {
         }
         info!(
             client,
-            pid = peer.pid,
-            uid = peer.uid,
+            client_pid = peer.pid,
+            client_uid = peer.uid,
             network = name,
             endpoint = %attachment.id,
             mac = %Mac::from(request.mac),
@@ -1526,8 +1528,8 @@ impl<B: Backend> Registry<B> {
                 net.clients.remove(&client);
                 info!(
                     client,
-                    pid = c.peer.pid,
-                    uid = c.peer.uid,
+                    client_pid = c.peer.pid,
+                    client_uid = c.peer.uid,
                     network = %name,
                     network_clients = net.clients.len(),
                     "network released"
@@ -1536,8 +1538,8 @@ impl<B: Backend> Registry<B> {
             }
             info!(
                 client,
-                pid = c.peer.pid,
-                uid = c.peer.uid,
+                client_pid = c.peer.pid,
+                client_uid = c.peer.uid,
                 clients = st.clients.len(),
                 "client disconnected"
             );

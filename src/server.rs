@@ -809,15 +809,6 @@ async fn respond<B: Backend<Endpoint: AsFd>>(
                         .acquires
                         .get_or_create(&metrics::network(&network_name))
                         .inc();
-                    // Field names become journald fields (NETWORK=, CLIENT_PID=, ...).
-                    info!(
-                        client,
-                        network = %network_name,
-                        client_pid = peer.pid,
-                        client_uid = peer.uid,
-                        interface = %acquired.attachment.id,
-                        "acquired"
-                    );
                     let bytes = Reply::Network(network_info(&acquired)).to_bytes();
                     let mut space = [0u8; 64];
                     let fds = [acquired.attachment.endpoint.as_fd()];
@@ -831,19 +822,8 @@ async fn respond<B: Backend<Endpoint: AsFd>>(
                     // The endpoint drops here: the client now holds the only copy.
                     return Ok(());
                 }
-                Err(e) => {
-                    let wire = wire_error(&e);
-                    warn!(
-                        client,
-                        network = %network_name,
-                        client_pid = peer.pid,
-                        client_uid = peer.uid,
-                        error_code = wire.code.code(),
-                        "acquire refused: {}",
-                        wire.message
-                    );
-                    Reply::Error(wire)
-                }
+                // The registry logged why, with the network and the client.
+                Err(e) => Reply::Error(wire_error(&e)),
             }
         }
     };

@@ -431,7 +431,7 @@ fn contrib_units_pass_systemd_analyze_verify() {
         let text = std::fs::read_to_string(contrib.join(unit)).unwrap();
         std::fs::write(
             dir.path().join(unit),
-            text.replace("/usr/local/bin/vmnet-broker", BIN),
+            text.replace("/usr/bin/vmnet-broker", BIN),
         )
         .unwrap();
     }

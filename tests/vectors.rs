@@ -62,6 +62,7 @@ fn inspection(command: &str, r: &Value) -> Request {
             network_name: name.expect("show names a network"),
         },
         "leases" => Request::Leases { network_name: name },
+        "metrics" => Request::Metrics,
         other => panic!("unknown command {other}"),
     }
 }
@@ -162,6 +163,9 @@ fn parses_replies_as_the_vectors_say() {
         } else if let Some(f) = expect.get("forward") {
             let want: ForwardInfo = serde_json::from_value(f.clone()).unwrap();
             assert_eq!(got, Reply::Forward(want), "{what}");
+        } else if let Some(m) = expect.get("metrics") {
+            let want = m.as_str().expect("metrics is a string").to_string();
+            assert_eq!(got, Reply::Metrics(want), "{what}");
         } else {
             let Reply::Error(e) = got else {
                 panic!("{what}: expected an error, got {got:?}")

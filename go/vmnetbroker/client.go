@@ -153,6 +153,11 @@ func forwardRequest(network, protocol string, external, internal uint16, iface s
 	})
 }
 
+// metricsRequest asks for the broker's OpenMetrics text.
+func metricsRequest() []byte {
+	return encodeRequest(map[string]string{"command": "metrics"})
+}
+
 // leasesRequest asks for the leases of name, or of every network when name is "".
 func leasesRequest(name string) []byte {
 	req := map[string]string{"command": "leases"}
@@ -260,6 +265,18 @@ func (c *Client) Forward(network, protocol string, external, internal uint16, if
 		return nil, invalidReply("unexpected reply to forward")
 	}
 	return r.forward, nil
+}
+
+// Metrics asks for the broker's metrics as OpenMetrics text (ending with "# EOF").
+func (c *Client) Metrics() (string, error) {
+	r, err := c.ask(metricsRequest())
+	if err != nil {
+		return "", err
+	}
+	if r.metrics == nil {
+		return "", invalidReply("unexpected reply to metrics")
+	}
+	return *r.metrics, nil
 }
 
 func closeAll(fds []int) {

@@ -153,6 +153,7 @@ type reply struct {
 	show    *NetworkDetail
 	leases  *LeaseList
 	forward *Forward
+	metrics *string
 	err     *Error
 }
 
@@ -238,7 +239,14 @@ func parseReply(b []byte) (*reply, *Error) {
 		}
 		return &reply{forward: &fw}, nil
 	}
-	return nil, invalidReply("reply has none of \"network\", \"status\", \"list\", \"show\", \"leases\", \"forward\" or \"error\"")
+	if raw, ok := top["metrics"]; ok {
+		var m string
+		if err := json.Unmarshal(raw, &m); err != nil {
+			return nil, invalidReply("\"metrics\" is not a string")
+		}
+		return &reply{metrics: &m}, nil
+	}
+	return nil, invalidReply("reply has none of \"network\", \"status\", \"list\", \"show\", \"leases\", \"forward\", \"metrics\" or \"error\"")
 }
 
 type fields map[string]json.RawMessage

@@ -82,6 +82,8 @@ func TestEncodeRequestVectors(t *testing.T) {
 		case "forward":
 			got = forwardRequest(s("network_name"), s("protocol"), port("external_port"),
 				port("internal_port"), s("interface"))
+		case "metrics":
+			got = metricsRequest()
 		default:
 			t.Fatalf("unknown command in %s", tc.Description)
 		}
@@ -123,6 +125,7 @@ func TestReplyVectors(t *testing.T) {
 			Show    *NetworkDetail `json:"show"`
 			Leases  *LeaseList     `json:"leases"`
 			Forward *Forward       `json:"forward"`
+			Metrics *string        `json:"metrics"`
 			Error   *int64         `json:"error"`
 			Message string         `json:"message"`
 		}
@@ -153,6 +156,10 @@ func TestReplyVectors(t *testing.T) {
 		case want.Forward != nil:
 			if !reflect.DeepEqual(r.forward, want.Forward) {
 				t.Errorf("%s: got %+v, want %+v", tc.Description, r.forward, want.Forward)
+			}
+		case want.Metrics != nil:
+			if r.metrics == nil || *r.metrics != *want.Metrics {
+				t.Errorf("%s: got %v, want %q", tc.Description, r.metrics, *want.Metrics)
 			}
 		default:
 			if r.err == nil || int64(r.err.Code) != *want.Error || r.err.Message != want.Message {

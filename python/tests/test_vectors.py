@@ -36,6 +36,8 @@ def test_encode_requests(vectors):
         elif r["command"] == "forward":
             got = vb.encode_forward(r["network_name"], r["protocol"], r["external_port"],
                                     r["internal_port"], r["interface"])
+        elif r["command"] == "metrics":
+            got = vb.encode_metrics()
         else:
             got = vb.encode_status()
         assert got == t["bytes"].encode(), t["description"]

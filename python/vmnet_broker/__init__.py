@@ -160,6 +160,10 @@ def encode_list():
     return _encode({"command": "list"})
 
 
+def encode_metrics():
+    return _encode({"command": "metrics"})
+
+
 def encode_show(name):
     return _encode({"command": "show", "network_name": name})
 
@@ -284,7 +288,7 @@ def _parse_leases(value):
 
 def parse_reply(data):
     """Parses a reply into ("network", dict), ("status", dict), ("list", dict),
-    ("show", dict), ("leases", dict) or ("error", BrokerError).
+    ("show", dict), ("leases", dict), ("metrics", str) or ("error", BrokerError).
     Unknown fields are dropped; anything malformed raises InvalidReply."""
     try:
         obj = json.loads(data.decode("utf-8"))
@@ -317,9 +321,11 @@ def parse_reply(data):
             if not isinstance(obj[kind], dict):
                 raise InvalidReply(message="%s is not an object" % kind)
             return kind, parse(obj[kind])
+    if "metrics" in obj:
+        return "metrics", _check(obj["metrics"], str, "metrics")
     raise InvalidReply(
-        message='reply has none of "network", "status", "list", "show", "leases", "forward" '
-                'or "error"')
+        message='reply has none of "network", "status", "list", "show", "leases", "forward", '
+                '"metrics" or "error"')
 
 
 class Network:
@@ -461,6 +467,10 @@ class Client:
         below 1024 need root; a taken port raises PortInUse."""
         return self._ask(encode_forward(network, protocol, external_port, internal_port,
                                         interface), "forward")
+
+    def metrics(self):
+        """The broker's metrics as OpenMetrics text (ends with ``# EOF``)."""
+        return self._ask(encode_metrics(), "metrics")
 
     def _call(self, request):
         with self._lock:
