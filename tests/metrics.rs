@@ -44,13 +44,23 @@ fn metrics_count_acquires_errors_and_what_exists() {
     assert_eq!(e.code.code(), 5);
 
     let out = b.cli(&["metrics"]).output().unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let text = String::from_utf8(out.stdout).unwrap();
     assert!(text.ends_with("# EOF\n"), "{text}");
     let expect = [
         ("vmnet_broker_acquires_total{network=\"shared\"}", 1.0),
-        ("vmnet_broker_errors_total{code=\"4\",request=\"invalid\"}", 1.0),
-        ("vmnet_broker_errors_total{code=\"5\",request=\"acquire\"}", 1.0),
+        (
+            "vmnet_broker_errors_total{code=\"4\",request=\"invalid\"}",
+            1.0,
+        ),
+        (
+            "vmnet_broker_errors_total{code=\"5\",request=\"acquire\"}",
+            1.0,
+        ),
         ("vmnet_broker_networks", 1.0),
         ("vmnet_broker_network_clients{network=\"shared\"}", 1.0),
         ("vmnet_broker_taps{network=\"shared\"}", 1.0),

@@ -1033,6 +1033,13 @@ mod tests {
             mac: "52:54:00:00:00:01".into(),
         });
         assert_eq!(Reply::parse(&net.to_bytes()).unwrap(), net);
+        let metrics = Reply::Metrics("vmnet_broker_networks 1\n# EOF\n".into());
+        assert_eq!(Reply::parse(&metrics.to_bytes()).unwrap(), metrics);
+        assert_eq!(
+            Request::parse(br#"{"command":"metrics"}"#).unwrap(),
+            Request::Metrics
+        );
+        assert_eq!(Request::Metrics.to_bytes(), br#"{"command":"metrics"}"#);
         for (mac, persistent) in [
             (None, false),
             (Some(Mac::new([0x52, 0x54, 0, 1, 2, 3])), true),
