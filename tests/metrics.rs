@@ -1,9 +1,11 @@
-//! `metrics` (issue 15): the real broker in a namespace of its own counts acquires and
-//! errors, reports its networks, clients and TAPs as OpenMetrics text to the CLI and the
-//! Rust client, rewrites `--metrics-file`, and logs JSON lines whose fields are those
-//! journald gets (NETWORK=, CLIENT_PID=, CLIENT_UID=, ERROR_CODE=).
+//! `metrics` and logs (issue 15): the real broker in a namespace of its own counts
+//! acquires and errors, reports its networks, clients and TAPs as OpenMetrics text to the
+//! CLI and the Rust client, rewrites `--metrics-file`, and logs JSON lines whose fields
+//! are those journald gets (NETWORK=, CLIENT_PID=, CLIENT_UID=, ERROR_CODE=). Under
+//! `JOURNAL_STREAM` it speaks journald's native protocol to a journal socket this test
+//! owns (bind-mounted over /run/systemd/journal in a mount namespace of the broker's own).
 //!
-//! Needs root, `ip` and `nft`.
+//! Needs root, `ip`, `nft` and `unshare`.
 #![cfg(target_os = "linux")]
 
 #[path = "support/netns.rs"]
@@ -12,8 +14,11 @@ mod netns;
 mod support;
 
 use serde_json::Value;
-use std::time::Duration;
-use support::{Broker, Options};
+use std::collections::BTreeMap;
+use std::os::unix::net::UnixDatagram;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use support::{BIN, Broker, Netns, Options};
 
 /// The value of the sample named exactly `name` (with its labels), if present.
 fn sample(text: &str, name: &str) -> Option<f64> {
@@ -127,4 +132,144 @@ fn metrics_count_acquires_errors_and_what_exists() {
     drop(held);
     drop(client);
     b.stop();
+}
+
+/// One journald native-protocol datagram as fields: `KEY=value\n`, or for a value with a
+/// line break `KEY\n`, its length as a little-endian u64, the value and `\n`.
+fn journal_fields(mut d: &[u8]) -> BTreeMap<String, String> {
+    let mut out = BTreeMap::new();
+    while !d.is_empty() {
+        let nl = d
+            .iter()
+            .position(|&b| b == b'\n')
+            .expect("a field ends in a newline");
+        let line = &d[..nl];
+        if let Some(eq) = line.iter().position(|&b| b == b'=') {
+            out.insert(
+                String::from_utf8_lossy(&line[..eq]).into_owned(),
+                String::from_utf8_lossy(&line[eq + 1..]).into_owned(),
+            );
+            d = &d[nl + 1..];
+        } else {
+            let key = String::from_utf8_lossy(line).into_owned();
+            let len = u64::from_le_bytes(d[nl + 1..nl + 9].try_into().unwrap()) as usize;
+            let value = &d[nl + 9..nl + 9 + len];
+            out.insert(key, String::from_utf8_lossy(value).into_owned());
+            d = &d[nl + 9 + len + 1..];
+        }
+    }
+    out
+}
+
+#[test]
+fn under_systemd_fields_go_to_journald() {
+    netns::require("unshare", "util-linux");
+    netns::require("nft", "nftables");
+    let ns = Netns::new("journal");
+    let dir = tempfile::Builder::new().prefix("vmnbt-").tempdir().unwrap();
+    let journal = dir.path().join("journal");
+    std::fs::create_dir_all(&journal).unwrap();
+    let sink = UnixDatagram::bind(journal.join("socket")).unwrap();
+    // Read at once, as journald does: a unix datagram queue holds a few messages only, and
+    // a full one blocks the broker's logging (and so the broker).
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = vec![0u8; 65536];
+        while let Ok(n) = sink.recv(&mut buf) {
+            if tx.send(journal_fields(&buf[..n])).is_err() {
+                break;
+            }
+        }
+    });
+    let socket = dir.path().join("broker.sock");
+    let log_path = dir.path().join("stderr.log");
+    for d in ["config", "state"] {
+        std::fs::create_dir_all(dir.path().join(d)).unwrap();
+    }
+    std::fs::write(dir.path().join("resolv.conf"), "nameserver 127.0.0.1\n").unwrap();
+    let log = std::fs::File::create(&log_path).unwrap();
+    // unshare, sh and ip netns exec all exec: the child's pid is the broker's. The tmpfs
+    // hides this machine's /run/systemd from the broker only.
+    let mut child = Command::new("unshare")
+        .args(["--mount", "--propagation", "private", "sh", "-c"])
+        .arg(
+            r#"mount -t tmpfs tmpfs /run/systemd && mkdir /run/systemd/journal &&
+               mount --bind "$0" /run/systemd/journal && exec "$@""#,
+        )
+        .arg(&journal)
+        .args(["ip", "netns", "exec", &ns.name, BIN, "serve", "--socket"])
+        .arg(&socket)
+        .arg("--config-dir")
+        .arg(dir.path().join("config"))
+        .arg("--state-dir")
+        .arg(dir.path().join("state"))
+        .arg("--resolv-conf")
+        .arg(dir.path().join("resolv.conf"))
+        // What systemd sets when stderr is the journal: the default --log-format (auto)
+        // then logs to journald.
+        .env("JOURNAL_STREAM", "8:12345")
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().unwrap())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    support::wait_listening(&socket, &mut child, &log_path);
+    let client = vmnet_broker::client::Client::connect(&socket).unwrap();
+    let held = client.acquire("shared").unwrap();
+    assert_eq!(client.acquire("nope").unwrap_err().code.code(), 5);
+
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let want = |seen: &[BTreeMap<String, String>], message: &str| {
+        seen.iter()
+            .find(|f| f.get("MESSAGE").is_some_and(|m| m.starts_with(message)))
+            .cloned()
+    };
+    while want(&seen, "acquire refused").is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "no refusal in the journal: {seen:?}"
+        );
+        if let Ok(fields) = rx.recv_timeout(Duration::from_secs(1)) {
+            seen.push(fields);
+        }
+    }
+    let acquired = want(&seen, "network acquired").expect("the acquire is logged");
+    assert_eq!(acquired["NETWORK"], "shared", "{acquired:?}");
+    assert_eq!(acquired["CLIENT_PID"], std::process::id().to_string());
+    assert_eq!(acquired["CLIENT_UID"], "0");
+    assert_eq!(acquired["SYSLOG_IDENTIFIER"], "vmnet-broker");
+    let refused = want(&seen, "acquire refused").unwrap();
+    assert_eq!(refused["NETWORK"], "nope", "{refused:?}");
+    assert_eq!(refused["ERROR_CODE"], "5", "{refused:?}");
+    // Nothing went to stderr: the journal got it all.
+    let stderr = std::fs::read_to_string(&log_path).unwrap();
+    assert!(!stderr.contains("network acquired"), "{stderr}");
+
+    drop(held);
+    drop(client);
+    // SIGTERM is ignored while a client is connected: wait for the broker to have seen
+    // every connection (ours and wait_listening's probes) close.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let count = |seen: &[BTreeMap<String, String>], message: &str| {
+        seen.iter()
+            .filter(|f| f.get("MESSAGE").is_some_and(|m| m == message))
+            .count()
+    };
+    while count(&seen, "client disconnected") < count(&seen, "client connected") {
+        assert!(
+            Instant::now() < deadline,
+            "no disconnect in the journal: {seen:?}"
+        );
+        if let Ok(fields) = rx.recv_timeout(Duration::from_secs(1)) {
+            seen.push(fields);
+        }
+    }
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
+    let status = child.wait().unwrap();
+    assert!(status.success(), "{status}");
 }
