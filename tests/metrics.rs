@@ -188,6 +188,13 @@ fn under_systemd_fields_go_to_journald() {
     }
     std::fs::write(dir.path().join("resolv.conf"), "nameserver 127.0.0.1\n").unwrap();
     let log = std::fs::File::create(&log_path).unwrap();
+    // What systemd sets when stderr is the journal stream: its device and inode. The
+    // default --log-format (auto) then logs to journald.
+    let journal_stream = {
+        use std::os::unix::fs::MetadataExt;
+        let m = log.metadata().unwrap();
+        format!("{}:{}", m.dev(), m.ino())
+    };
     // unshare, sh and ip netns exec all exec: the child's pid is the broker's. The tmpfs
     // hides this machine's /run/systemd from the broker only.
     let mut child = Command::new("unshare")
@@ -205,9 +212,7 @@ fn under_systemd_fields_go_to_journald() {
         .arg(dir.path().join("state"))
         .arg("--resolv-conf")
         .arg(dir.path().join("resolv.conf"))
-        // What systemd sets when stderr is the journal: the default --log-format (auto)
-        // then logs to journald.
-        .env("JOURNAL_STREAM", "8:12345")
+        .env("JOURNAL_STREAM", &journal_stream)
         .stdin(Stdio::null())
         .stdout(log.try_clone().unwrap())
         .stderr(log)

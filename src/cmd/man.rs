@@ -67,7 +67,7 @@ const FILES: &str = ".TP\n/run/vmnet\\-broker/vmnet\\-broker.sock\nThe broker's 
 
 const ENVIRONMENT: &str = ".TP\nVMNET_BROKER_SOCKET\nThe socket, instead of the default.\n\
     .TP\nVMNET_BROKER_LOG\n\\fBserve\\fR's log level or tracing filter.\n.TP\nJOURNAL_STREAM\n\
-    Set by systemd: \\fBserve\\fR then logs to journald with the fields NETWORK, CLIENT_PID, \
+    Set by systemd to stderr's device and inode when it is the journal: \\fBserve\\fR then logs to journald with the fields NETWORK, CLIENT_PID, \
     CLIENT_UID and ERROR_CODE (\\fBjournalctl \\-u vmnet\\-broker NETWORK=shared\\fR).\n";
 
 /// Renders one page: clap's sections, then ours.

@@ -69,7 +69,7 @@ pub fn seconds(what: &str, s: f64) -> std::result::Result<std::time::Duration, S
 /// Where and how `serve` logs (`--log-format`).
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum LogFormat {
-    /// journald under systemd (JOURNAL_STREAM set), text otherwise.
+    /// journald when stderr is systemd's journal stream (JOURNAL_STREAM), text otherwise.
     Auto,
     /// Lines of text on stderr (colored on a terminal).
     Text,
@@ -88,10 +88,10 @@ pub fn init_logging(level: &str, format: LogFormat) -> std::result::Result<(), S
     let registry = tracing_subscriber::registry().with(filter);
     #[cfg(target_os = "linux")]
     {
-        // systemd sets JOURNAL_STREAM when stdout or stderr go to the journal: fields then
-        // reach it as fields instead of text inside MESSAGE.
-        let journal = format == LogFormat::Journald
-            || (format == LogFormat::Auto && std::env::var_os("JOURNAL_STREAM").is_some());
+        // Under systemd with stderr on the journal, fields reach it as fields instead of
+        // text inside MESSAGE.
+        let journal =
+            format == LogFormat::Journald || (format == LogFormat::Auto && stderr_is_journal());
         if journal {
             match tracing_journald::layer() {
                 // No prefix: `network` becomes NETWORK=, as journalctl matches are written.
@@ -132,6 +132,26 @@ pub fn init_logging(level: &str, format: LogFormat) -> std::result::Result<(), S
             .init();
     }
     Ok(())
+}
+
+/// True when stderr is the journal stream systemd set up: JOURNAL_STREAM holds its
+/// `DEVICE:INODE`. A process whose stderr was redirected (a test harness, a pipe to a
+/// file) inherits the variable all the same, so it counts only when stderr is still that
+/// stream, as systemd.exec(5) advises.
+#[cfg(target_os = "linux")]
+fn stderr_is_journal() -> bool {
+    use std::os::fd::AsFd;
+    let Some(value) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = value.to_str().and_then(|v| v.split_once(':')) else {
+        return false;
+    };
+    let (Ok(dev), Ok(ino)) = (dev.parse::<libc::dev_t>(), ino.parse::<libc::ino_t>()) else {
+        return false;
+    };
+    nix::sys::stat::fstat(std::io::stderr().as_fd())
+        .is_ok_and(|st| st.st_dev == dev && st.st_ino == ino)
 }
 
 /// `acquire --hold`: waits for SIGINT or SIGTERM, so the caller releases what it holds

@@ -48,7 +48,7 @@ pub struct Args {
     /// network namespaces of one machine).
     #[arg(long, env = "VMNET_BROKER_HOST_ID", value_name = "TEXT")]
     host_id: Option<String>,
-    /// auto: journald when started by systemd (JOURNAL_STREAM set), text otherwise.
+    /// auto: journald when stderr is the journal stream systemd names in JOURNAL_STREAM, text otherwise.
     #[arg(long, value_enum, default_value_t = super::LogFormat::Auto, value_name = "FORMAT")]
     log_format: super::LogFormat,
     /// Rewrite this file with the metrics (OpenMetrics text, as `vmnet-broker metrics`
