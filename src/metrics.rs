@@ -36,7 +36,7 @@ pub struct Counters {
     pub restarts_with_adoption: Counter,
     /// Networks adopted from the previous broker at start.
     pub adopted_networks: Counter,
-    /// Port forwards added (none until the broker forwards ports).
+    /// Dynamic port forwards added by clients' `forward` requests.
     pub forwards: Family<Labels, Counter>,
 }
 
@@ -61,7 +61,7 @@ pub struct NetworkGauges {
     /// Current DHCP leases and the dynamic pool's size (0 without DHCP).
     pub leases: u64,
     pub pool_size: u64,
-    /// Port forwards in place.
+    /// Port forwards in place: the network file's and clients'.
     pub forwards: u64,
 }
 
@@ -115,7 +115,7 @@ pub fn render(counters: &Counters, snapshot: &Snapshot) -> String {
     );
     r.register(
         "forwards_added",
-        "Port forwards added, by network",
+        "Dynamic port forwards added (forward requests), by network",
         counters.forwards.clone(),
     );
     let networks = Gauge::<i64>::default();

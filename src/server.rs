@@ -129,7 +129,8 @@ pub async fn metrics_text<B: Backend>(registry: &Registry<B>) -> String {
                 clients: v.clients as u64,
                 taps: v.taps.len() as u64,
                 pool_size,
-                forwards: 0,
+                // Static (the network's file) and dynamic (clients' `forward` requests).
+                forwards: (v.config.port_forwarding_rules.len() + v.forwards.len()) as u64,
                 name: v.name,
             })
         })
@@ -784,9 +785,15 @@ async fn respond<B: Backend<Endpoint: AsFd>>(
             inspect_reply(registry, peer, request).await
         }
         Ok(Request::Forward(spec)) => match registry.forward(client, &spec).await {
-            Ok(address) => Reply::Forward(ForwardInfo {
-                spec,
-                internal_address: address.map(|a| a.to_string()),
+            Ok(address) => Reply::Forward({
+                metrics::counters()
+                    .forwards
+                    .get_or_create(&metrics::network(&spec.network_name))
+                    .inc();
+                ForwardInfo {
+                    spec,
+                    internal_address: address.map(|a| a.to_string()),
+                }
             }),
             Err(e) => Reply::Error(wire_error(&e)),
         },
