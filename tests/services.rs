@@ -17,16 +17,21 @@
 //! Needs root, `ip`, `nft`, `ss`, busybox, `dig` (dnsutils) and `dnsmasq` (dnsmasq-base).
 #![cfg(target_os = "linux")]
 
+#[path = "support/frames.rs"]
+mod frames;
 #[path = "support/netns.rs"]
 mod netns;
 #[path = "support/broker.rs"]
 mod support;
 
-use dhcproto::v4::{DhcpOption, Flags, Message, MessageType, OptionCode};
-use dhcproto::{Decodable, Encodable};
+use dhcproto::Encodable;
+use dhcproto::v4::{DhcpOption, Message, MessageType};
+use frames::{
+    BROADCAST, ETH_ARP, ETH_IPV4, Tap, arp, checksum, dhcp_frame_as, dhcp_reply, ethernet,
+    ipv4_udp, udp_payload_to,
+};
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, OwnedFd};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
@@ -205,91 +210,9 @@ fn dig(ns: &Netns, server: Ipv4Addr, args: &[&str]) -> Option<Vec<String>> {
 
 // ---- VMs on TAP fds -------------------------------------------------------------------
 
-const VNET_HDR: usize = 12;
-const BROADCAST: [u8; 6] = [0xff; 6];
-const ETH_ARP: u16 = 0x0806;
-const ETH_IPV4: u16 = 0x0800;
-
-/// The TAP fd of an acquire, used as the VM's NIC.
-struct Tap {
-    fd: OwnedFd,
-    mac: [u8; 6],
-}
-
+// The TAP fd and frame helpers shared with tests/vxlan.rs live in support/frames.rs;
+// these are the exchanges only this file's tests make.
 impl Tap {
-    fn new(a: Acquired) -> Tap {
-        Tap {
-            mac: parse_mac(&a.info.mac),
-            fd: a.fd,
-        }
-    }
-
-    /// Sends one Ethernet frame, behind the (all-zero: no offloads) virtio-net header.
-    fn send(&self, frame: &[u8]) {
-        let mut buf = vec![0u8; VNET_HDR];
-        buf.extend_from_slice(frame);
-        // SAFETY: write(2) reads at most buf.len() bytes from `buf`, an initialized slice
-        // that long, borrowed for the call; `self.fd` is open for as long as `self`.
-        let n = unsafe { libc::write(self.fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
-        assert_eq!(n, buf.len() as isize, "{}", std::io::Error::last_os_error());
-    }
-
-    /// The next frame (header stripped) within `wait`, or None.
-    fn recv(&self, wait: Duration) -> Option<Vec<u8>> {
-        let mut pfd = libc::pollfd {
-            fd: self.fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: poll(2) reads and writes exactly one pollfd (nfds = 1) through the
-        // pointer, which points to `pfd`, exclusively borrowed for the call.
-        let ready = unsafe { libc::poll(&mut pfd, 1, wait.as_millis() as libc::c_int) };
-        if ready != 1 {
-            return None;
-        }
-        let mut buf = vec![0u8; 65536];
-        // SAFETY: read(2) writes at most buf.len() bytes into `buf`, exclusively borrowed
-        // and that long; `self.fd` is open for as long as `self`.
-        let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        assert!(
-            n >= VNET_HDR as isize,
-            "read: {}",
-            std::io::Error::last_os_error()
-        );
-        buf.truncate(n as usize);
-        Some(buf.split_off(VNET_HDR))
-    }
-
-    /// Every frame arriving within `wait`.
-    fn drain(&self, wait: Duration) -> Vec<Vec<u8>> {
-        let deadline = Instant::now() + wait;
-        let mut frames = vec![];
-        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
-            match self.recv(left) {
-                Some(f) => frames.push(f),
-                None => break,
-            }
-        }
-        frames
-    }
-
-    /// Sends `frame` every 200 ms until a received frame matches or `wait` passes.
-    fn ask(&self, frame: &[u8], wait: Duration, mut answer: impl FnMut(&[u8]) -> bool) -> bool {
-        let deadline = Instant::now() + wait;
-        while Instant::now() < deadline {
-            self.send(frame);
-            let round = Instant::now() + Duration::from_millis(200);
-            while let Some(left) = round.checked_duration_since(Instant::now()) {
-                match self.recv(left) {
-                    Some(f) if answer(&f) => return true,
-                    Some(_) => {}
-                    None => break,
-                }
-            }
-        }
-        false
-    }
-
     /// Whether the gateway answers an ARP request for `gw` sent with Ethernet source and
     /// ARP sender `mac`/`sender_ip` within `wait`.
     fn gateway_answers(
@@ -303,31 +226,12 @@ impl Tap {
         self.ask(&req, wait, |f| is_arp_reply_from(f, gw, mac))
     }
 
-    /// A full DHCP exchange (DISCOVER, OFFER, REQUEST, ACK) with the broker's server;
-    /// returns the leased address.
-    fn dhcp(&self, hostname: &str) -> Ipv4Addr {
+    /// A full DHCP exchange (DISCOVER, OFFER, REQUEST, ACK) with the broker's server,
+    /// asking for `hostname`; returns the leased address.
+    fn lease(&self, hostname: &str) -> Ipv4Addr {
         let xid = 0x5eed_0000 | COUNTER.fetch_add(1, Ordering::SeqCst);
-        let offer = self
-            .dhcp_exchange(xid, MessageType::Discover, &[], MessageType::Offer)
-            .expect("no DHCP OFFER on the TAP");
-        let server = match offer.opts().get(OptionCode::ServerIdentifier) {
-            Some(DhcpOption::ServerIdentifier(s)) => *s,
-            other => panic!("OFFER without server identifier: {other:?}"),
-        };
-        let ack = self
-            .dhcp_exchange(
-                xid,
-                MessageType::Request,
-                &[
-                    DhcpOption::RequestedIpAddress(offer.yiaddr()),
-                    DhcpOption::ServerIdentifier(server),
-                    DhcpOption::Hostname(hostname.into()),
-                ],
-                MessageType::Ack,
-            )
-            .expect("no DHCP ACK on the TAP");
-        assert_eq!(ack.yiaddr(), offer.yiaddr());
-        ack.yiaddr()
+        self.dhcp_with(xid, SOON, &[DhcpOption::Hostname(hostname.into())])
+            .yiaddr()
     }
 
     /// Sends a DNS query for `name` (type A) from `src_mac`/`src` to the DNS server at
@@ -366,98 +270,6 @@ impl Tap {
         });
         answer
     }
-
-    fn dhcp_exchange(
-        &self,
-        xid: u32,
-        kind: MessageType,
-        options: &[DhcpOption],
-        want: MessageType,
-    ) -> Option<Message> {
-        let frame = dhcp_frame(
-            self.mac,
-            xid,
-            self.mac,
-            kind,
-            Ipv4Addr::UNSPECIFIED,
-            options,
-        );
-        let mut reply = None;
-        self.ask(&frame, SOON, |f| {
-            let Some(payload) = udp_payload_to(f, 68) else {
-                return false;
-            };
-            let Ok(m) = Message::from_bytes(payload) else {
-                return false;
-            };
-            if m.xid() == xid && m.opts().msg_type() == Some(want) {
-                reply = Some(m);
-                return true;
-            }
-            false
-        });
-        reply
-    }
-}
-
-fn ethernet(dst: [u8; 6], src: [u8; 6], ethertype: u16, payload: &[u8]) -> Vec<u8> {
-    let mut f = Vec::with_capacity(14 + payload.len());
-    f.extend(dst);
-    f.extend(src);
-    f.extend(ethertype.to_be_bytes());
-    f.extend_from_slice(payload);
-    f
-}
-
-/// An Ethernet/IPv4 ARP packet (RFC 826).
-fn arp(op: u16, sha: [u8; 6], spa: Ipv4Addr, tha: [u8; 6], tpa: Ipv4Addr) -> Vec<u8> {
-    let mut p = vec![0, 1, 0x08, 0x00, 6, 4];
-    p.extend(op.to_be_bytes());
-    p.extend(sha);
-    p.extend(spa.octets());
-    p.extend(tha);
-    p.extend(tpa.octets());
-    p
-}
-
-/// The Internet checksum (RFC 1071).
-fn checksum(data: &[u8]) -> u16 {
-    let mut sum: u32 = data
-        .chunks(2)
-        .map(|c| u32::from(u16::from_be_bytes([c[0], *c.get(1).unwrap_or(&0)])))
-        .sum();
-    while sum > 0xffff {
-        sum = (sum & 0xffff) + (sum >> 16);
-    }
-    !(sum as u16)
-}
-
-/// An IPv4 packet carrying one UDP datagram (UDP checksum 0: "none", allowed over IPv4).
-fn ipv4_udp(src: Ipv4Addr, dst: Ipv4Addr, sport: u16, dport: u16, payload: &[u8]) -> Vec<u8> {
-    let udp_len = 8 + payload.len() as u16;
-    let mut p = vec![0x45, 0];
-    p.extend((20 + udp_len).to_be_bytes());
-    p.extend([0, 0, 0, 0, 64, 17, 0, 0]);
-    p.extend(src.octets());
-    p.extend(dst.octets());
-    let sum = checksum(&p);
-    p[10..12].copy_from_slice(&sum.to_be_bytes());
-    p.extend(sport.to_be_bytes());
-    p.extend(dport.to_be_bytes());
-    p.extend(udp_len.to_be_bytes());
-    p.extend([0, 0]);
-    p.extend_from_slice(payload);
-    p
-}
-
-/// The UDP payload of an Ethernet/IPv4 frame to UDP port `port`.
-fn udp_payload_to(f: &[u8], port: u16) -> Option<&[u8]> {
-    if f.len() < 14 + 20 || f[12..14] != ETH_IPV4.to_be_bytes() || f[14 + 9] != 17 {
-        return None;
-    }
-    let udp = 14 + usize::from(f[14] & 0x0f) * 4;
-    let hdr = f.get(udp..udp + 8)?;
-    (hdr[2..4] == port.to_be_bytes()).then(|| &f[udp + 8..])
 }
 
 /// Whether `f` is an ARP reply from `ip` to `to`.
@@ -873,7 +685,7 @@ fn anti_spoofing_binds_each_tap_to_its_mac_and_lease() {
     );
 
     // A real DHCP exchange over the fd binds the MAC to its lease.
-    let leased = tap.dhcp("tapvm");
+    let leased = tap.lease("tapvm");
     assert!(net.contains(&leased));
     assert!(
         tap.gateway_answers(tap.mac, leased, gw, SOON),
@@ -934,7 +746,7 @@ fn the_lease_binding_is_in_place_when_the_ack_arrives() {
         let a = c.acquire("shared").unwrap();
         let gw = ip(&a.info.gateway);
         let tap = Tap::new(a);
-        let leased = tap.dhcp("quick");
+        let leased = tap.lease("quick");
         let req = ethernet(
             BROADCAST,
             tap.mac,
@@ -993,7 +805,7 @@ fn flushed_ruleset_is_restored_with_nat_and_anti_spoofing() {
     let vm = VethVm::new(&b, &a.info.bridge, "52:54:00:f1:00:01");
     vm.lease(&b, &[]);
     let tap = Tap::new(c.acquire("shared").unwrap());
-    let leased = tap.dhcp("tapvm");
+    let leased = tap.lease("tapvm");
     assert!(tap.gateway_answers(tap.mac, leased, gw, SOON));
     assert_eq!(
         outside.reached_from(&vm, SOON).map(|a| a.ip() == UPLINK),
@@ -1040,7 +852,7 @@ fn nothing_remains_after_the_idle_timeout_once_services_were_used() {
         vm.lease(&b, &["-x", "hostname:idle"]);
         assert!(dig(&vm.ns, gw, &["idle", "A"]).is_some_and(|a| a.len() == 1));
         let tap = Tap::new(h);
-        tap.dhcp("taphost");
+        tap.lease("taphost");
         assert!(!listening(&b, "-lun", 67).is_empty());
         // The VM's namespace goes, and its veth with it: the broker's ports remain.
         drop(vm);
@@ -1387,7 +1199,7 @@ fn a_vm_cannot_play_router_or_dhcp_server() {
     let victim = Tap::new(c.acquire("shared").unwrap());
     // The attacker has a lease, so its IPv4 frames pass anti-spoofing: only the server
     // role is refused.
-    let a_ip = a.dhcp("attacker");
+    let a_ip = a.lease("attacker");
     // The host would act on a Router Advertisement if the bridge accepted them; make it
     // accept them here, so that a dropped RA shows as nothing learnt. 2, not 1: the
     // shared network switched IPv6 forwarding on, and a router ignores RAs unless 2.
@@ -1439,8 +1251,8 @@ fn the_tap_guard_drops_each_crafted_spoofing_frame() {
     let (net, gw) = (subnet_of(&a), ip(&a.info.gateway));
     let a = Tap::new(a);
     let victim = Tap::new(c.acquire("shared").unwrap());
-    let a_ip = a.dhcp("attacker");
-    let v_ip = victim.dhcp("victim");
+    let a_ip = a.lease("attacker");
+    let v_ip = victim.lease("victim");
     let forged_mac = [0x52, 0x54, 0x00, 0xba, 0xdb, 0xad];
     let forged_ip = other_host(net, &[gw, a_ip, v_ip]);
     let udp = |mac: [u8; 6], src: Ipv4Addr, tag: &str| {
@@ -1586,43 +1398,6 @@ fn forged_dhcp(
     xid
 }
 
-/// A DHCP client message from `src` (Ethernet) in `chaddr`'s name, broadcast from
-/// 0.0.0.0:68 to port 67, as a guest writes it into its TAP.
-fn dhcp_frame(
-    src: [u8; 6],
-    xid: u32,
-    chaddr: [u8; 6],
-    kind: MessageType,
-    ciaddr: Ipv4Addr,
-    options: &[DhcpOption],
-) -> Vec<u8> {
-    let mut msg = Message::new_with_id(
-        xid,
-        ciaddr,
-        Ipv4Addr::UNSPECIFIED,
-        Ipv4Addr::UNSPECIFIED,
-        Ipv4Addr::UNSPECIFIED,
-        &chaddr,
-    );
-    msg.set_flags(Flags::default().set_broadcast());
-    msg.opts_mut().insert(DhcpOption::MessageType(kind));
-    for o in options {
-        msg.opts_mut().insert(o.clone());
-    }
-    ethernet(
-        BROADCAST,
-        src,
-        ETH_IPV4,
-        &ipv4_udp(
-            Ipv4Addr::UNSPECIFIED,
-            Ipv4Addr::BROADCAST,
-            68,
-            67,
-            &msg.to_vec().unwrap(),
-        ),
-    )
-}
-
 /// The frame [`forged_dhcp`] sends, and its transaction id.
 fn forged_dhcp_frame(
     tap: &Tap,
@@ -1632,7 +1407,7 @@ fn forged_dhcp_frame(
     options: &[DhcpOption],
 ) -> (u32, Vec<u8>) {
     let xid = 0xf0f0_0000 | COUNTER.fetch_add(1, Ordering::SeqCst);
-    let frame = dhcp_frame(tap.mac, xid, chaddr, kind, ciaddr, options);
+    let frame = dhcp_frame_as(tap.mac, xid, chaddr, kind, ciaddr, options);
     (xid, frame)
 }
 
@@ -1647,8 +1422,7 @@ fn offered(tap: &Tap, chaddr: [u8; 6], wait: Duration) -> bool {
         &[],
     );
     tap.ask(&frame, wait, |f| {
-        udp_payload_to(f, 68)
-            .and_then(|p| Message::from_bytes(p).ok())
+        dhcp_reply(f)
             .is_some_and(|m| m.xid() == xid && m.opts().msg_type() == Some(MessageType::Offer))
     })
 }
@@ -1662,7 +1436,7 @@ fn on_an_allow_spoofing_network_a_tap_gets_dhcp_for_a_bounded_number_of_macs() {
     let tap_name = a.info.interface.clone();
     let attacker = Tap::new(a);
     // Its own DHCP works (so the TAP is bound), and does not count.
-    let own = attacker.dhcp("attacker");
+    let own = attacker.lease("attacker");
     // The pool holds every invented MAC's offer for a while: unbounded, one VM would
     // exhaust it. Other machines' MACs are allowed here, up to the quota.
     let invented = |tap: u8, i: usize| [0x52, 0x54, 0x00, 0xee, tap, i as u8];
@@ -1684,10 +1458,10 @@ fn on_an_allow_spoofing_network_a_tap_gets_dhcp_for_a_bounded_number_of_macs() {
         offered(&attacker, attacker.mac, SOON),
         "the attacker's own MAC lost DHCP"
     );
-    assert_eq!(attacker.dhcp("attacker"), own);
+    assert_eq!(attacker.lease("attacker"), own);
     // The quota is per TAP: a fresh VM gets its lease, and its own quota.
     let fresh = Tap::new(c.acquire("open").unwrap());
-    let got = fresh.dhcp("fresh");
+    let got = fresh.lease("fresh");
     assert_ne!(got, own);
     assert!(
         offered(&fresh, invented(2, 0), SOON),
@@ -1704,11 +1478,9 @@ fn on_an_allow_spoofing_network_a_tap_gets_dhcp_for_a_bounded_number_of_macs() {
 
 /// Whether a DHCP reply with transaction `xid` arrives on `tap` within `wait`.
 fn dhcp_reply_seen(tap: &Tap, xid: u32, wait: Duration) -> bool {
-    tap.drain(wait).iter().any(|f| {
-        udp_payload_to(f, 68)
-            .and_then(|p| Message::from_bytes(p).ok())
-            .is_some_and(|m| m.xid() == xid)
-    })
+    tap.drain(wait)
+        .iter()
+        .any(|f| dhcp_reply(f).is_some_and(|m| m.xid() == xid))
 }
 
 #[test]
@@ -1723,9 +1495,9 @@ fn dhcp_messages_must_name_the_mac_of_their_tap() {
     );
     let victim = Tap::new(v);
     let attacker = Tap::new(c.acquire("shared").unwrap());
-    let leased = victim.dhcp("victim");
+    let leased = victim.lease("victim");
     // The attacker's own DHCP works (so its TAP is bound and heard): only lies fail.
-    let own = attacker.dhcp("attacker");
+    let own = attacker.lease("attacker");
     let victim_ok = |what: &str| {
         assert!(
             victim.gateway_answers(victim.mac, leased, gw, SOON),
@@ -1786,6 +1558,7 @@ fn dhcp_messages_must_name_the_mac_of_their_tap() {
                 MessageType::Discover,
                 &[],
                 MessageType::Offer,
+                SOON,
             )
             .expect("the attacker's own DISCOVER is answered");
         let acted_on = format!("{} {acted}", format_mac(victim.mac));
@@ -1810,7 +1583,7 @@ fn dhcp_messages_must_name_the_mac_of_their_tap() {
         );
     }
     let fresh = Tap::new(c.acquire("shared").unwrap());
-    let got = fresh.dhcp("fresh");
+    let got = fresh.lease("fresh");
     assert!(net.contains(&got), "{got}");
     assert!(
         !b.log().contains("52:54:00:ee:"),
@@ -1890,7 +1663,7 @@ fn vm_to_vm_ipv4_does_not_depend_on_bridge_nf_call_iptables() {
         );
         let a = Tap::new(a);
         let b = Tap::new(c.acquire(network).unwrap());
-        let (a_ip, b_ip) = (a.dhcp("a"), b.dhcp("b"));
+        let (a_ip, b_ip) = (a.lease("a"), b.lease("b"));
         pairs.push((network, isolated, gw_mac, (a, a_ip), (b, b_ip)));
     }
     // The shared networks switched forwarding on, so the host also routes between VMs.
@@ -1925,7 +1698,7 @@ fn a_renewal_restores_a_flushed_lease_binding() {
             .trim(),
     );
     let tap = Tap::new(a);
-    let leased = tap.dhcp("renewer");
+    let leased = tap.lease("renewer");
     assert!(tap.gateway_answers(tap.mac, leased, gw, SOON));
 
     // The binding loses its lease, as if the map had lost it.
@@ -1967,8 +1740,7 @@ fn a_renewal_restores_a_flushed_lease_binding() {
     while !acked && Instant::now() < deadline {
         tap.send(&frame);
         for f in tap.drain(Duration::from_millis(300)) {
-            let ack = udp_payload_to(&f, 68)
-                .and_then(|p| Message::from_bytes(p).ok())
+            let ack = dhcp_reply(&f)
                 .is_some_and(|m| m.xid() == xid && m.opts().msg_type() == Some(MessageType::Ack));
             acked |= ack;
             if f.len() >= 42
@@ -2024,7 +1796,7 @@ fn a_broker_restarted_after_sigkill_adopts_its_networks_with_taps_leases_and_nam
             .trim(),
     );
     let tap = Tap::new(a);
-    let leased = tap.dhcp("tapvm");
+    let leased = tap.lease("tapvm");
     assert!(
         tap.gateway_answers(tap.mac, leased, gw, SOON),
         "{}",
@@ -2159,7 +1931,7 @@ fn an_acquire_is_on_disk_before_its_reply_and_survives_an_immediate_sigkill() {
     assert!(!b.log().contains("removed stale interface"), "{}", b.log());
     // Bound again: its guest gets a lease and the gateway answers it.
     let tap = Tap::new(last);
-    let leased = tap.dhcp("late");
+    let leased = tap.lease("late");
     assert!(
         tap.gateway_answers(tap.mac, leased, gw, SOON),
         "{}",

@@ -8,6 +8,7 @@ use dhcproto::{Decodable, Encodable};
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::time::{Duration, Instant};
+use vmnet_broker::client::Acquired;
 
 pub const VNET_HDR: usize = 12;
 pub const BROADCAST: [u8; 6] = [0xff; 6];
@@ -21,6 +22,15 @@ pub struct Tap {
 }
 
 impl Tap {
+    /// The TAP of acquire `a`, with the MAC the broker gave it.
+    pub fn new(a: Acquired) -> Tap {
+        let mac: vmnet_broker::mac::Mac = a.info.mac.parse().unwrap_or_else(|e| panic!("{e}"));
+        Tap {
+            mac: mac.octets(),
+            fd: a.fd,
+        }
+    }
+
     /// Sends one Ethernet frame, behind the (all-zero: no offloads) virtio-net header.
     pub fn send(&self, frame: &[u8]) {
         let mut buf = vec![0u8; VNET_HDR];
@@ -55,6 +65,19 @@ impl Tap {
         );
         buf.truncate(n as usize);
         Some(buf.split_off(VNET_HDR))
+    }
+
+    /// Every frame arriving within `wait`.
+    pub fn drain(&self, wait: Duration) -> Vec<Vec<u8>> {
+        let deadline = Instant::now() + wait;
+        let mut frames = vec![];
+        while let Some(left) = deadline.checked_duration_since(Instant::now()) {
+            match self.recv(left) {
+                Some(f) => frames.push(f),
+                None => break,
+            }
+        }
+        frames
     }
 
     /// Waits up to `wait` for a frame matching `want`, dropping others.
@@ -106,21 +129,23 @@ impl Tap {
 
     /// A full DHCP exchange (DISCOVER, OFFER, REQUEST, ACK); returns the ACK.
     pub fn dhcp(&self, xid: u32, wait: Duration) -> Message {
+        self.dhcp_with(xid, wait, &[])
+    }
+
+    /// A full DHCP exchange whose REQUEST also carries `request_options` (a hostname,
+    /// say); returns the ACK.
+    pub fn dhcp_with(&self, xid: u32, wait: Duration, request_options: &[DhcpOption]) -> Message {
         let offer = self
             .dhcp_exchange(xid, MessageType::Discover, &[], MessageType::Offer, wait)
             .expect("no DHCP OFFER on the TAP");
         let server = server_id(&offer).expect("OFFER without server identifier");
+        let mut options = vec![
+            DhcpOption::RequestedIpAddress(offer.yiaddr()),
+            DhcpOption::ServerIdentifier(server),
+        ];
+        options.extend_from_slice(request_options);
         let ack = self
-            .dhcp_exchange(
-                xid,
-                MessageType::Request,
-                &[
-                    DhcpOption::RequestedIpAddress(offer.yiaddr()),
-                    DhcpOption::ServerIdentifier(server),
-                ],
-                MessageType::Ack,
-                wait,
-            )
+            .dhcp_exchange(xid, MessageType::Request, &options, MessageType::Ack, wait)
             .expect("no DHCP ACK on the TAP");
         assert_eq!(ack.yiaddr(), offer.yiaddr());
         ack
@@ -213,13 +238,26 @@ pub fn udp_payload_to(f: &[u8], port: u16) -> Option<&[u8]> {
 
 /// A broadcast DHCP client message from `mac` (also its chaddr).
 pub fn dhcp_frame(mac: [u8; 6], xid: u32, kind: MessageType, options: &[DhcpOption]) -> Vec<u8> {
+    dhcp_frame_as(mac, xid, mac, kind, Ipv4Addr::UNSPECIFIED, options)
+}
+
+/// A DHCP client message from `src` (Ethernet) in `chaddr`'s name, broadcast from
+/// 0.0.0.0:68 to port 67, as a guest writes it into its TAP.
+pub fn dhcp_frame_as(
+    src: [u8; 6],
+    xid: u32,
+    chaddr: [u8; 6],
+    kind: MessageType,
+    ciaddr: Ipv4Addr,
+    options: &[DhcpOption],
+) -> Vec<u8> {
     let mut msg = Message::new_with_id(
         xid,
+        ciaddr,
         Ipv4Addr::UNSPECIFIED,
         Ipv4Addr::UNSPECIFIED,
         Ipv4Addr::UNSPECIFIED,
-        Ipv4Addr::UNSPECIFIED,
-        &mac,
+        &chaddr,
     );
     msg.set_flags(Flags::default().set_broadcast());
     msg.opts_mut().insert(DhcpOption::MessageType(kind));
@@ -228,7 +266,7 @@ pub fn dhcp_frame(mac: [u8; 6], xid: u32, kind: MessageType, options: &[DhcpOpti
     }
     ethernet(
         BROADCAST,
-        mac,
+        src,
         ETH_IPV4,
         &ipv4_udp(
             Ipv4Addr::UNSPECIFIED,
