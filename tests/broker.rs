@@ -283,17 +283,7 @@ fn not_allowed_for_a_uid_outside_allowed_users() {
     });
     // Let any uid reach the socket for this test (the default is 0660 root:vmnet-broker).
     b.ns.sh(&format!("chmod 0666 {}", b.socket.display()));
-    let bin = b.bin_for_any_uid();
-    let as_nobody = |net: &str| {
-        b.ns.cmd("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-            .arg(&bin)
-            .args(["acquire", net])
-            .current_dir(b.dir.path())
-            .env("VMNET_BROKER_SOCKET", &b.socket)
-            .output()
-            .unwrap()
-    };
+    let as_nobody = |net: &str| b.cli_as_nobody(&["acquire", net]).output().unwrap();
     let out = as_nobody("private");
     assert_eq!(out.status.code(), Some(1));
     let stderr = String::from_utf8_lossy(&out.stderr);
@@ -762,17 +752,12 @@ fn persistent_taps_belong_to_the_caller_and_go_with_its_connection() {
 
     // Owned by whoever asked.
     b.ns.sh(&format!("chmod 0666 {}", b.socket.display()));
-    let mut child =
-        b.ns.cmd("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-            .arg(b.bin_for_any_uid())
-            .args(["acquire", "--hold", "--persistent", "host"])
-            .current_dir(b.dir.path())
-            .env("VMNET_BROKER_SOCKET", &b.socket)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+    let mut child = b
+        .cli_as_nobody(&["acquire", "--hold", "--persistent", "host"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
     let reply: serde_json::Value = serde_json::from_str(&read_line(&mut child)).unwrap();
     let tap = reply["interface"].as_str().unwrap().to_string();
     assert_eq!(

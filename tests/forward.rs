@@ -317,24 +317,18 @@ fn a_forward_ends_with_its_tap() {
 fn only_root_forwards_ports_below_1024() {
     let b = Broker::start(Options::default());
     b.ns.sh(&format!("chmod 0666 {}", b.socket.display()));
-    let bin = b.bin_for_any_uid();
     let run_as_nobody = |forward: &str| {
-        b.ns.cmd("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-            .arg(&bin)
-            .args([
-                "run",
-                "--network",
-                "shared",
-                "--forward",
-                forward,
-                "--",
-                "true",
-            ])
-            .current_dir(b.dir.path())
-            .env("VMNET_BROKER_SOCKET", &b.socket)
-            .output()
-            .unwrap()
+        b.cli_as_nobody(&[
+            "run",
+            "--network",
+            "shared",
+            "--forward",
+            forward,
+            "--",
+            "true",
+        ])
+        .output()
+        .unwrap()
     };
     let out = run_as_nobody("tcp:80:22");
     assert_eq!(out.status.code(), Some(1));

@@ -58,15 +58,7 @@ fn human(b: &Broker, args: &[&str]) -> String {
 /// The CLI run as uid/gid 65534 with no groups (the socket opened up to it).
 fn as_nobody(b: &Broker, args: &[&str]) -> Output {
     b.ns.sh(&format!("chmod 0666 {}", b.socket.display()));
-    let bin = b.bin_for_any_uid();
-    b.ns.cmd("setpriv")
-        .args(["--reuid=65534", "--regid=65534", "--clear-groups"])
-        .arg(&bin)
-        .args(args)
-        .current_dir(b.dir.path())
-        .env("VMNET_BROKER_SOCKET", &b.socket)
-        .output()
-        .unwrap()
+    b.cli_as_nobody(args).output().unwrap()
 }
 
 fn network<'a>(list: &'a Value, name: &str) -> &'a Value {

@@ -158,6 +158,18 @@ impl Broker {
         c
     }
 
+    /// The CLI run as uid/gid 65534 with no groups, from [`Broker::bin_for_any_uid`] (the
+    /// caller opens the socket up to it).
+    pub fn cli_as_nobody(&self, args: &[&str]) -> Command {
+        let mut c = self.ns.cmd("setpriv");
+        c.args(["--reuid=65534", "--regid=65534", "--clear-groups"])
+            .arg(self.bin_for_any_uid())
+            .args(args)
+            .current_dir(self.dir.path())
+            .env("VMNET_BROKER_SOCKET", &self.socket);
+        c
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.log_path).unwrap_or_default()
     }
