@@ -1167,6 +1167,18 @@ fn send_udp(to: Ipv4Addr, marker: &[u8]) {
     }
 }
 
+/// A namespace "b" with bridge vmnbr0 up at 10.77.0.1/24, for TAPs to be plugged into.
+fn bridge_ns() -> Netns {
+    let b = Netns::new("b");
+    b.ip(&["link", "add", "vmnbr0", "type", "bridge"]);
+    // A MAC of its own, as the broker gives its bridges: otherwise the bridge takes its
+    // ports' lowest, possibly one a test sets on a TAP.
+    b.ip(&["link", "set", "vmnbr0", "address", "02:00:00:77:00:01"]);
+    b.ip(&["addr", "add", "10.77.0.1/24", "dev", "vmnbr0"]);
+    b.ip(&["link", "set", "vmnbr0", "up"]);
+    b
+}
+
 /// The attack as a client holding a TAP fd makes it: `SIOCSIFHWADDR` on its own fd gives
 /// the TAP's host side a neighbour VM's guest MAC, so that the bridge takes that MAC for
 /// a local address of the attacker's port and sends the host's frames for the neighbour
@@ -1178,13 +1190,7 @@ fn a_tap_given_a_neighbours_mac_reads_none_of_its_traffic() {
     netns::require("bridge", "iproute2");
     const A_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x77, 0x00, 0x0a];
     const B_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x77, 0x00, 0x0b];
-    let b = Netns::new("b");
-    b.ip(&["link", "add", "vmnbr0", "type", "bridge"]);
-    // A MAC of its own, as the broker gives its bridges: otherwise the bridge takes its
-    // ports' lowest, possibly the one the attack sets.
-    b.ip(&["link", "set", "vmnbr0", "address", "02:00:00:77:00:01"]);
-    b.ip(&["addr", "add", "10.77.0.1/24", "dev", "vmnbr0"]);
-    b.ip(&["link", "set", "vmnbr0", "up"]);
+    let b = bridge_ns();
     in_netns(&b, || async {
         let owner = TapOwner { uid: 0, gid: 0 };
         let (tap_a, tap_b) = (
@@ -1316,11 +1322,7 @@ fn a_guarded_tap_carries_nothing_until_bound() {
     use vmnet_broker::backend::linux::tap::{Tap, TapOwner};
     netns::require("nft", "nftables");
     const A_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x77, 0x00, 0x0a];
-    let b = Netns::new("b");
-    b.ip(&["link", "add", "vmnbr0", "type", "bridge"]);
-    b.ip(&["link", "set", "vmnbr0", "address", "02:00:00:77:00:01"]);
-    b.ip(&["addr", "add", "10.77.0.1/24", "dev", "vmnbr0"]);
-    b.ip(&["link", "set", "vmnbr0", "up"]);
+    let b = bridge_ns();
     in_netns(&b, || async {
         let tap = Tap::create("vporta", TapOwner { uid: 0, gid: 0 }).unwrap();
         let fw = Firewall::new();
