@@ -397,12 +397,16 @@ impl Netlink {
         Ok(occupants)
     }
 
+    /// Every address of every interface, as the kernel dumps them.
+    async fn address_messages(&self) -> io::Result<Vec<AddressMessage>> {
+        dump(|| self.handle.address().get().execute().try_collect())
+            .await
+            .map_err(|e| fail(e, "cannot list addresses"))
+    }
+
     /// The index of the interface that holds address `ip`, if one does.
     pub async fn index_with_address(&self, ip: IpAddr) -> io::Result<Option<u32>> {
-        let msgs: Vec<AddressMessage> =
-            dump(|| self.handle.address().get().execute().try_collect())
-                .await
-                .map_err(|e| fail(e, "cannot list addresses"))?;
+        let msgs = self.address_messages().await?;
         Ok(msgs
             .into_iter()
             .find(|m| {
@@ -414,10 +418,7 @@ impl Netlink {
     }
 
     async fn addresses(&self, names: &BTreeMap<u32, String>) -> io::Result<Vec<Occupant>> {
-        let msgs: Vec<AddressMessage> =
-            dump(|| self.handle.address().get().execute().try_collect())
-                .await
-                .map_err(|e| fail(e, "cannot list addresses"))?;
+        let msgs = self.address_messages().await?;
         Ok(msgs
             .into_iter()
             .filter(|m| m.header.family == AddressFamily::Inet)
