@@ -15,6 +15,7 @@ use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
+use vmnet_broker_client::Client;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Kind {
@@ -191,24 +192,48 @@ fn split(mut eps: Vec<Endpoint>) -> (Vec<Endpoint>, Vec<Endpoint>) {
     (eps, b)
 }
 
+/// A TAP of `broker` on `network`, by a client of its own (one "VM"), with a DHCP lease
+/// got with transaction `xid`; the client must live as long as the TAP is used.
+fn leased_tap(broker: &BrokerProc, network: &str, xid: u32) -> (Client, Endpoint) {
+    let c = broker.client();
+    let acq = c
+        .acquire(network)
+        .unwrap_or_else(|e| panic!("acquire {network}: {e}"));
+    let mac = parse_mac(&acq.info.mac);
+    let ip = dhcp_lease(acq.fd.as_fd(), mac, xid)
+        .unwrap_or_else(|| panic!("no DHCP lease on {network}: {}", broker.log()));
+    let ep = Endpoint {
+        port: Port::Tap(acq.fd),
+        mac,
+        ip,
+    };
+    (c, ep)
+}
+
+/// TAP `t{k}` made in `ns` and plugged into its bridge br0, as endpoint `k`.
+fn tap_on_br0(ns: &Netns, k: usize) -> Endpoint {
+    let name = format!("t{k}");
+    let fd = ns.run(|| {
+        let fd = crate::vm::open_tap(&name);
+        set_vnet_hdr_sz(&fd);
+        fd
+    });
+    ns.ip(&["link", "set", &name, "master", "br0", "up"]);
+    Endpoint {
+        port: Port::Tap(fd),
+        mac: mac_for(k),
+        ip: ip_for(k),
+    }
+}
+
 /// (a): TAPs from the broker, one client (one "VM") each, with a DHCP lease each: the
 /// network is the default kind, with anti-spoofing (MAC and IP bound per TAP).
 fn broker_setup(broker: &BrokerProc, network: &str, n: usize) -> Setup {
     let mut eps = Vec::new();
     let mut clients = Vec::new();
     for i in 0..2 * n {
-        let c = broker.client();
-        let acq = c
-            .acquire(network)
-            .unwrap_or_else(|e| panic!("acquire {network}: {e}"));
-        let mac = parse_mac(&acq.info.mac);
-        let ip = dhcp_lease(acq.fd.as_fd(), mac, 0x1000 + i as u32)
-            .unwrap_or_else(|| panic!("no DHCP lease on {network}: {}", broker.log()));
-        eps.push(Endpoint {
-            port: Port::Tap(acq.fd),
-            mac,
-            ip,
-        });
+        let (c, ep) = leased_tap(broker, network, 0x1000 + i as u32);
+        eps.push(ep);
         clients.push(c);
     }
     let (a, b) = split(eps);
@@ -231,18 +256,7 @@ fn bridge_setup(n: usize) -> Setup {
     ns.ip(&["link", "set", "br0", "up"]);
     let mut eps = Vec::new();
     for i in 0..2 * n {
-        let name = format!("t{i}");
-        let fd = ns.run(|| {
-            let fd = crate::vm::open_tap(&name);
-            set_vnet_hdr_sz(&fd);
-            fd
-        });
-        ns.ip(&["link", "set", &name, "master", "br0", "up"]);
-        eps.push(Endpoint {
-            port: Port::Tap(fd),
-            mac: mac_for(i),
-            ip: ip_for(i),
-        });
+        eps.push(tap_on_br0(&ns, i));
     }
     let (a, b) = split(eps);
     Setup {
@@ -532,18 +546,8 @@ fn overlay_setup(hosts: &OverlayHosts, n: usize) -> Setup {
     for (h, broker) in hosts.brokers.iter().enumerate() {
         let mut eps = Vec::new();
         for i in 0..n {
-            let c = broker.client();
-            let acq = c
-                .acquire("lab")
-                .unwrap_or_else(|e| panic!("acquire lab: {e}"));
-            let mac = parse_mac(&acq.info.mac);
-            let ip = dhcp_lease(acq.fd.as_fd(), mac, 0x2000 + (h * n + i) as u32)
-                .unwrap_or_else(|| panic!("no DHCP lease on lab: {}", broker.log()));
-            eps.push(Endpoint {
-                port: Port::Tap(acq.fd),
-                mac,
-                ip,
-            });
+            let (c, ep) = leased_tap(broker, "lab", 0x2000 + (h * n + i) as u32);
+            eps.push(ep);
             clients.push(c);
         }
         halves.push(eps);
@@ -586,19 +590,7 @@ fn overlay_by_hand_setup(n: usize) -> Setup {
         ));
         let mut eps = Vec::new();
         for i in 0..n {
-            let k = h * n + i;
-            let name = format!("t{k}");
-            let fd = ns.run(|| {
-                let fd = crate::vm::open_tap(&name);
-                set_vnet_hdr_sz(&fd);
-                fd
-            });
-            ns.ip(&["link", "set", &name, "master", "br0", "up"]);
-            eps.push(Endpoint {
-                port: Port::Tap(fd),
-                mac: mac_for(k),
-                ip: ip_for(k),
-            });
+            eps.push(tap_on_br0(ns, h * n + i));
         }
         halves.push(eps);
     }

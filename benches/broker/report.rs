@@ -44,6 +44,31 @@ fn pct(a: f64, b: f64) -> String {
     }
 }
 
+/// The head of a one-pair throughput table whose "vs." column compares with `baseline`.
+fn throughput_header(t: &mut String, baseline: &str) {
+    writeln!(t, "| setup | frame | Gbit/s | Mpps | CPU s/GB (process) | softirq s/GB (machine) | vs. {baseline} | min–max Gbit/s |").unwrap();
+    writeln!(t, "|---|---:|---:|---:|---:|---:|---:|---:|").unwrap();
+}
+
+/// A row of that table: `a`, setup `k` with `frame`-byte frames (shown with the FCS),
+/// against `baseline_gbps`.
+fn throughput_row(t: &mut String, k: Kind, frame: usize, a: Agg, baseline_gbps: f64) {
+    writeln!(
+        t,
+        "| {} | {} B | {:.3} | {:.3} | {:.2} | {:.2} | {} | {:.2}–{:.2} |",
+        k.label(),
+        frame + 4,
+        a.gbps,
+        a.mpps,
+        a.cpu,
+        a.soft,
+        pct(a.gbps, baseline_gbps),
+        a.min_gbps,
+        a.max_gbps
+    )
+    .unwrap();
+}
+
 fn yes(ok: bool) -> &'static str {
     if ok { "**met**" } else { "**missed**" }
 }
@@ -93,26 +118,11 @@ impl Report {
             self.dur.as_secs_f64()
         )
         .unwrap();
-        writeln!(t, "| setup | frame | Gbit/s | Mpps | CPU s/GB (process) | softirq s/GB (machine) | vs. by hand | min–max Gbit/s |").unwrap();
-        writeln!(t, "|---|---:|---:|---:|---:|---:|---:|---:|").unwrap();
+        throughput_header(&mut t, "by hand");
         for frame in [60, 1514] {
             let by_hand = self.agg(Kind::OverlayByHand, frame, 1).gbps;
             for k in Kind::OVERLAY {
-                let a = self.agg(k, frame, 1);
-                writeln!(
-                    t,
-                    "| {} | {} B | {:.3} | {:.3} | {:.2} | {:.2} | {} | {:.2}–{:.2} |",
-                    k.label(),
-                    frame + 4,
-                    a.gbps,
-                    a.mpps,
-                    a.cpu,
-                    a.soft,
-                    pct(a.gbps, by_hand),
-                    a.min_gbps,
-                    a.max_gbps
-                )
-                .unwrap();
+                throughput_row(&mut t, k, frame, self.agg(k, frame, 1), by_hand);
             }
         }
         let (o, h) = (
@@ -139,25 +149,10 @@ impl Report {
             self.dur.as_secs_f64()
         )
         .unwrap();
-        writeln!(t, "| setup | frame | Gbit/s | Mpps | CPU s/GB (process) | softirq s/GB (machine) | vs. bridge | min–max Gbit/s |").unwrap();
-        writeln!(t, "|---|---:|---:|---:|---:|---:|---:|---:|").unwrap();
+        throughput_header(&mut t, "bridge");
         for frame in [60, 1514] {
             for k in Kind::ALL {
-                let a = self.agg(k, frame, 1);
-                writeln!(
-                    t,
-                    "| {} | {} B | {:.3} | {:.3} | {:.2} | {:.2} | {} | {:.2}–{:.2} |",
-                    k.label(),
-                    frame + 4,
-                    a.gbps,
-                    a.mpps,
-                    a.cpu,
-                    a.soft,
-                    pct(a.gbps, bridge(frame).gbps),
-                    a.min_gbps,
-                    a.max_gbps
-                )
-                .unwrap();
+                throughput_row(&mut t, k, frame, self.agg(k, frame, 1), bridge(frame).gbps);
             }
         }
         writeln!(t, "\n### Scaling: N pairs at once on one network, 1518 B frames (aggregate Gbit/s; per pair in parentheses)\n").unwrap();
