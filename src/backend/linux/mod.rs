@@ -1049,7 +1049,15 @@ impl Backend for LinuxBackend {
             .live_ports_of(network.bridge.index, &alias)
             .await
             .map_err(|e| BackendError::component("link record", e))?;
-        Ok(taps.into_iter().map(|l| EndpointId(l.name)).collect())
+        // A TAP whose last fd closed and that nobody asked to keep is gone for everyone
+        // but the reaper, which deletes it within a second ([`reap_closed_taps`]): it
+        // holds no VM, so it counts for no limit and shows in no listing.
+        let reapable = self.reapable.lock().expect("not poisoned");
+        Ok(taps
+            .into_iter()
+            .filter(|l| !(l.carrier == Some(false) && reapable.contains(&l.name)))
+            .map(|l| EndpointId(l.name))
+            .collect())
     }
 
     fn endpoint_closed(
