@@ -456,11 +456,12 @@ fn contrib_units_pass_systemd_analyze_verify() {
     assert!(stderr.trim().is_empty(), "{stderr}");
 }
 
-/// Capability bits of CAP_NET_BIND_SERVICE (10) and CAP_NET_ADMIN (12).
-const UNIT_CAPS: u64 = (1 << 10) | (1 << 12);
+/// Capability bits of CAP_NET_BIND_SERVICE (10), CAP_NET_ADMIN (12), CAP_NET_RAW (13: the
+/// Router Advertisement socket) and CAP_BPF (39: the TAP guard's map and program).
+const UNIT_CAPS: u64 = (1 << 10) | (1 << 12) | (1 << 13) | (1 << 39);
 
 /// The unit's `User=vmnet-broker` with `AmbientCapabilities=CAP_NET_ADMIN
-/// CAP_NET_BIND_SERVICE`: `serve` started as an unprivileged uid (nobody) with those two
+/// CAP_NET_BIND_SERVICE CAP_NET_RAW CAP_BPF`: `serve` started as an unprivileged uid (nobody) with those
 /// capabilities and no others creates a network, attaches a TAP and removes it all again.
 #[test]
 fn serve_works_unprivileged_with_only_the_units_capabilities() {
@@ -490,7 +491,7 @@ fn serve_works_unprivileged_with_only_the_units_capabilities() {
         support::group_file_without_broker_group(&format!("vmnet-broker:x:{NOBODY}:\n")),
     )
     .unwrap();
-    let caps = "-all,+net_admin,+net_bind_service";
+    let caps = "-all,+net_admin,+net_bind_service,+net_raw,+bpf";
     let mut args = s.serve_args(&[]);
     args[0] = path_str(&bin).into();
     let mut cmd = Command::new("unshare");
