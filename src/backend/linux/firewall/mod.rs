@@ -1399,6 +1399,9 @@ fn validate_network(net: &FirewallNetwork) -> Result<(), FirewallError> {
 }
 
 #[cfg(test)]
+mod test_support;
+
+#[cfg(test)]
 mod tests {
     #[test]
     fn only_autoconfigured_global_addresses_make_an_interface_depend_on_ras() {
@@ -1414,25 +1417,8 @@ fe800000000000005054fffe9abcdef0 04 40 20 00       eth2
         assert!(autoconf_interfaces("garbage\n").is_empty());
     }
 
+    use super::test_support::network as net;
     use super::*;
-
-    fn net() -> FirewallNetwork {
-        FirewallNetwork {
-            name: "n1".into(),
-            bridge: "vmnbr0".into(),
-            subnet: "10.77.0.0/24".parse().unwrap(),
-            gateway: "10.77.0.1".parse().unwrap(),
-            nat: true,
-            ipv6_prefix: None,
-            nat66: false,
-            anti_spoofing: true,
-            dhcp: true,
-            isolation: false,
-            tap_prefix: "vmnt9-".into(),
-            overlay: None,
-            forwards: vec![],
-        }
-    }
 
     #[test]
     fn invalid_definitions_are_refused() {

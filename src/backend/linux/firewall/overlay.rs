@@ -170,29 +170,16 @@ pub(super) fn purge(batch: &mut Batch<'static>, name: &str) {
 #[cfg(test)]
 mod tests {
     use super::super::ruleset_for;
+    use super::super::test_support::network;
     use super::*;
 
     fn net(port: Option<&str>) -> FirewallNetwork {
-        FirewallNetwork {
-            name: "n1".into(),
-            bridge: "vmnb-n1".into(),
-            subnet: "10.77.0.0/24".parse().unwrap(),
-            gateway: "10.77.0.2".parse().unwrap(),
-            nat: true,
-            ipv6_prefix: None,
-            nat66: false,
-            anti_spoofing: true,
-            dhcp: true,
-            isolation: false,
-            tap_prefix: "vmnt9-".into(),
-            forwards: vec![],
-            overlay: port.map(|port| super::super::OverlayGuard {
-                port: port.to_string(),
-                udp_port: 4789,
-                vni: 42,
-                peers: vec!["192.0.2.2".parse().unwrap(), "192.0.2.3".parse().unwrap()],
-            }),
-        }
+        network().with_overlay(port.map(|port| super::super::OverlayGuard {
+            port: port.to_string(),
+            udp_port: 4789,
+            vni: 42,
+            peers: vec!["192.0.2.2".parse().unwrap(), "192.0.2.3".parse().unwrap()],
+        }))
     }
 
     #[test]

@@ -827,24 +827,14 @@ pub fn ruleset_for(net: &FirewallNetwork) -> Nftables<'static> {
 
 #[cfg(test)]
 mod tests {
+    use super::super::test_support::network;
     use super::*;
 
     fn net(nat: bool, anti_spoofing: bool, dhcp: bool) -> FirewallNetwork {
-        FirewallNetwork {
-            name: "n1".into(),
-            bridge: "vmnbr0".into(),
-            subnet: "10.77.0.0/24".parse().unwrap(),
-            gateway: "10.77.0.1".parse().unwrap(),
-            nat,
-            ipv6_prefix: None,
-            nat66: false,
-            anti_spoofing,
-            dhcp,
-            isolation: false,
-            tap_prefix: "vmnt9-".into(),
-            overlay: None,
-            forwards: vec![],
-        }
+        network()
+            .with_nat(nat)
+            .with_anti_spoofing(anti_spoofing)
+            .with_dhcp(dhcp)
     }
 
     #[test]
