@@ -77,47 +77,29 @@ pub struct Snapshot {
 /// Encodes `counters` and `snapshot` as OpenMetrics text, ending with `# EOF`.
 pub fn render(counters: &Counters, snapshot: &Snapshot) -> String {
     let mut r = Registry::with_prefix("vmnet_broker");
-    // Clones share their values with the originals: the registry only reads them.
-    r.register(
-        "acquires",
-        "Successful acquires, by network",
-        counters.acquires.clone(),
-    );
-    r.register(
-        "errors",
-        "Error replies, by protocol error code and request",
-        counters.errors.clone(),
-    );
-    r.register(
-        "dns_queries",
-        "DNS queries received by the networks' DNS servers",
-        counters.dns_queries.clone(),
-    );
-    r.register(
-        "dns_upstream_failures",
-        "Forwarded DNS queries that no upstream answered",
-        counters.dns_upstream_failures.clone(),
-    );
-    r.register(
-        "firewall_restores",
-        "Times the broker's nftables tables were found removed and restored",
-        counters.firewall_restores.clone(),
-    );
-    r.register(
-        "restarts_with_adoption",
-        "1 when this broker adopted a previous broker's networks at start",
-        counters.restarts_with_adoption.clone(),
-    );
-    r.register(
-        "adopted_networks",
-        "Networks adopted from the previous broker at start",
-        counters.adopted_networks.clone(),
-    );
-    r.register(
-        "forwards_added",
-        "Dynamic port forwards added (forward requests), by network",
-        counters.forwards.clone(),
-    );
+    // Clones share their values with the originals: the registry only reads them. A
+    // table, in exposition order: each row is a field of `Counters`, its metric name and
+    // its help text.
+    macro_rules! register_counters {
+        ($($field:ident as $name:literal: $help:literal,)*) => {
+            $(r.register($name, $help, counters.$field.clone());)*
+        };
+    }
+    register_counters! {
+        acquires as "acquires": "Successful acquires, by network",
+        errors as "errors": "Error replies, by protocol error code and request",
+        dns_queries as "dns_queries": "DNS queries received by the networks' DNS servers",
+        dns_upstream_failures as "dns_upstream_failures":
+            "Forwarded DNS queries that no upstream answered",
+        firewall_restores as "firewall_restores":
+            "Times the broker's nftables tables were found removed and restored",
+        restarts_with_adoption as "restarts_with_adoption":
+            "1 when this broker adopted a previous broker's networks at start",
+        adopted_networks as "adopted_networks":
+            "Networks adopted from the previous broker at start",
+        forwards as "forwards_added":
+            "Dynamic port forwards added (forward requests), by network",
+    }
     let networks = Gauge::<i64>::default();
     networks.set(snapshot.networks.len() as i64);
     r.register("networks", "Networks that exist", networks);
