@@ -13,7 +13,7 @@ use std::collections::BTreeSet;
 use std::os::fd::AsFd;
 use std::process::Stdio;
 use std::time::Duration;
-use support::{Broker, Options, read_line};
+use support::{Broker, Options, options_with_files as files, read_line};
 use vmnet_broker_client::client::{Acquired, Client};
 use vmnet_broker_client::linux::tap_name_of;
 use vmnet_broker_client::protocol::{ErrorCode, MAX_MESSAGE, Mac, Reply};
@@ -274,13 +274,10 @@ fn ninth_distinct_network_is_internal_error() {
 
 #[test]
 fn not_allowed_for_a_uid_outside_allowed_users() {
-    let b = Broker::start(Options {
-        files: vec![(
-            "private.json".into(),
-            r#"{"mode":"host","allowed_users":["root"]}"#.into(),
-        )],
-        ..Default::default()
-    });
+    let b = Broker::start(files(&[(
+        "private.json",
+        r#"{"mode":"host","allowed_users":["root"]}"#,
+    )]));
     // Let any uid reach the socket for this test (the default is 0660 root:vmnet-broker).
     b.ns.sh(&format!("chmod 0666 {}", b.socket.display()));
     let as_nobody = |net: &str| b.cli_as_nobody(&["acquire", net]).output().unwrap();
@@ -364,30 +361,17 @@ fn nothing_remains_in_the_kernel_after_the_idle_timeout() {
 
 #[test]
 fn invalid_config_files_are_reported_and_do_not_disturb_others() {
-    let b = Broker::start(Options {
-        files: vec![
-            ("good.json".into(), r#"{"mode":"host","mtu":1400}"#.into()),
-            ("typo.json".into(), r#"{"mode":"host","mtuu":1400}"#.into()),
-            ("badmask.json".into(), r#"{"mask":"255.0.255.0"}"#.into()),
-            (
-                "unfit.json".into(),
-                r#"{"subnet":"10.9.8.0","mask":"255.255.255.0"}"#.into(),
-            ),
-            (
-                "noreserve.json".into(),
-                r#"{"max_nonroot_taps":1023}"#.into(),
-            ),
-        ],
-        ..Default::default()
-    });
-    let out = b
-        .cli(&[
-            "check-config",
-            "--config-dir",
-            support::path_str(&b.config_dir),
-        ])
-        .output()
-        .unwrap();
+    let b = Broker::start(files(&[
+        ("good.json", r#"{"mode":"host","mtu":1400}"#),
+        ("typo.json", r#"{"mode":"host","mtuu":1400}"#),
+        ("badmask.json", r#"{"mask":"255.0.255.0"}"#),
+        (
+            "unfit.json",
+            r#"{"subnet":"10.9.8.0","mask":"255.255.255.0"}"#,
+        ),
+        ("noreserve.json", r#"{"max_nonroot_taps":1023}"#),
+    ]));
+    let out = b.check_config(&b.config_dir).output().unwrap();
     assert_eq!(out.status.code(), Some(1));
     let text = String::from_utf8_lossy(&out.stdout);
     for (file, why) in [
@@ -421,26 +405,16 @@ fn invalid_config_files_are_reported_and_do_not_disturb_others() {
     // A clean directory passes.
     let clean = tempfile::tempdir().unwrap();
     std::fs::write(clean.path().join("lab.json"), r#"{"subnet":"10.9.8.1"}"#).unwrap();
-    let out = b
-        .cli(&[
-            "check-config",
-            "--config-dir",
-            support::path_str(clean.path()),
-        ])
-        .output()
-        .unwrap();
+    let out = b.check_config(clean.path()).output().unwrap();
     assert!(out.status.success());
 }
 
 #[test]
 fn config_network_with_fixed_subnet_and_mask() {
-    let b = Broker::start(Options {
-        files: vec![(
-            "lab.json".into(),
-            r#"{"mode":"host","subnet":"192.168.42.1","mask":"255.255.255.240"}"#.into(),
-        )],
-        ..Default::default()
-    });
+    let b = Broker::start(files(&[(
+        "lab.json",
+        r#"{"mode":"host","subnet":"192.168.42.1","mask":"255.255.255.240"}"#,
+    )]));
     let a = b.client().acquire("lab").unwrap();
     assert_eq!(a.info.subnet, "192.168.42.0/28");
     assert_eq!(a.info.gateway, "192.168.42.1");
@@ -1114,13 +1088,10 @@ fn bridge_ports(b: &Broker, bridge: &str) -> usize {
 
 #[test]
 fn one_uid_cannot_fill_a_bridge_and_root_keeps_a_reserve() {
-    let b = Broker::start(Options {
-        files: vec![(
-            "lab.json".into(),
-            r#"{"mode":"host","max_taps_per_uid":4,"max_nonroot_taps":6}"#.into(),
-        )],
-        ..Default::default()
-    });
+    let b = Broker::start(files(&[(
+        "lab.json",
+        r#"{"mode":"host","max_taps_per_uid":4,"max_nonroot_taps":6}"#,
+    )]));
     b.ns.sh(&format!("chmod 0666 {}", b.socket.display()));
     let bin = b.bin_for_any_uid();
     let root = b.client();

@@ -20,20 +20,10 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
 use std::time::Duration;
-use support::{Broker, Netns, Options};
+use support::{Broker, Netns, Options, options_with_files as files};
 use tap_vm::TapVm;
 
 const DEADLINE: Duration = Duration::from_secs(30);
-
-fn files(files: &[(&str, String)]) -> Options {
-    Options {
-        files: files
-            .iter()
-            .map(|(n, t)| (n.to_string(), t.clone()))
-            .collect(),
-        ..Default::default()
-    }
-}
 
 /// "Another machine": a namespace joined to the broker's by a veth, the broker's end
 /// 10.200.0.1/24 (`uplink`), the other 10.200.0.2/24.
@@ -399,14 +389,7 @@ fn check_config_reports_bad_forwards_and_a_taken_static_port_fails_the_network()
             rule("10.68.0.1", &one("8068", "10.68.0.5", "22")),
         ),
     ]));
-    let out = b
-        .cli(&[
-            "check-config",
-            "--config-dir",
-            support::path_str(&b.config_dir),
-        ])
-        .output()
-        .unwrap();
+    let out = b.check_config(&b.config_dir).output().unwrap();
     let text =
         String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{text}");

@@ -17,7 +17,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-use support::{Broker, Options, path_str};
+use support::{Broker, Options, options_with_files as files};
 use tap_owner::attach_by_name_as;
 use vmnet_broker::client::Client;
 use vmnet_broker::protocol::{BrokerError, ErrorCode};
@@ -25,16 +25,6 @@ use vmnet_broker::registry::MAX_CONNECTIONS_PER_UID;
 
 /// How long something that must not hang may take, on a busy machine.
 const PROMPTLY: Duration = Duration::from_secs(20);
-
-fn files(files: &[(&str, &str)]) -> Options {
-    Options {
-        files: files
-            .iter()
-            .map(|(n, t)| (n.to_string(), t.to_string()))
-            .collect(),
-        ..Default::default()
-    }
-}
 
 /// Acquires `name` on a fresh connection, in a thread: a broker that hangs fails the test
 /// after [`PROMPTLY`] instead of hanging it.
@@ -68,7 +58,7 @@ fn output_within(mut cmd: Command) -> Output {
 }
 
 fn check_config(b: &Broker) -> (Option<i32>, String) {
-    let out = output_within(b.cli(&["check-config", "--config-dir", path_str(&b.config_dir)]));
+    let out = output_within(b.check_config(&b.config_dir));
     (
         out.status.code(),
         String::from_utf8_lossy(&out.stdout).into_owned(),
@@ -122,7 +112,7 @@ fn big_group_writable_and_symlinked_files_are_refused_and_secrets_stay_secret() 
         // Valid JSON, 2 MiB: would be a network if size were not checked.
         (
             "big.json",
-            &format!(r#"{{"description": "{}"}}"#, "x".repeat(2 << 20)),
+            format!(r#"{{"description": "{}"}}"#, "x".repeat(2 << 20)).as_str(),
         ),
         ("grp.json", r#"{"mode": "host"}"#),
         ("world.json", r#"{"mode": "host"}"#),

@@ -19,18 +19,14 @@ mod tap_vm;
 use serde_json::Value;
 use std::process::Output;
 use std::time::{Duration, Instant};
-use support::{Broker, Options};
+use support::{Broker, Options, options_with_files};
 use tap_vm::TapVm;
 use vmnet_broker::client::Acquired;
 
 fn opts(files: &[(&str, &str)], idle_timeout: f64) -> Options {
     Options {
-        files: files
-            .iter()
-            .map(|(n, t)| (n.to_string(), t.to_string()))
-            .collect(),
         idle_timeout,
-        ..Default::default()
+        ..options_with_files(files)
     }
 }
 

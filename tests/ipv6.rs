@@ -16,38 +16,30 @@
 //! Needs root, `ip`, `nft`, busybox and `dig` (dnsutils).
 #![cfg(target_os = "linux")]
 
+#[path = "support/frames.rs"]
+mod frames;
 #[path = "support/netns.rs"]
 mod netns;
 #[path = "support/broker.rs"]
 mod support;
+#[path = "support/veth.rs"]
+mod veth;
 
 use etherparse::{Icmpv6Type, NetSlice, PacketBuilder, SlicedPacket, TransportSlice};
+use frames::Tap;
 use ipnet::Ipv6Net;
 use std::net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, OwnedFd};
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
-use support::{Broker, Netns, Options};
-use vmnet_broker::client::{Acquired, Client};
+use support::{Broker, Netns, Options, options_with_files as opts};
+use veth::{Outside, VethVm};
+use vmnet_broker::client::Client;
 use vmnet_broker::ra::Advert;
-
-static COUNTER: AtomicU32 = AtomicU32::new(0);
 
 /// How long a negative check waits for something that must not come.
 const NEVER: Duration = Duration::from_secs(4);
 /// How long a positive check may take (duplicate address detection alone takes a
 /// second or two in the guest).
 const SOON: Duration = Duration::from_secs(20);
-
-fn opts(files: &[(&str, &str)]) -> Options {
-    Options {
-        files: files
-            .iter()
-            .map(|(n, t)| (n.to_string(), t.to_string()))
-            .collect(),
-        ..Default::default()
-    }
-}
 
 fn prefix_of(c: &Client, network: &str) -> Ipv6Net {
     let shown = c.show(network).unwrap();
@@ -61,10 +53,6 @@ fn prefix_of(c: &Client, network: &str) -> Ipv6Net {
 
 fn gateway6(prefix: Ipv6Net) -> Ipv6Addr {
     vmnet_broker::ula::gateway_of(prefix)
-}
-
-fn parse_mac(s: &str) -> [u8; 6] {
-    s.parse::<vmnet_broker::mac::Mac>().unwrap().octets()
 }
 
 /// The guest's link-local address by EUI-64 (RFC 4291), written out here rather than
@@ -91,57 +79,7 @@ fn slaac(prefix: Ipv6Net, mac: [u8; 6]) -> Ipv6Addr {
 
 // ---- a VM on a TAP fd -------------------------------------------------------------------
 
-const VNET_HDR: usize = 12;
-
-struct Tap {
-    fd: OwnedFd,
-    mac: [u8; 6],
-}
-
 impl Tap {
-    fn new(a: Acquired) -> Tap {
-        Tap {
-            mac: parse_mac(&a.info.mac),
-            fd: a.fd,
-        }
-    }
-
-    /// Sends one Ethernet frame, behind the (all-zero: no offloads) virtio-net header.
-    fn send(&self, frame: &[u8]) {
-        let mut buf = vec![0u8; VNET_HDR];
-        buf.extend_from_slice(frame);
-        // SAFETY: write(2) reads at most buf.len() bytes from `buf`, an initialized slice
-        // that long, borrowed for the call; `self.fd` is open for as long as `self`.
-        let n = unsafe { libc::write(self.fd.as_raw_fd(), buf.as_ptr().cast(), buf.len()) };
-        assert_eq!(n, buf.len() as isize, "{}", std::io::Error::last_os_error());
-    }
-
-    /// The next frame (header stripped) within `wait`, or None.
-    fn recv(&self, wait: Duration) -> Option<Vec<u8>> {
-        let mut pfd = libc::pollfd {
-            fd: self.fd.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        };
-        // SAFETY: poll(2) reads and writes exactly one pollfd (nfds = 1) through the
-        // pointer, which points to `pfd`, exclusively borrowed for the call.
-        let ready = unsafe { libc::poll(&mut pfd, 1, wait.as_millis() as libc::c_int) };
-        if ready != 1 {
-            return None;
-        }
-        let mut buf = vec![0u8; 65536];
-        // SAFETY: read(2) writes at most buf.len() bytes into `buf`, exclusively borrowed
-        // and that long; `self.fd` is open for as long as `self`.
-        let n = unsafe { libc::read(self.fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
-        assert!(
-            n >= VNET_HDR as isize,
-            "{}",
-            std::io::Error::last_os_error()
-        );
-        buf.truncate(n as usize);
-        Some(buf.split_off(VNET_HDR))
-    }
-
     /// A Router Solicitation as a guest sends it: from its link-local address to all
     /// routers (ff02::2, Ethernet 33:33:00:00:00:02), hop limit 255.
     fn router_solicitation(&self) -> Vec<u8> {
@@ -243,28 +181,7 @@ fn a_soliciting_tap_gets_prefix_router_dns_and_mtu_and_router_advertisement_fals
 
 // ---- a VM on a veth: the kernel's own IPv6 stack ------------------------------------------
 
-struct VethVm {
-    ns: Netns,
-    mac: [u8; 6],
-}
-
 impl VethVm {
-    fn new(b: &Broker, bridge: &str, mac: &str) -> VethVm {
-        netns::require("busybox", "busybox-static");
-        let ns = Netns::new("vm");
-        let port = format!("vc{}", COUNTER.fetch_add(1, Ordering::SeqCst));
-        b.ns.sh(&format!(
-            "ip link add {port} type veth peer name eth0 netns {}",
-            ns.name
-        ));
-        ns.sh(&format!("ip link set eth0 address {mac} up"));
-        b.ns.sh(&format!("ip link set {port} master {bridge} up"));
-        VethVm {
-            ns,
-            mac: parse_mac(mac),
-        }
-    }
-
     /// Waits until the guest has its SLAAC address in `prefix` (past duplicate address
     /// detection) and returns it.
     fn wait_slaac(&self, b: &Broker, prefix: Ipv6Net) -> Ipv6Addr {
@@ -368,53 +285,9 @@ fn a_slaac_guest_uses_the_gateway_over_ipv6_and_is_found_by_aaaa() {
 const UPLINK6: &str = "fd97::1";
 const OUTSIDE6: &str = "[fd97::2]:8080";
 
-struct Outside {
-    listener: TcpListener,
-    ns: Netns,
-}
-
 impl Outside {
     fn new(b: &Broker) -> Outside {
-        let ns = Netns::new("out");
-        b.ns.sh(&format!(
-            "ip link add up0 type veth peer name eth0 netns {}; \
-             ip addr add {UPLINK6}/64 dev up0 nodad; ip link set up0 up; \
-             ip -6 route add default via fd97::2",
-            ns.name
-        ));
-        ns.sh("ip addr add fd97::2/64 dev eth0 nodad; ip link set eth0 up");
-        let listener = ns.run(|| TcpListener::bind(OUTSIDE6).unwrap());
-        listener.set_nonblocking(true).unwrap();
-        Outside { listener, ns }
-    }
-
-    /// The source of the next connection accepted within `wait`.
-    fn accepted(&self, wait: Duration) -> Option<SocketAddr> {
-        let deadline = Instant::now() + wait;
-        loop {
-            match self.listener.accept() {
-                Ok((_, from)) => return Some(from),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => panic!("accept: {e}"),
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Whether a connection from `vm` reaches the outside, and from where it comes.
-    fn reached_from(&self, vm: &VethVm, wait: Duration) -> Option<SocketAddr> {
-        let to: SocketAddr = OUTSIDE6.parse().unwrap();
-        if !vm
-            .ns
-            .run(move || TcpStream::connect_timeout(&to, wait).is_ok())
-        {
-            assert_eq!(self.accepted(Duration::ZERO), None);
-            return None;
-        }
-        self.accepted(SOON)
+        Outside::start(b, UPLINK6.parse().unwrap(), OUTSIDE6.parse().unwrap(), 64)
     }
 }
 

@@ -23,19 +23,22 @@ mod frames;
 mod netns;
 #[path = "support/broker.rs"]
 mod support;
+#[path = "support/veth.rs"]
+mod veth;
 
 use dhcproto::Encodable;
 use dhcproto::v4::{DhcpOption, Message, MessageType};
 use frames::{
     BROADCAST, ETH_ARP, ETH_IPV4, Tap, arp, checksum, dhcp_frame_as, dhcp_reply, ethernet,
-    ipv4_udp, udp_payload_to,
+    ipv4_udp, parse_mac, udp_payload_to,
 };
 use std::collections::HashMap;
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::{Duration, Instant};
-use support::{Broker, Netns, Options};
+use support::{Broker, Netns, Options, options_with_files as opts};
+use veth::{Outside, VethVm};
 use vmnet_broker::backend::linux::firewall::guard::{Binding, Guard};
 use vmnet_broker::client::{Acquired, Client};
 
@@ -46,24 +49,8 @@ const NEVER: Duration = Duration::from_millis(1500);
 /// How long a positive check may take.
 const SOON: Duration = Duration::from_secs(5);
 
-fn opts(files: &[(&str, &str)]) -> Options {
-    Options {
-        files: files
-            .iter()
-            .map(|(n, t)| (n.to_string(), t.to_string()))
-            .collect(),
-        ..Default::default()
-    }
-}
-
 fn ip(s: &str) -> Ipv4Addr {
     s.parse().unwrap_or_else(|e| panic!("{s:?}: {e}"))
-}
-
-fn parse_mac(s: &str) -> [u8; 6] {
-    s.parse::<vmnet_broker::mac::Mac>()
-        .unwrap_or_else(|e| panic!("{e}"))
-        .octets()
 }
 
 fn subnet_of(a: &Acquired) -> ipnet::Ipv4Net {
@@ -86,40 +73,7 @@ fn listening(b: &Broker, flags: &str, port: u16) -> Vec<String> {
 
 // ---- VMs on veths ---------------------------------------------------------------------
 
-/// A client namespace whose `eth0` is a veth whose other end (`port`) is in the broker's
-/// namespace. Deleting the namespace deletes both ends.
-struct VethVm {
-    ns: Netns,
-    port: String,
-}
-
 impl VethVm {
-    fn new(b: &Broker, bridge: &str, mac: &str) -> VethVm {
-        netns::require("busybox", "busybox-static");
-        let ns = Netns::new("vm");
-        let port = format!("vc{}", COUNTER.fetch_add(1, Ordering::SeqCst));
-        b.ns.sh(&format!(
-            "ip link add {port} type veth peer name eth0 netns {}",
-            ns.name
-        ));
-        ns.sh(&format!("ip link set eth0 address {mac} up"));
-        let vm = VethVm { ns, port };
-        vm.plug(b, bridge);
-        vm
-    }
-
-    /// Enslaves the broker-side end to `bridge` (again, after the bridge was re-created).
-    fn plug(&self, b: &Broker, bridge: &str) {
-        b.ns.sh(&format!("ip link set {} master {bridge} up", self.port));
-    }
-
-    fn set_mac(&self, mac: &str) {
-        self.ns.sh(&format!(
-            "ip addr flush dev eth0; ip link set eth0 down; \
-             ip link set eth0 address {mac}; ip link set eth0 up"
-        ));
-    }
-
     /// Runs busybox `udhcpc` once (3 DISCOVERs, 1 s apart). On a lease the script
     /// configures the address and default route and records what the server sent;
     /// returns those variables, or None when no lease came.
@@ -296,12 +250,12 @@ fn other_host(net: ipnet::Ipv4Net, avoid: &[Ipv4Addr]) -> Ipv4Addr {
 fn dhcp_gives_address_router_dns_mtu_and_keeps_leases_across_a_restart() {
     let mut b = Broker::start(Options::default());
     let (first, second) = ("52:54:00:5e:00:01", "52:54:00:5e:00:02");
-    let (subnet, gw, ip1, ip2, vm) = {
+    let (subnet, gw, ip1, ip2, mut vm) = {
         let c = b.client();
         let a = c.acquire("shared").unwrap();
         let subnet = subnet_of(&a);
         let gw = ip(&a.info.gateway);
-        let vm = VethVm::new(&b, &a.info.bridge, first);
+        let mut vm = VethVm::new(&b, &a.info.bridge, first);
         let l = vm.lease(&b, &[]);
         let ip1 = ip(&l["ip"]);
         assert!(subnet.contains(&ip1) && ip1 != gw, "{ip1} in {subnet}");
@@ -555,55 +509,15 @@ fn dns_forwards_to_resolv_conf_and_answers_vm_names() {
 
 // ---- NAT and host mode ----------------------------------------------------------------
 
-/// The world outside the broker's namespace: namespace O, at 10.97.0.2 from the broker's
-/// uplink 10.97.0.1, which is the broker namespace's default route. A TCP listener on
-/// 10.97.0.2:8080 tells who connected.
-struct Outside {
-    listener: TcpListener,
-    ns: Netns,
-}
-
 const OUTSIDE: &str = "10.97.0.2:8080";
 const UPLINK: Ipv4Addr = Ipv4Addr::new(10, 97, 0, 1);
 
 impl Outside {
+    /// The world outside the broker's namespace: namespace O, at 10.97.0.2 from the
+    /// broker's uplink 10.97.0.1, which is the broker namespace's default route. A TCP
+    /// listener on 10.97.0.2:8080 tells who connected.
     fn new(b: &Broker) -> Outside {
-        let ns = Netns::new("out");
-        b.ns.sh(&format!(
-            "ip link add up0 type veth peer name eth0 netns {}; \
-             ip addr add {UPLINK}/24 dev up0; ip link set up0 up; \
-             ip route add default via 10.97.0.2",
-            ns.name
-        ));
-        ns.sh("ip addr add 10.97.0.2/24 dev eth0; ip link set eth0 up");
-        let listener = ns.run(|| TcpListener::bind(OUTSIDE).unwrap());
-        listener.set_nonblocking(true).unwrap();
-        Outside { listener, ns }
-    }
-
-    /// The source of the next connection accepted within `wait`.
-    fn accepted(&self, wait: Duration) -> Option<SocketAddr> {
-        let deadline = Instant::now() + wait;
-        loop {
-            match self.listener.accept() {
-                Ok((_, from)) => return Some(from),
-                Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
-                Err(e) => panic!("accept: {e}"),
-            }
-            if Instant::now() > deadline {
-                return None;
-            }
-            std::thread::sleep(Duration::from_millis(20));
-        }
-    }
-
-    /// Whether a connection from `vm` reaches the outside, and from where it comes.
-    fn reached_from(&self, vm: &VethVm, wait: Duration) -> Option<SocketAddr> {
-        if !tcp_connects(&vm.ns, OUTSIDE.parse().unwrap(), wait) {
-            assert_eq!(self.accepted(Duration::ZERO), None);
-            return None;
-        }
-        self.accepted(SOON)
+        Outside::start(b, UPLINK.into(), OUTSIDE.parse().unwrap(), 24)
     }
 }
 

@@ -40,6 +40,17 @@ impl Default for Options {
     }
 }
 
+/// The default options with config files `files`, each (file name, contents).
+pub fn options_with_files<T: AsRef<str>>(files: &[(&str, T)]) -> Options {
+    Options {
+        files: files
+            .iter()
+            .map(|(n, t)| (n.to_string(), t.as_ref().to_string()))
+            .collect(),
+        ..Default::default()
+    }
+}
+
 pub struct Broker {
     pub dir: tempfile::TempDir,
     pub socket: PathBuf,
@@ -156,6 +167,11 @@ impl Broker {
         let mut c = self.ns.cmd(BIN);
         c.args(args).env("VMNET_BROKER_SOCKET", &self.socket);
         c
+    }
+
+    /// `vmnet-broker check-config --config-dir <dir>`, as [`Broker::cli`] runs it.
+    pub fn check_config(&self, dir: &Path) -> Command {
+        self.cli(&["check-config", "--config-dir", path_str(dir)])
     }
 
     /// The CLI run as uid/gid 65534 with no groups, from [`Broker::bin_for_any_uid`] (the

@@ -15,6 +15,13 @@ pub const BROADCAST: [u8; 6] = [0xff; 6];
 pub const ETH_ARP: u16 = 0x0806;
 pub const ETH_IPV4: u16 = 0x0800;
 
+/// The octets of MAC `s` (as the broker writes it).
+pub fn parse_mac(s: &str) -> [u8; 6] {
+    s.parse::<vmnet_broker::mac::Mac>()
+        .unwrap_or_else(|e| panic!("{s:?}: {e}"))
+        .octets()
+}
+
 /// The TAP fd of an acquire, used as a VM's NIC.
 pub struct Tap {
     pub fd: OwnedFd,
@@ -24,9 +31,8 @@ pub struct Tap {
 impl Tap {
     /// The TAP of acquire `a`, with the MAC the broker gave it.
     pub fn new(a: Acquired) -> Tap {
-        let mac: vmnet_broker::mac::Mac = a.info.mac.parse().unwrap_or_else(|e| panic!("{e}"));
         Tap {
-            mac: mac.octets(),
+            mac: parse_mac(&a.info.mac),
             fd: a.fd,
         }
     }
