@@ -423,15 +423,11 @@ impl Drop for Outside {
     }
 }
 
-/// Scenario 2: A VM on `shared` reaches a host outside (a second namespace standing for the
-/// internet, behind the broker namespace's uplink) and is seen there with the uplink's
-/// address (NAT); a VM on `host` reaches its gateway but not the outside.
-#[test]
-fn shared_vm_reaches_the_outside_through_nat_and_host_vm_does_not() {
-    let t = Instant::now();
-    let b = Broker::start(Options::default());
+/// A namespace standing for the internet behind the broker namespace's uplink: a veth
+/// whose end `uplink` in the broker's namespace is 203.0.113.2/24 (TEST-NET-3) and whose
+/// other end `wan` is 203.0.113.1/24.
+fn outside_on_uplink(b: &Broker) -> Netns {
     let outside = Netns::new("outside");
-    // The broker namespace's uplink: 203.0.113.2 (TEST-NET-3), default route via the outside.
     netns::run_ok(Command::new("ip").args([
         "-n",
         &b.ns.name,
@@ -447,10 +443,20 @@ fn shared_vm_reaches_the_outside_through_nat_and_host_vm_does_not() {
         &outside.name,
     ]));
     outside.sh("ip addr add 203.0.113.1/24 dev wan && ip link set wan up");
-    b.ns.sh(
-        "ip addr add 203.0.113.2/24 dev uplink && ip link set uplink up && \
-         ip route add default via 203.0.113.1",
-    );
+    b.ns.sh("ip addr add 203.0.113.2/24 dev uplink && ip link set uplink up");
+    outside
+}
+
+/// Scenario 2: A VM on `shared` reaches a host outside (a second namespace standing for the
+/// internet, behind the broker namespace's uplink) and is seen there with the uplink's
+/// address (NAT); a VM on `host` reaches its gateway but not the outside.
+#[test]
+fn shared_vm_reaches_the_outside_through_nat_and_host_vm_does_not() {
+    let t = Instant::now();
+    let b = Broker::start(Options::default());
+    let outside = outside_on_uplink(&b);
+    // Default route via the outside.
+    b.ns.sh("ip route add default via 203.0.113.1");
     let server = Outside::start(&outside, "203.0.113.1", 8080);
 
     let shared = r#"
@@ -893,23 +899,7 @@ sleep 0.5
 #[test]
 fn run_forward_reaches_the_guests_listener_while_it_runs() {
     let b = Broker::start(Options::default());
-    let outside = Netns::new("outside");
-    netns::run_ok(Command::new("ip").args([
-        "-n",
-        &b.ns.name,
-        "link",
-        "add",
-        "uplink",
-        "type",
-        "veth",
-        "peer",
-        "name",
-        "wan",
-        "netns",
-        &outside.name,
-    ]));
-    outside.sh("ip addr add 203.0.113.1/24 dev wan && ip link set wan up");
-    b.ns.sh("ip addr add 203.0.113.2/24 dev uplink && ip link set uplink up");
+    let outside = outside_on_uplink(&b);
     // The guest serves a greeting on port 22 until two connections were served.
     let script = r#"
 check dhcp dhcp eth0
