@@ -21,7 +21,9 @@ use crate::error::chain;
 use crate::mac::Mac;
 use crate::policy::{self, Denied, Directory, Peer};
 use crate::protocol::ForwardSpec;
-use crate::state::{BrokerState, ClientRecord, EndpointRecord, NetworkRecord, StateWriter};
+use crate::state::{
+    BrokerState, ClientRecord, EndpointRecord, ForwardRecord, NetworkRecord, StateWriter,
+};
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -576,6 +578,17 @@ impl<B: Backend> Registry<B> {
                     .iter()
                     .map(|(n, e)| (n.clone(), e.0.clone()))
                     .collect(),
+                forwards: c
+                    .forwards
+                    .iter()
+                    .map(|f| ForwardRecord {
+                        network: f.network.clone(),
+                        protocol: f.protocol,
+                        external_port: f.external_port,
+                        internal_port: f.internal_port,
+                        endpoint: f.endpoint.0.clone(),
+                    })
+                    .collect(),
             })
             .collect();
         BrokerState {
@@ -600,9 +613,17 @@ impl<B: Backend> Registry<B> {
         records: Vec<NetworkRecord>,
         clients: Vec<ClientRecord>,
     ) -> Vec<String> {
+        // The restored clients' dynamic forwards, made again once their networks are
+        // adopted.
+        let mut recorded_forwards: Vec<(ClientId, ForwardRecord)> = vec![];
         {
             let mut st = self.lock();
-            for c in clients {
+            for mut c in clients {
+                recorded_forwards.extend(
+                    std::mem::take(&mut c.forwards)
+                        .into_iter()
+                        .map(|f| (c.id, f)),
+                );
                 st.next_client = st.next_client.max(c.id + 1);
                 let endpoints = |list: Vec<(String, String)>| {
                     list.into_iter()
@@ -622,7 +643,7 @@ impl<B: Backend> Registry<B> {
                         networks: c.networks.into_iter().collect(),
                         taps: endpoints(c.endpoints),
                         persistent: endpoints(c.persistent),
-                        // Dynamic forwards end with the broker that made them.
+                        // Made again below, once their networks are adopted.
                         forwards: Vec::new(),
                     },
                 );
@@ -752,8 +773,77 @@ impl<B: Backend> Registry<B> {
             c.taps.retain(|(n, _)| networks.contains_key(n));
             c.persistent.retain(|(n, _)| networks.contains_key(n));
         }
-        self.record(&st);
+        drop(st);
+        for (client, f) in recorded_forwards {
+            self.readopt_forward(client, f).await;
+        }
+        self.record(&self.lock());
         adopted
+    }
+
+    /// Makes a restored client's dynamic forward again (the previous broker's host port
+    /// closed with it; its rules are rewritten), when the client still holds the
+    /// endpoint on an adopted network. One that cannot be made is logged and dropped.
+    async fn readopt_forward(self: &Arc<Self>, client: ClientId, f: ForwardRecord) {
+        let endpoint = EndpointId(f.endpoint.clone());
+        let found = {
+            let st = self.lock();
+            let holds = st.clients.get(&client).is_some_and(|c| {
+                c.taps
+                    .iter()
+                    .any(|(n, e)| *n == f.network && *e == endpoint)
+            });
+            st.networks
+                .get(&f.network)
+                .and_then(|net| match &net.phase {
+                    Phase::Active(live) if holds => net
+                        .handed
+                        .get(&endpoint)
+                        .map(|h| (Arc::clone(live), net.instance, h.mac)),
+                    _ => None,
+                })
+        };
+        let Some((live, instance, mac)) = found else {
+            info!(client, network = %f.network, port = f.external_port,
+                  "port forward of the previous broker dropped: its endpoint is gone");
+            return;
+        };
+        let request = ForwardRequest {
+            protocol: f.protocol,
+            external_port: f.external_port,
+            internal_port: f.internal_port,
+            endpoint: endpoint.clone(),
+            mac,
+        };
+        if let Err(e) = self.backend.forward(&live.handle, &request).await {
+            warn!(client, network = %f.network, port = f.external_port,
+                  "cannot make the previous broker's port forward again: {}", chain(&e));
+            return;
+        }
+        let kept = match self.lock().clients.get_mut(&client) {
+            Some(c) => {
+                c.forwards.push(ClientForward {
+                    network: f.network.clone(),
+                    instance,
+                    protocol: f.protocol,
+                    external_port: f.external_port,
+                    internal_port: f.internal_port,
+                    endpoint,
+                });
+                true
+            }
+            None => false,
+        };
+        if kept {
+            info!(client, network = %f.network, port = f.external_port,
+                  "port forward of the previous broker made again");
+        } else if let Err(e) = self
+            .backend
+            .unforward(&live.handle, f.protocol, f.external_port)
+            .await
+        {
+            warn!(client, network = %f.network, "cannot end a port forward: {}", chain(&e));
+        }
     }
 
     /// Follows the orphaned endpoints of an adopted network until none is open any more,
@@ -1485,12 +1575,19 @@ impl<B: Backend> Registry<B> {
             internal_port: spec.internal_port,
             endpoint: endpoint.clone(),
         };
-        let kept = match self.lock().clients.get_mut(&client) {
-            Some(c) => {
-                c.forwards.push(record);
-                true
-            }
-            None => false,
+        let kept = {
+            let mut st = self.lock();
+            let kept = match st.clients.get_mut(&client) {
+                Some(c) => {
+                    c.forwards.push(record);
+                    true
+                }
+                None => false,
+            };
+            // The state record carries it to a next broker (which serves this very
+            // connection after a restart).
+            self.record(&st);
+            kept
         };
         if !kept {
             // The client left meanwhile: its forward goes at once.

@@ -786,6 +786,9 @@ async fn respond<B: Backend<Endpoint: AsFd>>(
         }
         Ok(Request::Forward(spec)) => match registry.forward(client, &spec).await {
             Ok(address) => Reply::Forward({
+                // On disk before the client hears of it, as for an acquire: a next
+                // broker makes the forward again for this connection.
+                registry.flush_state().await;
                 metrics::counters()
                     .forwards
                     .get_or_create(&metrics::network(&spec.network_name))

@@ -78,6 +78,21 @@ pub struct ClientRecord {
     pub endpoints: Vec<(String, String)>,
     /// Those of its endpoints that are persistent (removed when it leaves).
     pub persistent: Vec<(String, String)>,
+    /// Its dynamic port forwards: made again by the next broker, which serves the same
+    /// connection, so they end when that connection does (absent in older files).
+    #[serde(default)]
+    pub forwards: Vec<ForwardRecord>,
+}
+
+/// One dynamic port forward a client holds (protocol request `forward`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ForwardRecord {
+    pub network: String,
+    pub protocol: crate::config::Protocol,
+    pub external_port: u16,
+    pub internal_port: u16,
+    /// The client's endpoint whose guest the forward reaches.
+    pub endpoint: String,
 }
 
 /// One network as the broker made it.
@@ -302,6 +317,13 @@ mod tests {
                 networks: vec!["shared".into()],
                 endpoints: vec![("shared".into(), "vmnt1x2".into())],
                 persistent: vec![("shared".into(), "vmnt1x2".into())],
+                forwards: vec![ForwardRecord {
+                    network: "shared".into(),
+                    protocol: crate::config::Protocol::Tcp,
+                    external_port: 2222,
+                    internal_port: 22,
+                    endpoint: "vmnt1x2".into(),
+                }],
             }],
             networks: vec![NetworkRecord {
                 config,
@@ -334,6 +356,14 @@ mod tests {
             .map(|e| e.unwrap().file_name())
             .collect();
         assert_eq!(names, vec![std::ffi::OsString::from(STATE_FILE)]);
+    }
+
+    #[test]
+    fn a_client_record_without_forwards_still_reads() {
+        let old = r#"{"version": 1, "networks": [], "clients": [{"id": 1, "pid": 2, "uid": 3,
+            "gid": 4, "groups": null, "networks": [], "endpoints": [], "persistent": []}]}"#;
+        let state: BrokerState = serde_json::from_str(old).unwrap();
+        assert!(state.clients[0].forwards.is_empty());
     }
 
     #[test]

@@ -167,23 +167,37 @@ impl Drop for DynamicForward {
     }
 }
 
-/// The firewall's key of a dynamic forward.
+/// The firewall's key of a dynamic forward's IPv4 rule (to the guest's lease).
 fn forward_key(protocol: Protocol, port: u16) -> String {
     format!("{}/{port}", protocol.as_str())
 }
 
-/// Removes a dynamic forward's rule (its host port and follower went with `forward`).
+/// The firewall's key of a dynamic forward's IPv6 rule (to the guest's EUI-64 address).
+fn forward_key6(protocol: Protocol, port: u16) -> String {
+    format!("{}/{port}/ipv6", protocol.as_str())
+}
+
+/// Where the broker's relay sends a dynamic forward's loopback connections: the
+/// guest's lease when it has one, else its EUI-64 address, else nowhere yet.
+fn relay_target(lease: Option<Ipv4Addr>, eui64: Option<Ipv6Addr>, port: u16) -> Option<SocketAddr> {
+    lease
+        .map(IpAddr::V4)
+        .or(eui64.map(IpAddr::V6))
+        .map(|ip| SocketAddr::new(ip, port))
+}
+
+/// Removes a dynamic forward's rules, both families (its host port and follower went
+/// with `forward`).
 async fn end_forward(firewall: &Firewall, network: &str, protocol: Protocol, port: u16) {
-    if let Err(e) = firewall
-        .set_forward(network, &forward_key(protocol, port), None)
-        .await
-    {
-        warn!(
-            network,
-            port,
-            "cannot remove a port forward's rule: {}",
-            crate::error::Chain(&e)
-        );
+    for key in [forward_key(protocol, port), forward_key6(protocol, port)] {
+        if let Err(e) = firewall.set_forward(network, &key, None).await {
+            warn!(
+                network,
+                port,
+                "cannot remove a port forward's rule: {}",
+                crate::error::Chain(&e)
+            );
+        }
     }
 }
 
@@ -1181,15 +1195,39 @@ impl Backend for LinuxBackend {
             })
         };
         let current = lease_of(&leases.borrow_and_update(), r.mac);
+        // Over IPv6 the guest's address is known at once: the EUI-64 address in the
+        // network's prefix, the one SLAAC gives it and DNS publishes (a guest numbering
+        // itself otherwise, e.g. with privacy addresses, is reached over IPv4 only).
+        let eui64 = network
+            .ipv6_prefix
+            .map(|p| crate::ula::eui64_address(p, r.mac));
+        let fail = |e| BackendError::component("firewall", e);
+        if let Some(ip6) = eui64 {
+            let rule6 = PortForward {
+                protocol: r.protocol,
+                external_port: r.external_port,
+                internal_address: IpAddr::V6(ip6),
+                internal_port: r.internal_port,
+                external_address: None,
+            };
+            self.firewall
+                .set_forward(
+                    name,
+                    &forward_key6(r.protocol, r.external_port),
+                    Some(rule6),
+                )
+                .await
+                .map_err(fail)?;
+        }
         // The rule is in place before the client hears of it, when the guest has its
         // address already; otherwise the follower adds it when the lease comes.
-        if current.is_some() {
-            self.firewall
-                .set_forward(name, &key, rule(current))
-                .await
-                .map_err(|e| BackendError::component("firewall", e))?;
-            target.send_replace(current.map(|ip| SocketAddr::new(IpAddr::V4(ip), r.internal_port)));
+        if current.is_some()
+            && let Err(e) = self.firewall.set_forward(name, &key, rule(current)).await
+        {
+            end_forward(&self.firewall, name, r.protocol, r.external_port).await;
+            return Err(fail(e));
         }
+        target.send_replace(relay_target(current, eui64, r.internal_port));
         let follower = {
             let (firewall, name, key, r) =
                 (self.firewall.clone(), name.clone(), key.clone(), r.clone());
@@ -1204,9 +1242,7 @@ impl Backend for LinuxBackend {
                         continue;
                     }
                     last = ip;
-                    target.send_replace(
-                        ip.map(|ip| SocketAddr::new(IpAddr::V4(ip), r.internal_port)),
-                    );
+                    target.send_replace(relay_target(ip, eui64, r.internal_port));
                     let rule = ip.map(|ip| PortForward {
                         protocol: r.protocol,
                         external_port: r.external_port,

@@ -1049,13 +1049,18 @@ impl Inner {
             if let Some(f) = &forward {
                 let inside = match f.internal_address {
                     std::net::IpAddr::V4(ip) => ns.net.subnet.contains(&ip),
-                    std::net::IpAddr::V6(_) => false,
+                    std::net::IpAddr::V6(ip) => ns.net.ipv6_prefix.is_some_and(|p| p.contains(&ip)),
                 };
                 if !inside {
+                    let prefix6 = ns
+                        .net
+                        .ipv6_prefix
+                        .map(|p| format!(", {p}"))
+                        .unwrap_or_default();
                     return Err(FirewallError::Invalid {
                         what: "port forward",
                         detail: format!(
-                            "{} is not on network {network:?} ({})",
+                            "{} is not on network {network:?} ({}{prefix6})",
                             f.internal_address, ns.net.subnet
                         ),
                     });
@@ -1078,8 +1083,10 @@ impl Inner {
             );
             batch
         };
-        if forward.is_some() {
-            enable_ip_forward(false)?;
+        if let Some(f) = &forward {
+            // An IPv6 forward is routed into the bridge like an IPv4 one: a `host`
+            // network's first one switches IPv6 forwarding on (as a static one would).
+            enable_ip_forward(f.internal_address.is_ipv6())?;
         }
         let context = format!("setting port forward {key:?} of network {network:?}");
         self.apply_or_restore(batch, &context, |s| {
