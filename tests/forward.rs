@@ -15,7 +15,7 @@ mod support;
 mod tap_vm;
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{Ipv6Addr, SocketAddr, TcpListener, TcpStream};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread::JoinHandle;
@@ -26,21 +26,35 @@ use tap_vm::TapVm;
 const DEADLINE: Duration = Duration::from_secs(30);
 
 /// "Another machine": a namespace joined to the broker's by a veth, the broker's end
-/// 10.200.0.1/24 (`uplink`), the other 10.200.0.2/24.
+/// 10.200.0.1/24 and fd20::1/64 (`uplink`), the other 10.200.0.2/24 and fd20::2/64.
 fn outside(b: &Broker) -> Netns {
     let out = Netns::new("outside");
     b.ns.ip(&[
         "link", "add", "uplink", "type", "veth", "peer", "name", "eth0", "netns", &out.name,
     ]);
     b.ns.ip(&["addr", "add", "10.200.0.1/24", "dev", "uplink"]);
+    b.ns.ip(&["addr", "add", "fd20::1/64", "dev", "uplink", "nodad"]);
     b.ns.ip(&["link", "set", "uplink", "up"]);
     out.ip(&["addr", "add", "10.200.0.2/24", "dev", "eth0"]);
+    out.ip(&["addr", "add", "fd20::2/64", "dev", "eth0", "nodad"]);
     out.ip(&["link", "set", "eth0", "up"]);
     out
 }
 
-/// A TCP server in the VM's namespace on `port`: answers every connection with
-/// `<name> <peer address>` and closes it.
+/// Gives the guest its SLAAC (EUI-64) address in `prefix` at once (no duplicate address
+/// detection to wait for); the address.
+fn slaac(vm: &TapVm, prefix: &str, mac: &str) -> Ipv6Addr {
+    let ip = vmnet_broker::ula::eui64_address(
+        prefix.parse().unwrap(),
+        mac.parse::<vmnet_broker::mac::Mac>().unwrap().octets(),
+    );
+    vm.ns
+        .sh(&format!("ip -6 addr replace {ip}/64 dev eth0 nodad"));
+    ip
+}
+
+/// A TCP server in the VM's namespace on `port`, over IPv4 and IPv6: answers every
+/// connection with `<name> <peer address>` and closes it.
 struct Guest {
     stop: Arc<AtomicBool>,
     thread: Option<JoinHandle<()>>,
@@ -50,7 +64,8 @@ impl Guest {
     fn serve(vm: &TapVm, port: u16, name: &'static str) -> Guest {
         let listener = vm
             .ns
-            .run(|| TcpListener::bind(("0.0.0.0", port)).expect("bind in the VM"));
+            // [::] takes IPv4 too (bindv6only is 0 in a new namespace).
+            .run(|| TcpListener::bind(("::", port)).expect("bind in the VM"));
         listener.set_nonblocking(true).unwrap();
         let stop = Arc::new(AtomicBool::new(false));
         let s = Arc::clone(&stop);
@@ -58,7 +73,8 @@ impl Guest {
             while !s.load(Ordering::SeqCst) {
                 match listener.accept() {
                     Ok((mut c, peer)) => {
-                        let _ = c.write_all(format!("{name} {}", peer.ip()).as_bytes());
+                        let peer = peer.ip().to_canonical();
+                        let _ = c.write_all(format!("{name} {peer}").as_bytes());
                     }
                     Err(_) => std::thread::sleep(Duration::from_millis(20)),
                 }
@@ -197,6 +213,71 @@ fn static_forwards_reach_the_guest_from_outside_and_from_the_host() {
     drop(guests);
 }
 
+#[test]
+fn static_ipv6_forwards_reach_the_guest_from_outside_and_from_the_host() {
+    let mac = "52:54:00:aa:00:03";
+    let prefix = "fd31:0:0:1::/64";
+    let guest6 = vmnet_broker::ula::eui64_address(
+        prefix.parse().unwrap(),
+        mac.parse::<vmnet_broker::mac::Mac>().unwrap().octets(),
+    );
+    // A `host` network: it forwards nothing but what a rule forwards. One rule to the
+    // guest's IPv6 address, one to its IPv4 address.
+    let file = format!(
+        r#"{{"mode": "host", "subnet": "10.97.0.1", "ipv6_prefix": "fd31:0:0:1::",
+            "dhcp_reservations": [{{"mac": "{mac}", "ip": "10.97.0.70"}}],
+            "port_forwarding_rules": [
+              {{"protocol": "tcp", "external_port": 8024, "internal_address": "{guest6}", "internal_port": 22}},
+              {{"protocol": "tcp", "external_port": 8025, "internal_address": "10.97.0.70", "internal_port": 22}}]}}"#
+    );
+    let b = Broker::start(files(&[("fwd6.json", file)]));
+    let out = outside(&b);
+    let c = b.client();
+    let a = c
+        .acquire_with_mac("fwd6", Some(mac.parse().unwrap()))
+        .unwrap();
+    let vm = TapVm::new(a.fd, mac);
+    assert_eq!(vm.dhcp("v6-guest"), "10.97.0.70");
+    vm.ns.sh("ip addr add 10.97.0.70/24 dev eth0");
+    assert_eq!(slaac(&vm, prefix, mac), guest6);
+    let _server = Guest::serve(&vm, 22, "v6-guest");
+    let gateway6 = "fd31:0:0:1::1";
+    reaches(&b, &b.ns, &format!("[{guest6}]:22"), "v6-guest");
+    // Another machine, to the host's IPv6 address: translated (dnat ip6), and the guest
+    // sees the gateway's IPv6 address as the peer.
+    let text = reaches(&b, &out, "[fd20::1]:8024", "v6-guest");
+    assert_eq!(text, format!("v6-guest {gateway6}"));
+    assert!(
+        rules(&b).contains(&format!("dnat ip6 to [{guest6}]:22")),
+        "{}",
+        rules(&b)
+    );
+    // The host itself: its own IPv6 addresses (the uplink's and the gateway's), and ::1
+    // and 127.0.0.1 (the broker's relay).
+    for to in [
+        "[fd20::1]:8024",
+        &format!("[{gateway6}]:8024"),
+        "[::1]:8024",
+        "127.0.0.1:8024",
+        "10.200.0.1:8024",
+    ] {
+        reaches(&b, &b.ns, to, "v6-guest");
+    }
+    // IPv4 from another machine to an IPv6 internal address, and IPv6 to an IPv4 one:
+    // nftables has no NAT46/64, the broker's relay carries them.
+    reaches(&b, &out, "10.200.0.1:8024", "v6-guest");
+    let text = reaches(&b, &out, "[fd20::1]:8025", "v6-guest");
+    assert_eq!(
+        text, "v6-guest 10.97.0.1",
+        "relayed from the gateway's address"
+    );
+    reaches(&b, &b.ns, "[::1]:8025", "v6-guest");
+    // The port is the broker's, on IPv6 as on IPv4.
+    let taken = b.ns.run(|| TcpListener::bind(("::", 8024)));
+    assert!(taken.is_err(), "the forward holds its IPv6 port");
+    drop(c);
+}
+
 /// The guest behind `a`: its DHCP lease, configured on its `eth0`, and a server on 22.
 fn guest_of(a: vmnet_broker::client::Acquired, name: &'static str) -> (TapVm, Guest, String) {
     let prefix = a.info.subnet.split('/').nth(1).unwrap().to_string();
@@ -215,11 +296,12 @@ fn dynamic_forwards_follow_the_lease_and_end_with_their_client() {
     let c = b.client();
     let a = c.acquire("shared").unwrap();
     let tap = a.info.interface.clone();
+    let mac = a.info.mac.clone();
     // Asked for before the guest has an address: made at once, aimed when the lease comes.
     let f = c.forward("shared", "tcp", 2222, 22, &tap).unwrap();
     assert_eq!((f.spec.external_port, f.spec.internal_port), (2222, 22));
     assert_eq!(f.internal_address, None);
-    let (_vm, _server, ip) = guest_of(a, "dyn-guest");
+    let (vm, _server, ip) = guest_of(a, "dyn-guest");
     reaches(&b, &out, "10.200.0.1:2222", "dyn-guest");
     reaches(&b, &b.ns, "10.200.0.1:2222", "dyn-guest");
     reaches(&b, &b.ns, "127.0.0.1:2222", "dyn-guest");
@@ -240,6 +322,22 @@ fn dynamic_forwards_follow_the_lease_and_end_with_their_client() {
         .collect();
     assert_eq!(listed, [(2222, tap.clone()), (2223, tap.clone())], "{d:?}");
     assert!(rules(&b).contains("dport 2223"));
+
+    // Over IPv6: to the guest's EUI-64 address in the network's prefix, translated by
+    // the firewall (so the guest sees the gateway's IPv6 address, not a relayed IPv4
+    // connection).
+    let prefix = d.ipv6_prefix.clone().expect("shared has an IPv6 prefix");
+    let guest6 = slaac(&vm, &prefix, &mac);
+    let gateway6 = vmnet_broker::ula::gateway_of(prefix.parse().unwrap());
+    assert!(
+        rules(&b).contains(&format!("dnat ip6 to [{guest6}]:22")),
+        "{}",
+        rules(&b)
+    );
+    let text = reaches(&b, &out, "[fd20::1]:2222", "dyn-guest");
+    assert_eq!(text, format!("dyn-guest {gateway6}"));
+    reaches(&b, &b.ns, "[fd20::1]:2222", "dyn-guest");
+    reaches(&b, &b.ns, "[::1]:2222", "dyn-guest");
 
     // Refusals. A port another forward holds, and one a host program listens on.
     let other = b.client();
@@ -271,6 +369,7 @@ fn dynamic_forwards_follow_the_lease_and_end_with_their_client() {
     drop(c);
     b.wait_for("the forwards to end", DEADLINE, || {
         fetch(&out, "10.200.0.1:2222".parse().unwrap()).is_err()
+            && fetch(&out, "[fd20::1]:2222".parse().unwrap()).is_err()
             && !rules(&b).contains("dport 2222")
     });
     let freed = b.ns.run(|| TcpListener::bind(("0.0.0.0", 2222)));
