@@ -9,6 +9,8 @@
 mod netns;
 #[path = "support/broker.rs"]
 mod support;
+#[path = "support/tap_vm.rs"]
+mod tap_vm;
 
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
@@ -739,4 +741,105 @@ fn clients_kept_in_the_fd_store_are_served_by_the_next_broker() {
     let status = s.wait_exit(&mut second);
     assert!(status.success(), "{status}: {}", s.log());
     assert!(s.log().contains("network removed"), "{}", s.log());
+}
+
+/// What a TCP connection to `to` from namespace `ns` reads until the end, if it connects
+/// and reads anything.
+fn answer(ns: &Netns, to: &str) -> Option<String> {
+    use std::io::Read;
+    let to: std::net::SocketAddr = to.parse().unwrap();
+    ns.run(|| {
+        let mut c = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3)).ok()?;
+        c.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        let mut text = String::new();
+        c.read_to_string(&mut text).ok()?;
+        (!text.is_empty()).then_some(text)
+    })
+}
+
+#[test]
+fn dynamic_forwards_outlive_a_sigkilled_broker_and_end_with_their_connection() {
+    let s = Setup::new();
+    let mut notify = NotifySocket::new(s.dir.path());
+    let listener = listen_seqpacket(&s.socket);
+    let notify_path = notify.path.display().to_string();
+    let env = [("NOTIFY_SOCKET", notify_path.as_str()), ("FDSTORE", "64")];
+    let mut first = activate_fds(&s, &[(&listener, "vmnet-broker.socket")], &env);
+
+    let client = Client::connect(&s.socket).unwrap();
+    let a = client.acquire("shared").unwrap();
+    let (stored, fds) = next_with_fds(&mut notify, "FDSTORE=1", |l| l == "FDSTORE=1");
+    let name = stored
+        .lines()
+        .find_map(|l| l.strip_prefix("FDNAME="))
+        .unwrap_or_else(|| panic!("FDSTORE without FDNAME: {stored}"))
+        .to_string();
+    let (tap, gateway) = (a.info.interface.clone(), a.info.gateway.clone());
+    let prefix_len = a.info.subnet.split('/').nth(1).unwrap().to_string();
+    let vm = tap_vm::TapVm::new(a.fd, &a.info.mac);
+    let ip = vm.dhcp("kept");
+    vm.ns.sh(&format!("ip addr add {ip}/{prefix_len} dev eth0"));
+    // The guest's server: answers "kept" to every connection.
+    let server = vm
+        .ns
+        .run(|| std::net::TcpListener::bind(("0.0.0.0", 22)).unwrap());
+    std::thread::spawn(move || {
+        for c in server.incoming().flatten() {
+            let _ = std::io::Write::write_all(&mut &c, b"kept");
+        }
+    });
+    client.forward("shared", "tcp", 2250, 22, &tap).unwrap();
+    let reached = |to: &str| answer(&s.ns, to).as_deref() == Some("kept");
+    s.wait_for("the forward to reach the guest", || {
+        reached("127.0.0.1:2250")
+    });
+
+    // SIGKILL: no hand-over, the host port closes with the process.
+    signal(&first, Signal::SIGKILL);
+    s.wait_exit(&mut first);
+    let mut second = activate_fds(
+        &s,
+        &[(&listener, "vmnet-broker.socket"), (&fds[0], &name)],
+        &env,
+    );
+    drop(fds);
+    assert!(
+        s.log()
+            .contains("port forward of the previous broker made again"),
+        "{}",
+        s.log()
+    );
+    // The forward is there again, for the same connection: port held, rules in place.
+    s.wait_for("the forward to work again", || {
+        reached("127.0.0.1:2250") && reached(&format!("{gateway}:2250"))
+    });
+    assert!(
+        s.ns.sh("nft list table inet vmnet_broker")
+            .contains("dport 2250"),
+        "{}",
+        s.log()
+    );
+    let shown = client.show("shared").unwrap();
+    assert_eq!(shown.forwards.len(), 1, "{shown:?}");
+    assert_eq!(shown.forwards[0]["external_port"], 2250);
+    let other = Client::connect(&s.socket).unwrap();
+    let theirs = other.acquire("shared").unwrap();
+    let e = other
+        .forward("shared", "tcp", 2250, 22, &theirs.info.interface)
+        .unwrap_err();
+    assert!(e.message.contains("2250 is already in use"), "{e}");
+
+    // The connection closes: its forward goes with it, as with the broker that made it.
+    drop(client);
+    s.wait_for("the forward to end with its connection", || {
+        !s.ns
+            .sh("nft list table inet vmnet_broker")
+            .contains("dport 2250")
+            && s.ns
+                .run(|| std::net::TcpListener::bind(("0.0.0.0", 2250)))
+                .is_ok()
+    });
+    drop((theirs, other, vm));
+    signal(&second, Signal::SIGTERM);
+    s.wait_exit(&mut second);
 }
