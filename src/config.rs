@@ -1232,10 +1232,41 @@ impl ConfigDir {
     }
 }
 
-/// Every pair of definitions whose fixed subnets overlap, as an error for each of the two
-/// files: two such networks could never both exist, and the second to be created would fail
-/// with `CREATE_FAILURE` only when a VM needs it.
+/// Every pair of definitions whose fixed subnets, or fixed IPv6 prefixes, overlap, as an
+/// error for each of the two files: two such networks could never both exist, and the
+/// second to be created would fail with `CREATE_FAILURE` only when a VM needs it.
 pub fn overlapping(configs: &[NetworkConfig]) -> Vec<ConfigError> {
+    let mut out = overlapping4(configs);
+    let fixed: Vec<(&NetworkConfig, Ipv6Net)> = configs
+        .iter()
+        .filter_map(|c| Some((c, c.ipv6_prefix?)))
+        .collect();
+    for (i, (a, pa)) in fixed.iter().enumerate() {
+        for (b, pb) in &fixed[i + 1..] {
+            if pa.contains(&pb.network()) || pb.contains(&pa.network()) {
+                for (this, mine, other) in [(a, pa, b), (b, pb, a)] {
+                    out.push(ConfigError::new(
+                        &path_of(this),
+                        format!(
+                            "ipv6_prefix {mine} overlaps the ipv6_prefix of network {:?}; the two networks could never exist at the same time",
+                            other.name
+                        ),
+                    ));
+                }
+            }
+        }
+    }
+    out
+}
+
+fn path_of(c: &NetworkConfig) -> PathBuf {
+    match &c.source {
+        Source::File(p) => p.clone(),
+        Source::BuiltIn => PathBuf::from(format!("built-in {}", c.name)),
+    }
+}
+
+fn overlapping4(configs: &[NetworkConfig]) -> Vec<ConfigError> {
     let fixed: Vec<(&NetworkConfig, Ipv4Net)> = configs
         .iter()
         .filter_map(|c| Some((c, c.fixed_subnet()?)))
@@ -1722,6 +1753,40 @@ mod tests {
                 .message
                 .contains("overlaps subnet 10.1.0.0/16 of network \"a\"")
         );
+    }
+
+    #[test]
+    fn overlapping_fixed_ipv6_prefixes_are_reported_for_both_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let file = |name: &str, subnet: &str, prefix: &str| {
+            std::fs::write(
+                d.join(name),
+                format!(r#"{{"subnet": "{subnet}", "ipv6_prefix": "{prefix}"}}"#),
+            )
+            .unwrap()
+        };
+        file("a.json", "10.1.0.1", "fd31:0:0:1::");
+        file("b.json", "10.2.0.1", "fd31:0:0:1::");
+        file("c.json", "10.3.0.1", "fd31:0:0:2::");
+        std::fs::write(d.join("dyn.json"), "{}").unwrap();
+        let all: Vec<NetworkConfig> = ConfigDir::new(d)
+            .load_all()
+            .into_iter()
+            .map(Result::unwrap)
+            .collect();
+        let errors = overlapping(&all);
+        assert_eq!(errors.len(), 2, "{errors:?}");
+        for (e, file, other) in [(&errors[0], "a.json", "b"), (&errors[1], "b.json", "a")] {
+            assert_eq!(e.path, d.join(file));
+            assert!(
+                e.message.contains(&format!(
+                    "ipv6_prefix fd31:0:0:1::/64 overlaps the ipv6_prefix of network \"{other}\""
+                )),
+                "{}",
+                e.message
+            );
+        }
     }
 
     /// A vxlan network file with `extra` fields inside the `vxlan` object.

@@ -60,7 +60,34 @@ pub fn generate() -> Result<Ipv6Net, UlaError> {
 /// Network `name`'s prefix: the one kept in `state_dir`, else a new one, kept there
 /// before it is returned (written to a temporary file and renamed, so a crash never
 /// leaves half a prefix).
+///
+/// A new prefix is never one another network's file in `state_dir` keeps: 40 random bits
+/// collide once in 10^12 draws, but a collision would give two bridges the same /64, so
+/// it is drawn again.
 pub fn load_or_create(state_dir: &Path, name: &str) -> Result<Ipv6Net, UlaError> {
+    load_or_create_with(state_dir, name, generate)
+}
+
+/// The prefixes other networks' files in `state_dir` keep (unreadable ones count as none:
+/// they are made anew when their network is).
+fn kept_elsewhere(state_dir: &Path, name: &str) -> Vec<Ipv6Net> {
+    let own = path_for(state_dir, name);
+    let Ok(entries) = std::fs::read_dir(state_dir) else {
+        return vec![];
+    };
+    entries
+        .flatten()
+        .map(|e| e.path())
+        .filter(|p| *p != own && p.extension().is_some_and(|x| x == "ipv6-prefix"))
+        .filter_map(|p| std::fs::read_to_string(p).ok()?.trim().parse().ok())
+        .collect()
+}
+
+fn load_or_create_with(
+    state_dir: &Path,
+    name: &str,
+    mut generate: impl FnMut() -> Result<Ipv6Net, UlaError>,
+) -> Result<Ipv6Net, UlaError> {
     let path = path_for(state_dir, name);
     match std::fs::read_to_string(&path) {
         Ok(text) => {
@@ -74,7 +101,13 @@ pub fn load_or_create(state_dir: &Path, name: &str) -> Result<Ipv6Net, UlaError>
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(source) => return Err(UlaError::Read { path, source }),
     }
-    let prefix = generate()?;
+    let taken = kept_elsewhere(state_dir, name);
+    let prefix = loop {
+        let p = generate()?;
+        if !taken.contains(&p) {
+            break p;
+        }
+    };
     let tmp = path.with_extension("ipv6-prefix.tmp");
     let written = std::fs::File::create(&tmp)
         .and_then(|mut f| {
@@ -152,5 +185,30 @@ mod tests {
             "fd00:1:2:3:5054:ff:fe12:3456".parse::<Ipv6Addr>().unwrap()
         );
         assert_eq!(gateway_of(p), "fd00:1:2:3::1".parse::<Ipv6Addr>().unwrap());
+    }
+
+    #[test]
+    fn a_new_prefix_is_never_one_another_network_keeps() {
+        let dir = tempfile::tempdir().unwrap();
+        let (first, second) = (prefix_of(1), prefix_of(2));
+        // A generator that draws `first` until asked three times, as a collision would.
+        let draws = std::cell::Cell::new(0);
+        let rigged = || {
+            draws.set(draws.get() + 1);
+            Ok(if draws.get() < 3 { first } else { second })
+        };
+        assert_eq!(
+            load_or_create_with(dir.path(), "a", &rigged).unwrap(),
+            first
+        );
+        draws.set(0);
+        let b = load_or_create_with(dir.path(), "b", &rigged).unwrap();
+        assert_eq!(b, second, "b must not get a's prefix");
+        assert_eq!(draws.get(), 3, "drawn again after each collision");
+        // A network's own file is no collision: it keeps its prefix.
+        assert_eq!(
+            load_or_create_with(dir.path(), "a", || Ok(second)).unwrap(),
+            first
+        );
     }
 }

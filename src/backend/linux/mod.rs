@@ -143,11 +143,14 @@ pub struct LinuxBackend {
     firewall: Firewall,
     /// Subnets of the networks this backend holds, by bridge name. Reserved before the
     /// bridge exists, so two creations can never pick the same subnet.
-    held: Mutex<BTreeMap<String, (String, Ipv4Net)>>,
+    held: Mutex<BTreeMap<String, Held>>,
     /// The dynamic port forwards of every network, shared with the binder task, which
     /// ends those whose TAP went away.
     forwards: Arc<DynamicForwards>,
 }
+
+/// The address space one network holds: its name, subnet and IPv6 prefix.
+type Held = (String, Ipv4Net, Option<Ipv6Net>);
 
 /// Dynamic forwards by (network, protocol, external port).
 type DynamicForwards = Mutex<BTreeMap<(String, Protocol, u16), DynamicForward>>;
@@ -356,17 +359,42 @@ impl LinuxBackend {
         &self,
         config: &NetworkConfig,
         bridge: &str,
+        ipv6_prefix: Option<Ipv6Net>,
     ) -> Result<(Ipv4Net, Ipv4Addr), BackendError> {
-        let mut occupants = self
-            .netlink
-            .occupants()
-            .await
-            .map_err(|e| BackendError::os("cannot read the host's addresses and routes", e))?;
+        let read = |e| BackendError::os("cannot read the host's addresses and routes", e);
+        let mut occupants = self.netlink.occupants().await.map_err(read)?;
+        let mut occupants6 = match ipv6_prefix {
+            Some(_) => self.netlink.occupants6().await.map_err(read)?,
+            None => vec![],
+        };
         let mut held = self.held.lock().expect("not poisoned");
-        occupants.extend(held.values().map(|(name, net)| Occupant {
+        occupants.extend(held.values().map(|(name, net, _)| Occupant {
             net: *net,
             what: Occupation::Network { name: name.clone() },
         }));
+        // The IPv6 prefix as the subnet: nothing on the host, and no other network of
+        // this broker, may use it (a generated one collides only by a 2^-40 chance, or
+        // when another network's file fixes the same prefix).
+        if let Some(p) = ipv6_prefix {
+            occupants6.extend(held.values().filter_map(|(name, _, p6)| {
+                Some(Occupant {
+                    net: (*p6)?,
+                    what: Occupation::Network { name: name.clone() },
+                })
+            }));
+            if let Some(o) = subnet::conflict6(p, &occupants6) {
+                let hint = match config.ipv6_prefix {
+                    Some(_) => "choose another ipv6_prefix".to_string(),
+                    None => format!(
+                        "set an ipv6_prefix in the network's file, or remove {} for a new generated one",
+                        crate::ula::path_for(&self.options.state_dir, &config.name).display()
+                    ),
+                };
+                return Err(BackendError::Conflict(format!(
+                    "ipv6_prefix {p} overlaps {o}; {hint}"
+                )));
+            }
+        }
         let (net, gateway) = match (config.fixed_subnet(), config.gateway) {
             (Some(net), Some(gateway)) => {
                 if let Some(o) = subnet::conflict(net, &occupants) {
@@ -392,7 +420,7 @@ impl LinuxBackend {
                 (net, subnet::first_host(net))
             }
         };
-        held.insert(bridge.to_string(), (config.name.clone(), net));
+        held.insert(bridge.to_string(), (config.name.clone(), net, ipv6_prefix));
         Ok((net, gateway))
     }
 
@@ -900,7 +928,9 @@ impl Backend for LinuxBackend {
         }
         let config = &config;
         let ipv6_prefix = self.ipv6_prefix_for(config)?;
-        let (subnet, gateway) = self.reserve_subnet(config, &bridge_name).await?;
+        let (subnet, gateway) = self
+            .reserve_subnet(config, &bridge_name, ipv6_prefix)
+            .await?;
         let address = Ipv4Net::new(gateway, subnet.prefix_len()).expect("prefix of a subnet");
         let address6 =
             ipv6_prefix.map(|p| Ipv6Net::new(crate::ula::gateway_of(p), 64).expect("a /64"));
@@ -1374,7 +1404,10 @@ impl Backend for LinuxBackend {
                     "bridge {bridge_name} is already in use by an active network"
                 )));
             }
-            held.insert(bridge_name.clone(), (config.name.clone(), record.subnet));
+            held.insert(
+                bridge_name.clone(),
+                (config.name.clone(), record.subnet, ipv6_prefix),
+            );
         }
         let mut config = config.clone();
         let overlay = match self.adopt_overlay(&mut config, &bridge).await {

@@ -397,6 +397,72 @@ impl Netlink {
         Ok(occupants)
     }
 
+    /// What occupies IPv6 address space on the host, as [`Self::occupants`] for IPv4:
+    /// every global or unique-local address (with its prefix) and every route of the
+    /// main table but the default one. Link-local ones are left out: every interface has
+    /// fe80::/64, which no network's prefix can be (the config refuses it).
+    pub async fn occupants6(&self) -> io::Result<Vec<Occupant<Ipv6Net>>> {
+        let names: BTreeMap<u32, String> = self
+            .links()
+            .await?
+            .into_iter()
+            .map(|l| (l.index, l.name))
+            .collect();
+        let link_local = |a: &std::net::Ipv6Addr| a.segments()[0] & 0xffc0 == 0xfe80;
+        let mut occupants: Vec<Occupant<Ipv6Net>> = self
+            .address_messages()
+            .await?
+            .into_iter()
+            .filter(|m| m.header.family == AddressFamily::Inet6)
+            .filter_map(|m| {
+                let addr = m.attributes.iter().find_map(|a| match a {
+                    AddressAttribute::Address(IpAddr::V6(ip)) => Some(*ip),
+                    _ => None,
+                })?;
+                if link_local(&addr) || addr.is_loopback() {
+                    return None;
+                }
+                Some(Occupant {
+                    net: Ipv6Net::new(addr, m.header.prefix_len).ok()?,
+                    what: Occupation::Address {
+                        interface: name_of(&names, m.header.index),
+                    },
+                })
+            })
+            .collect();
+        let routes: Vec<RouteMessage> = dump(|| {
+            let query = RouteMessageBuilder::<std::net::Ipv6Addr>::new().build();
+            self.handle.route().get(query).execute().try_collect()
+        })
+        .await
+        .map_err(|e| fail(e, "cannot list IPv6 routes"))?;
+        occupants.extend(
+            routes
+                .into_iter()
+                .filter(|m| m.header.address_family == AddressFamily::Inet6)
+                .filter(|m| table_of(m) == u32::from(RouteHeader::RT_TABLE_MAIN))
+                .filter(|m| m.header.destination_prefix_length > 0)
+                .filter_map(|m| {
+                    let dest = m.attributes.iter().find_map(|a| match a {
+                        RouteAttribute::Destination(RouteAddress::Inet6(d)) => Some(*d),
+                        _ => None,
+                    })?;
+                    if link_local(&dest) {
+                        return None;
+                    }
+                    let interface = m.attributes.iter().find_map(|a| match a {
+                        RouteAttribute::Oif(i) => Some(name_of(&names, *i)),
+                        _ => None,
+                    });
+                    Some(Occupant {
+                        net: Ipv6Net::new(dest, m.header.destination_prefix_length).ok()?,
+                        what: Occupation::Route { interface },
+                    })
+                }),
+        );
+        Ok(occupants)
+    }
+
     /// Every address of every interface, as the kernel dumps them.
     async fn address_messages(&self) -> io::Result<Vec<AddressMessage>> {
         dump(|| self.handle.address().get().execute().try_collect())

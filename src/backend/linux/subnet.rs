@@ -15,7 +15,7 @@
 //! subnet still prefers a prefix no route covers, so a covering route to a real network
 //! (say a LAN's `192.168.0.0/16` via a router) is only shadowed when nothing else is free.
 
-use ipnet::Ipv4Net;
+use ipnet::{Ipv4Net, Ipv6Net};
 use std::fmt;
 use std::net::Ipv4Addr;
 
@@ -35,10 +35,11 @@ pub fn pool() -> [Ipv4Net; 2] {
     ]
 }
 
-/// Something that already occupies address space on the host.
+/// Something that already occupies address space on the host: an IPv4 subnet, or (for
+/// a network's IPv6 prefix) an IPv6 one.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Occupant {
-    pub net: Ipv4Net,
+pub struct Occupant<N = Ipv4Net> {
+    pub net: N,
     pub what: Occupation,
 }
 
@@ -54,7 +55,7 @@ pub enum Occupation {
     Defined { name: String },
 }
 
-impl fmt::Display for Occupant {
+impl<N: fmt::Display> fmt::Display for Occupant<N> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match &self.what {
             Occupation::Address { interface } => {
@@ -98,6 +99,20 @@ fn collides(subnet: Ipv4Net, occupant: &Occupant) -> bool {
 /// The first occupant that `subnet` would collide with.
 pub fn conflict(subnet: Ipv4Net, occupants: &[Occupant]) -> Option<&Occupant> {
     occupants.iter().find(|o| collides(subnet, o))
+}
+
+/// The first occupant an IPv6 prefix would collide with, by the same rules as
+/// [`conflict`]: any overlap with an address or another network, a route only when it
+/// lies inside the prefix (a covering route, like a VPN's `::/1`, loses to the
+/// network's own /64).
+pub fn conflict6(prefix: Ipv6Net, occupants: &[Occupant<Ipv6Net>]) -> Option<&Occupant<Ipv6Net>> {
+    occupants.iter().find(|o| {
+        let inside = prefix.contains(&o.net.network()) && o.net.prefix_len() >= prefix.prefix_len();
+        match o.what {
+            Occupation::Route { .. } => inside,
+            _ => inside || o.net.contains(&prefix.network()),
+        }
+    })
 }
 
 /// The first free subnet of `prefix_len` bits in the [`pool`]: preferably one that no
@@ -267,5 +282,46 @@ mod tests {
             "a covering route is no conflict"
         );
         assert!(conflict(net("172.17.0.0/16"), &occ).is_none());
+    }
+
+    #[test]
+    fn an_ipv6_prefix_conflicts_with_addresses_networks_and_routes_inside_it() {
+        let p: Ipv6Net = "fd31:0:0:1::/64".parse().unwrap();
+        let at = |net: &str, what: Occupation| Occupant::<Ipv6Net> {
+            net: net.parse().unwrap(),
+            what,
+        };
+        let route = || Occupation::Route {
+            interface: Some("eth0".into()),
+        };
+        let addr = || Occupation::Address {
+            interface: "eth0".into(),
+        };
+        // Nothing near it.
+        assert!(
+            conflict6(
+                p,
+                &[at("fd31:0:0:2::/64", route()), at("2001:db8::5/64", addr())]
+            )
+            .is_none()
+        );
+        // A covering route loses to the network's /64; a covering address does not.
+        assert!(conflict6(p, &[at("fd00::/8", route()), at("::/1", route())]).is_none());
+        assert!(conflict6(p, &[at("fd31::/48", addr())]).is_some());
+        // The same prefix, or one inside it: a route, an address, another network.
+        for o in [
+            at("fd31:0:0:1::/64", route()),
+            at("fd31:0:0:1:8000::/65", route()),
+            at("fd31:0:0:1::7/64", addr()),
+            at(
+                "fd31:0:0:1::/64",
+                Occupation::Network {
+                    name: "other".into(),
+                },
+            ),
+        ] {
+            let found = conflict6(p, std::slice::from_ref(&o)).map(ToString::to_string);
+            assert_eq!(found, Some(o.to_string()));
+        }
     }
 }
