@@ -401,3 +401,106 @@ fn ipv6_forwarding_stays_off_while_an_uplink_depends_on_router_advertisements() 
     );
     drop(first);
 }
+
+// ---- overlapping prefixes ------------------------------------------------------------------
+
+#[test]
+fn overlapping_ipv6_prefixes_are_refused_by_check_config_and_at_creation() {
+    let b = Broker::start(opts(&[
+        (
+            "twin1.json",
+            r#"{"subnet": "10.71.0.1", "ipv6_prefix": "fd41:0:0:1::"}"#,
+        ),
+        (
+            "twin2.json",
+            r#"{"subnet": "10.72.0.1", "ipv6_prefix": "fd41:0:0:1::"}"#,
+        ),
+        (
+            "routed.json",
+            r#"{"subnet": "10.73.0.1", "ipv6_prefix": "fd41:0:0:2::"}"#,
+        ),
+        (
+            "addressed.json",
+            r#"{"subnet": "10.74.0.1", "ipv6_prefix": "fd41:0:0:3::"}"#,
+        ),
+        (
+            "fixed.json",
+            r#"{"subnet": "10.75.0.1", "ipv6_prefix": "fd41:0:0:4::"}"#,
+        ),
+        ("generated.json", r#"{"subnet": "10.76.0.1"}"#),
+    ]));
+    // check-config: two files fixing the same prefix are both errors, the others fine.
+    let out = b
+        .cli(&[
+            "check-config",
+            "--config-dir",
+            support::path_str(&b.config_dir),
+        ])
+        .output()
+        .unwrap();
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{text}");
+    for (file, other) in [("twin1.json", "twin2"), ("twin2.json", "twin1")] {
+        assert!(
+            text.lines().any(|l| l.starts_with("error")
+                && l.contains(file)
+                && l.contains(&format!(
+                    "ipv6_prefix fd41:0:0:1::/64 overlaps the ipv6_prefix of network \"{other}\""
+                ))),
+            "{file}: {text}"
+        );
+    }
+    for file in [
+        "routed.json",
+        "addressed.json",
+        "fixed.json",
+        "generated.json",
+    ] {
+        assert!(
+            text.lines()
+                .any(|l| l.starts_with("ok") && l.contains(file)),
+            "{file}: {text}"
+        );
+    }
+    // At creation: a route inside the prefix, an address in it, another network's.
+    b.ns.sh("ip link add dummy6 type veth peer name dummy6p && ip link set dummy6 up && ip link set dummy6p up");
+    b.ns.sh("ip -6 route add fd41:0:0:2::/64 dev dummy6");
+    b.ns.sh("ip -6 addr add fd41:0:0:3::5/64 dev dummy6 nodad");
+    // The generated prefix of `generated` is, by a (forced) collision, `fixed`'s.
+    std::fs::create_dir_all(&b.state_dir).unwrap();
+    std::fs::write(
+        b.state_dir.join("generated.ipv6-prefix"),
+        "fd41:0:0:4::/64\n",
+    )
+    .unwrap();
+    let c = b.client();
+    for (net, has) in [
+        (
+            "routed",
+            "ipv6_prefix fd41:0:0:2::/64 overlaps route fd41:0:0:2::/64 via interface dummy6",
+        ),
+        (
+            "addressed",
+            "ipv6_prefix fd41:0:0:3::/64 overlaps address fd41:0:0:3::5/64 on interface dummy6",
+        ),
+    ] {
+        let e = c.acquire(net).unwrap_err();
+        assert_eq!(e.code.code(), 6, "{net}: {e}");
+        assert!(e.message.contains(has), "{net}: {e}");
+        assert!(
+            !b.ns.links().iter().any(|l| l == &format!("vmnb-{net}")),
+            "nothing is left of {net}"
+        );
+    }
+    c.acquire("fixed").unwrap();
+    let e = c.acquire("generated").unwrap_err();
+    assert_eq!(e.code.code(), 6, "{e}");
+    assert!(
+        e.message.contains(
+            "ipv6_prefix fd41:0:0:4::/64 overlaps subnet fd41:0:0:4::/64 of network \"fixed\""
+        ),
+        "{e}"
+    );
+    assert!(e.message.contains("generated.ipv6-prefix"), "{e}");
+}

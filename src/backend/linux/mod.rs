@@ -375,14 +375,20 @@ impl LinuxBackend {
         // The IPv6 prefix as the subnet: nothing on the host, and no other network of
         // this broker, may use it (a generated one collides only by a 2^-40 chance, or
         // when another network's file fixes the same prefix).
+        // Other networks first: the bridge's address is on the host too, and the
+        // network's name is the better answer.
         if let Some(p) = ipv6_prefix {
-            occupants6.extend(held.values().filter_map(|(name, _, p6)| {
-                Some(Occupant {
-                    net: (*p6)?,
-                    what: Occupation::Network { name: name.clone() },
+            let mut all6: Vec<Occupant<Ipv6Net>> = held
+                .values()
+                .filter_map(|(name, _, p6)| {
+                    Some(Occupant {
+                        net: (*p6)?,
+                        what: Occupation::Network { name: name.clone() },
+                    })
                 })
-            }));
-            if let Some(o) = subnet::conflict6(p, &occupants6) {
+                .collect();
+            all6.append(&mut occupants6);
+            if let Some(o) = subnet::conflict6(p, &all6) {
                 let hint = match config.ipv6_prefix {
                     Some(_) => "choose another ipv6_prefix".to_string(),
                     None => format!(
