@@ -764,16 +764,17 @@ impl<B: Backend> Registry<B> {
             adopted.push(name);
         }
         // A restored client keeps only what was adopted.
-        let mut st = self.lock();
-        let State {
-            clients, networks, ..
-        } = &mut *st;
-        for c in clients.values_mut() {
-            c.networks.retain(|n| networks.contains_key(n));
-            c.taps.retain(|(n, _)| networks.contains_key(n));
-            c.persistent.retain(|(n, _)| networks.contains_key(n));
+        {
+            let mut st = self.lock();
+            let State {
+                clients, networks, ..
+            } = &mut *st;
+            for c in clients.values_mut() {
+                c.networks.retain(|n| networks.contains_key(n));
+                c.taps.retain(|(n, _)| networks.contains_key(n));
+                c.persistent.retain(|(n, _)| networks.contains_key(n));
+            }
         }
-        drop(st);
         for (client, f) in recorded_forwards {
             self.readopt_forward(client, f).await;
         }
