@@ -3416,6 +3416,61 @@ mod tests {
     }
 
     #[tokio::test(start_paused = true)]
+    async fn a_restored_client_gets_its_forwards_again_and_they_end_with_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = registry();
+        r.persist(dir.path().to_path_buf());
+        let a = connect(&r, peer(1000)).await.unwrap();
+        let (kept, _) = acquire(&r, a, "shared", None, false).await.unwrap();
+        let (gone, _) = acquire(&r, a, "shared", None, false).await.unwrap();
+        r.forward(a, &spec("shared", 2222, &kept.interface))
+            .await
+            .unwrap();
+        r.forward(a, &spec("shared", 2223, &gone.interface))
+            .await
+            .unwrap();
+        r.flush_state().await;
+        let recorded = crate::state::load(dir.path()).unwrap().unwrap();
+        let ports: Vec<_> = recorded.clients[0]
+            .forwards
+            .iter()
+            .map(|f| (f.external_port, f.endpoint.clone()))
+            .collect();
+        assert_eq!(
+            ports,
+            [
+                (2222, kept.interface.clone()),
+                (2223, gone.interface.clone())
+            ]
+        );
+        // The broker dies; one TAP closes meanwhile. The next one adopts the client.
+        drop(r);
+        let fake = Fake::default();
+        fake.closed.lock().unwrap().insert(gone.interface.clone());
+        let r = registry_in(std::path::Path::new("/nonexistent"), fake);
+        r.adopt(recorded.networks, recorded.clients).await;
+        let forwarded: Vec<_> = r
+            .backend()
+            .log()
+            .into_iter()
+            .filter(|l| l.starts_with("forward"))
+            .collect();
+        assert_eq!(
+            forwarded,
+            [format!("forward shared {} 2222 22", kept.interface)],
+            "only the forward whose TAP lives"
+        );
+        r.disconnect(a).await;
+        assert!(
+            r.backend()
+                .log()
+                .contains(&"unforward shared 2222".to_string()),
+            "{:?}",
+            r.backend().log()
+        );
+    }
+
+    #[tokio::test(start_paused = true)]
     async fn forwards_only_to_ones_own_taps_low_ports_for_root_and_end_with_the_client() {
         let r = registry();
         let a = connect(&r, peer(1000)).await.unwrap();
