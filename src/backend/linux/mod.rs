@@ -851,11 +851,14 @@ async fn reap_closed_taps(
         while let Ok(link) = losses.try_recv() {
             closed.insert(link.index, link);
         }
+        // The names stay in `reapable` until the deletion is done: until the link record
+        // has seen the TAPs go, `live_endpoints` must keep leaving them out, or a closed
+        // TAP would count as a VM's again for a moment (its MAC "in use", a limit reached).
         let due: Vec<Link> = {
-            let mut reapable = reapable.lock().expect("not poisoned");
+            let reapable = reapable.lock().expect("not poisoned");
             closed
                 .into_values()
-                .filter(|l| reapable.remove(&l.name))
+                .filter(|l| reapable.contains(&l.name))
                 .collect()
         };
         if due.is_empty() {
@@ -869,6 +872,12 @@ async fn reap_closed_taps(
                 "cannot delete TAPs whose last fd closed: {}",
                 crate::error::Chain(&e)
             ),
+        }
+        // Every later listing syncs the link record past this deletion first
+        // ([`LinkRecord::sync`]), so the TAPs are gone from it by then.
+        let mut reapable = reapable.lock().expect("not poisoned");
+        for link in &due {
+            reapable.remove(&link.name);
         }
     }
 }
