@@ -1361,3 +1361,126 @@ fn a_guarded_tap_carries_nothing_until_bound() {
         fw.remove_network("testnet").await.unwrap();
     });
 }
+
+/// The networks whose rules go through netlink (anti-spoofing ones, the default): shared
+/// with IPv6 and NAT66, host, with static forwards of both families (one with an external
+/// address), and with a VXLAN overlay and its peers.
+fn netlink_cases() -> Vec<(&'static str, FirewallNetwork)> {
+    use vmnet_broker::backend::linux::firewall::OverlayGuard;
+    use vmnet_broker::config::{PortForward, Protocol};
+    let mut shared6 = network(true, true, true);
+    shared6.ipv6_prefix = Some("fd00:77::/64".parse().unwrap());
+    shared6.nat66 = true;
+    let host = network(false, true, true);
+    let mut forwards = network(true, true, true);
+    forwards.ipv6_prefix = Some("fd00:77::/64".parse().unwrap());
+    forwards.forwards = vec![
+        PortForward {
+            protocol: Protocol::Tcp,
+            external_port: 2222,
+            internal_address: "10.77.0.5".parse().unwrap(),
+            internal_port: 22,
+            external_address: None,
+        },
+        PortForward {
+            protocol: Protocol::Udp,
+            external_port: 5353,
+            internal_address: "10.77.0.6".parse().unwrap(),
+            internal_port: 53,
+            external_address: Some("198.18.0.1".parse().unwrap()),
+        },
+        PortForward {
+            protocol: Protocol::Tcp,
+            external_port: 8443,
+            internal_address: "fd00:77::5".parse().unwrap(),
+            internal_port: 443,
+            external_address: None,
+        },
+    ];
+    let mut isolated = network(true, true, false);
+    isolated.isolation = true;
+    let mut vxlan = network(true, true, true);
+    vxlan.overlay = Some(OverlayGuard {
+        port: "vmnx-testnet".into(),
+        udp_port: 4789,
+        vni: 42,
+        peers: vec!["198.18.0.7".parse().unwrap(), "198.18.0.8".parse().unwrap()],
+    });
+    vec![
+        ("shared with IPv6", shared6),
+        ("host", host),
+        ("static forwards", forwards),
+        ("isolation", isolated),
+        ("vxlan", vxlan),
+    ]
+}
+
+/// Both of the broker's tables as nft lists them, or "" for a missing one.
+fn listing(ns: &Netns) -> String {
+    let tables = tables(ns);
+    ["inet", "bridge"]
+        .iter()
+        .filter(|f| tables.contains(&format!("table {f} vmnet_broker")))
+        .map(|f| ns.nft_list(&format!("list table {f} vmnet_broker")))
+        .collect()
+}
+
+#[test]
+fn netlink_writes_the_same_ruleset_as_nft() {
+    let t = Topo::new();
+    in_netns(&t.b, || async {
+        for (case, net) in netlink_cases() {
+            // The reference: every transaction through `nft` (an explicit program).
+            let by_nft = Firewall::with_nft_program("nft");
+            by_nft.add_network(&net).await.unwrap();
+            let want = listing(&t.b);
+            assert!(want.contains("chain fwd-testnet"), "{case}: {want}");
+            by_nft.remove_network("testnet").await.unwrap();
+            assert_eq!(listing(&t.b), "", "{case}");
+
+            let fw = Firewall::new();
+            fw.add_network(&net).await.unwrap();
+            let got = listing(&t.b);
+            assert_eq!(got, want, "{case}: netlink and nft rulesets differ");
+            // A second network beside it, then its removal: the first one's rules stay.
+            fw.add_network(&second_network(true)).await.unwrap();
+            assert!(listing(&t.b).contains("chain fwd-second"), "{case}");
+            fw.remove_network("second").await.unwrap();
+            assert_eq!(listing(&t.b), want, "{case}: after another network came and went");
+            // Re-adding the same name with another definition purges and replaces it.
+            let mut changed = net.clone();
+            changed.nat = !net.nat;
+            fw.add_network(&changed).await.unwrap();
+            fw.add_network(&net).await.unwrap();
+            assert_eq!(listing(&t.b), want, "{case}: after a replacement");
+            fw.remove_network("testnet").await.unwrap();
+            assert_eq!(listing(&t.b), "", "{case}: the last removal leaves no tables");
+        }
+    });
+}
+
+#[test]
+fn the_kernels_refusal_through_netlink_names_the_object() {
+    let t = Topo::new();
+    in_netns(&t.b, || async {
+        let fw = Firewall::new();
+        fw.add_network(&network(true, true, true)).await.unwrap();
+        let before = listing(&t.b);
+        // A regular chain by the name of the next network's forward chain: adding that
+        // network (which adds its base chain there) is refused, the whole transaction is
+        // undone, and the error says which object and operation.
+        t.b.sh("nft add chain inet vmnet_broker fwd-second");
+        let err = fw.add_network(&second_network(true)).await.unwrap_err();
+        assert!(matches!(err, FirewallError::Netlink { .. }), "{err:?}");
+        let text = vmnet_broker::error::chain(&err);
+        assert!(
+            text.contains("the kernel refused add chain inet vmnet_broker fwd-second")
+                && text.contains("while adding network \"second\""),
+            "{text}"
+        );
+        let after = listing(&t.b);
+        assert!(!after.contains("nat-second"), "undone whole: {after}");
+        t.b.sh("nft delete chain inet vmnet_broker fwd-second");
+        assert_eq!(listing(&t.b), before, "the first network's rules are untouched");
+    });
+}

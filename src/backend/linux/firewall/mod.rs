@@ -57,6 +57,7 @@
 
 mod docker;
 pub mod guard;
+mod netlink;
 mod nft;
 mod overlay;
 mod rules;
@@ -185,6 +186,23 @@ pub enum FirewallError {
         #[source]
         source: serde_json::Error,
     },
+    #[error("nf_tables netlink cannot express {object} ({detail})")]
+    NetlinkUntranslatable { object: String, detail: String },
+    #[error("the kernel refused {object} while {context}")]
+    Netlink {
+        context: String,
+        object: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("nf_tables netlink socket failed while {context}")]
+    NetlinkSocket {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the kernel did not acknowledge the nf_tables batch within {after:?} while {context}")]
+    NetlinkTimeout { context: String, after: Duration },
     #[error("firewall: unknown network {0:?}")]
     UnknownNetwork(String),
     #[error("firewall: invalid {what}: {detail}")]
@@ -271,7 +289,7 @@ impl Firewall {
     /// A firewall with no networks, using `nft` from `PATH`. Nothing touches the kernel
     /// until the first [`Firewall::add_network`].
     pub fn new() -> Firewall {
-        Self::with_nft_program("nft")
+        Self::build("nft".into(), NFT_TIMEOUT, true)
     }
 
     /// Same as [`Firewall::new`] with another `nft` executable.
@@ -285,9 +303,15 @@ impl Firewall {
         program: impl Into<OsString>,
         timeout: Duration,
     ) -> Firewall {
+        Self::build(program.into(), timeout, false)
+    }
+
+    /// With `netlink`, transactions go through netlink where they can (`netlink.rs`);
+    /// without, every one runs `program`.
+    fn build(program: OsString, timeout: Duration, netlink: bool) -> Firewall {
         Firewall {
             inner: Arc::new(Inner {
-                nft: nft::Nft::new(program.into(), timeout),
+                nft: nft::Nft::new(program, timeout, netlink),
                 state: Mutex::new(State::default()),
                 queue: OnceLock::new(),
                 guard: tokio::sync::OnceCell::new(),

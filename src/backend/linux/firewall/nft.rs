@@ -14,6 +14,8 @@ use nftables::schema::Nftables;
 use tokio::io::AsyncWriteExt;
 use tokio::process::Command;
 
+use tracing::debug;
+
 use super::FirewallError;
 
 /// How long one `nft` run may take before it is killed. A transaction on the broker's
@@ -26,11 +28,19 @@ pub const NFT_TIMEOUT: Duration = Duration::from_secs(10);
 pub(super) struct Nft {
     program: OsString,
     timeout: Duration,
+    /// Transactions go through netlink ([`super::netlink`]) when they can be expressed
+    /// there; `nft` only for the rest. Off for an explicitly chosen `nft` program (tests
+    /// that inject failures through it), so that every transaction still meets it.
+    netlink: bool,
 }
 
 impl Nft {
-    pub(super) fn new(program: OsString, timeout: Duration) -> Nft {
-        Nft { program, timeout }
+    pub(super) fn new(program: OsString, timeout: Duration, netlink: bool) -> Nft {
+        Nft {
+            program,
+            timeout,
+            netlink,
+        }
     }
 
     pub(super) fn timeout(&self) -> Duration {
@@ -42,6 +52,19 @@ impl Nft {
         let doc = batch.to_nftables();
         if doc.objects.is_empty() {
             return Ok(());
+        }
+        if self.netlink {
+            match super::netlink::compile(&doc) {
+                // Sent from this thread, so in its network namespace, like a child would
+                // be; the kernel answers within the send (see `netlink::apply`).
+                Ok(compiled) => return super::netlink::apply(compiled, context, self.timeout),
+                // Only what `allow_spoofing` networks add (their dispatch map); see
+                // docs/design.md.
+                Err(why) => debug!(
+                    "{context}: through nft, as {}",
+                    crate::error::Chain(&why)
+                ),
+            }
         }
         // Serializing the crate's own schema types cannot fail (no maps with non-string
         // keys, no custom serializers that error).
