@@ -1428,7 +1428,7 @@ fn listing(ns: &Netns) -> String {
 #[test]
 fn netlink_writes_the_same_ruleset_as_nft() {
     let t = Topo::new();
-    in_netns(&t.b, || async {
+    let logs = in_netns(&t.b, || async {
         for (case, net) in netlink_cases() {
             // The reference: every transaction through `nft` (an explicit program).
             let by_nft = Firewall::with_nft_program("nft");
@@ -1446,7 +1446,11 @@ fn netlink_writes_the_same_ruleset_as_nft() {
             fw.add_network(&second_network(true)).await.unwrap();
             assert!(listing(&t.b).contains("chain fwd-second"), "{case}");
             fw.remove_network("second").await.unwrap();
-            assert_eq!(listing(&t.b), want, "{case}: after another network came and went");
+            assert_eq!(
+                listing(&t.b),
+                want,
+                "{case}: after another network came and went"
+            );
             // Re-adding the same name with another definition purges and replaces it.
             let mut changed = net.clone();
             changed.nat = !net.nat;
@@ -1454,9 +1458,15 @@ fn netlink_writes_the_same_ruleset_as_nft() {
             fw.add_network(&net).await.unwrap();
             assert_eq!(listing(&t.b), want, "{case}: after a replacement");
             fw.remove_network("testnet").await.unwrap();
-            assert_eq!(listing(&t.b), "", "{case}: the last removal leaves no tables");
+            assert_eq!(
+                listing(&t.b),
+                "",
+                "{case}: the last removal leaves no tables"
+            );
         }
     });
+    // Not one of these transactions fell back to nft.
+    assert!(!logs.contains("through nft"), "{logs}");
 }
 
 #[test]
@@ -1481,6 +1491,10 @@ fn the_kernels_refusal_through_netlink_names_the_object() {
         let after = listing(&t.b);
         assert!(!after.contains("nat-second"), "undone whole: {after}");
         t.b.sh("nft delete chain inet vmnet_broker fwd-second");
-        assert_eq!(listing(&t.b), before, "the first network's rules are untouched");
+        assert_eq!(
+            listing(&t.b),
+            before,
+            "the first network's rules are untouched"
+        );
     });
 }

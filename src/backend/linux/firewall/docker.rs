@@ -83,6 +83,17 @@ impl Inner {
 
     /// (FORWARD chain of `ip filter` has policy drop, `DOCKER-USER` chain exists there).
     async fn docker_forward_status(&self) -> Result<(bool, bool), FirewallError> {
+        if self.nft.netlink() {
+            // One netlink dump rather than an `nft` process: this runs with every NAT
+            // network's creation and removal, on the path of a cold acquire.
+            let chains =
+                super::netlink::ipv4_chains("listing the chains of family ip", self.nft.timeout())?;
+            let filter = || chains.iter().filter(|c| c.table == "filter");
+            return Ok((
+                filter().any(|c| c.name == "FORWARD" && super::netlink::is_forward_drop(c)),
+                filter().any(|c| c.name == "DOCKER-USER"),
+            ));
+        }
         let doc = self
             .nft
             .list(&["list", "chains", "ip"], "listing the chains of family ip")
@@ -110,6 +121,11 @@ impl Inner {
 
     /// Deletes the rules tagged for `network` from `ip filter DOCKER-USER`, if any.
     pub(super) async fn docker_remove(&self, network: &str) -> Result<(), FirewallError> {
+        // Without Docker there is nothing to look for: found out by a netlink dump rather
+        // than by running `nft` with every removal of a NAT network.
+        if self.nft.netlink() && !self.docker_forward_status().await?.1 {
+            return Ok(());
+        }
         let context = "listing ip filter DOCKER-USER";
         let raw = match self
             .nft

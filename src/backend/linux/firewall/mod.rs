@@ -22,7 +22,9 @@
 //! the watchdog (`watchdog.rs`) re-create everything after `nft flush ruleset`.
 //!
 //! Modules: this one holds the API and the state; `rules.rs` builds the nftables objects
-//! (pure); `guard.rs` loads, attaches and binds the TAP guard; `nft.rs` runs the `nft` executable with a deadline; `docker.rs` handles Docker's
+//! (pure); `guard.rs` loads, attaches and binds the TAP guard; `netlink.rs` compiles batches to nf_tables netlink messages and applies them
+//! (no process); `nft.rs` applies a batch through it, or runs the `nft` executable with a
+//! deadline for what netlink cannot say (docs/design.md lists where); `docker.rs` handles Docker's
 //! `FORWARD` drop; `watchdog.rs` restores flushed tables.
 //!
 //! # Concurrency: no lock waits on the kernel
@@ -286,13 +288,15 @@ impl Default for Firewall {
 }
 
 impl Firewall {
-    /// A firewall with no networks, using `nft` from `PATH`. Nothing touches the kernel
-    /// until the first [`Firewall::add_network`].
+    /// A firewall with no networks, applying its transactions through netlink and using
+    /// `nft` from `PATH` for the rest (docs/design.md). Nothing touches the kernel until
+    /// the first [`Firewall::add_network`].
     pub fn new() -> Firewall {
         Self::build("nft".into(), NFT_TIMEOUT, true)
     }
 
-    /// Same as [`Firewall::new`] with another `nft` executable.
+    /// Same as [`Firewall::new`] with another `nft` executable, which then applies every
+    /// transaction (no netlink): tests inject failures through a fake one.
     pub fn with_nft_program(program: impl Into<OsString>) -> Firewall {
         Self::with_nft_program_and_timeout(program, NFT_TIMEOUT)
     }
@@ -1045,7 +1049,7 @@ impl Inner {
         }
         let context = format!("writing the DHCP MAC quotas of network {network:?}");
         match self.nft.apply_text(script, &context).await {
-            Err(e @ FirewallError::Nft { .. }) => {
+            Err(e @ (FirewallError::Nft { .. } | FirewallError::Netlink { .. })) => {
                 if self.tables_present().await? {
                     return Err(e);
                 }
@@ -1199,7 +1203,7 @@ impl Inner {
                 commit(&mut self.lock());
                 Ok(())
             }
-            Err(e @ FirewallError::Nft { .. }) => {
+            Err(e @ (FirewallError::Nft { .. } | FirewallError::Netlink { .. })) => {
                 if self.tables_present().await? {
                     return Err(e);
                 }

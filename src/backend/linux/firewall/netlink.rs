@@ -17,8 +17,10 @@
 
 use std::net::IpAddr;
 
+use netlink_packet_core::DefaultNla;
 use netlink_packet_core::{
-    NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_REQUEST, NetlinkMessage, NetlinkPayload,
+    NLM_F_ACK, NLM_F_APPEND, NLM_F_CREATE, NLM_F_DUMP, NLM_F_REQUEST, NetlinkMessage,
+    NetlinkPayload,
 };
 use netlink_packet_netfilter::nftables::{
     Bitwise, ChainAttribute, ChainMessage, Cmp, DataAttribute, ExpressionAttribute, Expressions,
@@ -29,14 +31,15 @@ use netlink_packet_netfilter::nftables::{
     VerdictAttribute,
 };
 use netlink_packet_netfilter::none::ControlMessage;
-use netlink_packet_netfilter::{NetfilterHeader, NetfilterMessage, NetfilterProtoFamily};
-use netlink_packet_core::DefaultNla;
+use netlink_packet_netfilter::{
+    NetfilterHeader, NetfilterMessage, NetfilterMessageInner, NetfilterProtoFamily,
+};
 use nftables::expr::{
     Expression, FibFlag, FibResult, MetaKey, NamedExpression, Payload, PayloadBase, SetItem,
 };
 use nftables::schema::{
-    Chain, FlushObject, NfCmd, NfListObject, NfObject, Nftables, Rule, Set, SetType,
-    SetTypeValue, Table,
+    Chain, FlushObject, NfCmd, NfListObject, NfObject, Nftables, Rule, Set, SetType, SetTypeValue,
+    Table,
 };
 use nftables::stmt::{Counter, Match, NAT, NATFamily, Operator, Statement};
 use nftables::types::{NfChainPolicy, NfChainType, NfFamily, NfHook};
@@ -206,10 +209,20 @@ pub(super) fn compile(doc: &Nftables<'_>) -> Result<Compiled, FirewallError> {
                             RuleAttribute::Chain(ch.name.to_string()),
                         ],
                     }),
-                    format!("flush chain {} {} {}", family_name(ch.family), ch.table, ch.name),
+                    format!(
+                        "flush chain {} {} {}",
+                        family_name(ch.family),
+                        ch.table,
+                        ch.name
+                    ),
                 );
             }
-            other => return Err(untranslatable(format!("{other:?}"), "command not supported")),
+            other => {
+                return Err(untranslatable(
+                    format!("{other:?}"),
+                    "command not supported",
+                ));
+            }
         }
     }
     Ok(Compiled {
@@ -240,7 +253,10 @@ impl Compiler {
             NfListObject::Chain(ch) => self.chain(ch, true),
             NfListObject::Set(s) => self.set(s, true),
             NfListObject::Rule(r) => self.rule(r),
-            other => Err(untranslatable(format!("add {other:?}"), "object not supported")),
+            other => Err(untranslatable(
+                format!("add {other:?}"),
+                "object not supported",
+            )),
         }
     }
 
@@ -294,7 +310,10 @@ impl Compiler {
             return Ok(());
         }
         if ch.newname.is_some() || ch.handle.is_some() || ch.dev.is_some() {
-            return Err(untranslatable(format!("add {what}"), "rename, handle or device"));
+            return Err(untranslatable(
+                format!("add {what}"),
+                "rename, handle or device",
+            ));
         }
         match (ch.hook, ch.prio, ch._type) {
             (Some(hook), Some(prio), Some(kind)) => {
@@ -417,12 +436,7 @@ impl Compiler {
     }
 
     fn rule(&mut self, r: &Rule<'_>) -> Result<(), FirewallError> {
-        let what = format!(
-            "add rule {} {} {}",
-            family_name(r.family),
-            r.table,
-            r.chain
-        );
+        let what = format!("add rule {} {} {}", family_name(r.family), r.table, r.chain);
         if r.handle.is_some() || r.index.is_some() || r.comment.is_some() {
             return Err(untranslatable(what, "handle, index or comment"));
         }
@@ -440,7 +454,12 @@ impl Compiler {
         }
         let RuleCompiler { exprs, sets, .. } = rc;
         for (set, elems) in sets {
-            self.push(r.family, NLM_F_CREATE, set, format!("{what} (its anonymous set)"));
+            self.push(
+                r.family,
+                NLM_F_CREATE,
+                set,
+                format!("{what} (its anonymous set)"),
+            );
             self.push(
                 r.family,
                 NLM_F_CREATE,
@@ -657,13 +676,11 @@ impl RuleCompiler<'_> {
             return Err(self.err("nat without a prior match of its family"));
         }
         let port = u16::try_from(*port).map_err(|_| self.err(format!("port {port}")))?;
-        let addr = self.value(Kind::Ipv4, &Expression::String(addr.clone()))
-            .or_else(|_| self.value(kind_addr, &Expression::String(addr.clone())))?;
-        let expected = if proto == NFPROTO_IPV4 { 4 } else { 16 };
-        if addr.len() != expected {
-            return Err(self.err(format!("nat address of family {fam:?}")));
-        }
-        for (reg, data) in [(Register::Reg1, addr), (Register::Reg2, port.to_be_bytes().to_vec())] {
+        let addr = self.value(kind_addr, &Expression::String(addr.clone()))?;
+        for (reg, data) in [
+            (Register::Reg1, addr),
+            (Register::Reg2, port.to_be_bytes().to_vec()),
+        ] {
             self.exprs.push(
                 Expressions::Immediate(vec![
                     Immediate::DestinationRegister(reg),
@@ -1022,8 +1039,8 @@ pub(super) fn apply(
         context: context.into(),
         source,
     };
-    let mut sock = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_NETFILTER)
-        .map_err(sock_err)?;
+    let mut sock =
+        netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_NETFILTER).map_err(sock_err)?;
     sock.bind_auto().map_err(sock_err)?;
     // Errors carry the failing request's header only, and the kernel's message too.
     sock.set_cap_ack(true).map_err(sock_err)?;
@@ -1088,17 +1105,7 @@ pub(super) fn apply(
                     // The failed batch was aborted whole; nothing more will come.
                     return Err(f);
                 }
-                let now = std::time::Instant::now();
-                if now >= deadline {
-                    return Err(FirewallError::NetlinkTimeout {
-                        context: context.into(),
-                        after: timeout,
-                    });
-                }
-                let fd = std::os::fd::AsFd::as_fd(&sock);
-                let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
-                let left = (deadline - now).as_millis().min(u128::from(u16::MAX)) as u16;
-                let _ = nix::poll::poll(&mut fds, left);
+                wait_readable(&sock, deadline, context, timeout)?;
                 continue;
             }
             Err(e) => return Err(sock_err(e)),
@@ -1144,5 +1151,355 @@ pub(super) fn apply(
                 }
             }
         }
+    }
+}
+
+/// A chain as the kernel lists it.
+#[derive(Debug)]
+pub(super) struct ListedChain {
+    pub(super) table: String,
+    pub(super) name: String,
+    /// The hook number (`NF_INET_*`) of a base chain.
+    pub(super) hook: Option<u32>,
+    /// The policy verdict (`NF_ACCEPT`, `NF_DROP`) of a base chain.
+    pub(super) policy: Option<u32>,
+}
+
+/// Whether `c` is a base chain at the forward hook with policy drop.
+pub(super) fn is_forward_drop(c: &ListedChain) -> bool {
+    c.hook == Some(NF_INET_FORWARD) && c.policy == Some(NF_DROP)
+}
+
+/// The chains of the IPv4 family (`nft list chains ip`), by one `NFT_MSG_GETCHAIN` dump
+/// over netlink, in the calling thread's network namespace.
+pub(super) fn ipv4_chains(
+    context: &str,
+    timeout: std::time::Duration,
+) -> Result<Vec<ListedChain>, FirewallError> {
+    let sock_err = |source: std::io::Error| FirewallError::NetlinkSocket {
+        context: context.into(),
+        source,
+    };
+    let mut sock =
+        netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_NETFILTER).map_err(sock_err)?;
+    sock.bind_auto().map_err(sock_err)?;
+    sock.set_ext_ack(true).map_err(sock_err)?;
+    let mut req = NetlinkMessage::from(NetfilterMessage::new(
+        NetfilterHeader::new(NetfilterProtoFamily::IPv4, 0, 0),
+        NfTablesMessage::GetChain(ChainMessage { attributes: vec![] }),
+    ));
+    req.header.flags = NLM_F_REQUEST | NLM_F_DUMP;
+    req.header.sequence_number = 1;
+    req.finalize();
+    let mut buf = vec![0; req.buffer_len()];
+    req.serialize(&mut buf);
+    sock.send(&buf, 0).map_err(sock_err)?;
+    sock.set_non_blocking(true).map_err(sock_err)?;
+    let deadline = std::time::Instant::now() + timeout;
+    let mut chains = vec![];
+    let mut rx = Vec::with_capacity(1 << 16);
+    loop {
+        rx.clear();
+        match sock.recv(&mut rx, 0) {
+            Ok(_) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {
+                wait_readable(&sock, deadline, context, timeout)?;
+                continue;
+            }
+            Err(e) => return Err(sock_err(e)),
+        }
+        let mut off = 0;
+        while off < rx.len() {
+            let msg = NetlinkMessage::<NetfilterMessage>::deserialize(&rx[off..]).map_err(|e| {
+                sock_err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidData,
+                    e.to_string(),
+                ))
+            })?;
+            let len = msg.header.length as usize;
+            if len == 0 {
+                break;
+            }
+            off += len.next_multiple_of(4);
+            match msg.payload {
+                NetlinkPayload::Done(_) => return Ok(chains),
+                NetlinkPayload::Error(err) => {
+                    if let Some(code) = err.code {
+                        return Err(FirewallError::Netlink {
+                            context: context.into(),
+                            object: "list chains ip".into(),
+                            source: std::io::Error::from_raw_os_error(-code.get()),
+                        });
+                    }
+                }
+                NetlinkPayload::InnerMessage(NetfilterMessage {
+                    inner: NetfilterMessageInner::NfTables(NfTablesMessage::NewChain(c)),
+                    ..
+                }) => {
+                    let mut chain = ListedChain {
+                        table: String::new(),
+                        name: String::new(),
+                        hook: None,
+                        policy: None,
+                    };
+                    for a in c.attributes {
+                        match a {
+                            ChainAttribute::Table(t) => chain.table = t,
+                            ChainAttribute::Name(n) => chain.name = n,
+                            ChainAttribute::Policy(p) => chain.policy = Some(p),
+                            ChainAttribute::Hook(hooks) => {
+                                for h in hooks {
+                                    if let Hook::Number(n) = h {
+                                        chain.hook = Some(u32::from(n));
+                                    }
+                                }
+                            }
+                            _ => {}
+                        }
+                    }
+                    chains.push(chain);
+                }
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Waits until `sock` has something to read, or fails at `deadline`.
+fn wait_readable(
+    sock: &netlink_sys::Socket,
+    deadline: std::time::Instant,
+    context: &str,
+    timeout: std::time::Duration,
+) -> Result<(), FirewallError> {
+    let now = std::time::Instant::now();
+    if now >= deadline {
+        return Err(FirewallError::NetlinkTimeout {
+            context: context.into(),
+            after: timeout,
+        });
+    }
+    let fd = std::os::fd::AsFd::as_fd(sock);
+    let mut fds = [nix::poll::PollFd::new(fd, nix::poll::PollFlags::POLLIN)];
+    let left = (deadline - now).as_millis().min(u128::from(u16::MAX)) as u16;
+    // An interrupted or timed-out poll only sends the caller round again.
+    let _ = nix::poll::poll(&mut fds, left);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use nftables::batch::Batch;
+
+    use super::super::rules::{
+        add_tables, delete_network_objects, delete_tables, dispatch_flush, dispatch_rule,
+        forward_chains, network_objects, purge_network_objects,
+    };
+    use super::super::{FirewallNetwork, NetState, OverlayGuard};
+    use super::*;
+    use crate::config::{PortForward, Protocol};
+
+    fn base() -> FirewallNetwork {
+        FirewallNetwork {
+            name: "n1".into(),
+            bridge: "vmnbr0".into(),
+            subnet: "10.77.0.0/24".parse().unwrap(),
+            gateway: "10.77.0.1".parse().unwrap(),
+            nat: true,
+            ipv6_prefix: None,
+            nat66: false,
+            anti_spoofing: true,
+            dhcp: true,
+            isolation: false,
+            tap_prefix: "vmnt9-".into(),
+            overlay: None,
+            forwards: vec![],
+        }
+    }
+
+    /// The networks of every kind whose rules go through netlink.
+    fn cases() -> Vec<(&'static str, FirewallNetwork)> {
+        let mut ipv6 = base();
+        ipv6.ipv6_prefix = Some("fd00:77::/64".parse().unwrap());
+        ipv6.nat66 = true;
+        let mut host = ipv6.clone();
+        host.nat = false;
+        let mut isolated = base();
+        isolated.isolation = true;
+        let mut forwards = ipv6.clone();
+        forwards.forwards = vec![
+            PortForward {
+                protocol: Protocol::Tcp,
+                external_port: 2222,
+                internal_address: "10.77.0.5".parse().unwrap(),
+                internal_port: 22,
+                external_address: None,
+            },
+            PortForward {
+                protocol: Protocol::Udp,
+                external_port: 5353,
+                internal_address: "10.77.0.6".parse().unwrap(),
+                internal_port: 53,
+                external_address: Some("192.0.2.9".parse().unwrap()),
+            },
+            PortForward {
+                protocol: Protocol::Tcp,
+                external_port: 8443,
+                internal_address: "fd00:77::5".parse().unwrap(),
+                internal_port: 443,
+                external_address: Some("fd00::1".parse().unwrap()),
+            },
+        ];
+        let mut overlay = base();
+        overlay.overlay = Some(OverlayGuard {
+            port: "vmnx-n1".into(),
+            udp_port: 4789,
+            vni: 42,
+            peers: vec!["192.0.2.2".parse().unwrap(), "192.0.2.3".parse().unwrap()],
+        });
+        let mut overlay6 = overlay.clone();
+        overlay6.overlay.as_mut().unwrap().peers = vec!["2001:db8::2".parse().unwrap()];
+        vec![
+            ("shared", base()),
+            ("ipv6", ipv6),
+            ("host", host),
+            ("isolation", isolated),
+            ("forwards", forwards),
+            ("overlay", overlay),
+            ("overlay over IPv6", overlay6),
+        ]
+    }
+
+    fn state(net: &FirewallNetwork) -> NetState {
+        NetState {
+            net: net.clone(),
+            ports: BTreeMap::new(),
+            leases: BTreeMap::new(),
+            dynamic: BTreeMap::new(),
+            ifindex: BTreeMap::new(),
+        }
+    }
+
+    /// Every batch `mod.rs` builds from `rules.rs` for a network: its addition (as the
+    /// first network and beside another), a restore, a change of its port forwards, its
+    /// removal (beside another, and as the last one), a stale-table purge.
+    fn batches(net: &FirewallNetwork) -> Vec<(&'static str, Batch<'static>)> {
+        let mut other = base();
+        other.name = "n2".into();
+        other.bridge = "vmnbr1".into();
+        other.tap_prefix = "vmnt8-".into();
+        let mut add = Batch::new();
+        add_tables(&mut add);
+        dispatch_flush(&mut add);
+        purge_network_objects(&mut add, &net.name);
+        network_objects(&mut add, &state(net));
+        dispatch_rule(&mut add, [&other, net]);
+        let mut restore = Batch::new();
+        delete_tables(&mut restore);
+        add_tables(&mut restore);
+        dispatch_flush(&mut restore);
+        network_objects(&mut restore, &state(&other));
+        network_objects(&mut restore, &state(net));
+        dispatch_rule(&mut restore, [&other, net]);
+        let mut forwards = Batch::new();
+        add_tables(&mut forwards);
+        forward_chains(&mut forwards, net, net.forwards.iter());
+        let mut remove = Batch::new();
+        dispatch_flush(&mut remove);
+        dispatch_rule(&mut remove, [&other]);
+        delete_network_objects(&mut remove, net);
+        let mut last = Batch::new();
+        delete_tables(&mut last);
+        vec![
+            ("add", add),
+            ("restore", restore),
+            ("forwards", forwards),
+            ("remove", remove),
+            ("remove the last", last),
+        ]
+    }
+
+    #[test]
+    fn every_batch_of_anti_spoofing_networks_translates() {
+        for (case, net) in cases() {
+            for (what, batch) in batches(&net) {
+                let doc = batch.to_nftables();
+                let compiled = compile(&doc)
+                    .unwrap_or_else(|e| panic!("{case}, {what}: {}", crate::error::Chain(&e)));
+                // One message per command, plus a set and its elements per `{ ... }`.
+                let sets = serde_json::to_string(&doc)
+                    .unwrap()
+                    .matches("\"set\":[")
+                    .count();
+                assert_eq!(
+                    compiled.len(),
+                    doc.objects.len() + 2 * sets,
+                    "{case}, {what}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn what_netlink_cannot_say_is_a_typed_error_naming_the_object() {
+        // An allow_spoofing network's dispatch map (`iifname vmap { "tap*" : jump ... }`)
+        // goes through nft (docs/design.md).
+        let mut open = base();
+        open.anti_spoofing = false;
+        let mut batch = Batch::new();
+        dispatch_rule(&mut batch, [&open]);
+        let err = compile(&batch.to_nftables()).unwrap_err();
+        let FirewallError::NetlinkUntranslatable { object, .. } = &err else {
+            panic!("{err:?}");
+        };
+        assert_eq!(object, "add rule bridge vmnet_broker ports");
+    }
+
+    #[test]
+    fn values_are_encoded_as_the_kernel_compares_them() {
+        let rc = RuleCompiler {
+            family: NfFamily::INet,
+            table: "t",
+            what: "w",
+            exprs: vec![],
+            l3: None,
+            l4: None,
+            sets: vec![],
+        };
+        let s = |v: &str| Expression::String(v.to_string().into());
+        let mut ifname = b"vmnbr0".to_vec();
+        ifname.resize(16, 0);
+        assert_eq!(rc.value(Kind::Ifname, &s("vmnbr0")).unwrap(), ifname);
+        // A wildcard is a prefix match nft writes differently: not guessed.
+        assert!(rc.value(Kind::Ifname, &s("vmnt*")).is_err());
+        assert_eq!(
+            rc.value(Kind::Be(2), &Expression::Number(2222)).unwrap(),
+            [8, 0xae]
+        );
+        assert!(rc.value(Kind::Be(2), &Expression::Number(70000)).is_err());
+        assert_eq!(
+            rc.value(Kind::Be(3), &Expression::Number(42)).unwrap(),
+            [0, 0, 42]
+        );
+        let states = Expression::List(vec![s("established"), s("related")]);
+        assert_eq!(
+            rc.value(Kind::CtState, &states).unwrap(),
+            6u32.to_ne_bytes()
+        );
+        assert_eq!(
+            rc.value(Kind::CtStatus, &s("dnat")).unwrap(),
+            32u32.to_ne_bytes()
+        );
+        assert_eq!(
+            rc.value(Kind::FibType, &s("local")).unwrap(),
+            2u32.to_ne_bytes()
+        );
+        assert_eq!(
+            rc.value(Kind::Ipv4, &s("10.77.0.5")).unwrap(),
+            [10, 77, 0, 5]
+        );
+        assert!(rc.value(Kind::Ipv4, &s("fd00::5")).is_err());
     }
 }

@@ -1,5 +1,6 @@
-//! Runs the `nft` executable: one child process per transaction or listing, each with a
-//! deadline. Transactions are JSON built from typed objects, except the few objects only
+//! Applies transactions through netlink (`netlink.rs`) when they can be expressed there,
+//! and otherwise runs the `nft` executable: one child process per transaction or listing,
+//! each with a deadline. Transactions are JSON built from typed objects, except the few objects only
 //! nft's text syntax can declare ([`Nft::apply_text`]). A child that misses it is killed with its whole process group, and the
 //! caller gets [`FirewallError::NftTimeout`] naming the operation.
 //!
@@ -43,6 +44,11 @@ impl Nft {
         }
     }
 
+    /// Whether transactions and listings go through netlink where they can.
+    pub(super) fn netlink(&self) -> bool {
+        self.netlink
+    }
+
     pub(super) fn timeout(&self) -> Duration {
         self.timeout
     }
@@ -60,10 +66,7 @@ impl Nft {
                 Ok(compiled) => return super::netlink::apply(compiled, context, self.timeout),
                 // Only what `allow_spoofing` networks add (their dispatch map); see
                 // docs/design.md.
-                Err(why) => debug!(
-                    "{context}: through nft, as {}",
-                    crate::error::Chain(&why)
-                ),
+                Err(why) => debug!("{context}: through nft, as {}", crate::error::Chain(&why)),
             }
         }
         // Serializing the crate's own schema types cannot fail (no maps with non-string

@@ -1046,37 +1046,3 @@ delete set bridge {t} dm-vmnt9-7
         assert!(v6.contains(r#"{"match":{"left":{"payload":{"protocol":"ip6","field":"daddr"}},"right":"::1","op":"!="}}"#), "{v6}");
     }
 }
-#[cfg(test)]
-mod dumptmp {
-    use super::*;
-    #[test]
-    fn dump_tmp() {
-        let mut n = FirewallNetwork {
-            name: "n1".into(), bridge: "vmnbr0".into(),
-            subnet: "10.77.0.0/24".parse().unwrap(), gateway: "10.77.0.1".parse().unwrap(),
-            nat: true, ipv6_prefix: Some("fd00:77::/64".parse().unwrap()), nat66: true,
-            anti_spoofing: true, dhcp: true, isolation: false, tap_prefix: "vmnt9-".into(),
-            overlay: Some(super::super::OverlayGuard { port: "vmnx-n1".into(), udp_port: 4789, vni: 42,
-                peers: vec!["192.0.2.2".parse().unwrap(), "192.0.2.3".parse().unwrap()] }),
-            forwards: vec![],
-        };
-        n.forwards = vec![PortForward { protocol: crate::config::Protocol::Tcp, external_port: 2222,
-            internal_address: "10.77.0.5".parse().unwrap(), internal_port: 22, external_address: None },
-            PortForward { protocol: crate::config::Protocol::Udp, external_port: 2223,
-            internal_address: "fd00:77::5".parse().unwrap(), internal_port: 23, external_address: Some("fd00::1".parse().unwrap()) },
-            PortForward { protocol: crate::config::Protocol::Tcp, external_port: 2224,
-            internal_address: "10.77.0.6".parse().unwrap(), internal_port: 24, external_address: Some("192.0.2.9".parse().unwrap()) }];
-        let mut b = Batch::new();
-        add_tables(&mut b);
-        dispatch_flush(&mut b);
-        purge_network_objects(&mut b, "n1");
-        network_objects(&mut b, &NetState { net: n.clone(), ports: BTreeMap::new(), leases: BTreeMap::new(), dynamic: BTreeMap::new(), ifindex: BTreeMap::new() });
-        dispatch_rule(&mut b, [&n]);
-        std::fs::write("/tmp/nfnl-add.json", serde_json::to_string(&b.to_nftables()).unwrap()).unwrap();
-        let mut b = Batch::new();
-        dispatch_flush(&mut b);
-        dispatch_rule(&mut b, [&n]);
-        delete_network_objects(&mut b, &n);
-        std::fs::write("/tmp/nfnl-del.json", serde_json::to_string(&b.to_nftables()).unwrap()).unwrap();
-    }
-}
