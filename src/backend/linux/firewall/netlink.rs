@@ -1045,8 +1045,14 @@ pub(super) fn apply(
     // Errors carry the failing request's header only, and the kernel's message too.
     sock.set_cap_ack(true).map_err(sock_err)?;
     sock.set_ext_ack(true).map_err(sock_err)?;
-    // Room for one acknowledgement per message of the largest batches.
-    sock.set_rx_buf_sz(1 << 20).map_err(sock_err)?;
+    // Room for every acknowledgement at once (each takes about 1 KiB of buffer with its
+    // socket buffer overhead): the kernel queues them all within the `send`, and one that
+    // does not fit is lost, leaving the outcome unknown. Forced past `rmem_max`, which
+    // CAP_NET_ADMIN allows; the plain option (capped) when that is refused.
+    let room = (compiled.messages.len() + 2) * 1024 + (64 << 10);
+    if nix::sys::socket::setsockopt(&sock, nix::sys::socket::sockopt::RcvBufForce, &room).is_err() {
+        sock.set_rx_buf_sz(room).map_err(sock_err)?;
+    }
 
     // Sequence numbers: the batch markers, then one per message, from 1.
     let mut buf: Vec<u8> = vec![];
