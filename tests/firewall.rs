@@ -1406,7 +1406,10 @@ fn netlink_cases() -> Vec<(&'static str, FirewallNetwork)> {
         vni: 42,
         peers: vec!["198.18.0.7".parse().unwrap(), "198.18.0.8".parse().unwrap()],
     });
+    let mut vxlan6 = vxlan.clone();
+    vxlan6.overlay.as_mut().unwrap().peers = vec!["2001:db8::7".parse().unwrap()];
     vec![
+        ("vxlan over IPv6, one peer", vxlan6),
         ("shared with IPv6", shared6),
         ("host", host),
         ("static forwards", forwards),

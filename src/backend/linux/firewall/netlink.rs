@@ -892,6 +892,11 @@ impl RuleCompiler<'_> {
                     keys.push(self.value(kind, e)?);
                 }
                 self.payload_load(base, offset, len);
+                if let [key] = keys.as_slice() {
+                    // A set of one is a comparison, as nft writes it.
+                    self.cmp(op, key.clone());
+                    return Ok(());
+                }
                 let id = c.set_id();
                 let count = u32::try_from(keys.len()).map_err(|_| self.err("set size"))?;
                 let mut udata = vec![UDATA_SET_KEYBYTEORDER, 4];
@@ -1434,11 +1439,11 @@ mod tests {
                 let doc = batch.to_nftables();
                 let compiled = compile(&doc)
                     .unwrap_or_else(|e| panic!("{case}, {what}: {}", crate::error::Chain(&e)));
-                // One message per command, plus a set and its elements per `{ ... }`.
-                let sets = serde_json::to_string(&doc)
-                    .unwrap()
-                    .matches("\"set\":[")
-                    .count();
+                // One message per command, plus a set and its elements per `{ ... }`
+                // (Not for a set of one element, which is a plain comparison.)
+                let json = serde_json::to_string(&doc).unwrap();
+                let sets = json.matches("\"set\":[").count()
+                    - json.matches("\"set\":[\"2001:db8::2\"]").count();
                 assert_eq!(
                     compiled.len(),
                     doc.objects.len() + 2 * sets,
