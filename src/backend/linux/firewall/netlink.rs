@@ -1308,27 +1308,10 @@ mod tests {
         add_tables, delete_network_objects, delete_tables, dispatch_flush, dispatch_rule,
         forward_chains, network_objects, purge_network_objects,
     };
+    use super::super::test_support::network as base;
     use super::super::{FirewallNetwork, NetState, OverlayGuard};
     use super::*;
     use crate::config::{PortForward, Protocol};
-
-    fn base() -> FirewallNetwork {
-        FirewallNetwork {
-            name: "n1".into(),
-            bridge: "vmnbr0".into(),
-            subnet: "10.77.0.0/24".parse().unwrap(),
-            gateway: "10.77.0.1".parse().unwrap(),
-            nat: true,
-            ipv6_prefix: None,
-            nat66: false,
-            anti_spoofing: true,
-            dhcp: true,
-            isolation: false,
-            tap_prefix: "vmnt9-".into(),
-            overlay: None,
-            forwards: vec![],
-        }
-    }
 
     /// The networks of every kind whose rules go through netlink.
     fn cases() -> Vec<(&'static str, FirewallNetwork)> {
