@@ -3,11 +3,12 @@
 //! schema) are compiled to nf_tables messages and sent as one batch (`NFNL_MSG_BATCH_BEGIN`
 //! ... `NFNL_MSG_BATCH_END`), a single kernel transaction, each message acknowledged.
 //!
-//! The compiler knows what the broker emits, and emits it the way nft 1.0.6 does (its
-//! `--debug=netlink` output, byte for byte), so that `nft list` shows the same ruleset
-//! whichever path wrote it: protocol dependencies (`meta nfproto`, `meta l4proto`) before
-//! a header field, byte-aligned prefixes as shorter loads, flag matches (`ct state`) as
-//! a mask and a compare, anonymous sets for `{ ... }`. What it does not know returns
+//! The compiler knows what the broker emits, and emits the expressions nft 1.0.6 emits for
+//! it (as its `--debug=netlink` output shows them), so that `nft list` shows the same
+//! ruleset whichever path wrote it (`tests/firewall.rs` compares the two): protocol
+//! dependencies (`meta nfproto`, `meta l4proto`) before a header field, byte-aligned
+//! prefixes as shorter loads, flag matches (`ct state`) as a mask and a compare,
+//! anonymous sets for `{ ... }` of two or more elements and a comparison for one. What it does not know returns
 //! [`FirewallError::NetlinkUntranslatable`] naming the object, before anything is sent;
 //! the caller may then use `nft` (see `nft.rs`).
 //!
@@ -714,6 +715,9 @@ impl RuleCompiler<'_> {
         };
         match left {
             NamedExpression::Meta(meta) => {
+                if matches!(m.op, Operator::IN) {
+                    return Err(self.err("`in` on meta"));
+                }
                 let (key, kind) = match meta.key {
                     MetaKey::Iifname => (NlMetaKey::Iifname, Kind::Ifname),
                     MetaKey::Oifname => (NlMetaKey::Oifname, Kind::Ifname),
