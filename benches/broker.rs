@@ -131,21 +131,65 @@ fn main() {
         }
     }
     // The two-host row: the broker's overlay against VXLAN and a bridge by hand.
+    // `VMNB_OVERLAY_VARIANT` / `_UNDO`: shell scripts run in both hosts' namespaces around
+    // each sample of a third setup, the broker's overlay with the variant (A/B of rules).
+    let variant = std::env::var("VMNB_OVERLAY_VARIANT").ok().map(|v| {
+        (
+            v,
+            std::env::var("VMNB_OVERLAY_VARIANT_UNDO").unwrap_or_default(),
+        )
+    });
+    let mut variant_samples: Vec<(usize, f64)> = Vec::new();
     if !args.iter().any(|a| a == "--no-overlay") {
         for r in 0..rounds {
             for frame in [60, 1514] {
-                for k in 0..2 {
-                    let kind = Kind::OVERLAY[(k + r) % 2];
-                    let s = fabric::measure(&ctx, kind, frame, 1, dur);
+                let mut kinds: Vec<(Kind, bool)> =
+                    Kind::OVERLAY.iter().map(|&k| (k, false)).collect();
+                if variant.is_some() {
+                    kinds.push((Kind::Overlay, true));
+                }
+                let len = kinds.len();
+                kinds.rotate_left(r % len);
+                for (kind, with_variant) in kinds {
+                    let script = |i: usize| {
+                        if let Some(v) = variant.as_ref().filter(|_| with_variant) {
+                            fabric::overlay_hosts_sh(&ctx, if i == 0 { &v.0 } else { &v.1 });
+                        }
+                    };
+                    let s = fabric::measure_with(&ctx, kind, frame, 1, dur, &|| script(0), &|| {
+                        script(1)
+                    });
                     eprintln!(
-                        "  r{r} {:>7} {frame:>4} B: {:7.3} Gbit/s {:6.3} Mpps",
+                        "  r{r} {:>7}{} {frame:>4} B: {:7.3} Gbit/s {:6.3} Mpps",
                         kind.short(),
+                        if with_variant { "+v" } else { "" },
                         s.gbps,
                         s.mpps
                     );
-                    samples.push(s);
+                    if with_variant {
+                        variant_samples.push((frame, s.mpps));
+                    } else {
+                        samples.push(s);
+                    }
                 }
             }
+        }
+    }
+    for frame in [60, 1514] {
+        let mut v: Vec<f64> = variant_samples
+            .iter()
+            .filter(|s| s.0 == frame)
+            .map(|s| s.1)
+            .collect();
+        if !v.is_empty() {
+            v.sort_by(f64::total_cmp);
+            println!(
+                "overlay with variant, {} B: median {:.3} Mpps (min {:.3}, max {:.3})",
+                frame + 4,
+                v[v.len() / 2],
+                v[0],
+                v[v.len() - 1]
+            );
         }
     }
     ctx.stop();

@@ -457,7 +457,10 @@ pub struct FabricCtx {
 
 impl FabricCtx {
     pub fn new() -> Self {
-        let files = vec![("fabric".to_string(), "{}".to_string())];
+        // `VMNB_FABRIC_CONFIG`: another definition of `fabric` (e.g. a larger DHCP pool for
+        // runs with a variant, which take three TAPs' worth of leases per case).
+        let def = std::env::var("VMNB_FABRIC_CONFIG").unwrap_or_else(|_| "{}".to_string());
+        let files = vec![("fabric".to_string(), def)];
         FabricCtx {
             broker: BrokerProc::start("bench-fab", &files, None),
             overlay: std::sync::OnceLock::new(),
@@ -472,6 +475,13 @@ impl FabricCtx {
                 b.stop();
             }
         }
+    }
+}
+
+/// Runs `script` in both overlay hosts' namespaces (starting them if need be).
+pub fn overlay_hosts_sh(ctx: &FabricCtx, script: &str) {
+    for b in &ctx.overlay.get_or_init(OverlayHosts::start).brokers {
+        b.ns.sh(script);
     }
 }
 
@@ -607,7 +617,22 @@ fn overlay_by_hand_setup(n: usize) -> Setup {
 /// One measurement: every A sends `frame`-byte frames to its B as fast as it can for
 /// `warmup + dur`; frames B receives during `dur` count.
 pub fn measure(ctx: &FabricCtx, kind: Kind, frame: usize, n: usize, dur: Duration) -> Sample {
+    measure_with(ctx, kind, frame, n, dur, &|| {}, &|| {})
+}
+
+/// [`measure`], with `before` run once the setup is built (its network exists) and
+/// `after` once the sample is taken, before the setup goes: a variant's scripts.
+pub fn measure_with(
+    ctx: &FabricCtx,
+    kind: Kind,
+    frame: usize,
+    n: usize,
+    dur: Duration,
+    before: &dyn Fn(),
+    after: &dyn Fn(),
+) -> Sample {
     let setup = build(ctx, kind, n);
+    before();
     // Learning: every endpoint announces its MAC once, so switches need not flood unicast.
     for ep in setup.b.iter().chain(&setup.a) {
         let hello = udp_frame(
@@ -669,6 +694,7 @@ pub fn measure(ctx: &FabricCtx, kind: Kind, frame: usize, n: usize, dur: Duratio
         }
         ((c1 - c0) as f64 / el, (cpu1 - cpu0) / el, (s1 - s0) / el)
     });
+    after();
     let bytes_per_s = rx_total * frame as f64;
     let gb_per_s = bytes_per_s / 1e9;
     Sample {
@@ -716,6 +742,16 @@ fn set_bridge_nf(ns: &Netns, value: u8) {
 /// the medians; writes no report.
 pub fn compare(ctx: &FabricCtx, rounds: usize, dur: Duration) {
     let cases = [(60, 1), (1514, 1), (60, 8), (1514, 8)];
+    // `VMNB_FABRIC_VARIANT` / `VMNB_FABRIC_VARIANT_UNDO`: shell scripts run in the broker's
+    // namespace before and after each sample of a third setup, "variant" (e.g. `nft`
+    // commands): measures a change to the broker's rules against the unchanged broker and
+    // the bare bridge in the same interleaved run, without rebuilding the daemon.
+    let variant = std::env::var("VMNB_FABRIC_VARIANT").ok().map(|v| {
+        (
+            v,
+            std::env::var("VMNB_FABRIC_VARIANT_UNDO").unwrap_or_default(),
+        )
+    });
     let mut mpps: std::collections::BTreeMap<(u8, usize, usize, &str), Vec<f64>> =
         Default::default();
     for r in 0..rounds {
@@ -723,22 +759,26 @@ pub fn compare(ctx: &FabricCtx, rounds: usize, dur: Duration) {
             set_bridge_nf(&ctx.broker.ns, nf);
             BRIDGE_NF.store(nf, Ordering::Relaxed);
             for (frame, n) in cases {
-                let kinds = if (r + n) % 2 == 0 {
-                    [Kind::Broker, Kind::Bridge]
-                } else {
-                    [Kind::Bridge, Kind::Broker]
-                };
-                for kind in kinds {
-                    let s = measure(ctx, kind, frame, n, dur);
+                // With a variant, a third setup: the broker's network with the variant
+                // script applied to its namespace for the sample (A/B of rule changes).
+                let mut kinds = vec![(Kind::Broker, "broker"), (Kind::Bridge, "bridge")];
+                if variant.is_some() {
+                    kinds.push((Kind::Broker, "variant"));
+                }
+                let len = kinds.len();
+                kinds.rotate_left((r + n) % len);
+                for (kind, label) in kinds {
+                    let script = |i: usize| {
+                        if let Some(v) = variant.as_ref().filter(|_| label == "variant") {
+                            ctx.broker.ns.sh(if i == 0 { &v.0 } else { &v.1 });
+                        }
+                    };
+                    let s = measure_with(ctx, kind, frame, n, dur, &|| script(0), &|| script(1));
                     eprintln!(
-                        "  r{r} nf={nf} {:>6} x{n} {frame:>4} B: {:7.3} Gbit/s {:6.3} Mpps",
-                        kind.short(),
-                        s.gbps,
-                        s.mpps
+                        "  r{r} nf={nf} {label:>7} x{n} {frame:>4} B: {:7.3} Gbit/s {:6.3} Mpps",
+                        s.gbps, s.mpps
                     );
-                    mpps.entry((nf, frame, n, kind.short()))
-                        .or_default()
-                        .push(s.mpps);
+                    mpps.entry((nf, frame, n, label)).or_default().push(s.mpps);
                 }
             }
         }
@@ -748,17 +788,39 @@ pub fn compare(ctx: &FabricCtx, rounds: usize, dur: Duration) {
         v.sort_by(f64::total_cmp);
         v[v.len() / 2]
     };
-    println!("| bridge-nf-call | frame | pairs | broker Mpps | bridge Mpps | broker/bridge |");
-    println!("|---|---|---|---|---|---|");
+    let range = |v: &[f64]| {
+        let lo = v.iter().copied().fold(f64::INFINITY, f64::min);
+        let hi = v.iter().copied().fold(0.0, f64::max);
+        format!("{lo:.3}–{hi:.3}")
+    };
+    print!(
+        "| bridge-nf-call | frame | pairs | broker Mpps (min–max) | bridge Mpps (min–max) | broker/bridge |"
+    );
+    if variant.is_some() {
+        print!(" variant Mpps (min–max) | variant/bridge |");
+    }
+    println!();
+    println!(
+        "|---|---|---|---|---|---|{}",
+        if variant.is_some() { "---|---|" } else { "" }
+    );
     for nf in [1u8, 0] {
         for (frame, n) in cases {
-            let b = median(&mpps[&(nf, frame, n, "broker")]);
-            let h = median(&mpps[&(nf, frame, n, "bridge")]);
-            println!(
-                "| {nf} | {} B | {n} | {b:.3} | {h:.3} | {:.0}% |",
+            let bv = &mpps[&(nf, frame, n, "broker")];
+            let hv = &mpps[&(nf, frame, n, "bridge")];
+            let (b, h) = (median(bv), median(hv));
+            print!(
+                "| {nf} | {} B | {n} | {b:.3} ({}) | {h:.3} ({}) | {:.0}% |",
                 frame + 4,
+                range(bv),
+                range(hv),
                 100.0 * b / h
             );
+            if let Some(vv) = mpps.get(&(nf, frame, n, "variant")) {
+                let v = median(vv);
+                print!(" {v:.3} ({}) | {:.0}% |", range(vv), 100.0 * v / h);
+            }
+            println!();
         }
     }
 }

@@ -71,7 +71,9 @@ impl Nft {
         }
         // Serializing the crate's own schema types cannot fail (no maps with non-string
         // keys, no custom serializers that error).
-        let input = serde_json::to_vec(&doc).expect("nftables documents serialize");
+        let mut value = serde_json::to_value(&doc).expect("nftables documents serialize");
+        fix_notrack(&mut value);
+        let input = serde_json::to_vec(&value).expect("JSON values serialize");
         self.run(&["-j", "-f", "-"], Some(input), context)
             .await
             .map(drop)
@@ -195,5 +197,26 @@ impl Nft {
             });
         }
         Ok(String::from_utf8_lossy(&output.stdout).into_owned())
+    }
+}
+
+/// The crate (0.6) writes the `notrack` statement as the bare string `"notrack"`, which
+/// nft (1.0.6) refuses ("Unexpected expr array element of type string"); nft's JSON is
+/// `{"notrack": null}`. Rewrites such statements of every rule (`expr` arrays only: a
+/// string "notrack" elsewhere, say an interface name in a set, stays as it is).
+pub(super) fn fix_notrack(value: &mut serde_json::Value) {
+    match value {
+        serde_json::Value::Array(items) => items.iter_mut().for_each(fix_notrack),
+        serde_json::Value::Object(map) => {
+            for (key, v) in map.iter_mut() {
+                if let (true, Some(stmts)) = (key == "expr", v.as_array_mut()) {
+                    for stmt in stmts.iter_mut().filter(|s| s.as_str() == Some("notrack")) {
+                        *stmt = serde_json::json!({ "notrack": null });
+                    }
+                }
+                fix_notrack(v);
+            }
+        }
+        _ => {}
     }
 }

@@ -26,11 +26,17 @@ const PRIO_FILTER: i32 = 0;
 const PRIO_SRCNAT: i32 = 100;
 const PRIO_DSTNAT: i32 = -100;
 const PRIO_BRIDGE_FILTER: i32 = -200;
+/// "raw": before conntrack (-200), so a `notrack` there spares a packet the lookup.
+const PRIO_RAW: i32 = -300;
 
 // ---- object names -------------------------------------------------------------------------
 
 pub(super) fn fwd_chain(net: &str) -> String {
     format!("fwd-{net}")
+}
+/// Packets between two guests of one network skip conntrack ([`notrack_objects`]).
+pub(super) fn raw_chain(net: &str) -> String {
+    format!("raw-{net}")
 }
 pub(super) fn nat_chain(net: &str) -> String {
     format!("nat-{net}")
@@ -542,6 +548,7 @@ pub(super) fn network_objects(batch: &mut Batch<'static>, ns: &NetState) {
         ));
     }
     forward_chains(batch, net, ns.forwards());
+    notrack_objects(batch, net);
 
     // The overlay's chains (overlay.rs), whatever the TAPs' checks are.
     super::overlay::objects(batch, net);
@@ -638,6 +645,56 @@ pub(super) fn network_objects(batch: &mut Batch<'static>, ns: &NetState) {
 ///
 /// One rule per forward and family: an IPv4 forward matches IPv4 only and an IPv6 one
 /// (once networks have IPv6 prefixes) IPv6 only, each with its own `dnat ip`/`dnat ip6`.
+/// Guest-to-guest traffic of the network skips conntrack: `raw-<net>` (prerouting, raw
+/// priority) marks packets with source and destination in the network's subnet (or IPv6
+/// prefix), destination not the gateway, `notrack`.
+///
+/// Why: with br_netfilter's `bridge-nf-call-iptables`/`-ip6tables` at 1 (the default in
+/// every namespace when br_netfilter is loaded or built in; the broker does not change
+/// it, Docker relies on it) every bridged IP frame passes the inet hooks, where the
+/// broker's NAT chains have made conntrack active: a lookup (and for each new flow an
+/// entry) per frame, plus the NAT hooks. Traffic between two guests needs neither: it is
+/// never NATed (masquerade applies to what leaves the bridge; port forwards DNAT what is
+/// addressed to the host, whose addresses are the gateway or outside the subnet) and the
+/// forward chain accepts or (isolation) drops it by interface, without `ct`. What goes
+/// to the host (DHCP, DNS, a forward through the gateway's address), to or from outside,
+/// and replies of port-forwarded connections (masqueraded to the gateway by `pf-<net>`)
+/// keep their conntrack entries. A routed packet from outside that claims a source in
+/// the subnet is untracked too, and the forward chain still drops it (it is no
+/// `ct state established` reply). With the sysctls at 0 bridged frames never reach
+/// these hooks, and the chain costs nothing (docs/benchmarks.md, "Issue 12").
+fn notrack_objects(batch: &mut Batch<'static>, net: &FirewallNetwork) {
+    let raw = raw_chain(&net.name);
+    batch.add(base_chain(
+        NfFamily::INet,
+        raw.clone(),
+        NfHook::Prerouting,
+        NfChainType::Filter,
+        PRIO_RAW,
+    ));
+    let net4 = prefix(
+        &net.subnet.network().to_string(),
+        u32::from(net.subnet.prefix_len()),
+    );
+    let mut rules = vec![("ip", net4, s(&net.gateway.to_string()))];
+    if let Some(p6) = net.ipv6_prefix {
+        let net6 = prefix(&p6.network().to_string(), u32::from(p6.prefix_len()));
+        rules.push(("ip6", net6, s(&crate::ula::gateway_of(p6).to_string())));
+    }
+    for (l3, subnet, gateway) in rules {
+        batch.add(rule(
+            NfFamily::INet,
+            &raw,
+            vec![
+                matches(payload(l3, "daddr"), Operator::EQ, subnet.clone()),
+                matches(payload(l3, "saddr"), Operator::EQ, subnet),
+                matches(payload(l3, "daddr"), Operator::NEQ, gateway),
+                Statement::Notrack,
+            ],
+        ));
+    }
+}
+
 pub(super) fn forward_chains<'a>(
     batch: &mut Batch<'static>,
     net: &FirewallNetwork,
@@ -726,6 +783,7 @@ pub(super) fn forward_chains<'a>(
 /// Deleting a chain deletes its rules; chains go before the sets their rules use.
 pub(super) fn delete_network_objects(batch: &mut Batch<'static>, net: &FirewallNetwork) {
     batch.delete(named_chain(NfFamily::INet, fwd_chain(&net.name)));
+    batch.delete(named_chain(NfFamily::INet, raw_chain(&net.name)));
     for chain in [dnat_chain, dnat_local_chain, fwd_snat_chain] {
         batch.delete(named_chain(NfFamily::INet, chain(&net.name)));
     }
@@ -754,6 +812,13 @@ pub(super) fn purge_network_objects(batch: &mut Batch<'static>, name: &str) {
             NfHook::Forward,
             NfChainType::Filter,
             PRIO_FILTER,
+        ),
+        base_chain(
+            NfFamily::INet,
+            raw_chain(name),
+            NfHook::Prerouting,
+            NfChainType::Filter,
+            PRIO_RAW,
         ),
         base_chain(
             NfFamily::INet,
