@@ -220,3 +220,24 @@ pub(super) fn fix_notrack(value: &mut serde_json::Value) {
         _ => {}
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::fix_notrack;
+
+    #[test]
+    fn notrack_statements_become_objects_and_other_strings_stay() {
+        let mut v = serde_json::json!({"nftables": [{"add": {"rule": {"expr": [
+            {"match": {"left": {"meta": {"key": "iifname"}}, "op": "==",
+                       "right": {"set": ["notrack", "eth0"]}}},
+            "notrack"
+        ]}}}]});
+        fix_notrack(&mut v);
+        let expr = &v["nftables"][0]["add"]["rule"]["expr"];
+        assert_eq!(expr[1], serde_json::json!({ "notrack": null }));
+        assert_eq!(
+            expr[0]["match"]["right"]["set"],
+            serde_json::json!(["notrack", "eth0"])
+        );
+    }
+}

@@ -924,7 +924,11 @@ mod tests {
             without.matches("masquerade").count() + 1,
             "{with}"
         );
-        let nat66 = format!(r#"{{"protocol":"ip6","field":"saddr"}}}},"right":{prefix6},"op":"=="#);
+        // The masquerade rule's source match (followed by its `fib`), not the notrack's.
+        let nat66 = format!(
+            r#"{{"protocol":"ip6","field":"saddr"}}}},"right":{prefix6},"op":"=="}}}},{{"match":{{"left":{{"fib""#
+        );
+        assert!(with.contains(&nat66), "{with}");
         assert!(!without.contains(&nat66), "{without}");
         let mut host = net(false, true, true);
         host.ipv6_prefix = shared.ipv6_prefix;
