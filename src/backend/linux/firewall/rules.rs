@@ -936,6 +936,20 @@ mod tests {
         assert!(!json(&host).contains(&nat66));
     }
 
+    #[test]
+    fn guest_to_guest_notrack_goes_through_netlink() {
+        // The raw chain's rules compile to nf_tables messages (no fallback to `nft`).
+        let mut shared = net(true, true, true);
+        shared.ipv6_prefix = Some("fd00:77::/64".parse().unwrap());
+        let doc = ruleset_for(&shared);
+        let json = serde_json::to_string(&doc).unwrap();
+        assert_eq!(json.matches("\"notrack\"").count(), 2, "{json}");
+        assert!(json.contains(r#""name":"raw-n1""#), "{json}");
+        if let Err(e) = super::super::netlink::compile(&doc) {
+            panic!("{e}");
+        }
+    }
+
     fn json(net: &FirewallNetwork) -> String {
         serde_json::to_string(&ruleset_for(net)).unwrap()
     }
