@@ -148,6 +148,8 @@ async fn backend() -> TestBackend {
     let backend = LinuxBackend::new(LinuxOptions {
         state_dir: state.path().to_path_buf(),
         resolv_conf: "/etc/resolv.conf".into(),
+        // Every TAP made on its attach, as these tests check each attach's kernel work.
+        tap_pool: 0,
     })
     .await
     .unwrap();

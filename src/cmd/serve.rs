@@ -139,6 +139,7 @@ pub fn main(args: Args) -> super::Result {
         let backend = LinuxBackend::new(LinuxOptions {
             state_dir: args.state_dir,
             resolv_conf: args.resolv_conf,
+            tap_pool: vmnet_broker::backend::linux::pool::POOL_SIZE,
         })
         .await?;
         info!(config_dir = %args.config_dir.display(), idle_timeout = idle.as_secs_f64(), "starting");

@@ -9,6 +9,7 @@ pub mod bridge;
 pub mod firewall;
 pub mod links;
 pub mod netlink;
+pub mod pool;
 pub mod portfwd;
 pub mod services;
 pub mod subnet;
@@ -69,9 +70,11 @@ const REAP_MAX_DELAY: Duration = Duration::from_millis(1000);
 
 /// Acquires under way, for the reaper to keep out of their way.
 #[derive(Debug)]
-struct Attaching {
+pub struct Attaching {
     in_flight: std::sync::atomic::AtomicUsize,
     last: Mutex<std::time::Instant>,
+    /// Notified whenever an attach ends ([`Attaching::idle`]).
+    ended: tokio::sync::Notify,
 }
 
 impl Default for Attaching {
@@ -79,6 +82,7 @@ impl Default for Attaching {
         Self {
             in_flight: std::sync::atomic::AtomicUsize::new(0),
             last: Mutex::new(std::time::Instant::now()),
+            ended: tokio::sync::Notify::new(),
         }
     }
 }
@@ -89,6 +93,21 @@ impl Attaching {
         self.in_flight
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         AttachGuard(Arc::clone(self))
+    }
+
+    /// Returns once no attach is under way (at once if none is): the pool's refills
+    /// ([`pool::refill`]) run each kernel step between acquires, not during one.
+    pub async fn idle(&self) {
+        loop {
+            let ended = self.ended.notified();
+            tokio::pin!(ended);
+            // Registered before the check, so an attach ending in between wakes it.
+            ended.as_mut().enable();
+            if self.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+                return;
+            }
+            ended.await;
+        }
     }
 
     /// No attach under way, and none for `period`.
@@ -106,6 +125,7 @@ impl Drop for AttachGuard {
         self.0
             .in_flight
             .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.0.ended.notify_waiters();
     }
 }
 
@@ -121,6 +141,9 @@ pub struct LinuxOptions {
     pub state_dir: PathBuf,
     /// The resolv.conf the DNS forwarder reads upstream servers from.
     pub resolv_conf: PathBuf,
+    /// Pre-made TAPs kept per network ([`pool`]; the daemon keeps [`pool::POOL_SIZE`]);
+    /// 0 makes every TAP on its acquire.
+    pub tap_pool: usize,
 }
 
 pub struct LinuxBackend {
@@ -138,6 +161,8 @@ pub struct LinuxBackend {
     /// TAPs deleted once their last fd closes ([`reap_closed_taps`]).
     reapable: Reapable,
     attaching: Arc<Attaching>,
+    /// Ready TAPs per network, kept full by [`pool::refill`].
+    pool: Arc<pool::TapPool>,
     /// NAT, forwarding and anti-spoofing rules of every network, in one nftables table
     /// per family owned by the broker.
     firewall: Firewall,
@@ -329,6 +354,16 @@ impl LinuxBackend {
             Arc::clone(&attaching),
             losses,
         ));
+        let pool = Arc::new(pool::TapPool::new(options.tap_pool));
+        if pool.enabled() {
+            tokio::spawn(pool::refill(
+                Arc::clone(&pool),
+                Arc::clone(&netlink),
+                Arc::clone(&deleter),
+                firewall.clone(),
+                Arc::clone(&attaching),
+            ));
+        }
         Ok(Self {
             options,
             netlink,
@@ -338,10 +373,27 @@ impl LinuxBackend {
             departed,
             reapable,
             attaching,
+            pool,
             firewall,
             held: Mutex::new(BTreeMap::new()),
             forwards,
         })
+    }
+
+    /// Idle pool TAPs over every network ([`pool`]).
+    pub fn pooled_taps(&self) -> usize {
+        self.pool.idle_count()
+    }
+
+    /// Starts keeping TAPs ready for network `config` on `bridge`.
+    fn start_pool(&self, config: &NetworkConfig, bridge: &Link) {
+        self.pool.add(pool::PoolSpec {
+            network: config.name.clone(),
+            bridge: bridge.clone(),
+            mtu: config.mtu,
+            isolation: config.isolation,
+            guard: !config.allow_spoofing,
+        });
     }
 
     /// The backend's firewall (tests and diagnostics read the TAP guard's bindings).
@@ -584,6 +636,37 @@ impl LinuxBackend {
             warn!(network = %config.name, "cannot remove firewall rules: {}", crate::error::Chain(&e));
         }
         started
+    }
+
+    /// Makes the TAP of an acquire the pool had none for: created for its client,
+    /// guarded, plugged and persistent.
+    async fn make_tap(
+        &self,
+        network: &LinuxNetwork,
+        request: &AttachRequest,
+        owner: tap::TapOwner,
+    ) -> Result<Tap, BackendError> {
+        let name = tap::tap_name(network.bridge.index, request.serial)?;
+        let tap = Tap::create(&name, owner)?;
+        // On failure `tap` is dropped, and with its only fd the TAP goes away.
+        if !network.config.allow_spoofing {
+            // The TAP guard, unbound, before the TAP is up and on the bridge: nothing
+            // passes until the binder binds it.
+            self.firewall
+                .guard_tap(tap.index())
+                .await
+                .map_err(|e| BackendError::component("firewall", e))?;
+        }
+        self.plug(network, &tap, host_mac(request.mac)).await?;
+        // Every TAP is made persistent, only once plugged (a failure before leaves
+        // nothing behind): one the client asked to be persistent stays until the client
+        // leaves; any other is deleted by the broker when its last fd closes, in batches
+        // ([`reap_closed_taps`]), instead of by the kernel in `close`, 20 ms each.
+        if let Err(e) = tap.make_persistent() {
+            self.release(network, &EndpointId(name.clone())).await.ok();
+            return Err(e.into());
+        }
+        Ok(tap)
     }
 
     /// Gives the new TAP its MAC, MTU, alias and bridge, and isolates it if asked.
@@ -861,6 +944,34 @@ async fn reap_closed_taps(
                 .filter(|l| reapable.contains(&l.name))
                 .collect()
         };
+        // A pool TAP reported closed while it waited in the pool may have been handed
+        // out since (its carrier is back): the kernel's word now decides, and one that
+        // is attached goes back to the reapable ones.
+        let due = if due.iter().any(|l| pool::is_pool_name(&l.name)) {
+            match netlink.links().await {
+                Ok(now) => {
+                    let (due, attached): (Vec<Link>, Vec<Link>) = due.into_iter().partition(|l| {
+                        !now.iter()
+                            .any(|n| n.index == l.index && n.carrier == Some(true))
+                    });
+                    reapable
+                        .lock()
+                        .expect("not poisoned")
+                        .extend(attached.into_iter().map(|l| l.name));
+                    due
+                }
+                Err(e) => {
+                    warn!("cannot check closed pool TAPs, keeping them: {e}");
+                    reapable
+                        .lock()
+                        .expect("not poisoned")
+                        .extend(due.into_iter().map(|l| l.name));
+                    continue;
+                }
+            }
+        } else {
+            due
+        };
         if due.is_empty() {
             continue;
         }
@@ -995,6 +1106,7 @@ impl Backend for LinuxBackend {
                 return Err(e);
             }
         };
+        self.start_pool(config, &bridge);
         Ok(LinuxNetwork {
             peers: Mutex::new(peers_of(config)),
             config: config.clone(),
@@ -1029,30 +1141,28 @@ impl Backend for LinuxBackend {
         request: &AttachRequest,
     ) -> Result<Attachment<TapEndpoint>, BackendError> {
         let _attaching = self.attaching.start();
-        let name = tap::tap_name(network.bridge.index, request.serial)?;
         let owner = tap::TapOwner {
             uid: request.peer.uid,
             gid: request.peer.gid,
         };
-        let tap = Tap::create(&name, owner)?;
-        // On failure `tap` is dropped, and with its only fd the TAP goes away.
-        if !network.config.allow_spoofing {
-            // The TAP guard, unbound, before the TAP is up and on the bridge: nothing
-            // passes until the binder binds it.
-            self.firewall
-                .guard_tap(tap.index())
-                .await
-                .map_err(|e| BackendError::component("firewall", e))?;
-        }
-        self.plug(network, &tap, host_mac(request.mac)).await?;
-        // Every TAP is made persistent, only once plugged (a failure before leaves
-        // nothing behind): one the client asked to be persistent stays until the client
-        // leaves; any other is deleted by the broker when its last fd closes, in batches
-        // ([`reap_closed_taps`]), instead of by the kernel in `close`, 20 ms each.
-        if let Err(e) = tap.make_persistent() {
-            self.release(network, &EndpointId(name.clone())).await.ok();
-            return Err(e.into());
-        }
+        // A ready TAP of the pool when there is one: already guarded, plugged and
+        // persistent, so attaching it and giving it to the client is all that is left.
+        let pooled = self
+            .pool
+            .take(&network.config.name, network.bridge.index)
+            .and_then(|p| match Tap::attach(&p.name, p.index, owner) {
+                Ok(tap) => Some(tap),
+                Err(e) => {
+                    // Left for the network's removal; this acquire makes its own.
+                    warn!(network = %network.config.name, "cannot attach a pool TAP: {e}");
+                    None
+                }
+            });
+        let tap = match pooled {
+            Some(tap) => tap,
+            None => self.make_tap(network, request, owner).await?,
+        };
+        let name = tap.name().to_string();
         if !request.persistent {
             // Before the fd leaves: its carrier cannot go while the broker holds it.
             self.reapable
@@ -1111,10 +1221,36 @@ impl Backend for LinuxBackend {
         // A TAP whose last fd closed and that nobody asked to keep is gone for everyone
         // but the reaper, which deletes it within a second ([`reap_closed_taps`]): it
         // holds no VM, so it counts for no limit and shows in no listing.
-        let reapable = self.reapable.lock().expect("not poisoned");
+        let closed = |l: &Link| {
+            l.carrier == Some(false)
+                && self
+                    .reapable
+                    .lock()
+                    .expect("not poisoned")
+                    .contains(&l.name)
+        };
+        // A pool TAP just handed out may still show the carrier it had in the pool: the
+        // kernel reports a carrier change a little later (linkwatch). Such TAPs are
+        // asked about now, in one dump, only when there are any.
+        let attached: BTreeSet<u32> = if taps
+            .iter()
+            .any(|l| closed(l) && pool::is_pool_name(&l.name))
+        {
+            self.netlink
+                .links()
+                .await?
+                .into_iter()
+                .filter(|l| l.carrier == Some(true))
+                .map(|l| l.index)
+                .collect()
+        } else {
+            BTreeSet::new()
+        };
+        // Idle pool TAPs hold no VM either, and belong to no client ([`pool`]).
         Ok(taps
             .into_iter()
-            .filter(|l| !(l.carrier == Some(false) && reapable.contains(&l.name)))
+            .filter(|l| !closed(l) || attached.contains(&l.index))
+            .filter(|l| !self.pool.is_idle(&network.config.name, &l.name))
             .map(|l| EndpointId(l.name))
             .collect())
     }
@@ -1343,6 +1479,9 @@ impl Backend for LinuxBackend {
             services,
             ..
         } = network;
+        // No more pool TAPs: those made go with the network's other TAPs below, and a
+        // refill finishing later deletes its own.
+        self.pool.remove(&config.name);
         // Stop serving before the bridge goes away.
         let services = services.lock().expect("not poisoned").take();
         network.host_ports.lock().expect("not poisoned").clear();
@@ -1472,6 +1611,15 @@ impl Backend for LinuxBackend {
                     }
                 }
             }
+            // A TAP in no record was never handed out (an acquire's reply waits for the
+            // record): the previous broker's idle pool TAPs ([`pool`]), or a TAP made
+            // by an acquire it died in. Without an fd it holds no VM: deleted too.
+            closed.extend(
+                live.iter()
+                    .filter(|l| l.carrier == Some(false))
+                    .filter(|l| !record.endpoints.iter().any(|ep| ep.id == l.name))
+                    .cloned(),
+            );
             live.retain(|l| !closed.iter().any(|c| c.index == l.index));
             let refs: Vec<&Link> = closed.iter().collect();
             if let Err(e) = self.deleter.delete_many(&refs).await {
@@ -1531,6 +1679,7 @@ impl Backend for LinuxBackend {
                 vec![]
             }
         };
+        self.start_pool(config, &bridge);
         info!(network = %config.name, interface = %bridge_name, "adopted bridge");
         Ok(LinuxNetwork {
             peers: Mutex::new(peers_of(config)),

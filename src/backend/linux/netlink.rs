@@ -60,6 +60,20 @@ pub struct Link {
 }
 
 impl Link {
+    /// A link known only by its index and name (a TAP the caller holds an fd of).
+    pub fn tap(index: u32, name: &str) -> Self {
+        Link {
+            index,
+            name: name.to_string(),
+            alias: None,
+            controller: None,
+            is_bridge: false,
+            mac: None,
+            mtu: None,
+            carrier: None,
+        }
+    }
+
     pub(crate) fn from_message(msg: LinkMessage) -> Self {
         let mut link = Link {
             index: msg.header.index,

@@ -58,6 +58,16 @@ fn ifreq_named(name: &str) -> io::Result<libc::ifreq> {
     Ok(req)
 }
 
+/// A new fd of the TUN/TAP driver (close-on-exec), not attached yet.
+fn open_tun() -> io::Result<std::fs::File> {
+    OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_CLOEXEC)
+        .open("/dev/net/tun")
+        .map_err(|e| io::Error::new(e.kind(), format!("cannot open /dev/net/tun: {e}")))
+}
+
 fn context(err: nix::Error, what: &str, name: &str) -> io::Error {
     let err = io::Error::from(err);
     io::Error::new(err.kind(), format!("{what} for TAP {name}: {err}"))
@@ -86,12 +96,7 @@ impl Tap {
     /// already exists (`IFF_TUN_EXCL`): the broker never takes over a device it did not
     /// make.
     pub fn create(name: &str, owner: TapOwner) -> io::Result<Tap> {
-        let file = OpenOptions::new()
-            .read(true)
-            .write(true)
-            .custom_flags(libc::O_CLOEXEC)
-            .open("/dev/net/tun")
-            .map_err(|e| io::Error::new(e.kind(), format!("cannot open /dev/net/tun: {e}")))?;
+        let file = open_tun()?;
         let mut req = ifreq_named(name)?;
         req.ifr_ifru.ifru_flags = (TAP_FLAGS | libc::IFF_TUN_EXCL) as libc::c_short;
         // SAFETY: the fd is open and req is a valid, NUL-terminated ifreq that outlives
@@ -119,6 +124,53 @@ impl Tap {
             index,
             fd: file.into(),
         })
+    }
+
+    /// Attaches the existing, persistent TAP `name` (a pool TAP, [`super::pool`]) that
+    /// had index `index`, and gives it to `owner`; returns it with the new fd. Fails if
+    /// the name now belongs to another device. Only a process the TAP's owner and group
+    /// admit, or one with CAP_NET_ADMIN (the broker), may attach it.
+    pub fn attach(name: &str, index: u32, owner: TapOwner) -> io::Result<Tap> {
+        let file = open_tun()?;
+        let mut req = ifreq_named(name)?;
+        // The flags must be the ones the TAP was made with; no IFF_TUN_EXCL, it exists.
+        req.ifr_ifru.ifru_flags = TAP_FLAGS as libc::c_short;
+        // SAFETY: the fd is open and req is a valid, NUL-terminated ifreq that outlives
+        // the call; the kernel only reads it.
+        unsafe { tun_set_iff(file.as_raw_fd(), &req) }
+            .map_err(|e| context(e, "TUNSETIFF", name))?;
+        // The fd now holds the device: its index cannot change while it lives.
+        let now = nix::net::if_::if_nametoindex(name)
+            .map_err(|e| context(e, "looking up the index", name))?;
+        if now != index {
+            return Err(io::Error::other(format!(
+                "TAP {name} has index {now}, not the pool's {index}"
+            )));
+        }
+        let tap = Tap {
+            name: name.to_string(),
+            index,
+            fd: file.into(),
+        };
+        tap.set_up_fd(owner)?;
+        Ok(tap)
+    }
+
+    /// The per-fd settings every TAP gets before its fd leaves the broker: the virtio-net
+    /// header length, then owner and group (from then on the client can make the TAP
+    /// persistent, and it must not become attachable by everyone).
+    fn set_up_fd(&self, owner: TapOwner) -> io::Result<()> {
+        let (fd, name) = (self.fd.as_raw_fd(), &self.name);
+        // SAFETY: the fd is an attached TAP; the kernel reads one int from a live reference.
+        unsafe { tun_set_vnet_hdr_sz(fd, &VNET_HDR_LEN) }
+            .map_err(|e| context(e, "TUNSETVNETHDRSZ", name))?;
+        // SAFETY: the fd is an attached TAP; both ioctls take an integer by value.
+        unsafe { tun_set_owner(fd, owner.uid as libc::c_int) }
+            .map_err(|e| context(e, "TUNSETOWNER", name))?;
+        // SAFETY: as above.
+        unsafe { tun_set_group(fd, owner.gid as libc::c_int) }
+            .map_err(|e| context(e, "TUNSETGROUP", name))?;
+        Ok(())
     }
 
     pub fn name(&self) -> &str {

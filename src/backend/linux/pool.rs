@@ -1,0 +1,343 @@
+//! A few pre-made TAPs per active network, so a warm acquire attaches one instead of
+//! making one.
+//!
+//! Making a TAP costs the kernel about 0.65 ms here (`TUNSETIFF` creating it, then the
+//! `RTM_SETLINK` that gives it its MAC, MTU, alias, bridge and carrier), most of it under
+//! the RTNL lock; attaching an existing one by name is one `TUNSETIFF` on a device that
+//! exists. So a background task ([`refill`]) keeps up to [`POOL_SIZE`] TAPs per network
+//! ready: made, guarded unbound (the TAP guard drops every frame until the binder binds
+//! the TAP; on an `allow_spoofing` network the nftables rules that match the network's
+//! TAP prefix do the same as for a fresh TAP), given MTU, alias, a host-side MAC of their
+//! own, the bridge as master, isolation and up, persistent, and closed.
+//!
+//! - **Who may attach one.** A persistent TAP with no owner and no group can be attached
+//!   by any local user (the kernel's `tun_not_capable` checks only a valid owner or
+//!   group). A pool TAP therefore belongs to the broker's own euid and egid
+//!   (`TUNSETOWNER`, `TUNSETGROUP`) before it is made persistent: only a process with
+//!   CAP_NET_ADMIN (the broker) may attach it. The acquire that takes it hands it to its
+//!   client ([`super::tap::Tap::attach`]).
+//! - **Names.** `vmnt<bridge>-p<n>`: the network's TAP prefix (the firewall recognizes
+//!   the network's TAPs by it) followed by `p`, which no serial-named TAP has (those are
+//!   hex digits only). A TAP keeps its pool name when handed out; nothing in the broker
+//!   derives a TAP's name from its serial after the attach.
+//! - **Invisible.** Idle pool TAPs are no endpoint: `live_endpoints` leaves them out, so
+//!   they show in no listing and count toward no limit. They never hold a VM.
+//! - **The bridge's ports.** Every acquire takes a pool TAP first, so the pool never
+//!   takes a port a user could have had; a refill that finds the bridge full (`EXFULL`)
+//!   stops until the next acquire.
+//! - **Gone with the network.** `destroy` forgets the network's pool first, then deletes
+//!   every TAP with the network's alias; a refill that finishes after that deletes its
+//!   own TAP. A broker killed by SIGKILL leaves idle pool TAPs behind: they are in no
+//!   state record, have no fd, and the next broker's adoption deletes them.
+//! - **Out of the acquires' way.** Each kernel step of a refill waits until no acquire is
+//!   attaching a TAP ([`super::Attaching::idle`]), so an acquire waits at most for one
+//!   step of one refill.
+
+use super::Attaching;
+use super::bridge;
+use super::netlink::{Link, Netlink};
+use super::tap::{self, Tap, TapOwner};
+use crate::backend::linux::firewall::Firewall;
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use tokio::sync::Notify;
+use tracing::{debug, warn};
+
+/// Pool TAPs kept ready per network: enough for a burst of VMs starting together, few
+/// enough that an idle network holds almost nothing (a TAP without a reader costs a
+/// net_device and no queue memory).
+pub const POOL_SIZE: usize = 4;
+
+/// What a refill needs to know of a network to make its TAPs.
+#[derive(Debug, Clone)]
+pub struct PoolSpec {
+    pub network: String,
+    pub bridge: Link,
+    pub mtu: u32,
+    pub isolation: bool,
+    /// The TAP guard goes on (anti-spoofing networks).
+    pub guard: bool,
+}
+
+/// One ready TAP: persistent, plugged, closed.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Pooled {
+    pub name: String,
+    pub index: u32,
+}
+
+#[derive(Debug)]
+struct Entry {
+    spec: PoolSpec,
+    idle: Vec<Pooled>,
+    /// A refill failed: none is tried again until the next take.
+    stalled: bool,
+}
+
+/// The pools of every network of one backend.
+#[derive(Debug)]
+pub struct TapPool {
+    size: usize,
+    entries: Mutex<BTreeMap<String, Entry>>,
+    wake: Notify,
+    next: AtomicU64,
+}
+
+impl TapPool {
+    pub fn new(size: usize) -> Self {
+        Self {
+            size,
+            entries: Mutex::new(BTreeMap::new()),
+            wake: Notify::new(),
+            next: AtomicU64::new(0),
+        }
+    }
+
+    pub fn enabled(&self) -> bool {
+        self.size > 0
+    }
+
+    /// Starts keeping a pool for the network of `spec` (made or adopted).
+    pub fn add(&self, spec: PoolSpec) {
+        if !self.enabled() {
+            return;
+        }
+        self.lock().insert(
+            spec.network.clone(),
+            Entry {
+                spec,
+                idle: Vec::new(),
+                stalled: false,
+            },
+        );
+        self.wake.notify_one();
+    }
+
+    /// Forgets network `network`'s pool; its TAPs go with the network's other TAPs.
+    pub fn remove(&self, network: &str) {
+        self.lock().remove(network);
+    }
+
+    /// Takes a ready TAP of `network` on the bridge with index `bridge_index`.
+    pub fn take(&self, network: &str, bridge_index: u32) -> Option<Pooled> {
+        let taken = {
+            let mut entries = self.lock();
+            let entry = entries.get_mut(network)?;
+            if entry.spec.bridge.index != bridge_index {
+                return None;
+            }
+            entry.stalled = false;
+            entry.idle.pop()
+        };
+        self.wake.notify_one();
+        taken
+    }
+
+    /// Whether `name` is an idle pool TAP of `network`.
+    pub fn is_idle(&self, network: &str, name: &str) -> bool {
+        self.lock()
+            .get(network)
+            .is_some_and(|e| e.idle.iter().any(|p| p.name == name))
+    }
+
+    /// Idle pool TAPs of every network (the metrics' gauge).
+    pub fn idle_count(&self) -> usize {
+        self.lock().values().map(|e| e.idle.len()).sum()
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, Entry>> {
+        self.entries.lock().expect("not poisoned")
+    }
+
+    /// A network whose pool is short, with its spec.
+    fn short(&self) -> Option<PoolSpec> {
+        self.lock()
+            .values()
+            .find(|e| !e.stalled && e.idle.len() < self.size)
+            .map(|e| e.spec.clone())
+    }
+
+    /// Adds a made TAP to its network's pool, if the pool (of the same bridge) is still
+    /// there and short; returns whether it did.
+    fn put(&self, spec: &PoolSpec, tap: Pooled) -> bool {
+        let mut entries = self.lock();
+        match entries.get_mut(&spec.network) {
+            Some(e) if e.spec.bridge.index == spec.bridge.index && e.idle.len() < self.size => {
+                e.idle.push(tap);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    fn stall(&self, spec: &PoolSpec) {
+        if let Some(e) = self.lock().get_mut(&spec.network)
+            && e.spec.bridge.index == spec.bridge.index
+        {
+            e.stalled = true;
+        }
+    }
+
+    /// A fresh pool name on bridge `bridge_index` (`vmnt<bridge>-p<n>`).
+    fn name(&self, bridge_index: u32) -> String {
+        let prefix = tap::tap_prefix(bridge_index);
+        // Hex digits that still fit IFNAMSIZ after the prefix and the `p`.
+        let room = (libc::IFNAMSIZ - 1)
+            .saturating_sub(prefix.len() + 1)
+            .min(15);
+        let n = self.next.fetch_add(1, Ordering::Relaxed) % (1u64 << (4 * room as u32));
+        format!("{prefix}p{n:x}")
+    }
+}
+
+/// Whether `name` is a pool TAP's name (handed out or not): the network's TAP prefix,
+/// then `p`.
+pub fn is_pool_name(name: &str) -> bool {
+    name.strip_prefix("vmnt")
+        .and_then(|rest| rest.split_once('-'))
+        .is_some_and(|(bridge, n)| {
+            bridge.chars().all(|c| c.is_ascii_hexdigit()) && n.starts_with('p')
+        })
+}
+
+/// The host-side MAC of a pool TAP: 0xFE first, as every TAP of the broker (see
+/// `host_mac`), then `p` and a counter, so the TAPs of one bridge never share one.
+fn pool_mac() -> [u8; 6] {
+    static NEXT: AtomicU32 = AtomicU32::new(0);
+    let n = NEXT.fetch_add(1, Ordering::Relaxed).to_be_bytes();
+    [0xfe, b'p', n[0], n[1], n[2], n[3]]
+}
+
+/// Keeps every network's pool full, for as long as the backend lives.
+pub async fn refill(
+    pool: Arc<TapPool>,
+    netlink: Arc<Netlink>,
+    deleter: Arc<Netlink>,
+    firewall: Firewall,
+    attaching: Arc<Attaching>,
+) {
+    // The broker's own uid and gid: no other local user may attach a pool TAP.
+    let owner = TapOwner {
+        uid: nix::unistd::geteuid().as_raw(),
+        gid: nix::unistd::getegid().as_raw(),
+    };
+    loop {
+        let Some(spec) = pool.short() else {
+            pool.wake.notified().await;
+            continue;
+        };
+        match make(&pool, &spec, owner, &netlink, &firewall, &attaching).await {
+            Ok(tap) => {
+                let pooled = Pooled {
+                    name: tap.name().to_string(),
+                    index: tap.index(),
+                };
+                if pool.put(&spec, pooled) {
+                    debug!(network = %spec.network, interface = tap.name(), "pool TAP ready");
+                } else if let Err(e) = deleter.delete(&Link::tap(tap.index(), tap.name())).await {
+                    // The network went meanwhile; its removal may have missed this one.
+                    warn!(
+                        interface = tap.name(),
+                        "cannot delete an unneeded pool TAP: {e}"
+                    );
+                }
+                // Closing the fd of a persistent TAP only detaches it.
+                drop(tap);
+            }
+            Err(e) => {
+                pool.stall(&spec);
+                debug!(network = %spec.network, "cannot make a pool TAP: {e}");
+            }
+        }
+    }
+}
+
+/// Makes one pool TAP of `spec`'s network, each kernel step once no acquire is
+/// attaching. On failure nothing is left (the TAP is not persistent until the end).
+async fn make(
+    pool: &TapPool,
+    spec: &PoolSpec,
+    owner: TapOwner,
+    netlink: &Netlink,
+    firewall: &Firewall,
+    attaching: &Attaching,
+) -> std::io::Result<Tap> {
+    attaching.idle().await;
+    let mut tries = 0;
+    let tap = loop {
+        let name = pool.name(spec.bridge.index);
+        tries += 1;
+        match Tap::create(&name, owner) {
+            // A name a previous broker's pool left to a client (`IFF_TUN_EXCL`: EBUSY).
+            Err(e) if e.kind() == std::io::ErrorKind::ResourceBusy && tries < 64 => continue,
+            made => break made?,
+        }
+    };
+    if spec.guard {
+        attaching.idle().await;
+        firewall
+            .guard_tap(tap.index())
+            .await
+            .map_err(std::io::Error::other)?;
+    }
+    attaching.idle().await;
+    let alias = super::alias_for(&spec.network);
+    bridge::enslave(netlink, &tap, pool_mac(), spec.mtu, &alias, &spec.bridge).await?;
+    if spec.isolation {
+        bridge::set_isolated(netlink, &tap).await?;
+    }
+    tap.make_persistent()?;
+    Ok(tap)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pool_names_fit_and_are_told_from_serial_names() {
+        let pool = TapPool::new(4);
+        let a = pool.name(0x1234);
+        assert_eq!(a, "vmnt1234-p0");
+        assert!(is_pool_name(&a));
+        assert!(!is_pool_name(&tap::tap_name(0x1234, 0xabc).unwrap()));
+        assert!(!is_pool_name("vmnb-shared"));
+        // The counter wraps within IFNAMSIZ on the widest bridge index.
+        let wide = TapPool::new(4);
+        wide.next.store(u64::MAX - 1, Ordering::Relaxed);
+        for _ in 0..3 {
+            let n = wide.name(u32::MAX);
+            assert!(n.len() < libc::IFNAMSIZ, "{n}");
+            assert!(is_pool_name(&n), "{n}");
+        }
+    }
+
+    #[test]
+    fn a_pool_hands_out_only_its_own_bridges_taps() {
+        let pool = TapPool::new(2);
+        let spec = PoolSpec {
+            network: "lab".into(),
+            bridge: Link::tap(7, "vmnb-lab"),
+            mtu: 1500,
+            isolation: false,
+            guard: true,
+        };
+        pool.add(spec.clone());
+        let t = |n: &str| Pooled {
+            name: n.into(),
+            index: 1,
+        };
+        assert!(pool.put(&spec, t("vmnt7-p0")));
+        assert!(pool.put(&spec, t("vmnt7-p1")));
+        assert!(!pool.put(&spec, t("vmnt7-p2")), "full");
+        assert!(pool.is_idle("lab", "vmnt7-p1"));
+        assert_eq!(pool.take("lab", 8), None, "another bridge of that name");
+        assert_eq!(pool.take("lab", 7), Some(t("vmnt7-p1")));
+        assert!(!pool.is_idle("lab", "vmnt7-p1"));
+        pool.remove("lab");
+        assert_eq!(pool.take("lab", 7), None);
+        assert!(!pool.put(&spec, t("vmnt7-p3")), "the network is gone");
+        assert!(TapPool::new(0).short().is_none());
+    }
+}
