@@ -1080,10 +1080,18 @@ fn hold_as(b: &Broker, bin: &std::path::Path, uid: u32, names: &[&str]) -> Held 
     Held::All(child, taps)
 }
 
+/// The bridge's ports that are TAPs for VMs: not counting the broker's idle pool TAPs
+/// (a pool name, no fd attached: src/backend/linux/pool.rs), which any acquire takes
+/// first.
 fn bridge_ports(b: &Broker, bridge: &str) -> usize {
-    b.ns.sh(&format!("ls /sys/class/net/{bridge}/brif"))
-        .split_whitespace()
-        .count()
+    b.ns.sh(&format!(
+        "for p in $(ls /sys/class/net/{bridge}/brif); do \
+           case $p in vmnt*-p*) [ \"$(cat /sys/class/net/$p/carrier)\" = 0 ] && continue;; esac; \
+           echo $p; \
+         done"
+    ))
+    .split_whitespace()
+    .count()
 }
 
 #[test]

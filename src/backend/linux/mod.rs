@@ -360,6 +360,7 @@ impl LinuxBackend {
                 Arc::clone(&pool),
                 Arc::clone(&netlink),
                 Arc::clone(&deleter),
+                Arc::clone(&links),
                 firewall.clone(),
                 Arc::clone(&attaching),
             ));

@@ -35,6 +35,7 @@
 
 use super::Attaching;
 use super::bridge;
+use super::links::LinkRecord;
 use super::netlink::{Link, Netlink};
 use super::tap::{self, Tap, TapOwner};
 use crate::backend::linux::firewall::Firewall;
@@ -214,6 +215,7 @@ pub async fn refill(
     pool: Arc<TapPool>,
     netlink: Arc<Netlink>,
     deleter: Arc<Netlink>,
+    links: Arc<LinkRecord>,
     firewall: Firewall,
     attaching: Arc<Attaching>,
 ) {
@@ -227,6 +229,20 @@ pub async fn refill(
             pool.wake.notified().await;
             continue;
         };
+        // A full bridge has no port for the pool: what is left is the users'. One port
+        // stays free beside a refill's: an acquire that finds the pool empty while the
+        // refill is plugging one (acquires of a network attach one at a time) still
+        // gets a port. (Asked of the link record, which may lag by an event; the
+        // kernel's EXFULL is the backstop.)
+        let alias = super::alias_for(&spec.network);
+        let ports = links
+            .ports_of(spec.bridge.index, &alias)
+            .map(|p| p.len())
+            .unwrap_or(0);
+        if ports + 2 > crate::config::MAX_ENDPOINTS_PER_NETWORK as usize {
+            pool.stall(&spec);
+            continue;
+        }
         match make(&pool, &spec, owner, &netlink, &firewall, &attaching).await {
             Ok(tap) => {
                 let pooled = Pooled {
@@ -247,7 +263,7 @@ pub async fn refill(
             }
             Err(e) => {
                 pool.stall(&spec);
-                debug!(network = %spec.network, "cannot make a pool TAP: {e}");
+                warn!(network = %spec.network, "cannot make a pool TAP: {e}");
             }
         }
     }
@@ -283,11 +299,19 @@ async fn make(
     }
     attaching.idle().await;
     let alias = super::alias_for(&spec.network);
-    bridge::enslave(netlink, &tap, pool_mac(), spec.mtu, &alias, &spec.bridge).await?;
-    if spec.isolation {
-        bridge::set_isolated(netlink, &tap).await?;
+    let plugged = async {
+        bridge::enslave(netlink, &tap, pool_mac(), spec.mtu, &alias, &spec.bridge).await?;
+        if spec.isolation {
+            bridge::set_isolated(netlink, &tap).await?;
+        }
+        tap.make_persistent()
+    };
+    if let Err(e) = plugged.await {
+        // The last fd of a TAP that is not persistent: the kernel deletes it inside
+        // `close`, waiting for an RCU grace period, which must not stall a worker.
+        tokio::task::spawn_blocking(move || drop(tap));
+        return Err(e);
     }
-    tap.make_persistent()?;
     Ok(tap)
 }
 

@@ -1,0 +1,226 @@
+//! The pool of pre-made TAPs (src/backend/linux/pool.rs) end to end: the real daemon in a
+//! network namespace of its own. A warm acquire gets a ready TAP that works like a fresh
+//! one and belongs to its client; idle pool TAPs belong to the broker (no other user may
+//! attach them), show nowhere, and go with their network and with a killed broker.
+#![cfg(target_os = "linux")]
+
+#[path = "support/frames.rs"]
+mod frames;
+#[path = "support/netns.rs"]
+mod netns;
+#[path = "support/broker.rs"]
+mod support;
+#[path = "support/tap_owner.rs"]
+mod tap_owner;
+
+use nix::sys::signal::Signal;
+use std::collections::BTreeMap;
+use std::os::fd::AsFd;
+use std::time::Duration;
+use support::{Broker, Options};
+use tap_owner::attach_by_name_as;
+use vmnet_broker::backend::linux::pool::{POOL_SIZE, is_pool_name};
+use vmnet_broker::client::Client;
+use vmnet_broker_client::linux::tap_name_of;
+
+/// Generous, for a busy 2-core machine; the waits end as soon as the condition holds.
+const DEADLINE: Duration = Duration::from_secs(30);
+
+/// The idle pool TAPs in the broker's namespace, by name, with their ifindex: pool names
+/// whose TAP no fd holds (no carrier).
+fn idle_pool(b: &Broker) -> BTreeMap<String, String> {
+    b.ns.links()
+        .into_iter()
+        .filter(|n| is_pool_name(n))
+        .filter(|n| sysfs(b, n, "carrier") == "0")
+        .map(|n| {
+            let index = sysfs(b, &n, "ifindex");
+            (n, index)
+        })
+        .collect()
+}
+
+fn sysfs(b: &Broker, name: &str, what: &str) -> String {
+    b.ns.sh(&format!(
+        "cat /sys/class/net/{name}/{what} 2>/dev/null || true"
+    ))
+    .trim()
+    .to_string()
+}
+
+fn wait_pool_full(b: &Broker) -> BTreeMap<String, String> {
+    b.wait_for("the pool to fill", DEADLINE, || {
+        idle_pool(b).len() == POOL_SIZE
+    });
+    idle_pool(b)
+}
+
+/// The TAP names `status --json` lists for network `net`.
+fn status_taps(b: &Broker, net: &str) -> Vec<String> {
+    let out = b.cli(&["status", "--json"]).output().unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    v["networks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["name"] == net)
+        .flat_map(|n| n["taps"].as_array().unwrap().iter())
+        .map(|t| t.as_str().unwrap().to_string())
+        .collect()
+}
+
+/// Calls `f` in a thread whose own credentials are uid/gid `id` (the raw syscalls change
+/// only the calling thread), so sockets connected there carry that uid.
+fn as_uid<T: Send + 'static>(id: u32, f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        // SAFETY: plain syscalls on this thread's credentials, group first (it needs
+        // root); the thread ends right after `f`, so no other code runs with them.
+        unsafe {
+            assert_eq!(
+                libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<u32>()),
+                0
+            );
+            assert_eq!(libc::syscall(libc::SYS_setresgid, id, id, id), 0);
+            assert_eq!(libc::syscall(libc::SYS_setresuid, id, id, id), 0);
+        }
+        f()
+    })
+    .join()
+    .unwrap()
+}
+
+/// A warm acquire is served from the pool: the ready TAP it gets is on the bridge,
+/// belongs to the client's uid and gid, and carries frames (a DHCP exchange, so the
+/// binder bound it to the guest's MAC), on an anti-spoofing network and on an
+/// `allow_spoofing` one. The pool is refilled behind it.
+#[test]
+fn a_warm_acquire_gets_a_ready_pool_tap_that_works() {
+    let b = Broker::start(Options {
+        files: vec![("loose.json".into(), r#"{"allow_spoofing": true}"#.into())],
+        ..Options::default()
+    });
+    b.ns.sh(&format!("chmod 0666 {}", b.socket.display()));
+    for (i, net) in ["shared", "loose"].into_iter().enumerate() {
+        let holder = b.client();
+        let first = holder.acquire(net).unwrap();
+        let iface = &first.info.interface;
+        let prefix = iface[..=iface.find('-').unwrap()].to_string();
+        let pool_of = |b: &Broker| -> BTreeMap<String, String> {
+            idle_pool(b)
+                .into_iter()
+                .filter(|(n, _)| n.starts_with(&prefix))
+                .collect()
+        };
+        b.wait_for("the pool to fill", DEADLINE, || {
+            pool_of(&b).len() == POOL_SIZE
+        });
+        let ready = pool_of(&b);
+        let socket = b.socket.clone();
+        let uid = 4242 + i as u32;
+        let net2 = net.to_string();
+        let (a, connection) = as_uid(uid, move || {
+            let c = Client::connect(&socket).unwrap();
+            (c.acquire(&net2).unwrap(), c)
+        });
+        let name = a.info.interface.clone();
+        assert!(ready.contains_key(&name), "{name} is not one of {ready:?}");
+        assert_eq!(tap_name_of(a.fd.as_fd()).unwrap(), name);
+        assert_eq!(sysfs(&b, &name, "carrier"), "1");
+        let master = b.ns.sh(&format!(
+            "basename $(readlink /sys/class/net/{name}/master)"
+        ));
+        assert_eq!(master.trim(), a.info.bridge);
+        // Handed to its client: the broker's ownership is gone.
+        assert_eq!(sysfs(&b, &name, "owner"), uid.to_string());
+        assert_eq!(sysfs(&b, &name, "group"), uid.to_string());
+        assert!(status_taps(&b, net).contains(&name));
+        let tap = frames::Tap::new(a);
+        let ack = tap.dhcp(0x5000 + i as u32, DEADLINE);
+        assert!(!ack.yiaddr().is_unspecified(), "{ack:?}");
+        // The pool is full again, without the TAP handed out.
+        b.wait_for("the pool to refill", DEADLINE, || {
+            let pool = pool_of(&b);
+            pool.len() == POOL_SIZE && !pool.contains_key(&name)
+        });
+        drop((tap, connection, first, holder));
+    }
+}
+
+/// A pool TAP belongs to the broker's uid and group: another local user's `TUNSETIFF`
+/// on its name is refused. Without an owner and a group any user could attach it.
+#[test]
+fn a_stranger_cannot_attach_a_pool_tap() {
+    let b = Broker::start(Options::default());
+    let c = b.client();
+    let _a = c.acquire("shared").unwrap();
+    let pool = wait_pool_full(&b);
+    for name in pool.keys() {
+        assert_eq!(sysfs(&b, name, "owner"), "0", "{name}");
+        assert_eq!(sysfs(&b, name, "group"), "0", "{name}");
+        assert_eq!(
+            b.ns.run(|| attach_by_name_as(name, 65534, 65534)),
+            libc::EPERM,
+            "nobody must not attach pool TAP {name}"
+        );
+    }
+}
+
+/// Idle pool TAPs are no endpoint (status lists the client's TAP only) and go with their
+/// network when it is removed.
+#[test]
+fn pool_taps_are_invisible_and_go_with_their_network() {
+    let b = Broker::start(Options {
+        idle_timeout: 0.5,
+        ..Options::default()
+    });
+    let c = b.client();
+    let a = c.acquire("shared").unwrap();
+    let pool = wait_pool_full(&b);
+    assert_eq!(status_taps(&b, "shared"), vec![a.info.interface.clone()]);
+    let show = b.cli(&["show", "shared"]).output().unwrap();
+    let text = String::from_utf8_lossy(&show.stdout);
+    for name in pool.keys() {
+        assert!(!text.contains(name.as_str()), "{name} in `show`: {text}");
+    }
+    let bridge = a.info.bridge.clone();
+    drop(a);
+    drop(c);
+    b.wait_for("the network and every TAP of it to go", DEADLINE, || {
+        let links = b.ns.links();
+        !links.contains(&bridge) && !links.iter().any(|l| l.starts_with("vmnt"))
+    });
+}
+
+/// A broker killed by SIGKILL leaves its idle pool TAPs behind; the next one, adopting
+/// the network (a VM still holds a TAP), deletes them and makes a pool of its own.
+#[test]
+fn a_killed_brokers_pool_taps_are_deleted_by_the_next() {
+    let mut b = Broker::start(Options::default());
+    let c = b.client();
+    let held = c.acquire("shared").unwrap();
+    let old = wait_pool_full(&b);
+    let state = b.state_dir.join("broker-state.json");
+    b.wait_for("the TAP in the state file", DEADLINE, || {
+        std::fs::read_to_string(&state).is_ok_and(|s| s.contains(&held.info.interface))
+    });
+    b.signal(Signal::SIGKILL);
+    b.wait_exit(DEADLINE).unwrap();
+    drop(c);
+    b.spawn(&Options::default());
+    b.wait_for(
+        "the old pool TAPs to go and a new pool to fill",
+        DEADLINE,
+        || {
+            let now = idle_pool(&b);
+            now.len() == POOL_SIZE && !now.values().any(|i| old.values().any(|o| o == i))
+        },
+    );
+    // The held TAP was adopted, and is all the network shows.
+    assert_eq!(status_taps(&b, "shared"), vec![held.info.interface.clone()]);
+    assert!(b.ns.links().contains(&held.info.interface));
+}
