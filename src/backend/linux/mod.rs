@@ -639,6 +639,19 @@ impl LinuxBackend {
         started
     }
 
+    /// A ready TAP of the network's pool, attached and given to `owner`.
+    fn take_pooled(&self, network: &LinuxNetwork, owner: tap::TapOwner) -> Option<Tap> {
+        let pooled = self.pool.take(&network.config.name, network.bridge.index)?;
+        match Tap::attach(&pooled.name, pooled.index, owner) {
+            Ok(tap) => Some(tap),
+            Err(e) => {
+                // Left for the network's removal; the acquire makes its own.
+                warn!(network = %network.config.name, "cannot attach a pool TAP: {e}");
+                None
+            }
+        }
+    }
+
     /// Makes the TAP of an acquire the pool had none for: created for its client,
     /// guarded, plugged and persistent.
     async fn make_tap(
@@ -1141,28 +1154,31 @@ impl Backend for LinuxBackend {
         network: &LinuxNetwork,
         request: &AttachRequest,
     ) -> Result<Attachment<TapEndpoint>, BackendError> {
-        let _attaching = self.attaching.start();
+        let mut attaching = self.attaching.start();
         let owner = tap::TapOwner {
             uid: request.peer.uid,
             gid: request.peer.gid,
         };
         // A ready TAP of the pool when there is one: already guarded, plugged and
         // persistent, so attaching it and giving it to the client is all that is left.
-        let pooled = self
-            .pool
-            .take(&network.config.name, network.bridge.index)
-            .and_then(|p| match Tap::attach(&p.name, p.index, owner) {
-                Ok(tap) => Some(tap),
-                Err(e) => {
-                    // Left for the network's removal; this acquire makes its own.
-                    warn!(network = %network.config.name, "cannot attach a pool TAP: {e}");
-                    None
-                }
-            });
-        let tap = match pooled {
+        let tap = match self.take_pooled(network, owner) {
             Some(tap) => tap,
-            None => self.make_tap(network, request, owner).await?,
+            None => match self.make_tap(network, request, owner).await {
+                Ok(tap) => tap,
+                // The bridge's last port may be the one a refill is plugging: that TAP,
+                // once ready, is this acquire's.
+                Err(e) if self.pool.enabled() => {
+                    drop(attaching);
+                    self.pool
+                        .refilled(&network.config.name, Duration::from_secs(2))
+                        .await;
+                    attaching = self.attaching.start();
+                    self.take_pooled(network, owner).ok_or(e)?
+                }
+                Err(e) => return Err(e),
+            },
         };
+        let _attaching = attaching;
         let name = tap.name().to_string();
         if !request.persistent {
             // Before the fd leaves: its carrier cannot go while the broker holds it.

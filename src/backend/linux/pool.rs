@@ -74,6 +74,8 @@ struct Entry {
     idle: Vec<Pooled>,
     /// A refill failed: none is tried again until the next take.
     stalled: bool,
+    /// A refill of this network is under way: its TAP may hold the bridge's last port.
+    making: bool,
 }
 
 /// The pools of every network of one backend.
@@ -82,6 +84,8 @@ pub struct TapPool {
     size: usize,
     entries: Mutex<BTreeMap<String, Entry>>,
     wake: Notify,
+    /// Notified when a refill ends, made or not ([`TapPool::refilled`]).
+    ended: Notify,
     next: AtomicU64,
 }
 
@@ -91,6 +95,7 @@ impl TapPool {
             size,
             entries: Mutex::new(BTreeMap::new()),
             wake: Notify::new(),
+            ended: Notify::new(),
             next: AtomicU64::new(0),
         }
     }
@@ -110,6 +115,7 @@ impl TapPool {
                 spec,
                 idle: Vec::new(),
                 stalled: false,
+                making: false,
             },
         );
         self.wake.notify_one();
@@ -135,6 +141,25 @@ impl TapPool {
         taken
     }
 
+    /// Waits, at most `wait`, until no refill of `network` is under way. An acquire that
+    /// could not make its own TAP (the bridge full, maybe by the TAP a refill is
+    /// plugging) takes the refill's then; it must not count as attaching meanwhile, or
+    /// the refill would wait for it.
+    pub async fn refilled(&self, network: &str, wait: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let ended = self.ended.notified();
+            tokio::pin!(ended);
+            ended.as_mut().enable();
+            if !self.lock().get(network).is_some_and(|e| e.making) {
+                return;
+            }
+            if tokio::time::timeout_at(deadline, ended).await.is_err() {
+                return;
+            }
+        }
+    }
+
     /// Whether `name` is an idle pool TAP of `network`.
     pub fn is_idle(&self, network: &str, name: &str) -> bool {
         self.lock()
@@ -151,12 +176,23 @@ impl TapPool {
         self.entries.lock().expect("not poisoned")
     }
 
-    /// A network whose pool is short, with its spec.
+    /// A network whose pool is short, with its spec, marked as being refilled.
     fn short(&self) -> Option<PoolSpec> {
         self.lock()
-            .values()
+            .values_mut()
             .find(|e| !e.stalled && e.idle.len() < self.size)
-            .map(|e| e.spec.clone())
+            .map(|e| {
+                e.making = true;
+                e.spec.clone()
+            })
+    }
+
+    /// The refill of `spec`'s network ended.
+    fn done(&self, spec: &PoolSpec) {
+        if let Some(e) = self.lock().get_mut(&spec.network) {
+            e.making = false;
+        }
+        self.ended.notify_waiters();
     }
 
     /// Adds a made TAP to its network's pool, if the pool (of the same bridge) is still
@@ -241,6 +277,7 @@ pub async fn refill(
             .unwrap_or(0);
         if ports + 2 > crate::config::MAX_ENDPOINTS_PER_NETWORK as usize {
             pool.stall(&spec);
+            pool.done(&spec);
             continue;
         }
         match make(&pool, &spec, owner, &netlink, &firewall, &attaching).await {
@@ -266,6 +303,7 @@ pub async fn refill(
                 warn!(network = %spec.network, "cannot make a pool TAP: {e}");
             }
         }
+        pool.done(&spec);
     }
 }
 
