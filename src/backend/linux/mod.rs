@@ -645,8 +645,13 @@ impl LinuxBackend {
         match Tap::attach(&pooled.name, pooled.index, owner) {
             Ok(tap) => Some(tap),
             Err(e) => {
-                // Left for the network's removal; the acquire makes its own.
+                // No use to anyone now: deleted (by the index it had in the pool, so never
+                // another device); the acquire makes its own.
                 warn!(network = %network.config.name, "cannot attach a pool TAP: {e}");
+                let deleter = Arc::clone(&self.deleter);
+                tokio::spawn(async move {
+                    let _ = deleter.delete(&Link::tap(pooled.index, &pooled.name)).await;
+                });
                 None
             }
         }

@@ -286,17 +286,16 @@ pub async fn refill(
                     name: tap.name().to_string(),
                     index: tap.index(),
                 };
-                if pool.put(&spec, pooled) {
-                    debug!(network = %spec.network, interface = tap.name(), "pool TAP ready");
-                } else if let Err(e) = deleter.delete(&Link::tap(tap.index(), tap.name())).await {
-                    // The network went meanwhile; its removal may have missed this one.
-                    warn!(
-                        interface = tap.name(),
-                        "cannot delete an unneeded pool TAP: {e}"
-                    );
-                }
-                // Closing the fd of a persistent TAP only detaches it.
+                // Closed before an acquire can take it: an attached TAP refuses a second
+                // fd (EBUSY). Closing the fd of a persistent TAP only detaches it.
                 drop(tap);
+                if pool.put(&spec, pooled.clone()) {
+                    debug!(network = %spec.network, interface = %pooled.name, "pool TAP ready");
+                } else if let Err(e) = deleter.delete(&Link::tap(pooled.index, &pooled.name)).await
+                {
+                    // The network went meanwhile; its removal may have missed this one.
+                    warn!(interface = %pooled.name, "cannot delete an unneeded pool TAP: {e}");
+                }
             }
             Err(e) => {
                 pool.stall(&spec);

@@ -13,6 +13,8 @@
 //! persistent itself (`TUNSETPERSIST` needs no privilege); without an owner such a TAP
 //! could then be attached by name by any local user. With both set the kernel lets only a
 //! process with that uid *and* that group (or CAP_NET_ADMIN) attach it.
+//! A TAP made ahead of its acquire ([`super::pool`]) belongs to the broker's own uid and
+//! group until an acquire attaches it ([`Tap::attach`]) and gives it to its client.
 //!
 //! Offloads (`TUNSETOFFLOAD`) are deliberately left off. With them off the kernel hands
 //! the reader only complete, checksummed frames, which every consumer can take; QEMU and
