@@ -964,27 +964,19 @@ async fn reap_closed_taps(
                 .collect()
         };
         // A pool TAP reported closed while it waited in the pool may have been handed
-        // out since (its carrier is back): the kernel's word now decides, and one that
-        // is attached goes back to the reapable ones.
+        // out since (its carrier is back): the kernel's word now decides. One that is
+        // attached stays reapable, for when it really closes.
         let due = if due.iter().any(|l| pool::is_pool_name(&l.name)) {
             match netlink.links().await {
-                Ok(now) => {
-                    let (due, attached): (Vec<Link>, Vec<Link>) = due.into_iter().partition(|l| {
+                Ok(now) => due
+                    .into_iter()
+                    .filter(|l| {
                         !now.iter()
                             .any(|n| n.index == l.index && n.carrier == Some(true))
-                    });
-                    reapable
-                        .lock()
-                        .expect("not poisoned")
-                        .extend(attached.into_iter().map(|l| l.name));
-                    due
-                }
+                    })
+                    .collect(),
                 Err(e) => {
                     warn!("cannot check closed pool TAPs, keeping them: {e}");
-                    reapable
-                        .lock()
-                        .expect("not poisoned")
-                        .extend(due.into_iter().map(|l| l.name));
                     continue;
                 }
             }
