@@ -76,6 +76,8 @@ struct Entry {
     stalled: bool,
     /// A refill of this network is under way: its TAP may hold the bridge's last port.
     making: bool,
+    /// The name of the TAP that refill made, once made: on the bridge, not ready yet.
+    made: Option<String>,
 }
 
 /// The pools of every network of one backend.
@@ -116,6 +118,7 @@ impl TapPool {
                 idle: Vec::new(),
                 stalled: false,
                 making: false,
+                made: None,
             },
         );
         self.wake.notify_one();
@@ -160,11 +163,12 @@ impl TapPool {
         }
     }
 
-    /// Whether `name` is an idle pool TAP of `network`.
+    /// Whether `name` is a pool TAP of `network` no acquire has taken: idle, or being
+    /// made.
     pub fn is_idle(&self, network: &str, name: &str) -> bool {
-        self.lock()
-            .get(network)
-            .is_some_and(|e| e.idle.iter().any(|p| p.name == name))
+        self.lock().get(network).is_some_and(|e| {
+            e.idle.iter().any(|p| p.name == name) || e.made.as_deref() == Some(name)
+        })
     }
 
     /// Idle pool TAPs of every network (the metrics' gauge).
@@ -191,6 +195,7 @@ impl TapPool {
     fn done(&self, spec: &PoolSpec) {
         if let Some(e) = self.lock().get_mut(&spec.network) {
             e.making = false;
+            e.made = None;
         }
         self.ended.notify_waiters();
     }
@@ -205,6 +210,13 @@ impl TapPool {
                 true
             }
             _ => false,
+        }
+    }
+
+    /// The refill of `spec`'s network made TAP `name`.
+    fn made(&self, spec: &PoolSpec, name: &str) {
+        if let Some(e) = self.lock().get_mut(&spec.network) {
+            e.made = Some(name.to_string());
         }
     }
 
@@ -327,6 +339,8 @@ async fn make(
             made => break made?,
         }
     };
+    // Before it gets the network's alias: no listing may count it as a client's.
+    pool.made(spec, tap.name());
     if spec.guard {
         attaching.idle().await;
         firewall
