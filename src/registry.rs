@@ -22,7 +22,8 @@ use crate::mac::Mac;
 use crate::policy::{self, Denied, Directory, Peer};
 use crate::protocol::ForwardSpec;
 use crate::state::{
-    BrokerState, ClientRecord, EndpointRecord, ForwardRecord, NetworkRecord, StateWriter,
+    BrokerState, Changes, ClientRecord, Delta, EndpointRecord, Entry, ForwardRecord, Key,
+    NetworkRecord, StateWriter,
 };
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -396,6 +397,8 @@ struct State<N> {
     next_instance: u64,
     /// Set once the broker is going down: no new clients, no new networks.
     closed: bool,
+    /// What changed since the state writer last looked ([`Registry::record`]).
+    changes: Changes,
 }
 
 pub struct Registry<B: Backend> {
@@ -488,6 +491,7 @@ impl<B: Backend> Registry<B> {
                 next_client: 1,
                 next_instance: 1,
                 closed: false,
+                changes: Changes::default(),
             }),
             persist: OnceLock::new(),
             orphan_check: ORPHAN_CHECK,
@@ -499,10 +503,10 @@ impl<B: Backend> Registry<B> {
     /// state at once).
     pub fn persist(self: &Arc<Self>, dir: std::path::PathBuf) {
         let registry = Arc::downgrade(self);
-        let snapshot = Box::new(move || registry.upgrade().map(|r| r.snapshot()));
+        let snapshot = Box::new(move |full| registry.upgrade().map(|r| r.delta(full)));
         if self.persist.set(StateWriter::start(dir, snapshot)).is_ok() {
-            let st = self.lock();
-            self.record(&st);
+            let mut st = self.lock();
+            self.record(&mut st, None);
         }
     }
 
@@ -513,88 +517,152 @@ impl<B: Backend> Registry<B> {
         }
     }
 
-    /// Tells the state writer that something changed. Called under the map lock right
-    /// after a change; the writer takes its snapshot ([`Self::snapshot`]) later, so a
-    /// change costs O(1) however many clients there are.
-    fn record(&self, _st: &State<B::Network>) {
+    /// Marks what a change touched (`key`; `None`: anything may have) and tells the
+    /// state writer. Called under the map lock right after the change; the writer turns
+    /// the marks into records later ([`Self::delta`]), so a change costs O(1) here and
+    /// O(what it touched) there, however many clients there are.
+    fn record(&self, st: &mut State<B::Network>, key: Option<Key>) {
+        match key {
+            Some(key) => st.changes.mark(key),
+            None => st.changes.mark_all(),
+        }
         if let Some(writer) = self.persist.get() {
             writer.changed();
         }
     }
 
-    /// What exists now, as the state file records it.
-    fn snapshot(&self) -> BrokerState {
-        let st = self.lock();
-        let networks = st
-            .networks
-            .values()
-            .filter_map(|net| {
-                // Only active networks: one being created has nothing yet, and one being
-                // removed is half gone (what a crash leaves of it is stale).
-                let Phase::Active(live) = &net.phase else {
-                    return None;
-                };
-                Some(NetworkRecord {
-                    config: live.current_config(),
-                    subnet: live.details.subnet,
-                    gateway: live.details.gateway,
-                    platform: live
-                        .details
-                        .platform
-                        .iter()
-                        .map(|(k, v)| (k.to_string(), v.to_string()))
-                        .collect(),
-                    serial: net.serial,
-                    endpoints: net
-                        .handed
-                        .iter()
-                        .map(|(id, h)| EndpointRecord {
-                            id: id.0.clone(),
-                            uid: h.uid,
-                            mac: Mac::from(h.mac),
-                            persistent: h.persistent,
-                        })
-                        .collect(),
+    /// Marks a change without telling the writer yet: the caller's next [`Self::record`]
+    /// (or anyone's) carries it.
+    fn mark(st: &mut State<B::Network>, key: Key) {
+        st.changes.mark(key);
+    }
+
+    /// What to write for the changes marked since the last call: the whole state when
+    /// `full` or when anything may have changed, else one entry per thing touched.
+    fn delta(&self, full: bool) -> Delta {
+        let mut st = self.lock();
+        let changes = st.changes.take();
+        if full || changes.all {
+            return Delta::Full(Self::snapshot(&st));
+        }
+        let entries = changes
+            .keys
+            .into_iter()
+            .map(|key| match key {
+                Key::Network(name) => match st.networks.get(&name) {
+                    Some(net) => match Self::network_record(net) {
+                        Some(record) => Entry::Network(record),
+                        None => Entry::NetworkGone(name),
+                    },
+                    None => Entry::NetworkGone(name),
+                },
+                Key::Endpoint(network, id) => {
+                    let found = st
+                        .networks
+                        .get(&network)
+                        .filter(|net| matches!(net.phase, Phase::Active(_)))
+                        .and_then(|net| {
+                            let handed = net.handed.get(&EndpointId(id.clone()))?;
+                            Some((net.serial, handed))
+                        });
+                    match found {
+                        Some((serial, h)) => Entry::Endpoint {
+                            network,
+                            serial,
+                            endpoint: Self::endpoint_record(&id, h),
+                        },
+                        None => Entry::EndpointGone { network, id },
+                    }
+                }
+                Key::Client(id) => match st.clients.get(&id) {
+                    Some(c) => Entry::Client(Self::client_record(id, c)),
+                    None => Entry::ClientGone(id),
+                },
+            })
+            .collect();
+        Delta::Entries(entries)
+    }
+
+    fn endpoint_record(id: &str, h: &Handed) -> EndpointRecord {
+        EndpointRecord {
+            id: id.to_string(),
+            uid: h.uid,
+            mac: Mac::from(h.mac),
+            persistent: h.persistent,
+        }
+    }
+
+    /// The record of a network, if it is active: one being created has nothing yet, and
+    /// one being removed is half gone (what a crash leaves of it is stale).
+    fn network_record(net: &Network<B::Network>) -> Option<NetworkRecord> {
+        let Phase::Active(live) = &net.phase else {
+            return None;
+        };
+        Some(NetworkRecord {
+            config: live.current_config(),
+            subnet: live.details.subnet,
+            gateway: live.details.gateway,
+            platform: live
+                .details
+                .platform
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            serial: net.serial,
+            endpoints: net
+                .handed
+                .iter()
+                .map(|(id, h)| Self::endpoint_record(&id.0, h))
+                .collect(),
+        })
+    }
+
+    fn client_record(id: ClientId, c: &Client) -> ClientRecord {
+        ClientRecord {
+            id,
+            pid: c.peer.pid,
+            uid: c.peer.uid,
+            gid: c.peer.gid,
+            groups: c.peer.groups.as_deref().map(<[u32]>::to_vec),
+            networks: c.networks.iter().cloned().collect(),
+            endpoints: c
+                .taps
+                .iter()
+                .map(|(n, e)| (n.clone(), e.0.clone()))
+                .collect(),
+            persistent: c
+                .persistent
+                .iter()
+                .map(|(n, e)| (n.clone(), e.0.clone()))
+                .collect(),
+            forwards: c
+                .forwards
+                .iter()
+                .map(|f| ForwardRecord {
+                    network: f.network.clone(),
+                    protocol: f.protocol,
+                    external_port: f.external_port,
+                    internal_port: f.internal_port,
+                    endpoint: f.endpoint.0.clone(),
                 })
-            })
-            .collect();
-        let clients = st
-            .clients
-            .iter()
-            .map(|(id, c)| ClientRecord {
-                id: *id,
-                pid: c.peer.pid,
-                uid: c.peer.uid,
-                gid: c.peer.gid,
-                groups: c.peer.groups.as_deref().map(<[u32]>::to_vec),
-                networks: c.networks.iter().cloned().collect(),
-                endpoints: c
-                    .taps
-                    .iter()
-                    .map(|(n, e)| (n.clone(), e.0.clone()))
-                    .collect(),
-                persistent: c
-                    .persistent
-                    .iter()
-                    .map(|(n, e)| (n.clone(), e.0.clone()))
-                    .collect(),
-                forwards: c
-                    .forwards
-                    .iter()
-                    .map(|f| ForwardRecord {
-                        network: f.network.clone(),
-                        protocol: f.protocol,
-                        external_port: f.external_port,
-                        internal_port: f.internal_port,
-                        endpoint: f.endpoint.0.clone(),
-                    })
-                    .collect(),
-            })
-            .collect();
+                .collect(),
+        }
+    }
+
+    /// What exists now, as the state file records it.
+    fn snapshot(st: &State<B::Network>) -> BrokerState {
         BrokerState {
             version: crate::state::VERSION,
-            networks,
-            clients,
+            networks: st
+                .networks
+                .values()
+                .filter_map(Self::network_record)
+                .collect(),
+            clients: st
+                .clients
+                .iter()
+                .map(|(id, c)| Self::client_record(*id, c))
+                .collect(),
         }
     }
 
@@ -760,7 +828,7 @@ impl<B: Backend> Registry<B> {
                 self.watch_orphans(&name, instance);
             }
             st.networks.insert(name.clone(), net);
-            self.record(&st);
+            self.record(&mut st, Some(Key::Network(name.clone())));
             adopted.push(name);
         }
         // A restored client keeps only what was adopted.
@@ -778,7 +846,7 @@ impl<B: Backend> Registry<B> {
         for (client, f) in recorded_forwards {
             self.readopt_forward(client, f).await;
         }
-        self.record(&self.lock());
+        self.record(&mut self.lock(), None);
         adopted
     }
 
@@ -938,7 +1006,7 @@ impl<B: Backend> Registry<B> {
             return Ok(false);
         }
         *live.peers.lock().expect("not poisoned") = Some(peers);
-        self.record(&self.lock());
+        self.record(&mut self.lock(), Some(Key::Network(name.to_string())));
         Ok(true)
     }
 
@@ -1005,7 +1073,7 @@ impl<B: Backend> Registry<B> {
             clients = st.clients.len(),
             "client connected"
         );
-        self.record(&st);
+        self.record(&mut st, Some(Key::Client(id)));
         Ok(id)
     }
 
@@ -1147,6 +1215,8 @@ impl<B: Backend> Registry<B> {
             .get_mut(&client)
             .ok_or(RegistryError::UnknownClient)?;
         c.taps.retain(|tap| live.contains(tap));
+        Self::mark(&mut st, Key::Client(client));
+        let c = &st.clients[&client];
         if c.taps.len() >= MAX_TAPS_PER_CLIENT {
             return Err(RegistryError::TooManyEndpoints);
         }
@@ -1248,7 +1318,7 @@ impl<B: Backend> Registry<B> {
             .filter(|n| n.instance == instance)
             .expect("a network being created stays until its creator is done");
         net.phase = Phase::Active(Arc::clone(&live));
-        self.record(&st);
+        self.record(&mut st, Some(Key::Network(name.to_string())));
         Ok(live)
     }
 
@@ -1296,8 +1366,18 @@ impl<B: Backend> Registry<B> {
                 (Ok(endpoints), _) => {
                     let mut st = self.lock();
                     let net = Self::network_mut(&mut st, name, instance);
-                    net.handed.retain(|e, _| endpoints.contains(e));
+                    let mut gone = vec![];
+                    net.handed.retain(|e, _| {
+                        let live = endpoints.contains(e);
+                        if !live {
+                            gone.push(e.0.clone());
+                        }
+                        live
+                    });
                     net.prune_handed_at = (2 * net.handed.len()).max(PRUNE_HANDED_FROM);
+                    for id in gone {
+                        Self::mark(&mut st, Key::Endpoint(name.to_string(), id));
+                    }
                 }
                 // At a limit, the TAPs counted may all still be open: refuse rather than
                 // forget them.
@@ -1399,7 +1479,11 @@ impl<B: Backend> Registry<B> {
             network_clients = net_clients,
             "network acquired"
         );
-        self.record(&st);
+        Self::mark(&mut st, Key::Client(client));
+        self.record(
+            &mut st,
+            Some(Key::Endpoint(name.to_string(), attachment.id.0.clone())),
+        );
         Ok(Acquired {
             network: name.to_string(),
             mode: live.config.mode,
@@ -1587,7 +1671,7 @@ impl<B: Backend> Registry<B> {
             };
             // The state record carries it to a next broker (which serves this very
             // connection after a restart).
-            self.record(&st);
+            self.record(&mut st, Some(Key::Client(client)));
             kept
         };
         if !kept {
@@ -1641,7 +1725,7 @@ impl<B: Backend> Registry<B> {
                 clients = st.clients.len(),
                 "client disconnected"
             );
-            self.record(&st);
+            self.record(&mut st, Some(Key::Client(client)));
             let forwards = c
                 .forwards
                 .into_iter()
@@ -1800,7 +1884,7 @@ impl<B: Backend> Registry<B> {
             .is_some_and(|n| n.instance == removal.instance)
         {
             st.networks.remove(name);
-            self.record(&st);
+            self.record(&mut st, Some(Key::Network(name.to_string())));
         }
     }
 

@@ -1,23 +1,38 @@
 //! The broker's own record of what it made, so a restarted broker can adopt it.
 //!
-//! One JSON file in the state directory ([`STATE_FILE`]), versioned ([`VERSION`]): each
-//! network with the definition it was created from, its subnet, gateway and platform
-//! details (the bridge on Linux), and each endpoint handed out on it with its owner uid,
-//! guest MAC and persistence. The registry publishes a fresh [`BrokerState`] after every
-//! change through a [`StateWriter`]; a single writer task writes the newest one, so a
-//! burst of changes costs one write, and the file is replaced atomically (temp file,
-//! rename, then fsync of the file and of the directory) on a blocking thread, off the
-//! registry's lock and off the runtime's workers.
+//! One file in the state directory ([`STATE_FILE`]), versioned ([`VERSION`]), holding
+//! each network with the definition it was created from, its subnet, gateway and
+//! platform details (the bridge on Linux), each endpoint handed out on it with its owner
+//! uid, guest MAC and persistence, and each connected client. Its layout is a journal:
+//!
+//! - the first line is a whole [`BrokerState`] (compact JSON), the *base*;
+//! - every further line is one [`Entry`]: a network, endpoint or client added, changed
+//!   or gone. Reading replays them over the base in order.
+//!
+//! The registry marks what each change touched ([`Key`]); a single writer task turns the
+//! marks of a burst of changes into entries ([`Delta::Entries`]) and appends them in one
+//! write, so an acquire costs a few hundred bytes however many networks, TAPs and clients
+//! there are (before, every change rewrote the whole state: O(n) per acquire, O(n²) for n
+//! clients). Once the journal has grown past [`COMPACT_FACTOR`] times the base (and
+//! [`COMPACT_MIN`]), the next batch is written as a new base ([`Delta::Full`]) into a
+//! temp file renamed over the old one, so the file stays within a constant factor of the
+//! live state at an amortized constant cost per change.
 //!
 //! What the file is for decides the order. It describes kernel objects (bridges, TAPs,
 //! tables) that live exactly as long as the running kernel, so the file only has to
-//! outlive the *process*: once the rename is done, the page cache holds the new file for
+//! outlive the *process*: once an append or a rename is done, the page cache holds it for
 //! any next broker, however this one dies. That point is what [`StateWriter::flush`]
-//! waits for, so an acquire's reply (which waits for it) costs a write and a rename, not
-//! two fsyncs (16 ms p50 on this project's CI disk under load, measured). The fsyncs
-//! follow for the power-loss case, where the worst outcome is a file that does not
-//! parse: the next broker logs it and cleans up, which is right after a reboot anyway,
-//! because nothing the file describes survived it.
+//! waits for, so an acquire's reply (which waits for it) costs one `write`, not an
+//! fsync (16 ms p50 on this project's CI disk under load, measured). The fsyncs follow
+//! for the power-loss case. A crash can leave a torn last line (a `write` cut short) or,
+//! after a power loss, garbage in place of appended lines: replay stops at the first line
+//! that does not parse, logs it, and adopts what came before, which is every change whose
+//! reply was sent (the process's appends are complete in the page cache), or after a
+//! reboot what nothing needs any more. The writer's first batch is always a new base, so
+//! nothing is ever appended after such a tail.
+//!
+//! A file in the old layout (version 1: one pretty-printed [`BrokerState`], rewritten on
+//! every change) is read as the base with no journal, and replaced by the first write.
 //!
 //! A file that cannot be read, parsed or has another version is never a reason not to
 //! start: the caller logs it and falls back to removing what a previous broker left
@@ -27,6 +42,7 @@ use crate::config::NetworkConfig;
 use crate::mac::Mac;
 use ipnet::Ipv4Net;
 use serde::{Deserialize, Serialize};
+use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
 use std::net::Ipv4Addr;
 use std::path::{Path, PathBuf};
@@ -37,8 +53,18 @@ use tracing::{debug, warn};
 /// The file's name inside the state directory.
 pub const STATE_FILE: &str = "broker-state.json";
 
-/// The format written by this broker. A file with another version is not adopted.
-pub const VERSION: u32 = 1;
+/// The format written by this broker (2: the journal). A file with another version is
+/// not adopted, except version 1 ([`VERSION_SINGLE`]), which is converted.
+pub const VERSION: u32 = 2;
+
+/// The previous format: the whole state in one JSON document, rewritten on every change.
+pub const VERSION_SINGLE: u32 = 1;
+
+/// The journal is compacted into a new base once it is this many times the base's size...
+pub const COMPACT_FACTOR: u64 = 4;
+
+/// ...and at least this large (bytes), so a small state is not rewritten all the time.
+pub const COMPACT_MIN: u64 = 256 * 1024;
 
 /// Everything a restarted broker needs to adopt the networks of the previous one.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -124,6 +150,147 @@ pub struct EndpointRecord {
     pub persistent: bool,
 }
 
+/// One change, a line of the journal after the base.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Entry {
+    /// A network as it is now, with its endpoints: replaces any recorded under its name.
+    Network(NetworkRecord),
+    /// The network is gone (or no longer active), with its endpoints.
+    NetworkGone(String),
+    /// An endpoint handed out (or changed) on a recorded network, and that network's
+    /// next serial after it.
+    Endpoint {
+        network: String,
+        serial: u64,
+        endpoint: EndpointRecord,
+    },
+    /// An endpoint forgotten (its TAP is gone).
+    EndpointGone { network: String, id: String },
+    /// A client as it is now: replaces any recorded under its id.
+    Client(ClientRecord),
+    /// The client left.
+    ClientGone(u64),
+}
+
+/// What a change touched, as the registry marks it for the writer.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Key {
+    /// A whole network (created, adopted, its definition changed, removed).
+    Network(String),
+    /// One endpoint of a network, as (network, endpoint id).
+    Endpoint(String, String),
+    /// One client, by id.
+    Client(u64),
+}
+
+/// The marks since the last write.
+#[derive(Debug, Default)]
+pub struct Changes {
+    /// Everything may have changed: write a new base.
+    pub all: bool,
+    pub keys: BTreeSet<Key>,
+}
+
+impl Changes {
+    pub fn mark(&mut self, key: Key) {
+        if !self.all {
+            self.keys.insert(key);
+        }
+    }
+
+    pub fn mark_all(&mut self) {
+        self.all = true;
+        self.keys.clear();
+    }
+
+    /// Takes the marks, leaving none.
+    pub fn take(&mut self) -> Changes {
+        std::mem::take(self)
+    }
+}
+
+/// What the writer records for a batch of changes.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Delta {
+    /// A new base: the whole state.
+    Full(BrokerState),
+    /// Entries to append.
+    Entries(Vec<Entry>),
+}
+
+/// The state as replayed, keyed for the entries' lookups.
+#[derive(Default)]
+struct Replay {
+    networks: BTreeMap<String, (NetworkRecord, BTreeMap<String, EndpointRecord>)>,
+    clients: BTreeMap<u64, ClientRecord>,
+}
+
+impl Replay {
+    fn new(base: BrokerState) -> Self {
+        let mut replay = Replay::default();
+        for n in base.networks {
+            replay.apply(Entry::Network(n));
+        }
+        for c in base.clients {
+            replay.apply(Entry::Client(c));
+        }
+        replay
+    }
+
+    fn apply(&mut self, entry: Entry) {
+        match entry {
+            Entry::Network(mut n) => {
+                let endpoints = std::mem::take(&mut n.endpoints)
+                    .into_iter()
+                    .map(|e| (e.id.clone(), e))
+                    .collect();
+                self.networks.insert(n.config.name.clone(), (n, endpoints));
+            }
+            Entry::NetworkGone(name) => {
+                self.networks.remove(&name);
+            }
+            Entry::Endpoint {
+                network,
+                serial,
+                endpoint,
+            } => {
+                // An endpoint of a network not recorded (any more) has nothing to adopt.
+                if let Some((n, endpoints)) = self.networks.get_mut(&network) {
+                    n.serial = n.serial.max(serial);
+                    endpoints.insert(endpoint.id.clone(), endpoint);
+                }
+            }
+            Entry::EndpointGone { network, id } => {
+                if let Some((_, endpoints)) = self.networks.get_mut(&network) {
+                    endpoints.remove(&id);
+                }
+            }
+            Entry::Client(c) => {
+                self.clients.insert(c.id, c);
+            }
+            Entry::ClientGone(id) => {
+                self.clients.remove(&id);
+            }
+        }
+    }
+
+    fn finish(self) -> BrokerState {
+        BrokerState {
+            version: VERSION,
+            networks: self
+                .networks
+                .into_values()
+                .map(|(mut n, endpoints)| {
+                    n.endpoints = endpoints.into_values().collect();
+                    n
+                })
+                .collect(),
+            clients: self.clients.into_values().collect(),
+        }
+    }
+}
+
 /// Why the state file could not be used.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -167,67 +334,137 @@ pub fn load(dir: &Path) -> Result<Option<BrokerState>, StateError> {
     struct Versioned {
         version: u32,
     }
-    let versioned: Versioned =
-        serde_json::from_slice(&text).map_err(|source| StateError::Parse {
-            path: path.clone(),
-            source,
-        })?;
-    if versioned.version != VERSION {
-        return Err(StateError::Version {
-            path,
-            found: versioned.version,
-        });
+    let parse = |bytes: &[u8]| -> Result<BrokerState, StateError> {
+        let versioned: Versioned =
+            serde_json::from_slice(bytes).map_err(|source| StateError::Parse {
+                path: path.clone(),
+                source,
+            })?;
+        if versioned.version != VERSION && versioned.version != VERSION_SINGLE {
+            return Err(StateError::Version {
+                path: path.clone(),
+                found: versioned.version,
+            });
+        }
+        let mut state: BrokerState =
+            serde_json::from_slice(bytes).map_err(|source| StateError::Parse {
+                path: path.clone(),
+                source,
+            })?;
+        state.version = VERSION;
+        Ok(state)
+    };
+    // The journal's base is its first line; the old layout is one document over many
+    // lines, which does not parse line by line.
+    let (first, rest) = match text.iter().position(|b| *b == b'\n') {
+        Some(end) => (&text[..end], &text[end + 1..]),
+        None => (&text[..], &[][..]),
+    };
+    let base = match parse(first) {
+        Ok(base) => base,
+        Err(StateError::Parse { .. }) if !rest.is_empty() => {
+            let old = parse(&text)?;
+            debug!(path = %path.display(), "state file in the single-document layout: converting it");
+            return Ok(Some(old));
+        }
+        Err(e) => return Err(e),
+    };
+    let mut replay = Replay::new(base);
+    for (number, line) in rest.split(|b| *b == b'\n').enumerate() {
+        if line.is_empty() {
+            continue;
+        }
+        match serde_json::from_slice::<Entry>(line) {
+            Ok(entry) => replay.apply(entry),
+            Err(e) => {
+                // A torn append (crash mid-write) or what a power loss left: everything
+                // before it is whole, and nothing is ever appended after it.
+                warn!(
+                    path = %path.display(),
+                    line = number + 2,
+                    "ignoring the state file's journal from a line that does not parse: {e}"
+                );
+                break;
+            }
+        }
     }
-    serde_json::from_slice(&text)
-        .map(Some)
-        .map_err(|source| StateError::Parse { path, source })
+    Ok(Some(replay.finish()))
 }
 
-/// Replaces the state file in `dir` with `state`, atomically: a crash at any point leaves
-/// either the old file or the new one, whole. Blocking: run it off the runtime's workers.
+/// Replaces the state file in `dir` with `state` as a new base, atomically: a crash at
+/// any point leaves either the old file or the new one, whole. Blocking: run it off the
+/// runtime's workers.
 pub fn write_atomic(dir: &Path, state: &BrokerState) -> Result<(), StateError> {
-    let file = replace(dir, state)?;
-    sync(dir, &file)
+    let (file, _) = replace(dir, state)?;
+    sync(dir, &file, true)
 }
 
-/// Writes `state` to a temp file and renames it over the state file: from here on any
-/// later process reads the new state (the page cache outlives this one). Returns the
-/// file, for [`sync`].
-fn replace(dir: &Path, state: &BrokerState) -> Result<std::fs::File, StateError> {
+/// Writes `state` as a new base to a temp file and renames it over the state file: from
+/// here on any later process reads the new state (the page cache outlives this one).
+/// Returns the file, open for appending entries, and its size.
+fn replace(dir: &Path, state: &BrokerState) -> Result<(std::fs::File, u64), StateError> {
     let path = path_in(dir);
     let tmp = dir.join(format!(".{STATE_FILE}.tmp"));
     let err = |source| StateError::Write {
         path: path.clone(),
         source,
     };
-    let text = serde_json::to_vec_pretty(state).map_err(|e| err(e.into()))?;
+    let mut text = serde_json::to_vec(state).map_err(|e| err(e.into()))?;
+    text.push(b'\n');
     let mut file = std::fs::OpenOptions::new()
-        .write(true)
+        .append(true)
         .create(true)
-        .truncate(true)
         .open(&tmp)
         .map_err(err)?;
+    file.set_len(0).map_err(err)?;
     file.write_all(&text).map_err(err)?;
     std::fs::rename(&tmp, &path).map_err(err)?;
-    Ok(file)
+    Ok((file, text.len() as u64))
 }
 
-/// Makes a [`replace`] durable against power loss: the file's data, then the rename
-/// (only durable once the directory is synced).
-fn sync(dir: &Path, file: &std::fs::File) -> Result<(), StateError> {
+/// Appends `entries` to the state file open as `file`, in one write. Returns the number
+/// of bytes appended.
+fn append(dir: &Path, mut file: &std::fs::File, entries: &[Entry]) -> Result<u64, StateError> {
     let err = |source| StateError::Write {
         path: path_in(dir),
         source,
     };
+    let mut text = Vec::with_capacity(entries.len() * 256);
+    for entry in entries {
+        serde_json::to_writer(&mut text, entry).map_err(|e| err(e.into()))?;
+        text.push(b'\n');
+    }
+    file.write_all(&text).map_err(err)?;
+    Ok(text.len() as u64)
+}
+
+/// Makes a [`replace`] (`renamed`) or an [`append`] durable against power loss: the
+/// file's data, then the rename (only durable once the directory is synced).
+fn sync(dir: &Path, file: &std::fs::File, renamed: bool) -> Result<(), StateError> {
+    let err = |source| StateError::Write {
+        path: path_in(dir),
+        source,
+    };
+    if !renamed {
+        return file.sync_data().map_err(err);
+    }
     file.sync_all().map_err(err)?;
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
         .map_err(err)
 }
 
-/// Builds the state to write: called by the writer task, not by whoever made the change.
-/// `None` when there is nothing to record any more (the registry is gone).
-pub type Snapshot = Box<dyn Fn() -> Option<BrokerState> + Send + Sync>;
+/// Builds what to write for the changes marked since the last call: called by the
+/// writer task, not by whoever made the change. `full` asks for a new base whatever the
+/// marks. `None` when there is nothing to record any more (the registry is gone).
+pub type Snapshot = Box<dyn Fn(bool) -> Option<Delta> + Send + Sync>;
+
+/// The writer task's open file and how large its parts are.
+struct Journal {
+    file: std::fs::File,
+    base: u64,
+    appended: u64,
+}
 
 /// Tells the writer task that the state changed. Cheap to clone; never blocks.
 #[derive(Clone)]
@@ -240,36 +477,56 @@ pub struct StateWriter {
 
 impl StateWriter {
     /// Starts the writer task for `dir` (must run inside a tokio runtime); it writes what
-    /// `snapshot` returns after each batch of changes.
+    /// `snapshot` returns after each batch of changes. Its first write is a new base.
     pub fn start(dir: PathBuf, snapshot: Snapshot) -> StateWriter {
         let (latest, mut rx) = watch::channel(0u64);
         let (done, written) = watch::channel(0u64);
         let done = Arc::new(done);
         tokio::spawn(async move {
-            // Waits for a change, then writes a snapshot taken now: it holds every change
-            // numbered up to what was read before it, and those made meanwhile are
-            // coalesced into the next write.
+            // The open file, moved into each blocking write and back (only this task
+            // writes); `None` until the first base is written or after a failed write.
+            let mut journal: Option<Journal> = None;
+            // Waits for a change, then writes what was marked until now: it holds every
+            // change numbered up to what was read before it, and those made meanwhile
+            // are coalesced into the next write.
             while rx.changed().await.is_ok() {
                 let number = *rx.borrow_and_update();
-                let Some(state) = snapshot() else { break };
+                let full = match &journal {
+                    None => true,
+                    Some(j) => j.appended > COMPACT_MIN.max(COMPACT_FACTOR * j.base),
+                };
+                let Some(delta) = snapshot(full) else { break };
                 let dir = dir.clone();
                 let signal = Arc::clone(&done);
-                // `signal` fires once the rename is in (what a next process reads),
-                // before the fsyncs: see the module's note on why that is the point that
-                // matters for adoption.
+                let current = journal.take();
+                // `signal` fires once the append or rename is in (what a next process
+                // reads), before the fsyncs: see the module's note on why that is the
+                // point that matters for adoption.
                 let result = tokio::task::spawn_blocking(move || {
-                    let replaced = replace(&dir, &state);
+                    let written = write_delta(&dir, current, &delta);
                     signal.send_replace(number);
-                    sync(&dir, &replaced?)
+                    match written {
+                        Ok((journal, renamed)) => {
+                            let synced = sync(&dir, &journal.file, renamed);
+                            (Some(journal), synced)
+                        }
+                        Err(e) => (None, Err(e)),
+                    }
                 })
                 .await;
                 match result {
-                    Ok(Ok(())) => debug!(number, "state file written"),
-                    Ok(Err(e)) => warn!(
-                        "cannot record the broker's state (a restart will not adopt the \
-                         current networks): {}",
-                        crate::error::chain(&e)
-                    ),
+                    Ok((next, Ok(()))) => {
+                        journal = next;
+                        debug!(number, "state file written");
+                    }
+                    Ok((next, Err(e))) => {
+                        journal = next;
+                        warn!(
+                            "cannot record the broker's state (a restart will not adopt the \
+                             current networks): {}",
+                            crate::error::chain(&e)
+                        )
+                    }
                     Err(e) => {
                         warn!("state writer failed: {e}");
                         done.send_replace(number);
@@ -289,11 +546,48 @@ impl StateWriter {
     }
 
     /// Waits until everything changed so far is in the state file as any next process
-    /// reads it (renamed into place; the fsyncs may still run), or failed, logged.
+    /// reads it (appended or renamed into place; the fsyncs may still run), or failed,
+    /// logged.
     pub async fn flush(&self) {
         let target = *self.latest.borrow();
         let mut written = self.written.clone();
         let _ = written.wait_for(|n| *n >= target).await;
+    }
+}
+
+/// Writes one batch: a new base, or entries appended to the journal (`journal`, `None`
+/// if there is no base yet). A failed write returns no journal, so the next batch
+/// writes a new base (the file may hold a torn line now, and this batch's marks are
+/// spent). Returns the journal to sync and keep, and whether it was renamed.
+fn write_delta(
+    dir: &Path,
+    journal: Option<Journal>,
+    delta: &Delta,
+) -> Result<(Journal, bool), StateError> {
+    match (delta, journal) {
+        (Delta::Entries(entries), Some(mut j)) => {
+            if !entries.is_empty() {
+                j.appended += append(dir, &j.file, entries)?;
+            }
+            Ok((j, false))
+        }
+        (Delta::Full(state), _) => {
+            let (file, base) = replace(dir, state)?;
+            Ok((
+                Journal {
+                    file,
+                    base,
+                    appended: 0,
+                },
+                true,
+            ))
+        }
+        // Entries with no base to append to: the snapshot was asked for a full one; a
+        // bug in the caller, not a state to record half of.
+        (Delta::Entries(_), None) => Err(StateError::Write {
+            path: path_in(dir),
+            source: std::io::Error::other("entries without a base"),
+        }),
     }
 }
 
@@ -380,28 +674,229 @@ mod tests {
         ));
     }
 
+    /// A writer over a state the test changes: full snapshots of `current`, entries
+    /// from `pending`.
+    type Source = Arc<std::sync::Mutex<(BrokerState, Vec<Entry>, usize)>>;
+
+    fn writer_over(dir: &Path, source: &Source) -> StateWriter {
+        let source = Arc::clone(source);
+        StateWriter::start(
+            dir.to_path_buf(),
+            Box::new(move |full| {
+                let mut s = source.lock().unwrap();
+                let entries = std::mem::take(&mut s.1);
+                if full {
+                    s.2 += 1;
+                    Some(Delta::Full(s.0.clone()))
+                } else {
+                    Some(Delta::Entries(entries))
+                }
+            }),
+        )
+    }
+
     #[tokio::test]
     async fn the_writer_writes_the_newest_state() {
         let dir = tempfile::tempdir().unwrap();
-        let current = Arc::new(std::sync::Mutex::new(BrokerState::default()));
-        let source = Arc::clone(&current);
-        let writer = StateWriter::start(
-            dir.path().to_path_buf(),
-            Box::new(move || Some(source.lock().unwrap().clone())),
-        );
+        let source: Source = Default::default();
+        let writer = writer_over(dir.path(), &source);
         writer.changed();
         writer.flush().await;
         assert_eq!(load(dir.path()).unwrap(), Some(BrokerState::default()));
-        // Two changes in a row: the state as of the second is what ends up written.
-        *current.lock().unwrap() = BrokerState {
-            clients: vec![],
-            ..sample()
-        };
-        writer.changed();
+        // Changes after the base are appended as entries and replayed over it.
         let state = sample();
-        *current.lock().unwrap() = state.clone();
+        {
+            let mut s = source.lock().unwrap();
+            s.0 = state.clone();
+            s.1 = vec![Entry::Network(state.networks[0].clone())];
+        }
+        writer.changed();
+        writer.flush().await;
+        {
+            let mut s = source.lock().unwrap();
+            s.1 = vec![Entry::Client(state.clients[0].clone())];
+        }
         writer.changed();
         writer.flush().await;
         assert_eq!(load(dir.path()).unwrap(), Some(state));
+        let text = std::fs::read_to_string(path_in(dir.path())).unwrap();
+        assert_eq!(text.lines().count(), 3, "a base and two entries:\n{text}");
+        assert_eq!(source.lock().unwrap().2, 1, "one base written");
+    }
+
+    #[test]
+    fn entries_replay_over_the_base_in_order() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = sample();
+        write_atomic(dir.path(), &state).unwrap();
+        let mut file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(path_in(dir.path()))
+            .unwrap();
+        let new = EndpointRecord {
+            id: "vmnt1x5".into(),
+            uid: 1001,
+            mac: Mac::from([0x52, 0, 0, 0, 0, 5]),
+            persistent: false,
+        };
+        let second = ClientRecord {
+            id: 8,
+            networks: vec![],
+            endpoints: vec![],
+            persistent: vec![],
+            ..state.clients[0].clone()
+        };
+        append(
+            dir.path(),
+            &file,
+            &[
+                Entry::Endpoint {
+                    network: "shared".into(),
+                    serial: 6,
+                    endpoint: new.clone(),
+                },
+                Entry::EndpointGone {
+                    network: "shared".into(),
+                    id: "vmnt1x2".into(),
+                },
+                // An endpoint of an unknown network is dropped, not a reason to fail.
+                Entry::Endpoint {
+                    network: "gone".into(),
+                    serial: 1,
+                    endpoint: new.clone(),
+                },
+                Entry::Client(second.clone()),
+                Entry::ClientGone(7),
+            ],
+        )
+        .unwrap();
+        file.flush().unwrap();
+        let mut expected = state.clone();
+        expected.networks[0].serial = 6;
+        expected.networks[0].endpoints = vec![new];
+        expected.clients = vec![second];
+        assert_eq!(load(dir.path()).unwrap(), Some(expected));
+        // A network gone takes its endpoints; recorded anew, it has only its own.
+        append(
+            dir.path(),
+            &file,
+            &[
+                Entry::NetworkGone("shared".into()),
+                Entry::Network(NetworkRecord {
+                    endpoints: vec![],
+                    ..state.networks[0].clone()
+                }),
+            ],
+        )
+        .unwrap();
+        let loaded = load(dir.path()).unwrap().unwrap();
+        assert_eq!(loaded.networks.len(), 1);
+        assert_eq!(loaded.networks[0].endpoints, vec![]);
+        assert_eq!(loaded.networks[0].serial, 3);
+    }
+
+    #[test]
+    fn a_torn_or_garbled_tail_is_ignored_and_what_came_before_adopted() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut state = sample();
+        let client = state.clients.pop().unwrap();
+        write_atomic(dir.path(), &state).unwrap();
+        let file = std::fs::OpenOptions::new()
+            .append(true)
+            .open(path_in(dir.path()))
+            .unwrap();
+        append(dir.path(), &file, &[Entry::Client(client.clone())]).unwrap();
+        let whole = std::fs::read(path_in(dir.path())).unwrap();
+        let mut expected = state.clone();
+        expected.clients.push(client.clone());
+        // A write cut short: half a line, no newline.
+        let entry = serde_json::to_vec(&Entry::ClientGone(client.id)).unwrap();
+        let mut torn = whole.clone();
+        torn.extend_from_slice(&entry[..entry.len() / 2]);
+        std::fs::write(path_in(dir.path()), &torn).unwrap();
+        assert_eq!(load(dir.path()).unwrap(), Some(expected.clone()));
+        // What a power loss may leave of appended data: zeros, then more lines. Nothing
+        // after the first bad line is applied.
+        let mut garbled = whole.clone();
+        garbled.extend_from_slice(&[0; 40]);
+        garbled.push(b'\n');
+        garbled.extend_from_slice(&entry);
+        garbled.push(b'\n');
+        std::fs::write(path_in(dir.path()), &garbled).unwrap();
+        assert_eq!(load(dir.path()).unwrap(), Some(expected));
+        // A broken base is no state at all.
+        std::fs::write(path_in(dir.path()), &whole[..whole.len() / 3]).unwrap();
+        assert!(matches!(load(dir.path()), Err(StateError::Parse { .. })));
+    }
+
+    #[tokio::test]
+    async fn a_file_in_the_single_document_layout_is_read_and_converted() {
+        let dir = tempfile::tempdir().unwrap();
+        // Exactly what the previous broker wrote: version 1, pretty-printed.
+        let state = sample();
+        let mut old = serde_json::to_value(&state).unwrap();
+        old["version"] = 1.into();
+        let text = serde_json::to_vec_pretty(&old).unwrap();
+        assert!(text.iter().filter(|b| **b == b'\n').count() > 10);
+        std::fs::write(path_in(dir.path()), &text).unwrap();
+        let loaded = load(dir.path()).unwrap().unwrap();
+        assert_eq!(loaded, state, "read as the current version");
+        // The first write replaces it with a base in the journal layout, and a change
+        // after it is an entry.
+        let source: Source = Arc::new(std::sync::Mutex::new((loaded, vec![], 0)));
+        let writer = writer_over(dir.path(), &source);
+        writer.changed();
+        writer.flush().await;
+        source.lock().unwrap().1 = vec![Entry::ClientGone(7)];
+        writer.changed();
+        writer.flush().await;
+        let text = std::fs::read_to_string(path_in(dir.path())).unwrap();
+        let lines: Vec<_> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "{text}");
+        assert!(lines[0].starts_with("{\"version\":2"), "{text}");
+        let mut expected = state;
+        expected.clients.clear();
+        assert_eq!(load(dir.path()).unwrap(), Some(expected));
+    }
+
+    #[tokio::test]
+    async fn the_journal_is_compacted_once_it_outgrows_the_base() {
+        let dir = tempfile::tempdir().unwrap();
+        let source: Source = Default::default();
+        let writer = writer_over(dir.path(), &source);
+        let client = sample().clients[0].clone();
+        let size = || std::fs::metadata(path_in(dir.path())).unwrap().len();
+        let mut largest = 0;
+        // Clients come and go, at most 10 at once: the live state stays small, the
+        // changes add up to far more than COMPACT_MIN.
+        for i in 0..2500u64 {
+            {
+                let mut s = source.lock().unwrap();
+                let id = i % 10;
+                let record = ClientRecord {
+                    id,
+                    pid: i as i32,
+                    ..client.clone()
+                };
+                s.0.clients.retain(|c| c.id != id);
+                s.0.clients.push(record.clone());
+                s.0.clients.sort_by_key(|c| c.id);
+                s.1.push(Entry::Client(record));
+            }
+            writer.changed();
+            writer.flush().await;
+            largest = largest.max(size());
+        }
+        let (state, _, bases) = source.lock().unwrap().clone();
+        assert_eq!(load(dir.path()).unwrap(), Some(state));
+        assert!(bases >= 2, "compacted: {bases} bases written");
+        assert!(
+            largest <= COMPACT_MIN + 64 * 1024,
+            "the file stayed within the bound: {largest} bytes"
+        );
+        assert!(
+            bases < 100,
+            "not compacted on every change: {bases} bases for 2500 changes"
+        );
     }
 }
