@@ -6,7 +6,9 @@
 //! Everything runs in network namespaces it creates and removes. Needs root.
 //!
 //! `--no-fabric`, `--no-control`, `--no-vms` skip a part; `--ctl warm,many,scale` runs only
-//! those parts of the control plane (cold, warm, dhcp, helper, many, scale);
+//! those parts of the control plane (cold, warm, dhcp, helper, many, scale); `--clients N`
+//! and `--scale-clients N` set the clients of the many and scale rows (so a quick run can
+//! still measure ten thousand);
 //! `VMNB_BROKER=path` measures another build of the daemon.
 // Linux only (network namespaces); elsewhere an empty program with no main.
 #![cfg_attr(not(target_os = "linux"), no_main)]
@@ -215,11 +217,20 @@ fn main() {
             .iter()
             .position(|a| a == "--clients")
             .map(|i| args[i + 1].parse().expect("--clients N"));
+        let scale_clients = args
+            .iter()
+            .position(|a| a == "--scale-clients")
+            .map(|i| args[i + 1].parse().expect("--scale-clients N"));
         let parts = args
             .iter()
             .position(|a| a == "--ctl")
             .map(|i| args[i + 1].as_str());
-        control::run(quick, clients, &control::Parts::parse(parts))
+        control::run(
+            quick,
+            clients,
+            scale_clients,
+            &control::Parts::parse(parts),
+        )
     };
 
     let vm = if opts.skip_vms {

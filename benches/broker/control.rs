@@ -74,7 +74,12 @@ impl Parts {
     }
 }
 
-pub fn run(quick: bool, clients: Option<usize>, parts: &Parts) -> Control {
+pub fn run(
+    quick: bool,
+    clients: Option<usize>,
+    scale_clients: Option<usize>,
+    parts: &Parts,
+) -> Control {
     let mut out = Control::default();
     if parts.has("cold") || parts.has("warm") || parts.has("dhcp") {
         latency(quick, parts, &mut out);
@@ -88,7 +93,8 @@ pub fn run(quick: bool, clients: Option<usize>, parts: &Parts) -> Control {
     }
     if parts.has("scale") {
         // Each client leaves on its own, as VMs exiting do: 16 at a time.
-        out.scale = many(if quick { 1000 } else { 10_000 }, SCALE_NETWORKS, None, 16);
+        let n = scale_clients.unwrap_or(if quick { 1000 } else { 10_000 });
+        out.scale = many(n, SCALE_NETWORKS, None, 16);
     }
     out
 }
@@ -349,8 +355,11 @@ fn many(n: usize, networks: usize, nofile: Option<u64>, closers: usize) -> Many 
         .map(|_| Client::connect(&broker.socket).map_err(|e| e.to_string()))
         .collect();
     // A broker that stops accepting (e.g. out of fds) leaves clients waiting for a reply
-    // forever: after 60 s the watchdog kills it, so those acquires fail and are counted.
+    // forever: after 60 s without any acquire answered the watchdog kills it, so those
+    // acquires fail and are counted. (A deadline for the whole row fired on a loaded
+    // machine while the broker was still answering: progress is what tells a hang.)
     let done = std::sync::atomic::AtomicBool::new(false);
+    let answered = std::sync::atomic::AtomicUsize::new(0);
     let bpid = broker.pid();
     let names = &names;
     let results: Vec<(
@@ -359,11 +368,16 @@ fn many(n: usize, networks: usize, nofile: Option<u64>, closers: usize) -> Many 
         Option<vmnet_broker_client::Acquired>,
     )> = std::thread::scope(|s| {
         let done = &done;
+        let answered = &answered;
         s.spawn(move || {
-            let deadline = Instant::now() + Duration::from_secs(60 + n as u64 / 100);
+            let mut seen = 0;
+            let mut last = Instant::now();
             while !done.load(std::sync::atomic::Ordering::Relaxed) {
-                if Instant::now() > deadline {
-                    eprintln!("bench: {n} clients: no progress, killing the broker");
+                let now = answered.load(std::sync::atomic::Ordering::Relaxed);
+                if now != seen {
+                    (seen, last) = (now, Instant::now());
+                } else if last.elapsed() > Duration::from_secs(60) {
+                    eprintln!("bench: {n} clients: no progress at {seen}, killing the broker");
                     // SAFETY: kill(2) takes only integers and touches no memory of ours; `bpid`
                     // is our child broker, not reaped before `broker` is dropped after this.
                     unsafe { libc::kill(bpid, libc::SIGKILL) };
@@ -385,10 +399,12 @@ fn many(n: usize, networks: usize, nofile: Option<u64>, closers: usize) -> Many 
                             Ok(c) => {
                                 let name = &names[(k * chunk + i) % names.len()];
                                 let t = Instant::now();
-                                match c.acquire(name) {
+                                let r = match c.acquire(name) {
                                     Ok(a) => (Some(ms(t.elapsed())), None, Some(a)),
                                     Err(e) => (None, Some(e.to_string()), None),
-                                }
+                                };
+                                answered.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                                r
                             }
                         })
                         .collect::<Vec<_>>()
