@@ -1807,9 +1807,50 @@ fn a_broker_restarted_after_sigkill_adopts_its_networks_with_taps_leases_and_nam
         "{}",
         b.log()
     );
+    // (Read as a broker reads it: the journal may still hold the network's earlier lines.)
     b.wait_for("the state file emptied", SOON, || {
-        std::fs::read_to_string(&state).is_ok_and(|s| !s.contains("shared"))
+        vmnet_broker::state::load(&b.state_dir)
+            .ok()
+            .flatten()
+            .is_some_and(|s| s.networks.iter().all(|n| n.config.name != "shared"))
     });
+}
+
+/// An upgrade from a broker that wrote the state file as one document (format version 1)
+/// keeps the running VMs: the new broker reads that file, adopts every TAP in it, and
+/// replaces it with its journal layout on its first write.
+#[test]
+fn a_state_file_of_the_single_document_format_is_adopted_and_converted() {
+    let mut b = Broker::start(Options::default());
+    let state = b.state_dir.join("broker-state.json");
+    let c = b.client();
+    let held: Vec<_> = (0..3).map(|_| c.acquire("shared").unwrap()).collect();
+    b.signal(nix::sys::signal::Signal::SIGKILL);
+    b.wait_exit(SOON).expect("SIGKILLed broker exits");
+    drop(c);
+    // What the previous version wrote: the same records, version 1, pretty-printed.
+    let recorded = vmnet_broker::state::load(&b.state_dir)
+        .unwrap()
+        .expect("a state file");
+    let mut old = serde_json::to_value(&recorded).unwrap();
+    old["version"] = vmnet_broker::state::VERSION_SINGLE.into();
+    std::fs::write(&state, serde_json::to_vec_pretty(&old).unwrap()).unwrap();
+    b.spawn(&Options::default());
+    let status = shared_status(&b).expect("the network is adopted");
+    let mut names: Vec<_> = held.iter().map(|a| a.info.interface.clone()).collect();
+    names.sort();
+    let mut taps = status.taps.clone();
+    taps.sort();
+    assert_eq!(taps, names, "{}", b.log());
+    assert!(!b.log().contains("ignoring the state file"), "{}", b.log());
+    // Rewritten in the journal layout: a compact base on the first line.
+    b.wait_for("the state file converted", SOON, || {
+        std::fs::read_to_string(&state).is_ok_and(|s| s.starts_with("{\"version\":2"))
+    });
+    let converted = vmnet_broker::state::load(&b.state_dir).unwrap().unwrap();
+    assert_eq!(converted.networks.len(), 1);
+    assert_eq!(converted.networks[0].endpoints.len(), 3);
+    drop(held);
 }
 
 /// An acquire is answered only once the state file records it (issue 11): every reply
