@@ -225,12 +225,7 @@ fn main() {
             .iter()
             .position(|a| a == "--ctl")
             .map(|i| args[i + 1].as_str());
-        control::run(
-            quick,
-            clients,
-            scale_clients,
-            &control::Parts::parse(parts),
-        )
+        control::run(quick, clients, scale_clients, &control::Parts::parse(parts))
     };
 
     let vm = if opts.skip_vms {

@@ -551,7 +551,7 @@ impl<B: Backend> Registry<B> {
             .map(|key| match key {
                 Key::Network(name) => match st.networks.get(&name) {
                     Some(net) => match Self::network_record(net) {
-                        Some(record) => Entry::Network(record),
+                        Some(record) => Entry::Network(Box::new(record)),
                         None => Entry::NetworkGone(name),
                     },
                     None => Entry::NetworkGone(name),

@@ -155,7 +155,7 @@ pub struct EndpointRecord {
 #[serde(rename_all = "snake_case")]
 pub enum Entry {
     /// A network as it is now, with its endpoints: replaces any recorded under its name.
-    Network(NetworkRecord),
+    Network(Box<NetworkRecord>),
     /// The network is gone (or no longer active), with its endpoints.
     NetworkGone(String),
     /// An endpoint handed out (or changed) on a recorded network, and that network's
@@ -230,7 +230,7 @@ impl Replay {
     fn new(base: BrokerState) -> Self {
         let mut replay = Replay::default();
         for n in base.networks {
-            replay.apply(Entry::Network(n));
+            replay.apply(Entry::Network(Box::new(n)));
         }
         for c in base.clients {
             replay.apply(Entry::Client(c));
@@ -245,7 +245,7 @@ impl Replay {
                     .into_iter()
                     .map(|e| (e.id.clone(), e))
                     .collect();
-                self.networks.insert(n.config.name.clone(), (n, endpoints));
+                self.networks.insert(n.config.name.clone(), (*n, endpoints));
             }
             Entry::NetworkGone(name) => {
                 self.networks.remove(&name);
@@ -769,7 +769,7 @@ mod tests {
         {
             let mut s = source.lock().unwrap();
             s.0 = state.clone();
-            s.1 = vec![Entry::Network(state.networks[0].clone())];
+            s.1 = vec![Entry::Network(Box::new(state.networks[0].clone()))];
         }
         writer.changed();
         writer.flush().await;
@@ -843,10 +843,10 @@ mod tests {
             &file,
             &[
                 Entry::NetworkGone("shared".into()),
-                Entry::Network(NetworkRecord {
+                Entry::Network(Box::new(NetworkRecord {
                     endpoints: vec![],
                     ..state.networks[0].clone()
-                }),
+                })),
             ],
         )
         .unwrap();
