@@ -983,6 +983,10 @@ fn router_advertisements_from_vms_do_not_configure_the_bridge() {
                 .unwrap();
             assert_eq!(value.trim(), "0", "{setting}");
         }
+        // The TAP (made on the attach: no pool here) is a bridge port with no IPv6 of
+        // its own, off before it came up.
+        let port_conf = format!("/proc/sys/net/ipv6/conf/{}/disable_ipv6", a.interface);
+        assert_eq!(ns.run(&["cat", &port_conf]).unwrap().trim(), "1");
         // The firewall drops Router Advertisements from TAPs before the bridge sees them
         // (tests/services.rs); out of its way, the bridge's own settings are tested here,
         // the second layer.
@@ -1001,6 +1005,9 @@ fn router_advertisements_from_vms_do_not_configure_the_bridge() {
         assert!(!routes.contains("proto ra"), "{routes}");
         assert!(!routes.contains("default"), "{routes}");
         assert!(!routes.contains("2001:db8:1:"), "{routes}");
+        // Up with carrier by now, and still without a link-local address.
+        let port_addresses = ns.ip(&format!("-6 addr show dev {}", a.interface));
+        assert!(port_addresses.trim().is_empty(), "{port_addresses}");
         let addresses = ns.ip("-6 addr show dev vmnb-ra");
         assert!(!addresses.contains("2001:db8:1:"), "{addresses}");
         // The only global address is the network's own IPv6 gateway, `::1` of its prefix.

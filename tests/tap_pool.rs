@@ -48,6 +48,14 @@ fn sysfs(b: &Broker, name: &str, what: &str) -> String {
     .to_string()
 }
 
+/// Setting `what` of interface `name` in /proc/sys/net/ipv6/conf of the broker's
+/// namespace.
+fn ipv6_conf(b: &Broker, name: &str, what: &str) -> String {
+    b.ns.sh(&format!("cat /proc/sys/net/ipv6/conf/{name}/{what}"))
+        .trim()
+        .to_string()
+}
+
 fn wait_pool_full(b: &Broker) -> BTreeMap<String, String> {
     b.wait_for("the pool to fill", DEADLINE, || {
         idle_pool(b).len() == POOL_SIZE
@@ -135,6 +143,11 @@ fn a_warm_acquire_gets_a_ready_pool_tap_that_works() {
             "basename $(readlink /sys/class/net/{name}/master)"
         ));
         assert_eq!(master.trim(), a.info.bridge);
+        // A bridge port with no IPv6 of its own (src/backend/linux/bridge.rs
+        // `disable_port_ipv6`): set before it came up, so no link-local address either.
+        assert_eq!(ipv6_conf(&b, &name, "disable_ipv6"), "1");
+        let addresses = b.ns.sh(&format!("ip -6 addr show dev {name}"));
+        assert!(addresses.trim().is_empty(), "{addresses}");
         // Handed to its client: the broker's ownership is gone.
         assert_eq!(sysfs(&b, &name, "owner"), uid.to_string());
         assert_eq!(sysfs(&b, &name, "group"), uid.to_string());
