@@ -169,11 +169,12 @@ pub fn refuse_router_advertisements(conf: &Path, name: &str) -> io::Result<()> {
 
 /// Turns IPv6 off on bridge port `name` under `conf` (normally [`IPV6_CONF`]), before it
 /// is brought up. A port is an L2 port: frames cross it whatever its IPv6 state, and the
-/// bridge keeps IPv6 for the host. With IPv6 on, every TAP would get a link-local address
-/// and routes when it comes up, and the kernel walks the whole IPv6 routing table
-/// (`rt6_sync_up`) on each TAP's up and again on its removal: quadratic in the number of
-/// TAPs (most of the broker's CPU at 10,000 clients). Nothing to do when the kernel has
-/// no IPv6.
+/// bridge keeps IPv6 for the host. With IPv6 on, every TAP would add a link-local address
+/// and its own routes to the IPv6 routing table when it comes up, and the kernel walks
+/// that whole table (`rt6_sync_up`, `rt6_sync_down_dev`) on each TAP's up, carrier change
+/// and removal: quadratic in the number of TAPs (most of the broker's CPU at 10,000
+/// clients). This write walks it once too, but a table without per-TAP routes stays as
+/// small as the bridges'. Nothing to do when the kernel has no IPv6.
 pub fn disable_port_ipv6(conf: &Path, name: &str) -> io::Result<()> {
     write_ipv6_conf(conf, name, &["disable_ipv6"], "1")
 }
