@@ -959,12 +959,15 @@ check served wait_for 90 served_twice
     );
 }
 
-/// Issue 14, IPv6: a guest on a network with a fixed prefix numbers itself by SLAAC from
-/// the broker's Router Advertisements (its EUI-64 address), takes the gateway as default
-/// router, pings the IPv6 gateway, and finds its own name's AAAA record through the
-/// broker's DNS (the resolver DHCP gave it).
+/// Issue 14, IPv6, as guests see it: two guests on a `shared` network with a fixed prefix
+/// number themselves by SLAAC from the broker's Router Advertisements (their EUI-64
+/// addresses) and take the gateway as default router; one pings the IPv6 gateway, finds
+/// its own and its peer's AAAA records through the broker's DNS (the resolver DHCP gave
+/// it), pings the peer over IPv6, and reaches a host outside over NAT66: the outside
+/// namespace has no route back to the network's prefix, so only a masqueraded echo can
+/// be answered. A guest on `host`, given a default route by hand, reaches nothing outside.
 #[test]
-fn vm_gets_a_slaac_address_pings_the_ipv6_gateway_and_resolves_aaaa() {
+fn vms_get_slaac_addresses_ping_each_other_resolve_aaaa_and_reach_outside_over_nat66() {
     let t = Instant::now();
     let b = Broker::start(Options {
         files: vec![(
@@ -973,36 +976,81 @@ fn vm_gets_a_slaac_address_pings_the_ipv6_gateway_and_resolves_aaaa() {
         )],
         ..Options::default()
     });
-    let script = r#"
+    let outside = outside_on_uplink(&b);
+    outside.sh("ip -6 addr add 2001:db8:1::1/64 dev wan nodad");
+    b.ns.sh(
+        "ip -6 addr add 2001:db8:1::2/64 dev uplink nodad && ip -6 route add default via 2001:db8:1::1",
+    );
+    let common = r#"
 check dhcp dhcp eth0
 global6() { ip -6 addr show dev eth0 | grep 'scope global' | grep -v tentative | sed -n 's/.*inet6 \([0-9a-f:]*\)\/64.*/\1/p' | head -n1; }
 has_global6() { [ -n "$(global6)" ]; }
 check slaac wait_for 30 has_global6
 result address6 "$(global6)"
-result default6 "$(ip -6 route | grep '^default' | head -n1)"
-check ping_gateway6 ping -6 -c 1 -W 2 fd00:6:6:6::1
 aaaa() { nslookup -type=aaaa "$1" 2>/dev/null | awk '/^Name:/ { n = 1 } n && /^Address/ { sub(/^Address:[ \t]*/, ""); print; exit }'; }
 has_aaaa() { [ -n "$(aaaa "$1")" ]; }
+echos6() { awk '/^Icmp6InEchos[ \t]/ { print $2 }' /proc/net/snmp6; }
+got_echos6() { [ "$(echos6)" -ge "$1" ]; }
+"#;
+    let alpha = format!(
+        r#"{common}
+result default6 "$(ip -6 route | grep '^default' | head -n1)"
+check ping_gateway6 ping -6 -c 1 -W 2 fd00:6:6:6::1
 check aaaa wait_for 15 has_aaaa "$(hostname).six.vmnet"
 result aaaa "$(aaaa "$(hostname).six.vmnet")"
-"#;
+check peer_aaaa wait_for 90 has_aaaa bravo6.six.vmnet
+result peer_aaaa "$(aaaa bravo6.six.vmnet)"
+check ping_peer6 wait_for 60 ping -6 -c 1 -W 2 "$(aaaa bravo6.six.vmnet)"
+check ping_outside6 wait_for 15 ping -6 -c 1 -W 2 2001:db8:1::1
+"#
+    );
+    let bravo = format!(
+        r#"{common}
+check pinged6 wait_for 90 got_echos6 1
+sleep 0.5
+"#
+    );
+    let hosted = format!(
+        r#"{common}
+ip -6 route replace default via fe80::1 dev eth0
+check ping_outside6 ping -6 -c 2 -i 0.2 -W 1 2001:db8:1::1 || true
+"#
+    );
     let outs = boot_all(
         &b,
-        &[guest(&["six,mac=52:54:00:06:06:06"], spec("slaac", script))],
+        &[
+            guest(&["six,mac=52:54:00:06:06:06"], spec("alpha6", &alpha)),
+            guest(&["six,mac=52:54:00:06:06:07"], spec("bravo6", &bravo)),
+            guest(&["host"], spec("hosted6", &hosted)),
+        ],
     );
-    let g = &outs[0];
-    g.assert_success();
-    // EUI-64 of 52:54:00:06:06:06 in fd00:6:6:6::/64.
-    let want = "fd00:6:6:6:5054:ff:fe06:606";
-    assert_eq!(g.result("slaac"), "ok", "{}", g.console);
-    assert_eq!(g.result("address6"), want, "{}", g.console);
+    let (a, p, h) = (&outs[0], &outs[1], &outs[2]);
+    a.assert_success();
+    p.assert_success();
+    h.assert_success();
+    // EUI-64 of 52:54:00:06:06:06 and :07 in fd00:6:6:6::/64.
+    let (want_a, want_p) = ("fd00:6:6:6:5054:ff:fe06:606", "fd00:6:6:6:5054:ff:fe06:607");
+    assert_eq!(a.result("slaac"), "ok", "{}", a.console);
+    assert_eq!(a.result("address6"), want_a, "{}", a.console);
+    assert_eq!(p.result("address6"), want_p, "{}", p.console);
     assert!(
-        g.result("default6")
+        a.result("default6")
             .starts_with("default via fe80::1 dev eth0"),
         "{}",
-        g.console
+        a.console
     );
-    assert_eq!(g.result("ping_gateway6"), "ok", "{}", g.console);
-    assert_eq!(g.result("aaaa"), want, "{}", g.console);
-    report("slaac", t, &[g]);
+    assert_eq!(a.result("ping_gateway6"), "ok", "{}", a.console);
+    assert_eq!(a.result("aaaa"), want_a, "{}", a.console);
+    assert_eq!(a.result("peer_aaaa"), want_p, "{}", a.console);
+    assert_eq!(a.result("ping_peer6"), "ok", "{}", a.console);
+    assert_eq!(p.result("pinged6"), "ok", "{}", p.console);
+    assert_eq!(a.result("ping_outside6"), "ok", "NAT66: {}", a.console);
+    assert_eq!(h.result("slaac"), "ok", "{}", h.console);
+    assert_eq!(
+        h.result("ping_outside6"),
+        "fail",
+        "host forwards nothing: {}",
+        h.console
+    );
+    report("slaac", t, &[a, p, h]);
 }
