@@ -237,3 +237,54 @@ fn a_killed_brokers_pool_taps_are_deleted_by_the_next() {
     assert_eq!(status_taps(&b, "shared"), vec![held.info.interface.clone()]);
     assert!(b.ns.links().contains(&held.info.interface));
 }
+
+/// `serve --tap-pool N` sets how many TAPs wait per network, 0 turns the pool off (every
+/// acquire then makes its TAP), and a size beyond the option's range is refused.
+#[test]
+fn tap_pool_sets_the_pool_size_and_zero_turns_it_off() {
+    let b = Broker::start(Options {
+        extra_args: vec!["--tap-pool".into(), "2".into()],
+        ..Options::default()
+    });
+    let c = b.client();
+    let _first = c.acquire("shared").unwrap();
+    b.wait_for("the pool to fill", DEADLINE, || idle_pool(&b).len() == 2);
+    let second = c.acquire("shared").unwrap();
+    assert!(
+        is_pool_name(&second.info.interface),
+        "{}",
+        second.info.interface
+    );
+    b.wait_for("the pool to refill", DEADLINE, || idle_pool(&b).len() == 2);
+    // Given the time to make more, it keeps two.
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(idle_pool(&b).len(), 2);
+
+    let off = Broker::start(Options {
+        extra_args: vec!["--tap-pool".into(), "0".into()],
+        ..Options::default()
+    });
+    let c = off.client();
+    let first = c.acquire("shared").unwrap();
+    // Long enough for a pool to fill (above: well under a second on an idle machine).
+    std::thread::sleep(Duration::from_secs(2));
+    let second = c.acquire("shared").unwrap();
+    for a in [&first, &second] {
+        assert!(!is_pool_name(&a.info.interface), "{}", a.info.interface);
+    }
+    assert!(idle_pool(&off).is_empty(), "{:?}", idle_pool(&off));
+
+    let out = off
+        .cli(&[
+            "serve",
+            "--tap-pool",
+            "65",
+            "--socket",
+            "/nonexistent/x.sock",
+        ])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--tap-pool"), "{err}");
+}

@@ -352,7 +352,14 @@ fn many(n: usize, networks: usize, nofile: Option<u64>, closers: usize) -> Many 
         .iter()
         .map(|name| (name.clone(), "{}".to_string()))
         .collect();
-    let broker = BrokerProc::start("bench-many", &files, nofile);
+    // No TAP pool: every TAP left after the clients is then one of theirs, so "all TAPs
+    // gone" means what it says (a pool would keep 4 ready per network for good).
+    let broker = BrokerProc::start_in(
+        Netns::new("bench-many"),
+        &files,
+        nofile,
+        &["--tap-pool", "0"],
+    );
     let mut m = Many {
         clients: n,
         networks,

@@ -59,6 +59,12 @@ pub struct Args {
     /// Seconds between rewrites of --metrics-file.
     #[arg(long, default_value_t = 5.0, value_name = "SECONDS")]
     metrics_interval: f64,
+    /// TAPs kept ready per active network, so that an acquire attaches one instead of
+    /// making it (docs/design.md, the TAP pool); 0 turns the pool off. Each waits as a
+    /// port of the network's bridge, owned by the broker, passing no frame.
+    #[arg(long, default_value_t = vmnet_broker::backend::linux::pool::POOL_SIZE as u16,
+          value_parser = clap::value_parser!(u16).range(0..=64), value_name = "N")]
+    tap_pool: u16,
 }
 
 /// The text this host's identity derives from: `--host-id`, else /etc/machine-id, else
@@ -139,7 +145,7 @@ pub fn main(args: Args) -> super::Result {
         let backend = LinuxBackend::new(LinuxOptions {
             state_dir: args.state_dir,
             resolv_conf: args.resolv_conf,
-            tap_pool: vmnet_broker::backend::linux::pool::POOL_SIZE,
+            tap_pool: usize::from(args.tap_pool),
         })
         .await?;
         info!(config_dir = %args.config_dir.display(), idle_timeout = idle.as_secs_f64(), "starting");
