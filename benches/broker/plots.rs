@@ -34,6 +34,10 @@ type R = Result<(), Box<dyn std::error::Error>>;
 
 /// Vertical bars with their values written on top; `log` for a log-scale y axis.
 fn bars(path: &Path, title: &str, ylabel: &str, data: &[(String, f64)], log: bool) -> R {
+    // Parts a run skipped are NaN: no bar. Without this a log axis over an empty or
+    // infinite range never ends computing its key points (plotters' LogCoord).
+    let data: Vec<(String, f64)> = data.iter().filter(|d| d.1.is_finite()).cloned().collect();
+    let data = &data[..];
     let root = BitMapBackend::new(path, (900, 500)).into_drawing_area();
     root.fill(&WHITE)?;
     let max = data.iter().map(|d| d.1).fold(0.0f64, f64::max).max(1e-9);
@@ -41,7 +45,7 @@ fn bars(path: &Path, title: &str, ylabel: &str, data: &[(String, f64)], log: boo
         .iter()
         .map(|d| d.1)
         .filter(|v| *v > 0.0)
-        .fold(f64::INFINITY, f64::min);
+        .fold(max, f64::min);
     let n = data.len() as f64;
     let mut b = ChartBuilder::on(&root);
     b.caption(title, ("sans-serif", 22))
