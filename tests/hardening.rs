@@ -17,7 +17,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::process::{Command, Output, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
-use support::{Broker, Options, options_with_files as files};
+use support::{Broker, Options, as_uid, options_with_files as files};
 use tap_owner::attach_by_name_as;
 use vmnet_broker::client::Client;
 use vmnet_broker::protocol::{BrokerError, ErrorCode};
@@ -304,27 +304,6 @@ fn networks_are_created_under_a_vpns_split_default_routes() {
     b.ns.sh("ip route add 192.168.65.128/25 dev vpn0");
     let host = c.acquire("host").unwrap();
     assert_eq!(host.info.subnet, "192.168.66.0/24");
-}
-
-/// Calls `f` in a thread whose own credentials are uid/gid `id` (the raw syscalls change
-/// only the calling thread, unlike libc's setuid, which changes every thread of the
-/// test process). Sockets connected there carry that uid in SO_PEERCRED.
-fn as_uid<T: Send + 'static>(id: u32, f: impl FnOnce() -> T + Send + 'static) -> T {
-    std::thread::spawn(move || {
-        // SAFETY: plain syscalls on this thread's credentials, group first (it needs
-        // root); the thread ends right after `f`, so no other code runs with them.
-        unsafe {
-            assert_eq!(
-                libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<u32>()),
-                0
-            );
-            assert_eq!(libc::syscall(libc::SYS_setresgid, id, id, id), 0);
-            assert_eq!(libc::syscall(libc::SYS_setresuid, id, id, id), 0);
-        }
-        f()
-    })
-    .join()
-    .unwrap()
 }
 
 #[test]

@@ -17,7 +17,7 @@ use nix::sys::signal::Signal;
 use std::collections::BTreeMap;
 use std::os::fd::AsFd;
 use std::time::Duration;
-use support::{Broker, Options};
+use support::{Broker, Options, as_uid};
 use tap_owner::attach_by_name_as;
 use vmnet_broker::backend::linux::pool::{POOL_SIZE, is_pool_name};
 use vmnet_broker::client::Client;
@@ -80,26 +80,6 @@ fn status_taps(b: &Broker, net: &str) -> Vec<String> {
         .flat_map(|n| n["taps"].as_array().unwrap().iter())
         .map(|t| t.as_str().unwrap().to_string())
         .collect()
-}
-
-/// Calls `f` in a thread whose own credentials are uid/gid `id` (the raw syscalls change
-/// only the calling thread), so sockets connected there carry that uid.
-fn as_uid<T: Send + 'static>(id: u32, f: impl FnOnce() -> T + Send + 'static) -> T {
-    std::thread::spawn(move || {
-        // SAFETY: plain syscalls on this thread's credentials, group first (it needs
-        // root); the thread ends right after `f`, so no other code runs with them.
-        unsafe {
-            assert_eq!(
-                libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<u32>()),
-                0
-            );
-            assert_eq!(libc::syscall(libc::SYS_setresgid, id, id, id), 0);
-            assert_eq!(libc::syscall(libc::SYS_setresuid, id, id, id), 0);
-        }
-        f()
-    })
-    .join()
-    .unwrap()
 }
 
 /// A warm acquire is served from the pool: the ready TAP it gets is on the bridge,

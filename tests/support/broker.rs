@@ -348,3 +348,24 @@ pub fn expose_to_any_uid(src: &Path, dir: &Path, mode: u32) -> PathBuf {
     std::fs::set_permissions(&dst, std::fs::Permissions::from_mode(mode)).unwrap();
     dst
 }
+
+/// Calls `f` in a thread whose own credentials are uid/gid `id` (the raw syscalls change
+/// only the calling thread, unlike libc's setuid, which changes every thread of the
+/// test process). Sockets connected there carry that uid in SO_PEERCRED.
+pub fn as_uid<T: Send + 'static>(id: u32, f: impl FnOnce() -> T + Send + 'static) -> T {
+    std::thread::spawn(move || {
+        // SAFETY: plain syscalls on this thread's credentials, group first (it needs
+        // root); the thread ends right after `f`, so no other code runs with them.
+        unsafe {
+            assert_eq!(
+                libc::syscall(libc::SYS_setgroups, 0, std::ptr::null::<u32>()),
+                0
+            );
+            assert_eq!(libc::syscall(libc::SYS_setresgid, id, id, id), 0);
+            assert_eq!(libc::syscall(libc::SYS_setresuid, id, id, id), 0);
+        }
+        f()
+    })
+    .join()
+    .unwrap()
+}
