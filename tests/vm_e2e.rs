@@ -893,12 +893,24 @@ sleep 0.5
     report("vxlan", t, &[&o1, &o2]);
 }
 
-/// `vmnet-broker run --forward tcp:2222:22`: the host reaches the guest's port 22 on
-/// localhost:2222 (the broker's loopback relay) and on its uplink address (DNAT), and the
-/// forward goes with the VM.
+/// `vmnet-broker run --forward tcp:2222:22` and a static forward of the network file
+/// (port 2223 to the guest's reserved address, port 22): the host reaches the guest's
+/// port 22 through both on localhost (the broker's loopback relay) and on its uplink
+/// address (DNAT); the dynamic forward goes with the VM, and the static one reaches
+/// nothing once the VM is gone.
 #[test]
 fn run_forward_reaches_the_guests_listener_while_it_runs() {
-    let b = Broker::start(Options::default());
+    let b = Broker::start(Options {
+        files: vec![(
+            "fwd.json".into(),
+            r#"{"mode": "shared", "subnet": "10.77.0.1",
+                "dhcp_reservations": [{"mac": "52:54:00:77:00:05", "ip": "10.77.0.5"}],
+                "port_forwarding_rules": [{"protocol": "tcp", "external_port": 2223,
+                                           "internal_address": "10.77.0.5", "internal_port": 22}]}"#
+                .into(),
+        )],
+        ..Options::default()
+    });
     let outside = outside_on_uplink(&b);
     // The guest serves a greeting on port 22 until two connections were served.
     let script = r#"
@@ -906,15 +918,20 @@ check dhcp dhcp eth0
 printf '#!/bin/sh\necho "hello from $(hostname)"\necho x >> /tmp/served\n' > /tmp/serve
 chmod +x /tmp/serve
 nc -ll -p 22 -e /tmp/serve &
-served_twice() { [ "$(wc -l < /tmp/served 2>/dev/null || echo 0)" -ge 2 ]; }
+served_four() { [ "$(wc -l < /tmp/served 2>/dev/null || echo 0)" -ge 4 ]; }
 result listening yes
-check served wait_for 90 served_twice
+check served wait_for 90 served_four
 "#;
-    let mut g = guest(&["shared"], spec("forwarded", script));
+    let mut g = guest(&["fwd,mac=52:54:00:77:00:05"], spec("forwarded", script));
     g.forwards = vec!["tcp:2222:22".into()];
     let vm = Running::start(&b, &g);
     vm.wait_result("listening", VM_TIMEOUT);
-    for (ns, to) in [(&b.ns, "127.0.0.1:2222"), (&outside, "203.0.113.2:2222")] {
+    for (ns, to) in [
+        (&b.ns, "127.0.0.1:2222"),
+        (&outside, "203.0.113.2:2222"),
+        (&b.ns, "127.0.0.1:2223"),
+        (&outside, "203.0.113.2:2223"),
+    ] {
         let to: std::net::SocketAddr = to.parse().unwrap();
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
@@ -957,6 +974,20 @@ check served wait_for 90 served_twice
                     .is_ok()
         },
     );
+    // The static forward stays with its network, and reaches nothing without the VM.
+    for (ns, to) in [(&b.ns, "127.0.0.1:2223"), (&outside, "203.0.113.2:2223")] {
+        let to: std::net::SocketAddr = to.parse().unwrap();
+        let text = ns.run(|| {
+            use std::io::Read;
+            let mut text = String::new();
+            if let Ok(mut c) = std::net::TcpStream::connect_timeout(&to, Duration::from_secs(3)) {
+                c.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+                let _ = c.read_to_string(&mut text);
+            }
+            text
+        });
+        assert!(!text.contains("hello"), "{to} after the VM: {text}");
+    }
 }
 
 /// Issue 14, IPv6, as guests see it: two guests on a `shared` network with a fixed prefix
