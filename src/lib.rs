@@ -25,6 +25,7 @@ pub mod reload;
 #[cfg(target_os = "linux")]
 pub mod server;
 pub mod state;
+pub mod steps;
 #[cfg(target_os = "linux")]
 pub mod systemd;
 pub mod ula;

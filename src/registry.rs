@@ -25,6 +25,7 @@ use crate::state::{
     BrokerState, Changes, ClientRecord, Delta, EndpointRecord, Entry, ForwardRecord, Key,
     NetworkRecord, StateWriter,
 };
+use crate::steps::Steps;
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
 use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
@@ -1123,11 +1124,16 @@ impl<B: Backend> Registry<B> {
         requested_mac: Option<[u8; 6]>,
         persistent: bool,
     ) -> Result<Acquired<B::Endpoint>, RegistryError> {
+        let mut steps = Steps::start();
         let peer = self.admit(client, name).await?;
+        steps.lap("admit");
         loop {
             let (instance, guard, live) = match self.claim(name)? {
                 Claim::Create(instance, guard) => match self.create(name, instance, &peer).await {
-                    Ok(live) => (instance, guard, live),
+                    Ok(live) => {
+                        steps.lap("create");
+                        (instance, guard, live)
+                    }
                     Err(e) => {
                         let mut st = self.lock();
                         if st
@@ -1142,6 +1148,7 @@ impl<B: Backend> Registry<B> {
                 },
                 Claim::Join(instance, busy) => {
                     let guard = busy.lock_owned().await;
+                    steps.lap("lock");
                     // Whoever held the lock before has finished creating or removing it
                     // (both hold the lock throughout), so it is active or gone.
                     let live = match &self.lock().networks.get(name) {
@@ -1167,8 +1174,11 @@ impl<B: Backend> Registry<B> {
                 persistent,
             };
             let result = self.attach(name, instance, &live, ask).await;
+            steps.lap("attach");
             self.settle(name, instance);
             drop(guard);
+            steps.lap("settle");
+            crate::log_steps!("acquire", name, steps);
             return result;
         }
     }
@@ -1361,6 +1371,7 @@ impl<B: Backend> Registry<B> {
                 || net.handed.len() >= net.prune_handed_at;
             (prune, at_limit)
         };
+        let mut steps = Steps::start();
         if prune {
             match (self.backend.live_endpoints(&live.handle).await, at_limit) {
                 (Ok(endpoints), _) => {
@@ -1435,6 +1446,7 @@ impl<B: Backend> Registry<B> {
                 persistent,
             }
         };
+        steps.lap(if prune { "prune" } else { "mac" });
         let attachment = self
             .backend
             .attach(&live.handle, &request)
@@ -1443,6 +1455,7 @@ impl<B: Backend> Registry<B> {
                 name: name.to_string(),
                 source,
             })?;
+        steps.lap("backend");
         let mut st = self.lock();
         let net = Self::network_mut(&mut st, name, instance);
         if net.removal_at.take().is_some() {
@@ -1484,6 +1497,9 @@ impl<B: Backend> Registry<B> {
             &mut st,
             Some(Key::Endpoint(name.to_string(), attachment.id.0.clone())),
         );
+        drop(st);
+        steps.lap("book");
+        crate::log_steps!("attach to the registry", name, steps);
         Ok(Acquired {
             network: name.to_string(),
             mode: live.config.mode,

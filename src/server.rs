@@ -805,16 +805,19 @@ async fn respond<B: Backend<Endpoint: AsFd>>(
             mac,
             persistent,
         }) => {
+            let mut steps = crate::steps::Steps::start();
             match registry
                 .acquire(client, &network_name, mac.map(Mac::octets), persistent)
                 .await
             {
                 Ok(acquired) => {
+                    steps.lap("registry");
                     // What a client is told exists is on disk first: a broker killed
                     // right after this reply still adopts the TAP (and the network, if
                     // this acquire created it) instead of removing it as unknown. One
                     // state write covers every acquire published meanwhile.
                     registry.flush_state().await;
+                    steps.lap("state");
                     metrics::counters()
                         .acquires
                         .get_or_create(&metrics::network(&network_name))
@@ -829,6 +832,8 @@ async fn respond<B: Backend<Endpoint: AsFd>>(
                     socket
                         .send_vectored_with_ancillary(&[IoSlice::new(&bytes)], &mut ancillary)
                         .await?;
+                    steps.lap("reply");
+                    crate::log_steps!("acquire request", network_name, steps);
                     // The endpoint drops here: the client now holds the only copy.
                     return Ok(());
                 }

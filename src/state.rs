@@ -466,67 +466,6 @@ struct Journal {
     appended: u64,
 }
 
-/// Makes the state file durable behind the writer: one fsync at a time, each covering
-/// every write requested before it started.
-struct Syncer {
-    /// The newest file written, and whether any write since the last sync renamed one
-    /// (then the directory is synced too).
-    next: std::sync::Mutex<Option<(std::fs::File, bool)>>,
-    wake: tokio::sync::Notify,
-    closed: std::sync::atomic::AtomicBool,
-}
-
-impl Syncer {
-    fn start(dir: PathBuf) -> Arc<Syncer> {
-        let syncer = Arc::new(Syncer {
-            next: std::sync::Mutex::new(None),
-            wake: tokio::sync::Notify::new(),
-            closed: std::sync::atomic::AtomicBool::new(false),
-        });
-        let this = Arc::clone(&syncer);
-        tokio::spawn(async move {
-            loop {
-                let next = this.next.lock().expect("not poisoned").take();
-                let Some((file, renamed)) = next else {
-                    if this.closed.load(std::sync::atomic::Ordering::SeqCst) {
-                        break;
-                    }
-                    this.wake.notified().await;
-                    continue;
-                };
-                let dir = dir.clone();
-                match tokio::task::spawn_blocking(move || sync(&dir, &file, renamed)).await {
-                    Ok(Ok(())) => {}
-                    Ok(Err(e)) => warn!(
-                        "cannot sync the broker's state (it may not survive a power loss): {}",
-                        crate::error::chain(&e)
-                    ),
-                    Err(e) => warn!("state syncer failed: {e}"),
-                }
-            }
-        });
-        syncer
-    }
-
-    /// Asks for `file` (just written; `renamed` if as a new base) to be synced.
-    fn request(&self, file: std::fs::File, renamed: bool) {
-        let replaced = {
-            let mut next = self.next.lock().expect("not poisoned");
-            let renamed = renamed || next.as_ref().is_some_and(|(_, r)| *r);
-            next.replace((file, renamed))
-        };
-        // Closed off the lock.
-        drop(replaced);
-        self.wake.notify_one();
-    }
-
-    /// Ends the sync task once it has synced what was requested.
-    fn close(&self) {
-        self.closed.store(true, std::sync::atomic::Ordering::SeqCst);
-        self.wake.notify_one();
-    }
-}
-
 /// Tells the writer task that the state changed. Cheap to clone; never blocks.
 #[derive(Clone)]
 pub struct StateWriter {
@@ -547,7 +486,6 @@ impl StateWriter {
             // The open file, moved into each blocking write and back (only this task
             // writes); `None` until the first base is written or after a failed write.
             let mut journal: Option<Journal> = None;
-            let syncer = Syncer::start(dir.clone());
             // Waits for a change, then writes what was marked until now: it holds every
             // change numbered up to what was read before it, and those made meanwhile
             // are coalesced into the next write.
@@ -561,9 +499,8 @@ impl StateWriter {
                 let dir = dir.clone();
                 let signal = Arc::clone(&done);
                 let current = journal.take();
-                // `signal` fires once the append or rename is in (what a next process
-                // reads), before the fsyncs: see the module's note on why that is the
-                // point that matters for adoption.
+                // `signal` fires once the append or rename is in: what a next process
+                // reads (the module's note says why nothing more is needed).
                 let result = tokio::task::spawn_blocking(move || {
                     let written = write_delta(&dir, current, &delta);
                     signal.send_replace(number);
@@ -571,14 +508,7 @@ impl StateWriter {
                 })
                 .await;
                 match result {
-                    Ok(Ok((next, renamed))) => {
-                        // The fsyncs run beside the next writes, not before them: they
-                        // are for power loss only, and a write waiting for one would
-                        // hold up every acquire's reply behind it.
-                        match next.file.try_clone() {
-                            Ok(file) => syncer.request(file, renamed),
-                            Err(e) => warn!("cannot sync the state file: {e}"),
-                        }
+                    Ok(Ok(next)) => {
                         journal = Some(next);
                         debug!(number, "state file written");
                     }
@@ -593,7 +523,6 @@ impl StateWriter {
                     }
                 }
             }
-            syncer.close();
         });
         StateWriter {
             latest: Arc::new(latest),
@@ -619,29 +548,22 @@ impl StateWriter {
 /// Writes one batch: a new base, or entries appended to the journal (`journal`, `None`
 /// if there is no base yet). A failed write returns no journal, so the next batch
 /// writes a new base (the file may hold a torn line now, and this batch's marks are
-/// spent). Returns the journal to sync and keep, and whether it was renamed.
-fn write_delta(
-    dir: &Path,
-    journal: Option<Journal>,
-    delta: &Delta,
-) -> Result<(Journal, bool), StateError> {
+/// spent). Returns the journal to keep.
+fn write_delta(dir: &Path, journal: Option<Journal>, delta: &Delta) -> Result<Journal, StateError> {
     match (delta, journal) {
         (Delta::Entries(entries), Some(mut j)) => {
             if !entries.is_empty() {
                 j.appended += append(dir, &j.file, entries)?;
             }
-            Ok((j, false))
+            Ok(j)
         }
         (Delta::Full(state), _) => {
             let (file, base) = replace(dir, state)?;
-            Ok((
-                Journal {
-                    file,
-                    base,
-                    appended: 0,
-                },
-                true,
-            ))
+            Ok(Journal {
+                file,
+                base,
+                appended: 0,
+            })
         }
         // Entries with no base to append to: the snapshot was asked for a full one; a
         // bug in the caller, not a state to record half of.

@@ -22,6 +22,7 @@ use crate::backend::{
 };
 use crate::config::{Mode, NetworkConfig, PortForward, Protocol};
 use crate::state::NetworkRecord;
+use crate::steps::Steps;
 use firewall::{Firewall, FirewallNetwork};
 use ipnet::{Ipv4Net, Ipv6Net};
 use links::{CarrierLosses, Departures, LinkRecord};
@@ -68,7 +69,12 @@ const REAP_QUIET: Duration = Duration::from_millis(20);
 /// few waiting for a TAP each.
 const REAP_MAX_DELAY: Duration = Duration::from_millis(1000);
 
-/// Acquires under way, for the reaper to keep out of their way.
+/// How long an attach under way holds back the pool's refill at most ([`Attaching::idle`]):
+/// far above an acquire's few milliseconds, far below a refill's usefulness.
+const ATTACH_HOLD_MAX: Duration = Duration::from_millis(250);
+
+/// Acquires under way (from the backend's attach until the reply with the fd is sent),
+/// for the reaper and the pool's refill to keep out of their way.
 #[derive(Debug)]
 pub struct Attaching {
     in_flight: std::sync::atomic::AtomicUsize,
@@ -95,9 +101,16 @@ impl Attaching {
         AttachGuard(Arc::clone(self))
     }
 
-    /// Returns once no attach is under way (at once if none is): the pool's refills
-    /// ([`pool::refill`]) run each kernel step between acquires, not during one.
+    /// Returns once no attach is under way (at once if none is), or after
+    /// [`ATTACH_HOLD_MAX`]: the pool's refills ([`pool::refill`]) run each kernel step
+    /// between acquires, not during one. The bound is for a client that never reads
+    /// its replies: its acquire's endpoint, and with it the attach, lives as long as the
+    /// reply waits to be sent, and must not stop the refills of everyone else's.
     pub async fn idle(&self) {
+        let _ = tokio::time::timeout(ATTACH_HOLD_MAX, self.idle_unbounded()).await;
+    }
+
+    async fn idle_unbounded(&self) {
         loop {
             let ended = self.ended.notified();
             tokio::pin!(ended);
@@ -118,6 +131,12 @@ impl Attaching {
 }
 
 struct AttachGuard(Arc<Attaching>);
+
+impl std::fmt::Debug for AttachGuard {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("AttachGuard")
+    }
+}
 
 impl Drop for AttachGuard {
     fn drop(&mut self) {
@@ -257,6 +276,11 @@ pub struct LinuxNetwork {
 pub struct TapEndpoint {
     pub name: String,
     pub fd: OwnedFd,
+    /// The acquire counts as attaching until its endpoint is gone, which is once the
+    /// reply carrying the fd is sent: the pool's refill and the reaper, which wait for
+    /// no attach to be under way, then run after the reply instead of competing with
+    /// it for the CPU and the RTNL lock.
+    _attaching: AttachGuard,
 }
 
 impl AsFd for TapEndpoint {
@@ -606,6 +630,7 @@ impl LinuxBackend {
         ipv6_prefix: Option<Ipv6Net>,
         adopted: Option<&[(String, [u8; 6])]>,
     ) -> Result<Services, BackendError> {
+        let mut steps = Steps::start();
         let params = ServiceParams {
             config,
             bridge: &bridge.name,
@@ -630,7 +655,10 @@ impl LinuxBackend {
             )
             .await
             .map_err(|e| BackendError::component("firewall", e))?;
+        steps.lap("firewall");
         let started = Services::start(params).await;
+        steps.lap("services");
+        crate::log_steps!("start services", config.name, steps);
         if started.is_err()
             && let Err(e) = self.firewall.remove_network(&config.name).await
         {
@@ -664,9 +692,11 @@ impl LinuxBackend {
         network: &LinuxNetwork,
         request: &AttachRequest,
         owner: tap::TapOwner,
+        steps: &mut Steps,
     ) -> Result<Tap, BackendError> {
         let name = tap::tap_name(network.bridge.index, request.serial)?;
         let tap = Tap::create(&name, owner)?;
+        steps.lap("tap");
         // On failure `tap` is dropped, and with its only fd the TAP goes away.
         if !network.config.allow_spoofing {
             // The TAP guard, unbound, before the TAP is up and on the bridge: nothing
@@ -675,8 +705,10 @@ impl LinuxBackend {
                 .guard_tap(tap.index())
                 .await
                 .map_err(|e| BackendError::component("firewall", e))?;
+            steps.lap("guard");
         }
         self.plug(network, &tap, host_mac(request.mac)).await?;
+        steps.lap("plug");
         // Every TAP is made persistent, only once plugged (a failure before leaves
         // nothing behind): one the client asked to be persistent stays until the client
         // leaves; any other is deleted by the broker when its last fd closes, in batches
@@ -685,6 +717,7 @@ impl LinuxBackend {
             self.release(network, &EndpointId(name.clone())).await.ok();
             return Err(e.into());
         }
+        steps.lap("persist");
         Ok(tap)
     }
 
@@ -1048,6 +1081,7 @@ impl Backend for LinuxBackend {
     type Endpoint = TapEndpoint;
 
     async fn create(&self, config: &NetworkConfig) -> Result<LinuxNetwork, BackendError> {
+        let mut steps = Steps::start();
         // Before anything is made: a field this backend cannot honour is never ignored.
         super::linux_support::check(config).map_err(|e| BackendError::component("config", e))?;
         // The static forwards' ports, before anything is made: a taken one fails the
@@ -1056,6 +1090,7 @@ impl Backend for LinuxBackend {
         let bridge_name = bridge_name(&config.name);
         let alias = alias_for(&config.name);
         self.claim_bridge_name(&bridge_name, &alias).await?;
+        steps.lap("claim");
         let mut config = config.clone();
         if let Some(overlay) = &config.vxlan {
             self.claim_vxlan_name(&config.name).await?;
@@ -1071,7 +1106,9 @@ impl Backend for LinuxBackend {
         let address = Ipv4Net::new(gateway, subnet.prefix_len()).expect("prefix of a subnet");
         let address6 =
             ipv6_prefix.map(|p| Ipv6Net::new(crate::ula::gateway_of(p), 64).expect("a /64"));
+        steps.lap("subnet");
         let made = bridge::make(&self.netlink, config, &bridge_name, address, address6).await;
+        steps.lap("bridge");
         let bridge = match made {
             Ok(link) => link,
             Err(e) => {
@@ -1117,7 +1154,10 @@ impl Backend for LinuxBackend {
                 return Err(e);
             }
         };
+        steps.lap("services");
         self.start_pool(config, &bridge);
+        steps.lap("pool");
+        crate::log_steps!("create", config.name, steps);
         Ok(LinuxNetwork {
             peers: Mutex::new(peers_of(config)),
             config: config.clone(),
@@ -1151,6 +1191,7 @@ impl Backend for LinuxBackend {
         network: &LinuxNetwork,
         request: &AttachRequest,
     ) -> Result<Attachment<TapEndpoint>, BackendError> {
+        let mut steps = Steps::start();
         let mut attaching = self.attaching.start();
         let owner = tap::TapOwner {
             uid: request.peer.uid,
@@ -1159,8 +1200,11 @@ impl Backend for LinuxBackend {
         // A ready TAP of the pool when there is one: already guarded, plugged and
         // persistent, so attaching it and giving it to the client is all that is left.
         let tap = match self.take_pooled(network, owner) {
-            Some(tap) => tap,
-            None => match self.make_tap(network, request, owner).await {
+            Some(tap) => {
+                steps.lap("pool");
+                tap
+            }
+            None => match self.make_tap(network, request, owner, &mut steps).await {
                 Ok(tap) => tap,
                 // The bridge's last port may be the one a refill is plugging: that TAP,
                 // once ready, is this acquire's.
@@ -1175,7 +1219,6 @@ impl Backend for LinuxBackend {
                 Err(e) => return Err(e),
             },
         };
-        let _attaching = attaching;
         let name = tap.name().to_string();
         if !request.persistent {
             // Before the fd leaves: its carrier cannot go while the broker holds it.
@@ -1198,11 +1241,17 @@ impl Backend for LinuxBackend {
             // The binder lives as long as the backend, so the queue is always open.
             let _ = self.binder.send(job);
         }
+        steps.lap("queue");
+        crate::log_steps!("attach", network.config.name, steps);
         let (name, fd) = tap.into_parts();
         Ok(Attachment {
             id: EndpointId(name.clone()),
             platform: PlatformDetails::new().with(INTERFACE, name.clone()),
-            endpoint: TapEndpoint { name, fd },
+            endpoint: TapEndpoint {
+                name,
+                fd,
+                _attaching: attaching,
+            },
         })
     }
 
