@@ -2388,6 +2388,7 @@ mod tests {
                 id: EndpointId(interface.clone()),
                 platform: PlatformDetails::new().with(crate::backend::INTERFACE, interface),
                 endpoint: std::fs::File::open("/dev/null")?,
+                answering: Default::default(),
             })
         }
         async fn release(

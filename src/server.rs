@@ -810,13 +810,14 @@ async fn respond<B: Backend<Endpoint: AsFd>>(
                 .acquire(client, &network_name, mac.map(Mac::octets), persistent)
                 .await
             {
-                Ok(acquired) => {
+                Ok(mut acquired) => {
                     steps.lap("registry");
                     // What a client is told exists is on disk first: a broker killed
                     // right after this reply still adopts the TAP (and the network, if
                     // this acquire created it) instead of removing it as unknown. One
                     // state write covers every acquire published meanwhile.
                     registry.flush_state().await;
+                    acquired.attachment.answering.release();
                     steps.lap("state");
                     metrics::counters()
                         .acquires

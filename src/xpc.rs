@@ -239,6 +239,7 @@ mod tests {
                     network: n.0.clone(),
                     serial: r.serial,
                 },
+                answering: Default::default(),
             })
         }
         async fn release(&self, _: &Self::Network, _: &EndpointId) -> Result<(), BackendError> {

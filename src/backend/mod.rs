@@ -93,6 +93,37 @@ pub struct Attachment<E> {
     /// What the client receives. The broker drops its copy as soon as it is sent, so the
     /// endpoint lives exactly as long as the client keeps it.
     pub endpoint: E,
+    /// Held while the acquire is still being answered (its state record written), and
+    /// released just before the reply goes out: the backend's background work on the
+    /// kernel (a pool refill, a batch of deletions) waits for it instead of competing
+    /// with the acquire for the CPU and the kernel's locks. Released before the send,
+    /// never across it: a client that does not read its replies holds nothing up.
+    pub answering: Answering,
+}
+
+/// See [`Attachment::answering`]: whatever the backend wants held until then.
+#[derive(Default)]
+pub struct Answering(Option<Box<dyn Send + Sync>>);
+
+impl Answering {
+    pub fn hold(what: impl Send + Sync + 'static) -> Answering {
+        Answering(Some(Box::new(what)))
+    }
+
+    /// The reply is about to be sent: whatever was held is let go.
+    pub fn release(&mut self) {
+        self.0 = None;
+    }
+}
+
+impl std::fmt::Debug for Answering {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Answering(held)"
+        } else {
+            "Answering"
+        })
+    }
 }
 
 /// A DHCP lease (or, later, another kind of address binding) the backend's network

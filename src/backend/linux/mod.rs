@@ -17,8 +17,8 @@ pub mod tap;
 pub mod vxlan;
 
 use crate::backend::{
-    AttachRequest, Attachment, BRIDGE, Backend, BackendError, EndpointId, ForwardRequest,
-    INTERFACE, LeaseView, NetworkDetails, OVERLAY, PlatformDetails,
+    Answering, AttachRequest, Attachment, BRIDGE, Backend, BackendError, EndpointId,
+    ForwardRequest, INTERFACE, LeaseView, NetworkDetails, OVERLAY, PlatformDetails,
 };
 use crate::config::{Mode, NetworkConfig, PortForward, Protocol};
 use crate::state::NetworkRecord;
@@ -69,11 +69,8 @@ const REAP_QUIET: Duration = Duration::from_millis(20);
 /// few waiting for a TAP each.
 const REAP_MAX_DELAY: Duration = Duration::from_millis(1000);
 
-/// How long an attach under way holds back the pool's refill at most ([`Attaching::idle`]):
-/// far above an acquire's few milliseconds, far below a refill's usefulness.
-const ATTACH_HOLD_MAX: Duration = Duration::from_millis(250);
-
-/// Acquires under way (from the backend's attach until the reply with the fd is sent),
+/// Acquires under way (from the backend's attach until the reply with the fd is about to
+/// be sent: [`crate::backend::Attachment::answering`]),
 /// for the reaper and the pool's refill to keep out of their way.
 #[derive(Debug)]
 pub struct Attaching {
@@ -101,16 +98,9 @@ impl Attaching {
         AttachGuard(Arc::clone(self))
     }
 
-    /// Returns once no attach is under way (at once if none is), or after
-    /// [`ATTACH_HOLD_MAX`]: the pool's refills ([`pool::refill`]) run each kernel step
-    /// between acquires, not during one. The bound is for a client that never reads
-    /// its replies: its acquire's endpoint, and with it the attach, lives as long as the
-    /// reply waits to be sent, and must not stop the refills of everyone else's.
+    /// Returns once no attach is under way (at once if none is): the pool's refills
+    /// ([`pool::refill`]) run each kernel step between acquires, not during one.
     pub async fn idle(&self) {
-        let _ = tokio::time::timeout(ATTACH_HOLD_MAX, self.idle_unbounded()).await;
-    }
-
-    async fn idle_unbounded(&self) {
         loop {
             let ended = self.ended.notified();
             tokio::pin!(ended);
@@ -276,11 +266,6 @@ pub struct LinuxNetwork {
 pub struct TapEndpoint {
     pub name: String,
     pub fd: OwnedFd,
-    /// The acquire counts as attaching until its endpoint is gone, which is once the
-    /// reply carrying the fd is sent: the pool's refill and the reaper, which wait for
-    /// no attach to be under way, then run after the reply instead of competing with
-    /// it for the CPU and the RTNL lock.
-    _attaching: AttachGuard,
 }
 
 impl AsFd for TapEndpoint {
@@ -1247,11 +1232,11 @@ impl Backend for LinuxBackend {
         Ok(Attachment {
             id: EndpointId(name.clone()),
             platform: PlatformDetails::new().with(INTERFACE, name.clone()),
-            endpoint: TapEndpoint {
-                name,
-                fd,
-                _attaching: attaching,
-            },
+            endpoint: TapEndpoint { name, fd },
+            // The acquire counts as attaching until its reply is about to go: the pool's
+            // refill and the reaper, which wait for no attach to be under way, run after
+            // it instead of competing with it for the CPU and the RTNL lock.
+            answering: Answering::hold(attaching),
         })
     }
 

@@ -313,6 +313,7 @@ impl Backend for MacosBackend {
             id: EndpointId(format!("serialization-{}", request.serial)),
             platform: PlatformDetails::new(),
             endpoint,
+            answering: Default::default(),
         })
     }
 
