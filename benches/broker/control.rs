@@ -25,7 +25,14 @@ pub struct Control {
     pub scale: Many,
     pub dhcp_ms: Vec<f64>,
     pub dhcp_lost: usize,
+    /// The daemon's own step timings (`vmnet_broker::steps` debug lines) of cold and of
+    /// spaced warm acquires, from a broker of their own with those lines on.
+    pub steps: Steps,
 }
+
+/// Per kind of acquire ("cold", "warm"), per operation line ("acquire request",
+/// "create"...), each step's samples in µs, steps in the order the daemon ran them.
+pub type Steps = Vec<(&'static str, Vec<(String, Vec<(String, Vec<f64>)>)>)>;
 
 #[derive(Default, Debug, Clone)]
 pub struct Many {
@@ -55,15 +62,15 @@ fn ms(d: Duration) -> f64 {
 /// Networks the clients of the scale row spread over.
 pub const SCALE_NETWORKS: usize = 16;
 
-/// Which parts of the control-plane run (`--ctl cold,warm,dhcp,helper,many,scale`; all
-/// by default).
+/// Which parts of the control-plane run (`--ctl cold,warm,dhcp,steps,helper,many,scale`;
+/// all by default).
 #[derive(Debug, Clone)]
 pub struct Parts(Vec<String>);
 
 impl Parts {
     pub fn parse(arg: Option<&str>) -> Parts {
         Parts(
-            arg.unwrap_or("cold,warm,dhcp,helper,many,scale")
+            arg.unwrap_or("cold,warm,dhcp,steps,helper,many,scale")
                 .split(',')
                 .map(str::to_string)
                 .collect(),
@@ -83,6 +90,9 @@ pub fn run(
     let mut out = Control::default();
     if parts.has("cold") || parts.has("warm") || parts.has("dhcp") {
         latency(quick, parts, &mut out);
+    }
+    if parts.has("steps") {
+        out.steps = steps(quick);
     }
     if parts.has("helper") {
         bridge_helper(quick, &mut out);
@@ -175,6 +185,81 @@ fn latency(quick: bool, parts: &Parts, out: &mut Control) {
     drop(_tap);
     drop(holder);
     broker.stop();
+}
+
+/// Where the time of an acquire goes, as the daemon itself times it: a broker of its own
+/// with `vmnet_broker::steps` debug lines on (kept apart from the latency samples, which
+/// must not pay for the logging), cold acquires of new networks, then warm acquires
+/// 10 ms apart on a held one.
+fn steps(quick: bool) -> Steps {
+    let (cold_n, warm_n) = if quick { (6, 40) } else { (20, 200) };
+    let mut files: Vec<(String, String)> = (0..cold_n)
+        .map(|i| (format!("cold{i}"), "{}".to_string()))
+        .collect();
+    files.push(("warm".into(), "{}".into()));
+    let broker = BrokerProc::start_in(
+        Netns::new("bench-steps"),
+        &files,
+        None,
+        &["--log-level", "info,vmnet_broker::steps=debug"],
+    );
+    let mut held = Vec::new();
+    for i in 0..cold_n {
+        let c = broker.client();
+        drop(c.acquire(&format!("cold{i}")).expect("cold acquire"));
+        held.push(c);
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    drop(held);
+    let cold_log = broker.log();
+    // The holder's acquire creates the network: neither a cold nor a warm sample.
+    let holder = broker.client();
+    let _tap = holder.acquire("warm").expect("warm holder");
+    std::thread::sleep(Duration::from_millis(200));
+    let before_warm = broker.log().len();
+    for _ in 0..warm_n {
+        std::thread::sleep(Duration::from_millis(10));
+        let c = broker.client();
+        drop(c.acquire("warm").expect("warm acquire"));
+    }
+    let log = broker.log();
+    broker.stop();
+    let mut out: Steps = vec![("cold", vec![]), ("warm", vec![])];
+    let lines = cold_log
+        .lines()
+        .map(|l| (0, l))
+        .chain(log[before_warm..].lines().map(|l| (1, l)));
+    // `... DEBUG vmnet_broker::steps: OPERATION: step=12us step=3us network=NAME`
+    for (kind, line) in lines {
+        let Some((_, rest)) = line.split_once("vmnet_broker::steps: ") else {
+            continue;
+        };
+        let Some((op, fields)) = rest.split_once(": ") else {
+            continue;
+        };
+        let ops = &mut out[kind].1;
+        let at = match ops.iter().position(|(o, _)| o == op) {
+            Some(at) => at,
+            None => {
+                ops.push((op.to_string(), vec![]));
+                ops.len() - 1
+            }
+        };
+        for f in fields.split_whitespace() {
+            let Some((step, us)) = f.split_once('=') else {
+                continue;
+            };
+            let Some(us) = us.strip_suffix("us").and_then(|v| v.parse::<f64>().ok()) else {
+                continue;
+            };
+            let steps = &mut ops[at].1;
+            match steps.iter_mut().find(|(s, _)| s == step) {
+                Some((_, v)) => v.push(us),
+                None => steps.push((step.to_string(), vec![us])),
+            }
+        }
+    }
+    out
 }
 
 /// qemu-bridge-helper (as QEMU runs it for `-netdev bridge`) against a broker acquire,

@@ -158,7 +158,12 @@ impl BrokerProc {
             .arg(dir.path().join("state"))
             .arg("--resolv-conf")
             .arg(&resolv)
-            .args(["--idle-timeout", "600", "--log-level", "info"])
+            .args(["--idle-timeout", "600"])
+            .args(if extra.contains(&"--log-level") {
+                &[][..]
+            } else {
+                &["--log-level", "info"][..]
+            })
             .args(extra)
             .stdin(Stdio::null())
             .stdout(log.try_clone().unwrap())
