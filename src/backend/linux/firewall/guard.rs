@@ -3,17 +3,28 @@
 //! bridge-family chain, which cost about a third of the data plane (docs/design.md, "The
 //! TAP guard"; docs/benchmarks.md).
 //!
-//! One program pair (`tap_ingress`, `tap_egress`) and one map (`bindings`, TAP ifindex ->
-//! [`Binding`]) per broker process. [`Guard::attach`] puts a clsact qdisc and both
+//! One program pair (`tap_ingress`, `tap_egress`) and two maps per broker process:
+//! `bindings` (TAP ifindex -> [`Binding`]) and `peers` ([`PeerKey`]: bridge ifindex and
+//! guest MAC -> TAP ifindex), the guest-to-guest fast path's directory: a checked unicast
+//! frame to another bound guest of the same bridge is redirected to that guest's TAP
+//! instead of crossing the bridge ([`BIND_FAST`]; docs/design.md, "The TAP guard").
+//! [`Guard::bind`] and [`Guard::unbind`] keep the two maps consistent: a `peers` entry
+//! exists only for a TAP whose binding holds that MAC on that bridge (and the program
+//! checks the target's binding again before redirecting). [`Guard::attach`] puts a clsact qdisc and both
 //! filters (cls_bpf, direct action) on a TAP; a TAP without a binding sends nothing and
 //! receives no unicast, so attaching before the TAP is up and on the bridge binds it
 //! before its first frame. The filters are kernel objects holding the programs, which
 //! hold the map: nothing depends on the broker's fds, so a broker that dies (even by
 //! SIGKILL) leaves its VMs connected and protected. The next broker finds the program
-//! and the map through the filter of an adopted TAP ([`Guard::adopt`]: filter -> program
-//! id -> map id) and goes on with them, bindings included.
+//! and the maps through the filter of an adopted TAP ([`Guard::adopt`]: filter -> program
+//! id -> map ids) and goes on with them, bindings included. A guard an older broker left
+//! (one map, 24-byte bindings, no fast path) is not adopted: the new broker loads its own
+//! and, binding each adopted TAP in its map first, replaces the old filters in place (no
+//! frame passes unchecked, none of a bound TAP is dropped); TAPs nobody binds again keep
+//! the old guard and its old bindings.
 
 use std::io;
+use std::mem::size_of;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Mutex;
@@ -34,8 +45,9 @@ use crate::backend::linux::netlink::Netlink;
 /// The compiled `bpf/tap_guard.c`.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/tap_guard.o"));
 
-/// The map's name in the object, and the programs'.
+/// The maps' names in the object, and the programs'.
 const MAP: &str = "bindings";
+const PEERS: &str = "peers";
 const INGRESS: &str = "tap_ingress";
 const EGRESS: &str = "tap_egress";
 /// The filters' priority on the TAP: one of ours per direction, replaced in place.
@@ -61,6 +73,11 @@ const ETH_P_ALL: u16 = 0x0003;
 /// `flags` of a [`Binding`]: IPv4 and ARP sources must be the lease, and DHCP client
 /// messages must name the bound MAC (`BIND_DHCP` in the C source).
 pub const BIND_DHCP: u8 = 1;
+/// `flags` of a [`Binding`]: the guest-to-guest fast path (`BIND_FAST` in the C source).
+/// Only for networks whose guests may talk to each other (not `isolation`), with
+/// `bridge` and `mtu` set: the TAP's guest MAC is in `peers`, and checked unicast frames
+/// from it to another such guest of the same bridge are redirected to that guest's TAP.
+pub const BIND_FAST: u8 = 2;
 
 /// What one TAP is bound to: `struct binding` of `bpf/tap_guard.c`, byte for byte.
 #[repr(C)]
@@ -75,6 +92,10 @@ pub struct Binding {
     pub gw4: [u8; 4],
     /// A /64 prefix whose EUI-64 address of `mac` the VM may use; all zero = none.
     pub prefix6: [u8; 8],
+    /// The ifindex of the network's bridge ([`BIND_FAST`]: the fast path's scope).
+    pub bridge: u32,
+    /// The network's MTU ([`BIND_FAST`]: longer frames are left to the bridge).
+    pub mtu: u32,
 }
 
 // SAFETY: `Binding` is `repr(C)`, `Copy`, made only of byte arrays (no padding, no
@@ -90,9 +111,44 @@ impl Binding {
             ip4: lease.map(|ip| ip.octets()).unwrap_or_default(),
             gw4: gateway.octets(),
             prefix6: [0; 8],
+            bridge: 0,
+            mtu: 0,
         }
     }
+
+    /// The same binding with the guest-to-guest fast path ([`BIND_FAST`]) on bridge
+    /// `bridge` (ifindex) of MTU `mtu`.
+    pub fn with_fast_path(mut self, bridge: u32, mtu: u32) -> Self {
+        self.flags |= BIND_FAST;
+        self.bridge = bridge;
+        self.mtu = mtu;
+        self
+    }
+
+    /// Its key in `peers`, when it has the fast path.
+    fn peer_key(&self) -> Option<PeerKey> {
+        (self.flags & BIND_FAST != 0 && self.bridge != 0).then_some(PeerKey {
+            bridge: self.bridge,
+            mac: self.mac,
+            _pad: [0; 2],
+        })
+    }
 }
+
+/// A key of `peers`: `struct peer_key` of `bpf/tap_guard.c`, byte for byte.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerKey {
+    /// The ifindex of the network's bridge.
+    pub bridge: u32,
+    pub mac: [u8; 6],
+    /// Always zero: the kernel hashes the key's bytes.
+    pub _pad: [u8; 2],
+}
+
+// SAFETY: `PeerKey` is `repr(C)`, `Copy`, a u32 then 8 bytes (no padding, no pointers),
+// so any bit pattern of its size is a valid value, as `Pod` requires.
+unsafe impl aya::Pod for PeerKey {}
 
 /// Everything the guard can fail with.
 #[derive(Debug, thiserror::Error)]
@@ -121,15 +177,22 @@ pub enum GuardError {
     },
 }
 
-/// The loaded (or adopted) programs and their map.
+/// The guard's two maps.
+struct Maps {
+    bindings: BpfHashMap<MapData, u32, Binding>,
+    peers: BpfHashMap<MapData, PeerKey, u32>,
+}
+
+/// The loaded (or adopted) programs and their maps.
 pub struct Guard {
     ingress: ProgramFd,
     egress: ProgramFd,
     ingress_id: u32,
     egress_id: u32,
-    /// Locked only around single `bpf(2)` map calls, which neither sleep nor wait on
-    /// anything but the map's own bucket lock; aya's update API takes `&mut`.
-    map: Mutex<BpfHashMap<MapData, u32, Binding>>,
+    /// Locked only around the few `bpf(2)` map calls of one change (at most four), which
+    /// neither sleep nor wait on anything but the maps' own bucket locks; aya's update
+    /// API takes `&mut`, and a change of both maps must not interleave with another.
+    map: Mutex<Maps>,
     netlink: Netlink,
 }
 
@@ -161,10 +224,15 @@ impl Guard {
                 id,
             ));
         }
-        let map = ebpf
-            .take_map(MAP)
-            .ok_or_else(|| load_err(io::Error::other(format!("no map {MAP}"))))?;
-        let map = BpfHashMap::try_from(map).map_err(load_err)?;
+        let mut take = |name: &str| {
+            ebpf.take_map(name)
+                .ok_or_else(|| load_err(io::Error::other(format!("no map {name}"))))
+        };
+        let (bindings, peers) = (take(MAP)?, take(PEERS)?);
+        let map = Maps {
+            bindings: BpfHashMap::try_from(bindings).map_err(load_err)?,
+            peers: BpfHashMap::try_from(peers).map_err(load_err)?,
+        };
         let (egress, egress_id) = fds.pop().expect("two programs");
         let (ingress, ingress_id) = fds.pop().expect("two programs");
         Ok(Guard {
@@ -178,7 +246,9 @@ impl Guard {
     }
 
     /// The guard a previous broker left on interface `ifindex`, if its filters are there:
-    /// its programs and map, bindings included.
+    /// its programs and maps, bindings included. None as well for the guard of an older
+    /// broker (no `peers` map, another binding layout): the caller loads a new one, whose
+    /// filters replace the old ones on each TAP it binds (see the module doc).
     pub async fn adopt(ifindex: u32) -> Result<Option<Guard>, GuardError> {
         let netlink = Netlink::connect().map_err(load_err)?;
         let ingress_id = filter_program(&netlink, ifindex, PARENT_INGRESS).await?;
@@ -190,31 +260,51 @@ impl Guard {
             |e: Box<dyn std::error::Error + Send + Sync>| GuardError::Adopt { ifindex, source: e };
         let mut ingress = None;
         let mut egress = None;
-        let mut map_id = None;
+        let mut map_ids = None;
         for info in loaded_programs() {
             let info = info.map_err(|e| adopt_err(Box::new(e)))?;
             if info.id() == ingress_id {
-                map_id = info
-                    .map_ids()
-                    .map_err(|e| adopt_err(Box::new(e)))?
-                    .and_then(|ids| ids.first().copied());
+                map_ids = info.map_ids().map_err(|e| adopt_err(Box::new(e)))?;
                 ingress = Some(info.fd().map_err(|e| adopt_err(Box::new(e)))?);
             } else if info.id() == egress_id {
                 egress = Some(info.fd().map_err(|e| adopt_err(Box::new(e)))?);
             }
         }
-        let (Some(ingress), Some(egress), Some(map_id)) = (ingress, egress, map_id) else {
+        let (Some(ingress), Some(egress), Some(map_ids)) = (ingress, egress, map_ids) else {
             return Err(adopt_err("the filters' programs or map are gone".into()));
         };
-        let map_fd = MapInfo::from_id(map_id)
-            .and_then(|info| info.fd())
-            .map_err(|e| adopt_err(Box::new(e)))?;
-        let owned = map_fd
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|e| adopt_err(Box::new(e)))?;
-        let data = MapData::from_fd(owned).map_err(|e| adopt_err(Box::new(e)))?;
-        let map = BpfHashMap::try_from(Map::HashMap(data)).map_err(|e| adopt_err(Box::new(e)))?;
+        // Told apart by their key and value sizes, which also tells an older broker's
+        // guard (no `peers`, 24-byte bindings) from ours.
+        let (mut bindings, mut peers) = (None, None);
+        for id in map_ids {
+            let info = MapInfo::from_id(id).map_err(|e| adopt_err(Box::new(e)))?;
+            let sizes = (info.key_size() as usize, info.value_size() as usize);
+            let slot = if sizes == (size_of::<u32>(), size_of::<Binding>()) {
+                &mut bindings
+            } else if sizes == (size_of::<PeerKey>(), size_of::<u32>()) {
+                &mut peers
+            } else {
+                continue;
+            };
+            let fd = info.fd().map_err(|e| adopt_err(Box::new(e)))?;
+            let owned = fd
+                .as_fd()
+                .try_clone_to_owned()
+                .map_err(|e| adopt_err(Box::new(e)))?;
+            *slot = Some(MapData::from_fd(owned).map_err(|e| adopt_err(Box::new(e)))?);
+        }
+        let (Some(bindings), Some(peers)) = (bindings, peers) else {
+            tracing::info!(
+                ifindex,
+                "the TAP guard found is an older broker's: a new one replaces it on each TAP bound again"
+            );
+            return Ok(None);
+        };
+        let map = Maps {
+            bindings: BpfHashMap::try_from(Map::HashMap(bindings))
+                .map_err(|e| adopt_err(Box::new(e)))?,
+            peers: BpfHashMap::try_from(Map::HashMap(peers)).map_err(|e| adopt_err(Box::new(e)))?,
+        };
         Ok(Some(Guard {
             ingress,
             egress,
@@ -225,8 +315,9 @@ impl Guard {
         }))
     }
 
-    fn map(&self) -> std::sync::MutexGuard<'_, BpfHashMap<MapData, u32, Binding>> {
-        // Every critical section is one map call: a panic leaves nothing half-done.
+    fn map(&self) -> std::sync::MutexGuard<'_, Maps> {
+        // A panic in a critical section (there is none on purpose) leaves at worst a
+        // `peers` entry the program ignores (it checks the target's binding).
         self.map.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -294,33 +385,48 @@ impl Guard {
         }
     }
 
-    /// Binds interface `ifindex` (replacing its binding).
+    /// Binds interface `ifindex` (replacing its binding), and keeps `peers` in step: the
+    /// binding first, then the entry of a MAC it no longer holds removed (only if it still
+    /// names this interface), then its new entry. The program checks the target's binding
+    /// before redirecting, so no order of these writes can send a frame to an interface
+    /// whose binding does not hold that MAC on that bridge.
     pub fn bind(&self, ifindex: u32, binding: Binding) -> Result<(), GuardError> {
-        self.map()
+        let mut maps = self.map();
+        let old = get_binding(&maps, ifindex)?;
+        maps.bindings
             .insert(ifindex, binding, 0)
             .map_err(|source| GuardError::Map {
                 what: "write",
                 ifindex,
                 source,
-            })
+            })?;
+        let new_key = binding.peer_key();
+        if let Some(old_key) = old.and_then(|b| b.peer_key())
+            && Some(old_key) != new_key
+        {
+            remove_peer(&mut maps, old_key, ifindex)?;
+        }
+        if let Some(key) = new_key {
+            maps.peers
+                .insert(key, ifindex, 0)
+                .map_err(|source| GuardError::Map {
+                    what: "write the fast-path entry of",
+                    ifindex,
+                    source,
+                })?;
+        }
+        Ok(())
     }
 
     /// The binding of interface `ifindex`, if any.
     pub fn binding(&self, ifindex: u32) -> Result<Option<Binding>, GuardError> {
-        match self.map().get(&ifindex, 0) {
-            Ok(b) => Ok(Some(b)),
-            Err(aya::maps::MapError::KeyNotFound) => Ok(None),
-            Err(source) => Err(GuardError::Map {
-                what: "read",
-                ifindex,
-                source,
-            }),
-        }
+        get_binding(&self.map(), ifindex)
     }
 
     /// Every binding in the map, by interface index (tests, diagnostics).
     pub fn bindings(&self) -> Result<Vec<(u32, Binding)>, GuardError> {
         self.map()
+            .bindings
             .iter()
             .collect::<Result<Vec<_>, _>>()
             .map_err(|source| GuardError::Map {
@@ -330,23 +436,84 @@ impl Guard {
             })
     }
 
-    /// Forgets the binding of interface `ifindex`: its frames drop from now on.
+    /// Every entry of the fast path's `peers`: (bridge ifindex, guest MAC) -> TAP ifindex
+    /// (tests, diagnostics).
+    pub fn peers(&self) -> Result<Vec<(PeerKey, u32)>, GuardError> {
+        self.map()
+            .peers
+            .iter()
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|source| GuardError::Map {
+                what: "list the fast-path entries of",
+                ifindex: 0,
+                source,
+            })
+    }
+
+    /// Forgets the binding of interface `ifindex`: its frames drop from now on, and its
+    /// MAC no longer leads the fast path to it.
     pub fn unbind(&self, ifindex: u32) -> Result<(), GuardError> {
-        match self.map().remove(&ifindex) {
-            Ok(()) | Err(aya::maps::MapError::KeyNotFound) => Ok(()),
-            // Nothing to forget (aya passes the kernel's ENOENT through).
-            Err(aya::maps::MapError::SyscallError(e))
-                if e.io_error.raw_os_error() == Some(libc::ENOENT) =>
-            {
-                Ok(())
-            }
-            Err(source) => Err(GuardError::Map {
+        let mut maps = self.map();
+        let old = get_binding(&maps, ifindex)?;
+        let removed = maps.bindings.remove(&ifindex);
+        if !absent(&removed) {
+            removed.map_err(|source| GuardError::Map {
                 what: "remove",
                 ifindex,
                 source,
-            }),
+            })?;
         }
+        if let Some(key) = old.and_then(|b| b.peer_key()) {
+            remove_peer(&mut maps, key, ifindex)?;
+        }
+        Ok(())
     }
+}
+
+/// Whether a map call failed only because the key was not there (aya passes the
+/// kernel's ENOENT through, or says so itself).
+fn absent<T>(result: &Result<T, aya::maps::MapError>) -> bool {
+    match result {
+        Err(aya::maps::MapError::KeyNotFound) => true,
+        Err(aya::maps::MapError::SyscallError(e)) => {
+            e.io_error.raw_os_error() == Some(libc::ENOENT)
+        }
+        _ => false,
+    }
+}
+
+fn get_binding(maps: &Maps, ifindex: u32) -> Result<Option<Binding>, GuardError> {
+    let got = maps.bindings.get(&ifindex, 0);
+    if absent(&got) {
+        return Ok(None);
+    }
+    got.map(Some).map_err(|source| GuardError::Map {
+        what: "read",
+        ifindex,
+        source,
+    })
+}
+
+/// Removes `peers` entry `key` if it still names interface `ifindex` (another TAP may
+/// have been bound to the same MAC since).
+fn remove_peer(maps: &mut Maps, key: PeerKey, ifindex: u32) -> Result<(), GuardError> {
+    let err = |source| GuardError::Map {
+        what: "remove the fast-path entry of",
+        ifindex,
+        source,
+    };
+    let got = maps.peers.get(&key, 0);
+    if absent(&got) {
+        return Ok(());
+    }
+    if got.map_err(err)? != ifindex {
+        return Ok(());
+    }
+    let removed = maps.peers.remove(&key);
+    if absent(&removed) {
+        return Ok(());
+    }
+    removed.map_err(err)
 }
 
 /// The id of the program of our filter on `parent` (ingress or egress) of `ifindex`.
@@ -407,13 +574,18 @@ mod tests {
     fn binding_has_the_layout_of_the_c_struct() {
         // struct binding in bpf/tap_guard.c: the kernel copies bytes, so any drift
         // between the two would bind garbage.
-        assert_eq!(size_of::<Binding>(), 24);
+        assert_eq!(size_of::<Binding>(), 32);
         assert_eq!(offset_of!(Binding, flags), 6);
         assert_eq!(offset_of!(Binding, ip4), 8);
         assert_eq!(offset_of!(Binding, gw4), 12);
         assert_eq!(offset_of!(Binding, prefix6), 16);
+        assert_eq!(offset_of!(Binding, bridge), 24);
+        assert_eq!(offset_of!(Binding, mtu), 28);
+        assert_eq!(size_of::<PeerKey>(), 12);
+        assert_eq!(offset_of!(PeerKey, mac), 4);
         let c = include_str!("../../../../bpf/tap_guard.c");
         assert!(c.contains("#define BIND_DHCP 1"), "BIND_DHCP differs");
+        assert!(c.contains("#define BIND_FAST 2"), "BIND_FAST differs");
         let b = Binding::new(
             [0x52, 0x54, 0, 0, 0, 1],
             true,
@@ -431,5 +603,16 @@ mod tests {
             Ipv4Addr::new(10, 0, 0, 1),
         );
         assert_eq!((none.flags, none.ip4), (0, [0; 4]));
+        assert_eq!(none.peer_key(), None, "no fast path unless asked");
+        let fast = none.with_fast_path(7, 1500);
+        assert_eq!((fast.flags, fast.bridge, fast.mtu), (BIND_FAST, 7, 1500));
+        assert_eq!(
+            fast.peer_key(),
+            Some(PeerKey {
+                bridge: 7,
+                mac: [0x52, 0x54, 0, 0, 0, 1],
+                _pad: [0; 2]
+            })
+        );
     }
 }

@@ -232,6 +232,9 @@ pub(super) struct NetState {
     dynamic: BTreeMap<String, PortForward>,
     /// TAP name -> interface index, for the TAP guard's bindings (anti-spoofing only).
     ifindex: BTreeMap<String, u32>,
+    /// The bridge's (ifindex, MTU), for the guest-to-guest fast path of the TAP guard:
+    /// only for anti-spoofing networks without `isolation` whose bridge exists.
+    fast_path: Option<(u32, u32)>,
 }
 
 impl NetState {
@@ -252,7 +255,10 @@ impl NetState {
         if let Some(p6) = self.net.ipv6_prefix {
             b.prefix6.copy_from_slice(&p6.network().octets()[..8]);
         }
-        b
+        match self.fast_path {
+            Some((bridge, mtu)) => b.with_fast_path(bridge, mtu),
+            None => b,
+        }
     }
 }
 
@@ -525,6 +531,23 @@ impl Firewall {
     }
 }
 
+/// The (ifindex, MTU) of the bridge of `net`, for the TAP guard's guest-to-guest fast
+/// path; None (no fast path: frames cross the bridge as before) when it cannot be had.
+async fn fast_path_of(net: &FirewallNetwork) -> Option<(u32, u32)> {
+    let found = match crate::backend::linux::netlink::Netlink::connect() {
+        Ok(netlink) => netlink.link_by_name(&net.bridge).await,
+        Err(e) => Err(e),
+    };
+    match found {
+        Ok(Some(link)) => link.mtu.map(|mtu| (link.index, mtu)),
+        Ok(None) => None,
+        Err(e) => {
+            warn!(network = %net.name, "no guest-to-guest fast path: {e}");
+            None
+        }
+    }
+}
+
 /// Runs queued jobs one at a time, in order, until the firewall is dropped. Holds the
 /// firewall only while a job runs, so dropping every `Firewall` ends it.
 async fn apply_queue(inner: Weak<Inner>, mut jobs: mpsc::UnboundedReceiver<Job>) {
@@ -575,6 +598,11 @@ impl Inner {
         mut ports: BTreeMap<String, [u8; 6]>,
         mut leases: BTreeMap<[u8; 6], Ipv4Addr>,
     ) -> Result<(), FirewallError> {
+        let fast_path = if net.anti_spoofing && !net.isolation {
+            fast_path_of(&net).await
+        } else {
+            None
+        };
         let (ns, batch, dropped) = {
             let state = self.lock();
             // TAPs whose DHCP MAC quota set goes with the old definition.
@@ -664,6 +692,7 @@ impl Inner {
                 leases,
                 dynamic,
                 ifindex,
+                fast_path,
             };
             let mut batch = Batch::new();
             add_tables(&mut batch);

@@ -1377,6 +1377,7 @@ mod tests {
             leases: BTreeMap::new(),
             dynamic: BTreeMap::new(),
             ifindex: BTreeMap::new(),
+            fast_path: None,
         }
     }
 

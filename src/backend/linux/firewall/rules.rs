@@ -884,6 +884,7 @@ pub fn ruleset_for(net: &FirewallNetwork) -> Nftables<'static> {
             leases: BTreeMap::new(),
             dynamic: BTreeMap::new(),
             ifindex: BTreeMap::new(),
+            fast_path: None,
         },
     );
     dispatch_rule(&mut batch, [net]);
