@@ -1567,3 +1567,350 @@ fn the_kernels_refusal_through_netlink_names_the_object() {
         );
     });
 }
+
+// ---- the TAP guard's guest-to-guest fast path -----------------------------------------
+
+const FAST_A: [u8; 6] = [0x02, 0x00, 0x00, 0x77, 0x00, 0x0a];
+const FAST_B: [u8; 6] = [0x02, 0x00, 0x00, 0x77, 0x00, 0x0b];
+
+/// A frame from `src` to `dst` carrying `marker` (a local experimental EtherType, which
+/// the guard checks by MAC only), after the TAP's 12-byte virtio-net header.
+fn tap_frame(dst: [u8; 6], src: [u8; 6], marker: &[u8]) -> Vec<u8> {
+    let mut frame = vec![0u8; 12];
+    frame.extend(dst);
+    frame.extend(src);
+    frame.extend([0x88, 0xb5]);
+    frame.extend(marker);
+    frame.resize(12 + 60.max(14 + marker.len()), 0);
+    frame
+}
+
+/// Whether `marker`, written as a frame from `src` to `dst` into `from` (again every
+/// 300 ms), is read from `to` within `within`.
+fn delivered(
+    from: &vmnet_broker::backend::linux::tap::Tap,
+    (src, dst): ([u8; 6], [u8; 6]),
+    to: &vmnet_broker::backend::linux::tap::Tap,
+    marker: &[u8],
+    within: Duration,
+) -> bool {
+    let frame = tap_frame(dst, src, marker);
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        nix::unistd::write(from.fd(), &frame).unwrap();
+        if tap_reads(to.fd(), marker, Duration::from_millis(300)) {
+            return true;
+        }
+    }
+    false
+}
+
+/// A bridge-family counter in B of the frames the bridges forward to `dst`: whatever the
+/// fast path redirects never reaches it.
+fn count_bridged_to(b: &Netns, dst: [u8; 6]) {
+    let mac = dst.map(|x| format!("{x:02x}")).join(":");
+    b.nft("add table bridge fastpath_probe");
+    b.nft(
+        "add chain bridge fastpath_probe probe { type filter hook forward priority 0; policy accept; }",
+    );
+    b.nft(&format!(
+        "add rule bridge fastpath_probe probe ether daddr {mac} counter"
+    ));
+}
+
+/// How many frames the counter of [`count_bridged_to`] saw.
+fn bridged(b: &Netns) -> u64 {
+    let listing = b.nft_list("list table bridge fastpath_probe");
+    let at = listing
+        .find("packets ")
+        .unwrap_or_else(|| panic!("no counter: {listing}"));
+    listing[at + 8..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
+
+/// The fast path's entries (bridge ifindex, MAC -> TAP ifindex), read from the guard on
+/// interface `ifindex` the way a restarted broker adopts it.
+async fn fast_path_entries(ifindex: u32) -> Vec<(u32, [u8; 6], u32)> {
+    let guard = vmnet_broker::backend::linux::firewall::guard::Guard::adopt(ifindex)
+        .await
+        .unwrap()
+        .expect("the guard is on the interface");
+    let mut entries: Vec<(u32, [u8; 6], u32)> = guard
+        .peers()
+        .unwrap()
+        .into_iter()
+        .map(|(k, to)| (k.bridge, k.mac, to))
+        .collect();
+    entries.sort();
+    entries
+}
+
+/// Whether the bridge has learnt `mac` on port `dev` (from a frame it received there).
+fn fdb_knows(b: &Netns, dev: &str, mac: [u8; 6]) -> bool {
+    let mac = mac.map(|x| format!("{x:02x}")).join(":");
+    let fdb = b.exec(&["bridge", "fdb", "show", "dev", dev]);
+    String::from_utf8_lossy(&fdb.stdout).contains(&mac)
+}
+
+fn ifindex_of(b: &Netns, dev: &str) -> u32 {
+    let out = b.exec(&["cat", &format!("/sys/class/net/{dev}/ifindex")]);
+    assert!(out.status.success(), "no interface {dev}");
+    String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
+}
+
+/// Unicast between two bound guests of one network goes TAP to TAP: B reads it, and the
+/// bridge forwards none of it (its forward hook never sees it, its FDB never learns A).
+/// With A's fast path switched off in the map (the binding an isolated network gets), the
+/// same frames cross the bridge: the counter is what tells the two apart.
+#[test]
+fn unicast_between_guests_of_a_network_skips_the_bridge() {
+    use vmnet_broker::backend::linux::firewall::guard::{BIND_FAST, Guard};
+    use vmnet_broker::backend::linux::tap::{Tap, TapOwner};
+    netns::require("nft", "nftables");
+    netns::require("bridge", "iproute2");
+    let b = bridge_ns();
+    in_netns(&b, || async {
+        let owner = TapOwner { uid: 0, gid: 0 };
+        let (a, vb) = (
+            Tap::create("vporta", owner).unwrap(),
+            Tap::create("vportb", owner).unwrap(),
+        );
+        for tap in ["vporta", "vportb"] {
+            b.ip(&["link", "set", tap, "master", "vmnbr0", "up"]);
+        }
+        let fw = Firewall::new();
+        fw.add_network(&network(false, true, false)).await.unwrap();
+        fw.add_port("testnet", "vporta", FAST_A).await.unwrap();
+        fw.add_port("testnet", "vportb", FAST_B).await.unwrap();
+        count_bridged_to(&b, FAST_B);
+        let bridge = ifindex_of(&b, "vmnbr0");
+        assert_eq!(
+            fast_path_entries(a.index()).await,
+            vec![(bridge, FAST_A, a.index()), (bridge, FAST_B, vb.index())]
+        );
+
+        let within = Duration::from_secs(20);
+        assert!(delivered(&a, (FAST_A, FAST_B), &vb, b"fast-1", within));
+        assert_eq!(bridged(&b), 0, "a guest-to-guest frame crossed the bridge");
+        assert!(
+            !fdb_knows(&b, "vporta", FAST_A),
+            "the bridge learnt A from its unicast"
+        );
+        // The other direction too.
+        assert!(delivered(&vb, (FAST_B, FAST_A), &a, b"fast-2", within));
+        // The checks still come first: a forged source goes nowhere.
+        let forged = [0x02, 0x00, 0x00, 0x77, 0x00, 0x99];
+        assert!(!delivered(
+            &a,
+            (forged, FAST_B),
+            &vb,
+            b"forged",
+            Duration::from_secs(2)
+        ));
+
+        // Control: without the fast path on A's binding, the bridge carries them.
+        let guard = Guard::adopt(a.index()).await.unwrap().unwrap();
+        let mut slow = guard.binding(a.index()).unwrap().unwrap();
+        slow.flags &= !BIND_FAST;
+        guard.bind(a.index(), slow).unwrap();
+        assert!(delivered(&a, (FAST_A, FAST_B), &vb, b"slow", within));
+        assert!(
+            bridged(&b) > 0 && fdb_knows(&b, "vporta", FAST_A),
+            "without the fast path the frames should cross the bridge"
+        );
+        b.nft("delete table bridge fastpath_probe");
+        fw.remove_network("testnet").await.unwrap();
+        assert_eq!(fast_path_entries(a.index()).await, vec![]);
+    });
+}
+
+/// A guest's frame to the MAC of a guest of another network (another bridge, bound and
+/// with a fast-path entry of its own) never reaches that guest, while the same MAC's
+/// neighbour on its own network reaches it TAP to TAP.
+#[test]
+fn the_fast_path_never_crosses_to_another_network() {
+    use vmnet_broker::backend::linux::tap::{Tap, TapOwner};
+    netns::require("nft", "nftables");
+    netns::require("bridge", "iproute2");
+    const C_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x78, 0x00, 0x0c];
+    const D_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x78, 0x00, 0x0d];
+    let b = bridge_ns();
+    b.ip(&["link", "add", "vmnbr1", "type", "bridge"]);
+    b.ip(&["link", "set", "vmnbr1", "address", "02:00:00:78:00:01"]);
+    b.ip(&["link", "set", "vmnbr1", "up"]);
+    in_netns(&b, || async {
+        let owner = TapOwner { uid: 0, gid: 0 };
+        let a = Tap::create("vporta", owner).unwrap();
+        let c = Tap::create("vmnt5-c", owner).unwrap();
+        let d = Tap::create("vmnt5-d", owner).unwrap();
+        b.ip(&["link", "set", "vporta", "master", "vmnbr0", "up"]);
+        for tap in ["vmnt5-c", "vmnt5-d"] {
+            b.ip(&["link", "set", tap, "master", "vmnbr1", "up"]);
+        }
+        let fw = Firewall::new();
+        fw.add_network(&network(false, true, false)).await.unwrap();
+        let mut second = second_network(false);
+        second.dhcp = false;
+        fw.add_network(&second).await.unwrap();
+        fw.add_port("testnet", "vporta", FAST_A).await.unwrap();
+        fw.add_port("second", "vmnt5-c", C_MAC).await.unwrap();
+        fw.add_port("second", "vmnt5-d", D_MAC).await.unwrap();
+        let (br0, br1) = (ifindex_of(&b, "vmnbr0"), ifindex_of(&b, "vmnbr1"));
+        assert_eq!(
+            fast_path_entries(a.index()).await,
+            vec![
+                (br0, FAST_A, a.index()),
+                (br1, C_MAC, c.index()),
+                (br1, D_MAC, d.index())
+            ]
+        );
+        count_bridged_to(&b, C_MAC);
+        // Control: D reaches C, TAP to TAP.
+        assert!(delivered(
+            &d,
+            (D_MAC, C_MAC),
+            &c,
+            b"same-network",
+            Duration::from_secs(20)
+        ));
+        assert_eq!(bridged(&b), 0);
+        assert!(
+            !delivered(
+                &a,
+                (FAST_A, C_MAC),
+                &c,
+                b"other-network",
+                Duration::from_secs(3)
+            ),
+            "a guest reached a guest of another network by its MAC"
+        );
+        // It went to its own bridge (which knows no C), not to C's.
+        assert!(
+            fdb_knows(&b, "vporta", FAST_A),
+            "A's frames never reached its bridge"
+        );
+        b.nft("delete table bridge fastpath_probe");
+        fw.remove_network("second").await.unwrap();
+        fw.remove_network("testnet").await.unwrap();
+    });
+}
+
+/// On a network with `isolation` the guests get no fast path: no entries, no BIND_FAST,
+/// and their unicast to each other goes to the bridge, whose isolated ports drop it.
+#[test]
+fn isolated_guests_get_no_fast_path_and_stay_apart() {
+    use vmnet_broker::backend::linux::firewall::guard::BIND_FAST;
+    use vmnet_broker::backend::linux::tap::{Tap, TapOwner};
+    netns::require("nft", "nftables");
+    netns::require("bridge", "iproute2");
+    let b = bridge_ns();
+    in_netns(&b, || async {
+        let owner = TapOwner { uid: 0, gid: 0 };
+        let (a, vb) = (
+            Tap::create("vporta", owner).unwrap(),
+            Tap::create("vportb", owner).unwrap(),
+        );
+        for tap in ["vporta", "vportb"] {
+            b.ip(&["link", "set", tap, "master", "vmnbr0", "up"]);
+            b.exec(&["bridge", "link", "set", "dev", tap, "isolated", "on"]);
+        }
+        let fw = Firewall::new();
+        let mut isolated = network(false, true, false);
+        isolated.isolation = true;
+        fw.add_network(&isolated).await.unwrap();
+        fw.add_port("testnet", "vporta", FAST_A).await.unwrap();
+        fw.add_port("testnet", "vportb", FAST_B).await.unwrap();
+        assert_eq!(fast_path_entries(a.index()).await, vec![]);
+        for tap in [&a, &vb] {
+            let flags = fw.guard_binding(tap.index()).await.unwrap().unwrap().flags;
+            assert_eq!(flags & BIND_FAST, 0, "an isolated TAP has the fast path");
+        }
+        count_bridged_to(&b, FAST_B);
+        assert!(
+            !delivered(
+                &a,
+                (FAST_A, FAST_B),
+                &vb,
+                b"isolated",
+                Duration::from_secs(3)
+            ),
+            "an isolated guest reached another"
+        );
+        // They went to the bridge (it learnt A from them), whose isolated ports kept them.
+        assert!(
+            fdb_knows(&b, "vporta", FAST_A),
+            "A's frames never reached the bridge"
+        );
+        b.nft("delete table bridge fastpath_probe");
+        fw.remove_network("testnet").await.unwrap();
+    });
+}
+
+/// A TAP bound again with another MAC loses the entry of the old one, and a TAP gone
+/// (pruned) loses its entry: no stale entry leads a MAC to a TAP that no longer holds it.
+#[test]
+fn a_rebound_or_released_tap_leaves_no_fast_path_entry() {
+    use vmnet_broker::backend::linux::tap::{Tap, TapOwner};
+    netns::require("nft", "nftables");
+    const B_NEW: [u8; 6] = [0x02, 0x00, 0x00, 0x77, 0x00, 0x1b];
+    let b = bridge_ns();
+    in_netns(&b, || async {
+        let owner = TapOwner { uid: 0, gid: 0 };
+        let (a, vb) = (
+            Tap::create("vporta", owner).unwrap(),
+            Tap::create("vportb", owner).unwrap(),
+        );
+        for tap in ["vporta", "vportb"] {
+            b.ip(&["link", "set", tap, "master", "vmnbr0", "up"]);
+        }
+        let fw = Firewall::new();
+        fw.add_network(&network(false, true, false)).await.unwrap();
+        fw.add_port("testnet", "vporta", FAST_A).await.unwrap();
+        fw.add_port("testnet", "vportb", FAST_B).await.unwrap();
+        let bridge = ifindex_of(&b, "vmnbr0");
+        let within = Duration::from_secs(20);
+        assert!(delivered(&a, (FAST_A, FAST_B), &vb, b"before", within));
+
+        // Bound again, to another MAC (the TAP's guest changed).
+        fw.add_port("testnet", "vportb", B_NEW).await.unwrap();
+        assert_eq!(
+            fast_path_entries(a.index()).await,
+            vec![(bridge, FAST_A, a.index()), (bridge, B_NEW, vb.index())]
+        );
+        assert!(
+            !delivered(
+                &a,
+                (FAST_A, FAST_B),
+                &vb,
+                b"old-mac",
+                Duration::from_secs(3)
+            ),
+            "the TAP's old MAC still reached it"
+        );
+        assert!(delivered(&a, (FAST_A, B_NEW), &vb, b"new-mac", within));
+
+        // Released: the TAP is gone and the prune forgets it.
+        let b_index = vb.index();
+        drop(vb);
+        let gone = Instant::now() + Duration::from_secs(20);
+        while b.links().iter().any(|l| l == "vportb") {
+            assert!(Instant::now() < gone, "the TAP was not deleted");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let live = fw
+            .prune_ports("testnet", async { Ok(vec!["vporta".to_string()]) })
+            .await
+            .unwrap();
+        assert_eq!(live, 1);
+        assert_eq!(
+            fast_path_entries(a.index()).await,
+            vec![(bridge, FAST_A, a.index())]
+        );
+        assert_eq!(fw.guard_binding(b_index).await.unwrap(), None);
+        fw.remove_network("testnet").await.unwrap();
+    });
+}
