@@ -1601,6 +1601,91 @@ fn vm_to_vm_ipv4_does_not_depend_on_bridge_nf_call_iptables() {
     }
 }
 
+/// The broker's networks give their guests the TAP guard's fast path: IPv4 unicast from
+/// one leased guest to another's MAC arrives without the bridge forwarding any of it (a
+/// bridge-family forward counter in the broker's namespace stays at 0), whatever
+/// br_netfilter's setting; the same datagrams routed through the gateway do cross the
+/// bridge (the counter is live). An isolated network's bindings have no fast path.
+#[test]
+fn guests_of_a_network_talk_past_the_bridge() {
+    use vmnet_broker::backend::linux::firewall::guard::BIND_FAST;
+    let b = Broker::start(opts(&[("iso.json", r#"{"isolation":true}"#)]));
+    let c = b.client();
+    let a = c.acquire("shared").unwrap();
+    let gw_mac = parse_mac(
+        b.ns.sh(&format!("cat /sys/class/net/{}/address", a.info.bridge))
+            .trim(),
+    );
+    let a = Tap::new(a);
+    let vb = Tap::new(c.acquire("shared").unwrap());
+    let (a_ip, b_ip) = (a.lease("a"), vb.lease("b"));
+    let iso = [
+        Tap::new(c.acquire("iso").unwrap()),
+        Tap::new(c.acquire("iso").unwrap()),
+    ];
+    b.wait_for("four bindings", SOON, || guard_bindings(&b).len() == 4);
+    for (_, _, binding) in guard_bindings(&b) {
+        let isolated = iso.iter().any(|t| t.mac == binding.mac);
+        assert_eq!(
+            binding.flags & BIND_FAST != 0,
+            !isolated,
+            "fast path of {:?} (isolated: {isolated})",
+            binding.mac
+        );
+    }
+    let to_b = format_mac(vb.mac);
+    b.ns.sh(&format!(
+        "nft add table bridge probe && \
+         nft add chain bridge probe fwd '{{ type filter hook forward priority 0; policy accept; }}' && \
+         nft add rule bridge probe fwd ether daddr {to_b} counter"
+    ));
+    let bridged = || -> u64 {
+        let listing = b.ns.sh("nft list table bridge probe");
+        let at = listing.find("packets ").expect("a counter");
+        listing[at + 8..]
+            .split_whitespace()
+            .next()
+            .unwrap()
+            .parse()
+            .unwrap()
+    };
+    for setting in ["1", "0"] {
+        b.ns.sh(&format!(
+            "sysctl -qw net.bridge.bridge-nf-call-iptables={setting} \
+             net.bridge.bridge-nf-call-ip6tables={setting}"
+        ));
+        assert!(
+            udp_reaches((&a, a_ip), vb.mac, (&vb, b_ip), SOON),
+            "bridge-nf-call={setting}: A to B"
+        );
+        assert_eq!(
+            bridged(),
+            0,
+            "bridge-nf-call={setting}: guest-to-guest unicast crossed the bridge"
+        );
+    }
+    // Routed by the host, through the gateway's MAC, they still arrive.
+    assert!(udp_reaches((&a, a_ip), gw_mac, (&vb, b_ip), SOON));
+    // Control: with the fast path cleared from A's binding, the bridge carries them.
+    let a_mac = a.mac;
+    in_broker_ns(&b, || async move {
+        let (guard, _) = broker_guard().await.expect("the broker's guard");
+        let (ifindex, mut binding) = guard
+            .bindings()
+            .unwrap()
+            .into_iter()
+            .find(|(_, binding)| binding.mac == a_mac)
+            .expect("A's binding");
+        binding.flags &= !BIND_FAST;
+        guard.bind(ifindex, binding).unwrap();
+    });
+    assert!(udp_reaches((&a, a_ip), vb.mac, (&vb, b_ip), SOON));
+    assert!(
+        bridged() > 0,
+        "without the fast path the datagrams should cross the bridge"
+    );
+}
+
 #[test]
 fn a_renewal_restores_a_flushed_lease_binding() {
     let b = Broker::start(Options::default());
