@@ -1636,8 +1636,8 @@ fn guests_of_a_network_talk_past_the_bridge() {
     let to_b = format_mac(vb.mac);
     b.ns.sh(&format!(
         "nft add table bridge probe && \
-         nft add chain bridge probe fwd '{{ type filter hook forward priority 0; policy accept; }}' && \
-         nft add rule bridge probe fwd ether daddr {to_b} counter"
+         nft add chain bridge probe probe '{{ type filter hook forward priority 0; policy accept; }}' && \
+         nft add rule bridge probe probe ether daddr {to_b} counter"
     ));
     let bridged = || -> u64 {
         let listing = b.ns.sh("nft list table bridge probe");
