@@ -86,8 +86,11 @@ impl Inner {
         if self.nft.netlink() {
             // One netlink dump rather than an `nft` process: this runs with every NAT
             // network's creation and removal, on the path of a cold acquire.
-            let chains =
-                super::netlink::ipv4_chains("listing the chains of family ip", self.nft.timeout())?;
+            let chains = super::netlink::ipv4_chains(
+                "listing the chains of family ip",
+                self.nft.timeout(),
+                self.nft.socket(),
+            )?;
             let filter = || chains.iter().filter(|c| c.table == "filter");
             return Ok((
                 filter().any(|c| c.name == "FORWARD" && super::netlink::is_forward_drop(c)),

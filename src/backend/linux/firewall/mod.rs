@@ -598,6 +598,7 @@ impl Inner {
         mut ports: BTreeMap<String, [u8; 6]>,
         mut leases: BTreeMap<[u8; 6], Ipv4Addr>,
     ) -> Result<(), FirewallError> {
+        let mut steps = crate::steps::Steps::start();
         let fast_path = if net.anti_spoofing && !net.isolation {
             fast_path_of(&net).await
         } else {
@@ -737,10 +738,12 @@ impl Inner {
         } else {
             vec![]
         };
+        steps.lap("prepare");
         self.apply_or_restore(batch, &context, |s| {
             s.networks.insert(ns.net.name.clone(), ns);
         })
         .await?;
+        steps.lap("batch");
         if !rebind.is_empty() {
             let guard = self.guard(None).await?;
             for (ifindex, binding) in rebind {
@@ -750,6 +753,7 @@ impl Inner {
         if has_dhcp_quota(&net) || !dropped.is_empty() {
             self.sync_dhcp_quota(&net.name, &dropped, &[]).await?;
         }
+        steps.lap("bind");
         if net.nat || !net.forwards.is_empty() {
             if let Err(e) = enable_ip_forward(forwards_ipv6(&net)) {
                 // Leave no half-configured network behind.
@@ -758,10 +762,13 @@ impl Inner {
                 }
                 return Err(e);
             }
+            steps.lap("forwarding");
             if net.nat {
                 self.docker_sync(&net).await;
+                steps.lap("docker");
             }
         }
+        crate::log_steps!("firewall", net.name, steps);
         info!(network = %net.name, bridge = %net.bridge, nat = net.nat,
               anti_spoofing = net.anti_spoofing, "firewall rules added");
         Ok(())

@@ -1032,14 +1032,52 @@ impl RuleCompiler<'_> {
     }
 }
 
-/// Sends `compiled` as one transaction over a `NETLINK_NETFILTER` socket opened here, in
-/// the network namespace of the calling thread, and reads every acknowledgement. The
-/// kernel handles the whole batch inside the `send`, so its answers are queued before it
-/// returns; they are read without blocking, bounded by `timeout` only as a safeguard.
+/// The `NETLINK_NETFILTER` socket transactions go through, kept open from one to the
+/// next. Closing such a socket waits for the deferred destruction of what earlier
+/// transactions replaced or deleted (the kernel flushes that work, an RCU grace period,
+/// on every release of a netfilter netlink socket): 3 to 8 ms per `close` in an `strace`
+/// of a network's creation, which every transaction paid when each opened its own.
+/// Taken out of the cache for a transaction (no lock is held while it runs) and put back
+/// only after one that ended cleanly, so no stale answer is ever read by the next.
+#[derive(Clone, Default)]
+pub(super) struct SocketCache(std::sync::Arc<std::sync::Mutex<Option<netlink_sys::Socket>>>);
+
+impl std::fmt::Debug for SocketCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SocketCache")
+    }
+}
+
+impl SocketCache {
+    fn take(&self) -> Option<netlink_sys::Socket> {
+        self.0.lock().expect("not poisoned").take()
+    }
+
+    fn put(&self, sock: netlink_sys::Socket) {
+        *self.0.lock().expect("not poisoned") = Some(sock);
+    }
+}
+
+/// A new `NETLINK_NETFILTER` socket in the calling thread's network namespace.
+fn open_socket() -> std::io::Result<netlink_sys::Socket> {
+    let mut sock = netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_NETFILTER)?;
+    sock.bind_auto()?;
+    // Errors carry the failing request's header only, and the kernel's message too.
+    sock.set_cap_ack(true)?;
+    sock.set_ext_ack(true)?;
+    Ok(sock)
+}
+
+/// Sends `compiled` as one transaction over the socket of `cache` (opened here, in the
+/// network namespace of the calling thread, the first time), and reads every
+/// acknowledgement. The kernel handles the whole batch inside the `send`, so its answers
+/// are queued before it returns; they are read without blocking, bounded by `timeout`
+/// only as a safeguard.
 pub(super) fn apply(
     compiled: Compiled,
     context: &str,
     timeout: std::time::Duration,
+    cache: &SocketCache,
 ) -> Result<(), FirewallError> {
     if compiled.is_empty() {
         return Ok(());
@@ -1048,12 +1086,11 @@ pub(super) fn apply(
         context: context.into(),
         source,
     };
-    let mut sock =
-        netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_NETFILTER).map_err(sock_err)?;
-    sock.bind_auto().map_err(sock_err)?;
-    // Errors carry the failing request's header only, and the kernel's message too.
-    sock.set_cap_ack(true).map_err(sock_err)?;
-    sock.set_ext_ack(true).map_err(sock_err)?;
+    let sock = match cache.take() {
+        Some(sock) => sock,
+        None => open_socket().map_err(sock_err)?,
+    };
+    sock.set_non_blocking(false).map_err(sock_err)?;
     // Room for every acknowledgement at once (each takes about 1 KiB of buffer with its
     // socket buffer overhead): the kernel queues them all within the `send`, and one that
     // does not fit is lost, leaving the outcome unknown. Forced past `rmem_max`, which
@@ -1110,6 +1147,8 @@ pub(super) fn apply(
     let mut rx = Vec::with_capacity(1 << 16);
     loop {
         if failure.is_none() && acked.iter().all(|a| *a) {
+            // Every answer read: nothing of this transaction is left for the next one.
+            cache.put(sock);
             return Ok(());
         }
         rx.clear();
@@ -1190,15 +1229,17 @@ pub(super) fn is_forward_drop(c: &ListedChain) -> bool {
 pub(super) fn ipv4_chains(
     context: &str,
     timeout: std::time::Duration,
+    cache: &SocketCache,
 ) -> Result<Vec<ListedChain>, FirewallError> {
     let sock_err = |source: std::io::Error| FirewallError::NetlinkSocket {
         context: context.into(),
         source,
     };
-    let mut sock =
-        netlink_sys::Socket::new(netlink_sys::protocols::NETLINK_NETFILTER).map_err(sock_err)?;
-    sock.bind_auto().map_err(sock_err)?;
-    sock.set_ext_ack(true).map_err(sock_err)?;
+    let sock = match cache.take() {
+        Some(sock) => sock,
+        None => open_socket().map_err(sock_err)?,
+    };
+    sock.set_non_blocking(false).map_err(sock_err)?;
     let mut req = NetlinkMessage::from(NetfilterMessage::new(
         NetfilterHeader::new(NetfilterProtoFamily::IPv4, 0, 0),
         NfTablesMessage::GetChain(ChainMessage { attributes: vec![] }),
@@ -1237,7 +1278,11 @@ pub(super) fn ipv4_chains(
             }
             off += len.next_multiple_of(4);
             match msg.payload {
-                NetlinkPayload::Done(_) => return Ok(chains),
+                NetlinkPayload::Done(_) => {
+                    // The dump's last message: the socket is clean for the next use.
+                    cache.put(sock);
+                    return Ok(chains);
+                }
                 NetlinkPayload::Error(err) => {
                     if let Some(code) = err.code {
                         return Err(FirewallError::Netlink {

@@ -33,6 +33,8 @@ pub(super) struct Nft {
     /// there; `nft` only for the rest. Off for an explicitly chosen `nft` program (tests
     /// that inject failures through it), so that every transaction still meets it.
     netlink: bool,
+    /// The netlink socket those transactions share ([`super::netlink::SocketCache`]).
+    socket: super::netlink::SocketCache,
 }
 
 impl Nft {
@@ -41,6 +43,7 @@ impl Nft {
             program,
             timeout,
             netlink,
+            socket: Default::default(),
         }
     }
 
@@ -53,6 +56,11 @@ impl Nft {
         self.timeout
     }
 
+    /// The netlink socket transactions and listings share.
+    pub(super) fn socket(&self) -> &super::netlink::SocketCache {
+        &self.socket
+    }
+
     /// Applies `batch` as one transaction (`nft -j -f -`). An empty batch runs nothing.
     pub(super) async fn apply(&self, batch: Batch<'_>, context: &str) -> Result<(), FirewallError> {
         let doc = batch.to_nftables();
@@ -63,7 +71,9 @@ impl Nft {
             match super::netlink::compile(&doc) {
                 // Sent from this thread, so in its network namespace, like a child would
                 // be; the kernel answers within the send (see `netlink::apply`).
-                Ok(compiled) => return super::netlink::apply(compiled, context, self.timeout),
+                Ok(compiled) => {
+                    return super::netlink::apply(compiled, context, self.timeout, &self.socket);
+                }
                 // Only what `allow_spoofing` networks add (their dispatch map); see
                 // docs/design.md.
                 Err(why) => debug!("{context}: through nft, as {}", crate::error::Chain(&why)),
