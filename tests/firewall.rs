@@ -17,6 +17,7 @@ use netns::Netns;
 use vmnet_broker::backend::linux::firewall::{
     DHCP_MACS_PER_TAP, Firewall, FirewallError, FirewallNetwork,
 };
+use vmnet_broker::backend::linux::tap::Tap;
 
 const VM_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x77, 0x00, 0x02];
 const VM_MAC_STR: &str = "02:00:00:77:00:02";
@@ -1251,21 +1252,13 @@ fn bridge_ns() -> Netns {
 /// there. None of them may reach the attacker's fd.
 #[test]
 fn a_tap_given_a_neighbours_mac_reads_none_of_its_traffic() {
-    use vmnet_broker::backend::linux::tap::{Tap, TapOwner};
     netns::require("nft", "nftables");
     netns::require("bridge", "iproute2");
     const A_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x77, 0x00, 0x0a];
     const B_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x77, 0x00, 0x0b];
     let b = bridge_ns();
     in_netns(&b, || async {
-        let owner = TapOwner { uid: 0, gid: 0 };
-        let (tap_a, tap_b) = (
-            Tap::create("vporta", owner).unwrap(),
-            Tap::create("vportb", owner).unwrap(),
-        );
-        for tap in ["vporta", "vportb"] {
-            b.ip(&["link", "set", tap, "master", "vmnbr0", "up"]);
-        }
+        let (tap_a, tap_b) = two_ports(&b, false);
         let fw = Firewall::new();
         fw.add_network(&network(false, true, true)).await.unwrap();
         fw.add_port("testnet", "vporta", A_MAC).await.unwrap();
@@ -1620,16 +1613,7 @@ fn count_bridged_to(b: &Netns, dst: [u8; 6]) {
 
 /// How many frames the counter of [`count_bridged_to`] saw.
 fn bridged(b: &Netns) -> u64 {
-    let listing = b.nft_list("list table bridge fastpath_probe");
-    let at = listing
-        .find("packets ")
-        .unwrap_or_else(|| panic!("no counter: {listing}"));
-    listing[at + 8..]
-        .split_whitespace()
-        .next()
-        .unwrap()
-        .parse()
-        .unwrap()
+    netns::counter_packets(&b.nft_list("list table bridge fastpath_probe"))
 }
 
 /// The fast path's entries (bridge ifindex, MAC -> TAP ifindex), read from the guard on
@@ -1662,6 +1646,24 @@ fn ifindex_of(b: &Netns, dev: &str) -> u32 {
     String::from_utf8_lossy(&out.stdout).trim().parse().unwrap()
 }
 
+/// TAPs `vporta` and `vportb`, up on the namespace's bridge `vmnbr0` (ports isolated from
+/// each other if `isolated`).
+fn two_ports(b: &Netns, isolated: bool) -> (Tap, Tap) {
+    use vmnet_broker::backend::linux::tap::TapOwner;
+    let owner = TapOwner { uid: 0, gid: 0 };
+    let taps = (
+        Tap::create("vporta", owner).unwrap(),
+        Tap::create("vportb", owner).unwrap(),
+    );
+    for tap in ["vporta", "vportb"] {
+        b.ip(&["link", "set", tap, "master", "vmnbr0", "up"]);
+        if isolated {
+            b.exec(&["bridge", "link", "set", "dev", tap, "isolated", "on"]);
+        }
+    }
+    taps
+}
+
 /// Unicast between two bound guests of one network goes TAP to TAP: B reads it, and the
 /// bridge forwards none of it (its forward hook never sees it, its FDB never learns A).
 /// With A's fast path switched off in the map (the binding an isolated network gets), the
@@ -1669,19 +1671,11 @@ fn ifindex_of(b: &Netns, dev: &str) -> u32 {
 #[test]
 fn unicast_between_guests_of_a_network_skips_the_bridge() {
     use vmnet_broker::backend::linux::firewall::guard::{BIND_FAST, Guard};
-    use vmnet_broker::backend::linux::tap::{Tap, TapOwner};
     netns::require("nft", "nftables");
     netns::require("bridge", "iproute2");
     let b = bridge_ns();
     in_netns(&b, || async {
-        let owner = TapOwner { uid: 0, gid: 0 };
-        let (a, vb) = (
-            Tap::create("vporta", owner).unwrap(),
-            Tap::create("vportb", owner).unwrap(),
-        );
-        for tap in ["vporta", "vportb"] {
-            b.ip(&["link", "set", tap, "master", "vmnbr0", "up"]);
-        }
+        let (a, vb) = two_ports(&b, false);
         let fw = Firewall::new();
         fw.add_network(&network(false, true, false)).await.unwrap();
         fw.add_port("testnet", "vporta", FAST_A).await.unwrap();
@@ -1804,20 +1798,11 @@ fn the_fast_path_never_crosses_to_another_network() {
 #[test]
 fn isolated_guests_get_no_fast_path_and_stay_apart() {
     use vmnet_broker::backend::linux::firewall::guard::BIND_FAST;
-    use vmnet_broker::backend::linux::tap::{Tap, TapOwner};
     netns::require("nft", "nftables");
     netns::require("bridge", "iproute2");
     let b = bridge_ns();
     in_netns(&b, || async {
-        let owner = TapOwner { uid: 0, gid: 0 };
-        let (a, vb) = (
-            Tap::create("vporta", owner).unwrap(),
-            Tap::create("vportb", owner).unwrap(),
-        );
-        for tap in ["vporta", "vportb"] {
-            b.ip(&["link", "set", tap, "master", "vmnbr0", "up"]);
-            b.exec(&["bridge", "link", "set", "dev", tap, "isolated", "on"]);
-        }
+        let (a, vb) = two_ports(&b, true);
         let fw = Firewall::new();
         let mut isolated = network(false, true, false);
         isolated.isolation = true;
@@ -1854,19 +1839,11 @@ fn isolated_guests_get_no_fast_path_and_stay_apart() {
 /// (pruned) loses its entry: no stale entry leads a MAC to a TAP that no longer holds it.
 #[test]
 fn a_rebound_or_released_tap_leaves_no_fast_path_entry() {
-    use vmnet_broker::backend::linux::tap::{Tap, TapOwner};
     netns::require("nft", "nftables");
     const B_NEW: [u8; 6] = [0x02, 0x00, 0x00, 0x77, 0x00, 0x1b];
     let b = bridge_ns();
     in_netns(&b, || async {
-        let owner = TapOwner { uid: 0, gid: 0 };
-        let (a, vb) = (
-            Tap::create("vporta", owner).unwrap(),
-            Tap::create("vportb", owner).unwrap(),
-        );
-        for tap in ["vporta", "vportb"] {
-            b.ip(&["link", "set", tap, "master", "vmnbr0", "up"]);
-        }
+        let (a, vb) = two_ports(&b, false);
         let fw = Firewall::new();
         fw.add_network(&network(false, true, false)).await.unwrap();
         fw.add_port("testnet", "vporta", FAST_A).await.unwrap();

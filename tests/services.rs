@@ -1639,16 +1639,7 @@ fn guests_of_a_network_talk_past_the_bridge() {
          nft add chain bridge probe probe '{{ type filter hook forward priority 0; policy accept; }}' && \
          nft add rule bridge probe probe ether daddr {to_b} counter"
     ));
-    let bridged = || -> u64 {
-        let listing = b.ns.sh("nft list table bridge probe");
-        let at = listing.find("packets ").expect("a counter");
-        listing[at + 8..]
-            .split_whitespace()
-            .next()
-            .unwrap()
-            .parse()
-            .unwrap()
-    };
+    let bridged = || netns::counter_packets(&b.ns.sh("nft list table bridge probe"));
     for setting in ["1", "0"] {
         b.ns.sh(&format!(
             "sysctl -qw net.bridge.bridge-nf-call-iptables={setting} \

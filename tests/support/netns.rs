@@ -168,3 +168,16 @@ pub fn run_ok(cmd: &mut Command) -> Output {
     );
     out
 }
+
+/// The packets of the first `counter` in an `nft list` output.
+pub fn counter_packets(listing: &str) -> u64 {
+    let at = listing
+        .find("packets ")
+        .unwrap_or_else(|| panic!("no counter: {listing}"));
+    listing[at + 8..]
+        .split_whitespace()
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap()
+}
