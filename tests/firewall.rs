@@ -1558,6 +1558,12 @@ fn the_kernels_refusal_through_netlink_names_the_object() {
             before,
             "the first network's rules are untouched"
         );
+        // The transactions share one netlink socket (`netlink::SocketCache`): after a
+        // refusal the next transaction is answered on its own, not by what was left.
+        fw.add_network(&second_network(true)).await.unwrap();
+        assert!(listing(&t.b).contains("nat-second"));
+        fw.remove_network("second").await.unwrap();
+        assert_eq!(listing(&t.b), before);
     });
 }
 

@@ -278,3 +278,43 @@ fn under_systemd_fields_go_to_journald() {
     let status = child.wait().unwrap();
     assert!(status.success(), "{status}");
 }
+
+/// With the step lines on (`vmnet_broker::steps` at debug; the test broker logs at debug),
+/// a cold acquire logs the steps of its request, its registry part, the network's
+/// creation, its firewall and services, and the backend's attach, each `name=Nus`, and a
+/// warm one its pool TAP: the lines `cargo bench` reads (docs/operations.md, Logs).
+#[test]
+fn an_acquire_logs_where_its_time_went() {
+    let b = Broker::start(Options::default());
+    let c = b.client();
+    let _held = c.acquire("shared").unwrap();
+    let steps = |op: &str, names: &[&str]| {
+        let log = b.log();
+        log.lines()
+            .filter_map(|l| l.split_once(&format!("vmnet_broker::steps: {op}: ")))
+            .any(|(_, rest)| {
+                names.iter().all(|n| {
+                    rest.split_whitespace().any(|f| {
+                        f.strip_prefix(&format!("{n}="))
+                            .and_then(|v| v.strip_suffix("us"))
+                            .is_some_and(|v| v.parse::<u64>().is_ok())
+                    })
+                })
+            })
+    };
+    let within = Duration::from_secs(30);
+    b.wait_for("the cold acquire's step lines", within, || {
+        steps("acquire request", &["registry", "state", "reply"])
+            && steps("acquire", &["admit", "create", "attach", "settle"])
+            && steps("create", &["claim", "subnet", "bridge", "services", "pool"])
+            && steps("start services", &["firewall", "services"])
+            && steps("firewall", &["prepare", "batch"])
+            && steps("attach", &["tap", "guard", "plug", "persist"])
+    });
+    // Once the network's pool has a TAP, the next acquire takes it.
+    b.wait_for("a pool TAP", within, || b.log().contains("pool TAP ready"));
+    let _warm = b.client().acquire("shared").unwrap();
+    b.wait_for("the warm acquire's step lines", within, || {
+        steps("attach", &["pool", "queue"]) && steps("acquire", &["admit", "lock", "attach"])
+    });
+}
