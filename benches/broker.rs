@@ -209,7 +209,10 @@ fn main() {
         return;
     }
 
-    eprintln!("bench: control plane");
+    eprintln!(
+        "bench: control plane (at {:.0} s)",
+        started.elapsed().as_secs_f64()
+    );
     let ctl = if args.iter().any(|a| a == "--no-control") {
         control::Control::default()
     } else {
@@ -231,7 +234,10 @@ fn main() {
     let vm = if opts.skip_vms {
         None
     } else {
-        eprintln!("bench: VMs with iperf3 (TCG)");
+        eprintln!(
+            "bench: VMs with iperf3 (TCG) (at {:.0} s)",
+            started.elapsed().as_secs_f64()
+        );
         Some(vms::run(quick))
     };
 

@@ -88,23 +88,35 @@ pub fn run(
     parts: &Parts,
 ) -> Control {
     let mut out = Control::default();
+    // Each part says how long it took: the smoke run in CI has a time budget (issue 12).
+    let timed = |name: &str, t: Instant| eprintln!("  {name}: {:.1} s", t.elapsed().as_secs_f64());
     if parts.has("cold") || parts.has("warm") || parts.has("dhcp") {
+        let t = Instant::now();
         latency(quick, parts, &mut out);
+        timed("cold, warm and DHCP latency", t);
     }
     if parts.has("steps") {
+        let t = Instant::now();
         out.steps = steps(quick);
+        timed("step timings", t);
     }
     if parts.has("helper") {
+        let t = Instant::now();
         bridge_helper(quick, &mut out);
+        timed("qemu-bridge-helper", t);
     }
     if parts.has("many") {
+        let t = Instant::now();
         let n = clients.unwrap_or(if quick { 300 } else { 1000 });
         out.many = many(n, 1, Some(1024), 1);
+        timed("many clients", t);
     }
     if parts.has("scale") {
+        let t = Instant::now();
         // Each client leaves on its own, as VMs exiting do: 16 at a time.
         let n = scale_clients.unwrap_or(if quick { 1000 } else { 10_000 });
         out.scale = many(n, SCALE_NETWORKS, None, 16);
+        timed("clients over 16 networks", t);
     }
     out
 }
@@ -223,6 +235,9 @@ fn steps(quick: bool) -> Steps {
         drop(c.acquire("warm").expect("warm acquire"));
     }
     let log = broker.log();
+    // The holder's network would make the broker ignore SIGTERM.
+    drop(_tap);
+    drop(holder);
     broker.stop();
     let mut out: Steps = vec![("cold", vec![]), ("warm", vec![])];
     let lines = cold_log
