@@ -59,6 +59,10 @@ const BIND_RETRY_DELAYS: [Duration; 4] = [
 /// burst of VMs exiting is deleted in a few transactions rather than one per TAP.
 const REAP_GATHER: Duration = Duration::from_millis(20);
 
+/// At most how long the binder waits for the acquires under way to be answered before it
+/// binds what they queued ([`bind_ports`]).
+const BIND_WAIT: Duration = Duration::from_millis(20);
+
 /// How long no TAP may have been attached before the reaper deletes: a deletion holds the
 /// kernel's RTNL lock (a TAP's creation and plugging need it) for an expedited RCU grace
 /// period per TAP, so while acquires come in it waits...
@@ -346,17 +350,17 @@ impl LinuxBackend {
         let departed = tokio::sync::watch::Sender::new(0u64);
         let forwards: Arc<DynamicForwards> = Arc::default();
         let reapable = Reapable::default();
-        tokio::spawn(bind_ports(
-            firewall.clone(),
-            Arc::clone(&links),
-            jobs,
-            departures,
-            departed.clone(),
-            Arc::clone(&forwards),
-            Arc::clone(&reapable),
-        ));
-        let deleter = Arc::new(Netlink::connect_dedicated("vmnb-netlink-del")?);
         let attaching = Arc::new(Attaching::default());
+        let binder_state = Binder {
+            firewall: firewall.clone(),
+            links: Arc::clone(&links),
+            departed: departed.clone(),
+            forwards: Arc::clone(&forwards),
+            reapable: Arc::clone(&reapable),
+            attaching: Arc::clone(&attaching),
+        };
+        tokio::spawn(bind_ports(binder_state, jobs, departures));
+        let deleter = Arc::new(Netlink::connect_dedicated("vmnb-netlink-del")?);
         tokio::spawn(reap_closed_taps(
             Arc::clone(&deleter),
             Arc::clone(&reapable),
@@ -824,20 +828,36 @@ fn network_of(link: &Link) -> Option<&str> {
     link.alias.as_deref()?.strip_prefix(ALIAS_PREFIX)
 }
 
+/// What the binder task ([`bind_ports`]) works with.
+struct Binder {
+    firewall: Firewall,
+    links: Arc<LinkRecord>,
+    /// Bumped on every TAP departure, before it is handled.
+    departed: tokio::sync::watch::Sender<u64>,
+    forwards: Arc<DynamicForwards>,
+    reapable: Reapable,
+    /// Acquires under way: the binder waits for them to be answered first.
+    attaching: Arc<Attaching>,
+}
+
 /// Keeps the firewall's TAP bindings, in the background, for as long as the backend
 /// lives: binds new TAPs to their MACs and forgets those of TAPs that left (the link
 /// record reports them as they go). Every departure also bumps `departed` first. Whatever is queued when it wakes is done together,
 /// per network, in one `nft` transaction: a burst of a thousand acquires or closes costs
 /// a handful of `nft` runs, not a thousand processes competing for the CPU.
 async fn bind_ports(
-    firewall: Firewall,
-    links: Arc<LinkRecord>,
+    binder: Binder,
     mut jobs: tokio::sync::mpsc::UnboundedReceiver<BindJob>,
     mut departures: Departures,
-    departed: tokio::sync::watch::Sender<u64>,
-    forwards: Arc<DynamicForwards>,
-    reapable: Reapable,
 ) {
+    let Binder {
+        firewall,
+        links,
+        departed,
+        forwards,
+        reapable,
+        attaching,
+    } = binder;
     loop {
         let mut to_bind: BTreeMap<String, Ports> = BTreeMap::new();
         let mut to_prune: BTreeSet<String> = BTreeSet::new();
@@ -859,6 +879,12 @@ async fn bind_ports(
                 None => return,
             },
         }
+        // The acquire that queued a binding has not answered yet: woken by it, this task
+        // would otherwise run first on the acquire's own thread (tokio's LIFO slot) and
+        // put its map updates and netlink calls before the reply. Until bound, the TAP
+        // passes nothing, so waiting only delays the guest's first frame; and never by
+        // more than BIND_WAIT, so a stream of acquires cannot starve the bindings.
+        let _ = tokio::time::timeout(BIND_WAIT, attaching.idle()).await;
         while let Ok(j) = jobs.try_recv() {
             to_bind.entry(j.network).or_default().push((j.tap, j.mac));
         }
