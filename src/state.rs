@@ -9,8 +9,9 @@
 //! - every further line is one [`Entry`]: a network, endpoint or client added, changed
 //!   or gone. Reading replays them over the base in order.
 //!
-//! The registry marks what each change touched ([`Key`]); a single writer task turns the
-//! marks of a burst of changes into entries ([`Delta::Entries`]) and appends them in one
+//! The registry marks what each change touched ([`Key`]); one writer at a time (the
+//! background task, or an acquire that needs its record before its reply) turns the marks
+//! of a burst of changes into entries ([`Delta::Entries`]) and appends them in one
 //! write, so an acquire costs a few hundred bytes however many networks, TAPs and clients
 //! there are (before, every change rewrote the whole state: O(n) per acquire, O(n²) for n
 //! clients). Once the journal has grown past [`COMPACT_FACTOR`] times the base (and
@@ -23,9 +24,10 @@
 //! outlive the *process*: once an append or a rename is done, the page cache holds it for
 //! any next broker, however this one dies. That point is what [`StateWriter::flush`]
 //! waits for, so an acquire's reply (which waits for it) costs one `write`, not an
-//! fsync (16 ms p50 on this project's CI disk under load, measured). The fsyncs follow
-//! for the power-loss case. A crash can leave a torn last line (a `write` cut short) or,
-//! after a power loss, garbage in place of appended lines: replay stops at the first line
+//! fsync (16 ms p50 on this project's CI disk under load, measured, and each one made
+//! the next append wait for the journal commit). Nothing is fsynced: after a power loss
+//! the kernel objects the file describes are gone too. A crash can leave a torn last
+//! line (a `write` cut short) or, after a power loss, garbage in place of appended lines: replay stops at the first line
 //! that does not parse, logs it, and adopts what came before, which is every change whose
 //! reply was sent (the process's appends are complete in the page cache), or after a
 //! reboot what nothing needs any more. The writer's first batch is always a new base, so
@@ -396,7 +398,7 @@ pub fn load(dir: &Path) -> Result<Option<BrokerState>, StateError> {
 /// runtime's workers.
 pub fn write_atomic(dir: &Path, state: &BrokerState) -> Result<(), StateError> {
     let (file, _) = replace(dir, state)?;
-    sync(dir, &file, true)
+    sync(dir, &file)
 }
 
 /// Writes `state` as a new base to a temp file and renames it over the state file: from
@@ -422,32 +424,13 @@ fn replace(dir: &Path, state: &BrokerState) -> Result<(std::fs::File, u64), Stat
     Ok((file, text.len() as u64))
 }
 
-/// Appends `entries` to the state file open as `file`, in one write. Returns the number
-/// of bytes appended.
-fn append(dir: &Path, mut file: &std::fs::File, entries: &[Entry]) -> Result<u64, StateError> {
+/// Makes a [`replace`] durable against power loss: the file's data, then the rename
+/// (only durable once the directory is synced).
+fn sync(dir: &Path, file: &std::fs::File) -> Result<(), StateError> {
     let err = |source| StateError::Write {
         path: path_in(dir),
         source,
     };
-    let mut text = Vec::with_capacity(entries.len() * 256);
-    for entry in entries {
-        serde_json::to_writer(&mut text, entry).map_err(|e| err(e.into()))?;
-        text.push(b'\n');
-    }
-    file.write_all(&text).map_err(err)?;
-    Ok(text.len() as u64)
-}
-
-/// Makes a [`replace`] (`renamed`) or an [`append`] durable against power loss: the
-/// file's data, then the rename (only durable once the directory is synced).
-fn sync(dir: &Path, file: &std::fs::File, renamed: bool) -> Result<(), StateError> {
-    let err = |source| StateError::Write {
-        path: path_in(dir),
-        source,
-    };
-    if !renamed {
-        return file.sync_data().map_err(err);
-    }
     file.sync_all().map_err(err)?;
     std::fs::File::open(dir)
         .and_then(|d| d.sync_all())
@@ -459,106 +442,192 @@ fn sync(dir: &Path, file: &std::fs::File, renamed: bool) -> Result<(), StateErro
 /// marks. `None` when there is nothing to record any more (the registry is gone).
 pub type Snapshot = Box<dyn Fn(bool) -> Option<Delta> + Send + Sync>;
 
-/// The writer task's open file and how large its parts are.
+/// The open state file and how large its parts are.
 struct Journal {
     file: std::fs::File,
     base: u64,
     appended: u64,
 }
 
-/// Tells the writer task that the state changed. Cheap to clone; never blocks.
+/// At most this many bytes of entries are appended on a runtime worker, by whoever
+/// flushes ([`StateWriter::flush`]); a larger batch, and every new base, is written on a
+/// blocking thread.
+const INLINE_APPEND_MAX: usize = 64 * 1024;
+
+/// Records the state as it changes. Cheap to clone; [`Self::changed`] never blocks.
+///
+/// A change is written soon by a background task, or at once by the first caller of
+/// [`Self::flush`] that needs it: an acquire waits for its own record before its reply,
+/// and handing that write to another task and a blocking thread cost two wake-ups, more
+/// than the write itself (a few hundred bytes into the page cache, like one log line).
 #[derive(Clone)]
 pub struct StateWriter {
     /// The number of the newest change.
     latest: Arc<watch::Sender<u64>>,
+    shared: Arc<Shared>,
+}
+
+struct Shared {
+    dir: PathBuf,
+    snapshot: Snapshot,
+    /// The one writer at a time, with the open file (`None` until the first base is
+    /// written, or after a failed write: the next write is a new base). Held across
+    /// the write by design: whoever waits for it needs that write, or the next one.
+    journal: tokio::sync::Mutex<Option<Journal>>,
     /// The number of the last change written (or given up on).
-    written: watch::Receiver<u64>,
+    written: watch::Sender<u64>,
+    /// The registry is gone: nothing more to write.
+    ended: std::sync::atomic::AtomicBool,
 }
 
 impl StateWriter {
-    /// Starts the writer task for `dir` (must run inside a tokio runtime); it writes what
-    /// `snapshot` returns after each batch of changes. Its first write is a new base.
+    /// Starts the background writer for `dir` (must run inside a tokio runtime); every
+    /// write records what `snapshot` returns. The first write is a new base.
     pub fn start(dir: PathBuf, snapshot: Snapshot) -> StateWriter {
         let (latest, mut rx) = watch::channel(0u64);
-        let (done, written) = watch::channel(0u64);
-        let done = Arc::new(done);
+        let shared = Arc::new(Shared {
+            dir,
+            snapshot,
+            journal: tokio::sync::Mutex::new(None),
+            written: watch::Sender::new(0),
+            ended: std::sync::atomic::AtomicBool::new(false),
+        });
+        let background = Arc::clone(&shared);
         tokio::spawn(async move {
-            // The open file, moved into each blocking write and back (only this task
-            // writes); `None` until the first base is written or after a failed write.
-            let mut journal: Option<Journal> = None;
-            // Waits for a change, then writes what was marked until now: it holds every
-            // change numbered up to what was read before it, and those made meanwhile
-            // are coalesced into the next write.
+            // Waits for a change, then writes what was marked until now; changes made
+            // meanwhile are coalesced into the next write.
             while rx.changed().await.is_ok() {
                 let number = *rx.borrow_and_update();
-                let full = match &journal {
-                    None => true,
-                    Some(j) => j.appended > COMPACT_MIN.max(COMPACT_FACTOR * j.base),
-                };
-                let Some(delta) = snapshot(full) else { break };
-                let dir = dir.clone();
-                let signal = Arc::clone(&done);
-                let current = journal.take();
-                // `signal` fires once the append or rename is in: what a next process
-                // reads (the module's note says why nothing more is needed).
-                let result = tokio::task::spawn_blocking(move || {
-                    let written = write_delta(&dir, current, &delta);
-                    signal.send_replace(number);
-                    written
-                })
-                .await;
-                match result {
-                    Ok(Ok(next)) => {
-                        journal = Some(next);
-                        debug!(number, "state file written");
-                    }
-                    Ok(Err(e)) => warn!(
-                        "cannot record the broker's state (a restart will not adopt the \
-                         current networks): {}",
-                        crate::error::chain(&e)
-                    ),
-                    Err(e) => {
-                        warn!("state writer failed: {e}");
-                        done.send_replace(number);
-                    }
+                if !background.write_up_to(number).await {
+                    break;
                 }
             }
         });
         StateWriter {
             latest: Arc::new(latest),
-            written,
+            shared,
         }
     }
 
-    /// Notes that the state changed; the writer task records it soon.
+    /// Notes that the state changed; it is written soon.
     pub fn changed(&self) {
         self.latest.send_modify(|number| *number += 1);
     }
 
-    /// Waits until everything changed so far is in the state file as any next process
-    /// reads it (appended or renamed into place; the fsyncs may still run), or failed,
-    /// logged.
+    /// Returns once everything changed so far is in the state file as any next process
+    /// reads it (appended, or renamed into place: the module's note says why nothing
+    /// more is needed), or failed, logged. Writes it itself if nobody is writing it yet.
     pub async fn flush(&self) {
         let target = *self.latest.borrow();
-        let mut written = self.written.clone();
-        let _ = written.wait_for(|n| *n >= target).await;
+        self.shared.write_up_to(target).await;
     }
+}
+
+impl Shared {
+    /// Writes, unless already written, every change up to `target` (and whatever else
+    /// was marked by the time the write starts). False once the registry is gone.
+    async fn write_up_to(&self, target: u64) -> bool {
+        if *self.written.borrow() >= target {
+            return true;
+        }
+        let mut journal = self.journal.lock().await;
+        // Whoever held the lock before may have written it meanwhile.
+        if *self.written.borrow() >= target {
+            return true;
+        }
+        if self.ended.load(std::sync::atomic::Ordering::SeqCst) {
+            return false;
+        }
+        // Every change numbered up to here is marked already: the snapshot holds them.
+        let number = target.max(*self.written.borrow());
+        let full = match journal.as_ref() {
+            None => true,
+            Some(j) => j.appended > COMPACT_MIN.max(COMPACT_FACTOR * j.base),
+        };
+        let Some(delta) = (self.snapshot)(full) else {
+            self.ended.store(true, std::sync::atomic::Ordering::SeqCst);
+            // Nobody waits for a write that will never come.
+            self.written.send_replace(u64::MAX);
+            return false;
+        };
+        let current = journal.take();
+        let result = match delta {
+            Delta::Entries(entries) => match serialize(&self.dir, &entries) {
+                Ok(text) if text.len() <= INLINE_APPEND_MAX => {
+                    Ok(write_delta(&self.dir, current, Batch::Append(text)))
+                }
+                Ok(text) => self.off_runtime(current, Batch::Append(text)).await,
+                Err(e) => Ok(Err(e)),
+            },
+            Delta::Full(state) => self.off_runtime(current, Batch::Base(state)).await,
+        };
+        match result {
+            Ok(Ok(next)) => {
+                *journal = Some(next);
+                debug!(number, "state file written");
+            }
+            Ok(Err(e)) => warn!(
+                "cannot record the broker's state (a restart will not adopt the current \
+                 networks): {}",
+                crate::error::chain(&e)
+            ),
+            Err(e) => warn!("state writer failed: {e}"),
+        }
+        self.written.send_modify(|n| *n = (*n).max(number));
+        true
+    }
+
+    /// Writes `batch` on a blocking thread.
+    async fn off_runtime(
+        &self,
+        current: Option<Journal>,
+        batch: Batch,
+    ) -> Result<Result<Journal, StateError>, tokio::task::JoinError> {
+        let dir = self.dir.clone();
+        tokio::task::spawn_blocking(move || write_delta(&dir, current, batch)).await
+    }
+}
+
+/// What one write puts in the file.
+enum Batch {
+    /// Serialized entries, one per line.
+    Append(Vec<u8>),
+    Base(BrokerState),
+}
+
+/// The journal lines of `entries`.
+fn serialize(dir: &Path, entries: &[Entry]) -> Result<Vec<u8>, StateError> {
+    let mut text = Vec::with_capacity(entries.len() * 256);
+    for entry in entries {
+        serde_json::to_writer(&mut text, entry).map_err(|e| StateError::Write {
+            path: path_in(dir),
+            source: e.into(),
+        })?;
+        text.push(b'\n');
+    }
+    Ok(text)
 }
 
 /// Writes one batch: a new base, or entries appended to the journal (`journal`, `None`
 /// if there is no base yet). A failed write returns no journal, so the next batch
 /// writes a new base (the file may hold a torn line now, and this batch's marks are
 /// spent). Returns the journal to keep.
-fn write_delta(dir: &Path, journal: Option<Journal>, delta: &Delta) -> Result<Journal, StateError> {
-    match (delta, journal) {
-        (Delta::Entries(entries), Some(mut j)) => {
-            if !entries.is_empty() {
-                j.appended += append(dir, &j.file, entries)?;
+fn write_delta(dir: &Path, journal: Option<Journal>, batch: Batch) -> Result<Journal, StateError> {
+    match (batch, journal) {
+        (Batch::Append(text), Some(mut j)) => {
+            if !text.is_empty() {
+                (&j.file)
+                    .write_all(&text)
+                    .map_err(|source| StateError::Write {
+                        path: path_in(dir),
+                        source,
+                    })?;
+                j.appended += text.len() as u64;
             }
             Ok(j)
         }
-        (Delta::Full(state), _) => {
-            let (file, base) = replace(dir, state)?;
+        (Batch::Base(state), _) => {
+            let (file, base) = replace(dir, &state)?;
             Ok(Journal {
                 file,
                 base,
@@ -567,7 +636,7 @@ fn write_delta(dir: &Path, journal: Option<Journal>, delta: &Delta) -> Result<Jo
         }
         // Entries with no base to append to: the snapshot was asked for a full one; a
         // bug in the caller, not a state to record half of.
-        (Delta::Entries(_), None) => Err(StateError::Write {
+        (Batch::Append(_), None) => Err(StateError::Write {
             path: path_in(dir),
             source: std::io::Error::other("entries without a base"),
         }),
@@ -577,6 +646,12 @@ fn write_delta(dir: &Path, journal: Option<Journal>, delta: &Delta) -> Result<Jo
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Appends `entries` as the writer does ([`serialize`], one write).
+    fn append(dir: &Path, mut file: &std::fs::File, entries: &[Entry]) -> std::io::Result<()> {
+        let text = serialize(dir, entries).map_err(std::io::Error::other)?;
+        file.write_all(&text)
+    }
 
     fn sample() -> BrokerState {
         let config = crate::config::ConfigDir::new(PathBuf::from("/nonexistent"))
@@ -840,6 +915,63 @@ mod tests {
         let mut expected = state;
         expected.clients.clear();
         assert_eq!(load(dir.path()).unwrap(), Some(expected));
+    }
+
+    /// Many tasks change the state and flush at once, on several threads: each flush
+    /// returns only once its own change is in the file, whichever of them (or the
+    /// background task) wrote it, and the file replays to the last state.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+    async fn concurrent_flushes_each_find_their_change_written() {
+        let dir = tempfile::tempdir().unwrap();
+        let source: Source = Default::default();
+        let writer = writer_over(dir.path(), &source);
+        let client = sample().clients[0].clone();
+        let tasks: Vec<_> = (0..64u64)
+            .map(|id| {
+                let (writer, source, client) =
+                    (writer.clone(), Arc::clone(&source), client.clone());
+                let path = path_in(dir.path());
+                tokio::spawn(async move {
+                    let record = ClientRecord { id, ..client };
+                    {
+                        let mut s = source.lock().unwrap();
+                        s.0.clients.push(record.clone());
+                        s.0.clients.sort_by_key(|c| c.id);
+                        s.1.push(Entry::Client(record));
+                    }
+                    writer.changed();
+                    writer.flush().await;
+                    let text = std::fs::read_to_string(&path).unwrap();
+                    assert!(
+                        text.contains(&format!("\"id\":{id},")),
+                        "client {id} is in the file once its flush returned"
+                    );
+                })
+            })
+            .collect();
+        for t in tasks {
+            t.await.unwrap();
+        }
+        let (state, _, _) = source.lock().unwrap().clone();
+        assert_eq!(state.clients.len(), 64);
+        assert_eq!(load(dir.path()).unwrap(), Some(state));
+    }
+
+    /// Once the registry is gone (the snapshot returns nothing), a flush returns at once
+    /// instead of waiting for a write that will never come.
+    #[tokio::test]
+    async fn a_flush_after_the_registry_is_gone_returns() {
+        let dir = tempfile::tempdir().unwrap();
+        let writer = StateWriter::start(dir.path().to_path_buf(), Box::new(|_| None));
+        writer.changed();
+        tokio::time::timeout(std::time::Duration::from_secs(30), writer.flush())
+            .await
+            .expect("the flush returned");
+        writer.changed();
+        tokio::time::timeout(std::time::Duration::from_secs(30), writer.flush())
+            .await
+            .expect("and so does the next");
+        assert!(!path_in(dir.path()).exists());
     }
 
     #[tokio::test]
