@@ -20,6 +20,7 @@ use std::time::Duration;
 use support::{Broker, Options, as_uid};
 use tap_owner::attach_by_name_as;
 use vmnet_broker::backend::linux::pool::{POOL_SIZE, is_pool_name};
+use vmnet_broker::backend::linux::tap;
 use vmnet_broker::client::Client;
 use vmnet_broker_client::linux::tap_name_of;
 
@@ -118,6 +119,9 @@ fn a_warm_acquire_gets_a_ready_pool_tap_that_works() {
         let name = a.info.interface.clone();
         assert!(ready.contains_key(&name), "{name} is not one of {ready:?}");
         assert_eq!(tap_name_of(a.fd.as_fd()).unwrap(), name);
+        // The device's virtio-net header length, set when the pool made it, holds for
+        // the client's new fd.
+        assert_eq!(tap::vnet_hdr_len(a.fd.as_fd()).unwrap(), 12);
         assert_eq!(sysfs(&b, &name, "carrier"), "1");
         let master = b.ns.sh(&format!(
             "basename $(readlink /sys/class/net/{name}/master)"

@@ -154,18 +154,16 @@ impl Tap {
             index,
             fd: file.into(),
         };
-        tap.set_up_fd(owner)?;
+        tap.give_to(owner)?;
         Ok(tap)
     }
 
-    /// The per-fd settings every TAP gets before its fd leaves the broker: the virtio-net
-    /// header length, then owner and group (from then on the client can make the TAP
-    /// persistent, and it must not become attachable by everyone).
-    fn set_up_fd(&self, owner: TapOwner) -> io::Result<()> {
+    /// Gives the TAP to `owner` and its group: from then on the client can make it
+    /// persistent, and it must not become attachable by everyone. The virtio-net header
+    /// length needs no setting again: it belongs to the device, not to the fd, and was set
+    /// when the pool made it ([`Tap::create`]); each of these ioctls takes the RTNL lock.
+    fn give_to(&self, owner: TapOwner) -> io::Result<()> {
         let (fd, name) = (self.fd.as_raw_fd(), &self.name);
-        // SAFETY: the fd is an attached TAP; the kernel reads one int from a live reference.
-        unsafe { tun_set_vnet_hdr_sz(fd, &VNET_HDR_LEN) }
-            .map_err(|e| context(e, "TUNSETVNETHDRSZ", name))?;
         // SAFETY: the fd is an attached TAP; both ioctls take an integer by value.
         unsafe { tun_set_owner(fd, owner.uid as libc::c_int) }
             .map_err(|e| context(e, "TUNSETOWNER", name))?;
