@@ -393,7 +393,12 @@ pub struct ForwardView {
 
 struct State<N> {
     networks: BTreeMap<String, Network<N>>,
+    /// Changed only through [`State::add_client`] and [`State::remove_client`], which
+    /// keep `connections_per_uid` in step.
     clients: BTreeMap<ClientId, Client>,
+    /// Open connections per uid, for [`MAX_CONNECTIONS_PER_UID`]: counting them in
+    /// `clients` on every connect cost O(clients) under the lock.
+    connections_per_uid: BTreeMap<u32, usize>,
     next_client: ClientId,
     next_instance: u64,
     /// Set once the broker is going down: no new clients, no new networks.
@@ -474,6 +479,26 @@ enum Claim {
     Join(u64, Arc<NetworkLock<()>>),
 }
 
+impl<N> State<N> {
+    fn add_client(&mut self, id: ClientId, client: Client) {
+        *self.connections_per_uid.entry(client.peer.uid).or_default() += 1;
+        self.clients.insert(id, client);
+    }
+
+    fn remove_client(&mut self, id: ClientId) -> Option<Client> {
+        let client = self.clients.remove(&id)?;
+        if let std::collections::btree_map::Entry::Occupied(mut open) =
+            self.connections_per_uid.entry(client.peer.uid)
+        {
+            *open.get_mut() -= 1;
+            if *open.get() == 0 {
+                open.remove();
+            }
+        }
+        Some(client)
+    }
+}
+
 impl<B: Backend> Registry<B> {
     pub fn new(
         backend: B,
@@ -489,6 +514,7 @@ impl<B: Backend> Registry<B> {
             state: Mutex::new(State {
                 networks: BTreeMap::new(),
                 clients: BTreeMap::new(),
+                connections_per_uid: BTreeMap::new(),
                 next_client: 1,
                 next_instance: 1,
                 closed: false,
@@ -700,7 +726,7 @@ impl<B: Backend> Registry<B> {
                         .collect::<Vec<_>>()
                 };
                 info!(client = c.id, client_pid = c.pid, client_uid = c.uid, networks = ?c.networks, "client restored from the previous broker");
-                st.clients.insert(
+                st.add_client(
                     c.id,
                     Client {
                         peer: Peer {
@@ -1038,11 +1064,7 @@ impl<B: Backend> Registry<B> {
             return Err(RegistryError::ShuttingDown);
         }
         if peer.uid != 0 {
-            let open = st
-                .clients
-                .values()
-                .filter(|c| c.peer.uid == peer.uid)
-                .count();
+            let open = st.connections_per_uid.get(&peer.uid).copied().unwrap_or(0);
             if open >= MAX_CONNECTIONS_PER_UID {
                 warn!(
                     client_pid = peer.pid,
@@ -1057,7 +1079,7 @@ impl<B: Backend> Registry<B> {
         }
         let id = st.next_client;
         st.next_client += 1;
-        st.clients.insert(
+        st.add_client(
             id,
             Client {
                 peer: peer.clone(),
@@ -1716,7 +1738,7 @@ impl<B: Backend> Registry<B> {
     pub async fn disconnect(self: &Arc<Self>, client: ClientId) {
         let (persistent, forwards) = {
             let mut st = self.lock();
-            let Some(c) = st.clients.remove(&client) else {
+            let Some(c) = st.remove_client(client) else {
                 return;
             };
             for name in &c.networks {
@@ -2905,12 +2927,17 @@ mod tests {
     #[tokio::test(start_paused = true)]
     async fn connections_per_uid_are_bounded_but_not_for_root() {
         let r = registry();
+        let mut open = vec![];
         for _ in 0..MAX_CONNECTIONS_PER_UID {
-            connect(&r, peer(1000)).await.unwrap();
+            open.push(connect(&r, peer(1000)).await.unwrap());
         }
         let e = connect(&r, peer(1000)).await.unwrap_err();
         assert_eq!(e.code, ErrorCode::InternalError);
         connect(&r, peer(1001)).await.unwrap();
+        // A closed connection frees its place, and only one.
+        r.disconnect(open.pop().unwrap()).await;
+        connect(&r, peer(1000)).await.unwrap();
+        connect(&r, peer(1000)).await.unwrap_err();
         for _ in 0..=MAX_CONNECTIONS_PER_UID {
             connect(&r, peer(0)).await.unwrap();
         }
