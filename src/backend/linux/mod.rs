@@ -1031,8 +1031,14 @@ async fn reap_closed_taps(
             continue;
         }
         let refs: Vec<&Link> = due.iter().collect();
+        let started = std::time::Instant::now();
         match netlink.delete_many(&refs).await {
-            Ok(n) => debug!(taps = n, "deleted TAPs whose last fd closed"),
+            // The time says how long acquires may have waited for RTNL meanwhile.
+            Ok(n) => debug!(
+                taps = n,
+                took_us = started.elapsed().as_micros() as u64,
+                "deleted TAPs whose last fd closed"
+            ),
             Err(e) => warn!(
                 taps = due.len(),
                 "cannot delete TAPs whose last fd closed: {}",
