@@ -175,7 +175,11 @@ impl Report {
         writeln!(t, "\n### Control plane (ms)\n").unwrap();
         writeln!(t, "| measurement | n | p50 | p99 | max |").unwrap();
         writeln!(t, "|---|---:|---:|---:|---:|").unwrap();
+        // A part not run (`--ctl`) has no samples and no row.
         let mut row = |name: &str, v: &[f64]| {
+            if v.is_empty() {
+                return;
+            }
             writeln!(
                 t,
                 "| {name} | {} | {:.3} | {:.3} | {:.3} |",
