@@ -5,7 +5,7 @@
 //! plots in docs/benchmarks/ (full mode) or target/bench/ (quick mode, or --out DIR).
 //! Everything runs in network namespaces it creates and removes. Needs root.
 //!
-//! `--no-fabric`, `--no-control`, `--no-vms` skip a part; `--ctl warm,many,scale` runs only
+//! `--no-fabric`, `--no-control`, `--no-vms` skip a part; `--rounds N` sets the rounds; `--ctl warm,many,scale` runs only
 //! those parts of the control plane (cold, warm, dhcp, helper, many, scale); `--clients N`
 //! and `--scale-clients N` set the clients of the many and scale rows (so a quick run can
 //! still measure ten thousand);
@@ -84,6 +84,12 @@ fn main() {
     } else {
         (3, Duration::from_secs(2))
     };
+    // `--rounds N`: more interleaved rounds, for differences of a few percent on a busy
+    // machine (the overlay's A/B runs need ten or more).
+    let rounds = args
+        .iter()
+        .position(|a| a == "--rounds")
+        .map_or(rounds, |i| args[i + 1].parse().expect("--rounds N"));
 
     eprintln!(
         "bench: data plane ({rounds} round(s), {} s per sample)",
@@ -142,6 +148,10 @@ fn main() {
         )
     });
     let mut variant_samples: Vec<(usize, f64)> = Vec::new();
+    // Per round and frame size, each setup's Mpps ("overlay", "vxlan", "variant"): the
+    // ratios of samples taken next to each other vary far less than those of medians.
+    let mut paired: std::collections::BTreeMap<(usize, usize), Vec<(&str, f64, f64)>> =
+        Default::default();
     if !args.iter().any(|a| a == "--no-overlay") {
         for r in 0..rounds {
             for frame in [60, 1514] {
@@ -168,6 +178,15 @@ fn main() {
                         s.gbps,
                         s.mpps
                     );
+                    let label = if with_variant {
+                        "variant"
+                    } else {
+                        kind.short()
+                    };
+                    paired
+                        .entry((frame, r))
+                        .or_default()
+                        .push((label, s.mpps, s.cpu_per_gb));
                     if with_variant {
                         variant_samples.push((frame, s.mpps));
                     } else {
@@ -192,6 +211,41 @@ fn main() {
                 v[0],
                 v[v.len() - 1]
             );
+        }
+    }
+    for frame in [60, 1514] {
+        // Mpps, and CPU seconds per GB (what a busy machine disturbs less: it slows
+        // every setup down, but each frame still costs about the same CPU time).
+        let ratios = |of: &str, cpu: bool| {
+            let mut v: Vec<f64> = paired
+                .iter()
+                .filter(|((f, _), _)| *f == frame)
+                .filter_map(|(_, s)| {
+                    let get = |l: &str| {
+                        s.iter()
+                            .find(|(k, ..)| *k == l)
+                            .map(|(_, m, c)| if cpu { *c } else { *m })
+                    };
+                    Some(get(of)? / get("vxlan")?)
+                })
+                .collect();
+            v.sort_by(f64::total_cmp);
+            v
+        };
+        for of in ["overlay", "variant"] {
+            for (cpu, what) in [(false, "Mpps"), (true, "CPU s/GB")] {
+                let v = ratios(of, cpu);
+                if !v.is_empty() {
+                    println!(
+                        "{of}/by hand per round, {} B, {what}: median {:.0}% (min {:.0}%, max {:.0}%, {} rounds)",
+                        frame + 4,
+                        100.0 * v[v.len() / 2],
+                        100.0 * v[0],
+                        100.0 * v[v.len() - 1],
+                        v.len()
+                    );
+                }
+            }
         }
     }
     ctx.stop();

@@ -31,6 +31,8 @@ static void *(*bpf_map_lookup_elem)(void *map, const void *key) = (void *)BPF_FU
 static long (*bpf_skb_load_bytes)(const void *skb, __u32 offset, void *to, __u32 len) =
     (void *)BPF_FUNC_skb_load_bytes;
 static long (*bpf_redirect)(__u32 ifindex, __u64 flags) = (void *)BPF_FUNC_redirect;
+static long (*bpf_map_update_elem)(void *map, const void *key, const void *value, __u64 flags) =
+    (void *)BPF_FUNC_map_update_elem;
 
 // The legacy map definition (section "maps"), which aya reads without BTF.
 struct bpf_map_def {
@@ -60,6 +62,11 @@ struct binding {
 // `isolation`), so a checked unicast frame to another bound guest of the same bridge goes
 // straight to that guest's TAP (see `fast_path`), and this TAP's MAC is in `peers`.
 #define BIND_FAST 2
+// The binding of a network's VXLAN port (keyed by the port's ifindex, never a TAP's):
+// `mac` is the bridge's own (the gateway's), `bridge` and `mtu` as for BIND_FAST. Guests
+// of other hosts take the overlay fast path through it (see `overlay_path` and
+// `overlay_ingress`). No `peers` entry, no `tap_ingress`/`tap_egress` on it.
+#define BIND_OVERLAY 4
 
 struct bpf_map_def SEC("maps") bindings = {
 	.type = BPF_MAP_TYPE_HASH,
@@ -82,6 +89,18 @@ struct bpf_map_def SEC("maps") peers = {
 	.key_size = sizeof(struct peer_key),
 	.value_size = sizeof(__u32),
 	.max_entries = 65536,
+	.map_flags = 0,
+};
+
+// Which VXLAN port (value: its ifindex) guest MAC `mac` was last seen arriving through
+// on bridge `bridge`: what the bridge's FDB would learn there, learnt by
+// `overlay_ingress` (never a local guest's MAC, never the bridge's own). LRU: frames of
+// the overlay can fill it, but never `peers` or `bindings`.
+struct bpf_map_def SEC("maps") remotes = {
+	.type = BPF_MAP_TYPE_LRU_HASH,
+	.key_size = sizeof(struct peer_key),
+	.value_size = sizeof(__u32),
+	.max_entries = 16384,
 	.map_flags = 0,
 };
 
@@ -280,6 +299,25 @@ INLINE int check_ingress(struct __sk_buff *skb, struct binding *b, const __u8 *e
 	return TC_ACT_OK;
 }
 
+// The overlay fast path, for a checked unicast frame to no guest of this host: a MAC
+// last seen arriving through the network's VXLAN port (`remotes`) goes straight to that
+// port's egress, where the kernel's VXLAN looks up its own forwarding database and
+// encapsulates, as when the bridge forwards it there. Only if the port's binding still
+// says BIND_OVERLAY on the sender's bridge, and never the bridge's own MAC.
+INLINE int overlay_path(struct __sk_buff *skb, struct binding *b, struct peer_key *k)
+{
+	__u32 *port = bpf_map_lookup_elem(&remotes, k);
+	if (!port)
+		return TC_ACT_OK;
+	__u32 to = *port;
+	struct binding *o = bpf_map_lookup_elem(&bindings, &to);
+	if (!o || !(o->flags & BIND_OVERLAY) || o->bridge != b->bridge || mac_eq(o->mac, k->mac))
+		return TC_ACT_OK;
+	if (!skb->gso_size && skb->len > o->mtu + FORWARDABLE_EXTRA)
+		return TC_ACT_OK;
+	return bpf_redirect(to, 0);
+}
+
 // The guest-to-guest fast path, for a frame that passed every check: unicast to a MAC
 // bound (BIND_FAST) on another TAP of the sender's bridge goes straight to that TAP's
 // egress, whose `tap_egress` still runs, instead of through the bridge (its FDB, and
@@ -294,7 +332,7 @@ INLINE int fast_path(struct __sk_buff *skb, struct binding *b, const __u8 *eth)
 	__builtin_memcpy(k.mac, eth, 6);
 	__u32 *target = bpf_map_lookup_elem(&peers, &k);
 	if (!target)
-		return TC_ACT_OK;
+		return overlay_path(skb, b, &k);
 	__u32 to = *target;
 	if (to == skb->ifindex)
 		return TC_ACT_OK;
@@ -351,6 +389,51 @@ int tap_egress(struct __sk_buff *skb)
 	if (!b || !mac_eq(dst, b->mac))
 		return TC_ACT_SHOT;
 	return TC_ACT_OK;
+}
+
+// Frames arriving from other hosts, at TC ingress of a network's VXLAN port (after
+// decapsulation and the VXLAN device's own learning, before the bridge). Learns where
+// the sender is (`remotes`, for `overlay_path` of the local guests' replies) unless the
+// source is a group address, the bridge's own MAC or a local guest's (a remote host
+// cannot divert what this host's guests send to each other or to the gateway); then a
+// unicast frame to a local guest goes straight to that guest's TAP, whose `tap_egress`
+// still runs, as `fast_path` does. Everything else, and everything while the port has
+// no BIND_OVERLAY binding, is the bridge's, as before: broadcast and multicast (DHCP,
+// ARP), the gateway's MAC (the overlay chains of the bridge table still see all that
+// reaches this host), unknown MACs. Frames from the overlay never had the TAP checks:
+// the peers are trusted at layer 2 (docs/security.md).
+SEC("classifier/overlay")
+int overlay_ingress(struct __sk_buff *skb)
+{
+	__u32 key = skb->ifindex;
+	struct binding *o = bpf_map_lookup_elem(&bindings, &key);
+	if (!o || !(o->flags & BIND_OVERLAY) || skb->vlan_present)
+		return TC_ACT_OK;
+	__u8 eth[ETH_HLEN];
+	if (bpf_skb_load_bytes(skb, 0, eth, ETH_HLEN) < 0)
+		return TC_ACT_OK;
+	struct peer_key k = {.bridge = o->bridge, ._pad = 0};
+	if (!(eth[6] & 1) && !mac_eq(eth + 6, o->mac)) {
+		__builtin_memcpy(k.mac, eth + 6, 6);
+		if (!bpf_map_lookup_elem(&peers, &k)) {
+			__u32 *seen = bpf_map_lookup_elem(&remotes, &k);
+			if (!seen || *seen != key)
+				bpf_map_update_elem(&remotes, &k, &key, BPF_ANY);
+		}
+	}
+	if (eth[0] & 1)
+		return TC_ACT_OK;
+	__builtin_memcpy(k.mac, eth, 6);
+	__u32 *target = bpf_map_lookup_elem(&peers, &k);
+	if (!target)
+		return TC_ACT_OK;
+	__u32 to = *target;
+	struct binding *t = bpf_map_lookup_elem(&bindings, &to);
+	if (!t || !(t->flags & BIND_FAST) || t->bridge != o->bridge || !mac_eq(t->mac, eth))
+		return TC_ACT_OK;
+	if (!skb->gso_size && skb->len > t->mtu + FORWARDABLE_EXTRA)
+		return TC_ACT_OK;
+	return bpf_redirect(to, 0);
 }
 
 char _license[] SEC("license") = "Apache-2.0";

@@ -555,3 +555,136 @@ fn a_reload_gives_live_networks_a_new_peer_and_takes_one_away() {
     );
     exchange(&v1, &v3);
 }
+
+/// Sends UDP datagrams to port `port` from `from` to `to` (unicast, to its MAC) until
+/// `to` receives one: whether it did within [`SOON`].
+fn unicast(from: &Vm, to: &Vm, port: u16) -> bool {
+    let frame = ethernet(
+        to.tap.mac,
+        from.tap.mac,
+        frames::ETH_IPV4,
+        &frames::ipv4_udp(from.ip, to.ip, port, port, b"overlay"),
+    );
+    let deadline = Instant::now() + SOON;
+    while Instant::now() < deadline {
+        from.tap.send(&frame);
+        if to.tap.wait_for(Duration::from_millis(200), |f| {
+            frames::udp_payload_to(f, port) == Some(&b"overlay"[..])
+        }) {
+            return true;
+        }
+    }
+    false
+}
+
+/// Counts, on `b`'s bridge (hook forward), frames to UDP port `port`.
+fn count_bridged(b: &Broker, port: u16) {
+    b.ns.sh(&format!(
+        "nft add table bridge probe && \
+         nft add chain bridge probe seen '{{ type filter hook forward priority 0; policy accept; }}' && \
+         nft add rule bridge probe seen udp dport {port} counter"
+    ));
+}
+
+fn bridged(b: &Broker) -> u64 {
+    netns::counter_packets(&b.ns.sh("nft list chain bridge probe seen"))
+}
+
+#[test]
+fn unicast_between_guests_of_two_hosts_skips_both_bridges() {
+    netns::require("bridge", "iproute2");
+    netns::require("nft", "nftables");
+    netns::require("tc", "iproute2");
+    let ul = Underlay::new();
+    let b1 = start(&ul, 1, &[2], true);
+    let b2 = start(&ul, 2, &[1], true);
+    let v1 = vm(&b1, 1);
+    let v2 = vm(&b2, 2);
+    // Each host's VXLAN port carries the overlay's program.
+    for b in [&b1, &b2] {
+        let tc = b.ns.sh("tc filter show dev vmnx-lab ingress");
+        assert!(tc.contains("overlay_ingress"), "{tc}");
+    }
+    // ARP both ways: each host sees the other's guest arrive through its VXLAN port.
+    exchange(&v1, &v2);
+    exchange(&v2, &v1);
+    for b in [&b1, &b2] {
+        count_bridged(b, 7001);
+    }
+    // Unicast both ways arrives and crosses neither bridge: the guard hands it from the
+    // TAP to the VXLAN port on one host, and from the VXLAN port to the TAP on the other.
+    assert!(unicast(&v1, &v2, 7001), "host 2's guest got nothing");
+    assert!(unicast(&v2, &v1, 7001), "host 1's guest got nothing");
+    assert_eq!((bridged(&b1), bridged(&b2)), (0, 0));
+
+    // Without the program on host 2's port, the same frames cross host 2's bridge (the
+    // probe does count), and still none crosses host 1's: the sending side alone.
+    b2.ns.sh("tc filter del dev vmnx-lab ingress");
+    assert!(unicast(&v1, &v2, 7001), "host 2's guest got nothing");
+    assert!(bridged(&b2) > 0, "the probe counts nothing");
+    assert_eq!(bridged(&b1), 0);
+}
+
+/// A VXLAN packet from this namespace to `to`:4789 carrying `frame` with VNI [`VNI`].
+fn send_vxlan(ns: &netns::Netns, to: &str, frame: &[u8]) {
+    let mut packet = vec![0x08, 0, 0, 0];
+    packet.extend(&VNI.to_be_bytes()[1..]);
+    packet.push(0);
+    packet.extend_from_slice(frame);
+    let to = format!("{to}:4789");
+    ns.run(|| {
+        let s = std::net::UdpSocket::bind("0.0.0.0:0").unwrap();
+        s.send_to(&packet, &to).unwrap();
+    });
+}
+
+#[test]
+fn a_peer_claiming_local_macs_diverts_nothing_from_the_fast_paths() {
+    netns::require("bridge", "iproute2");
+    netns::require("nft", "nftables");
+    let ul = Underlay::new();
+    let b1 = start(&ul, 1, &[2], true);
+    let b2 = start(&ul, 2, &[1], true);
+    let a = vm(&b1, 1);
+    let c = vm(&b1, 1);
+    let remote = vm(&b2, 2);
+    exchange(&a, &remote);
+    let gateway_mac = frames::parse_mac(b1.ns.sh("cat /sys/class/net/vmnb-lab/address").trim());
+    // Host 2 (a peer: its packets pass the source check) sends frames through the overlay
+    // from host 1's gateway MAC and from host 1's guest `c`'s MAC.
+    for src in [gateway_mac, c.tap.mac] {
+        let frame = ethernet(
+            BROADCAST,
+            src,
+            frames::ETH_IPV4,
+            &frames::ipv4_udp(remote.ip, Ipv4Addr::BROADCAST, 9, 9, b"claim"),
+        );
+        for _ in 0..3 {
+            send_vxlan(&b2.ns, "192.0.2.1", &frame);
+        }
+    }
+    // They did arrive: host 1 floods the broadcasts to its guests.
+    assert!(
+        a.tap.wait_for(SOON, |f| frames::udp_payload_to(f, 9)
+            == Some(&b"claim"[..])),
+        "the frames of the overlay never arrived"
+    );
+    // `a` still reaches `c` (guest to guest), and the gateway still answers `a`'s ARP.
+    assert!(unicast(&a, &c, 7002), "c got nothing from a");
+    let gateway = Ipv4Addr::new(10, 90, 0, 1);
+    let ask = ethernet(
+        gateway_mac,
+        a.tap.mac,
+        ETH_ARP,
+        &arp(1, a.tap.mac, a.ip, [0; 6], gateway),
+    );
+    let deadline = Instant::now() + SOON;
+    let mut answered = false;
+    while !answered && Instant::now() < deadline {
+        a.tap.send(&ask);
+        answered = a.tap.wait_for(Duration::from_millis(200), |f| {
+            frames::is_arp(f, 2, gateway_mac, gateway, a.ip)
+        });
+    }
+    assert!(answered, "the gateway no longer answers its guest");
+}

@@ -50,6 +50,8 @@ const MAP: &str = "bindings";
 const PEERS: &str = "peers";
 const INGRESS: &str = "tap_ingress";
 const EGRESS: &str = "tap_egress";
+/// The program at TC ingress of a network's VXLAN port (the overlay fast path).
+const OVERLAY: &str = "overlay_ingress";
 /// The filters' priority on the TAP: one of ours per direction, replaced in place.
 const PRIORITY: u16 = 1;
 /// The filters' handle.
@@ -78,6 +80,12 @@ pub const BIND_DHCP: u8 = 1;
 /// `bridge` and `mtu` set: the TAP's guest MAC is in `peers`, and checked unicast frames
 /// from it to another such guest of the same bridge are redirected to that guest's TAP.
 pub const BIND_FAST: u8 = 2;
+/// `flags` of the binding of a network's VXLAN port (`BIND_OVERLAY` in the C source),
+/// keyed by the port's ifindex: `mac` is the bridge's own, `bridge` and `mtu` as for
+/// [`BIND_FAST`]. Guests of other hosts are reached through the port without crossing
+/// the bridge, and it hands frames for local guests straight to their TAPs
+/// ([`Guard::attach_overlay`]).
+pub const BIND_OVERLAY: u8 = 4;
 
 /// What one TAP is bound to: `struct binding` of `bpf/tap_guard.c`, byte for byte.
 #[repr(C)]
@@ -123,6 +131,18 @@ impl Binding {
         self.bridge = bridge;
         self.mtu = mtu;
         self
+    }
+
+    /// The binding of the VXLAN port of a network whose bridge (ifindex `bridge`, MTU
+    /// `mtu`) has MAC `bridge_mac`: [`BIND_OVERLAY`], no lease, no `peers` entry.
+    pub fn overlay_port(bridge_mac: [u8; 6], bridge: u32, mtu: u32) -> Self {
+        Binding {
+            mac: bridge_mac,
+            flags: BIND_OVERLAY,
+            bridge,
+            mtu,
+            ..Binding::default()
+        }
     }
 
     /// Its key in `peers`, when it has the fast path.
@@ -189,6 +209,10 @@ pub struct Guard {
     egress: ProgramFd,
     ingress_id: u32,
     egress_id: u32,
+    /// `overlay_ingress` of the same object (sharing its maps), for VXLAN ports; None
+    /// for an adopted guard whose object had none (a broker from before the overlay
+    /// fast path): overlay frames then cross the bridge as before.
+    overlay: Option<ProgramFd>,
     /// Locked only around the few `bpf(2)` map calls of one change (at most four), which
     /// neither sleep nor wait on anything but the maps' own bucket locks; aya's update
     /// API takes `&mut`, and a change of both maps must not interleave with another.
@@ -206,7 +230,7 @@ impl Guard {
     pub fn load() -> Result<Guard, GuardError> {
         let mut ebpf = aya::Ebpf::load(OBJECT).map_err(load_err)?;
         let mut fds = vec![];
-        for name in [INGRESS, EGRESS] {
+        for name in [INGRESS, EGRESS, OVERLAY] {
             let program: &mut SchedClassifier = ebpf
                 .program_mut(name)
                 .ok_or_else(|| load_err(io::Error::other(format!("no program {name}"))))?
@@ -233,13 +257,15 @@ impl Guard {
             bindings: BpfHashMap::try_from(bindings).map_err(load_err)?,
             peers: BpfHashMap::try_from(peers).map_err(load_err)?,
         };
-        let (egress, egress_id) = fds.pop().expect("two programs");
-        let (ingress, ingress_id) = fds.pop().expect("two programs");
+        let (overlay, _) = fds.pop().expect("three programs");
+        let (egress, egress_id) = fds.pop().expect("three programs");
+        let (ingress, ingress_id) = fds.pop().expect("three programs");
         Ok(Guard {
             ingress,
             egress,
             ingress_id,
             egress_id,
+            overlay: Some(overlay),
             map: Mutex::new(map),
             netlink: Netlink::connect().map_err(load_err)?,
         })
@@ -276,10 +302,17 @@ impl Guard {
         // Told apart by their key and value sizes, which also tells an older broker's
         // guard (no `peers`, 24-byte bindings) from ours.
         let (mut bindings, mut peers) = (None, None);
+        let mut bindings_id = None;
         for id in map_ids {
             let info = MapInfo::from_id(id).map_err(|e| adopt_err(Box::new(e)))?;
+            // `remotes` has the key and value sizes of `peers`, but is an LRU map the
+            // broker never reads nor writes.
+            if !matches!(info.map_type(), Ok(aya::maps::MapType::Hash)) {
+                continue;
+            }
             let sizes = (info.key_size() as usize, info.value_size() as usize);
             let slot = if sizes == (size_of::<u32>(), size_of::<Binding>()) {
+                bindings_id = Some(id);
                 &mut bindings
             } else if sizes == (size_of::<PeerKey>(), size_of::<u32>()) {
                 &mut peers
@@ -300,6 +333,19 @@ impl Guard {
             );
             return Ok(None);
         };
+        // The object's `overlay_ingress`: the loaded program of that name using the same
+        // `bindings` (none when the object predates the overlay fast path).
+        let mut overlay = None;
+        for info in loaded_programs() {
+            let Ok(info) = info else { continue };
+            if info.name() != OVERLAY.as_bytes()
+                || !matches!(info.map_ids(), Ok(Some(ids)) if ids.iter().any(|i| Some(*i) == bindings_id))
+            {
+                continue;
+            }
+            overlay = Some(info.fd().map_err(|e| adopt_err(Box::new(e)))?);
+            break;
+        }
         let map = Maps {
             bindings: BpfHashMap::try_from(Map::HashMap(bindings))
                 .map_err(|e| adopt_err(Box::new(e)))?,
@@ -310,6 +356,7 @@ impl Guard {
             egress,
             ingress_id,
             egress_id,
+            overlay,
             map: Mutex::new(map),
             netlink,
         }))
@@ -334,11 +381,37 @@ impl Guard {
     /// (atomically: no frame passes unchecked). Without a binding (see [`Guard::unbind`]),
     /// the interface sends nothing and receives no unicast.
     pub async fn attach(&self, ifindex: u32) -> Result<(), GuardError> {
+        self.attach_programs(
+            ifindex,
+            &[
+                (PARENT_INGRESS, &self.ingress, INGRESS),
+                (PARENT_EGRESS, &self.egress, EGRESS),
+            ],
+        )
+        .await
+    }
+
+    /// Puts `overlay_ingress` on TC ingress of a network's VXLAN port `ifindex` (replacing
+    /// ours already there): the overlay fast path, in both directions, once the port is
+    /// bound with [`Binding::overlay_port`]; until then, or without a binding, the
+    /// program passes every frame to the bridge. False (nothing done) when this guard
+    /// has no such program (adopted from a broker that predates it).
+    pub async fn attach_overlay(&self, ifindex: u32) -> Result<bool, GuardError> {
+        let Some(overlay) = &self.overlay else {
+            return Ok(false);
+        };
+        self.attach_programs(ifindex, &[(PARENT_INGRESS, overlay, OVERLAY)])
+            .await?;
+        Ok(true)
+    }
+
+    async fn attach_programs(
+        &self,
+        ifindex: u32,
+        programs: &[(TcHandle, &ProgramFd, &str)],
+    ) -> Result<(), GuardError> {
         self.add_clsact(ifindex).await?;
-        for (parent, fd, name) in [
-            (PARENT_INGRESS, &self.ingress, INGRESS),
-            (PARENT_EGRESS, &self.egress, EGRESS),
-        ] {
+        for &(parent, fd, name) in programs {
             let mut msg = TcMessage::with_index(ifindex as i32);
             msg.header.parent = parent;
             msg.header.handle = TcHandle::from(HANDLE);
@@ -586,6 +659,14 @@ mod tests {
         let c = include_str!("../../../../bpf/tap_guard.c");
         assert!(c.contains("#define BIND_DHCP 1"), "BIND_DHCP differs");
         assert!(c.contains("#define BIND_FAST 2"), "BIND_FAST differs");
+        assert!(c.contains("#define BIND_OVERLAY 4"), "BIND_OVERLAY differs");
+        // A VXLAN port's binding: the bridge's MAC, never a `peers` entry.
+        let port = Binding::overlay_port([2, 0x78, 0, 0, 0, 1], 7, 1450);
+        assert_eq!(
+            (port.mac, port.flags, port.bridge, port.mtu, port.ip4),
+            ([2, 0x78, 0, 0, 0, 1], BIND_OVERLAY, 7, 1450, [0; 4])
+        );
+        assert_eq!(port.peer_key(), None);
         let b = Binding::new(
             [0x52, 0x54, 0, 0, 0, 1],
             true,

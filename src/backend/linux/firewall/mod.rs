@@ -235,6 +235,9 @@ pub(super) struct NetState {
     /// The bridge's (ifindex, MTU), for the guest-to-guest fast path of the TAP guard:
     /// only for anti-spoofing networks without `isolation` whose bridge exists.
     fast_path: Option<(u32, u32)>,
+    /// The ifindex of the network's VXLAN port while it has the overlay fast path
+    /// ([`Inner::guard_overlay`]): bound in the TAP guard, unbound with the network.
+    overlay_port: Option<u32>,
 }
 
 impl NetState {
@@ -548,6 +551,22 @@ async fn fast_path_of(net: &FirewallNetwork) -> Option<(u32, u32)> {
     }
 }
 
+/// The ifindex of VXLAN port `port` and the MAC of `bridge`, when the port is on the
+/// bridge (None when either is missing or the port is elsewhere).
+async fn overlay_port_of(bridge: &str, port: &str) -> std::io::Result<Option<(u32, [u8; 6])>> {
+    let netlink = crate::backend::linux::netlink::Netlink::connect()?;
+    let (Some(bridge), Some(port)) = (
+        netlink.link_by_name(bridge).await?,
+        netlink.link_by_name(port).await?,
+    ) else {
+        return Ok(None);
+    };
+    Ok(match bridge.mac {
+        Some(mac) if port.controller == Some(bridge.index) => Some((port.index, mac)),
+        _ => None,
+    })
+}
+
 /// Runs queued jobs one at a time, in order, until the firewall is dropped. Holds the
 /// firewall only while a job runs, so dropping every `Firewall` ends it.
 async fn apply_queue(inner: Weak<Inner>, mut jobs: mpsc::UnboundedReceiver<Job>) {
@@ -604,6 +623,8 @@ impl Inner {
         } else {
             None
         };
+        // The VXLAN port of the definition replaced, whose binding goes.
+        let mut replaced_port = None;
         let (ns, batch, dropped) = {
             let state = self.lock();
             // TAPs whose DHCP MAC quota set goes with the old definition.
@@ -612,6 +633,7 @@ impl Inner {
                 if existing.net == net && ports.is_empty() && leases.is_empty() {
                     return Ok(());
                 }
+                replaced_port = existing.overlay_port;
                 info!(network = %net.name, old_bridge = %existing.net.bridge, new_bridge = %net.bridge,
                       "firewall: replacing the rules of a network with a new definition");
                 // Bindings of TAPs of the old bridge are meaningless on the new one.
@@ -694,6 +716,7 @@ impl Inner {
                 dynamic,
                 ifindex,
                 fast_path,
+                overlay_port: None,
             };
             let mut batch = Batch::new();
             add_tables(&mut batch);
@@ -753,6 +776,7 @@ impl Inner {
         if has_dhcp_quota(&net) || !dropped.is_empty() {
             self.sync_dhcp_quota(&net.name, &dropped, &[]).await?;
         }
+        self.guard_overlay(&net, fast_path, replaced_port).await;
         steps.lap("bind");
         if net.nat || !net.forwards.is_empty() {
             if let Err(e) = enable_ip_forward(forwards_ipv6(&net)) {
@@ -772,6 +796,66 @@ impl Inner {
         info!(network = %net.name, bridge = %net.bridge, nat = net.nat,
               anti_spoofing = net.anti_spoofing, "firewall rules added");
         Ok(())
+    }
+
+    /// The overlay fast path of network `net` (docs/design.md, "The overlay fast
+    /// path"): `overlay_ingress` on its VXLAN port and the port's binding, so unicast
+    /// between this host's guests and other hosts' guests skips the bridge on both
+    /// sides. Only with the guest-to-guest fast path (`fast_path`: anti-spoofing, no
+    /// isolation). An optimisation: when it cannot be had, frames cross the bridge as
+    /// before, with a warning. `replaced` is the port of the definition replaced, unbound
+    /// if it is another.
+    async fn guard_overlay(
+        &self,
+        net: &FirewallNetwork,
+        fast_path: Option<(u32, u32)>,
+        replaced: Option<u32>,
+    ) {
+        let port = match (&net.overlay, fast_path) {
+            (Some(overlay), Some((bridge, mtu))) => {
+                match overlay_port_of(&net.bridge, &overlay.port).await {
+                    Ok(Some((port, mac))) => Some((port, Binding::overlay_port(mac, bridge, mtu))),
+                    Ok(None) => None,
+                    Err(e) => {
+                        warn!(network = %net.name, "no overlay fast path: {e}");
+                        None
+                    }
+                }
+            }
+            _ => None,
+        };
+        let Ok(guard) = self.guard(None).await else {
+            return;
+        };
+        if let Some(old) = replaced
+            && port.map(|(p, _)| p) != Some(old)
+            && let Err(e) = guard.unbind(old)
+        {
+            warn!(network = %net.name, "cannot unbind the old overlay port: {}", crate::error::Chain(&e));
+        }
+        let Some((port, binding)) = port else {
+            return;
+        };
+        // The binding first: the program passes everything to the bridge until then.
+        let attached = match guard.bind(port, binding) {
+            Ok(()) => guard.attach_overlay(port).await,
+            Err(e) => Err(e),
+        };
+        match attached {
+            Ok(true) => {
+                if let Some(ns) = self.lock().networks.get_mut(&net.name) {
+                    ns.overlay_port = Some(port);
+                }
+            }
+            Ok(false) => {
+                info!(network = %net.name, "no overlay fast path: the adopted TAP guard predates it");
+                guard.unbind(port).ok();
+            }
+            Err(e) => {
+                warn!(network = %net.name, "no overlay fast path: {}", crate::error::Chain(&e));
+                guard.unbind(port).ok();
+            }
+        }
     }
 
     async fn remove_stale(&self) -> Result<(), FirewallError> {
@@ -811,7 +895,12 @@ impl Inner {
                 dispatch_rule(&mut batch, others.map(|n| &n.net));
                 delete_network_objects(&mut batch, &net);
             }
-            let unbind: Vec<u32> = ns.ifindex.values().copied().collect();
+            let unbind: Vec<u32> = ns
+                .ifindex
+                .values()
+                .copied()
+                .chain(ns.overlay_port)
+                .collect();
             (net, batch, quota_taps, unbind)
         };
         // Its TAPs go with the bridge; their bindings go now, so that no interface that

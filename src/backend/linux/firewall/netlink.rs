@@ -1423,6 +1423,7 @@ mod tests {
             dynamic: BTreeMap::new(),
             ifindex: BTreeMap::new(),
             fast_path: None,
+            overlay_port: None,
         }
     }
 

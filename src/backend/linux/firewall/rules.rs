@@ -885,6 +885,7 @@ pub fn ruleset_for(net: &FirewallNetwork) -> Nftables<'static> {
             dynamic: BTreeMap::new(),
             ifindex: BTreeMap::new(),
             fast_path: None,
+            overlay_port: None,
         },
     );
     dispatch_rule(&mut batch, [net]);
