@@ -824,8 +824,16 @@ impl Inner {
             }
             _ => None,
         };
-        let Ok(guard) = self.guard(None).await else {
+        // Networks without an overlay fast path never load the guard here.
+        if port.is_none() && replaced.is_none() {
             return;
+        }
+        let guard = match self.guard(None).await {
+            Ok(guard) => guard,
+            Err(e) => {
+                warn!(network = %net.name, "no overlay fast path: {}", crate::error::Chain(&e));
+                return;
+            }
         };
         if let Some(old) = replaced
             && port.map(|(p, _)| p) != Some(old)
