@@ -358,6 +358,16 @@ fn a_restarted_broker_keeps_the_overlay() {
     };
     let v2 = vm(&b2, 2);
     exchange(&v1, &v2);
+    exchange(&v2, &v1);
+    // And still past host 1's bridge: the port keeps its program and binding across the
+    // restart, the adopted guard's (the maps the adopted TAP's program uses).
+    let tc = b1.ns.sh("tc filter show dev vmnx-lab ingress");
+    assert!(tc.contains("overlay_ingress"), "{tc}");
+    count_bridged(&b1, 7003);
+    assert!(unicast(&v1, &v2, 7003), "host 2's guest got nothing");
+    assert!(unicast(&v2, &v1, 7003), "host 1's guest got nothing");
+    assert_eq!(bridged(&b1), 0);
+    assert!(b1.log().contains("adopted the TAP guard"), "{}", b1.log());
 }
 
 #[test]
