@@ -35,6 +35,10 @@ use fabric::{FabricCtx, Kind, Sample};
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+/// One sample of the overlay row, for the per-round ratios: setup ("overlay", "vxlan",
+/// "variant"), Mpps, CPU seconds per GB.
+type Paired = (&'static str, f64, f64);
+
 pub struct Options {
     pub quick: bool,
     pub out: PathBuf,
@@ -150,8 +154,7 @@ fn main() {
     let mut variant_samples: Vec<(usize, f64)> = Vec::new();
     // Per round and frame size, each setup's Mpps ("overlay", "vxlan", "variant"): the
     // ratios of samples taken next to each other vary far less than those of medians.
-    let mut paired: std::collections::BTreeMap<(usize, usize), Vec<(&str, f64, f64)>> =
-        Default::default();
+    let mut paired: std::collections::BTreeMap<(usize, usize), Vec<Paired>> = Default::default();
     if !args.iter().any(|a| a == "--no-overlay") {
         for r in 0..rounds {
             for frame in [60, 1514] {
