@@ -12,6 +12,9 @@
 // keyed by the TAP's ifindex (and, on networks whose guests may talk to each other, the
 // TAP's guest MAC into `peers`, for the guest-to-guest fast path). A TAP without a
 // binding sends nothing and receives no unicast: bound before its first frame can pass.
+// On networks with a VXLAN overlay the broker also attaches `overlay_ingress` to the
+// network's VXLAN port and binds the port (BIND_OVERLAY): the overlay fast path, which
+// learns remote guests' MACs into `remotes`.
 // The filters hold the program, and the program the maps, so all outlive the broker's
 // fds: a broker killed with SIGKILL leaves its running VMs connected and protected, and
 // the next one finds the maps through the filter (program id -> map ids) and goes on
@@ -415,11 +418,10 @@ int overlay_ingress(struct __sk_buff *skb)
 	struct peer_key k = {.bridge = o->bridge, ._pad = 0};
 	if (!(eth[6] & 1) && !mac_eq(eth + 6, o->mac)) {
 		__builtin_memcpy(k.mac, eth + 6, 6);
-		if (!bpf_map_lookup_elem(&peers, &k)) {
-			__u32 *seen = bpf_map_lookup_elem(&remotes, &k);
-			if (!seen || *seen != key)
-				bpf_map_update_elem(&remotes, &k, &key, BPF_ANY);
-		}
+		// Known already: one lookup per frame. Else learnt, unless a local guest's.
+		__u32 *seen = bpf_map_lookup_elem(&remotes, &k);
+		if ((!seen || *seen != key) && !bpf_map_lookup_elem(&peers, &k))
+			bpf_map_update_elem(&remotes, &k, &key, BPF_ANY);
 	}
 	if (eth[0] & 1)
 		return TC_ACT_OK;

@@ -8,6 +8,12 @@
 //! guest MAC -> TAP ifindex), the guest-to-guest fast path's directory: a checked unicast
 //! frame to another bound guest of the same bridge is redirected to that guest's TAP
 //! instead of crossing the bridge ([`BIND_FAST`]; docs/design.md, "The TAP guard").
+//! On networks with a VXLAN overlay, a third program, `overlay_ingress`, sits at TC
+//! ingress of the VXLAN port (bound with [`BIND_OVERLAY`]) and learns into a third map,
+//! `remotes` (LRU, written only by the programs), which MACs are behind the port: the
+//! overlay fast path, unicast between local guests and other hosts' guests past the
+//! bridge in both directions ([`Guard::attach_overlay`]; docs/design.md, "The overlay
+//! fast path").
 //! [`Guard::bind`] and [`Guard::unbind`] keep the two maps consistent: a `peers` entry
 //! exists only for a TAP whose binding holds that MAC on that bridge (and the program
 //! checks the target's binding again before redirecting). [`Guard::attach`] puts a clsact qdisc and both
