@@ -468,18 +468,11 @@ impl Report {
     fn discussion(&self) -> String {
         let mut d = String::from("\n## Discussion: where we win, where we lose, and why\n\n");
         let a = |k, f, n| self.agg(k, f, n);
-        let (b1, r1, v1, s1) = (
-            a(Kind::Broker, 1514, 1),
-            a(Kind::Bridge, 1514, 1),
-            a(Kind::Vde, 1514, 1),
-            a(Kind::Stream, 1514, 1),
-        );
-        let (b0, r0, v0, s0) = (
-            a(Kind::Broker, 60, 1),
-            a(Kind::Bridge, 60, 1),
-            a(Kind::Vde, 60, 1),
-            a(Kind::Stream, 60, 1),
-        );
+        // One pair of each setup at one frame size.
+        let one_pair = |kinds: [Kind; 4], frame| kinds.map(|k| a(k, frame, 1));
+        let single = [Kind::Broker, Kind::Bridge, Kind::Vde, Kind::Stream];
+        let [b1, r1, v1, s1] = one_pair(single, 1514);
+        let [b0, r0, v0, s0] = one_pair(single, 60);
         writeln!(d, "- **Against userspace switches.** One pair, 1518 B: the broker's network carries {:.1}× vde_switch and {:.1}× the stream hub; 64 B: {:.1}× and {:.1}× the packet rate. CPU per GB: broker {:.2} s, vde_switch {:.2} s, stream hub {:.2} s (1518 B). Every frame through a userspace switch is copied into and out of a process and costs two context switches; through the bridge it stays in the kernel. Where the stream hub matches or beats the TAP paths with one pair, that is pipelining on 2 CPUs: sender, hub and receiver run on different CPUs with blocking writes (no frame is lost), while a TAP write does the whole bridge path in the sender's system call and frames the receiver cannot take in time are dropped after being paid for. The hub's cost shows as soon as a second pair shares the network (scaling below).",
             b1.gbps / v1.gbps, b1.gbps / s1.gbps, b0.mpps / v0.mpps, b0.mpps / s0.mpps, b1.cpu, v1.cpu, s1.cpu).unwrap();
         writeln!(d, "- **Against the bare bridge** (the kernel's limit) the broker's network reaches {} at 1518 B and {} at 64 B with one pair (target: within 3%), both namespaces at their default `bridge-nf-call-iptables` = 1 (br_netfilter is built into this kernel). Unicast between two guests of a network does not cross the bridge at all: the TAP guard (a BPF program at TC ingress of each TAP), once a frame has passed every anti-spoofing check, redirects it to the TAP that holds the destination MAC on the same bridge, whose own guard still checks it on the way out (docs/design.md, \"The guest-to-guest fast path\"). That skips the bridge's forwarding database and, where br_netfilter is on, conntrack, the NAT hooks and the broker's `inet` chains, which every bridged IPv4 frame of the hand-made bridge still runs through: hence more than 100% is possible at 1. What the fast path cannot skip is the guard itself (one map lookup to check the sender, one for the target, a few loads). `--fabric-only` compares the two at both `bridge-nf-call` settings and 1 and 8 pairs (docs/design.md has its last table). Single samples vary by tens of percent on this shared machine (min–max columns), so differences of a few percent are below the noise.",
