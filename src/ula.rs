@@ -57,15 +57,44 @@ pub fn generate() -> Result<Ipv6Net, UlaError> {
     Ok(prefix_of(u64::from_be_bytes(bytes)))
 }
 
+/// A network's prefix as [`load_or_create`] found or made it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Kept {
+    pub prefix: Ipv6Net,
+    /// The file of a new prefix: written and renamed into place, so the broker and its
+    /// successors read it back, but not yet forced to the disk; [`sync`] does that.
+    pub unsynced: Option<PathBuf>,
+}
+
 /// Network `name`'s prefix: the one kept in `state_dir`, else a new one, kept there
-/// before it is returned (written to a temporary file and renamed, so a crash never
-/// leaves half a prefix).
+/// before it is returned (written to a temporary file and renamed, so a crash of the
+/// broker never leaves half a prefix). A new file is not synced to the disk here: the
+/// caller [`sync`]s it where nobody waits for it (a network's creation would wait 0.5 to
+/// 12 ms for the fsync on this machine's disk). A host that loses power before that may
+/// come back with the file empty, which counts as none: the network gets a new prefix.
 ///
 /// A new prefix is never one another network's file in `state_dir` keeps: 40 random bits
 /// collide once in 10^12 draws, but a collision would give two bridges the same /64, so
 /// it is drawn again.
-pub fn load_or_create(state_dir: &Path, name: &str) -> Result<Ipv6Net, UlaError> {
+pub fn load_or_create(state_dir: &Path, name: &str) -> Result<Kept, UlaError> {
     load_or_create_with(state_dir, name, generate)
+}
+
+/// Forces file `path` of [`Kept::unsynced`], and its directory entry, to the disk.
+pub fn sync(path: &Path) -> Result<(), UlaError> {
+    let write = |source| UlaError::Write {
+        path: path.to_path_buf(),
+        source,
+    };
+    std::fs::File::open(path)
+        .and_then(|f| f.sync_all())
+        .map_err(write)?;
+    if let Some(dir) = path.parent() {
+        std::fs::File::open(dir)
+            .and_then(|d| d.sync_all())
+            .map_err(write)?;
+    }
+    Ok(())
 }
 
 /// The prefixes other networks' files in `state_dir` keep (unreadable ones count as none:
@@ -87,15 +116,21 @@ fn load_or_create_with(
     state_dir: &Path,
     name: &str,
     mut generate: impl FnMut() -> Result<Ipv6Net, UlaError>,
-) -> Result<Ipv6Net, UlaError> {
+) -> Result<Kept, UlaError> {
     let path = path_for(state_dir, name);
     match std::fs::read_to_string(&path) {
+        // Empty: written, renamed, then the power went before the disk had it.
+        Ok(text) if text.trim().is_empty() => {}
         Ok(text) => {
             return text
                 .trim()
                 .parse::<Ipv6Net>()
                 .ok()
                 .filter(|n| n.prefix_len() == 64 && n.trunc() == *n)
+                .map(|prefix| Kept {
+                    prefix,
+                    unsynced: None,
+                })
                 .ok_or(UlaError::Parse { path, text });
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
@@ -110,16 +145,16 @@ fn load_or_create_with(
     };
     let tmp = path.with_extension("ipv6-prefix.tmp");
     let written = std::fs::File::create(&tmp)
-        .and_then(|mut f| {
-            writeln!(f, "{prefix}")?;
-            f.sync_all()
-        })
+        .and_then(|mut f| writeln!(f, "{prefix}"))
         .and_then(|()| std::fs::rename(&tmp, &path));
     if let Err(source) = written {
         let _ = std::fs::remove_file(&tmp);
         return Err(UlaError::Write { path, source });
     }
-    Ok(prefix)
+    Ok(Kept {
+        prefix,
+        unsynced: Some(path),
+    })
 }
 
 /// The address SLAAC gives the interface with MAC `mac` in `prefix` (RFC 4291 appendix
@@ -161,16 +196,33 @@ mod tests {
     #[test]
     fn a_network_keeps_its_prefix_and_networks_differ() {
         let dir = tempfile::tempdir().unwrap();
-        let a = load_or_create(dir.path(), "a").unwrap();
+        let made = load_or_create(dir.path(), "a").unwrap();
+        let a = made.prefix;
         assert_eq!(a.network().octets()[0], 0xfd);
-        // As after a removal and a restart: read back, not made anew.
-        assert_eq!(load_or_create(dir.path(), "a").unwrap(), a);
+        assert_eq!(made.unsynced, Some(path_for(dir.path(), "a")));
+        sync(&path_for(dir.path(), "a")).unwrap();
+        // As after a removal and a restart: read back, not made anew (nothing to sync).
+        assert_eq!(
+            load_or_create(dir.path(), "a").unwrap(),
+            Kept {
+                prefix: a,
+                unsynced: None
+            }
+        );
         assert_eq!(
             std::fs::read_to_string(path_for(dir.path(), "a")).unwrap(),
             format!("{a}\n")
         );
-        let b = load_or_create(dir.path(), "b").unwrap();
+        let b = load_or_create(dir.path(), "b").unwrap().prefix;
         assert_ne!(a, b, "40 random bits collide once in 10^12");
+        // An empty file (power lost before the disk had it) counts as none.
+        std::fs::write(path_for(dir.path(), "b"), "").unwrap();
+        let again = load_or_create(dir.path(), "b").unwrap();
+        assert!(again.unsynced.is_some(), "made anew");
+        assert_eq!(
+            std::fs::read_to_string(path_for(dir.path(), "b")).unwrap(),
+            format!("{}\n", again.prefix)
+        );
         // A damaged file is an error naming it, never silently replaced.
         std::fs::write(path_for(dir.path(), "c"), "fd00::1/48").unwrap();
         let e = load_or_create(dir.path(), "c").unwrap_err();
@@ -198,16 +250,22 @@ mod tests {
             Ok(if draws.get() < 3 { first } else { second })
         };
         assert_eq!(
-            load_or_create_with(dir.path(), "a", &rigged).unwrap(),
+            load_or_create_with(dir.path(), "a", &rigged)
+                .unwrap()
+                .prefix,
             first
         );
         draws.set(0);
-        let b = load_or_create_with(dir.path(), "b", &rigged).unwrap();
+        let b = load_or_create_with(dir.path(), "b", &rigged)
+            .unwrap()
+            .prefix;
         assert_eq!(b, second, "b must not get a's prefix");
         assert_eq!(draws.get(), 3, "drawn again after each collision");
         // A network's own file is no collision: it keeps its prefix.
         assert_eq!(
-            load_or_create_with(dir.path(), "a", || Ok(second)).unwrap(),
+            load_or_create_with(dir.path(), "a", || Ok(second))
+                .unwrap()
+                .prefix,
             first
         );
     }

@@ -428,11 +428,11 @@ impl LinuxBackend {
         ipv6_prefix: Option<Ipv6Net>,
     ) -> Result<(Ipv4Net, Ipv4Addr), BackendError> {
         let read = |e| BackendError::os("cannot read the host's addresses and routes", e);
-        let mut occupants = self.netlink.occupants().await.map_err(read)?;
-        let mut occupants6 = match ipv6_prefix {
-            Some(_) => self.netlink.occupants6().await.map_err(read)?,
-            None => vec![],
-        };
+        let (mut occupants, mut occupants6) = self
+            .netlink
+            .occupants(ipv6_prefix.is_some())
+            .await
+            .map_err(read)?;
         let mut held = self.held.lock().expect("not poisoned");
         occupants.extend(held.values().map(|(name, net, _)| Occupant {
             net: *net,
@@ -581,7 +581,13 @@ impl LinuxBackend {
     /// The network's IPv6 prefix: the file's, else the one generated for its name and
     /// kept in the state directory (made on first use). `None` when the kernel has no
     /// IPv6, unless the file asks for a prefix (an error then, never silently ignored).
-    fn ipv6_prefix_for(&self, config: &NetworkConfig) -> Result<Option<Ipv6Net>, BackendError> {
+    ///
+    /// The file is read (and a new one written) on a blocking thread, and a new file is
+    /// synced to the disk by another that nobody waits for ([`crate::ula::sync`]).
+    async fn ipv6_prefix_for(
+        &self,
+        config: &NetworkConfig,
+    ) -> Result<Option<Ipv6Net>, BackendError> {
         // A network spanning hosts has no IPv6 yet: every host would advertise its own
         // prefix and gateway on the one link (linux_support refuses a fixed prefix).
         if config.vxlan.is_some() {
@@ -595,12 +601,23 @@ impl LinuxBackend {
                 None => Ok(None),
             };
         }
-        match config.ipv6_prefix {
-            Some(p) => Ok(Some(p)),
-            None => crate::ula::load_or_create(&self.options.state_dir, &config.name)
-                .map(Some)
-                .map_err(|e| BackendError::component("IPv6 prefix", e)),
+        if let Some(p) = config.ipv6_prefix {
+            return Ok(Some(p));
         }
+        let (dir, name) = (self.options.state_dir.clone(), config.name.clone());
+        let kept = tokio::task::spawn_blocking(move || crate::ula::load_or_create(&dir, &name))
+            .await
+            .map_err(|e| BackendError::component("IPv6 prefix", e))?
+            .map_err(|e| BackendError::component("IPv6 prefix", e))?;
+        if let Some(path) = kept.unsynced {
+            let network = config.name.clone();
+            tokio::task::spawn_blocking(move || {
+                if let Err(e) = crate::ula::sync(&path) {
+                    warn!(network, "{}", crate::error::Chain(&e));
+                }
+            });
+        }
+        Ok(Some(kept.prefix))
     }
 
     /// Firewall rules, then DHCP, DNS and Router Advertisements. On error nothing of them
@@ -1116,7 +1133,7 @@ impl Backend for LinuxBackend {
                 .map_err(|e| BackendError::os("cannot choose the overlay's MTU", e))?;
         }
         let config = &config;
-        let ipv6_prefix = self.ipv6_prefix_for(config)?;
+        let ipv6_prefix = self.ipv6_prefix_for(config).await?;
         let (subnet, gateway) = self
             .reserve_subnet(config, &bridge_name, ipv6_prefix)
             .await?;
@@ -1630,7 +1647,7 @@ impl Backend for LinuxBackend {
                 )));
             }
         };
-        let ipv6_prefix = self.ipv6_prefix_for(config)?;
+        let ipv6_prefix = self.ipv6_prefix_for(config).await?;
         {
             let mut held = self.held.lock().expect("not poisoned");
             if held.contains_key(&bridge_name) {
@@ -1775,6 +1792,10 @@ impl Backend for LinuxBackend {
     }
 
     async fn remove_stale(&self) -> Result<(), BackendError> {
+        // The previous broker's networks are adopted by now, and with them the TAP guard
+        // it left on their TAPs, if any: the guard is loaded (or found adopted) now, off
+        // the acquire path, instead of by the first TAP that needs it.
+        self.firewall.preload_guard();
         let links = self.netlink.links().await?;
         let mut errors = vec![];
         if let Err(e) = self.firewall.remove_stale().await {

@@ -398,83 +398,51 @@ impl Netlink {
     }
 
     /// Everything that occupies IPv4 address space: the addresses of all interfaces
-    /// and the routes of the main table except the default route.
-    pub async fn occupants(&self) -> io::Result<Vec<Occupant>> {
-        let names: BTreeMap<u32, String> = self
-            .links()
-            .await?
-            .into_iter()
-            .map(|l| (l.index, l.name))
-            .collect();
-        let mut occupants = self.addresses(&names).await?;
-        occupants.extend(self.routes(&names).await?);
-        Ok(occupants)
-    }
-
-    /// What occupies IPv6 address space on the host, as [`Self::occupants`] for IPv4:
-    /// every global or unique-local address (with its prefix) and every route of the
-    /// main table but the default one. Link-local ones are left out: every interface has
-    /// fe80::/64, which no network's prefix can be (the config refuses it).
-    pub async fn occupants6(&self) -> io::Result<Vec<Occupant<Ipv6Net>>> {
-        let names: BTreeMap<u32, String> = self
-            .links()
-            .await?
-            .into_iter()
-            .map(|l| (l.index, l.name))
-            .collect();
-        let link_local = |a: &std::net::Ipv6Addr| a.segments()[0] & 0xffc0 == 0xfe80;
-        let mut occupants: Vec<Occupant<Ipv6Net>> = self
-            .address_messages()
-            .await?
-            .into_iter()
-            .filter(|m| m.header.family == AddressFamily::Inet6)
-            .filter_map(|m| {
-                let addr = m.attributes.iter().find_map(|a| match a {
-                    AddressAttribute::Address(IpAddr::V6(ip)) => Some(*ip),
-                    _ => None,
-                })?;
-                if link_local(&addr) || addr.is_loopback() {
-                    return None;
-                }
-                Some(Occupant {
-                    net: Ipv6Net::new(addr, m.header.prefix_len).ok()?,
-                    what: Occupation::Address {
-                        interface: name_of(&names, m.header.index),
-                    },
-                })
+    /// and the routes of the main table except the default route; with `ipv6`, what
+    /// occupies IPv6 address space too, by the same rules: every global or unique-local
+    /// address (with its prefix) and every route of the main table but the default one.
+    /// Link-local ones are left out: every interface has fe80::/64, which no network's
+    /// prefix can be (the config refuses it).
+    ///
+    /// One dump each of links, addresses (both families) and routes (per family), all
+    /// requests in flight at once on the one socket: a network's creation waits for about
+    /// one round trip, not six in a row (links and addresses were dumped per family).
+    pub async fn occupants(
+        &self,
+        ipv6: bool,
+    ) -> io::Result<(Vec<Occupant>, Vec<Occupant<Ipv6Net>>)> {
+        let routes6 = async {
+            if !ipv6 {
+                return Ok(vec![]);
+            }
+            dump(|| {
+                let query = RouteMessageBuilder::<std::net::Ipv6Addr>::new().build();
+                self.handle.route().get(query).execute().try_collect()
             })
-            .collect();
-        let routes: Vec<RouteMessage> = dump(|| {
-            let query = RouteMessageBuilder::<std::net::Ipv6Addr>::new().build();
-            self.handle.route().get(query).execute().try_collect()
-        })
-        .await
-        .map_err(|e| fail(e, "cannot list IPv6 routes"))?;
-        occupants.extend(
-            routes
-                .into_iter()
-                .filter(|m| m.header.address_family == AddressFamily::Inet6)
-                .filter(|m| table_of(m) == u32::from(RouteHeader::RT_TABLE_MAIN))
-                .filter(|m| m.header.destination_prefix_length > 0)
-                .filter_map(|m| {
-                    let dest = m.attributes.iter().find_map(|a| match a {
-                        RouteAttribute::Destination(RouteAddress::Inet6(d)) => Some(*d),
-                        _ => None,
-                    })?;
-                    if link_local(&dest) {
-                        return None;
-                    }
-                    let interface = m.attributes.iter().find_map(|a| match a {
-                        RouteAttribute::Oif(i) => Some(name_of(&names, *i)),
-                        _ => None,
-                    });
-                    Some(Occupant {
-                        net: Ipv6Net::new(dest, m.header.destination_prefix_length).ok()?,
-                        what: Occupation::Route { interface },
-                    })
-                }),
-        );
-        Ok(occupants)
+            .await
+            .map_err(|e| fail(e, "cannot list IPv6 routes"))
+        };
+        let routes4 = async {
+            dump(|| {
+                let query = RouteMessageBuilder::<Ipv4Addr>::new().build();
+                self.handle.route().get(query).execute().try_collect()
+            })
+            .await
+            .map_err(|e| fail(e, "cannot list routes"))
+        };
+        let (links, addresses, routes4, routes6) =
+            tokio::try_join!(self.links(), self.address_messages(), routes4, routes6)?;
+        let names: BTreeMap<u32, String> = links.into_iter().map(|l| (l.index, l.name)).collect();
+        let mut occupants = v4_addresses(&addresses, &names);
+        occupants.extend(v4_routes(routes4, &names));
+        let occupants6 = if ipv6 {
+            let mut occupants6 = v6_addresses(&addresses, &names);
+            occupants6.extend(v6_routes(routes6, &names));
+            occupants6
+        } else {
+            vec![]
+        };
+        Ok((occupants, occupants6))
     }
 
     /// Every address of every interface, as the kernel dumps them.
@@ -496,52 +464,98 @@ impl Netlink {
             })
             .map(|m| m.header.index))
     }
+}
 
-    async fn addresses(&self, names: &BTreeMap<u32, String>) -> io::Result<Vec<Occupant>> {
-        let msgs = self.address_messages().await?;
-        Ok(msgs
-            .into_iter()
-            .filter(|m| m.header.family == AddressFamily::Inet)
-            .filter_map(|m| {
-                let addr = ipv4_of_address(&m)?;
-                Some(Occupant {
-                    net: Ipv4Net::new(addr, m.header.prefix_len).ok()?,
-                    what: Occupation::Address {
-                        interface: name_of(names, m.header.index),
-                    },
-                })
+/// The IPv4 addresses of `msgs` as occupants.
+fn v4_addresses(msgs: &[AddressMessage], names: &BTreeMap<u32, String>) -> Vec<Occupant> {
+    msgs.iter()
+        .filter(|m| m.header.family == AddressFamily::Inet)
+        .filter_map(|m| {
+            let addr = ipv4_of_address(m)?;
+            Some(Occupant {
+                net: Ipv4Net::new(addr, m.header.prefix_len).ok()?,
+                what: Occupation::Address {
+                    interface: name_of(names, m.header.index),
+                },
             })
-            .collect())
-    }
-
-    async fn routes(&self, names: &BTreeMap<u32, String>) -> io::Result<Vec<Occupant>> {
-        let msgs: Vec<RouteMessage> = dump(|| {
-            let query = RouteMessageBuilder::<Ipv4Addr>::new().build();
-            self.handle.route().get(query).execute().try_collect()
         })
-        .await
-        .map_err(|e| fail(e, "cannot list routes"))?;
-        Ok(msgs
-            .into_iter()
-            .filter(|m| m.header.address_family == AddressFamily::Inet)
-            .filter(|m| table_of(m) == u32::from(RouteHeader::RT_TABLE_MAIN))
-            .filter(|m| m.header.destination_prefix_length > 0)
-            .filter_map(|m| {
-                let dest = m.attributes.iter().find_map(|a| match a {
-                    RouteAttribute::Destination(RouteAddress::Inet(d)) => Some(*d),
-                    _ => None,
-                })?;
-                let interface = m.attributes.iter().find_map(|a| match a {
-                    RouteAttribute::Oif(i) => Some(name_of(names, *i)),
-                    _ => None,
-                });
-                Some(Occupant {
-                    net: Ipv4Net::new(dest, m.header.destination_prefix_length).ok()?,
-                    what: Occupation::Route { interface },
-                })
+        .collect()
+}
+
+/// The IPv4 routes of the main table but the default one, as occupants.
+fn v4_routes(msgs: Vec<RouteMessage>, names: &BTreeMap<u32, String>) -> Vec<Occupant> {
+    msgs.into_iter()
+        .filter(|m| m.header.address_family == AddressFamily::Inet)
+        .filter(|m| table_of(m) == u32::from(RouteHeader::RT_TABLE_MAIN))
+        .filter(|m| m.header.destination_prefix_length > 0)
+        .filter_map(|m| {
+            let dest = m.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Destination(RouteAddress::Inet(d)) => Some(*d),
+                _ => None,
+            })?;
+            let interface = m.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Oif(i) => Some(name_of(names, *i)),
+                _ => None,
+            });
+            Some(Occupant {
+                net: Ipv4Net::new(dest, m.header.destination_prefix_length).ok()?,
+                what: Occupation::Route { interface },
             })
-            .collect())
-    }
+        })
+        .collect()
+}
+
+fn link_local6(a: &std::net::Ipv6Addr) -> bool {
+    a.segments()[0] & 0xffc0 == 0xfe80
+}
+
+/// The global and unique-local IPv6 addresses of `msgs` (with their prefixes) as
+/// occupants.
+fn v6_addresses(msgs: &[AddressMessage], names: &BTreeMap<u32, String>) -> Vec<Occupant<Ipv6Net>> {
+    msgs.iter()
+        .filter(|m| m.header.family == AddressFamily::Inet6)
+        .filter_map(|m| {
+            let addr = m.attributes.iter().find_map(|a| match a {
+                AddressAttribute::Address(IpAddr::V6(ip)) => Some(*ip),
+                _ => None,
+            })?;
+            if link_local6(&addr) || addr.is_loopback() {
+                return None;
+            }
+            Some(Occupant {
+                net: Ipv6Net::new(addr, m.header.prefix_len).ok()?,
+                what: Occupation::Address {
+                    interface: name_of(names, m.header.index),
+                },
+            })
+        })
+        .collect()
+}
+
+/// The IPv6 routes of the main table but the default and link-local ones, as occupants.
+fn v6_routes(msgs: Vec<RouteMessage>, names: &BTreeMap<u32, String>) -> Vec<Occupant<Ipv6Net>> {
+    msgs.into_iter()
+        .filter(|m| m.header.address_family == AddressFamily::Inet6)
+        .filter(|m| table_of(m) == u32::from(RouteHeader::RT_TABLE_MAIN))
+        .filter(|m| m.header.destination_prefix_length > 0)
+        .filter_map(|m| {
+            let dest = m.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Destination(RouteAddress::Inet6(d)) => Some(*d),
+                _ => None,
+            })?;
+            if link_local6(&dest) {
+                return None;
+            }
+            let interface = m.attributes.iter().find_map(|a| match a {
+                RouteAttribute::Oif(i) => Some(name_of(names, *i)),
+                _ => None,
+            });
+            Some(Occupant {
+                net: Ipv6Net::new(dest, m.header.destination_prefix_length).ok()?,
+                what: Occupation::Route { interface },
+            })
+        })
+        .collect()
 }
 
 fn name_of(names: &BTreeMap<u32, String>, index: u32) -> String {

@@ -226,14 +226,50 @@ pub struct Guard {
     netlink: Netlink,
 }
 
+/// What [`Guard::load_programs`] hands back to the runtime.
+struct Loaded {
+    ingress: ProgramFd,
+    egress: ProgramFd,
+    ingress_id: u32,
+    egress_id: u32,
+    overlay: ProgramFd,
+    map: Maps,
+}
+
 fn load_err(e: impl std::error::Error + Send + Sync + 'static) -> GuardError {
     GuardError::Load(Box::new(e))
 }
 
 impl Guard {
     /// Loads the programs and a new, empty map. Needs a tokio runtime (netlink) and
-    /// CAP_BPF/CAP_NET_ADMIN.
-    pub fn load() -> Result<Guard, GuardError> {
+    /// CAP_BPF/CAP_NET_ADMIN. The load itself (aya's probes of the kernel's features and
+    /// the verifier: about 0.1 s here) runs on a blocking thread, not on the runtime's.
+    pub async fn load() -> Result<Guard, GuardError> {
+        let netlink = Netlink::connect().map_err(load_err)?;
+        let loaded = tokio::task::spawn_blocking(Self::load_programs)
+            .await
+            .map_err(load_err)??;
+        let Loaded {
+            ingress,
+            egress,
+            ingress_id,
+            egress_id,
+            overlay,
+            map,
+        } = loaded;
+        Ok(Guard {
+            ingress,
+            egress,
+            ingress_id,
+            egress_id,
+            overlay: Some(overlay),
+            map: Mutex::new(map),
+            netlink,
+        })
+    }
+
+    /// The blocking part of [`Guard::load`]: the object loaded, its programs verified.
+    fn load_programs() -> Result<Loaded, GuardError> {
         let mut ebpf = aya::Ebpf::load(OBJECT).map_err(load_err)?;
         let mut fds = vec![];
         for name in [INGRESS, EGRESS, OVERLAY] {
@@ -266,14 +302,13 @@ impl Guard {
         let (overlay, _) = fds.pop().expect("three programs");
         let (egress, egress_id) = fds.pop().expect("three programs");
         let (ingress, ingress_id) = fds.pop().expect("three programs");
-        Ok(Guard {
+        Ok(Loaded {
             ingress,
             egress,
             ingress_id,
             egress_id,
-            overlay: Some(overlay),
-            map: Mutex::new(map),
-            netlink: Netlink::connect().map_err(load_err)?,
+            overlay,
+            map,
         })
     }
 

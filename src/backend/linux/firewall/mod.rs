@@ -479,6 +479,25 @@ impl Firewall {
         Ok(())
     }
 
+    /// Loads the TAP guard now, in the background, unless it is loaded or adopted already:
+    /// the load (aya's kernel probes and the verifier) takes about 0.1 s, which the first
+    /// TAP of an anti-spoofing network would otherwise wait for in its acquire. A TAP that
+    /// needs the guard meanwhile waits for this load instead of starting its own. Call it
+    /// once the previous broker's networks are adopted, so their guard (and its bindings)
+    /// is adopted rather than replaced. A failure only logs: the first TAP tries again and
+    /// fails its acquire with the reason.
+    pub fn preload_guard(&self) {
+        let inner = Arc::clone(&self.inner);
+        tokio::spawn(async move {
+            if let Err(e) = inner.guard(None).await {
+                warn!(
+                    "cannot load the TAP guard ahead of the first TAP: {}",
+                    crate::error::Chain(&e)
+                );
+            }
+        });
+    }
+
     /// The TAP guard's binding of interface `ifindex` (tests, diagnostics).
     pub async fn guard_binding(&self, ifindex: u32) -> Result<Option<Binding>, FirewallError> {
         Ok(self.inner.guard(None).await?.binding(ifindex)?)
@@ -599,7 +618,7 @@ impl Inner {
                     info!(ifindex, "adopted the TAP guard a previous broker left");
                     return Ok::<_, GuardError>(Arc::new(guard));
                 }
-                Ok(Arc::new(Guard::load()?))
+                Ok(Arc::new(Guard::load().await?))
             })
             .await?)
     }
