@@ -74,8 +74,9 @@ const REAP_QUIET: Duration = Duration::from_millis(20);
 const REAP_MAX_DELAY: Duration = Duration::from_millis(1000);
 
 /// Acquires under way (from the backend's attach until the reply with the fd is about to
-/// be sent: [`crate::backend::Attachment::answering`]),
-/// for the reaper and the pool's refill to keep out of their way.
+/// be sent: [`crate::backend::Attachment::answering`]), and networks being created (a
+/// cold acquire's first half), for the reaper and the pool's refill to keep out of their
+/// way.
 #[derive(Debug)]
 pub struct Attaching {
     in_flight: std::sync::atomic::AtomicUsize,
@@ -1116,6 +1117,10 @@ impl Backend for LinuxBackend {
 
     async fn create(&self, config: &NetworkConfig) -> Result<LinuxNetwork, BackendError> {
         let mut steps = Steps::start();
+        // The refills of the networks made before (four TAPs each, RTNL-bound) wait while
+        // this one is made, as they do for an attach: back-to-back cold acquires measured
+        // 16 ms at p50 with them competing, against 7 ms one at a time.
+        let _creating = self.attaching.start();
         // Before anything is made: a field this backend cannot honour is never ignored.
         super::linux_support::check(config).map_err(|e| BackendError::component("config", e))?;
         // The static forwards' ports, before anything is made: a taken one fails the
