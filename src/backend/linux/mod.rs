@@ -327,6 +327,9 @@ fn host_mac(guest: [u8; 6]) -> [u8; 6] {
     mac
 }
 
+/// What occupies the host's IPv4 and IPv6 address space ([`Netlink::occupants`]).
+type Occupants = (Vec<Occupant>, Vec<Occupant<Ipv6Net>>);
+
 impl LinuxBackend {
     /// Must be called inside a tokio runtime: it starts the firewall's watchdog, which
     /// restores the broker's rules within seconds if someone flushes the ruleset.
@@ -420,20 +423,33 @@ impl LinuxBackend {
         &self.options
     }
 
+    /// The network's IPv6 prefix ([`Self::ipv6_prefix_for`]) and what occupies the host's
+    /// address space ([`Netlink::occupants`]), for [`Self::reserve_subnet`]: the prefix's
+    /// file and the kernel's dumps are read at the same time.
+    async fn prefix_and_occupants(
+        &self,
+        config: &NetworkConfig,
+    ) -> Result<(Option<Ipv6Net>, Occupants), BackendError> {
+        // What `ipv6_prefix_for` yields a prefix for, known before it ends.
+        let ipv6 = config.vxlan.is_none() && bridge::has_ipv6();
+        let occupants = async {
+            self.netlink
+                .occupants(ipv6)
+                .await
+                .map_err(|e| BackendError::os("cannot read the host's addresses and routes", e))
+        };
+        tokio::try_join!(self.ipv6_prefix_for(config), occupants)
+    }
+
     /// Reserves a subnet for `config`: the fixed one if it is free, else the first free
-    /// prefix of the pool ([`subnet::pool`]).
-    async fn reserve_subnet(
+    /// prefix of the pool ([`subnet::pool`]), given what the host holds (`occupants`).
+    fn reserve_subnet(
         &self,
         config: &NetworkConfig,
         bridge: &str,
         ipv6_prefix: Option<Ipv6Net>,
+        (mut occupants, mut occupants6): Occupants,
     ) -> Result<(Ipv4Net, Ipv4Addr), BackendError> {
-        let read = |e| BackendError::os("cannot read the host's addresses and routes", e);
-        let (mut occupants, mut occupants6) = self
-            .netlink
-            .occupants(ipv6_prefix.is_some())
-            .await
-            .map_err(read)?;
         let mut held = self.held.lock().expect("not poisoned");
         occupants.extend(held.values().map(|(name, net, _)| Occupant {
             net: *net,
@@ -1138,10 +1154,8 @@ impl Backend for LinuxBackend {
                 .map_err(|e| BackendError::os("cannot choose the overlay's MTU", e))?;
         }
         let config = &config;
-        let ipv6_prefix = self.ipv6_prefix_for(config).await?;
-        let (subnet, gateway) = self
-            .reserve_subnet(config, &bridge_name, ipv6_prefix)
-            .await?;
+        let (ipv6_prefix, occupants) = self.prefix_and_occupants(config).await?;
+        let (subnet, gateway) = self.reserve_subnet(config, &bridge_name, ipv6_prefix, occupants)?;
         let address = Ipv4Net::new(gateway, subnet.prefix_len()).expect("prefix of a subnet");
         let address6 =
             ipv6_prefix.map(|p| Ipv6Net::new(crate::ula::gateway_of(p), 64).expect("a /64"));
@@ -1798,9 +1812,9 @@ impl Backend for LinuxBackend {
 
     async fn remove_stale(&self) -> Result<(), BackendError> {
         // The previous broker's networks are adopted by now, and with them the TAP guard
-        // it left on their TAPs, if any: the guard is loaded (or found adopted) now, off
-        // the acquire path, instead of by the first TAP that needs it.
-        self.firewall.preload_guard();
+        // it left on their TAPs, if any; nothing is served yet: the guard is loaded now
+        // (or found adopted), instead of in the acquire of the first TAP that needs it.
+        self.firewall.load_guard().await;
         let links = self.netlink.links().await?;
         let mut errors = vec![];
         if let Err(e) = self.firewall.remove_stale().await {

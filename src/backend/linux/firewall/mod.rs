@@ -479,23 +479,20 @@ impl Firewall {
         Ok(())
     }
 
-    /// Loads the TAP guard now, in the background, unless it is loaded or adopted already:
-    /// the load (aya's kernel probes and the verifier) takes about 0.1 s, which the first
-    /// TAP of an anti-spoofing network would otherwise wait for in its acquire. A TAP that
-    /// needs the guard meanwhile waits for this load instead of starting its own. Call it
-    /// once the previous broker's networks are adopted, so their guard (and its bindings)
-    /// is adopted rather than replaced. A failure only logs: the first TAP tries again and
-    /// fails its acquire with the reason.
-    pub fn preload_guard(&self) {
-        let inner = Arc::clone(&self.inner);
-        tokio::spawn(async move {
-            if let Err(e) = inner.guard(None).await {
-                warn!(
-                    "cannot load the TAP guard ahead of the first TAP: {}",
-                    crate::error::Chain(&e)
-                );
-            }
-        });
+    /// Loads the TAP guard now, unless it is loaded or adopted already: the load (aya's
+    /// kernel probes and the verifier, on a blocking thread) takes about 0.1 s, which the
+    /// first TAP of an anti-spoofing network would otherwise wait for in its acquire.
+    /// Called once the previous broker's networks are adopted, so their guard (and its
+    /// bindings) is adopted rather than replaced, and before the socket is served. A
+    /// failure only logs: the first TAP that needs the guard tries again and fails its
+    /// acquire with the reason.
+    pub async fn load_guard(&self) {
+        if let Err(e) = self.inner.guard(None).await {
+            warn!(
+                "cannot load the TAP guard ahead of the first TAP: {}",
+                crate::error::Chain(&e)
+            );
+        }
     }
 
     /// The TAP guard's binding of interface `ifindex` (tests, diagnostics).
