@@ -404,9 +404,12 @@ impl Netlink {
     /// Link-local ones are left out: every interface has fe80::/64, which no network's
     /// prefix can be (the config refuses it).
     ///
-    /// One dump each of links, addresses (both families) and routes (per family), all
-    /// requests in flight at once on the one socket: a network's creation waits for about
-    /// one round trip, not six in a row (links and addresses were dumped per family).
+    /// One dump of addresses (both families) and one of routes per family, all requests
+    /// in flight at once on the one socket: a network's creation waits for about one
+    /// round trip, not six in a row. The interfaces' names (for the conflict messages)
+    /// come from `SIOCGIFNAME` for the few interfaces that hold addresses or routes, not
+    /// from a dump of every link: with 20 networks the host has over a hundred (bridges
+    /// and TAPs), each a kilobyte and a half of attributes to fill and parse.
     pub async fn occupants(
         &self,
         ipv6: bool,
@@ -430,9 +433,14 @@ impl Netlink {
             .await
             .map_err(|e| fail(e, "cannot list routes"))
         };
-        let (links, addresses, routes4, routes6) =
-            tokio::try_join!(self.links(), self.address_messages(), routes4, routes6)?;
-        let names: BTreeMap<u32, String> = links.into_iter().map(|l| (l.index, l.name)).collect();
+        let (addresses, routes4, routes6) =
+            tokio::try_join!(self.address_messages(), routes4, routes6)?;
+        let names = interface_names(
+            addresses
+                .iter()
+                .map(|m| m.header.index)
+                .chain(routes4.iter().chain(&routes6).filter_map(route_oif)),
+        );
         let mut occupants = v4_addresses(&addresses, &names);
         occupants.extend(v4_routes(routes4, &names));
         let occupants6 = if ipv6 {
@@ -556,6 +564,30 @@ fn v6_routes(msgs: Vec<RouteMessage>, names: &BTreeMap<u32, String>) -> Vec<Occu
             })
         })
         .collect()
+}
+
+/// The output interface of a route, if it has one.
+fn route_oif(m: &RouteMessage) -> Option<u32> {
+    m.attributes.iter().find_map(|a| match a {
+        RouteAttribute::Oif(i) => Some(*i),
+        _ => None,
+    })
+}
+
+/// The names of interfaces `indexes` in the calling thread's network namespace (that of
+/// the sockets: see [`Netlink::connect`]); one gone meanwhile is left out ([`name_of`]
+/// shows its index).
+fn interface_names(indexes: impl Iterator<Item = u32>) -> BTreeMap<u32, String> {
+    let mut names = BTreeMap::new();
+    for index in indexes {
+        if names.contains_key(&index) {
+            continue;
+        }
+        if let Ok(name) = nix::net::if_::if_indextoname(index) {
+            names.insert(index, name.to_string_lossy().into_owned());
+        }
+    }
+    names
 }
 
 fn name_of(names: &BTreeMap<u32, String>, index: u32) -> String {
