@@ -87,15 +87,11 @@ pub async fn make(
         // While the bridge is still down: it accepts nothing before this holds.
         refuse_router_advertisements(Path::new(IPV6_CONF), name)?;
         netlink.configure_up(&link, config.mtu, &alias).await?;
-        // The addresses are independent of each other: all requests in flight at once,
-        // one round trip instead of three.
-        let v6 = async {
-            match address6 {
-                Some(address6) => add_ipv6(netlink, &link, address6).await,
-                None => Ok(()),
-            }
-        };
-        tokio::try_join!(netlink.add_address(&link, address), v6).map(drop)
+        netlink.add_address(&link, address).await?;
+        match address6 {
+            Some(address6) => add_ipv6(netlink, &link, address6).await,
+            None => Ok(()),
+        }
     };
     if let Err(e) = configured.await {
         if let Err(cleanup) = netlink.delete(&link).await {
@@ -115,11 +111,8 @@ pub async fn make(
 /// once. Addresses already there are kept (an adopted bridge).
 pub async fn add_ipv6(netlink: &Netlink, link: &Link, address6: Ipv6Net) -> io::Result<()> {
     let link_local = Ipv6Net::new(crate::ra::ROUTER_LINK_LOCAL, 64).expect("64 is a valid length");
-    tokio::try_join!(
-        netlink.add_address_v6_nodad(link, link_local),
-        netlink.add_address_v6_nodad(link, address6)
-    )
-    .map(drop)
+    netlink.add_address_v6_nodad(link, link_local).await?;
+    netlink.add_address_v6_nodad(link, address6).await
 }
 
 /// Whether the kernel has IPv6 in the calling thread's namespace (not booted with
