@@ -1134,8 +1134,9 @@ impl Backend for LinuxBackend {
     async fn create(&self, config: &NetworkConfig) -> Result<LinuxNetwork, BackendError> {
         let mut steps = Steps::start();
         // The refills of the networks made before (four TAPs each, RTNL-bound) wait while
-        // this one is made, as they do for an attach: back-to-back cold acquires measured
-        // 16 ms at p50 with them competing, against 7 ms one at a time.
+        // this one is made, as they do for an attach: back-to-back cold acquires would
+        // otherwise compete with the previous network's refill for the RTNL lock and the
+        // CPUs (its effect alone was not measured apart from this branch's other changes).
         let _creating = self.attaching.start();
         // Before anything is made: a field this backend cannot honour is never ignored.
         super::linux_support::check(config).map_err(|e| BackendError::component("config", e))?;
