@@ -1156,7 +1156,8 @@ impl Backend for LinuxBackend {
         }
         let config = &config;
         let (ipv6_prefix, occupants) = self.prefix_and_occupants(config).await?;
-        let (subnet, gateway) = self.reserve_subnet(config, &bridge_name, ipv6_prefix, occupants)?;
+        let (subnet, gateway) =
+            self.reserve_subnet(config, &bridge_name, ipv6_prefix, occupants)?;
         let address = Ipv4Net::new(gateway, subnet.prefix_len()).expect("prefix of a subnet");
         let address6 =
             ipv6_prefix.map(|p| Ipv6Net::new(crate::ula::gateway_of(p), 64).expect("a /64"));
