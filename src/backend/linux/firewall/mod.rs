@@ -280,7 +280,8 @@ struct Inner {
     state: Mutex<State>,
     /// The apply queue, started by the first call (which runs inside a tokio runtime).
     queue: OnceLock<mpsc::UnboundedSender<Job>>,
-    /// The TAP guard, loaded (or adopted from a TAP a previous broker left) on first use.
+    /// The TAP guard, loaded (or adopted from a TAP a previous broker left) on first use:
+    /// the daemon's, at startup ([`Firewall::load_guard`]).
     guard: tokio::sync::OnceCell<Arc<Guard>>,
 }
 
