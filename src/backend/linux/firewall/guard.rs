@@ -226,16 +226,6 @@ pub struct Guard {
     netlink: Netlink,
 }
 
-/// What [`Guard::load_programs`] hands back to the runtime.
-struct Loaded {
-    ingress: ProgramFd,
-    egress: ProgramFd,
-    ingress_id: u32,
-    egress_id: u32,
-    overlay: ProgramFd,
-    map: Maps,
-}
-
 fn load_err(e: impl std::error::Error + Send + Sync + 'static) -> GuardError {
     GuardError::Load(Box::new(e))
 }
@@ -246,30 +236,13 @@ impl Guard {
     /// the verifier: about 0.1 s here) runs on a blocking thread, not on the runtime's.
     pub async fn load() -> Result<Guard, GuardError> {
         let netlink = Netlink::connect().map_err(load_err)?;
-        let loaded = tokio::task::spawn_blocking(Self::load_programs)
+        tokio::task::spawn_blocking(move || Self::load_programs(netlink))
             .await
-            .map_err(load_err)??;
-        let Loaded {
-            ingress,
-            egress,
-            ingress_id,
-            egress_id,
-            overlay,
-            map,
-        } = loaded;
-        Ok(Guard {
-            ingress,
-            egress,
-            ingress_id,
-            egress_id,
-            overlay: Some(overlay),
-            map: Mutex::new(map),
-            netlink,
-        })
+            .map_err(load_err)?
     }
 
     /// The blocking part of [`Guard::load`]: the object loaded, its programs verified.
-    fn load_programs() -> Result<Loaded, GuardError> {
+    fn load_programs(netlink: Netlink) -> Result<Guard, GuardError> {
         let mut ebpf = aya::Ebpf::load(OBJECT).map_err(load_err)?;
         let mut fds = vec![];
         for name in [INGRESS, EGRESS, OVERLAY] {
@@ -302,13 +275,14 @@ impl Guard {
         let (overlay, _) = fds.pop().expect("three programs");
         let (egress, egress_id) = fds.pop().expect("three programs");
         let (ingress, ingress_id) = fds.pop().expect("three programs");
-        Ok(Loaded {
+        Ok(Guard {
             ingress,
             egress,
             ingress_id,
             egress_id,
-            overlay,
-            map,
+            overlay: Some(overlay),
+            map: Mutex::new(map),
+            netlink,
         })
     }
 
