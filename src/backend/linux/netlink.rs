@@ -501,10 +501,7 @@ fn v4_routes(msgs: Vec<RouteMessage>, names: &BTreeMap<u32, String>) -> Vec<Occu
                 RouteAttribute::Destination(RouteAddress::Inet(d)) => Some(*d),
                 _ => None,
             })?;
-            let interface = m.attributes.iter().find_map(|a| match a {
-                RouteAttribute::Oif(i) => Some(name_of(names, *i)),
-                _ => None,
-            });
+            let interface = route_oif(&m).map(|i| name_of(names, i));
             Some(Occupant {
                 net: Ipv4Net::new(dest, m.header.destination_prefix_length).ok()?,
                 what: Occupation::Route { interface },
@@ -554,10 +551,7 @@ fn v6_routes(msgs: Vec<RouteMessage>, names: &BTreeMap<u32, String>) -> Vec<Occu
             if link_local6(&dest) {
                 return None;
             }
-            let interface = m.attributes.iter().find_map(|a| match a {
-                RouteAttribute::Oif(i) => Some(name_of(names, *i)),
-                _ => None,
-            });
+            let interface = route_oif(&m).map(|i| name_of(names, i));
             Some(Occupant {
                 net: Ipv6Net::new(dest, m.header.destination_prefix_length).ok()?,
                 what: Occupation::Route { interface },
