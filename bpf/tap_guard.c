@@ -11,7 +11,7 @@
 // is up or on the bridge, and writes one `struct binding` per bound TAP into `bindings`,
 // keyed by the TAP's ifindex (and, on networks whose guests may talk to each other, the
 // TAP's guest MAC into `peers`, for the guest-to-guest fast path). A TAP without a
-// binding sends nothing and receives no unicast: bound before its first frame can pass.
+// binding sends and receives nothing: bound before its first frame can pass.
 // On networks with a VXLAN overlay the broker also attaches `overlay_ingress` to the
 // network's VXLAN port and binds the port (BIND_OVERLAY): the overlay fast path, which
 // learns remote guests' MACs into `remotes`.
@@ -378,18 +378,22 @@ int tap_ingress(struct __sk_buff *skb)
 // MAC for a local address of the client's port and sends the host's frames for the
 // neighbour there. So unicast leaves a TAP only for the guest MAC bound to it (which also
 // keeps unknown-unicast floods of other VMs' traffic off it); group addresses (the I/G
-// bit) go to every port.
+// bit) go to every bound port. A TAP without a binding receives nothing at all: the
+// broker's pool keeps TAPs open, with their carrier up, until an acquire hands one out,
+// and their queues must not fill with broadcasts no guest will ever read.
 SEC("classifier/egress")
 int tap_egress(struct __sk_buff *skb)
 {
+	__u32 key = skb->ifindex;
+	struct binding *b = bpf_map_lookup_elem(&bindings, &key);
+	if (!b)
+		return TC_ACT_SHOT;
 	__u8 dst[6];
 	if (bpf_skb_load_bytes(skb, 0, dst, 6) < 0)
 		return TC_ACT_SHOT;
 	if (dst[0] & 1)
 		return TC_ACT_OK;
-	__u32 key = skb->ifindex;
-	struct binding *b = bpf_map_lookup_elem(&bindings, &key);
-	if (!b || !mac_eq(dst, b->mac))
+	if (!mac_eq(dst, b->mac))
 		return TC_ACT_SHOT;
 	return TC_ACT_OK;
 }

@@ -16,10 +16,11 @@
 //! fast path").
 //! [`Guard::bind`] and [`Guard::unbind`] keep the two maps consistent: a `peers` entry
 //! exists only for a TAP whose binding holds that MAC on that bridge (and the program
-//! checks the target's binding again before redirecting). [`Guard::attach`] puts a clsact qdisc and both
-//! filters (cls_bpf, direct action) on a TAP; a TAP without a binding sends nothing and
-//! receives no unicast, so attaching before the TAP is up and on the bridge binds it
-//! before its first frame. The filters are kernel objects holding the programs, which
+//! checks the target's binding again before redirecting). [`Guard::attach`] puts a
+//! clsact qdisc and both filters (cls_bpf, direct action) on a TAP; a TAP without a
+//! binding sends and receives nothing, so attaching before the TAP is up and on the
+//! bridge binds it before its first frame, and an idle pool TAP held open queues
+//! nothing. The filters are kernel objects holding the programs, which
 //! hold the map: nothing depends on the broker's fds, so a broker that dies (even by
 //! SIGKILL) leaves its VMs connected and protected. The next broker finds the program
 //! and the maps through the filter of an adopted TAP ([`Guard::adopt`]: filter -> program
@@ -394,7 +395,7 @@ impl Guard {
 
     /// Puts the guard on interface `ifindex`, replacing a filter of ours already there
     /// (atomically: no frame passes unchecked). Without a binding (see [`Guard::unbind`]),
-    /// the interface sends nothing and receives no unicast.
+    /// the interface sends and receives nothing.
     pub async fn attach(&self, ifindex: u32) -> Result<(), GuardError> {
         self.attach_programs(
             ifindex,

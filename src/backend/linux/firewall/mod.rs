@@ -470,7 +470,7 @@ impl Firewall {
     }
 
     /// Puts the TAP guard on a new TAP of an anti-spoofing network, unbound: from now on
-    /// it sends nothing and receives no unicast until [`Firewall::add_port`] binds it.
+    /// it sends and receives nothing until [`Firewall::add_port`] binds it.
     /// Called before the TAP is up and on the bridge, so it is bound before its first
     /// frame can pass. Not queued behind `nft` runs: a few netlink and `bpf(2)` calls.
     pub async fn guard_tap(&self, ifindex: u32) -> Result<(), FirewallError> {
