@@ -14,6 +14,7 @@ use std::os::fd::AsFd;
 use std::process::Stdio;
 use std::time::Duration;
 use support::{Broker, Options, options_with_files as files, read_line};
+use vmnet_broker::backend::linux::pool::is_pool_name;
 use vmnet_broker_client::client::{Acquired, Client};
 use vmnet_broker_client::linux::tap_name_of;
 use vmnet_broker_client::protocol::{ErrorCode, MAX_MESSAGE, Mac, Reply};
@@ -1081,17 +1082,26 @@ fn hold_as(b: &Broker, bin: &std::path::Path, uid: u32, names: &[&str]) -> Held 
 }
 
 /// The bridge's ports that are TAPs for VMs: not counting the broker's idle pool TAPs
-/// (a pool name, no fd attached: src/backend/linux/pool.rs), which any acquire takes
-/// first.
+/// (a pool name, listed as no network's TAP: src/backend/linux/pool.rs), which any
+/// acquire takes first. (Their carrier does not tell: the pool of an anti-spoofing
+/// network holds its TAPs open.)
 fn bridge_ports(b: &Broker, bridge: &str) -> usize {
-    b.ns.sh(&format!(
-        "for p in $(ls /sys/class/net/{bridge}/brif); do \
-           case $p in vmnt*-p*) [ \"$(cat /sys/class/net/$p/carrier)\" = 0 ] && continue;; esac; \
-           echo $p; \
-         done"
-    ))
-    .split_whitespace()
-    .count()
+    // The ports first: a pool TAP handed out in between is then in the status.
+    let ports = b.ns.sh(&format!("ls /sys/class/net/{bridge}/brif"));
+    let status = b.cli(&["status", "--json"]).output().unwrap();
+    assert!(status.status.success());
+    let status: serde_json::Value = serde_json::from_slice(&status.stdout).unwrap();
+    let listed: BTreeSet<&str> = status["networks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|n| n["taps"].as_array().unwrap().iter())
+        .map(|t| t.as_str().unwrap())
+        .collect();
+    ports
+        .split_whitespace()
+        .filter(|p| !is_pool_name(p) || listed.contains(p))
+        .count()
 }
 
 #[test]

@@ -346,8 +346,8 @@ fn a_refused_connection_gets_error_7_with_a_message_not_a_reset() {
 /// Hole 6: a client made its TAP persistent (TUNSETPERSIST needs no privilege on the fd)
 /// and closed everything; another local user then attached the TAP by name and got the
 /// VM's address and NAT. Now the broker deletes a TAP whose last fd closed unless the
-/// client asked for a persistent one, and every TAP belongs to its client's uid and gid:
-/// only they may attach a persistent one by name.
+/// client asked for a persistent one; that one belongs to its client's uid and gid, so
+/// only they may attach it by name, and every other TAP stays the broker's.
 #[test]
 fn a_tap_persisted_by_its_client_cannot_be_attached_by_another_user() {
     let b = Broker::start(Options::default());

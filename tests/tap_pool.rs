@@ -1,7 +1,8 @@
 //! The pool of pre-made TAPs (src/backend/linux/pool.rs) end to end: the real daemon in a
 //! network namespace of its own. A warm acquire gets a ready TAP that works like a fresh
-//! one and belongs to its client; idle pool TAPs belong to the broker (no other user may
-//! attach them), show nowhere, and go with their network and with a killed broker.
+//! one (given to its client when asked for as persistent) and nothing queued while it
+//! waited; idle pool TAPs belong to the broker (no other user may attach them), show
+//! nowhere, and go with their network and with a killed broker.
 #![cfg(target_os = "linux")]
 
 #[path = "support/frames.rs"]
@@ -28,12 +29,15 @@ use vmnet_broker_client::linux::tap_name_of;
 const DEADLINE: Duration = Duration::from_secs(30);
 
 /// The idle pool TAPs in the broker's namespace, by name, with their ifindex: pool names
-/// whose TAP no fd holds (no carrier).
+/// no network lists as a client's. (The carrier does not tell: the pool of an
+/// anti-spoofing network holds its TAPs open.)
 fn idle_pool(b: &Broker) -> BTreeMap<String, String> {
-    b.ns.links()
+    // Links first: a TAP handed out in between is then in the status.
+    let links = b.ns.links();
+    let handed = status_taps(b, None);
+    links
         .into_iter()
-        .filter(|n| is_pool_name(n))
-        .filter(|n| sysfs(b, n, "carrier") == "0")
+        .filter(|n| is_pool_name(n) && !handed.contains(n))
         .map(|n| {
             let index = sysfs(b, &n, "ifindex");
             (n, index)
@@ -58,14 +62,17 @@ fn ipv6_conf(b: &Broker, name: &str, what: &str) -> String {
 }
 
 fn wait_pool_full(b: &Broker) -> BTreeMap<String, String> {
-    b.wait_for("the pool to fill", DEADLINE, || {
-        idle_pool(b).len() == POOL_SIZE
-    });
+    wait_pool_full_of(b, POOL_SIZE)
+}
+
+/// Waits until `n` idle pool TAPs (of every network) wait.
+fn wait_pool_full_of(b: &Broker, n: usize) -> BTreeMap<String, String> {
+    b.wait_for("the pool to fill", DEADLINE, || idle_pool(b).len() == n);
     idle_pool(b)
 }
 
-/// The TAP names `status --json` lists for network `net`.
-fn status_taps(b: &Broker, net: &str) -> Vec<String> {
+/// The TAP names `status --json` lists for network `net`, or for every network.
+fn status_taps(b: &Broker, net: Option<&str>) -> Vec<String> {
     let out = b.cli(&["status", "--json"]).output().unwrap();
     assert!(
         out.status.success(),
@@ -77,14 +84,14 @@ fn status_taps(b: &Broker, net: &str) -> Vec<String> {
         .as_array()
         .unwrap()
         .iter()
-        .filter(|n| n["name"] == net)
+        .filter(|n| net.is_none_or(|net| n["name"] == net))
         .flat_map(|n| n["taps"].as_array().unwrap().iter())
         .map(|t| t.as_str().unwrap().to_string())
         .collect()
 }
 
 /// A warm acquire is served from the pool: the ready TAP it gets is on the bridge,
-/// belongs to the client's uid and gid, and carries frames (a DHCP exchange, so the
+/// stays the broker's (its client has the fd), and carries frames (a DHCP exchange, so the
 /// binder bound it to the guest's MAC), on an anti-spoofing network and on an
 /// `allow_spoofing` one. The pool is refilled behind it.
 #[test]
@@ -132,10 +139,11 @@ fn a_warm_acquire_gets_a_ready_pool_tap_that_works() {
         assert_eq!(ipv6_conf(&b, &name, "disable_ipv6"), "1");
         let addresses = b.ns.sh(&format!("ip -6 addr show dev {name}"));
         assert!(addresses.trim().is_empty(), "{addresses}");
-        // Handed to its client: the broker's ownership is gone.
-        assert_eq!(sysfs(&b, &name, "owner"), uid.to_string());
-        assert_eq!(sysfs(&b, &name, "group"), uid.to_string());
-        assert!(status_taps(&b, net).contains(&name));
+        // Not asked for as persistent: the broker's still (only the fd is the client's),
+        // so nobody, the client included, may attach it by name.
+        assert_eq!(sysfs(&b, &name, "owner"), "0");
+        assert_eq!(sysfs(&b, &name, "group"), "0");
+        assert!(status_taps(&b, Some(net)).contains(&name));
         let tap = frames::Tap::new(a);
         let ack = tap.dhcp(0x5000 + i as u32, DEADLINE);
         assert!(!ack.yiaddr().is_unspecified(), "{ack:?}");
@@ -146,6 +154,97 @@ fn a_warm_acquire_gets_a_ready_pool_tap_that_works() {
         });
         drop((tap, connection, first, holder));
     }
+}
+
+/// A TAP asked for as persistent (a VMM opens it by name) is given to its client when it
+/// comes from the pool, held open (anti-spoofing network) or closed (`allow_spoofing`):
+/// that uid may attach it by name once its fd is closed, another may not.
+#[test]
+fn a_persistent_tap_from_the_pool_is_its_clients() {
+    let b = Broker::start(Options {
+        files: vec![("loose.json".into(), r#"{"allow_spoofing": true}"#.into())],
+        ..Options::default()
+    });
+    b.ns.sh(&format!("chmod 0666 {}", b.socket.display()));
+    let holder = b.client();
+    for net in ["shared", "loose"] {
+        let _first = holder.acquire(net).unwrap();
+        wait_pool_full_of(&b, POOL_SIZE * if net == "shared" { 1 } else { 2 });
+        let socket = b.socket.clone();
+        let net2 = net.to_string();
+        let (name, connection) = as_uid(4242, move || {
+            let c = Client::connect(&socket).unwrap();
+            let a = c.acquire_with(&net2, None, true).unwrap();
+            (a.info.interface.clone(), c)
+        });
+        assert!(is_pool_name(&name), "{net}: {name} is not from the pool");
+        assert_eq!(sysfs(&b, &name, "owner"), "4242", "{net}");
+        assert_eq!(sysfs(&b, &name, "group"), "4242", "{net}");
+        assert_eq!(
+            b.ns.run(|| attach_by_name_as(&name, 4343, 4343)),
+            libc::EPERM
+        );
+        assert_eq!(
+            b.ns.run(|| attach_by_name_as(&name, 4242, 4242)),
+            0,
+            "{net}"
+        );
+        drop(connection);
+        b.wait_for("the persistent TAP to go with its client", DEADLINE, || {
+            !b.ns.links().contains(&name)
+        });
+    }
+}
+
+/// An idle pool TAP of an anti-spoofing network is held open by the broker, carrier up,
+/// so the bridge floods it like any port: the guard drops every frame for a TAP without
+/// a binding, and the client that gets it reads nothing sent before its acquire. The
+/// bound TAP of another client hears the same broadcasts, so the silence is the guard's.
+#[test]
+fn an_idle_pool_tap_queues_nothing_for_its_client() {
+    netns::require("python3", "python3");
+    let b = Broker::start(Options::default());
+    let c = b.client();
+    let first = c.acquire("shared").unwrap();
+    let bridge = first.info.bridge.clone();
+    let holder = frames::Tap::new(first);
+    let pool = wait_pool_full(&b);
+    for name in pool.keys() {
+        assert_eq!(sysfs(&b, name, "carrier"), "1", "{name} is held open");
+    }
+    // Broadcasts of an experimental ethertype, each with its number, from the bridge.
+    let sent = 50;
+    b.ns.sh(&format!(
+        "python3 -c 'import socket; s=socket.socket(socket.AF_PACKET,socket.SOCK_RAW); \
+         s.bind((\"{bridge}\",0)); \
+         [s.send(bytes([255]*6+[2,0,0,0,0,1]+[0x88,0xb5])+b\"stale%04d\"%i+bytes(40)) for i in range({sent})]'"
+    ));
+    let stale =
+        |f: &[u8]| f.len() > 14 && f[12..14] == [0x88, 0xb5] && f[14..].starts_with(b"stale");
+    let heard = holder
+        .drain(Duration::from_millis(500))
+        .into_iter()
+        .filter(|f| stale(f))
+        .count();
+    assert_eq!(heard, sent, "the bound TAP hears every broadcast");
+    let a = c.acquire("shared").unwrap();
+    assert!(
+        pool.contains_key(&a.info.interface),
+        "{} is not from the pool",
+        a.info.interface
+    );
+    let got = frames::Tap::new(a).drain(Duration::from_millis(500));
+    assert!(
+        !got.iter().any(|f| stale(f)),
+        "the pool TAP queued {} frames sent before its acquire",
+        got.iter().filter(|f| stale(f)).count()
+    );
+    // Nothing queued for the handover to drain: the guard dropped them.
+    assert!(
+        !b.log().contains("drained frames queued in the pool"),
+        "{}",
+        b.log()
+    );
 }
 
 /// A pool TAP belongs to the broker's uid and group: another local user's `TUNSETIFF`
@@ -178,7 +277,10 @@ fn pool_taps_are_invisible_and_go_with_their_network() {
     let c = b.client();
     let a = c.acquire("shared").unwrap();
     let pool = wait_pool_full(&b);
-    assert_eq!(status_taps(&b, "shared"), vec![a.info.interface.clone()]);
+    assert_eq!(
+        status_taps(&b, Some("shared")),
+        vec![a.info.interface.clone()]
+    );
     let show = b.cli(&["show", "shared"]).output().unwrap();
     let text = String::from_utf8_lossy(&show.stdout);
     for name in pool.keys() {
@@ -218,7 +320,10 @@ fn a_killed_brokers_pool_taps_are_deleted_by_the_next() {
         },
     );
     // The held TAP was adopted, and is all the network shows.
-    assert_eq!(status_taps(&b, "shared"), vec![held.info.interface.clone()]);
+    assert_eq!(
+        status_taps(&b, Some("shared")),
+        vec![held.info.interface.clone()]
+    );
     assert!(b.ns.links().contains(&held.info.interface));
 }
 

@@ -690,10 +690,30 @@ impl LinuxBackend {
         started
     }
 
-    /// A ready TAP of the network's pool, attached and given to `owner`.
-    fn take_pooled(&self, network: &LinuxNetwork, owner: tap::TapOwner) -> Option<Tap> {
+    /// A ready TAP of the network's pool: the fd the pool held, or (closed pool TAPs of an
+    /// `allow_spoofing` network) a new one attached by name; given to `owner` if the TAP
+    /// is to be its client's ([`tap`]).
+    fn take_pooled(&self, network: &LinuxNetwork, owner: Option<tap::TapOwner>) -> Option<Tap> {
         let pooled = self.pool.take(&network.config.name, network.bridge.index)?;
-        match Tap::attach(&pooled.name, pooled.index, owner) {
+        let handed = match pooled.held {
+            Some(fd) => {
+                let tap = Tap::held(pooled.name.clone(), pooled.index, fd);
+                tap.drain().map(|stale| {
+                    if stale > 0 {
+                        debug!(interface = %tap.name(), stale, "drained frames queued in the pool");
+                    }
+                    tap
+                })
+            }
+            None => Tap::attach(&pooled.name, pooled.index),
+        }
+        .and_then(|tap| {
+            if let Some(owner) = owner {
+                tap.give_to(owner)?;
+            }
+            Ok(tap)
+        });
+        match handed {
             Ok(tap) => Some(tap),
             Err(e) => {
                 // No use to anyone now: deleted (by the index it had in the pool, so never
@@ -1248,13 +1268,17 @@ impl Backend for LinuxBackend {
     ) -> Result<Attachment<TapEndpoint>, BackendError> {
         let mut steps = Steps::start();
         let mut attaching = self.attaching.start();
-        let owner = tap::TapOwner {
+        // A TAP asked for as persistent is opened by name, so it is its client's; any
+        // other stays the broker's ([`tap`]).
+        let client = request.persistent.then_some(tap::TapOwner {
             uid: request.peer.uid,
             gid: request.peer.gid,
-        };
+        });
+        let owner = client.unwrap_or_else(tap::TapOwner::broker);
         // A ready TAP of the pool when there is one: already guarded, plugged and
-        // persistent, so attaching it and giving it to the client is all that is left.
-        let tap = match self.take_pooled(network, owner) {
+        // persistent, and on an anti-spoofing network still open, so sending it is all
+        // that is left.
+        let tap = match self.take_pooled(network, client) {
             Some(tap) => {
                 steps.lap("pool");
                 tap
@@ -1269,7 +1293,7 @@ impl Backend for LinuxBackend {
                         .refilled(&network.config.name, Duration::from_secs(2))
                         .await;
                     attaching = self.attaching.start();
-                    self.take_pooled(network, owner).ok_or(e)?
+                    self.take_pooled(network, client).ok_or(e)?
                 }
                 Err(e) => return Err(e),
             },

@@ -3,19 +3,30 @@
 //!
 //! Making a TAP costs the kernel about 0.65 ms here (`TUNSETIFF` creating it, then the
 //! `RTM_SETLINK` that gives it its MAC, MTU, alias, bridge and carrier), most of it under
-//! the RTNL lock; attaching an existing one by name is one `TUNSETIFF` on a device that
-//! exists. So a background task ([`refill`]) keeps up to [`POOL_SIZE`] TAPs per network
-//! ready: made, guarded unbound (the TAP guard drops every frame until the binder binds
-//! the TAP; on an `allow_spoofing` network the nftables rules that match the network's
-//! TAP prefix do the same as for a fresh TAP), given MTU, alias, a host-side MAC of their
-//! own, the bridge as master, isolation and up, persistent, and closed.
+//! the RTNL lock. So a background task ([`refill`]) keeps up to [`POOL_SIZE`] TAPs per
+//! network ready: made, guarded unbound (the TAP guard drops every frame until the
+//! binder binds the TAP; on an `allow_spoofing` network the nftables rules that match the
+//! network's TAP prefix do the same as for a fresh TAP), given MTU, alias, a host-side
+//! MAC of their own, the bridge as master, isolation and up, and persistent.
 //!
+//! - **Held open where the guard runs.** On an anti-spoofing network the pool keeps each
+//!   ready TAP's fd ([`Pooled::held`]), and the acquire that takes it sends that very fd:
+//!   no syscall at all on the warm path. Every TUN ioctl takes the RTNL lock, which the
+//!   reaper's batched deletions hold for tens of milliseconds; an acquire that needed one
+//!   waited that long (docs/benchmarks.md, warm acquire p99). An open TAP has its carrier
+//!   up and gets the bridge's broadcasts; the guard's egress program drops every frame
+//!   for a TAP without a binding, so an idle one queues nothing (and the handover drains
+//!   whatever a guard adopted from an older broker let through, [`Tap::drain`]). On an
+//!   `allow_spoofing` network nothing would drop them, so its pool TAPs are closed once
+//!   made (no carrier: the bridge sends them nothing), and an acquire attaches one by
+//!   name: one `TUNSETIFF` on a device that exists.
 //! - **Who may attach one.** A persistent TAP with no owner and no group can be attached
 //!   by any local user (the kernel's `tun_not_capable` checks only a valid owner or
 //!   group). A pool TAP therefore belongs to the broker's own euid and egid
 //!   (`TUNSETOWNER`, `TUNSETGROUP`) before it is made persistent: only a process with
-//!   CAP_NET_ADMIN (the broker) may attach it. The acquire that takes it hands it to its
-//!   client ([`super::tap::Tap::attach`]).
+//!   CAP_NET_ADMIN (the broker) may attach it. It stays the broker's when handed out, as
+//!   every TAP not asked for as persistent ([`super::tap`]); one asked for as persistent
+//!   is given to its client then.
 //! - **Names.** `vmnt<bridge>-p<n>`: the network's TAP prefix (the firewall recognizes
 //!   the network's TAPs by it) followed by `p`, which no serial-named TAP has (those are
 //!   hex digits only). A TAP keeps its pool name when handed out; nothing in the broker
@@ -40,6 +51,7 @@ use super::netlink::{Link, Netlink};
 use super::tap::{self, Tap, TapOwner};
 use crate::backend::linux::firewall::Firewall;
 use std::collections::BTreeMap;
+use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use tokio::sync::Notify;
@@ -61,11 +73,14 @@ pub struct PoolSpec {
     pub guard: bool,
 }
 
-/// One ready TAP: persistent, plugged, closed.
-#[derive(Debug, Clone, PartialEq, Eq)]
+/// One ready TAP: persistent, plugged, guarded unbound.
+#[derive(Debug)]
 pub struct Pooled {
     pub name: String,
     pub index: u32,
+    /// The TAP's only fd, kept open on a network with the TAP guard (see the module
+    /// doc); `None` on an `allow_spoofing` network, whose pool TAPs are closed.
+    pub held: Option<OwnedFd>,
 }
 
 #[derive(Debug)]
@@ -126,7 +141,10 @@ impl TapPool {
 
     /// Forgets network `network`'s pool; its TAPs go with the network's other TAPs.
     pub fn remove(&self, network: &str) {
-        self.lock().remove(network);
+        let gone = self.lock().remove(network);
+        // The held fds close here, not under the lock: each close detaches a TAP, under
+        // the RTNL lock.
+        drop(gone);
     }
 
     /// Takes a ready TAP of `network` on the bridge with index `bridge_index`.
@@ -201,15 +219,15 @@ impl TapPool {
     }
 
     /// Adds a made TAP to its network's pool, if the pool (of the same bridge) is still
-    /// there and short; returns whether it did.
-    fn put(&self, spec: &PoolSpec, tap: Pooled) -> bool {
+    /// there and short; else gives it back.
+    fn put(&self, spec: &PoolSpec, tap: Pooled) -> Result<(), Pooled> {
         let mut entries = self.lock();
         match entries.get_mut(&spec.network) {
             Some(e) if e.spec.bridge.index == spec.bridge.index && e.idle.len() < self.size => {
                 e.idle.push(tap);
-                true
+                Ok(())
             }
-            _ => false,
+            _ => Err(tap),
         }
     }
 
@@ -268,10 +286,7 @@ pub async fn refill(
     attaching: Arc<Attaching>,
 ) {
     // The broker's own uid and gid: no other local user may attach a pool TAP.
-    let owner = TapOwner {
-        uid: nix::unistd::geteuid().as_raw(),
-        gid: nix::unistd::getegid().as_raw(),
-    };
+    let owner = TapOwner::broker();
     loop {
         let Some(spec) = pool.short() else {
             pool.wake.notified().await;
@@ -294,19 +309,27 @@ pub async fn refill(
         }
         match make(&pool, &spec, owner, &netlink, &firewall, &attaching).await {
             Ok(tap) => {
+                let index = tap.index();
+                let (name, fd) = tap.into_parts();
+                // Without the guard, closed before an acquire can take it (an attached
+                // TAP refuses a second fd, EBUSY): closing the fd of a persistent TAP only
+                // detaches it, and its carrier goes, so the bridge sends it nothing.
+                let held = spec.guard.then_some(fd);
                 let pooled = Pooled {
-                    name: tap.name().to_string(),
-                    index: tap.index(),
+                    name: name.clone(),
+                    index,
+                    held,
                 };
-                // Closed before an acquire can take it: an attached TAP refuses a second
-                // fd (EBUSY). Closing the fd of a persistent TAP only detaches it.
-                drop(tap);
-                if pool.put(&spec, pooled.clone()) {
-                    debug!(network = %spec.network, interface = %pooled.name, "pool TAP ready");
-                } else if let Err(e) = deleter.delete(&Link::tap(pooled.index, &pooled.name)).await
-                {
-                    // The network went meanwhile; its removal may have missed this one.
-                    warn!(interface = %pooled.name, "cannot delete an unneeded pool TAP: {e}");
+                match pool.put(&spec, pooled) {
+                    Ok(()) => debug!(network = %spec.network, interface = %name, "pool TAP ready"),
+                    Err(unneeded) => {
+                        // The network went meanwhile; its removal may have missed this one.
+                        let link = Link::tap(unneeded.index, &unneeded.name);
+                        drop(unneeded);
+                        if let Err(e) = deleter.delete(&link).await {
+                            warn!(interface = %link.name, "cannot delete an unneeded pool TAP: {e}");
+                        }
+                    }
                 }
             }
             Err(e) => {
@@ -402,17 +425,26 @@ mod tests {
         let t = |n: &str| Pooled {
             name: n.into(),
             index: 1,
+            held: None,
         };
-        assert!(pool.put(&spec, t("vmnt7-p0")));
-        assert!(pool.put(&spec, t("vmnt7-p1")));
-        assert!(!pool.put(&spec, t("vmnt7-p2")), "full");
+        let name = |p: Option<Pooled>| p.map(|p| p.name);
+        assert!(pool.put(&spec, t("vmnt7-p0")).is_ok());
+        assert!(pool.put(&spec, t("vmnt7-p1")).is_ok());
+        assert!(pool.put(&spec, t("vmnt7-p2")).is_err(), "full");
         assert!(pool.is_idle("lab", "vmnt7-p1"));
-        assert_eq!(pool.take("lab", 8), None, "another bridge of that name");
-        assert_eq!(pool.take("lab", 7), Some(t("vmnt7-p1")));
+        assert_eq!(
+            name(pool.take("lab", 8)),
+            None,
+            "another bridge of that name"
+        );
+        assert_eq!(name(pool.take("lab", 7)).as_deref(), Some("vmnt7-p1"));
         assert!(!pool.is_idle("lab", "vmnt7-p1"));
         pool.remove("lab");
-        assert_eq!(pool.take("lab", 7), None);
-        assert!(!pool.put(&spec, t("vmnt7-p3")), "the network is gone");
+        assert_eq!(name(pool.take("lab", 7)), None);
+        assert!(
+            pool.put(&spec, t("vmnt7-p3")).is_err(),
+            "the network is gone"
+        );
         assert!(TapPool::new(0).short().is_none());
     }
 }

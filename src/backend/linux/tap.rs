@@ -8,13 +8,15 @@
 //! persistent, for VMMs that open a TAP by name, is kept instead, and deleted when that
 //! client's connection closes.
 //!
-//! Every TAP belongs to the client it was made for (`TUNSETOWNER` and `TUNSETGROUP`, set
-//! before anyone else can see the fd). The client holding the fd can make the TAP
-//! persistent itself (`TUNSETPERSIST` needs no privilege); without an owner such a TAP
-//! could then be attached by name by any local user. With both set the kernel lets only a
-//! process with that uid *and* that group (or CAP_NET_ADMIN) attach it.
-//! A TAP made ahead of its acquire ([`super::pool`]) belongs to the broker's own uid and
-//! group until an acquire attaches it ([`Tap::attach`]) and gives it to its client.
+//! Every TAP has an owner and a group (`TUNSETOWNER` and `TUNSETGROUP`, set before anyone
+//! else can see the fd): the client holding the fd can make the TAP persistent itself
+//! (`TUNSETPERSIST` needs no privilege), and without an owner such a TAP could then be
+//! attached by name by any local user. With both set the kernel lets only a process with
+//! that uid *and* that group (or CAP_NET_ADMIN) attach it. A TAP asked for as persistent,
+//! which its client opens by name, belongs to that client; every other TAP belongs to the
+//! broker ([`TapOwner::broker`]): its client has the fd and never needs the name, and the
+//! TAPs the pool made ahead of their acquires ([`super::pool`]) can then be handed out
+//! without an ioctl (each takes the RTNL lock).
 //!
 //! Offloads (`TUNSETOFFLOAD`) are deliberately left off. With them off the kernel hands
 //! the reader only complete, checksummed frames, which every consumer can take; QEMU and
@@ -82,6 +84,16 @@ pub struct TapOwner {
     pub gid: u32,
 }
 
+impl TapOwner {
+    /// The broker's own euid and egid: only a process with CAP_NET_ADMIN may attach.
+    pub fn broker() -> TapOwner {
+        TapOwner {
+            uid: nix::unistd::geteuid().as_raw(),
+            gid: nix::unistd::getegid().as_raw(),
+        }
+    }
+}
+
 /// A TAP the broker made, with its only fd: until made persistent the TAP lives as long as
 /// the fd, so dropping an unsent `Tap` removes the device.
 #[derive(Debug)]
@@ -128,11 +140,16 @@ impl Tap {
         })
     }
 
-    /// Attaches the existing, persistent TAP `name` (a pool TAP, [`super::pool`]) that
-    /// had index `index`, and gives it to `owner`; returns it with the new fd. Fails if
-    /// the name now belongs to another device. Only a process the TAP's owner and group
-    /// admit, or one with CAP_NET_ADMIN (the broker), may attach it.
-    pub fn attach(name: &str, index: u32, owner: TapOwner) -> io::Result<Tap> {
+    /// A TAP the broker made and kept open ([`super::pool`]), with its only fd.
+    pub fn held(name: String, index: u32, fd: OwnedFd) -> Tap {
+        Tap { name, index, fd }
+    }
+
+    /// Attaches the existing, persistent TAP `name` (a closed pool TAP, [`super::pool`])
+    /// that had index `index`; returns it with the new fd. Fails if the name now belongs
+    /// to another device. Only a process the TAP's owner and group admit, or one with
+    /// CAP_NET_ADMIN (the broker), may attach it.
+    pub fn attach(name: &str, index: u32) -> io::Result<Tap> {
         let file = open_tun()?;
         let mut req = ifreq_named(name)?;
         // The flags must be the ones the TAP was made with; no IFF_TUN_EXCL, it exists.
@@ -149,20 +166,18 @@ impl Tap {
                 "TAP {name} has index {now}, not the pool's {index}"
             )));
         }
-        let tap = Tap {
+        Ok(Tap {
             name: name.to_string(),
             index,
             fd: file.into(),
-        };
-        tap.give_to(owner)?;
-        Ok(tap)
+        })
     }
 
-    /// Gives the TAP to `owner` and its group: from then on the client can make it
-    /// persistent, and it must not become attachable by everyone. The virtio-net header
-    /// length needs no setting again: it belongs to the device, not to the fd, and was set
-    /// when the pool made it ([`Tap::create`]); each of these ioctls takes the RTNL lock.
-    fn give_to(&self, owner: TapOwner) -> io::Result<()> {
+    /// Gives the TAP to `owner` and its group (a TAP asked for as persistent, which its
+    /// client opens by name). The virtio-net header length needs no setting again: it
+    /// belongs to the device, not to the fd, and was set when the TAP was made
+    /// ([`Tap::create`]). Each of these ioctls takes the RTNL lock.
+    pub fn give_to(&self, owner: TapOwner) -> io::Result<()> {
         let (fd, name) = (self.fd.as_raw_fd(), &self.name);
         // SAFETY: the fd is an attached TAP; both ioctls take an integer by value.
         unsafe { tun_set_owner(fd, owner.uid as libc::c_int) }
@@ -171,6 +186,41 @@ impl Tap {
         unsafe { tun_set_group(fd, owner.gid as libc::c_int) }
             .map_err(|e| context(e, "TUNSETGROUP", name))?;
         Ok(())
+    }
+
+    /// Reads and discards every frame queued on the fd, without blocking: a TAP held
+    /// open in the pool under a guard adopted from an older broker (whose egress program
+    /// let broadcasts reach unbound TAPs) may have queued some, which its client must not
+    /// get. One `poll` when nothing is queued, which is the case under this broker's own
+    /// guard; none of it takes the RTNL lock.
+    pub fn drain(&self) -> io::Result<usize> {
+        use nix::fcntl::{FcntlArg, OFlag, fcntl};
+        use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+        let readable = |fd: BorrowedFd| -> io::Result<bool> {
+            let mut fds = [PollFd::new(fd, PollFlags::POLLIN)];
+            Ok(poll(&mut fds, PollTimeout::ZERO)? > 0
+                && fds[0]
+                    .revents()
+                    .is_some_and(|r| r.contains(PollFlags::POLLIN)))
+        };
+        if !readable(self.fd())? {
+            return Ok(0);
+        }
+        // Non-blocking for the reads only: the flag belongs to the open file, which the
+        // client shares once the fd is sent, and it gets the file as it was.
+        let flags = OFlag::from_bits_retain(fcntl(&self.fd, FcntlArg::F_GETFL)?);
+        fcntl(&self.fd, FcntlArg::F_SETFL(flags | OFlag::O_NONBLOCK))?;
+        let mut buf = vec![0u8; 65536 + VNET_HDR_LEN as usize];
+        let mut drained = 0;
+        let result = loop {
+            match nix::unistd::read(&self.fd, &mut buf) {
+                Ok(_) => drained += 1,
+                Err(nix::errno::Errno::EAGAIN) => break Ok(drained),
+                Err(e) => break Err(io::Error::from(e)),
+            }
+        };
+        fcntl(&self.fd, FcntlArg::F_SETFL(flags))?;
+        result
     }
 
     pub fn name(&self) -> &str {
