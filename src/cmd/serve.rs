@@ -212,7 +212,10 @@ pub fn main(args: Args) -> super::Result {
                 metrics_interval,
             ));
         }
-        serve(
+        // On a worker, not on this thread (`block_on`'s): the accept loop is woken by the
+        // worker that polls the kernel's events, which would otherwise wake this thread
+        // for every connection, a hop more for each client on a 2-CPU machine.
+        tokio::spawn(serve(
             std::sync::Arc::clone(&registry),
             ServerOptions {
                 socket: args.socket,
@@ -222,8 +225,8 @@ pub fn main(args: Args) -> super::Result {
                 config_dir: Some(config_dir),
                 notifier,
             },
-        )
-        .await
+        ))
+        .await?
         .map_err(|e| vmnet_broker::error::chain(&e))?;
         // The last change (every network removed) is on disk before the process ends.
         registry.flush_state().await;
