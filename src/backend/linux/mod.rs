@@ -118,6 +118,19 @@ impl Attaching {
         }
     }
 
+    /// Returns once no attach is under way and none has ended for `period`.
+    pub async fn quiet(&self, period: Duration) {
+        loop {
+            self.idle().await;
+            let since = self.last.lock().expect("not poisoned").elapsed();
+            match period.checked_sub(since) {
+                Some(left) if !left.is_zero() => tokio::time::sleep(left).await,
+                _ if self.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 0 => return,
+                _ => {}
+            }
+        }
+    }
+
     /// No attach under way, and none for `period`.
     fn quiet_for(&self, period: Duration) -> bool {
         self.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 0
@@ -146,7 +159,19 @@ impl Drop for AttachGuard {
 /// Names of the TAPs the broker made persistent only so that their last fd closing does
 /// not delete them in that process (see [`reap_closed_taps`]): the broker deletes them
 /// once their carrier goes. TAPs a client asked to be persistent are not in it.
-type Reapable = Arc<Mutex<BTreeSet<String>>>;
+type Reapable = Arc<Mutex<BTreeMap<String, Carrier>>>;
+
+/// Whether the link record's carrier of a reapable TAP can be trusted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Carrier {
+    /// The TAP has had an fd since it was made or adopted: a carrier loss is a close.
+    Current,
+    /// A closed pool TAP attached for an acquire ([`pool`], `allow_spoofing` networks):
+    /// the carrier loss of its time in the pool may reach the link record after the
+    /// attach, and the attach's carrier a little later (linkwatch reports carrier
+    /// changes asynchronously). Only the kernel's word (a link dump) tells.
+    MaybeStale,
+}
 
 /// Where the network services keep state and find the host's resolvers.
 #[derive(Debug, Clone)]
@@ -692,9 +717,18 @@ impl LinuxBackend {
 
     /// A ready TAP of the network's pool: the fd the pool held, or (closed pool TAPs of an
     /// `allow_spoofing` network) a new one attached by name; given to `owner` if the TAP
-    /// is to be its client's ([`tap`]).
-    fn take_pooled(&self, network: &LinuxNetwork, owner: Option<tap::TapOwner>) -> Option<Tap> {
+    /// is to be its client's ([`tap`]). With it, whether the link record's carrier of it
+    /// can be trusted yet.
+    fn take_pooled(
+        &self,
+        network: &LinuxNetwork,
+        owner: Option<tap::TapOwner>,
+    ) -> Option<(Tap, Carrier)> {
         let pooled = self.pool.take(&network.config.name, network.bridge.index)?;
+        let carrier = match pooled.held {
+            Some(_) => Carrier::Current,
+            None => Carrier::MaybeStale,
+        };
         let handed = match pooled.held {
             Some(fd) => {
                 let tap = Tap::held(pooled.name.clone(), pooled.index, fd);
@@ -714,7 +748,7 @@ impl LinuxBackend {
             Ok(tap)
         });
         match handed {
-            Ok(tap) => Some(tap),
+            Ok(tap) => Some((tap, carrier)),
             Err(e) => {
                 // No use to anyone now: deleted (by the index it had in the pool, so never
                 // another device); the acquire makes its own.
@@ -1054,17 +1088,25 @@ async fn reap_closed_taps(
         // The names stay in `reapable` until the deletion is done: until the link record
         // has seen the TAPs go, `live_endpoints` must keep leaving them out, or a closed
         // TAP would count as a VM's again for a moment (its MAC "in use", a limit reached).
-        let due: Vec<Link> = {
+        let (due, stale): (Vec<Link>, bool) = {
             let reapable = reapable.lock().expect("not poisoned");
-            closed
+            let mut stale = false;
+            let due = closed
                 .into_values()
-                .filter(|l| reapable.contains(&l.name))
-                .collect()
+                .filter(|l| match reapable.get(&l.name) {
+                    Some(carrier) => {
+                        stale |= *carrier == Carrier::MaybeStale;
+                        true
+                    }
+                    None => false,
+                })
+                .collect();
+            (due, stale)
         };
-        // A pool TAP reported closed while it waited in the pool may have been handed
-        // out since (its carrier is back): the kernel's word now decides. One that is
-        // attached stays reapable, for when it really closes.
-        let due = if due.iter().any(|l| pool::is_pool_name(&l.name)) {
+        // A closed pool TAP reported closed while it waited in the pool may have been
+        // handed out since (its carrier is back): the kernel's word now decides. One
+        // that is attached stays reapable, for when it really closes.
+        let due = if stale {
             match netlink.links().await {
                 Ok(now) => due
                     .into_iter()
@@ -1278,13 +1320,13 @@ impl Backend for LinuxBackend {
         // A ready TAP of the pool when there is one: already guarded, plugged and
         // persistent, and on an anti-spoofing network still open, so sending it is all
         // that is left.
-        let tap = match self.take_pooled(network, client) {
-            Some(tap) => {
+        let (tap, carrier) = match self.take_pooled(network, client) {
+            Some(taken) => {
                 steps.lap("pool");
-                tap
+                taken
             }
             None => match self.make_tap(network, request, owner, &mut steps).await {
-                Ok(tap) => tap,
+                Ok(tap) => (tap, Carrier::Current),
                 // The bridge's last port may be the one a refill is plugging: that TAP,
                 // once ready, is this acquire's.
                 Err(e) if self.pool.enabled() => {
@@ -1304,7 +1346,7 @@ impl Backend for LinuxBackend {
             self.reapable
                 .lock()
                 .expect("not poisoned")
-                .insert(name.clone());
+                .insert(name.clone(), carrier);
         }
         if !network.config.allow_spoofing || network.config.dhcp {
             // The TAP is already protected: the firewall drops every frame of an unbound
@@ -1369,15 +1411,15 @@ impl Backend for LinuxBackend {
                     .reapable
                     .lock()
                     .expect("not poisoned")
-                    .contains(&l.name)
+                    .contains_key(&l.name)
         };
-        // A pool TAP just handed out may still show the carrier it had in the pool: the
-        // kernel reports a carrier change a little later (linkwatch). Such TAPs are
-        // asked about now, in one dump, only when there are any.
-        let attached: BTreeSet<u32> = if taps
-            .iter()
-            .any(|l| closed(l) && pool::is_pool_name(&l.name))
-        {
+        // A closed pool TAP just handed out may still show the carrier it had in the pool
+        // ([`Carrier::MaybeStale`]). Such TAPs are asked about now, in one dump, only
+        // when there are any.
+        let stale = |l: &Link| {
+            self.reapable.lock().expect("not poisoned").get(&l.name) == Some(&Carrier::MaybeStale)
+        };
+        let attached: BTreeSet<u32> = if taps.iter().any(|l| closed(l) && stale(l)) {
             self.netlink
                 .links()
                 .await?
@@ -1748,7 +1790,7 @@ impl Backend for LinuxBackend {
                         if link.carrier == Some(false) {
                             closed.push(link.clone());
                         } else {
-                            reapable.insert(link.name.clone());
+                            reapable.insert(link.name.clone(), Carrier::Current);
                         }
                     }
                 }
@@ -1887,5 +1929,32 @@ mod tests {
     #[test]
     fn host_side_mac_starts_with_fe() {
         assert_eq!(host_mac([0x52, 0x54, 0, 1, 2, 3]), [0xfe, 0x54, 0, 1, 2, 3]);
+    }
+
+    /// `quiet` waits while an attach is under way, and then for the period after the
+    /// last one ended (lower bounds only: a busy machine may take longer).
+    #[tokio::test]
+    async fn quiet_waits_for_the_period_after_the_last_attach() {
+        let attaching = Arc::new(Attaching::default());
+        let guard = attaching.start();
+        let period = Duration::from_millis(30);
+        let waited = tokio::spawn({
+            let attaching = Arc::clone(&attaching);
+            async move {
+                attaching.quiet(period).await;
+                std::time::Instant::now()
+            }
+        });
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        assert!(!waited.is_finished(), "returned while an attach was under way");
+        // Read before the drop, which records the end: `quiet` returns `period` after that.
+        let ended = std::time::Instant::now();
+        drop(guard);
+        let returned = waited.await.unwrap();
+        assert!(returned.duration_since(ended) >= period);
+        // Long quiet already: at once.
+        let t = std::time::Instant::now();
+        attaching.quiet(Duration::ZERO).await;
+        assert!(t.elapsed() < Duration::from_secs(5));
     }
 }

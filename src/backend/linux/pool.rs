@@ -40,9 +40,11 @@
 //!   every TAP with the network's alias; a refill that finishes after that deletes its
 //!   own TAP. A broker killed by SIGKILL leaves idle pool TAPs behind: they are in no
 //!   state record, have no fd, and the next broker's adoption deletes them.
-//! - **Out of the acquires' way.** Each kernel step of a refill waits until no acquire is
-//!   attaching a TAP ([`super::Attaching::idle`]), so an acquire waits at most for one
-//!   step of one refill.
+//! - **Out of the acquires' way.** A refill starts once no acquire has been attaching
+//!   for [`REFILL_QUIET`] (at once between acquires if the pool is empty), and each
+//!   later kernel step waits until no acquire is attaching a TAP
+//!   ([`super::Attaching::idle`]), so an acquire waits at most for one step of one
+//!   refill, and its client reads its reply while no refill competes for the CPU.
 
 use super::Attaching;
 use super::bridge;
@@ -54,6 +56,7 @@ use std::collections::BTreeMap;
 use std::os::fd::OwnedFd;
 use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 use tokio::sync::Notify;
 use tracing::{debug, warn};
 
@@ -61,6 +64,13 @@ use tracing::{debug, warn};
 /// enough that an idle network holds almost nothing (a TAP without a reader costs a
 /// net_device and no queue memory).
 pub const POOL_SIZE: usize = 4;
+
+/// How long after the last acquire a pool that still has TAPs waits before it makes
+/// another. Making a TAP is about 0.65 ms of kernel work; started the moment an
+/// acquire's reply went, it took a CPU from the client reading that reply (on this
+/// 2-CPU machine a warm acquire's p50 went from 0.84 to 0.44 ms with the wait,
+/// docs/benchmarks.md).
+const REFILL_QUIET: Duration = Duration::from_millis(3);
 
 /// What a refill needs to know of a network to make its TAPs.
 #[derive(Debug, Clone)]
@@ -166,7 +176,7 @@ impl TapPool {
     /// could not make its own TAP (the bridge full, maybe by the TAP a refill is
     /// plugging) takes the refill's then; it must not count as attaching meanwhile, or
     /// the refill would wait for it.
-    pub async fn refilled(&self, network: &str, wait: std::time::Duration) {
+    pub async fn refilled(&self, network: &str, wait: Duration) {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let ended = self.ended.notified();
@@ -198,14 +208,16 @@ impl TapPool {
         self.entries.lock().expect("not poisoned")
     }
 
-    /// A network whose pool is short, with its spec, marked as being refilled.
-    fn short(&self) -> Option<PoolSpec> {
+    /// The network whose pool is shortest, with its spec and whether its pool is empty,
+    /// marked as being refilled.
+    fn short(&self) -> Option<(PoolSpec, bool)> {
         self.lock()
             .values_mut()
-            .find(|e| !e.stalled && e.idle.len() < self.size)
+            .filter(|e| !e.stalled && e.idle.len() < self.size)
+            .min_by_key(|e| e.idle.len())
             .map(|e| {
                 e.making = true;
-                e.spec.clone()
+                (e.spec.clone(), e.idle.is_empty())
             })
     }
 
@@ -288,7 +300,7 @@ pub async fn refill(
     // The broker's own uid and gid: no other local user may attach a pool TAP.
     let owner = TapOwner::broker();
     loop {
-        let Some(spec) = pool.short() else {
+        let Some((spec, empty)) = pool.short() else {
             pool.wake.notified().await;
             continue;
         };
@@ -307,7 +319,10 @@ pub async fn refill(
             pool.done(&spec);
             continue;
         }
-        match make(&pool, &spec, owner, &netlink, &firewall, &attaching).await {
+        // An empty pool is refilled at once (between acquires), else the next acquire
+        // makes its own TAP; one with TAPs left waits for the acquires to settle.
+        let wait = if empty { Duration::ZERO } else { REFILL_QUIET };
+        match make(&pool, &spec, owner, &netlink, &firewall, &attaching, wait).await {
             Ok(tap) => {
                 let index = tap.index();
                 let (name, fd) = tap.into_parts();
@@ -341,8 +356,9 @@ pub async fn refill(
     }
 }
 
-/// Makes one pool TAP of `spec`'s network, each kernel step once no acquire is
-/// attaching. On failure nothing is left (the TAP is not persistent until the end).
+/// Makes one pool TAP of `spec`'s network once no acquire has been attaching for
+/// `quiet`, each later kernel step once no acquire is attaching. On failure nothing is
+/// left (the TAP is not persistent until the end).
 async fn make(
     pool: &TapPool,
     spec: &PoolSpec,
@@ -350,8 +366,9 @@ async fn make(
     netlink: &Netlink,
     firewall: &Firewall,
     attaching: &Attaching,
+    quiet: Duration,
 ) -> std::io::Result<Tap> {
-    attaching.idle().await;
+    attaching.quiet(quiet).await;
     let mut tries = 0;
     let tap = loop {
         let name = pool.name(spec.bridge.index);
