@@ -688,6 +688,9 @@ fn two_taps(c: &Client, network: &str) -> (bool, bool) {
     let b = Tap::new(c.acquire(network).unwrap());
     let unspecified = Ipv4Addr::UNSPECIFIED;
     let answered = a.gateway_answers(a.mac, unspecified, gw, SOON);
+    // Bound, as the gateway's answer shows: an unbound TAP receives nothing, isolated or
+    // not, so without it the silence could be the guard's instead of isolation's.
+    assert!(b.gateway_answers(b.mac, unspecified, gw, SOON));
     let unicast = ethernet(
         b.mac,
         a.mac,
