@@ -98,27 +98,43 @@ pub struct Attachment<E> {
     /// kernel (a pool refill, a batch of deletions) waits for it instead of competing
     /// with the acquire for the CPU and the kernel's locks. Released before the send,
     /// never across it: a client that does not read its replies holds nothing up.
+    /// What the backend gave [`Answering::until_sent`] goes only once the send is over
+    /// (done or failed), with the attachment.
     pub answering: Answering,
 }
 
 /// See [`Attachment::answering`]: whatever the backend wants held until then.
 #[derive(Default)]
-pub struct Answering(Option<Box<dyn Send + Sync>>);
+pub struct Answering {
+    held: Option<Box<dyn Send + Sync>>,
+    until_sent: Option<Box<dyn Send + Sync>>,
+}
 
 impl Answering {
     pub fn hold(what: impl Send + Sync + 'static) -> Answering {
-        Answering(Some(Box::new(what)))
+        Answering {
+            held: Some(Box::new(what)),
+            until_sent: None,
+        }
+    }
+
+    /// Also keeps `what` until the reply's send is over, for work that would only delay
+    /// the reply if it started before (waking a task wakes a thread): it is dropped
+    /// with the attachment, after the send, whether the send succeeded or not.
+    pub fn until_sent(mut self, what: impl Send + Sync + 'static) -> Answering {
+        self.until_sent = Some(Box::new(what));
+        self
     }
 
     /// The reply is about to be sent: whatever was held is let go.
     pub fn release(&mut self) {
-        self.0 = None;
+        self.held = None;
     }
 }
 
 impl std::fmt::Debug for Answering {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(if self.0.is_some() {
+        f.write_str(if self.held.is_some() {
             "Answering(held)"
         } else {
             "Answering"
