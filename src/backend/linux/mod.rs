@@ -896,7 +896,6 @@ impl Drop for QueuedBinding {
     }
 }
 
-/// The network a link of the broker belongs to, from its alias.
 /// The address `mac` holds a current lease on, if any.
 fn lease_of(leases: &[crate::dhcp::Lease], mac: [u8; 6]) -> Option<Ipv4Addr> {
     let now = std::time::SystemTime::now();
@@ -929,6 +928,7 @@ fn port_error(e: portfwd::PortError) -> BackendError {
     }
 }
 
+/// The network a link of the broker belongs to, from its alias.
 fn network_of(link: &Link) -> Option<&str> {
     link.alias.as_deref()?.strip_prefix(ALIAS_PREFIX)
 }
