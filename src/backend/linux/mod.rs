@@ -725,23 +725,20 @@ impl LinuxBackend {
         owner: Option<tap::TapOwner>,
     ) -> Option<(Tap, Carrier)> {
         let pooled = self.pool.take(&network.config.name, network.bridge.index)?;
-        let carrier = match pooled.held {
-            Some(_) => Carrier::Current,
-            None => Carrier::MaybeStale,
-        };
-        let handed = match pooled.held {
+        let (handed, carrier) = match pooled.held {
             Some(fd) => {
                 let tap = Tap::held(pooled.name.clone(), pooled.index, fd);
-                tap.drain().map(|stale| {
+                let drained = tap.drain().map(|stale| {
                     if stale > 0 {
                         debug!(interface = %tap.name(), stale, "drained frames queued in the pool");
                     }
                     tap
-                })
+                });
+                (drained, Carrier::Current)
             }
-            None => Tap::attach(&pooled.name, pooled.index),
-        }
-        .and_then(|tap| {
+            None => (Tap::attach(&pooled.name, pooled.index), Carrier::MaybeStale),
+        };
+        let handed = handed.and_then(|tap| {
             if let Some(owner) = owner {
                 tap.give_to(owner)?;
             }

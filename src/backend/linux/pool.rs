@@ -68,8 +68,8 @@ pub const POOL_SIZE: usize = 4;
 /// How long after the last acquire a pool that still has TAPs waits before it makes
 /// another. Making a TAP is about 0.65 ms of kernel work; started the moment an
 /// acquire's reply went, it took a CPU from the client reading that reply (on this
-/// 2-CPU machine a warm acquire's p50 went from 0.84 to 0.44 ms with the wait,
-/// docs/benchmarks.md).
+/// 2-CPU machine a warm acquire's client-side p50 went from 0.80-0.85 to 0.39-0.52 ms
+/// with the wait, interleaved A/B runs; docs/benchmarks.md, warm acquire).
 const REFILL_QUIET: Duration = Duration::from_millis(3);
 
 /// What a refill needs to know of a network to make its TAPs.
