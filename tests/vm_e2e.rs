@@ -723,6 +723,10 @@ check ping_gateway ping -c 3 -i 0.2 -W 1 "$(gateway)"
     let v = Running::start(&b, &guest(&["shared"], spec("victim", victim)));
     let s = Running::start(&b, &guest(&["shared"], spec("survivor", survivor)));
     assert_eq!(v.wait_result("pinged", VM_TIMEOUT), "ok");
+    // The victim counts the echo request before its reply reaches the survivor (under
+    // TCG that can take longer than the survivor's `ping -W 1`): killed at once, it left
+    // the survivor's `peer_up` failing now and then. Killed once the survivor has it.
+    assert_eq!(s.wait_result("peer_up", VM_TIMEOUT), "ok");
 
     let qemu = v.qemu_pid();
     // The TAP of the victim, from the env `vmnet-broker run` gave QEMU.
