@@ -7,6 +7,7 @@
 
 pub mod bridge;
 pub mod firewall;
+pub mod heap;
 pub mod links;
 pub mod netlink;
 pub mod pool;

@@ -237,14 +237,28 @@ impl Guard {
     /// the verifier: about 0.1 s here) runs on a blocking thread, not on the runtime's.
     pub async fn load() -> Result<Guard, GuardError> {
         let netlink = Netlink::connect().map_err(load_err)?;
-        tokio::task::spawn_blocking(move || Self::load_programs(netlink))
-            .await
-            .map_err(load_err)?
+        tokio::task::spawn_blocking(move || {
+            let guard = Self::load_programs(netlink);
+            // What loading parsed and dropped (the kernel's BTF: 15 MiB here).
+            crate::backend::linux::heap::release_freed();
+            guard
+        })
+        .await
+        .map_err(load_err)?
     }
 
     /// The blocking part of [`Guard::load`]: the object loaded, its programs verified.
     fn load_programs(netlink: Netlink) -> Result<Guard, GuardError> {
-        let mut ebpf = aya::Ebpf::load(OBJECT).map_err(load_err)?;
+        // No target BTF: the object has nothing to relocate against the kernel's types
+        // (legacy `bpf_map_def` maps, no CO-RE field access). aya's `Ebpf::load` parses
+        // the kernel's BTF twice for that (aya-rs/aya#1172); `btf(None)` drops the second
+        // parse. The first is in `EbpfLoader::new` itself until aya 0.15 (lazy there, but
+        // it needs a newer rustc than the one we build with); its memory goes back to the
+        // kernel once the programs are loaded (`heap::release_freed`).
+        let mut ebpf = aya::EbpfLoader::new()
+            .btf(None)
+            .load(OBJECT)
+            .map_err(load_err)?;
         let mut fds = vec![];
         for name in [INGRESS, EGRESS, OVERLAY] {
             let program: &mut SchedClassifier = ebpf
