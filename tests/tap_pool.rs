@@ -247,6 +247,51 @@ fn an_idle_pool_tap_queues_nothing_for_its_client() {
     );
 }
 
+/// What a guard adopted from an older broker let queue in an idle pool TAP (its egress
+/// program passed broadcasts to unbound TAPs) is drained at the handover: the client
+/// reads none of it. Stood in for by taking the egress filter off the idle pool TAPs, so
+/// the bridge's broadcasts queue in them as they did then.
+#[test]
+fn what_queued_in_a_pool_tap_is_drained_before_its_client_gets_it() {
+    netns::require("python3", "python3");
+    let b = Broker::start(Options::default());
+    let c = b.client();
+    let first = c.acquire("shared").unwrap();
+    let bridge = first.info.bridge.clone();
+    let pool = wait_pool_full(&b);
+    for name in pool.keys() {
+        b.ns.sh(&format!("tc filter del dev {name} egress"));
+    }
+    let sent = 50;
+    b.ns.sh(&format!(
+        "python3 -c 'import socket; s=socket.socket(socket.AF_PACKET,socket.SOCK_RAW); \
+         s.bind((\"{bridge}\",0)); \
+         [s.send(bytes([255]*6+[2,0,0,0,0,1]+[0x88,0xb5])+b\"stale%04d\"%i+bytes(40)) for i in range({sent})]'"
+    ));
+    let stale =
+        |f: &[u8]| f.len() > 14 && f[12..14] == [0x88, 0xb5] && f[14..].starts_with(b"stale");
+    let a = c.acquire("shared").unwrap();
+    assert!(
+        pool.contains_key(&a.info.interface),
+        "{} is not from the pool",
+        a.info.interface
+    );
+    let got = frames::Tap::new(a).drain(Duration::from_millis(500));
+    assert!(
+        !got.iter().any(|f| stale(f)),
+        "the client read {} frames queued before its acquire",
+        got.iter().filter(|f| stale(f)).count()
+    );
+    // They were there to drain: the handover took them (a TAP's queue holds 500).
+    let log = b.log();
+    let drained = log
+        .lines()
+        .find(|l| l.contains("drained frames queued in the pool"))
+        .unwrap_or_else(|| panic!("no drain in the log:\n{log}"));
+    assert!(drained.contains(&format!("stale={sent}")), "{drained}");
+    drop(first);
+}
+
 /// A pool TAP belongs to the broker's uid and group: another local user's `TUNSETIFF`
 /// on its name is refused. Without an owner and a group any user could attach it.
 #[test]
