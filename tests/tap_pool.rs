@@ -288,7 +288,15 @@ fn what_queued_in_a_pool_tap_is_drained_before_its_client_gets_it() {
         .lines()
         .find(|l| l.contains("drained frames queued in the pool"))
         .unwrap_or_else(|| panic!("no drain in the log:\n{log}"));
-    assert!(drained.contains(&format!("stale={sent}")), "{drained}");
+    // At least the 50: whatever else the bridge flooded meanwhile (the broker's Router
+    // Advertisements, say) queued too.
+    let stale: usize = drained
+        .split("stale=")
+        .nth(1)
+        .and_then(|n| n.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no count: {drained}"));
+    assert!(stale >= sent, "{drained}");
     drop(first);
 }
 
