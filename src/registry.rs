@@ -711,6 +711,8 @@ impl<B: Backend> Registry<B> {
         // The restored clients' dynamic forwards, made again once their networks are
         // adopted.
         let mut recorded_forwards: Vec<(ClientId, ForwardRecord)> = vec![];
+        // (id, pid, uid, networks) of each restored client, logged after the lock.
+        let mut restored = Vec::with_capacity(clients.len());
         {
             let mut st = self.lock();
             for mut c in clients {
@@ -725,7 +727,7 @@ impl<B: Backend> Registry<B> {
                         .map(|(n, e)| (n, EndpointId(e)))
                         .collect::<Vec<_>>()
                 };
-                info!(client = c.id, client_pid = c.pid, client_uid = c.uid, networks = ?c.networks, "client restored from the previous broker");
+                restored.push((c.id, c.pid, c.uid, c.networks.clone()));
                 st.add_client(
                     c.id,
                     Client {
@@ -743,6 +745,15 @@ impl<B: Backend> Registry<B> {
                     },
                 );
             }
+        }
+        for (client, client_pid, client_uid, networks) in restored {
+            info!(
+                client,
+                client_pid,
+                client_uid,
+                ?networks,
+                "client restored from the previous broker"
+            );
         }
         let mut adopted = vec![];
         for record in records {
@@ -849,13 +860,18 @@ impl<B: Backend> Registry<B> {
                 generation: 0,
                 orphans,
             };
-            if net.orphans.is_empty() {
-                self.schedule_if_idle(&name, &mut net);
+            let idle = if net.orphans.is_empty() {
+                self.schedule_if_idle(&name, &mut net)
             } else {
                 self.watch_orphans(&name, instance);
-            }
+                false
+            };
             st.networks.insert(name.clone(), net);
             self.record(&mut st, Some(Key::Network(name.clone())));
+            drop(st);
+            if idle {
+                self.log_idle(&name);
+            }
             adopted.push(name);
         }
         // A restored client keeps only what was adopted.
@@ -969,24 +985,31 @@ impl<B: Backend> Registry<B> {
                     closed.await;
                     continue;
                 };
-                let done = {
+                // (gone, idle removal scheduled)
+                let (done, idle) = {
                     let mut st = this.lock();
                     match st
                         .networks
                         .get_mut(&name)
                         .filter(|n| n.instance == instance)
                     {
-                        None => true,
+                        None => (true, None),
                         Some(net) => {
                             net.orphans.retain(|e| open.contains(e));
                             if net.orphans.is_empty() {
-                                info!(network = %name, "the last endpoint of the previous broker's clients is closed");
-                                this.schedule_if_idle(&name, net);
+                                (true, Some(this.schedule_if_idle(&name, net)))
+                            } else {
+                                (false, None)
                             }
-                            net.orphans.is_empty()
                         }
                     }
                 };
+                if let Some(idle) = idle {
+                    info!(network = %name, "the last endpoint of the previous broker's clients is closed");
+                    if idle {
+                        this.log_idle(&name);
+                    }
+                }
                 if done {
                     return;
                 }
@@ -1066,6 +1089,7 @@ impl<B: Backend> Registry<B> {
         if peer.uid != 0 {
             let open = st.connections_per_uid.get(&peer.uid).copied().unwrap_or(0);
             if open >= MAX_CONNECTIONS_PER_UID {
+                drop(st);
                 warn!(
                     client_pid = peer.pid,
                     client_uid = peer.uid,
@@ -1089,14 +1113,16 @@ impl<B: Backend> Registry<B> {
                 forwards: Vec::new(),
             },
         );
+        let clients = st.clients.len();
+        self.record(&mut st, Some(Key::Client(id)));
+        drop(st);
         info!(
             client = id,
             client_pid = peer.pid,
             client_uid = peer.uid,
-            clients = st.clients.len(),
+            clients,
             "client connected"
         );
-        self.record(&mut st, Some(Key::Client(id)));
         Ok(id)
     }
 
@@ -1480,9 +1506,9 @@ impl<B: Backend> Registry<B> {
         steps.lap("backend");
         let mut st = self.lock();
         let net = Self::network_mut(&mut st, name, instance);
-        if net.removal_at.take().is_some() {
+        let cancelled = net.removal_at.take().is_some();
+        if cancelled {
             net.generation += 1;
-            info!(network = name, "idle removal cancelled");
         }
         net.clients.insert(client);
         net.handed.insert(
@@ -1504,6 +1530,15 @@ impl<B: Backend> Registry<B> {
                 .persistent
                 .push((name.to_string(), attachment.id.clone()));
         }
+        Self::mark(&mut st, Key::Client(client));
+        self.record(
+            &mut st,
+            Some(Key::Endpoint(name.to_string(), attachment.id.0.clone())),
+        );
+        drop(st);
+        if cancelled {
+            info!(network = name, "idle removal cancelled");
+        }
         info!(
             client,
             client_pid = peer.pid,
@@ -1514,12 +1549,6 @@ impl<B: Backend> Registry<B> {
             network_clients = net_clients,
             "network acquired"
         );
-        Self::mark(&mut st, Key::Client(client));
-        self.record(
-            &mut st,
-            Some(Key::Endpoint(name.to_string(), attachment.id.0.clone())),
-        );
-        drop(st);
         steps.lap("book");
         crate::log_steps!("attach to the registry", name, steps);
         Ok(Acquired {
@@ -1594,10 +1623,18 @@ impl<B: Backend> Registry<B> {
     /// An acquire of the network is over (either way): if that leaves it idle, its
     /// removal is scheduled.
     fn settle(self: &Arc<Self>, name: &str, instance: u64) {
-        let mut st = self.lock();
-        if let Some(net) = st.networks.get_mut(name).filter(|n| n.instance == instance) {
-            net.pending -= 1;
-            self.schedule_if_idle(name, net);
+        let idle = {
+            let mut st = self.lock();
+            st.networks
+                .get_mut(name)
+                .filter(|n| n.instance == instance)
+                .is_some_and(|net| {
+                    net.pending -= 1;
+                    self.schedule_if_idle(name, net)
+                })
+        };
+        if idle {
+            self.log_idle(name);
         }
     }
 
@@ -1741,28 +1778,18 @@ impl<B: Backend> Registry<B> {
             let Some(c) = st.remove_client(client) else {
                 return;
             };
+            // What to log once the lock is released: each network's clients left and
+            // whether its idle removal was scheduled.
+            let mut released = Vec::with_capacity(c.networks.len());
             for name in &c.networks {
                 let Some(net) = st.networks.get_mut(name) else {
                     continue;
                 };
                 net.clients.remove(&client);
-                info!(
-                    client,
-                    client_pid = c.peer.pid,
-                    client_uid = c.peer.uid,
-                    network = %name,
-                    network_clients = net.clients.len(),
-                    "network released"
-                );
-                self.schedule_if_idle(name, net);
+                let idle = self.schedule_if_idle(name, net);
+                released.push((name.clone(), net.clients.len(), idle));
             }
-            info!(
-                client,
-                client_pid = c.peer.pid,
-                client_uid = c.peer.uid,
-                clients = st.clients.len(),
-                "client disconnected"
-            );
+            let clients = st.clients.len();
             self.record(&mut st, Some(Key::Client(client)));
             let forwards = c
                 .forwards
@@ -1780,6 +1807,27 @@ impl<B: Backend> Registry<B> {
                     Some((name, endpoint, net.instance, Arc::clone(&net.busy)))
                 })
                 .collect::<Vec<_>>();
+            drop(st);
+            for (name, network_clients, idle) in released {
+                info!(
+                    client,
+                    client_pid = c.peer.pid,
+                    client_uid = c.peer.uid,
+                    network = %name,
+                    network_clients,
+                    "network released"
+                );
+                if idle {
+                    self.log_idle(&name);
+                }
+            }
+            info!(
+                client,
+                client_pid = c.peer.pid,
+                client_uid = c.peer.uid,
+                clients,
+                "client disconnected"
+            );
             (persistent, forwards)
         };
         // The forwards first, each under its network's lock, on the incarnation that
@@ -1833,29 +1881,38 @@ impl<B: Backend> Registry<B> {
         }
     }
 
-    fn schedule_if_idle(self: &Arc<Self>, name: &str, net: &mut Network<B::Network>) {
+    ///
+    /// Returns whether it did, for the caller to log ([`Self::log_idle`]) once it has
+    /// released the registry's lock: a log line is a write, and no I/O happens under it.
+    #[must_use]
+    fn schedule_if_idle(self: &Arc<Self>, name: &str, net: &mut Network<B::Network>) -> bool {
         let idle = net.clients.is_empty()
             && net.pending == 0
             && net.orphans.is_empty()
             && net.removal_at.is_none();
         if !idle || !matches!(net.phase, Phase::Active(_)) {
-            return;
+            return false;
         }
         net.generation += 1;
         let generation = net.generation;
         let at = Instant::now() + self.idle_timeout;
         net.removal_at = Some(at);
-        info!(
-            network = name,
-            seconds = self.idle_timeout.as_secs_f64(),
-            "network idle: removal scheduled"
-        );
         let this = Arc::clone(self);
         let (name, instance) = (name.to_string(), net.instance);
         tokio::spawn(async move {
             tokio::time::sleep_until(at).await;
             this.expire(&name, instance, generation).await;
         });
+        true
+    }
+
+    /// The log line of a removal [`Self::schedule_if_idle`] scheduled.
+    fn log_idle(&self, name: &str) {
+        info!(
+            network = name,
+            seconds = self.idle_timeout.as_secs_f64(),
+            "network idle: removal scheduled"
+        );
     }
 
     /// The idle timer of `instance` fired: removes the network if nothing happened to it
@@ -1880,9 +1937,9 @@ impl<B: Backend> Registry<B> {
             let Some(net) = st.networks.get_mut(name).filter(|n| due(n)) else {
                 return;
             };
-            info!(network = name, "idle timeout: removing network");
             Self::start_removal(net, guard)
         };
+        info!(network = name, "idle timeout: removing network");
         if let Some(removal) = removal {
             self.remove(name, removal).await;
         }

@@ -355,11 +355,17 @@ impl Keeper {
                 self.lock().apply(&m)
             }
             NetlinkPayload::Overrun(_) => {
-                let mut state = self.lock();
-                if state.synced {
+                let was_synced = {
+                    let mut state = self.lock();
+                    let was = std::mem::replace(&mut state.synced, false);
+                    if was {
+                        state.resyncs += 1;
+                    }
+                    was
+                };
+                // Logged once the lock is released: no I/O under it.
+                if was_synced {
                     warn!("link events were lost (socket buffer full); resyncing");
-                    state.synced = false;
-                    state.resyncs += 1;
                 }
                 None
             }
@@ -436,10 +442,12 @@ impl Keeper {
                     None => return false,
                 },
                 _ = &mut deadline => {
-                    let mut state = self.lock();
+                    {
+                        let mut state = self.lock();
+                        state.synced = false;
+                        state.resyncs += 1;
+                    }
                     warn!("link record barrier timed out; resyncing");
-                    state.synced = false;
-                    state.resyncs += 1;
                     return true;
                 }
             }

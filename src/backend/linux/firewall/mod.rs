@@ -642,6 +642,8 @@ impl Inner {
         };
         // The VXLAN port of the definition replaced, whose binding goes.
         let mut replaced_port = None;
+        // The old bridge of a network whose rules are replaced, logged after the lock.
+        let mut replacing = None;
         let (ns, batch, dropped) = {
             let state = self.lock();
             // TAPs whose DHCP MAC quota set goes with the old definition.
@@ -651,8 +653,7 @@ impl Inner {
                     return Ok(());
                 }
                 replaced_port = existing.overlay_port;
-                info!(network = %net.name, old_bridge = %existing.net.bridge, new_bridge = %net.bridge,
-                      "firewall: replacing the rules of a network with a new definition");
+                replacing = Some(existing.net.bridge.clone());
                 // Bindings of TAPs of the old bridge are meaningless on the new one.
                 for (tap, mac) in &existing.ports {
                     if tap.starts_with(&net.tap_prefix) {
@@ -751,6 +752,10 @@ impl Inner {
             );
             (ns, batch, dropped)
         };
+        if let Some(old_bridge) = replacing {
+            info!(network = %net.name, %old_bridge, new_bridge = %net.bridge,
+                  "firewall: replacing the rules of a network with a new definition");
+        }
         let context = format!("adding network {:?}", net.name);
         // TAPs given with the network (adopted from a previous broker) are guarded and
         // bound before the rules change: the guard a previous broker left on them is
@@ -898,6 +903,7 @@ impl Inner {
         let (net, batch, quota_taps, unbind) = {
             let state = self.lock();
             let Some(ns) = state.networks.get(name) else {
+                drop(state);
                 debug!(
                     network = name,
                     "firewall: remove of unknown network ignored"
