@@ -183,6 +183,16 @@ fn two_hosts_share_one_network_over_vxlan() {
     ] {
         assert!(link.contains(want), "{want} missing: {link}");
     }
+    // An L2 port: no IPv6 of its own (no link-local address, so no DAD or MLD sent to
+    // the peers), and up.
+    assert_eq!(
+        b1.ns
+            .sh("cat /proc/sys/net/ipv6/conf/vmnx-lab/disable_ipv6")
+            .trim(),
+        "1"
+    );
+    assert_eq!(b1.ns.sh("ip -6 addr show dev vmnx-lab").trim(), "");
+    assert!(link.contains(",UP,"), "{link}");
     // Head-end replication to the other host.
     let entries = fdb(&b1);
     assert!(

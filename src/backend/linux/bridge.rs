@@ -142,7 +142,7 @@ async fn create(netlink: &Netlink, name: &str, mac: [u8; 6]) -> io::Result<()> {
 
 /// Where the kernel keeps the per-interface IPv6 settings of the calling thread's network
 /// namespace.
-const IPV6_CONF: &str = "/proc/sys/net/ipv6/conf";
+pub(super) const IPV6_CONF: &str = "/proc/sys/net/ipv6/conf";
 
 /// IPv6 settings of every bridge, written before it is brought up. The kernel offers no
 /// netlink attribute for them (IFLA_INET6_CONF is read-only), so they go through procfs,

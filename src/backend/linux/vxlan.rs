@@ -26,6 +26,7 @@ use rtnetlink::packet_core::{
 use rtnetlink::{LinkMessageBuilder, LinkUnspec, LinkVxlan};
 use std::io;
 use std::net::IpAddr;
+use std::path::Path;
 
 /// Start of the alias of every VXLAN device the broker makes; the network's name follows.
 pub const OVERLAY_ALIAS_PREFIX: &str = "vmnet-broker-overlay:";
@@ -150,9 +151,14 @@ pub async fn make(
         }
     };
     let configured = async {
-        // The kernel ignores IFLA_IFALIAS when it creates a link: set apart.
+        // A port is an L2 port, as a TAP is (`bridge::disable_port_ipv6`): with IPv6 on,
+        // the device would take a link-local address when up and send its duplicate
+        // address detection and MLD reports to every peer of the overlay.
+        super::bridge::disable_port_ipv6(Path::new(super::bridge::IPV6_CONF), &name)?;
+        // The kernel ignores IFLA_IFALIAS when it creates a link: set apart, with up.
         let alias = LinkUnspec::new_with_index(link.index)
             .alias(overlay_alias(&config.name))
+            .up()
             .build();
         netlink.set(alias, &name, "set the alias of").await?;
         for peer in &vxlan.peers {
@@ -170,13 +176,14 @@ pub async fn make(
     })
 }
 
-/// MTU, bridge and up: set at creation, so the device is never a port without them.
+/// MTU and bridge: set at creation, so the device is never a port without them. Up only
+/// once its IPv6 is off ([`make`]).
 fn finish(
     message: LinkMessageBuilder<LinkVxlan>,
     mtu: u32,
     bridge: u32,
 ) -> netlink_packet_route::link::LinkMessage {
-    message.mtu(mtu).controller(bridge).up().build()
+    message.mtu(mtu).controller(bridge).build()
 }
 
 /// Appends the head-end replication entry for `peer`: the all-zeroes MAC with `peer` as
