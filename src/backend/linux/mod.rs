@@ -719,13 +719,13 @@ impl LinuxBackend {
     /// A ready TAP of the network's pool: the fd the pool held, or (closed pool TAPs of an
     /// `allow_spoofing` network) a new one attached by name; given to `owner` if the TAP
     /// is to be its client's ([`tap`]). With it, whether the link record's carrier of it
-    /// can be trusted yet.
+    /// can be trusted yet, and what wakes the pool's refill when dropped.
     fn take_pooled(
         &self,
         network: &LinuxNetwork,
         owner: Option<tap::TapOwner>,
-    ) -> Option<(Tap, Carrier)> {
-        let pooled = self.pool.take(&network.config.name, network.bridge.index)?;
+    ) -> Option<(Tap, Carrier, pool::RefillDue)> {
+        let (pooled, due) = self.pool.take(&network.config.name, network.bridge.index)?;
         let (handed, carrier) = match pooled.held {
             Some(fd) => {
                 let tap = Tap::held(pooled.name.clone(), pooled.index, fd);
@@ -746,7 +746,7 @@ impl LinuxBackend {
             Ok(tap)
         });
         match handed {
-            Ok(tap) => Some((tap, carrier)),
+            Ok(tap) => Some((tap, carrier, due)),
             Err(e) => {
                 // No use to anyone now: deleted (by the index it had in the pool, so never
                 // another device); the acquire makes its own.
@@ -1336,13 +1336,13 @@ impl Backend for LinuxBackend {
         // A ready TAP of the pool when there is one: already guarded, plugged and
         // persistent, and on an anti-spoofing network still open, so sending it is all
         // that is left.
-        let (tap, carrier) = match self.take_pooled(network, client) {
-            Some(taken) => {
+        let (tap, carrier, refill) = match self.take_pooled(network, client) {
+            Some((tap, carrier, due)) => {
                 steps.lap("pool");
-                taken
+                (tap, carrier, Some(due))
             }
             None => match self.make_tap(network, request, owner, &mut steps).await {
-                Ok(tap) => (tap, Carrier::Current),
+                Ok(tap) => (tap, Carrier::Current, None),
                 // The bridge's last port may be the one a refill is plugging: that TAP,
                 // once ready, is this acquire's.
                 Err(e) if self.pool.enabled() => {
@@ -1351,7 +1351,8 @@ impl Backend for LinuxBackend {
                         .refilled(&network.config.name, Duration::from_secs(2))
                         .await;
                     attaching = self.attaching.start();
-                    self.take_pooled(network, client).ok_or(e)?
+                    let (tap, carrier, due) = self.take_pooled(network, client).ok_or(e)?;
+                    (tap, carrier, Some(due))
                 }
                 Err(e) => return Err(e),
             },
@@ -1390,10 +1391,8 @@ impl Backend for LinuxBackend {
             // The acquire counts as attaching until its reply is about to go: the pool's
             // refill and the reaper, which wait for no attach to be under way, run after
             // it instead of competing with it for the CPU and the RTNL lock.
-            answering: match queued {
-                Some(binding) => Answering::hold(attaching).until_sent(binding),
-                None => Answering::hold(attaching),
-            },
+            // The binder and the pool's refill are woken once the reply is sent.
+            answering: Answering::hold(attaching).until_sent((queued, refill)),
         })
     }
 

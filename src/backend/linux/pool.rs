@@ -105,6 +105,18 @@ struct Entry {
     made: Option<String>,
 }
 
+/// A pool that just gave a TAP away: its refill is woken when this drops. Waking a task
+/// wakes a thread (the other runtime worker, on another CPU: 0.2 ms of a warm acquire's
+/// 0.5 ms here, with the state writer's wake), which an acquire's reply need not wait
+/// for; the refill waits [`REFILL_QUIET`] after the acquire anyway.
+pub struct RefillDue(Arc<TapPool>);
+
+impl Drop for RefillDue {
+    fn drop(&mut self) {
+        self.0.wake.notify_one();
+    }
+}
+
 /// The pools of every network of one backend.
 #[derive(Debug)]
 pub struct TapPool {
@@ -158,7 +170,9 @@ impl TapPool {
     }
 
     /// Takes a ready TAP of `network` on the bridge with index `bridge_index`.
-    pub fn take(&self, network: &str, bridge_index: u32) -> Option<Pooled> {
+    /// The refill is told when `due` drops ([`RefillDue`]): the acquire keeps it until
+    /// its reply is sent.
+    pub fn take(self: &Arc<Self>, network: &str, bridge_index: u32) -> Option<(Pooled, RefillDue)> {
         let taken = {
             let mut entries = self.lock();
             let entry = entries.get_mut(network)?;
@@ -168,8 +182,7 @@ impl TapPool {
             entry.stalled = false;
             entry.idle.pop()
         };
-        self.wake.notify_one();
-        taken
+        taken.map(|t| (t, RefillDue(Arc::clone(self))))
     }
 
     /// Waits, at most `wait`, until no refill of `network` is under way. An acquire that
@@ -428,9 +441,46 @@ mod tests {
         }
     }
 
+    /// The refill hears of a taken TAP only once the acquire lets go of its
+    /// [`RefillDue`], after its reply: not while the reply is still to be sent.
+    #[tokio::test]
+    async fn a_take_wakes_the_refill_only_when_its_due_drops() {
+        let pool = Arc::new(TapPool::new(2));
+        let spec = PoolSpec {
+            network: "lab".into(),
+            bridge: Link::tap(7, "vmnb-lab"),
+            mtu: 1500,
+            isolation: false,
+            guard: true,
+        };
+        pool.add(spec.clone());
+        let idle = Pooled {
+            name: "vmnt7-p0".into(),
+            index: 1,
+            held: None,
+        };
+        assert!(pool.put(&spec, idle).is_ok());
+        // What `add` and `put` signalled is consumed: the refill is waiting.
+        let _ = tokio::time::timeout(Duration::from_millis(10), pool.wake.notified()).await;
+        let woken = pool.wake.notified();
+        tokio::pin!(woken);
+        woken.as_mut().enable();
+        let (_, due) = pool.take("lab", 7).expect("the idle TAP");
+        assert!(
+            tokio::time::timeout(Duration::from_millis(20), woken.as_mut())
+                .await
+                .is_err(),
+            "woken before the due dropped"
+        );
+        drop(due);
+        tokio::time::timeout(Duration::from_secs(5), woken)
+            .await
+            .expect("woken once the due dropped");
+    }
+
     #[test]
     fn a_pool_hands_out_only_its_own_bridges_taps() {
-        let pool = TapPool::new(2);
+        let pool = Arc::new(TapPool::new(2));
         let spec = PoolSpec {
             network: "lab".into(),
             bridge: Link::tap(7, "vmnb-lab"),
@@ -444,7 +494,7 @@ mod tests {
             index: 1,
             held: None,
         };
-        let name = |p: Option<Pooled>| p.map(|p| p.name);
+        let name = |p: Option<(Pooled, RefillDue)>| p.map(|(p, _)| p.name);
         assert!(pool.put(&spec, t("vmnt7-p0")).is_ok());
         assert!(pool.put(&spec, t("vmnt7-p1")).is_ok());
         assert!(pool.put(&spec, t("vmnt7-p2")).is_err(), "full");
