@@ -558,6 +558,15 @@ impl<B: Backend> Registry<B> {
         }
     }
 
+    /// [`Self::record`] for a change its caller flushes ([`Self::flush_state`]) before it
+    /// answers: an acquire. The flush writes it; the writer is not woken for it.
+    fn record_for_flush(&self, st: &mut State<B::Network>, key: Key) {
+        st.changes.mark(key);
+        if let Some(writer) = self.persist.get() {
+            writer.changed_for_flush();
+        }
+    }
+
     /// Marks a change without telling the writer yet: the caller's next [`Self::record`]
     /// (or anyone's) carries it.
     fn mark(st: &mut State<B::Network>, key: Key) {
@@ -1132,6 +1141,10 @@ impl<B: Backend> Registry<B> {
     /// Runs to its end on a task of its own even if the caller stops waiting: a network
     /// half created, or an acquire counted as pending and never settled, would otherwise
     /// stay behind. (An endpoint nobody receives is dropped, which closes it.)
+    ///
+    /// The new endpoint's state record is written by the caller's [`Self::flush_state`],
+    /// which must come before the caller answers (so a broker killed after the answer
+    /// still adopts the endpoint); until then the state writer is not woken for it.
     pub async fn acquire(
         self: &Arc<Self>,
         client: ClientId,
@@ -1531,9 +1544,10 @@ impl<B: Backend> Registry<B> {
                 .push((name.to_string(), attachment.id.clone()));
         }
         Self::mark(&mut st, Key::Client(client));
-        self.record(
+        // Both acquire servers flush before they answer (server.rs, xpc.rs).
+        self.record_for_flush(
             &mut st,
-            Some(Key::Endpoint(name.to_string(), attachment.id.0.clone())),
+            Key::Endpoint(name.to_string(), attachment.id.0.clone()),
         );
         drop(st);
         if cancelled {

@@ -514,6 +514,18 @@ impl StateWriter {
         self.latest.send_modify(|number| *number += 1);
     }
 
+    /// Notes a change that its caller writes itself ([`Self::flush`]) before anyone
+    /// hears of it: counted, so the flush covers it, but the background writer is not
+    /// woken for it (a wake is another thread, often on the other CPU, while the caller
+    /// still has a reply to send). Should the flush not come, the next change anyone
+    /// notes with [`Self::changed`] carries it.
+    pub fn changed_for_flush(&self) {
+        self.latest.send_if_modified(|number| {
+            *number += 1;
+            false
+        });
+    }
+
     /// Returns once everything changed so far is in the state file as any next process
     /// reads it (appended, or renamed into place: the module's note says why nothing
     /// more is needed), or failed, logged. Writes it itself if nobody is writing it yet.

@@ -111,6 +111,8 @@ pub async fn answer<B: Backend>(
         Ok(XpcRequest::Acquire { network_name }) => {
             match registry.acquire(client, &network_name, None, false).await {
                 Ok(acquired) => {
+                    // On disk before the client hears of it, as on Linux (server.rs).
+                    registry.flush_state().await;
                     info!(client, network = network_name, "acquired");
                     Answer::Network(acquired.attachment.endpoint)
                 }
