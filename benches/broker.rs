@@ -51,6 +51,7 @@ fn main() {
     match args.get(1).map(String::as_str) {
         Some("__stream_hub") => return fabric::stream_hub(&args[2], args[3].parse().unwrap()),
         Some("__helper_loop") => return control::helper_loop(&args[2], args[3].parse().unwrap()),
+        Some("__echo") => return control::echo_server(&args[2]),
         _ => {}
     }
     // `cargo test --all-targets` runs bench targets too, without `--bench`: nothing to do

@@ -5,6 +5,7 @@
 use crate::netns::Netns;
 use crate::util::*;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd};
+use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use vmnet_broker_client::Client;
@@ -15,6 +16,10 @@ pub struct Control {
     pub warm_ms: Vec<f64>,
     /// Warm acquires with 10 ms between samples (no release work queued ahead).
     pub warm_spaced_ms: Vec<f64>,
+    /// The floor of `warm_spaced_ms`: a request and a reply with an fd over a new Unix
+    /// connection to a process that answers at once ([`echo_server`]), timed in the same
+    /// alternation.
+    pub echo_spaced_ms: Vec<f64>,
     /// Warm acquires on a network with `allow_spoofing: true` (no nftables update per TAP).
     pub warm_nospoof_ms: Vec<f64>,
     pub helper_ms: Vec<f64>,
@@ -162,6 +167,9 @@ fn latency(quick: bool, parts: &Parts, out: &mut Control) {
         drop(c);
     }
 
+    // Spaced, each acquire followed by the same exchange with a process that does
+    // nothing but answer (the floor: two processes waking on this machine).
+    let echo = Echo::start();
     for _ in 0..warm_n / 4 {
         std::thread::sleep(Duration::from_millis(10));
         let c = broker.client();
@@ -169,7 +177,11 @@ fn latency(quick: bool, parts: &Parts, out: &mut Control) {
         let a = c.acquire("warm").expect("warm acquire");
         out.warm_spaced_ms.push(ms(t.elapsed()));
         drop(a);
+        drop(c);
+        std::thread::sleep(Duration::from_millis(10));
+        out.echo_spaced_ms.push(echo.round_trip());
     }
+    drop(echo);
     let holder2 = broker.client();
     let _tap2 = holder2.acquire("nospoof").expect("nospoof holder");
     for _ in 0..warm_n / 4 {
@@ -682,3 +694,109 @@ fn by_hand(n: usize, networks: usize) -> Vec<f64> {
 }
 
 const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+
+/// A process answering on a Unix seqpacket socket as the broker does, with nothing behind
+/// it: each request gets a reply of an acquire's size with an fd (SCM_RIGHTS).
+struct Echo {
+    path: PathBuf,
+    _child: Guarded,
+    _dir: tempfile::TempDir,
+}
+
+/// Sizes of an acquire's request and reply (JSON, as the client sends and gets them).
+const ECHO_REQUEST: usize = 64;
+const ECHO_REPLY: usize = 320;
+
+impl Echo {
+    fn start() -> Echo {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("echo.sock");
+        let exe = std::env::current_exe().expect("own path");
+        let mut cmd = Command::new(exe);
+        cmd.arg("__echo").arg(&path);
+        let child = Guarded::spawn(cmd, "echo server");
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while !path.exists() {
+            assert!(Instant::now() < deadline, "echo server did not start");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        Echo {
+            path,
+            _child: child,
+            _dir: dir,
+        }
+    }
+
+    /// Connects (untimed, as the broker's samples connect before the clock starts), then
+    /// times request → reply with its fd, in ms.
+    fn round_trip(&self) -> f64 {
+        use nix::sys::socket::*;
+        let fd = socket(
+            AddressFamily::Unix,
+            SockType::SeqPacket,
+            SockFlag::SOCK_CLOEXEC,
+            None,
+        )
+        .expect("socket");
+        connect(fd.as_raw_fd(), &UnixAddr::new(&self.path).expect("path")).expect("connect");
+        let t = Instant::now();
+        send(fd.as_raw_fd(), &[b'{'; ECHO_REQUEST], MsgFlags::empty()).expect("send");
+        let mut buf = [0u8; 1024];
+        let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let msg = recvmsg::<()>(
+            fd.as_raw_fd(),
+            &mut iov,
+            Some(&mut space),
+            MsgFlags::MSG_CMSG_CLOEXEC,
+        )
+        .expect("recvmsg");
+        let mut got = None;
+        for c in msg.cmsgs().expect("cmsgs") {
+            if let ControlMessageOwned::ScmRights(fds) = c {
+                // SAFETY: SCM_RIGHTS just gave us this fd; nothing else owns it.
+                got = fds.first().map(|&f| unsafe { OwnedFd::from_raw_fd(f) });
+            }
+        }
+        let elapsed = ms(t.elapsed());
+        assert_eq!(msg.bytes, ECHO_REPLY, "echo reply");
+        assert!(got.is_some(), "echo reply without its fd");
+        elapsed
+    }
+}
+
+/// The process behind [`Echo`] (`__echo PATH`): one connection at a time, one request
+/// each, answered with [`ECHO_REPLY`] bytes and an fd of /dev/null.
+pub fn echo_server(path: &str) {
+    use nix::sys::socket::*;
+    let null = std::fs::File::open("/dev/null").expect("/dev/null");
+    let listener = socket(
+        AddressFamily::Unix,
+        SockType::SeqPacket,
+        SockFlag::SOCK_CLOEXEC,
+        None,
+    )
+    .expect("socket");
+    bind(listener.as_raw_fd(), &UnixAddr::new(path).expect("path")).expect("bind");
+    listen(&listener, Backlog::new(16).expect("backlog")).expect("listen");
+    let reply = [b'}'; ECHO_REPLY];
+    loop {
+        let Ok(conn) = accept(listener.as_raw_fd()) else {
+            return;
+        };
+        // SAFETY: accept just returned this fd; nothing else owns it.
+        let conn = unsafe { OwnedFd::from_raw_fd(conn) };
+        let mut buf = [0u8; 1024];
+        if recv(conn.as_raw_fd(), &mut buf, MsgFlags::empty()).unwrap_or(0) == 0 {
+            continue;
+        }
+        let fds = [null.as_raw_fd()];
+        let _ = sendmsg::<()>(
+            conn.as_raw_fd(),
+            &[std::io::IoSlice::new(&reply)],
+            &[ControlMessage::ScmRights(&fds)],
+            MsgFlags::empty(),
+            None,
+        );
+    }
+}
