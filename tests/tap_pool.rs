@@ -212,33 +212,16 @@ fn an_idle_pool_tap_queues_nothing_for_its_client() {
     for name in pool.keys() {
         assert_eq!(sysfs(&b, name, "carrier"), "1", "{name} is held open");
     }
-    // Broadcasts of an experimental ethertype, each with its number, from the bridge.
     let sent = 50;
-    b.ns.sh(&format!(
-        "python3 -c 'import socket; s=socket.socket(socket.AF_PACKET,socket.SOCK_RAW); \
-         s.bind((\"{bridge}\",0)); \
-         [s.send(bytes([255]*6+[2,0,0,0,0,1]+[0x88,0xb5])+b\"stale%04d\"%i+bytes(40)) for i in range({sent})]'"
-    ));
-    let stale =
-        |f: &[u8]| f.len() > 14 && f[12..14] == [0x88, 0xb5] && f[14..].starts_with(b"stale");
+    send_stale_broadcasts(&b, &bridge, sent);
     let heard = holder
         .drain(Duration::from_millis(500))
         .into_iter()
-        .filter(|f| stale(f))
+        .filter(|f| is_stale(f))
         .count();
     assert_eq!(heard, sent, "the bound TAP hears every broadcast");
-    let a = c.acquire("shared").unwrap();
-    assert!(
-        pool.contains_key(&a.info.interface),
-        "{} is not from the pool",
-        a.info.interface
-    );
-    let got = frames::Tap::new(a).drain(Duration::from_millis(500));
-    assert!(
-        !got.iter().any(|f| stale(f)),
-        "the pool TAP queued {} frames sent before its acquire",
-        got.iter().filter(|f| stale(f)).count()
-    );
+    let got = stale_frames_of_next_pool_tap(&c, &pool);
+    assert_eq!(got, 0, "the pool TAP queued frames sent before its acquire");
     // Nothing queued for the handover to drain: the guard dropped them.
     assert!(
         !b.log().contains("drained frames queued in the pool"),
@@ -263,25 +246,9 @@ fn what_queued_in_a_pool_tap_is_drained_before_its_client_gets_it() {
         b.ns.sh(&format!("tc filter del dev {name} egress"));
     }
     let sent = 50;
-    b.ns.sh(&format!(
-        "python3 -c 'import socket; s=socket.socket(socket.AF_PACKET,socket.SOCK_RAW); \
-         s.bind((\"{bridge}\",0)); \
-         [s.send(bytes([255]*6+[2,0,0,0,0,1]+[0x88,0xb5])+b\"stale%04d\"%i+bytes(40)) for i in range({sent})]'"
-    ));
-    let stale =
-        |f: &[u8]| f.len() > 14 && f[12..14] == [0x88, 0xb5] && f[14..].starts_with(b"stale");
-    let a = c.acquire("shared").unwrap();
-    assert!(
-        pool.contains_key(&a.info.interface),
-        "{} is not from the pool",
-        a.info.interface
-    );
-    let got = frames::Tap::new(a).drain(Duration::from_millis(500));
-    assert!(
-        !got.iter().any(|f| stale(f)),
-        "the client read {} frames queued before its acquire",
-        got.iter().filter(|f| stale(f)).count()
-    );
+    send_stale_broadcasts(&b, &bridge, sent);
+    let got = stale_frames_of_next_pool_tap(&c, &pool);
+    assert_eq!(got, 0, "the client read frames queued before its acquire");
     // They were there to drain: the handover took them (a TAP's queue holds 500).
     let log = b.log();
     let drained = log
@@ -298,6 +265,37 @@ fn what_queued_in_a_pool_tap_is_drained_before_its_client_gets_it() {
         .unwrap_or_else(|| panic!("no count: {drained}"));
     assert!(stale >= sent, "{drained}");
     drop(first);
+}
+
+/// Sends `n` broadcasts of an experimental ethertype from `bridge`, each with its number
+/// after "stale" ([`is_stale`]).
+fn send_stale_broadcasts(b: &Broker, bridge: &str, n: usize) {
+    b.ns.sh(&format!(
+        "python3 -c 'import socket; s=socket.socket(socket.AF_PACKET,socket.SOCK_RAW); \
+         s.bind((\"{bridge}\",0)); \
+         [s.send(bytes([255]*6+[2,0,0,0,0,1]+[0x88,0xb5])+b\"stale%04d\"%i+bytes(40)) for i in range({n})]'"
+    ));
+}
+
+/// One of [`send_stale_broadcasts`]'s frames.
+fn is_stale(f: &[u8]) -> bool {
+    f.len() > 14 && f[12..14] == [0x88, 0xb5] && f[14..].starts_with(b"stale")
+}
+
+/// Acquires the next TAP, which must come from `pool`, and counts the stale frames its
+/// client reads.
+fn stale_frames_of_next_pool_tap(c: &Client, pool: &BTreeMap<String, String>) -> usize {
+    let a = c.acquire("shared").unwrap();
+    assert!(
+        pool.contains_key(&a.info.interface),
+        "{} is not from the pool",
+        a.info.interface
+    );
+    frames::Tap::new(a)
+        .drain(Duration::from_millis(500))
+        .iter()
+        .filter(|f| is_stale(f))
+        .count()
 }
 
 /// A pool TAP belongs to the broker's uid and group: another local user's `TUNSETIFF`

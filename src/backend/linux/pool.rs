@@ -441,10 +441,8 @@ mod tests {
         }
     }
 
-    /// The refill hears of a taken TAP only once the acquire lets go of its
-    /// [`RefillDue`], after its reply: not while the reply is still to be sent.
-    #[tokio::test]
-    async fn a_take_wakes_the_refill_only_when_its_due_drops() {
+    /// A pool of two for network "lab" on bridge 7.
+    fn lab_pool() -> (Arc<TapPool>, PoolSpec) {
         let pool = Arc::new(TapPool::new(2));
         let spec = PoolSpec {
             network: "lab".into(),
@@ -454,6 +452,14 @@ mod tests {
             guard: true,
         };
         pool.add(spec.clone());
+        (pool, spec)
+    }
+
+    /// The refill hears of a taken TAP only once the acquire lets go of its
+    /// [`RefillDue`], after its reply: not while the reply is still to be sent.
+    #[tokio::test]
+    async fn a_take_wakes_the_refill_only_when_its_due_drops() {
+        let (pool, spec) = lab_pool();
         let idle = Pooled {
             name: "vmnt7-p0".into(),
             index: 1,
@@ -480,15 +486,7 @@ mod tests {
 
     #[test]
     fn a_pool_hands_out_only_its_own_bridges_taps() {
-        let pool = Arc::new(TapPool::new(2));
-        let spec = PoolSpec {
-            network: "lab".into(),
-            bridge: Link::tap(7, "vmnb-lab"),
-            mtu: 1500,
-            isolation: false,
-            guard: true,
-        };
-        pool.add(spec.clone());
+        let (pool, spec) = lab_pool();
         let t = |n: &str| Pooled {
             name: n.into(),
             index: 1,
