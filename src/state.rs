@@ -899,6 +899,23 @@ mod tests {
         assert!(matches!(load(dir.path()), Err(StateError::Parse { .. })));
     }
 
+    /// A change noted for its caller's own flush (an acquire's) wakes no background
+    /// write, and the flush writes it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_change_for_flush_is_written_by_the_flush_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let source: Source = Default::default();
+        let writer = writer_over(dir.path(), &source);
+        writer.changed_for_flush();
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        assert!(
+            !path_in(dir.path()).exists(),
+            "the background writer wrote a change nobody woke it for"
+        );
+        writer.flush().await;
+        assert_eq!(load(dir.path()).unwrap(), Some(BrokerState::default()));
+    }
+
     #[tokio::test]
     async fn a_file_in_the_single_document_layout_is_read_and_converted() {
         let dir = tempfile::tempdir().unwrap();
