@@ -142,7 +142,7 @@ async fn create(netlink: &Netlink, name: &str, mac: [u8; 6]) -> io::Result<()> {
 
 /// Where the kernel keeps the per-interface IPv6 settings of the calling thread's network
 /// namespace.
-pub(super) const IPV6_CONF: &str = "/proc/sys/net/ipv6/conf";
+const IPV6_CONF: &str = "/proc/sys/net/ipv6/conf";
 
 /// IPv6 settings of every bridge, written before it is brought up. The kernel offers no
 /// netlink attribute for them (IFLA_INET6_CONF is read-only), so they go through procfs,
@@ -179,6 +179,12 @@ pub fn disable_port_ipv6(conf: &Path, name: &str) -> io::Result<()> {
     write_ipv6_conf(conf, name, &["disable_ipv6"], "1")
 }
 
+/// [`disable_port_ipv6`] in this thread's namespace: what every port the broker puts on a
+/// bridge gets (TAPs, the VXLAN port) before it is up.
+pub fn disable_ipv6_of_port(name: &str) -> io::Result<()> {
+    disable_port_ipv6(Path::new(IPV6_CONF), name)
+}
+
 /// Writes `value` to each of `settings` of interface `name` under `conf`; nothing when
 /// `conf` does not exist (a kernel without IPv6).
 fn write_ipv6_conf(conf: &Path, name: &str, settings: &[&str], value: &str) -> io::Result<()> {
@@ -208,7 +214,7 @@ pub async fn enslave(
     bridge: &Link,
 ) -> io::Result<()> {
     // While the TAP is still down: it never gets a link-local address or routes.
-    disable_port_ipv6(Path::new(IPV6_CONF), port.name())?;
+    disable_ipv6_of_port(port.name())?;
     let message = LinkUnspec::new_with_index(port.index())
         .address(mac.to_vec())
         .mtu(mtu)

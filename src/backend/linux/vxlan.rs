@@ -26,7 +26,6 @@ use rtnetlink::packet_core::{
 use rtnetlink::{LinkMessageBuilder, LinkUnspec, LinkVxlan};
 use std::io;
 use std::net::IpAddr;
-use std::path::Path;
 
 /// Start of the alias of every VXLAN device the broker makes; the network's name follows.
 pub const OVERLAY_ALIAS_PREFIX: &str = "vmnet-broker-overlay:";
@@ -154,7 +153,7 @@ pub async fn make(
         // A port is an L2 port, as a TAP is (`bridge::disable_port_ipv6`): with IPv6 on,
         // the device would take a link-local address when up and send its duplicate
         // address detection and MLD reports to every peer of the overlay.
-        super::bridge::disable_port_ipv6(Path::new(super::bridge::IPV6_CONF), &name)?;
+        super::bridge::disable_ipv6_of_port(&name)?;
         // The kernel ignores IFLA_IFALIAS when it creates a link: set apart, with up.
         let alias = LinkUnspec::new_with_index(link.index)
             .alias(overlay_alias(&config.name))
