@@ -1380,7 +1380,6 @@ fn a_network_taken_over_with_its_bindings_keeps_its_guest_reachable() {
 fn a_guarded_tap_carries_nothing_until_bound() {
     use vmnet_broker::backend::linux::tap::{Tap, TapOwner};
     netns::require("nft", "nftables");
-    const A_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x77, 0x00, 0x0a];
     let b = bridge_ns();
     in_netns(&b, || async {
         let tap = Tap::create("vporta", TapOwner { uid: 0, gid: 0 }).unwrap();
@@ -1389,37 +1388,106 @@ fn a_guarded_tap_carries_nothing_until_bound() {
         fw.add_network(&network(false, true, false)).await.unwrap();
         fw.guard_tap(tap.index()).await.unwrap();
         b.ip(&["link", "set", "vporta", "master", "vmnbr0", "up"]);
-        // An ARP request for the gateway from 10.77.0.2, after the TAP's 12-byte virtio-net
-        // header; the host's reply names the asker's MAC and address.
-        let mut frame = vec![0u8; 12];
-        frame.extend([0xff; 6]);
-        frame.extend(A_MAC);
-        frame.extend([0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
-        frame.extend(A_MAC);
-        frame.extend([10, 77, 0, 2, 0, 0, 0, 0, 0, 0, 10, 77, 0, 1]);
-        let mut reply_marker = A_MAC.to_vec();
-        reply_marker.extend([10, 77, 0, 2]);
-        let ask = |within: Duration| {
-            let deadline = Instant::now() + within;
-            while Instant::now() < deadline {
-                nix::unistd::write(tap.fd(), &frame).unwrap();
-                if tap_reads(tap.fd(), &reply_marker, Duration::from_millis(300)) {
-                    return true;
-                }
-            }
-            false
-        };
-        assert!(!ask(Duration::from_secs(2)), "an unbound TAP was heard");
-        assert_eq!(
-            b.exec(&["ip", "neigh", "show", "10.77.0.2"]).stdout,
-            b"",
-            "the host learnt an unbound TAP's address"
-        );
-        fw.add_port("testnet", "vporta", A_MAC).await.unwrap();
-        assert!(ask(Duration::from_secs(20)), "the bound TAP is not heard");
+        assert_unbound_unheard_then_bound_heard(&b, &fw, &tap).await;
         fw.remove_network("testnet").await.unwrap();
     });
 }
+
+/// Every guarded TAP's clsact uses the guard's two shared TC blocks, which hold one
+/// filter each however many TAPs there are. A block goes with the last TAP using it, so
+/// the next TAP guarded gets a new, empty one: the guard fills it before it returns, and
+/// that TAP too carries nothing until bound.
+#[test]
+fn guarded_taps_share_the_guards_blocks_and_a_tap_guarded_after_the_last_one_left_is_guarded() {
+    use vmnet_broker::backend::linux::firewall::guard::{EGRESS_BLOCK, INGRESS_BLOCK};
+    use vmnet_broker::backend::linux::tap::{Tap, TapOwner};
+    netns::require("nft", "nftables");
+    let b = bridge_ns();
+    in_netns(&b, || async {
+        let fw = Firewall::new();
+        fw.add_network(&network(false, true, false)).await.unwrap();
+        let owner = TapOwner { uid: 0, gid: 0 };
+        let taps: Vec<Tap> = ["vporta", "vportb", "vportc"]
+            .into_iter()
+            .map(|name| Tap::create(name, owner).unwrap())
+            .collect();
+        for tap in &taps {
+            fw.guard_tap(tap.index()).await.unwrap();
+            let qdisc = b.sh(&format!("tc qdisc show dev {}", tap.name()));
+            assert!(
+                qdisc.contains(&format!(
+                    "ingress_block {INGRESS_BLOCK} egress_block {EGRESS_BLOCK}"
+                )),
+                "{qdisc}"
+            );
+        }
+        for (block, program) in [(INGRESS_BLOCK, "tap_ingress"), (EGRESS_BLOCK, "tap_egress")] {
+            let filters = b.sh(&format!("tc filter show block {block}"));
+            let ours: Vec<&str> = filters.lines().filter(|l| l.contains(" handle ")).collect();
+            assert!(
+                ours.len() == 1 && ours[0].contains(program),
+                "one filter for three TAPs:\n{filters}"
+            );
+        }
+        // The TAPs close (not persistent: the kernel deletes them), and the blocks go.
+        drop(taps);
+        let gone = b.exec(&["tc", "filter", "show", "block", &INGRESS_BLOCK.to_string()]);
+        assert!(!gone.status.success(), "the block outlived its TAPs");
+
+        let tap = Tap::create("vportd", owner).unwrap();
+        fw.guard_tap(tap.index()).await.unwrap();
+        for (dir, program) in [("ingress", "tap_ingress"), ("egress", "tap_egress")] {
+            let filters = b.sh(&format!("tc filter show dev vportd {dir}"));
+            assert!(filters.contains(program), "{dir}: {filters}");
+        }
+        b.ip(&["link", "set", "vportd", "master", "vmnbr0", "up"]);
+        assert_unbound_unheard_then_bound_heard(&b, &fw, &tap).await;
+        fw.remove_network("testnet").await.unwrap();
+    });
+}
+
+/// On `tap`, guarded, unbound, on the bridge and up: the host answers no ARP request the
+/// TAP sends and learns nothing of it; once `tap` is bound to [`GUARDED_MAC`] (the MAC
+/// only), the host answers.
+async fn assert_unbound_unheard_then_bound_heard(
+    b: &Netns,
+    fw: &Firewall,
+    tap: &vmnet_broker::backend::linux::tap::Tap,
+) {
+    // An ARP request for the gateway from 10.77.0.2, after the TAP's 12-byte virtio-net
+    // header; the host's reply names the asker's MAC and address.
+    let mut frame = vec![0u8; 12];
+    frame.extend([0xff; 6]);
+    frame.extend(GUARDED_MAC);
+    frame.extend([0x08, 0x06, 0, 1, 0x08, 0, 6, 4, 0, 1]);
+    frame.extend(GUARDED_MAC);
+    frame.extend([10, 77, 0, 2, 0, 0, 0, 0, 0, 0, 10, 77, 0, 1]);
+    let mut reply_marker = GUARDED_MAC.to_vec();
+    reply_marker.extend([10, 77, 0, 2]);
+    let ask = |within: Duration| {
+        let deadline = Instant::now() + within;
+        while Instant::now() < deadline {
+            nix::unistd::write(tap.fd(), &frame).unwrap();
+            if tap_reads(tap.fd(), &reply_marker, Duration::from_millis(300)) {
+                return true;
+            }
+        }
+        false
+    };
+    assert!(!ask(Duration::from_secs(2)), "an unbound TAP was heard");
+    assert_eq!(
+        b.exec(&["ip", "neigh", "show", "10.77.0.2"]).stdout,
+        b"",
+        "the host learnt an unbound TAP's address"
+    );
+    fw.add_port("testnet", tap.name(), GUARDED_MAC)
+        .await
+        .unwrap();
+    assert!(ask(Duration::from_secs(20)), "the bound TAP is not heard");
+}
+
+/// The guest MAC of [`assert_unbound_unheard_then_bound_heard`].
+const GUARDED_MAC: [u8; 6] = [0x02, 0x00, 0x00, 0x77, 0x00, 0x0a];
 
 /// The networks whose rules go through netlink (anti-spoofing ones, the default): shared
 /// with IPv6 and NAT66, host, with static forwards of both families (one with an external

@@ -20,6 +20,7 @@ use std::os::fd::AsFd;
 use std::time::Duration;
 use support::{Broker, Options, as_uid};
 use tap_owner::attach_by_name_as;
+use vmnet_broker::backend::linux::firewall::guard::EGRESS_BLOCK;
 use vmnet_broker::backend::linux::pool::{POOL_SIZE, is_pool_name};
 use vmnet_broker::backend::linux::tap;
 use vmnet_broker::client::Client;
@@ -232,8 +233,9 @@ fn an_idle_pool_tap_queues_nothing_for_its_client() {
 
 /// What a guard adopted from an older broker let queue in an idle pool TAP (its egress
 /// program passed broadcasts to unbound TAPs) is drained at the handover: the client
-/// reads none of it. Stood in for by taking the egress filter off the idle pool TAPs, so
-/// the bridge's broadcasts queue in them as they did then.
+/// reads none of it. Stood in for by taking the egress filter out of the guard's shared
+/// egress block (every guarded TAP's), so the bridge's broadcasts queue in the idle pool
+/// TAPs as they did then.
 #[test]
 fn what_queued_in_a_pool_tap_is_drained_before_its_client_gets_it() {
     netns::require("python3", "python3");
@@ -242,9 +244,8 @@ fn what_queued_in_a_pool_tap_is_drained_before_its_client_gets_it() {
     let first = c.acquire("shared").unwrap();
     let bridge = first.info.bridge.clone();
     let pool = wait_pool_full(&b);
-    for name in pool.keys() {
-        b.ns.sh(&format!("tc filter del dev {name} egress"));
-    }
+    assert!(!pool.is_empty());
+    b.ns.sh(&format!("tc filter del block {EGRESS_BLOCK}"));
     let sent = 50;
     send_stale_broadcasts(&b, &bridge, sent);
     let got = stale_frames_of_next_pool_tap(&c, &pool);

@@ -17,7 +17,8 @@
 //! [`Guard::bind`] and [`Guard::unbind`] keep the two maps consistent: a `peers` entry
 //! exists only for a TAP whose binding holds that MAC on that bridge (and the program
 //! checks the target's binding again before redirecting). [`Guard::attach`] puts a
-//! clsact qdisc and both filters (cls_bpf, direct action) on a TAP; a TAP without a
+//! clsact qdisc on a TAP whose ingress and egress are the guard's two shared TC blocks,
+//! which hold the filters (cls_bpf, direct action) for every TAP; a TAP without a
 //! binding sends and receives nothing, so attaching before the TAP is up and on the
 //! bridge binds it before its first frame, and an idle pool TAP held open queues
 //! nothing. The filters are kernel objects holding the programs, which
@@ -35,13 +36,15 @@ use std::mem::size_of;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsFd, AsRawFd};
 use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use aya::maps::{HashMap as BpfHashMap, Map, MapData, MapInfo};
 use aya::programs::{ProgramFd, SchedClassifier, loaded_programs};
 use futures::TryStreamExt;
+use netlink_packet_core::DefaultNla;
 use netlink_packet_route::RouteNetlinkMessage;
 use netlink_packet_route::tc::{
-    TcAttribute, TcBpfFlags, TcFilterBpfOption, TcHandle, TcMessage, TcOption,
+    TcAttribute, TcBpfFlags, TcFilterBpfOption, TcHandle, TcHeader, TcMessage, TcOption,
 };
 use rtnetlink::packet_core::{
     NLM_F_ACK, NLM_F_CREATE, NLM_F_EXCL, NLM_F_REPLACE, NLM_F_REQUEST, NetlinkMessage,
@@ -78,6 +81,16 @@ const PARENT_EGRESS: TcHandle = TcHandle {
 };
 /// `ETH_P_ALL`: the filters see every frame.
 const ETH_P_ALL: u16 = 0x0003;
+/// The shared TC blocks every guarded TAP's clsact uses, ingress and egress ("vnb" and
+/// 1 or 2): one filter each, holding `tap_ingress` and `tap_egress` ([`Guard::attach`]).
+/// Block indexes are the network namespace's, and nothing else of ours uses any.
+pub const INGRESS_BLOCK: u32 = u32::from_be_bytes(*b"vnb\x01");
+pub const EGRESS_BLOCK: u32 = u32::from_be_bytes(*b"vnb\x02");
+const BLOCKS: [u32; 2] = [INGRESS_BLOCK, EGRESS_BLOCK];
+/// `TCA_INGRESS_BLOCK` and `TCA_EGRESS_BLOCK` (linux/rtnetlink.h), which
+/// netlink-packet-route 0.34 has no variants for.
+const TCA_INGRESS_BLOCK: u16 = 13;
+const TCA_EGRESS_BLOCK: u16 = 14;
 
 /// `flags` of a [`Binding`]: IPv4 and ARP sources must be the lease, and DHCP client
 /// messages must name the bound MAC (`BIND_DHCP` in the C source).
@@ -224,6 +237,8 @@ pub struct Guard {
     /// neither sleep nor wait on anything but the maps' own bucket locks; aya's update
     /// API takes `&mut`, and a change of both maps must not interleave with another.
     map: Mutex<Maps>,
+    /// Whether this process has put its filters in the shared blocks ([`Guard::attach`]).
+    blocks_filled: AtomicBool,
     netlink: Netlink,
 }
 
@@ -297,6 +312,7 @@ impl Guard {
             egress_id,
             overlay: Some(overlay),
             map: Mutex::new(map),
+            blocks_filled: AtomicBool::new(false),
             netlink,
         })
     }
@@ -388,6 +404,7 @@ impl Guard {
             egress_id,
             overlay,
             map: Mutex::new(map),
+            blocks_filled: AtomicBool::new(false),
             netlink,
         }))
     }
@@ -407,52 +424,107 @@ impl Guard {
         )
     }
 
-    /// Puts the guard on interface `ifindex`, replacing a filter of ours already there
-    /// (atomically: no frame passes unchecked). Without a binding (see [`Guard::unbind`]),
-    /// the interface sends and receives nothing.
+    /// Puts the guard on interface `ifindex`: a clsact qdisc whose ingress and egress are
+    /// the guard's shared TC blocks ([`INGRESS_BLOCK`], [`EGRESS_BLOCK`]), whose filters
+    /// hold the programs. Then the blocks' filters are made sure of: a block lives only
+    /// as long as some qdisc uses it, so this TAP's may be a new, empty one (every other
+    /// TAP gone), which would pass every frame; no frame can pass before this returns,
+    /// since the TAP is not yet up nor on the bridge. A clsact already there (an adopted
+    /// TAP, or one an older broker guarded with filters of its own) gets this guard's
+    /// filters, replacing its old ones in place (atomically: no frame passes unchecked).
+    /// Without a binding (see [`Guard::unbind`]), the interface sends and receives
+    /// nothing.
+    ///
+    /// Why shared blocks: a clsact with blocks of its own registers each of them with the
+    /// kernel's flow-offload code, which walks a list of every such block of the host
+    /// (`flow_indr_dev_setup_offload`) under the RTNL lock, on each TAP's creation and
+    /// deletion; with 10,000 TAPs that walk dominated the broker's profile. Shared blocks
+    /// keep that list at two entries and take two requests (two filters) off each TAP
+    /// made while the blocks live: the filters are added with `NLM_F_EXCL`, which the
+    /// kernel refuses at once when they are there (docs/design.md, "The TAP guard").
     pub async fn attach(&self, ifindex: u32) -> Result<(), GuardError> {
-        self.attach_programs(
-            ifindex,
-            &[
-                (PARENT_INGRESS, &self.ingress, INGRESS),
-                (PARENT_EGRESS, &self.egress, EGRESS),
-            ],
-        )
-        .await
+        if self.add_clsact(ifindex, true).await? {
+            return self.fill_blocks(ifindex).await;
+        }
+        match self.attach_programs(ifindex, &self.tap_programs()).await {
+            // The clsact there uses the shared blocks (the kernel refuses filters through
+            // the device then): the blocks' filters are replaced instead, for every TAP on
+            // them, with this guard's programs.
+            Err(GuardError::Netlink { source, .. })
+                if source.raw_os_error() == Some(libc::EOPNOTSUPP) =>
+            {
+                self.blocks_filled.store(false, Ordering::Relaxed);
+                self.fill_blocks(ifindex).await
+            }
+            other => other,
+        }
+    }
+
+    fn tap_programs(&self) -> [(TcHandle, &ProgramFd, &'static str); 2] {
+        [
+            (PARENT_INGRESS, &self.ingress, INGRESS),
+            (PARENT_EGRESS, &self.egress, EGRESS),
+        ]
+    }
+
+    /// Makes sure the shared blocks hold this guard's filters. The first time in this
+    /// process the filters are replaced (the blocks may hold a previous broker's, whose
+    /// programs this one did not adopt); after that they are only added where missing
+    /// (`NLM_F_EXCL`: "exists" is the common answer and costs the kernel a lookup).
+    async fn fill_blocks(&self, ifindex: u32) -> Result<(), GuardError> {
+        let replace = !self.blocks_filled.load(Ordering::Relaxed);
+        for ((_, fd, name), block) in self.tap_programs().into_iter().zip(BLOCKS) {
+            let mut msg = TcMessage::with_index(TcHeader::TCM_IFINDEX_MAGIC_BLOCK as i32);
+            msg.header.parent = TcHandle::from(block);
+            let mut req = filter_request(msg, fd, name);
+            req.header.flags = NLM_F_REQUEST
+                | NLM_F_ACK
+                | NLM_F_CREATE
+                | if replace { NLM_F_REPLACE } else { NLM_F_EXCL };
+            match self.netlink.ack(req).await {
+                Ok(()) => {}
+                Err(e) if !replace && e.raw_os_error() == Some(libc::EEXIST) => {}
+                Err(source) => {
+                    return Err(GuardError::Netlink {
+                        what: "fill the TAP guard's shared TC block",
+                        ifindex,
+                        source,
+                    });
+                }
+            }
+        }
+        if replace {
+            self.blocks_filled.store(true, Ordering::Relaxed);
+        }
+        Ok(())
     }
 
     /// Puts `overlay_ingress` on TC ingress of a network's VXLAN port `ifindex` (replacing
     /// ours already there): the overlay fast path, in both directions, once the port is
     /// bound with [`Binding::overlay_port`]; until then, or without a binding, the
     /// program passes every frame to the bridge. False (nothing done) when this guard
-    /// has no such program (adopted from a broker that predates it).
+    /// has no such program (adopted from a broker that predates it). The port's clsact
+    /// has blocks of its own: one per network, and its program is not the TAPs'.
     pub async fn attach_overlay(&self, ifindex: u32) -> Result<bool, GuardError> {
         let Some(overlay) = &self.overlay else {
             return Ok(false);
         };
+        self.add_clsact(ifindex, false).await?;
         self.attach_programs(ifindex, &[(PARENT_INGRESS, overlay, OVERLAY)])
             .await?;
         Ok(true)
     }
 
+    /// Puts (or replaces) filters on the clsact of interface `ifindex` itself.
     async fn attach_programs(
         &self,
         ifindex: u32,
         programs: &[(TcHandle, &ProgramFd, &str)],
     ) -> Result<(), GuardError> {
-        self.add_clsact(ifindex).await?;
         for &(parent, fd, name) in programs {
             let mut msg = TcMessage::with_index(ifindex as i32);
             msg.header.parent = parent;
-            msg.header.handle = TcHandle::from(HANDLE);
-            msg.header.info = (u32::from(PRIORITY) << 16) | u32::from(ETH_P_ALL.to_be());
-            msg.attributes.push(TcAttribute::Kind("bpf".into()));
-            msg.attributes.push(TcAttribute::Options(vec![
-                TcOption::Bpf(TcFilterBpfOption::ProgFd(fd.as_fd().as_raw_fd() as u32)),
-                TcOption::Bpf(TcFilterBpfOption::ProgName(name.into())),
-                TcOption::Bpf(TcFilterBpfOption::Flags(TcBpfFlags::DirectAction)),
-            ]));
-            let mut req = NetlinkMessage::from(RouteNetlinkMessage::NewTrafficFilter(msg));
+            let mut req = filter_request(msg, fd, name);
             req.header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_REPLACE;
             self.netlink
                 .ack(req)
@@ -466,7 +538,10 @@ impl Guard {
         Ok(())
     }
 
-    async fn add_clsact(&self, ifindex: u32) -> Result<(), GuardError> {
+    /// Adds a clsact qdisc to interface `ifindex`, on the guard's shared blocks if
+    /// `shared`. True if it made one; false if a clsact was there already (an adopted
+    /// or reused interface).
+    async fn add_clsact(&self, ifindex: u32, shared: bool) -> Result<bool, GuardError> {
         let mut msg = TcMessage::with_index(ifindex as i32);
         msg.header.parent = CLSACT;
         msg.header.handle = TcHandle {
@@ -474,12 +549,22 @@ impl Guard {
             minor: 0,
         };
         msg.attributes.push(TcAttribute::Kind("clsact".into()));
+        if shared {
+            for (kind, block) in [TCA_INGRESS_BLOCK, TCA_EGRESS_BLOCK]
+                .into_iter()
+                .zip(BLOCKS)
+            {
+                msg.attributes.push(TcAttribute::Other(DefaultNla::new(
+                    kind,
+                    block.to_ne_bytes().to_vec(),
+                )));
+            }
+        }
         let mut req = NetlinkMessage::from(RouteNetlinkMessage::NewQueueDiscipline(msg));
         req.header.flags = NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL;
         match self.netlink.ack(req).await {
-            Ok(()) => Ok(()),
-            // There already (an adopted or reused interface).
-            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(()),
+            Ok(()) => Ok(true),
+            Err(e) if e.raw_os_error() == Some(libc::EEXIST) => Ok(false),
             Err(source) => Err(GuardError::Netlink {
                 what: "add a clsact qdisc",
                 ifindex,
@@ -617,6 +702,25 @@ fn remove_peer(maps: &mut Maps, key: PeerKey, ifindex: u32) -> Result<(), GuardE
         return Ok(());
     }
     removed.map_err(err)
+}
+
+/// A request for our filter (priority [`PRIORITY`], handle [`HANDLE`], every frame,
+/// direct action) holding program `fd` named `name`, on the qdisc or block `msg` names;
+/// the caller sets the flags.
+fn filter_request(
+    mut msg: TcMessage,
+    fd: &ProgramFd,
+    name: &str,
+) -> NetlinkMessage<RouteNetlinkMessage> {
+    msg.header.handle = TcHandle::from(HANDLE);
+    msg.header.info = (u32::from(PRIORITY) << 16) | u32::from(ETH_P_ALL.to_be());
+    msg.attributes.push(TcAttribute::Kind("bpf".into()));
+    msg.attributes.push(TcAttribute::Options(vec![
+        TcOption::Bpf(TcFilterBpfOption::ProgFd(fd.as_fd().as_raw_fd() as u32)),
+        TcOption::Bpf(TcFilterBpfOption::ProgName(name.into())),
+        TcOption::Bpf(TcFilterBpfOption::Flags(TcBpfFlags::DirectAction)),
+    ]));
+    NetlinkMessage::from(RouteNetlinkMessage::NewTrafficFilter(msg))
 }
 
 /// The id of the program of our filter on `parent` (ingress or egress) of `ifindex`.
