@@ -74,6 +74,50 @@ const REAP_QUIET: Duration = Duration::from_millis(20);
 /// few waiting for a TAP each.
 const REAP_MAX_DELAY: Duration = Duration::from_millis(1000);
 
+/// ...or than it takes this many TAPs to close: every closed TAP still holds a port of
+/// its bridge (1023 at most) until deleted, and a client cycling connect, acquire and
+/// disconnect closes one a millisecond.
+const REAP_BATCH_MAX: usize = 64;
+
+/// How long an acquire that found its bridge full (`EXFULL`) waits for the reaper to
+/// delete the closed TAPs holding ports ([`ReapNow`]) before it gives up.
+const REAP_NOW_WAIT: Duration = Duration::from_secs(2);
+
+/// Lets an acquire whose bridge is full have the closed TAPs deleted now instead of when
+/// the reaper would have ([`reap_closed_taps`]): ports of TAPs nobody holds any more
+/// must never refuse a client.
+#[derive(Default)]
+struct ReapNow {
+    asked: std::sync::atomic::AtomicBool,
+    wake: tokio::sync::Notify,
+    /// Bumped after every batch the reaper ends (deleted or found nothing to delete).
+    batches: tokio::sync::watch::Sender<u64>,
+}
+
+impl ReapNow {
+    /// Asks the reaper to delete what has closed at once; true once it has ended a batch
+    /// since (with nothing deleted, the caller's retry fails as before), false if none
+    /// ended within `wait`.
+    async fn ask(&self, wait: Duration) -> bool {
+        let mut batches = self.batches.subscribe();
+        let seen = *batches.borrow_and_update();
+        self.asked.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.wake.notify_one();
+        tokio::time::timeout(wait, batches.wait_for(|n| *n > seen))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Whether an acquire asked since the last call.
+    fn take_asked(&self) -> bool {
+        self.asked.swap(false, std::sync::atomic::Ordering::SeqCst)
+    }
+
+    fn batch_ended(&self) {
+        self.batches.send_modify(|n| *n += 1);
+    }
+}
+
 /// Acquires under way (from the backend's attach until the reply with the fd is about to
 /// be sent: [`crate::backend::Attachment::answering`]), and networks being created (a
 /// cold acquire's first half), for the reaper and the pool's refill to keep out of their
@@ -200,6 +244,7 @@ pub struct LinuxBackend {
     departed: tokio::sync::watch::Sender<u64>,
     /// TAPs deleted once their last fd closes ([`reap_closed_taps`]).
     reapable: Reapable,
+    reap_now: Arc<ReapNow>,
     attaching: Arc<Attaching>,
     /// Ready TAPs per network, kept full by [`pool::refill`].
     pool: Arc<pool::TapPool>,
@@ -380,6 +425,7 @@ impl LinuxBackend {
         let departed = tokio::sync::watch::Sender::new(0u64);
         let forwards: Arc<DynamicForwards> = Arc::default();
         let reapable = Reapable::default();
+        let reap_now = Arc::new(ReapNow::default());
         let attaching = Arc::new(Attaching::default());
         let binder_state = Binder {
             firewall: firewall.clone(),
@@ -394,6 +440,7 @@ impl LinuxBackend {
         tokio::spawn(reap_closed_taps(
             Arc::clone(&deleter),
             Arc::clone(&reapable),
+            Arc::clone(&reap_now),
             Arc::clone(&attaching),
             losses,
         ));
@@ -416,6 +463,7 @@ impl LinuxBackend {
             binder,
             departed,
             reapable,
+            reap_now,
             attaching,
             pool,
             firewall,
@@ -804,15 +852,36 @@ impl LinuxBackend {
         mac: [u8; 6],
     ) -> Result<(), BackendError> {
         let alias = alias_for(&network.config.name);
-        bridge::enslave(
-            &self.netlink,
-            tap,
-            mac,
-            network.config.mtu,
-            &alias,
-            &network.bridge,
-        )
-        .await?;
+        let enslave = || {
+            bridge::enslave(
+                &self.netlink,
+                tap,
+                mac,
+                network.config.mtu,
+                &alias,
+                &network.bridge,
+            )
+        };
+        // Full: ports of TAPs that closed and wait for the reaper may be what fills it
+        // (their clients cycling fast). Those are deleted now and the plug tried again
+        // (a batch under way when asked may have missed the last to close, hence a few
+        // tries); a bridge full of TAPs in use still refuses.
+        let mut tries = 0;
+        loop {
+            match enslave().await {
+                Err(e) if netlink::errno_of(&e) == Some(libc::EXFULL) && tries < 3 => {
+                    tries += 1;
+                    debug!(
+                        network = %network.config.name,
+                        "bridge full: deleting the TAPs that closed before trying again"
+                    );
+                    if !self.reap_now.ask(REAP_NOW_WAIT).await {
+                        return Err(e.into());
+                    }
+                }
+                other => break other?,
+            }
+        }
         if network.config.isolation {
             bridge::set_isolated(&self.netlink, tap).await?;
         }
@@ -1083,86 +1152,110 @@ async fn bind_ports(
 async fn reap_closed_taps(
     netlink: Arc<Netlink>,
     reapable: Reapable,
+    reap_now: Arc<ReapNow>,
     attaching: Arc<Attaching>,
     mut losses: CarrierLosses,
 ) {
     loop {
-        let Some(first) = losses.recv().await else {
+        let first = tokio::select! {
+            first = losses.recv() => first,
+            // Asked with nothing closed: nothing to delete.
+            () = reap_now.wake.notified() => {
+                if reap_now.take_asked() {
+                    reap_now.batch_ended();
+                }
+                continue;
+            }
+        };
+        let Some(first) = first else {
             return;
         };
         let since = tokio::time::Instant::now();
+        let mut closed = BTreeMap::from([(first.index, first)]);
         loop {
-            tokio::time::sleep(REAP_GATHER).await;
-            if attaching.quiet_for(REAP_QUIET) || since.elapsed() >= REAP_MAX_DELAY {
+            tokio::select! {
+                () = tokio::time::sleep(REAP_GATHER) => {}
+                () = reap_now.wake.notified() => {}
+            }
+            while let Ok(link) = losses.try_recv() {
+                closed.insert(link.index, link);
+            }
+            if reap_now.take_asked()
+                || closed.len() >= REAP_BATCH_MAX
+                || attaching.quiet_for(REAP_QUIET)
+                || since.elapsed() >= REAP_MAX_DELAY
+            {
                 break;
             }
         }
-        let mut closed = BTreeMap::from([(first.index, first)]);
-        while let Ok(link) = losses.try_recv() {
-            closed.insert(link.index, link);
-        }
-        // The names stay in `reapable` until the deletion is done: until the link record
-        // has seen the TAPs go, `live_endpoints` must keep leaving them out, or a closed
-        // TAP would count as a VM's again for a moment (its MAC "in use", a limit reached).
-        let (due, stale): (Vec<Link>, bool) = {
-            let reapable = reapable.lock().expect("not poisoned");
-            let mut stale = false;
-            let due = closed
-                .into_values()
-                .filter(|l| match reapable.get(&l.name) {
-                    Some(carrier) => {
-                        stale |= *carrier == Carrier::MaybeStale;
-                        true
-                    }
-                    None => false,
-                })
-                .collect();
-            (due, stale)
-        };
-        // A closed pool TAP reported closed while it waited in the pool may have been
-        // handed out since (its carrier is back): the kernel's word now decides. One
-        // that is attached stays reapable, for when it really closes.
-        let due = if stale {
-            match netlink.links().await {
-                Ok(now) => due
-                    .into_iter()
-                    .filter(|l| {
-                        !now.iter()
-                            .any(|n| n.index == l.index && n.carrier == Some(true))
-                    })
-                    .collect(),
-                Err(e) => {
-                    warn!("cannot check closed pool TAPs, keeping them: {e}");
-                    continue;
+        reap(&netlink, &reapable, closed).await;
+        reap_now.batch_ended();
+    }
+}
+
+/// Deletes the TAPs of `closed` that are the broker's to delete ([`reap_closed_taps`]).
+async fn reap(netlink: &Netlink, reapable: &Reapable, closed: BTreeMap<u32, Link>) {
+    // The names stay in `reapable` until the deletion is done: until the link record
+    // has seen the TAPs go, `live_endpoints` must keep leaving them out, or a closed
+    // TAP would count as a VM's again for a moment (its MAC "in use", a limit reached).
+    let (due, stale): (Vec<Link>, bool) = {
+        let reapable = reapable.lock().expect("not poisoned");
+        let mut stale = false;
+        let due = closed
+            .into_values()
+            .filter(|l| match reapable.get(&l.name) {
+                Some(carrier) => {
+                    stale |= *carrier == Carrier::MaybeStale;
+                    true
                 }
+                None => false,
+            })
+            .collect();
+        (due, stale)
+    };
+    // A closed pool TAP reported closed while it waited in the pool may have been
+    // handed out since (its carrier is back): the kernel's word now decides. One
+    // that is attached stays reapable, for when it really closes.
+    let due = if stale {
+        match netlink.links().await {
+            Ok(now) => due
+                .into_iter()
+                .filter(|l| {
+                    !now.iter()
+                        .any(|n| n.index == l.index && n.carrier == Some(true))
+                })
+                .collect(),
+            Err(e) => {
+                warn!("cannot check closed pool TAPs, keeping them: {e}");
+                return;
             }
-        } else {
-            due
-        };
-        if due.is_empty() {
-            continue;
         }
-        let refs: Vec<&Link> = due.iter().collect();
-        let started = std::time::Instant::now();
-        match netlink.delete_many(&refs).await {
-            // The time says how long acquires may have waited for RTNL meanwhile.
-            Ok(n) => debug!(
-                taps = n,
-                took_us = started.elapsed().as_micros() as u64,
-                "deleted TAPs whose last fd closed"
-            ),
-            Err(e) => warn!(
-                taps = due.len(),
-                "cannot delete TAPs whose last fd closed: {}",
-                crate::error::Chain(&e)
-            ),
-        }
-        // Every later listing syncs the link record past this deletion first
-        // ([`LinkRecord::sync`]), so the TAPs are gone from it by then.
-        let mut reapable = reapable.lock().expect("not poisoned");
-        for link in &due {
-            reapable.remove(&link.name);
-        }
+    } else {
+        due
+    };
+    if due.is_empty() {
+        return;
+    }
+    let refs: Vec<&Link> = due.iter().collect();
+    let started = std::time::Instant::now();
+    match netlink.delete_many(&refs).await {
+        // The time says how long acquires may have waited for RTNL meanwhile.
+        Ok(n) => debug!(
+            taps = n,
+            took_us = started.elapsed().as_micros() as u64,
+            "deleted TAPs whose last fd closed"
+        ),
+        Err(e) => warn!(
+            taps = due.len(),
+            "cannot delete TAPs whose last fd closed: {}",
+            crate::error::Chain(&e)
+        ),
+    }
+    // Every later listing syncs the link record past this deletion first
+    // ([`LinkRecord::sync`]), so the TAPs are gone from it by then.
+    let mut reapable = reapable.lock().expect("not poisoned");
+    for link in &due {
+        reapable.remove(&link.name);
     }
 }
 

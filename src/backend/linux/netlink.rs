@@ -132,15 +132,47 @@ where
     }
 }
 
-/// Turns a netlink failure into an io::Error that says what was being done.
+/// Turns a netlink failure into an io::Error that says what was being done; the
+/// kernel's errno stays readable ([`errno_of`]).
 pub(crate) fn fail(err: rtnetlink::Error, what: impl std::fmt::Display) -> io::Error {
     match err {
         rtnetlink::Error::NetlinkError(msg) => {
-            let io = msg.to_io();
-            io::Error::new(io.kind(), format!("{what}: {io}"))
+            let errno = msg.to_io();
+            io::Error::new(
+                errno.kind(),
+                Refused {
+                    what: what.to_string(),
+                    errno,
+                },
+            )
         }
         other => io::Error::other(format!("{what}: {other}")),
     }
+}
+
+/// A request the kernel refused ([`fail`]): shown as what was being done and the
+/// kernel's reason, in one line (no source: the reason is in the text already).
+#[derive(Debug)]
+struct Refused {
+    what: String,
+    errno: io::Error,
+}
+
+impl std::fmt::Display for Refused {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}: {}", self.what, self.errno)
+    }
+}
+
+impl std::error::Error for Refused {}
+
+/// The kernel's errno behind `e`: its own, or that of a refusal [`fail`] described.
+pub(crate) fn errno_of(e: &io::Error) -> Option<i32> {
+    e.raw_os_error().or_else(|| {
+        e.get_ref()?
+            .downcast_ref::<Refused>()
+            .and_then(|r| r.errno.raw_os_error())
+    })
 }
 
 impl Netlink {
