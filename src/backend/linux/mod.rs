@@ -1161,6 +1161,9 @@ async fn reap_closed_taps(
 ) {
     loop {
         let first = tokio::select! {
+            // A TAP that closed first: asked meanwhile, the batch below ends at once
+            // (the wake's permit and the flag are still there).
+            biased;
             first = losses.recv() => first,
             // Asked with nothing closed: nothing to delete.
             () = reap_now.wake.notified() => {
