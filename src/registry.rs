@@ -1895,6 +1895,9 @@ impl<B: Backend> Registry<B> {
         }
     }
 
+    /// Schedules the removal of network `name` after the idle timeout if nothing holds
+    /// it (no client, no acquire under way, no endpoint of the previous broker's clients)
+    /// and no removal is scheduled yet.
     ///
     /// Returns whether it did, for the caller to log ([`Self::log_idle`]) once it has
     /// released the registry's lock: a log line is a write, and no I/O happens under it.

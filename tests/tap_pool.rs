@@ -203,13 +203,8 @@ fn a_persistent_tap_from_the_pool_is_its_clients() {
 /// bound TAP of another client hears the same broadcasts, so the silence is the guard's.
 #[test]
 fn an_idle_pool_tap_queues_nothing_for_its_client() {
-    netns::require("python3", "python3");
-    let b = Broker::start(Options::default());
-    let c = b.client();
-    let first = c.acquire("shared").unwrap();
-    let bridge = first.info.bridge.clone();
+    let (b, c, first, bridge, pool) = shared_with_full_pool();
     let holder = frames::Tap::new(first);
-    let pool = wait_pool_full(&b);
     for name in pool.keys() {
         assert_eq!(sysfs(&b, name, "carrier"), "1", "{name} is held open");
     }
@@ -238,12 +233,7 @@ fn an_idle_pool_tap_queues_nothing_for_its_client() {
 /// TAPs as they did then.
 #[test]
 fn what_queued_in_a_pool_tap_is_drained_before_its_client_gets_it() {
-    netns::require("python3", "python3");
-    let b = Broker::start(Options::default());
-    let c = b.client();
-    let first = c.acquire("shared").unwrap();
-    let bridge = first.info.bridge.clone();
-    let pool = wait_pool_full(&b);
+    let (b, c, first, bridge, pool) = shared_with_full_pool();
     assert!(!pool.is_empty());
     b.ns.sh(&format!("tc filter del block {EGRESS_BLOCK}"));
     let sent = 50;
@@ -266,6 +256,24 @@ fn what_queued_in_a_pool_tap_is_drained_before_its_client_gets_it() {
         .unwrap_or_else(|| panic!("no count: {drained}"));
     assert!(stale >= sent, "{drained}");
     drop(first);
+}
+
+/// A broker whose `shared` network a client holds (its first TAP), with the network's
+/// bridge and its pool, once full, for the stale-frame tests (which need python3).
+fn shared_with_full_pool() -> (
+    Broker,
+    Client,
+    vmnet_broker_client::client::Acquired,
+    String,
+    BTreeMap<String, String>,
+) {
+    netns::require("python3", "python3");
+    let b = Broker::start(Options::default());
+    let c = b.client();
+    let first = c.acquire("shared").unwrap();
+    let bridge = first.info.bridge.clone();
+    let pool = wait_pool_full(&b);
+    (b, c, first, bridge, pool)
 }
 
 /// Sends `n` broadcasts of an experimental ethertype from `bridge`, each with its number
