@@ -14,6 +14,12 @@ use vmnet_broker_client::Client;
 pub struct Control {
     pub cold_ms: Vec<f64>,
     pub warm_ms: Vec<f64>,
+    /// The whole cycle of each `warm_ms` sample: the acquire, then the client closing its
+    /// TAP fd and its connection (what the next back-to-back acquire waits behind).
+    pub warm_cycle_ms: Vec<f64>,
+    /// The kernel alone doing what each back-to-back cycle needs of it ([`HandCycler`]),
+    /// in blocks interleaved with the broker's.
+    pub warm_by_hand_ms: Vec<f64>,
     /// Warm acquires with 10 ms between samples (no release work queued ahead).
     pub warm_spaced_ms: Vec<f64>,
     /// The floor of `warm_spaced_ms`: a request and a reply with an fd over a new Unix
@@ -132,7 +138,11 @@ pub fn run(
 
 fn latency(quick: bool, parts: &Parts, out: &mut Control) {
     let cold_n = if quick { 8 } else { 40 };
-    let warm_n = if quick { 300 } else { 2000 };
+    let warm_n: usize = if quick {
+        WARM_BLOCK / 4
+    } else {
+        2 * WARM_BLOCK
+    };
     let mut files: Vec<(String, String)> = (0..cold_n)
         .map(|i| (format!("cold{i}"), "{}".to_string()))
         .collect();
@@ -155,16 +165,27 @@ fn latency(quick: bool, parts: &Parts, out: &mut Control) {
 
     // Warm: a holder keeps the network; each sample is a new connection acquiring it (one
     // TAP), then disconnecting (the release runs in the broker while the next sample goes).
+    // In blocks alternating with the kernel doing the same TAP work alone, so both see
+    // the same machine.
     let holder = broker.client();
     let _tap = holder.acquire("warm").expect("warm holder");
     let warm_n = if parts.has("warm") { warm_n } else { 0 };
-    for _ in 0..warm_n {
-        let c = broker.client();
-        let t = Instant::now();
-        let a = c.acquire("warm").expect("warm acquire");
-        out.warm_ms.push(ms(t.elapsed()));
-        drop(a);
-        drop(c);
+    let block = WARM_BLOCK.min(warm_n);
+    let cycler = (warm_n > 0).then(HandCycler::start);
+    for cycler in cycler
+        .iter()
+        .flat_map(|c| std::iter::repeat_n(c, warm_n / block))
+    {
+        for _ in 0..block {
+            let c = broker.client();
+            let t = Instant::now();
+            let a = c.acquire("warm").expect("warm acquire");
+            out.warm_ms.push(ms(t.elapsed()));
+            drop(a);
+            drop(c);
+            out.warm_cycle_ms.push(ms(t.elapsed()));
+        }
+        out.warm_by_hand_ms.extend(cycler.cycles(block));
     }
 
     // Spaced, each acquire followed by the same exchange with a process that does
@@ -694,6 +715,120 @@ fn by_hand(n: usize, networks: usize) -> Vec<f64> {
 }
 
 const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+
+/// Back-to-back warm acquires per block, between blocks of as many [`HandCycler`] cycles.
+const WARM_BLOCK: usize = 1000;
+
+/// The kernel alone doing, back to back, what a client that acquires a TAP and leaves
+/// needs of it at the least, as the broker does it: a new TAP (`TUNSETIFF`), made
+/// persistent, without an IPv6 stack of its own, put on a bridge and up (one
+/// `RTM_SETLINK`, which also puts it in an interface group), its fd closed; and every
+/// [`REAP_BATCH`] closed TAPs deleted in one request (the broker's reaper, which holds
+/// the RTNL lock for as long, in the background of the acquires under way). No guard, no
+/// owner, no MAC, no client round trip. A thread of its own in a namespace of its own;
+/// each call to [`HandCycler::cycles`] runs a block and returns each cycle's ms.
+struct HandCycler {
+    asks: std::sync::mpsc::Sender<usize>,
+    times: std::sync::mpsc::Receiver<Vec<f64>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+/// The broker's reaper batch (`REAP_BATCH_MAX` in src/backend/linux/mod.rs).
+const REAP_BATCH: usize = 256;
+
+impl HandCycler {
+    fn start() -> HandCycler {
+        let (asks, asked) = std::sync::mpsc::channel::<usize>();
+        let (told, times) = std::sync::mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            let ns = Netns::new("bench-cycle");
+            ns.ip(&["link", "add", "br0", "type", "bridge"]);
+            ns.ip(&["link", "set", "br0", "up"]);
+            ns.enter_current_thread();
+            let bridge = nix::net::if_::if_nametoindex("br0").expect("bridge index");
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .expect("runtime");
+            rt.block_on(async {
+                let (conn, handle, _) = rtnetlink::new_connection().expect("rtnetlink");
+                tokio::spawn(conn);
+                let (mut made, mut closed) = (0usize, 0usize);
+                while let Ok(n) = asked.recv() {
+                    let mut block = Vec::with_capacity(n);
+                    for _ in 0..n {
+                        let name = format!("c{made}");
+                        made += 1;
+                        let t = Instant::now();
+                        let fd = crate::vm::open_tap(&name);
+                        // SAFETY: the fd is an attached TAP; TUNSETPERSIST takes an
+                        // integer by value.
+                        let rc = unsafe {
+                            libc::ioctl(fd.as_raw_fd(), TUNSETPERSIST as _, 1 as libc::c_int)
+                        };
+                        assert_eq!(rc, 0, "TUNSETPERSIST {name}");
+                        std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1")
+                            .expect("disable_ipv6");
+                        let index =
+                            nix::net::if_::if_nametoindex(name.as_str()).expect("TAP index");
+                        let mut message = rtnetlink::LinkUnspec::new_with_index(index)
+                            .controller(bridge)
+                            .up()
+                            .build();
+                        message
+                            .attributes
+                            .push(netlink_packet_route::link::LinkAttribute::Group(
+                                BY_HAND_GROUP,
+                            ));
+                        handle
+                            .link()
+                            .set(message)
+                            .execute()
+                            .await
+                            .expect("RTM_SETLINK master, up");
+                        drop(fd);
+                        closed += 1;
+                        if closed == REAP_BATCH {
+                            let mut del = handle.link().del(0);
+                            del.message_mut().attributes.push(
+                                netlink_packet_route::link::LinkAttribute::Group(BY_HAND_GROUP),
+                            );
+                            del.execute().await.expect("RTM_DELLINK group");
+                            closed = 0;
+                        }
+                        block.push(ms(t.elapsed()));
+                    }
+                    if told.send(block).is_err() {
+                        break;
+                    }
+                }
+            });
+            // What is left of the last batch, before the namespace goes.
+            ns.ip(&["link", "del", "group", &BY_HAND_GROUP.to_string()]);
+        });
+        HandCycler {
+            asks,
+            times,
+            thread: Some(thread),
+        }
+    }
+
+    fn cycles(&self, n: usize) -> Vec<f64> {
+        self.asks.send(n).expect("cycler alive");
+        self.times.recv().expect("cycler alive")
+    }
+}
+
+impl Drop for HandCycler {
+    fn drop(&mut self) {
+        // Closing the channel ends the thread's loop.
+        let (asks, _) = std::sync::mpsc::channel();
+        drop(std::mem::replace(&mut self.asks, asks));
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
 
 /// A process answering on a Unix seqpacket socket as the broker does, with nothing behind
 /// it: each request gets a reply of an acquire's size with an fd (SCM_RIGHTS).
