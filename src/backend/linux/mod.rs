@@ -82,6 +82,12 @@ const REAP_MAX_DELAY: Duration = Duration::from_millis(1000);
 /// a bridge that fills before is emptied of its closed TAPs at once ([`ReapNow`]).
 const REAP_BATCH_MAX: usize = 256;
 
+/// How long an acquire that found its pool empty waits at most for the TAP a refill is
+/// making ([`pool::TapPool::claim_refill`]) before it makes its own. A TAP takes about
+/// 0.5 ms to make here, and any acquire waits as long as a reaper's batch holds the RTNL
+/// lock (25-80 ms); a refill that fails ends the wait at once.
+const REFILL_CLAIM_WAIT: Duration = Duration::from_millis(100);
+
 /// How long an acquire that found its bridge full (`EXFULL`) waits for the reaper to
 /// delete the closed TAPs holding ports ([`ReapNow`]) before it gives up.
 const REAP_NOW_WAIT: Duration = Duration::from_secs(2);
@@ -1435,7 +1441,20 @@ impl Backend for LinuxBackend {
         // A ready TAP of the pool when there is one: already guarded, plugged and
         // persistent, and on an anti-spoofing network still open, so sending it is all
         // that is left.
-        let (tap, carrier, refill) = match self.take_pooled(network, client) {
+        let mut pooled = self.take_pooled(network, client);
+        if pooled.is_none() && self.pool.claim_refill(&network.config.name) {
+            // The TAP a refill is making is nearer than one made now. Not attaching
+            // meanwhile, or the refill's steps would wait for this acquire.
+            drop(attaching);
+            self.pool
+                .ready(&network.config.name, REFILL_CLAIM_WAIT)
+                .await;
+            attaching = self.attaching.start();
+            // Taken by another acquire first, or not made in time: made here after all.
+            pooled = self.take_pooled(network, client);
+            steps.lap("refill");
+        }
+        let (tap, carrier, refill) = match pooled {
             Some((tap, carrier, due)) => {
                 steps.lap("pool");
                 (tap, carrier, Some(due))
