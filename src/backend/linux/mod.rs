@@ -1183,13 +1183,22 @@ async fn reap_closed_taps(
             return;
         };
         let since = tokio::time::Instant::now();
+        let mut marked = BTreeSet::new();
+        mark_closed(&netlink, &reapable, &first, &mut marked).await;
         let mut closed = BTreeMap::from([(first.index, first)]);
         loop {
             tokio::select! {
                 () = tokio::time::sleep(REAP_GATHER) => {}
                 () = reap_now.wake.notified() => {}
+                // Each as it closes: marked one at a time between acquires, not 256 at
+                // once in the batch.
+                Some(link) = losses.recv() => {
+                    mark_closed(&netlink, &reapable, &link, &mut marked).await;
+                    closed.insert(link.index, link);
+                }
             }
             while let Ok(link) = losses.try_recv() {
+                mark_closed(&netlink, &reapable, &link, &mut marked).await;
                 closed.insert(link.index, link);
             }
             if reap_now.take_asked()
@@ -1200,13 +1209,45 @@ async fn reap_closed_taps(
                 break;
             }
         }
-        reap(&netlink, &reapable, closed).await;
+        reap(&netlink, &reapable, closed, &marked).await;
         reap_now.batch_ended();
     }
 }
 
-/// Deletes the TAPs of `closed` that are the broker's to delete ([`reap_closed_taps`]).
-async fn reap(netlink: &Netlink, reapable: &Reapable, closed: BTreeMap<u32, Link>) {
+/// Moves `link`, a TAP that just closed, to the deletion group now if it is the broker's
+/// to delete and surely closed ([`Carrier::Current`]); its batch then deletes it with
+/// the rest. Marking is one `RTM_SETLINK` under the RTNL lock: done for a whole batch at
+/// once, 256 of them stood between the pool's refill and the lock, and the acquires
+/// waiting for that refill took 2-3 ms each (docs/benchmarks.md, warm acquire p99). A
+/// TAP whose carrier may be stale is left to the batch, which asks the kernel first.
+async fn mark_closed(
+    netlink: &Netlink,
+    reapable: &Reapable,
+    link: &Link,
+    marked: &mut BTreeSet<u32>,
+) {
+    let current = reapable.lock().expect("not poisoned").get(&link.name) == Some(&Carrier::Current);
+    if !current || marked.contains(&link.index) {
+        return;
+    }
+    match netlink.mark_for_deletion(link).await {
+        Ok(true) => {
+            marked.insert(link.index);
+        }
+        Ok(false) => {}
+        // Tried again with the batch.
+        Err(e) => debug!(interface = %link.name, "cannot mark a closed TAP for deletion yet: {e}"),
+    }
+}
+
+/// Deletes the TAPs of `closed` that are the broker's to delete ([`reap_closed_taps`]);
+/// those of `marked` are in the deletion group already ([`mark_closed`]).
+async fn reap(
+    netlink: &Netlink,
+    reapable: &Reapable,
+    closed: BTreeMap<u32, Link>,
+    marked: &BTreeSet<u32>,
+) {
     // The names stay in `reapable` until the deletion is done: until the link record
     // has seen the TAPs go, `live_endpoints` must keep leaving them out, or a closed
     // TAP would count as a VM's again for a moment (its MAC "in use", a limit reached).
@@ -1248,9 +1289,10 @@ async fn reap(netlink: &Netlink, reapable: &Reapable, closed: BTreeMap<u32, Link
     if due.is_empty() {
         return;
     }
-    let refs: Vec<&Link> = due.iter().collect();
+    let (early, refs): (Vec<&Link>, Vec<&Link>) =
+        due.iter().partition(|l| marked.contains(&l.index));
     let started = std::time::Instant::now();
-    match netlink.delete_many(&refs).await {
+    match netlink.delete_marked(&refs, early.len()).await {
         // The time says how long acquires may have waited for RTNL meanwhile.
         Ok(n) => debug!(
             taps = n,

@@ -363,20 +363,31 @@ impl Netlink {
     /// `unregister_netdevice_many`, which waits once. Each link is first moved to
     /// [`DELETE_GROUP`] (by index, so only the links given), then the group is deleted.
     pub async fn delete_many(&self, links: &[&Link]) -> io::Result<usize> {
-        if links.is_empty() {
+        self.delete_marked(links, 0).await
+    }
+
+    /// Moves `link` to [`DELETE_GROUP`] ahead of a [`Netlink::delete_marked`]; returns
+    /// false if it is gone.
+    pub async fn mark_for_deletion(&self, link: &Link) -> io::Result<bool> {
+        let mut message = LinkMessage::default();
+        message.header.index = link.index;
+        message.attributes.push(LinkAttribute::Group(DELETE_GROUP));
+        match self.handle.link().set(message).execute().await {
+            Ok(()) => Ok(true),
+            Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(false),
+            Err(e) => Err(fail(e, format!("cannot mark {} for deletion", link.name))),
+        }
+    }
+
+    /// [`Netlink::delete_many`] of `links` and of `marked` links already moved to
+    /// [`DELETE_GROUP`] ([`Netlink::mark_for_deletion`]); returns how many of `links`
+    /// still existed, plus `marked`.
+    pub async fn delete_marked(&self, links: &[&Link], marked: usize) -> io::Result<usize> {
+        if links.is_empty() && marked == 0 {
             return Ok(0);
         }
-        let moves = links.iter().map(|link| async move {
-            let mut message = LinkMessage::default();
-            message.header.index = link.index;
-            message.attributes.push(LinkAttribute::Group(DELETE_GROUP));
-            match self.handle.link().set(message).execute().await {
-                Ok(()) => Ok(true),
-                Err(e) if errno(&e) == Some(libc::ENODEV) => Ok(false),
-                Err(e) => Err(fail(e, format!("cannot mark {} for deletion", link.name))),
-            }
-        });
-        let mut moved = 0;
+        let moves = links.iter().map(|link| self.mark_for_deletion(link));
+        let mut moved = marked;
         let mut first_error = None;
         for result in futures::future::join_all(moves).await {
             match result {
