@@ -1201,6 +1201,57 @@ fn clients_cycling_fast_on_a_nearly_full_bridge_are_never_refused() {
     );
 }
 
+/// A bridge the kernel will give no more ports (here: filled by an admin's own devices,
+/// which the broker neither counts nor deletes) refuses the acquire in the broker's own
+/// words, once the broker has checked no closed TAP of its own holds a port; the broker
+/// goes on serving.
+#[test]
+fn an_acquire_on_a_bridge_the_kernel_calls_full_is_refused_with_a_clear_error() {
+    let b = Broker::start(Options::default());
+    let held = b.client();
+    let _first = held.acquire("host").unwrap();
+    let bridge = b.client().status().unwrap().networks[0].bridge.clone();
+    // TAPs of root's own (no fd, so no carrier, but not the broker's: no alias) until
+    // the kernel refuses (`-force`: past the refusals too).
+    b.ns.sh(&format!(
+        "for i in $(seq 1 1023); do echo \"tuntap add mode tap name vnbfill$i\"; \
+         echo \"link set vnbfill$i master {bridge}\"; done \
+         | ip -force -batch - 2>/dev/null || true"
+    ));
+    // The pool's ready TAPs hold ports already: they go first. Held, or their ports
+    // would be freed as they close.
+    let mut got = vec![];
+    let refusal = (0..8)
+        .find_map(|_| match held.acquire("host") {
+            Ok(a) => {
+                got.push(a);
+                None
+            }
+            Err(e) => Some(e),
+        })
+        .expect("the bridge never filled");
+    assert_eq!(
+        refusal.code,
+        ErrorCode::CreateFailure,
+        "{}",
+        refusal.message
+    );
+    assert!(
+        refusal.message.contains(&format!(
+            "network host has no free port: its bridge {bridge} has 1023 ports"
+        )),
+        "{}",
+        refusal.message
+    );
+    assert_eq!(
+        b.ns.sh(&format!("ls /sys/class/net/{bridge}/brif | wc -l"))
+            .trim(),
+        "1023"
+    );
+    // Everyone else is still served.
+    b.client().acquire("shared").unwrap();
+}
+
 #[test]
 fn default_limits_keep_a_full_bridge_open_to_root() {
     let b = Broker::start(Options::default());

@@ -875,17 +875,29 @@ impl LinuxBackend {
         // (their clients cycling fast). Those are deleted now and the plug tried again
         // (a batch under way when asked may have missed the last to close, hence a few
         // tries); a bridge full of TAPs in use still refuses.
+        let full = |e: std::io::Error| {
+            BackendError::Exhausted(format!(
+                "network {} has no free port: its bridge {} has {} ports, the kernel's \
+                 most, and none of them is a closed TAP the broker could delete ({e})",
+                network.config.name,
+                network.bridge.name,
+                crate::config::MAX_ENDPOINTS_PER_NETWORK
+            ))
+        };
         let mut tries = 0;
         loop {
             match enslave().await {
-                Err(e) if netlink::errno_of(&e) == Some(libc::EXFULL) && tries < 3 => {
+                Err(e) if netlink::errno_of(&e) == Some(libc::EXFULL) => {
+                    if tries == 3 {
+                        return Err(full(e));
+                    }
                     tries += 1;
                     debug!(
                         network = %network.config.name,
                         "bridge full: deleting the TAPs that closed before trying again"
                     );
                     if !self.reap_now.ask(REAP_NOW_WAIT).await {
-                        return Err(e.into());
+                        return Err(full(e));
                     }
                 }
                 other => break other?,
