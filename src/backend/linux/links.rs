@@ -91,8 +91,11 @@ impl State {
         }
     }
 
-    /// Applies one link event; returns the link that left the record, if one did.
-    fn apply(&mut self, message: &RouteNetlinkMessage) -> Option<Link> {
+    /// Applies one link event; returns the link that left the record, if one did, and
+    /// the broker's TAP it reports closed ([`is_silent_tap`]), if it does. Takes the
+    /// message by value: a TAP's life sends a dozen of these, each of some 1.5 KiB of
+    /// attributes, and a copy of each showed in the broker's profile.
+    fn apply(&mut self, message: RouteNetlinkMessage) -> Applied {
         match message {
             // Bridges also send AF_BRIDGE NEWLINK/DELLINK about their ports (a port
             // leaving is a DELLINK of a link that still exists): only the generic
@@ -100,21 +103,28 @@ impl State {
             RouteNetlinkMessage::NewLink(m)
                 if m.header.interface_family == AddressFamily::Unspec =>
             {
-                let link = Link::from_message(m.clone());
+                let link = Link::from_message(m);
                 if is_ours(&link) {
+                    let silent = is_silent_tap(&link).then(|| link.clone());
                     self.links.insert(link.index, link);
-                    None
+                    Applied { gone: None, silent }
                 } else {
                     // Its alias was changed or removed: no longer the broker's.
-                    self.links.remove(&link.index)
+                    Applied {
+                        gone: self.links.remove(&link.index),
+                        silent: None,
+                    }
                 }
             }
             RouteNetlinkMessage::DelLink(m)
                 if m.header.interface_family == AddressFamily::Unspec =>
             {
-                self.links.remove(&m.header.index)
+                Applied {
+                    gone: self.links.remove(&m.header.index),
+                    silent: None,
+                }
             }
-            _ => None,
+            _ => Applied::default(),
         }
     }
 
@@ -131,6 +141,13 @@ impl State {
             .filter(|l| self.links.get(&l.index).is_none_or(|n| n.name != l.name))
             .collect()
     }
+}
+
+/// What one link event did to the record ([`State::apply`]).
+#[derive(Debug, Default)]
+struct Applied {
+    gone: Option<Link>,
+    silent: Option<Link>,
 }
 
 fn is_ours(link: &Link) -> bool {
@@ -344,15 +361,12 @@ impl Keeper {
     fn handle_event(&mut self, message: NetlinkMessage<RouteNetlinkMessage>) {
         let gone = match message.payload {
             NetlinkPayload::InnerMessage(m) => {
-                if let RouteNetlinkMessage::NewLink(l) = &m
-                    && l.header.interface_family == AddressFamily::Unspec
-                {
-                    let link = Link::from_message(l.clone());
-                    if is_silent_tap(&link) {
-                        let _ = self.silenced.send(link);
-                    }
+                let applied = self.lock().apply(m);
+                // Sent once the lock is released.
+                if let Some(link) = applied.silent {
+                    let _ = self.silenced.send(link);
                 }
-                self.lock().apply(&m)
+                applied.gone
             }
             NetlinkPayload::Overrun(_) => {
                 let was_synced = {
@@ -487,14 +501,40 @@ mod tests {
             synced: true,
             ..State::default()
         };
-        assert_eq!(s.apply(&new(3, "vmnt7-0", Some("vmnet-broker:x"))), None);
-        assert_eq!(s.apply(&new(4, "eth0", None)), None);
-        assert_eq!(s.apply(&new(5, "other", Some("someone:x"))), None);
+        assert_eq!(
+            s.apply(new(3, "vmnt7-0", Some("vmnet-broker:x"))).gone,
+            None
+        );
+        assert_eq!(s.apply(new(4, "eth0", None)).gone, None);
+        assert_eq!(s.apply(new(5, "other", Some("someone:x"))).gone, None);
         assert_eq!(s.links.keys().collect::<Vec<_>>(), [&3]);
         // Its alias taken away: no longer ours, reported as gone.
-        let gone = s.apply(&new(3, "vmnt7-0", None)).unwrap();
+        let gone = s.apply(new(3, "vmnt7-0", None)).gone.unwrap();
         assert_eq!(gone.name, "vmnt7-0");
         assert!(s.links.is_empty());
+    }
+
+    /// A TAP of the broker without carrier is reported closed; one with carrier, a link
+    /// of someone else's, or a DELLINK is not.
+    #[test]
+    fn only_the_brokers_taps_without_carrier_are_reported_closed() {
+        let mut s = State {
+            synced: true,
+            ..State::default()
+        };
+        let with_carrier = |index, alias: Option<&str>, on| {
+            let mut m = message(index, "vmnt7-0", alias, AddressFamily::Unspec);
+            m.attributes.push(LinkAttribute::Carrier(on));
+            RouteNetlinkMessage::NewLink(m)
+        };
+        let ours = Some("vmnet-broker:x");
+        assert!(s.apply(with_carrier(3, ours, 1)).silent.is_none());
+        let closed = s.apply(with_carrier(3, ours, 0)).silent.expect("reported");
+        assert_eq!((closed.index, closed.carrier), (3, Some(false)));
+        assert!(s.apply(with_carrier(4, None, 0)).silent.is_none());
+        let deleted =
+            RouteNetlinkMessage::DelLink(message(3, "vmnt7-0", ours, AddressFamily::Unspec));
+        assert!(s.apply(deleted).silent.is_none());
     }
 
     #[test]
@@ -503,14 +543,14 @@ mod tests {
             synced: true,
             ..State::default()
         };
-        s.apply(&new(3, "vmnt7-0", Some("vmnet-broker:x")));
+        s.apply(new(3, "vmnt7-0", Some("vmnet-broker:x")));
         let port_left =
             RouteNetlinkMessage::DelLink(message(3, "vmnt7-0", None, AddressFamily::Bridge));
-        assert_eq!(s.apply(&port_left), None);
+        assert_eq!(s.apply(port_left).gone, None);
         assert_eq!(s.links.len(), 1);
         let deleted =
             RouteNetlinkMessage::DelLink(message(3, "vmnt7-0", None, AddressFamily::Unspec));
-        assert_eq!(s.apply(&deleted).unwrap().index, 3);
+        assert_eq!(s.apply(deleted).gone.unwrap().index, 3);
         assert!(s.links.is_empty());
     }
 
