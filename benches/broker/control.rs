@@ -655,48 +655,13 @@ fn by_hand(n: usize, networks: usize) -> Vec<f64> {
                 let (ns, bridges) = (&ns, &bridges);
                 s.spawn(move || {
                     ns.enter_current_thread();
-                    let rt = tokio::runtime::Builder::new_current_thread()
-                        .enable_all()
-                        .build()
-                        .expect("runtime");
-                    rt.block_on(async {
-                        let (conn, handle, _) = rtnetlink::new_connection().expect("rtnetlink");
-                        tokio::spawn(conn);
+                    on_netlink(async |handle| {
                         let (mut times, mut fds) = (vec![], vec![]);
                         for i in 0..chunk.min(n.saturating_sub(k * chunk)) {
                             let name = format!("h{k}-{i}");
                             let bridge = bridges[(k * chunk + i) % bridges.len()];
                             let t = Instant::now();
-                            let fd = crate::vm::open_tap(&name);
-                            // SAFETY: the fd is an attached TAP; TUNSETPERSIST takes an
-                            // integer by value.
-                            let rc = unsafe {
-                                libc::ioctl(fd.as_raw_fd(), TUNSETPERSIST as _, 1 as libc::c_int)
-                            };
-                            assert_eq!(rc, 0, "TUNSETPERSIST {name}");
-                            // As the broker does, while the TAP is down: a port with an
-                            // IPv6 stack of its own gets a link-local address, DAD and MLD
-                            // when up (p99 0.14 s per TAP at 10,000 TAPs without this).
-                            std::fs::write(
-                                format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"),
-                                "1",
-                            )
-                            .expect("disable_ipv6");
-                            let index =
-                                nix::net::if_::if_nametoindex(name.as_str()).expect("TAP index");
-                            let mut message = rtnetlink::LinkUnspec::new_with_index(index)
-                                .controller(bridge)
-                                .up()
-                                .build();
-                            message.attributes.push(
-                                netlink_packet_route::link::LinkAttribute::Group(BY_HAND_GROUP),
-                            );
-                            handle
-                                .link()
-                                .set(message)
-                                .execute()
-                                .await
-                                .expect("RTM_SETLINK master, up");
+                            let fd = tap_by_hand(&handle, &name, bridge).await;
                             times.push(ms(t.elapsed()));
                             fds.push(fd);
                         }
@@ -715,6 +680,52 @@ fn by_hand(n: usize, networks: usize) -> Vec<f64> {
 }
 
 const TUNSETPERSIST: libc::c_ulong = 0x4004_54cb;
+
+/// Runs `f` with an rtnetlink handle in the calling thread's namespace, on a runtime of
+/// the thread's own.
+fn on_netlink<T>(f: impl AsyncFnOnce(rtnetlink::Handle) -> T) -> T {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async {
+        let (conn, handle, _) = rtnetlink::new_connection().expect("rtnetlink");
+        tokio::spawn(conn);
+        f(handle).await
+    })
+}
+
+/// The least an acquire needs of the kernel, done by hand ([`by_hand`], [`HandCycler`]):
+/// TAP `name` made (`TUNSETIFF`), persistent, without an IPv6 stack of its own, on
+/// bridge `bridge` and up, in interface group [`BY_HAND_GROUP`] (one `RTM_SETLINK`).
+async fn tap_by_hand(handle: &rtnetlink::Handle, name: &str, bridge: u32) -> OwnedFd {
+    let fd = crate::vm::open_tap(name);
+    // SAFETY: the fd is an attached TAP; TUNSETPERSIST takes an integer by value.
+    let rc = unsafe { libc::ioctl(fd.as_raw_fd(), TUNSETPERSIST as _, 1 as libc::c_int) };
+    assert_eq!(rc, 0, "TUNSETPERSIST {name}");
+    // As the broker does, while the TAP is down: a port with an IPv6 stack of its own gets
+    // a link-local address, DAD and MLD when up (p99 0.14 s per TAP at 10,000 TAPs
+    // without this).
+    std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1")
+        .expect("disable_ipv6");
+    let index = nix::net::if_::if_nametoindex(name).expect("TAP index");
+    let mut message = rtnetlink::LinkUnspec::new_with_index(index)
+        .controller(bridge)
+        .up()
+        .build();
+    message
+        .attributes
+        .push(netlink_packet_route::link::LinkAttribute::Group(
+            BY_HAND_GROUP,
+        ));
+    handle
+        .link()
+        .set(message)
+        .execute()
+        .await
+        .expect("RTM_SETLINK master, up");
+    fd
+}
 
 /// Back-to-back warm acquires per block, between blocks of as many [`HandCycler`] cycles.
 const WARM_BLOCK: usize = 1000;
@@ -746,13 +757,7 @@ impl HandCycler {
             ns.ip(&["link", "set", "br0", "up"]);
             ns.enter_current_thread();
             let bridge = nix::net::if_::if_nametoindex("br0").expect("bridge index");
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .expect("runtime");
-            rt.block_on(async {
-                let (conn, handle, _) = rtnetlink::new_connection().expect("rtnetlink");
-                tokio::spawn(conn);
+            on_netlink(async |handle| {
                 let (mut made, mut closed) = (0usize, 0usize);
                 while let Ok(n) = asked.recv() {
                     let mut block = Vec::with_capacity(n);
@@ -760,33 +765,7 @@ impl HandCycler {
                         let name = format!("c{made}");
                         made += 1;
                         let t = Instant::now();
-                        let fd = crate::vm::open_tap(&name);
-                        // SAFETY: the fd is an attached TAP; TUNSETPERSIST takes an
-                        // integer by value.
-                        let rc = unsafe {
-                            libc::ioctl(fd.as_raw_fd(), TUNSETPERSIST as _, 1 as libc::c_int)
-                        };
-                        assert_eq!(rc, 0, "TUNSETPERSIST {name}");
-                        std::fs::write(format!("/proc/sys/net/ipv6/conf/{name}/disable_ipv6"), "1")
-                            .expect("disable_ipv6");
-                        let index =
-                            nix::net::if_::if_nametoindex(name.as_str()).expect("TAP index");
-                        let mut message = rtnetlink::LinkUnspec::new_with_index(index)
-                            .controller(bridge)
-                            .up()
-                            .build();
-                        message
-                            .attributes
-                            .push(netlink_packet_route::link::LinkAttribute::Group(
-                                BY_HAND_GROUP,
-                            ));
-                        handle
-                            .link()
-                            .set(message)
-                            .execute()
-                            .await
-                            .expect("RTM_SETLINK master, up");
-                        drop(fd);
+                        drop(tap_by_hand(&handle, &name, bridge).await);
                         closed += 1;
                         if closed == REAP_BATCH {
                             let mut del = handle.link().del(0);

@@ -205,33 +205,26 @@ impl TapPool {
     /// plugging) takes the refill's then; it must not count as attaching meanwhile, or
     /// the refill would wait for it.
     pub async fn refilled(&self, network: &str, wait: Duration) {
-        let deadline = tokio::time::Instant::now() + wait;
-        loop {
-            let ended = self.ended.notified();
-            tokio::pin!(ended);
-            ended.as_mut().enable();
-            if !self.lock().get(network).is_some_and(|e| e.making) {
-                return;
-            }
-            if tokio::time::timeout_at(deadline, ended).await.is_err() {
-                return;
-            }
-        }
+        self.wait_while(network, wait, |e| e.making).await;
     }
 
     /// Waits, at most `wait`, until `network`'s pool has a ready TAP or no refill of it
     /// is under way (the acquire of [`TapPool::claim_refill`]).
     pub async fn ready(&self, network: &str, wait: Duration) {
+        self.wait_while(network, wait, |e| e.making && e.idle.is_empty())
+            .await;
+    }
+
+    /// Waits, at most `wait`, while `network`'s pool is as `busy` says, checking again
+    /// whenever a refill ends.
+    async fn wait_while(&self, network: &str, wait: Duration, busy: impl Fn(&Entry) -> bool) {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             let ended = self.ended.notified();
             tokio::pin!(ended);
+            // Registered before the check, so a refill ending in between wakes it.
             ended.as_mut().enable();
-            if !self
-                .lock()
-                .get(network)
-                .is_some_and(|e| e.making && e.idle.is_empty())
-            {
+            if !self.lock().get(network).is_some_and(&busy) {
                 return;
             }
             if tokio::time::timeout_at(deadline, ended).await.is_err() {
