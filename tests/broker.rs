@@ -756,7 +756,10 @@ fn socket_belongs_to_the_vmnet_broker_group_when_it_exists() {
     });
     let meta = std::fs::metadata(&b.socket).unwrap();
     assert_eq!(std::os::unix::fs::MetadataExt::gid(&meta), 4242);
-    assert!(b.log().contains("group vmnet-broker"), "{}", b.log());
+    // The socket (what `start` waits for) is chowned before this line is logged.
+    b.wait_for("the socket's group to be logged", DEADLINE, || {
+        b.log().contains("group vmnet-broker")
+    });
     // Without the group, root's group keeps it (only root may connect).
     let plain = Broker::start(Options {
         group_file: Some(support::group_file_without_broker_group("")),
