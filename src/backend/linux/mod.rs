@@ -134,6 +134,10 @@ impl ReapNow {
 #[derive(Debug)]
 pub struct Attaching {
     in_flight: std::sync::atomic::AtomicUsize,
+    /// Acquires waiting for a TAP the pool's refill is making ([`Attaching::waiting`]):
+    /// not attaching (the refill's steps must not wait for them), still under way for
+    /// the reaper.
+    waiting: std::sync::atomic::AtomicUsize,
     last: Mutex<std::time::Instant>,
     /// Notified whenever an attach ends ([`Attaching::idle`]).
     ended: tokio::sync::Notify,
@@ -143,6 +147,7 @@ impl Default for Attaching {
     fn default() -> Self {
         Self {
             in_flight: std::sync::atomic::AtomicUsize::new(0),
+            waiting: std::sync::atomic::AtomicUsize::new(0),
             last: Mutex::new(std::time::Instant::now()),
             ended: tokio::sync::Notify::new(),
         }
@@ -155,6 +160,16 @@ impl Attaching {
         self.in_flight
             .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         AttachGuard(Arc::clone(self))
+    }
+
+    /// Counts an acquire as waiting for a refill's TAP until the guard drops: for the
+    /// reaper it is under way like an attach (a deletion started now would hold the RTNL
+    /// lock the refill needs, tens of milliseconds), for the refill (which it waits for)
+    /// not.
+    fn waiting(self: &Arc<Self>) -> WaitGuard {
+        self.waiting
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        WaitGuard(Arc::clone(self))
     }
 
     /// Returns once no attach is under way (at once if none is): the pool's refills
@@ -185,10 +200,23 @@ impl Attaching {
         }
     }
 
-    /// No attach under way, and none for `period`.
+    /// No attach under way nor any acquire waiting for a refill, and neither for `period`.
     fn quiet_for(&self, period: Duration) -> bool {
         self.in_flight.load(std::sync::atomic::Ordering::SeqCst) == 0
+            && self.waiting.load(std::sync::atomic::Ordering::SeqCst) == 0
             && self.last.lock().expect("not poisoned").elapsed() >= period
+    }
+}
+
+/// An acquire waiting for a refill's TAP ([`Attaching::waiting`]).
+struct WaitGuard(Arc<Attaching>);
+
+impl Drop for WaitGuard {
+    fn drop(&mut self) {
+        *self.0.last.lock().expect("not poisoned") = std::time::Instant::now();
+        self.0
+            .waiting
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
     }
 }
 
@@ -1177,6 +1205,11 @@ async fn reap_closed_taps(
     attaching: Arc<Attaching>,
     mut losses: CarrierLosses,
 ) {
+    // When the last deletion ended. Quiet counts only from then: while a deletion holds
+    // the RTNL lock, acquires stop too (a client closing its TAP waits for the lock
+    // inside `close`), which is no sign that none are coming; a deletion costs 15-30 ms
+    // however few TAPs it takes.
+    let mut deleted: Option<std::time::Instant> = None;
     loop {
         let first = tokio::select! {
             // A TAP that closed first: asked meanwhile, the batch below ends at once
@@ -1194,35 +1227,73 @@ async fn reap_closed_taps(
         let Some(first) = first else {
             return;
         };
+        let mut closed = BTreeMap::new();
+        let Some(first) = gather(&mut closed, &reapable, first) else {
+            continue;
+        };
         let since = tokio::time::Instant::now();
         let mut marked = BTreeSet::new();
-        mark_closed(&netlink, &reapable, &first, &mut marked).await;
-        let mut closed = BTreeMap::from([(first.index, first)]);
-        loop {
+        mark_closed(&netlink, &reapable, first, &mut marked).await;
+        let why = loop {
             tokio::select! {
                 () = tokio::time::sleep(REAP_GATHER) => {}
                 () = reap_now.wake.notified() => {}
                 // Each as it closes: marked one at a time between acquires, not 256 at
                 // once in the batch.
                 Some(link) = losses.recv() => {
-                    mark_closed(&netlink, &reapable, &link, &mut marked).await;
-                    closed.insert(link.index, link);
+                    if let Some(link) = gather(&mut closed, &reapable, link) {
+                        mark_closed(&netlink, &reapable, link, &mut marked).await;
+                    }
                 }
             }
             while let Ok(link) = losses.try_recv() {
-                mark_closed(&netlink, &reapable, &link, &mut marked).await;
-                closed.insert(link.index, link);
+                if let Some(link) = gather(&mut closed, &reapable, link) {
+                    mark_closed(&netlink, &reapable, link, &mut marked).await;
+                }
             }
-            if reap_now.take_asked()
-                || closed.len() >= REAP_BATCH_MAX
-                || attaching.quiet_for(REAP_QUIET)
-                || since.elapsed() >= REAP_MAX_DELAY
+            let why = if reap_now.take_asked() {
+                "a bridge is full"
+            } else if closed.len() >= REAP_BATCH_MAX {
+                "batch full"
+            } else if attaching.quiet_for(REAP_QUIET)
+                && deleted.is_none_or(|t| t.elapsed() >= REAP_QUIET)
             {
-                break;
-            }
-        }
-        reap(&netlink, &reapable, closed, &marked).await;
+                "no acquire"
+            } else if since.elapsed() >= REAP_MAX_DELAY {
+                "longest wait"
+            } else {
+                continue;
+            };
+            break why;
+        };
+        reap(&netlink, &reapable, closed, &marked, why).await;
+        deleted = Some(std::time::Instant::now());
         reap_now.batch_ended();
+    }
+}
+
+/// Adds `link`, reported closed, to the batch `closed` if the broker is still to delete
+/// it; returns it if it is new to the batch. The link record reports every event of a
+/// TAP of the broker without carrier, not only the carrier's loss (coalesced events can
+/// hide that): its move to the deletion group, and its going down while a batch deletes
+/// it, are reported too. Counted, those filled the next batch with TAPs already deleted
+/// (235 of its 256, back to back), so a batch of a handful of TAPs followed each full one
+/// at once, its deletion (17-31 ms) in the next acquire's way.
+fn gather<'a>(
+    closed: &'a mut BTreeMap<u32, Link>,
+    reapable: &Reapable,
+    link: Link,
+) -> Option<&'a Link> {
+    if !reapable
+        .lock()
+        .expect("not poisoned")
+        .contains_key(&link.name)
+    {
+        return None;
+    }
+    match closed.entry(link.index) {
+        std::collections::btree_map::Entry::Vacant(e) => Some(e.insert(link)),
+        std::collections::btree_map::Entry::Occupied(_) => None,
     }
 }
 
@@ -1259,6 +1330,7 @@ async fn reap(
     reapable: &Reapable,
     closed: BTreeMap<u32, Link>,
     marked: &BTreeSet<u32>,
+    why: &str,
 ) {
     // The names stay in `reapable` until the deletion is done: until the link record
     // has seen the TAPs go, `live_endpoints` must keep leaving them out, or a closed
@@ -1309,6 +1381,7 @@ async fn reap(
         Ok(n) => debug!(
             taps = n,
             took_us = started.elapsed().as_micros() as u64,
+            why,
             "deleted TAPs whose last fd closed"
         ),
         Err(e) => warn!(
@@ -1499,11 +1572,13 @@ impl Backend for LinuxBackend {
         if pooled.is_none() && self.pool.claim_refill(&network.config.name) {
             // The TAP a refill is making is nearer than one made now. Not attaching
             // meanwhile, or the refill's steps would wait for this acquire.
+            let waiting = self.attaching.waiting();
             drop(attaching);
             self.pool
                 .ready(&network.config.name, REFILL_CLAIM_WAIT)
                 .await;
             attaching = self.attaching.start();
+            drop(waiting);
             // Taken by another acquire first, or not made in time: made here after all.
             pooled = self.take_pooled(network, client);
             steps.lap("refill");
@@ -1518,11 +1593,13 @@ impl Backend for LinuxBackend {
                 // The bridge's last port may be the one a refill is plugging: that TAP,
                 // once ready, is this acquire's.
                 Err(e) if self.pool.enabled() => {
+                    let waiting = self.attaching.waiting();
                     drop(attaching);
                     self.pool
                         .refilled(&network.config.name, Duration::from_secs(2))
                         .await;
                     attaching = self.attaching.start();
+                    drop(waiting);
                     let (tap, carrier, due) = self.take_pooled(network, client).ok_or(e)?;
                     (tap, carrier, Some(due))
                 }
@@ -2151,5 +2228,56 @@ mod tests {
         let t = std::time::Instant::now();
         attaching.quiet(Duration::ZERO).await;
         assert!(t.elapsed() < Duration::from_secs(5));
+    }
+
+    /// A closed TAP counts once in a batch, and not at all once deleted (no longer
+    /// reapable), however often the link record reports it.
+    #[test]
+    fn a_batch_counts_each_closed_tap_once_and_none_already_deleted() {
+        let reapable = Reapable::default();
+        let insert = |name: &str| {
+            reapable
+                .lock()
+                .unwrap()
+                .insert(name.to_string(), Carrier::Current)
+        };
+        insert("vmnt1-1");
+        insert("vmnt1-2");
+        let mut closed = BTreeMap::new();
+        assert!(gather(&mut closed, &reapable, Link::tap(11, "vmnt1-1")).is_some());
+        // Reported again (moved to the deletion group): not new.
+        assert!(gather(&mut closed, &reapable, Link::tap(11, "vmnt1-1")).is_none());
+        // Not the broker's to delete (a persistent TAP, another's link).
+        assert!(gather(&mut closed, &reapable, Link::tap(13, "vmnt1-3")).is_none());
+        assert!(gather(&mut closed, &reapable, Link::tap(12, "vmnt1-2")).is_some());
+        assert_eq!(closed.keys().copied().collect::<Vec<_>>(), [11, 12]);
+        // The batch deleted them; their going down is reported to the next one.
+        reapable.lock().unwrap().clear();
+        let mut next = BTreeMap::new();
+        assert!(gather(&mut next, &reapable, Link::tap(11, "vmnt1-1")).is_none());
+        assert!(next.is_empty());
+    }
+
+    /// An acquire waiting for a refill's TAP is no attach (the refill's steps go on), but
+    /// the reaper's quiet waits for it, and for the period after it: it may be waiting
+    /// behind the reaper's own deletion.
+    #[tokio::test]
+    async fn an_acquire_waiting_for_a_refill_keeps_the_reaper_from_quiet() {
+        let attaching = Arc::new(Attaching::default());
+        assert!(attaching.quiet_for(Duration::ZERO));
+        let waiting = attaching.waiting();
+        tokio::time::timeout(Duration::from_secs(5), attaching.idle())
+            .await
+            .expect("a waiting acquire is no attach: the refill goes on");
+        assert!(
+            !attaching.quiet_for(Duration::ZERO),
+            "quiet while one waits"
+        );
+        drop(waiting);
+        assert!(attaching.quiet_for(Duration::ZERO));
+        assert!(
+            !attaching.quiet_for(Duration::from_secs(3600)),
+            "its end starts the quiet period"
+        );
     }
 }
