@@ -442,9 +442,7 @@ impl LinuxBackend {
     /// Must be called inside a tokio runtime: it starts the firewall's watchdog, which
     /// restores the broker's rules within seconds if someone flushes the ruleset.
     pub async fn new(options: LinuxOptions) -> Result<Self, BackendError> {
-        // Driven by a thread of its own, like every connection whose requests take the
-        // RTNL lock (docs/design.md, "No runtime worker waits for the RTNL lock").
-        let netlink = Netlink::connect_dedicated("vmnb-netlink")?;
+        let netlink = Netlink::connect()?;
         std::fs::create_dir_all(&options.state_dir).map_err(|e| {
             BackendError::os(
                 format!(
@@ -857,10 +855,7 @@ impl LinuxBackend {
         steps: &mut Steps,
     ) -> Result<Tap, BackendError> {
         let name = tap::tap_name(network.bridge.index, request.serial)?;
-        let tap = {
-            let name = name.clone();
-            tap::off_runtime(move || Tap::create(&name, owner)).await?
-        };
+        let tap = Tap::create(&name, owner)?;
         steps.lap("tap");
         // On failure `tap` is dropped, and with its only fd the TAP goes away.
         if !network.config.allow_spoofing {
@@ -878,13 +873,10 @@ impl LinuxBackend {
         // nothing behind): one the client asked to be persistent stays until the client
         // leaves; any other is deleted by the broker when its last fd closes, in batches
         // ([`reap_closed_taps`]), instead of by the kernel in `close`, 20 ms each.
-        let tap = match tap::off_runtime(move || tap.make_persistent().map(|()| tap)).await {
-            Ok(tap) => tap,
-            Err(e) => {
-                self.release(network, &EndpointId(name.clone())).await.ok();
-                return Err(e.into());
-            }
-        };
+        if let Err(e) = tap.make_persistent() {
+            self.release(network, &EndpointId(name.clone())).await.ok();
+            return Err(e.into());
+        }
         steps.lap("persist");
         Ok(tap)
     }

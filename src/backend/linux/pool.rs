@@ -458,7 +458,7 @@ async fn make(
     let tap = loop {
         let name = pool.name(spec.bridge.index);
         tries += 1;
-        match tap::off_runtime(move || Tap::create(&name, owner)).await {
+        match Tap::create(&name, owner) {
             // A name a previous broker's pool left to a client (`IFF_TUN_EXCL`: EBUSY).
             Err(e) if e.kind() == std::io::ErrorKind::ResourceBusy && tries < 64 => continue,
             made => break made?,
@@ -480,7 +480,7 @@ async fn make(
         if spec.isolation {
             bridge::set_isolated(netlink, &tap).await?;
         }
-        Ok::<_, std::io::Error>(())
+        tap.make_persistent()
     };
     if let Err(e) = plugged.await {
         // The last fd of a TAP that is not persistent: the kernel deletes it inside
@@ -488,8 +488,7 @@ async fn make(
         tokio::task::spawn_blocking(move || drop(tap));
         return Err(e);
     }
-    // On failure dropped on the blocking thread, for the same reason.
-    tap::off_runtime(move || tap.make_persistent().map(|()| tap)).await
+    Ok(tap)
 }
 
 #[cfg(test)]

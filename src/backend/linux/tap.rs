@@ -63,19 +63,6 @@ fn ifreq_named(name: &str) -> io::Result<libc::ifreq> {
 }
 
 /// A new fd of the TUN/TAP driver (close-on-exec), not attached yet.
-/// Runs `f`, TUN ioctls, on the runtime's blocking threads: each takes the RTNL lock,
-/// which a deletion may hold for tens of milliseconds, and a runtime worker waiting for
-/// it answers no acquire meanwhile, even one the pool has a TAP for (docs/design.md,
-/// "No runtime worker waits for the RTNL lock"). A closure that fails drops what it
-/// holds there too: the last fd of a TAP not yet persistent deletes it inside `close`.
-pub async fn off_runtime<T: Send + 'static>(
-    f: impl FnOnce() -> io::Result<T> + Send + 'static,
-) -> io::Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| io::Error::other(format!("TUN ioctls: {e}")))?
-}
-
 fn open_tun() -> io::Result<std::fs::File> {
     OpenOptions::new()
         .read(true)

@@ -251,9 +251,7 @@ impl Guard {
     /// CAP_BPF/CAP_NET_ADMIN. The load itself (aya's probes of the kernel's features and
     /// the verifier: about 0.1 s here) runs on a blocking thread, not on the runtime's.
     pub async fn load() -> Result<Guard, GuardError> {
-        // Its requests (a TAP's clsact, the blocks' filters) take the RTNL lock: driven
-        // by a thread of its own, not a runtime worker.
-        let netlink = Netlink::connect_dedicated("vmnb-netlink-tc").map_err(load_err)?;
+        let netlink = Netlink::connect().map_err(load_err)?;
         tokio::task::spawn_blocking(move || {
             let guard = Self::load_programs(netlink);
             // What loading parsed and dropped (the kernel's BTF: 15 MiB here).
@@ -324,7 +322,7 @@ impl Guard {
     /// broker (no `peers` map, another binding layout): the caller loads a new one, whose
     /// filters replace the old ones on each TAP it binds (see the module doc).
     pub async fn adopt(ifindex: u32) -> Result<Option<Guard>, GuardError> {
-        let netlink = Netlink::connect_dedicated("vmnb-netlink-tc").map_err(load_err)?;
+        let netlink = Netlink::connect().map_err(load_err)?;
         let ingress_id = filter_program(&netlink, ifindex, PARENT_INGRESS).await?;
         let egress_id = filter_program(&netlink, ifindex, PARENT_EGRESS).await?;
         let (Some(ingress_id), Some(egress_id)) = (ingress_id, egress_id) else {
