@@ -483,9 +483,11 @@ impl LinuxBackend {
         ));
         let pool = Arc::new(pool::TapPool::new(options.tap_pool));
         if pool.enabled() {
+            // Background work: its rtnetlink requests wait for the RTNL lock on a thread
+            // of their own, not on a runtime worker an acquire needs ([`pool::refill`]).
             tokio::spawn(pool::refill(
                 Arc::clone(&pool),
-                Arc::clone(&netlink),
+                Arc::new(Netlink::connect_dedicated("vmnb-netlink-pool")?),
                 Arc::clone(&deleter),
                 Arc::clone(&links),
                 firewall.clone(),

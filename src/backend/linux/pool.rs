@@ -458,7 +458,7 @@ async fn make(
     let tap = loop {
         let name = pool.name(spec.bridge.index);
         tries += 1;
-        match Tap::create(&name, owner) {
+        match off_runtime(move || Tap::create(&name, owner)).await {
             // A name a previous broker's pool left to a client (`IFF_TUN_EXCL`: EBUSY).
             Err(e) if e.kind() == std::io::ErrorKind::ResourceBusy && tries < 64 => continue,
             made => break made?,
@@ -480,7 +480,7 @@ async fn make(
         if spec.isolation {
             bridge::set_isolated(netlink, &tap).await?;
         }
-        tap.make_persistent()
+        Ok::<_, std::io::Error>(())
     };
     if let Err(e) = plugged.await {
         // The last fd of a TAP that is not persistent: the kernel deletes it inside
@@ -488,7 +488,22 @@ async fn make(
         tokio::task::spawn_blocking(move || drop(tap));
         return Err(e);
     }
-    Ok(tap)
+    // On failure dropped on the blocking thread too, for the same reason.
+    off_runtime(move || tap.make_persistent().map(|()| tap)).await
+}
+
+/// Runs `f`, a refill's TUN ioctls, on the runtime's blocking threads. Each ioctl takes
+/// the RTNL lock, which a reaper's batch deletion holds for 80-100 ms; a runtime worker
+/// waiting for it answers nobody meanwhile, and with both workers there an acquire the
+/// pool had a TAP for waited milliseconds before its request was even read. Only the
+/// refill's: an acquire's own TAP keeps its ioctls on its worker (docs/design.md, "The
+/// kernel calls of making a TAP stay on the runtime workers").
+async fn off_runtime<T: Send + 'static>(
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> std::io::Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| std::io::Error::other(format!("TUN ioctls: {e}")))?
 }
 
 #[cfg(test)]
