@@ -46,7 +46,7 @@
 //!   ([`super::Attaching::idle`]), so an acquire waits at most for one step of one
 //!   refill, and its client reads its reply while no refill competes for the CPU. Its
 //!   kernel calls wait for the RTNL lock off the runtime workers (its own rtnetlink
-//!   connection on a thread of its own, TUN ioctls on the blocking pool: [`off_runtime`]).
+//!   connection on a thread of its own, TUN ioctls on the blocking pool: `off_runtime`).
 //! - **Back to back.** Acquires in a row empty the pool faster than TAPs are made. One
 //!   that finds it empty while a refill is under way waits for that refill's TAP
 //!   ([`TapPool::claim_refill`], one acquire per refill) instead of making its own, which
