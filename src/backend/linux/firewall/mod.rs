@@ -441,6 +441,20 @@ impl Firewall {
             .await
     }
 
+    /// Forgets the bindings of `taps` of `network`, TAPs that live on without their
+    /// clients (closed TAPs going back to the pool, `backend::linux::recycle`): the TAP
+    /// guard drops their frames from now on, as a new TAP's, and the next
+    /// [`Firewall::add_port`] of one binds it afresh.
+    pub async fn forget_ports(
+        &self,
+        network: &str,
+        taps: Vec<String>,
+    ) -> Result<(), FirewallError> {
+        let network = network.to_string();
+        self.queued(move |inner| async move { inner.forget_ports(&network, &taps).await })
+            .await
+    }
+
     /// Binds a TAP (bridge port) to the MAC of its guest: frames entering from `tap` must
     /// carry `mac` as Ethernet (and ARP sender) source. A TAP name that is reused replaces
     /// its previous binding, in whatever network it was. Without anti-spoofing on the
@@ -1005,26 +1019,40 @@ impl Inner {
                 });
             }
         };
-        let live_count = live.len();
-        let (gone, unbind) = {
+        let gone: Vec<String> = {
             let state = self.lock();
             let Some(ns) = state.networks.get(network) else {
                 return Ok(0);
             };
-            let gone: Vec<(String, [u8; 6])> = ns
-                .ports
+            ns.ports
+                .keys()
+                .filter(|tap| !live.contains(tap))
+                .cloned()
+                .collect()
+        };
+        self.forget_ports(network, &gone).await?;
+        Ok(live.len())
+    }
+
+    async fn forget_ports(&self, network: &str, taps: &[String]) -> Result<(), FirewallError> {
+        let (gone, unbind) = {
+            let state = self.lock();
+            let Some(ns) = state.networks.get(network) else {
+                return Ok(());
+            };
+            let gone: Vec<String> = taps
                 .iter()
-                .filter(|(tap, _)| !live.contains(tap))
-                .map(|(tap, mac)| (tap.clone(), *mac))
+                .filter(|tap| ns.ports.contains_key(*tap))
+                .cloned()
                 .collect();
             let unbind: Vec<u32> = gone
                 .iter()
-                .filter_map(|(tap, _)| ns.ifindex.get(tap).copied())
+                .filter_map(|tap| ns.ifindex.get(tap).copied())
                 .collect();
             (gone, unbind)
         };
         if gone.is_empty() {
-            return Ok(live_count);
+            return Ok(());
         }
         if let Some(guard) = self.guard.get() {
             for ifindex in unbind {
@@ -1039,7 +1067,7 @@ impl Inner {
         );
         self.apply_or_restore(batch, &context, |s| {
             if let Some(ns) = s.networks.get_mut(network) {
-                for (tap, _) in &gone {
+                for tap in &gone {
                     ns.ports.remove(tap);
                     ns.ifindex.remove(tap);
                 }
@@ -1052,10 +1080,9 @@ impl Inner {
             .get(network)
             .is_some_and(|ns| has_dhcp_quota(&ns.net));
         if quota {
-            let gone: Vec<String> = gone.into_iter().map(|(tap, _)| tap).collect();
             self.sync_dhcp_quota(network, &gone, &[]).await?;
         }
-        Ok(live_count)
+        Ok(())
     }
 
     async fn add_ports(
