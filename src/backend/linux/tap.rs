@@ -6,7 +6,8 @@
 //! once plugged ([`Tap::make_persistent`]) and deletes it itself, in batches, when the
 //! TAP's carrier goes (no fd left: the VM exited, however it exited). A TAP asked for as
 //! persistent, for VMMs that open a TAP by name, is kept instead, and deleted when that
-//! client's connection closes.
+//! client's connection closes. A pool TAP may go back to its pool instead, attached
+//! again and reset ([`Tap::reset`], [`super::recycle`]).
 //!
 //! Every TAP has an owner and a group (`TUNSETOWNER` and `TUNSETGROUP`, set before anyone
 //! else can see the fd): the client holding the fd can make the TAP persistent itself
@@ -42,6 +43,27 @@ ioctl_read_bad!(tun_get_vnet_hdr_sz, libc::TUNGETVNETHDRSZ, libc::c_int);
 nix::ioctl_write_int_bad!(tun_set_owner, libc::TUNSETOWNER);
 nix::ioctl_write_int_bad!(tun_set_group, libc::TUNSETGROUP);
 nix::ioctl_write_int_bad!(tun_set_persist, libc::TUNSETPERSIST);
+nix::ioctl_write_int_bad!(tun_set_offload, libc::TUNSETOFFLOAD);
+ioctl_write_ptr_bad!(tun_set_sndbuf, libc::TUNSETSNDBUF, libc::c_int);
+ioctl_read_bad!(tun_get_sndbuf, libc::TUNGETSNDBUF, libc::c_int);
+ioctl_write_ptr_bad!(tun_set_vnet_le, libc::TUNSETVNETLE, libc::c_int);
+ioctl_write_ptr_bad!(tun_set_vnet_be, libc::TUNSETVNETBE, libc::c_int);
+ioctl_write_ptr_bad!(tun_set_steering_ebpf, libc::TUNSETSTEERINGEBPF, libc::c_int);
+ioctl_write_ptr_bad!(tun_set_filter_ebpf, libc::TUNSETFILTEREBPF, libc::c_int);
+ioctl_write_ptr_bad!(tun_set_tx_filter, libc::TUNSETTXFILTER, TunFilter);
+ioctl_write_ptr_bad!(tun_detach_filter, libc::TUNDETACHFILTER, libc::sock_fprog);
+
+/// `struct tun_filter` with no addresses: `TUNSETTXFILTER` with a count of 0 turns the
+/// TAP's receive filter off, as on a new TAP.
+#[repr(C)]
+struct TunFilter {
+    flags: u16,
+    count: u16,
+}
+
+/// The send buffer (`TUNSETSNDBUF`) of a new TAP: `tun_chr_open` gives every fd's socket
+/// `INT_MAX`, and a TAP made through that fd takes it as its own.
+pub const FRESH_SNDBUF: libc::c_int = libc::c_int::MAX;
 
 /// Flags of every TAP the broker makes: Ethernet frames, no packet-info prefix, a
 /// virtio-net header in front of each frame.
@@ -188,6 +210,60 @@ impl Tap {
         Ok(())
     }
 
+    /// Puts back, on a TAP attached again after its client closed it
+    /// ([`super::recycle`]), everything of the device the client's fd let it change
+    /// without privilege, as a new TAP of the broker has it: owner and group (the
+    /// broker's, `owner`), the virtio-net header length, the send buffer, offloads off,
+    /// no receive filter (`TUNSETTXFILTER`), no classic socket filter
+    /// (`TUNATTACHFILTER`), no eBPF steering or filter program, native-endian headers.
+    /// The host-side MAC (`SIOCSIFHWADDR`) is the caller's, through rtnetlink; the
+    /// flags (`IFF_VNET_HDR`...) were set again by the attach. Nothing else of the
+    /// device is within an fd holder's reach: its type (`TUNSETLINK`) needs it down,
+    /// which only CAP_NET_ADMIN can do, and the carrier is back with the attach. Each
+    /// ioctl takes the RTNL lock, briefly.
+    pub fn reset(&self, owner: TapOwner) -> io::Result<()> {
+        let (fd, name) = (self.fd.as_raw_fd(), &self.name);
+        self.give_to(owner)?;
+        // SAFETY: the fd is an attached TAP; the kernel reads one c_int from a live
+        // reference.
+        unsafe { tun_set_vnet_hdr_sz(fd, &VNET_HDR_LEN) }
+            .map_err(|e| context(e, "TUNSETVNETHDRSZ", name))?;
+        // SAFETY: as above.
+        unsafe { tun_set_sndbuf(fd, &FRESH_SNDBUF) }
+            .map_err(|e| context(e, "TUNSETSNDBUF", name))?;
+        // SAFETY: the fd is an attached TAP; the ioctl takes an integer by value.
+        unsafe { tun_set_offload(fd, 0) }.map_err(|e| context(e, "TUNSETOFFLOAD", name))?;
+        let no_filter = TunFilter { flags: 0, count: 0 };
+        // SAFETY: the fd is an attached TAP; with a count of 0 the kernel reads only the
+        // `struct tun_filter` header, from a live reference.
+        unsafe { tun_set_tx_filter(fd, &no_filter) }
+            .map_err(|e| context(e, "TUNSETTXFILTER", name))?;
+        // SAFETY: sock_fprog is plain old data; all zeroes is a valid value.
+        let none: libc::sock_fprog = unsafe { std::mem::zeroed() };
+        // SAFETY: the fd is an attached TAP; the kernel ignores the argument of
+        // TUNDETACHFILTER, which points to a live value anyway.
+        unsafe { tun_detach_filter(fd, &none) }.map_err(|e| context(e, "TUNDETACHFILTER", name))?;
+        // -1 for "no program".
+        let detach: libc::c_int = -1;
+        // SAFETY: the fd is an attached TAP; the kernel reads one c_int from a live
+        // reference.
+        unsafe { tun_set_steering_ebpf(fd, &detach) }
+            .map_err(|e| context(e, "TUNSETSTEERINGEBPF", name))?;
+        // SAFETY: as above.
+        unsafe { tun_set_filter_ebpf(fd, &detach) }
+            .map_err(|e| context(e, "TUNSETFILTEREBPF", name))?;
+        let native: libc::c_int = 0;
+        // SAFETY: as above.
+        unsafe { tun_set_vnet_le(fd, &native) }.map_err(|e| context(e, "TUNSETVNETLE", name))?;
+        // Only kernels built with CONFIG_TUN_VNET_CROSS_LE know big-endian headers; on
+        // the others nobody could have set them (EINVAL).
+        // SAFETY: as above.
+        match unsafe { tun_set_vnet_be(fd, &native) } {
+            Ok(_) | Err(nix::errno::Errno::EINVAL) => Ok(()),
+            Err(e) => Err(context(e, "TUNSETVNETBE", name)),
+        }
+    }
+
     /// Reads and discards every frame queued on the fd, without blocking: a TAP held
     /// open in the pool under a guard adopted from an older broker (whose egress program
     /// let broadcasts reach unbound TAPs) may have queued some, which its client must not
@@ -267,6 +343,15 @@ pub fn is_broker_tap(fd: BorrowedFd) -> io::Result<bool> {
     // bit pattern is a valid c_short; TUNGETIFF filled in the flags member.
     let flags = libc::c_int::from(unsafe { tun_info(fd)?.ifr_ifru.ifru_flags });
     Ok(flags & TAP_FLAGS == TAP_FLAGS && flags & libc::IFF_TUN == 0)
+}
+
+/// The TAP's send buffer (`TUNGETSNDBUF`).
+pub fn sndbuf(fd: BorrowedFd) -> io::Result<libc::c_int> {
+    let mut len: libc::c_int = 0;
+    // SAFETY: `fd` is a live borrowed descriptor; TUNGETSNDBUF writes one c_int through
+    // the pointer, which points to `len`, a c_int we exclusively borrow.
+    unsafe { tun_get_sndbuf(fd.as_raw_fd(), &mut len) }.map_err(io::Error::from)?;
+    Ok(len)
 }
 
 /// The virtio-net header length the kernel uses for this TAP (`TUNGETVNETHDRSZ`).
