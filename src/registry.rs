@@ -355,6 +355,8 @@ struct Handed {
     uid: u32,
     /// Made to outlive its handle: recorded so a restarted broker knows it.
     persistent: bool,
+    /// The client it went to; None when adopted from a previous broker's record.
+    client: Option<ClientId>,
 }
 
 struct Client {
@@ -803,6 +805,7 @@ impl<B: Backend> Registry<B> {
                             mac: e.mac.into(),
                             uid: e.uid,
                             persistent: e.persistent,
+                            client: None,
                         },
                     )
                 })
@@ -1524,15 +1527,44 @@ impl<B: Backend> Registry<B> {
             net.generation += 1;
         }
         net.clients.insert(client);
-        net.handed.insert(
+        let before = net.handed.insert(
             attachment.id.clone(),
             Handed {
                 mac: request.mac,
                 uid: peer.uid,
                 persistent,
+                client: Some(client),
             },
         );
         let net_clients = net.clients.len();
+        // An endpoint the backend hands out again (a closed TAP back from its pool) is
+        // no longer its previous client's, which may still be connected: it must not
+        // count it, forward ports to it, nor have it recorded as its own.
+        if let Some(before) = before
+            && before.client != Some(client)
+        {
+            let held = (name.to_string(), attachment.id.clone());
+            let previous: Vec<ClientId> = match before.client {
+                Some(c) => vec![c],
+                None => st
+                    .clients
+                    .keys()
+                    .copied()
+                    .filter(|c| *c != client)
+                    .collect(),
+            };
+            for c in previous {
+                if let Some(prev) = st.clients.get_mut(&c)
+                    && prev.taps.contains(&held)
+                {
+                    prev.taps.retain(|t| *t != held);
+                    // Its forwards to it ended when the backend took it back.
+                    prev.forwards
+                        .retain(|f| !(f.network == held.0 && f.endpoint == held.1));
+                    Self::mark(&mut st, Key::Client(c));
+                }
+            }
+        }
         let Some(entry) = st.clients.get_mut(&client) else {
             return Err(RegistryError::UnknownClient);
         };
@@ -1721,8 +1753,13 @@ impl<B: Backend> Registry<B> {
             let Phase::Active(live) = &net.phase else {
                 return Err(not_yours());
             };
-            let mac = net.handed.get(&endpoint).ok_or_else(not_yours)?.mac;
-            (Arc::clone(live), mac)
+            // Checked again: handed out anew to another client meanwhile, it is not this
+            // one's any more (adopted endpoints have no client on record).
+            let handed = net.handed.get(&endpoint).ok_or_else(not_yours)?;
+            if handed.client.is_some_and(|c| c != client) {
+                return Err(not_yours());
+            }
+            (Arc::clone(live), handed.mac)
         };
         let request = ForwardRequest {
             protocol,
@@ -2416,6 +2453,9 @@ mod tests {
         closed: StdMutex<BTreeSet<String>>,
         /// Bumped by every `close`, for `endpoint_closed`.
         closes: tokio::sync::watch::Sender<u64>,
+        /// The interface the next `attach` hands out again (a closed TAP back from the
+        /// Linux backend's pool), instead of a new one.
+        reuse: StdMutex<Option<String>>,
     }
 
     impl Fake {
@@ -2478,7 +2518,12 @@ mod tests {
                 .lock()
                 .unwrap()
                 .push(format!("attach {} {}", n.0, r.serial));
-            let interface = format!("tap-{}-{}", n.0, r.serial);
+            let interface = self
+                .reuse
+                .lock()
+                .unwrap()
+                .take()
+                .unwrap_or_else(|| format!("tap-{}-{}", n.0, r.serial));
             self.live.lock().unwrap().insert(interface.clone());
             Ok(Attachment {
                 id: EndpointId(interface.clone()),
@@ -3669,6 +3714,54 @@ mod tests {
                 .contains(&"unforward shared 2222".to_string()),
             "{:?}",
             r.backend().log()
+        );
+    }
+
+    /// An endpoint the backend hands out again (a closed TAP back from its pool) is its
+    /// new client's only: its previous client, still connected, cannot forward a port to
+    /// it, no longer counts it as its own, and its leaving ends none of the new client's
+    /// forwards.
+    #[tokio::test(start_paused = true)]
+    async fn an_endpoint_handed_out_again_is_no_longer_its_previous_clients() {
+        let dir = tempfile::tempdir().unwrap();
+        let r = registry();
+        r.persist(dir.path().to_path_buf());
+        let a = connect(&r, peer(1000)).await.unwrap();
+        let (old, fd) = acquire(&r, a, "shared", None, false).await.unwrap();
+        r.forward(a, &spec("shared", 2222, &old.interface))
+            .await
+            .unwrap();
+        // The VM closes its TAP; the backend hands it to the next client.
+        drop(fd);
+        r.backend().close(&old.interface);
+        *r.backend().reuse.lock().unwrap() = Some(old.interface.clone());
+        let b = connect(&r, peer(1001)).await.unwrap();
+        let (new, _fd) = acquire(&r, b, "shared", None, false).await.unwrap();
+        assert_eq!(new.interface, old.interface);
+        let e = r
+            .forward(a, &spec("shared", 2223, &old.interface))
+            .await
+            .unwrap_err();
+        assert!(matches!(e, RegistryError::NotYourEndpoint { .. }), "{e}");
+        r.forward(b, &spec("shared", 2224, &new.interface))
+            .await
+            .unwrap();
+        r.flush_state().await;
+        let recorded = crate::state::load(dir.path()).unwrap().unwrap();
+        let endpoints = |id: ClientId| {
+            let c = recorded.clients.iter().find(|c| c.id == id).unwrap();
+            (c.endpoints.clone(), c.forwards.len())
+        };
+        assert_eq!(endpoints(a), (vec![], 0), "still the previous client's");
+        assert_eq!(
+            endpoints(b),
+            (vec![("shared".to_string(), new.interface.clone())], 1)
+        );
+        r.disconnect(a).await;
+        let log = r.backend().log();
+        assert!(
+            !log.iter().any(|l| l.starts_with("unforward")),
+            "the previous client's leaving ended a forward: {log:?}"
         );
     }
 
