@@ -329,7 +329,7 @@ fn sigkilled_client_releases_its_networks() {
     });
     // Its fd closed with the holder; the broker deletes such TAPs in batches.
     b.wait_for("the TAP to go with its holder", DEADLINE, || {
-        !b.ns.links().contains(&tap)
+        b.tap_released(&tap)
     });
     assert!(
         c.status()
@@ -742,7 +742,7 @@ fn persistent_taps_belong_to_the_caller_and_go_with_its_connection() {
     child.kill().unwrap();
     child.wait().unwrap();
     b.wait_for("the TAP to go with its SIGKILLed client", DEADLINE, || {
-        !b.ns.links().contains(&tap)
+        b.tap_released(&tap)
     });
 }
 
@@ -1156,8 +1156,7 @@ fn one_uid_cannot_fill_a_bridge_and_root_keeps_a_reserve() {
     let (holder, taps) = attacker.pop().unwrap();
     drop(holder);
     b.wait_for("the attacker's TAPs to close", DEADLINE, || {
-        let links = b.ns.links();
-        taps.iter().all(|t| !links.contains(t))
+        taps.iter().all(|t| b.tap_released(t))
     });
     // ... and a newcomer gets in, but not past the total again.
     let Held::All(_newcomer, _) = hold_as(&b, &bin, 60003, &["lab", "lab"]) else {

@@ -168,8 +168,10 @@ fn a_persistent_tap_from_the_pool_is_its_clients() {
     });
     b.ns.sh(&format!("chmod 0666 {}", b.socket.display()));
     let holder = b.client();
+    // Held to the end: a pool TAP closed goes back to its pool, one more to count.
+    let mut firsts = vec![];
     for net in ["shared", "loose"] {
-        let _first = holder.acquire(net).unwrap();
+        firsts.push(holder.acquire(net).unwrap());
         wait_pool_full_of(&b, POOL_SIZE * if net == "shared" { 1 } else { 2 });
         let socket = b.socket.clone();
         let net2 = net.to_string();
@@ -436,4 +438,206 @@ fn tap_pool_sets_the_pool_size_and_zero_turns_it_off() {
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("--tap-pool"), "{err}");
+}
+
+/// The host-side MAC an attacker gives its TAP through its fd.
+const TAMPERED_MAC: [u8; 6] = [0x02, 0, 0, 0, 0, 0x66];
+
+/// Changes, through TAP fd `fd`, everything of the device the kernel lets an fd holder
+/// change without privilege, as a hostile client would before closing it, so that the
+/// next client of the device gets nothing or is given away: the host-side MAC, owner and
+/// group (`uid`), send buffer, virtio-net header length, offloads, a receive filter
+/// that passes one unicast MAC only, a classic socket filter and an eBPF filter that
+/// drop every frame, little-endian headers.
+fn tamper(fd: std::os::fd::BorrowedFd, uid: u32) {
+    use std::os::fd::AsRawFd;
+    let fd = fd.as_raw_fd();
+    let check = |rc: libc::c_int, what: &str| {
+        assert_eq!(rc, 0, "{what}: {}", std::io::Error::last_os_error());
+    };
+    // SAFETY: (every ioctl below) `fd` is a live TAP fd; each argument is a live value of
+    // the type the kernel reads for that request, or an integer by value.
+    unsafe {
+        let mut req: libc::ifreq = std::mem::zeroed();
+        req.ifr_ifru.ifru_hwaddr.sa_family = libc::ARPHRD_ETHER;
+        for (d, s) in req
+            .ifr_ifru
+            .ifru_hwaddr
+            .sa_data
+            .iter_mut()
+            .zip(TAMPERED_MAC)
+        {
+            *d = s as libc::c_char;
+        }
+        check(libc::ioctl(fd, libc::SIOCSIFHWADDR, &req), "SIOCSIFHWADDR");
+        check(
+            libc::ioctl(fd, libc::TUNSETOWNER, uid as libc::c_ulong),
+            "TUNSETOWNER",
+        );
+        check(
+            libc::ioctl(fd, libc::TUNSETGROUP, uid as libc::c_ulong),
+            "TUNSETGROUP",
+        );
+        let small: libc::c_int = 4096;
+        check(libc::ioctl(fd, libc::TUNSETSNDBUF, &small), "TUNSETSNDBUF");
+        let hdr: libc::c_int = 10;
+        check(
+            libc::ioctl(fd, libc::TUNSETVNETHDRSZ, &hdr),
+            "TUNSETVNETHDRSZ",
+        );
+        check(
+            libc::ioctl(fd, libc::TUNSETOFFLOAD, libc::TUN_F_CSUM as libc::c_ulong),
+            "TUNSETOFFLOAD",
+        );
+        // struct tun_filter { flags, count, addr[count][6] }: one MAC, no multicast.
+        let mut filter = [0u8; 4 + 6];
+        filter[2..4].copy_from_slice(&1u16.to_ne_bytes());
+        filter[4..].copy_from_slice(&TAMPERED_MAC);
+        // Returns how many addresses it filters exactly.
+        let exact = libc::ioctl(fd, libc::TUNSETTXFILTER, filter.as_ptr());
+        assert_eq!(
+            exact,
+            1,
+            "TUNSETTXFILTER: {}",
+            std::io::Error::last_os_error()
+        );
+        // "return 0": drop everything.
+        let mut drop_all = [libc::sock_filter {
+            code: 0x06,
+            jt: 0,
+            jf: 0,
+            k: 0,
+        }];
+        let prog = libc::sock_fprog {
+            len: 1,
+            filter: drop_all.as_mut_ptr(),
+        };
+        check(
+            libc::ioctl(fd, libc::TUNATTACHFILTER, &prog),
+            "TUNATTACHFILTER",
+        );
+        let ebpf = drop_all_ebpf();
+        check(
+            libc::ioctl(fd, libc::TUNSETFILTEREBPF, &ebpf),
+            "TUNSETFILTEREBPF",
+        );
+        libc::close(ebpf);
+        let le: libc::c_int = 1;
+        check(libc::ioctl(fd, libc::TUNSETVNETLE, &le), "TUNSETVNETLE");
+    }
+}
+
+/// An eBPF socket filter program that returns 0 (drop), loaded with `bpf(2)`.
+fn drop_all_ebpf() -> libc::c_int {
+    // r0 = 0; exit
+    let insns: [u64; 2] = [0x0000_0000_0000_00b7, 0x0000_0000_0000_0095];
+    let license = c"Apache-2.0";
+    // From linux/bpf.h.
+    const BPF_PROG_LOAD: libc::c_long = 5;
+    const BPF_PROG_TYPE_SOCKET_FILTER: u32 = 1;
+    // union bpf_attr for BPF_PROG_LOAD: prog_type, insn_cnt, insns, license; the rest 0.
+    let mut attr = [0u8; 128];
+    attr[0..4].copy_from_slice(&BPF_PROG_TYPE_SOCKET_FILTER.to_ne_bytes());
+    attr[4..8].copy_from_slice(&2u32.to_ne_bytes());
+    attr[8..16].copy_from_slice(&(insns.as_ptr() as u64).to_ne_bytes());
+    attr[16..24].copy_from_slice(&(license.as_ptr() as u64).to_ne_bytes());
+    // SAFETY: attr is a valid bpf_attr for BPF_PROG_LOAD whose pointers point to live
+    // memory for the duration of the call; the kernel copies what it reads.
+    let fd = unsafe { libc::syscall(libc::SYS_bpf, BPF_PROG_LOAD, attr.as_ptr(), attr.len()) };
+    assert!(
+        fd >= 0,
+        "BPF_PROG_LOAD: {}",
+        std::io::Error::last_os_error()
+    );
+    fd as libc::c_int
+}
+
+/// Waits until the broker has taken pool TAP `name` back from its client
+/// (src/backend/linux/recycle.rs), as its debug log says.
+fn wait_taken_back(b: &Broker, name: &str) {
+    let line = format!("interface={name} outcome=Back");
+    b.wait_for("the closed TAP back in the pool", DEADLINE, || {
+        b.log()
+            .lines()
+            .any(|l| l.contains("closed pool TAP") && l.contains(&line))
+    });
+}
+
+/// A pool TAP whose client closed it goes back to the pool rather than being deleted,
+/// and its next client gets it as a new TAP, whatever the previous one did through its
+/// fd ([`tamper`]): the broker's owner and group again (the previous uid cannot attach
+/// it by name), a host-side MAC of the pool's, the new TAP's send buffer and header
+/// length, no filter (a DHCP exchange works), and no binding or port forward of the
+/// previous client's. The previous client, still connected, cannot forward a port to
+/// it any more, neither while it waits in the pool nor once it is another's. On an
+/// anti-spoofing network (held open in the pool) and on an `allow_spoofing` one (closed).
+#[test]
+fn a_closed_pool_tap_goes_back_to_the_pool_as_new_whatever_its_client_did() {
+    let b = Broker::start(Options {
+        files: vec![("loose.json".into(), r#"{"allow_spoofing": true}"#.into())],
+        ..Options::default()
+    });
+    let holder = b.client();
+    let (mut held, mut kept) = (vec![], vec![]);
+    for (i, net) in ["shared", "loose"].into_iter().enumerate() {
+        held.push(holder.acquire(net).unwrap());
+        wait_pool_full_of(&b, POOL_SIZE * (i + 1));
+        let fresh = holder.acquire(net).unwrap();
+        let fresh_sndbuf = tap::sndbuf(fresh.fd.as_fd()).unwrap();
+        assert_eq!(fresh_sndbuf, tap::FRESH_SNDBUF);
+        held.push(fresh);
+        let port = 2222 + 10 * i as u16;
+        let attacker = b.client();
+        let a = attacker.acquire(net).unwrap();
+        let name = a.info.interface.clone();
+        assert!(is_pool_name(&name), "{name}");
+        attacker.forward(net, "tcp", port, 22, &name).unwrap();
+        tamper(a.fd.as_fd(), 4242);
+        assert_eq!(sysfs(&b, &name, "address"), "02:00:00:00:00:66");
+        assert_eq!(sysfs(&b, &name, "owner"), "4242");
+        let ended = b.count_in_log("port forward ended: its TAP is gone");
+        drop(a);
+        wait_taken_back(&b, &name);
+        assert_eq!(
+            b.count_in_log("port forward ended: its TAP is gone"),
+            ended + 1,
+            "{net}: {}",
+            b.log()
+        );
+        assert_eq!(sysfs(&b, &name, "owner"), "0", "{net}");
+        assert_eq!(sysfs(&b, &name, "group"), "0", "{net}");
+        assert_eq!(
+            b.ns.run(|| attach_by_name_as(&name, 4242, 4242)),
+            libc::EPERM,
+            "{net}: the previous client's uid attached its old TAP"
+        );
+        assert!(
+            !status_taps(&b, None).contains(&name),
+            "an idle TAP is listed"
+        );
+        let e = attacker
+            .forward(net, "tcp", port + 1, 22, &name)
+            .unwrap_err();
+        assert!(e.to_string().contains("not on network"), "{e}");
+        // The pool hands out its last TAP first: this one.
+        let next = b.client().acquire(net).unwrap();
+        assert_eq!(next.info.interface, name, "{net}");
+        let address = sysfs(&b, &name, "address");
+        assert!(address.starts_with("fe:70:"), "{net}: {address}");
+        assert_eq!(tap::sndbuf(next.fd.as_fd()).unwrap(), fresh_sndbuf, "{net}");
+        assert_eq!(tap::vnet_hdr_len(next.fd.as_fd()).unwrap(), 12, "{net}");
+        assert_eq!(sysfs(&b, &name, "carrier"), "1", "{net}");
+        let e = attacker
+            .forward(net, "tcp", port + 2, 22, &name)
+            .unwrap_err();
+        assert!(
+            e.to_string().contains("not a TAP this connection acquired"),
+            "{e}"
+        );
+        let tap = frames::Tap::new(next);
+        let ack = tap.dhcp(0x6000 + i as u32, DEADLINE);
+        assert!(!ack.yiaddr().is_unspecified(), "{net}: {ack:?}");
+        // Kept open: closed, it would go back to the pool, one more for the next count.
+        kept.push(tap);
+    }
 }

@@ -760,7 +760,7 @@ check ping_gateway ping -c 3 -i 0.2 -W 1 "$(gateway)"
     )
     .unwrap();
     b.wait_for("the victim's TAP to go", Duration::from_secs(5), || {
-        !b.ns.links().contains(&tap)
+        b.tap_released(&tap)
     });
     let (status, _) = v.wait(Duration::from_secs(10) + t.elapsed());
     assert_eq!(

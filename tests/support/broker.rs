@@ -250,6 +250,27 @@ impl Broker {
     pub fn count_in_log(&self, needle: &str) -> usize {
         self.log().matches(needle).count()
     }
+
+    /// Whether TAP `name`, closed by its client, is done with: deleted, or a pool TAP
+    /// back in its pool as new (src/backend/linux/recycle.rs), which only the broker
+    /// holds and no listing shows.
+    pub fn tap_released(&self, name: &str) -> bool {
+        if !self.ns.links().iter().any(|l| l == name) {
+            return true;
+        }
+        vmnet_broker::backend::linux::pool::is_pool_name(name)
+            && self.log().lines().any(|l| {
+                l.contains("closed pool TAP")
+                    && l.contains(&format!("interface={name} outcome=Back"))
+            })
+            && !self
+                .client()
+                .status()
+                .unwrap()
+                .networks
+                .iter()
+                .any(|n| n.taps.iter().any(|t| t == name))
+    }
 }
 
 /// Polls `f` until it returns true; after `timeout` fails the test with `log()` (the

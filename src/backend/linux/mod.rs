@@ -12,6 +12,7 @@ pub mod links;
 pub mod netlink;
 pub mod pool;
 pub mod portfwd;
+pub mod recycle;
 pub mod services;
 pub mod subnet;
 pub mod tap;
@@ -275,7 +276,7 @@ pub struct LinuxBackend {
     /// The live bridges and TAPs of the broker, from link events.
     links: Arc<LinkRecord>,
     /// Queue of the background task that binds new TAPs ([`bind_ports`]).
-    binder: tokio::sync::mpsc::UnboundedSender<BindJob>,
+    binder: tokio::sync::mpsc::UnboundedSender<BinderJob>,
     /// Bumped by the binder for every link that left the record (a TAP closed or
     /// deleted), so [`Backend::endpoint_closed`] wakes at once.
     departed: tokio::sync::watch::Sender<u64>,
@@ -474,26 +475,51 @@ impl LinuxBackend {
         };
         tokio::spawn(bind_ports(binder_state, jobs, departures));
         let deleter = Arc::new(Netlink::connect_dedicated("vmnb-netlink-del")?);
-        tokio::spawn(reap_closed_taps(
-            Arc::clone(&deleter),
-            Arc::clone(&reapable),
-            Arc::clone(&reap_now),
-            Arc::clone(&attaching),
-            losses,
-        ));
         let pool = Arc::new(pool::TapPool::new(options.tap_pool));
+        let mut recycler = None;
         if pool.enabled() {
             // Background work: its rtnetlink requests wait for the RTNL lock on a thread
             // of their own, not on a runtime worker an acquire needs ([`pool::refill`]).
+            let pool_netlink = Arc::new(Netlink::connect_dedicated("vmnb-netlink-pool")?);
             tokio::spawn(pool::refill(
                 Arc::clone(&pool),
-                Arc::new(Netlink::connect_dedicated("vmnb-netlink-pool")?),
+                Arc::clone(&pool_netlink),
                 Arc::clone(&deleter),
                 Arc::clone(&links),
                 firewall.clone(),
                 Arc::clone(&attaching),
             ));
+            let release = nix::sys::utsname::uname()
+                .map(|u| u.release().to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if recycle::audited(&release) {
+                recycler = Some(Arc::new(recycle::Recycler {
+                    pool: Arc::clone(&pool),
+                    netlink: pool_netlink,
+                    deleter: Arc::clone(&deleter),
+                    binder: binder.clone(),
+                    reapable: Arc::clone(&reapable),
+                    departed: departed.clone(),
+                    attaching: Arc::clone(&attaching),
+                }));
+            } else {
+                info!(
+                    kernel = release,
+                    "closed pool TAPs are deleted, not taken back: this kernel is newer than \
+                     the tun driver the reset was checked against ({}.{})",
+                    recycle::AUDITED_KERNEL.0,
+                    recycle::AUDITED_KERNEL.1
+                );
+            }
         }
+        tokio::spawn(reap_closed_taps(
+            Arc::clone(&deleter),
+            Arc::clone(&reapable),
+            Arc::clone(&reap_now),
+            Arc::clone(&attaching),
+            recycler,
+            losses,
+        ));
         Ok(Self {
             options,
             netlink,
@@ -813,6 +839,12 @@ impl LinuxBackend {
         owner: Option<tap::TapOwner>,
     ) -> Option<(Tap, Carrier, pool::RefillDue)> {
         let (pooled, due) = self.pool.take(&network.config.name, network.bridge.index)?;
+        // A TAP back from a client ([`recycle`]): that client's close may yet be reported.
+        let held_carrier = if pooled.recycled {
+            Carrier::MaybeStale
+        } else {
+            Carrier::Current
+        };
         let (handed, carrier) = match pooled.held {
             Some(fd) => {
                 let tap = Tap::held(pooled.name.clone(), pooled.index, fd);
@@ -822,7 +854,7 @@ impl LinuxBackend {
                     }
                     tap
                 });
-                (drained, Carrier::Current)
+                (drained, held_carrier)
             }
             None => (Tap::attach(&pooled.name, pooled.index), Carrier::MaybeStale),
         };
@@ -990,6 +1022,19 @@ fn firewall_network(
 /// TAP names and their guest MACs.
 type Ports = Vec<(String, [u8; 6])>;
 
+/// What the binder task does ([`bind_ports`]), in the order queued.
+enum BinderJob {
+    Bind(BindJob),
+    /// Forget the bindings and dynamic forwards of TAP `tap` of `network`, whose client
+    /// closed it, then say whether that worked: the TAP goes back to its pool
+    /// ([`recycle`]). Queued behind the binding its acquire queued, so never undone by it.
+    Forget {
+        network: String,
+        tap: String,
+        done: tokio::sync::oneshot::Sender<bool>,
+    },
+}
+
 /// A TAP waiting for its anti-spoofing binding.
 struct BindJob {
     network: String,
@@ -1001,7 +1046,7 @@ struct BindJob {
 /// ([`Answering::until_sent`]): waking the binder wakes a thread, 40-60 µs here, which the
 /// reply need not wait for.
 struct QueuedBinding {
-    binder: tokio::sync::mpsc::UnboundedSender<BindJob>,
+    binder: tokio::sync::mpsc::UnboundedSender<BinderJob>,
     job: Option<BindJob>,
 }
 
@@ -1009,7 +1054,7 @@ impl Drop for QueuedBinding {
     fn drop(&mut self) {
         if let Some(job) = self.job.take() {
             // The binder lives as long as the backend, so the queue is always open.
-            let _ = self.binder.send(job);
+            let _ = self.binder.send(BinderJob::Bind(job));
         }
     }
 }
@@ -1070,7 +1115,7 @@ struct Binder {
 /// a handful of `nft` runs, not a thousand processes competing for the CPU.
 async fn bind_ports(
     binder: Binder,
-    mut jobs: tokio::sync::mpsc::UnboundedReceiver<BindJob>,
+    mut jobs: tokio::sync::mpsc::UnboundedReceiver<BinderJob>,
     mut departures: Departures,
 ) {
     let Binder {
@@ -1085,9 +1130,16 @@ async fn bind_ports(
         let mut to_bind: BTreeMap<String, Ports> = BTreeMap::new();
         let mut to_prune: BTreeSet<String> = BTreeSet::new();
         let mut gone_taps: Vec<String> = vec![];
+        // TAPs going back to their pools, forgotten after this round's bindings (which
+        // were queued before) as if they had gone.
+        let mut to_forget: Vec<(String, String, tokio::sync::oneshot::Sender<bool>)> = vec![];
+        let mut queue = |job: BinderJob| match job {
+            BinderJob::Bind(j) => to_bind.entry(j.network).or_default().push((j.tap, j.mac)),
+            BinderJob::Forget { network, tap, done } => to_forget.push((network, tap, done)),
+        };
         tokio::select! {
             job = jobs.recv() => match job {
-                Some(j) => to_bind.entry(j.network).or_default().push((j.tap, j.mac)),
+                Some(job) => queue(job),
                 None => return,
             },
             gone = departures.recv() => match gone {
@@ -1109,9 +1161,10 @@ async fn bind_ports(
         // guest's first frame; and never by more than BIND_WAIT, so a stream of
         // acquires cannot starve the bindings.
         let _ = tokio::time::timeout(BIND_WAIT, attaching.idle()).await;
-        while let Ok(j) = jobs.try_recv() {
-            to_bind.entry(j.network).or_default().push((j.tap, j.mac));
+        while let Ok(job) = jobs.try_recv() {
+            queue(job);
         }
+        let recycled: Vec<String> = to_forget.iter().map(|(_, tap, _)| tap.clone()).collect();
         while let Ok(link) = departures.try_recv() {
             departed.send_modify(|n| *n = n.wrapping_add(1));
             reapable.lock().expect("not poisoned").remove(&link.name);
@@ -1125,7 +1178,7 @@ async fn bind_ports(
             let mut map = forwards.lock().expect("not poisoned");
             let keys: Vec<_> = map
                 .iter()
-                .filter(|(_, f)| gone_taps.contains(&f.tap))
+                .filter(|(_, f)| gone_taps.contains(&f.tap) || recycled.contains(&f.tap))
                 .map(|(k, _)| k.clone())
                 .collect();
             keys.into_iter()
@@ -1145,6 +1198,18 @@ async fn bind_ports(
         }
         for (network, ports) in &to_bind {
             bind_with_retries(&firewall, network, ports).await;
+        }
+        for (network, tap, done) in to_forget {
+            let forgotten = firewall.forget_ports(&network, vec![tap.clone()]).await;
+            if let Err(e) = &forgotten {
+                warn!(
+                    network,
+                    tap,
+                    "cannot forget a closed TAP's binding: {}",
+                    crate::error::Chain(e)
+                );
+            }
+            let _ = done.send(forgotten.is_ok());
         }
         // A TAP may have gone before its binding was made: its departure was then
         // handled before the binding existed. Such bindings are forgotten too.
@@ -1196,7 +1261,8 @@ async fn bind_ports(
 /// (the client's `close` then only detaches it, well under a millisecond), learns from
 /// the link record when a TAP loses its carrier (no fd left), and deletes whatever closed
 /// meanwhile in one transaction ([`Netlink::delete_many`]), when no acquire is attaching
-/// a TAP ([`REAP_QUIET`], [`REAP_MAX_DELAY`]). Until then the TAP stays on
+/// a TAP ([`REAP_QUIET`], [`REAP_MAX_DELAY`]); a pool TAP its pool takes back is not
+/// deleted ([`recycle::Recycler::claim`]). Until then the TAP stays on
 /// the bridge with nobody to read or write it, still bound to its MAC in the firewall; its
 /// owner (and only its owner, [`tap::Tap::create`]) could attach it by name, which the
 /// TAP's own client could equally have done by keeping the fd.
@@ -1205,8 +1271,10 @@ async fn reap_closed_taps(
     reapable: Reapable,
     reap_now: Arc<ReapNow>,
     attaching: Arc<Attaching>,
+    recycler: Option<Arc<recycle::Recycler>>,
     mut losses: CarrierLosses,
 ) {
+    let claim = |link: &Link| recycler.as_ref().is_some_and(|r| r.claim(link));
     // When the last deletion ended. Quiet counts only from then: while a deletion holds
     // the RTNL lock, acquires stop too (a client closing its TAP waits for the lock
     // inside `close`), which is no sign that none are coming; a deletion costs 15-30 ms
@@ -1230,7 +1298,7 @@ async fn reap_closed_taps(
             return;
         };
         let mut closed = BTreeMap::new();
-        let Some(first) = gather(&mut closed, &reapable, first) else {
+        let Some(first) = gather(&mut closed, &reapable, &claim, first) else {
             continue;
         };
         let since = tokio::time::Instant::now();
@@ -1243,13 +1311,13 @@ async fn reap_closed_taps(
                 // Each as it closes: marked one at a time between acquires, not 256 at
                 // once in the batch.
                 Some(link) = losses.recv() => {
-                    if let Some(link) = gather(&mut closed, &reapable, link) {
+                    if let Some(link) = gather(&mut closed, &reapable, &claim, link) {
                         mark_closed(&netlink, &reapable, link, &mut marked).await;
                     }
                 }
             }
             while let Ok(link) = losses.try_recv() {
-                if let Some(link) = gather(&mut closed, &reapable, link) {
+                if let Some(link) = gather(&mut closed, &reapable, &claim, link) {
                     mark_closed(&netlink, &reapable, link, &mut marked).await;
                 }
             }
@@ -1281,9 +1349,13 @@ async fn reap_closed_taps(
 /// it, are reported too. Counted, those filled the next batch with TAPs already deleted
 /// (235 of its 256, back to back), so a batch of a handful of TAPs followed each full one
 /// at once, its deletion (17-31 ms) in the next acquire's way.
+///
+/// A TAP its pool `claim`s goes back to that pool instead ([`recycle`]); only one not in
+/// the batch already, which may be marked for deletion.
 fn gather<'a>(
     closed: &'a mut BTreeMap<u32, Link>,
     reapable: &Reapable,
+    claim: &impl Fn(&Link) -> bool,
     link: Link,
 ) -> Option<&'a Link> {
     if !reapable
@@ -1294,6 +1366,7 @@ fn gather<'a>(
         return None;
     }
     match closed.entry(link.index) {
+        std::collections::btree_map::Entry::Vacant(_) if claim(&link) => None,
         std::collections::btree_map::Entry::Vacant(e) => Some(e.insert(link)),
         std::collections::btree_map::Entry::Occupied(_) => None,
     }
@@ -1811,7 +1884,8 @@ impl Backend for LinuxBackend {
             .live_ports_of(network.bridge.index, &alias)
             .await
             .map_err(|e| BackendError::component("link record", e))?;
-        if !live.iter().any(|l| l.name == r.endpoint.0) {
+        // A pool TAP back from its client ([`recycle`]) is on the bridge, but no VM's.
+        if !live.iter().any(|l| l.name == r.endpoint.0) || self.pool.is_idle(name, &r.endpoint.0) {
             return Err(BackendError::Vanished(format!(
                 "interface {} is not on network {name:?} any more",
                 r.endpoint
@@ -2118,11 +2192,11 @@ impl Backend for LinuxBackend {
         // that are gone.
         if live.is_none() && !config.allow_spoofing {
             for ep in &record.endpoints {
-                let _ = self.binder.send(BindJob {
+                let _ = self.binder.send(BinderJob::Bind(BindJob {
                     network: config.name.clone(),
                     tap: ep.id.clone(),
                     mac: ep.mac.into(),
-                });
+                }));
             }
         }
         // The previous broker's sockets died with it, so the ports are normally free; one
@@ -2246,17 +2320,17 @@ mod tests {
         insert("vmnt1-1");
         insert("vmnt1-2");
         let mut closed = BTreeMap::new();
-        assert!(gather(&mut closed, &reapable, Link::tap(11, "vmnt1-1")).is_some());
+        assert!(gather(&mut closed, &reapable, &|_| false, Link::tap(11, "vmnt1-1")).is_some());
         // Reported again (moved to the deletion group): not new.
-        assert!(gather(&mut closed, &reapable, Link::tap(11, "vmnt1-1")).is_none());
+        assert!(gather(&mut closed, &reapable, &|_| false, Link::tap(11, "vmnt1-1")).is_none());
         // Not the broker's to delete (a persistent TAP, another's link).
-        assert!(gather(&mut closed, &reapable, Link::tap(13, "vmnt1-3")).is_none());
-        assert!(gather(&mut closed, &reapable, Link::tap(12, "vmnt1-2")).is_some());
+        assert!(gather(&mut closed, &reapable, &|_| false, Link::tap(13, "vmnt1-3")).is_none());
+        assert!(gather(&mut closed, &reapable, &|_| false, Link::tap(12, "vmnt1-2")).is_some());
         assert_eq!(closed.keys().copied().collect::<Vec<_>>(), [11, 12]);
         // The batch deleted them; their going down is reported to the next one.
         reapable.lock().unwrap().clear();
         let mut next = BTreeMap::new();
-        assert!(gather(&mut next, &reapable, Link::tap(11, "vmnt1-1")).is_none());
+        assert!(gather(&mut next, &reapable, &|_| false, Link::tap(11, "vmnt1-1")).is_none());
         assert!(next.is_empty());
     }
 

@@ -54,6 +54,10 @@
 //!   Refills starting while the pool is half empty then make the next TAPs while clients
 //!   are busy with their replies (back-to-back warm acquire p50 0.77-0.78 -> 0.65-0.69
 //!   ms, three interleaved pairs of bench runs; docs/benchmarks.md).
+//! - **Taken back.** A pool TAP its client closed comes back to the pool, reset as new
+//!   ([`super::recycle`]), while the pool has room ([`TapPool::reserve`], up to
+//!   [`RECYCLED_ROOM`] times its size); clients coming and going then cost no TAP made
+//!   nor deleted.
 
 use super::Attaching;
 use super::bridge;
@@ -73,6 +77,11 @@ use tracing::{debug, warn};
 /// enough that an idle network holds almost nothing (a TAP without a reader costs a
 /// net_device and no queue memory).
 pub const POOL_SIZE: usize = 4;
+
+/// How many times its size a pool may hold with the closed TAPs it took back
+/// ([`TapPool::reserve`]): a held TAP costs the kernel a net_device and no queue memory,
+/// and one more taken back is one TAP less made and deleted.
+pub const RECYCLED_ROOM: usize = 2;
 
 /// How long after the last acquire a pool that still has TAPs waits before it makes
 /// another. Making a TAP is about 0.65 ms of kernel work; started the moment an
@@ -100,6 +109,9 @@ pub struct Pooled {
     /// The TAP's only fd, kept open on a network with the TAP guard (see the module
     /// doc); `None` on an `allow_spoofing` network, whose pool TAPs are closed.
     pub held: Option<OwnedFd>,
+    /// A TAP a client had before ([`super::recycle`]): the link record may still report
+    /// the carrier loss of that client's close after it is handed out again.
+    pub recycled: bool,
 }
 
 #[derive(Debug)]
@@ -115,6 +127,9 @@ struct Entry {
     /// An acquire that found the pool empty waits for that refill's TAP
     /// ([`TapPool::claim_refill`]).
     claimed: bool,
+    /// Closed TAPs on their way back to the pool ([`TapPool::reserve`]), and whether
+    /// the broker holds each yet ([`TapPool::attached`]).
+    recycling: Vec<(String, bool)>,
 }
 
 /// A pool that just gave a TAP away: its refill is woken when this drops. Waking a task
@@ -173,6 +188,7 @@ impl TapPool {
                 making: false,
                 made: None,
                 claimed: false,
+                recycling: Vec::new(),
             },
         );
         self.wake.notify_one();
@@ -276,12 +292,77 @@ impl TapPool {
         attaching.idle().await;
     }
 
-    /// Whether `name` is a pool TAP of `network` no acquire has taken: idle, or being
-    /// made.
+    /// Whether `name` is a pool TAP of `network` no acquire has taken: idle, being
+    /// made, or on its way back from a client ([`TapPool::reserve`]).
     pub fn is_idle(&self, network: &str, name: &str) -> bool {
         self.lock().get(network).is_some_and(|e| {
-            e.idle.iter().any(|p| p.name == name) || e.made.as_deref() == Some(name)
+            e.idle.iter().any(|p| p.name == name)
+                || e.made.as_deref() == Some(name)
+                || e.recycling.iter().any(|(r, held)| *held && r == name)
         })
+    }
+
+    /// Whether `name` is on its way back to `network`'s pool ([`TapPool::reserve`]),
+    /// attached by the broker or not yet: a later report of its close is no news.
+    pub fn is_returning(&self, network: &str, name: &str) -> bool {
+        self.lock()
+            .get(network)
+            .is_some_and(|e| e.recycling.iter().any(|(r, _)| r == name))
+    }
+
+    /// The broker now holds `name`, on its way back to `network`'s pool: from now on it
+    /// is the pool's ([`TapPool::is_idle`]). Until then it may still be a client's (a
+    /// close reported late).
+    pub fn attached(&self, network: &str, name: &str) {
+        if let Some(e) = self.lock().get_mut(network)
+            && let Some(r) = e.recycling.iter_mut().find(|(r, _)| r == name)
+        {
+            r.1 = true;
+        }
+    }
+
+    /// Keeps a place in `network`'s pool for pool TAP `name`, which its client closed,
+    /// and returns the pool's spec: the pool is on bridge `bridge` (the TAP's master)
+    /// and has room beside its idle TAPs, those on their way back and the refill's. None
+    /// otherwise: the TAP is deleted.
+    ///
+    /// Room is twice the pool's size ([`RECYCLED_ROOM`]): the refill fills the pool
+    /// within milliseconds of an acquire, before its client is likely to close the
+    /// TAP, so a pool taking closed TAPs back only up to its size would rarely take one.
+    pub fn reserve(&self, network: &str, bridge: u32, name: &str) -> Option<PoolSpec> {
+        let mut entries = self.lock();
+        let e = entries.get_mut(network)?;
+        let room =
+            e.idle.len() + e.recycling.len() + usize::from(e.making) < self.size * RECYCLED_ROOM;
+        if e.spec.bridge.index != bridge || !room || e.recycling.iter().any(|(r, _)| r == name) {
+            return None;
+        }
+        e.recycling.push((name.to_string(), false));
+        Some(e.spec.clone())
+    }
+
+    /// Takes back the place [`TapPool::reserve`] kept for `name`.
+    pub fn unreserve(&self, network: &str, name: &str) {
+        if let Some(e) = self.lock().get_mut(network) {
+            e.recycling.retain(|(r, _)| r != name);
+        }
+    }
+
+    /// Adds a TAP back from its client to the place kept for it, if its network's pool
+    /// (on the same bridge) is still there; else gives it back.
+    pub fn give_back(&self, spec: &PoolSpec, tap: Pooled) -> Result<(), Pooled> {
+        let mut entries = self.lock();
+        match entries.get_mut(&spec.network) {
+            Some(e)
+                if e.spec.bridge.index == spec.bridge.index
+                    && e.recycling.iter().any(|(r, _)| *r == tap.name) =>
+            {
+                e.recycling.retain(|(r, _)| *r != tap.name);
+                e.idle.push(tap);
+                Ok(())
+            }
+            _ => Err(tap),
+        }
     }
 
     /// Idle pool TAPs of every network (the metrics' gauge).
@@ -298,7 +379,7 @@ impl TapPool {
     fn short(&self) -> Option<(PoolSpec, bool)> {
         self.lock()
             .values_mut()
-            .filter(|e| !e.stalled && e.idle.len() < self.size)
+            .filter(|e| !e.stalled && e.idle.len() + e.recycling.len() < self.size)
             .min_by_key(|e| e.idle.len())
             .map(|e| {
                 e.making = true;
@@ -368,7 +449,7 @@ pub fn is_pool_name(name: &str) -> bool {
 
 /// The host-side MAC of a pool TAP: 0xFE first, as every TAP of the broker (see
 /// `host_mac`), then `p` and a counter, so the TAPs of one bridge never share one.
-fn pool_mac() -> [u8; 6] {
+pub(super) fn pool_mac() -> [u8; 6] {
     static NEXT: AtomicU32 = AtomicU32::new(0);
     let n = NEXT.fetch_add(1, Ordering::Relaxed).to_be_bytes();
     [0xfe, b'p', n[0], n[1], n[2], n[3]]
@@ -421,6 +502,7 @@ pub async fn refill(
                     name: name.clone(),
                     index,
                     held,
+                    recycled: false,
                 };
                 match pool.put(&spec, pooled) {
                     Ok(()) => debug!(network = %spec.network, interface = %name, "pool TAP ready"),
@@ -500,7 +582,7 @@ async fn make(
 /// pool had a TAP for waited milliseconds before its request was even read. Only the
 /// refill's: an acquire's own TAP keeps its ioctls on its worker (docs/design.md, "The
 /// kernel calls of making a TAP stay on the runtime workers").
-async fn off_runtime<T: Send + 'static>(
+pub(super) async fn off_runtime<T: Send + 'static>(
     f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
 ) -> std::io::Result<T> {
     tokio::task::spawn_blocking(f)
@@ -553,6 +635,7 @@ mod tests {
             name: "vmnt7-p0".into(),
             index: 1,
             held: None,
+            recycled: false,
         };
         assert!(pool.put(&spec, idle).is_ok());
         // What `add` and `put` signalled is consumed: the refill is waiting.
@@ -603,6 +686,7 @@ mod tests {
             name: "vmnt7-p0".into(),
             index: 1,
             held: None,
+            recycled: false,
         };
         assert!(pool.put(&spec, tap).is_ok());
         pool.done(&spec);
@@ -623,6 +707,7 @@ mod tests {
             name: n.into(),
             index: 1,
             held: None,
+            recycled: false,
         };
         let name = |p: Option<(Pooled, RefillDue)>| p.map(|(p, _)| p.name);
         assert!(pool.put(&spec, t("vmnt7-p0")).is_ok());
