@@ -963,7 +963,7 @@ impl<B: Backend> Registry<B> {
                   "port forward of the previous broker made again");
         } else if let Err(e) = self
             .backend
-            .unforward(&live.handle, f.protocol, f.external_port)
+            .unforward(&live.handle, f.protocol, f.external_port, &request.endpoint)
             .await
         {
             warn!(client, network = %f.network, "cannot end a port forward: {}", chain(&e));
@@ -1804,7 +1804,7 @@ impl<B: Backend> Registry<B> {
             // The client left meanwhile: its forward goes at once.
             if let Err(e) = self
                 .backend
-                .unforward(&live.handle, protocol, spec.external_port)
+                .unforward(&live.handle, protocol, spec.external_port, &endpoint)
                 .await
             {
                 warn!(
@@ -1895,7 +1895,7 @@ impl<B: Backend> Registry<B> {
             let Some(live) = live else { continue };
             match self
                 .backend
-                .unforward(&live.handle, f.protocol, f.external_port)
+                .unforward(&live.handle, f.protocol, f.external_port, &f.endpoint)
                 .await
             {
                 Ok(()) => {
@@ -2578,6 +2578,7 @@ mod tests {
             n: &Self::Network,
             _: Protocol,
             port: u16,
+            _: &EndpointId,
         ) -> Result<(), BackendError> {
             self.log
                 .lock()

@@ -400,6 +400,24 @@ fn a_forward_ends_with_its_tap() {
     assert!(c.status().is_ok(), "the client is still connected");
     let d = c.show("shared").unwrap();
     assert!(d.forwards.is_empty(), "{d:?}");
+    // Another client takes the port for its own TAP; the first one's leaving (its
+    // forward of that port ended with its TAP) must not end the other's.
+    let other = b.client();
+    let theirs = other.acquire("shared").unwrap();
+    other
+        .forward("shared", "tcp", 2240, 22, &theirs.info.interface)
+        .unwrap();
+    drop(c);
+    b.wait_for("the first client to be gone", DEADLINE, || {
+        other.status().unwrap().clients.is_empty()
+    });
+    let d = other.show("shared").unwrap();
+    assert_eq!(d.forwards.len(), 1, "{d:?}");
+    assert!(rules(&b).contains("dport 2240"), "{}", rules(&b));
+    assert!(
+        b.ns.run(|| TcpListener::bind(("0.0.0.0", 2240))).is_err(),
+        "the other client's forward lost its port"
+    );
 }
 
 #[test]

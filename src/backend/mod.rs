@@ -342,13 +342,16 @@ pub trait Backend: Send + Sync + 'static {
         }
     }
 
-    /// Ends the forward of `protocol` `external_port`; one that is gone already is no
-    /// error.
+    /// Ends the forward of `protocol` `external_port` to `endpoint`. One that is gone
+    /// already is no error, and neither is one that forwards to another endpoint now: the
+    /// asker's ended with its TAP, and the port went to another forward since, which
+    /// stays.
     fn unforward(
         &self,
         _network: &Self::Network,
         _protocol: Protocol,
         _external_port: u16,
+        _endpoint: &EndpointId,
     ) -> impl Future<Output = Result<(), BackendError>> + Send {
         async { Ok(()) }
     }

@@ -1985,13 +1985,17 @@ impl Backend for LinuxBackend {
         network: &LinuxNetwork,
         protocol: Protocol,
         external_port: u16,
+        endpoint: &EndpointId,
     ) -> Result<(), BackendError> {
         let name = &network.config.name;
-        let removed = self.forwards.lock().expect("not poisoned").remove(&(
-            name.clone(),
-            protocol,
-            external_port,
-        ));
+        let removed = {
+            let mut forwards = self.forwards.lock().expect("not poisoned");
+            let key = (name.clone(), protocol, external_port);
+            match forwards.get(&key) {
+                Some(f) if f.tap == endpoint.0 => forwards.remove(&key),
+                _ => None,
+            }
+        };
         if removed.is_some() {
             drop(removed);
             end_forward(&self.firewall, name, protocol, external_port).await;
