@@ -1967,14 +1967,32 @@ impl Backend for LinuxBackend {
                 }
             })
         };
-        self.forwards.lock().expect("not poisoned").insert(
-            (name.clone(), r.protocol, r.external_port),
-            DynamicForward {
-                tap: r.endpoint.0.clone(),
-                _host: host,
-                follower,
-            },
-        );
+        let forward = DynamicForward {
+            tap: r.endpoint.0.clone(),
+            _host: host,
+            follower,
+        };
+        // Checked again as it is recorded: a TAP going back to its pool ([`recycle`]) once
+        // its forwards were ended would otherwise keep this one for its next client (who
+        // cannot acquire it meanwhile: the registry holds the network's lock for a
+        // forward). Recorded before that point, the binder ends it with the others.
+        let refused = {
+            let mut forwards = self.forwards.lock().expect("not poisoned");
+            if self.pool.is_idle(name, &r.endpoint.0) {
+                Some(forward)
+            } else {
+                forwards.insert((name.clone(), r.protocol, r.external_port), forward);
+                None
+            }
+        };
+        if let Some(forward) = refused {
+            drop(forward);
+            end_forward(&self.firewall, name, r.protocol, r.external_port).await;
+            return Err(BackendError::Vanished(format!(
+                "interface {} is not on network {name:?} any more",
+                r.endpoint
+            )));
+        }
         info!(network = %name, protocol = r.protocol.as_str(), port = r.external_port,
               interface = %r.endpoint, address = ?current, "port forward added");
         Ok(current.map(IpAddr::V4))
