@@ -641,3 +641,40 @@ fn a_closed_pool_tap_goes_back_to_the_pool_as_new_whatever_its_client_did() {
         kept.push(tap);
     }
 }
+
+/// A pool TAP whose carrier goes while its client still holds it (`TUNSETCARRIER`, which
+/// needs no privilege, or a close reported late) is not taken back: the broker's attach
+/// by name finds it held (`EBUSY`) and leaves it alone, bound and working for its client.
+#[test]
+fn a_pool_tap_still_held_is_not_taken_back() {
+    let b = Broker::start(Options::default());
+    let holder = b.client();
+    let _first = holder.acquire("shared").unwrap();
+    wait_pool_full(&b);
+    let c = b.client();
+    let a = c.acquire("shared").unwrap();
+    let name = a.info.interface.clone();
+    assert!(is_pool_name(&name), "{name}");
+    let set_carrier = |on: libc::c_int| {
+        use std::os::fd::AsRawFd;
+        // SAFETY: `a.fd` is a live TAP fd; TUNSETCARRIER reads one int from a live
+        // reference.
+        let rc = unsafe { libc::ioctl(a.fd.as_raw_fd(), libc::TUNSETCARRIER, &on) };
+        assert_eq!(rc, 0, "TUNSETCARRIER: {}", std::io::Error::last_os_error());
+    };
+    set_carrier(0);
+    let held = format!("interface={name} outcome=Held");
+    b.wait_for("the broker to find the TAP held", DEADLINE, || {
+        b.log()
+            .lines()
+            .any(|l| l.contains("closed pool TAP") && l.contains(&held))
+    });
+    assert!(b.ns.links().contains(&name), "the held TAP was deleted");
+    assert_eq!(sysfs(&b, &name, "owner"), "0");
+    set_carrier(1);
+    let tap = frames::Tap::new(a);
+    let ack = tap.dhcp(0x7000, DEADLINE);
+    assert!(!ack.yiaddr().is_unspecified(), "{ack:?}");
+    assert!(status_taps(&b, Some("shared")).contains(&name));
+    drop(c);
+}
