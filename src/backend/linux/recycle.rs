@@ -19,10 +19,11 @@
 //! 1. **Attached first** ([`Tap::attach`], by name, index checked). A TAP is not
 //!    multi-queue, so the kernel attaches one fd's file only: if anyone still holds it
 //!    (a dup the client kept, an fd in flight, or a client that made the TAP its own
-//!    with `TUNSETOWNER` and attached again), the attach fails (`EBUSY`) and the TAP
-//!    is left alone: it was not closed after all (a carrier loss reported late, or
-//!    `TUNSETCARRIER`), and its real close comes later. From the attach on, only the
-//!    broker holds it, and nobody else can attach it.
+//!    with `TUNSETOWNER` and attached again), the attach fails (`EBUSY`): a TAP whose
+//!    carrier is on is left alone (a carrier loss reported late; its real close comes
+//!    later), one whose holder turned its carrier off (`TUNSETCARRIER`) is deleted, as
+//!    the reaper always did (its close would go unreported). From the attach on, only
+//!    the broker holds it, and nobody else can attach it.
 //! 2. **Reset** ([`Tap::reset`]): owner and group, virtio-net header length, send
 //!    buffer, offloads, receive and socket filters, eBPF programs, header endianness:
 //!    everything an fd holder may change without privilege; then the host-side MAC
@@ -91,7 +92,7 @@ pub(super) struct Recycler {
 enum Outcome {
     /// In the pool again.
     Back,
-    /// Still held by someone: left alone.
+    /// Still held by someone, its carrier on: left alone.
     Held,
     /// Not taken back (its network's pool went, or a step failed): deleted.
     Deleted,
@@ -139,8 +140,23 @@ impl Recycler {
                 tap
             }
             Err(e) if e.kind() == std::io::ErrorKind::ResourceBusy => {
-                self.pool.unreserve(&spec.network, &link.name);
-                return Outcome::Held;
+                // Held, with its carrier: a report of a close from before the attach of
+                // its holder, whose own close is a carrier loss still to come. Held
+                // without it: the holder turned it off (`TUNSETCARRIER`), and its close
+                // will change nothing the link record reports, so a TAP left alone now
+                // would stay hidden on the bridge for good (a port taken, over and over
+                // by whoever repeats it). Deleted then, as the reaper always did.
+                match self.netlink.link_by_index(index).await {
+                    Ok(Some(now)) if now.carrier == Some(true) => {
+                        self.pool.unreserve(&spec.network, &link.name);
+                        return Outcome::Held;
+                    }
+                    Ok(None) => {
+                        self.pool.unreserve(&spec.network, &link.name);
+                        return Outcome::Held;
+                    }
+                    _ => return self.delete(spec, link, None).await,
+                }
             }
             Err(e) => {
                 warn!(interface = %link.name, "cannot take a closed pool TAP back: {e}");
