@@ -729,4 +729,56 @@ mod tests {
         );
         assert!(TapPool::new(0).short().is_none());
     }
+
+    /// Closed TAPs come back up to twice the pool's size, counting the idle ones, those
+    /// on their way and the refill's; only to their own bridge's pool, once each. One
+    /// reserved is the pool's (idle to listings) only once the broker holds it; until
+    /// then a later report of its close is still recognized as no news.
+    #[test]
+    fn a_pool_takes_closed_taps_back_up_to_twice_its_size_and_only_its_own() {
+        let (pool, spec) = lab_pool();
+        let t = |n: &str| Pooled {
+            name: n.into(),
+            index: 1,
+            held: None,
+            recycled: true,
+        };
+        assert!(pool.put(&spec, t("vmnt7-p0")).is_ok());
+        assert!(pool.put(&spec, t("vmnt7-p1")).is_ok());
+        assert!(
+            pool.reserve("lab", 8, "vmnt7-p2").is_none(),
+            "another bridge"
+        );
+        assert!(
+            pool.reserve("other", 7, "vmnt7-p2").is_none(),
+            "no such pool"
+        );
+        assert!(pool.reserve("lab", 7, "vmnt7-p2").is_some());
+        assert!(pool.reserve("lab", 7, "vmnt7-p2").is_none(), "once");
+        assert!(pool.is_returning("lab", "vmnt7-p2"));
+        assert!(!pool.is_idle("lab", "vmnt7-p2"), "not held yet");
+        pool.attached("lab", "vmnt7-p2");
+        assert!(pool.is_idle("lab", "vmnt7-p2"));
+        assert!(pool.reserve("lab", 7, "vmnt7-p3").is_some());
+        assert!(
+            pool.reserve("lab", 7, "vmnt7-p4").is_none(),
+            "two idle and two on their way: twice the size"
+        );
+        assert!(
+            pool.short().is_none(),
+            "the refill counts those on their way"
+        );
+        pool.unreserve("lab", "vmnt7-p3");
+        assert!(!pool.is_returning("lab", "vmnt7-p3"));
+        assert!(pool.give_back(&spec, t("vmnt7-p2")).is_ok());
+        assert!(
+            pool.give_back(&spec, t("vmnt7-p3")).is_err(),
+            "not reserved"
+        );
+        assert_eq!(pool.idle_count(), 3);
+        assert!(!pool.is_returning("lab", "vmnt7-p2"));
+        let (taken, _) = pool.take("lab", 7).unwrap();
+        assert_eq!(taken.name, "vmnt7-p2", "the last back is the first out");
+        assert!(taken.recycled);
+    }
 }
